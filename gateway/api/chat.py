@@ -1,0 +1,161 @@
+"""POST /api/chat: persist, decide, execute, respond, in that order."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import BadRequest, NotFound, ServiceUnavailable
+from ..generation import Generation, Turn, replay_frames
+from ..providers.base import ChatRequest
+from ..providers.chain import Chain
+from ..router import AUTO, route
+from ..sse import DONE, open_stream, parse_last_event_id
+from ..state import DB, GENERATIONS, MODELS, SETTINGS
+from ..store import messages as message_store
+from .common import caller, json_response, optional, parse_uuid, read_json
+
+MAX_CLIENT_MESSAGE_ID = 200
+# how long a stream waits for a message generating elsewhere (another instance) before giving up
+WAIT_ELSEWHERE_S = 60.0
+
+
+@dataclass(slots=True)
+class ChatBody:
+    content: str
+    thread_id: uuid.UUID | None
+    model: str | None
+    client_message_id: str | None
+    stream: bool | None
+    max_tokens: int | None
+    temperature: float | None
+
+
+def parse_chat(body: dict[str, Any], known_model: Any) -> ChatBody:
+    """Validate everything before anything is written."""
+    content = body.get("content")
+    if not isinstance(content, str):
+        raise BadRequest("content must be a string")
+    if not content.strip():
+        raise BadRequest("content must not be empty")
+    thread_id = body.get("thread_id")
+    model = optional(body, "model", str, "a model name")
+    if model is not None and model != AUTO and not known_model(model):
+        raise BadRequest(f"unknown model {model!r}")
+    client_message_id = optional(body, "client_message_id", str, "a string")
+    if client_message_id is not None and not 0 < len(client_message_id) <= MAX_CLIENT_MESSAGE_ID:
+        raise BadRequest(f"client_message_id must be 1 to {MAX_CLIENT_MESSAGE_ID} characters")
+    max_tokens = optional(body, "max_tokens", int, "a positive integer")
+    if max_tokens is not None and max_tokens < 1:
+        raise BadRequest("max_tokens must be a positive integer")
+    temperature = optional(body, "temperature", (int, float), "a number")
+    return ChatBody(content, parse_uuid(thread_id, "thread_id") if thread_id is not None else None, model,
+                    client_message_id, optional(body, "stream", bool, "true or false"), max_tokens,
+                    float(temperature) if temperature is not None else None)
+
+
+def wants_stream(request: web.Request, chat: ChatBody) -> bool:
+    if chat.stream is not None:
+        return chat.stream
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+async def post_chat(request: web.Request) -> web.StreamResponse:
+    principal = await caller(request, "chat")
+    app = request.app
+    models = app[MODELS]
+    chat = parse_chat(await read_json(request), models.__contains__)
+    pool = app[DB].pool
+
+    # persist: after this commit the user's message is never lost
+    turn = await message_store.persist_turn(pool, principal.user_id, chat.content, chat.client_message_id,
+                                            chat.thread_id)
+    if not turn.duplicate:
+        # decide
+        choice = route(chat.model, chat.content, dict(app[SETTINGS].router), models.default)
+        messages = ([{"role": "user", "content": chat.content}] if chat.thread_id is None else
+                    await message_store.history(pool, turn.thread_id, turn.user_message["id"]))
+        # execute: a task the app owns, not this handler
+        app[GENERATIONS].start(Generation(
+            Turn(principal.user_id, principal.api_key_id, turn.thread_id, turn.user_message["id"],
+                 turn.assistant_message_id, choice.category, choice.auto,
+                 {"complexity": choice.complexity} if choice.complexity else {}),
+            Chain(models, models.chain(choice.model)),
+            ChatRequest(messages, max_tokens=chat.max_tokens, temperature=chat.temperature), pool))
+
+    # respond
+    if not wants_stream(request, chat):
+        return json_response({"status": "accepted", "message": turn.user_message, "duplicate": turn.duplicate,
+                              "thread_id": turn.thread_id, "assistant_message_id": turn.assistant_message_id},
+                             status=202)
+    return await stream_message(request, principal.user_id, turn.assistant_message_id, after=-1)
+
+
+async def stream_message(request: web.Request, user_id: uuid.UUID, message_id: uuid.UUID,
+                         after: int) -> web.StreamResponse:
+    """Stream one assistant message's events after seq `after`: live if it is generating here,
+    replayed from the database if it has finished."""
+    app = request.app
+    settings = app[SETTINGS]
+    generation, message = await live_or_finished(request, user_id, message_id)
+    if generation is None:
+        frames = replay_frames(message)[after + 1:]
+        if not frames and after >= 0:
+            return web.Response(status=204)  # nothing after that id: EventSource stops for good
+    resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
+    try:
+        if generation is not None:
+            async for chunk in generation.follow(after):
+                await resp.write(chunk)
+        else:
+            await resp.write(b"".join(frames))
+        await resp.write(DONE)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client left; the generation goes on without it
+    finally:
+        resp.stop_streaming()
+    return resp
+
+
+async def live_or_finished(request: web.Request, user_id: uuid.UUID,
+                           message_id: uuid.UUID) -> tuple[Generation | None, dict[str, Any]]:
+    """The live generation of an assistant message, or its finished row.
+
+    A message still generating on another instance is waited for (bounded) by polling its row.
+    """
+    registry, pool = request.app[GENERATIONS], request.app[DB].pool
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_ELSEWHERE_S
+    while True:
+        generation = registry.get(message_id)
+        if generation is not None:
+            if generation.turn.user_id != user_id:
+                raise NotFound("message not found")
+            return generation, {}
+        message = await message_store.get_message(pool, user_id, message_id)
+        if message["role"] != "assistant":
+            raise NotFound("message not found")
+        if message["status"] not in ("pending", "streaming"):
+            return None, message
+        if loop.time() >= deadline:
+            raise ServiceUnavailable("the message is still being generated elsewhere; retry later")
+        await asyncio.sleep(0.25)
+
+
+async def get_message_stream(request: web.Request) -> web.StreamResponse:
+    principal = await caller(request, "chat")
+    message_id = parse_uuid(request.match_info["message_id"], "message id")
+    raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
+    return await stream_message(request, principal.user_id, message_id, parse_last_event_id(raw, str(message_id)))
+
+
+async def get_message(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    message_id = parse_uuid(request.match_info["message_id"], "message id")
+    message = await message_store.get_message(request.app[DB].pool, principal.user_id, message_id)
+    return json_response(message)

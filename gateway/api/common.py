@@ -1,0 +1,61 @@
+"""What every handler shares: JSON in and out, ids, the caller."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..auth import Principal
+from ..errors import BadRequest, InvalidId, PayloadTooLarge
+from ..state import AUTH, SETTINGS
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    # orjson writes UUIDs and datetimes natively
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"body over {limit} bytes")
+    try:
+        raw = await request.read()  # the app's client_max_size enforces the limit on chunked bodies
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"body over {limit} bytes") from None
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def parse_uuid(raw: Any, what: str) -> uuid.UUID:
+    if not isinstance(raw, str):
+        raise InvalidId(f"{what} must be a UUID string")
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidId(f"{what} is not a valid UUID") from None
+
+
+def optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    # bool is an int in Python; a JSON true must not pass as a number
+    if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and bool not in
+                                                               (kind if isinstance(kind, tuple) else (kind,)))):
+        raise BadRequest(f"{key} must be {what}")
+    return value
+
+
+async def caller(request: web.Request, scope: str | None = None) -> Principal:
+    principal = await request.app[AUTH].authenticate(request)
+    if scope is not None:
+        principal.require(scope)
+    request["user_id"] = principal.user_id  # for the access log
+    return principal

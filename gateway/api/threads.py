@@ -1,0 +1,67 @@
+"""Threads: create, list (newest first, keyset pages), read with messages, delete."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import datetime
+
+from aiohttp import web
+
+from ..errors import BadRequest
+from ..state import DB
+from ..store import threads as thread_store
+from .common import caller, json_response, optional, parse_uuid, read_json
+
+PAGE_DEFAULT, PAGE_MAX = 20, 100
+
+
+def encode_cursor(created_at: datetime, thread_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{thread_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        stamp, _, thread_id = text.partition("|")
+        return datetime.fromisoformat(stamp), uuid.UUID(thread_id)
+    except ValueError:
+        raise BadRequest("cursor is not valid") from None
+
+
+async def create_thread(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    body = await read_json(request) if request.can_read_body else {}
+    title = optional(body, "title", str, "a string")
+    if title is not None and len(title) > 200:
+        raise BadRequest("title must be at most 200 characters")
+    thread = await thread_store.create_thread(request.app[DB].pool, principal.user_id, title)
+    return json_response(thread, status=201)
+
+
+async def list_threads(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    raw_limit = request.query.get("limit", str(PAGE_DEFAULT))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= PAGE_MAX:
+        raise BadRequest(f"limit must be an integer from 1 to {PAGE_MAX}")
+    limit = int(raw_limit)
+    cursor = request.query.get("cursor")
+    before = decode_cursor(cursor) if cursor else None
+    # one extra row tells whether there is a next page
+    rows = await thread_store.list_threads(request.app[DB].pool, principal.user_id, limit + 1, before)
+    page, more = rows[:limit], len(rows) > limit
+    next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None
+    return json_response({"threads": page, "next_cursor": next_cursor})
+
+
+async def get_thread(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    thread_id = parse_uuid(request.match_info["thread_id"], "thread id")
+    return json_response(await thread_store.get_thread(request.app[DB].pool, principal.user_id, thread_id))
+
+
+async def delete_thread(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    thread_id = parse_uuid(request.match_info["thread_id"], "thread id")
+    await thread_store.delete_thread(request.app[DB].pool, principal.user_id, thread_id)
+    return web.Response(status=204)

@@ -1,0 +1,89 @@
+"""create_app(settings): wiring only. Every resource is opened in a cleanup context."""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from .api import chat, ops, threads
+from .auth import Authenticator
+from .config import Settings
+from .db import migrate, open_database
+from .generation import GenerationRegistry
+from .jwt_auth import JwtVerifier
+from .middleware import Cors, add_request_id, errors
+from .providers.registry import ModelRegistry
+from .state import AUTH, DB, GENERATIONS, HTTP, MODELS, SETTINGS
+from .store.keys import bootstrap_admin_key
+
+log = logging.getLogger(__name__)
+
+
+async def http_client(app: web.Application) -> AsyncIterator[None]:
+    # one session for every upstream call; no pool cap (the upstream is the limit, not us)
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=True) as session:
+        app[HTTP] = session
+        yield
+
+
+async def database(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    db = await open_database(settings)
+    app[DB] = db
+    try:
+        async with db.pool.acquire() as conn:
+            await migrate(conn)
+        if settings.bootstrap_admin_key and not settings.jwt_enabled:
+            key = await bootstrap_admin_key(db.pool)
+            if key is not None:
+                announce_admin_key(settings, key)
+        yield
+    finally:
+        await db.close()
+
+
+def announce_admin_key(settings: Settings, key: str) -> None:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    print("\nCreated an admin API key (shown once, stored only as a hash):\n\n    " + key + "\n\nTry it:\n\n"
+          f"    curl -N http://{host}:{settings.port}/api/chat -H 'Authorization: Bearer {key}' "
+          "-H 'Content-Type: application/json' -d '{\"content\": \"Hello!\", \"stream\": true}'\n", flush=True)
+
+
+async def services(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    models = ModelRegistry(settings, app[HTTP])
+    await models.sync(app[DB].pool)
+    app[MODELS] = models
+    jwt = JwtVerifier(settings, app[HTTP]) if settings.jwt_enabled else None
+    app[AUTH] = Authenticator(settings, app[DB].pool, jwt)
+    generations = GenerationRegistry(settings.shutdown_grace_s)
+    app[GENERATIONS] = generations
+    yield
+    # before the database closes: running replies finish (or are interrupted) and are saved
+    await generations.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    cors = Cors(settings.cors_origins)
+    app = web.Application(middlewares=[errors, cors.preflight], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.extend([http_client, database, services])
+    app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(cors.on_prepare)
+
+    r = app.router
+    r.add_post("/api/chat", chat.post_chat)
+    r.add_get("/api/messages/{message_id}", chat.get_message)
+    r.add_get("/api/messages/{message_id}/stream", chat.get_message_stream)
+    r.add_post("/api/threads", threads.create_thread)
+    r.add_post("/v1/chat/sessions", threads.create_thread)
+    r.add_get("/api/threads", threads.list_threads)
+    r.add_get("/api/threads/{thread_id}", threads.get_thread)
+    r.add_delete("/api/threads/{thread_id}", threads.delete_thread)
+    r.add_get("/healthz", ops.healthz)
+    r.add_get("/readyz", ops.readyz)
+    return app

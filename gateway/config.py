@@ -1,0 +1,313 @@
+"""Settings, parsed once from an environment mapping and an optional TOML file.
+
+Tests pass a plain dict; `python -m gateway` passes `os.environ`. Anything wrong fails at
+start with the name of the offending variable (or TOML key) in the message.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+DEMO_MODEL = "demo"
+
+
+class Secret(str):
+    """A string that never prints itself: logs and reprs show asterisks."""
+
+    def __repr__(self) -> str:
+        return "'**********'"
+
+    def __str__(self) -> str:  # str(secret) is for logs; use .reveal() where the value is needed
+        return "**********"
+
+    def reveal(self) -> str:
+        return str.__str__(self)
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    kind: str  # "openai" | "anthropic" | "demo"
+    base_url: str = ""
+    api_key: Secret | None = None
+    # demo provider: chunks per reply and the pause between them
+    demo_chunks: int = 12
+    demo_delay_s: float = 0.02
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    provider: str
+    upstream: str
+    fallbacks: tuple[str, ...] = ()
+    timeout_s: float = 45.0
+    connect_timeout_s: float = 5.0
+    first_token_timeout_s: float = 15.0
+    idle_timeout_s: float = 20.0
+    weight: float = 1.0
+    input_price_per_mtok: float = 0.0
+    output_price_per_mtok: float = 0.0
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    requests_per_minute: int | None = None
+    daily_tokens: int | None = None
+    max_concurrent_streams: int | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: Secret | None = None
+    data_dir: Path = Path(".gateway")
+    db_pool_min: int = 2
+    db_pool_max: int = 20
+    # auth
+    jwt_secret: Secret | None = None
+    jwks_url: str | None = None
+    jwt_audience: str = "authenticated"
+    jwt_issuer: str | None = None
+    jwt_algorithms: tuple[str, ...] = ()
+    jwt_leeway_s: float = 30.0
+    jwks_min_refresh_s: float = 5.0
+    jwks_ttl_s: float = 600.0
+    key_cache_ttl_s: float = 60.0
+    user_cache_ttl_s: float = 300.0
+    bootstrap_admin_key: bool = True
+    # http
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 1 << 20
+    sse_ping_s: float = 15.0
+    sse_retry_ms: int = 3000
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+    # models
+    providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
+    models: Mapping[str, ModelConfig] = field(default_factory=dict)
+    default_model: str = DEMO_MODEL
+    router: Mapping[str, str] = field(default_factory=dict)
+    limits: LimitsConfig = LimitsConfig()
+
+    @property
+    def jwt_enabled(self) -> bool:
+        return bool(self.jwt_secret or self.jwks_url)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+        return _parse(env)
+
+
+# -- parsing -------------------------------------------------------------------------------------
+
+_ALGORITHMS = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "EdDSA"}
+
+
+def _int(name: str, raw: Any, minimum: int | None = None) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(name: str, raw: Any, minimum: float | None = 0.0) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _bool(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _list(raw: Any) -> tuple[str, ...]:
+    if isinstance(raw, (list, tuple)):
+        return tuple(str(x).strip() for x in raw if str(x).strip())
+    return tuple(x.strip() for x in str(raw).split(",") if x.strip())
+
+
+def _table(doc: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{key}] in GATEWAY_CONFIG must be a table")
+    return value
+
+
+def _load_toml(env: Mapping[str, str]) -> dict[str, Any]:
+    path = env.get("GATEWAY_CONFIG")
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"GATEWAY_CONFIG: cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"GATEWAY_CONFIG: {path} is not valid TOML: {e}") from None
+
+
+_MODEL_FLOATS = ("timeout_s", "connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "weight",
+                 "input_price_per_mtok", "output_price_per_mtok")
+
+
+def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
+                          ) -> tuple[dict[str, ProviderConfig], dict[str, ModelConfig]]:
+    providers: dict[str, ProviderConfig] = {}
+    models: dict[str, ModelConfig] = {}
+
+    demo_chunks = _int("DEMO_CHUNKS", env.get("DEMO_CHUNKS", 12), minimum=1)
+    demo_delay = _float("DEMO_DELAY_MS", env.get("DEMO_DELAY_MS", 20)) / 1000
+    providers["demo"] = ProviderConfig("demo", "demo", demo_chunks=demo_chunks, demo_delay_s=demo_delay)
+    models[DEMO_MODEL] = ModelConfig(DEMO_MODEL, "demo", "demo")
+
+    # env-only setups: each key registers a provider and one model
+    if env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"):
+        key = env.get("OPENAI_API_KEY")
+        providers["openai"] = ProviderConfig("openai", "openai",
+                                             env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
+                                             Secret(key) if key else None)
+        name = env.get("OPENAI_MODEL", "gpt-4o-mini")
+        models[name] = ModelConfig(name, "openai", name)
+    if env.get("GROQ_API_KEY"):
+        providers["groq"] = ProviderConfig("groq", "openai", "https://api.groq.com/openai/v1",
+                                           Secret(env["GROQ_API_KEY"]))
+        name = env.get("GROQ_MODEL", "llama-3.1-8b-instant")
+        models[name] = ModelConfig(name, "groq", name)
+    if env.get("ANTHROPIC_API_KEY"):
+        providers["anthropic"] = ProviderConfig("anthropic", "anthropic", "https://api.anthropic.com/v1",
+                                                Secret(env["ANTHROPIC_API_KEY"]))
+        name = env.get("ANTHROPIC_MODEL", "claude-3-5-haiku-latest")
+        models[name] = ModelConfig(name, "anthropic", name)
+
+    for pname, table in _table(doc, "providers").items():
+        where = f"[providers.{pname}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        kind = table.get("kind", "openai")
+        if kind not in ("openai", "anthropic", "demo"):
+            raise ConfigError(f"{where} kind must be openai, anthropic or demo, got {kind!r}")
+        key = table.get("api_key")
+        if key is None and table.get("api_key_env"):
+            key = env.get(table["api_key_env"])
+            if not key:
+                raise ConfigError(f"{where} api_key_env: environment variable {table['api_key_env']} is not set")
+        base_url = table.get("base_url", "")
+        if kind != "demo" and not base_url:
+            raise ConfigError(f"{where} base_url is required")
+        providers[pname] = ProviderConfig(
+            pname, kind, str(base_url).rstrip("/"), Secret(key) if key else None,
+            demo_chunks=_int(f"{where} chunks", table.get("chunks", demo_chunks), minimum=1),
+            demo_delay_s=_float(f"{where} delay_ms", table.get("delay_ms", demo_delay * 1000)) / 1000)
+
+    for mname, table in _table(doc, "models").items():
+        where = f"[models.{mname}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        provider = table.get("provider")
+        if provider not in providers:
+            raise ConfigError(f"{where} provider {provider!r} is not declared under [providers]")
+        fallbacks = table.get("fallbacks", [])
+        if not isinstance(fallbacks, list):
+            raise ConfigError(f"{where} fallbacks must be a list of model names")
+        kwargs: dict[str, Any] = {k: _float(f"{where} {k}", table[k]) for k in _MODEL_FLOATS if k in table}
+        models[mname] = ModelConfig(mname, provider, str(table.get("upstream", mname)),
+                                    tuple(str(f) for f in fallbacks),
+                                    enabled=_bool(f"{where} enabled", table.get("enabled", True)), **kwargs)
+
+    for model in models.values():
+        for fb in model.fallbacks:
+            if fb not in models:
+                raise ConfigError(f"[models.{model.name}] fallback {fb!r} is not a declared model")
+    return providers, models
+
+
+def _parse(env: Mapping[str, str]) -> Settings:
+    doc = _load_toml(env)
+    server = _table(doc, "server")
+    providers, models = _providers_and_models(env, doc)
+
+    router = {str(k): str(v) for k, v in _table(doc, "router").items()}
+    for category, model in router.items():
+        if model not in models:
+            raise ConfigError(f"[router] {category} = {model!r} is not a declared model")
+
+    default_model = env.get("DEFAULT_MODEL") or router.get("default")
+    if not default_model:
+        # the first real model configured wins over the demo one
+        real = [m for m in models if m != DEMO_MODEL]
+        default_model = real[0] if real else DEMO_MODEL
+    if default_model not in models:
+        raise ConfigError(f"DEFAULT_MODEL {default_model!r} is not a declared model")
+
+    limits_doc = _table(doc, "limits")
+    limits = LimitsConfig(**{k: _int(f"[limits] {k}", limits_doc[k], minimum=1)
+                             for k in ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")
+                             if k in limits_doc})
+
+    jwt_secret = env.get("JWT_SECRET")
+    jwks_url = env.get("JWKS_URL") or None
+    if "JWT_ALGORITHMS" in env:
+        algorithms = _list(env["JWT_ALGORITHMS"])
+        bad = [a for a in algorithms if a not in _ALGORITHMS]
+        if bad or not algorithms:
+            raise ConfigError(f"JWT_ALGORITHMS: unsupported algorithm(s) {bad or algorithms!r}")
+    else:
+        algorithms = (("HS256",) if jwt_secret else ()) + (("RS256", "ES256") if jwks_url else ())
+    if any(a.startswith("HS") for a in algorithms) and not jwt_secret:
+        raise ConfigError("JWT_ALGORITHMS allows HMAC but JWT_SECRET is not set")
+    if any(not a.startswith("HS") for a in algorithms) and not jwks_url:
+        raise ConfigError("JWT_ALGORITHMS allows public-key algorithms but JWKS_URL is not set")
+
+    port_raw = env.get("GATEWAY_PORT") or env.get("PORT") or server.get("port", 8080)
+    database_url = env.get("DATABASE_URL")
+    return Settings(
+        host=env.get("GATEWAY_HOST") or str(server.get("host", "127.0.0.1")),
+        port=_int("GATEWAY_PORT", port_raw, minimum=0),
+        database_url=Secret(database_url) if database_url else None,
+        data_dir=Path(env.get("GATEWAY_DATA_DIR", ".gateway")),
+        db_pool_min=_int("DB_POOL_MIN", env.get("DB_POOL_MIN", 2), minimum=0),
+        db_pool_max=_int("DB_POOL_MAX", env.get("DB_POOL_MAX", 20), minimum=1),
+        jwt_secret=Secret(jwt_secret) if jwt_secret else None,
+        jwks_url=jwks_url,
+        jwt_audience=env.get("JWT_AUDIENCE", "authenticated"),
+        jwt_issuer=env.get("JWT_ISSUER") or None,
+        jwt_algorithms=algorithms,
+        jwt_leeway_s=_float("JWT_LEEWAY_S", env.get("JWT_LEEWAY_S", 30)),
+        jwks_min_refresh_s=_float("JWKS_MIN_REFRESH_S", env.get("JWKS_MIN_REFRESH_S", 5)),
+        jwks_ttl_s=_float("JWKS_TTL_S", env.get("JWKS_TTL_S", 600)),
+        key_cache_ttl_s=_float("KEY_CACHE_TTL_S", env.get("KEY_CACHE_TTL_S", 60)),
+        bootstrap_admin_key=_bool("BOOTSTRAP_ADMIN_KEY", env.get("BOOTSTRAP_ADMIN_KEY", True)),
+        cors_origins=_list(env.get("CORS_ORIGINS", "")),
+        max_body_bytes=_int("MAX_BODY_BYTES", env.get("MAX_BODY_BYTES", 1 << 20), minimum=1024),
+        sse_ping_s=_float("SSE_PING_S", env.get("SSE_PING_S", 15), minimum=0.01),
+        shutdown_grace_s=_float("SHUTDOWN_GRACE_S", env.get("SHUTDOWN_GRACE_S", 10)),
+        log_level=env.get("LOG_LEVEL", "INFO").upper(),
+        providers=providers,
+        models=models,
+        default_model=default_model,
+        router=router,
+        limits=limits,
+    )

@@ -1,0 +1,88 @@
+"""The gateway's errors, each knowing the HTTP status it becomes at the edge.
+
+    GatewayError
+    ├── ConfigError            bad settings; raised at start, never over HTTP
+    ├── BadRequest             400: malformed JSON, wrong types, empty content
+    │   └── InvalidId          400: a path or body id that is not a UUID
+    ├── Unauthorized           401: missing, bad, expired or revoked credential
+    ├── Forbidden              403: authenticated, but not allowed
+    ├── NotFound               404: unknown, or somebody else's
+    ├── Conflict               409
+    ├── PayloadTooLarge        413: body over the configured limit
+    └── ServiceUnavailable     503: the database is not reachable
+
+Provider failures live in `providers.base` (ProviderError and its subclasses): they are
+not HTTP errors, they end a generation.
+"""
+
+from __future__ import annotations
+
+
+class GatewayError(Exception):
+    """Base class; `status` and `type` shape the JSON error body."""
+
+    status = 500
+    type = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(GatewayError):
+    """A setting is missing or malformed; the message names the variable."""
+
+    type = "config_error"
+
+
+class BadRequest(GatewayError):
+    """The request body or parameters are malformed."""
+
+    status = 400
+    type = "invalid_request"
+
+
+class InvalidId(BadRequest):
+    """An id that should be a UUID is not one."""
+
+
+class Unauthorized(GatewayError):
+    """No usable credential."""
+
+    status = 401
+    type = "unauthorized"
+
+
+class Forbidden(GatewayError):
+    """The credential is fine but does not allow this."""
+
+    status = 403
+    type = "forbidden"
+
+
+class NotFound(GatewayError):
+    """No such resource for this user (another user's resource is not found either)."""
+
+    status = 404
+    type = "not_found"
+
+
+class Conflict(GatewayError):
+    """The resource is in a state that does not allow this."""
+
+    status = 409
+    type = "conflict"
+
+
+class PayloadTooLarge(GatewayError):
+    """The body is larger than the configured limit."""
+
+    status = 413
+    type = "payload_too_large"
+
+
+class ServiceUnavailable(GatewayError):
+    """A dependency (the database) is unreachable."""
+
+    status = 503
+    type = "unavailable"

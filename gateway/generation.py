@@ -1,0 +1,255 @@
+"""Execute: one assistant reply as a task the app owns, its event log, and its single finish write.
+
+A generation runs to its end whatever its listeners do: a client that disconnects stops
+nothing, and the reply is saved exactly once. Its events are kept as pre-encoded SSE frames
+(index = event seq), so any number of listeners can replay from any point and follow live;
+a slow listener only reads later, it never holds the generation up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import asyncpg
+
+from .config import ModelConfig
+from .providers.base import ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
+from .providers.chain import Chain
+from .sse import FrameEncoder
+from .store.messages import FinishRecord, finish_assistant
+
+log = logging.getLogger(__name__)
+
+# the finish write retries this long before giving up on a database that is away
+FINISH_RETRY_S = 30.0
+
+
+@dataclass(slots=True)
+class Turn:
+    """Who and what a generation is for (the persist step's output, the decide step's choice)."""
+
+    user_id: uuid.UUID
+    api_key_id: uuid.UUID | None
+    thread_id: uuid.UUID
+    user_message_id: uuid.UUID
+    message_id: uuid.UUID
+    category: str | None = None
+    auto: bool = False
+    extra_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Generation:
+    def __init__(self, turn: Turn, chain: Chain, request: ChatRequest, pool: asyncpg.Pool) -> None:
+        self.turn = turn
+        self.chain = chain
+        self.request = request
+        self._pool = pool
+        self.frames: list[bytes] = []
+        self.parts: list[str] = []
+        self.finished = False
+        self.status = "streaming"
+        self.task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._encoder = FrameEncoder(str(turn.message_id))
+        self._cancel_status = "interrupted"  # what a cancellation is saved as
+        self._started = time.monotonic()
+        self._ttft_ms: int | None = None
+        self._finishing = False  # past this point a cancel must not interrupt the finish write
+
+    # -- listeners ---------------------------------------------------------------------------
+
+    async def follow(self, after: int = -1) -> AsyncIterator[bytes]:
+        """The frames after seq `after`, joined per wake-up, until the generation has finished."""
+        pos = after + 1
+        while True:
+            frames = self.frames
+            if pos < len(frames):
+                end = len(frames)
+                yield frames[pos] if end - pos == 1 else b"".join(frames[pos:end])
+                pos = end
+            elif self.finished:
+                return
+            else:
+                await self._changed.wait()
+
+    def _emit(self, frame: bytes) -> None:
+        self.frames.append(frame)
+        self._changed.set()
+        self._changed.clear()  # waiters already woken keep their wake-up; new ones wait again
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def cancel(self, status: str = "cancelled") -> None:
+        """Stop the upstream; the partial reply is saved with `status`."""
+        if self.task is not None and not self._finishing:
+            self._cancel_status = status
+            self.task.cancel()
+
+    async def run(self) -> None:
+        usage: UsageReport | None = None
+        finish_reason = "stop"
+        error: ProviderError | None = None
+        try:
+            async for event in self.chain.stream(self.request):
+                if type(event) is TextDelta:
+                    if not self.frames:
+                        self._ttft_ms = round((time.monotonic() - self._started) * 1000)
+                        self._emit(self._encoder.event(0, "metadata", self.metadata()))
+                    self.parts.append(event.text)
+                    self._emit(self._encoder.delta(len(self.frames), event.text))
+                elif type(event) is UsageReport:
+                    usage = event
+                elif type(event) is Finish:
+                    finish_reason = event.reason
+            self.status = "complete"
+        except ProviderError as e:
+            self.status, error = "failed", e
+        except asyncio.CancelledError:
+            self.status, finish_reason = self._cancel_status, self._cancel_status
+        except Exception as e:  # a bug must still end the stream and save what arrived
+            log.exception("generation %s crashed", self.turn.message_id)
+            self.status, error = "failed", ProviderError(f"internal error: {type(e).__name__}")
+        self._finishing = True
+        try:
+            await self._finish(usage, finish_reason, error)
+        finally:
+            # whatever happened, listeners must not wait forever
+            self.finished = True
+            self._changed.set()
+
+    def metadata(self) -> dict[str, Any]:
+        model = self.chain.used
+        return metadata_json(self.turn.thread_id, self.turn.user_message_id, self.turn.message_id, model.name,
+                             model.provider, self.turn.category, self.turn.auto, self.chain.fallback_from)
+
+    async def _finish(self, usage: UsageReport | None, finish_reason: str, error: ProviderError | None) -> None:
+        content = "".join(self.parts)
+        model = self.chain.used
+        if not self.frames:
+            self._emit(self._encoder.event(0, "metadata", self.metadata()))
+        estimated = usage is None
+        if usage is None:
+            # no report from upstream: estimate what was consumed (nothing, when no attempt got content)
+            prompt = sum(estimate_tokens(str(m.get("content", ""))) for m in self.request.messages) if content else 0
+            usage = UsageReport(prompt, estimate_tokens(content))
+        attempts = [a.as_json() for a in self.chain.attempts]
+        error_json = ({"type": error.kind, "message": error.message, "retryable": error.retryable}
+                      if error is not None else None)
+        record = FinishRecord(
+            message_id=self.turn.message_id, user_id=self.turn.user_id, api_key_id=self.turn.api_key_id,
+            status=self.status, content=content, model=model.name, provider=model.provider,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, estimated=estimated,
+            cost_usd=cost_usd(model, usage), ttft_ms=self._ttft_ms,
+            latency_ms=round((time.monotonic() - self._started) * 1000), error=error_json,
+            metadata={**self.turn.extra_metadata, "category": self.turn.category, "auto": self.turn.auto,
+                      "fallback_from": self.chain.fallback_from, "attempts": attempts,
+                      "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
+                      # chunk boundaries let a resume after the finish replay exactly the missing deltas
+                      "chunks": [len(p) for p in self.parts]})
+        await self._save(record)
+        seq = len(self.frames)
+        if error is not None:
+            self._emit(self._encoder.event(seq, "error", error_json))
+        else:
+            total = usage.prompt_tokens + usage.completion_tokens
+            usage_json: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens,
+                                          "completion_tokens": usage.completion_tokens, "total_tokens": total}
+            if estimated:
+                usage_json["estimated"] = True
+            self._emit(self._encoder.event(seq, "usage", usage_json))
+            self._emit(self._encoder.event(seq + 1, "done", {"finish_reason": finish_reason,
+                                                             "message_id": self.turn.message_id,
+                                                             "attempts": attempts}))
+        self.finished = True
+        self._changed.set()
+
+    async def _save(self, record: FinishRecord) -> None:
+        """The one finish write, retried with backoff while the database is away."""
+        delay, deadline = 0.1, time.monotonic() + FINISH_RETRY_S
+        while True:
+            try:
+                await finish_assistant(self._pool, record)
+                return
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    asyncpg.CannotConnectNowError) as e:
+                if time.monotonic() >= deadline:
+                    log.error("could not save message %s: %s", record.message_id, type(e).__name__)
+                    return
+                log.warning("finish write for %s failed (%s), retrying", record.message_id, type(e).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+def metadata_json(thread_id: uuid.UUID, user_message_id: uuid.UUID, message_id: uuid.UUID, model: str,
+                  provider: str, category: str | None, auto: bool, fallback_from: str | None) -> dict[str, Any]:
+    """The `metadata` event's data, live or replayed: one builder so both are byte-identical."""
+    return {"thread_id": thread_id, "user_message_id": user_message_id, "message_id": message_id, "model": model,
+            "provider": provider, "category": category, "auto": auto, "fallback_from": fallback_from}
+
+
+def cost_usd(model: ModelConfig, usage: UsageReport) -> float:
+    return (usage.prompt_tokens * model.input_price_per_mtok
+            + usage.completion_tokens * model.output_price_per_mtok) / 1_000_000
+
+
+class GenerationRegistry:
+    """The live generations of this process, by assistant message id."""
+
+    def __init__(self, shutdown_grace_s: float = 10.0) -> None:
+        self.live: dict[uuid.UUID, Generation] = {}
+        self._grace = shutdown_grace_s
+
+    def get(self, message_id: uuid.UUID) -> Generation | None:
+        return self.live.get(message_id)
+
+    def start(self, generation: Generation) -> Generation:
+        message_id = generation.turn.message_id
+        existing = self.live.get(message_id)
+        if existing is not None:
+            return existing
+        self.live[message_id] = generation
+        generation.task = asyncio.get_running_loop().create_task(generation.run())
+        generation.task.add_done_callback(lambda _: self.live.pop(message_id, None))
+        return generation
+
+    async def close(self) -> None:
+        """Let running generations finish within the grace period, then interrupt the rest."""
+        tasks = [g.task for g in self.live.values() if g.task is not None]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self._grace)
+        for generation in list(self.live.values()):
+            generation.cancel("interrupted")
+        if pending:
+            await asyncio.wait(pending)
+
+
+def replay_frames(message: dict[str, Any]) -> list[bytes]:
+    """A finished message's events rebuilt from its row, with the ids the live stream gave them."""
+    encoder = FrameEncoder(str(message["id"]))
+    meta = message["metadata"]
+    frames = [encoder.event(0, "metadata", metadata_json(
+        message["thread_id"], message["reply_to"], message["id"], message["model"], message["provider"],
+        meta.get("category"), meta.get("auto", False), meta.get("fallback_from")))]
+    content, pos = message["content"], 0
+    for length in meta.get("chunks", [len(content)] if content else []):
+        frames.append(encoder.delta(len(frames), content[pos:pos + length]))
+        pos += length
+    if message["error"] is not None:
+        frames.append(encoder.event(len(frames), "error", message["error"]))
+        return frames
+    prompt, completion = message["prompt_tokens"] or 0, message["completion_tokens"] or 0
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if meta.get("estimated"):
+        usage["estimated"] = True
+    frames.append(encoder.event(len(frames), "usage", usage))
+    frames.append(encoder.event(len(frames), "done", {"finish_reason": meta.get("finish_reason", "stop"),
+                                                      "message_id": message["id"],
+                                                      "attempts": meta.get("attempts", [])}))
+    return frames

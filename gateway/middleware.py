@@ -1,0 +1,128 @@
+"""The edge: request ids, errors as JSON, CORS, and an access log that never shows a secret."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any, Awaitable, Callable
+
+import asyncpg
+import orjson
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from .errors import GatewayError, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = "request_id"
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def error_body(status: int, type_: str, message: str, request_id: str) -> web.Response:
+    body = {"error": {"type": type_, "message": message, "request_id": request_id}}
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give every request an id, and turn every failure into a JSON error carrying it."""
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _SAFE_ID.fullmatch(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    try:
+        return await handler(request)
+    except GatewayError as e:
+        return error_body(e.status, e.type, e.message, request_id)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        type_ = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(e.status, "http_error")
+        resp = error_body(e.status, type_, e.reason, request_id)
+        if e.status == 405 and "Allow" in e.headers:
+            resp.headers["Allow"] = e.headers["Allow"]
+        return resp
+    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as e:
+        if isinstance(e, ConnectionResetError):
+            raise  # the client is gone: nobody to answer
+        log.warning("database unavailable during %s %s: %s", request.method, request.path, type(e).__name__)
+        err = ServiceUnavailable("database unavailable")
+        return error_body(err.status, err.type, err.message, request_id)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_body(500, "internal_error", "internal error", request_id)
+
+
+class Cors:
+    """CORS for browser clients on other origins.
+
+    Listed origins get their own origin echoed and credentials allowed; `*` is honoured only
+    when configured explicitly, and then without credentials (browsers forbid both at once).
+    """
+
+    MAX_AGE = "600"
+
+    def __init__(self, origins: tuple[str, ...]) -> None:
+        self.wildcard = "*" in origins
+        self.origins = frozenset(o.rstrip("/") for o in origins if o != "*")
+
+    def allow(self, origin: str) -> tuple[str, bool] | None:
+        """(Access-Control-Allow-Origin value, credentials allowed), or None to refuse."""
+        if origin in self.origins:
+            return origin, True
+        if self.wildcard:
+            return "*", False
+        return None
+
+    @web.middleware
+    async def preflight(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            origin = request.headers.get("Origin", "")
+            allowed = self.allow(origin)
+            if allowed is None:
+                return error_body(403, "forbidden", "origin not allowed", request.get(REQUEST_ID, ""))
+            resp = web.Response(status=204)
+            resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+            resp.headers["Access-Control-Allow-Headers"] = request.headers.get(
+                "Access-Control-Request-Headers", "Authorization, Content-Type, Last-Event-ID")
+            resp.headers["Access-Control-Max-Age"] = self.MAX_AGE
+            return resp
+        return await handler(request)
+
+    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if not origin:
+            return
+        allowed = self.allow(origin)
+        if allowed is None:
+            return
+        value, credentials = allowed
+        response.headers["Access-Control-Allow-Origin"] = value
+        if credentials:
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+        if value != "*":
+            response.headers.add("Vary", "Origin")
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    # a signal, not middleware: streamed responses send their headers before a middleware returns
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
+
+
+_REDACT = re.compile(r"((?:token|key|access_token)=)[^&]*", re.I)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: id, method, path (secrets in the query redacted), status, user, time."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = request.path
+        if request.query_string:
+            path += "?" + _REDACT.sub(r"\1[redacted]", request.query_string)
+        extra: dict[str, Any] = {"request_id": request.get(REQUEST_ID), "user_id": str(request.get("user_id", "-"))}
+        self.logger.info("%s %s %s %d %.1fms user=%s", extra["request_id"], request.method, path, response.status,
+                         time * 1000, extra["user_id"])

@@ -1,0 +1,117 @@
+"""What every provider adapter speaks: a request in, normalised stream events out, typed errors.
+
+Adapters turn a wire format into `TextDelta`, `UsageReport` and `Finish` events. They never
+retry and never touch the database: the chain decides what happens after a failure.
+
+    ProviderError                 retryable before the first content byte unless noted
+    ├── UpstreamHTTPError         non-2xx answer (429 carries retry_after)
+    ├── UpstreamTimeout           connect, first token, idle or total
+    ├── UpstreamConnectionError   refused, reset, DNS
+    ├── UpstreamProtocolError     malformed JSON, stream ended without its terminal marker
+    └── UpstreamStreamError       the upstream reported an error mid-stream
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+from ..config import ModelConfig
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A provider-neutral chat request: OpenAI-style messages plus sampling parameters."""
+
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | str | None = None
+    # passed through untouched to OpenAI-compatible upstreams (tools, tool_choice, ...)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(slots=True)
+class UsageReport:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class Finish:
+    reason: str  # stop | length | tool_calls | content_filter | ...
+
+
+StreamEvent = TextDelta | UsageReport | Finish
+
+
+class Provider(Protocol):
+    """One upstream API. `stream` yields events and ends only after the upstream's terminal marker."""
+
+    name: str
+
+    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[StreamEvent]: ...
+
+
+class ProviderError(Exception):
+    """An attempt failed; `retryable` says whether another link of the chain may be tried."""
+
+    kind = "provider_error"
+    retryable = True
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class UpstreamHTTPError(ProviderError):
+    """The upstream answered with a non-2xx status."""
+
+    kind = "upstream_http_error"
+
+    def __init__(self, message: str, *, status: int, retry_after: float | None = None) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+        # a 4xx other than 408/409/429 is our request's fault: another model would likely fail too,
+        # but a fallback to another provider may still accept it, so the chain decides
+        self.retryable = status in (408, 409, 429) or status >= 500
+
+
+class UpstreamTimeout(ProviderError):
+    """No answer in time: `phase` is connect, first_token, idle or total."""
+
+    kind = "upstream_timeout"
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(f"upstream timed out ({phase})")
+        self.phase = phase
+
+
+class UpstreamConnectionError(ProviderError):
+    """The connection could not be made or was lost."""
+
+    kind = "upstream_connection_error"
+
+
+class UpstreamProtocolError(ProviderError):
+    """The upstream spoke its wire format wrongly (bad JSON, no terminal marker)."""
+
+    kind = "upstream_protocol_error"
+
+
+class UpstreamStreamError(ProviderError):
+    """The upstream reported an error inside an open stream."""
+
+    kind = "upstream_stream_error"
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (about four characters a token) for when the upstream reports none."""
+    return max(1, (len(text) + 3) // 4) if text else 0

@@ -1,0 +1,100 @@
+"""The fallback chain: try each model in turn until one starts streaming.
+
+Per attempt: connect and idle timeouts live in the adapter's HTTP client; the chain bounds
+the first token and the whole attempt. Before the first content byte, a retryable failure
+moves on to the next link; after it, the failure is final (the client already has text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from ..config import ModelConfig
+from .base import ChatRequest, ProviderError, StreamEvent, UpstreamTimeout
+from .registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Attempt:
+    model: str
+    provider: str
+    outcome: str  # ok | the ProviderError kind
+    ms: int
+
+    def as_json(self) -> dict[str, object]:
+        return {"model": self.model, "provider": self.provider, "outcome": self.outcome, "ms": self.ms}
+
+
+@dataclass
+class Chain:
+    registry: ModelRegistry
+    models: list[ModelConfig]
+    attempts: list[Attempt] = field(default_factory=list)
+    model: ModelConfig | None = None  # the link that is streaming, once one is
+
+    @property
+    def used(self) -> ModelConfig:
+        """The model that streamed, else the last one tried, else the first planned."""
+        if self.model is not None:
+            return self.model
+        if self.attempts:
+            return next(m for m in self.models if m.name == self.attempts[-1].model)
+        return self.models[0]
+
+    @property
+    def fallback_from(self) -> str | None:
+        return self.models[0].name if self.used is not self.models[0] else None
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        last_error: ProviderError | None = None
+        for model in self.models:
+            provider = self.registry.provider(model)
+            started = time.monotonic()
+            deadline = asyncio.get_running_loop().time() + model.timeout_s
+            events = aiter(provider.stream(model, request))
+            try:
+                # wait for the first content (usage or finish alone also commit: an empty reply)
+                async with asyncio.timeout(min(model.first_token_timeout_s, model.timeout_s)):
+                    first = await anext(events)
+            except (ProviderError, TimeoutError, StopAsyncIteration) as e:
+                await events.aclose()
+                if isinstance(e, TimeoutError):
+                    e = UpstreamTimeout("first_token")
+                elif isinstance(e, StopAsyncIteration):
+                    e = ProviderError("upstream ended without a reply")
+                self._record(model, e.kind, started)
+                log.warning("model %s failed before its first token: %s", model.name, e.message)
+                last_error = e
+                if not e.retryable:
+                    break
+                continue
+            self.model = model
+            try:
+                yield first
+                async with asyncio.timeout_at(deadline):
+                    async for event in events:
+                        yield event
+            except TimeoutError:
+                self._record(model, "upstream_timeout", started)
+                raise UpstreamTimeout("total") from None
+            except ProviderError as e:
+                self._record(model, e.kind, started)
+                raise
+            except BaseException:
+                self._record(model, "cancelled", started)
+                raise
+            finally:
+                await events.aclose()
+            self._record(model, "ok", started)
+            return
+        assert last_error is not None
+        raise last_error
+
+    def _record(self, model: ModelConfig, outcome: str, started: float) -> None:
+        self.attempts.append(Attempt(model.name, model.provider, outcome, round((time.monotonic() - started) * 1000)))

@@ -1,0 +1,56 @@
+"""The built-in demo provider: a deterministic reply derived from the prompt, at a set pace.
+
+It lets the quickstart stream something real end to end with no provider key, and gives the
+tests a provider whose every byte is known in advance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import AsyncIterator
+
+from ..config import ModelConfig, ProviderConfig
+from .base import ChatRequest, Finish, StreamEvent, TextDelta, UsageReport, estimate_tokens
+
+_WORDS = ("stream", "token", "gateway", "reply", "river", "signal", "packet", "model", "quiet", "bright",
+          "steady", "chunk", "answer", "light", "echo", "thread", "message", "swift", "careful", "whole")
+
+
+def last_user_text(request: ChatRequest) -> str:
+    for message in reversed(request.messages):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    return ""
+
+
+def demo_reply(prompt: str, chunks: int) -> list[str]:
+    """The reply's chunks: an echo of the prompt's start, then words drawn from its hash."""
+    digest = hashlib.sha256(prompt.encode()).digest()
+    head = " ".join(prompt.split()[:6])
+    parts = [f"Demo reply to \"{head}\":"]
+    for i in range(max(chunks - 1, 0)):
+        parts.append(" " + _WORDS[digest[i % len(digest)] % len(_WORDS)])
+    parts[-1] += "."
+    return parts[:chunks]
+
+
+class DemoProvider:
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        self._chunks = config.demo_chunks
+        self._delay = config.demo_delay_s
+
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        prompt = last_user_text(request)
+        chunks = demo_reply(prompt, self._chunks)
+        if request.max_tokens is not None:
+            chunks = chunks[:max(request.max_tokens, 1)]
+        for i, text in enumerate(chunks):
+            if self._delay and i:
+                await asyncio.sleep(self._delay)
+            yield TextDelta(text)
+        truncated = request.max_tokens is not None and len(chunks) < self._chunks
+        yield Finish("length" if truncated else "stop")
+        prompt_tokens = sum(estimate_tokens(str(m.get("content", ""))) for m in request.messages)
+        yield UsageReport(prompt_tokens, len(chunks))

@@ -1,0 +1,122 @@
+"""OpenAI-compatible chat completions (OpenAI, Groq, vLLM, Ollama, llama.cpp, LM Studio...)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import aiohttp
+import orjson
+
+from ..config import ModelConfig, ProviderConfig
+from .base import (ChatRequest, Finish, StreamEvent, TextDelta, UpstreamConnectionError, UpstreamHTTPError,
+                   UpstreamProtocolError, UpstreamStreamError, UpstreamTimeout, UsageReport)
+from .sse_decoder import SSEDecoder
+
+_DONE = b"[DONE]"
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    raw = headers.get("Retry-After")
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None  # an HTTP date: too rare upstream to be worth parsing
+
+
+async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
+    if resp.status < 300:
+        return
+    body = await resp.read()
+    message = f"upstream answered {resp.status}"
+    try:
+        detail = orjson.loads(body).get("error")
+        if isinstance(detail, dict) and detail.get("message"):
+            message += f": {detail['message']}"
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    raise UpstreamHTTPError(message[:500], status=resp.status, retry_after=retry_after_seconds(resp.headers))
+
+
+def client_timeout(model: ModelConfig) -> aiohttp.ClientTimeout:
+    # sock_read bounds every read, the first one included, so it is the idle timeout between
+    # chunks; the chain bounds the first token and the whole attempt
+    return aiohttp.ClientTimeout(total=None, sock_connect=model.connect_timeout_s, sock_read=model.idle_timeout_s)
+
+
+class OpenAIProvider:
+    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        self.name = config.name
+        self._url = config.base_url + "/chat/completions"
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if config.api_key:
+            self._headers["Authorization"] = "Bearer " + config.api_key.reveal()
+        self._session = session
+
+    def body(self, model: ModelConfig, request: ChatRequest) -> bytes:
+        body: dict[str, Any] = dict(request.extra)
+        body.update(model=model.upstream, messages=request.messages, stream=True,
+                    stream_options={"include_usage": True})  # usage always, so it is never guessed
+        for key in ("max_tokens", "temperature", "top_p", "stop"):
+            value = getattr(request, key)
+            if value is not None:
+                body[key] = value
+        return orjson.dumps(body)
+
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        try:
+            async with self._session.post(self._url, data=self.body(model, request), headers=self._headers,
+                                          timeout=client_timeout(model)) as resp:
+                await raise_for_status(resp)
+                decoder = SSEDecoder()
+                async for chunk in resp.content.iter_any():
+                    for event in decoder.feed(chunk):
+                        if event.data == _DONE:
+                            await _drain(resp)
+                            return
+                        for out in parse_chunk(event.event, event.data):
+                            yield out
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamTimeout("connect") from None
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout("idle") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamConnectionError(f"upstream connection failed: {type(e).__name__}") from None
+        raise UpstreamProtocolError("upstream stream ended without [DONE]")
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Read the body's end after [DONE], so the connection goes back to the pool for reuse."""
+    if resp.content.at_eof():
+        return
+    try:
+        async with asyncio.timeout(0.25):
+            await resp.content.read()
+    except (asyncio.TimeoutError, aiohttp.ClientError):
+        resp.close()  # an upstream that keeps talking after [DONE] loses its connection
+
+
+def parse_chunk(event: str, data: bytes) -> list[StreamEvent]:
+    """One `chat.completion.chunk` (or an error event) into normalised events."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError("upstream sent a chunk that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise UpstreamProtocolError("upstream sent a chunk that is not a JSON object")
+    if event == "error" or obj.get("error"):
+        err = obj.get("error") or obj
+        message = err.get("message") if isinstance(err, dict) else str(err)
+        raise UpstreamStreamError(f"upstream error mid-stream: {message}"[:500])
+    out: list[StreamEvent] = []
+    for choice in obj.get("choices") or ():
+        delta = choice.get("delta") or {}
+        text = delta.get("content")
+        if text:
+            out.append(TextDelta(text))
+        if choice.get("finish_reason"):
+            out.append(Finish(choice["finish_reason"]))
+    usage = obj.get("usage")
+    if usage:
+        out.append(UsageReport(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)))
+    return out

@@ -1,0 +1,58 @@
+"""The configured models and the provider adapters behind them."""
+
+from __future__ import annotations
+
+import aiohttp
+import asyncpg
+
+from ..config import ModelConfig, Settings
+from ..errors import ConfigError
+from .base import Provider
+from .demo import DemoProvider
+from .openai import OpenAIProvider
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+        self.models: dict[str, ModelConfig] = dict(settings.models)
+        self.default = settings.default_model
+        self.providers: dict[str, Provider] = {}
+        for name, config in settings.providers.items():
+            if config.kind == "demo":
+                self.providers[name] = DemoProvider(config)
+            elif config.kind == "openai":
+                self.providers[name] = OpenAIProvider(config, session)
+            else:
+                raise ConfigError(f"[providers.{name}] kind {config.kind!r} has no adapter in this version")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.models
+
+    def chain(self, name: str) -> list[ModelConfig]:
+        """The model, then its fallbacks in order (each once, disabled ones skipped)."""
+        order: list[ModelConfig] = []
+        for candidate in (name, *self.models[name].fallbacks):
+            model = self.models[candidate]
+            if model.enabled and model not in order:
+                order.append(model)
+        return order or [self.models[name]]
+
+    def provider(self, model: ModelConfig) -> Provider:
+        return self.providers[model.provider]
+
+    async def sync(self, pool: asyncpg.Pool) -> None:
+        """Mirror the configured models into the models table, so SQL can see what is enabled."""
+        rows = [(m.name, m.provider, m.upstream, m.enabled, m.weight, m.input_price_per_mtok,
+                 m.output_price_per_mtok) for m in self.models.values()]
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.executemany("""
+                INSERT INTO models (name, provider, upstream, enabled, weight,
+                                    input_price_per_mtok, output_price_per_mtok, updated_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, now())
+                ON CONFLICT (name) DO UPDATE SET
+                    provider = EXCLUDED.provider, upstream = EXCLUDED.upstream, enabled = EXCLUDED.enabled,
+                    weight = EXCLUDED.weight, input_price_per_mtok = EXCLUDED.input_price_per_mtok,
+                    output_price_per_mtok = EXCLUDED.output_price_per_mtok, updated_at = now()""", rows)
+            # models dropped from the config stay as rows (old messages name them) but are disabled
+            await conn.execute("UPDATE models SET enabled = false, updated_at = now() "
+                               "WHERE NOT (name = ANY($1::text[])) AND enabled", list(self.models))

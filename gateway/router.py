@@ -1,0 +1,43 @@
+"""Decide, part one: which model runs. The router only advises; the policy may override it.
+
+For `"model": "auto"` it classifies the prompt by cheap rules (no model call, no database)
+and looks the category up in the `[router]` table, falling back to the default model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+AUTO = "auto"
+
+_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("code", re.compile(r"```|\b(def|class|function|import|return|SELECT|traceback|exception|stack trace|"
+                        r"compile|python|javascript|typescript|rust|golang|sql|regex|bug|refactor)\b", re.I)),
+    ("math", re.compile(r"\b(solve|equation|integral|derivative|prove|theorem|probability|matrix)\b|"
+                        r"\d+\s*[-+*/^=]\s*\d+", re.I)),
+    ("creative", re.compile(r"\b(poem|story|haiku|lyrics|song|novel|fiction|write me a|limerick)\b", re.I)),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    model: str
+    category: str | None
+    complexity: str | None
+    auto: bool
+
+
+def classify(prompt: str) -> tuple[str, str]:
+    """(category, complexity) of a prompt; complexity is low / medium / high by size and structure."""
+    category = next((name for name, rule in _RULES if rule.search(prompt)), "general")
+    words = len(prompt.split())
+    complexity = "high" if words > 300 or prompt.count("\n") > 30 else "medium" if words > 40 else "low"
+    return category, complexity
+
+
+def route(requested: str | None, prompt: str, table: dict[str, str], default: str) -> Route:
+    if requested and requested != AUTO:
+        return Route(requested, None, None, auto=False)
+    category, complexity = classify(prompt)
+    return Route(table.get(category, table.get("default", default)), category, complexity, auto=True)

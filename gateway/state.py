@@ -1,0 +1,22 @@
+"""Every piece of app state, declared once as a typed `web.AppKey`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from .auth import Authenticator
+    from .config import Settings
+    from .db import Database
+    from .generation import GenerationRegistry
+    from .providers.registry import ModelRegistry
+
+SETTINGS: web.AppKey["Settings"] = web.AppKey("settings")
+DB: web.AppKey["Database"] = web.AppKey("db")
+HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
+MODELS: web.AppKey["ModelRegistry"] = web.AppKey("models")
+AUTH: web.AppKey["Authenticator"] = web.AppKey("auth")
+GENERATIONS: web.AppKey["GenerationRegistry"] = web.AppKey("generations")

@@ -1,0 +1,174 @@
+"""SQL for messages: the persist step's turn write, the single finish write, reads."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from ..errors import NotFound
+
+MESSAGE_COLUMNS = """id, thread_id, role, content, status, reply_to, slot, client_message_id, model, provider,
+    prompt_tokens, completion_tokens, ttft_ms, latency_ms, error, metadata, created_at, finished_at"""
+
+
+@dataclass(slots=True)
+class Turn:
+    """The outcome of the persist step: the stored user message and its assistant placeholder."""
+
+    thread_id: uuid.UUID
+    user_message: dict[str, Any]
+    assistant_message_id: uuid.UUID
+    duplicate: bool
+
+
+# One statement writes the user message and the assistant placeholder (status streaming); the
+# unique index on (user_id, client_message_id) makes a retry insert nothing. The thread is
+# either created here or touched (which also proves it belongs to this user).
+_TURN = """
+WITH t AS ({thread}),
+u AS (
+    INSERT INTO messages (thread_id, user_id, role, content, status, client_message_id)
+    SELECT t.id, $1, 'user', $2, 'complete', $3 FROM t
+    ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
+    RETURNING {columns}
+),
+a AS (
+    INSERT INTO messages (thread_id, user_id, role, status, reply_to)
+    SELECT u.thread_id, $1, 'assistant', 'streaming', u.id FROM u
+    RETURNING id
+)
+SELECT u.*, a.id AS assistant_id FROM u, a
+"""
+_TURN_NEW_THREAD = _TURN.format(thread="INSERT INTO threads (user_id, title) VALUES ($1, $4) RETURNING id",
+                                columns=MESSAGE_COLUMNS)
+_TURN_IN_THREAD = _TURN.format(thread="UPDATE threads SET updated_at = clock_timestamp() "
+                                      "WHERE id = $4 AND user_id = $1 RETURNING id",
+                               columns=MESSAGE_COLUMNS)
+
+_DUPLICATE = f"""
+SELECT {', '.join('u.' + c.strip() for c in MESSAGE_COLUMNS.split(','))}, a.id AS assistant_id
+FROM messages u
+JOIN messages a ON a.reply_to = u.id AND a.role = 'assistant' AND a.slot IS NULL
+WHERE u.user_id = $1 AND u.client_message_id = $2
+"""
+
+
+class _NothingInserted(Exception):
+    """Rolls the turn's transaction back: a duplicate, or a thread that is not the user's."""
+
+
+def _turn(row: asyncpg.Record, duplicate: bool) -> Turn:
+    message = dict(row)
+    assistant_id = message.pop("assistant_id")
+    return Turn(message["thread_id"], message, assistant_id, duplicate)
+
+
+async def persist_turn(pool: asyncpg.Pool, user_id: uuid.UUID, content: str, client_message_id: str | None,
+                       thread_id: uuid.UUID | None) -> Turn:
+    async with pool.acquire() as conn:
+        try:
+            async with conn.transaction():
+                if thread_id is None:
+                    row = await conn.fetchrow(_TURN_NEW_THREAD, user_id, content, client_message_id,
+                                              thread_title(content))
+                else:
+                    row = await conn.fetchrow(_TURN_IN_THREAD, user_id, content, client_message_id, thread_id)
+                if row is None:
+                    raise _NothingInserted
+            return _turn(row, duplicate=False)
+        except _NothingInserted:
+            pass
+        if client_message_id is not None:
+            # the conflicting insert has committed by now (ON CONFLICT waited for it)
+            row = await conn.fetchrow(_DUPLICATE, user_id, client_message_id)
+            if row is not None:
+                return _turn(row, duplicate=True)
+        raise NotFound("thread not found")
+
+
+def thread_title(content: str) -> str:
+    line = content.strip().splitlines()[0] if content.strip() else ""
+    return line[:80]
+
+
+@dataclass(slots=True)
+class FinishRecord:
+    """Everything the finish write needs; also the unit a journal would replay."""
+
+    message_id: uuid.UUID
+    user_id: uuid.UUID
+    api_key_id: uuid.UUID | None
+    status: str
+    content: str
+    model: str
+    provider: str
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+    cost_usd: float
+    ttft_ms: int | None
+    latency_ms: int
+    error: dict[str, Any] | None
+    metadata: dict[str, Any]
+
+
+# One statement, so one round trip and atomic: the message (only if still live), its usage row
+# (only if absent), and the daily total (only when the usage row was new). Replaying a finish
+# therefore changes nothing the second time.
+_FINISH = """
+WITH m AS (
+    UPDATE messages SET status = $2, content = $3, model = $4, provider = $5, prompt_tokens = $6,
+        completion_tokens = $7, ttft_ms = $8, latency_ms = $9, error = $10, metadata = metadata || $11,
+        finished_at = clock_timestamp()
+    WHERE id = $1 AND status IN ('pending', 'streaming')
+    RETURNING id
+),
+u AS (
+    INSERT INTO usage (message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens,
+                       total_tokens, estimated, cost_usd)
+    VALUES ($1, $12, $13, $4, $5, $6, $7, $6 + $7, $14, $15)
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING user_id, total_tokens, cost_usd, created_at
+),
+d AS (
+    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd)
+    SELECT user_id, (created_at AT TIME ZONE 'UTC')::date, total_tokens, 1, cost_usd FROM u
+    ON CONFLICT (user_id, day) DO UPDATE SET tokens = d.tokens + EXCLUDED.tokens,
+        requests = d.requests + 1, cost_usd = d.cost_usd + EXCLUDED.cost_usd
+)
+SELECT (SELECT count(*) FROM m) AS messages, (SELECT count(*) FROM u) AS usage
+"""
+
+
+async def finish_assistant(pool: asyncpg.Pool, r: FinishRecord) -> tuple[int, int]:
+    """Save a finished reply; returns (message rows, usage rows) written: (0, 0) on a replay."""
+    row = await pool.fetchrow(_FINISH, r.message_id, r.status, r.content, r.model, r.provider, r.prompt_tokens,
+                              r.completion_tokens, r.ttft_ms, r.latency_ms, r.error, r.metadata, r.user_id,
+                              r.api_key_id, r.estimated, r.cost_usd)
+    return row["messages"], row["usage"]
+
+
+async def get_message(pool: asyncpg.Pool, user_id: uuid.UUID, message_id: uuid.UUID) -> dict[str, Any]:
+    row = await pool.fetchrow(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1 AND user_id = $2",
+                              message_id, user_id)
+    if row is None:
+        raise NotFound("message not found")
+    return dict(row)
+
+
+async def thread_messages(conn: asyncpg.Connection, thread_id: uuid.UUID) -> list[dict[str, Any]]:
+    rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE thread_id = $1 ORDER BY seq", thread_id)
+    return [dict(r) for r in rows]
+
+
+async def history(pool: asyncpg.Pool, thread_id: uuid.UUID, upto: uuid.UUID, limit: int = 50) -> list[dict[str, str]]:
+    """The conversation so far (complete messages, oldest first), ending with message `upto`."""
+    rows = await pool.fetch("""
+        SELECT role, content FROM messages
+        WHERE thread_id = $1 AND seq <= (SELECT seq FROM messages WHERE id = $2)
+          AND slot IS NULL AND (status = 'complete' OR id = $2)
+        ORDER BY seq DESC LIMIT $3""", thread_id, upto, limit)
+    return [{"role": r["role"], "content": r["content"]} for r in reversed(rows)]

@@ -1,0 +1,52 @@
+"""SQL for threads: create, keyset-paginated list, read with messages, delete."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from ..errors import NotFound
+from .messages import thread_messages
+
+THREAD_COLUMNS = "id, title, created_at, updated_at"
+
+
+async def create_thread(pool: asyncpg.Pool, user_id: uuid.UUID, title: str | None) -> dict[str, Any]:
+    row = await pool.fetchrow(f"INSERT INTO threads (user_id, title) VALUES ($1, $2) RETURNING {THREAD_COLUMNS}",
+                              user_id, title)
+    return dict(row)
+
+
+async def list_threads(pool: asyncpg.Pool, user_id: uuid.UUID, limit: int,
+                       before: tuple[datetime, uuid.UUID] | None) -> list[dict[str, Any]]:
+    """Newest first; `before` is the (created_at, id) of the last thread of the previous page."""
+    if before is None:
+        rows = await pool.fetch(f"SELECT {THREAD_COLUMNS} FROM threads WHERE user_id = $1 "
+                                "ORDER BY created_at DESC, id DESC LIMIT $2", user_id, limit)
+    else:
+        rows = await pool.fetch(f"SELECT {THREAD_COLUMNS} FROM threads WHERE user_id = $1 "
+                                "AND (created_at, id) < ($3, $4) ORDER BY created_at DESC, id DESC LIMIT $2",
+                                user_id, limit, *before)
+    return [dict(r) for r in rows]
+
+
+async def get_thread(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID) -> dict[str, Any]:
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(f"SELECT {THREAD_COLUMNS} FROM threads WHERE id = $1 AND user_id = $2",
+                                  thread_id, user_id)
+        if row is None:
+            raise NotFound("thread not found")
+        thread = dict(row)
+        thread["messages"] = await thread_messages(conn, thread_id)
+    return thread
+
+
+async def delete_thread(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID) -> None:
+    # messages go with the thread (ON DELETE CASCADE); usage rows stay: accounting outlives content
+    deleted = await pool.fetchval("DELETE FROM threads WHERE id = $1 AND user_id = $2 RETURNING id",
+                                  thread_id, user_id)
+    if deleted is None:
+        raise NotFound("thread not found")

@@ -1,0 +1,387 @@
+"""JwtVerifier against tokens signed here and a real local JWKS server that counts its hits."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from jwt.utils import base64url_encode
+
+from gateway.config import Settings
+from gateway.errors import ConfigError, Unauthorized
+from gateway.jwt_auth import JwtIdentity, JwtVerifier
+
+SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
+USER_ID = uuid.UUID("6f1c2a4e-8d3b-4f5a-9c7e-1b2d3e4f5a6b")
+ISSUER = "https://abcdefgh.supabase.co/auth/v1"
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class JwksServer:
+    """Serves `keys` as a JWK set (or `status` when it is not 200) and counts requests."""
+
+    def __init__(self) -> None:
+        self.keys: list[dict[str, Any]] = []
+        self.status = 200
+        self.delay_s = 0.0
+        self.hits = 0
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.status != 200:
+            return web.Response(status=self.status, text="upstream broke")
+        return web.json_response({"keys": self.keys})
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def rsa_key_2() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def rsa_jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
+    return {**RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": kid, "use": "sig"}
+
+
+def ec_jwk(key: ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
+    return {**ECAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": kid, "use": "sig"}
+
+
+@pytest.fixture
+async def jwks(aiohttp_server: Callable[[web.Application], Awaitable[TestServer]],
+               rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey) -> JwksServer:
+    state = JwksServer()
+    state.keys = [rsa_jwk(rsa_key, "rsa-1"), ec_jwk(ec_key, "ec-1")]
+    app = web.Application()
+    app.router.add_get("/auth/v1/.well-known/jwks.json", state.handle)
+    server = await aiohttp_server(app)
+    state.url = str(server.make_url("/auth/v1/.well-known/jwks.json"))
+    return state
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    """Supabase-shaped claims; an override of None drops the claim."""
+    now = int(time.time())
+    base: dict[str, Any] = {"iss": ISSUER, "aud": "authenticated", "role": "authenticated",
+                            "sub": str(USER_ID), "email": "ada@example.com", "iat": now, "exp": now + 3600}
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def hs_verifier(**env: str) -> JwtVerifier:
+    return JwtVerifier(Settings.from_env({"JWT_SECRET": SECRET, **env}), None)
+
+
+def jwks_verifier(jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock,
+                  algorithms: str = "RS256,ES256", **overrides: Any) -> JwtVerifier:
+    settings = Settings.from_env({"JWKS_URL": jwks.url, "JWT_ALGORITHMS": algorithms, "JWKS_MIN_REFRESH_S": "5"})
+    return JwtVerifier(dataclasses.replace(settings, **overrides), session, clock=clock)
+
+
+# -- HS256 and claims ----------------------------------------------------------------------------
+
+async def test_hs256_token_yields_identity_with_sub_and_email() -> None:
+    identity = await hs_verifier().verify(jwt.encode(claims(), SECRET, algorithm="HS256"))
+    assert identity == JwtIdentity(USER_ID, "ada@example.com", identity.claims)
+    assert identity.claims["role"] == "authenticated"
+
+
+async def test_token_without_email_yields_identity_with_no_email() -> None:
+    identity = await hs_verifier().verify(jwt.encode(claims(email=None), SECRET, algorithm="HS256"))
+    assert (identity.user_id, identity.email) == (USER_ID, None)
+
+
+async def test_hs256_token_signed_with_another_secret_is_rejected() -> None:
+    token = jwt.encode(claims(), "another-secret-that-is-also-at-least-32-bytes", algorithm="HS256")
+    with pytest.raises(Unauthorized, match="^token signature is invalid$"):
+        await hs_verifier().verify(token)
+
+
+async def test_expired_token_is_rejected() -> None:
+    token = jwt.encode(claims(exp=int(time.time()) - 120), SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="^token expired$"):
+        await hs_verifier().verify(token)
+
+
+async def test_token_expired_within_leeway_passes() -> None:
+    token = jwt.encode(claims(exp=int(time.time()) - 10), SECRET, algorithm="HS256")
+    assert (await hs_verifier(JWT_LEEWAY_S="30").verify(token)).user_id == USER_ID
+
+
+async def test_token_with_nbf_in_the_future_is_rejected() -> None:
+    token = jwt.encode(claims(nbf=int(time.time()) + 300), SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="^token not yet valid$"):
+        await hs_verifier().verify(token)
+
+
+async def test_token_for_another_audience_is_rejected() -> None:
+    token = jwt.encode(claims(aud="anon"), SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="^token audience not accepted$"):
+        await hs_verifier().verify(token)
+
+
+async def test_token_with_audience_list_containing_authenticated_passes() -> None:
+    token = jwt.encode(claims(aud=["other", "authenticated"]), SECRET, algorithm="HS256")
+    assert (await hs_verifier().verify(token)).user_id == USER_ID
+
+
+async def test_token_from_another_issuer_is_rejected_when_issuer_configured() -> None:
+    verifier = hs_verifier(JWT_ISSUER=ISSUER)
+    assert (await verifier.verify(jwt.encode(claims(), SECRET, algorithm="HS256"))).user_id == USER_ID
+    token = jwt.encode(claims(iss="https://evil.supabase.co/auth/v1"), SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="^token issuer not accepted$"):
+        await verifier.verify(token)
+
+
+async def test_token_without_exp_is_rejected() -> None:
+    token = jwt.encode(claims(exp=None), SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="^token has no 'exp' claim$"):
+        await hs_verifier().verify(token)
+
+
+async def test_token_without_sub_is_rejected() -> None:
+    token = jwt.encode(claims(sub=None), SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="^token has no 'sub' claim$"):
+        await hs_verifier().verify(token)
+
+
+async def test_token_with_non_uuid_sub_is_rejected() -> None:
+    token = jwt.encode(claims(sub="ada"), SECRET, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="^token subject is not a user id$"):
+        await hs_verifier().verify(token)
+
+
+async def test_unsigned_alg_none_token_is_rejected() -> None:
+    token = jwt.encode(claims(), None, algorithm="none")
+    assert token.endswith(".")  # really unsigned
+    with pytest.raises(Unauthorized, match="^token algorithm not allowed$"):
+        await hs_verifier().verify(token)
+
+
+async def test_garbage_token_is_rejected() -> None:
+    for token in ("not-a-jwt", "a.b.c", "", "eyJhbGciOiJIUzI1NiJ9.%%%.###"):
+        with pytest.raises(Unauthorized, match="^malformed token$|^invalid token$"):
+            await hs_verifier().verify(token)
+
+
+def test_hmac_secret_too_short_for_its_algorithm_fails_at_start() -> None:
+    with pytest.raises(ConfigError, match="JWT_SECRET is not usable for HS256"):
+        JwtVerifier(Settings.from_env({"JWT_SECRET": "short"}), None)
+
+
+# -- algorithm confusion -------------------------------------------------------------------------
+
+def hs256_signed_with(secret: bytes, payload: dict[str, Any], kid: str) -> str:
+    """An HS256 token built by hand: PyJWT itself refuses to use a PEM key as an HMAC secret."""
+    header = base64url_encode(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+    body = base64url_encode(json.dumps(payload).encode())
+    signature = hmac.new(secret, header + b"." + body, hashlib.sha256).digest()
+    return (header + b"." + body + b"." + base64url_encode(signature)).decode()
+
+
+def public_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+async def test_hs256_token_signed_with_rsa_public_key_is_rejected_when_only_jwks_configured(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
+    token = hs256_signed_with(public_pem(rsa_key), claims(), kid="rsa-1")
+    with pytest.raises(Unauthorized, match="^token algorithm not allowed$"):
+        await jwks_verifier(jwks, session, clock).verify(token)
+    assert jwks.hits == 0
+
+
+async def test_hs256_token_signed_with_rsa_public_key_is_rejected_when_hmac_also_allowed(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
+    settings = Settings.from_env({"JWT_SECRET": SECRET, "JWKS_URL": jwks.url, "JWT_ALGORITHMS": "HS256,RS256"})
+    token = hs256_signed_with(public_pem(rsa_key), claims(), kid="rsa-1")
+    with pytest.raises(Unauthorized, match="^token signature is invalid$"):
+        await JwtVerifier(settings, session, clock=clock).verify(token)
+    assert jwks.hits == 0  # HS* never consults the JWKS
+
+
+# -- JWKS ----------------------------------------------------------------------------------------
+
+async def test_rs256_token_verifies_with_jwks_key(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+    identity = await jwks_verifier(jwks, session, clock).verify(token)
+    assert (identity.user_id, identity.email, jwks.hits) == (USER_ID, "ada@example.com", 1)
+
+
+async def test_es256_token_verifies_with_jwks_key(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock,
+        ec_key: ec.EllipticCurvePrivateKey) -> None:
+    verifier = jwks_verifier(jwks, session, clock)
+    for _ in range(3):  # cached after the first
+        token = jwt.encode(claims(), ec_key, algorithm="ES256", headers={"kid": "ec-1"})
+        assert (await verifier.verify(token)).user_id == USER_ID
+    assert jwks.hits == 1
+
+
+async def test_token_alg_outside_configured_algorithms_is_rejected(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock,
+        ec_key: ec.EllipticCurvePrivateKey) -> None:
+    token = jwt.encode(claims(), ec_key, algorithm="ES256", headers={"kid": "ec-1"})
+    with pytest.raises(Unauthorized, match="^token algorithm not allowed$"):
+        await jwks_verifier(jwks, session, clock, algorithms="RS256").verify(token)
+    assert jwks.hits == 0
+
+
+async def test_rs256_token_whose_kid_names_an_ec_key_is_rejected(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "ec-1"})
+    with pytest.raises(Unauthorized, match="^signing key does not match token algorithm$"):
+        await jwks_verifier(jwks, session, clock).verify(token)
+
+
+async def test_rs256_token_without_kid_is_rejected(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256")
+    with pytest.raises(Unauthorized, match="^token has no key id$"):
+        await jwks_verifier(jwks, session, clock).verify(token)
+
+
+async def test_unknown_kid_refetches_at_most_once_per_min_refresh_window(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
+    verifier = jwks_verifier(jwks, session, clock)
+    assert (await verifier.verify(jwt.encode(claims(), rsa_key, algorithm="RS256",
+                                             headers={"kid": "rsa-1"}))).user_id == USER_ID
+    assert jwks.hits == 1
+
+    clock.now += 6  # past the 5 s window of the first fetch
+    with pytest.raises(Unauthorized, match="^unknown signing key$"):
+        await verifier.verify(jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "nope-1"}))
+    assert jwks.hits == 2
+
+    clock.now += 4  # still inside the window of that refetch
+    with pytest.raises(Unauthorized, match="^unknown signing key$"):
+        await verifier.verify(jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "nope-2"}))
+    assert jwks.hits == 2
+
+    clock.now += 2  # past it
+    with pytest.raises(Unauthorized, match="^unknown signing key$"):
+        await verifier.verify(jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "nope-2"}))
+    assert jwks.hits == 3
+
+
+async def test_concurrent_verifies_needing_a_refresh_share_one_fetch(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
+    jwks.delay_s = 0.05
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+    verifier = jwks_verifier(jwks, session, clock)
+    identities = await asyncio.gather(*(verifier.verify(token) for _ in range(10)))
+    assert [i.user_id for i in identities] == [USER_ID] * 10
+    assert jwks.hits == 1
+
+
+async def test_rotated_key_verifies_after_refresh(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock,
+        rsa_key: rsa.RSAPrivateKey, rsa_key_2: rsa.RSAPrivateKey) -> None:
+    verifier = jwks_verifier(jwks, session, clock)
+    old = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+    assert (await verifier.verify(old)).user_id == USER_ID
+
+    jwks.keys = [rsa_jwk(rsa_key_2, "rsa-2")]  # rotation: the old key is gone
+    clock.now += 6
+    new = jwt.encode(claims(), rsa_key_2, algorithm="RS256", headers={"kid": "rsa-2"})
+    assert (await verifier.verify(new)).user_id == USER_ID
+    assert jwks.hits == 2
+    with pytest.raises(Unauthorized, match="^unknown signing key$"):
+        await verifier.verify(old)
+    assert jwks.hits == 2  # inside the window: no fetch for the retired kid
+
+
+async def test_cache_older_than_ttl_is_refetched(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
+    verifier = jwks_verifier(jwks, session, clock, jwks_ttl_s=60.0)
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+    await verifier.verify(token)
+    clock.now += 59
+    await verifier.verify(token)
+    assert jwks.hits == 1
+    clock.now += 1
+    await verifier.verify(token)
+    assert jwks.hits == 2
+
+
+async def test_failed_refresh_keeps_old_keys(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey,
+        caplog: pytest.LogCaptureFixture) -> None:
+    verifier = jwks_verifier(jwks, session, clock, jwks_ttl_s=60.0)
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+    await verifier.verify(token)
+    jwks.status = 503
+    clock.now += 61
+    with caplog.at_level(logging.WARNING, logger="gateway.jwt_auth"):
+        assert (await verifier.verify(token)).user_id == USER_ID
+    assert jwks.hits == 2
+    assert "HTTP 503" in caplog.text
+
+
+async def test_jwks_server_error_rejects_token(
+        jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey,
+        caplog: pytest.LogCaptureFixture) -> None:
+    jwks.status = 500
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
+    with caplog.at_level(logging.WARNING, logger="gateway.jwt_auth"):
+        with pytest.raises(Unauthorized, match="^signing keys unavailable$"):
+            await jwks_verifier(jwks, session, clock).verify(token)
+    assert jwks.hits == 1
+    assert "JWKS fetch" in caplog.text and "HTTP 500" in caplog.text
+    assert token not in caplog.text
+
+
+def test_public_key_algorithms_without_http_session_fail_at_start() -> None:
+    settings = Settings.from_env({"JWKS_URL": "http://127.0.0.1:9/jwks.json"})
+    with pytest.raises(ConfigError, match="JWKS is not usable"):
+        JwtVerifier(settings, None)
