@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import asyncpg
 import orjson
@@ -13,11 +13,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .errors import GatewayError, ServiceUnavailable
+from .state import REQUEST_ID, USER_ID
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID = "request_id"
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -123,6 +123,5 @@ class AccessLogger(AbstractAccessLogger):
         path = request.path
         if request.query_string:
             path += "?" + _REDACT.sub(r"\1[redacted]", request.query_string)
-        extra: dict[str, Any] = {"request_id": request.get(REQUEST_ID), "user_id": str(request.get("user_id", "-"))}
-        self.logger.info("%s %s %s %d %.1fms user=%s", extra["request_id"], request.method, path, response.status,
-                         time * 1000, extra["user_id"])
+        self.logger.info("%s %s %s %d %.1fms user=%s", request.get(REQUEST_ID, "-"), request.method, path,
+                         response.status, time * 1000, request.get(USER_ID, "-"))

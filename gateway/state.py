@@ -20,3 +20,7 @@ HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSessi
 MODELS: web.AppKey["ModelRegistry"] = web.AppKey("models")
 AUTH: web.AppKey["Authenticator"] = web.AppKey("auth")
 GENERATIONS: web.AppKey["GenerationRegistry"] = web.AppKey("generations")
+
+# per request
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+USER_ID: web.RequestKey[str] = web.RequestKey("user_id", str)

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..auth import Principal
 from ..errors import BadRequest, InvalidId, PayloadTooLarge
-from ..state import AUTH, SETTINGS
+from ..state import AUTH, SETTINGS, USER_ID
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -57,5 +57,5 @@ async def caller(request: web.Request, scope: str | None = None) -> Principal:
     principal = await request.app[AUTH].authenticate(request)
     if scope is not None:
         principal.require(scope)
-    request["user_id"] = principal.user_id  # for the access log
+    request[USER_ID] = str(principal.user_id)  # for the access log
     return principal

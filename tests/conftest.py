@@ -1,0 +1,157 @@
+"""Shared fixtures: a real PostgreSQL, the real app factory, real local fake upstreams.
+
+PostgreSQL: `DATABASE_URL` when set (the machine's server), else an embedded server started
+once for the session. Either way the session gets its own fresh database, migrated once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.db import create_pool, migrate, start_embedded, stop_embedded
+from gateway.store.keys import create_user_with_key
+
+from .fakes import FakeUpstream
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The URL of a running PostgreSQL server (its maintenance database)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = start_embedded(tmp_path_factory.mktemp("embedded"))
+    try:
+        yield server.get_uri()
+    finally:
+        stop_embedded(server)
+
+
+@pytest.fixture(scope="session")
+async def database_url(pg_server_url: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test session; dropped at the end."""
+    name = "gw_test_" + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(pg_server_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(pg_server_url, name)
+    conn = await asyncpg.connect(url)
+    await migrate(conn)
+    await conn.close()
+    try:
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool for the tests' own queries (asserting exact rows)."""
+    pool = await create_pool(database_url, min_size=1, max_size=10)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def make_settings(database_url: str) -> Callable[..., Settings]:
+    """Settings for a test app: env-style keyword overrides on top of fast, quiet defaults."""
+
+    def make(**env: str) -> Settings:
+        base = {"DATABASE_URL": database_url, "BOOTSTRAP_ADMIN_KEY": "false", "DEMO_DELAY_MS": "0",
+                "DB_POOL_MIN": "1", "SHUTDOWN_GRACE_S": "2"}
+        base.update(env)
+        return Settings.from_env(base)
+
+    return make
+
+
+MakeClient = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, make_settings: Callable[..., Settings]) -> MakeClient:
+    """A test client on the real app factory; pass Settings, or env-style overrides."""
+
+    async def make(settings: Settings | None = None, **env: str) -> TestClient:
+        return await aiohttp_client(create_app(settings or make_settings(**env)))
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> TestClient:
+    return await make_client()
+
+
+class User:
+    """A fresh user with an API key; `headers` authenticate as them."""
+
+    def __init__(self, user_id: uuid.UUID, key: str) -> None:
+        self.id = user_id
+        self.key = key
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def make_user(db: asyncpg.Pool) -> Callable[..., Awaitable[User]]:
+    async def make(scopes: tuple[str, ...] = ("chat", "arena")) -> User:
+        user_id = uuid.uuid4()
+        _, key = await create_user_with_key(db, "test", list(scopes), user_id)
+        return User(user_id, key)
+
+    return make
+
+
+@pytest.fixture
+async def user(make_user: Callable[..., Awaitable[User]]) -> User:
+    return await make_user()
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> FakeUpstream:
+    """A fake OpenAI-compatible upstream on loopback, scripted per test."""
+    fake = FakeUpstream()
+    fake.server = await aiohttp_server(fake.app)
+    return fake
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Callable[[str], str]:
+    """Write a TOML config and return its path (for GATEWAY_CONFIG)."""
+
+    def write(text: str) -> str:
+        path = tmp_path / f"gateway-{uuid.uuid4().hex[:6]}.toml"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll an async predicate until true (for work the app finishes in the background)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
