@@ -7,6 +7,7 @@ import asyncpg
 
 from ..config import ModelConfig, Settings
 from ..errors import ConfigError
+from .anthropic import AnthropicProvider
 from .base import Provider
 from .demo import DemoProvider
 from .openai import OpenAIProvider
@@ -22,8 +23,10 @@ class ModelRegistry:
                 self.providers[name] = DemoProvider(config)
             elif config.kind == "openai":
                 self.providers[name] = OpenAIProvider(config, session)
+            elif config.kind == "anthropic":
+                self.providers[name] = AnthropicProvider(config, session)
             else:
-                raise ConfigError(f"[providers.{name}] kind {config.kind!r} has no adapter in this version")
+                raise ConfigError(f"[providers.{name}] kind {config.kind!r} has no adapter")
 
     def __contains__(self, name: str) -> bool:
         return name in self.models

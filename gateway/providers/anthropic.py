@@ -1,0 +1,117 @@
+"""Anthropic Messages API (`POST /v1/messages`, streaming), normalised to deltas + usage.
+
+Differences from OpenAI that matter here: the system prompt is a top-level field, `max_tokens`
+is required, input tokens come in `message_start` and output tokens cumulatively in
+`message_delta`, and the stream ends with `message_stop` (a stream without it is truncated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import aiohttp
+import orjson
+
+from ..config import ModelConfig, ProviderConfig
+from .base import (ChatRequest, Finish, StreamEvent, TextDelta, UpstreamConnectionError, UpstreamProtocolError,
+                   UpstreamStreamError, UpstreamTimeout, UsageReport)
+from .openai import client_timeout, raise_for_status
+from .sse_decoder import SSEDecoder
+
+API_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096  # required by the API; used when the request names none
+STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
+
+
+def to_anthropic(model: ModelConfig, request: ChatRequest) -> dict[str, Any]:
+    system = [str(m.get("content", "")) for m in request.messages if m.get("role") == "system"]
+    body: dict[str, Any] = {
+        "model": model.upstream,
+        "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
+        "messages": [{"role": m["role"], "content": m.get("content", "")} for m in request.messages
+                     if m.get("role") in ("user", "assistant")],
+        "stream": True,
+    }
+    if system:
+        body["system"] = "\n\n".join(system)
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop is not None:
+        body["stop_sequences"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+    return body
+
+
+class AnthropicProvider:
+    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        self.name = config.name
+        self._url = config.base_url + "/messages"
+        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                         "anthropic-version": API_VERSION}
+        if config.api_key:
+            self._headers["x-api-key"] = config.api_key.reveal()
+        self._session = session
+
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        state = _Usage()
+        try:
+            async with self._session.post(self._url, data=orjson.dumps(to_anthropic(model, request)),
+                                          headers=self._headers, timeout=client_timeout(model)) as resp:
+                await raise_for_status(resp)
+                decoder = SSEDecoder()
+                async for chunk in resp.content.iter_any():
+                    for event in decoder.feed(chunk):
+                        for out in parse_event(event.event, event.data, state):
+                            yield out
+                        if state.stopped:
+                            return
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamTimeout("connect") from None
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout("idle") from None
+        except aiohttp.ClientError as e:
+            raise UpstreamConnectionError(f"upstream connection failed: {type(e).__name__}") from None
+        raise UpstreamProtocolError("upstream stream ended without message_stop")
+
+
+class _Usage:
+    __slots__ = ("input", "output", "stopped")
+
+    def __init__(self) -> None:
+        self.input = 0
+        self.output = 0
+        self.stopped = False
+
+
+def parse_event(name: str, data: bytes, state: _Usage) -> list[StreamEvent]:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError("upstream sent an event that is not JSON") from None
+    if not isinstance(obj, dict):
+        raise UpstreamProtocolError("upstream sent an event that is not a JSON object")
+    kind = obj.get("type", name)
+    if kind == "content_block_delta":
+        delta = obj.get("delta") or {}
+        if delta.get("type") == "text_delta" and delta.get("text"):
+            return [TextDelta(delta["text"])]
+    elif kind == "message_start":
+        usage = (obj.get("message") or {}).get("usage") or {}
+        state.input = int(usage.get("input_tokens") or 0)
+        state.output = int(usage.get("output_tokens") or 0)
+    elif kind == "message_delta":
+        # output_tokens here is cumulative: it replaces, never adds
+        state.output = int((obj.get("usage") or {}).get("output_tokens") or state.output)
+        reason = (obj.get("delta") or {}).get("stop_reason")
+        if reason:
+            return [Finish(STOP_REASONS.get(reason, reason))]
+    elif kind == "message_stop":
+        state.stopped = True
+        return [UsageReport(state.input, state.output)]
+    elif kind == "error":
+        err = obj.get("error") or {}
+        raise UpstreamStreamError(f"upstream error mid-stream: {err.get('type')}: {err.get('message')}"[:500])
+    # ping, content_block_start/stop and event types added later are tolerated
+    return []

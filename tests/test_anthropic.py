@@ -1,0 +1,163 @@
+"""The Anthropic Messages adapter against a real local server speaking the exact stream format."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.providers.anthropic import AnthropicProvider
+from gateway.providers.base import (ChatRequest, Finish, TextDelta, UpstreamHTTPError, UpstreamProtocolError,
+                                    UpstreamStreamError, UsageReport)
+
+from .fakes import parse_sse, split_every
+
+
+def event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def anthropic_stream(texts: list[str], input_tokens: int = 25, output_tokens: int = 15,
+                     stop: bool = True) -> bytes:
+    out = [event("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude-x",
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}}),
+        event("ping", {"type": "ping"})]
+    for text in texts:
+        out.append(event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": text}}))
+    out.append(event("some_future_event", {"type": "some_future_event", "x": 1}))  # must be tolerated
+    out.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    out.append(event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
+                                                                          "stop_sequence": None},
+                                       "usage": {"output_tokens": output_tokens - 5}}))
+    # cumulative: a second message_delta replaces the count, it does not add to it
+    out.append(event("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": output_tokens}}))
+    if stop:
+        out.append(event("message_stop", {"type": "message_stop"}))
+    return b"".join(out)
+
+
+class FakeAnthropic:
+    def __init__(self) -> None:
+        self.body = anthropic_stream(["Hello", " world"])
+        self.piece = 0  # 0: one write; n: n-byte writes
+        self.status = 200
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.app = web.Application()
+        self.app.router.add_post("/v1/messages", self.messages)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(await request.json())
+        self.headers.append(dict(request.headers))
+        if self.status != 200:
+            return web.json_response({"type": "error", "error": {"type": "overloaded_error",
+                                                                 "message": "Overloaded"}}, status=self.status)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in (split_every(self.body, self.piece) if self.piece else [self.body]):
+            await resp.write(piece)
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture
+async def anthropic(aiohttp_server: Any) -> tuple[FakeAnthropic, Any]:
+    fake = FakeAnthropic()
+    server = await aiohttp_server(fake.app)
+    return fake, server
+
+
+async def run(fake_server: Any, config_file: Any, request: ChatRequest) -> list[Any]:
+    path = config_file(f"""
+[providers.claude]
+kind = "anthropic"
+base_url = "{fake_server.make_url('/v1')}"
+api_key = "sk-ant-test"
+[models.claude]
+provider = "claude"
+upstream = "claude-x"
+""")
+    settings = Settings.from_env({"GATEWAY_CONFIG": path})
+    async with aiohttp.ClientSession() as session:
+        provider = AnthropicProvider(settings.providers["claude"], session)
+        return [e async for e in provider.stream(settings.models["claude"], request)]
+
+
+async def test_anthropic_stream_normalised_with_cumulative_usage(anthropic, config_file):
+    fake, server = anthropic
+    events = await run(server, config_file, ChatRequest([{"role": "system", "content": "Be brief."},
+                                                         {"role": "user", "content": "Hi"}], max_tokens=50))
+    assert events == [TextDelta("Hello"), TextDelta(" world"), Finish("stop"), UsageReport(25, 15)]
+    body = fake.requests[0]
+    assert body == {"model": "claude-x", "max_tokens": 50, "messages": [{"role": "user", "content": "Hi"}],
+                    "stream": True, "system": "Be brief."}
+    assert fake.headers[0]["x-api-key"] == "sk-ant-test"
+    assert fake.headers[0]["anthropic-version"] == "2023-06-01"
+
+
+async def test_anthropic_max_tokens_always_sent(anthropic, config_file):
+    fake, server = anthropic
+    await run(server, config_file, ChatRequest([{"role": "user", "content": "Hi"}]))
+    assert fake.requests[0]["max_tokens"] == 4096
+    assert "system" not in fake.requests[0]
+
+
+async def test_anthropic_events_split_at_every_byte(anthropic, config_file):
+    fake, server = anthropic
+    fake.piece = 1
+    events = await run(server, config_file, ChatRequest([{"role": "user", "content": "Hi"}]))
+    assert events == [TextDelta("Hello"), TextDelta(" world"), Finish("stop"), UsageReport(25, 15)]
+
+
+async def test_anthropic_stream_without_message_stop_is_a_failure(anthropic, config_file):
+    fake, server = anthropic
+    fake.body = anthropic_stream(["Hel"], stop=False)
+    with pytest.raises(UpstreamProtocolError):
+        await run(server, config_file, ChatRequest([{"role": "user", "content": "Hi"}]))
+
+
+async def test_anthropic_error_event_mid_stream(anthropic, config_file):
+    fake, server = anthropic
+    fake.body = anthropic_stream(["Hel"], stop=False).split(b"event: some_future_event")[0] + event(
+        "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    with pytest.raises(UpstreamStreamError, match="overloaded_error"):
+        await run(server, config_file, ChatRequest([{"role": "user", "content": "Hi"}]))
+
+
+async def test_anthropic_http_529_is_retryable_http_error(anthropic, config_file):
+    fake, server = anthropic
+    fake.status = 529
+    with pytest.raises(UpstreamHTTPError) as info:
+        await run(server, config_file, ChatRequest([{"role": "user", "content": "Hi"}]))
+    assert info.value.status == 529 and info.value.retryable
+
+
+async def test_chat_through_anthropic_model_is_saved(anthropic, config_file, make_client, user, db):
+    fake, server = anthropic
+    path = config_file(f"""
+[providers.claude]
+kind = "anthropic"
+base_url = "{server.make_url('/v1')}"
+api_key = "k"
+[models.claude]
+provider = "claude"
+upstream = "claude-x"
+""")
+    client = await make_client(GATEWAY_CONFIG=path)
+    resp = await client.post("/api/chat", json={"content": "Hi", "model": "claude", "stream": True},
+                             headers=user.headers)
+    events = parse_sse(await resp.read())
+    meta = orjson.loads(events[0].data)
+    assert (meta["model"], meta["provider"]) == ("claude", "claude")
+    row = await db.fetchrow("SELECT status, content, prompt_tokens, completion_tokens FROM messages WHERE id = $1::uuid",
+                            meta["message_id"])
+    assert dict(row) == {"status": "complete", "content": "Hello world", "prompt_tokens": 25, "completion_tokens": 15}
