@@ -31,7 +31,9 @@ def serve(settings: Settings) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     log.info("gateway on http://%s:%d (default model %s)", settings.host, settings.port, settings.default_model)
     web.run_app(create_app(settings), host=settings.host, port=settings.port, access_log_class=AccessLogger,
-                shutdown_timeout=settings.shutdown_grace_s + 5, print=None, backlog=4096)
+                shutdown_timeout=settings.shutdown_grace_s + 5, print=None, backlog=4096,
+                # a client that leaves cancels its handler (the tests' server does the same)
+                handler_cancellation=True)
 
 
 async def run_migrations(settings: Settings) -> list[str]:

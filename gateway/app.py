@@ -8,16 +8,18 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from .api import chat, ops, threads
+from .api import chat, openai, ops, threads
 from .auth import Authenticator
+from .background import BatchWriter
 from .config import Settings
 from .db import migrate, open_database
 from .generation import GenerationRegistry
 from .jwt_auth import JwtVerifier
 from .middleware import Cors, add_request_id, errors
 from .providers.registry import ModelRegistry
-from .state import AUTH, DB, GENERATIONS, HTTP, MODELS, SETTINGS
+from .state import AUTH, DB, GENERATIONS, HTTP, MODELS, SETTINGS, USAGE
 from .store.keys import bootstrap_admin_key
+from .store.usage import UsageRecord, record_usage_many
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +64,14 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[AUTH] = Authenticator(settings, app[DB].pool, jwt)
     generations = GenerationRegistry(settings.shutdown_grace_s)
     app[GENERATIONS] = generations
+    pool = app[DB].pool
+    usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch))
+    app[USAGE] = usage
+    usage.start()
     yield
     # before the database closes: running replies finish (or are interrupted) and are saved
     await generations.close()
+    await usage.close()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -84,6 +91,8 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get("/api/threads", threads.list_threads)
     r.add_get("/api/threads/{thread_id}", threads.get_thread)
     r.add_delete("/api/threads/{thread_id}", threads.delete_thread)
+    r.add_post("/v1/chat/completions", openai.chat_completions)
+    r.add_get("/v1/models", openai.list_models)
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)
     return app

@@ -25,6 +25,9 @@ class Secret(str):
     def __str__(self) -> str:  # str(secret) is for logs; use .reveal() where the value is needed
         return "**********"
 
+    def __format__(self, spec: str) -> str:  # str.__format__ would print the value for any non-empty spec
+        return format("**********", spec)
+
     def reveal(self) -> str:
         return str.__str__(self)
 
@@ -281,11 +284,13 @@ def _parse(env: Mapping[str, str]) -> Settings:
     if any(not a.startswith("HS") for a in algorithms) and not jwks_url:
         raise ConfigError("JWT_ALGORITHMS allows public-key algorithms but JWKS_URL is not set")
 
-    port_raw = env.get("GATEWAY_PORT") or env.get("PORT") or server.get("port", 8080)
+    # the error names whichever source the port came from (PORT is what Heroku-style hosts set)
+    port_name = next((n for n in ("GATEWAY_PORT", "PORT") if env.get(n)), "[server] port")
+    port_raw = env.get(port_name) if port_name != "[server] port" else server.get("port", 8080)
     database_url = env.get("DATABASE_URL")
     return Settings(
         host=env.get("GATEWAY_HOST") or str(server.get("host", "127.0.0.1")),
-        port=_int("GATEWAY_PORT", port_raw, minimum=0),
+        port=_int(port_name, port_raw, minimum=0),
         database_url=Secret(database_url) if database_url else None,
         data_dir=Path(env.get("GATEWAY_DATA_DIR", ".gateway")),
         db_pool_min=_int("DB_POOL_MIN", env.get("DB_POOL_MIN", 2), minimum=0),

@@ -12,16 +12,16 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, AsyncIterator
 
 import asyncpg
 
 from .config import ModelConfig
 from .providers.base import ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
-from .providers.chain import Chain
+from .providers.chain import Attempt, Chain
 from .sse import FrameEncoder
-from .store.messages import FinishRecord, finish_assistant
+from .store.messages import FinishRecord, finish_assistant, history
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,10 @@ class Turn:
 
 
 class Generation:
-    def __init__(self, turn: Turn, chain: Chain, request: ChatRequest, pool: asyncpg.Pool) -> None:
+    def __init__(self, turn: Turn, chain: Chain, request: ChatRequest, pool: asyncpg.Pool,
+                 with_history: bool = False) -> None:
         self.turn = turn
+        self._with_history = with_history  # an existing thread: the upstream gets the conversation so far
         self.chain = chain
         self.request = request
         self._pool = pool
@@ -95,6 +97,8 @@ class Generation:
         finish_reason = "stop"
         error: ProviderError | None = None
         try:
+            if self._with_history:
+                self.request.messages = await history(self._pool, self.turn.thread_id, self.turn.user_message_id)
             async for event in self.chain.stream(self.request):
                 if type(event) is TextDelta:
                     if not self.frames:
@@ -241,7 +245,7 @@ def replay_frames(message: dict[str, Any]) -> list[bytes]:
         frames.append(encoder.delta(len(frames), content[pos:pos + length]))
         pos += length
     if message["error"] is not None:
-        frames.append(encoder.event(len(frames), "error", message["error"]))
+        frames.append(encoder.event(len(frames), "error", _in_order(message["error"], _ERROR_KEYS)))
         return frames
     prompt, completion = message["prompt_tokens"] or 0, message["completion_tokens"] or 0
     usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -251,5 +255,16 @@ def replay_frames(message: dict[str, Any]) -> list[bytes]:
     frames.append(encoder.event(len(frames), "usage", usage))
     frames.append(encoder.event(len(frames), "done", {"finish_reason": meta.get("finish_reason", "stop"),
                                                       "message_id": message["id"],
-                                                      "attempts": meta.get("attempts", [])}))
+                                                      "attempts": [_in_order(a, _ATTEMPT_KEYS)
+                                                                   for a in meta.get("attempts", [])]}))
     return frames
+
+
+# jsonb keeps object keys sorted (shortest first), not as written: replayed objects get the live
+# stream's key order back, so a replay is byte-identical to what the live listeners received
+_ATTEMPT_KEYS = tuple(f.name for f in fields(Attempt))
+_ERROR_KEYS = ("type", "message", "retryable")
+
+
+def _in_order(obj: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {**{k: obj[k] for k in keys if k in obj}, **obj}

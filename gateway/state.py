@@ -9,10 +9,12 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from .auth import Authenticator
+    from .background import BatchWriter
     from .config import Settings
     from .db import Database
     from .generation import GenerationRegistry
     from .providers.registry import ModelRegistry
+    from .store.usage import UsageRecord
 
 SETTINGS: web.AppKey["Settings"] = web.AppKey("settings")
 DB: web.AppKey["Database"] = web.AppKey("db")
@@ -20,6 +22,7 @@ HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSessi
 MODELS: web.AppKey["ModelRegistry"] = web.AppKey("models")
 AUTH: web.AppKey["Authenticator"] = web.AppKey("auth")
 GENERATIONS: web.AppKey["GenerationRegistry"] = web.AppKey("generations")
+USAGE: web.AppKey["BatchWriter[UsageRecord]"] = web.AppKey("usage")  # batched usage rows (OpenAI route)
 
 # per request
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..auth import Principal
 from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..generation import Generation, Turn, replay_frames
 from ..providers.base import ChatRequest
@@ -17,7 +18,7 @@ from ..router import AUTO, route
 from ..sse import DONE, open_stream, parse_last_event_id
 from ..state import DB, GENERATIONS, MODELS, SETTINGS
 from ..store import messages as message_store
-from .common import caller, json_response, optional, parse_uuid, read_json
+from .common import caller, check_text, json_response, optional, parse_uuid, read_json
 
 MAX_CLIENT_MESSAGE_ID = 200
 # how long a stream waits for a message generating elsewhere (another instance) before giving up
@@ -42,6 +43,7 @@ def parse_chat(body: dict[str, Any], known_model: Any) -> ChatBody:
         raise BadRequest("content must be a string")
     if not content.strip():
         raise BadRequest("content must not be empty")
+    check_text(content, "content")
     thread_id = body.get("thread_id")
     model = optional(body, "model", str, "a model name")
     if model is not None and model != AUTO and not known_model(model):
@@ -67,32 +69,38 @@ def wants_stream(request: web.Request, chat: ChatBody) -> bool:
 async def post_chat(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
-    models = app[MODELS]
-    chat = parse_chat(await read_json(request), models.__contains__)
-    pool = app[DB].pool
+    chat = parse_chat(await read_json(request), app[MODELS].__contains__)
 
-    # persist: after this commit the user's message is never lost
-    turn = await message_store.persist_turn(pool, principal.user_id, chat.content, chat.client_message_id,
-                                            chat.thread_id)
-    if not turn.duplicate:
-        # decide
-        choice = route(chat.model, chat.content, dict(app[SETTINGS].router), models.default)
-        messages = ([{"role": "user", "content": chat.content}] if chat.thread_id is None else
-                    await message_store.history(pool, turn.thread_id, turn.user_message["id"]))
-        # execute: a task the app owns, not this handler
-        app[GENERATIONS].start(Generation(
-            Turn(principal.user_id, principal.api_key_id, turn.thread_id, turn.user_message["id"],
-                 turn.assistant_message_id, choice.category, choice.auto,
-                 {"complexity": choice.complexity} if choice.complexity else {}),
-            Chain(models, models.chain(choice.model)),
-            ChatRequest(messages, max_tokens=chat.max_tokens, temperature=chat.temperature), pool))
-
+    # persist -> decide -> execute, shielded: once the user message is committed, its generation
+    # starts even if this client disconnects in between
+    turn = await asyncio.shield(begin_turn(app, principal, chat))
     # respond
     if not wants_stream(request, chat):
         return json_response({"status": "accepted", "message": turn.user_message, "duplicate": turn.duplicate,
                               "thread_id": turn.thread_id, "assistant_message_id": turn.assistant_message_id},
                              status=202)
     return await stream_message(request, principal.user_id, turn.assistant_message_id, after=-1)
+
+
+async def begin_turn(app: web.Application, principal: Principal, chat: ChatBody) -> message_store.Turn:
+    models, pool = app[MODELS], app[DB].pool
+    # persist: after this commit the user's message is never lost
+    turn = await message_store.persist_turn(pool, principal.user_id, chat.content, chat.client_message_id,
+                                            chat.thread_id)
+    if turn.duplicate:
+        return turn
+    # decide
+    choice = route(chat.model, chat.content, dict(app[SETTINGS].router), models.default)
+    # execute: a task the app owns, not this handler; it reads the thread's history itself
+    app[GENERATIONS].start(Generation(
+        Turn(principal.user_id, principal.api_key_id, turn.thread_id, turn.user_message["id"],
+             turn.assistant_message_id, choice.category, choice.auto,
+             {"complexity": choice.complexity} if choice.complexity else {}),
+        Chain(models, models.chain(choice.model)),
+        ChatRequest([{"role": "user", "content": chat.content}], max_tokens=chat.max_tokens,
+                    temperature=chat.temperature),
+        pool, with_history=chat.thread_id is not None))
+    return turn
 
 
 async def stream_message(request: web.Request, user_id: uuid.UUID, message_id: uuid.UUID,

@@ -50,6 +50,15 @@ def optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what
     if value is not None and (not isinstance(value, kind) or (isinstance(value, bool) and bool not in
                                                                (kind if isinstance(kind, tuple) else (kind,)))):
         raise BadRequest(f"{key} must be {what}")
+    if isinstance(value, str):
+        check_text(value, key)
+    return value
+
+
+def check_text(value: str, key: str) -> str:
+    # PostgreSQL text cannot hold NUL: refuse it here, before anything is written, not as a 500 later
+    if "\x00" in value:
+        raise BadRequest(f"{key} must not contain NUL characters")
     return value
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from datetime import datetime
+from datetime import datetime, timezone
 
 from aiohttp import web
 
@@ -24,8 +24,12 @@ def decode_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
         stamp, _, thread_id = text.partition("|")
-        return datetime.fromisoformat(stamp), uuid.UUID(thread_id)
-    except ValueError:
+        created_at = datetime.fromisoformat(stamp)
+        if created_at.tzinfo is None:  # never issued by us; asyncpg would guess its zone
+            raise ValueError("cursor timestamp without a zone")
+        # in UTC here, so a forged offset at the edge of the calendar fails now, not in asyncpg
+        return created_at.astimezone(timezone.utc), uuid.UUID(thread_id)
+    except (ValueError, OverflowError):
         raise BadRequest("cursor is not valid") from None
 
 
@@ -42,7 +46,9 @@ async def create_thread(request: web.Request) -> web.Response:
 async def list_threads(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     raw_limit = request.query.get("limit", str(PAGE_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= PAGE_MAX:
+    # ASCII digits only and bounded length: int() refuses "²" (which isdigit() allows) and >4300 digits
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= len(str(PAGE_MAX))
+            and 1 <= int(raw_limit) <= PAGE_MAX):
         raise BadRequest(f"limit must be an integer from 1 to {PAGE_MAX}")
     limit = int(raw_limit)
     cursor = request.query.get("cursor")

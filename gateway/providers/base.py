@@ -38,6 +38,13 @@ class TextDelta:
 
 
 @dataclass(slots=True)
+class ToolCallDelta:
+    """OpenAI-style `delta.tool_calls` fragments, passed through as the upstream sent them."""
+
+    calls: list[dict[str, Any]]
+
+
+@dataclass(slots=True)
 class UsageReport:
     prompt_tokens: int
     completion_tokens: int
@@ -48,7 +55,7 @@ class Finish:
     reason: str  # stop | length | tool_calls | content_filter | ...
 
 
-StreamEvent = TextDelta | UsageReport | Finish
+StreamEvent = TextDelta | ToolCallDelta | UsageReport | Finish
 
 
 class Provider(Protocol):

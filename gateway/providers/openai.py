@@ -9,8 +9,8 @@ import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
-from .base import (ChatRequest, Finish, StreamEvent, TextDelta, UpstreamConnectionError, UpstreamHTTPError,
-                   UpstreamProtocolError, UpstreamStreamError, UpstreamTimeout, UsageReport)
+from .base import (ChatRequest, Finish, StreamEvent, TextDelta, ToolCallDelta, UpstreamConnectionError,
+                   UpstreamHTTPError, UpstreamProtocolError, UpstreamStreamError, UpstreamTimeout, UsageReport)
 from .sse_decoder import SSEDecoder
 
 _DONE = b"[DONE]"
@@ -101,19 +101,23 @@ def parse_chunk(event: str, data: bytes) -> list[StreamEvent]:
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise UpstreamProtocolError("upstream sent a chunk that is not JSON") from None
-    if not isinstance(obj, dict):
-        raise UpstreamProtocolError("upstream sent a chunk that is not a JSON object")
-    if event == "error" or obj.get("error"):
-        err = obj.get("error") or obj
+        if event != "error":
+            raise UpstreamProtocolError("upstream sent a chunk that is not JSON") from None
+        obj = data.decode("utf-8", "replace")  # `event: error` reports a failure whatever its data looks like
+    if event == "error" or (isinstance(obj, dict) and obj.get("error")):
+        err = (obj.get("error") or obj) if isinstance(obj, dict) else obj
         message = err.get("message") if isinstance(err, dict) else str(err)
         raise UpstreamStreamError(f"upstream error mid-stream: {message}"[:500])
+    if not isinstance(obj, dict):
+        raise UpstreamProtocolError("upstream sent a chunk that is not a JSON object")
     out: list[StreamEvent] = []
     for choice in obj.get("choices") or ():
         delta = choice.get("delta") or {}
         text = delta.get("content")
         if text:
             out.append(TextDelta(text))
+        if delta.get("tool_calls"):
+            out.append(ToolCallDelta(delta["tool_calls"]))
         if choice.get("finish_reason"):
             out.append(Finish(choice["finish_reason"]))
     usage = obj.get("usage")

@@ -27,7 +27,7 @@ class SSEDecoder:
         self._data: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        if self._skip_lf:
+        if self._skip_lf and chunk:  # an empty read must not forget the pending CR
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]

@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 
 from ..errors import NotFound
+from .usage import USAGE_CTES, UsageRecord
 
 MESSAGE_COLUMNS = """id, thread_id, role, content, status, reply_to, slot, client_message_id, model, provider,
     prompt_tokens, completion_tokens, ttft_ms, latency_ms, error, metadata, created_at, finished_at"""
@@ -114,40 +115,30 @@ class FinishRecord:
     error: dict[str, Any] | None
     metadata: dict[str, Any]
 
+    def usage(self) -> UsageRecord:
+        return UsageRecord(self.message_id, self.user_id, self.api_key_id, self.model, self.provider,
+                           self.prompt_tokens, self.completion_tokens, self.estimated, self.cost_usd)
+
 
 # One statement, so one round trip and atomic: the message (only if still live), its usage row
 # (only if absent), and the daily total (only when the usage row was new). Replaying a finish
 # therefore changes nothing the second time.
 _FINISH = """
 WITH m AS (
-    UPDATE messages SET status = $2, content = $3, model = $4, provider = $5, prompt_tokens = $6,
-        completion_tokens = $7, ttft_ms = $8, latency_ms = $9, error = $10, metadata = metadata || $11,
+    UPDATE messages SET status = $10, content = $11, model = $4, provider = $5, prompt_tokens = $6,
+        completion_tokens = $7, ttft_ms = $12, latency_ms = $13, error = $14, metadata = metadata || $15,
         finished_at = clock_timestamp()
     WHERE id = $1 AND status IN ('pending', 'streaming')
     RETURNING id
-),
-u AS (
-    INSERT INTO usage (message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens,
-                       total_tokens, estimated, cost_usd)
-    VALUES ($1, $12, $13, $4, $5, $6, $7, $6 + $7, $14, $15)
-    ON CONFLICT (message_id) DO NOTHING
-    RETURNING user_id, total_tokens, cost_usd, created_at
-),
-d AS (
-    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd)
-    SELECT user_id, (created_at AT TIME ZONE 'UTC')::date, total_tokens, 1, cost_usd FROM u
-    ON CONFLICT (user_id, day) DO UPDATE SET tokens = d.tokens + EXCLUDED.tokens,
-        requests = d.requests + 1, cost_usd = d.cost_usd + EXCLUDED.cost_usd
-)
+),""" + USAGE_CTES + """
 SELECT (SELECT count(*) FROM m) AS messages, (SELECT count(*) FROM u) AS usage
 """
 
 
 async def finish_assistant(pool: asyncpg.Pool, r: FinishRecord) -> tuple[int, int]:
     """Save a finished reply; returns (message rows, usage rows) written: (0, 0) on a replay."""
-    row = await pool.fetchrow(_FINISH, r.message_id, r.status, r.content, r.model, r.provider, r.prompt_tokens,
-                              r.completion_tokens, r.ttft_ms, r.latency_ms, r.error, r.metadata, r.user_id,
-                              r.api_key_id, r.estimated, r.cost_usd)
+    row = await pool.fetchrow(_FINISH, *r.usage().params(), r.status, r.content, r.ttft_ms, r.latency_ms, r.error,
+                              r.metadata)
     return row["messages"], row["usage"]
 
 

@@ -1,0 +1,288 @@
+"""The OpenAI-compatible front door: `POST /v1/chat/completions` and `GET /v1/models`.
+
+Any OpenAI SDK works by changing `base_url`. Same auth, router, chain and accounting as the
+native API, but stateless like OpenAI's own endpoint: no thread or message rows, and the
+reply belongs to the request — when the client goes, the upstream call is cancelled and the
+usage so far is recorded (through the batched usage writer, off the request path).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import aclosing
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from ..auth import Principal
+from ..errors import GatewayError
+from ..generation import cost_usd
+from ..providers.base import (ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamHTTPError,
+                              UpstreamTimeout, UsageReport, estimate_tokens)
+from ..providers.chain import Chain
+from ..router import AUTO, route
+from ..state import MODELS, SETTINGS, USAGE
+from ..store.usage import UsageRecord
+from .common import caller, read_json
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+# request fields passed through untouched to OpenAI-compatible upstreams
+PASS_THROUGH = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format", "seed", "user",
+                          "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs"})
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
+               "X-Accel-Buffering": "no"}
+
+
+class OpenAIError(GatewayError):
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+    def response(self) -> web.Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return web.Response(body=orjson.dumps(body), status=self.status, content_type="application/json")
+
+
+def provider_error(e: ProviderError) -> OpenAIError:
+    """An upstream failure before any output, as the HTTP status a proxy should give."""
+    if isinstance(e, UpstreamHTTPError) and e.status == 429:
+        return OpenAIError(429, e.message, "rate_limit_error", code="rate_limit_exceeded")
+    if isinstance(e, UpstreamTimeout):
+        return OpenAIError(504, e.message, "timeout_error", code="upstream_timeout")
+    return OpenAIError(502, e.message, "upstream_error", code=e.kind)
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise OpenAIError(400, f"'{key}' must be a number from {low} to {high}", param=key)
+    return value
+
+
+def parse_request(body: dict[str, Any], known_model: Any) -> tuple[str, ChatRequest, bool, bool]:
+    """(model, request, stream, include_usage), or an OpenAIError naming the bad parameter."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise OpenAIError(400, "'model' is required and must be a string", param="model")
+    if model != AUTO and not known_model(model):
+        raise OpenAIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIError(400, "'messages' must be a non-empty array", param="messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise OpenAIError(400, f"messages[{i}] must be an object with a valid 'role'", param=f"messages[{i}]")
+        content = message.get("content")
+        if not (content is None or isinstance(content, (str, list))):
+            raise OpenAIError(400, f"messages[{i}].content must be a string or an array", param=f"messages[{i}]")
+        if isinstance(content, str) and "\x00" in content:
+            raise OpenAIError(400, f"messages[{i}].content must not contain NUL", param=f"messages[{i}]")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise OpenAIError(400, "'stream' must be a boolean", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise OpenAIError(400, "'stream_options' must be an object", param="stream_options")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise OpenAIError(400, "'max_tokens' must be a positive integer", param="max_tokens")
+    stop = body.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and
+                                                           all(isinstance(s, str) for s in stop))):
+        raise OpenAIError(400, "'stop' must be a string or an array of strings", param="stop")
+    if body.get("n", 1) != 1:
+        raise OpenAIError(400, "only n = 1 is supported", param="n")
+    request = ChatRequest(messages, max_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2),
+                          top_p=_number(body, "top_p", 0, 1), stop=stop,
+                          extra={k: v for k, v in body.items() if k in PASS_THROUGH})
+    return model, request, stream, bool(options.get("include_usage"))
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            return message["content"]
+    return ""
+
+
+class ChunkEncoder:
+    """Pre-encoded `chat.completion.chunk` frames: one orjson call per delta, the rest is bytes."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.head = (b'data: {"id":"' + completion_id.encode() + b'","object":"chat.completion.chunk","created":'
+                     + str(created).encode() + b',"model":' + orjson.dumps(model) + b',"choices":')
+        self.tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+
+    def delta(self, delta: bytes, finish_reason: str | None = None) -> bytes:
+        reason = orjson.dumps(finish_reason)
+        return (self.head + b'[{"index":0,"delta":' + delta + b',"logprobs":null,"finish_reason":' + reason
+                + b"}]" + self.tail)
+
+    def content(self, text: str) -> bytes:
+        return self.delta(b'{"content":' + orjson.dumps(text) + b"}")
+
+    def usage(self, usage: UsageReport) -> bytes:
+        total = usage.prompt_tokens + usage.completion_tokens
+        return self.head + b'[],"usage":' + orjson.dumps({"prompt_tokens": usage.prompt_tokens,
+                                                           "completion_tokens": usage.completion_tokens,
+                                                           "total_tokens": total}) + b"}\n\n"
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    try:
+        return await _chat_completions(request)
+    except OpenAIError as e:
+        return e.response()
+    except GatewayError as e:  # auth and body errors, in OpenAI's shape on this route
+        return OpenAIError(e.status, e.message, e.type).response()
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    principal = await caller(request, "chat")
+    app = request.app
+    models = app[MODELS]
+    model_name, chat, stream, include_usage = parse_request(await read_json(request), models.__contains__)
+    choice = route(model_name, last_user_text(chat.messages), dict(app[SETTINGS].router), models.default)
+    chain = Chain(models, models.chain(choice.model))
+    completion_id = uuid.uuid4()
+    reply = _Reply()
+    try:
+        async with aclosing(chain.stream(chat)) as events:
+            if stream:
+                return await _stream(request, events, chain, chat, completion_id, include_usage, reply)
+            return await _complete(events, chain, chat, completion_id, reply)
+    except ProviderError as e:
+        if reply.started:
+            raise  # a streamed failure was already reported in the stream
+        raise provider_error(e) from None
+    finally:
+        _record(app, principal, chain, completion_id, chat, reply)
+
+
+class _Reply:
+    """What went out so far: for the usage record however the request ends."""
+
+    __slots__ = ("parts", "usage", "started")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.usage: UsageReport | None = None
+        self.started = False
+
+
+async def _stream(request: web.Request, events: Any, chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
+                  include_usage: bool, reply: _Reply) -> web.StreamResponse:
+    # nothing is sent until the chain has committed to a model: until then a failure is a clean
+    # HTTP error and the response's "model" names the model that actually answers
+    first = await anext(events)
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    await resp.prepare(request)
+    reply.started = True
+    enc = ChunkEncoder(f"chatcmpl-{completion_id.hex}", int(time.time()), chain.used.name, include_usage)
+    out = [enc.delta(b'{"role":"assistant","content":""}')]
+    finish = "stop"
+    try:
+        event = first
+        while True:
+            kind = type(event)
+            if kind is TextDelta:
+                reply.parts.append(event.text)
+                out.append(enc.content(event.text))
+            elif kind is ToolCallDelta:
+                out.append(enc.delta(b'{"tool_calls":' + orjson.dumps(event.calls) + b"}"))
+            elif kind is Finish:
+                finish = event.reason
+            elif kind is UsageReport:
+                reply.usage = event
+            if out:
+                await resp.write(b"".join(out) if len(out) > 1 else out[0])
+                out.clear()
+            try:
+                event = await anext(events)
+            except StopAsyncIteration:
+                break
+        out.append(enc.delta(b"{}", finish))
+        if include_usage:
+            out.append(enc.usage(reply.usage or estimated_usage(chat, reply)))
+    except ProviderError as e:
+        out.append(b"data: " + orjson.dumps({"error": {"message": e.message, "type": "upstream_error",
+                                                       "param": None, "code": e.kind}}) + b"\n\n")
+    out.append(b"data: [DONE]\n\n")
+    await resp.write(b"".join(out))
+    await resp.write_eof()
+    return resp
+
+
+async def _complete(events: Any, chain: Chain, chat: ChatRequest, completion_id: uuid.UUID, reply: _Reply) -> web.Response:
+    finish, calls = "stop", []
+    async for event in events:
+        kind = type(event)
+        if kind is TextDelta:
+            reply.parts.append(event.text)
+        elif kind is ToolCallDelta:
+            calls.extend(event.calls)
+        elif kind is Finish:
+            finish = event.reason
+        elif kind is UsageReport:
+            reply.usage = event
+    usage = reply.usage or estimated_usage(chat, reply)
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.parts) or None}
+    if calls:
+        message["tool_calls"] = merge_tool_calls(calls)
+    body = {"id": f"chatcmpl-{completion_id.hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": chain.used.name,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                      "total_tokens": usage.prompt_tokens + usage.completion_tokens}}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+def merge_tool_calls(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed tool-call fragments (by index, arguments in pieces) into whole tool calls."""
+    calls: dict[int, dict[str, Any]] = {}
+    for fragment in fragments:
+        call = calls.setdefault(fragment.get("index", 0), {"id": None, "type": "function",
+                                                           "function": {"name": "", "arguments": ""}})
+        call["id"] = fragment.get("id") or call["id"]
+        function = fragment.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
+
+
+def estimated_usage(chat: ChatRequest, reply: _Reply) -> UsageReport:
+    """For upstreams that report no usage (or a reply cut short): counted from the text."""
+    prompt = sum(estimate_tokens(m["content"]) for m in chat.messages if isinstance(m.get("content"), str))
+    return UsageReport(prompt, estimate_tokens("".join(reply.parts)))
+
+
+def _record(app: web.Application, principal: Principal, chain: Chain, completion_id: uuid.UUID,
+            chat: ChatRequest, reply: _Reply) -> None:
+    """Queue the usage of this completion, whatever happened: exactly one record per completion."""
+    usage, estimated = reply.usage, reply.usage is None
+    if usage is None:
+        if not reply.started and not reply.parts:
+            return  # nothing reached the client and no upstream reported use: nothing to count
+        usage = estimated_usage(chat, reply)
+    model = chain.used
+    app[USAGE].add(UsageRecord(completion_id, principal.user_id, principal.api_key_id, model.name, model.provider,
+                               usage.prompt_tokens, usage.completion_tokens, estimated, cost_usd(model, usage)))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    try:
+        await caller(request)
+    except GatewayError as e:
+        return OpenAIError(e.status, e.message, e.type).response()
+    models = request.app[MODELS]
+    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider}
+            for m in models.models.values() if m.enabled]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+

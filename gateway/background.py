@@ -1,0 +1,84 @@
+"""Writes that can wait, batched off the request path.
+
+A `BatchWriter` takes items without blocking (`add`), and one task flushes them in batches:
+as soon as a batch fills, or `interval_s` after the first waiting item. A failed flush is
+retried with backoff, keeping the items; `close` drains what is left. The queue is bounded:
+past `max_queue` an item is dropped and counted, never allowed to grow memory without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class BatchWriter(Generic[T]):
+    def __init__(self, name: str, flush: Callable[[list[T]], Awaitable[None]], *, max_batch: int = 500,
+                 interval_s: float = 0.05, max_queue: int = 100_000, max_backoff_s: float = 5.0) -> None:
+        self.name = name
+        self._flush = flush
+        self._max_batch = max_batch
+        self._interval = interval_s
+        self._max_queue = max_queue
+        self._max_backoff = max_backoff_s
+        self._items: list[T] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.dropped = 0
+        self.written = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._items)
+
+    def add(self, item: T) -> None:
+        if len(self._items) >= self._max_queue:
+            self.dropped += 1
+            log.error("%s queue full: dropped an item (%d so far)", self.name, self.dropped)
+            return
+        self._items.append(item)
+        if len(self._items) == 1 or len(self._items) >= self._max_batch:
+            self._wakeup.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batch-writer:{self.name}")
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Flush everything queued (bounded by timeout_s), then stop."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout_s)
+            except asyncio.TimeoutError:
+                log.error("%s: %d items not written at shutdown", self.name, len(self._items))
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            if not self._items:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if len(self._items) < self._max_batch and not self._closing:
+                await asyncio.sleep(self._interval)  # let a batch gather
+            batch = self._items[:self._max_batch]
+            try:
+                await self._flush(batch)
+            except Exception as e:  # the database blinked: keep the items and try again
+                log.warning("%s: flush of %d failed (%s), retrying in %.1fs", self.name, len(batch),
+                            type(e).__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+                continue
+            backoff = 0.1
+            del self._items[:len(batch)]
+            self.written += len(batch)

@@ -1,0 +1,51 @@
+"""SQL for usage: one row per reply (primary key = the reply's id) and the running daily totals."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import asyncpg
+
+# Two CTEs shared by every writer of usage, parameters $1..$9 in UsageRecord order. The usage
+# row is inserted only if absent, and the daily total moves only when it was: replaying the
+# same record changes nothing.
+USAGE_CTES = """
+u AS (
+    INSERT INTO usage (message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens,
+                       total_tokens, estimated, cost_usd)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $6::integer + $7::integer, $8, $9)
+    ON CONFLICT (message_id) DO NOTHING
+    RETURNING user_id, total_tokens, cost_usd, created_at
+),
+d AS (
+    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd)
+    SELECT user_id, (created_at AT TIME ZONE 'UTC')::date, total_tokens, 1, cost_usd FROM u
+    ON CONFLICT (user_id, day) DO UPDATE SET tokens = d.tokens + EXCLUDED.tokens,
+        requests = d.requests + 1, cost_usd = d.cost_usd + EXCLUDED.cost_usd
+)"""
+
+_RECORD = "WITH " + USAGE_CTES + "\nSELECT (SELECT count(*) FROM u) AS usage"
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    message_id: uuid.UUID  # the reply's id: an assistant message, or an OpenAI-route completion
+    user_id: uuid.UUID
+    api_key_id: uuid.UUID | None
+    model: str
+    provider: str
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+    cost_usd: float
+
+    def params(self) -> tuple[object, ...]:
+        return (self.message_id, self.user_id, self.api_key_id, self.model, self.provider, self.prompt_tokens,
+                self.completion_tokens, self.estimated, self.cost_usd)
+
+
+async def record_usage_many(pool: asyncpg.Pool, records: list[UsageRecord]) -> None:
+    """A batch in one transaction, pipelined (asyncpg executemany): one round trip for many rows."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.executemany(_RECORD, [r.params() for r in records])
