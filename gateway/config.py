@@ -93,6 +93,8 @@ class Settings:
     sse_ping_s: float = 15.0
     sse_retry_ms: int = 3000
     shutdown_grace_s: float = 10.0
+    circuit_failures: int = 5
+    circuit_cooldown_s: float = 30.0
     log_level: str = "INFO"
     # models
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
@@ -309,6 +311,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         max_body_bytes=_int("MAX_BODY_BYTES", env.get("MAX_BODY_BYTES", 1 << 20), minimum=1024),
         sse_ping_s=_float("SSE_PING_S", env.get("SSE_PING_S", 15), minimum=0.01),
         shutdown_grace_s=_float("SHUTDOWN_GRACE_S", env.get("SHUTDOWN_GRACE_S", 10)),
+        circuit_failures=_int("CIRCUIT_FAILURES", env.get("CIRCUIT_FAILURES", 5), minimum=1),
+        circuit_cooldown_s=_float("CIRCUIT_COOLDOWN_S", env.get("CIRCUIT_COOLDOWN_S", 30)),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
         providers=providers,
         models=models,

@@ -455,7 +455,7 @@ async def test_chain_idle_timeout_after_the_first_content_is_final(upstream, ups
 
 async def test_chain_raises_the_last_error_when_every_link_fails(upstream, upstream_b, registry):
     upstream.queue(Reply(status=500, body=ERROR_BODY))
-    upstream_b.queue(Reply(status=429, body=b"{}", headers={"Retry-After": "1"}))
+    upstream_b.queue(Reply(status=429, body=b"{}", headers={"Retry-After": "1000"}))
     models = registry(chain_toml(upstream.base_url, upstream_b.base_url))
     chain = Chain(models, models.chain("primary"))
     events, error = await collect(chain.stream(ChatRequest(PROMPT)))

@@ -2,7 +2,9 @@
 
 Per attempt: connect and idle timeouts live in the adapter's HTTP client; the chain bounds
 the first token and the whole attempt. Before the first content byte, a retryable failure
-moves on to the next link; after it, the failure is final (the client already has text).
+(429, 5xx, timeout, connection error) moves on to the next link; after it, the failure is
+final (the client already has text). A 429 on the last link is retried once after its
+Retry-After when that fits in the budget. Models whose circuit is open are skipped.
 """
 
 from __future__ import annotations
@@ -52,11 +54,21 @@ class Chain:
         return self.models[0].name if self.used is not self.models[0] else None
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        circuits = self.registry.circuits
+        loop = asyncio.get_running_loop()
+        budget_end = loop.time() + self.models[0].timeout_s  # bounds waits on Retry-After
         last_error: ProviderError | None = None
-        for model in self.models:
+        links = list(self.models)
+        retried: set[str] = set()
+        while links:
+            model = links.pop(0)
+            if not circuits.allow(model.name):
+                self._record(model, "circuit_open", time.monotonic())
+                last_error = last_error or ProviderError(f"model {model.name} is unavailable (circuit open)")
+                continue
             provider = self.registry.provider(model)
             started = time.monotonic()
-            deadline = asyncio.get_running_loop().time() + model.timeout_s
+            deadline = loop.time() + model.timeout_s
             events = aiter(provider.stream(model, request))
             try:
                 # wait for the first content (usage or finish alone also commit: an empty reply)
@@ -72,8 +84,20 @@ class Chain:
                 log.warning("model %s failed before its first token: %s", model.name, e.message)
                 last_error = e
                 if not e.retryable:
+                    circuits.release(model.name)  # our request's fault, not the model's
                     break
+                circuits.failure(model.name)
+                wait = getattr(e, "retry_after", None)
+                if not links and wait is not None and model.name not in retried and loop.time() + wait < budget_end:
+                    # the last link asked us to come back shortly: within the budget, do so once
+                    retried.add(model.name)
+                    await asyncio.sleep(wait)
+                    links.append(model)
                 continue
+            except BaseException:
+                circuits.release(model.name)
+                await events.aclose()
+                raise
             self.model = model
             try:
                 yield first
@@ -82,16 +106,20 @@ class Chain:
                         yield event
             except TimeoutError:
                 self._record(model, "upstream_timeout", started)
+                circuits.failure(model.name)
                 raise UpstreamTimeout("total") from None
             except ProviderError as e:
                 self._record(model, e.kind, started)
+                circuits.failure(model.name)
                 raise
             except BaseException:
                 self._record(model, "cancelled", started)
+                circuits.release(model.name)
                 raise
             finally:
                 await events.aclose()
             self._record(model, "ok", started)
+            circuits.success(model.name)
             return
         assert last_error is not None
         raise last_error

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import aiohttp
 import asyncpg
 
@@ -9,14 +11,20 @@ from ..config import ModelConfig, Settings
 from ..errors import ConfigError
 from .anthropic import AnthropicProvider
 from .base import Provider
+from .circuit import CircuitBreakers
 from .demo import DemoProvider
 from .openai import OpenAIProvider
+
+
+class NotEnoughModels(Exception):
+    """Fewer than two models can be drawn."""
 
 
 class ModelRegistry:
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self.models: dict[str, ModelConfig] = dict(settings.models)
         self.default = settings.default_model
+        self.circuits = CircuitBreakers(settings.circuit_failures, settings.circuit_cooldown_s)
         self.providers: dict[str, Provider] = {}
         for name, config in settings.providers.items():
             if config.kind == "demo":
@@ -39,6 +47,19 @@ class ModelRegistry:
             if model.enabled and model not in order:
                 order.append(model)
         return order or [self.models[name]]
+
+    def draw_pair(self, rng: random.Random | None = None) -> tuple[ModelConfig, ModelConfig]:
+        """Two distinct enabled models, drawn at random in proportion to their weights, skipping
+        models whose circuit is open (the arena's default pairing)."""
+        rng = rng or random
+        pool = [m for m in self.models.values()
+                if m.enabled and m.weight > 0 and self.circuits.available(m.name)]
+        if len(pool) < 2:
+            raise NotEnoughModels(f"need two available models, have {len(pool)}")
+        first = rng.choices(pool, weights=[m.weight for m in pool])[0]
+        rest = [m for m in pool if m is not first]
+        second = rng.choices(rest, weights=[m.weight for m in rest])[0]
+        return first, second
 
     def provider(self, model: ModelConfig) -> Provider:
         return self.providers[model.provider]

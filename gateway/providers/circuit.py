@@ -1,0 +1,73 @@
+"""Circuit breakers, one per model: stop sending traffic to a model that keeps failing.
+
+closed --N consecutive failures--> open --cool-down passed--> half-open (one probe allowed)
+half-open --probe succeeds--> closed;  half-open --probe fails--> open again
+
+The state is in-process (each instance learns on its own) and readable by other features:
+random arena draws skip models whose circuit is open.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(slots=True)
+class _State:
+    failures: int = 0
+    opened_at: float | None = None
+    probing: bool = False
+
+
+class CircuitBreakers:
+    def __init__(self, failure_threshold: int = 5, cooldown_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._states: dict[str, _State] = {}
+
+    def state(self, model: str) -> str:
+        """closed | open | half_open (open, but the cool-down has passed: a probe may go)."""
+        s = self._states.get(model)
+        if s is None or s.opened_at is None:
+            return "closed"
+        if self._clock() - s.opened_at >= self.cooldown_s:
+            return "half_open"
+        return "open"
+
+    def available(self, model: str) -> bool:
+        """Whether a request to this model could be let through now (without claiming the probe)."""
+        s = self._states.get(model)
+        return self.state(model) == "closed" or (self.state(model) == "half_open" and not (s and s.probing))
+
+    def allow(self, model: str) -> bool:
+        """Claim a request slot: always when closed; the single probe when half-open."""
+        state = self.state(model)
+        if state == "closed":
+            return True
+        if state == "open":
+            return False
+        s = self._states[model]
+        if s.probing:
+            return False
+        s.probing = True
+        return True
+
+    def success(self, model: str) -> None:
+        self._states.pop(model, None)
+
+    def failure(self, model: str) -> None:
+        s = self._states.setdefault(model, _State())
+        s.failures += 1
+        if s.probing or s.failures >= self.failure_threshold:
+            s.opened_at = self._clock()
+            s.probing = False
+
+    def release(self, model: str) -> None:
+        """A claimed probe that ended neither way (cancelled): let the next request probe."""
+        s = self._states.get(model)
+        if s is not None:
+            s.probing = False
