@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Any, AsyncIterator
 
@@ -43,6 +44,42 @@ class Turn:
     extra_metadata: dict[str, Any] = field(default_factory=dict)
 
 
+class EventLog:
+    """A generation's events by seq, in bounded memory.
+
+    The newest frames are kept as bytes for the live listeners; older delta frames are
+    re-encoded on demand from the reply's text chunks (kept anyway, for the final save), so a
+    long reply costs its text, not a list of every frame it ever sent.
+    """
+
+    RECENT = 128
+
+    def __init__(self, encoder: FrameEncoder, parts: list[str]) -> None:
+        self._encoder = encoder
+        self._parts = parts
+        self._recent: deque[bytes] = deque(maxlen=self.RECENT)
+        self._metadata = b""
+        self.count = 0  # events so far; the next one gets this seq
+
+    def append(self, frame: bytes) -> None:
+        if self.count == 0:
+            self._metadata = frame
+        self._recent.append(frame)
+        self.count += 1
+
+    def between(self, start: int, end: int) -> list[bytes]:
+        """Frames with seq in [start, end)."""
+        first_recent = self.count - len(self._recent)
+        out = [self._old(seq) for seq in range(start, min(end, first_recent))]
+        out.extend(self._recent[seq - first_recent] for seq in range(max(start, first_recent), end))
+        return out
+
+    def _old(self, seq: int) -> bytes:
+        # only metadata (seq 0) and deltas (1..n) can have left the recent window: the closing
+        # usage/done/error frames are always the newest
+        return self._metadata if seq == 0 else self._encoder.delta(seq, self._parts[seq - 1])
+
+
 class Generation:
     def __init__(self, turn: Turn, chain: Chain, request: ChatRequest, pool: asyncpg.Pool,
                  with_history: bool = False) -> None:
@@ -51,13 +88,13 @@ class Generation:
         self.chain = chain
         self.request = request
         self._pool = pool
-        self.frames: list[bytes] = []
-        self.parts: list[str] = []
+        self.parts: list[str] = []  # the reply's text chunks: delta seq k is parts[k - 1]
+        self._encoder = FrameEncoder(str(turn.message_id))
+        self.log = EventLog(self._encoder, self.parts)
         self.finished = False
         self.status = "streaming"
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
-        self._encoder = FrameEncoder(str(turn.message_id))
         self._cancel_status = "interrupted"  # what a cancellation is saved as
         self._started = time.monotonic()
         self._ttft_ms: int | None = None
@@ -65,22 +102,21 @@ class Generation:
 
     # -- listeners ---------------------------------------------------------------------------
 
-    async def follow(self, after: int = -1) -> AsyncIterator[bytes]:
-        """The frames after seq `after`, joined per wake-up, until the generation has finished."""
+    async def follow(self, after: int = -1) -> AsyncIterator[list[bytes]]:
+        """The frames after seq `after`, a batch per wake-up, until the generation has finished."""
         pos = after + 1
         while True:
-            frames = self.frames
-            if pos < len(frames):
-                end = len(frames)
-                yield frames[pos] if end - pos == 1 else b"".join(frames[pos:end])
-                pos = end
+            if pos < self.log.count:
+                batch = self.log.between(pos, self.log.count)
+                pos += len(batch)
+                yield batch
             elif self.finished:
                 return
             else:
                 await self._changed.wait()
 
     def _emit(self, frame: bytes) -> None:
-        self.frames.append(frame)
+        self.log.append(frame)
         self._changed.set()
         self._changed.clear()  # waiters already woken keep their wake-up; new ones wait again
 
@@ -101,11 +137,11 @@ class Generation:
                 self.request.messages = await history(self._pool, self.turn.thread_id, self.turn.user_message_id)
             async for event in self.chain.stream(self.request):
                 if type(event) is TextDelta:
-                    if not self.frames:
+                    if not self.log.count:
                         self._ttft_ms = round((time.monotonic() - self._started) * 1000)
                         self._emit(self._encoder.event(0, "metadata", self.metadata()))
                     self.parts.append(event.text)
-                    self._emit(self._encoder.delta(len(self.frames), event.text))
+                    self._emit(self._encoder.delta(self.log.count, event.text))
                 elif type(event) is UsageReport:
                     usage = event
                 elif type(event) is Finish:
@@ -134,7 +170,7 @@ class Generation:
     async def _finish(self, usage: UsageReport | None, finish_reason: str, error: ProviderError | None) -> None:
         content = "".join(self.parts)
         model = self.chain.used
-        if not self.frames:
+        if not self.log.count:
             self._emit(self._encoder.event(0, "metadata", self.metadata()))
         estimated = usage is None
         if usage is None:
@@ -156,7 +192,7 @@ class Generation:
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})
         await self._save(record)
-        seq = len(self.frames)
+        seq = self.log.count
         if error is not None:
             self._emit(self._encoder.event(seq, "error", error_json))
         else:

@@ -117,8 +117,8 @@ async def stream_message(request: web.Request, user_id: uuid.UUID, message_id: u
     resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
     try:
         if generation is not None:
-            async for chunk in generation.follow(after):
-                await resp.write(chunk)
+            async for frames in generation.follow(after):
+                await resp.write(frames[0] if len(frames) == 1 else b"".join(frames))
         else:
             await resp.write(b"".join(frames))
         await resp.write(DONE)
