@@ -14,12 +14,15 @@ from .background import BatchWriter
 from .config import Settings
 from .db import migrate, open_database
 from .generation import GenerationRegistry
+from .instance import Instance
+from .journal import FinishJournal
 from .jwt_auth import JwtVerifier
 from .middleware import Cors, add_request_id, errors
 from .providers.registry import ModelRegistry
-from .state import AUTH, DB, GENERATIONS, HTTP, MODELS, SETTINGS, USAGE
+from .state import AUTH, DB, GENERATIONS, HTTP, INSTANCE, MODELS, SETTINGS, STREAM_TOKENS, USAGE
 from .store.keys import bootstrap_admin_key
 from .store.usage import UsageRecord, record_usage_many
+from .stream_tokens import StreamTokens, load_signing_key
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +59,36 @@ def announce_admin_key(settings: Settings, key: str) -> None:
 
 
 async def services(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
+    settings, db = app[SETTINGS], app[DB]
+    pool = db.pool
     models = ModelRegistry(settings, app[HTTP])
-    await models.sync(app[DB].pool)
+    await models.sync(pool)
     app[MODELS] = models
     jwt = JwtVerifier(settings, app[HTTP]) if settings.jwt_enabled else None
-    app[AUTH] = Authenticator(settings, app[DB].pool, jwt)
-    generations = GenerationRegistry(settings.shutdown_grace_s)
+    app[AUTH] = Authenticator(settings, pool, jwt)
+    app[STREAM_TOKENS] = StreamTokens(await load_signing_key(pool), settings.stream_token_ttl_s)
+    journal = FinishJournal(settings.data_dir / "journal")
+    generations = GenerationRegistry(pool, journal, settings.shutdown_grace_s, settings.finish_retry_s)
     app[GENERATIONS] = generations
-    pool = app[DB].pool
+    instance = Instance(db.url, pool, journal, generations.cancel, settings.sweep_s)
+    app[INSTANCE] = instance
     usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch))
     app[USAGE] = usage
+    await instance.start()  # also interrupts what crashed instances left live, replays the journal
     usage.start()
-    yield
-    # before the database closes: running replies finish (or are interrupted) and are saved
-    await generations.close()
-    await usage.close()
+    try:
+        yield
+    finally:
+        await generations.close()  # normally already done in on_shutdown
+        await usage.close()
+        await instance.close()
+
+
+async def finish_generations(app: web.Application) -> None:
+    """On shutdown, before open streams are cut: running replies get the grace period to finish,
+    then the rest are interrupted and saved, and their listeners get a final event."""
+    if GENERATIONS in app:
+        await app[GENERATIONS].close()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -79,6 +96,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[errors, cors.preflight], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app.cleanup_ctx.extend([http_client, database, services])
+    app.on_shutdown.append(finish_generations)
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(cors.on_prepare)
 
@@ -86,6 +104,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_post("/api/chat", chat.post_chat)
     r.add_get("/api/messages/{message_id}", chat.get_message)
     r.add_get("/api/messages/{message_id}/stream", chat.get_message_stream)
+    r.add_post("/api/messages/{message_id}/cancel", chat.cancel_message)
     r.add_post("/api/threads", threads.create_thread)
     r.add_post("/v1/chat/sessions", threads.create_thread)
     r.add_get("/api/threads", threads.list_threads)

@@ -94,6 +94,9 @@ class Settings:
     sse_retry_ms: int = 3000
     shutdown_grace_s: float = 10.0
     circuit_failures: int = 5
+    finish_retry_s: float = 30.0
+    sweep_s: float = 15.0
+    stream_token_ttl_s: float = 600.0
     circuit_cooldown_s: float = 30.0
     log_level: str = "INFO"
     # models
@@ -311,6 +314,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
         max_body_bytes=_int("MAX_BODY_BYTES", env.get("MAX_BODY_BYTES", 1 << 20), minimum=1024),
         sse_ping_s=_float("SSE_PING_S", env.get("SSE_PING_S", 15), minimum=0.01),
         shutdown_grace_s=_float("SHUTDOWN_GRACE_S", env.get("SHUTDOWN_GRACE_S", 10)),
+        finish_retry_s=_float("FINISH_RETRY_S", env.get("FINISH_RETRY_S", 30)),
+        sweep_s=_float("SWEEP_S", env.get("SWEEP_S", 15), minimum=0.05),
+        stream_token_ttl_s=_float("STREAM_TOKEN_TTL_S", env.get("STREAM_TOKEN_TTL_S", 600), minimum=1),
         circuit_failures=_int("CIRCUIT_FAILURES", env.get("CIRCUIT_FAILURES", 5), minimum=1),
         circuit_cooldown_s=_float("CIRCUIT_COOLDOWN_S", env.get("CIRCUIT_COOLDOWN_S", 30)),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),

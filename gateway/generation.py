@@ -14,20 +14,18 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field, fields
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
 from .config import ModelConfig
+from .journal import FinishJournal
 from .providers.base import ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
 from .providers.chain import Attempt, Chain
 from .sse import FrameEncoder
 from .store.messages import FinishRecord, finish_assistant, history
 
 log = logging.getLogger(__name__)
-
-# the finish write retries this long before giving up on a database that is away
-FINISH_RETRY_S = 30.0
 
 
 @dataclass(slots=True)
@@ -82,12 +80,13 @@ class EventLog:
 
 class Generation:
     def __init__(self, turn: Turn, chain: Chain, request: ChatRequest, pool: asyncpg.Pool,
-                 with_history: bool = False) -> None:
+                 save: Callable[[FinishRecord], Awaitable[None]], with_history: bool = False) -> None:
         self.turn = turn
         self._with_history = with_history  # an existing thread: the upstream gets the conversation so far
         self.chain = chain
         self.request = request
         self._pool = pool
+        self._save = save
         self.parts: list[str] = []  # the reply's text chunks: delta seq k is parts[k - 1]
         self._encoder = FrameEncoder(str(turn.message_id))
         self.log = EventLog(self._encoder, self.parts)
@@ -208,23 +207,6 @@ class Generation:
         self.finished = True
         self._changed.set()
 
-    async def _save(self, record: FinishRecord) -> None:
-        """The one finish write, retried with backoff while the database is away."""
-        delay, deadline = 0.1, time.monotonic() + FINISH_RETRY_S
-        while True:
-            try:
-                await finish_assistant(self._pool, record)
-                return
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                    asyncpg.CannotConnectNowError) as e:
-                if time.monotonic() >= deadline:
-                    log.error("could not save message %s: %s", record.message_id, type(e).__name__)
-                    return
-                log.warning("finish write for %s failed (%s), retrying", record.message_id, type(e).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-
 def metadata_json(thread_id: uuid.UUID, user_message_id: uuid.UUID, message_id: uuid.UUID, model: str,
                   provider: str, category: str | None, auto: bool, fallback_from: str | None) -> dict[str, Any]:
     """The `metadata` event's data, live or replayed: one builder so both are byte-identical."""
@@ -238,11 +220,39 @@ def cost_usd(model: ModelConfig, usage: UsageReport) -> float:
 
 
 class GenerationRegistry:
-    """The live generations of this process, by assistant message id."""
+    """The live generations of this process, by assistant message id, and their finish write."""
 
-    def __init__(self, shutdown_grace_s: float = 10.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, journal: FinishJournal, shutdown_grace_s: float = 10.0,
+                 finish_retry_s: float = 30.0) -> None:
         self.live: dict[uuid.UUID, Generation] = {}
+        self._pool = pool
+        self._journal = journal
         self._grace = shutdown_grace_s
+        self._finish_retry_s = finish_retry_s
+
+    async def save(self, record: FinishRecord) -> None:
+        """The one finish write: retried with backoff while the database is away, then journaled
+        to local disk (replayed at start and when the database is back)."""
+        delay, deadline = 0.1, time.monotonic() + self._finish_retry_s
+        while True:
+            try:
+                await finish_assistant(self._pool, record)
+                return
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    asyncpg.CannotConnectNowError, asyncio.TimeoutError) as e:
+                if time.monotonic() >= deadline:
+                    await self._journal.append(record)
+                    return
+                log.warning("finish write for %s failed (%s), retrying", record.message_id, type(e).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def cancel(self, message_id: uuid.UUID) -> bool:
+        generation = self.live.get(message_id)
+        if generation is None:
+            return False
+        generation.cancel("cancelled")
+        return True
 
     def get(self, message_id: uuid.UUID) -> Generation | None:
         return self.live.get(message_id)
@@ -258,7 +268,8 @@ class GenerationRegistry:
         return generation
 
     async def close(self) -> None:
-        """Let running generations finish within the grace period, then interrupt the rest."""
+        """Let running generations finish within the grace period, then interrupt the rest
+        (saved as interrupted with their partial content). Safe to call twice."""
         tasks = [g.task for g in self.live.values() if g.task is not None]
         if not tasks:
             return

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from .config import Settings
     from .db import Database
     from .generation import GenerationRegistry
+    from .instance import Instance
+    from .stream_tokens import StreamTokens
     from .providers.registry import ModelRegistry
     from .store.usage import UsageRecord
 
@@ -22,6 +24,8 @@ HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSessi
 MODELS: web.AppKey["ModelRegistry"] = web.AppKey("models")
 AUTH: web.AppKey["Authenticator"] = web.AppKey("auth")
 GENERATIONS: web.AppKey["GenerationRegistry"] = web.AppKey("generations")
+INSTANCE: web.AppKey["Instance"] = web.AppKey("instance")
+STREAM_TOKENS: web.AppKey["StreamTokens"] = web.AppKey("stream_tokens")
 USAGE: web.AppKey["BatchWriter[UsageRecord]"] = web.AppKey("usage")  # batched usage rows (OpenAI route)
 
 # per request

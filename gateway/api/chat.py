@@ -16,7 +16,7 @@ from ..providers.base import ChatRequest
 from ..providers.chain import Chain
 from ..router import AUTO, route
 from ..sse import DONE, open_stream, parse_last_event_id
-from ..state import DB, GENERATIONS, MODELS, SETTINGS
+from ..state import DB, GENERATIONS, INSTANCE, MODELS, SETTINGS, STREAM_TOKENS, USER_ID
 from ..store import messages as message_store
 from .common import caller, check_text, json_response, optional, parse_uuid, read_json
 
@@ -77,7 +77,8 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
     # respond
     if not wants_stream(request, chat):
         return json_response({"status": "accepted", "message": turn.user_message, "duplicate": turn.duplicate,
-                              "thread_id": turn.thread_id, "assistant_message_id": turn.assistant_message_id},
+                              "thread_id": turn.thread_id, "assistant_message_id": turn.assistant_message_id,
+                              "stream_url": stream_url(app, principal.user_id, turn.assistant_message_id)},
                              status=202)
     return await stream_message(request, principal.user_id, turn.assistant_message_id, after=-1)
 
@@ -86,21 +87,28 @@ async def begin_turn(app: web.Application, principal: Principal, chat: ChatBody)
     models, pool = app[MODELS], app[DB].pool
     # persist: after this commit the user's message is never lost
     turn = await message_store.persist_turn(pool, principal.user_id, chat.content, chat.client_message_id,
-                                            chat.thread_id)
+                                            chat.thread_id, app[INSTANCE].id)
     if turn.duplicate:
         return turn
     # decide
     choice = route(chat.model, chat.content, dict(app[SETTINGS].router), models.default)
     # execute: a task the app owns, not this handler; it reads the thread's history itself
-    app[GENERATIONS].start(Generation(
+    generations = app[GENERATIONS]
+    generations.start(Generation(
         Turn(principal.user_id, principal.api_key_id, turn.thread_id, turn.user_message["id"],
              turn.assistant_message_id, choice.category, choice.auto,
              {"complexity": choice.complexity} if choice.complexity else {}),
         Chain(models, models.chain(choice.model)),
         ChatRequest([{"role": "user", "content": chat.content}], max_tokens=chat.max_tokens,
                     temperature=chat.temperature),
-        pool, with_history=chat.thread_id is not None))
+        pool, generations.save, with_history=chat.thread_id is not None))
     return turn
+
+
+def stream_url(app: web.Application, user_id: uuid.UUID, message_id: uuid.UUID) -> str:
+    """Where an EventSource (which cannot send headers) follows the reply: a token in the URL,
+    bound to this user and message, short-lived, and redacted from the access log."""
+    return f"/api/messages/{message_id}/stream?token={app[STREAM_TOKENS].issue(user_id, message_id)}"
 
 
 async def stream_message(request: web.Request, user_id: uuid.UUID, message_id: uuid.UUID,
@@ -156,10 +164,37 @@ async def live_or_finished(request: web.Request, user_id: uuid.UUID,
 
 
 async def get_message_stream(request: web.Request) -> web.StreamResponse:
-    principal = await caller(request, "chat")
     message_id = parse_uuid(request.match_info["message_id"], "message id")
+    token = request.query.get("token")
+    if token is not None:
+        user_id = request.app[STREAM_TOKENS].verify(token, message_id)
+        request[USER_ID] = str(user_id)
+    else:
+        user_id = (await caller(request, "chat")).user_id
     raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
-    return await stream_message(request, principal.user_id, message_id, parse_last_event_id(raw, str(message_id)))
+    return await stream_message(request, user_id, message_id, parse_last_event_id(raw, str(message_id)))
+
+
+async def cancel_message(request: web.Request) -> web.Response:
+    """Stop but finish: the upstream stops, the partial reply is saved as cancelled with the usage
+    consumed, and every listener gets usage, done (finish_reason "cancelled") and [DONE]."""
+    principal = await caller(request, "chat")
+    app = request.app
+    message_id = parse_uuid(request.match_info["message_id"], "message id")
+    message = await message_store.get_message(app[DB].pool, principal.user_id, message_id)
+    if message["role"] != "assistant":
+        raise NotFound("message not found")
+    generation = app[GENERATIONS].get(message_id)
+    if generation is not None:
+        generation.cancel("cancelled")
+        if generation.task is not None:
+            await asyncio.shield(generation.task)  # returns once the partial reply is saved
+    elif message["status"] in ("pending", "streaming"):
+        # generating on another instance: ask it (LISTEN/NOTIFY), then wait for the saved row
+        await app[INSTANCE].notify_cancel(message_id)
+        _, message = await live_or_finished(request, principal.user_id, message_id)
+        return json_response(message)
+    return json_response(await message_store.get_message(app[DB].pool, principal.user_id, message_id))
 
 
 async def get_message(request: web.Request) -> web.Response:

@@ -37,8 +37,8 @@ u AS (
     RETURNING {columns}
 ),
 a AS (
-    INSERT INTO messages (thread_id, user_id, role, status, reply_to)
-    SELECT u.thread_id, $1, 'assistant', 'streaming', u.id FROM u
+    INSERT INTO messages (thread_id, user_id, role, status, reply_to, instance_id)
+    SELECT u.thread_id, $1, 'assistant', 'streaming', u.id, $5 FROM u
     RETURNING id
 )
 SELECT u.*, a.id AS assistant_id FROM u, a
@@ -68,15 +68,16 @@ def _turn(row: asyncpg.Record, duplicate: bool) -> Turn:
 
 
 async def persist_turn(pool: asyncpg.Pool, user_id: uuid.UUID, content: str, client_message_id: str | None,
-                       thread_id: uuid.UUID | None) -> Turn:
+                       thread_id: uuid.UUID | None, instance_id: uuid.UUID) -> Turn:
     async with pool.acquire() as conn:
         try:
             async with conn.transaction():
                 if thread_id is None:
                     row = await conn.fetchrow(_TURN_NEW_THREAD, user_id, content, client_message_id,
-                                              thread_title(content))
+                                              thread_title(content), instance_id)
                 else:
-                    row = await conn.fetchrow(_TURN_IN_THREAD, user_id, content, client_message_id, thread_id)
+                    row = await conn.fetchrow(_TURN_IN_THREAD, user_id, content, client_message_id, thread_id,
+                                              instance_id)
                 if row is None:
                     raise _NothingInserted
             return _turn(row, duplicate=False)
@@ -120,15 +121,16 @@ class FinishRecord:
                            self.prompt_tokens, self.completion_tokens, self.estimated, self.cost_usd)
 
 
-# One statement, so one round trip and atomic: the message (only if still live), its usage row
-# (only if absent), and the daily total (only when the usage row was new). Replaying a finish
-# therefore changes nothing the second time.
+# One statement, so one round trip and atomic: the message (only if still live, or marked
+# interrupted by a peer's sweep while its owner was merely cut off), its usage row (only if
+# absent), and the daily total (only when the usage row was new). Replaying a finish therefore
+# changes nothing the second time.
 _FINISH = """
 WITH m AS (
     UPDATE messages SET status = $10, content = $11, model = $4, provider = $5, prompt_tokens = $6,
-        completion_tokens = $7, ttft_ms = $12, latency_ms = $13, error = $14, metadata = metadata || $15,
-        finished_at = clock_timestamp()
-    WHERE id = $1 AND status IN ('pending', 'streaming')
+        completion_tokens = $7, ttft_ms = $12, latency_ms = $13, error = $14,
+        metadata = (metadata - 'swept') || $15, finished_at = clock_timestamp()
+    WHERE id = $1 AND (status IN ('pending', 'streaming') OR (status = 'interrupted' AND metadata ? 'swept'))
     RETURNING id
 ),""" + USAGE_CTES + """
 SELECT (SELECT count(*) FROM m) AS messages, (SELECT count(*) FROM u) AS usage
