@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from .api import chat, openai, ops, threads
+from .api import chat, openai, ops, threads, ws
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -17,9 +17,10 @@ from .generation import GenerationRegistry
 from .instance import Instance
 from .journal import FinishJournal
 from .jwt_auth import JwtVerifier
+from .policy import Policy
 from .middleware import Cors, add_request_id, errors
 from .providers.registry import ModelRegistry
-from .state import AUTH, DB, GENERATIONS, HTTP, INSTANCE, MODELS, SETTINGS, STREAM_TOKENS, USAGE
+from .state import AUTH, DB, GENERATIONS, HTTP, INSTANCE, MODELS, POLICY, SETTINGS, STREAM_TOKENS, USAGE
 from .store.keys import bootstrap_admin_key
 from .store.usage import UsageRecord, record_usage_many
 from .stream_tokens import StreamTokens, load_signing_key
@@ -66,6 +67,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[MODELS] = models
     jwt = JwtVerifier(settings, app[HTTP]) if settings.jwt_enabled else None
     app[AUTH] = Authenticator(settings, pool, jwt)
+    app[POLICY] = Policy(settings.limits, pool)
     app[STREAM_TOKENS] = StreamTokens(await load_signing_key(pool), settings.stream_token_ttl_s)
     journal = FinishJournal(settings.data_dir / "journal")
     generations = GenerationRegistry(pool, journal, settings.shutdown_grace_s, settings.finish_retry_s)
@@ -112,6 +114,7 @@ def create_app(settings: Settings) -> web.Application:
     r.add_delete("/api/threads/{thread_id}", threads.delete_thread)
     r.add_post("/v1/chat/completions", openai.chat_completions)
     r.add_get("/v1/models", openai.list_models)
+    r.add_get("/ws", ws.websocket)
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)
     return app

@@ -11,11 +11,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable
 
 import asyncpg
 from aiohttp import web
 
+from .background import BatchWriter
 from .config import Settings
 from .errors import Forbidden, Unauthorized
 from .jwt_auth import JwtVerifier
@@ -32,6 +33,8 @@ class Principal:
     email: str | None
     api_key_id: uuid.UUID | None
     scopes: frozenset[str]
+    limits: dict[str, Any] | None = None  # the key's own limits, if it carries any
+    expires_at: datetime | None = None  # the key's expiry: a key cannot mint one that outlives it
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes and "admin" not in self.scopes:
@@ -39,13 +42,20 @@ class Principal:
 
 
 class Authenticator:
+    # last_used_at is a coarse signal: at most one write per key per this many seconds per instance
+    TOUCH_EVERY_S = 30.0
+
     def __init__(self, settings: Settings, pool: asyncpg.Pool, jwt: JwtVerifier | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 last_used: BatchWriter[tuple[uuid.UUID, datetime]] | None = None) -> None:
         self._settings = settings
         self._pool = pool
         self._jwt = jwt
         self._clock = clock
         self._keys: dict[bytes, tuple[key_store.KeyRecord, float]] = {}
+        self._forgets = 0  # bumped by every forget: a lookup in flight across one is not cached
+        self._last_used = last_used
+        self._touched: dict[uuid.UUID, float] = {}
         self._fresh_users: dict[uuid.UUID, float] = {}
 
     async def authenticate(self, request: web.Request) -> Principal:
@@ -54,6 +64,11 @@ class Authenticator:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("missing bearer credential (Authorization: Bearer <key or JWT>)")
+        return await self.authenticate_token(token)
+
+    async def authenticate_token(self, token: str) -> Principal:
+        """A bearer value (API key or JWT), wherever the transport carried it: the Authorization
+        header, or the query of a WebSocket upgrade (browsers cannot set headers there)."""
         if token.startswith(key_store.KEY_PREFIX):
             return await self._from_key(token)
         if self._jwt is not None and token.count(".") == 2:
@@ -65,8 +80,11 @@ class Authenticator:
         now = self._clock()
         cached = self._keys.get(digest)
         if cached is None or cached[1] <= now:
+            forgets = self._forgets
             record = await key_store.find_key(self._pool, digest)
-            if record is not None:  # unknown keys are not cached: random guesses must not grow memory
+            # unknown keys are not cached: random guesses must not grow memory; and a row read
+            # before a revocation we heard of meanwhile may be stale
+            if record is not None and forgets == self._forgets:
                 self._keys[digest] = (record, now + self._settings.key_cache_ttl_s)
         else:
             record = cached[0]
@@ -77,11 +95,20 @@ class Authenticator:
             raise Unauthorized("API key revoked")
         if record.expires_at is not None and record.expires_at <= wall:
             raise Unauthorized("API key expired")
-        return Principal(record.user_id, record.email, record.id, record.scopes)
+        if self._last_used is not None and self._touched.get(record.id, 0.0) <= now:
+            self._touched[record.id] = now + self.TOUCH_EVERY_S
+            self._last_used.add((record.id, wall))  # written in a batch, off the request path
+        return Principal(record.user_id, record.email, record.id, record.scopes, record.limits, record.expires_at)
 
     def forget_key(self, key_hash: bytes) -> None:
         """Drop a cached key (revocation)."""
+        self._forgets += 1
         self._keys.pop(key_hash, None)
+
+    def forget_all_keys(self) -> None:
+        """Drop every cached key: revocations may have gone unheard (the LISTEN connection dropped)."""
+        self._forgets += 1
+        self._keys.clear()
 
     async def _from_jwt(self, token: str) -> Principal:
         assert self._jwt is not None

@@ -65,6 +65,8 @@ class LimitsConfig:
     daily_tokens: int | None = None
     max_concurrent_streams: int | None = None
     max_tokens: int | None = None
+    downgrade_model: str | None = None  # used instead once the day's budget is nearly spent
+    downgrade_at: float | None = None  # "nearly": this fraction of daily_tokens (0..1)
 
 
 @dataclass(frozen=True)
@@ -271,9 +273,17 @@ def _parse(env: Mapping[str, str]) -> Settings:
         raise ConfigError(f"DEFAULT_MODEL {default_model!r} is not a declared model")
 
     limits_doc = _table(doc, "limits")
-    limits = LimitsConfig(**{k: _int(f"[limits] {k}", limits_doc[k], minimum=1)
-                             for k in ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")
-                             if k in limits_doc})
+    limit_ints: dict[str, Any] = {k: _int(f"[limits] {k}", limits_doc[k], minimum=1)
+                                  for k in ("requests_per_minute", "daily_tokens", "max_concurrent_streams",
+                                            "max_tokens") if k in limits_doc}
+    downgrade_model = limits_doc.get("downgrade_model")
+    if downgrade_model is not None and downgrade_model not in models:
+        raise ConfigError(f"[limits] downgrade_model {downgrade_model!r} is not a declared model")
+    downgrade_at = _float("[limits] downgrade_at", limits_doc.get("downgrade_at", 0.9))
+    if not 0 < downgrade_at <= 1:
+        raise ConfigError("[limits] downgrade_at must be in (0, 1]")
+    limits = LimitsConfig(**limit_ints, downgrade_model=downgrade_model,
+                          downgrade_at=downgrade_at if downgrade_model else None)
 
     jwt_secret = env.get("JWT_SECRET")
     jwks_url = env.get("JWKS_URL") or None

@@ -8,6 +8,7 @@
     ├── Forbidden              403: authenticated, but not allowed
     ├── NotFound               404: unknown, or somebody else's
     ├── Conflict               409
+    ├── TooManyRequests        429: a rate limit or daily cap (Retry-After, reset time)
     ├── PayloadTooLarge        413: body over the configured limit
     └── ServiceUnavailable     503: the database is not reachable
 
@@ -16,6 +17,8 @@ not HTTP errors, they end a generation.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class GatewayError(Exception):
@@ -72,6 +75,24 @@ class Conflict(GatewayError):
 
     status = 409
     type = "conflict"
+
+
+class TooManyRequests(GatewayError):
+    """A limit refused the request; nothing was persisted, so the same request can be retried."""
+
+    status = 429
+    type = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int, reset_at: datetime | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.reset_at = reset_at
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Retry-After": str(self.retry_after)}
+        if self.reset_at is not None:
+            headers["X-RateLimit-Reset"] = self.reset_at.isoformat()
+        return headers
 
 
 class PayloadTooLarge(GatewayError):

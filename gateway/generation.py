@@ -14,16 +14,19 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field, fields
+from datetime import date
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
 from .config import ModelConfig
 from .journal import FinishJournal
+from .policy import Admission, utc_now
 from .providers.base import ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
 from .providers.chain import Attempt, Chain
 from .sse import FrameEncoder
-from .store.messages import FinishRecord, finish_assistant, history
+from .store.messages import FinishRecord, finish_assistant
+from .store.usage import UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class Turn:
     category: str | None = None
     auto: bool = False
     extra_metadata: dict[str, Any] = field(default_factory=dict)
+    admission: Admission | None = None  # the policy's grant: reservations to settle at the finish
 
 
 class EventLog:
@@ -80,9 +84,8 @@ class EventLog:
 
 class Generation:
     def __init__(self, turn: Turn, chain: Chain, request: ChatRequest, pool: asyncpg.Pool,
-                 save: Callable[[FinishRecord], Awaitable[None]], with_history: bool = False) -> None:
+                 save: Callable[[FinishRecord], Awaitable[None]]) -> None:
         self.turn = turn
-        self._with_history = with_history  # an existing thread: the upstream gets the conversation so far
         self.chain = chain
         self.request = request
         self._pool = pool
@@ -132,8 +135,6 @@ class Generation:
         finish_reason = "stop"
         error: ProviderError | None = None
         try:
-            if self._with_history:
-                self.request.messages = await history(self._pool, self.turn.thread_id, self.turn.user_message_id)
             async for event in self.chain.stream(self.request):
                 if type(event) is TextDelta:
                     if not self.log.count:
@@ -160,6 +161,8 @@ class Generation:
             # whatever happened, listeners must not wait forever
             self.finished = True
             self._changed.set()
+            if self.turn.admission is not None:
+                self.turn.admission.done()
 
     def metadata(self) -> dict[str, Any]:
         model = self.chain.used
@@ -179,11 +182,13 @@ class Generation:
         attempts = [a.as_json() for a in self.chain.attempts]
         error_json = ({"type": error.kind, "message": error.message, "retryable": error.retryable}
                       if error is not None else None)
+        admission = self.turn.admission
         record = FinishRecord(
-            message_id=self.turn.message_id, user_id=self.turn.user_id, api_key_id=self.turn.api_key_id,
-            status=self.status, content=content, model=model.name, provider=model.provider,
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, estimated=estimated,
-            cost_usd=cost_usd(model, usage), ttft_ms=self._ttft_ms,
+            UsageRecord(self.turn.message_id, self.turn.user_id, self.turn.api_key_id, model.name, model.provider,
+                        usage.prompt_tokens, usage.completion_tokens, estimated, cost_usd(model, usage),
+                        admission.day if admission else utc_today(),
+                        admission.user_reserved if admission else 0, admission.key_reserved if admission else 0),
+            status=self.status, content=content, ttft_ms=self._ttft_ms,
             latency_ms=round((time.monotonic() - self._started) * 1000), error=error_json,
             metadata={**self.turn.extra_metadata, "category": self.turn.category, "auto": self.turn.auto,
                       "fallback_from": self.chain.fallback_from, "attempts": attempts,
@@ -212,6 +217,10 @@ def metadata_json(thread_id: uuid.UUID, user_message_id: uuid.UUID, message_id: 
     """The `metadata` event's data, live or replayed: one builder so both are byte-identical."""
     return {"thread_id": thread_id, "user_message_id": user_message_id, "message_id": message_id, "model": model,
             "provider": provider, "category": category, "auto": auto, "fallback_from": fallback_from}
+
+
+def utc_today() -> date:
+    return utc_now().date()
 
 
 def cost_usd(model: ModelConfig, usage: UsageReport) -> float:

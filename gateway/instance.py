@@ -3,7 +3,8 @@
 Each instance has an id and holds a session-level advisory lock on it for its whole life, on
 a connection of its own: PostgreSQL releases the lock when the process dies, so "can I take
 that instance's lock?" is an exact liveness test with no heartbeat table. The same connection
-LISTENs for requests addressed to whichever instance runs a generation (cancel).
+LISTENs for requests addressed to whichever instance runs a generation (cancel), and for API
+key revocations, which every instance drops from its key cache.
 
 A periodic sweep marks the live rows of dead instances `interrupted` (crash recovery) and
 replays the finish journal once the database answers.
@@ -19,6 +20,7 @@ from typing import Callable
 import asyncpg
 
 from .journal import FinishJournal
+from .store.keys import REVOKED_CHANNEL as KEY_REVOKED_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,16 @@ def lock_key(instance_id: uuid.UUID) -> int:
 
 class Instance:
     def __init__(self, url: str, pool: asyncpg.Pool, journal: FinishJournal,
-                 on_cancel: Callable[[uuid.UUID], None], sweep_s: float = 15.0) -> None:
+                 on_cancel: Callable[[uuid.UUID], None], sweep_s: float = 15.0, *,
+                 on_key_revoked: Callable[[bytes], None] | None = None,
+                 on_reconnect: Callable[[], None] | None = None) -> None:
         self.id = uuid.uuid4()
         self._url = url
         self._pool = pool
         self._journal = journal
         self._on_cancel = on_cancel
+        self._on_key_revoked = on_key_revoked
+        self._on_reconnect = on_reconnect  # notifications sent while we were cut off are lost
         self._sweep_s = sweep_s
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -69,6 +75,8 @@ class Instance:
         conn = await asyncpg.connect(self._url)
         await conn.execute("SELECT pg_advisory_lock($1)", lock_key(self.id))
         await conn.add_listener(CANCEL_CHANNEL, self._notified)
+        if self._on_key_revoked is not None:
+            await conn.add_listener(KEY_REVOKED_CHANNEL, self._key_revoked)
         self._conn = conn
 
     async def _ensure_connection(self) -> None:
@@ -81,10 +89,19 @@ class Instance:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 self._conn.terminate()
         await self._connect()
+        if self._on_reconnect is not None:
+            self._on_reconnect()
 
     def _notified(self, conn: object, pid: int, channel: str, payload: str) -> None:
         try:
             self._on_cancel(uuid.UUID(payload))
+        except ValueError:
+            log.warning("ignored a malformed %s notification", channel)
+
+    def _key_revoked(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        assert self._on_key_revoked is not None
+        try:
+            self._on_key_revoked(bytes.fromhex(payload))
         except ValueError:
             log.warning("ignored a malformed %s notification", channel)
 

@@ -13,12 +13,14 @@ import logging
 import os
 import uuid
 from dataclasses import asdict
+from datetime import date
 from pathlib import Path
 
 import asyncpg
 import orjson
 
 from .store.messages import FinishRecord, finish_assistant
+from .store.usage import UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,9 @@ class FinishJournal:
 
 def record_from_json(line: bytes) -> FinishRecord:
     obj = orjson.loads(line)
+    usage = obj.pop("usage")
     for key in ("message_id", "user_id", "api_key_id"):
-        if obj[key] is not None:
-            obj[key] = uuid.UUID(obj[key])
-    return FinishRecord(**obj)
+        if usage[key] is not None:
+            usage[key] = uuid.UUID(usage[key])
+    usage["day"] = date.fromisoformat(usage["day"])
+    return FinishRecord(UsageRecord(**usage), **obj)

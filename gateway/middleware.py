@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .errors import GatewayError, ServiceUnavailable
+from .errors import GatewayError, ServiceUnavailable, TooManyRequests
 from .state import REQUEST_ID, USER_ID
 
 log = logging.getLogger(__name__)
@@ -21,8 +21,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def error_body(status: int, type_: str, message: str, request_id: str) -> web.Response:
-    body = {"error": {"type": type_, "message": message, "request_id": request_id}}
+def error_body(status: int, type_: str, message: str, request_id: str, **extra: Any) -> web.Response:
+    body = {"error": {"type": type_, "message": message, "request_id": request_id, **extra}}
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
@@ -35,6 +35,11 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as e:
+        if isinstance(e, TooManyRequests):
+            resp = error_body(e.status, e.type, e.message, request_id, retry_after=e.retry_after,
+                              reset_at=e.reset_at)
+            resp.headers.update(e.headers())
+            return resp
         return error_body(e.status, e.type, e.message, request_id)
     except web.HTTPException as e:
         if e.status < 400:

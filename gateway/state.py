@@ -8,12 +8,17 @@ import aiohttp
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from .auth import Authenticator
+    import uuid
+    from datetime import datetime
+
+    from .store.activity import ActivityRecord
+    from .auth import Authenticator, Principal
     from .background import BatchWriter
     from .config import Settings
     from .db import Database
     from .generation import GenerationRegistry
     from .instance import Instance
+    from .policy import Policy
     from .stream_tokens import StreamTokens
     from .providers.registry import ModelRegistry
     from .store.usage import UsageRecord
@@ -24,10 +29,14 @@ HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSessi
 MODELS: web.AppKey["ModelRegistry"] = web.AppKey("models")
 AUTH: web.AppKey["Authenticator"] = web.AppKey("auth")
 GENERATIONS: web.AppKey["GenerationRegistry"] = web.AppKey("generations")
+POLICY: web.AppKey["Policy"] = web.AppKey("policy")
 INSTANCE: web.AppKey["Instance"] = web.AppKey("instance")
 STREAM_TOKENS: web.AppKey["StreamTokens"] = web.AppKey("stream_tokens")
 USAGE: web.AppKey["BatchWriter[UsageRecord]"] = web.AppKey("usage")  # batched usage rows (OpenAI route)
+ACTIVITY: web.AppKey["BatchWriter[ActivityRecord]"] = web.AppKey("activity")  # who did what, batched
+LAST_USED: web.AppKey["BatchWriter[tuple[uuid.UUID, datetime]]"] = web.AppKey("last_used")  # api_keys.last_used_at
 
 # per request
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 USER_ID: web.RequestKey[str] = web.RequestKey("user_id", str)
+PRINCIPAL: web.RequestKey["Principal"] = web.RequestKey("principal")  # set once the caller is authenticated

@@ -1,4 +1,8 @@
-"""POST /api/chat: persist, decide, execute, respond, in that order."""
+"""POST /api/chat and the message endpoints: decide, persist, execute, respond.
+
+The admission part of "decide" (limits, reservations) runs before the user message is
+committed, so that a refusal persists nothing; the commit still precedes any provider call.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ from aiohttp import web
 from ..auth import Principal
 from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..generation import Generation, Turn, replay_frames
-from ..providers.base import ChatRequest
+from ..providers.base import ChatRequest, estimate_tokens
 from ..providers.chain import Chain
 from ..router import AUTO, route
 from ..sse import DONE, open_stream, parse_last_event_id
-from ..state import DB, GENERATIONS, INSTANCE, MODELS, SETTINGS, STREAM_TOKENS, USER_ID
+from ..state import DB, GENERATIONS, INSTANCE, MODELS, POLICY, SETTINGS, STREAM_TOKENS, USER_ID
 from ..store import messages as message_store
 from .common import caller, check_text, json_response, optional, parse_uuid, read_json
 
@@ -71,8 +75,6 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     chat = parse_chat(await read_json(request), app[MODELS].__contains__)
 
-    # persist -> decide -> execute, shielded: once the user message is committed, its generation
-    # starts even if this client disconnects in between
     turn = await asyncio.shield(begin_turn(app, principal, chat))
     # respond
     if not wants_stream(request, chat):
@@ -84,25 +86,49 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
 
 
 async def begin_turn(app: web.Application, principal: Principal, chat: ChatBody) -> message_store.Turn:
-    models, pool = app[MODELS], app[DB].pool
+    """Decide, persist, start. Run it shielded: once the user message is committed its generation
+    must start even if the client disconnects in between."""
+    models, pool, settings, policy = app[MODELS], app[DB].pool, app[SETTINGS], app[POLICY]
+    if chat.client_message_id is not None:
+        # a retry of an accepted turn is answered before any limit: it costs nothing new
+        existing = await message_store.find_duplicate(pool, principal.user_id, chat.client_message_id)
+        if existing is not None:
+            return existing
+    messages = [] if chat.thread_id is None else await message_store.thread_history(
+        pool, principal.user_id, chat.thread_id)
+    messages.append({"role": "user", "content": chat.content})
+    # decide: the router advises; the policy approves, downgrades or refuses. A refusal raises
+    # here, before anything is written, so the same client_message_id can be retried later.
+    choice = route(chat.model, chat.content, dict(settings.router), models.default)
+    admission = await policy.admit(principal, choice.model, prompt_tokens(messages), chat.max_tokens,
+                                   settings.limits.downgrade_model)
     # persist: after this commit the user's message is never lost
-    turn = await message_store.persist_turn(pool, principal.user_id, chat.content, chat.client_message_id,
-                                            chat.thread_id, app[INSTANCE].id)
-    if turn.duplicate:
+    try:
+        turn = await message_store.persist_turn(pool, principal.user_id, chat.content, chat.client_message_id,
+                                                chat.thread_id, app[INSTANCE].id)
+    except BaseException:
+        await policy.release(admission, principal.user_id, principal.api_key_id)
+        raise
+    if turn.duplicate:  # lost a race with an identical request: that one runs
+        await policy.release(admission, principal.user_id, principal.api_key_id)
         return turn
-    # decide
-    choice = route(chat.model, chat.content, dict(app[SETTINGS].router), models.default)
-    # execute: a task the app owns, not this handler; it reads the thread's history itself
+    # execute: a task the app owns, not this handler
+    extra: dict[str, Any] = {"complexity": choice.complexity} if choice.complexity else {}
+    if admission.action == "downgrade":
+        extra["policy"] = {"action": "downgrade", "reasons": admission.reasons,
+                           "downgraded_from": admission.downgraded_from}
     generations = app[GENERATIONS]
     generations.start(Generation(
         Turn(principal.user_id, principal.api_key_id, turn.thread_id, turn.user_message["id"],
-             turn.assistant_message_id, choice.category, choice.auto,
-             {"complexity": choice.complexity} if choice.complexity else {}),
-        Chain(models, models.chain(choice.model)),
-        ChatRequest([{"role": "user", "content": chat.content}], max_tokens=chat.max_tokens,
-                    temperature=chat.temperature),
-        pool, generations.save, with_history=chat.thread_id is not None))
+             turn.assistant_message_id, choice.category, choice.auto, extra, admission),
+        Chain(models, models.chain(admission.model)),
+        ChatRequest(messages, max_tokens=admission.max_tokens, temperature=chat.temperature),
+        pool, generations.save))
     return turn
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    return sum(estimate_tokens(m["content"]) for m in messages if isinstance(m.get("content"), str))
 
 
 def stream_url(app: web.Application, user_id: uuid.UUID, message_id: uuid.UUID) -> str:
@@ -179,9 +205,14 @@ async def cancel_message(request: web.Request) -> web.Response:
     """Stop but finish: the upstream stops, the partial reply is saved as cancelled with the usage
     consumed, and every listener gets usage, done (finish_reason "cancelled") and [DONE]."""
     principal = await caller(request, "chat")
-    app = request.app
     message_id = parse_uuid(request.match_info["message_id"], "message id")
-    message = await message_store.get_message(app[DB].pool, principal.user_id, message_id)
+    return json_response(await cancel_reply(request, principal.user_id, message_id))
+
+
+async def cancel_reply(request: web.Request, user_id: uuid.UUID, message_id: uuid.UUID) -> dict[str, Any]:
+    """Cancel an assistant message wherever it is generating; returns its saved row."""
+    app = request.app
+    message = await message_store.get_message(app[DB].pool, user_id, message_id)
     if message["role"] != "assistant":
         raise NotFound("message not found")
     generation = app[GENERATIONS].get(message_id)
@@ -192,9 +223,9 @@ async def cancel_message(request: web.Request) -> web.Response:
     elif message["status"] in ("pending", "streaming"):
         # generating on another instance: ask it (LISTEN/NOTIFY), then wait for the saved row
         await app[INSTANCE].notify_cancel(message_id)
-        _, message = await live_or_finished(request, principal.user_id, message_id)
-        return json_response(message)
-    return json_response(await message_store.get_message(app[DB].pool, principal.user_id, message_id))
+        _, message = await live_or_finished(request, user_id, message_id)
+        return message
+    return await message_store.get_message(app[DB].pool, user_id, message_id)
 
 
 async def get_message(request: web.Request) -> web.Response:

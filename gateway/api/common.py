@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..auth import Principal
 from ..errors import BadRequest, InvalidId, PayloadTooLarge
-from ..state import AUTH, SETTINGS, USER_ID
+from ..state import AUTH, PRINCIPAL, SETTINGS, USER_ID
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -64,7 +64,9 @@ def check_text(value: str, key: str) -> str:
 
 async def caller(request: web.Request, scope: str | None = None) -> Principal:
     principal = await request.app[AUTH].authenticate(request)
+    # before the scope check: a refused attempt is activity too
+    request[PRINCIPAL] = principal  # for the activity log
+    request[USER_ID] = str(principal.user_id)  # for the access log
     if scope is not None:
         principal.require(scope)
-    request[USER_ID] = str(principal.user_id)  # for the access log
     return principal

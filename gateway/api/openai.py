@@ -17,14 +17,16 @@ import orjson
 from aiohttp import web
 
 from ..auth import Principal
-from ..errors import GatewayError
+from ..errors import GatewayError, TooManyRequests
 from ..generation import cost_usd
+from ..policy import Admission
 from ..providers.base import (ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamHTTPError,
                               UpstreamTimeout, UsageReport, estimate_tokens)
 from ..providers.chain import Chain
 from ..router import AUTO, route
-from ..state import MODELS, SETTINGS, USAGE
+from ..state import MODELS, POLICY, SETTINGS, USAGE
 from ..store.usage import UsageRecord
+from .chat import prompt_tokens
 from .common import caller, read_json
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -140,6 +142,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _chat_completions(request)
     except OpenAIError as e:
         return e.response()
+    except TooManyRequests as e:
+        resp = OpenAIError(429, e.message, "rate_limit_error", code="rate_limit_exceeded").response()
+        resp.headers.update(e.headers())
+        return resp
     except GatewayError as e:  # auth and body errors, in OpenAI's shape on this route
         return OpenAIError(e.status, e.message, e.type).response()
 
@@ -149,8 +155,12 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     models = app[MODELS]
     model_name, chat, stream, include_usage = parse_request(await read_json(request), models.__contains__)
-    choice = route(model_name, last_user_text(chat.messages), dict(app[SETTINGS].router), models.default)
-    chain = Chain(models, models.chain(choice.model))
+    settings = app[SETTINGS]
+    choice = route(model_name, last_user_text(chat.messages), dict(settings.router), models.default)
+    admission = await app[POLICY].admit(principal, choice.model, prompt_tokens(chat.messages), chat.max_tokens,
+                                        settings.limits.downgrade_model)
+    chat.max_tokens = admission.max_tokens
+    chain = Chain(models, models.chain(admission.model))
     completion_id = uuid.uuid4()
     reply = _Reply()
     try:
@@ -163,7 +173,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             raise  # a streamed failure was already reported in the stream
         raise provider_error(e) from None
     finally:
-        _record(app, principal, chain, completion_id, chat, reply)
+        admission.done()
+        _record(app, principal, chain, completion_id, chat, reply, admission)
 
 
 class _Reply:
@@ -259,21 +270,25 @@ def merge_tool_calls(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def estimated_usage(chat: ChatRequest, reply: _Reply) -> UsageReport:
     """For upstreams that report no usage (or a reply cut short): counted from the text."""
-    prompt = sum(estimate_tokens(m["content"]) for m in chat.messages if isinstance(m.get("content"), str))
-    return UsageReport(prompt, estimate_tokens("".join(reply.parts)))
+    return UsageReport(prompt_tokens(chat.messages), estimate_tokens("".join(reply.parts)))
 
 
 def _record(app: web.Application, principal: Principal, chain: Chain, completion_id: uuid.UUID,
-            chat: ChatRequest, reply: _Reply) -> None:
-    """Queue the usage of this completion, whatever happened: exactly one record per completion."""
+            chat: ChatRequest, reply: _Reply, admission: Admission) -> None:
+    """Queue the usage of this completion, whatever happened: exactly one record per completion,
+    which also settles its reservation."""
     usage, estimated = reply.usage, reply.usage is None
     if usage is None:
         if not reply.started and not reply.parts:
-            return  # nothing reached the client and no upstream reported use: nothing to count
-        usage = estimated_usage(chat, reply)
+            if not (admission.user_reserved or admission.key_reserved):
+                return  # nothing reached the client, nothing was reserved: nothing to count
+            usage = UsageReport(0, 0)  # a zero record hands the reservation back
+        else:
+            usage = estimated_usage(chat, reply)
     model = chain.used
     app[USAGE].add(UsageRecord(completion_id, principal.user_id, principal.api_key_id, model.name, model.provider,
-                               usage.prompt_tokens, usage.completion_tokens, estimated, cost_usd(model, usage)))
+                               usage.prompt_tokens, usage.completion_tokens, estimated, cost_usd(model, usage),
+                               admission.day, admission.user_reserved, admission.key_reserved))
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -7,11 +7,16 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
 KEY_PREFIX = "gwk_"
 DISPLAY_CHARS = 12  # "gwk_" + 8 characters: enough to tell keys apart, useless to an attacker
+# every instance LISTENs here and drops the key (payload: its hash in hex) from its cache
+REVOKED_CHANNEL = "gateway_key_revoked"
+# what a listing shows: never the key, never its hash
+_PUBLIC = "id, user_id, name, prefix, scopes, limits, expires_at, revoked_at, last_used_at, created_at"
 
 
 def new_key() -> str:
@@ -31,6 +36,7 @@ class KeyRecord:
     scopes: frozenset[str]
     expires_at: datetime | None
     revoked_at: datetime | None
+    limits: dict[str, Any] | None = None  # per-key limits for the policy (requests_per_minute, models, ...)
 
 
 async def upsert_user(conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID, email: str | None) -> None:
@@ -43,21 +49,59 @@ async def upsert_user(conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUI
 async def create_key(conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID, name: str,
                      scopes: list[str]) -> tuple[uuid.UUID, str]:
     """Returns (key id, the plaintext key): the only time the key exists outside its owner's hands."""
+    row, key = await issue_key(conn, user_id, name, scopes)
+    return row["id"], key
+
+
+async def issue_key(conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID, name: str, scopes: list[str],
+                    expires_at: datetime | None = None,
+                    limits: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """Returns (the key's public row, the plaintext key)."""
     key = new_key()
-    key_id = await conn.fetchval(
-        "INSERT INTO api_keys (user_id, name, prefix, key_hash, scopes) VALUES ($1, $2, $3, $4, $5) RETURNING id",
-        user_id, name, key[:DISPLAY_CHARS], hash_key(key), scopes)
-    return key_id, key
+    row = await conn.fetchrow(
+        "INSERT INTO api_keys (user_id, name, prefix, key_hash, scopes, expires_at, limits) "
+        f"VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_PUBLIC}",
+        user_id, name, key[:DISPLAY_CHARS], hash_key(key), scopes, expires_at, limits)
+    return dict(row), key
+
+
+async def list_keys(pool: asyncpg.Pool, user_id: uuid.UUID | None) -> list[dict[str, Any]]:
+    """A user's keys (None: everybody's), newest first."""
+    rows = await pool.fetch(
+        f"SELECT {_PUBLIC} FROM api_keys WHERE $1::uuid IS NULL OR user_id = $1 ORDER BY created_at DESC, id DESC",
+        user_id)
+    return [dict(r) for r in rows]
+
+
+async def revoke_key(pool: asyncpg.Pool, key_id: uuid.UUID, user_id: uuid.UUID | None) -> bytes | None:
+    """Revoke a key of `user_id` (None: anybody's); its hash, or None when there is no such key.
+
+    Idempotent: a second revocation keeps the first time. The notification goes out with the
+    commit, so no instance hears of a revocation that did not happen.
+    """
+    return await pool.fetchval("""
+        WITH revoked AS (
+            UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+            WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2) RETURNING key_hash)
+        SELECT key_hash, pg_notify($3, encode(key_hash, 'hex')) FROM revoked""", key_id, user_id, REVOKED_CHANNEL)
+
+
+async def touch_keys(pool: asyncpg.Pool, used: list[tuple[uuid.UUID, datetime]]) -> None:
+    """Record when keys were last used, a batch in one statement; never moves a time backwards."""
+    await pool.execute("""
+        UPDATE api_keys k SET last_used_at = greatest(k.last_used_at, u.at)
+        FROM (SELECT id, max(at) AS at FROM unnest($1::uuid[], $2::timestamptz[]) AS t (id, at) GROUP BY id) u
+        WHERE k.id = u.id""", [u[0] for u in used], [u[1] for u in used])
 
 
 async def find_key(pool: asyncpg.Pool, key_hash: bytes) -> KeyRecord | None:
     row = await pool.fetchrow("""
-        SELECT k.id, k.user_id, u.email, k.scopes, k.expires_at, k.revoked_at
+        SELECT k.id, k.user_id, u.email, k.scopes, k.expires_at, k.revoked_at, k.limits
         FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = $1""", key_hash)
     if row is None:
         return None
     return KeyRecord(row["id"], row["user_id"], row["email"], frozenset(row["scopes"]), row["expires_at"],
-                     row["revoked_at"])
+                     row["revoked_at"], row["limits"])
 
 
 async def create_user_with_key(pool: asyncpg.Pool, name: str, scopes: list[str], user_id: uuid.UUID | None = None,

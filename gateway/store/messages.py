@@ -67,6 +67,27 @@ def _turn(row: asyncpg.Record, duplicate: bool) -> Turn:
     return Turn(message["thread_id"], message, assistant_id, duplicate)
 
 
+async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_id: str) -> Turn | None:
+    row = await pool.fetchrow(_DUPLICATE, user_id, client_message_id)
+    return _turn(row, duplicate=True) if row is not None else None
+
+
+async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID,
+                         limit: int = 50) -> list[dict[str, Any]]:
+    """The thread's conversation so far (complete messages, oldest first); NotFound if not the user's."""
+    rows = await pool.fetch("""
+        SELECT m.role, m.content FROM threads t
+        LEFT JOIN LATERAL (
+            SELECT role, content, seq FROM messages
+            WHERE thread_id = t.id AND status = 'complete' AND slot IS NULL
+            ORDER BY seq DESC LIMIT $3
+        ) m ON true
+        WHERE t.id = $1 AND t.user_id = $2""", thread_id, user_id, limit)
+    if not rows:
+        raise NotFound("thread not found")
+    return [{"role": r["role"], "content": r["content"]} for r in reversed(rows) if r["role"] is not None]
+
+
 async def persist_turn(pool: asyncpg.Pool, user_id: uuid.UUID, content: str, client_message_id: str | None,
                        thread_id: uuid.UUID | None, instance_id: uuid.UUID) -> Turn:
     async with pool.acquire() as conn:
@@ -98,27 +119,19 @@ def thread_title(content: str) -> str:
 
 @dataclass(slots=True)
 class FinishRecord:
-    """Everything the finish write needs; also the unit a journal would replay."""
+    """Everything the finish write needs (the reply and its usage); also what the journal keeps."""
 
-    message_id: uuid.UUID
-    user_id: uuid.UUID
-    api_key_id: uuid.UUID | None
+    usage: UsageRecord
     status: str
     content: str
-    model: str
-    provider: str
-    prompt_tokens: int
-    completion_tokens: int
-    estimated: bool
-    cost_usd: float
     ttft_ms: int | None
     latency_ms: int
     error: dict[str, Any] | None
     metadata: dict[str, Any]
 
-    def usage(self) -> UsageRecord:
-        return UsageRecord(self.message_id, self.user_id, self.api_key_id, self.model, self.provider,
-                           self.prompt_tokens, self.completion_tokens, self.estimated, self.cost_usd)
+    @property
+    def message_id(self) -> uuid.UUID:
+        return self.usage.message_id
 
 
 # One statement, so one round trip and atomic: the message (only if still live, or marked
@@ -127,9 +140,9 @@ class FinishRecord:
 # changes nothing the second time.
 _FINISH = """
 WITH m AS (
-    UPDATE messages SET status = $10, content = $11, model = $4, provider = $5, prompt_tokens = $6,
-        completion_tokens = $7, ttft_ms = $12, latency_ms = $13, error = $14,
-        metadata = (metadata - 'swept') || $15, finished_at = clock_timestamp()
+    UPDATE messages SET status = $13, content = $14, model = $4, provider = $5, prompt_tokens = $6,
+        completion_tokens = $7, ttft_ms = $15, latency_ms = $16, error = $17,
+        metadata = (metadata - 'swept') || $18, finished_at = clock_timestamp()
     WHERE id = $1 AND (status IN ('pending', 'streaming') OR (status = 'interrupted' AND metadata ? 'swept'))
     RETURNING id
 ),""" + USAGE_CTES + """
@@ -139,7 +152,7 @@ SELECT (SELECT count(*) FROM m) AS messages, (SELECT count(*) FROM u) AS usage
 
 async def finish_assistant(pool: asyncpg.Pool, r: FinishRecord) -> tuple[int, int]:
     """Save a finished reply; returns (message rows, usage rows) written: (0, 0) on a replay."""
-    row = await pool.fetchrow(_FINISH, *r.usage().params(), r.status, r.content, r.ttft_ms, r.latency_ms, r.error,
+    row = await pool.fetchrow(_FINISH, *r.usage.params(), r.status, r.content, r.ttft_ms, r.latency_ms, r.error,
                               r.metadata)
     return row["messages"], row["usage"]
 
@@ -156,12 +169,3 @@ async def thread_messages(conn: asyncpg.Connection, thread_id: uuid.UUID) -> lis
     rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE thread_id = $1 ORDER BY seq", thread_id)
     return [dict(r) for r in rows]
 
-
-async def history(pool: asyncpg.Pool, thread_id: uuid.UUID, upto: uuid.UUID, limit: int = 50) -> list[dict[str, str]]:
-    """The conversation so far (complete messages, oldest first), ending with message `upto`."""
-    rows = await pool.fetch("""
-        SELECT role, content FROM messages
-        WHERE thread_id = $1 AND seq <= (SELECT seq FROM messages WHERE id = $2)
-          AND slot IS NULL AND (status = 'complete' OR id = $2)
-        ORDER BY seq DESC LIMIT $3""", thread_id, upto, limit)
-    return [{"role": r["role"], "content": r["content"]} for r in reversed(rows)]

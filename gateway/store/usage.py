@@ -4,25 +4,36 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import date
 
 import asyncpg
 
-# Two CTEs shared by every writer of usage, parameters $1..$9 in UsageRecord order. The usage
-# row is inserted only if absent, and the daily total moves only when it was: replaying the
-# same record changes nothing.
+# CTEs shared by every writer of usage, parameters $1..$12 in UsageRecord order. The usage row
+# is inserted only if absent, and the daily totals (per user, per key) move only when it was:
+# replaying the same record changes nothing. The same step settles the reply's reservation:
+# the worst case reserved at admission is released and the real usage counted instead, on the
+# day the reservation was made.
 USAGE_CTES = """
 u AS (
     INSERT INTO usage (message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens,
                        total_tokens, estimated, cost_usd)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $6::integer + $7::integer, $8, $9)
     ON CONFLICT (message_id) DO NOTHING
-    RETURNING user_id, total_tokens, cost_usd, created_at
+    RETURNING user_id, api_key_id, total_tokens, cost_usd
 ),
 d AS (
     INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd)
-    SELECT user_id, (created_at AT TIME ZONE 'UTC')::date, total_tokens, 1, cost_usd FROM u
+    SELECT user_id, $10::date, total_tokens, 1, cost_usd FROM u
     ON CONFLICT (user_id, day) DO UPDATE SET tokens = d.tokens + EXCLUDED.tokens,
-        requests = d.requests + 1, cost_usd = d.cost_usd + EXCLUDED.cost_usd
+        requests = d.requests + 1, cost_usd = d.cost_usd + EXCLUDED.cost_usd,
+        reserved = greatest(d.reserved - $11::bigint, 0)
+),
+k AS (
+    INSERT INTO key_daily_usage AS k (api_key_id, day, tokens, requests, cost_usd)
+    SELECT api_key_id, $10::date, total_tokens, 1, cost_usd FROM u WHERE api_key_id IS NOT NULL
+    ON CONFLICT (api_key_id, day) DO UPDATE SET tokens = k.tokens + EXCLUDED.tokens,
+        requests = k.requests + 1, cost_usd = k.cost_usd + EXCLUDED.cost_usd,
+        reserved = greatest(k.reserved - $12::bigint, 0)
 )"""
 
 _RECORD = "WITH " + USAGE_CTES + "\nSELECT (SELECT count(*) FROM u) AS usage"
@@ -39,10 +50,14 @@ class UsageRecord:
     completion_tokens: int
     estimated: bool
     cost_usd: float
+    day: date  # the UTC day the request was admitted on: its usage counts there
+    user_reserved: int = 0  # the admission's reservations, released by this record
+    key_reserved: int = 0
 
     def params(self) -> tuple[object, ...]:
         return (self.message_id, self.user_id, self.api_key_id, self.model, self.provider, self.prompt_tokens,
-                self.completion_tokens, self.estimated, self.cost_usd)
+                self.completion_tokens, self.estimated, self.cost_usd, self.day, self.user_reserved,
+                self.key_reserved)
 
 
 async def record_usage_many(pool: asyncpg.Pool, records: list[UsageRecord]) -> None:

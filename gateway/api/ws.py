@@ -1,0 +1,202 @@
+"""GET /ws: WebSocket chat, the same turns and events as POST /api/chat, as JSON text frames.
+
+Auth happens before the upgrade (a refused caller gets the usual HTTP JSON error): an
+`Authorization: Bearer` header, or, for browsers (which cannot set headers on a WebSocket), a
+`token` query parameter holding an API key or a JWT (the access log redacts `token=`).
+
+Client -> server, one JSON object per text frame::
+
+    {"type": "chat", "content": "...", "thread_id"?, "model"?, "client_message_id"?,
+     "max_tokens"?, "temperature"?}                   same fields and checks as POST /api/chat
+    {"type": "resume", "message_id": "...", "last_event_id"?: "<message_id>:<n>"}
+    {"type": "cancel", "message_id": "..."}          as POST /api/messages/{id}/cancel
+
+Server -> client::
+
+    {"event": "accepted", "message": {...user message...}, "duplicate": false,
+     "thread_id": "...", "assistant_message_id": "..."}         right after the persist commit
+    {"id": "<mid>:0", "event": "metadata", "data": {...}}
+    {"id": "<mid>:1", "event": "delta", "data": {"delta": "Hel"}}
+    {"id": "<mid>:N", "event": "usage", "data": {...}}
+    {"id": "<mid>:N+1", "event": "done", "data": {...}}         or "error": {"type", "message", "retryable"}
+    {"event": "end", "message_id": "<mid>"}                      the message's last frame ([DONE])
+    {"event": "cancelled", "message": {...assistant message row...}}   answers a cancel frame
+    {"event": "error", "data": {"type", "message"}}              a refused frame; the socket stays open
+
+Event ids and data are the SSE stream's own (a resume over SSE or WS may use either), so
+`last_event_id` resumes exactly after the last frame seen. A refused frame's error carries the
+frame's `client_message_id` or `message_id`, when it had one, at the top level. Turns run
+concurrently on one socket: frames of different messages interleave, each message's in order.
+
+Closing the socket stops only the relaying: generations are app-owned tasks, they run on and are
+saved, and a later `resume` (here or over SSE) picks them up. Protocol pings (`heartbeat`, every
+SSE_PING_S seconds) keep idle proxies open and drop dead peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, Coroutine
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from ..auth import Principal
+from ..errors import BadRequest, GatewayError
+from ..generation import replay_frames
+from ..sse import parse_last_event_id
+from ..state import AUTH, MODELS, SETTINGS, USER_ID
+from .chat import ChatBody, begin_turn, cancel_reply, live_or_finished, parse_chat
+from .common import caller, parse_uuid
+
+log = logging.getLogger(__name__)
+
+# turns, resumes and cancels one socket may have running at once: bounds what a client can pile up
+MAX_IN_FLIGHT = 32
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    principal = await authenticate(request)
+    settings = request.app[SETTINGS]
+    ws = web.WebSocketResponse(heartbeat=settings.sse_ping_s, max_msg_size=settings.max_body_bytes)
+    if not ws.can_prepare(request).ok:
+        raise BadRequest("expected a WebSocket upgrade")
+    await ws.prepare(request)
+    await Session(request, ws, principal).run()
+    return ws
+
+
+async def authenticate(request: web.Request) -> Principal:
+    """The Authorization header when sent, else the `token` query parameter."""
+    token = request.query.get("token")
+    if token is None or "Authorization" in request.headers:
+        return await caller(request, "chat")
+    principal = await request.app[AUTH].authenticate_token(token.strip())
+    principal.require("chat")
+    request[USER_ID] = str(principal.user_id)  # for the access log
+    return principal
+
+
+def ws_frame(sse: bytes) -> bytes:
+    """`id: X\\n[event: E\\n]data: D\\n\\n` -> `{"id":"X","event":"E","data":D}`.
+
+    Spliced, not re-encoded: D is already JSON, and X (`<uuid>:<n>`) and E need no escaping.
+    A frame without an event name is a delta.
+    """
+    id_end = sse.index(b"\n", 4)
+    if sse.startswith(b"event: ", id_end + 1):
+        name_end = sse.index(b"\n", id_end + 8)
+        name, data_start = sse[id_end + 8:name_end], name_end + 7
+    else:
+        name, data_start = b"delta", id_end + 7
+    return b'{"id":"%s","event":"%s","data":%s}' % (sse[4:id_end], name, sse[data_start:-2])
+
+
+class Session:
+    """One socket: reads frames and runs each as its own task, so turns proceed concurrently.
+
+    The tasks only relay; they are cancelled when the socket closes, the generations are not.
+    """
+
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, principal: Principal) -> None:
+        self.request = request
+        self.ws = ws
+        self.principal = principal
+        self.user_id = principal.user_id
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> None:
+        try:
+            async for msg in self.ws:
+                if msg.type is WSMsgType.TEXT:
+                    await self.dispatch(msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    await self.error(BadRequest("frames must be JSON text"), {})
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def dispatch(self, raw: str) -> None:
+        """Validate a frame now (errors answer at once, in order); run its work as a task."""
+        try:
+            frame = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return await self.error(BadRequest("frame is not valid JSON"), {})
+        if not isinstance(frame, dict):
+            return await self.error(BadRequest("frame must be a JSON object"), {})
+        kind = frame.get("type")
+        # echoed on errors, so a client with several requests in flight knows which one failed
+        context = {k: frame[k] for k in ("client_message_id", "message_id") if isinstance(frame.get(k), str)}
+        try:
+            if len(self._tasks) >= MAX_IN_FLIGHT:
+                raise BadRequest(f"more than {MAX_IN_FLIGHT} requests in flight on this socket")
+            work: Coroutine[Any, Any, None]
+            if kind == "chat":
+                # validated here, before anything is written
+                work = self.turn(parse_chat(frame, self.request.app[MODELS].__contains__))
+            elif kind in ("resume", "cancel"):
+                message_id = parse_uuid(frame.get("message_id"), "message_id")
+                if kind == "resume":
+                    last = frame.get("last_event_id")
+                    if last is not None and not isinstance(last, str):
+                        raise BadRequest("last_event_id must be a string")
+                    work = self.relay(message_id, parse_last_event_id(last, str(message_id)))
+                else:
+                    work = self.cancel(message_id)
+            else:
+                raise BadRequest(f"unknown frame type {kind!r}; expected chat, resume or cancel")
+        except GatewayError as e:
+            return await self.error(e, context)
+        task = asyncio.get_running_loop().create_task(self.guard(work, context))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def guard(self, work: Coroutine[Any, Any, None], context: dict[str, Any]) -> None:
+        try:
+            await work
+        except GatewayError as e:
+            await self.error(e, context)
+        except ConnectionResetError:
+            pass  # the socket is gone; the generation goes on without it
+        except Exception:
+            log.exception("websocket request failed")
+            await self.error(GatewayError("internal error"), context)
+
+    async def turn(self, chat: ChatBody) -> None:
+        # shielded like POST /api/chat: once the message is committed its generation starts,
+        # even if this socket closes in between
+        turn = await asyncio.shield(begin_turn(self.request.app, self.principal, chat))
+        await self.send(orjson.dumps({"event": "accepted", "message": turn.user_message,
+                                      "duplicate": turn.duplicate, "thread_id": turn.thread_id,
+                                      "assistant_message_id": turn.assistant_message_id}))
+        await self.relay(turn.assistant_message_id, after=-1)
+
+    async def relay(self, message_id: uuid.UUID, after: int) -> None:
+        """A message's events after seq `after`, live or replayed, then `end`."""
+        generation, message = await live_or_finished(self.request, self.user_id, message_id)
+        if generation is None:
+            for frame in replay_frames(message)[after + 1:]:
+                await self.send(ws_frame(frame))
+        else:
+            async for batch in generation.follow(after):
+                for frame in batch:
+                    await self.send(ws_frame(frame))
+        await self.send(b'{"event":"end","message_id":"%s"}' % str(message_id).encode())
+
+    async def cancel(self, message_id: uuid.UUID) -> None:
+        message = await cancel_reply(self.request, self.user_id, message_id)
+        await self.send(orjson.dumps({"event": "cancelled", "message": message}))
+
+    async def send(self, data: bytes) -> None:
+        # a text frame straight from bytes: no decode/encode round trip
+        await self.ws.send_frame(data, WSMsgType.TEXT)
+
+    async def error(self, e: GatewayError, context: dict[str, Any]) -> None:
+        try:
+            await self.send(orjson.dumps({"event": "error", "data": {"type": e.type, "message": e.message},
+                                          **context}))
+        except ConnectionResetError:
+            pass
