@@ -112,7 +112,7 @@ class Policy:
         if any(x is not None for x in (limits.user_rpm, limits.key_rpm, limits.user_daily, limits.key_daily)):
             await self._admit_in_database(principal, limits, admission, prompt_tokens, now)
             if (downgrade_to and downgrade_to != model and limits.user_daily is not None
-                    and await self._nearly_spent(principal.user_id, admission.day, limits.user_daily)):
+                    and await self._nearly_spent(principal.user_id, admission, limits.user_daily)):
                 admission.action, admission.downgraded_from, admission.model = "downgrade", model, downgrade_to
                 admission.reasons.append("daily budget nearly spent")
         self._streams[principal.user_id] = self.active_streams(principal.user_id) + 1
@@ -160,13 +160,14 @@ class Policy:
             admission.action = "downgrade"
             admission.reasons.append(f"max_tokens clamped to the {granted} tokens left today")
 
-    async def _nearly_spent(self, user_id: uuid.UUID, day: date, cap: int) -> bool:
+    async def _nearly_spent(self, user_id: uuid.UUID, admission: Admission, cap: int) -> bool:
+        """Whether the day's use before this request (spent + others' reservations) passed the mark."""
         threshold = self._config.downgrade_at
         if threshold is None:
             return False
         used = await self._pool.fetchval("SELECT tokens + reserved FROM daily_usage WHERE user_id = $1 AND day = $2",
-                                         user_id, day)
-        return (used or 0) >= threshold * cap
+                                         user_id, admission.day)
+        return (used or 0) - admission.user_reserved >= threshold * cap
 
     async def release(self, admission: Admission, user_id: uuid.UUID, api_key_id: uuid.UUID | None) -> None:
         """A request admitted but never run (a duplicate, a vanished thread): hand its reservation back."""

@@ -1,0 +1,201 @@
+"""The policy step: limits that hold under concurrency, refusals that persist nothing, settlement
+exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import orjson
+import pytest
+
+from gateway.journal import record_from_json
+from gateway.providers.demo import demo_reply
+from gateway.store.messages import finish_assistant
+
+from .conftest import wait_for
+from .fakes import parse_sse
+
+# each demo turn below: prompt "hello" (2 tokens, estimated) + max_tokens 10 = a worst case of 12,
+# and the demo reply is exactly 10 chunks = 10 completion tokens: actual use = reservation
+CAP_TOML = """
+[limits]
+daily_tokens = {cap}
+"""
+
+
+async def day_row(db, user_id: uuid.UUID) -> dict | None:
+    row = await db.fetchrow("SELECT tokens, reserved, requests FROM daily_usage WHERE user_id = $1 AND day = $2",
+                            user_id, datetime.now(timezone.utc).date())
+    return dict(row) if row else None
+
+
+async def message_count(db, user_id: uuid.UUID) -> int:
+    return await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user_id)
+
+
+async def all_finished(db, user_id: uuid.UUID) -> bool:
+    return await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1 AND status = 'streaming'",
+                             user_id) == 0
+
+
+async def test_fifty_concurrent_requests_never_exceed_a_cap_that_fits_ten(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file(CAP_TOML.format(cap=120)), DEMO_CHUNKS="10")
+    answers = await asyncio.gather(*(client.post("/api/chat", headers=user.headers,
+                                                 json={"content": "hello", "max_tokens": 10}) for _ in range(50)))
+    statuses = sorted(a.status for a in answers)
+    assert statuses == [202] * 10 + [429] * 40
+    await wait_for(lambda: all_finished(db, user.id))
+    assert await day_row(db, user.id) == {"tokens": 120, "reserved": 0, "requests": 10}
+    assert await db.fetchval("SELECT sum(total_tokens) FROM usage WHERE user_id = $1", user.id) == 120
+    assert await message_count(db, user.id) == 20  # 10 turns: a user message and a reply each
+
+
+async def test_refusal_is_a_429_with_retry_after_and_persists_nothing(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file(CAP_TOML.format(cap=12)), DEMO_CHUNKS="10")
+    first = await client.post("/api/chat", headers=user.headers, json={"content": "hello", "max_tokens": 10})
+    assert first.status == 202
+    await wait_for(lambda: all_finished(db, user.id))
+    refused = await client.post("/api/chat", headers=user.headers,
+                                json={"content": "hello", "max_tokens": 10, "client_message_id": "later"})
+    assert refused.status == 429
+    body = await refused.json()
+    tomorrow = datetime.combine(datetime.now(timezone.utc).date() + timedelta(days=1), datetime.min.time(),
+                                timezone.utc)
+    assert body["error"]["type"] == "rate_limited"
+    assert datetime.fromisoformat(body["error"]["reset_at"]) == tomorrow  # the cap resets at UTC midnight
+    assert datetime.fromisoformat(refused.headers["X-RateLimit-Reset"]) == tomorrow
+    assert 0 < int(refused.headers["Retry-After"]) <= 86401
+    assert await message_count(db, user.id) == 2  # nothing from the refused request
+    # the same client_message_id goes through once the limit allows it (here: a larger cap)
+    roomier = await make_client(GATEWAY_CONFIG=config_file(CAP_TOML.format(cap=100)), DEMO_CHUNKS="10")
+    retry = await roomier.post("/api/chat", headers=user.headers,
+                               json={"content": "hello", "max_tokens": 10, "client_message_id": "later"})
+    assert retry.status == 202 and (await retry.json())["duplicate"] is False
+
+
+async def test_requests_per_minute_per_user(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file("[limits]\nrequests_per_minute = 2\n"))
+    codes = [(await client.post("/api/threads", headers=user.headers)).status for _ in range(1)]
+    chats = [await client.post("/api/chat", headers=user.headers, json={"content": "hi"}) for _ in range(3)]
+    assert codes == [201] and [c.status for c in chats] == [202, 202, 429]
+    assert 1 <= int(chats[2].headers["Retry-After"]) <= 61
+    assert "per minute" in (await chats[2].json())["error"]["message"]
+
+
+async def test_a_reply_bigger_than_what_remains_is_clamped_to_fit(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file(CAP_TOML.format(cap=8)), DEMO_CHUNKS="10")
+    resp = await client.post("/api/chat", headers=user.headers,
+                             json={"content": "hello", "max_tokens": 10, "stream": True})
+    events = parse_sse(await resp.read())
+    deltas = [orjson.loads(e.data)["delta"] for e in events if e.event == "message" and e.data != "[DONE]"]
+    assert deltas == demo_reply("hello", 10)[:6]  # 8 left - 2 prompt = 6 tokens of reply
+    row = await day_row(db, user.id)
+    assert row == {"tokens": 8, "reserved": 0, "requests": 1}
+    saved = await db.fetchval("SELECT metadata FROM messages WHERE user_id = $1 AND role = 'assistant'", user.id)
+    assert saved["policy"]["action"] == "downgrade"
+
+
+async def test_max_tokens_ceiling_clamps_the_request(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file("[limits]\nmax_tokens = 3\n"), DEMO_CHUNKS="10")
+    resp = await client.post("/api/chat", headers=user.headers,
+                             json={"content": "hello", "max_tokens": 50, "stream": True})
+    events = parse_sse(await resp.read())
+    assert sum(1 for e in events if e.event == "message" and e.data != "[DONE]") == 3
+    done = orjson.loads(next(e.data for e in events if e.event == "done"))
+    assert done["finish_reason"] == "length"
+
+
+async def test_concurrent_streams_per_user(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file("[limits]\nmax_concurrent_streams = 1\n"),
+                               DEMO_CHUNKS="20", DEMO_DELAY_MS="20")
+    first = await client.post("/api/chat", headers=user.headers, json={"content": "slow"})
+    assert first.status == 202
+    second = await client.post("/api/chat", headers=user.headers, json={"content": "too many"})
+    assert second.status == 429
+    await wait_for(lambda: all_finished(db, user.id))
+    third = await client.post("/api/chat", headers=user.headers, json={"content": "now fine"})
+    assert third.status == 202
+
+
+async def test_models_allowed_per_key(client, make_user, db):
+    user = await make_user()
+    await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, {"models": ["other"]})
+    resp = await client.post("/api/chat", headers=user.headers, json={"content": "hi", "model": "demo"})
+    assert resp.status == 403
+    assert await message_count(db, user.id) == 0
+
+
+async def test_key_requests_per_minute(client, make_user, db):
+    user = await make_user()
+    await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, {"requests_per_minute": 1})
+    assert (await client.post("/api/chat", headers=user.headers, json={"content": "a"})).status == 202
+    assert (await client.post("/api/chat", headers=user.headers, json={"content": "b"})).status == 429
+
+
+DOWNGRADE_TOML = """
+[models.cheap]
+provider = "demo"
+upstream = "demo-cheap"
+[limits]
+daily_tokens = 100
+downgrade_model = "cheap"
+downgrade_at = 0.2
+"""
+
+
+async def test_downgrade_to_the_cheaper_model_when_the_budget_is_nearly_spent(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file(DOWNGRADE_TOML), DEMO_CHUNKS="10")
+    models = []
+    for _ in range(3):
+        resp = await client.post("/api/chat", headers=user.headers,
+                                 json={"content": "hello", "model": "demo", "max_tokens": 10, "stream": True})
+        models.append(orjson.loads(parse_sse(await resp.read())[0].data)["model"])
+    assert models == ["demo", "demo", "cheap"]  # 24 of 100 used after two: past 20%
+
+
+async def test_replayed_finish_changes_nothing(client, user, db):
+    resp = await client.post("/api/chat", headers=user.headers, json={"content": "hello", "stream": True})
+    meta = orjson.loads(parse_sse(await resp.read())[0].data)
+    before = await day_row(db, user.id)
+    row = await db.fetchrow("SELECT * FROM usage WHERE message_id = $1::uuid", meta["message_id"])
+    line = orjson.dumps({"usage": {"message_id": str(row["message_id"]), "user_id": str(user.id),
+                                   "api_key_id": str(row["api_key_id"]), "model": "demo", "provider": "demo",
+                                   "prompt_tokens": 99, "completion_tokens": 99, "estimated": False,
+                                   "cost_usd": 0.0, "day": datetime.now(timezone.utc).date().isoformat(),
+                                   "user_reserved": 5, "key_reserved": 0},
+                         "status": "complete", "content": "something else", "ttft_ms": 1, "latency_ms": 1,
+                         "error": None, "metadata": {}})
+    for _ in range(2):
+        assert await finish_assistant(db, record_from_json(line)) == (0, 0)
+    assert await day_row(db, user.id) == before
+    saved = await db.fetchrow("SELECT content, prompt_tokens FROM messages WHERE id = $1::uuid", meta["message_id"])
+    assert saved["content"] != "something else" and saved["prompt_tokens"] != 99
+
+
+async def test_openai_route_refusal_and_settlement(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file(CAP_TOML.format(cap=12)), DEMO_CHUNKS="10")
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10}
+    ok = await client.post("/v1/chat/completions", headers=user.headers, json=body)
+    assert ok.status == 200
+    await wait_for(lambda: _settled(db, user.id, 12))
+    refused = await client.post("/v1/chat/completions", headers=user.headers, json=body)
+    assert refused.status == 429
+    error = (await refused.json())["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert "Retry-After" in refused.headers
+
+
+async def _settled(db, user_id: uuid.UUID, tokens: int) -> bool:
+    return await day_row(db, user_id) == {"tokens": tokens, "reserved": 0, "requests": 1}
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[limits]\ndaily_tokens = 0\n", "daily_tokens"),
+    ("[limits]\ndowngrade_model = \"nope\"\n", "downgrade_model"),
+])
+def test_limits_config_errors_name_the_key(make_settings, config_file, toml, message):
+    from gateway.errors import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        make_settings(GATEWAY_CONFIG=config_file(toml))
