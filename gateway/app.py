@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import uuid
+from datetime import datetime
 from typing import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
-from .api import chat, openai, ops, threads, ws
+from .activity import record_activity
+from .api import account, chat, keys, openai, ops, threads, ws
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -20,8 +23,10 @@ from .jwt_auth import JwtVerifier
 from .policy import Policy
 from .middleware import Cors, add_request_id, errors
 from .providers.registry import ModelRegistry
-from .state import AUTH, DB, GENERATIONS, HTTP, INSTANCE, MODELS, POLICY, SETTINGS, STREAM_TOKENS, USAGE
-from .store.keys import bootstrap_admin_key
+from .state import (ACTIVITY, AUTH, DB, GENERATIONS, HTTP, INSTANCE, LAST_USED, MODELS, POLICY, SETTINGS,
+                    STREAM_TOKENS, USAGE)
+from .store.activity import ActivityRecord, record_activity_many
+from .store.keys import bootstrap_admin_key, touch_keys
 from .store.usage import UsageRecord, record_usage_many
 from .stream_tokens import StreamTokens, load_signing_key
 
@@ -66,23 +71,36 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     await models.sync(pool)
     app[MODELS] = models
     jwt = JwtVerifier(settings, app[HTTP]) if settings.jwt_enabled else None
-    app[AUTH] = Authenticator(settings, pool, jwt)
+    # writes that can wait: batched off the request path, drained at shutdown
+    last_used: BatchWriter[tuple[uuid.UUID, datetime]] = BatchWriter(
+        "last_used", lambda batch: touch_keys(pool, batch), interval_s=0.5)
+    app[LAST_USED] = last_used
+    activity: BatchWriter[ActivityRecord] = BatchWriter(
+        "activity", lambda batch: record_activity_many(pool, batch), interval_s=0.2)
+    app[ACTIVITY] = activity
+    auth = Authenticator(settings, pool, jwt, last_used=last_used)
+    app[AUTH] = auth
     app[POLICY] = Policy(settings.limits, pool)
     app[STREAM_TOKENS] = StreamTokens(await load_signing_key(pool), settings.stream_token_ttl_s)
     journal = FinishJournal(settings.data_dir / "journal")
     generations = GenerationRegistry(pool, journal, settings.shutdown_grace_s, settings.finish_retry_s)
     app[GENERATIONS] = generations
-    instance = Instance(db.url, pool, journal, generations.cancel, settings.sweep_s)
+    instance = Instance(db.url, pool, journal, generations.cancel, settings.sweep_s,
+                        on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
     app[INSTANCE] = instance
     usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch))
     app[USAGE] = usage
     await instance.start()  # also interrupts what crashed instances left live, replays the journal
     usage.start()
+    last_used.start()
+    activity.start()
     try:
         yield
     finally:
         await generations.close()  # normally already done in on_shutdown
         await usage.close()
+        await activity.close()
+        await last_used.close()
         await instance.close()
 
 
@@ -101,6 +119,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(finish_generations)
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(cors.on_prepare)
+    app.on_response_prepare.append(record_activity)
 
     r = app.router
     r.add_post("/api/chat", chat.post_chat)
@@ -115,6 +134,11 @@ def create_app(settings: Settings) -> web.Application:
     r.add_post("/v1/chat/completions", openai.chat_completions)
     r.add_get("/v1/models", openai.list_models)
     r.add_get("/ws", ws.websocket)
+    r.add_post("/api/keys", keys.create_key)
+    r.add_get("/api/keys", keys.list_keys)
+    r.add_delete("/api/keys/{key_id}", keys.revoke_key)
+    r.add_get("/api/me", account.me)
+    r.add_get("/api/usage", account.usage)
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)
     return app

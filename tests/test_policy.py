@@ -199,3 +199,37 @@ def test_limits_config_errors_name_the_key(make_settings, config_file, toml, mes
     from gateway.errors import ConfigError
     with pytest.raises(ConfigError, match=message):
         make_settings(GATEWAY_CONFIG=config_file(toml))
+
+
+async def test_me_shows_limits_today_and_what_remains(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file(CAP_TOML.format(cap=100)), DEMO_CHUNKS="10")
+    resp = await client.post("/api/chat", headers=user.headers, json={"content": "hello", "max_tokens": 10})
+    assert resp.status == 202
+    await wait_for(lambda: all_finished(db, user.id))
+    me = await (await client.get("/api/me", headers=user.headers)).json()
+    assert me["user"] == {"id": str(user.id), "email": None}
+    assert me["key"]["scopes"] == ["arena", "chat"]
+    assert me["limits"]["daily_tokens"] == 100
+    assert (me["today"]["tokens"], me["today"]["reserved"], me["today"]["requests"]) == (12, 0, 1)
+    assert me["remaining"] == {"daily_tokens": 88}
+
+
+async def test_usage_report_by_day_and_by_model(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file("[models.cheap]\nprovider = \"demo\"\n"),
+                               DEMO_CHUNKS="10")
+    for model in ("demo", "demo", "cheap"):
+        resp = await client.post("/api/chat", headers=user.headers,
+                                 json={"content": "hello", "model": model, "max_tokens": 10})
+        assert resp.status == 202
+    await wait_for(lambda: all_finished(db, user.id))
+    today = datetime.now(timezone.utc).date().isoformat()
+    by_model = await (await client.get("/api/usage?group_by=model", headers=user.headers)).json()
+    assert [(r["model"], r["total_tokens"], r["requests"]) for r in by_model["rows"]] == [("cheap", 12, 1),
+                                                                                          ("demo", 24, 2)]
+    by_day = await (await client.get(f"/api/usage?from={today}&to={today}", headers=user.headers)).json()
+    assert [(r["day"], r["total_tokens"], r["requests"]) for r in by_day["rows"]] == [(today, 36, 3)]
+    assert by_day["totals"]["total_tokens"] == 36
+    other = await client.get("/api/usage?from=2020-01-01&to=2020-01-02", headers=user.headers)
+    assert (await other.json())["rows"] == []
+    for bad in ("group_by=week", "from=yesterday", "from=2026-02-01&to=2026-01-01", "from=2020-01-01&to=2026-01-01"):
+        assert (await client.get(f"/api/usage?{bad}", headers=user.headers)).status == 400

@@ -64,3 +64,31 @@ async def record_usage_many(pool: asyncpg.Pool, records: list[UsageRecord]) -> N
     """A batch in one transaction, pipelined (asyncpg executemany): one round trip for many rows."""
     async with pool.acquire() as conn, conn.transaction():
         await conn.executemany(_RECORD, [r.params() for r in records])
+
+
+async def day_totals(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> dict[str, object]:
+    row = await pool.fetchrow("SELECT tokens, reserved, requests, cost_usd::float8 AS cost_usd FROM daily_usage "
+                              "WHERE user_id = $1 AND day = $2", user_id, day)
+    return dict(row) if row else {"tokens": 0, "reserved": 0, "requests": 0, "cost_usd": 0.0}
+
+
+_REPORT = {
+    # the two groupings differ only in their key; both read the usage rows of the range
+    "day": "(created_at AT TIME ZONE 'UTC')::date",
+    "model": "model",
+}
+
+
+async def usage_report(pool: asyncpg.Pool, user_id: uuid.UUID, start: date, end: date,
+                       group_by: str) -> list[dict[str, object]]:
+    """Tokens, cost and requests per day or per model over [start, end] (UTC days)."""
+    key = _REPORT[group_by]  # one of two fixed expressions, never caller text
+    rows = await pool.fetch(f"""
+        SELECT {key} AS {group_by}, sum(prompt_tokens)::bigint AS prompt_tokens,
+               sum(completion_tokens)::bigint AS completion_tokens, sum(total_tokens)::bigint AS total_tokens,
+               sum(cost_usd)::float8 AS cost_usd, count(*) AS requests
+        FROM usage
+        WHERE user_id = $1 AND created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
+          AND created_at < ($3::date + 1)::timestamp AT TIME ZONE 'UTC'
+        GROUP BY 1 ORDER BY 1""", user_id, start, end)
+    return [dict(r) for r in rows]
