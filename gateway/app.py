@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import datetime
@@ -98,9 +99,9 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await generations.close()  # normally already done in on_shutdown
-        await usage.close()
-        await activity.close()
-        await last_used.close()
+        # together, and the ones that can be lost only get the grace period (the database may be down)
+        await asyncio.gather(usage.close(), activity.close(settings.shutdown_grace_s),
+                             last_used.close(settings.shutdown_grace_s))
         await instance.close()
 
 

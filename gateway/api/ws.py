@@ -168,11 +168,10 @@ class Session:
     async def turn(self, chat: ChatBody) -> None:
         # shielded like POST /api/chat: once the message is committed its generation starts,
         # even if this socket closes in between
-        turn = await asyncio.shield(begin_turn(self.request.app, self.principal, chat))
-        await self.send(orjson.dumps({"event": "accepted", "message": turn.user_message,
-                                      "duplicate": turn.duplicate, "thread_id": turn.thread_id,
-                                      "assistant_message_id": turn.assistant_message_id}))
-        await self.relay(turn.assistant_message_id, after=-1)
+        t = await asyncio.shield(begin_turn(self.request.app, self.principal, chat))
+        await self.send(orjson.dumps({"event": "accepted", "message": t.user_message, "duplicate": t.duplicate,
+                                      "thread_id": t.thread_id, "assistant_message_id": t.assistant_message_id}))
+        await self.relay(t.assistant_message_id, after=-1)
 
     async def relay(self, message_id: uuid.UUID, after: int) -> None:
         """A message's events after seq `after`, live or replayed, then `end`."""
