@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from .activity import record_activity
-from .api import account, chat, keys, openai, ops, threads, ws
+from .api import account, arena, chat, keys, openai, ops, threads, ws
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -21,12 +21,14 @@ from .generation import GenerationRegistry
 from .instance import Instance
 from .journal import FinishJournal
 from .jwt_auth import JwtVerifier
-from .policy import Policy
+from .leaderboard import LeaderboardCache
 from .middleware import Cors, add_request_id, errors
+from .policy import Policy
 from .providers.registry import ModelRegistry
-from .state import (ACTIVITY, AUTH, DB, GENERATIONS, HTTP, INSTANCE, LAST_USED, MODELS, POLICY, SETTINGS,
+from .state import (ACTIVITY, AUTH, DB, GENERATIONS, HTTP, INSTANCE, LAST_USED, LEADERBOARD, MODELS, POLICY, SETTINGS,
                     STREAM_TOKENS, USAGE)
 from .store.activity import ActivityRecord, record_activity_many
+from .store.arena import battles
 from .store.keys import bootstrap_admin_key, touch_keys
 from .store.usage import UsageRecord, record_usage_many
 from .stream_tokens import StreamTokens, load_signing_key
@@ -91,6 +93,9 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[INSTANCE] = instance
     usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch))
     app[USAGE] = usage
+    leaderboard = LeaderboardCache(lambda include_named: battles(pool, include_named),
+                                   rounds=settings.leaderboard_bootstrap_rounds)
+    app[LEADERBOARD] = leaderboard
     await instance.start()  # also interrupts what crashed instances left live, replays the journal
     usage.start()
     last_used.start()
@@ -103,6 +108,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(usage.close(), activity.close(settings.shutdown_grace_s),
                              last_used.close(settings.shutdown_grace_s))
         await instance.close()
+        await leaderboard.close()
 
 
 async def finish_generations(app: web.Application) -> None:
@@ -138,6 +144,11 @@ def create_app(settings: Settings) -> web.Application:
     r.add_post("/api/keys", keys.create_key)
     r.add_get("/api/keys", keys.list_keys)
     r.add_delete("/api/keys/{key_id}", keys.revoke_key)
+    r.add_post("/api/arena", arena.post_arena)
+    r.add_get("/api/comparisons/{comparison_id}", arena.get_comparison)
+    r.add_get("/api/comparisons/{comparison_id}/stream", arena.get_comparison_stream)
+    r.add_post("/api/comparisons/{comparison_id}/vote", arena.post_vote)
+    r.add_get("/api/leaderboard", arena.get_leaderboard)
     r.add_get("/api/me", account.me)
     r.add_get("/api/usage", account.usage)
     r.add_get("/healthz", ops.healthz)

@@ -69,7 +69,12 @@ class BatchWriter(Generic[T]):
                 await self._wakeup.wait()
                 continue
             if len(self._items) < self._max_batch and not self._closing:
-                await asyncio.sleep(self._interval)  # let a batch gather
+                # let a batch gather; a full batch or close() cuts the wait short (shutdown is not delayed)
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), self._interval)
+                except TimeoutError:
+                    pass
             batch = self._items[:self._max_batch]
             try:
                 await self._flush(batch)

@@ -96,6 +96,7 @@ class Settings:
     sse_retry_ms: int = 3000
     shutdown_grace_s: float = 10.0
     circuit_failures: int = 5
+    leaderboard_bootstrap_rounds: int = 200
     finish_retry_s: float = 30.0
     sweep_s: float = 15.0
     stream_token_ttl_s: float = 600.0
@@ -327,6 +328,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         finish_retry_s=_float("FINISH_RETRY_S", env.get("FINISH_RETRY_S", 30)),
         sweep_s=_float("SWEEP_S", env.get("SWEEP_S", 15), minimum=0.05),
         stream_token_ttl_s=_float("STREAM_TOKEN_TTL_S", env.get("STREAM_TOKEN_TTL_S", 600), minimum=1),
+        leaderboard_bootstrap_rounds=_int("LEADERBOARD_BOOTSTRAP_ROUNDS", env.get("LEADERBOARD_BOOTSTRAP_ROUNDS", 200),
+                                          minimum=0),
         circuit_failures=_int("CIRCUIT_FAILURES", env.get("CIRCUIT_FAILURES", 5), minimum=1),
         circuit_cooldown_s=_float("CIRCUIT_COOLDOWN_S", env.get("CIRCUIT_COOLDOWN_S", 30)),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),

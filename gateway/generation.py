@@ -44,6 +44,8 @@ class Turn:
     auto: bool = False
     extra_metadata: dict[str, Any] = field(default_factory=dict)
     admission: Admission | None = None  # the policy's grant: reservations to settle at the finish
+    slot: str | None = None  # arena slot "a" / "b"
+    anonymous: bool = False  # an anonymous arena slot: events do not name the model
 
 
 class EventLog:
@@ -91,7 +93,7 @@ class Generation:
         self._pool = pool
         self._save = save
         self.parts: list[str] = []  # the reply's text chunks: delta seq k is parts[k - 1]
-        self._encoder = FrameEncoder(str(turn.message_id))
+        self._encoder = FrameEncoder(str(turn.message_id), turn.slot)
         self.log = EventLog(self._encoder, self.parts)
         self.finished = False
         self.status = "streaming"
@@ -166,6 +168,9 @@ class Generation:
 
     def metadata(self) -> dict[str, Any]:
         model = self.chain.used
+        if self.turn.anonymous:
+            return metadata_json(self.turn.thread_id, self.turn.user_message_id, self.turn.message_id, None, None,
+                                 self.turn.category, self.turn.auto, None)
         return metadata_json(self.turn.thread_id, self.turn.user_message_id, self.turn.message_id, model.name,
                              model.provider, self.turn.category, self.turn.auto, self.chain.fallback_from)
 
@@ -190,7 +195,8 @@ class Generation:
                         admission.user_reserved if admission else 0, admission.key_reserved if admission else 0),
             status=self.status, content=content, ttft_ms=self._ttft_ms,
             latency_ms=round((time.monotonic() - self._started) * 1000), error=error_json,
-            metadata={**self.turn.extra_metadata, "category": self.turn.category, "auto": self.turn.auto,
+            metadata={**self.turn.extra_metadata, **({"anonymous": True} if self.turn.anonymous else {}),
+                      "category": self.turn.category, "auto": self.turn.auto,
                       "fallback_from": self.chain.fallback_from, "attempts": attempts,
                       "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
@@ -206,14 +212,22 @@ class Generation:
             if estimated:
                 usage_json["estimated"] = True
             self._emit(self._encoder.event(seq, "usage", usage_json))
-            self._emit(self._encoder.event(seq + 1, "done", {"finish_reason": finish_reason,
-                                                             "message_id": self.turn.message_id,
-                                                             "attempts": attempts}))
+            self._emit(self._encoder.event(seq + 1, "done", done_json(finish_reason, self.turn.message_id, attempts,
+                                                                      self.turn.anonymous)))
         self.finished = True
         self._changed.set()
 
-def metadata_json(thread_id: uuid.UUID, user_message_id: uuid.UUID, message_id: uuid.UUID, model: str,
-                  provider: str, category: str | None, auto: bool, fallback_from: str | None) -> dict[str, Any]:
+def done_json(finish_reason: str, message_id: uuid.UUID, attempts: list[dict[str, Any]],
+              anonymous: bool) -> dict[str, Any]:
+    # the attempt trail names models: an anonymous arena slot keeps them for the vote to reveal
+    if anonymous:
+        return {"finish_reason": finish_reason, "message_id": message_id}
+    return {"finish_reason": finish_reason, "message_id": message_id, "attempts": attempts}
+
+
+def metadata_json(thread_id: uuid.UUID, user_message_id: uuid.UUID, message_id: uuid.UUID, model: str | None,
+                  provider: str | None, category: str | None, auto: bool,
+                  fallback_from: str | None) -> dict[str, Any]:
     """The `metadata` event's data, live or replayed: one builder so both are byte-identical."""
     return {"thread_id": thread_id, "user_message_id": user_message_id, "message_id": message_id, "model": model,
             "provider": provider, "category": category, "auto": auto, "fallback_from": fallback_from}
@@ -291,11 +305,13 @@ class GenerationRegistry:
 
 def replay_frames(message: dict[str, Any]) -> list[bytes]:
     """A finished message's events rebuilt from its row, with the ids the live stream gave them."""
-    encoder = FrameEncoder(str(message["id"]))
+    encoder = FrameEncoder(str(message["id"]), message["slot"])
     meta = message["metadata"]
+    anonymous = bool(meta.get("anonymous"))
     frames = [encoder.event(0, "metadata", metadata_json(
-        message["thread_id"], message["reply_to"], message["id"], message["model"], message["provider"],
-        meta.get("category"), meta.get("auto", False), meta.get("fallback_from")))]
+        message["thread_id"], message["reply_to"], message["id"], None if anonymous else message["model"],
+        None if anonymous else message["provider"], meta.get("category"), meta.get("auto", False),
+        None if anonymous else meta.get("fallback_from")))]
     content, pos = message["content"], 0
     for length in meta.get("chunks", [len(content)] if content else []):
         frames.append(encoder.delta(len(frames), content[pos:pos + length]))
@@ -309,10 +325,9 @@ def replay_frames(message: dict[str, Any]) -> list[bytes]:
     if meta.get("estimated"):
         usage["estimated"] = True
     frames.append(encoder.event(len(frames), "usage", usage))
-    frames.append(encoder.event(len(frames), "done", {"finish_reason": meta.get("finish_reason", "stop"),
-                                                      "message_id": message["id"],
-                                                      "attempts": [_in_order(a, _ATTEMPT_KEYS)
-                                                                   for a in meta.get("attempts", [])]}))
+    frames.append(encoder.event(len(frames), "done", done_json(
+        meta.get("finish_reason", "stop"), message["id"],
+        [_in_order(a, _ATTEMPT_KEYS) for a in meta.get("attempts", [])], anonymous)))
     return frames
 
 

@@ -30,17 +30,24 @@ DONE = b"data: [DONE]\n\n"
 
 
 class FrameEncoder:
-    """Encodes the events of one message; `prefix` is `id: <message_id>:` computed once."""
+    """Encodes the events of one message; `prefix` is `id: <message_id>:` computed once.
 
-    __slots__ = ("prefix",)
+    An arena slot's events carry `"slot"` as the first key of every data object.
+    """
 
-    def __init__(self, message_id: str) -> None:
+    __slots__ = ("prefix", "slot", "_open")
+
+    def __init__(self, message_id: str, slot: str | None = None) -> None:
         self.prefix = b"id: " + message_id.encode() + b":"
+        self.slot = slot
+        self._open = b'{"slot":"' + slot.encode() + b'",' if slot else b"{"
 
     def delta(self, seq: int, text: str) -> bytes:
-        return b"%s%d\ndata: {\"delta\":%s}\n\n" % (self.prefix, seq, orjson.dumps(text))
+        return b"%s%d\ndata: %s\"delta\":%s}\n\n" % (self.prefix, seq, self._open, orjson.dumps(text))
 
     def event(self, seq: int, name: str, data: dict[str, Any]) -> bytes:
+        if self.slot:
+            data = {"slot": self.slot, **data}
         return b"%s%d\nevent: %s\ndata: %s\n\n" % (self.prefix, seq, name.encode(), orjson.dumps(data))
 
 

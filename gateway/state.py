@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .db import Database
     from .generation import GenerationRegistry
     from .instance import Instance
+    from .leaderboard import LeaderboardCache
     from .policy import Policy
     from .stream_tokens import StreamTokens
     from .providers.registry import ModelRegistry
@@ -29,6 +30,7 @@ HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSessi
 MODELS: web.AppKey["ModelRegistry"] = web.AppKey("models")
 AUTH: web.AppKey["Authenticator"] = web.AppKey("auth")
 GENERATIONS: web.AppKey["GenerationRegistry"] = web.AppKey("generations")
+LEADERBOARD: web.AppKey["LeaderboardCache"] = web.AppKey("leaderboard")
 POLICY: web.AppKey["Policy"] = web.AppKey("policy")
 INSTANCE: web.AppKey["Instance"] = web.AppKey("instance")
 STREAM_TOKENS: web.AppKey["StreamTokens"] = web.AppKey("stream_tokens")

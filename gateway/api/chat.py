@@ -21,6 +21,7 @@ from ..providers.chain import Chain
 from ..router import AUTO, route
 from ..sse import DONE, open_stream, parse_last_event_id
 from ..state import DB, GENERATIONS, INSTANCE, MODELS, POLICY, SETTINGS, STREAM_TOKENS, USER_ID
+from ..store import arena as arena_store
 from ..store import messages as message_store
 from .common import caller, check_text, json_response, optional, parse_uuid, read_json
 
@@ -231,5 +232,6 @@ async def cancel_reply(request: web.Request, user_id: uuid.UUID, message_id: uui
 async def get_message(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     message_id = parse_uuid(request.match_info["message_id"], "message id")
-    message = await message_store.get_message(request.app[DB].pool, principal.user_id, message_id)
-    return json_response(message)
+    pool = request.app[DB].pool
+    message = await message_store.get_message(pool, principal.user_id, message_id)
+    return json_response((await arena_store.masked(pool, [message]))[0])

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from ..errors import BadRequest
 from ..state import DB
+from ..store import arena as arena_store
 from ..store import threads as thread_store
 from .common import caller, json_response, optional, parse_uuid, read_json
 
@@ -63,7 +64,10 @@ async def list_threads(request: web.Request) -> web.Response:
 async def get_thread(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     thread_id = parse_uuid(request.match_info["thread_id"], "thread id")
-    return json_response(await thread_store.get_thread(request.app[DB].pool, principal.user_id, thread_id))
+    pool = request.app[DB].pool
+    thread = await thread_store.get_thread(pool, principal.user_id, thread_id)
+    thread["messages"] = await arena_store.masked(pool, thread["messages"])
+    return json_response(thread)
 
 
 async def delete_thread(request: web.Request) -> web.Response:

@@ -1,0 +1,141 @@
+"""`python -m gateway` as a user runs it: real subprocesses against the test database."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import signal
+import socket
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+
+from .conftest import MakeClient
+from .fakes import parse_sse
+
+KEY_LINE = re.compile(r"gwk_[A-Za-z0-9_-]{43}")
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli_env(database_url: str, **overrides: str) -> dict[str, str]:
+    """A clean environment: nothing from the developer's shell leaks into the run."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "DATABASE_URL": database_url,
+           "BOOTSTRAP_ADMIN_KEY": "false", "DEMO_DELAY_MS": "0", "DB_POOL_MIN": "1"}
+    env.update(overrides)
+    return env
+
+
+async def run_cli(cwd: Path, env: dict[str, str], *args: str, timeout: float = 30) -> Run:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", *args, cwd=cwd, env=env,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+async def create_key_via_cli(tmp_path: Path, database_url: str, name: str = "ci") -> str:
+    run = await run_cli(tmp_path, cli_env(database_url), "keys", "create", "--name", name)
+    assert run.returncode == 0, run.stderr
+    key = run.stdout.splitlines()[-1]
+    assert KEY_LINE.fullmatch(key), run.stdout
+    return key
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_migrate_on_a_migrated_database_applies_nothing(tmp_path: Path, database_url: str):
+    run = await run_cli(tmp_path, cli_env(database_url), "migrate")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "applied: nothing (up to date)\n"
+
+
+async def test_keys_create_prints_a_working_key_stored_only_as_hash_and_prefix(
+        tmp_path: Path, database_url: str, db: asyncpg.Pool, make_client: MakeClient):
+    key = await create_key_via_cli(tmp_path, database_url)
+
+    row = await db.fetchrow("SELECT id, name, prefix, scopes, revoked_at FROM api_keys WHERE key_hash = $1",
+                            hashlib.sha256(key.encode()).digest())
+    assert row is not None
+    assert (row["name"], row["prefix"], row["scopes"], row["revoked_at"]) == ("ci", key[:12], ["chat", "arena"], None)
+    # the plaintext appears in no column of any key row
+    assert await db.fetchval("SELECT count(*) FROM api_keys k WHERE strpos(k::text, $1) > 0", key) == 0
+
+    client = await make_client()
+    resp = await client.get("/api/threads", headers={"Authorization": f"Bearer {key}"})
+    assert resp.status == 200
+    assert await resp.json() == {"threads": [], "next_cursor": None}
+
+
+@pytest.mark.parametrize(("name", "value"), [("GATEWAY_PORT", "abc"), ("DB_POOL_MAX", "0"),
+                                             ("GATEWAY_CONFIG", "/nonexistent")])
+async def test_bad_setting_exits_2_naming_the_variable(tmp_path: Path, database_url: str, name: str, value: str):
+    run = await run_cli(tmp_path, cli_env(database_url, **{name: value}), "migrate")
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"configuration error: {name}")
+    assert run.stdout == ""
+
+
+async def test_serve_streams_a_chat_and_exits_cleanly_on_sigterm(tmp_path: Path, database_url: str,
+                                                                 db: asyncpg.Pool):
+    key = await create_key_via_cli(tmp_path, database_url, "serve-test")
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--port", str(port), cwd=tmp_path,
+            env=cli_env(database_url, SHUTDOWN_GRACE_S="2"), stdout=log_file, stderr=log_file)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as session:
+            await wait_until_healthy(session, base + "/healthz", proc, log_path)
+            async with session.post(base + "/api/chat", json={"content": "Hello", "stream": True},
+                                    headers={"Authorization": f"Bearer {key}"}) as resp:
+                assert resp.status == 200
+                events = parse_sse(await resp.read())
+        assert [e.event for e in events] == ["metadata"] + ["message"] * 12 + ["usage", "done", "message"]
+        assert events[-1].data == "[DONE]"
+        message_id = uuid.UUID(orjson.loads(events[0].data)["message_id"])
+        text = "".join(orjson.loads(e.data)["delta"] for e in events[1:13])
+        row = await db.fetchrow("SELECT status, content FROM messages WHERE id = $1", message_id)
+        assert (row["status"], row["content"]) == ("complete", text)
+
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0, log_path.read_text()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def wait_until_healthy(session: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process,
+                             log_path: Path, timeout: float = 20) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        assert proc.returncode is None, "the server exited before it became healthy:\n" + log_path.read_text()
+        try:
+            async with session.get(url) as resp:
+                if resp.status == 200 and await resp.json() == {"status": "ok"}:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        assert loop.time() < deadline, "the server did not become healthy in time:\n" + log_path.read_text()
+        await asyncio.sleep(0.05)

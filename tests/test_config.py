@@ -1,0 +1,179 @@
+"""Settings.from_env: defaults, the TOML file, env-only providers, and errors that name the culprit."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+
+from gateway.config import DEMO_MODEL, LimitsConfig, ModelConfig, ProviderConfig, Secret, Settings
+from gateway.errors import ConfigError
+
+ConfigFile = Callable[[str], str]
+
+FULL_TOML = """
+[server]
+host = "0.0.0.0"
+port = 9090
+
+[providers.groq]
+kind = "openai"
+base_url = "https://api.groq.com/openai/v1/"
+api_key = "gsk-inline"
+
+[providers.local]
+kind = "demo"
+chunks = 3
+delay_ms = 0
+
+[models.fast]
+provider = "groq"
+upstream = "llama-3.1-8b-instant"
+fallbacks = ["strong", "demo"]
+timeout_s = 45
+first_token_timeout_s = 10
+idle_timeout_s = 20
+weight = 2
+input_price_per_mtok = 0.05
+output_price_per_mtok = 0.08
+
+[models.strong]
+provider = "local"
+
+[router]
+default = "fast"
+code = "strong"
+
+[limits]
+requests_per_minute = 60
+daily_tokens = 200000
+max_concurrent_streams = 4
+"""
+
+
+def config_error(env: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    return info.value.message
+
+
+def test_empty_environment_gives_demo_model_on_port_8080():
+    s = Settings.from_env({})
+    assert (s.host, s.port, s.default_model, s.jwt_audience) == ("127.0.0.1", 8080, DEMO_MODEL, "authenticated")
+    assert s.database_url is None and not s.jwt_enabled and s.jwt_algorithms == ()
+    assert s.bootstrap_admin_key is True and s.cors_origins == ()
+    assert list(s.providers) == ["demo"] and list(s.models) == ["demo"]
+    assert s.models["demo"] == ModelConfig("demo", "demo", "demo")
+    assert s.limits == LimitsConfig()
+
+
+def test_toml_declares_server_providers_models_router_and_limits(config_file: ConfigFile):
+    s = Settings.from_env({"GATEWAY_CONFIG": config_file(FULL_TOML)})
+    assert (s.host, s.port) == ("0.0.0.0", 9090)
+    groq = s.providers["groq"]
+    assert (groq.kind, groq.base_url) == ("openai", "https://api.groq.com/openai/v1")  # trailing slash dropped
+    assert groq.api_key is not None and groq.api_key.reveal() == "gsk-inline"
+    assert s.providers["local"] == ProviderConfig("local", "demo", "", None, demo_chunks=3, demo_delay_s=0.0)
+    assert s.models["fast"] == ModelConfig(
+        "fast", "groq", "llama-3.1-8b-instant", ("strong", "demo"), timeout_s=45.0, first_token_timeout_s=10.0,
+        idle_timeout_s=20.0, weight=2.0, input_price_per_mtok=0.05, output_price_per_mtok=0.08)
+    assert s.models["strong"] == ModelConfig("strong", "local", "strong")  # upstream defaults to the name
+    assert dict(s.router) == {"default": "fast", "code": "strong"}
+    assert s.default_model == "fast"
+    assert s.limits == LimitsConfig(requests_per_minute=60, daily_tokens=200000, max_concurrent_streams=4)
+
+
+def test_env_port_overrides_the_toml_port(config_file: ConfigFile):
+    path = config_file("[server]\nport = 9090\n")
+    assert Settings.from_env({"GATEWAY_CONFIG": path, "GATEWAY_PORT": "7000"}).port == 7000
+    assert Settings.from_env({"GATEWAY_CONFIG": path, "PORT": "7001"}).port == 7001
+
+
+def test_openai_api_key_alone_registers_openai_and_makes_it_the_default():
+    s = Settings.from_env({"OPENAI_API_KEY": "sk-test"})
+    openai = s.providers["openai"]
+    assert (openai.kind, openai.base_url) == ("openai", "https://api.openai.com/v1")
+    assert openai.api_key is not None and openai.api_key.reveal() == "sk-test"
+    assert s.models["gpt-4o-mini"] == ModelConfig("gpt-4o-mini", "openai", "gpt-4o-mini")
+    assert s.default_model == "gpt-4o-mini"
+    assert DEMO_MODEL in s.models  # the demo model stays available
+
+
+def test_openai_base_url_without_key_registers_a_keyless_compatible_server():
+    s = Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:8000/v1", "OPENAI_MODEL": "qwen"})
+    assert s.providers["openai"] == ProviderConfig("openai", "openai", "http://127.0.0.1:8000/v1", None)
+    assert s.models["qwen"] == ModelConfig("qwen", "openai", "qwen")
+    assert s.default_model == "qwen"
+
+
+def test_groq_api_key_registers_groq():
+    s = Settings.from_env({"GROQ_API_KEY": "gsk-env", "GROQ_MODEL": "llama-3.3-70b"})
+    groq = s.providers["groq"]
+    assert (groq.kind, groq.base_url) == ("openai", "https://api.groq.com/openai/v1")
+    assert groq.api_key is not None and groq.api_key.reveal() == "gsk-env"
+    assert s.models["llama-3.3-70b"] == ModelConfig("llama-3.3-70b", "groq", "llama-3.3-70b")
+
+
+def test_api_key_env_reads_the_named_variable(config_file: ConfigFile):
+    path = config_file('[providers.vllm]\nbase_url = "http://gpu:8000/v1"\napi_key_env = "VLLM_TOKEN"\n')
+    s = Settings.from_env({"GATEWAY_CONFIG": path, "VLLM_TOKEN": "tok-123"})
+    key = s.providers["vllm"].api_key
+    assert isinstance(key, Secret) and key.reveal() == "tok-123"
+    assert "VLLM_TOKEN" in config_error({"GATEWAY_CONFIG": path})
+
+
+@pytest.mark.parametrize("name", ["GATEWAY_PORT", "PORT"])
+def test_non_integer_port_names_its_variable(name: str):
+    message = config_error({name: "abc"})
+    assert message.startswith(name + " ") and "'abc'" in message
+
+
+def test_model_with_undeclared_provider_is_refused(config_file: ConfigFile):
+    message = config_error({"GATEWAY_CONFIG": config_file('[models.fast]\nprovider = "nowhere"\n')})
+    assert "[models.fast]" in message and "'nowhere'" in message
+
+
+def test_fallback_to_undeclared_model_is_refused(config_file: ConfigFile):
+    path = config_file('[models.fast]\nprovider = "demo"\nfallbacks = ["ghost"]\n')
+    message = config_error({"GATEWAY_CONFIG": path})
+    assert "[models.fast]" in message and "'ghost'" in message
+
+
+def test_router_to_undeclared_model_is_refused(config_file: ConfigFile):
+    message = config_error({"GATEWAY_CONFIG": config_file('[router]\ncode = "ghost"\n')})
+    assert "[router]" in message and "code" in message and "'ghost'" in message
+
+
+def test_unknown_provider_kind_is_refused(config_file: ConfigFile):
+    path = config_file('[providers.odd]\nkind = "grpc"\nbase_url = "http://x"\n')
+    message = config_error({"GATEWAY_CONFIG": path})
+    assert "[providers.odd]" in message and "kind" in message and "'grpc'" in message
+
+
+def test_invalid_toml_is_refused_with_the_file_named(config_file: ConfigFile):
+    path = config_file("[models.fast\nprovider = 1\n")
+    message = config_error({"GATEWAY_CONFIG": path})
+    assert message.startswith("GATEWAY_CONFIG: ") and path in message and "not valid TOML" in message
+
+
+def test_missing_config_file_is_refused():
+    assert config_error({"GATEWAY_CONFIG": "/nonexistent/gw.toml"}).startswith(
+        "GATEWAY_CONFIG: cannot read /nonexistent/gw.toml")
+
+
+def test_hs256_without_jwt_secret_is_refused():
+    message = config_error({"JWT_ALGORITHMS": "HS256"})
+    assert "JWT_ALGORITHMS" in message and "JWT_SECRET" in message
+
+
+def test_secrets_never_print_their_value():
+    s = Settings.from_env({"DATABASE_URL": "postgresql://app:pg-pass-9f3@db/app", "OPENAI_API_KEY": "sk-live-7c1",
+                           "JWT_SECRET": "jwt-secret-0123456789abcdef0123456789"})
+    assert s.database_url is not None and s.database_url.reveal() == "postgresql://app:pg-pass-9f3@db/app"
+    secret = s.providers["openai"].api_key
+    renderings = [repr(s), str(s), f"{s}", f"{s!r}", str(s.database_url), repr(s.jwt_secret),
+                  f"{secret}", f"{secret!s}", f"{secret:>40}", "%s" % secret, "{}".format(secret)]
+    for text in renderings:
+        for value in ("pg-pass-9f3", "sk-live-7c1", "jwt-secret-0123"):
+            assert value not in text
+    assert f"{secret}" == "**********" and repr(secret) == "'**********'"

@@ -1,0 +1,117 @@
+"""The migration runner on fresh databases, and the embedded server keeping its data across starts."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import asyncpg
+import psutil
+
+from gateway.config import Settings
+from gateway.db import SQL_DIR, migrate, open_database, pending_migrations
+
+from .conftest import with_database
+
+# every file in sql/ is a migration, named in the order it applies
+ALL_MIGRATIONS = sorted(p.name for p in SQL_DIR.glob("*.sql"))
+
+
+@asynccontextmanager
+async def fresh_database(pg_server_url: str) -> AsyncIterator[str]:
+    """An empty database on the test server (no migrations applied), dropped afterwards."""
+    name = "gw_fresh_" + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(pg_server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield with_database(pg_server_url, name)
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def schema_snapshot(conn: asyncpg.Connection) -> dict[str, Any]:
+    """What a migration could change: recorded versions, columns, indexes."""
+    return {
+        "migrations": [tuple(r) for r in await conn.fetch(
+            "SELECT version, applied_at FROM schema_migrations ORDER BY version")],
+        "columns": [tuple(r) for r in await conn.fetch("""
+            SELECT table_name, column_name, data_type, is_nullable, column_default
+            FROM information_schema.columns WHERE table_schema = 'public'
+            ORDER BY table_name, ordinal_position""")],
+        "indexes": [tuple(r) for r in await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY indexname")],
+    }
+
+
+def process_gone(pid: int) -> bool:
+    # a stopped postmaster was reparented away from us; a zombie awaiting its reaper has exited too
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_migrate_applies_every_file_once_and_a_second_run_changes_nothing(pg_server_url: str):
+    assert ALL_MIGRATIONS and ALL_MIGRATIONS[0] == "0001_init.sql"
+    async with fresh_database(pg_server_url) as url:
+        conn = await asyncpg.connect(url)
+        try:
+            assert await pending_migrations(conn) == ALL_MIGRATIONS
+            assert await migrate(conn) == ALL_MIGRATIONS
+            assert [r["version"] for r in await conn.fetch(
+                "SELECT version FROM schema_migrations ORDER BY version")] == ALL_MIGRATIONS
+            assert await conn.fetchval("SELECT to_regclass('public.messages') IS NOT NULL")
+            before = await schema_snapshot(conn)
+
+            assert await migrate(conn) == []
+            assert await schema_snapshot(conn) == before
+            assert await pending_migrations(conn) == []
+        finally:
+            await conn.close()
+
+
+async def test_concurrent_migrations_apply_each_file_exactly_once(pg_server_url: str):
+    async with fresh_database(pg_server_url) as url:
+        first, second = await asyncpg.connect(url), await asyncpg.connect(url)
+        try:
+            results = await asyncio.gather(migrate(first), migrate(second))
+            # the advisory lock serialises them: one applies everything, the other finds nothing to do
+            assert sorted(results, key=len) == [[], ALL_MIGRATIONS]
+            assert await first.fetchval("SELECT count(*) FROM schema_migrations") == len(ALL_MIGRATIONS)
+            assert await pending_migrations(second) == []
+        finally:
+            await first.close()
+            await second.close()
+
+
+async def test_embedded_server_stops_on_close_and_keeps_data_for_the_next_start(tmp_path: Path):
+    settings = Settings.from_env({"GATEWAY_DATA_DIR": str(tmp_path / "data"), "DB_POOL_MIN": "1",
+                                  "DB_POOL_MAX": "2"})
+    assert settings.database_url is None
+    pgdata = tmp_path / "data" / "pgdata"
+
+    db = await open_database(settings)
+    try:
+        assert db.embedded is not None
+        pid = db.embedded.get_pid()
+        assert pid is not None and psutil.pid_exists(pid)
+        await db.pool.execute("CREATE TABLE kept (v text)")
+        await db.pool.execute("INSERT INTO kept VALUES ('survives a restart')")
+    finally:
+        await db.close()
+    assert not (pgdata / "postmaster.pid").exists()
+    assert process_gone(pid)
+
+    db = await open_database(settings)
+    try:
+        assert db.embedded is not None and db.embedded.get_pid() != pid
+        assert await db.pool.fetchval("SELECT v FROM kept") == "survives a restart"
+    finally:
+        await db.close()
+    assert not (pgdata / "postmaster.pid").exists()
