@@ -121,6 +121,9 @@ class Generation:
 
     def _emit(self, frame: bytes) -> None:
         self.log.append(frame)
+        self._wake()
+
+    def _wake(self) -> None:
         self._changed.set()
         self._changed.clear()  # waiters already woken keep their wake-up; new ones wait again
 
@@ -137,17 +140,20 @@ class Generation:
         finish_reason = "stop"
         error: ProviderError | None = None
         try:
-            async for event in self.chain.stream(self.request):
-                if type(event) is TextDelta:
-                    if not self.log.count:
-                        self._ttft_ms = round((time.monotonic() - self._started) * 1000)
-                        self._emit(self._encoder.event(0, "metadata", self.metadata()))
-                    self.parts.append(event.text)
-                    self._emit(self._encoder.delta(self.log.count, event.text))
-                elif type(event) is UsageReport:
-                    usage = event
-                elif type(event) is Finish:
-                    finish_reason = event.reason
+            async for batch in self.chain.stream(self.request):
+                for event in batch:
+                    kind = type(event)
+                    if kind is TextDelta:
+                        if not self.log.count:
+                            self._ttft_ms = round((time.monotonic() - self._started) * 1000)
+                            self.log.append(self._encoder.event(0, "metadata", self.metadata()))
+                        self.parts.append(event.text)
+                        self.log.append(self._encoder.delta(self.log.count, event.text))
+                    elif kind is UsageReport:
+                        usage = event
+                    elif kind is Finish:
+                        finish_reason = event.reason
+                self._wake()  # listeners wake once per upstream read, not once per event
             self.status = "complete"
         except ProviderError as e:
             self.status, error = "failed", e

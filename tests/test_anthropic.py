@@ -89,7 +89,7 @@ upstream = "claude-x"
     settings = Settings.from_env({"GATEWAY_CONFIG": path})
     async with aiohttp.ClientSession() as session:
         provider = AnthropicProvider(settings.providers["claude"], session)
-        return [e async for e in provider.stream(settings.models["claude"], request)]
+        return [e async for batch in provider.stream(settings.models["claude"], request) for e in batch]
 
 
 async def test_anthropic_stream_normalised_with_cumulative_usage(anthropic, config_file):

@@ -73,12 +73,14 @@ def chain_toml(primary_url: str, backup_url: str | None, **primary_timeouts: flo
             + model_toml("backup", "b", "up-backup"))
 
 
-async def collect(stream: AsyncIterator[StreamEvent]) -> tuple[list[StreamEvent], ProviderError | None]:
-    """Every event a stream yields, and the ProviderError it ended with (None for a clean end)."""
+async def collect(stream: AsyncIterator[list[StreamEvent]]) -> tuple[list[StreamEvent], ProviderError | None]:
+    """Every event a stream yields (its batches flattened, none empty), and the ProviderError it
+    ended with (None for a clean end)."""
     events: list[StreamEvent] = []
     try:
-        async for event in stream:
-            events.append(event)
+        async for batch in stream:
+            assert batch, "a stream never yields an empty batch"
+            events.extend(batch)
     except ProviderError as e:
         return events, e
     return events, None

@@ -192,7 +192,7 @@ async def _stream(request: web.Request, events: Any, chain: Chain, chat: ChatReq
                   include_usage: bool, reply: _Reply) -> web.StreamResponse:
     # nothing is sent until the chain has committed to a model: until then a failure is a clean
     # HTTP error and the response's "model" names the model that actually answers
-    first = await anext(events)
+    batch = await anext(events)
     resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
     reply.started = True
@@ -200,23 +200,23 @@ async def _stream(request: web.Request, events: Any, chain: Chain, chat: ChatReq
     out = [enc.delta(b'{"role":"assistant","content":""}')]
     finish = "stop"
     try:
-        event = first
         while True:
-            kind = type(event)
-            if kind is TextDelta:
-                reply.parts.append(event.text)
-                out.append(enc.content(event.text))
-            elif kind is ToolCallDelta:
-                out.append(enc.delta(b'{"tool_calls":' + orjson.dumps(event.calls) + b"}"))
-            elif kind is Finish:
-                finish = event.reason
-            elif kind is UsageReport:
-                reply.usage = event
-            if out:
+            for event in batch:
+                kind = type(event)
+                if kind is TextDelta:
+                    reply.parts.append(event.text)
+                    out.append(enc.content(event.text))
+                elif kind is ToolCallDelta:
+                    out.append(enc.delta(b'{"tool_calls":' + orjson.dumps(event.calls) + b"}"))
+                elif kind is Finish:
+                    finish = event.reason
+                elif kind is UsageReport:
+                    reply.usage = event
+            if out:  # one write per upstream read
                 await resp.write(b"".join(out) if len(out) > 1 else out[0])
                 out.clear()
             try:
-                event = await anext(events)
+                batch = await anext(events)
             except StopAsyncIteration:
                 break
         out.append(enc.delta(b"{}", finish))
@@ -231,18 +231,20 @@ async def _stream(request: web.Request, events: Any, chain: Chain, chat: ChatReq
     return resp
 
 
-async def _complete(events: Any, chain: Chain, chat: ChatRequest, completion_id: uuid.UUID, reply: _Reply) -> web.Response:
+async def _complete(events: Any, chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
+                    reply: _Reply) -> web.Response:
     finish, calls = "stop", []
-    async for event in events:
-        kind = type(event)
-        if kind is TextDelta:
-            reply.parts.append(event.text)
-        elif kind is ToolCallDelta:
-            calls.extend(event.calls)
-        elif kind is Finish:
-            finish = event.reason
-        elif kind is UsageReport:
-            reply.usage = event
+    async for batch in events:
+        for event in batch:
+            kind = type(event)
+            if kind is TextDelta:
+                reply.parts.append(event.text)
+            elif kind is ToolCallDelta:
+                calls.extend(event.calls)
+            elif kind is Finish:
+                finish = event.reason
+            elif kind is UsageReport:
+                reply.usage = event
     usage = reply.usage or estimated_usage(chat, reply)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.parts) or None}
     if calls:

@@ -14,7 +14,8 @@ import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
-from .base import (ChatRequest, Finish, StreamEvent, TextDelta, UpstreamConnectionError, UpstreamProtocolError,
+from .base import (Batch, ChatRequest, Finish, ProviderError, StreamEvent, TextDelta, UpstreamConnectionError,
+                   UpstreamProtocolError,
                    UpstreamStreamError, UpstreamTimeout, UsageReport)
 from .openai import client_timeout, raise_for_status
 from .sse_decoder import SSEDecoder
@@ -54,7 +55,7 @@ class AnthropicProvider:
             self._headers["x-api-key"] = config.api_key.reveal()
         self._session = session
 
-    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]:
         state = _Usage()
         try:
             async with self._session.post(self._url, data=orjson.dumps(to_anthropic(model, request)),
@@ -62,11 +63,19 @@ class AnthropicProvider:
                 await raise_for_status(resp)
                 decoder = SSEDecoder()
                 async for chunk in resp.content.iter_any():
+                    batch: Batch = []
                     for event in decoder.feed(chunk):
-                        for out in parse_event(event.event, event.data, state):
-                            yield out
+                        try:
+                            batch.extend(parse_event(event.event, event.data, state))
+                        except ProviderError:
+                            if batch:  # what arrived before the failure is part of the reply
+                                yield batch
+                            raise
                         if state.stopped:
+                            yield batch
                             return
+                    if batch:
+                        yield batch
         except aiohttp.ConnectionTimeoutError:
             raise UpstreamTimeout("connect") from None
         except asyncio.TimeoutError:

@@ -58,12 +58,20 @@ class Finish:
 StreamEvent = TextDelta | ToolCallDelta | UsageReport | Finish
 
 
+Batch = list[StreamEvent]
+
+
 class Provider(Protocol):
-    """One upstream API. `stream` yields events and ends only after the upstream's terminal marker."""
+    """One upstream API. `stream` yields the events decoded from each upstream read, as a batch
+    (never empty), and ends only after the upstream's terminal marker.
+
+    Batches, not single events: under load one read often holds several events, and everything
+    downstream (listeners, socket writes) then runs once per read instead of once per event.
+    """
 
     name: str
 
-    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[StreamEvent]: ...
+    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]: ...
 
 
 class ProviderError(Exception):

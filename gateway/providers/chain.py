@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from ..config import ModelConfig
-from .base import ChatRequest, ProviderError, StreamEvent, UpstreamTimeout
+from .base import Batch, ChatRequest, ProviderError, UpstreamTimeout
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ class Chain:
     def fallback_from(self) -> str | None:
         return self.models[0].name if self.used is not self.models[0] else None
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Batch]:
         circuits = self.registry.circuits
         loop = asyncio.get_running_loop()
         budget_end = loop.time() + self.models[0].timeout_s  # bounds waits on Retry-After
@@ -71,7 +71,7 @@ class Chain:
             deadline = loop.time() + model.timeout_s
             events = aiter(provider.stream(model, request))
             try:
-                # wait for the first content (usage or finish alone also commit: an empty reply)
+                # wait for the first batch (content, or usage/finish alone: an empty reply also commits)
                 async with asyncio.timeout(min(model.first_token_timeout_s, model.timeout_s)):
                     first = await anext(events)
             except (ProviderError, TimeoutError, StopAsyncIteration) as e:

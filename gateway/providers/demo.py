@@ -11,7 +11,7 @@ import hashlib
 from typing import AsyncIterator
 
 from ..config import ModelConfig, ProviderConfig
-from .base import ChatRequest, Finish, StreamEvent, TextDelta, UsageReport, estimate_tokens
+from .base import Batch, ChatRequest, Finish, TextDelta, UsageReport, estimate_tokens
 
 _WORDS = ("stream", "token", "gateway", "reply", "river", "signal", "packet", "model", "quiet", "bright",
           "steady", "chunk", "answer", "light", "echo", "thread", "message", "swift", "careful", "whole")
@@ -41,7 +41,7 @@ class DemoProvider:
         self._chunks = config.demo_chunks
         self._delay = config.demo_delay_s
 
-    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]:
         prompt = last_user_text(request)
         chunks = demo_reply(prompt, self._chunks)
         if request.max_tokens is not None:
@@ -49,8 +49,7 @@ class DemoProvider:
         for i, text in enumerate(chunks):
             if self._delay and i:
                 await asyncio.sleep(self._delay)
-            yield TextDelta(text)
+            yield [TextDelta(text)]  # one chunk per "read", like a real token stream
         truncated = request.max_tokens is not None and len(chunks) < self._chunks
-        yield Finish("length" if truncated else "stop")
         prompt_tokens = sum(estimate_tokens(str(m.get("content", ""))) for m in request.messages)
-        yield UsageReport(prompt_tokens, len(chunks))
+        yield [Finish("length" if truncated else "stop"), UsageReport(prompt_tokens, len(chunks))]

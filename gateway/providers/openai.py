@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
-from .base import (ChatRequest, Finish, StreamEvent, TextDelta, ToolCallDelta, UpstreamConnectionError,
+from .base import (Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamConnectionError,
                    UpstreamHTTPError, UpstreamProtocolError, UpstreamStreamError, UpstreamTimeout, UsageReport)
 from .sse_decoder import SSEDecoder
 
@@ -63,19 +63,28 @@ class OpenAIProvider:
                 body[key] = value
         return orjson.dumps(body)
 
-    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]:
         try:
             async with self._session.post(self._url, data=self.body(model, request), headers=self._headers,
                                           timeout=client_timeout(model)) as resp:
                 await raise_for_status(resp)
                 decoder = SSEDecoder()
                 async for chunk in resp.content.iter_any():
+                    batch: Batch = []
                     for event in decoder.feed(chunk):
                         if event.data == _DONE:
+                            if batch:
+                                yield batch
                             await _drain(resp)
                             return
-                        for out in parse_chunk(event.event, event.data):
-                            yield out
+                        try:
+                            parse_chunk(event.event, event.data, batch)
+                        except ProviderError:
+                            if batch:  # what arrived before the failure is part of the reply
+                                yield batch
+                            raise
+                    if batch:
+                        yield batch
         except aiohttp.ConnectionTimeoutError:
             raise UpstreamTimeout("connect") from None
         except asyncio.TimeoutError:
@@ -96,8 +105,8 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
         resp.close()  # an upstream that keeps talking after [DONE] loses its connection
 
 
-def parse_chunk(event: str, data: bytes) -> list[StreamEvent]:
-    """One `chat.completion.chunk` (or an error event) into normalised events."""
+def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:
+    """One `chat.completion.chunk` (or an error event) into normalised events, appended to `out`."""
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -110,7 +119,6 @@ def parse_chunk(event: str, data: bytes) -> list[StreamEvent]:
         raise UpstreamStreamError(f"upstream error mid-stream: {message}"[:500])
     if not isinstance(obj, dict):
         raise UpstreamProtocolError("upstream sent a chunk that is not a JSON object")
-    out: list[StreamEvent] = []
     for choice in obj.get("choices") or ():
         delta = choice.get("delta") or {}
         text = delta.get("content")
