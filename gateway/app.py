@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 
 from .activity import record_activity
-from .api import account, arena, chat, keys, openai, ops, threads, ws
+from .api import account, arena, chat, keys, openai, ops, playground, threads, ws
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -22,11 +22,13 @@ from .instance import Instance
 from .journal import FinishJournal
 from .jwt_auth import JwtVerifier
 from .leaderboard import LeaderboardCache
+from .metrics import Metrics, observe, on_prepare
 from .middleware import Cors, add_request_id, errors
+from .openapi import get_openapi
 from .policy import Policy
 from .providers.registry import ModelRegistry
-from .state import (ACTIVITY, AUTH, DB, GENERATIONS, HTTP, INSTANCE, LAST_USED, LEADERBOARD, MODELS, POLICY, SETTINGS,
-                    STREAM_TOKENS, USAGE)
+from .state import (ACTIVITY, AUTH, DB, GENERATIONS, HTTP, INSTANCE, LAST_USED, LEADERBOARD, METRICS, MODELS, POLICY,
+                    SETTINGS, STREAM_TOKENS, USAGE)
 from .store.activity import ActivityRecord, record_activity_many
 from .store.arena import battles
 from .store.keys import bootstrap_admin_key, touch_keys
@@ -70,10 +72,10 @@ def announce_admin_key(settings: Settings, key: str) -> None:
 async def services(app: web.Application) -> AsyncIterator[None]:
     settings, db = app[SETTINGS], app[DB]
     pool = db.pool
-    models = ModelRegistry(settings, app[HTTP])
+    models = ModelRegistry(settings, app[HTTP], app[METRICS])
     await models.sync(pool)
     app[MODELS] = models
-    jwt = JwtVerifier(settings, app[HTTP]) if settings.jwt_enabled else None
+    jwt = JwtVerifier(settings, app[HTTP], metrics=app[METRICS]) if settings.jwt_enabled else None
     # writes that can wait: batched off the request path, drained at shutdown
     last_used: BatchWriter[tuple[uuid.UUID, datetime]] = BatchWriter(
         "last_used", lambda batch: touch_keys(pool, batch), interval_s=0.5)
@@ -81,7 +83,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     activity: BatchWriter[ActivityRecord] = BatchWriter(
         "activity", lambda batch: record_activity_many(pool, batch), interval_s=0.2)
     app[ACTIVITY] = activity
-    auth = Authenticator(settings, pool, jwt, last_used=last_used)
+    auth = Authenticator(settings, pool, jwt, last_used=last_used, metrics=app[METRICS])
     app[AUTH] = auth
     app[POLICY] = Policy(settings.limits, pool)
     app[STREAM_TOKENS] = StreamTokens(await load_signing_key(pool), settings.stream_token_ttl_s)
@@ -111,6 +113,25 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         await leaderboard.close()
 
 
+async def metrics_server(app: web.Application) -> AsyncIterator[None]:
+    """With METRICS_PORT: /metrics on a listener of its own (bound to METRICS_HOST, loopback by
+    default), so the public port never serves it. A tiny app sharing the main app's registry."""
+    settings = app[SETTINGS]
+    side = web.Application(middlewares=[errors])
+    side[SETTINGS] = settings
+    side[METRICS] = app[METRICS]
+    side.on_response_prepare.append(add_request_id)
+    side.router.add_get("/metrics", ops.metrics)
+    runner = web.AppRunner(side, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+        yield
+    finally:
+        await runner.cleanup()
+
+
 async def finish_generations(app: web.Application) -> None:
     """On shutdown, before open streams are cut: running replies get the grace period to finish,
     then the rest are interrupted and saved, and their listeners get a final event."""
@@ -120,13 +141,21 @@ async def finish_generations(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     cors = Cors(settings.cors_origins)
-    app = web.Application(middlewares=[errors, cors.preflight], client_max_size=settings.max_body_bytes)
+    metrics = Metrics()  # this app's own registry
+    # observe is outermost: it counts the error responses the errors middleware makes, too
+    app = web.Application(middlewares=[observe(metrics), errors, cors.preflight],
+                          client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[METRICS] = metrics
+    metrics.watch(app)
     app.cleanup_ctx.extend([http_client, database, services])
+    if settings.metrics_port is not None:
+        app.cleanup_ctx.append(metrics_server)
     app.on_shutdown.append(finish_generations)
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(cors.on_prepare)
     app.on_response_prepare.append(record_activity)
+    app.on_response_prepare.append(on_prepare(metrics))
 
     r = app.router
     r.add_post("/api/chat", chat.post_chat)
@@ -153,4 +182,8 @@ def create_app(settings: Settings) -> web.Application:
     r.add_get("/api/usage", account.usage)
     r.add_get("/healthz", ops.healthz)
     r.add_get("/readyz", ops.readyz)
+    if settings.metrics_port is None:
+        r.add_get("/metrics", ops.metrics)
+    playground.add_routes(r)  # GET / and /static/
+    r.add_get("/openapi.json", get_openapi)
     return app

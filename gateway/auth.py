@@ -20,6 +20,7 @@ from .background import BatchWriter
 from .config import Settings
 from .errors import Forbidden, Unauthorized
 from .jwt_auth import JwtVerifier
+from .metrics import Metrics
 from .store import keys as key_store
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class Authenticator:
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool, jwt: JwtVerifier | None,
                  clock: Callable[[], float] = time.monotonic,
-                 last_used: BatchWriter[tuple[uuid.UUID, datetime]] | None = None) -> None:
+                 last_used: BatchWriter[tuple[uuid.UUID, datetime]] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._settings = settings
         self._pool = pool
         self._jwt = jwt
@@ -57,6 +59,9 @@ class Authenticator:
         self._last_used = last_used
         self._touched: dict[uuid.UUID, float] = {}
         self._fresh_users: dict[uuid.UUID, float] = {}
+        metrics = metrics or Metrics()
+        self._key_hit, self._key_miss = metrics.cache("api_key")
+        self._user_hit, self._user_miss = metrics.cache("jwt_user")
 
     async def authenticate(self, request: web.Request) -> Principal:
         header = request.headers.get("Authorization", "")
@@ -80,6 +85,7 @@ class Authenticator:
         now = self._clock()
         cached = self._keys.get(digest)
         if cached is None or cached[1] <= now:
+            self._key_miss.inc()
             forgets = self._forgets
             record = await key_store.find_key(self._pool, digest)
             # unknown keys are not cached: random guesses must not grow memory; and a row read
@@ -87,6 +93,7 @@ class Authenticator:
             if record is not None and forgets == self._forgets:
                 self._keys[digest] = (record, now + self._settings.key_cache_ttl_s)
         else:
+            self._key_hit.inc()
             record = cached[0]
         if record is None:
             raise Unauthorized("invalid API key")
@@ -115,10 +122,13 @@ class Authenticator:
         identity = await self._jwt.verify(token)
         now = self._clock()
         if self._fresh_users.get(identity.user_id, 0.0) <= now:
+            self._user_miss.inc()
             try:
                 await key_store.upsert_user(self._pool, identity.user_id, identity.email)
                 self._fresh_users[identity.user_id] = now + self._settings.user_cache_ttl_s
             except (asyncpg.PostgresError, OSError) as e:
                 # the caller is authenticated either way; the row is retried on the next request
                 log.warning("user upsert failed for %s: %s", identity.user_id, type(e).__name__)
+        else:
+            self._user_hit.inc()
         return Principal(identity.user_id, identity.email, None, JWT_SCOPES)

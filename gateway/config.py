@@ -102,6 +102,11 @@ class Settings:
     stream_token_ttl_s: float = 600.0
     circuit_cooldown_s: float = 30.0
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one JSON object per line)
+    # /metrics: a bearer token to require, and a separate listener (off the public port) if set
+    metrics_token: Secret | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     # models
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
@@ -304,6 +309,13 @@ def _parse(env: Mapping[str, str]) -> Settings:
     port_name = next((n for n in ("GATEWAY_PORT", "PORT") if env.get(n)), "[server] port")
     port_raw = env.get(port_name) if port_name != "[server] port" else server.get("port", 8080)
     database_url = env.get("DATABASE_URL")
+    log_format = env.get("LOG_FORMAT", "text").strip().lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT must be text or json, got {env['LOG_FORMAT']!r}")
+    metrics_token = env.get("METRICS_TOKEN")
+    metrics_port = _int("METRICS_PORT", env["METRICS_PORT"], minimum=1) if env.get("METRICS_PORT") else None
+    if metrics_port is not None and metrics_port > 65535:
+        raise ConfigError(f"METRICS_PORT must be <= 65535, got {metrics_port}")
     return Settings(
         host=env.get("GATEWAY_HOST") or str(server.get("host", "127.0.0.1")),
         port=_int(port_name, port_raw, minimum=0),
@@ -333,6 +345,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
         circuit_failures=_int("CIRCUIT_FAILURES", env.get("CIRCUIT_FAILURES", 5), minimum=1),
         circuit_cooldown_s=_float("CIRCUIT_COOLDOWN_S", env.get("CIRCUIT_COOLDOWN_S", 30)),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
+        log_format=log_format,
+        metrics_token=Secret(metrics_token) if metrics_token else None,
+        metrics_port=metrics_port,
+        metrics_host=env.get("METRICS_HOST") or "127.0.0.1",
         providers=providers,
         models=models,
         default_model=default_model,

@@ -207,6 +207,7 @@ class Generation:
                       "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})
+        self.chain.registry.metrics.usage(record.usage)
         await self._save(record)
         seq = self.log.count
         if error is not None:

@@ -24,6 +24,7 @@ from jwt.algorithms import get_default_algorithms
 
 from .config import Settings
 from .errors import ConfigError, Unauthorized
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ class JwtVerifier:
     FETCH_TIMEOUT_S = 5.0
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession | None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._jwks_hit, self._jwks_miss = (metrics or Metrics()).cache("jwks")
         self._session = session
         self._clock = clock
         self._secret = settings.jwt_secret.reveal().encode() if settings.jwt_secret else None
@@ -124,7 +126,10 @@ class JwtVerifier:
             raise Unauthorized("token has no key id")
         fetched_at = self._fetched_at
         if kid not in self._keys or fetched_at is None or self._clock() - fetched_at >= self._settings.jwks_ttl_s:
+            self._jwks_miss.inc()
             await self._refresh()
+        else:
+            self._jwks_hit.inc()
         jwk = self._keys.get(kid)
         if jwk is None:
             raise Unauthorized("unknown signing key" if self._keys else "signing keys unavailable")

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .generation import GenerationRegistry
     from .instance import Instance
     from .leaderboard import LeaderboardCache
+    from .metrics import Metrics, Timings
     from .policy import Policy
     from .stream_tokens import StreamTokens
     from .providers.registry import ModelRegistry
@@ -37,8 +38,10 @@ STREAM_TOKENS: web.AppKey["StreamTokens"] = web.AppKey("stream_tokens")
 USAGE: web.AppKey["BatchWriter[UsageRecord]"] = web.AppKey("usage")  # batched usage rows (OpenAI route)
 ACTIVITY: web.AppKey["BatchWriter[ActivityRecord]"] = web.AppKey("activity")  # who did what, batched
 LAST_USED: web.AppKey["BatchWriter[tuple[uuid.UUID, datetime]]"] = web.AppKey("last_used")  # api_keys.last_used_at
+METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")  # this app's Prometheus registry (never the global one)
 
 # per request
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 USER_ID: web.RequestKey[str] = web.RequestKey("user_id", str)
 PRINCIPAL: web.RequestKey["Principal"] = web.RequestKey("principal")  # set once the caller is authenticated
+TIMINGS: web.RequestKey["Timings"] = web.RequestKey("timings")  # where the time went, for the access log

@@ -47,7 +47,8 @@ async def usage(request: web.Request) -> web.Response:
     principal = await caller(request)
     today = utc_now().date()
     to = _day(request.query.get("to"), "to", today)
-    start = _day(request.query.get("from"), "from", to - timedelta(days=29))
+    # by ordinal: 29 days before 0001-01-05 is before the calendar (OverflowError, a 500)
+    start = _day(request.query.get("from"), "from", date.fromordinal(max(1, to.toordinal() - 29)))
     if start > to:
         raise BadRequest("from must not be after to")
     if (to - start).days >= MAX_RANGE_DAYS:

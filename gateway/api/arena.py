@@ -15,6 +15,7 @@ exactly. A slot ends with done (or error); `data: [DONE]` follows when both have
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any, AsyncIterator
 
@@ -28,7 +29,8 @@ from ..providers.base import ChatRequest
 from ..providers.chain import Chain
 from ..providers.registry import NotEnoughModels
 from ..sse import DONE, open_stream
-from ..state import DB, GENERATIONS, INSTANCE, LEADERBOARD, MODELS, POLICY, SETTINGS, STREAM_TOKENS, USER_ID
+from ..state import (DB, GENERATIONS, INSTANCE, LEADERBOARD, MODELS, POLICY, SETTINGS, STREAM_TOKENS, TIMINGS,
+                     USER_ID)
 from ..store import arena as arena_store
 from ..store import messages as message_store
 from .chat import ChatBody, live_or_finished, parse_chat, prompt_tokens
@@ -55,7 +57,9 @@ async def post_arena(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "arena")
     app = request.app
     chat, models, anonymous = parse_arena(await read_json(request), app[MODELS].__contains__)
+    started = time.monotonic()
     turn = await asyncio.shield(begin_arena(app, principal, chat, models, anonymous))
+    request[TIMINGS].add("persist", started)  # for the access log
     stream = chat.stream if chat.stream is not None else "text/event-stream" in request.headers.get("Accept", "")
     if not stream:
         token = app[STREAM_TOKENS].issue(principal.user_id, turn.comparison_id)
@@ -157,6 +161,11 @@ async def stream_comparison(request: web.Request, user_id: uuid.UUID, comparison
     pumps = [asyncio.create_task(pump(slot)) for slot in SLOTS]
     resp: web.StreamResponse | None = None
     try:
+        # a slot can wait long for its first token: answer (headers, retry, pings) at once unless
+        # this is a resume of a finished comparison, which may have nothing left (204)
+        resuming = any(v >= 0 for v in after.values())
+        if not resuming or any(comparison[f"status_{slot}"] in arena_store.LIVE for slot in SLOTS):
+            resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
         position = dict(after)
         prefix = b"id: " + str(comparison_id).encode()
         ended = 0
@@ -172,9 +181,7 @@ async def stream_comparison(request: web.Request, user_id: uuid.UUID, comparison
             body = frame[frame.index(b"\n") + 1:]
             await resp.write(b"%s:%d:%d\n%s" % (prefix, position["a"], position["b"], body))
         if resp is None:
-            if any(v >= 0 for v in after.values()):
-                return web.Response(status=204)  # nothing after that id in either slot
-            resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
+            return web.Response(status=204)  # a finished comparison with nothing after that id
         await resp.write(DONE)
         await resp.write_eof()
     except ConnectionResetError:

@@ -7,6 +7,7 @@ committed, so that a refusal persists nothing; the commit still precedes any pro
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -16,16 +17,20 @@ from aiohttp import web
 from ..auth import Principal
 from ..errors import BadRequest, NotFound, ServiceUnavailable
 from ..generation import Generation, Turn, replay_frames
+from ..metrics import Timings
 from ..providers.base import ChatRequest, estimate_tokens
 from ..providers.chain import Chain
 from ..router import AUTO, route
 from ..sse import DONE, open_stream, parse_last_event_id
-from ..state import DB, GENERATIONS, INSTANCE, MODELS, POLICY, SETTINGS, STREAM_TOKENS, USER_ID
+from ..state import DB, GENERATIONS, INSTANCE, MODELS, POLICY, SETTINGS, STREAM_TOKENS, TIMINGS, USER_ID
 from ..store import arena as arena_store
 from ..store import messages as message_store
 from .common import caller, check_text, json_response, optional, parse_uuid, read_json
 
 MAX_CLIENT_MESSAGE_ID = 200
+# max_tokens is added to the prompt estimate in bigint SQL (the daily reservation): bounded here,
+# where a larger one is a 400, not an overflow (500) later
+MAX_TOKENS_LIMIT = 2**31 - 1
 # how long a stream waits for a message generating elsewhere (another instance) before giving up
 WAIT_ELSEWHERE_S = 60.0
 
@@ -57,8 +62,8 @@ def parse_chat(body: dict[str, Any], known_model: Any) -> ChatBody:
     if client_message_id is not None and not 0 < len(client_message_id) <= MAX_CLIENT_MESSAGE_ID:
         raise BadRequest(f"client_message_id must be 1 to {MAX_CLIENT_MESSAGE_ID} characters")
     max_tokens = optional(body, "max_tokens", int, "a positive integer")
-    if max_tokens is not None and max_tokens < 1:
-        raise BadRequest("max_tokens must be a positive integer")
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise BadRequest(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}")
     temperature = optional(body, "temperature", (int, float), "a number")
     return ChatBody(content, parse_uuid(thread_id, "thread_id") if thread_id is not None else None, model,
                     client_message_id, optional(body, "stream", bool, "true or false"), max_tokens,
@@ -76,7 +81,9 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     chat = parse_chat(await read_json(request), app[MODELS].__contains__)
 
+    started = time.monotonic()
     turn = await asyncio.shield(begin_turn(app, principal, chat))
+    request[TIMINGS].add("persist", started)  # decide + persist: the database work before the reply starts
     # respond
     if not wants_stream(request, chat):
         return json_response({"status": "accepted", "message": turn.user_message, "duplicate": turn.duplicate,
@@ -152,8 +159,12 @@ async def stream_message(request: web.Request, user_id: uuid.UUID, message_id: u
     resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
     try:
         if generation is not None:
+            timings: Timings | None = request[TIMINGS]
             async for frames in generation.follow(after):
                 await resp.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                if timings is not None:  # the first write carries the first token
+                    timings.mark("first_token")
+                    timings = None
         else:
             await resp.write(b"".join(frames))
         await resp.write(DONE)

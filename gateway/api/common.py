@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -10,7 +11,7 @@ from aiohttp import web
 
 from ..auth import Principal
 from ..errors import BadRequest, InvalidId, PayloadTooLarge
-from ..state import AUTH, PRINCIPAL, SETTINGS, USER_ID
+from ..state import AUTH, PRINCIPAL, SETTINGS, TIMINGS, USER_ID
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -63,7 +64,11 @@ def check_text(value: str, key: str) -> str:
 
 
 async def caller(request: web.Request, scope: str | None = None) -> Principal:
-    principal = await request.app[AUTH].authenticate(request)
+    started = time.monotonic()
+    try:
+        principal = await request.app[AUTH].authenticate(request)
+    finally:
+        request[TIMINGS].add("auth", started)
     # before the scope check: a refused attempt is activity too
     request[PRINCIPAL] = principal  # for the activity log
     request[USER_ID] = str(principal.user_id)  # for the access log

@@ -21,12 +21,12 @@ from ..errors import GatewayError, TooManyRequests
 from ..generation import cost_usd
 from ..policy import Admission
 from ..providers.base import (ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamHTTPError,
-                              UpstreamTimeout, UsageReport, estimate_tokens)
+                              UpstreamTimeout, UsageReport, tokens_for_chars)
 from ..providers.chain import Chain
 from ..router import AUTO, route
-from ..state import MODELS, POLICY, SETTINGS, USAGE
+from ..state import METRICS, MODELS, POLICY, SETTINGS, TIMINGS, USAGE
 from ..store.usage import UsageRecord
-from .chat import prompt_tokens
+from .chat import MAX_TOKENS_LIMIT, prompt_tokens
 from .common import caller, read_json
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -79,7 +79,8 @@ def parse_request(body: dict[str, Any], known_model: Any) -> tuple[str, ChatRequ
     if not isinstance(messages, list) or not messages:
         raise OpenAIError(400, "'messages' must be a non-empty array", param="messages")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        # a str first: a list or object role is unhashable, so the set lookup alone would raise (a 500)
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in ROLES:
             raise OpenAIError(400, f"messages[{i}] must be an object with a valid 'role'", param=f"messages[{i}]")
         content = message.get("content")
         if not (content is None or isinstance(content, (str, list))):
@@ -89,22 +90,34 @@ def parse_request(body: dict[str, Any], known_model: Any) -> tuple[str, ChatRequ
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise OpenAIError(400, "'stream' must be a boolean", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
+    options = body.get("stream_options")
+    if options is None:
+        options = {}
+    elif not isinstance(options, dict):  # false, 0 or "" included: they are not "no options"
         raise OpenAIError(400, "'stream_options' must be an object", param="stream_options")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
-        raise OpenAIError(400, "'max_tokens' must be a positive integer", param="max_tokens")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        raise OpenAIError(400, "'stream_options.include_usage' must be a boolean", param="stream_options")
+    # both are checked, whichever is used: an invalid one is never silently ignored
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not 1 <= value <= MAX_TOKENS_LIMIT):
+            raise OpenAIError(400, f"'{name}' must be an integer from 1 to {MAX_TOKENS_LIMIT}", param=name)
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
     stop = body.get("stop")
     if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and
                                                            all(isinstance(s, str) for s in stop))):
         raise OpenAIError(400, "'stop' must be a string or an array of strings", param="stop")
-    if body.get("n", 1) != 1:
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):  # true == 1 in Python, not in JSON
         raise OpenAIError(400, "only n = 1 is supported", param="n")
     request = ChatRequest(messages, max_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2),
                           top_p=_number(body, "top_p", 0, 1), stop=stop,
                           extra={k: v for k, v in body.items() if k in PASS_THROUGH})
-    return model, request, stream, bool(options.get("include_usage"))
+    return model, request, stream, bool(include_usage)
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -117,10 +130,15 @@ def last_user_text(messages: list[dict[str, Any]]) -> str:
 class ChunkEncoder:
     """Pre-encoded `chat.completion.chunk` frames: one orjson call per delta, the rest is bytes."""
 
+    __slots__ = ("head", "tail", "_content_head", "_content_tail")
+
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         self.head = (b'data: {"id":"' + completion_id.encode() + b'","object":"chat.completion.chunk","created":'
                      + str(created).encode() + b',"model":' + orjson.dumps(model) + b',"choices":')
         self.tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
+        # a content chunk is these two around the text's JSON string: the per-token path
+        self._content_head = self.head + b'[{"index":0,"delta":{"content":'
+        self._content_tail = b'},"logprobs":null,"finish_reason":null}]' + self.tail
 
     def delta(self, delta: bytes, finish_reason: str | None = None) -> bytes:
         reason = orjson.dumps(finish_reason)
@@ -128,7 +146,7 @@ class ChunkEncoder:
                 + b"}]" + self.tail)
 
     def content(self, text: str) -> bytes:
-        return self.delta(b'{"content":' + orjson.dumps(text) + b"}")
+        return b"%s%s%s" % (self._content_head, orjson.dumps(text), self._content_tail)
 
     def usage(self, usage: UsageReport) -> bytes:
         total = usage.prompt_tokens + usage.completion_tokens
@@ -178,12 +196,14 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 class _Reply:
-    """What went out so far: for the usage record however the request ends."""
+    """What went out so far: for the usage record however the request ends. A streamed reply
+    keeps only its length (its text is the client's); a non-streamed one keeps the text."""
 
-    __slots__ = ("parts", "usage", "started")
+    __slots__ = ("parts", "chars", "usage", "started")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
+        self.chars = 0
         self.usage: UsageReport | None = None
         self.started = False
 
@@ -196,6 +216,7 @@ async def _stream(request: web.Request, events: Any, chain: Chain, chat: ChatReq
     resp = web.StreamResponse(headers=SSE_HEADERS)
     await resp.prepare(request)
     reply.started = True
+    request[TIMINGS].mark("first_token")  # in hand, and written just below
     enc = ChunkEncoder(f"chatcmpl-{completion_id.hex}", int(time.time()), chain.used.name, include_usage)
     out = [enc.delta(b'{"role":"assistant","content":""}')]
     finish = "stop"
@@ -204,7 +225,7 @@ async def _stream(request: web.Request, events: Any, chain: Chain, chat: ChatReq
             for event in batch:
                 kind = type(event)
                 if kind is TextDelta:
-                    reply.parts.append(event.text)
+                    reply.chars += len(event.text)
                     out.append(enc.content(event.text))
                 elif kind is ToolCallDelta:
                     out.append(enc.delta(b'{"tool_calls":' + orjson.dumps(event.calls) + b"}"))
@@ -239,6 +260,7 @@ async def _complete(events: Any, chain: Chain, chat: ChatRequest, completion_id:
             kind = type(event)
             if kind is TextDelta:
                 reply.parts.append(event.text)
+                reply.chars += len(event.text)
             elif kind is ToolCallDelta:
                 calls.extend(event.calls)
             elif kind is Finish:
@@ -272,7 +294,7 @@ def merge_tool_calls(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def estimated_usage(chat: ChatRequest, reply: _Reply) -> UsageReport:
     """For upstreams that report no usage (or a reply cut short): counted from the text."""
-    return UsageReport(prompt_tokens(chat.messages), estimate_tokens("".join(reply.parts)))
+    return UsageReport(prompt_tokens(chat.messages), tokens_for_chars(reply.chars))
 
 
 def _record(app: web.Application, principal: Principal, chain: Chain, completion_id: uuid.UUID,
@@ -281,16 +303,18 @@ def _record(app: web.Application, principal: Principal, chain: Chain, completion
     which also settles its reservation."""
     usage, estimated = reply.usage, reply.usage is None
     if usage is None:
-        if not reply.started and not reply.parts:
+        if not reply.started and not reply.chars:
             if not (admission.user_reserved or admission.key_reserved):
                 return  # nothing reached the client, nothing was reserved: nothing to count
             usage = UsageReport(0, 0)  # a zero record hands the reservation back
         else:
             usage = estimated_usage(chat, reply)
     model = chain.used
-    app[USAGE].add(UsageRecord(completion_id, principal.user_id, principal.api_key_id, model.name, model.provider,
-                               usage.prompt_tokens, usage.completion_tokens, estimated, cost_usd(model, usage),
-                               admission.day, admission.user_reserved, admission.key_reserved))
+    record = UsageRecord(completion_id, principal.user_id, principal.api_key_id, model.name, model.provider,
+                         usage.prompt_tokens, usage.completion_tokens, estimated, cost_usd(model, usage),
+                         admission.day, admission.user_reserved, admission.key_reserved)
+    app[USAGE].add(record)
+    app[METRICS].usage(record)
 
 
 async def list_models(request: web.Request) -> web.Response:

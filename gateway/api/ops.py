@@ -1,14 +1,17 @@
-"""Operations: liveness and readiness."""
+"""Operations: liveness, readiness and Prometheus metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 
 import asyncpg
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..db import pending_migrations
-from ..state import DB
+from ..errors import Unauthorized
+from ..state import DB, METRICS, SETTINGS
 from .common import json_response
 
 
@@ -27,3 +30,15 @@ async def readyz(request: web.Request) -> web.Response:
     if pending:
         return json_response({"status": "unavailable", "pending_migrations": pending}, status=503)
     return json_response({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format; with METRICS_TOKEN set, only for `Authorization: Bearer <that token>`."""
+    token = request.app[SETTINGS].metrics_token
+    if token is not None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # constant time: the comparison must not tell how much of a guess was right
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
+            raise Unauthorized("metrics need Authorization: Bearer <METRICS_TOKEN>")
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

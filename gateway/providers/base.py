@@ -129,4 +129,8 @@ class UpstreamStreamError(ProviderError):
 
 def estimate_tokens(text: str) -> int:
     """A rough token count (about four characters a token) for when the upstream reports none."""
-    return max(1, (len(text) + 3) // 4) if text else 0
+    return tokens_for_chars(len(text))
+
+
+def tokens_for_chars(chars: int) -> int:
+    return (chars + 3) // 4

@@ -54,7 +54,7 @@ class Chain:
         return self.models[0].name if self.used is not self.models[0] else None
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Batch]:
-        circuits = self.registry.circuits
+        circuits, metrics = self.registry.circuits, self.registry.metrics
         loop = asyncio.get_running_loop()
         budget_end = loop.time() + self.models[0].timeout_s  # bounds waits on Retry-After
         last_error: ProviderError | None = None
@@ -67,6 +67,8 @@ class Chain:
                 last_error = last_error or ProviderError(f"model {model.name} is unavailable (circuit open)")
                 continue
             provider = self.registry.provider(model)
+            if not self.attempts:
+                metrics.upstream_call()
             started = time.monotonic()
             deadline = loop.time() + model.timeout_s
             events = aiter(provider.stream(model, request))
@@ -99,10 +101,14 @@ class Chain:
                 await events.aclose()
                 raise
             self.model = model
+            first_at = time.monotonic()
+            metrics.attempt_answered(model, first_at - started, self.models[0])
+            batches = 0  # a local count, not a metric call: nothing is observed per chunk
             try:
                 yield first
                 async with asyncio.timeout_at(deadline):
                     async for event in events:
+                        batches += 1
                         yield event
             except TimeoutError:
                 self._record(model, "upstream_timeout", started)
@@ -120,6 +126,7 @@ class Chain:
                 await events.aclose()
             self._record(model, "ok", started)
             circuits.success(model.name)
+            metrics.reply_streamed(model, batches, time.monotonic() - first_at)
             return
         assert last_error is not None
         raise last_error

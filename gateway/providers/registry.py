@@ -9,6 +9,7 @@ import asyncpg
 
 from ..config import ModelConfig, Settings
 from ..errors import ConfigError
+from ..metrics import Metrics
 from .anthropic import AnthropicProvider
 from .base import Provider
 from .circuit import CircuitBreakers
@@ -21,8 +22,9 @@ class NotEnoughModels(Exception):
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, metrics: Metrics | None = None) -> None:
         self.models: dict[str, ModelConfig] = dict(settings.models)
+        self.metrics = metrics or Metrics()  # the chains report first tokens, fallbacks and chunk gaps here
         self.default = settings.default_model
         self.circuits = CircuitBreakers(settings.circuit_failures, settings.circuit_cooldown_s)
         self.providers: dict[str, Provider] = {}

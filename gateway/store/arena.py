@@ -56,7 +56,7 @@ _ARENA_IN_THREAD = _ARENA.format(thread="UPDATE threads SET updated_at = clock_t
 _DUPLICATE = f"""
 SELECT {', '.join('u.' + c.strip() for c in MESSAGE_COLUMNS.split(','))},
        c.message_a, c.message_b, c.id AS comparison_id
-FROM messages u JOIN comparisons c ON c.user_message_id = u.id
+FROM messages u LEFT JOIN comparisons c ON c.user_message_id = u.id
 WHERE u.user_id = $1 AND u.client_message_id = $2
 """
 
@@ -72,13 +72,14 @@ def _arena_turn(row: asyncpg.Record, duplicate: bool) -> ArenaTurn:
 
 
 async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_id: str) -> ArenaTurn | None:
+    # one statement, one snapshot: the user message and its comparison commit together, so a turn
+    # committing meanwhile is seen whole or not at all (never as a message without a comparison)
     row = await pool.fetchrow(_DUPLICATE, user_id, client_message_id)
-    if row is not None:
-        return _arena_turn(row, duplicate=True)
-    if await pool.fetchval("SELECT 1 FROM messages WHERE user_id = $1 AND client_message_id = $2",
-                           user_id, client_message_id):
+    if row is None:
+        return None
+    if row["comparison_id"] is None:
         raise Conflict("client_message_id already names a single chat turn")
-    return None
+    return _arena_turn(row, duplicate=True)
 
 
 async def persist_arena_turn(pool: asyncpg.Pool, user_id: uuid.UUID, content: str, client_message_id: str | None,

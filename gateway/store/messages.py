@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-from ..errors import NotFound
+from ..errors import Conflict, NotFound
 from .usage import USAGE_CTES, UsageRecord
 
 MESSAGE_COLUMNS = """id, thread_id, role, content, status, reply_to, slot, client_message_id, model, provider,
@@ -109,6 +109,9 @@ async def persist_turn(pool: asyncpg.Pool, user_id: uuid.UUID, content: str, cli
             row = await conn.fetchrow(_DUPLICATE, user_id, client_message_id)
             if row is not None:
                 return _turn(row, duplicate=True)
+            if await conn.fetchval("SELECT 1 FROM messages WHERE user_id = $1 AND client_message_id = $2",
+                                   user_id, client_message_id):
+                raise Conflict("client_message_id already names an arena turn")
         raise NotFound("thread not found")
 
 

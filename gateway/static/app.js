@@ -1,0 +1,651 @@
+// The gateway playground: plain JavaScript, no build step, no dependency.
+//
+// Chat: POST /api/chat (non-streaming) answers 202 with a `stream_url` that carries a short-lived
+// token, because EventSource cannot send an Authorization header. The reply is followed with
+// EventSource; when the connection drops, the browser reconnects by itself with Last-Event-ID and
+// the gateway replays exactly the events after it, so the reply resumes with nothing lost or
+// repeated. The stream is closed on `data: [DONE]`, otherwise the browser would reconnect forever.
+"use strict";
+
+(() => {
+  const KEY_STORAGE = "gateway.playground.apiKey";
+  const LIVE = new Set(["pending", "streaming"]);
+  const POLL_MS = 500;
+  const LEADERBOARD_TRIES = 20;
+
+  const $ = (selector, root = document) => root.querySelector(selector);
+  const byTestId = (id, root = document) => $(`[data-testid="${id}"]`, root);
+
+  const state = {
+    key: localStorage.getItem(KEY_STORAGE) || "",
+    threadId: null,
+    chat: null, // the reply being followed: {messageId, follower, view}
+    arena: null, // the comparison being followed: {id, follower}
+    battles: -1, // battles counted by the leaderboard last shown
+  };
+
+  // ---------------------------------------------------------------- HTTP
+
+  class ApiError extends Error {
+    constructor(status, message, type) {
+      super(message);
+      this.status = status;
+      this.type = type;
+    }
+  }
+
+  async function api(method, path, body) {
+    const headers = { Authorization: `Bearer ${state.key}` };
+    const init = { method, headers };
+    if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    const resp = await fetch(path, init);
+    const text = await resp.text();
+    let data = null;
+    try {
+      data = text ? JSON.parse(text) : null;
+    } catch (_) {
+      data = null;
+    }
+    if (!resp.ok) {
+      const error = (data && data.error) || {};
+      throw new ApiError(resp.status, error.message || `${resp.status} ${resp.statusText}`, error.type);
+    }
+    return data;
+  }
+
+  // crypto.randomUUID needs a secure context; a gateway on a LAN address over http is not one
+  function uuid4() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    const b = crypto.getRandomValues(new Uint8Array(16));
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const h = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+  }
+
+  function withQuery(url, name, value) {
+    return `${url}${url.includes("?") ? "&" : "?"}${name}=${encodeURIComponent(value)}`;
+  }
+
+  // ---------------------------------------------------------------- SSE
+
+  // Follows one gateway stream with EventSource. `on` has metadata, delta, usage, done, error
+  // (server events, data parsed), reconnecting (the browser is resuming), end(how): "done" after
+  // `data: [DONE]`, "closed" when the browser gave up (an HTTP error, or 204: nothing left).
+  class Follower {
+    constructor(url, on) {
+      this.url = url;
+      this.on = on;
+      this.lastEventId = "";
+      this.opens = 0;
+      this.source = null;
+      this.finished = false;
+    }
+
+    open(lastEventId) {
+      // an explicit resume point goes in the query: a new EventSource cannot set Last-Event-ID
+      const url = lastEventId ? withQuery(this.url, "lastEventId", lastEventId) : this.url;
+      const source = new EventSource(url);
+      this.source = source;
+      source.addEventListener("open", () => {
+        this.opens += 1;
+        if (this.on.open) this.on.open(this.opens);
+      });
+      source.addEventListener("message", (e) => this.message(e));
+      for (const name of ["metadata", "usage", "done"]) {
+        source.addEventListener(name, (e) => this.event(name, e));
+      }
+      // "error" is both the server's `event: error` (a MessageEvent with data) and the
+      // browser's own connection error (a plain Event)
+      source.addEventListener("error", (e) => {
+        if (e instanceof MessageEvent && e.data) {
+          this.event("error", e);
+        } else if (source.readyState === EventSource.CLOSED) {
+          this.end("closed");
+        } else if (this.on.reconnecting) {
+          this.on.reconnecting(this.lastEventId);
+        }
+      });
+    }
+
+    track(e) {
+      if (e.lastEventId) this.lastEventId = e.lastEventId;
+    }
+
+    message(e) {
+      if (e.data === "[DONE]") {
+        this.end("done");
+        return;
+      }
+      this.track(e);
+      const data = JSON.parse(e.data);
+      if (typeof data.delta === "string") this.on.delta(data.delta, data);
+    }
+
+    event(name, e) {
+      this.track(e);
+      const handler = this.on[name];
+      if (handler) handler(JSON.parse(e.data));
+    }
+
+    // drop the connection and resume from the last event seen (what the browser does by
+    // itself after a network error; exposed for trying it out: playground.dropStream())
+    reconnect() {
+      if (this.finished) return false;
+      this.source.close();
+      this.open(this.lastEventId);
+      return true;
+    }
+
+    close() {
+      this.finished = true;
+      if (this.source) this.source.close();
+    }
+
+    end(how) {
+      if (this.finished) return;
+      this.close();
+      this.on.end(how);
+    }
+  }
+
+  // ---------------------------------------------------------------- API key
+
+  const keyInput = byTestId("api-key");
+  const keyStatus = byTestId("key-status");
+
+  function setKeyStatus(text, ok) {
+    keyStatus.textContent = text;
+    keyStatus.dataset.state = ok === undefined ? "" : ok ? "ok" : "bad";
+  }
+
+  async function checkKey() {
+    if (!state.key) {
+      setKeyStatus("No key saved", false);
+      return false;
+    }
+    try {
+      const me = await api("GET", "/api/me");
+      const scopes = me.key ? me.key.scopes.join(", ") : "jwt";
+      setKeyStatus(`Key OK · ${scopes}`, true);
+    } catch (e) {
+      setKeyStatus(`Key rejected: ${e.message}`, false);
+      return false;
+    }
+    await Promise.allSettled([loadModels(), loadThreads(), loadLeaderboard()]);
+    return true;
+  }
+
+  byTestId("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.key = keyInput.value.trim();
+    if (state.key) localStorage.setItem(KEY_STORAGE, state.key);
+    else localStorage.removeItem(KEY_STORAGE);
+    checkKey();
+  });
+
+  byTestId("forget-key").addEventListener("click", () => {
+    state.key = "";
+    keyInput.value = "";
+    localStorage.removeItem(KEY_STORAGE);
+    setKeyStatus("No key saved", false);
+  });
+
+  // ---------------------------------------------------------------- tabs
+
+  const tabs = [byTestId("tab-chat"), byTestId("tab-arena")];
+
+  function selectTab(tab) {
+    for (const t of tabs) {
+      const selected = t === tab;
+      t.setAttribute("aria-selected", String(selected));
+      t.tabIndex = selected ? 0 : -1;
+      document.getElementById(t.getAttribute("aria-controls")).hidden = !selected;
+    }
+    tab.focus();
+    if (tab === tabs[1]) loadLeaderboard();
+  }
+
+  tabs.forEach((tab, i) => {
+    tab.addEventListener("click", () => selectTab(tab));
+    tab.addEventListener("keydown", (e) => {
+      if (e.key === "ArrowRight" || e.key === "ArrowLeft") {
+        e.preventDefault();
+        selectTab(tabs[(i + (e.key === "ArrowRight" ? 1 : tabs.length - 1)) % tabs.length]);
+      }
+    });
+  });
+
+  // ---------------------------------------------------------------- models and threads
+
+  const modelSelect = byTestId("model-select");
+
+  async function loadModels() {
+    const body = await api("GET", "/v1/models");
+    const current = modelSelect.value;
+    modelSelect.replaceChildren(new Option("auto", "auto"));
+    for (const m of body.data) modelSelect.add(new Option(`${m.id} (${m.owned_by})`, m.id));
+    if ([...modelSelect.options].some((o) => o.value === current)) modelSelect.value = current;
+  }
+
+  const threadList = byTestId("thread-list");
+
+  async function loadThreads() {
+    const body = await api("GET", "/api/threads?limit=30");
+    threadList.replaceChildren();
+    for (const t of body.threads) {
+      const li = document.createElement("li");
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "thread";
+      button.dataset.threadId = t.id;
+      button.dataset.testid = "thread";
+      if (t.id === state.threadId) button.setAttribute("aria-current", "true");
+      const when = new Date(t.created_at).toLocaleString();
+      button.textContent = t.title || `Chat of ${when}`;
+      button.title = when;
+      button.addEventListener("click", () => openThread(t.id));
+      li.append(button);
+      threadList.append(li);
+    }
+  }
+
+  async function openThread(threadId) {
+    if (state.chat) return; // one reply at a time
+    const thread = await api("GET", `/api/threads/${threadId}`);
+    state.threadId = threadId;
+    messagesEl.replaceChildren();
+    for (const m of thread.messages) {
+      if (m.role === "user") {
+        addUserMessage(m.content);
+      } else if (m.role === "assistant") {
+        const view = addAssistantMessage(m.id);
+        view.text.textContent = m.content;
+        view.setMeta({ model: m.model, provider: m.provider, category: (m.metadata || {}).category,
+                       fallback_from: (m.metadata || {}).fallback_from });
+        view.setStatus(m.status);
+      }
+    }
+    for (const b of threadList.querySelectorAll("button")) {
+      b.toggleAttribute("aria-current", b.dataset.threadId === threadId);
+    }
+    scrollToEnd();
+  }
+
+  byTestId("new-thread").addEventListener("click", () => {
+    if (state.chat) return;
+    state.threadId = null;
+    messagesEl.replaceChildren();
+    for (const b of threadList.querySelectorAll("button")) b.removeAttribute("aria-current");
+    messageInput.focus();
+  });
+
+  // ---------------------------------------------------------------- chat
+
+  const messagesEl = byTestId("messages");
+  const messageInput = byTestId("message-input");
+  const sendButton = byTestId("send");
+  const stopButton = byTestId("stop");
+  const chatStatus = byTestId("chat-status");
+
+  function scrollToEnd() {
+    messagesEl.scrollTop = messagesEl.scrollHeight;
+  }
+
+  function clearHint() {
+    const hint = byTestId("empty-hint", messagesEl);
+    if (hint) hint.remove();
+  }
+
+  function element(tag, className, testid, text) {
+    const el = document.createElement(tag);
+    if (className) el.className = className;
+    if (testid) el.dataset.testid = testid;
+    if (text !== undefined) el.textContent = text;
+    return el;
+  }
+
+  function addUserMessage(content) {
+    clearHint();
+    const li = element("li", "message user", "user-message");
+    li.append(element("div", "who", null, "You"), element("div", "text", "user-text", content));
+    messagesEl.append(li);
+    scrollToEnd();
+    return li;
+  }
+
+  // one assistant reply on the page: its text grows by deltas, its status and metadata are shown
+  function addAssistantMessage(messageId) {
+    clearHint();
+    const li = element("li", "message assistant", "assistant-message");
+    li.dataset.messageId = messageId;
+    const head = element("div", "who", null, "Assistant");
+    const status = element("span", "badge", "reply-status", "pending");
+    head.append(" ", status);
+    const text = element("div", "text", "reply-text");
+    text.append(document.createTextNode(""));
+    const meta = element("dl", "meta", "reply-meta");
+    const usage = element("div", "usage", "reply-usage");
+    li.append(head, text, meta, usage);
+    messagesEl.append(li);
+    scrollToEnd();
+    return {
+      li, text,
+      append(delta) {
+        text.firstChild.appendData(delta);
+        scrollToEnd();
+      },
+      setStatus(value) {
+        li.dataset.status = value;
+        status.textContent = value;
+        status.dataset.status = value;
+      },
+      setMeta(m) {
+        meta.replaceChildren();
+        const fields = [["model", m.model], ["provider", m.provider], ["category", m.category]];
+        if (m.fallback_from) fields.push(["fallback from", m.fallback_from]);
+        for (const [name, value] of fields) {
+          const group = element("div", null, `meta-${name.replace(" ", "-")}`);
+          group.append(element("dt", null, null, name), element("dd", null, null, value == null ? "—" : String(value)));
+          meta.append(group);
+        }
+      },
+      setUsage(u) {
+        usage.textContent = `${u.prompt_tokens} prompt + ${u.completion_tokens} completion = ${u.total_tokens} tokens`
+          + (u.estimated ? " (estimated)" : "");
+      },
+      setError(err) {
+        li.append(element("p", "error", "reply-error", `${err.type}: ${err.message}`));
+      },
+    };
+  }
+
+  function setBusy(busy) {
+    sendButton.disabled = busy;
+    stopButton.disabled = !busy;
+    messageInput.readOnly = busy;
+  }
+
+  async function send(content) {
+    if (!state.key) {
+      chatStatus.textContent = "Paste an API key first.";
+      keyInput.focus();
+      return;
+    }
+    setBusy(true);
+    chatStatus.textContent = "Sending…";
+    const userLi = addUserMessage(content);
+    let accepted;
+    try {
+      accepted = await api("POST", "/api/chat", {
+        content, model: modelSelect.value, thread_id: state.threadId, client_message_id: uuid4(), stream: false,
+      });
+    } catch (e) {
+      userLi.append(element("p", "error", "send-error", e.message));
+      chatStatus.textContent = `Not sent: ${e.message}`;
+      setBusy(false);
+      return;
+    }
+    messageInput.value = "";
+    const newThread = state.threadId !== accepted.thread_id;
+    state.threadId = accepted.thread_id;
+    follow(accepted.assistant_message_id, accepted.stream_url);
+    if (newThread) loadThreads().catch(() => {});
+  }
+
+  function follow(messageId, streamUrl) {
+    const view = addAssistantMessage(messageId);
+    view.setStatus("streaming");
+    chatStatus.textContent = "Streaming…";
+    const chat = { messageId, view, follower: null };
+    state.chat = chat;
+    view.li.dataset.reconnects = "0";
+    chat.follower = new Follower(streamUrl, {
+      open(opens) {
+        view.li.dataset.reconnects = String(opens - 1);
+        chatStatus.textContent = "Streaming…";
+      },
+      reconnecting(lastId) {
+        chatStatus.textContent = `Connection lost; resuming after ${lastId || "the start"}…`;
+      },
+      metadata: (m) => view.setMeta(m),
+      delta: (text) => view.append(text),
+      usage: (u) => view.setUsage(u),
+      done: (d) => view.setStatus(d.finish_reason === "stop" || d.finish_reason === "length" ? "complete" : d.finish_reason),
+      error: (err) => {
+        view.setError(err);
+        view.setStatus("failed");
+      },
+      end: (how) => finishChat(chat, how),
+    });
+    chat.follower.open();
+  }
+
+  // the stream ended: show the saved row's status; if the browser gave up on the stream before
+  // [DONE] (e.g. the gateway answered an error), poll the message and show the rest of it
+  async function finishChat(chat, how) {
+    const { view, messageId } = chat;
+    view.li.dataset.end = how === "done" ? "stream" : "poll";
+    try {
+      let message = await api("GET", `/api/messages/${messageId}`);
+      while (how !== "done" && LIVE.has(message.status)) {
+        chatStatus.textContent = "Stream unavailable; polling…";
+        await new Promise((r) => setTimeout(r, POLL_MS));
+        message = await api("GET", `/api/messages/${messageId}`);
+      }
+      const shown = view.text.textContent;
+      if (how !== "done" && message.content.startsWith(shown)) view.append(message.content.slice(shown.length));
+      view.setStatus(message.status);
+      chatStatus.textContent = "";
+    } catch (e) {
+      chatStatus.textContent = `Could not load the saved reply: ${e.message}`;
+    }
+    if (state.chat === chat) state.chat = null;
+    setBusy(false);
+    messageInput.focus();
+    loadThreads().catch(() => {});
+  }
+
+  byTestId("chat-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const content = messageInput.value.trim();
+    if (content && !state.chat) send(content);
+  });
+
+  messageInput.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      byTestId("chat-form").requestSubmit();
+    }
+  });
+
+  // Stop: the gateway stops the upstream, saves the partial reply as cancelled, and ends the
+  // stream with usage, done (finish_reason "cancelled") and [DONE]
+  stopButton.addEventListener("click", async () => {
+    const chat = state.chat;
+    if (!chat) return;
+    stopButton.disabled = true;
+    chatStatus.textContent = "Stopping…";
+    try {
+      await api("POST", `/api/messages/${chat.messageId}/cancel`);
+    } catch (e) {
+      chatStatus.textContent = `Could not stop: ${e.message}`;
+      stopButton.disabled = false;
+    }
+  });
+
+  // ---------------------------------------------------------------- arena
+
+  const arenaInput = byTestId("arena-input");
+  const arenaSend = byTestId("arena-send");
+  const arenaStatus = byTestId("arena-status");
+  const voteButtons = [...document.querySelectorAll("[data-winner]")];
+  const voteStatus = byTestId("vote-status");
+  const slots = {};
+  for (const name of ["a", "b"]) {
+    slots[name] = {
+      text: byTestId(`slot-${name}-text`),
+      status: byTestId(`slot-${name}-status`),
+      reveal: byTestId(`reveal-${name}`),
+      setStatus(value) {
+        this.status.textContent = value;
+        this.status.dataset.status = value;
+      },
+    };
+  }
+
+  function resetArena() {
+    for (const slot of Object.values(slots)) {
+      slot.text.replaceChildren(document.createTextNode(""));
+      slot.setStatus("waiting");
+      slot.reveal.hidden = true;
+      slot.reveal.textContent = "";
+      const err = slot.text.parentElement.querySelector(".error");
+      if (err) err.remove();
+    }
+    for (const b of voteButtons) {
+      b.disabled = true;
+      b.removeAttribute("aria-pressed");
+    }
+    voteStatus.textContent = "";
+  }
+
+  async function compare(content) {
+    if (!state.key) {
+      arenaStatus.textContent = "Paste an API key first.";
+      keyInput.focus();
+      return;
+    }
+    arenaSend.disabled = true;
+    arenaStatus.textContent = "Starting…";
+    resetArena();
+    let accepted;
+    try {
+      accepted = await api("POST", "/api/arena", { content, client_message_id: uuid4(), stream: false });
+    } catch (e) {
+      arenaStatus.textContent = `Not started: ${e.message}`;
+      for (const slot of Object.values(slots)) slot.setStatus("idle");
+      arenaSend.disabled = false;
+      return;
+    }
+    const arena = { id: accepted.comparison_id, follower: null };
+    state.arena = arena;
+    arenaStatus.textContent = "Both models are answering…";
+    for (const slot of Object.values(slots)) slot.setStatus("streaming");
+    arena.follower = new Follower(accepted.stream_url, {
+      reconnecting: () => { arenaStatus.textContent = "Connection lost; resuming…"; },
+      open: () => { arenaStatus.textContent = "Both models are answering…"; },
+      delta: (text, data) => slots[data.slot].text.firstChild.appendData(text),
+      done: (d) => slots[d.slot].setStatus(d.finish_reason === "stop" || d.finish_reason === "length" ? "complete" : d.finish_reason),
+      error: (err) => {
+        slots[err.slot].setStatus("failed");
+        slots[err.slot].text.parentElement.append(element("p", "error", `slot-${err.slot}-error`, err.message));
+      },
+      end: () => finishArena(arena),
+    });
+    arena.follower.open();
+  }
+
+  async function finishArena(arena) {
+    try {
+      const comparison = await api("GET", `/api/comparisons/${arena.id}`);
+      for (const name of ["a", "b"]) slots[name].setStatus(comparison.slots[name].status);
+      const votable = !["a", "b"].some((n) => LIVE.has(comparison.slots[n].status));
+      for (const b of voteButtons) b.disabled = !votable;
+      arenaStatus.textContent = votable ? "Which answer is better?" : "A reply is still being generated.";
+    } catch (e) {
+      arenaStatus.textContent = `Could not load the comparison: ${e.message}`;
+    }
+    arenaSend.disabled = false;
+  }
+
+  async function vote(winner) {
+    const arena = state.arena;
+    if (!arena) return;
+    for (const b of voteButtons) {
+      b.disabled = true;
+      b.setAttribute("aria-pressed", String(b.dataset.winner === winner));
+    }
+    const battlesBefore = state.battles;
+    try {
+      const comparison = await api("POST", `/api/comparisons/${arena.id}/vote`, { winner });
+      for (const name of ["a", "b"]) {
+        const s = comparison.slots[name];
+        slots[name].reveal.textContent = `Model ${name.toUpperCase()} was ${s.model}` + (s.provider ? ` (${s.provider})` : "");
+        slots[name].reveal.dataset.model = s.model;
+        slots[name].reveal.hidden = false;
+      }
+      const label = { a: "A is better", b: "B is better", tie: "a tie", both_bad: "both are bad" }[comparison.winner];
+      voteStatus.textContent = `Vote recorded: ${label}.`;
+      state.arena = null;
+      leaderboardAfterVote(battlesBefore).catch(() => {});
+    } catch (e) {
+      voteStatus.textContent = `Vote not recorded: ${e.message}`;
+      for (const b of voteButtons) b.disabled = false;
+    }
+  }
+
+  for (const b of voteButtons) b.addEventListener("click", () => vote(b.dataset.winner));
+
+  byTestId("arena-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const content = arenaInput.value.trim();
+    if (content) compare(content);
+  });
+
+  // ---------------------------------------------------------------- leaderboard
+
+  const leaderboardBody = document.getElementById("leaderboard-body");
+
+  async function loadLeaderboard() {
+    if (!state.key) return null;
+    const board = await api("GET", "/api/leaderboard");
+    state.battles = board.battles;
+    leaderboardBody.replaceChildren();
+    if (!board.models.length) {
+      const row = leaderboardBody.insertRow();
+      const cell = row.insertCell();
+      cell.colSpan = 6;
+      cell.className = "muted";
+      cell.textContent = "No votes yet.";
+      return board;
+    }
+    board.models.forEach((m, i) => {
+      const row = leaderboardBody.insertRow();
+      row.dataset.testid = "leaderboard-row";
+      row.dataset.model = m.model;
+      const ci = m.ci_low == null ? "—" : `${Math.round(m.ci_low)} – ${Math.round(m.ci_high)}`;
+      const cells = [i + 1, m.model, Math.round(m.rating), ci, m.battles, `${Math.round(m.win_rate * 100)}%`];
+      for (const value of cells) row.insertCell().textContent = String(value);
+    });
+    return board;
+  }
+
+  // the gateway refits the ratings in the background after a vote and serves the previous
+  // result meanwhile: read again until the new battle is counted
+  async function leaderboardAfterVote(battlesBefore) {
+    for (let i = 0; i < LEADERBOARD_TRIES; i++) {
+      const board = await loadLeaderboard();
+      if (!board || board.battles > battlesBefore) return;
+      await new Promise((r) => setTimeout(r, POLL_MS / 2));
+    }
+  }
+
+  byTestId("leaderboard-refresh").addEventListener("click", () => loadLeaderboard().catch(() => {}));
+
+  // ---------------------------------------------------------------- start
+
+  // for trying the resume out by hand (and for tests): drop the live stream and resume it
+  window.playground = {
+    dropStream() {
+      const current = state.chat || state.arena;
+      return current && current.follower ? current.follower.reconnect() : false;
+    },
+  };
+
+  if (state.key) keyInput.value = state.key;
+  checkKey();
+})();
