@@ -90,28 +90,33 @@ async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid
 
 async def persist_turn(pool: asyncpg.Pool, user_id: uuid.UUID, content: str, client_message_id: str | None,
                        thread_id: uuid.UUID | None, instance_id: uuid.UUID) -> Turn:
+    if thread_id is None:
+        statement, args = _TURN_NEW_THREAD, (user_id, content, client_message_id, thread_title(content), instance_id)
+    else:
+        statement, args = _TURN_IN_THREAD, (user_id, content, client_message_id, thread_id, instance_id)
     async with pool.acquire() as conn:
+        if client_message_id is None:
+            # nothing can conflict: the one statement is atomic on its own (one round trip, no BEGIN/COMMIT)
+            row = await conn.fetchrow(statement, *args)
+            if row is not None:
+                return _turn(row, duplicate=False)
+            raise NotFound("thread not found")
         try:
+            # a racing duplicate inserts nothing: roll back the thread this statement may have made
             async with conn.transaction():
-                if thread_id is None:
-                    row = await conn.fetchrow(_TURN_NEW_THREAD, user_id, content, client_message_id,
-                                              thread_title(content), instance_id)
-                else:
-                    row = await conn.fetchrow(_TURN_IN_THREAD, user_id, content, client_message_id, thread_id,
-                                              instance_id)
+                row = await conn.fetchrow(statement, *args)
                 if row is None:
                     raise _NothingInserted
             return _turn(row, duplicate=False)
         except _NothingInserted:
             pass
-        if client_message_id is not None:
-            # the conflicting insert has committed by now (ON CONFLICT waited for it)
-            row = await conn.fetchrow(_DUPLICATE, user_id, client_message_id)
-            if row is not None:
-                return _turn(row, duplicate=True)
-            if await conn.fetchval("SELECT 1 FROM messages WHERE user_id = $1 AND client_message_id = $2",
-                                   user_id, client_message_id):
-                raise Conflict("client_message_id already names an arena turn")
+        # the conflicting insert has committed by now (ON CONFLICT waited for it)
+        row = await conn.fetchrow(_DUPLICATE, user_id, client_message_id)
+        if row is not None:
+            return _turn(row, duplicate=True)
+        if await conn.fetchval("SELECT 1 FROM messages WHERE user_id = $1 AND client_message_id = $2",
+                               user_id, client_message_id):
+            raise Conflict("client_message_id already names an arena turn")
         raise NotFound("thread not found")
 
 
