@@ -14,6 +14,8 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 DEMO_MODEL = "demo"
+# a second built-in model, only while nothing else is configured: the quickstart's arena needs two
+DEMO_ALT_MODEL = "demo-alt"
 
 
 class Secret(str):
@@ -253,6 +255,9 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
                                     tuple(str(f) for f in fallbacks),
                                     enabled=_bool(f"{where} enabled", table.get("enabled", True)), **kwargs)
 
+    if list(models) == [DEMO_MODEL]:
+        models[DEMO_ALT_MODEL] = ModelConfig(DEMO_ALT_MODEL, "demo", DEMO_ALT_MODEL)
+
     for model in models.values():
         for fb in model.fallbacks:
             if fb not in models:
@@ -273,7 +278,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
     default_model = env.get("DEFAULT_MODEL") or router.get("default")
     if not default_model:
         # the first real model configured wins over the demo one
-        real = [m for m in models if m != DEMO_MODEL]
+        real = [m for m in models if m not in (DEMO_MODEL, DEMO_ALT_MODEL)]
         default_model = real[0] if real else DEMO_MODEL
     if default_model not in models:
         raise ConfigError(f"DEFAULT_MODEL {default_model!r} is not a declared model")

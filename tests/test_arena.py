@@ -276,11 +276,14 @@ async def test_anonymous_arena_names_no_model_until_the_vote(make_client, config
     assert x.encode() not in raw and y.encode() not in raw and b'"attempts"' not in raw
     comparison = await comparison_row(db, cid)
     assert comparison["anonymous"] is True
-    texts = demo_reply(prompt, 4)
+    # each demo model's reply is seeded by its upstream id too: the two slots differ
+    texts = {slot: demo_reply(prompt, 4, model) for slot, model in zip(SLOTS, (x, y))}
+    assert texts["a"] != texts["b"]
     for slot in SLOTS:
         meta = {"thread_id": str(comparison["thread_id"]), "user_message_id": str(comparison["user_message_id"]),
                 "message_id": str(comparison[f"message_{slot}"])}
-        assert stream.slots[slot] == expected_slot(slot, meta, None, None, texts, estimate_tokens(prompt), 4, None)
+        assert stream.slots[slot] == expected_slot(slot, meta, None, None, texts[slot], estimate_tokens(prompt), 4,
+                                                   None)
 
     got = await (await client.get(f"/api/comparisons/{cid}", headers=user.headers)).json()
     assert got["anonymous"] is True and got["winner"] is None
@@ -288,7 +291,7 @@ async def test_anonymous_arena_names_no_model_until_the_vote(make_client, config
                                 "provider": None} for s in SLOTS}
     reply_a = str(comparison["message_a"])
     message = await (await client.get(f"/api/messages/{reply_a}", headers=user.headers)).json()
-    assert (message["model"], message["provider"], message["content"]) == (None, None, "".join(texts))
+    assert (message["model"], message["provider"], message["content"]) == (None, None, "".join(texts["a"]))
     assert "attempts" not in message["metadata"] and "fallback_from" not in message["metadata"]
     thread = await (await client.get(f"/api/threads/{comparison['thread_id']}", headers=user.headers)).json()
     assert [(m["role"], m["slot"], m["model"], m["provider"]) for m in thread["messages"]] == [
@@ -753,12 +756,12 @@ async def test_non_streaming_arena_answers_202_with_a_resumable_stream_url(make_
     resp = await client.get(answer["stream_url"])  # no Authorization: the token is the credential
     assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
     full = ArenaStream(await resp.read(), cid)
-    texts = demo_reply("later please", 3)
+    texts = {slot: demo_reply("later please", 3, model) for slot, model in zip(SLOTS, (x, y))}
     for slot in SLOTS:
         meta = {"thread_id": answer["thread_id"], "user_message_id": message["id"],
                 "message_id": answer["assistant_message_ids"][slot]}
-        assert full.slots[slot] == expected_slot(slot, meta, None, None, texts, estimate_tokens("later please"), 3,
-                                                 None)
+        assert full.slots[slot] == expected_slot(slot, meta, None, None, texts[slot],
+                                                 estimate_tokens("later please"), 3, None)
     assert len(full.ids) == 12
 
     # resume after an id in the middle: exactly the events neither slot had reached, both slots

@@ -62,9 +62,16 @@ def test_empty_environment_gives_demo_model_on_port_8080():
     assert (s.host, s.port, s.default_model, s.jwt_audience) == ("127.0.0.1", 8080, DEMO_MODEL, "authenticated")
     assert s.database_url is None and not s.jwt_enabled and s.jwt_algorithms == ()
     assert s.bootstrap_admin_key is True and s.cors_origins == ()
-    assert list(s.providers) == ["demo"] and list(s.models) == ["demo"]
+    # nothing configured: two built-in demo models, so the quickstart's arena has a pair
+    assert list(s.providers) == ["demo"] and list(s.models) == ["demo", "demo-alt"]
     assert s.models["demo"] == ModelConfig("demo", "demo", "demo")
+    assert s.models["demo-alt"] == ModelConfig("demo-alt", "demo", "demo-alt")
     assert s.limits == LimitsConfig()
+
+
+def test_the_second_demo_model_appears_only_while_nothing_else_is_configured(config_file: ConfigFile):
+    assert "demo-alt" not in Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}).models
+    assert "demo-alt" not in Settings.from_env({"GATEWAY_CONFIG": config_file('[models.x]\nprovider = "demo"\n')}).models
 
 
 def test_toml_declares_server_providers_models_router_and_limits(config_file: ConfigFile):

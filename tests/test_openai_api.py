@@ -132,7 +132,8 @@ async def test_tool_calls_pass_through_both_ways(sdk, fake_client, upstream, use
 
 async def test_models_list(sdk, client, user):
     page = await sdk(client, user.key).models.list()
-    assert [m.id for m in page.data] == ["demo"]
+    # with nothing configured, two built-in demo models (so the quickstart's arena has a pair)
+    assert [m.id for m in page.data] == ["demo", "demo-alt"]
 
 
 @pytest.mark.parametrize("body, status, param", [

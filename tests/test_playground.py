@@ -135,7 +135,8 @@ async def test_chat_reply_streams_delta_by_delta_with_its_metadata_and_ends_as_s
     client = await gateway(make_client, make_settings, DEMO_DELAY_MS="120", DEMO_CHUNKS="12")
     page = tab.page
     await open_playground(page, str(client.make_url("/")), user)
-    assert [await o.get_attribute("value") for o in await page.locator("#model option").all()] == ["auto", "demo"]
+    assert [await o.get_attribute("value") for o in await page.locator("#model option").all()] == [
+        "auto", "demo", "demo-alt"]
 
     message_id = await send(page, "Tell me about rivers and streams", model="auto")  # the router names a category
     await wait_for_words(page, 5)

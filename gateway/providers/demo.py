@@ -24,9 +24,11 @@ def last_user_text(request: ChatRequest) -> str:
     return ""
 
 
-def demo_reply(prompt: str, chunks: int) -> list[str]:
-    """The reply's chunks: an echo of the prompt's start, then words drawn from its hash."""
-    digest = hashlib.sha256(prompt.encode()).digest()
+def demo_reply(prompt: str, chunks: int, variant: str = "demo") -> list[str]:
+    """The reply's chunks: an echo of the prompt's start, then words drawn from its hash (and the
+    model's upstream id, so that two demo models answer differently side by side)."""
+    seed = prompt if variant == "demo" else variant + "\0" + prompt
+    digest = hashlib.sha256(seed.encode()).digest()
     head = " ".join(prompt.split()[:6])
     parts = [f"Demo reply to \"{head}\":"]
     for i in range(max(chunks - 1, 0)):
@@ -43,7 +45,7 @@ class DemoProvider:
 
     async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]:
         prompt = last_user_text(request)
-        chunks = demo_reply(prompt, self._chunks)
+        chunks = demo_reply(prompt, self._chunks, model.upstream)
         if request.max_tokens is not None:
             chunks = chunks[:max(request.max_tokens, 1)]
         for i, text in enumerate(chunks):
