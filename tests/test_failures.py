@@ -1,0 +1,90 @@
+"""Every way an upstream fails, through the whole app: each ends in its documented outcome, with
+the right row in the database. One fake upstream per case, no fallback, so the failure shows."""
+
+from __future__ import annotations
+
+import uuid
+
+import orjson
+import pytest
+
+from .fakes import Reply, openai_chunk, openai_stream, parse_sse, split_every
+from .test_providers import closed_port, model_toml, openai_provider_toml
+
+OK_EVENTS = openai_stream(["Hel", "lo"], prompt_tokens=7)
+
+
+def config(base_url: str, **timeouts: float) -> str:
+    return openai_provider_toml("up", base_url, "sk-up") + model_toml("solo", "up", "up-solo", **timeouts)
+
+
+CASES = {
+    # name: (reply, timeouts, expected SSE event names, saved status, saved content, error type)
+    "http_500": (Reply(status=500, body=b'{"error":{"message":"boom"}}'), {},
+                 ["metadata", "error"], "failed", "", "upstream_http_error"),
+    "http_429_retry_after_past_the_budget": (
+        Reply(status=429, body=b"{}", headers={"Retry-After": "9999"}), {},
+        ["metadata", "error"], "failed", "", "upstream_http_error"),
+    "hang_before_the_first_byte": (Reply(OK_EVENTS, delay_s=5), {"first_token_timeout_s": 0.3},
+                                   ["metadata", "error"], "failed", "", "upstream_timeout"),
+    "hang_mid_stream": (Reply(OK_EVENTS, hang_after=2), {"idle_timeout_s": 0.3},
+                        ["metadata", "message", "error"], "failed", "Hel", "upstream_timeout"),
+    "malformed_json_chunk": (Reply(OK_EVENTS[:2] + [b"data: {not json\n\n"]), {},
+                             ["metadata", "message", "error"], "failed", "Hel", "upstream_protocol_error"),
+    "error_event_mid_stream": (
+        Reply(OK_EVENTS[:2] + [b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n']), {},
+        ["metadata", "message", "error"], "failed", "Hel", "upstream_stream_error"),
+    "truncated_without_done": (Reply(OK_EVENTS[:3]), {},
+                               ["metadata", "message", "message", "error"], "failed", "Hello",
+                               "upstream_protocol_error"),
+    "split_at_every_byte": (Reply(split_every(b"".join(OK_EVENTS), 1)), {},
+                            ["metadata", "message", "message", "usage", "done"], "complete", "Hello", None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_upstream_failure_ends_in_its_documented_outcome(case, upstream, make_client, config_file, user, db):
+    reply, timeouts, names, status, content, error_type = CASES[case]
+    upstream.queue(reply)
+    client = await make_client(GATEWAY_CONFIG=config_file(config(upstream.base_url, **timeouts)))
+    resp = await client.post("/api/chat", headers=user.headers, json={"content": "hi", "stream": True})
+    assert resp.status == 200
+    events = parse_sse(await resp.read())
+    assert [e.event for e in events] == names + ["message"] and events[-1].data == "[DONE]"
+    meta = orjson.loads(events[0].data)
+    row = await db.fetchrow("SELECT status, content, error, model FROM messages WHERE id = $1",
+                            uuid.UUID(meta["message_id"]))
+    assert (row["status"], row["content"], row["model"]) == (status, content, "solo")
+    if error_type is None:
+        assert row["error"] is None
+    else:
+        error = orjson.loads(events[-2].data)
+        assert error["type"] == error_type and row["error"]["type"] == error_type
+        assert set(error) == {"type", "message", "retryable"}
+    # whatever happened, one usage row and never a second reply
+    assert await db.fetchval("SELECT count(*) FROM usage WHERE message_id = $1", uuid.UUID(meta["message_id"])) == 1
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE reply_to = $1 AND role = 'assistant'",
+                             uuid.UUID(meta["user_message_id"])) == 1
+
+
+async def test_connection_refused_is_a_failed_reply(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file(config(f"http://127.0.0.1:{closed_port()}/v1")))
+    resp = await client.post("/api/chat", headers=user.headers, json={"content": "hi", "stream": True})
+    events = parse_sse(await resp.read())
+    assert [e.event for e in events] == ["metadata", "error", "message"]
+    assert orjson.loads(events[1].data)["type"] == "upstream_connection_error"
+    row = await db.fetchrow("SELECT status, content FROM messages WHERE id = $1::uuid",
+                            orjson.loads(events[0].data)["message_id"])
+    assert (row["status"], row["content"]) == ("failed", "")
+
+
+async def test_usage_chunk_without_choices_is_not_content(upstream, make_client, config_file, user, db):
+    upstream.queue(Reply([openai_chunk({"role": "assistant", "content": ""}), openai_chunk({"content": "x"}),
+                          openai_chunk({}, "length"), openai_chunk(usage={"prompt_tokens": 3, "completion_tokens": 1,
+                                                                         "total_tokens": 4}, choices=False),
+                          b"data: [DONE]\n\n"]))
+    client = await make_client(GATEWAY_CONFIG=config_file(config(upstream.base_url)))
+    resp = await client.post("/api/chat", headers=user.headers, json={"content": "hi", "stream": True})
+    events = parse_sse(await resp.read())
+    assert orjson.loads(events[-2].data)["finish_reason"] == "length"
+    assert orjson.loads(events[-3].data) == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
