@@ -96,7 +96,9 @@ class Policy:
         return self._streams.get(user_id, 0)
 
     async def admit(self, principal: Principal, model: str, prompt_tokens: int, max_tokens: int | None,
-                    downgrade_to: str | None = None) -> Admission:
+                    downgrade_to: str | None = None, share: int = 1) -> Admission:
+        """`share`: this request is admitted together with share - 1 others (the arena's slots),
+        so a daily reservation takes at most 1/share of what remains."""
         limits = limits_for(self._config, principal)
         now = self._clock()
         admission = Admission("approve", model, max_tokens, now.date())
@@ -110,7 +112,7 @@ class Policy:
         if limits.max_concurrent is not None and self.active_streams(principal.user_id) >= limits.max_concurrent:
             raise TooManyRequests(f"at most {limits.max_concurrent} concurrent streams", retry_after=1)
         if any(x is not None for x in (limits.user_rpm, limits.key_rpm, limits.user_daily, limits.key_daily)):
-            await self._admit_in_database(principal, limits, admission, prompt_tokens, now)
+            await self._admit_in_database(principal, limits, admission, prompt_tokens, now, share)
             if (downgrade_to and downgrade_to != model and limits.user_daily is not None
                     and await self._nearly_spent(principal.user_id, admission, limits.user_daily)):
                 admission.action, admission.downgraded_from, admission.model = "downgrade", model, downgrade_to
@@ -127,15 +129,15 @@ class Policy:
             self._streams.pop(user_id, None)
 
     async def _admit_in_database(self, principal: Principal, limits: Limits, admission: Admission,
-                                 prompt_tokens: int, now: datetime) -> None:
+                                 prompt_tokens: int, now: datetime, share: int) -> None:
         capped = limits.user_daily is not None or (limits.key_daily is not None and principal.api_key_id)
         want = prompt_tokens + (admission.max_tokens or DEFAULT_RESERVE_TOKENS)
         window = now.replace(second=0, microsecond=0)
         try:
             granted = await self._pool.fetchval(
-                "SELECT gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9)", principal.user_id,
+                "SELECT gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", principal.user_id,
                 principal.api_key_id, admission.day, window, limits.user_rpm, limits.key_rpm, want,
-                limits.user_daily, limits.key_daily)
+                limits.user_daily, limits.key_daily, share)
         except asyncpg.PostgresError as e:
             if getattr(e, "sqlstate", None) != "GW429":
                 raise
@@ -155,8 +157,14 @@ class Policy:
         if limits.key_daily is not None and principal.api_key_id is not None:
             admission.key_reserved = granted
         if granted < want:
+            if granted <= prompt_tokens:
+                # not even the prompt fits in what remains: nothing to run
+                await self.release(admission, principal.user_id, principal.api_key_id)
+                reset = datetime.combine(admission.day + timedelta(days=1), datetime.min.time(), timezone.utc)
+                raise TooManyRequests("daily token cap reached (too little left for this prompt)",
+                                      retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset)
             # what remains today bounds the reply: the upstream is told so, and the cap holds
-            admission.max_tokens = max(1, granted - prompt_tokens)
+            admission.max_tokens = granted - prompt_tokens
             admission.action = "downgrade"
             admission.reasons.append(f"max_tokens clamped to the {granted} tokens left today")
 

@@ -603,9 +603,11 @@ async def day_row(db: asyncpg.Pool, user_id: uuid.UUID) -> dict[str, int] | None
     return dict(found) if found else None
 
 
-async def test_a_cap_that_fits_one_slot_refuses_the_turn_and_persists_nothing(make_client, config_file, user, db):
+async def test_a_cap_too_small_for_both_slots_refuses_the_turn_and_persists_nothing(make_client, config_file,
+                                                                                    user, db):
     x, y = unique("cap_x"), unique("cap_y")
-    client = await make_client(GATEWAY_CONFIG=config_file(demo_models_toml(x, y, limits=CAP.format(cap=12))),
+    # 5 tokens left: slot a may take half (2), which does not even cover the 2-token prompt
+    client = await make_client(GATEWAY_CONFIG=config_file(demo_models_toml(x, y, limits=CAP.format(cap=5))),
                                DEMO_CHUNKS="10")
     resp = await client.post("/api/arena", headers=user.headers, json={
         "content": "hello", "max_tokens": 10, "models": [x, y], "client_message_id": "capped", "stream": True})
@@ -619,6 +621,19 @@ async def test_a_cap_that_fits_one_slot_refuses_the_turn_and_persists_nothing(ma
     answer = await accept_arena(roomier, user, content="hello", max_tokens=10, models=[x, y],
                                 client_message_id="capped")
     assert answer["duplicate"] is False
+
+
+async def test_the_slots_share_what_remains_so_the_second_is_not_starved(make_client, config_file, user, db):
+    x, y = unique("share_x"), unique("share_y")
+    client = await make_client(GATEWAY_CONFIG=config_file(demo_models_toml(x, y, limits=CAP.format(cap=12))),
+                               DEMO_CHUNKS="10")
+    # each slot's worst case is 12 (2 prompt + 10): a takes half of the 12 left, b the other half
+    answer = await accept_arena(client, user, content="hello", max_tokens=10, models=[x, y])
+    await wait_comparison_finished(db, answer["comparison_id"])
+    usage = await db.fetch("SELECT model, prompt_tokens, completion_tokens FROM usage WHERE user_id = $1 "
+                           "ORDER BY model", user.id)
+    assert [tuple(u) for u in usage] == sorted([(x, 2, 4), (y, 2, 4)])
+    assert await day_row(db, user.id) == {"tokens": 12, "reserved": 0, "requests": 2}
 
 
 async def test_both_slots_count_toward_the_daily_total(make_client, config_file, user, db):

@@ -92,8 +92,10 @@ async def begin_arena(app: web.Application, principal: Principal, chat: ChatBody
     # both slots count toward the caller's limits; if either is refused, nothing is kept
     admissions: list[Admission] = []
     try:
-        for model in pair:
-            admissions.append(await policy.admit(principal, model, prompt_tokens(messages), chat.max_tokens))
+        for shares_left, model in zip((2, 1), pair):
+            # slot a may take at most half of what remains today, slot b what is left after it
+            admissions.append(await policy.admit(principal, model, prompt_tokens(messages), chat.max_tokens,
+                                                 share=shares_left))
         turn = await arena_store.persist_arena_turn(pool, principal.user_id, chat.content, chat.client_message_id,
                                                     chat.thread_id, app[INSTANCE].id, pair[0], pair[1], anonymous)
     except BaseException:
