@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import resource
@@ -31,6 +32,15 @@ def raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+async def quiet_gc(app: web.Application) -> None:
+    """Fewer, cheaper garbage collections on the hot path: the objects made at start (modules,
+    config, pools) are frozen out of every future collection, and the youngest generation is
+    collected every 20,000 allocations instead of 700 (a stream's objects rarely form cycles)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def serve(settings: Settings) -> None:
     raise_open_file_limit()
     try:
@@ -40,7 +50,9 @@ def serve(settings: Settings) -> None:
     else:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     log.info("gateway on http://%s:%d (default model %s)", settings.host, settings.port, settings.default_model)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, access_log_class=AccessLogger,
+    app = create_app(settings)
+    app.on_startup.append(quiet_gc)
+    web.run_app(app, host=settings.host, port=settings.port, access_log_class=AccessLogger,
                 shutdown_timeout=settings.shutdown_grace_s + 5, print=None, backlog=4096,
                 # a client that leaves cancels its handler (the tests' server does the same)
                 handler_cancellation=True)

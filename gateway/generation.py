@@ -276,6 +276,11 @@ class GenerationRegistry:
                 log.warning("finish write for %s failed (%s), retrying", record.message_id, type(e).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+            except asyncpg.PostgresError:
+                # not the database being away: a bug. Keep the reply on disk rather than lose it.
+                log.exception("finish write for %s was refused; journaling it", record.message_id)
+                await self._journal.append(record)
+                return
 
     def cancel(self, message_id: uuid.UUID) -> bool:
         generation = self.live.get(message_id)

@@ -9,7 +9,7 @@ from typing import Any
 import asyncpg
 
 from ..errors import Conflict, NotFound
-from .usage import USAGE_CTES, UsageRecord
+from .usage import USAGE_CTES, UsageRecord, usage_arrays
 
 MESSAGE_COLUMNS = """id, thread_id, role, content, status, reply_to, slot, client_message_id, model, provider,
     prompt_tokens, completion_tokens, ttft_ms, latency_ms, error, metadata, created_at, finished_at"""
@@ -148,10 +148,10 @@ class FinishRecord:
 # changes nothing the second time.
 _FINISH = """
 WITH m AS (
-    UPDATE messages SET status = $13, content = $14, model = $4, provider = $5, prompt_tokens = $6,
-        completion_tokens = $7, ttft_ms = $15, latency_ms = $16, error = $17,
-        metadata = (metadata - 'swept') || $18, finished_at = clock_timestamp()
-    WHERE id = $1 AND (status IN ('pending', 'streaming') OR (status = 'interrupted' AND metadata ? 'swept'))
+    UPDATE messages SET status = $13, content = $14, model = ($4::text[])[1], provider = ($5::text[])[1],
+        prompt_tokens = ($6::integer[])[1], completion_tokens = ($7::integer[])[1], ttft_ms = $15,
+        latency_ms = $16, error = $17, metadata = (metadata - 'swept') || $18, finished_at = clock_timestamp()
+    WHERE id = ($1::uuid[])[1] AND (status IN ('pending', 'streaming') OR (status = 'interrupted' AND metadata ? 'swept'))
     RETURNING id
 ),""" + USAGE_CTES + """
 SELECT (SELECT count(*) FROM m) AS messages, (SELECT count(*) FROM u) AS usage
@@ -160,8 +160,8 @@ SELECT (SELECT count(*) FROM m) AS messages, (SELECT count(*) FROM u) AS usage
 
 async def finish_assistant(pool: asyncpg.Pool, r: FinishRecord) -> tuple[int, int]:
     """Save a finished reply; returns (message rows, usage rows) written: (0, 0) on a replay."""
-    row = await pool.fetchrow(_FINISH, *r.usage.params(), r.status, r.content, r.ttft_ms, r.latency_ms, r.error,
-                              r.metadata)
+    row = await pool.fetchrow(_FINISH, *usage_arrays([r.usage]), r.status, r.content, r.ttft_ms, r.latency_ms,
+                              r.error, r.metadata)
     return row["messages"], row["usage"]
 
 

@@ -3,37 +3,51 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import date
 
 import asyncpg
 
-# CTEs shared by every writer of usage, parameters $1..$12 in UsageRecord order. The usage row
-# is inserted only if absent, and the daily totals (per user, per key) move only when it was:
-# replaying the same record changes nothing. The same step settles the reply's reservation:
-# the worst case reserved at admission is released and the real usage counted instead, on the
-# day the reservation was made.
+# CTEs shared by every writer of usage: parameters $1..$12 are one array per UsageRecord field
+# (a single finish passes arrays of one). A usage row is inserted only if absent, and the daily
+# totals (per user and per key, summed per day) move only by the rows that were new: replaying
+# records changes nothing. The same step settles each reply's reservation: the worst case
+# reserved at admission is released and the real usage counted instead, on the admission day.
+# Set-based, so a batch costs the database one statement and one upsert per (user, day).
 USAGE_CTES = """
+r AS (
+    SELECT DISTINCT ON (message_id) * FROM unnest(
+        $1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::integer[], $7::integer[],
+        $8::boolean[], $9::numeric[], $10::date[], $11::bigint[], $12::bigint[])
+    AS r(message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens, estimated,
+         cost_usd, day, user_reserved, key_reserved)
+),
 u AS (
     INSERT INTO usage (message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens,
                        total_tokens, estimated, cost_usd)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $6::integer + $7::integer, $8, $9)
+    SELECT message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens,
+           prompt_tokens + completion_tokens, estimated, cost_usd FROM r
     ON CONFLICT (message_id) DO NOTHING
-    RETURNING user_id, api_key_id, total_tokens, cost_usd
+    RETURNING message_id
 ),
+new AS (SELECT r.* FROM r JOIN u USING (message_id)),
 d AS (
-    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd)
-    SELECT user_id, $10::date, total_tokens, 1, cost_usd FROM u
+    -- `reserved` carries the amount to release; a reservation always made its day's row first,
+    -- so a row created here has nothing reserved (the amount is 0)
+    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd, reserved)
+    SELECT user_id, day, sum(prompt_tokens + completion_tokens), count(*), sum(cost_usd), sum(user_reserved)
+    FROM new GROUP BY user_id, day
     ON CONFLICT (user_id, day) DO UPDATE SET tokens = d.tokens + EXCLUDED.tokens,
-        requests = d.requests + 1, cost_usd = d.cost_usd + EXCLUDED.cost_usd,
-        reserved = greatest(d.reserved - $11::bigint, 0)
+        requests = d.requests + EXCLUDED.requests, cost_usd = d.cost_usd + EXCLUDED.cost_usd,
+        reserved = greatest(d.reserved - EXCLUDED.reserved, 0)
 ),
 k AS (
-    INSERT INTO key_daily_usage AS k (api_key_id, day, tokens, requests, cost_usd)
-    SELECT api_key_id, $10::date, total_tokens, 1, cost_usd FROM u WHERE api_key_id IS NOT NULL
+    INSERT INTO key_daily_usage AS k (api_key_id, day, tokens, requests, cost_usd, reserved)
+    SELECT api_key_id, day, sum(prompt_tokens + completion_tokens), count(*), sum(cost_usd), sum(key_reserved)
+    FROM new WHERE api_key_id IS NOT NULL GROUP BY api_key_id, day
     ON CONFLICT (api_key_id, day) DO UPDATE SET tokens = k.tokens + EXCLUDED.tokens,
-        requests = k.requests + 1, cost_usd = k.cost_usd + EXCLUDED.cost_usd,
-        reserved = greatest(k.reserved - $12::bigint, 0)
+        requests = k.requests + EXCLUDED.requests, cost_usd = k.cost_usd + EXCLUDED.cost_usd,
+        reserved = greatest(k.reserved - EXCLUDED.reserved, 0)
 )"""
 
 _RECORD = "WITH " + USAGE_CTES + "\nSELECT (SELECT count(*) FROM u) AS usage"
@@ -54,16 +68,15 @@ class UsageRecord:
     user_reserved: int = 0  # the admission's reservations, released by this record
     key_reserved: int = 0
 
-    def params(self) -> tuple[object, ...]:
-        return (self.message_id, self.user_id, self.api_key_id, self.model, self.provider, self.prompt_tokens,
-                self.completion_tokens, self.estimated, self.cost_usd, self.day, self.user_reserved,
-                self.key_reserved)
+
+def usage_arrays(records: list[UsageRecord]) -> list[list[object]]:
+    """The records as one array per field: the parameters of USAGE_CTES."""
+    return [list(column) for column in zip(*(astuple(r) for r in records))]
 
 
-async def record_usage_many(pool: asyncpg.Pool, records: list[UsageRecord]) -> None:
-    """A batch in one transaction, pipelined (asyncpg executemany): one round trip for many rows."""
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.executemany(_RECORD, [r.params() for r in records])
+async def record_usage_many(pool: asyncpg.Pool, records: list[UsageRecord]) -> int:
+    """A whole batch in one statement; returns how many usage rows were new."""
+    return await pool.fetchval(_RECORD, *usage_arrays(records))
 
 
 async def day_totals(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> dict[str, object]:
