@@ -93,7 +93,10 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     instance = Instance(db.url, pool, journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
     app[INSTANCE] = instance
-    usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch))
+    # small, frequent usage batches: a flush's database work shares the machine with the hot path, so
+    # many short ones keep the latency tail low (measured: p99 first token 2.2 ms at 50 ms, 1.1-1.6 at 10)
+    usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch),
+                                                  interval_s=0.01, max_batch=200)
     app[USAGE] = usage
     leaderboard = LeaderboardCache(lambda include_named: battles(pool, include_named),
                                    rounds=settings.leaderboard_bootstrap_rounds)
