@@ -87,3 +87,44 @@ class BatchWriter(Generic[T]):
             backoff = 0.1
             del self._items[:len(batch)]
             self.written += len(batch)
+
+
+class GroupCommit(Generic[T]):
+    """Writes the caller waits for, batched only when they pile up (group commit).
+
+    A write arriving while none is in flight is flushed at once, alone: no added latency. Writes
+    arriving while a flush is in flight wait for it and then go together in the next one. So
+    under load the database sees one statement (and one commit) for many writes, and when idle
+    it sees exactly what it would without batching. `submit` raises what the flush raised.
+    """
+
+    def __init__(self, flush: Callable[[list[T]], Awaitable[object]], max_batch: int = 200) -> None:
+        self._flush = flush
+        self._max_batch = max_batch
+        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+        await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:self._max_batch]
+                del self._pending[:len(batch)]
+                try:
+                    await self._flush([item for item, _ in batch])
+                except Exception as e:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(e)
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._task = None

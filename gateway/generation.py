@@ -20,12 +20,13 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import asyncpg
 
 from .config import ModelConfig
+from .background import GroupCommit
 from .journal import FinishJournal
 from .policy import Admission, utc_now
 from .providers.base import ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
 from .providers.chain import Attempt, Chain
 from .sse import FrameEncoder
-from .store.messages import FinishRecord, finish_assistant
+from .store.messages import FinishRecord, finish_many
 from .store.usage import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,8 @@ class GenerationRegistry:
         self.live: dict[uuid.UUID, Generation] = {}
         self._pool = pool
         self._journal = journal
+        # finishes that pile up under load share one statement and one commit
+        self._finishes: GroupCommit[FinishRecord] = GroupCommit(lambda batch: finish_many(pool, batch))
         self._grace = shutdown_grace_s
         self._finish_retry_s = finish_retry_s
 
@@ -266,7 +269,7 @@ class GenerationRegistry:
         delay, deadline = 0.1, time.monotonic() + self._finish_retry_s
         while True:
             try:
-                await finish_assistant(self._pool, record)
+                await self._finishes.submit(record)
                 return
             except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                     asyncpg.CannotConnectNowError, asyncio.TimeoutError) as e:

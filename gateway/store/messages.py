@@ -147,22 +147,38 @@ class FinishRecord:
 # absent), and the daily total (only when the usage row was new). Replaying a finish therefore
 # changes nothing the second time.
 _FINISH = """
-WITH m AS (
-    UPDATE messages SET status = $13, content = $14, model = ($4::text[])[1], provider = ($5::text[])[1],
-        prompt_tokens = ($6::integer[])[1], completion_tokens = ($7::integer[])[1], ttft_ms = $15,
-        latency_ms = $16, error = $17, metadata = (metadata - 'swept') || $18, finished_at = clock_timestamp()
-    WHERE id = ($1::uuid[])[1] AND (status IN ('pending', 'streaming') OR (status = 'interrupted' AND metadata ? 'swept'))
-    RETURNING id
+WITH x AS (
+    SELECT * FROM unnest($1::uuid[], $4::text[], $5::text[], $6::integer[], $7::integer[], $13::text[],
+                         $14::text[], $15::integer[], $16::integer[], $17::jsonb[], $18::jsonb[])
+    AS x(id, model, provider, prompt_tokens, completion_tokens, status, content, ttft_ms, latency_ms, error,
+         metadata)
+),
+m AS (
+    UPDATE messages SET status = x.status, content = x.content, model = x.model, provider = x.provider,
+        prompt_tokens = x.prompt_tokens, completion_tokens = x.completion_tokens, ttft_ms = x.ttft_ms,
+        latency_ms = x.latency_ms, error = x.error, metadata = (messages.metadata - 'swept') || x.metadata,
+        finished_at = clock_timestamp()
+    FROM x
+    WHERE messages.id = x.id
+      AND (messages.status IN ('pending', 'streaming')
+           OR (messages.status = 'interrupted' AND messages.metadata ? 'swept'))
+    RETURNING messages.id
 ),""" + USAGE_CTES + """
 SELECT (SELECT count(*) FROM m) AS messages, (SELECT count(*) FROM u) AS usage
 """
 
 
-async def finish_assistant(pool: asyncpg.Pool, r: FinishRecord) -> tuple[int, int]:
-    """Save a finished reply; returns (message rows, usage rows) written: (0, 0) on a replay."""
-    row = await pool.fetchrow(_FINISH, *usage_arrays([r.usage]), r.status, r.content, r.ttft_ms, r.latency_ms,
-                              r.error, r.metadata)
+async def finish_many(pool: asyncpg.Pool, records: list[FinishRecord]) -> tuple[int, int]:
+    """Save finished replies in one statement; returns (message rows, usage rows) written, so a
+    replay of records already saved returns (0, 0)."""
+    columns = [[r.status for r in records], [r.content for r in records], [r.ttft_ms for r in records],
+               [r.latency_ms for r in records], [r.error for r in records], [r.metadata for r in records]]
+    row = await pool.fetchrow(_FINISH, *usage_arrays([r.usage for r in records]), *columns)
     return row["messages"], row["usage"]
+
+
+async def finish_assistant(pool: asyncpg.Pool, record: FinishRecord) -> tuple[int, int]:
+    return await finish_many(pool, [record])
 
 
 async def get_message(pool: asyncpg.Pool, user_id: uuid.UUID, message_id: uuid.UUID) -> dict[str, Any]:
