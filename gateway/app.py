@@ -14,7 +14,7 @@ from aiohttp import web
 from .activity import record_activity
 from .api import account, arena, chat, keys, openai, ops, playground, threads, ws
 from .auth import Authenticator
-from .background import BatchWriter
+from .background import BatchWriter, GroupCommit
 from .config import Settings
 from .db import migrate, open_database
 from .generation import GenerationRegistry
@@ -28,10 +28,11 @@ from .openapi import get_openapi
 from .policy import Policy
 from .providers.registry import ModelRegistry
 from .state import (ACTIVITY, AUTH, DB, GENERATIONS, HTTP, INSTANCE, LAST_USED, LEADERBOARD, METRICS, MODELS, POLICY,
-                    SETTINGS, STREAM_TOKENS, USAGE)
+                    SETTINGS, STREAM_TOKENS, TURNS, USAGE)
 from .store.activity import ActivityRecord, record_activity_many
 from .store.arena import battles
 from .store.keys import bootstrap_admin_key, touch_keys
+from .store.messages import persist_turns
 from .store.usage import UsageRecord, record_usage_many
 from .stream_tokens import StreamTokens, load_signing_key
 
@@ -90,6 +91,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     journal = FinishJournal(settings.data_dir / "journal")
     generations = GenerationRegistry(pool, journal, settings.shutdown_grace_s, settings.finish_retry_s)
     app[GENERATIONS] = generations
+    app[TURNS] = GroupCommit(lambda batch: persist_turns(pool, batch))
     instance = Instance(db.url, pool, journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
     app[INSTANCE] = instance

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable, Generic, TypeVar
+from typing import Awaitable, Callable, Generic, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class BatchWriter(Generic[T]):
@@ -89,27 +90,32 @@ class BatchWriter(Generic[T]):
             self.written += len(batch)
 
 
-class GroupCommit(Generic[T]):
+class GroupCommit(Generic[T, R]):
     """Writes the caller waits for, batched only when they pile up (group commit).
 
     A write arriving while none is in flight is flushed at once, alone: no added latency. Writes
     arriving while a flush is in flight wait for it and then go together in the next one. So
     under load the database sees one statement (and one commit) for many writes, and when idle
-    it sees exactly what it would without batching. `submit` raises what the flush raised.
+    it sees exactly what it would without batching.
+
+    `flush` returns one result per item (an Exception instance is raised to that item's caller
+    alone), or None when there is nothing to return; if it raises, every caller in the batch
+    gets the exception.
     """
 
-    def __init__(self, flush: Callable[[list[T]], Awaitable[object]], max_batch: int = 200) -> None:
+    def __init__(self, flush: Callable[[list[T]], Awaitable[Sequence[R | Exception] | None]],
+                 max_batch: int = 200) -> None:
         self._flush = flush
         self._max_batch = max_batch
-        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._pending: list[tuple[T, asyncio.Future[R | None]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, item: T) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def submit(self, item: T) -> R | None:
+        future: asyncio.Future[R | None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._drain())
-        await future
+        return await future
 
     async def _drain(self) -> None:
         try:
@@ -117,14 +123,19 @@ class GroupCommit(Generic[T]):
                 batch = self._pending[:self._max_batch]
                 del self._pending[:len(batch)]
                 try:
-                    await self._flush([item for item, _ in batch])
+                    results = await self._flush([item for item, _ in batch])
                 except Exception as e:
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(e)
-                else:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_result(None)
+                    continue
+                for i, (_, future) in enumerate(batch):
+                    result = results[i] if results is not None else None
+                    if future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
         finally:
             self._task = None

@@ -259,9 +259,12 @@ class GenerationRegistry:
         self._pool = pool
         self._journal = journal
         # finishes that pile up under load share one statement and one commit
-        self._finishes: GroupCommit[FinishRecord] = GroupCommit(lambda batch: finish_many(pool, batch))
+        self._finishes: GroupCommit[FinishRecord, None] = GroupCommit(self._finish_batch)
         self._grace = shutdown_grace_s
         self._finish_retry_s = finish_retry_s
+
+    async def _finish_batch(self, batch: list[FinishRecord]) -> None:
+        await finish_many(self._pool, batch)
 
     async def save(self, record: FinishRecord) -> None:
         """The one finish write: retried with backoff while the database is away, then journaled

@@ -22,7 +22,7 @@ from ..providers.base import ChatRequest, estimate_tokens
 from ..providers.chain import Chain
 from ..router import AUTO, route
 from ..sse import DONE, open_stream, parse_last_event_id
-from ..state import DB, GENERATIONS, INSTANCE, MODELS, POLICY, SETTINGS, STREAM_TOKENS, TIMINGS, USER_ID
+from ..state import DB, GENERATIONS, INSTANCE, MODELS, POLICY, SETTINGS, STREAM_TOKENS, TIMINGS, TURNS, USER_ID
 from ..store import arena as arena_store
 from ..store import messages as message_store
 from .common import caller, check_text, json_response, optional, parse_uuid, read_json
@@ -112,8 +112,8 @@ async def begin_turn(app: web.Application, principal: Principal, chat: ChatBody)
                                    settings.limits.downgrade_model)
     # persist: after this commit the user's message is never lost
     try:
-        turn = await message_store.persist_turn(pool, principal.user_id, chat.content, chat.client_message_id,
-                                                chat.thread_id, app[INSTANCE].id)
+        turn = await app[TURNS].submit(message_store.TurnRequest(
+            principal.user_id, chat.content, chat.client_message_id, chat.thread_id, app[INSTANCE].id))
     except BaseException:
         await policy.release(admission, principal.user_id, principal.api_key_id)
         raise

@@ -25,29 +25,50 @@ class Turn:
     duplicate: bool
 
 
-# One statement writes the user message and the assistant placeholder (status streaming); the
-# unique index on (user_id, client_message_id) makes a retry insert nothing. The thread is
-# either created here or touched (which also proves it belongs to this user).
-_TURN = """
-WITH t AS ({thread}),
+# One statement persists any number of turns (concurrent requests group-commit together): per
+# turn, the thread (created, or touched — which also proves it is the caller's), the user
+# message and the assistant placeholder (status streaming). The unique index on (user_id,
+# client_message_id) makes a retry insert nothing; ids are made up front so each returned row
+# maps back to its turn (`i`) and a thread left empty by a lost race can be removed.
+_TURNS = f"""
+WITH x AS (
+    SELECT * FROM unnest($1::integer[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::uuid[],
+                         $8::uuid[], $9::uuid[])
+    AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid)
+),
+t_new AS (
+    INSERT INTO threads (id, user_id, title) SELECT tid, user_id, title FROM x WHERE thread_id IS NULL
+    RETURNING id
+),
+t_old AS (
+    UPDATE threads SET updated_at = clock_timestamp() FROM x
+    WHERE threads.id = x.thread_id AND threads.user_id = x.user_id
+    RETURNING threads.id
+),
+ok AS (SELECT * FROM x WHERE tid IN (SELECT id FROM t_new UNION ALL SELECT id FROM t_old)),
 u AS (
-    INSERT INTO messages (thread_id, user_id, role, content, status, client_message_id)
-    SELECT t.id, $1, 'user', $2, 'complete', $3 FROM t
+    INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id)
+    SELECT umid, tid, user_id, 'user', content, 'complete', client_message_id FROM ok ORDER BY i
     ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
-    RETURNING {columns}
+    RETURNING {MESSAGE_COLUMNS}
 ),
 a AS (
     INSERT INTO messages (thread_id, user_id, role, status, reply_to, instance_id)
-    SELECT u.thread_id, $1, 'assistant', 'streaming', u.id, $5 FROM u
-    RETURNING id
+    SELECT ok.tid, ok.user_id, 'assistant', 'streaming', ok.umid, ok.instance_id FROM ok JOIN u ON u.id = ok.umid
+    RETURNING id, reply_to
 )
-SELECT u.*, a.id AS assistant_id FROM u, a
+SELECT ok.i, u.*, a.id AS assistant_id FROM ok JOIN u ON u.id = ok.umid JOIN a ON a.reply_to = u.id
 """
-_TURN_NEW_THREAD = _TURN.format(thread="INSERT INTO threads (user_id, title) VALUES ($1, $4) RETURNING id",
-                                columns=MESSAGE_COLUMNS)
-_TURN_IN_THREAD = _TURN.format(thread="UPDATE threads SET updated_at = clock_timestamp() "
-                                      "WHERE id = $4 AND user_id = $1 RETURNING id",
-                               columns=MESSAGE_COLUMNS)
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    user_id: uuid.UUID
+    content: str
+    client_message_id: str | None
+    thread_id: uuid.UUID | None
+    instance_id: uuid.UUID
+
 
 _DUPLICATE = f"""
 SELECT {', '.join('u.' + c.strip() for c in MESSAGE_COLUMNS.split(','))}, a.id AS assistant_id
@@ -55,10 +76,6 @@ FROM messages u
 JOIN messages a ON a.reply_to = u.id AND a.role = 'assistant' AND a.slot IS NULL
 WHERE u.user_id = $1 AND u.client_message_id = $2
 """
-
-
-class _NothingInserted(Exception):
-    """Rolls the turn's transaction back: a duplicate, or a thread that is not the user's."""
 
 
 def _turn(row: asyncpg.Record, duplicate: bool) -> Turn:
@@ -88,36 +105,47 @@ async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid
     return [{"role": r["role"], "content": r["content"]} for r in reversed(rows) if r["role"] is not None]
 
 
-async def persist_turn(pool: asyncpg.Pool, user_id: uuid.UUID, content: str, client_message_id: str | None,
-                       thread_id: uuid.UUID | None, instance_id: uuid.UUID) -> Turn:
-    if thread_id is None:
-        statement, args = _TURN_NEW_THREAD, (user_id, content, client_message_id, thread_title(content), instance_id)
-    else:
-        statement, args = _TURN_IN_THREAD, (user_id, content, client_message_id, thread_id, instance_id)
+async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[Turn | Exception]:
+    """Persist the turns in one statement; per turn, its Turn (a duplicate's is the stored one)
+    or the error to raise (NotFound, Conflict)."""
+    thread_ids = [t.thread_id or uuid.uuid4() for t in turns]
+    args = [list(range(len(turns))), [t.user_id for t in turns], [t.content for t in turns],
+            [t.client_message_id for t in turns], [t.thread_id for t in turns],
+            [thread_title(t.content) if t.thread_id is None else None for t in turns],
+            [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns]]
+    results: list[Turn | Exception | None] = [None] * len(turns)
     async with pool.acquire() as conn:
-        if client_message_id is None:
-            # nothing can conflict: the one statement is atomic on its own (one round trip, no BEGIN/COMMIT)
-            row = await conn.fetchrow(statement, *args)
-            if row is not None:
-                return _turn(row, duplicate=False)
-            raise NotFound("thread not found")
-        try:
-            # a racing duplicate inserts nothing: roll back the thread this statement may have made
+        if all(t.client_message_id is None for t in turns):
+            # nothing can conflict: the statement is atomic on its own (no BEGIN/COMMIT round trips)
+            rows = await conn.fetch(_TURNS, *args)
+        else:
             async with conn.transaction():
-                row = await conn.fetchrow(statement, *args)
-                if row is None:
-                    raise _NothingInserted
-            return _turn(row, duplicate=False)
-        except _NothingInserted:
-            pass
-        # the conflicting insert has committed by now (ON CONFLICT waited for it)
-        row = await conn.fetchrow(_DUPLICATE, user_id, client_message_id)
-        if row is not None:
-            return _turn(row, duplicate=True)
-        if await conn.fetchval("SELECT 1 FROM messages WHERE user_id = $1 AND client_message_id = $2",
-                               user_id, client_message_id):
-            raise Conflict("client_message_id already names an arena turn")
-        raise NotFound("thread not found")
+                rows = await conn.fetch(_TURNS, *args)
+                made = {r["i"] for r in rows}
+                # a turn that lost to a duplicate leaves the thread it made empty: drop that thread
+                orphans = [thread_ids[i] for i, t in enumerate(turns) if i not in made and t.thread_id is None]
+                if orphans:
+                    await conn.execute("DELETE FROM threads WHERE id = ANY($1::uuid[])", orphans)
+        for row in rows:
+            turn = dict(row)
+            i = turn.pop("i")
+            assistant_id = turn.pop("assistant_id")
+            results[i] = Turn(turn["thread_id"], turn, assistant_id, duplicate=False)
+        for i, t in enumerate(turns):
+            if results[i] is not None:
+                continue
+            if t.client_message_id is not None:
+                # the conflicting insert has committed by now (ON CONFLICT waited for it)
+                row = await conn.fetchrow(_DUPLICATE, t.user_id, t.client_message_id)
+                if row is not None:
+                    results[i] = _turn(row, duplicate=True)
+                    continue
+                if await conn.fetchval("SELECT 1 FROM messages WHERE user_id = $1 AND client_message_id = $2",
+                                       t.user_id, t.client_message_id):
+                    results[i] = Conflict("client_message_id already names an arena turn")
+                    continue
+            results[i] = NotFound("thread not found")
+    return results  # type: ignore[return-value]
 
 
 def thread_title(content: str) -> str:
