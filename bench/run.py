@@ -171,7 +171,8 @@ class Bench:
         a = self.a
         env = {k: v for k, v in os.environ.items() if k not in GATEWAY_ENV}
         config = self.tmp / "gateway.toml"
-        config.write_text(CONFIG.format(port=a.upstream_port))
+        extra = Path(a.config_extra).read_text() if getattr(a, "config_extra", None) else ""
+        config.write_text(CONFIG.format(port=a.upstream_port) + "\n" + extra)
         env.update(GATEWAY_CONFIG=str(config), DEFAULT_MODEL="bench-model", GATEWAY_HOST="127.0.0.1",
                    GATEWAY_PORT=str(a.gateway_port), GATEWAY_DATA_DIR=str(self.data_dir), LOG_LEVEL="WARNING",
                    BOOTSTRAP_ADMIN_KEY="false", SHUTDOWN_GRACE_S="2")
@@ -338,6 +339,8 @@ def main() -> int:
     p.add_argument("--upstream-port", type=int, default=18000)
     p.add_argument("--gateway-port", type=int, default=18080)
     p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE", help="extra gateway env")
+    p.add_argument("--config-extra", metavar="TOML_FILE",
+                   help="appended to the gateway's config, e.g. a [limits] table to measure the policy step")
     p.add_argument("--pin", dest="pin", action="store_true", default=None)
     p.add_argument("--no-pin", dest="pin", action="store_false")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (config, gateway.log, data)")
