@@ -29,12 +29,11 @@ from ..providers.base import ChatRequest
 from ..providers.chain import Chain
 from ..providers.registry import NotEnoughModels
 from ..sse import DONE, open_stream
-from ..state import (DB, GENERATIONS, INSTANCE, LEADERBOARD, MODELS, POLICY, SETTINGS, STREAM_TOKENS, TIMINGS,
-                     USER_ID)
+from ..state import DB, GENERATIONS, INSTANCE, LEADERBOARD, MODELS, POLICY, SETTINGS, STREAM_TOKENS, TIMINGS
 from ..store import arena as arena_store
 from ..store import messages as message_store
 from .chat import ChatBody, live_or_finished, parse_chat, prompt_tokens
-from .common import caller, json_response, optional, parse_uuid, read_json
+from .common import caller, json_response, optional, parse_uuid, read_json, stream_reader
 
 SLOTS = ("a", "b")
 
@@ -73,8 +72,9 @@ async def post_arena(request: web.Request) -> web.StreamResponse:
 
 async def begin_arena(app: web.Application, principal: Principal, chat: ChatBody, requested: list[str] | None,
                       anonymous: bool) -> arena_store.ArenaTurn:
-    """Decide (both models, both admissions), persist the turn, start both slots."""
-    models, pool, settings, policy = app[MODELS], app[DB].pool, app[SETTINGS], app[POLICY]
+    """Decide (both models, both admissions), persist the turn, start both slots. No downgrade to a
+    cheaper model here: the comparison is of the two models asked for (max_tokens may be clamped)."""
+    models, pool, policy = app[MODELS], app[DB].pool, app[POLICY]
     if chat.client_message_id is not None:
         existing = await arena_store.find_duplicate(pool, principal.user_id, chat.client_message_id)
         if existing is not None:
@@ -202,12 +202,7 @@ async def stream_comparison(request: web.Request, user_id: uuid.UUID, comparison
 
 async def get_comparison_stream(request: web.Request) -> web.StreamResponse:
     comparison_id = parse_uuid(request.match_info["comparison_id"], "comparison id")
-    token = request.query.get("token")
-    if token is not None:
-        user_id = request.app[STREAM_TOKENS].verify(token, comparison_id)
-        request[USER_ID] = str(user_id)
-    else:
-        user_id = (await caller(request, "arena")).user_id
+    user_id = await stream_reader(request, comparison_id, "arena")
     raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
     return await stream_comparison(request, user_id, comparison_id, parse_arena_event_id(raw, comparison_id))
 

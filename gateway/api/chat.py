@@ -22,10 +22,10 @@ from ..providers.base import ChatRequest, estimate_tokens
 from ..providers.chain import Chain
 from ..router import AUTO, route
 from ..sse import DONE, open_stream, parse_last_event_id
-from ..state import DB, GENERATIONS, INSTANCE, MODELS, POLICY, SETTINGS, STREAM_TOKENS, TIMINGS, TURNS, USER_ID
+from ..state import DB, GENERATIONS, INSTANCE, MODELS, POLICY, SETTINGS, STREAM_TOKENS, TIMINGS, TURNS
 from ..store import arena as arena_store
 from ..store import messages as message_store
-from .common import caller, check_text, json_response, optional, parse_uuid, read_json
+from .common import caller, check_text, json_response, optional, parse_uuid, read_json, stream_reader
 
 MAX_CLIENT_MESSAGE_ID = 200
 # max_tokens is added to the prompt estimate in bigint SQL (the daily reservation): bounded here,
@@ -203,12 +203,7 @@ async def live_or_finished(request: web.Request, user_id: uuid.UUID,
 
 async def get_message_stream(request: web.Request) -> web.StreamResponse:
     message_id = parse_uuid(request.match_info["message_id"], "message id")
-    token = request.query.get("token")
-    if token is not None:
-        user_id = request.app[STREAM_TOKENS].verify(token, message_id)
-        request[USER_ID] = str(user_id)
-    else:
-        user_id = (await caller(request, "chat")).user_id
+    user_id = await stream_reader(request, message_id, "chat")
     raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
     return await stream_message(request, user_id, message_id, parse_last_event_id(raw, str(message_id)))
 

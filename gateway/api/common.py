@@ -11,7 +11,7 @@ from aiohttp import web
 
 from ..auth import Principal
 from ..errors import BadRequest, InvalidId, PayloadTooLarge
-from ..state import AUTH, PRINCIPAL, SETTINGS, TIMINGS, USER_ID
+from ..state import AUTH, PRINCIPAL, SETTINGS, STREAM_TOKENS, TIMINGS, USER_ID
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -61,6 +61,17 @@ def check_text(value: str, key: str) -> str:
     if "\x00" in value:
         raise BadRequest(f"{key} must not contain NUL characters")
     return value
+
+
+async def stream_reader(request: web.Request, resource_id: uuid.UUID, scope: str) -> uuid.UUID:
+    """Who may read this stream: the user named by the `?token=` of a stream_url (EventSource cannot
+    send headers), or else the caller of the Authorization header."""
+    token = request.query.get("token")
+    if token is None:
+        return (await caller(request, scope)).user_id
+    user_id = request.app[STREAM_TOKENS].verify(token, resource_id)
+    request[USER_ID] = str(user_id)
+    return user_id
 
 
 async def caller(request: web.Request, scope: str | None = None) -> Principal:

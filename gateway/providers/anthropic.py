@@ -14,10 +14,9 @@ import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
-from .base import (Batch, ChatRequest, Finish, ProviderError, StreamEvent, TextDelta, UpstreamConnectionError,
-                   UpstreamProtocolError,
-                   UpstreamStreamError, UpstreamTimeout, UsageReport)
-from .openai import client_timeout, raise_for_status
+from .base import (Batch, ChatRequest, Finish, ProviderError, StreamEvent, TextDelta, UpstreamProtocolError,
+                   UpstreamStreamError, UsageReport)
+from .openai import client_timeout, raise_for_status, transport_error
 from .sse_decoder import SSEDecoder
 
 API_VERSION = "2023-06-01"
@@ -76,12 +75,8 @@ class AnthropicProvider:
                             return
                     if batch:
                         yield batch
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamTimeout("connect") from None
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout("idle") from None
-        except aiohttp.ClientError as e:
-            raise UpstreamConnectionError(f"upstream connection failed: {type(e).__name__}") from None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+            raise transport_error(e) from None
         raise UpstreamProtocolError("upstream stream ended without message_stop")
 
 

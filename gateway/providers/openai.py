@@ -38,6 +38,15 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
     raise UpstreamHTTPError(message[:500], status=resp.status, retry_after=retry_after_seconds(resp.headers))
 
 
+def transport_error(e: asyncio.TimeoutError | aiohttp.ClientError) -> ProviderError:
+    """What the HTTP client raised, as the provider error the chain understands."""
+    if isinstance(e, aiohttp.ConnectionTimeoutError):
+        return UpstreamTimeout("connect")
+    if isinstance(e, asyncio.TimeoutError):  # sock_read: nothing between chunks for idle_timeout_s
+        return UpstreamTimeout("idle")
+    return UpstreamConnectionError(f"upstream connection failed: {type(e).__name__}")
+
+
 def client_timeout(model: ModelConfig) -> aiohttp.ClientTimeout:
     # sock_read bounds every read, the first one included, so it is the idle timeout between
     # chunks; the chain bounds the first token and the whole attempt
@@ -85,12 +94,8 @@ class OpenAIProvider:
                             raise
                     if batch:
                         yield batch
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamTimeout("connect") from None
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout("idle") from None
-        except aiohttp.ClientError as e:
-            raise UpstreamConnectionError(f"upstream connection failed: {type(e).__name__}") from None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+            raise transport_error(e) from None
         raise UpstreamProtocolError("upstream stream ended without [DONE]")
 
 
