@@ -47,7 +47,7 @@ from ..auth import Principal
 from ..errors import BadRequest, GatewayError
 from ..generation import replay_frames
 from ..sse import parse_last_event_id
-from ..state import AUTH, MODELS, SETTINGS, USER_ID
+from ..state import AUTH, MODELS, PRINCIPAL, SETTINGS, USER_ID
 from .chat import ChatBody, begin_turn, cancel_reply, live_or_finished, parse_chat
 from .common import caller, parse_uuid
 
@@ -74,8 +74,9 @@ async def authenticate(request: web.Request) -> Principal:
     if token is None or "Authorization" in request.headers:
         return await caller(request, "chat")
     principal = await request.app[AUTH].authenticate_token(token.strip())
-    principal.require("chat")
+    request[PRINCIPAL] = principal  # for the activity log
     request[USER_ID] = str(principal.user_id)  # for the access log
+    principal.require("chat")
     return principal
 
 
