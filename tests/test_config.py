@@ -121,6 +121,15 @@ def test_groq_api_key_registers_groq():
     assert s.models["llama-3.3-70b"] == ModelConfig("llama-3.3-70b", "groq", "llama-3.3-70b")
 
 
+def test_anthropic_api_key_registers_anthropic_and_the_app_builds_its_adapter():
+    s = Settings.from_env({"ANTHROPIC_API_KEY": "sk-ant-env"})
+    anthropic = s.providers["anthropic"]
+    assert (anthropic.kind, anthropic.base_url) == ("anthropic", "https://api.anthropic.com/v1")
+    assert anthropic.api_key is not None and anthropic.api_key.reveal() == "sk-ant-env"
+    assert s.models["claude-3-5-haiku-latest"].provider == "anthropic"
+    assert s.default_model == "claude-3-5-haiku-latest" and "demo-alt" not in s.models
+
+
 def test_api_key_env_reads_the_named_variable(config_file: ConfigFile):
     path = config_file('[providers.vllm]\nbase_url = "http://gpu:8000/v1"\napi_key_env = "VLLM_TOKEN"\n')
     s = Settings.from_env({"GATEWAY_CONFIG": path, "VLLM_TOKEN": "tok-123"})
