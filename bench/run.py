@@ -212,6 +212,10 @@ class Bench:
                                             preexec_fn=pinned(self.gateway_cpus))
         wait_up(self.gateway, f"http://127.0.0.1:{a.gateway_port}/readyz", 120, "gateway", logfile)
         self.db_pid = None if a.database_url else postmaster_pid(self.data_dir)
+        if getattr(a, "peer_pid", None) and self.gateway_cpus:
+            # the peer gets the same core as this gateway, every thread of it
+            for tid in os.listdir(f"/proc/{a.peer_pid}/task"):
+                os.sched_setaffinity(int(tid), self.gateway_cpus)
         log(f"upstream pid {self.upstream.pid}, gateway pid {self.gateway.pid}, "
             f"embedded PostgreSQL pid {self.db_pid or '-'}, pin={self.pin}")
 
@@ -228,16 +232,23 @@ class Bench:
     # -- runs ----------------------------------------------------------------------------------
 
     def load(self, target: str, requests: int, warmup: int) -> dict:
+        """One load.py run: `direct` (the upstream), a gateway target, or `peer` (another gateway
+        already running on --peer-url, e.g. LiteLLM, driven on its /v1/chat/completions)."""
         a = self.a
-        gateway = target != "direct"
-        port = a.gateway_port if gateway else a.upstream_port
-        cmd = [PY, str(HERE / "load.py"), "--target", target, "--url", f"http://127.0.0.1:{port}",
+        if target == "peer":
+            url, kind, key, pid = a.peer_url, "openai", a.peer_key, a.peer_pid
+        elif target == "direct":
+            url, kind, key, pid = f"http://127.0.0.1:{a.upstream_port}", "direct", "", None
+        else:
+            url, kind, key, pid = f"http://127.0.0.1:{a.gateway_port}", target, self.key, self.gateway.pid
+        cmd = [PY, str(HERE / "load.py"), "--target", kind, "--url", url,
                "-c", str(a.concurrency), "-n", str(requests), "--duration", str(a.duration),
                "--warmup", str(warmup), "--expect-chunks", str(a.chunks), "--pid", f"upstream={self.upstream.pid}"]
-        if gateway:
-            cmd += ["--pid", f"gateway={self.gateway.pid}"] + (["--pid", f"db={self.db_pid}"] if self.db_pid else [])
-            wait_idle([self.gateway.pid] + ([self.db_pid] if self.db_pid else []))
-        env = dict(os.environ, BENCH_API_KEY=self.key if gateway else "")
+        if pid:
+            watched = [pid] + ([self.db_pid] if self.db_pid and target != "peer" else [])
+            cmd += ["--pid", f"gateway={pid}"] + (["--pid", f"db={self.db_pid}"] if len(watched) > 1 else [])
+            wait_idle(watched)
+        env = dict(os.environ, BENCH_API_KEY=key)
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.duration + 120,
                            preexec_fn=pinned(self.tools_cpus))
         lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
@@ -326,7 +337,12 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict]], pin: bool) -> Non
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--targets", default="native", help="comma-separated gateway targets: native, openai")
+    p.add_argument("--targets", default="native",
+                   help="comma-separated: native, openai (this gateway), peer (the gateway at --peer-url)")
+    p.add_argument("--peer-url", help="another OpenAI-compatible gateway routing bench-model to the upstream port, "
+                                      "e.g. LiteLLM on http://127.0.0.1:4000 (see ../shared/bench/litellm)")
+    p.add_argument("--peer-key", default="", help="its API key")
+    p.add_argument("--peer-pid", type=int, help="its PID (CPU and RSS sampling; pinned with the gateway)")
     p.add_argument("-c", "--concurrency", type=int, default=1)
     p.add_argument("-n", "--requests", type=int, default=300, help="measured requests per run")
     p.add_argument("--rounds", type=int, default=3)
