@@ -363,8 +363,10 @@ def main() -> int:
     p.add_argument("--json-out", help="write every raw load.py result here")
     a = p.parse_args()
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
-    if not a.targets or set(a.targets) - {"native", "openai"}:
-        p.error("--targets takes native and/or openai")
+    if not a.targets or set(a.targets) - {"native", "openai", "peer"}:
+        p.error("--targets takes native, openai and/or peer")
+    if "peer" in a.targets and not a.peer_url:
+        p.error("--targets peer needs --peer-url")
     if a.warmup is None:
         a.warmup = max(20, 2 * a.concurrency)
 
