@@ -13,7 +13,6 @@ client_message_id later. With no limits configured, the policy does no I/O at al
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -189,7 +188,3 @@ class Policy:
                                      "WHERE api_key_id = $1 AND day = $2", api_key_id, admission.day,
                                      admission.key_reserved)
         admission.user_reserved = admission.key_reserved = 0
-
-
-async def shield_release(policy: Policy, admission: Admission, principal: Principal) -> None:
-    await asyncio.shield(policy.release(admission, principal.user_id, principal.api_key_id))
