@@ -297,6 +297,8 @@ async def test_anonymous_arena_names_no_model_until_the_vote(make_client, config
     assert [(m["role"], m["slot"], m["model"], m["provider"]) for m in thread["messages"]] == [
         ("user", None, None, None), ("assistant", "a", None, None), ("assistant", "b", None, None)]
     assert x not in orjson.dumps(thread).decode() and y not in orjson.dumps(thread).decode()
+    usage = await (await client.get("/api/usage?group_by=model", headers=user.headers)).json()
+    assert [(r["model"], r["requests"]) for r in usage["rows"]] == [("(anonymous arena reply, vote pending)", 2)]
 
     voted = await vote(client, user, cid, "tie")
     assert voted.status == 200
@@ -309,6 +311,8 @@ async def test_anonymous_arena_names_no_model_until_the_vote(make_client, config
     message = await (await client.get(f"/api/messages/{reply_a}", headers=user.headers)).json()
     assert (message["model"], message["provider"]) == (x, "demo")
     assert [a["model"] for a in message["metadata"]["attempts"]] == [x]
+    usage = await (await client.get("/api/usage?group_by=model", headers=user.headers)).json()
+    assert sorted((r["model"], r["requests"]) for r in usage["rows"]) == sorted([(x, 1), (y, 1)])
 
 
 async def test_named_comparison_shows_its_models_before_any_vote(make_client, config_file, user, db):

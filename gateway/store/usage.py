@@ -91,10 +91,16 @@ async def day_totals(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> dict[
     return dict(row) if row else {"tokens": 0, "reserved": 0, "requests": 0, "cost_usd": 0.0}
 
 
+HIDDEN_MODEL = "(anonymous arena reply, vote pending)"
 _REPORT = {
-    # the two groupings differ only in their key; both read the usage rows of the range
-    "day": "(created_at AT TIME ZONE 'UTC')::date",
-    "model": "model",
+    # the two groupings differ only in their key; both read the usage rows of the range. By
+    # model, a reply of an anonymous comparison not yet voted on must not give its model away.
+    "day": "(u.created_at AT TIME ZONE 'UTC')::date",
+    "model": f"""CASE WHEN EXISTS (SELECT 1 FROM comparisons c WHERE c.anonymous AND c.winner IS NULL
+                                   AND c.message_a = u.message_id)
+                   OR EXISTS (SELECT 1 FROM comparisons c WHERE c.anonymous AND c.winner IS NULL
+                                   AND c.message_b = u.message_id)
+                 THEN '{HIDDEN_MODEL}' ELSE u.model END""",
 }
 
 
@@ -103,11 +109,11 @@ async def usage_report(pool: asyncpg.Pool, user_id: uuid.UUID, start: date, end:
     """Tokens, cost and requests per day or per model over [start, end] (UTC days)."""
     key = _REPORT[group_by]  # one of two fixed expressions, never caller text
     rows = await pool.fetch(f"""
-        SELECT {key} AS {group_by}, sum(prompt_tokens)::bigint AS prompt_tokens,
-               sum(completion_tokens)::bigint AS completion_tokens, sum(total_tokens)::bigint AS total_tokens,
-               sum(cost_usd)::float8 AS cost_usd, count(*) AS requests
-        FROM usage
-        WHERE user_id = $1 AND created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
-          AND created_at < ($3::date + 1)::timestamp AT TIME ZONE 'UTC'
+        SELECT {key} AS {group_by}, sum(u.prompt_tokens)::bigint AS prompt_tokens,
+               sum(u.completion_tokens)::bigint AS completion_tokens, sum(u.total_tokens)::bigint AS total_tokens,
+               sum(u.cost_usd)::float8 AS cost_usd, count(*) AS requests
+        FROM usage u
+        WHERE u.user_id = $1 AND u.created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
+          AND u.created_at < ($3::date + 1)::timestamp AT TIME ZONE 'UTC'
         GROUP BY 1 ORDER BY 1""", user_id, start, end)
     return [dict(r) for r in rows]
