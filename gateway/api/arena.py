@@ -31,8 +31,7 @@ from ..providers.registry import NotEnoughModels
 from ..sse import DONE, open_stream
 from ..state import DB, GENERATIONS, INSTANCE, LEADERBOARD, MODELS, POLICY, SETTINGS, STREAM_TOKENS, TIMINGS
 from ..store import arena as arena_store
-from ..store import messages as message_store
-from .chat import ChatBody, live_or_finished, parse_chat, prompt_tokens
+from .chat import ChatBody, conversation, live_or_finished, parse_chat, prompt_tokens
 from .common import caller, json_response, optional, parse_uuid, read_json, stream_reader
 
 SLOTS = ("a", "b")
@@ -79,9 +78,7 @@ async def begin_arena(app: web.Application, principal: Principal, chat: ChatBody
         existing = await arena_store.find_duplicate(pool, principal.user_id, chat.client_message_id)
         if existing is not None:
             return existing
-    messages = [] if chat.thread_id is None else await message_store.thread_history(
-        pool, principal.user_id, chat.thread_id)
-    messages.append({"role": "user", "content": chat.content})
+    messages = await conversation(pool, principal, chat)
     if requested is None:
         try:
             pair = [m.name for m in models.draw_pair()]

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from ..auth import Principal
@@ -102,9 +103,7 @@ async def begin_turn(app: web.Application, principal: Principal, chat: ChatBody)
         existing = await message_store.find_duplicate(pool, principal.user_id, chat.client_message_id)
         if existing is not None:
             return existing
-    messages = [] if chat.thread_id is None else await message_store.thread_history(
-        pool, principal.user_id, chat.thread_id)
-    messages.append({"role": "user", "content": chat.content})
+    messages = await conversation(pool, principal, chat)
     # decide: the router advises; the policy approves, downgrades or refuses. A refusal raises
     # here, before anything is written, so the same client_message_id can be retried later.
     choice = route(chat.model, chat.content, dict(settings.router), models.default)
@@ -133,6 +132,15 @@ async def begin_turn(app: web.Application, principal: Principal, chat: ChatBody)
         ChatRequest(messages, max_tokens=admission.max_tokens, temperature=chat.temperature),
         pool, generations.save))
     return turn
+
+
+async def conversation(pool: asyncpg.Pool, principal: Principal, chat: ChatBody) -> list[dict[str, Any]]:
+    """What the upstream gets: the thread's history (NotFound if not the caller's), then the new message.
+    Read before the commit: it bounds the prompt the policy reserves for."""
+    messages = [] if chat.thread_id is None else await message_store.thread_history(
+        pool, principal.user_id, chat.thread_id)
+    messages.append({"role": "user", "content": chat.content})
+    return messages
 
 
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:
