@@ -24,43 +24,50 @@ CREATE TABLE rate_windows (
     PRIMARY KEY (subject, window_start)
 );
 
+-- One fixed-window counter: takes a slot in the subject's current minute, or refuses (SQLSTATE
+-- GW429, the limit's name as the message) when the window is full.
+CREATE FUNCTION gateway_take_window(p_subject text, p_window timestamptz, p_limit integer, p_name text)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    INSERT INTO rate_windows AS w (subject, window_start, count) VALUES (p_subject, p_window, 1)
+    ON CONFLICT (subject, window_start) DO UPDATE SET count = w.count + 1 WHERE w.count < p_limit
+    RETURNING count INTO n;
+    IF n IS NULL THEN RAISE EXCEPTION '%', p_name USING ERRCODE = 'GW429'; END IF;
+END
+$$;
+
 -- Admit one request or refuse it, changing nothing on refusal (the exception rolls the whole
 -- call back). Each limit is skipped when its parameter is NULL. A daily reservation is one
--- conditional upsert on the day's row: it takes min(want, what remains), only while something
--- remains; the row lock serialises concurrent callers, so the cap holds under any concurrency.
--- In an UPDATE every SET expression sees the old row, so last_grant records exactly what this
--- call added to reserved. Refusals raise SQLSTATE GW429 with the limit's name as the message.
+-- conditional upsert on the day's row: it takes min(want, what remains / p_share), only while
+-- something remains; the row lock serialises concurrent callers, so the cap holds under any
+-- concurrency. p_share > 1 is for a request admitted with others (the arena's slot a takes at
+-- most half of what remains, so slot b is not starved). In an UPDATE every SET expression sees
+-- the old row, so last_grant records exactly what this call added to reserved.
 CREATE FUNCTION gateway_admit(p_user uuid, p_key uuid, p_day date, p_window timestamptz,
                               p_user_rpm integer, p_key_rpm integer, p_want bigint,
-                              p_user_cap bigint, p_key_cap bigint)
+                              p_user_cap bigint, p_key_cap bigint, p_share integer)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
-    n       integer;
     granted bigint := p_want;
     g       bigint;
 BEGIN
     IF p_user_rpm IS NOT NULL THEN
-        n := NULL;
-        INSERT INTO rate_windows AS w (subject, window_start, count) VALUES ('u:' || p_user, p_window, 1)
-        ON CONFLICT (subject, window_start) DO UPDATE SET count = w.count + 1 WHERE w.count < p_user_rpm
-        RETURNING count INTO n;
-        IF n IS NULL THEN RAISE EXCEPTION 'user_requests_per_minute' USING ERRCODE = 'GW429'; END IF;
+        PERFORM gateway_take_window('u:' || p_user, p_window, p_user_rpm, 'user_requests_per_minute');
     END IF;
     IF p_key_rpm IS NOT NULL AND p_key IS NOT NULL THEN
-        n := NULL;
-        INSERT INTO rate_windows AS w (subject, window_start, count) VALUES ('k:' || p_key, p_window, 1)
-        ON CONFLICT (subject, window_start) DO UPDATE SET count = w.count + 1 WHERE w.count < p_key_rpm
-        RETURNING count INTO n;
-        IF n IS NULL THEN RAISE EXCEPTION 'key_requests_per_minute' USING ERRCODE = 'GW429'; END IF;
+        PERFORM gateway_take_window('k:' || p_key, p_window, p_key_rpm, 'key_requests_per_minute');
     END IF;
+    -- the two daily caps live in two tables (per key, per user): the same upsert on each
     IF p_key_cap IS NOT NULL AND p_key IS NOT NULL THEN
         g := NULL;
         INSERT INTO key_daily_usage AS d (api_key_id, day, reserved, last_grant)
-        VALUES (p_key, p_day, LEAST(granted, p_key_cap), LEAST(granted, p_key_cap))
+        VALUES (p_key, p_day, LEAST(granted, p_key_cap / p_share), LEAST(granted, p_key_cap / p_share))
         ON CONFLICT (api_key_id, day) DO UPDATE
-            SET reserved = d.reserved + LEAST(granted, p_key_cap - d.tokens - d.reserved),
-                last_grant = LEAST(granted, p_key_cap - d.tokens - d.reserved)
-            WHERE d.tokens + d.reserved < p_key_cap
+            SET reserved = d.reserved + LEAST(granted, (p_key_cap - d.tokens - d.reserved) / p_share),
+                last_grant = LEAST(granted, (p_key_cap - d.tokens - d.reserved) / p_share)
+            WHERE (p_key_cap - d.tokens - d.reserved) / p_share > 0
         RETURNING last_grant INTO g;
         IF g IS NULL OR g <= 0 THEN RAISE EXCEPTION 'key_daily_tokens' USING ERRCODE = 'GW429'; END IF;
         granted := g;
@@ -68,11 +75,11 @@ BEGIN
     IF p_user_cap IS NOT NULL THEN
         g := NULL;
         INSERT INTO daily_usage AS d (user_id, day, reserved, last_grant)
-        VALUES (p_user, p_day, LEAST(granted, p_user_cap), LEAST(granted, p_user_cap))
+        VALUES (p_user, p_day, LEAST(granted, p_user_cap / p_share), LEAST(granted, p_user_cap / p_share))
         ON CONFLICT (user_id, day) DO UPDATE
-            SET reserved = d.reserved + LEAST(granted, p_user_cap - d.tokens - d.reserved),
-                last_grant = LEAST(granted, p_user_cap - d.tokens - d.reserved)
-            WHERE d.tokens + d.reserved < p_user_cap
+            SET reserved = d.reserved + LEAST(granted, (p_user_cap - d.tokens - d.reserved) / p_share),
+                last_grant = LEAST(granted, (p_user_cap - d.tokens - d.reserved) / p_share)
+            WHERE (p_user_cap - d.tokens - d.reserved) / p_share > 0
         RETURNING last_grant INTO g;
         IF g IS NULL OR g <= 0 THEN RAISE EXCEPTION 'user_daily_tokens' USING ERRCODE = 'GW429'; END IF;
         IF g < granted AND p_key_cap IS NOT NULL AND p_key IS NOT NULL THEN
