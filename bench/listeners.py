@@ -25,7 +25,7 @@ import aiohttp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import Bench, Stop, log  # noqa: E402
+from run import Bench, Stop, bench_defaults, gateway_arguments, log  # noqa: E402
 from soak import rss_mb  # noqa: E402
 
 
@@ -71,13 +71,9 @@ def main() -> int:
     p.add_argument("--listeners", type=int, default=1000)
     p.add_argument("--chunks", type=int, default=200)
     p.add_argument("--chunk-delay-ms", type=float, default=100)
-    p.add_argument("--database-url")
-    p.add_argument("--upstream-port", type=int, default=18000)
-    p.add_argument("--gateway-port", type=int, default=18080)
-    p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-pin", dest="pin", action="store_false", default=None)
+    gateway_arguments(p)
     a = p.parse_args()
-    a.keep, a.first_delay_ms = False, 0.0  # what Bench reads from run.py's arguments
+    bench_defaults(a)
     bench = Bench(a)
     try:
         bench.start()

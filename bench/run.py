@@ -335,6 +335,24 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict]], pin: bool) -> Non
         print(f"| {name} | {spread(diff('ttft_ms.p50'))} | {spread(diff('ttft_ms.p99'))} | {spread(ratio)} |")
 
 
+def gateway_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that say how Bench starts the upstream and the gateway (shared by the other
+    bench scripts, which also set the few run.py-only ones Bench reads: see bench_defaults)."""
+    p.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one in a temp dir")
+    p.add_argument("--upstream-port", type=int, default=18000)
+    p.add_argument("--gateway-port", type=int, default=18080)
+    p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE", help="extra gateway env")
+    p.add_argument("--no-pin", dest="pin", action="store_false", default=None)
+
+
+def bench_defaults(a: argparse.Namespace, **values: object) -> argparse.Namespace:
+    """Fill in what Bench reads from run.py's own arguments, for scripts that do not offer them."""
+    for name, value in {"keep": False, "first_delay_ms": 0.0, "chunk_delay_ms": 0.0, **values}.items():
+        if not hasattr(a, name):
+            setattr(a, name, value)
+    return a
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="native",
@@ -351,14 +369,10 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=None, help="unmeasured requests per run (default max(20, 2*C))")
     p.add_argument("--first-delay-ms", type=float, default=0, help="upstream pause before its first event")
     p.add_argument("--chunk-delay-ms", type=float, default=0, help="upstream pause between content chunks")
-    p.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one in a temp dir")
-    p.add_argument("--upstream-port", type=int, default=18000)
-    p.add_argument("--gateway-port", type=int, default=18080)
-    p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE", help="extra gateway env")
+    gateway_arguments(p)
     p.add_argument("--config-extra", metavar="TOML_FILE",
                    help="appended to the gateway's config, e.g. a [limits] table to measure the policy step")
     p.add_argument("--pin", dest="pin", action="store_true", default=None)
-    p.add_argument("--no-pin", dest="pin", action="store_false")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (config, gateway.log, data)")
     p.add_argument("--json-out", help="write every raw load.py result here")
     a = p.parse_args()

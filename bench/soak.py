@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import PY, Bench, Stop, log, pinned  # noqa: E402
+from run import PY, Bench, Stop, bench_defaults, gateway_arguments, log, pinned  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -40,14 +40,9 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=10)
     p.add_argument("--every", type=float, default=10, help="RSS sample interval, s")
     p.add_argument("--chunks", type=int, default=64)
-    p.add_argument("--database-url")
-    p.add_argument("--upstream-port", type=int, default=18000)
-    p.add_argument("--gateway-port", type=int, default=18080)
-    p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--no-pin", dest="pin", action="store_false", default=None)
+    gateway_arguments(p)
     a = p.parse_args()
-    # what Bench reads from run.py's arguments
-    a.keep, a.first_delay_ms, a.chunk_delay_ms = False, 0.0, 0.0
+    bench_defaults(a)
     duration = a.minutes * 60
     bench = Bench(a)
     samples: list[tuple[float, float]] = []
