@@ -66,6 +66,7 @@ class FakeUpstream:
         self.default = Reply(openai_stream(["Hel", "lo"]))
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.sent: list[int] = []  # pieces each request's reply got written before it ended or was cut
         self.server: Any = None
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self.chat)
@@ -93,12 +94,18 @@ class FakeUpstream:
                                 content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **reply.headers})
         await resp.prepare(request)
+        self.sent.append(0)
+        index = len(self.sent) - 1
         for i, piece in enumerate(reply.pieces):
             if reply.hang_after is not None and i >= reply.hang_after:
                 await asyncio.sleep(3600)
             if reply.piece_delay_s and i:
                 await asyncio.sleep(reply.piece_delay_s)
-            await resp.write(piece)
+            try:
+                await resp.write(piece)
+            except ConnectionResetError:
+                return resp  # the gateway hung up on this reply
+            self.sent[index] += 1
         await resp.write_eof()
         return resp
 

@@ -207,6 +207,14 @@ async def test_client_disconnect_cancels_upstream_and_records_usage_so_far(fake_
     row = (await usage_rows(db, user.id))[0]
     assert row["estimated"] is True
     assert row["completion_tokens"] < 50  # only what was relayed before the cut
-    # the upstream connection was dropped, not read to the end: the fake's writes start failing
-    await asyncio.sleep(0.3)
-    assert len(upstream.requests) == 1
+    # the upstream connection was dropped, not read to the end: the fake's writes stop well short
+    # of the 54 pieces of the whole reply (role, 50 deltas, finish, usage, [DONE])
+    await wait_for(lambda: _cut(upstream), timeout=5)
+    assert len(upstream.requests) == 1 and upstream.sent[0] < 40
+
+
+async def _cut(upstream) -> bool:
+    await asyncio.sleep(0.1)
+    before = upstream.sent[0]
+    await asyncio.sleep(0.2)  # 4 piece delays: a live reply would have moved on
+    return upstream.sent[0] == before
