@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import math
 import secrets
 import time
 import uuid
@@ -39,7 +40,7 @@ class StreamTokens:
         return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
     def issue(self, user_id: uuid.UUID, message_id: uuid.UUID) -> str:
-        expires = int(self._clock() + self._ttl)
+        expires = math.ceil(self._clock() + self._ttl)  # rounded up: a token lives at least the TTL
         return f"{user_id.hex}.{expires}.{self._sign(user_id, message_id, expires)}"
 
     def verify(self, token: str, message_id: uuid.UUID) -> uuid.UUID:

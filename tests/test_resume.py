@@ -406,7 +406,7 @@ async def test_stream_token_for_another_message_or_user_or_garbage_is_refused(cl
 
 
 async def test_expired_stream_token_is_refused(make_client, user, db):
-    client = await make_client(STREAM_TOKEN_TTL_S="1")
+    client = await make_client(STREAM_TOKEN_TTL_S="2")
     answer = await accept(client, user, "quick")
     mid = answer["assistant_message_id"]
     await wait_finished(db, mid)
