@@ -14,7 +14,7 @@ from aiohttp import web
 from .activity import record_activity
 from .api import account, arena, chat, keys, openai, ops, playground, threads, ws
 from .auth import Authenticator
-from .background import BatchWriter, GroupCommit
+from .background import BatchWriter
 from .config import Settings
 from .db import migrate, open_database
 from .generation import GenerationRegistry
@@ -32,9 +32,9 @@ from .state import (ACTIVITY, AUTH, DB, GENERATIONS, HTTP, INSTANCE, LAST_USED, 
 from .store.activity import ActivityRecord, record_activity_many
 from .store.arena import battles
 from .store.keys import bootstrap_admin_key, touch_keys
-from .store.messages import persist_turns
 from .store.usage import UsageRecord, record_usage_many
 from .stream_tokens import StreamTokens, load_signing_key
+from .turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +87,12 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     auth = Authenticator(settings, pool, jwt, last_used=last_used, metrics=app[METRICS])
     app[AUTH] = auth
     app[POLICY] = Policy(settings.limits, pool)
-    app[STREAM_TOKENS] = StreamTokens(await load_signing_key(pool), settings.stream_token_ttl_s)
+    stream_tokens = StreamTokens(await load_signing_key(pool), settings.stream_token_ttl_s)
+    app[STREAM_TOKENS] = stream_tokens
     journal = FinishJournal(settings.data_dir / "journal")
-    generations = GenerationRegistry(pool, journal, settings.shutdown_grace_s, settings.finish_retry_s)
+    generations = GenerationRegistry(pool, journal, models, settings.shutdown_grace_s, settings.finish_retry_s,
+                                     observe_usage=app[METRICS].usage)
     app[GENERATIONS] = generations
-    app[TURNS] = GroupCommit(lambda batch: persist_turns(pool, batch))
     instance = Instance(db.url, pool, journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
     app[INSTANCE] = instance
@@ -100,6 +101,9 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch),
                                                   interval_s=0.01, max_batch=200)
     app[USAGE] = usage
+    app[TURNS] = Turns(pool=pool, settings=settings, models=models, policy=app[POLICY], generations=generations,
+                       stream_tokens=stream_tokens, instance_id=instance.id, record_usage=usage.add,
+                       observe_usage=app[METRICS].usage, notify_cancel=instance.notify_cancel)
     leaderboard = LeaderboardCache(lambda include_named: battles(pool, include_named),
                                    rounds=settings.leaderboard_bootstrap_rounds)
     app[LEADERBOARD] = leaderboard

@@ -1,9 +1,10 @@
-"""Execute: one assistant reply as a task the app owns, its event log, and its single finish write.
+"""Execute: one assistant reply as a task the app owns, and the registry of this process's replies.
 
 A generation runs to its end whatever its listeners do: a client that disconnects stops
-nothing, and the reply is saved exactly once. Its events are kept as pre-encoded SSE frames
-(index = event seq), so any number of listeners can replay from any point and follow live;
-a slow listener only reads later, it never holds the generation up.
+nothing, and the reply is saved exactly once (the finish write, see `FinishRecord`). Its events
+are structured (`events.Event`) and kept in an `EventLog`, so any number of listeners can replay
+from any point and follow live; a slow listener only reads later, it never holds the
+generation up. Each transport (SSE, arena SSE, WebSocket) formats the events itself.
 """
 
 from __future__ import annotations
@@ -12,29 +13,32 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
-from .config import ModelConfig
 from .background import GroupCommit
+from .config import ModelConfig
+from .events import Event, EventLog, EventMaker, done_json, metadata_json, usage_json
 from .journal import FinishJournal
 from .policy import Admission, utc_now
 from .providers.base import ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
-from .providers.chain import Attempt, Chain
-from .sse import FrameEncoder
+from .providers.chain import Chain
+from .providers.registry import ModelRegistry
 from .store.messages import FinishRecord, finish_many
 from .store.usage import UsageRecord
+from .vocabulary import MessageStatus
 
 log = logging.getLogger(__name__)
 
+SaveFinish = Callable[[FinishRecord], Awaitable[None]]
 
-@dataclass(slots=True)
-class Turn:
-    """Who and what a generation is for (the persist step's output, the decide step's choice)."""
+
+@dataclass(slots=True, kw_only=True)
+class GenerationSpec:
+    """Who and what a generation is for: the persist step's rows and the decide step's choice."""
 
     user_id: uuid.UUID
     api_key_id: uuid.UUID | None
@@ -49,79 +53,44 @@ class Turn:
     anonymous: bool = False  # an anonymous arena slot: events do not name the model
 
 
-class EventLog:
-    """A generation's events by seq, in bounded memory.
-
-    The newest frames are kept as bytes for the live listeners; older delta frames are
-    re-encoded on demand from the reply's text chunks (kept anyway, for the final save), so a
-    long reply costs its text, not a list of every frame it ever sent.
-    """
-
-    RECENT = 128
-
-    def __init__(self, encoder: FrameEncoder, parts: list[str]) -> None:
-        self._encoder = encoder
-        self._parts = parts
-        self._recent: deque[bytes] = deque(maxlen=self.RECENT)
-        self._metadata = b""
-        self.count = 0  # events so far; the next one gets this seq
-
-    def append(self, frame: bytes) -> None:
-        if self.count == 0:
-            self._metadata = frame
-        self._recent.append(frame)
-        self.count += 1
-
-    def between(self, start: int, end: int) -> list[bytes]:
-        """Frames with seq in [start, end)."""
-        first_recent = self.count - len(self._recent)
-        out = [self._old(seq) for seq in range(start, min(end, first_recent))]
-        out.extend(self._recent[seq - first_recent] for seq in range(max(start, first_recent), end))
-        return out
-
-    def _old(self, seq: int) -> bytes:
-        # only metadata (seq 0) and deltas (1..n) can have left the recent window: the closing
-        # usage/done/error frames are always the newest
-        return self._metadata if seq == 0 else self._encoder.delta(seq, self._parts[seq - 1])
-
-
 class Generation:
-    def __init__(self, turn: Turn, chain: Chain, request: ChatRequest, pool: asyncpg.Pool,
-                 save: Callable[[FinishRecord], Awaitable[None]]) -> None:
-        self.turn = turn
+    def __init__(self, spec: GenerationSpec, chain: Chain, request: ChatRequest, save: SaveFinish,
+                 observe_usage: Callable[[UsageRecord], None] | None = None) -> None:
+        self.spec = spec
         self.chain = chain
         self.request = request
-        self._pool = pool
         self._save = save
+        self._observe_usage = observe_usage
         self.parts: list[str] = []  # the reply's text chunks: delta seq k is parts[k - 1]
-        self._encoder = FrameEncoder(str(turn.message_id), turn.slot)
-        self.log = EventLog(self._encoder, self.parts)
+        self._maker = EventMaker(spec.message_id, spec.slot)
+        self.events = EventLog(self._maker, self.parts)
         self.finished = False
-        self.status = "streaming"
+        self.status = MessageStatus.STREAMING
         self.task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
-        self._cancel_status = "interrupted"  # what a cancellation is saved as
+        self._cancel_status = MessageStatus.INTERRUPTED  # what a cancellation is saved as
         self._started = time.monotonic()
         self._ttft_ms: int | None = None
         self._finishing = False  # past this point a cancel must not interrupt the finish write
 
     # -- listeners ---------------------------------------------------------------------------
 
-    async def follow(self, after: int = -1) -> AsyncIterator[list[bytes]]:
-        """The frames after seq `after`, a batch per wake-up, until the generation has finished."""
+    async def follow(self, after: int = -1) -> AsyncIterator[list[Event]]:
+        """The events after seq `after`, a batch per wake-up, until the generation has finished."""
         pos = after + 1
         while True:
-            if pos < self.log.count:
-                batch = self.log.between(pos, self.log.count)
-                pos += len(batch)
+            count = self.events.count
+            if pos < count:
+                batch = self.events.between(pos, count)
+                pos = count
                 yield batch
             elif self.finished:
                 return
             else:
                 await self._changed.wait()
 
-    def _emit(self, frame: bytes) -> None:
-        self.log.append(frame)
+    def _emit(self, event: Event) -> None:
+        self.events.append(event)
         self._wake()
 
     def _wake(self) -> None:
@@ -130,7 +99,7 @@ class Generation:
 
     # -- the run -----------------------------------------------------------------------------
 
-    def cancel(self, status: str = "cancelled") -> None:
+    def cancel(self, status: MessageStatus = MessageStatus.CANCELLED) -> None:
         """Stop the upstream; the partial reply is saved with `status`."""
         if self.task is not None and not self._finishing:
             self._cancel_status = status
@@ -140,52 +109,63 @@ class Generation:
         usage: UsageReport | None = None
         finish_reason = "stop"
         error: ProviderError | None = None
+        events, maker, parts = self.events, self._maker, self.parts
         try:
             async for batch in self.chain.stream(self.request):
                 for event in batch:
                     kind = type(event)
                     if kind is TextDelta:
-                        if not self.log.count:
+                        if not events.count:
                             self._ttft_ms = round((time.monotonic() - self._started) * 1000)
-                            self.log.append(self._encoder.event(0, "metadata", self.metadata()))
-                        self.parts.append(event.text)
-                        self.log.append(self._encoder.delta(self.log.count, event.text))
+                            events.append(maker.event(0, "metadata", self.metadata()))
+                        parts.append(event.text)  # type: ignore[union-attr]
+                        events.append(maker.delta(events.count, event.text))  # type: ignore[union-attr]
                     elif kind is UsageReport:
-                        usage = event
+                        usage = event  # type: ignore[assignment]
                     elif kind is Finish:
-                        finish_reason = event.reason
+                        finish_reason = event.reason  # type: ignore[union-attr]
                 self._wake()  # listeners wake once per upstream read, not once per event
-            self.status = "complete"
+            self.status = MessageStatus.COMPLETE
         except ProviderError as e:
-            self.status, error = "failed", e
+            self.status, error = MessageStatus.FAILED, e
         except asyncio.CancelledError:
-            self.status, finish_reason = self._cancel_status, self._cancel_status
+            self.status, finish_reason = self._cancel_status, str(self._cancel_status)
         except Exception as e:  # a bug must still end the stream and save what arrived
-            log.exception("generation %s crashed", self.turn.message_id)
-            self.status, error = "failed", ProviderError(f"internal error: {type(e).__name__}")
+            log.exception("generation %s crashed", self.spec.message_id)
+            self.status, error = MessageStatus.FAILED, ProviderError(f"internal error: {type(e).__name__}")
         self._finishing = True
         try:
             await self._finish(usage, finish_reason, error)
+        except Exception:
+            # the finish itself failed (a bug): the listeners still get a terminal event
+            log.exception("finishing generation %s failed", self.spec.message_id)
+            if not events.count or not events.between(events.count - 1, events.count)[0].terminal:
+                self._emit(maker.event(events.count, "error", {
+                    "type": "internal_error", "message": "the reply could not be finished", "retryable": True}))
         finally:
             # whatever happened, listeners must not wait forever
             self.finished = True
             self._changed.set()
-            if self.turn.admission is not None:
-                self.turn.admission.done()
+            if self.spec.admission is not None:
+                self.spec.admission.done()
 
     def metadata(self) -> dict[str, Any]:
-        model = self.chain.used
-        if self.turn.anonymous:
-            return metadata_json(self.turn.thread_id, self.turn.user_message_id, self.turn.message_id, None, None,
-                                 self.turn.category, self.turn.auto, None)
-        return metadata_json(self.turn.thread_id, self.turn.user_message_id, self.turn.message_id, model.name,
-                             model.provider, self.turn.category, self.turn.auto, self.chain.fallback_from)
+        spec = self.spec
+        if spec.anonymous:
+            model = provider = fallback_from = None
+        else:
+            used = self.chain.used
+            model, provider, fallback_from = used.name, used.provider, self.chain.fallback_from
+        return metadata_json(thread_id=spec.thread_id, user_message_id=spec.user_message_id,
+                             message_id=spec.message_id, model=model, provider=provider, category=spec.category,
+                             auto=spec.auto, fallback_from=fallback_from)
 
     async def _finish(self, usage: UsageReport | None, finish_reason: str, error: ProviderError | None) -> None:
+        spec, maker = self.spec, self._maker
         content = "".join(self.parts)
         model = self.chain.used
-        if not self.log.count:
-            self._emit(self._encoder.event(0, "metadata", self.metadata()))
+        if not self.events.count:
+            self._emit(maker.event(0, "metadata", self.metadata()))
         estimated = usage is None
         if usage is None:
             # no report from upstream: estimate what was consumed (nothing, when no attempt got content)
@@ -194,51 +174,34 @@ class Generation:
         attempts = [a.as_json() for a in self.chain.attempts]
         error_json = ({"type": error.kind, "message": error.message, "retryable": error.retryable}
                       if error is not None else None)
-        admission = self.turn.admission
+        admission = spec.admission
         record = FinishRecord(
-            UsageRecord(self.turn.message_id, self.turn.user_id, self.turn.api_key_id, model.name, model.provider,
-                        usage.prompt_tokens, usage.completion_tokens, estimated, cost_usd(model, usage),
-                        admission.day if admission else utc_today(),
-                        admission.user_reserved if admission else 0, admission.key_reserved if admission else 0),
+            usage=UsageRecord(
+                message_id=spec.message_id, user_id=spec.user_id, api_key_id=spec.api_key_id, model=model.name,
+                provider=model.provider, prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens, estimated=estimated, cost_usd=cost_usd(model, usage),
+                day=admission.day if admission else utc_today(),
+                user_reserved=admission.user_reserved if admission else 0,
+                key_reserved=admission.key_reserved if admission else 0),
             status=self.status, content=content, ttft_ms=self._ttft_ms,
             latency_ms=round((time.monotonic() - self._started) * 1000), error=error_json,
-            metadata={**self.turn.extra_metadata, **({"anonymous": True} if self.turn.anonymous else {}),
-                      "category": self.turn.category, "auto": self.turn.auto,
+            metadata={**spec.extra_metadata, **({"anonymous": True} if spec.anonymous else {}),
+                      "category": spec.category, "auto": spec.auto,
                       "fallback_from": self.chain.fallback_from, "attempts": attempts,
                       "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})
-        self.chain.registry.metrics.usage(record.usage)
-        await self._save(record)
-        seq = self.log.count
-        if error is not None:
-            self._emit(self._encoder.event(seq, "error", error_json))
+        if self._observe_usage is not None:
+            self._observe_usage(record.usage)
+        await self._save(record)  # returns once the reply is durable: only then is it reported done
+        seq = self.events.count
+        if error_json is not None:
+            self._emit(maker.event(seq, "error", error_json))
         else:
-            total = usage.prompt_tokens + usage.completion_tokens
-            usage_json: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens,
-                                          "completion_tokens": usage.completion_tokens, "total_tokens": total}
-            if estimated:
-                usage_json["estimated"] = True
-            self._emit(self._encoder.event(seq, "usage", usage_json))
-            self._emit(self._encoder.event(seq + 1, "done", done_json(finish_reason, self.turn.message_id, attempts,
-                                                                      self.turn.anonymous)))
-        self.finished = True
-        self._changed.set()
-
-def done_json(finish_reason: str, message_id: uuid.UUID, attempts: list[dict[str, Any]],
-              anonymous: bool) -> dict[str, Any]:
-    # the attempt trail names models: an anonymous arena slot keeps them for the vote to reveal
-    if anonymous:
-        return {"finish_reason": finish_reason, "message_id": message_id}
-    return {"finish_reason": finish_reason, "message_id": message_id, "attempts": attempts}
-
-
-def metadata_json(thread_id: uuid.UUID, user_message_id: uuid.UUID, message_id: uuid.UUID, model: str | None,
-                  provider: str | None, category: str | None, auto: bool,
-                  fallback_from: str | None) -> dict[str, Any]:
-    """The `metadata` event's data, live or replayed: one builder so both are byte-identical."""
-    return {"thread_id": thread_id, "user_message_id": user_message_id, "message_id": message_id, "model": model,
-            "provider": provider, "category": category, "auto": auto, "fallback_from": fallback_from}
+            self._emit(maker.event(seq, "usage", usage_json(usage.prompt_tokens, usage.completion_tokens,
+                                                            estimated)))
+            self._emit(maker.event(seq + 1, "done", done_json(finish_reason, spec.message_id, attempts,
+                                                              spec.anonymous)))
 
 
 def utc_today() -> date:
@@ -253,11 +216,13 @@ def cost_usd(model: ModelConfig, usage: UsageReport) -> float:
 class GenerationRegistry:
     """The live generations of this process, by assistant message id, and their finish write."""
 
-    def __init__(self, pool: asyncpg.Pool, journal: FinishJournal, shutdown_grace_s: float = 10.0,
-                 finish_retry_s: float = 30.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, journal: FinishJournal, models: ModelRegistry, shutdown_grace_s: float = 10.0,
+                 finish_retry_s: float = 30.0, observe_usage: Callable[[UsageRecord], None] | None = None) -> None:
         self.live: dict[uuid.UUID, Generation] = {}
         self._pool = pool
         self._journal = journal
+        self._models = models
+        self._observe_usage = observe_usage
         # finishes that pile up under load share one statement and one commit
         self._finishes: GroupCommit[FinishRecord, None] = GroupCommit(self._finish_batch)
         self._grace = shutdown_grace_s
@@ -292,17 +257,21 @@ class GenerationRegistry:
         generation = self.live.get(message_id)
         if generation is None:
             return False
-        generation.cancel("cancelled")
+        generation.cancel(MessageStatus.CANCELLED)
         return True
 
     def get(self, message_id: uuid.UUID) -> Generation | None:
         return self.live.get(message_id)
 
-    def start(self, generation: Generation) -> Generation:
-        message_id = generation.turn.message_id
-        existing = self.live.get(message_id)
+    def start(self, spec: GenerationSpec, model: str, request: ChatRequest) -> Generation:
+        """Run `model`'s chain (it, then its fallbacks) for `spec` as an app-owned task; a second
+        start for the same message returns the running one."""
+        existing = self.live.get(spec.message_id)
         if existing is not None:
             return existing
+        chain = Chain(self._models, self._models.chain(model))
+        generation = Generation(spec, chain, request, self.save, self._observe_usage)
+        message_id = spec.message_id
         self.live[message_id] = generation
         generation.task = asyncio.get_running_loop().create_task(generation.run())
         generation.task.add_done_callback(lambda _: self.live.pop(message_id, None))
@@ -316,44 +285,6 @@ class GenerationRegistry:
             return
         _, pending = await asyncio.wait(tasks, timeout=self._grace)
         for generation in list(self.live.values()):
-            generation.cancel("interrupted")
+            generation.cancel(MessageStatus.INTERRUPTED)
         if pending:
             await asyncio.wait(pending)
-
-
-def replay_frames(message: dict[str, Any]) -> list[bytes]:
-    """A finished message's events rebuilt from its row, with the ids the live stream gave them."""
-    encoder = FrameEncoder(str(message["id"]), message["slot"])
-    meta = message["metadata"]
-    anonymous = bool(meta.get("anonymous"))
-    frames = [encoder.event(0, "metadata", metadata_json(
-        message["thread_id"], message["reply_to"], message["id"], None if anonymous else message["model"],
-        None if anonymous else message["provider"], meta.get("category"), meta.get("auto", False),
-        None if anonymous else meta.get("fallback_from")))]
-    content, pos = message["content"], 0
-    for length in meta.get("chunks", [len(content)] if content else []):
-        frames.append(encoder.delta(len(frames), content[pos:pos + length]))
-        pos += length
-    if message["error"] is not None:
-        frames.append(encoder.event(len(frames), "error", _in_order(message["error"], _ERROR_KEYS)))
-        return frames
-    prompt, completion = message["prompt_tokens"] or 0, message["completion_tokens"] or 0
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                             "total_tokens": prompt + completion}
-    if meta.get("estimated"):
-        usage["estimated"] = True
-    frames.append(encoder.event(len(frames), "usage", usage))
-    frames.append(encoder.event(len(frames), "done", done_json(
-        meta.get("finish_reason", "stop"), message["id"],
-        [_in_order(a, _ATTEMPT_KEYS) for a in meta.get("attempts", [])], anonymous)))
-    return frames
-
-
-# jsonb keeps object keys sorted (shortest first), not as written: replayed objects get the live
-# stream's key order back, so a replay is byte-identical to what the live listeners received
-_ATTEMPT_KEYS = tuple(f.name for f in fields(Attempt))
-_ERROR_KEYS = ("type", "message", "retryable")
-
-
-def _in_order(obj: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    return {**{k: obj[k] for k in keys if k in obj}, **obj}

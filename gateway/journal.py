@@ -75,4 +75,4 @@ def record_from_json(line: bytes) -> FinishRecord:
         if usage[key] is not None:
             usage[key] = uuid.UUID(usage[key])
     usage["day"] = date.fromisoformat(usage["day"])
-    return FinishRecord(UsageRecord(**usage), **obj)
+    return FinishRecord(usage=UsageRecord(**usage), **obj)

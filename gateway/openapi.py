@@ -20,6 +20,7 @@ from aiohttp import web
 from . import __version__
 from .router import AUTO
 from .state import MODELS
+from .vocabulary import Winner
 
 Schema = dict[str, Any]
 
@@ -28,7 +29,7 @@ NO_NUL = "^[^\\x00]*$"
 NOT_BLANK = "^[^\\x00]*[^\\s\\x00][^\\x00]*$"
 INT32_MAX = 2**31 - 1
 MESSAGE_STATUSES = ["pending", "streaming", "complete", "failed", "cancelled", "interrupted"]
-WINNERS = ["a", "b", "tie", "both_bad"]
+WINNERS = [str(w) for w in Winner]
 
 
 def ref(name: str) -> Schema:

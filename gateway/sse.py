@@ -15,40 +15,16 @@
 
     data: [DONE]
 
-Frames are built once, as bytes, by the generation; every listener writes the same bytes.
+A reply's events are structured (`events.Event`); each builds its SSE frame once, so every
+listener writes the same bytes.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 DONE = b"data: [DONE]\n\n"
-
-
-class FrameEncoder:
-    """Encodes the events of one message; `prefix` is `id: <message_id>:` computed once.
-
-    An arena slot's events carry `"slot"` as the first key of every data object.
-    """
-
-    __slots__ = ("prefix", "slot", "_open")
-
-    def __init__(self, message_id: str, slot: str | None = None) -> None:
-        self.prefix = b"id: " + message_id.encode() + b":"
-        self.slot = slot
-        self._open = b'{"slot":"' + slot.encode() + b'",' if slot else b"{"
-
-    def delta(self, seq: int, text: str) -> bytes:
-        return b"%s%d\ndata: %s\"delta\":%s}\n\n" % (self.prefix, seq, self._open, orjson.dumps(text))
-
-    def event(self, seq: int, name: str, data: dict[str, Any]) -> bytes:
-        if self.slot:
-            data = {"slot": self.slot, **data}
-        return b"%s%d\nevent: %s\ndata: %s\n\n" % (self.prefix, seq, name.encode(), orjson.dumps(data))
 
 
 def parse_last_event_id(raw: str | None, message_id: str) -> int:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
     from .store.activity import ActivityRecord
     from .auth import Authenticator, Principal
-    from .background import BatchWriter, GroupCommit
+    from .background import BatchWriter
     from .config import Settings
     from .db import Database
     from .generation import GenerationRegistry
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .policy import Policy
     from .stream_tokens import StreamTokens
     from .providers.registry import ModelRegistry
-    from .store.messages import Turn, TurnRequest
+    from .turns import Turns
     from .store.usage import UsageRecord
 
 SETTINGS: web.AppKey["Settings"] = web.AppKey("settings")
@@ -36,8 +36,7 @@ LEADERBOARD: web.AppKey["LeaderboardCache"] = web.AppKey("leaderboard")
 POLICY: web.AppKey["Policy"] = web.AppKey("policy")
 INSTANCE: web.AppKey["Instance"] = web.AppKey("instance")
 STREAM_TOKENS: web.AppKey["StreamTokens"] = web.AppKey("stream_tokens")
-# the persist step's writes, group-committed when concurrent requests pile up
-TURNS: web.AppKey["GroupCommit[TurnRequest, Turn]"] = web.AppKey("turns")
+TURNS: web.AppKey["Turns"] = web.AppKey("turns")  # the service layer: begins turns, finds replies
 USAGE: web.AppKey["BatchWriter[UsageRecord]"] = web.AppKey("usage")  # batched usage rows (OpenAI route)
 ACTIVITY: web.AppKey["BatchWriter[ActivityRecord]"] = web.AppKey("activity")  # who did what, batched
 LAST_USED: web.AppKey["BatchWriter[tuple[uuid.UUID, datetime]]"] = web.AppKey("last_used")  # api_keys.last_used_at

@@ -7,7 +7,7 @@ import uuid
 
 from gateway.background import GroupCommit
 from gateway.errors import NotFound
-from gateway.store.messages import Turn, TurnRequest, persist_turns
+from gateway.store.messages import StoredTurn, TurnRequest, persist_turns
 from gateway.store.threads import create_thread
 
 
@@ -21,21 +21,21 @@ async def test_one_batch_sorts_out_new_duplicate_foreign_and_existing_turns(db, 
     existing = await create_thread(db, alice.id, "old")
     bobs = await create_thread(db, bob.id, "bob's")
     turns = [
-        TurnRequest(alice.id, "first", "same-id", None, instance),
-        TurnRequest(alice.id, "retry of first", "same-id", None, instance),  # duplicate in the same batch
-        TurnRequest(alice.id, "into bob's thread", None, bobs["id"], instance),
-        TurnRequest(alice.id, "into my thread", None, existing["id"], instance),
-        TurnRequest(alice.id, "plain", None, None, instance),
+        TurnRequest(user_id=alice.id, content="first", client_message_id="same-id", thread_id=None, instance_id=instance),
+        TurnRequest(user_id=alice.id, content="retry of first", client_message_id="same-id", thread_id=None, instance_id=instance),  # duplicate in the same batch
+        TurnRequest(user_id=alice.id, content="into bob's thread", client_message_id=None, thread_id=bobs["id"], instance_id=instance),
+        TurnRequest(user_id=alice.id, content="into my thread", client_message_id=None, thread_id=existing["id"], instance_id=instance),
+        TurnRequest(user_id=alice.id, content="plain", client_message_id=None, thread_id=None, instance_id=instance),
     ]
     first, duplicate, foreign, in_thread, plain = await persist_turns(db, turns)
-    assert isinstance(first, Turn) and not first.duplicate
-    assert isinstance(duplicate, Turn) and duplicate.duplicate
+    assert isinstance(first, StoredTurn) and not first.duplicate
+    assert isinstance(duplicate, StoredTurn) and duplicate.duplicate
     assert (duplicate.user_message["id"], duplicate.assistant_message_id, duplicate.thread_id) == (
         first.user_message["id"], first.assistant_message_id, first.thread_id)
     assert duplicate.user_message["content"] == "first"  # the stored message, not the retry's text
     assert isinstance(foreign, NotFound)
-    assert isinstance(in_thread, Turn) and in_thread.thread_id == existing["id"]
-    assert isinstance(plain, Turn) and plain.thread_id not in (first.thread_id, existing["id"])
+    assert isinstance(in_thread, StoredTurn) and in_thread.thread_id == existing["id"]
+    assert isinstance(plain, StoredTurn) and plain.thread_id not in (first.thread_id, existing["id"])
     # threads: the old one, first's, plain's; the duplicate's would-be thread was removed
     assert await thread_count(db, alice.id) == 3
     assert await db.fetchval("SELECT count(*) FROM messages WHERE thread_id = $1", bobs["id"]) == 0
@@ -56,7 +56,7 @@ async def test_concurrent_submissions_group_into_few_statements(db, make_user):
         return await persist_turns(db, batch)
 
     turns: GroupCommit[TurnRequest, Turn] = GroupCommit(flush)
-    results = await asyncio.gather(*(turns.submit(TurnRequest(user.id, f"m{i}", None, None, uuid.uuid4()))
+    results = await asyncio.gather(*(turns.submit(TurnRequest(user_id=user.id, content=f"m{i}", client_message_id=None, thread_id=None, instance_id=uuid.uuid4()))
                                      for i in range(30)))
     assert len({r.user_message["id"] for r in results}) == 30
     assert [r.user_message["content"] for r in results] == [f"m{i}" for i in range(30)]

@@ -330,7 +330,7 @@ async def test_long_reply_resumes_from_an_early_id_exactly_live_and_after_finish
     seen = await read_blocks(resp, 1 + 1 + 300)  # retry, metadata, 300 deltas: the log is held there
     mid = parse_sse(seen[1])[0].id.rpartition(":")[0]
     generation = client.app[GENERATIONS].get(uuid.UUID(mid))
-    assert generation is not None and generation.log.count == 301
+    assert generation is not None and generation.events.count == 301
 
     live = await client.get(stream_path(mid), headers={**user.headers, "Last-Event-ID": f"{mid}:5"})
     live_head = await read_blocks(live, 1 + 301 - 6)  # retry, then seq 6..300 out of the held log
@@ -343,8 +343,8 @@ async def test_long_reply_resumes_from_an_early_id_exactly_live_and_after_finish
     assert body == wire(full)
     assert live_body == wire(full[6:])
     # after the finish: the same tail out of the finished log (old deltas re-encoded) ...
-    assert generation.finished and generation.log.count == len(full)
-    assert [f async for batch in generation.follow(5) for f in batch] == full[6:]
+    assert generation.finished and generation.events.count == len(full)
+    assert [e.sse async for batch in generation.follow(5) for e in batch] == full[6:]
     # ... and from the database
     replayed = await client.get(stream_path(mid), headers={**user.headers, "Last-Event-ID": f"{mid}:5"})
     assert await replayed.read() == wire(full[6:])

@@ -11,22 +11,19 @@ from __future__ import annotations
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any
+from typing import Any, AsyncIterator
 
 import orjson
 from aiohttp import web
 
-from ..auth import Principal
 from ..errors import GatewayError, TooManyRequests
-from ..generation import cost_usd
-from ..policy import Admission
-from ..providers.base import (ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamHTTPError,
-                              UpstreamTimeout, UsageReport, tokens_for_chars)
+from ..providers.base import (Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamHTTPError,
+                              UpstreamTimeout, UsageReport)
 from ..providers.chain import Chain
-from ..router import AUTO, route
-from ..state import METRICS, MODELS, POLICY, SETTINGS, TIMINGS, USAGE
-from ..store.usage import UsageRecord
-from .chat import MAX_TOKENS_LIMIT, prompt_tokens
+from ..router import AUTO
+from ..state import MODELS, TIMINGS, TURNS
+from ..turns import estimated_usage
+from .bodies import MAX_TOKENS_LIMIT
 from .common import caller, read_json
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -120,13 +117,6 @@ def parse_request(body: dict[str, Any], known_model: Any) -> tuple[str, ChatRequ
     return model, request, stream, bool(include_usage)
 
 
-def last_user_text(messages: list[dict[str, Any]]) -> str:
-    for message in reversed(messages):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return message["content"]
-    return ""
-
-
 class ChunkEncoder:
     """Pre-encoded `chat.completion.chunk` frames: one orjson call per delta, the rest is bytes."""
 
@@ -171,28 +161,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
-    models = app[MODELS]
-    model_name, chat, stream, include_usage = parse_request(await read_json(request), models.__contains__)
-    settings = app[SETTINGS]
-    choice = route(model_name, last_user_text(chat.messages), dict(settings.router), models.default)
-    admission = await app[POLICY].admit(principal, choice.model, prompt_tokens(chat.messages), chat.max_tokens,
-                                        settings.limits.downgrade_model)
-    chat.max_tokens = admission.max_tokens
-    chain = Chain(models, models.chain(admission.model))
-    completion_id = uuid.uuid4()
+    model_name, chat, stream, include_usage = parse_request(await read_json(request), app[MODELS].__contains__)
+    turns = app[TURNS]
+    completion = await turns.begin_completion(principal, model_name, chat)
     reply = _Reply()
     try:
-        async with aclosing(chain.stream(chat)) as events:
+        async with aclosing(completion.chain.stream(chat)) as events:
             if stream:
-                return await _stream(request, events, chain, chat, completion_id, include_usage, reply)
-            return await _complete(events, chain, chat, completion_id, reply)
+                return await _stream(request, events, completion.chain, chat, completion.id, include_usage, reply)
+            return await _complete(events, completion.chain, chat, completion.id, reply)
     except ProviderError as e:
         if reply.started:
             raise  # a streamed failure was already reported in the stream
         raise provider_error(e) from None
     finally:
-        admission.done()
-        _record(app, principal, chain, completion_id, chat, reply, admission)
+        turns.finish_completion(completion, reply.usage, reply.chars, reply.started)
 
 
 class _Reply:
@@ -208,7 +191,7 @@ class _Reply:
         self.started = False
 
 
-async def _stream(request: web.Request, events: Any, chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
+async def _stream(request: web.Request, events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
                   include_usage: bool, reply: _Reply) -> web.StreamResponse:
     # nothing is sent until the chain has committed to a model: until then a failure is a clean
     # HTTP error and the response's "model" names the model that actually answers
@@ -242,7 +225,7 @@ async def _stream(request: web.Request, events: Any, chain: Chain, chat: ChatReq
                 break
         out.append(enc.delta(b"{}", finish))
         if include_usage:
-            out.append(enc.usage(reply.usage or estimated_usage(chat, reply)))
+            out.append(enc.usage(reply.usage or estimated_usage(chat, reply.chars)))
     except ProviderError as e:
         out.append(b"data: " + orjson.dumps({"error": {"message": e.message, "type": "upstream_error",
                                                        "param": None, "code": e.kind}}) + b"\n\n")
@@ -252,7 +235,7 @@ async def _stream(request: web.Request, events: Any, chain: Chain, chat: ChatReq
     return resp
 
 
-async def _complete(events: Any, chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
+async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
                     reply: _Reply) -> web.Response:
     finish, calls = "stop", []
     async for batch in events:
@@ -267,7 +250,7 @@ async def _complete(events: Any, chain: Chain, chat: ChatRequest, completion_id:
                 finish = event.reason
             elif kind is UsageReport:
                 reply.usage = event
-    usage = reply.usage or estimated_usage(chat, reply)
+    usage = reply.usage or estimated_usage(chat, reply.chars)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.parts) or None}
     if calls:
         message["tool_calls"] = merge_tool_calls(calls)
@@ -290,31 +273,6 @@ def merge_tool_calls(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
         call["function"]["name"] += function.get("name") or ""
         call["function"]["arguments"] += function.get("arguments") or ""
     return [calls[i] for i in sorted(calls)]
-
-
-def estimated_usage(chat: ChatRequest, reply: _Reply) -> UsageReport:
-    """For upstreams that report no usage (or a reply cut short): counted from the text."""
-    return UsageReport(prompt_tokens(chat.messages), tokens_for_chars(reply.chars))
-
-
-def _record(app: web.Application, principal: Principal, chain: Chain, completion_id: uuid.UUID,
-            chat: ChatRequest, reply: _Reply, admission: Admission) -> None:
-    """Queue the usage of this completion, whatever happened: exactly one record per completion,
-    which also settles its reservation."""
-    usage, estimated = reply.usage, reply.usage is None
-    if usage is None:
-        if not reply.started and not reply.chars:
-            if not (admission.user_reserved or admission.key_reserved):
-                return  # nothing reached the client, nothing was reserved: nothing to count
-            usage = UsageReport(0, 0)  # a zero record hands the reservation back
-        else:
-            usage = estimated_usage(chat, reply)
-    model = chain.used
-    record = UsageRecord(completion_id, principal.user_id, principal.api_key_id, model.name, model.provider,
-                         usage.prompt_tokens, usage.completion_tokens, estimated, cost_usd(model, usage),
-                         admission.day, admission.user_reserved, admission.key_reserved)
-    app[USAGE].add(record)
-    app[METRICS].usage(record)
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -45,10 +45,11 @@ from aiohttp import WSMsgType, web
 
 from ..auth import Principal
 from ..errors import BadRequest, GatewayError
-from ..generation import replay_frames
+from ..events import Event
 from ..sse import parse_last_event_id
-from ..state import AUTH, MODELS, PRINCIPAL, SETTINGS, USER_ID
-from .chat import ChatBody, begin_turn, cancel_reply, live_or_finished, parse_chat
+from ..state import AUTH, MODELS, PRINCIPAL, SETTINGS, TURNS, USER_ID
+from ..turns import TurnInput
+from .bodies import parse_turn
 from .common import caller, parse_uuid
 
 log = logging.getLogger(__name__)
@@ -80,19 +81,10 @@ async def authenticate(request: web.Request) -> Principal:
     return principal
 
 
-def ws_frame(sse: bytes) -> bytes:
-    """`id: X\\n[event: E\\n]data: D\\n\\n` -> `{"id":"X","event":"E","data":D}`.
-
-    Spliced, not re-encoded: D is already JSON, and X (`<uuid>:<n>`) and E need no escaping.
-    A frame without an event name is a delta.
-    """
-    id_end = sse.index(b"\n", 4)
-    if sse.startswith(b"event: ", id_end + 1):
-        name_end = sse.index(b"\n", id_end + 8)
-        name, data_start = sse[id_end + 8:name_end], name_end + 7
-    else:
-        name, data_start = b"delta", id_end + 7
-    return b'{"id":"%s","event":"%s","data":%s}' % (sse[4:id_end], name, sse[data_start:-2])
+def ws_frame(event: Event) -> bytes:
+    """`{"id":"<message>:<seq>","event":"<name>","data":<data>}`: the data is already JSON, and the id
+    (`<uuid>:<n>`) and the name need no escaping."""
+    return b'{"id":"%s:%d","event":"%s","data":%s}' % (event.message, event.seq, event.name.encode(), event.data)
 
 
 class Session:
@@ -137,7 +129,7 @@ class Session:
             work: Coroutine[Any, Any, None]
             if kind == "chat":
                 # validated here, before anything is written
-                work = self.turn(parse_chat(frame, self.request.app[MODELS].__contains__))
+                work = self.turn(parse_turn(frame, self.request.app[MODELS].__contains__)[0])
             elif kind in ("resume", "cancel"):
                 message_id = parse_uuid(frame.get("message_id"), "message_id")
                 if kind == "resume":
@@ -166,28 +158,24 @@ class Session:
             log.exception("websocket request failed")
             await self.error(GatewayError("internal error"), context)
 
-    async def turn(self, chat: ChatBody) -> None:
+    async def turn(self, turn: TurnInput) -> None:
         # shielded like POST /api/chat: once the message is committed its generation starts,
         # even if this socket closes in between
-        t = await asyncio.shield(begin_turn(self.request.app, self.principal, chat))
+        t = await asyncio.shield(self.request.app[TURNS].begin_chat(self.principal, turn))
         await self.send(orjson.dumps({"event": "accepted", "message": t.user_message, "duplicate": t.duplicate,
                                       "thread_id": t.thread_id, "assistant_message_id": t.assistant_message_id}))
         await self.relay(t.assistant_message_id, after=-1)
 
     async def relay(self, message_id: uuid.UUID, after: int) -> None:
         """A message's events after seq `after`, live or replayed, then `end`."""
-        generation, message = await live_or_finished(self.request, self.user_id, message_id)
-        if generation is None:
-            for frame in replay_frames(message)[after + 1:]:
-                await self.send(ws_frame(frame))
-        else:
-            async for batch in generation.follow(after):
-                for frame in batch:
-                    await self.send(ws_frame(frame))
+        reply = await self.request.app[TURNS].reply(self.user_id, message_id)
+        async for batch in reply.events(after):
+            for event in batch:
+                await self.send(ws_frame(event))
         await self.send(b'{"event":"end","message_id":"%s"}' % str(message_id).encode())
 
     async def cancel(self, message_id: uuid.UUID) -> None:
-        message = await cancel_reply(self.request, self.user_id, message_id)
+        message = await self.request.app[TURNS].cancel(self.user_id, message_id)
         await self.send(orjson.dumps({"event": "cancelled", "message": message}))
 
     async def send(self, data: bytes) -> None:

@@ -9,12 +9,10 @@ from typing import Any
 import asyncpg
 
 from ..errors import Conflict, NotFound
+from ..vocabulary import Winner
 from .messages import MESSAGE_COLUMNS, thread_title
 
-WINNERS = ("a", "b", "tie", "both_bad")
-
-
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class ArenaTurn:
     comparison_id: uuid.UUID
     thread_id: uuid.UUID
@@ -68,7 +66,8 @@ class _NothingInserted(Exception):
 def _arena_turn(row: asyncpg.Record, duplicate: bool) -> ArenaTurn:
     message = dict(row)
     ids = message.pop("message_a"), message.pop("message_b"), message.pop("comparison_id")
-    return ArenaTurn(ids[2], message["thread_id"], message, ids[0], ids[1], duplicate)
+    return ArenaTurn(comparison_id=ids[2], thread_id=message["thread_id"], user_message=message, message_a=ids[0],
+                     message_b=ids[1], duplicate=duplicate)
 
 
 async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_id: str) -> ArenaTurn | None:
@@ -115,7 +114,6 @@ JOIN messages ma ON ma.id = c.message_a
 JOIN messages mb ON mb.id = c.message_b
 WHERE c.id = $1 AND c.user_id = $2
 """
-LIVE = ("pending", "streaming")
 
 
 def comparison_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +136,7 @@ async def get_comparison(pool: asyncpg.Pool, user_id: uuid.UUID, comparison_id: 
     return dict(row)
 
 
-async def vote(pool: asyncpg.Pool, user_id: uuid.UUID, comparison_id: uuid.UUID, winner: str) -> dict[str, Any]:
+async def vote(pool: asyncpg.Pool, user_id: uuid.UUID, comparison_id: uuid.UUID, winner: Winner) -> dict[str, Any]:
     """Record the vote once, only after both slots finished; the same vote again is a no-op."""
     voted = await pool.fetchval("""
         UPDATE comparisons c SET winner = $3, voted_at = clock_timestamp()

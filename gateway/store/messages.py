@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import asyncpg
 
 from ..errors import Conflict, NotFound
+from ..vocabulary import MessageStatus
 from .usage import USAGE_CTES, UsageRecord, usage_arrays
 
 MESSAGE_COLUMNS = """id, thread_id, role, content, status, reply_to, slot, client_message_id, model, provider,
     prompt_tokens, completion_tokens, ttft_ms, latency_ms, error, metadata, created_at, finished_at"""
 
 
-@dataclass(slots=True)
-class Turn:
+@dataclass(slots=True, kw_only=True)
+class StoredTurn:
     """The outcome of the persist step: the stored user message and its assistant placeholder."""
 
     thread_id: uuid.UUID
@@ -61,7 +62,7 @@ SELECT ok.i, u.*, a.id AS assistant_id FROM ok JOIN u ON u.id = ok.umid JOIN a O
 """
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TurnRequest:
     user_id: uuid.UUID
     content: str
@@ -78,13 +79,14 @@ WHERE u.user_id = $1 AND u.client_message_id = $2
 """
 
 
-def _turn(row: asyncpg.Record, duplicate: bool) -> Turn:
+def _turn(row: Mapping[str, Any], duplicate: bool) -> StoredTurn:
     message = dict(row)
     assistant_id = message.pop("assistant_id")
-    return Turn(message["thread_id"], message, assistant_id, duplicate)
+    return StoredTurn(thread_id=message["thread_id"], user_message=message, assistant_message_id=assistant_id,
+                      duplicate=duplicate)
 
 
-async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_id: str) -> Turn | None:
+async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_id: str) -> StoredTurn | None:
     row = await pool.fetchrow(_DUPLICATE, user_id, client_message_id)
     return _turn(row, duplicate=True) if row is not None else None
 
@@ -105,15 +107,15 @@ async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid
     return [{"role": r["role"], "content": r["content"]} for r in reversed(rows) if r["role"] is not None]
 
 
-async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[Turn | Exception]:
-    """Persist the turns in one statement; per turn, its Turn (a duplicate's is the stored one)
+async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[StoredTurn | Exception]:
+    """Persist the turns in one statement; per turn, its StoredTurn (a duplicate's is the stored one)
     or the error to raise (NotFound, Conflict)."""
     thread_ids = [t.thread_id or uuid.uuid4() for t in turns]
     args = [list(range(len(turns))), [t.user_id for t in turns], [t.content for t in turns],
             [t.client_message_id for t in turns], [t.thread_id for t in turns],
             [thread_title(t.content) if t.thread_id is None else None for t in turns],
             [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns]]
-    results: list[Turn | Exception | None] = [None] * len(turns)
+    results: list[StoredTurn | Exception | None] = [None] * len(turns)
     async with pool.acquire() as conn:
         if all(t.client_message_id is None for t in turns):
             # nothing can conflict: the statement is atomic on its own (no BEGIN/COMMIT round trips)
@@ -129,8 +131,7 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[Tu
         for row in rows:
             turn = dict(row)
             i = turn.pop("i")
-            assistant_id = turn.pop("assistant_id")
-            results[i] = Turn(turn["thread_id"], turn, assistant_id, duplicate=False)
+            results[i] = _turn(turn, duplicate=False)
         for i, t in enumerate(turns):
             if results[i] is not None:
                 continue
@@ -153,12 +154,12 @@ def thread_title(content: str) -> str:
     return line[:80]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class FinishRecord:
     """Everything the finish write needs (the reply and its usage); also what the journal keeps."""
 
     usage: UsageRecord
-    status: str
+    status: MessageStatus
     content: str
     ttft_ms: int | None
     latency_ms: int

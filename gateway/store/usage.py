@@ -53,7 +53,7 @@ k AS (
 _RECORD = "WITH " + USAGE_CTES + "\nSELECT (SELECT count(*) FROM u) AS usage"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class UsageRecord:
     message_id: uuid.UUID  # the reply's id: an assistant message, or an OpenAI-route completion
     user_id: uuid.UUID
