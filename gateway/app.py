@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from .activity import record_activity
+from .activity_edge import record_activity
 from .api import account, arena, chat, keys, openai, ops, playground, threads, ws
 from .auth import Authenticator
 from .background import BatchWriter
@@ -166,33 +166,40 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(record_activity)
     app.on_response_prepare.append(on_prepare(metrics))
 
-    r = app.router
-    r.add_post("/api/chat", chat.post_chat)
-    r.add_get("/api/messages/{message_id}", chat.get_message)
-    r.add_get("/api/messages/{message_id}/stream", chat.get_message_stream)
-    r.add_post("/api/messages/{message_id}/cancel", chat.cancel_message)
-    r.add_post("/api/threads", threads.create_thread)
-    r.add_post("/v1/chat/sessions", threads.create_thread)
-    r.add_get("/api/threads", threads.list_threads)
-    r.add_get("/api/threads/{thread_id}", threads.get_thread)
-    r.add_delete("/api/threads/{thread_id}", threads.delete_thread)
-    r.add_post("/v1/chat/completions", openai.chat_completions)
-    r.add_get("/v1/models", openai.list_models)
-    r.add_get("/ws", ws.websocket)
-    r.add_post("/api/keys", keys.create_key)
-    r.add_get("/api/keys", keys.list_keys)
-    r.add_delete("/api/keys/{key_id}", keys.revoke_key)
-    r.add_post("/api/arena", arena.post_arena)
-    r.add_get("/api/comparisons/{comparison_id}", arena.get_comparison)
-    r.add_get("/api/comparisons/{comparison_id}/stream", arena.get_comparison_stream)
-    r.add_post("/api/comparisons/{comparison_id}/vote", arena.post_vote)
-    r.add_get("/api/leaderboard", arena.get_leaderboard)
-    r.add_get("/api/me", account.me)
-    r.add_get("/api/usage", account.usage)
-    r.add_get("/healthz", ops.healthz)
-    r.add_get("/readyz", ops.readyz)
-    if settings.metrics_port is None:
-        r.add_get("/metrics", ops.metrics)
-    playground.add_routes(r)  # GET / and /static/
-    r.add_get("/openapi.json", get_openapi)
+    app.router.add_routes(routes(settings))
+    playground.add_routes(app.router)  # GET / and /static/
     return app
+
+
+def routes(settings: Settings) -> list[web.AbstractRouteDef]:
+    """The HTTP surface (the README's table, in code; /openapi.json is checked against it)."""
+    table = [
+        web.post("/api/chat", chat.post_chat),
+        web.get("/api/messages/{message_id}", chat.get_message),
+        web.get("/api/messages/{message_id}/stream", chat.get_message_stream),
+        web.post("/api/messages/{message_id}/cancel", chat.cancel_message),
+        web.post("/api/threads", threads.create_thread),
+        web.post("/v1/chat/sessions", threads.create_thread),
+        web.get("/api/threads", threads.list_threads),
+        web.get("/api/threads/{thread_id}", threads.get_thread),
+        web.delete("/api/threads/{thread_id}", threads.delete_thread),
+        web.post("/v1/chat/completions", openai.chat_completions),
+        web.get("/v1/models", openai.list_models),
+        web.get("/ws", ws.websocket),
+        web.post("/api/keys", keys.create_key),
+        web.get("/api/keys", keys.list_keys),
+        web.delete("/api/keys/{key_id}", keys.revoke_key),
+        web.post("/api/arena", arena.post_arena),
+        web.get("/api/comparisons/{comparison_id}", arena.get_comparison),
+        web.get("/api/comparisons/{comparison_id}/stream", arena.get_comparison_stream),
+        web.post("/api/comparisons/{comparison_id}/vote", arena.post_vote),
+        web.get("/api/leaderboard", arena.get_leaderboard),
+        web.get("/api/me", account.me),
+        web.get("/api/usage", account.usage),
+        web.get("/healthz", ops.healthz),
+        web.get("/readyz", ops.readyz),
+        web.get("/openapi.json", get_openapi),
+    ]
+    if settings.metrics_port is None:  # else /metrics is served on its own listener only
+        table.append(web.get("/metrics", ops.metrics))
+    return table

@@ -8,10 +8,11 @@ usage so far is recorded (through the batched usage writer, off the request path
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -145,20 +146,30 @@ class ChunkEncoder:
                                                            "total_tokens": total}) + b"}\n\n"
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def openai_errors(handler: Handler) -> Handler:
+    """This front door's errors in OpenAI's shape, whatever raised them (auth, body, limits)."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except OpenAIError as e:
+            return e.response()
+        except TooManyRequests as e:
+            resp = OpenAIError(429, e.message, "rate_limit_error", code="rate_limit_exceeded").response()
+            resp.headers.update(e.headers())
+            return resp
+        except GatewayError as e:
+            return OpenAIError(e.status, e.message, e.type).response()
+
+    return wrapped
+
+
+@openai_errors
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    try:
-        return await _chat_completions(request)
-    except OpenAIError as e:
-        return e.response()
-    except TooManyRequests as e:
-        resp = OpenAIError(429, e.message, "rate_limit_error", code="rate_limit_exceeded").response()
-        resp.headers.update(e.headers())
-        return resp
-    except GatewayError as e:  # auth and body errors, in OpenAI's shape on this route
-        return OpenAIError(e.status, e.message, e.type).response()
-
-
-async def _chat_completions(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
     model_name, chat, stream, include_usage = parse_request(await read_json(request), app[MODELS].__contains__)
@@ -275,11 +286,9 @@ def merge_tool_calls(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [calls[i] for i in sorted(calls)]
 
 
+@openai_errors
 async def list_models(request: web.Request) -> web.Response:
-    try:
-        await caller(request)
-    except GatewayError as e:
-        return OpenAIError(e.status, e.message, e.type).response()
+    await caller(request)
     models = request.app[MODELS]
     data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider}
             for m in models.models.values() if m.enabled]
