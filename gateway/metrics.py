@@ -9,6 +9,12 @@ Cheap by construction:
   Nothing is observed per chunk.
 - Levels (live generations, circuit states, queue depths, database pool use) are read at scrape
   time by `AppCollector`, so the code that changes them pays nothing.
+
+`Metrics` is the provider chain's `ChainObserver` (providers/base.py): the chain reports to it
+explicitly. This module never imports state.py at module level (state.py names this module's
+types, so that would close an import loop): the collector is given a function that reads the
+levels (`watch_levels`), and the functions that wire this module into an app (`watch`, `observe`,
+`on_prepare`, each run once when the app is built) look up the app keys they need when called.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
@@ -23,16 +30,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .state import ACTIVITY, DB, GENERATIONS, LAST_USED, MODELS, TIMINGS, USAGE
-
 if TYPE_CHECKING:
     from .config import ModelConfig
     from .store.usage import UsageRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# when the current request arrived (monotonic): generation tasks started by a request inherit it,
-# so the chain can tell how long the gateway took before its first upstream call
+# when the current request arrived (monotonic). Transitional: read only by a Chain built without an
+# explicit `started=` (see providers/chain.py); goes once every caller passes it.
 REQUEST_STARTED: ContextVar[float | None] = ContextVar("gateway_request_started", default=None)
 
 # any method a client invents would otherwise become a new series
@@ -76,9 +81,35 @@ class Metrics:
         # label lookups are cached: one dict hit per request instead of prometheus-client's validation
         self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
+    def watch_levels(self, read: Callable[[], Levels]) -> None:
+        """Call `read` at every scrape and export what it returns (generations, circuits, queues, pool)."""
+        self.registry.register(AppCollector(read))
+
     def watch(self, app: web.Application) -> None:
-        """Read the app's levels (generations, circuits, queues, pool) at every scrape."""
-        self.registry.register(AppCollector(app))
+        """Read the app's levels at every scrape, from its services as they are then (they may start
+        after this call)."""
+        from .state import ACTIVITY, DB, GENERATIONS, LAST_USED, MODELS, USAGE
+
+        def read() -> Levels:
+            levels = Levels()
+            generations = app.get(GENERATIONS)
+            if generations is not None:
+                levels.live_generations = len(generations.live)
+            models = app.get(MODELS)
+            if models is not None:
+                levels.circuits = {name: models.circuits.state(name) for name in models.models}
+            for key in (USAGE, ACTIVITY, LAST_USED):
+                writer = app.get(key)
+                if writer is not None:
+                    levels.queues.append(QueueLevels(name=writer.name, depth=writer.depth, dropped=writer.dropped,
+                                                     written=writer.written))
+            db = app.get(DB)
+            if db is not None:
+                pool = db.pool
+                levels.pool = PoolLevels(size=pool.get_size(), idle=pool.get_idle_size(), max=pool.get_max_size())
+            return levels
+
+        self.watch_levels(read)
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method if method in _METHODS else "OTHER", status)
@@ -89,11 +120,11 @@ class Metrics:
         series[0].inc()
         series[1].observe(seconds)
 
-    def upstream_call(self) -> None:
-        """A request's first upstream call is starting: observe the time the gateway took until now."""
-        started = REQUEST_STARTED.get()
-        if started is not None:
-            self.overhead.observe(time.monotonic() - started)
+    # -- ChainObserver: what the provider chain reports --
+
+    def upstream_call(self, overhead_s: float) -> None:
+        """A request's first upstream call is starting, `overhead_s` after it arrived: the gateway's own time."""
+        self.overhead.observe(overhead_s)
 
     def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
         """An attempt delivered its first event `seconds` after it started; `planned` is the chain's first model."""
@@ -107,6 +138,7 @@ class Metrics:
             self.chunk_gap.labels(model.name, model.provider).observe(seconds / batches)
 
     def usage(self, record: UsageRecord) -> None:
+        """A finished reply's tokens and cost."""
         self.tokens.labels(record.model, "prompt").inc(max(0, record.prompt_tokens))
         self.tokens.labels(record.model, "completion").inc(max(0, record.completion_tokens))
         self.cost.labels(record.model).inc(max(0.0, record.cost_usd))
@@ -116,24 +148,50 @@ class Metrics:
         return self.cache_lookups.labels(name, "hit"), self.cache_lookups.labels(name, "miss")
 
 
-class AppCollector(Collector):
-    """Levels read from the app's own structures at scrape time (absent ones are skipped)."""
+@dataclass(slots=True, kw_only=True)
+class QueueLevels:
+    """One background writer's queue."""
 
-    def __init__(self, app: web.Application) -> None:
-        self._app = app
+    name: str
+    depth: int
+    dropped: int
+    written: int
+
+
+@dataclass(slots=True, kw_only=True)
+class PoolLevels:
+    """The database pool's connections."""
+
+    size: int
+    idle: int
+    max: int
+
+
+@dataclass(slots=True, kw_only=True)
+class Levels:
+    """What the app holds at one scrape; a part is None (or empty) until its service has started."""
+
+    live_generations: int | None = None
+    circuits: dict[str, str] | None = None  # model name -> circuit state
+    queues: list[QueueLevels] = field(default_factory=list)
+    pool: PoolLevels | None = None
+
+
+class AppCollector(Collector):
+    """Levels read at scrape time through `read` (absent ones are skipped)."""
+
+    def __init__(self, read: Callable[[], Levels]) -> None:
+        self._read = read
 
     def collect(self) -> Iterator[Metric]:
-        app = self._app
-        generations = app.get(GENERATIONS)
-        if generations is not None:
+        levels = self._read()
+        if levels.live_generations is not None:
             yield GaugeMetricFamily("gateway_live_generations", "Replies generating in this process",
-                                    value=len(generations.live))
-        models = app.get(MODELS)
-        if models is not None:
+                                    value=levels.live_generations)
+        if levels.circuits is not None:
             circuits = GaugeMetricFamily("gateway_circuit_state", "1 for each model's current circuit state",
                                          labels=["model", "state"])
-            for name in models.models:
-                current = models.circuits.state(name)
+            for name, current in levels.circuits.items():
                 for state in _CIRCUIT_STATES:
                     circuits.add_metric([name, state], 1.0 if state == current else 0.0)
             yield circuits
@@ -141,20 +199,17 @@ class AppCollector(Collector):
         dropped = CounterMetricFamily("gateway_queue_dropped", "Items a full background writer dropped",
                                       labels=["queue"])
         written = CounterMetricFamily("gateway_queue_written", "Items a background writer wrote", labels=["queue"])
-        for key in (USAGE, ACTIVITY, LAST_USED):
-            writer = app.get(key)
-            if writer is not None:
-                depth.add_metric([writer.name], writer.depth)
-                dropped.add_metric([writer.name], writer.dropped)
-                written.add_metric([writer.name], writer.written)
+        for queue in levels.queues:
+            depth.add_metric([queue.name], queue.depth)
+            dropped.add_metric([queue.name], queue.dropped)
+            written.add_metric([queue.name], queue.written)
         yield from (depth, dropped, written)
-        db = app.get(DB)
-        if db is not None:
-            pool = db.pool
-            yield GaugeMetricFamily("gateway_db_pool_size", "Open database connections", value=pool.get_size())
-            yield GaugeMetricFamily("gateway_db_pool_idle", "Idle database connections", value=pool.get_idle_size())
+        if levels.pool is not None:
+            pool = levels.pool
+            yield GaugeMetricFamily("gateway_db_pool_size", "Open database connections", value=pool.size)
+            yield GaugeMetricFamily("gateway_db_pool_idle", "Idle database connections", value=pool.idle)
             yield GaugeMetricFamily("gateway_db_pool_max", "Most database connections the pool opens",
-                                    value=pool.get_max_size())
+                                    value=pool.max)
 
 
 class Timings:
@@ -188,6 +243,7 @@ def route_of(request: web.BaseRequest) -> str:
 
 def observe(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """The outermost middleware: starts the request's Timings, counts it and its latency by route."""
+    from .state import TIMINGS
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -217,6 +273,7 @@ def observe(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.
 
 def on_prepare(metrics: Metrics) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     """A response-prepare signal: notes the status sent and counts open SSE streams."""
+    from .state import TIMINGS
 
     async def signal(request: web.Request, response: web.StreamResponse) -> None:
         timings = request.get(TIMINGS)

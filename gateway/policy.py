@@ -2,7 +2,8 @@
 
 Checks, in order: models allowed for the key (403), the max_tokens ceiling (downgrade: clamp),
 concurrent streams per user (429, in-process), then one database call (`gateway_admit`, see
-sql/0003_policy.sql) for requests per minute per user and per key and the daily token caps.
+sql/0003_policy.sql and sql/0007_admit_codes.sql; its SQL is in store/limits.py) for requests per
+minute per user and per key and the daily token caps; its refusal names the limit that fired.
 A daily cap reserves the request's worst case (prompt estimate + max_tokens, clamped to what
 remains today) atomically; the finish write settles it to the real usage, and a request that
 never runs releases it. Nearly out of budget, a request may be downgraded to a cheaper model.
@@ -17,6 +18,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
+from functools import partial
 from typing import Any, Callable
 
 import asyncpg
@@ -24,6 +26,9 @@ import asyncpg
 from .auth import Principal
 from .config import LimitsConfig
 from .errors import Forbidden, TooManyRequests
+from .store import limits as store
+from .store.limits import LimitReached
+from .vocabulary import PolicyAction
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +36,14 @@ log = logging.getLogger(__name__)
 DEFAULT_RESERVE_TOKENS = 1024
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Admission:
-    """What the policy granted one request, carried to its finish."""
+    """What the policy granted one request, carried to its finish.
 
-    action: str  # approve | downgrade
+    `on_done` gives back the request's concurrency slot; `done()` calls it at most once.
+    """
+
+    action: PolicyAction
     model: str
     max_tokens: int | None
     day: date
@@ -43,16 +51,16 @@ class Admission:
     key_reserved: int = 0
     downgraded_from: str | None = None
     reasons: list[str] = field(default_factory=list)
-    _release: Callable[[], None] | None = None
+    on_done: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def done(self) -> None:
         """Give back the concurrency slot (idempotent)."""
-        if self._release is not None:
-            self._release()
-            self._release = None
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
     """The limits that apply to one caller: the user's from config, the key's from its row."""
 
@@ -65,6 +73,15 @@ class Limits:
     models: frozenset[str] | None
 
 
+@dataclass(slots=True, kw_only=True)
+class _Reservation:
+    """What the database granted: tokens reserved per cap, and the reply's bound if it had to shrink."""
+
+    user: int = 0
+    key: int = 0
+    clamped_to: int | None = None  # tokens granted, when fewer than the worst case
+
+
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
@@ -74,14 +91,19 @@ def limits_for(config: LimitsConfig, principal: Principal) -> Limits:
     ceilings = [c for c in (config.max_tokens, _int_or_none(key.get("max_tokens"))) if c]
     concurrency = [c for c in (config.max_concurrent_streams, _int_or_none(key.get("max_concurrent_streams"))) if c]
     models = key.get("models")
-    return Limits(config.requests_per_minute, _int_or_none(key.get("requests_per_minute")), config.daily_tokens,
-                  _int_or_none(key.get("daily_tokens")), min(concurrency) if concurrency else None,
-                  min(ceilings) if ceilings else None,
-                  frozenset(models) if isinstance(models, list) else None)
+    return Limits(user_rpm=config.requests_per_minute, key_rpm=_int_or_none(key.get("requests_per_minute")),
+                  user_daily=config.daily_tokens, key_daily=_int_or_none(key.get("daily_tokens")),
+                  max_concurrent=min(concurrency) if concurrency else None,
+                  max_tokens=min(ceilings) if ceilings else None,
+                  models=frozenset(models) if isinstance(models, list) else None)
 
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _next_midnight(day: date) -> datetime:
+    return datetime.combine(day + timedelta(days=1), datetime.min.time(), timezone.utc)
 
 
 class Policy:
@@ -100,25 +122,34 @@ class Policy:
         so a daily reservation takes at most 1/share of what remains."""
         limits = limits_for(self._config, principal)
         now = self._clock()
-        admission = Admission("approve", model, max_tokens, now.date())
+        day = now.date()
+        action, reasons = PolicyAction.APPROVE, []
         if limits.models is not None and model not in limits.models:
             raise Forbidden(f"this key may not use model {model!r}")
+        ceiling = max_tokens
         if limits.max_tokens is not None and (max_tokens is None or max_tokens > limits.max_tokens):
-            admission.max_tokens = limits.max_tokens
+            ceiling = limits.max_tokens
             if max_tokens is not None:
-                admission.action = "downgrade"
-                admission.reasons.append(f"max_tokens clamped to {limits.max_tokens}")
+                action = PolicyAction.DOWNGRADE
+                reasons.append(f"max_tokens clamped to {limits.max_tokens}")
         if limits.max_concurrent is not None and self.active_streams(principal.user_id) >= limits.max_concurrent:
             raise TooManyRequests(f"at most {limits.max_concurrent} concurrent streams", retry_after=1)
+        reserved, downgraded_from = _Reservation(), None
         if any(x is not None for x in (limits.user_rpm, limits.key_rpm, limits.user_daily, limits.key_daily)):
-            await self._admit_in_database(principal, limits, admission, prompt_tokens, now, share)
+            reserved = await self._admit_in_database(principal, limits, day, ceiling, prompt_tokens, now, share)
+            if reserved.clamped_to is not None:
+                # what remains today bounds the reply: the upstream is told so, and the cap holds
+                ceiling = reserved.clamped_to - prompt_tokens
+                action = PolicyAction.DOWNGRADE
+                reasons.append(f"max_tokens clamped to the {reserved.clamped_to} tokens left today")
             if (downgrade_to and downgrade_to != model and limits.user_daily is not None
-                    and await self._nearly_spent(principal.user_id, admission, limits.user_daily)):
-                admission.action, admission.downgraded_from, admission.model = "downgrade", model, downgrade_to
-                admission.reasons.append("daily budget nearly spent")
+                    and await self._nearly_spent(principal.user_id, day, reserved.user, limits.user_daily)):
+                action, downgraded_from, model = PolicyAction.DOWNGRADE, model, downgrade_to
+                reasons.append("daily budget nearly spent")
         self._streams[principal.user_id] = self.active_streams(principal.user_id) + 1
-        admission._release = lambda: self._leave(principal.user_id)
-        return admission
+        return Admission(action=action, model=model, max_tokens=ceiling, day=day, user_reserved=reserved.user,
+                         key_reserved=reserved.key, downgraded_from=downgraded_from, reasons=reasons,
+                         on_done=partial(self._leave, principal.user_id))
 
     def _leave(self, user_id: uuid.UUID) -> None:
         n = self._streams.get(user_id, 0) - 1
@@ -127,64 +158,53 @@ class Policy:
         else:
             self._streams.pop(user_id, None)
 
-    async def _admit_in_database(self, principal: Principal, limits: Limits, admission: Admission,
-                                 prompt_tokens: int, now: datetime, share: int) -> None:
+    async def _admit_in_database(self, principal: Principal, limits: Limits, day: date, max_tokens: int | None,
+                                 prompt_tokens: int, now: datetime, share: int) -> _Reservation:
         capped = limits.user_daily is not None or (limits.key_daily is not None and principal.api_key_id)
-        want = prompt_tokens + (admission.max_tokens or DEFAULT_RESERVE_TOKENS)
+        want = prompt_tokens + (max_tokens or DEFAULT_RESERVE_TOKENS)
         window = now.replace(second=0, microsecond=0)
         try:
-            granted = await self._pool.fetchval(
-                "SELECT gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", principal.user_id,
-                principal.api_key_id, admission.day, window, limits.user_rpm, limits.key_rpm, want,
-                limits.user_daily, limits.key_daily, share)
-        except asyncpg.PostgresError as e:
-            if getattr(e, "sqlstate", None) != "GW429":
-                raise
-            which = str(e)
-            if which.endswith("per_minute"):
+            granted = await store.admit(
+                self._pool, user_id=principal.user_id, api_key_id=principal.api_key_id, day=day, window=window,
+                user_rpm=limits.user_rpm, key_rpm=limits.key_rpm, want=want, user_cap=limits.user_daily,
+                key_cap=limits.key_daily, share=share)
+        except LimitReached as e:
+            name = e.limit.value.replace("_", " ")
+            if e.limit.per_minute:
                 reset = window + timedelta(minutes=1)
-                raise TooManyRequests(f"rate limit: {which.replace('_', ' ')}",
+                raise TooManyRequests(f"rate limit: {name}",
                                       retry_after=max(1, int((reset - now).total_seconds()) + 1),
                                       reset_at=reset) from None
-            reset = datetime.combine(admission.day + timedelta(days=1), datetime.min.time(), timezone.utc)
-            raise TooManyRequests(f"daily token cap reached ({which.replace('_', ' ')})",
+            reset = _next_midnight(day)
+            raise TooManyRequests(f"daily token cap reached ({name})",
                                   retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset) from None
         if not capped:
-            return
-        if limits.user_daily is not None:
-            admission.user_reserved = granted
-        if limits.key_daily is not None and principal.api_key_id is not None:
-            admission.key_reserved = granted
+            return _Reservation()
+        reserved = _Reservation(
+            user=granted if limits.user_daily is not None else 0,
+            key=granted if limits.key_daily is not None and principal.api_key_id is not None else 0)
         if granted < want:
             if granted <= prompt_tokens:
                 # not even the prompt fits in what remains: nothing to run
-                await self.release(admission, principal.user_id, principal.api_key_id)
-                reset = datetime.combine(admission.day + timedelta(days=1), datetime.min.time(), timezone.utc)
+                await store.release(self._pool, user_id=principal.user_id, api_key_id=principal.api_key_id,
+                                    day=day, user_tokens=reserved.user, key_tokens=reserved.key)
+                reset = _next_midnight(day)
                 raise TooManyRequests("daily token cap reached (too little left for this prompt)",
                                       retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset)
-            # what remains today bounds the reply: the upstream is told so, and the cap holds
-            admission.max_tokens = granted - prompt_tokens
-            admission.action = "downgrade"
-            admission.reasons.append(f"max_tokens clamped to the {granted} tokens left today")
+            reserved.clamped_to = granted
+        return reserved
 
-    async def _nearly_spent(self, user_id: uuid.UUID, admission: Admission, cap: int) -> bool:
+    async def _nearly_spent(self, user_id: uuid.UUID, day: date, reserved: int, cap: int) -> bool:
         """Whether the day's use before this request (spent + others' reservations) passed the mark."""
         threshold = self._config.downgrade_at
         if threshold is None:
             return False
-        used = await self._pool.fetchval("SELECT tokens + reserved FROM daily_usage WHERE user_id = $1 AND day = $2",
-                                         user_id, admission.day)
-        return (used or 0) - admission.user_reserved >= threshold * cap
+        return await store.user_day_committed(self._pool, user_id, day) - reserved >= threshold * cap
 
     async def release(self, admission: Admission, user_id: uuid.UUID, api_key_id: uuid.UUID | None) -> None:
-        """A request admitted but never run (a duplicate, a vanished thread): hand its reservation back."""
+        """A request admitted but never run (a duplicate, a vanished thread): give back its
+        concurrency slot and hand its reservation back."""
         admission.done()
-        if admission.user_reserved:
-            await self._pool.execute("UPDATE daily_usage SET reserved = greatest(reserved - $3, 0) "
-                                     "WHERE user_id = $1 AND day = $2", user_id, admission.day,
-                                     admission.user_reserved)
-        if admission.key_reserved and api_key_id is not None:
-            await self._pool.execute("UPDATE key_daily_usage SET reserved = greatest(reserved - $3, 0) "
-                                     "WHERE api_key_id = $1 AND day = $2", api_key_id, admission.day,
-                                     admission.key_reserved)
+        await store.release(self._pool, user_id=user_id, api_key_id=api_key_id, day=admission.day,
+                            user_tokens=admission.user_reserved, key_tokens=admission.key_reserved)
         admission.user_reserved = admission.key_reserved = 0

@@ -19,14 +19,14 @@ from typing import Callable
 import asyncpg
 
 from .errors import Unauthorized
+from .store.secrets import shared_secret
 
 SECRET_NAME = "stream_token_key"
 
 
 async def load_signing_key(pool: asyncpg.Pool) -> bytes:
-    await pool.execute("INSERT INTO gateway_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
-                       SECRET_NAME, secrets.token_bytes(32))
-    return await pool.fetchval("SELECT value FROM gateway_secrets WHERE name = $1", SECRET_NAME)
+    """The signing key every instance shares: made by whichever instance asks first."""
+    return await shared_secret(pool, SECRET_NAME, secrets.token_bytes(32))
 
 
 class StreamTokens:

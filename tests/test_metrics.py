@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Callable
 
 import aiohttp
 import jwt
 import pytest
 from aiohttp.test_utils import TestClient
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import Metrics
+from gateway.providers.base import ChainObserver, ChatRequest
+from gateway.providers.chain import Chain
 
 from .conftest import MakeClient, User, wait_for
 from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
 from .test_cli import free_port
+from .test_providers import collect, http, registry  # noqa: F401
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 JWT_SECRET = "metrics-test-secret-of-at-least-32-bytes!"
@@ -244,3 +253,28 @@ async def test_every_app_has_its_own_registry(make_client: MakeClient, user: Use
     assert (await first.get("/api/me", headers=user.headers)).status == 200
     assert requests("/api/me", 200, "GET") not in await scrape(second)
     assert (await scrape(first))[requests("/api/me", 200, "GET")] == 1
+
+
+async def test_metrics_is_the_chains_observer_and_sees_overhead_first_token_and_chunk_gap(registry):
+    metrics = Metrics()
+    observer: ChainObserver = metrics  # Metrics implements the chain's observer protocol
+    models = registry(DEMO_CHUNKS="4")
+    chain = Chain(models, models.chain("demo"), observer=observer, started=time.monotonic() - 0.3)
+    events, error = await collect(chain.stream(ChatRequest([{"role": "user", "content": "hi"}])))
+    assert error is None and events
+
+    m = parse(generate_latest(metrics.registry).decode())
+    assert m[key("gateway_overhead_seconds_count")] == 1
+    assert 0.3 <= m[key("gateway_overhead_seconds_sum")] < 5  # measured from `started`, not from now
+    assert m[key("gateway_time_to_first_token_seconds_count", model="demo", provider="demo")] == 1
+    assert m[key("gateway_chunk_gap_seconds_count", model="demo", provider="demo")] == 1
+    assert key("gateway_fallbacks_total", from_model="demo", to_model="demo") not in m
+
+
+def test_importing_metrics_loads_no_other_gateway_module():
+    """metrics.py imports no app state at module level: no import loop runs through it."""
+    root = Path(__file__).resolve().parent.parent
+    code = "import sys, gateway.metrics; print(sorted(m for m in sys.modules if m.startswith('gateway')))"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['gateway', 'gateway.metrics']"

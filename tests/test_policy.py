@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
+import asyncpg
 import orjson
 import pytest
 
+from gateway.auth import Principal
+from gateway.config import LimitsConfig
+from gateway.errors import TooManyRequests
 from gateway.journal import record_from_json
+from gateway.policy import Admission, Policy
 from gateway.providers.demo import demo_reply
+from gateway.store import limits as store_limits
+from gateway.store.limits import SQLSTATES, Limit, LimitReached
 from gateway.store.messages import finish_assistant
+from gateway.vocabulary import PolicyAction
 
 from .conftest import wait_for
 from .fakes import parse_sse
@@ -233,3 +241,116 @@ async def test_usage_report_by_day_and_by_model(make_client, config_file, user, 
     assert (await other.json())["rows"] == []
     for bad in ("group_by=week", "from=yesterday", "from=2026-02-01&to=2026-01-01", "from=2020-01-01&to=2026-01-01"):
         assert (await client.get(f"/api/usage?{bad}", headers=user.headers)).status == 400
+
+
+# -- which limit fired: one SQLSTATE per limit ----------------------------------------------------
+
+# (limit, its SQLSTATE, gateway_admit's arguments after (user, key, day, window): a first call
+# that fits, then the same call again, which the limit refuses)
+LIMIT_CALLS = [
+    (Limit.USER_REQUESTS_PER_MINUTE, "GW4R1", dict(user_rpm=1, key_rpm=None, want=5, user_cap=None, key_cap=None)),
+    (Limit.KEY_REQUESTS_PER_MINUTE, "GW4R2", dict(user_rpm=None, key_rpm=1, want=5, user_cap=None, key_cap=None)),
+    (Limit.USER_DAILY_TOKENS, "GW4D1", dict(user_rpm=None, key_rpm=None, want=5, user_cap=5, key_cap=None)),
+    (Limit.KEY_DAILY_TOKENS, "GW4D2", dict(user_rpm=None, key_rpm=None, want=5, user_cap=None, key_cap=5)),
+]
+
+
+async def admission_rows(db, user_id: uuid.UUID, key_id: uuid.UUID) -> dict[str, list[tuple]]:
+    return {
+        "windows": [tuple(r) for r in await db.fetch(
+            "SELECT subject, count FROM rate_windows WHERE subject = ANY($1::text[]) ORDER BY subject",
+            [f"u:{user_id}", f"k:{key_id}"])],
+        "user_days": [tuple(r) for r in await db.fetch(
+            "SELECT tokens, reserved FROM daily_usage WHERE user_id = $1", user_id)],
+        "key_days": [tuple(r) for r in await db.fetch(
+            "SELECT tokens, reserved FROM key_daily_usage WHERE api_key_id = $1", key_id)],
+    }
+
+
+@pytest.mark.parametrize("limit, sqlstate, args", LIMIT_CALLS, ids=[c[0].value for c in LIMIT_CALLS])
+async def test_gateway_admit_refuses_with_the_sqlstate_of_the_limit_that_fired_and_changes_nothing(
+        db, limit: Limit, sqlstate: str, args: dict):
+    user_id, key_id = uuid.uuid4(), uuid.uuid4()
+    day, window = date(2030, 1, 2), datetime(2030, 1, 2, 3, 4, tzinfo=timezone.utc)
+    call = ("SELECT gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, 1)", user_id, key_id, day, window,
+            args["user_rpm"], args["key_rpm"], args["want"], args["user_cap"], args["key_cap"])
+    assert await db.fetchval(*call) == 5
+    before = await admission_rows(db, user_id, key_id)
+    with pytest.raises(asyncpg.PostgresError) as raised:
+        await db.fetchval(*call)
+    assert (raised.value.sqlstate, str(raised.value)) == (sqlstate, limit.value)
+    assert SQLSTATES[sqlstate] is limit
+    assert await admission_rows(db, user_id, key_id) == before  # the refusal rolled everything back
+    # the store names the limit from the code
+    with pytest.raises(LimitReached) as named:
+        await store_limits.admit(db, user_id=user_id, api_key_id=key_id, day=day, window=window, share=1, **args)
+    assert named.value.limit is limit
+
+
+def test_every_limit_has_exactly_one_sqlstate():
+    assert sorted(SQLSTATES.values()) == sorted(Limit)
+    assert all(len(code) == 5 and code.isalnum() and code.isupper() for code in SQLSTATES)
+
+
+# each case: the gateway's [limits], the key's own limits, and the 429 message the third request gets
+# (every turn below reserves 2 + 10 = 12 tokens; two fit, the third does not)
+REFUSALS = [
+    ("[limits]\nrequests_per_minute = 2\n", {}, "rate limit: user requests per minute"),
+    ("", {"requests_per_minute": 2}, "rate limit: key requests per minute"),
+    ("[limits]\ndaily_tokens = 24\n", {}, "daily token cap reached (user daily tokens)"),
+    ("", {"daily_tokens": 24}, "daily token cap reached (key daily tokens)"),
+]
+
+
+@pytest.mark.parametrize("toml, key_limits, message", REFUSALS, ids=["user_rpm", "key_rpm", "user_daily", "key_daily"])
+async def test_each_limit_reports_its_own_reason_and_reset(make_client, config_file, make_user, db,
+                                                           toml: str, key_limits: dict, message: str):
+    client = await make_client(GATEWAY_CONFIG=config_file(toml), DEMO_CHUNKS="10")
+    user = await make_user()
+    if key_limits:
+        await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, key_limits)
+    body = {"content": "hello", "max_tokens": 10}
+    answers = [await client.post("/api/chat", headers=user.headers, json=body) for _ in range(3)]
+    assert [a.status for a in answers] == [202, 202, 429]
+    error = (await answers[2].json())["error"]
+    assert (error["type"], error["message"]) == ("rate_limited", message)
+    reset = datetime.fromisoformat(error["reset_at"])
+    if "per minute" in message:
+        assert reset.second == 0 and reset.microsecond == 0
+        assert timedelta(0) < reset - datetime.now(timezone.utc) <= timedelta(minutes=1)
+    else:
+        assert reset == datetime.combine(datetime.now(timezone.utc).date() + timedelta(days=1),
+                                         datetime.min.time(), timezone.utc)
+    await wait_for(lambda: all_finished(db, user.id))
+
+
+# -- the Admission record --------------------------------------------------------------------------
+
+def test_admission_is_keyword_only_and_done_calls_its_callback_once():
+    calls: list[str] = []
+    with pytest.raises(TypeError):
+        Admission(PolicyAction.APPROVE, "demo", None, date(2030, 1, 1))  # type: ignore[misc]
+    admission = Admission(action=PolicyAction.APPROVE, model="demo", max_tokens=None, day=date(2030, 1, 1),
+                          on_done=lambda: calls.append("done"))
+    admission.done()
+    admission.done()
+    assert calls == ["done"]
+
+
+async def test_policy_counts_a_stream_until_done_and_a_prompt_that_does_not_fit_takes_no_slot(db, make_user):
+    user = await make_user()
+    principal = Principal(user_id=user.id, email=None, api_key_id=None, scopes=frozenset({"chat"}))
+    policy = Policy(LimitsConfig(daily_tokens=10, max_concurrent_streams=1), db)
+    admission = await policy.admit(principal, "demo", prompt_tokens=2, max_tokens=4)
+    assert (admission.action, admission.user_reserved, admission.max_tokens) == (PolicyAction.APPROVE, 6, 4)
+    assert policy.active_streams(user.id) == 1
+    admission.done()
+    assert policy.active_streams(user.id) == 0
+    # 4 tokens left today, and the prompt alone needs 5: refused, reservation handed back, no slot held
+    with pytest.raises(TooManyRequests, match="too little left"):
+        await policy.admit(principal, "demo", prompt_tokens=5, max_tokens=4)
+    assert policy.active_streams(user.id) == 0
+    assert await day_row(db, user.id) == {"tokens": 0, "reserved": 6, "requests": 0}
+    await policy.release(admission, user.id, None)
+    assert await day_row(db, user.id) == {"tokens": 0, "reserved": 0, "requests": 0}
+    assert (admission.user_reserved, policy.active_streams(user.id)) == (0, 0)

@@ -4,12 +4,16 @@ the weighted arena draw, and the models table synced from config."""
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
+from typing import Any
 
 import orjson
 import pytest
 
-from gateway.providers.base import ChatRequest
+from gateway.config import ModelConfig
+from gateway.metrics import REQUEST_STARTED
+from gateway.providers.base import NO_OBSERVER, ChatRequest
 from gateway.providers.chain import Chain
 from gateway.providers.circuit import CircuitBreakers
 from gateway.providers.registry import NotEnoughModels
@@ -103,6 +107,65 @@ async def test_429_with_a_fallback_left_moves_on_at_once(upstream, upstream_b, r
     assert error is None
     assert trail(chain) == [("primary", "upstream_http_error"), ("backup", "ok")]
     assert chain.attempts[0].ms < 5000
+
+
+# -- what the chain reports --------------------------------------------------------------------
+
+class Recorder:
+    """A ChainObserver that writes down what it is told."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def upstream_call(self, overhead_s: float) -> None:
+        self.calls.append(("upstream_call", overhead_s))
+
+    def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
+        self.calls.append(("attempt_answered", model.name, planned.name))
+
+    def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:
+        self.calls.append(("reply_streamed", model.name, batches))
+
+    def usage(self, record: Any) -> None:
+        self.calls.append(("usage", record.model))
+
+
+async def test_a_chain_reports_to_the_observer_it_is_given_once_per_reply_never_per_chunk(
+        upstream, upstream_b, registry):
+    upstream.queue(Reply(status=500, body=ERROR_BODY))
+    # pieces apart, so the reply arrives in several reads (batches)
+    upstream_b.queue(Reply(openai_stream(["a", "b", "c", "d"]), piece_delay_s=0.01))
+    app_wide = Recorder()
+    models = registry(chain_toml(upstream.base_url, upstream_b.base_url), observer=app_wide)
+    mine = Recorder()
+    chain = Chain(models, models.chain("primary"), observer=mine, started=time.monotonic() - 0.5)
+    batches = [batch async for batch in chain.stream(ChatRequest(PROMPT))]
+    assert len(batches) > 1
+    (name, overhead), *rest = mine.calls
+    assert name == "upstream_call" and 0.5 <= overhead < 5  # from `started`, once, before the first attempt
+    assert rest == [("attempt_answered", "backup", "primary"), ("reply_streamed", "backup", len(batches) - 1)]
+    assert app_wide.calls == []  # an explicit observer replaces the registry's
+
+
+async def test_a_chain_given_no_observer_reports_to_the_registrys_and_no_observer_means_silence(
+        upstream, registry):
+    """The two-argument form (transitional): the registry's observer, and the request start the
+    `observe` middleware noted, if any."""
+    upstream.queue(Reply(openai_stream(["a"])), Reply(openai_stream(["b"])), Reply(openai_stream(["c"])))
+    app_wide = Recorder()
+    models = registry(chain_toml(upstream.base_url, None), observer=app_wide)
+    await collect(Chain(models, models.chain("primary")).stream(ChatRequest(PROMPT)))
+    assert [c[0] for c in app_wide.calls] == ["attempt_answered", "reply_streamed"]  # no start time: no overhead
+    app_wide.calls.clear()
+    token = REQUEST_STARTED.set(time.monotonic() - 0.25)
+    try:
+        await collect(Chain(models, models.chain("primary")).stream(ChatRequest(PROMPT)))
+    finally:
+        REQUEST_STARTED.reset(token)
+    assert app_wide.calls[0][0] == "upstream_call" and 0.25 <= app_wide.calls[0][1] < 5
+    app_wide.calls.clear()
+    await collect(Chain(models, models.chain("primary"), observer=NO_OBSERVER).stream(ChatRequest(PROMPT)))
+    assert app_wide.calls == []
 
 
 # -- router --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """What every provider adapter speaks: a request in, normalised stream events out, typed errors.
 
 Adapters turn a wire format into `TextDelta`, `UsageReport` and `Finish` events. They never
-retry and never touch the database: the chain decides what happens after a failure.
+retry and never touch the database: the chain decides what happens after a failure. What the
+chain reports (first upstream call, first event, a streamed reply) goes to a `ChainObserver`.
 
     ProviderError                 retryable before the first content byte unless noted
     ├── UpstreamHTTPError         non-2xx answer (429 carries retry_after)
@@ -14,9 +15,12 @@ retry and never touch the database: the chain decides what happens after a failu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
 
 from ..config import ModelConfig
+
+if TYPE_CHECKING:
+    from ..store.usage import UsageRecord
 
 
 @dataclass(slots=True)
@@ -72,6 +76,45 @@ class Provider(Protocol):
     name: str
 
     def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]: ...
+
+
+class ChainObserver(Protocol):
+    """What a chain reports while it runs one reply, and the reply's usage once it is settled.
+
+    Called a handful of times per reply, never per chunk. `Metrics` implements it; `NO_OBSERVER`
+    ignores everything.
+    """
+
+    def upstream_call(self, overhead_s: float) -> None:
+        """The reply's first upstream call starts, `overhead_s` after its request arrived."""
+
+    def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
+        """An attempt delivered its first event `seconds` after it started; `planned` is the chain's first model."""
+
+    def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:
+        """The reply's batches after its first: `batches` of them over `seconds`."""
+
+    def usage(self, record: UsageRecord) -> None:
+        """The reply finished and used this much (reported by whoever writes its usage row)."""
+
+
+class NoObserver:
+    """A `ChainObserver` that ignores everything."""
+
+    def upstream_call(self, overhead_s: float) -> None:
+        pass
+
+    def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
+        pass
+
+    def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:
+        pass
+
+    def usage(self, record: UsageRecord) -> None:
+        pass
+
+
+NO_OBSERVER: ChainObserver = NoObserver()
 
 
 class ProviderError(Exception):

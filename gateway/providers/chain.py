@@ -5,6 +5,10 @@ the first token and the whole attempt. Before the first content byte, a retryabl
 (429, 5xx, timeout, connection error) moves on to the next link; after it, the failure is
 final (the client already has text). A 429 on the last link is retried once after its
 Retry-After when that fits in the budget. Models whose circuit is open are skipped.
+
+What happens is reported to the chain's `observer` (a `ChainObserver`: the app's `Metrics`, or
+nothing): the gateway's own time before the first upstream call (measured from `started`, the
+request's arrival on the `time.monotonic()` clock), each answering attempt, each streamed reply.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from ..config import ModelConfig
-from .base import Batch, ChatRequest, ProviderError, UpstreamTimeout
+from ..metrics import REQUEST_STARTED
+from .base import Batch, ChainObserver, ChatRequest, NoObserver, ProviderError, UpstreamTimeout
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -33,12 +38,28 @@ class Attempt:
         return {"model": self.model, "provider": self.provider, "outcome": self.outcome, "ms": self.ms}
 
 
+# a sentinel: "no observer given", resolved in Chain.__post_init__ (an explicit NO_OBSERVER stays silent)
+_FROM_REGISTRY: ChainObserver = NoObserver()
+
+
 @dataclass
 class Chain:
     registry: ModelRegistry
     models: list[ModelConfig]
     attempts: list[Attempt] = field(default_factory=list)
     model: ModelConfig | None = None  # the link that is streaming, once one is
+    observer: ChainObserver = field(default=_FROM_REGISTRY, kw_only=True)
+    started: float | None = field(default=None, kw_only=True)  # the request's arrival (time.monotonic())
+
+    def __post_init__(self) -> None:
+        if self.observer is _FROM_REGISTRY:
+            # Transitional, for callers that do not pass `observer=` and `started=` yet: the registry's
+            # observer and the arrival time the `observe` middleware put in REQUEST_STARTED. Once every
+            # caller passes both, the default becomes NO_OBSERVER and this method, the registry's
+            # observer and REQUEST_STARTED go.
+            self.observer = self.registry.observer
+            if self.started is None:
+                self.started = REQUEST_STARTED.get()
 
     @property
     def used(self) -> ModelConfig:
@@ -54,7 +75,7 @@ class Chain:
         return self.models[0].name if self.used is not self.models[0] else None
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Batch]:
-        circuits, metrics = self.registry.circuits, self.registry.metrics
+        circuits, observer = self.registry.circuits, self.observer
         loop = asyncio.get_running_loop()
         budget_end = loop.time() + self.models[0].timeout_s  # bounds waits on Retry-After
         last_error: ProviderError | None = None
@@ -67,8 +88,8 @@ class Chain:
                 last_error = last_error or ProviderError(f"model {model.name} is unavailable (circuit open)")
                 continue
             provider = self.registry.provider(model)
-            if not self.attempts:
-                metrics.upstream_call()
+            if not self.attempts and self.started is not None:
+                observer.upstream_call(time.monotonic() - self.started)
             started = time.monotonic()
             deadline = loop.time() + model.timeout_s
             events = aiter(provider.stream(model, request))
@@ -102,8 +123,8 @@ class Chain:
                 raise
             self.model = model
             first_at = time.monotonic()
-            metrics.attempt_answered(model, first_at - started, self.models[0])
-            batches = 0  # a local count, not a metric call: nothing is observed per chunk
+            observer.attempt_answered(model, first_at - started, self.models[0])
+            batches = 0  # a local count, not an observer call: nothing is reported per chunk
             try:
                 yield first
                 async with asyncio.timeout_at(deadline):
@@ -126,7 +147,7 @@ class Chain:
                 await events.aclose()
             self._record(model, "ok", started)
             circuits.success(model.name)
-            metrics.reply_streamed(model, batches, time.monotonic() - first_at)
+            observer.reply_streamed(model, batches, time.monotonic() - first_at)
             return
         assert last_error is not None
         raise last_error

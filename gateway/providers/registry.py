@@ -9,9 +9,9 @@ import asyncpg
 
 from ..config import ModelConfig, Settings
 from ..errors import ConfigError
-from ..metrics import Metrics
+from ..store.models import sync_models
 from .anthropic import AnthropicProvider
-from .base import Provider
+from .base import NO_OBSERVER, ChainObserver, Provider
 from .circuit import CircuitBreakers
 from .demo import DemoProvider
 from .openai import OpenAIProvider
@@ -22,9 +22,12 @@ class NotEnoughModels(Exception):
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession,
+                 observer: ChainObserver | None = None) -> None:
         self.models: dict[str, ModelConfig] = dict(settings.models)
-        self.metrics = metrics or Metrics()  # the chains report first tokens, fallbacks and chunk gaps here
+        # Transitional: what a Chain built without `observer=` reports to. Chains are to be given
+        # their observer explicitly; then this attribute (and `metrics`) goes.
+        self.observer = observer if observer is not None else NO_OBSERVER
         self.default = settings.default_model
         self.circuits = CircuitBreakers(settings.circuit_failures, settings.circuit_cooldown_s)
         self.providers: dict[str, Provider] = {}
@@ -37,6 +40,11 @@ class ModelRegistry:
                 self.providers[name] = AnthropicProvider(config, session)
             else:
                 raise ConfigError(f"[providers.{name}] kind {config.kind!r} has no adapter")
+
+    @property
+    def metrics(self) -> ChainObserver:
+        """Transitional alias of `observer`, for callers that report usage through the registry."""
+        return self.observer
 
     def __contains__(self, name: str) -> bool:
         return name in self.models
@@ -53,14 +61,14 @@ class ModelRegistry:
     def draw_pair(self, rng: random.Random | None = None) -> tuple[ModelConfig, ModelConfig]:
         """Two distinct enabled models, drawn at random in proportion to their weights, skipping
         models whose circuit is open (the arena's default pairing)."""
-        rng = rng or random
+        choices = rng.choices if rng is not None else random.choices
         pool = [m for m in self.models.values()
                 if m.enabled and m.weight > 0 and self.circuits.available(m.name)]
         if len(pool) < 2:
             raise NotEnoughModels(f"need two available models, have {len(pool)}")
-        first = rng.choices(pool, weights=[m.weight for m in pool])[0]
+        first = choices(pool, weights=[m.weight for m in pool])[0]
         rest = [m for m in pool if m is not first]
-        second = rng.choices(rest, weights=[m.weight for m in rest])[0]
+        second = choices(rest, weights=[m.weight for m in rest])[0]
         return first, second
 
     def provider(self, model: ModelConfig) -> Provider:
@@ -68,17 +76,4 @@ class ModelRegistry:
 
     async def sync(self, pool: asyncpg.Pool) -> None:
         """Mirror the configured models into the models table, so SQL can see what is enabled."""
-        rows = [(m.name, m.provider, m.upstream, m.enabled, m.weight, m.input_price_per_mtok,
-                 m.output_price_per_mtok) for m in self.models.values()]
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.executemany("""
-                INSERT INTO models (name, provider, upstream, enabled, weight,
-                                    input_price_per_mtok, output_price_per_mtok, updated_at)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, now())
-                ON CONFLICT (name) DO UPDATE SET
-                    provider = EXCLUDED.provider, upstream = EXCLUDED.upstream, enabled = EXCLUDED.enabled,
-                    weight = EXCLUDED.weight, input_price_per_mtok = EXCLUDED.input_price_per_mtok,
-                    output_price_per_mtok = EXCLUDED.output_price_per_mtok, updated_at = now()""", rows)
-            # models dropped from the config stay as rows (old messages name them) but are disabled
-            await conn.execute("UPDATE models SET enabled = false, updated_at = now() "
-                               "WHERE NOT (name = ANY($1::text[])) AND enabled", list(self.models))
+        await sync_models(pool, self.models.values())
