@@ -73,7 +73,7 @@ def announce_admin_key(settings: Settings, key: str) -> None:
 async def services(app: web.Application) -> AsyncIterator[None]:
     settings, db = app[SETTINGS], app[DB]
     pool = db.pool
-    models = ModelRegistry(settings, app[HTTP], app[METRICS])
+    models = ModelRegistry(settings, app[HTTP])
     await models.sync(pool)
     app[MODELS] = models
     jwt = JwtVerifier(settings, app[HTTP], metrics=app[METRICS]) if settings.jwt_enabled else None
@@ -90,8 +90,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     stream_tokens = StreamTokens(await load_signing_key(pool), settings.stream_token_ttl_s)
     app[STREAM_TOKENS] = stream_tokens
     journal = FinishJournal(settings.data_dir / "journal")
-    generations = GenerationRegistry(pool, journal, models, settings.shutdown_grace_s, settings.finish_retry_s,
-                                     observe_usage=app[METRICS].usage)
+    generations = GenerationRegistry(pool, journal, models, app[METRICS], settings.shutdown_grace_s,
+                                     settings.finish_retry_s)
     app[GENERATIONS] = generations
     instance = Instance(db.url, pool, journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
@@ -103,7 +103,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[USAGE] = usage
     app[TURNS] = Turns(pool=pool, settings=settings, models=models, policy=app[POLICY], generations=generations,
                        stream_tokens=stream_tokens, instance_id=instance.id, record_usage=usage.add,
-                       observe_usage=app[METRICS].usage, notify_cancel=instance.notify_cancel)
+                       observer=app[METRICS], notify_cancel=instance.notify_cancel)
     leaderboard = LeaderboardCache(lambda include_named: battles(pool, include_named),
                                    rounds=settings.leaderboard_bootstrap_rounds)
     app[LEADERBOARD] = leaderboard

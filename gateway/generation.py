@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .events import Event, EventLog, EventMaker, done_json, metadata_json, usage_json
 from .journal import FinishJournal
 from .policy import Admission, utc_now
-from .providers.base import ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
+from .providers.base import ChainObserver, ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
 from .providers.chain import Chain
 from .providers.registry import ModelRegistry
 from .store.messages import FinishRecord, finish_many
@@ -54,13 +54,11 @@ class GenerationSpec:
 
 
 class Generation:
-    def __init__(self, spec: GenerationSpec, chain: Chain, request: ChatRequest, save: SaveFinish,
-                 observe_usage: Callable[[UsageRecord], None] | None = None) -> None:
+    def __init__(self, spec: GenerationSpec, chain: Chain, request: ChatRequest, save: SaveFinish) -> None:
         self.spec = spec
         self.chain = chain
         self.request = request
         self._save = save
-        self._observe_usage = observe_usage
         self.parts: list[str] = []  # the reply's text chunks: delta seq k is parts[k - 1]
         self._maker = EventMaker(spec.message_id, spec.slot)
         self.events = EventLog(self._maker, self.parts)
@@ -191,8 +189,7 @@ class Generation:
                       "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})
-        if self._observe_usage is not None:
-            self._observe_usage(record.usage)
+        self.chain.observer.usage(record.usage)
         await self._save(record)  # returns once the reply is durable: only then is it reported done
         seq = self.events.count
         if error_json is not None:
@@ -216,13 +213,13 @@ def cost_usd(model: ModelConfig, usage: UsageReport) -> float:
 class GenerationRegistry:
     """The live generations of this process, by assistant message id, and their finish write."""
 
-    def __init__(self, pool: asyncpg.Pool, journal: FinishJournal, models: ModelRegistry, shutdown_grace_s: float = 10.0,
-                 finish_retry_s: float = 30.0, observe_usage: Callable[[UsageRecord], None] | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, journal: FinishJournal, models: ModelRegistry, observer: ChainObserver,
+                 shutdown_grace_s: float = 10.0, finish_retry_s: float = 30.0) -> None:
         self.live: dict[uuid.UUID, Generation] = {}
         self._pool = pool
         self._journal = journal
         self._models = models
-        self._observe_usage = observe_usage
+        self._observer = observer
         # finishes that pile up under load share one statement and one commit
         self._finishes: GroupCommit[FinishRecord, None] = GroupCommit(self._finish_batch)
         self._grace = shutdown_grace_s
@@ -263,14 +260,15 @@ class GenerationRegistry:
     def get(self, message_id: uuid.UUID) -> Generation | None:
         return self.live.get(message_id)
 
-    def start(self, spec: GenerationSpec, model: str, request: ChatRequest) -> Generation:
+    def start(self, spec: GenerationSpec, model: str, request: ChatRequest, started: float | None = None) -> Generation:
         """Run `model`'s chain (it, then its fallbacks) for `spec` as an app-owned task; a second
-        start for the same message returns the running one."""
+        start for the same message returns the running one. `started`: when the request arrived
+        (time.monotonic()), for the gateway-overhead metric."""
         existing = self.live.get(spec.message_id)
         if existing is not None:
             return existing
-        chain = Chain(self._models, self._models.chain(model))
-        generation = Generation(spec, chain, request, self.save, self._observe_usage)
+        chain = Chain(self._models, self._models.chain(model), observer=self._observer, started=started)
+        generation = Generation(spec, chain, request, self.save)
         message_id = spec.message_id
         self.live[message_id] = generation
         generation.task = asyncio.get_running_loop().create_task(generation.run())

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
 
@@ -35,10 +34,6 @@ if TYPE_CHECKING:
     from .store.usage import UsageRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# when the current request arrived (monotonic). Transitional: read only by a Chain built without an
-# explicit `started=` (see providers/chain.py); goes once every caller passes it.
-REQUEST_STARTED: ContextVar[float | None] = ContextVar("gateway_request_started", default=None)
 
 # any method a client invents would otherwise become a new series
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -248,7 +243,6 @@ def observe(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         timings = request[TIMINGS] = Timings()
-        REQUEST_STARTED.set(timings.start)
         status = 500
         try:
             response = await handler(request)

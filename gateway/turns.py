@@ -32,7 +32,7 @@ from .errors import NotFound, ServiceUnavailable
 from .events import Event
 from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd
 from .policy import Admission, Policy
-from .providers.base import ChatRequest, UsageReport, estimate_tokens, tokens_for_chars
+from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, tokens_for_chars
 from .providers.chain import Chain
 from .providers.registry import ModelRegistry, NotEnoughModels
 from .replay import replay_events
@@ -99,7 +99,7 @@ class Turns:
 
     def __init__(self, *, pool: asyncpg.Pool, settings: Settings, models: ModelRegistry, policy: Policy,
                  generations: GenerationRegistry, stream_tokens: StreamTokens, instance_id: uuid.UUID,
-                 record_usage: Callable[[UsageRecord], None], observe_usage: Callable[[UsageRecord], None],
+                 record_usage: Callable[[UsageRecord], None], observer: ChainObserver,
                  notify_cancel: Callable[[uuid.UUID], Awaitable[None]]) -> None:
         self._pool = pool
         self._settings = settings
@@ -109,7 +109,7 @@ class Turns:
         self._stream_tokens = stream_tokens
         self._instance_id = instance_id
         self._record_usage = record_usage  # the batched usage writer (OpenAI route)
-        self._observe_usage = observe_usage  # metrics
+        self._observer = observer  # metrics
         self._notify_cancel = notify_cancel  # asks the other instances (LISTEN/NOTIFY)
         # the persist step's writes, group-committed when concurrent turns pile up
         self._persist: GroupCommit[message_store.TurnRequest, message_store.StoredTurn] = GroupCommit(
@@ -117,8 +117,9 @@ class Turns:
 
     # -- begin --------------------------------------------------------------------------------
 
-    async def begin_chat(self, principal: Principal, turn: TurnInput) -> message_store.StoredTurn:
-        """Decide, persist, start one reply."""
+    async def begin_chat(self, principal: Principal, turn: TurnInput,
+                         started: float | None = None) -> message_store.StoredTurn:
+        """Decide, persist, start one reply. `started`: the request's arrival (time.monotonic())."""
         if turn.client_message_id is not None:
             # a retry of an accepted turn is answered before any limit: it costs nothing new
             existing = await message_store.find_duplicate(self._pool, principal.user_id, turn.client_message_id)
@@ -148,11 +149,11 @@ class Turns:
                            user_message_id=stored.user_message["id"], message_id=stored.assistant_message_id,
                            category=choice.category, auto=choice.auto, extra_metadata=extra, admission=admission),
             admission.model,
-            ChatRequest(messages, max_tokens=admission.max_tokens, temperature=turn.temperature))
+            ChatRequest(messages, max_tokens=admission.max_tokens, temperature=turn.temperature), started)
         return stored
 
     async def begin_arena(self, principal: Principal, turn: TurnInput, requested: list[str] | None,
-                          anonymous: bool) -> arena_store.ArenaTurn:
+                          anonymous: bool, started: float | None = None) -> arena_store.ArenaTurn:
         """Decide (both models, both admissions), persist the turn, start both slots. No downgrade to a
         cheaper model here: the comparison is of the two models asked for (max_tokens may be clamped)."""
         if turn.client_message_id is not None:
@@ -194,10 +195,11 @@ class Turns:
                                message_id=message_id, extra_metadata={"comparison_id": str(stored.comparison_id)},
                                admission=admission, slot=slot, anonymous=anonymous),
                 admission.model,
-                ChatRequest(list(messages), max_tokens=admission.max_tokens, temperature=turn.temperature))
+                ChatRequest(list(messages), max_tokens=admission.max_tokens, temperature=turn.temperature), started)
         return stored
 
-    async def begin_completion(self, principal: Principal, model: str, request: ChatRequest) -> Completion:
+    async def begin_completion(self, principal: Principal, model: str, request: ChatRequest,
+                               started: float | None = None) -> Completion:
         """Decide for an OpenAI-route request (no rows: that route is stateless); `finish_completion`
         must follow, however the request ends."""
         choice = self.route(model, last_user_text(request.messages))
@@ -205,7 +207,8 @@ class Turns:
                                              request.max_tokens, self._settings.limits.downgrade_model)
         request.max_tokens = admission.max_tokens
         return Completion(id=uuid.uuid4(), principal=principal, request=request, admission=admission,
-                          chain=Chain(self._models, self._models.chain(admission.model)))
+                          chain=Chain(self._models, self._models.chain(admission.model), observer=self._observer,
+                                      started=started))
 
     def finish_completion(self, completion: Completion, usage: UsageReport | None, chars: int,
                           started: bool) -> None:
@@ -229,7 +232,7 @@ class Turns:
             estimated=estimated, cost_usd=cost_usd(model, usage), day=admission.day,
             user_reserved=admission.user_reserved, key_reserved=admission.key_reserved)
         self._record_usage(record)
-        self._observe_usage(record)
+        self._observer.usage(record)
 
     def route(self, requested: str | None, prompt: str) -> Route:
         """Decide, part one: the router's advice (never touches the database)."""

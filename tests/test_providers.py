@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from gateway.config import Settings
-from gateway.providers.base import (ChainObserver, ChatRequest, Finish, ProviderError, StreamEvent, TextDelta,
+from gateway.providers.base import (ChatRequest, Finish, ProviderError, StreamEvent, TextDelta,
                                     UpstreamConnectionError, UpstreamHTTPError, UpstreamProtocolError,
                                     UpstreamStreamError, UpstreamTimeout, UsageReport)
 from gateway.providers.chain import Chain
@@ -100,11 +100,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 def registry(http: aiohttp.ClientSession, config_file: Callable[[str], str]) -> Callable[..., ModelRegistry]:
     """A ModelRegistry from TOML text (and env overrides), on a real client session."""
 
-    def make(toml: str = "", *, observer: ChainObserver | None = None, **env: str) -> ModelRegistry:
+    def make(toml: str = "", **env: str) -> ModelRegistry:
         env = {"DEMO_DELAY_MS": "0", **env}
         if toml:
             env["GATEWAY_CONFIG"] = config_file(toml)
-        return ModelRegistry(Settings.from_env(env), http, observer)
+        return ModelRegistry(Settings.from_env(env), http)
 
     return make
 

@@ -12,8 +12,7 @@ import orjson
 import pytest
 
 from gateway.config import ModelConfig
-from gateway.metrics import REQUEST_STARTED
-from gateway.providers.base import NO_OBSERVER, ChatRequest
+from gateway.providers.base import ChatRequest
 from gateway.providers.chain import Chain
 from gateway.providers.circuit import CircuitBreakers
 from gateway.providers.registry import NotEnoughModels
@@ -135,8 +134,7 @@ async def test_a_chain_reports_to_the_observer_it_is_given_once_per_reply_never_
     upstream.queue(Reply(status=500, body=ERROR_BODY))
     # pieces apart, so the reply arrives in several reads (batches)
     upstream_b.queue(Reply(openai_stream(["a", "b", "c", "d"]), piece_delay_s=0.01))
-    app_wide = Recorder()
-    models = registry(chain_toml(upstream.base_url, upstream_b.base_url), observer=app_wide)
+    models = registry(chain_toml(upstream.base_url, upstream_b.base_url))
     mine = Recorder()
     chain = Chain(models, models.chain("primary"), observer=mine, started=time.monotonic() - 0.5)
     batches = [batch async for batch in chain.stream(ChatRequest(PROMPT))]
@@ -144,28 +142,6 @@ async def test_a_chain_reports_to_the_observer_it_is_given_once_per_reply_never_
     (name, overhead), *rest = mine.calls
     assert name == "upstream_call" and 0.5 <= overhead < 5  # from `started`, once, before the first attempt
     assert rest == [("attempt_answered", "backup", "primary"), ("reply_streamed", "backup", len(batches) - 1)]
-    assert app_wide.calls == []  # an explicit observer replaces the registry's
-
-
-async def test_a_chain_given_no_observer_reports_to_the_registrys_and_no_observer_means_silence(
-        upstream, registry):
-    """The two-argument form (transitional): the registry's observer, and the request start the
-    `observe` middleware noted, if any."""
-    upstream.queue(Reply(openai_stream(["a"])), Reply(openai_stream(["b"])), Reply(openai_stream(["c"])))
-    app_wide = Recorder()
-    models = registry(chain_toml(upstream.base_url, None), observer=app_wide)
-    await collect(Chain(models, models.chain("primary")).stream(ChatRequest(PROMPT)))
-    assert [c[0] for c in app_wide.calls] == ["attempt_answered", "reply_streamed"]  # no start time: no overhead
-    app_wide.calls.clear()
-    token = REQUEST_STARTED.set(time.monotonic() - 0.25)
-    try:
-        await collect(Chain(models, models.chain("primary")).stream(ChatRequest(PROMPT)))
-    finally:
-        REQUEST_STARTED.reset(token)
-    assert app_wide.calls[0][0] == "upstream_call" and 0.25 <= app_wide.calls[0][1] < 5
-    app_wide.calls.clear()
-    await collect(Chain(models, models.chain("primary"), observer=NO_OBSERVER).stream(ChatRequest(PROMPT)))
-    assert app_wide.calls == []
 
 
 # -- router --------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ async def post_arena(request: web.Request) -> web.StreamResponse:
     turn, stream, models, anonymous = parse_arena(await read_json(request), app[MODELS].__contains__)
     turns = app[TURNS]
     started = time.monotonic()
-    stored = await asyncio.shield(turns.begin_arena(principal, turn, models, anonymous))
+    stored = await asyncio.shield(turns.begin_arena(principal, turn, models, anonymous, request[TIMINGS].start))
     request[TIMINGS].add("persist", started)  # for the access log
     if not wants_stream(request, stream):
         return json_response({

@@ -29,7 +29,7 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
     turn, stream = parse_turn(await read_json(request), app[MODELS].__contains__)
     turns = app[TURNS]
     started = time.monotonic()
-    stored = await asyncio.shield(turns.begin_chat(principal, turn))
+    stored = await asyncio.shield(turns.begin_chat(principal, turn, request[TIMINGS].start))
     request[TIMINGS].add("persist", started)  # decide + persist: the database work before the reply starts
     if not wants_stream(request, stream):
         return json_response({"status": "accepted", "message": stored.user_message, "duplicate": stored.duplicate,

@@ -174,7 +174,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     model_name, chat, stream, include_usage = parse_request(await read_json(request), app[MODELS].__contains__)
     turns = app[TURNS]
-    completion = await turns.begin_completion(principal, model_name, chat)
+    completion = await turns.begin_completion(principal, model_name, chat, request[TIMINGS].start)
     reply = _Reply()
     try:
         async with aclosing(completion.chain.stream(chat)) as events:

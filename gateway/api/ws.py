@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any, Coroutine
 
@@ -161,7 +162,7 @@ class Session:
     async def turn(self, turn: TurnInput) -> None:
         # shielded like POST /api/chat: once the message is committed its generation starts,
         # even if this socket closes in between
-        t = await asyncio.shield(self.request.app[TURNS].begin_chat(self.principal, turn))
+        t = await asyncio.shield(self.request.app[TURNS].begin_chat(self.principal, turn, time.monotonic()))
         await self.send(orjson.dumps({"event": "accepted", "message": t.user_message, "duplicate": t.duplicate,
                                       "thread_id": t.thread_id, "assistant_message_id": t.assistant_message_id}))
         await self.relay(t.assistant_message_id, after=-1)

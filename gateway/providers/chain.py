@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from ..config import ModelConfig
-from ..metrics import REQUEST_STARTED
-from .base import Batch, ChainObserver, ChatRequest, NoObserver, ProviderError, UpstreamTimeout
+from .base import NO_OBSERVER, Batch, ChainObserver, ChatRequest, ProviderError, UpstreamTimeout
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -38,28 +37,14 @@ class Attempt:
         return {"model": self.model, "provider": self.provider, "outcome": self.outcome, "ms": self.ms}
 
 
-# a sentinel: "no observer given", resolved in Chain.__post_init__ (an explicit NO_OBSERVER stays silent)
-_FROM_REGISTRY: ChainObserver = NoObserver()
-
-
 @dataclass
 class Chain:
     registry: ModelRegistry
     models: list[ModelConfig]
     attempts: list[Attempt] = field(default_factory=list)
     model: ModelConfig | None = None  # the link that is streaming, once one is
-    observer: ChainObserver = field(default=_FROM_REGISTRY, kw_only=True)
+    observer: ChainObserver = field(default=NO_OBSERVER, kw_only=True)
     started: float | None = field(default=None, kw_only=True)  # the request's arrival (time.monotonic())
-
-    def __post_init__(self) -> None:
-        if self.observer is _FROM_REGISTRY:
-            # Transitional, for callers that do not pass `observer=` and `started=` yet: the registry's
-            # observer and the arrival time the `observe` middleware put in REQUEST_STARTED. Once every
-            # caller passes both, the default becomes NO_OBSERVER and this method, the registry's
-            # observer and REQUEST_STARTED go.
-            self.observer = self.registry.observer
-            if self.started is None:
-                self.started = REQUEST_STARTED.get()
 
     @property
     def used(self) -> ModelConfig:

@@ -11,7 +11,7 @@ from ..config import ModelConfig, Settings
 from ..errors import ConfigError
 from ..store.models import sync_models
 from .anthropic import AnthropicProvider
-from .base import NO_OBSERVER, ChainObserver, Provider
+from .base import Provider
 from .circuit import CircuitBreakers
 from .demo import DemoProvider
 from .openai import OpenAIProvider
@@ -22,12 +22,8 @@ class NotEnoughModels(Exception):
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession,
-                 observer: ChainObserver | None = None) -> None:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
         self.models: dict[str, ModelConfig] = dict(settings.models)
-        # Transitional: what a Chain built without `observer=` reports to. Chains are to be given
-        # their observer explicitly; then this attribute (and `metrics`) goes.
-        self.observer = observer if observer is not None else NO_OBSERVER
         self.default = settings.default_model
         self.circuits = CircuitBreakers(settings.circuit_failures, settings.circuit_cooldown_s)
         self.providers: dict[str, Provider] = {}
@@ -40,11 +36,6 @@ class ModelRegistry:
                 self.providers[name] = AnthropicProvider(config, session)
             else:
                 raise ConfigError(f"[providers.{name}] kind {config.kind!r} has no adapter")
-
-    @property
-    def metrics(self) -> ChainObserver:
-        """Transitional alias of `observer`, for callers that report usage through the registry."""
-        return self.observer
 
     def __contains__(self, name: str) -> bool:
         return name in self.models
