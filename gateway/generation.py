@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -172,6 +173,14 @@ class Generation:
         attempts = [a.as_json() for a in self.chain.attempts]
         error_json = ({"type": error.kind, "message": error.message, "retryable": error.retryable}
                       if error is not None else None)
+        hidden: dict[str, Any] = {}
+        if error_json is not None and spec.anonymous:
+            # an anonymous slot must not name its model before the vote, not even in an error text:
+            # the stream and the row get the masked text, the metadata (masked on read) the real one
+            masked = mask_model_names(error_json["message"], self.chain.models)
+            if masked != error_json["message"]:
+                hidden["error_detail"] = error_json["message"]
+                error_json = {**error_json, "message": masked}
         admission = spec.admission
         record = FinishRecord(
             usage=UsageRecord(
@@ -183,7 +192,7 @@ class Generation:
                 key_reserved=admission.key_reserved if admission else 0),
             status=self.status, content=content, ttft_ms=self._ttft_ms,
             latency_ms=round((time.monotonic() - self._started) * 1000), error=error_json,
-            metadata={**spec.extra_metadata, **({"anonymous": True} if spec.anonymous else {}),
+            metadata={**spec.extra_metadata, **({"anonymous": True} if spec.anonymous else {}), **hidden,
                       "category": spec.category, "auto": spec.auto,
                       "fallback_from": self.chain.fallback_from, "attempts": attempts,
                       "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
@@ -199,6 +208,17 @@ class Generation:
                                                             estimated)))
             self._emit(maker.event(seq + 1, "done", done_json(finish_reason, spec.message_id, attempts,
                                                               spec.anonymous)))
+
+
+HIDDEN_MODEL = "(hidden)"
+
+
+def mask_model_names(text: str, models: list[ModelConfig]) -> str:
+    """`text` with every name of the planned models (gateway name, upstream id, provider) replaced
+    by HIDDEN_MODEL, whole words only, longest first (so a name inside a longer one goes with it)."""
+    names = sorted({n for m in models for n in (m.name, m.upstream, m.provider) if n}, key=len, reverse=True)
+    pattern = re.compile("|".join(rf"(?<![\w.-]){re.escape(n)}(?![\w-]|\.\w)" for n in names))
+    return pattern.sub(HIDDEN_MODEL, text)
 
 
 def utc_today() -> date:

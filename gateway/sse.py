@@ -21,20 +21,39 @@ listener writes the same bytes.
 
 from __future__ import annotations
 
+import re
+
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
+
+from .errors import BadRequest
 
 DONE = b"data: [DONE]\n\n"
 
 
+# a seq is at most this many ASCII digits: `str.isdigit` also takes "²" and other digits `int`
+# refuses, and a long run of digits would hit Python's int-string limit (both were 500s)
+MAX_SEQ_DIGITS = 9
+_SEQ = re.compile(r"-1|[0-9]{1,%d}" % MAX_SEQ_DIGITS, re.ASCII)
+
+
+def parse_seq(raw: str, what: str) -> int:
+    """One position of an event id: ASCII digits (or -1, "nothing yet"), bounded; else a 400."""
+    if _SEQ.fullmatch(raw) is None:
+        raise BadRequest(f"{what} is not a valid event id")
+    return int(raw)
+
+
 def parse_last_event_id(raw: str | None, message_id: str) -> int:
-    """The seq after which to resume: -1 for "from the start" (absent, foreign or malformed id)."""
-    if not raw:
+    """The seq after which to resume (`<message_id>:<seq>`): -1 for "from the start" (absent or
+    empty). An id of another message, or a malformed one, is a 400 (BadRequest): resuming from
+    the start instead would send the client events it already has."""
+    if not raw or not raw.strip():
         return -1
     mid, _, seq = raw.strip().rpartition(":")
-    if mid != message_id or not seq.isdigit():
-        return -1
-    return int(seq)
+    if mid != message_id:
+        raise BadRequest("Last-Event-ID does not name an event of this message")
+    return parse_seq(seq, "Last-Event-ID")
 
 
 async def open_stream(request: web.Request, ping_s: float, retry_ms: int) -> EventSourceResponse:

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from ..errors import BadRequest
 from ..events import DELTA, Event
-from ..sse import DONE, open_stream
+from ..sse import DONE, open_stream, parse_seq
 from ..state import DB, LEADERBOARD, MODELS, SETTINGS, TIMINGS, TURNS
 from ..store import arena as arena_store
 from ..vocabulary import LIVE_STATUSES, Slot, Winner
@@ -49,17 +49,12 @@ async def post_arena(request: web.Request) -> web.StreamResponse:
 
 def parse_arena_event_id(raw: str | None, comparison_id: uuid.UUID) -> dict[str, int]:
     """`<comparison_id>:<seq a>:<seq b>` into the seq to resume after, per slot."""
-    start = {"a": -1, "b": -1}
-    if not raw:
-        return start
+    if not raw or not raw.strip():
+        return {"a": -1, "b": -1}
     parts = raw.strip().split(":")
     if len(parts) != 3 or parts[0] != str(comparison_id):
-        return start
-    try:
-        a, b = int(parts[1]), int(parts[2])
-    except ValueError:
-        return start
-    return {"a": max(a, -1), "b": max(b, -1)}
+        raise BadRequest("Last-Event-ID does not name an event of this comparison")
+    return {"a": parse_seq(parts[1], "Last-Event-ID"), "b": parse_seq(parts[2], "Last-Event-ID")}
 
 
 async def stream_comparison(request: web.Request, user_id: uuid.UUID, comparison_id: uuid.UUID,

@@ -181,5 +181,5 @@ async def masked(pool: asyncpg.Pool, messages: list[dict[str, Any]]) -> list[dic
 
 
 def _mask(message: dict[str, Any]) -> dict[str, Any]:
-    meta = {k: v for k, v in message["metadata"].items() if k not in ("attempts", "fallback_from")}
+    meta = {k: v for k, v in message["metadata"].items() if k not in ("attempts", "fallback_from", "error_detail")}
     return {**message, "model": None, "provider": None, "metadata": meta}
