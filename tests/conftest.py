@@ -155,3 +155,13 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+class FakeClock:
+    """A clock the test sets by hand, for anything that takes `clock: Callable[[], float]`."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

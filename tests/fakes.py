@@ -2,7 +2,7 @@
 
 A test queues `Reply` objects; each POST takes the next one (or the default). A reply can
 stream any list of byte pieces (so events can be split at awkward boundaries), fail with a
-status, hang before the first byte, or hang mid-stream.
+status, hang before the first byte, or hang mid-stream (for good, or until the test releases it).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class Reply:
     delay_s: float = 0.0  # before the status line
     piece_delay_s: float = 0.0  # between pieces
     hang_after: int | None = None  # stop writing (but keep the connection) after this many pieces
+    hold_at: int | None = None  # with `release`: write this many pieces, then wait for it
+    release: asyncio.Event | None = None
     on_request: Callable[[dict[str, Any]], Any] | None = None  # awaited, sees the request body
 
 
@@ -99,6 +101,8 @@ class FakeUpstream:
         for i, piece in enumerate(reply.pieces):
             if reply.hang_after is not None and i >= reply.hang_after:
                 await asyncio.sleep(3600)
+            if reply.release is not None and i == reply.hold_at:
+                await reply.release.wait()
             if reply.piece_delay_s and i:
                 await asyncio.sleep(reply.piece_delay_s)
             try:

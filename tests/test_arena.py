@@ -376,16 +376,25 @@ async def test_a_slot_timing_out_falls_back_without_delaying_the_other(
 
 
 async def test_cancelling_one_slot_leaves_the_other_running(make_client, config_file, upstream, upstream_b, user, db):
-    release = asyncio.Event()
+    release, release_b = asyncio.Event(), asyncio.Event()
     upstream.queue(Reply(openai_stream(["never"]), on_request=lambda _: release.wait()))
-    upstream_b.queue(Reply(openai_stream(["kept"])))
+    pieces_b = openai_stream(["kept"])
+    upstream_b.queue(Reply(pieces_b, hold_at=1, release=release_b))  # b is mid-reply (role chunk out) throughout
     client = await fake_pair_client(make_client, config_file, upstream, upstream_b)
     answer = await accept_arena(client, user, content="stop a", models=["alpha", "beta"], anonymous=False)
     ids = answer["assistant_message_ids"]
+
+    async def both_in_flight() -> bool:
+        return len(upstream.requests) == 1 and upstream_b.sent == [1]
+
+    await wait_for(both_in_flight)
     resp = await client.post(f"/api/messages/{ids['a']}/cancel", headers=user.headers)
     assert resp.status == 200 and (await resp.json())["status"] == "cancelled"
+    assert (await row(db, ids["b"]))["status"] == "streaming"  # a's cancel, saved, stopped nothing of b's
+    release_b.set()
     release.set()
     await wait_comparison_finished(db, answer["comparison_id"])
+    assert upstream_b.sent == [len(pieces_b)]
     assert [(r["status"], r["content"]) for r in (await row(db, ids["a"]), await row(db, ids["b"]))] == [
         ("cancelled", ""), ("complete", "kept")]
     stream = ArenaStream(await (await client.get(answer["stream_url"])).read(), answer["comparison_id"])
@@ -396,8 +405,10 @@ async def test_cancelling_one_slot_leaves_the_other_running(make_client, config_
 
 async def test_a_client_leaving_the_arena_stream_stops_neither_slot(
         make_client, config_file, upstream, upstream_b, user, db):
-    upstream.queue(Reply(openai_stream(["one ", "two ", "three"]), piece_delay_s=0.05))
-    upstream_b.queue(Reply(openai_stream(["uno ", "dos ", "tres"]), piece_delay_s=0.05))
+    release = asyncio.Event()  # both replies held after their first text until the client has gone
+    pieces_a, pieces_b = openai_stream(["one ", "two ", "three"]), openai_stream(["uno ", "dos ", "tres"])
+    upstream.queue(Reply(pieces_a, hold_at=2, release=release))
+    upstream_b.queue(Reply(pieces_b, hold_at=2, release=release))
     client = await fake_pair_client(make_client, config_file, upstream, upstream_b)
     resp = await client.post("/api/arena", headers=user.headers, json={
         "content": "count", "models": ["alpha", "beta"], "stream": True})
@@ -405,10 +416,14 @@ async def test_a_client_leaving_the_arena_stream_stops_neither_slot(
     first = orjson.loads((await resp.content.readuntil(b"\n\n")).rpartition(b"data: ")[2])
     resp.close()  # gone with both replies mostly unsent
     cid = await comparison_id_of(db, first["user_message_id"])
-    await wait_comparison_finished(db, cid)
     saved = await comparison_row(db, cid)
-    assert [(r["status"], r["content"]) for r in (await row(db, saved["message_a"]), await row(db, saved["message_b"]))
-            ] == [("complete", "one two three"), ("complete", "uno dos tres")]
+    ids = (saved["message_a"], saved["message_b"])
+    assert [(await row(db, i))["status"] for i in ids] == ["streaming", "streaming"]
+    release.set()
+    await wait_comparison_finished(db, cid)
+    assert [(r["status"], r["content"]) for r in [await row(db, i) for i in ids]] == [
+        ("complete", "one two three"), ("complete", "uno dos tres")]
+    assert (upstream.sent, upstream_b.sent) == ([len(pieces_a)], [len(pieces_b)])
 
 
 # -- 4. votes -------------------------------------------------------------------------------------------
@@ -422,6 +437,10 @@ async def test_vote_rules_after_both_finished_once_and_only_by_the_owner(
     answer = await accept_arena(client, user, content="vote on me", models=["alpha", "beta"])
     cid = answer["comparison_id"]
 
+    async def b_finished() -> bool:  # one slot done, the other held: still too early
+        return (await row(db, answer["assistant_message_ids"]["b"]))["status"] == "complete"
+
+    await wait_for(b_finished)
     early = await vote(client, user, cid, "a")
     assert early.status == 409 and (await early.json())["error"]["type"] == "conflict"
     assert (await comparison_row(db, cid))["winner"] is None

@@ -177,16 +177,21 @@ async def test_non_streaming_chat_answers_202_and_finishes_in_the_background(cli
 
 async def test_client_disconnect_mid_stream_lets_the_generation_finish(make_client, upstream, user, db):
     texts = ["one ", "two ", "three ", "four"]
-    upstream.queue(Reply(openai_stream(texts, prompt_tokens=5), piece_delay_s=0.05))
+    release = asyncio.Event()
+    pieces = openai_stream(texts, prompt_tokens=5)
+    upstream.queue(Reply(pieces, hold_at=2, release=release))  # the role chunk and "one ", then held
     client = await fake_client(make_client, upstream)
     resp = await client.post("/api/chat", json={"content": "count", "stream": True}, headers=user.headers)
     assert await resp.content.readuntil(b"\n\n") == RETRY
     meta = orjson.loads(parse_sse(await resp.content.readuntil(b"\n\n"))[0].data)
     assert parse_sse(await resp.content.readuntil(b"\n\n"))[0].data == '{"delta":"one "}'
     resp.close()  # drops the connection with the reply mostly unsent
+    assert (await row(db, meta["message_id"]))["status"] == "streaming"  # gone before the reply was done
+    release.set()
 
     saved = await wait_finished(db, meta["message_id"])
     assert (saved["status"], saved["content"]) == ("complete", "one two three four")
+    assert upstream.sent == [len(pieces)]  # read to its end after the client had gone
     assert [(u["prompt_tokens"], u["completion_tokens"]) for u in await usage_rows(db, meta["message_id"])] == [
         (5, 4)]
 
@@ -223,7 +228,8 @@ async def test_duplicate_client_message_id_starts_no_second_generation(make_clie
 
 
 async def test_twenty_concurrent_identical_requests_make_one_turn(make_client, upstream, user, db):
-    upstream.default = Reply(openai_stream(["Hel", "lo"]), delay_s=0.1)  # still generating while they land
+    release = asyncio.Event()  # the reply is held before its first byte: still generating while they land
+    upstream.default = Reply(openai_stream(["Hel", "lo"]), on_request=lambda _: release.wait())
     client = await fake_client(make_client, upstream)
     answers = await asyncio.gather(*(accept_chat(client, user, content="race", client_message_id="race-1")
                                      for _ in range(20)))
@@ -231,6 +237,8 @@ async def test_twenty_concurrent_identical_requests_make_one_turn(make_client, u
     assert sorted(a["duplicate"] for a in answers) == [False] + [True] * 19
 
     mid = answers[0]["assistant_message_id"]
+    assert (await row(db, mid))["status"] == "streaming"
+    release.set()
     await wait_finished(db, mid)
     user_rows = await db.fetch("SELECT id FROM messages WHERE user_id = $1 AND client_message_id = $2",
                                user.id, "race-1")
@@ -363,10 +371,17 @@ async def test_truncated_upstream_stream_is_a_failure_with_partial_content(make_
 # -- 9. keep-alive ----------------------------------------------------------------------------------
 
 async def test_ping_comments_keep_the_stream_alive_while_waiting(make_client, upstream, user, db):
-    upstream.queue(Reply(openai_stream(["Hel", "lo"], prompt_tokens=4), delay_s=0.3))
+    release = asyncio.Event()  # the upstream says nothing until the client has had a ping
+    upstream.queue(Reply(openai_stream(["Hel", "lo"], prompt_tokens=4), on_request=lambda _: release.wait()))
     client = await fake_client(make_client, upstream, SSE_PING_S="0.05")
-    body, meta = await stream_chat(client, user, content="slow one")
-    assert body.startswith(RETRY + PING)
+    resp = await client.post("/api/chat", json={"stream": True, "content": "slow one"}, headers=user.headers)
+    assert resp.status == 200
+    async with asyncio.timeout(10):  # no ping, no release: fail rather than wait on each other
+        head = [await resp.content.readuntil(b"\n\n") for _ in range(2)]
+    release.set()
+    body = b"".join(head) + await resp.read()
+    meta = first_metadata(body)
+    assert head == [RETRY, PING]
     assert body.index(PING) < body.index(b"event: metadata")
     # the pings are whole comment blocks between frames: without them the stream is exact
     saved = await row(db, meta["message_id"])

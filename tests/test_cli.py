@@ -18,10 +18,15 @@ import asyncpg
 import orjson
 import pytest
 
+import gateway
+
 from .conftest import MakeClient
 from .fakes import parse_sse
 
 KEY_LINE = re.compile(r"gwk_[A-Za-z0-9_-]{43}")
+# the tree under test: a subprocess imports this copy of `gateway`, not whichever checkout an
+# editable install points at (a worktree's tests would otherwise run another tree's code)
+SOURCE_ROOT = Path(gateway.__file__).resolve().parent.parent
 
 
 @dataclass
@@ -33,8 +38,8 @@ class Run:
 
 def cli_env(database_url: str, **overrides: str) -> dict[str, str]:
     """A clean environment: nothing from the developer's shell leaks into the run."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "DATABASE_URL": database_url,
-           "BOOTSTRAP_ADMIN_KEY": "false", "DEMO_DELAY_MS": "0", "DB_POOL_MIN": "1"}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(SOURCE_ROOT),
+           "DATABASE_URL": database_url, "BOOTSTRAP_ADMIN_KEY": "false", "DEMO_DELAY_MS": "0", "DB_POOL_MIN": "1"}
     env.update(overrides)
     return env
 
@@ -43,15 +48,15 @@ async def run_cli(cwd: Path, env: dict[str, str], *args: str, timeout: float = 3
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", *args, cwd=cwd, env=env,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
+    return Run(await proc.wait(), out.decode(), err.decode())
 
 
 async def create_key_via_cli(tmp_path: Path, database_url: str, name: str = "ci") -> str:
     run = await run_cli(tmp_path, cli_env(database_url), "keys", "create", "--name", name)
     assert run.returncode == 0, run.stderr
-    key = run.stdout.splitlines()[-1]
-    assert KEY_LINE.fullmatch(key), run.stdout
+    # the key alone, on one line: scripts take stdout's last line as the key
+    key, newline = run.stdout[:-1], run.stdout[-1:]
+    assert KEY_LINE.fullmatch(key) and newline == "\n", run.stdout
     return key
 
 
@@ -63,8 +68,7 @@ def free_port() -> int:
 
 async def test_migrate_on_a_migrated_database_applies_nothing(tmp_path: Path, database_url: str):
     run = await run_cli(tmp_path, cli_env(database_url), "migrate")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout == "applied: nothing (up to date)\n"
+    assert (run.returncode, run.stdout, run.stderr) == (0, "applied: nothing (up to date)\n", "")
 
 
 async def test_keys_create_prints_a_working_key_stored_only_as_hash_and_prefix(
@@ -84,13 +88,14 @@ async def test_keys_create_prints_a_working_key_stored_only_as_hash_and_prefix(
     assert await resp.json() == {"threads": [], "next_cursor": None}
 
 
-@pytest.mark.parametrize(("name", "value"), [("GATEWAY_PORT", "abc"), ("DB_POOL_MAX", "0"),
-                                             ("GATEWAY_CONFIG", "/nonexistent")])
-async def test_bad_setting_exits_2_naming_the_variable(tmp_path: Path, database_url: str, name: str, value: str):
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("GATEWAY_PORT", "abc", "GATEWAY_PORT must be an integer, got 'abc'"),
+    ("DB_POOL_MAX", "0", "DB_POOL_MAX must be >= 1, got 0"),
+    ("GATEWAY_CONFIG", "/nonexistent", "GATEWAY_CONFIG: cannot read /nonexistent: No such file or directory")])
+async def test_bad_setting_exits_2_naming_the_variable(tmp_path: Path, database_url: str, name: str, value: str,
+                                                       message: str):
     run = await run_cli(tmp_path, cli_env(database_url, **{name: value}), "migrate")
-    assert run.returncode == 2
-    assert run.stderr.startswith(f"configuration error: {name}")
-    assert run.stdout == ""
+    assert (run.returncode, run.stdout, run.stderr) == (2, "", f"configuration error: {message}\n")
 
 
 async def test_serve_streams_a_chat_and_exits_cleanly_on_sigterm(tmp_path: Path, database_url: str,

@@ -27,6 +27,8 @@ from gateway.config import Settings
 from gateway.errors import ConfigError, Unauthorized
 from gateway.jwt_auth import JwtIdentity, JwtVerifier
 
+from .conftest import wait_for
+
 SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
 USER_ID = uuid.UUID("6f1c2a4e-8d3b-4f5a-9c7e-1b2d3e4f5a6b")
 ISSUER = "https://abcdefgh.supabase.co/auth/v1"
@@ -48,14 +50,14 @@ class JwksServer:
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
         self.status = 200
-        self.delay_s = 0.0
+        self.gate: asyncio.Event | None = None  # when set by a test: each reply waits for it
         self.hits = 0
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         self.hits += 1
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.status != 200:
             return web.Response(status=self.status, text="upstream broke")
         return web.json_response({"keys": self.keys})
@@ -316,10 +318,17 @@ async def test_unknown_kid_refetches_at_most_once_per_min_refresh_window(
 
 async def test_concurrent_verifies_needing_a_refresh_share_one_fetch(
         jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
-    jwks.delay_s = 0.05
+    jwks.gate = asyncio.Event()
     token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
     verifier = jwks_verifier(jwks, session, clock)
-    identities = await asyncio.gather(*(verifier.verify(token) for _ in range(10)))
+    verifies = asyncio.gather(*(verifier.verify(token) for _ in range(10)))
+
+    async def fetch_in_flight() -> bool:  # all ten were started before the fetch could reach the server
+        return jwks.hits >= 1
+
+    await wait_for(fetch_in_flight)
+    jwks.gate.set()
+    identities = await verifies
     assert [i.user_id for i in identities] == [USER_ID] * 10
     assert jwks.hits == 1
 

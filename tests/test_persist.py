@@ -10,6 +10,8 @@ from gateway.errors import NotFound
 from gateway.store.messages import StoredTurn, TurnRequest, persist_turns
 from gateway.store.threads import create_thread
 
+from .conftest import wait_for
+
 
 async def thread_count(db, user_id: uuid.UUID) -> int:
     return await db.fetchval("SELECT count(*) FROM threads WHERE user_id = $1", user_id)
@@ -66,18 +68,26 @@ async def test_concurrent_submissions_group_into_few_statements(db, make_user):
 
 async def test_a_failed_flush_fails_every_caller_of_that_batch_and_the_next_batch_runs():
     calls: list[list[int]] = []
+    first_in_flight, fail_first = asyncio.Event(), asyncio.Event()
 
     async def flush(batch: list[int]):
         calls.append(batch)
         if len(calls) == 1:
+            first_in_flight.set()
+            await fail_first.wait()  # held in flight until the next two have arrived
             raise ConnectionResetError("database went away")
         return [x * 10 for x in batch]
 
     group: GroupCommit[int, int] = GroupCommit(flush)
     first = asyncio.ensure_future(group.submit(1))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)  # the first flush is now in flight: the next two wait and go together
+    await asyncio.wait_for(first_in_flight.wait(), 5)
     rest = [asyncio.ensure_future(group.submit(x)) for x in (2, 3)]
+
+    async def both_waiting() -> bool:  # queued behind the flush in flight (GroupCommit has no public depth)
+        return [item for item, _ in group._pending] == [2, 3] and len(calls) == 1
+
+    await wait_for(both_waiting)
+    fail_first.set()
     done = await asyncio.gather(first, *rest, return_exceptions=True)
-    assert isinstance(done[0], ConnectionResetError)
+    assert isinstance(done[0], ConnectionResetError) and str(done[0]) == "database went away"
     assert done[1:] == [20, 30] and calls == [[1], [2, 3]]

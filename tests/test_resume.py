@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 import uuid
 from typing import Any, Awaitable, Callable
 
@@ -24,9 +23,10 @@ from aiohttp.test_utils import TestClient
 from gateway.app import create_app
 from gateway.middleware import AccessLogger
 from gateway.providers.base import estimate_tokens
-from gateway.state import GENERATIONS, INSTANCE, STREAM_TOKENS
+from gateway.state import DB, GENERATIONS, INSTANCE, STREAM_TOKENS
+from gateway.store import messages as message_store
 
-from .conftest import MakeClient, User, wait_for
+from .conftest import FakeClock, MakeClient, User, wait_for
 from .fakes import openai_stream, parse_sse
 from .test_chat import DONE, RETRY, frame, metadata, row, usage_rows, wait_finished
 
@@ -405,18 +405,27 @@ async def test_stream_token_for_another_message_or_user_or_garbage_is_refused(cl
     assert resp.status == 200 and (await resp.read()).endswith(DONE)
 
 
-async def test_expired_stream_token_is_refused(make_client, user, db):
+async def test_expired_stream_token_is_refused(make_client, user, db, monkeypatch):
     client = await make_client(STREAM_TOKEN_TTL_S="2")
+    # create_app takes no clock: the app's StreamTokens gets a hand-set one (issue and verify both read it)
+    clock = FakeClock(1_700_000_000.5)
+    monkeypatch.setattr(client.app[STREAM_TOKENS], "_clock", clock)
     answer = await accept(client, user, "quick")
     mid = answer["assistant_message_id"]
     await wait_finished(db, mid)
     token = answer["stream_url"].partition("?token=")[2]
-    expires = int(token.split(".")[1])
+    expires = 1_700_000_003  # issued at .5 with a 2 s TTL, rounded up to the whole second
+    assert token.split(".")[:2] == [user.id.hex, str(expires)]
+
+    clock.now = expires - 0.001  # its last moment: still good
     resp = await client.get(answer["stream_url"])
-    assert resp.status == 200
-    await resp.read()
-    await asyncio.sleep(max(0.0, expires - time.time()) + 0.05)
-    await expect_unauthorized(client, stream_path(mid), token=token)
+    assert resp.status == 200 and (await resp.read()).endswith(DONE)
+
+    clock.now = expires
+    resp = await client.get(stream_path(mid), params={"token": token})
+    assert resp.status == 401
+    assert (await resp.json())["error"] == {"type": "unauthorized", "message": "stream token expired",
+                                            "request_id": resp.headers["X-Request-Id"]}
 
 
 async def test_stream_token_never_reaches_the_access_log(aiohttp_server, aiohttp_client, make_settings, user, db,
@@ -560,15 +569,32 @@ async def test_reply_of_a_live_instance_is_left_alone_by_another_instances_sweep
 
 # -- 6. peers on one database --------------------------------------------------------------------------
 
-async def test_stream_on_another_instance_waits_then_replays_from_the_database(gated, make_client, user, db):
+async def test_stream_on_another_instance_waits_then_replays_from_the_database(gated, make_client, user, db,
+                                                                            monkeypatch):
     up = await gated(TEXTS, hold_at=2)
     a = await gated_client(make_client, up, SWEEP_S="1000")
     b = await gated_client(make_client, up, SWEEP_S="1000")
     mid = (await accept(a, user, "over there"))["assistant_message_id"]
     on_a = (await open_listeners(a, user, mid, 1))[0]
+    # every read of the row by b, and the status it found: b's wait is seen, not slept through
+    seen_by_b: list[str] = []
+    get_message = message_store.get_message
+
+    async def spy(pool: asyncpg.Pool, *args: Any) -> dict[str, Any]:
+        message = await get_message(pool, *args)
+        if pool is b.app[DB].pool:
+            seen_by_b.append(message["status"])
+        return message
+
+    monkeypatch.setattr(message_store, "get_message", spy)
     on_b = asyncio.create_task(b.get(stream_path(mid), headers=user.headers))
-    await asyncio.sleep(0.3)  # longer than b's poll interval: it is waiting on the held reply
-    assert not on_b.done()
+
+    async def b_polled_twice() -> bool:  # found it streaming, waited a poll interval, found it streaming again
+        return len(seen_by_b) >= 2
+
+    await wait_for(b_polled_twice)
+    assert seen_by_b[:2] == ["streaming", "streaming"]
+    assert not on_b.done()  # and has answered nothing meanwhile
     assert (await row(db, mid))["status"] == "streaming"
     up.release()
     async with asyncio.timeout(10):

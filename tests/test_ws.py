@@ -244,6 +244,11 @@ async def test_two_turns_run_concurrently_on_one_socket(make_client: MakeClient,
         await send(ws, type="chat", content="second", client_message_id="ws-c2")
         # both accepted while neither reply has a byte: the second turn did not wait for the first
         accepted = {f["message"]["client_message_id"]: f for f in [await receive(ws), await receive(ws)]}
+
+        async def both_at_the_upstream() -> bool:  # two replies in flight at once, both held
+            return len(upstream.requests) == 2
+
+        await wait_for(both_at_the_upstream)
         gate.set()
         frames = await until_ends(ws, 2)
 
