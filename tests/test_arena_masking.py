@@ -4,6 +4,7 @@ real one is kept in the metadata and shown once the comparison has its vote."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -18,7 +19,8 @@ NAMES = (b"alpha", b"up-alpha", b"pa")  # the failing slot's model, upstream id 
 
 
 def names_in(raw: bytes) -> list[bytes]:
-    return [n for n in NAMES if n in raw]
+    """The names that appear as words ("pa" inside "comparison" is no name)."""
+    return [n for n in NAMES if re.search(rb"(?<![\w-])%s(?![\w-])" % re.escape(n), raw)]
 
 
 async def test_an_anonymous_slots_error_names_no_model_until_the_vote(
