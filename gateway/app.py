@@ -91,7 +91,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[STREAM_TOKENS] = stream_tokens
     journal = FinishJournal(settings.data_dir / "journal")
     generations = GenerationRegistry(pool, journal, models, app[METRICS], settings.shutdown_grace_s,
-                                     settings.finish_retry_s)
+                                     settings.finish_retry_s, settings.checkpoint_s, settings.checkpoint_chunks)
     app[GENERATIONS] = generations
     instance = Instance(db.url, pool, journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
@@ -109,12 +109,14 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[LEADERBOARD] = leaderboard
     await instance.start()  # also interrupts what crashed instances left live, replays the journal
     usage.start()
+    generations.checkpoints.start()
     last_used.start()
     activity.start()
     try:
         yield
     finally:
         await generations.close()  # normally already done in on_shutdown
+        await generations.checkpoints.close()
         # together, and the ones that can be lost only get the grace period (the database may be down)
         await asyncio.gather(usage.close(), activity.close(settings.shutdown_grace_s),
                              last_used.close(settings.shutdown_grace_s))

@@ -101,6 +101,8 @@ class Settings:
     leaderboard_bootstrap_rounds: int = 200
     finish_retry_s: float = 30.0
     sweep_s: float = 15.0
+    checkpoint_s: float = 2.0  # a live reply's partial content is saved this often ...
+    checkpoint_chunks: int = 256  # ... or after this many unsaved chunks
     stream_token_ttl_s: float = 600.0
     circuit_cooldown_s: float = 30.0
     log_level: str = "INFO"
@@ -344,6 +346,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         shutdown_grace_s=_float("SHUTDOWN_GRACE_S", env.get("SHUTDOWN_GRACE_S", 10)),
         finish_retry_s=_float("FINISH_RETRY_S", env.get("FINISH_RETRY_S", 30)),
         sweep_s=_float("SWEEP_S", env.get("SWEEP_S", 15), minimum=0.05),
+        checkpoint_s=_float("CHECKPOINT_S", env.get("CHECKPOINT_S", 2), minimum=0.05),
+        checkpoint_chunks=_int("CHECKPOINT_CHUNKS", env.get("CHECKPOINT_CHUNKS", 256), minimum=1),
         stream_token_ttl_s=_float("STREAM_TOKEN_TTL_S", env.get("STREAM_TOKEN_TTL_S", 600), minimum=1),
         leaderboard_bootstrap_rounds=_int("LEADERBOARD_BOOTSTRAP_ROUNDS", env.get("LEADERBOARD_BOOTSTRAP_ROUNDS", 200),
                                           minimum=0),

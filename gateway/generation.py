@@ -28,7 +28,8 @@ from .policy import Admission, utc_now
 from .providers.base import ChainObserver, ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
 from .providers.chain import Chain
 from .providers.registry import ModelRegistry
-from .store.messages import FinishRecord, finish_many
+from .checkpoints import Checkpointer
+from .store.messages import FinishRecord, checkpoint_many, finish_many
 from .store.usage import UsageRecord
 from .vocabulary import MessageStatus
 
@@ -55,11 +56,13 @@ class GenerationSpec:
 
 
 class Generation:
-    def __init__(self, spec: GenerationSpec, chain: Chain, request: ChatRequest, save: SaveFinish) -> None:
+    def __init__(self, spec: GenerationSpec, chain: Chain, request: ChatRequest, save: SaveFinish,
+                 checkpoints: Checkpointer | None = None) -> None:
         self.spec = spec
         self.chain = chain
         self.request = request
         self._save = save
+        self._checkpoints = checkpoints
         self.parts: list[str] = []  # the reply's text chunks: delta seq k is parts[k - 1]
         self._maker = EventMaker(spec.message_id, spec.slot)
         self.events = EventLog(self._maker, self.parts)
@@ -109,6 +112,7 @@ class Generation:
         finish_reason = "stop"
         error: ProviderError | None = None
         events, maker, parts = self.events, self._maker, self.parts
+        checkpoints, message_id = self._checkpoints, self.spec.message_id
         try:
             async for batch in self.chain.stream(self.request):
                 for event in batch:
@@ -124,6 +128,8 @@ class Generation:
                     elif kind is Finish:
                         finish_reason = event.reason  # type: ignore[union-attr]
                 self._wake()  # listeners wake once per upstream read, not once per event
+                if checkpoints is not None and len(parts) - checkpoints.saved(message_id) >= checkpoints.max_chunks:
+                    checkpoints.nudge()
             self.status = MessageStatus.COMPLETE
         except ProviderError as e:
             self.status, error = MessageStatus.FAILED, e
@@ -234,8 +240,12 @@ class GenerationRegistry:
     """The live generations of this process, by assistant message id, and their finish write."""
 
     def __init__(self, pool: asyncpg.Pool, journal: FinishJournal, models: ModelRegistry, observer: ChainObserver,
-                 shutdown_grace_s: float = 10.0, finish_retry_s: float = 30.0) -> None:
+                 shutdown_grace_s: float = 10.0, finish_retry_s: float = 30.0, checkpoint_s: float = 2.0,
+                 checkpoint_chunks: int = 256) -> None:
         self.live: dict[uuid.UUID, Generation] = {}
+        # partial replies saved every checkpoint_s (or checkpoint_chunks): what a crash can lose
+        self.checkpoints = Checkpointer(self.live, lambda batch: checkpoint_many(pool, batch),
+                                        interval_s=checkpoint_s, max_chunks=checkpoint_chunks)
         self._pool = pool
         self._journal = journal
         self._models = models
@@ -288,7 +298,7 @@ class GenerationRegistry:
         if existing is not None:
             return existing
         chain = Chain(self._models, self._models.chain(model), observer=self._observer, started=started)
-        generation = Generation(spec, chain, request, self.save)
+        generation = Generation(spec, chain, request, self.save, self.checkpoints)
         message_id = spec.message_id
         self.live[message_id] = generation
         generation.task = asyncio.get_running_loop().create_task(generation.run())

@@ -13,7 +13,13 @@ from .events import Event, EventMaker, done_json, metadata_json, usage_json
 from .providers.chain import Attempt
 
 
-def replay_events(message: dict[str, Any]) -> list[Event]:
+def replay_events(message: dict[str, Any], after: int = -1) -> list[Event]:
+    """The reply's events with seq > `after`.
+
+    A reply swept after its instance died has only its last checkpoint's deltas, while a client
+    may have seen more of it live: its closing events are numbered after the client's position,
+    so a resume from any id the client holds gets the outcome (never a 204 that hides it).
+    """
     maker = EventMaker(message["id"], message["slot"])
     meta = message["metadata"]
     anonymous = bool(meta.get("anonymous"))
@@ -26,15 +32,18 @@ def replay_events(message: dict[str, Any]) -> list[Event]:
     for length in meta.get("chunks", [len(content)] if content else []):
         events.append(maker.delta(len(events), content[pos:pos + length]))
         pos += length
+    seq = len(events)
+    if meta.get("swept"):
+        seq = max(seq, after + 1)
     if message["error"] is not None:
-        events.append(maker.event(len(events), "error", _in_order(message["error"], _ERROR_KEYS)))
-        return events
-    events.append(maker.event(len(events), "usage", usage_json(
-        message["prompt_tokens"] or 0, message["completion_tokens"] or 0, bool(meta.get("estimated")))))
-    events.append(maker.event(len(events), "done", done_json(
-        meta.get("finish_reason", "stop"), message["id"],
-        [_in_order(a, _ATTEMPT_KEYS) for a in meta.get("attempts", [])], anonymous)))
-    return events
+        events.append(maker.event(seq, "error", _in_order(message["error"], _ERROR_KEYS)))
+    else:
+        events.append(maker.event(seq, "usage", usage_json(
+            message["prompt_tokens"] or 0, message["completion_tokens"] or 0, bool(meta.get("estimated")))))
+        events.append(maker.event(seq + 1, "done", done_json(
+            meta.get("finish_reason", "stop"), message["id"],
+            [_in_order(a, _ATTEMPT_KEYS) for a in meta.get("attempts", [])], anonymous)))
+    return [e for e in events if e.seq > after]
 
 
 # jsonb keeps object keys sorted (shortest first), not as written: replayed objects get the live

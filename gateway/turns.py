@@ -70,7 +70,7 @@ class Reply:
 
     def replayed_after(self, after: int) -> list[Event]:
         assert self.row is not None
-        return replay_events(self.row)[after + 1:]
+        return replay_events(self.row, after)
 
     async def events(self, after: int) -> AsyncIterator[list[Event]]:
         """The events after seq `after`, a batch at a time, until the reply's last."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import asyncpg
+import orjson
 
 from ..errors import Conflict, NotFound
 from ..vocabulary import MessageStatus
@@ -185,7 +186,8 @@ WITH x AS (
 m AS (
     UPDATE messages SET status = x.status, content = x.content, model = x.model, provider = x.provider,
         prompt_tokens = x.prompt_tokens, completion_tokens = x.completion_tokens, ttft_ms = x.ttft_ms,
-        latency_ms = x.latency_ms, error = x.error, metadata = (messages.metadata - 'swept') || x.metadata,
+        latency_ms = x.latency_ms, error = x.error,
+        metadata = (messages.metadata - 'swept' - 'checkpoint_seq') || x.metadata,
         finished_at = clock_timestamp()
     FROM x
     WHERE messages.id = x.id
@@ -222,3 +224,31 @@ async def thread_messages(conn: asyncpg.Connection, thread_id: uuid.UUID) -> lis
     rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE thread_id = $1 ORDER BY seq", thread_id)
     return [dict(r) for r in rows]
 
+
+
+# A live reply's partial content, so a crash loses at most the last checkpoint's window. Only rows
+# still streaming are touched: a finish (or a sweep) that got there first wins. `checkpoint_seq` is
+# the seq of the last delta saved; the chunk boundaries keep a replay's ids equal to the live ones.
+_CHECKPOINT = """
+UPDATE messages m SET content = x.content,
+    metadata = m.metadata || jsonb_build_object('chunks', x.chunks::jsonb, 'checkpoint_seq', x.seq)
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::integer[]) AS x(id, content, chunks, seq)
+WHERE m.id = x.id AND m.status = 'streaming'
+"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpoint:
+    message_id: uuid.UUID
+    content: str
+    chunks: list[int]
+    seq: int
+
+
+async def checkpoint_many(pool: asyncpg.Pool, checkpoints: list[Checkpoint]) -> int:
+    """Save live replies' partial content in one statement; returns how many rows were updated."""
+    # chunk lists go as JSON text: a list of lists would be taken for a two-dimensional array
+    status = await pool.execute(_CHECKPOINT, [c.message_id for c in checkpoints], [c.content for c in checkpoints],
+                                [orjson.dumps(c.chunks).decode() for c in checkpoints],
+                                [c.seq for c in checkpoints])
+    return int(status.rpartition(" ")[2])
