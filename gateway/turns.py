@@ -132,7 +132,8 @@ class Turns:
         try:
             stored = await self._persist.submit(message_store.TurnRequest(
                 user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
-                thread_id=turn.thread_id, instance_id=self._instance_id))
+                thread_id=turn.thread_id, instance_id=self._instance_id,
+                reservation=self.reservation(principal, admission, messages)))
         except BaseException:
             await self._policy.release(admission, principal.user_id, principal.api_key_id)
             raise
@@ -177,7 +178,9 @@ class Turns:
                                                            turn.max_tokens, share=shares_left))
             stored = await arena_store.persist_arena_turn(
                 self._pool, principal.user_id, turn.content, turn.client_message_id, turn.thread_id,
-                self._instance_id, pair[0], pair[1], anonymous)
+                self._instance_id, pair[0], pair[1], anonymous,
+                (self.reservation(principal, admissions[0], messages),
+                 self.reservation(principal, admissions[1], messages)))
         except BaseException:
             for admission in admissions:
                 await self._policy.release(admission, principal.user_id, principal.api_key_id)
@@ -233,6 +236,19 @@ class Turns:
             user_reserved=admission.user_reserved, key_reserved=admission.key_reserved)
         self._record_usage(record)
         self._observer.usage(record)
+
+    def reservation(self, principal: Principal, admission: Admission,
+                    messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a reply's admission holds, kept on its row until the finish: if its instance dies, the
+        sweep settles the reservation to an estimate of what was consumed (store.instances)."""
+        model = self._models.models.get(admission.model)
+        return {"day": admission.day.isoformat(), "user_reserved": admission.user_reserved,
+                "key_reserved": admission.key_reserved,
+                "api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
+                "prompt_tokens": prompt_tokens(messages), "model": admission.model,
+                "provider": model.provider if model else None,
+                "input_price_per_mtok": model.input_price_per_mtok if model else 0.0,
+                "output_price_per_mtok": model.output_price_per_mtok if model else 0.0}
 
     def route(self, requested: str | None, prompt: str) -> Route:
         """Decide, part one: the router's advice (never touches the database)."""

@@ -35,8 +35,8 @@ class StoredTurn:
 _TURNS = f"""
 WITH x AS (
     SELECT * FROM unnest($1::integer[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::uuid[],
-                         $8::uuid[], $9::uuid[])
-    AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid)
+                         $8::uuid[], $9::uuid[], $10::text[])
+    AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid, reservation)
 ),
 t_new AS (
     INSERT INTO threads (id, user_id, title) SELECT tid, user_id, title FROM x WHERE thread_id IS NULL
@@ -55,8 +55,11 @@ u AS (
     RETURNING {MESSAGE_COLUMNS}
 ),
 a AS (
-    INSERT INTO messages (thread_id, user_id, role, status, reply_to, instance_id)
-    SELECT ok.tid, ok.user_id, 'assistant', 'streaming', ok.umid, ok.instance_id FROM ok JOIN u ON u.id = ok.umid
+    INSERT INTO messages (thread_id, user_id, role, status, reply_to, instance_id, metadata)
+    SELECT ok.tid, ok.user_id, 'assistant', 'streaming', ok.umid, ok.instance_id,
+           CASE WHEN ok.reservation IS NULL THEN '{{}}'::jsonb
+                ELSE jsonb_build_object('reservation', ok.reservation::jsonb) END
+    FROM ok JOIN u ON u.id = ok.umid
     RETURNING id, reply_to
 )
 SELECT ok.i, u.*, a.id AS assistant_id FROM ok JOIN u ON u.id = ok.umid JOIN a ON a.reply_to = u.id
@@ -70,6 +73,9 @@ class TurnRequest:
     client_message_id: str | None
     thread_id: uuid.UUID | None
     instance_id: uuid.UUID
+    # what the reply's admission reserved (Reservation.as_json): kept on the assistant row until its
+    # finish, so a reply whose instance died can still be settled by the sweep
+    reservation: dict[str, Any] | None = None
 
 
 _DUPLICATE = f"""
@@ -115,7 +121,8 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
     args = [list(range(len(turns))), [t.user_id for t in turns], [t.content for t in turns],
             [t.client_message_id for t in turns], [t.thread_id for t in turns],
             [thread_title(t.content) if t.thread_id is None else None for t in turns],
-            [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns]]
+            [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns],
+            [orjson.dumps(t.reservation).decode() if t.reservation else None for t in turns]]
     results: list[StoredTurn | Exception | None] = [None] * len(turns)
     async with pool.acquire() as conn:
         if all(t.client_message_id is None for t in turns):
@@ -187,7 +194,7 @@ m AS (
     UPDATE messages SET status = x.status, content = x.content, model = x.model, provider = x.provider,
         prompt_tokens = x.prompt_tokens, completion_tokens = x.completion_tokens, ttft_ms = x.ttft_ms,
         latency_ms = x.latency_ms, error = x.error,
-        metadata = (messages.metadata - 'swept' - 'checkpoint_seq') || x.metadata,
+        metadata = (messages.metadata - 'swept' - 'checkpoint_seq' - 'reservation') || x.metadata,
         finished_at = clock_timestamp()
     FROM x
     WHERE messages.id = x.id
