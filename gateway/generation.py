@@ -20,13 +20,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import asyncpg
 
 from .config import ModelConfig
-from .background import GroupCommit
-from .journal import FinishJournal
+from .durability import FinishWriter
 from .policy import Admission, utc_now
 from .providers.base import ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
 from .providers.chain import Attempt, Chain
 from .sse import FrameEncoder
-from .store.messages import FinishRecord, finish_many
+from .store.messages import FinishRecord
 from .store.usage import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -253,40 +252,15 @@ def cost_usd(model: ModelConfig, usage: UsageReport) -> float:
 class GenerationRegistry:
     """The live generations of this process, by assistant message id, and their finish write."""
 
-    def __init__(self, pool: asyncpg.Pool, journal: FinishJournal, shutdown_grace_s: float = 10.0,
-                 finish_retry_s: float = 30.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, finishes: FinishWriter, shutdown_grace_s: float = 10.0) -> None:
         self.live: dict[uuid.UUID, Generation] = {}
         self._pool = pool
-        self._journal = journal
-        # finishes that pile up under load share one statement and one commit
-        self._finishes: GroupCommit[FinishRecord, None] = GroupCommit(self._finish_batch)
+        self._finishes = finishes
         self._grace = shutdown_grace_s
-        self._finish_retry_s = finish_retry_s
-
-    async def _finish_batch(self, batch: list[FinishRecord]) -> None:
-        await finish_many(self._pool, batch)
 
     async def save(self, record: FinishRecord) -> None:
-        """The one finish write: retried with backoff while the database is away, then journaled
-        to local disk (replayed at start and when the database is back)."""
-        delay, deadline = 0.1, time.monotonic() + self._finish_retry_s
-        while True:
-            try:
-                await self._finishes.submit(record)
-                return
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                    asyncpg.CannotConnectNowError, asyncio.TimeoutError) as e:
-                if time.monotonic() >= deadline:
-                    await self._journal.append(record)
-                    return
-                log.warning("finish write for %s failed (%s), retrying", record.message_id, type(e).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            except asyncpg.PostgresError:
-                # not the database being away: a bug. Keep the reply on disk rather than lose it.
-                log.exception("finish write for %s was refused; journaling it", record.message_id)
-                await self._journal.append(record)
-                return
+        """The one finish write: returns once the reply is saved, journaled or quarantined."""
+        await self._finishes.save(record)
 
     def cancel(self, message_id: uuid.UUID) -> bool:
         generation = self.live.get(message_id)

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .state import ACTIVITY, DB, GENERATIONS, LAST_USED, MODELS, TIMINGS, USAGE
+from .state import ACTIVITY, DB, GENERATIONS, LAST_USED, MODELS, QUARANTINE, TIMINGS, USAGE
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -148,6 +148,13 @@ class AppCollector(Collector):
                 dropped.add_metric([writer.name], writer.dropped)
                 written.add_metric([writer.name], writer.written)
         yield from (depth, dropped, written)
+        quarantine = app.get(QUARANTINE)
+        if quarantine is not None:
+            quarantined = CounterMetricFamily("gateway_quarantined", "Records the database refused for good, "
+                                              "kept in the quarantine", labels=["kind"])
+            for kind, count in sorted(quarantine.counts.items()):
+                quarantined.add_metric([kind], count)
+            yield quarantined
         db = app.get(DB)
         if db is not None:
             pool = db.pool
