@@ -36,7 +36,17 @@ INT8_MAX = 2**63 - 1  # `bigint`, and the widest integer orjson writes
 NOT_STORED = {"type": "internal", "message": "the reply could not be stored as sent", "retryable": False}
 
 
+class Refused(Exception):
+    """The database refused a record for good (`error` says why)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class FinishWriter:
+    """Every reply's finish write (group-committed), and its retry, journal and quarantine."""
+
     def __init__(self, pool: asyncpg.Pool, journal: FinishJournal, quarantine: Quarantine, *,
                  retry_s: float = 30.0, max_backoff_s: float = 2.0) -> None:
         self._pool = pool
@@ -53,14 +63,13 @@ class FinishWriter:
         """The one finish write: returns once the reply is saved, journaled or quarantined."""
         try:
             await self._save_or_journal(record)
-        except Exception as e:  # refused for good (only permanent failures get here)
-            await self._set_aside(record, e)
-            fallback = salvage(record)
+        except Refused as e:
+            await self._set_aside(record, e.error)
             try:
-                await self._save_or_journal(fallback)
-            except Exception as again:
+                await self._save_or_journal(salvage(record))
+            except Refused as again:
                 log.error("message %s: its failed row was refused too (%s); only the quarantine keeps the reply",
-                          record.message_id, type(again).__name__)
+                          record.message_id, type(again.error).__name__)
 
     async def _set_aside(self, record: FinishRecord, error: Exception) -> None:
         try:
@@ -70,7 +79,8 @@ class FinishWriter:
                           type(error).__name__)
 
     async def _save_or_journal(self, record: FinishRecord) -> None:
-        """Saved, or journaled once the database has been away for `retry_s`; raises a permanent failure."""
+        """Saved, or journaled once the database has been away for `retry_s`; Refused if the
+        database refuses it for good. (If the journal's disk fails too, that error is raised.)"""
         delay, deadline = 0.1, time.monotonic() + self._retry_s
         while True:
             try:
@@ -78,7 +88,7 @@ class FinishWriter:
                 return
             except Exception as e:
                 if classify(e) is Failure.PERMANENT:
-                    raise
+                    raise Refused(e) from e
                 if time.monotonic() >= deadline:
                     await self._journal.append(record)
                     return
