@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import asdict
 from datetime import datetime
 from typing import AsyncIterator
 
@@ -17,6 +18,8 @@ from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
 from .db import migrate, open_database
+from .durability import FinishWriter
+from .failures import Quarantine
 from .generation import GenerationRegistry
 from .instance import Instance
 from .journal import FinishJournal
@@ -28,7 +31,7 @@ from .openapi import get_openapi
 from .policy import Policy
 from .providers.registry import ModelRegistry
 from .state import (ACTIVITY, AUTH, DB, GENERATIONS, HTTP, INSTANCE, LAST_USED, LEADERBOARD, METRICS, MODELS, POLICY,
-                    SETTINGS, STREAM_TOKENS, TURNS, USAGE)
+                    QUARANTINE, SETTINGS, STREAM_TOKENS, TURNS, USAGE)
 from .store.activity import ActivityRecord, record_activity_many
 from .store.arena import battles
 from .store.keys import bootstrap_admin_key, touch_keys
@@ -77,29 +80,36 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     await models.sync(pool)
     app[MODELS] = models
     jwt = JwtVerifier(settings, app[HTTP], metrics=app[METRICS]) if settings.jwt_enabled else None
+    # records the database refuses for good are kept here (one file per kind), never retried forever
+    quarantine = Quarantine(settings.data_dir / "quarantine")
+    app[QUARANTINE] = quarantine
     # writes that can wait: batched off the request path, drained at shutdown
     last_used: BatchWriter[tuple[uuid.UUID, datetime]] = BatchWriter(
-        "last_used", lambda batch: touch_keys(pool, batch), interval_s=0.5)
+        "last_used", lambda batch: touch_keys(pool, batch), interval_s=0.5, quarantine=quarantine,
+        to_json=lambda item: {"api_key_id": item[0], "used_at": item[1]})
     app[LAST_USED] = last_used
     activity: BatchWriter[ActivityRecord] = BatchWriter(
-        "activity", lambda batch: record_activity_many(pool, batch), interval_s=0.2)
+        "activity", lambda batch: record_activity_many(pool, batch), interval_s=0.2, quarantine=quarantine,
+        to_json=lambda record: record._asdict())
     app[ACTIVITY] = activity
     auth = Authenticator(settings, pool, jwt, last_used=last_used, metrics=app[METRICS])
     app[AUTH] = auth
     app[POLICY] = Policy(settings.limits, pool)
     stream_tokens = StreamTokens(await load_signing_key(pool), settings.stream_token_ttl_s)
     app[STREAM_TOKENS] = stream_tokens
-    journal = FinishJournal(settings.data_dir / "journal")
-    generations = GenerationRegistry(pool, journal, models, app[METRICS], settings.shutdown_grace_s,
-                                     settings.finish_retry_s, settings.checkpoint_s, settings.checkpoint_chunks)
+    journal = FinishJournal(settings.data_dir / "journal", quarantine)
+    finishes = FinishWriter(pool, journal, quarantine, retry_s=settings.finish_retry_s)
+    generations = GenerationRegistry(pool, finishes, models, app[METRICS], settings.shutdown_grace_s,
+                                     settings.checkpoint_s, settings.checkpoint_chunks)
     app[GENERATIONS] = generations
-    instance = Instance(db.url, pool, journal, generations.cancel, settings.sweep_s,
+    instance = Instance(db.url, pool, finishes.replay_journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
     app[INSTANCE] = instance
     # small, frequent usage batches: a flush's database work shares the machine with the hot path, so
     # many short ones keep the latency tail low (measured: p99 first token 2.2 ms at 50 ms, 1.1-1.6 at 10)
     usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch),
-                                                  interval_s=0.01, max_batch=200)
+                                                  interval_s=0.01, max_batch=200, quarantine=quarantine,
+                                                  to_json=asdict)
     app[USAGE] = usage
     app[TURNS] = Turns(pool=pool, settings=settings, models=models, policy=app[POLICY], generations=generations,
                        stream_tokens=stream_tokens, instance_id=instance.id, record_usage=usage.add,

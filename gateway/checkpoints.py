@@ -14,6 +14,7 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
 
+from .failures import Failure, classify
 from .store.messages import Checkpoint
 
 if TYPE_CHECKING:
@@ -61,7 +62,8 @@ class Checkpointer:
             try:
                 await self.checkpoint()
             except Exception as e:  # never let the loop die: the next tick tries again
-                log.warning("checkpoint failed: %s: %s", type(e).__name__, e)
+                level = logging.WARNING if classify(e) is Failure.TRANSIENT else logging.ERROR
+                log.log(level, "checkpoint failed: %s: %s", type(e).__name__, e)
 
     async def checkpoint(self) -> int:
         """Write every live reply that grew since its last checkpoint; returns how many were written."""

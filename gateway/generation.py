@@ -20,22 +20,21 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
-from .background import GroupCommit
+from .checkpoints import Checkpointer
 from .config import ModelConfig
+from .durability import FinishWriter
 from .events import Event, EventLog, EventMaker, done_json, metadata_json, usage_json
-from .journal import FinishJournal
 from .policy import Admission, utc_now
 from .providers.base import ChainObserver, ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
 from .providers.chain import Chain
 from .providers.registry import ModelRegistry
-from .checkpoints import Checkpointer
-from .store.messages import FinishRecord, checkpoint_many, finish_many
+from .store.messages import FinishRecord, checkpoint_many
 from .store.usage import UsageRecord
 from .vocabulary import MessageStatus
 
 log = logging.getLogger(__name__)
 
-SaveFinish = Callable[[FinishRecord], Awaitable[None]]
+SaveFinish = Callable[[FinishRecord], Awaitable[FinishRecord]]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -205,8 +204,11 @@ class Generation:
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})
         self.chain.observer.usage(record.usage)
-        await self._save(record)  # returns once the reply is durable: only then is it reported done
+        saved = await self._save(record)  # returns once the reply is durable: only then is it reported done
         seq = self.events.count
+        if saved is not record and saved.error is not None:
+            # the database refused the reply as it came (it is quarantined): say what was kept
+            error_json = saved.error
         if error_json is not None:
             self._emit(maker.event(seq, "error", error_json))
         else:
@@ -239,46 +241,22 @@ def cost_usd(model: ModelConfig, usage: UsageReport) -> float:
 class GenerationRegistry:
     """The live generations of this process, by assistant message id, and their finish write."""
 
-    def __init__(self, pool: asyncpg.Pool, journal: FinishJournal, models: ModelRegistry, observer: ChainObserver,
-                 shutdown_grace_s: float = 10.0, finish_retry_s: float = 30.0, checkpoint_s: float = 2.0,
-                 checkpoint_chunks: int = 256) -> None:
+    def __init__(self, pool: asyncpg.Pool, finishes: FinishWriter, models: ModelRegistry, observer: ChainObserver,
+                 shutdown_grace_s: float = 10.0, checkpoint_s: float = 2.0, checkpoint_chunks: int = 256) -> None:
         self.live: dict[uuid.UUID, Generation] = {}
         # partial replies saved every checkpoint_s (or checkpoint_chunks): what a crash can lose
         self.checkpoints = Checkpointer(self.live, lambda batch: checkpoint_many(pool, batch),
                                         interval_s=checkpoint_s, max_chunks=checkpoint_chunks)
         self._pool = pool
-        self._journal = journal
+        self._finishes = finishes
         self._models = models
         self._observer = observer
-        # finishes that pile up under load share one statement and one commit
-        self._finishes: GroupCommit[FinishRecord, None] = GroupCommit(self._finish_batch)
         self._grace = shutdown_grace_s
-        self._finish_retry_s = finish_retry_s
 
-    async def _finish_batch(self, batch: list[FinishRecord]) -> None:
-        await finish_many(self._pool, batch)
-
-    async def save(self, record: FinishRecord) -> None:
-        """The one finish write: retried with backoff while the database is away, then journaled
-        to local disk (replayed at start and when the database is back)."""
-        delay, deadline = 0.1, time.monotonic() + self._finish_retry_s
-        while True:
-            try:
-                await self._finishes.submit(record)
-                return
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                    asyncpg.CannotConnectNowError, asyncio.TimeoutError) as e:
-                if time.monotonic() >= deadline:
-                    await self._journal.append(record)
-                    return
-                log.warning("finish write for %s failed (%s), retrying", record.message_id, type(e).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            except asyncpg.PostgresError:
-                # not the database being away: a bug. Keep the reply on disk rather than lose it.
-                log.exception("finish write for %s was refused; journaling it", record.message_id)
-                await self._journal.append(record)
-                return
+    async def save(self, record: FinishRecord) -> FinishRecord:
+        """The one finish write: returns once the reply is saved, journaled or quarantined (with
+        what was kept)."""
+        return await self._finishes.save(record)
 
     def cancel(self, message_id: uuid.UUID) -> bool:
         generation = self.live.get(message_id)

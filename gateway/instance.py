@@ -7,7 +7,10 @@ LISTENs for requests addressed to whichever instance runs a generation (cancel),
 key revocations, which every instance drops from its key cache.
 
 A periodic sweep marks the live rows of dead instances `interrupted` (crash recovery) and
-replays the finish journal once the database answers.
+replays the finish journal once the database answers. The sweep loop never dies: whatever a
+round raises (but cancellation) is classified, logged, and the next round comes sooner after
+a transient failure, backing off while it lasts. Neither a sweep nor the journal can keep the
+instance from starting.
 """
 
 from __future__ import annotations
@@ -15,40 +18,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Callable
+from typing import Awaitable, Callable
 
 import asyncpg
 
-from .journal import FinishJournal
+from .failures import Failure, classify
+from .store import instances as sql
+from .store.instances import CANCEL_CHANNEL, lock_key
 from .store.keys import REVOKED_CHANNEL as KEY_REVOKED_CHANNEL
 
 log = logging.getLogger(__name__)
 
-CANCEL_CHANNEL = "gateway_cancel"
-
-# The sweeper's mark carries {"swept": true}: if the owner was only cut off from the database
-# (not dead), its own finish write may still replace the mark with the real outcome.
-_INTERRUPT_DEAD = """
-UPDATE messages SET status = 'interrupted', finished_at = clock_timestamp(),
-    metadata = metadata || '{"swept": true, "finish_reason": "interrupted"}'
-WHERE instance_id = $1 AND status IN ('pending', 'streaming')
-"""
-
-
-def lock_key(instance_id: uuid.UUID) -> int:
-    # a signed 64-bit advisory lock key from the id
-    return int.from_bytes(instance_id.bytes[:8], "big", signed=True)
+__all__ = ["CANCEL_CHANNEL", "Instance", "lock_key"]  # where callers found them before the SQL moved
 
 
 class Instance:
-    def __init__(self, url: str, pool: asyncpg.Pool, journal: FinishJournal,
+    RETRY_S = 0.5  # the first retry after a failed sweep; doubles up to the sweep interval
+
+    def __init__(self, url: str, pool: asyncpg.Pool, replay: Callable[[], Awaitable[object]],
                  on_cancel: Callable[[uuid.UUID], None], sweep_s: float = 15.0, *,
                  on_key_revoked: Callable[[bytes], None] | None = None,
                  on_reconnect: Callable[[], None] | None = None) -> None:
         self.id = uuid.uuid4()
         self._url = url
         self._pool = pool
-        self._journal = journal
+        self._replay = replay  # re-applies the finish journal
         self._on_cancel = on_cancel
         self._on_key_revoked = on_key_revoked
         self._on_reconnect = on_reconnect  # notifications sent while we were cut off are lost
@@ -58,7 +52,7 @@ class Instance:
 
     async def start(self) -> None:
         await self._connect()
-        await self.sweep()
+        await self._round(reconnect=False)  # a failure is logged: the loop tries again
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="instance-sweeper")
 
     async def close(self) -> None:
@@ -69,14 +63,18 @@ class Instance:
             await self._conn.close()
 
     async def notify_cancel(self, message_id: uuid.UUID) -> None:
-        await self._pool.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, str(message_id))
+        await sql.notify_cancel(self._pool, message_id)
 
     async def _connect(self) -> None:
         conn = await asyncpg.connect(self._url)
-        await conn.execute("SELECT pg_advisory_lock($1)", lock_key(self.id))
-        await conn.add_listener(CANCEL_CHANNEL, self._notified)
-        if self._on_key_revoked is not None:
-            await conn.add_listener(KEY_REVOKED_CHANNEL, self._key_revoked)
+        try:
+            await sql.hold_lock(conn, self.id)
+            await conn.add_listener(CANCEL_CHANNEL, self._notified)
+            if self._on_key_revoked is not None:
+                await conn.add_listener(KEY_REVOKED_CHANNEL, self._key_revoked)
+        except BaseException:
+            conn.terminate()
+            raise
         self._conn = conn
 
     async def _ensure_connection(self) -> None:
@@ -84,9 +82,11 @@ class Instance:
         back at once, before a peer's sweep takes us for dead."""
         if self._conn is not None and not self._conn.is_closed():
             try:
-                await self._conn.fetchval("SELECT 1")
+                await sql.ping(self._conn)
                 return
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except Exception as e:
+                if classify(e) is Failure.PERMANENT:
+                    raise
                 self._conn.terminate()
         await self._connect()
         if self._on_reconnect is not None:
@@ -107,33 +107,42 @@ class Instance:
 
     async def sweep(self) -> None:
         """Interrupt the live rows of instances that are gone; replay the journal."""
-        owners = await self._pool.fetch(
-            "SELECT DISTINCT instance_id FROM messages WHERE status IN ('pending', 'streaming') "
-            "AND instance_id IS DISTINCT FROM $1", self.id)
-        for row in owners:
-            owner = row["instance_id"]
-            if owner is None:
-                continue
+        for owner in await sql.live_owners(self._pool, self.id):
             await self._interrupt_if_dead(owner)
-        if self._journal.pending():
-            await self._journal.replay(self._pool)
+        await self._replay()
 
     async def _interrupt_if_dead(self, owner: uuid.UUID) -> None:
         async with self._pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(owner)):
+            if not await sql.try_lock(conn, owner):
                 return  # alive: it holds its own lock
             try:
-                swept = await conn.execute(_INTERRUPT_DEAD, owner)
+                swept = await sql.interrupt_dead(conn, owner)
                 log.warning("instance %s is gone: %s", owner, swept)
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", lock_key(owner))
+                await sql.unlock(conn, owner)
+
+    async def _round(self, *, reconnect: bool = True) -> Failure | None:
+        """One sweep (after making sure our lock is held): None, or how it failed (logged)."""
+        try:
+            if reconnect:
+                await self._ensure_connection()
+            await self.sweep()
+            return None
+        except Exception as e:  # never CancelledError: that one stops the loop, as it should
+            failure = classify(e)
+            if failure is Failure.TRANSIENT:
+                log.warning("instance sweep failed: %s", type(e).__name__)
+            else:
+                log.exception("instance sweep failed")
+            return failure
 
     async def _loop(self) -> None:
+        delay, backoff = self._sweep_s, self.RETRY_S
         while True:
-            await asyncio.sleep(self._sweep_s)
-            try:
-                await self._ensure_connection()
-                await self.sweep()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                log.warning("instance sweep failed: %s", type(e).__name__)
-
+            await asyncio.sleep(delay)
+            failure = await self._round()
+            if failure is Failure.TRANSIENT:
+                # the database is away: try again soon (our lock may need retaking), then less often
+                delay, backoff = min(backoff, self._sweep_s), backoff * 2
+            else:  # done, or a bug that the next round will meet again: the usual interval
+                delay, backoff = self._sweep_s, self.RETRY_S

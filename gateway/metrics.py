@@ -83,7 +83,7 @@ class Metrics:
     def watch(self, app: web.Application) -> None:
         """Read the app's levels at every scrape, from its services as they are then (they may start
         after this call)."""
-        from .state import ACTIVITY, DB, GENERATIONS, LAST_USED, MODELS, USAGE
+        from .state import ACTIVITY, DB, GENERATIONS, LAST_USED, MODELS, QUARANTINE, USAGE
 
         def read() -> Levels:
             levels = Levels()
@@ -98,6 +98,9 @@ class Metrics:
                 if writer is not None:
                     levels.queues.append(QueueLevels(name=writer.name, depth=writer.depth, dropped=writer.dropped,
                                                      written=writer.written))
+            quarantine = app.get(QUARANTINE)
+            if quarantine is not None:
+                levels.quarantined = dict(quarantine.counts)
             db = app.get(DB)
             if db is not None:
                 pool = db.pool
@@ -170,6 +173,7 @@ class Levels:
     circuits: dict[str, str] | None = None  # model name -> circuit state
     queues: list[QueueLevels] = field(default_factory=list)
     pool: PoolLevels | None = None
+    quarantined: dict[str, int] | None = None  # records quarantined so far, by kind
 
 
 class AppCollector(Collector):
@@ -199,6 +203,12 @@ class AppCollector(Collector):
             dropped.add_metric([queue.name], queue.dropped)
             written.add_metric([queue.name], queue.written)
         yield from (depth, dropped, written)
+        if levels.quarantined is not None:
+            quarantined = CounterMetricFamily("gateway_quarantined", "Records the database refused for good, "
+                                              "kept in the quarantine", labels=["kind"])
+            for kind, count in sorted(levels.quarantined.items()):
+                quarantined.add_metric([kind], count)
+            yield quarantined
         if levels.pool is not None:
             pool = levels.pool
             yield GaugeMetricFamily("gateway_db_pool_size", "Open database connections", value=pool.size)

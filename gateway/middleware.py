@@ -8,12 +8,12 @@ import uuid
 from time import monotonic
 from typing import Any, Awaitable, Callable
 
-import asyncpg
 import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .errors import GatewayError, ServiceUnavailable, TooManyRequests
+from .failures import database_unavailable
 from .metrics import route_of
 from .state import REQUEST_ID, TIMINGS, USER_ID
 
@@ -51,13 +51,13 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if e.status == 405 and "Allow" in e.headers:
             resp.headers["Allow"] = e.headers["Allow"]
         return resp
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError) as e:
+    except Exception as e:
+        if database_unavailable(e):
+            log.warning("database unavailable during %s %s: %s", request.method, request.path, type(e).__name__)
+            err = ServiceUnavailable("database unavailable")
+            return error_body(err.status, err.type, err.message, request_id)
         if isinstance(e, ConnectionResetError):
             raise  # the client is gone: nobody to answer
-        log.warning("database unavailable during %s %s: %s", request.method, request.path, type(e).__name__)
-        err = ServiceUnavailable("database unavailable")
-        return error_body(err.status, err.type, err.message, request_id)
-    except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_body(500, "internal_error", "internal error", request_id)
 

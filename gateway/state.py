@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .background import BatchWriter
     from .config import Settings
     from .db import Database
+    from .failures import Quarantine
     from .generation import GenerationRegistry
     from .instance import Instance
     from .leaderboard import LeaderboardCache
@@ -40,6 +41,7 @@ TURNS: web.AppKey["Turns"] = web.AppKey("turns")  # the service layer: begins tu
 USAGE: web.AppKey["BatchWriter[UsageRecord]"] = web.AppKey("usage")  # batched usage rows (OpenAI route)
 ACTIVITY: web.AppKey["BatchWriter[ActivityRecord]"] = web.AppKey("activity")  # who did what, batched
 LAST_USED: web.AppKey["BatchWriter[tuple[uuid.UUID, datetime]]"] = web.AppKey("last_used")  # api_keys.last_used_at
+QUARANTINE: web.AppKey["Quarantine"] = web.AppKey("quarantine")  # records refused for good, on disk
 METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")  # this app's Prometheus registry (never the global one)
 
 # per request

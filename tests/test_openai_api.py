@@ -9,6 +9,8 @@ import uuid
 import openai
 import pytest
 
+from gateway.state import USAGE
+
 from .conftest import wait_for
 from .fakes import Reply, openai_chunk, openai_stream
 
@@ -152,7 +154,7 @@ async def test_bad_requests_get_openai_errors_and_record_nothing(client, user, d
     assert resp.status == status
     error = (await resp.json())["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
-    await asyncio.sleep(0.1)  # past the usage writer's batching interval
+    await client.app[USAGE].flush()  # whatever the request queued is written by now
     assert await usage_rows(db, user.id) == []
 
 
@@ -173,7 +175,7 @@ async def test_upstream_failure_before_output_is_an_http_error(sdk, fake_client,
         "model": "fake", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     assert resp.status == 502
     assert (await resp.json())["error"]["code"] == "upstream_http_error"
-    await asyncio.sleep(0.1)
+    await fake_client.app[USAGE].flush()  # the handler queues its usage before it answers
     assert await usage_rows(db, user.id) == []  # nothing reached anyone, nothing is counted
 
 

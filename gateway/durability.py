@@ -1,0 +1,173 @@
+"""The finish write of a reply, and what makes it durable whatever the database does.
+
+`FinishWriter.save(record)` returns only once the reply is durable, in one of three places:
+- saved: in the database (finishes that pile up share one statement and one commit);
+- journaled: the database has been away longer than `retry_s` (transient failures are retried
+  with backoff until then); the journal is replayed at start and whenever the database is back;
+- quarantined: the database refused the record for good (a NUL in the text, a count out of
+  range). The record is kept as sent in the quarantine, and the message is saved as `failed`
+  with what can be saved (text with NUL replaced, counts clamped) so that it is not left live.
+  If even that is refused, only the quarantine keeps the reply.
+A refused record is never journaled: replaying it could only be refused again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+import asyncpg
+
+from .background import GroupCommit
+from .failures import Failure, Quarantine, classify
+from .journal import KIND, FinishJournal
+from .store.messages import FinishRecord, finish_many
+from .vocabulary import MessageStatus
+
+log = logging.getLogger(__name__)
+
+INT4_MAX = 2**31 - 1  # PostgreSQL `integer`
+INT8_MAX = 2**63 - 1  # `bigint`, and the widest integer orjson writes
+# what a salvaged reply says instead of its own outcome
+NOT_STORED = {"type": "internal", "message": "the reply could not be stored as sent", "retryable": False}
+
+
+class Refused(Exception):
+    """The database refused a record for good (`error` says why)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class FinishWriter:
+    """Every reply's finish write (group-committed), and its retry, journal and quarantine."""
+
+    def __init__(self, pool: asyncpg.Pool, journal: FinishJournal, quarantine: Quarantine, *,
+                 retry_s: float = 30.0, max_backoff_s: float = 2.0) -> None:
+        self._pool = pool
+        self._journal = journal
+        self._quarantine = quarantine
+        self._retry_s = retry_s
+        self._max_backoff = max_backoff_s
+        self._commit: GroupCommit[FinishRecord, None] = GroupCommit(self._write_batch)
+
+    async def _write_batch(self, batch: list[FinishRecord]) -> None:
+        await finish_many(self._pool, batch)
+
+    async def save(self, record: FinishRecord) -> FinishRecord:
+        """The one finish write: returns once the reply is saved, journaled or quarantined, with
+        what was kept as the reply's row (`record` itself, or its salvaged `failed` form), so the
+        client is told what was actually stored."""
+        try:
+            await self._save_or_journal(record)
+            return record
+        except Refused as e:
+            await self._set_aside(record, e.error)
+            salvaged = salvage(record)
+            try:
+                await self._save_or_journal(salvaged)
+            except Refused as again:
+                log.error("message %s: its failed row was refused too (%s); only the quarantine keeps the reply",
+                          record.message_id, type(again.error).__name__)
+            return salvaged
+
+    async def _set_aside(self, record: FinishRecord, error: Exception) -> None:
+        try:
+            await self._quarantine.put(KIND, asdict(record), error)
+        except Exception:  # the disk failed too: the log is all that is left
+            log.exception("message %s: refused (%s) and could not be quarantined", record.message_id,
+                          type(error).__name__)
+
+    async def _save_or_journal(self, record: FinishRecord) -> None:
+        """Saved, or journaled once the database has been away for `retry_s`; Refused if the
+        database refuses it for good. (If the journal's disk fails too, that error is raised.)"""
+        delay, deadline = 0.1, time.monotonic() + self._retry_s
+        while True:
+            try:
+                await self._commit.submit(record)
+                return
+            except Exception as e:
+                if classify(e) is Failure.PERMANENT:
+                    raise Refused(e) from e
+                if time.monotonic() >= deadline:
+                    await self._journal.append(record)
+                    return
+                log.warning("finish write for %s failed (%s), retrying", record.message_id, type(e).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff)
+
+    async def replay_journal(self) -> int:
+        """Re-apply what the journal holds (see FinishJournal.replay); returns how many were applied."""
+        if not self._journal.pending():
+            return 0
+        return await self._journal.replay(self._apply_replayed)
+
+    async def _apply_replayed(self, record: FinishRecord) -> None:
+        # a record refused for good is quarantined and salvaged here, as a live one would be; a
+        # transient failure is raised, so replay stops and keeps the line
+        try:
+            await finish_many(self._pool, [record])
+            return
+        except Exception as e:
+            if classify(e) is Failure.TRANSIENT:
+                raise
+            await self._set_aside(record, e)
+        try:
+            await finish_many(self._pool, [salvage(record)])
+        except Exception as again:
+            if classify(again) is Failure.TRANSIENT:
+                raise
+            log.error("message %s: its failed row was refused too (%s); only the quarantine keeps the reply",
+                      record.message_id, type(again).__name__)
+
+
+def salvage(record: FinishRecord) -> FinishRecord:
+    """What can be saved of a refused record: status failed, text without NUL (or unpaired
+    surrogates, which are not UTF-8), counts clamped into their columns (and flagged)."""
+    usage = record.usage
+    prompt, completion = _clamp(usage.prompt_tokens, INT4_MAX), _clamp(usage.completion_tokens, INT4_MAX)
+    suspect = (prompt, completion) != (usage.prompt_tokens, usage.completion_tokens)
+    cost = usage.cost_usd
+    if not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost < 0:
+        cost = 0.0
+    usage = replace(usage, model=_text(usage.model), provider=_text(usage.provider), prompt_tokens=prompt,
+                    completion_tokens=completion, cost_usd=cost, estimated=bool(usage.estimated),
+                    user_reserved=_clamp(usage.user_reserved, INT8_MAX),
+                    key_reserved=_clamp(usage.key_reserved, INT8_MAX))
+    metadata = _clean(record.metadata) if isinstance(record.metadata, dict) else {}
+    metadata.update({"finish_reason": "error", "quarantined": True})
+    if suspect:
+        metadata["usage_suspect"] = True
+    return replace(record, usage=usage, status=MessageStatus.FAILED, content=_text(record.content),
+                   ttft_ms=None if record.ttft_ms is None else _clamp(record.ttft_ms, INT4_MAX),
+                   latency_ms=_clamp(record.latency_ms, INT4_MAX), error=dict(NOT_STORED), metadata=metadata)
+
+
+def _clamp(value: object, top: int) -> int:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return 0
+    return max(0, min(int(value), top))
+
+
+def _text(value: object) -> str:
+    # one character for one: the reply's chunk lengths (kept in metadata) still add up
+    text = value if isinstance(value, str) else "" if value is None else str(value)
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def _clean(value: Any) -> Any:
+    """A JSON value jsonb accepts: no NUL in any string, integers within 64 bits."""
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        return {_text(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(-INT8_MAX, min(value, INT8_MAX))
+    return value
