@@ -18,14 +18,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Awaitable, Callable
+from datetime import date, datetime, timezone
+from typing import Any, Awaitable, Callable, Mapping
 
 import asyncpg
 
 from .failures import Failure, classify
+from .providers.base import estimate_tokens
 from .store import instances as sql
 from .store.instances import CANCEL_CHANNEL, lock_key
 from .store.keys import REVOKED_CHANNEL as KEY_REVOKED_CHANNEL
+from .store.usage import UsageRecord, record_usage_many
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +115,21 @@ class Instance:
         await self._replay()
 
     async def _interrupt_if_dead(self, owner: uuid.UUID) -> None:
+        """A dead instance's live replies: interrupted with their last checkpoint, and their usage
+        settled to an estimate (flagged) — which also hands back what their admission reserved —
+        in one transaction, exactly once (the usage row's key)."""
         async with self._pool.acquire() as conn:
             if not await sql.try_lock(conn, owner):
                 return  # alive: it holds its own lock
             try:
-                swept = await sql.interrupt_dead(conn, owner)
-                log.warning("instance %s is gone: %s", owner, swept)
+                async with conn.transaction():
+                    swept = await sql.interrupt_dead(conn, owner)
+                    records = [settled_usage(row) for row in swept]
+                    if records:
+                        await record_usage_many(conn, records)
+                        await sql.set_estimated_usage(
+                            conn, [(r.message_id, r.prompt_tokens, r.completion_tokens) for r in records])
+                log.warning("instance %s is gone: %d live replies interrupted", owner, len(swept))
             finally:
                 await sql.unlock(conn, owner)
 
@@ -146,3 +158,21 @@ class Instance:
                 delay, backoff = min(backoff, self._sweep_s), backoff * 2
             else:  # done, or a bug that the next round will meet again: the usual interval
                 delay, backoff = self._sweep_s, self.RETRY_S
+
+
+def settled_usage(row: Mapping[str, Any]) -> UsageRecord:
+    """A swept reply's usage, estimated from its reservation (the prompt) and its checkpointed
+    content; its reservations are released by the same record."""
+    res = row["reservation"] or {}
+    completion = estimate_tokens(row["content"] or "")
+    # as a finished reply's estimate: a reply that got no content consumed nothing
+    prompt = int(res.get("prompt_tokens") or 0) if row["content"] else 0
+    cost = (prompt * float(res.get("input_price_per_mtok") or 0)
+            + completion * float(res.get("output_price_per_mtok") or 0)) / 1_000_000
+    key = res.get("api_key_id")
+    return UsageRecord(
+        message_id=row["id"], user_id=row["user_id"], api_key_id=uuid.UUID(key) if key else None,
+        model=res.get("model") or "unknown", provider=res.get("provider") or "unknown", prompt_tokens=prompt,
+        completion_tokens=completion, estimated=True, cost_usd=cost,
+        day=date.fromisoformat(res["day"]) if res.get("day") else datetime.now(timezone.utc).date(),
+        user_reserved=int(res.get("user_reserved") or 0), key_reserved=int(res.get("key_reserved") or 0))

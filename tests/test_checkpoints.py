@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from gateway.providers.base import estimate_tokens
 from gateway.providers.demo import demo_reply
 from gateway.state import GENERATIONS
 
@@ -74,12 +75,15 @@ async def test_after_kill_9_the_reply_keeps_its_checkpoint_and_a_resume_gets_the
     env.update({"DATABASE_URL": database_url, "GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(port),
                 "DEMO_CHUNKS": "400", "DEMO_DELAY_MS": "10", "CHECKPOINT_S": "0.05", "PYTHONPATH": str(ROOT),
                 "BOOTSTRAP_ADMIN_KEY": "false", "GATEWAY_DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING"})
+    config = tmp_path / "gateway.toml"
+    config.write_text("[limits]\ndaily_tokens = 1000000\n")  # so the reply reserves its worst case
+    env["GATEWAY_CONFIG"] = str(config)
     key = (await run_cli(env, "keys", "create", "--name", "crash")).strip().splitlines()[-1]
     log_file = open(tmp_path / "server.log", "wb")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "serve", cwd=ROOT, env=env,
                                                 stdout=log_file, stderr=asyncio.subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    prompt = "a long story please"
+    prompt_text = prompt = "a long story please"
     try:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
             await wait_healthy(session, base, proc)
@@ -104,6 +108,10 @@ async def test_after_kill_9_the_reply_keeps_its_checkpoint_and_a_resume_gets_the
 
     row = await message_row(db, mid)
     assert row["status"] == "streaming"  # the dead instance never finished it
+    user_id = row["user_id"]
+    reserved = row["metadata"]["reservation"]["user_reserved"]
+    assert reserved > 0 and await db.fetchval(
+        "SELECT reserved FROM daily_usage WHERE user_id = $1", user_id) == reserved
     saved_chunks = row["metadata"]["checkpoint_seq"]
     deltas = demo_reply(prompt, 400)
     assert row["content"] == "".join(deltas[:saved_chunks])  # a checkpoint is an exact prefix
@@ -118,16 +126,24 @@ async def test_after_kill_9_the_reply_keeps_its_checkpoint_and_a_resume_gets_the
     swept = await message_row(db, mid)
     assert swept["status"] == "interrupted" and swept["metadata"]["swept"] is True
     assert swept["content"] == row["content"] and len(swept["content"]) > 0
-
-    user_id = await db.fetchval("SELECT user_id FROM messages WHERE id = $1", uuid.UUID(mid))
+    # its usage settled once, to an estimate: the reservation handed back, the estimate counted
+    usage = await db.fetch("SELECT * FROM usage WHERE message_id = $1", uuid.UUID(mid))
+    completion = estimate_tokens(swept["content"])
+    prompt = estimate_tokens(prompt_text)
+    assert [(u["prompt_tokens"], u["completion_tokens"], u["estimated"]) for u in usage] == [(prompt, completion, True)]
+    day = await db.fetchrow("SELECT tokens, reserved FROM daily_usage WHERE user_id = $1", user_id)
+    assert (day["tokens"], day["reserved"]) == (prompt + completion, 0)
+    assert (swept["prompt_tokens"], swept["completion_tokens"]) == (prompt, completion)
+    assert "reservation" not in swept["metadata"] and swept["metadata"]["estimated"] is True
     token_headers = {"Authorization": f"Bearer {key}"}
-    assert user_id is not None
     # a resume from the last id the client saw: the closing events, numbered after it
     resumed = await client.get(f"/api/messages/{mid}/stream", headers={**token_headers, "Last-Event-ID": last_seen})
     assert resumed.status == 200
     events = parse_sse(await resumed.read())
     assert [(e.id, e.event) for e in events if e.id] == [(f"{mid}:41", "usage"), (f"{mid}:42", "done")]
     assert '"finish_reason":"interrupted"' in events[-2].data
+    assert events[-3].data == ('{"prompt_tokens":%d,"completion_tokens":%d,"total_tokens":%d,"estimated":true}'
+                               % (prompt, completion, prompt + completion))
     # and from the start: the checkpointed deltas with their live ids, then the outcome
     whole = parse_sse(await (await client.get(f"/api/messages/{mid}/stream", headers=token_headers)).read())
     ids = [e.id for e in whole if e.id]

@@ -541,9 +541,14 @@ async def test_reply_left_streaming_by_a_dead_instance_is_interrupted_at_start(m
     client = await make_client(SWEEP_S="1000")
     saved = await row(db, mid)
     assert (saved["status"], saved["content"]) == ("interrupted", "half a rep")
-    assert saved["metadata"] == {"category": "general", "swept": True, "finish_reason": "interrupted"}
+    assert saved["metadata"] == {"category": "general", "swept": True, "finish_reason": "interrupted",
+                                 "estimated": True}
     assert saved["finished_at"] is not None
-    assert await usage_rows(db, mid) == []
+    # settled once, to an estimate of what it consumed (this row was made with no reservation: no prompt)
+    completion = estimate_tokens("half a rep")
+    assert [(u["prompt_tokens"], u["completion_tokens"], u["estimated"]) for u in await usage_rows(db, mid)] == [
+        (0, completion, True)]
+    assert (saved["prompt_tokens"], saved["completion_tokens"]) == (0, completion)
     # a listener gets the interrupted reply and its end, not a wait
     resp = await client.get(stream_path(mid), headers=user.headers)
     assert resp.status == 200
@@ -551,7 +556,7 @@ async def test_reply_left_streaming_by_a_dead_instance_is_interrupted_at_start(m
             "model": None, "provider": None, "category": "general", "auto": False, "fallback_from": None}
     assert await resp.read() == wire([
         frame(mid, 0, meta, "metadata"), frame(mid, 1, {"delta": "half a rep"}),
-        frame(mid, 2, usage_json(0, 0, False), "usage"),
+        frame(mid, 2, usage_json(0, completion, True), "usage"),
         frame(mid, 3, {"finish_reason": "interrupted", "message_id": mid, "attempts": []}, "done")])
 
 

@@ -22,6 +22,14 @@ _SWEPT = {"swept": True, "finish_reason": MessageStatus.INTERRUPTED}
 _INTERRUPT_DEAD = """
 UPDATE messages SET status = $2, finished_at = clock_timestamp(), metadata = metadata || $3::jsonb
 WHERE instance_id = $1 AND status = ANY($4::text[])
+RETURNING id, user_id, content, metadata -> 'reservation' AS reservation
+"""
+# what a swept reply consumed, estimated: shown by its replayed `usage` event (flagged estimated)
+_SET_USAGE = """
+UPDATE messages m SET prompt_tokens = x.prompt, completion_tokens = x.completion,
+    metadata = m.metadata - 'reservation' || '{"estimated": true}'
+FROM unnest($1::uuid[], $2::integer[], $3::integer[]) AS x(id, prompt, completion)
+WHERE m.id = x.id
 """
 
 
@@ -42,10 +50,15 @@ async def live_owners(pool: asyncpg.Pool, exclude: uuid.UUID) -> list[uuid.UUID]
     return [row["instance_id"] for row in rows]
 
 
-async def interrupt_dead(conn: asyncpg.Connection, owner: uuid.UUID) -> str:
-    """Mark `owner`'s live messages interrupted (swept); returns the command status."""
-    status: str = await conn.execute(_INTERRUPT_DEAD, owner, MessageStatus.INTERRUPTED, _SWEPT, _LIVE)
-    return status
+async def interrupt_dead(conn: asyncpg.Connection, owner: uuid.UUID) -> list[asyncpg.Record]:
+    """Mark `owner`'s live messages interrupted (swept); returns them (id, user_id, content as last
+    checkpointed, and the reservation their admission made)."""
+    return list(await conn.fetch(_INTERRUPT_DEAD, owner, MessageStatus.INTERRUPTED, _SWEPT, _LIVE))
+
+
+async def set_estimated_usage(conn: asyncpg.Connection, usage: list[tuple[uuid.UUID, int, int]]) -> None:
+    """(message id, prompt tokens, completion tokens) of swept replies, estimated."""
+    await conn.execute(_SET_USAGE, [u[0] for u in usage], [u[1] for u in usage], [u[2] for u in usage])
 
 
 async def hold_lock(conn: asyncpg.Connection, instance_id: uuid.UUID) -> None:

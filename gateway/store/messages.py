@@ -194,7 +194,7 @@ m AS (
     UPDATE messages SET status = x.status, content = x.content, model = x.model, provider = x.provider,
         prompt_tokens = x.prompt_tokens, completion_tokens = x.completion_tokens, ttft_ms = x.ttft_ms,
         latency_ms = x.latency_ms, error = x.error,
-        metadata = (messages.metadata - 'swept' - 'checkpoint_seq' - 'reservation') || x.metadata,
+        metadata = (messages.metadata - 'swept' - 'checkpoint_seq' - 'reservation' - 'estimated') || x.metadata,
         finished_at = clock_timestamp()
     FROM x
     WHERE messages.id = x.id

@@ -80,7 +80,7 @@ def usage_arrays(records: list[UsageRecord]) -> list[list[object]]:
     return [list(column) for column in zip(*(r.params() for r in records))]
 
 
-async def record_usage_many(pool: asyncpg.Pool, records: list[UsageRecord]) -> int:
+async def record_usage_many(pool: asyncpg.Pool | asyncpg.Connection, records: list[UsageRecord]) -> int:
     """A whole batch in one statement; returns how many usage rows were new."""
     return await pool.fetchval(_RECORD, *usage_arrays(records))
 
