@@ -391,10 +391,11 @@ async def test_stream_token_for_another_message_or_user_or_garbage_is_refused(cl
     await expect_unauthorized(client, target, token=token_of[theirs["assistant_message_id"]])
     # forged, mangled, empty
     genuine = token_of[first["assistant_message_id"]]
-    user_hex, expires, signature = genuine.split(".")
+    user_hex, key_hex, expires, signature = genuine.split(".")
     mangled = signature[:-1] + ("B" if signature[-1] == "A" else "A")
-    for bad in ("garbage", "a.b.c", "", f"{stranger.id.hex}.{expires}.{signature}",
-                f"{user_hex}.{int(expires) + 3600}.{signature}", f"{user_hex}.{expires}.{mangled}"):
+    for bad in ("garbage", "a.b.c", "a.b.c.d", "", f"{stranger.id.hex}.{key_hex}.{expires}.{signature}",
+                f"{user_hex}.{int(expires) + 3600}.{signature}", f"{user_hex}.{key_hex}.{int(expires) + 3600}.{signature}",
+                f"{user_hex}..{expires}.{signature}", f"{user_hex}.{key_hex}.{expires}.{mangled}"):
         await expect_unauthorized(client, target, token=bad)
     # a genuine token signed for a stranger and this message does not make it theirs
     minted = client.app[STREAM_TOKENS].issue(stranger.id, uuid.UUID(first["assistant_message_id"]))
@@ -411,7 +412,7 @@ async def test_expired_stream_token_is_refused(make_client, user, db):
     mid = answer["assistant_message_id"]
     await wait_finished(db, mid)
     token = answer["stream_url"].partition("?token=")[2]
-    expires = int(token.split(".")[1])
+    expires = int(token.split(".")[2])
     resp = await client.get(answer["stream_url"])
     assert resp.status == 200
     await resp.read()
