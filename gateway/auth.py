@@ -227,6 +227,9 @@ class CredentialWatch:
         self.principal = principal
         self._auth = auth
         self._poked = asyncio.Event()
+        # the first look is at once: a revocation between the authentication and this watch's
+        # registration poked nobody (it did clear the cache, so the recheck reads the database)
+        self._poked.set()
 
     def poke(self) -> None:
         self._poked.set()
