@@ -214,6 +214,23 @@ async def test_an_sse_stream_of_a_revoked_key_ends_with_an_error_event_and_the_r
     assert len(await usage_rows(db, mid)) == 1
 
 
+async def test_an_sse_stream_of_a_jwt_ends_at_exp_and_the_reply_is_saved(
+        make_client: MakeClient, gated: MakeUpstream, db: asyncpg.Pool):
+    up = await gated(TEXTS, hold_at=2)
+    client = await gated_client(make_client, up, JWT_SECRET=JWT_SECRET, JWT_ISSUER=JWT_ISSUER, JWT_LEEWAY_S="0")
+    exp = int(time.time()) + 3
+    headers = {"Authorization": f"Bearer {jwt_for(uuid.uuid4(), exp)}"}
+    resp = await client.post("/api/chat", json={"content": "held past exp", "stream": True}, headers=headers)
+    assert resp.status == 200
+    head = await asyncio.wait_for(resp.content.readuntil(b'data: {"delta":"upon "}\n\n'), 5)
+    mid = head.split(b"id: ")[1].split(b":")[0].decode()  # the metadata event's id names the message
+    assert await asyncio.wait_for(resp.read(), 10) == sse_lapse("token expired")
+    assert time.time() >= exp
+    up.release()
+    saved = await wait_finished(db, mid)
+    assert (saved["status"], saved["content"]) == ("complete", "".join(TEXTS))
+
+
 async def test_an_arena_stream_of_a_revoked_key_ends_with_an_error_event_and_both_slots_finish(
         make_client: MakeClient, config_file: Any, upstream: FakeUpstream, upstream_b: FakeUpstream,  # noqa: F811
         user: User, db: asyncpg.Pool):
