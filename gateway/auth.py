@@ -2,23 +2,30 @@
 
 The hot path does no database round trip for a known caller: key lookups are cached for
 `key_cache_ttl_s`, and a JWT user's row is upserted once and then skipped while fresh.
+
+A credential is checked again for as long as a connection it opened stays open (a WebSocket,
+an SSE stream): `recheck` per WebSocket frame, from the same cache; and `watch` registers the
+connection by its key, so that a revocation (`forget_key`, fed by the NOTIFY that reaches every
+instance) or the credential's expiry (a timer) ends it at once, idle or not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import asyncpg
 from aiohttp import web
 
 from .background import BatchWriter
 from .config import Settings
-from .errors import Forbidden, Unauthorized
+from .errors import CredentialRevoked, Forbidden, Unauthorized
 from .jwt_auth import JwtVerifier
 from .metrics import Metrics
 from .store import keys as key_store
@@ -35,7 +42,11 @@ class Principal:
     api_key_id: uuid.UUID | None
     scopes: frozenset[str]
     limits: dict[str, Any] | None = None  # the key's own limits, if it carries any
-    expires_at: datetime | None = None  # the key's expiry: a key cannot mint one that outlives it
+    # when the credential stops working: a key's expiry (a key cannot mint one that outlives it),
+    # or a JWT's `exp` plus the leeway; an open WebSocket is closed then
+    expires_at: datetime | None = None
+    # the API key's SHA-256, how revocations name it (not a secret, but no use in a log line either)
+    key_hash: bytes | None = field(default=None, repr=False, compare=False)
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes and "admin" not in self.scopes:
@@ -55,6 +66,8 @@ class Authenticator:
         self._jwt = jwt
         self._clock = clock
         self._keys: dict[bytes, tuple[key_store.KeyRecord, float]] = {}
+        self._hashes: dict[uuid.UUID, bytes] = {}  # key id -> hash, for keys named by id (stream tokens)
+        self._watches: dict[bytes, set[CredentialWatch]] = {}  # open connections by their key's hash
         self._forgets = 0  # bumped by every forget: a lookup in flight across one is not cached
         self._last_used = last_used
         self._touched: dict[uuid.UUID, float] = {}
@@ -82,40 +95,103 @@ class Authenticator:
 
     async def _from_key(self, key: str) -> Principal:
         digest = key_store.hash_key(key)
-        now = self._clock()
-        cached = self._keys.get(digest)
-        if cached is None or cached[1] <= now:
-            self._key_miss.inc()
-            forgets = self._forgets
-            record = await key_store.find_key(self._pool, digest)
-            # unknown keys are not cached: random guesses must not grow memory; and a row read
-            # before a revocation we heard of meanwhile may be stale
-            if record is not None and forgets == self._forgets:
-                self._keys[digest] = (record, now + self._settings.key_cache_ttl_s)
-        else:
-            self._key_hit.inc()
-            record = cached[0]
+        record = await self._record(digest)
         if record is None:
             raise Unauthorized("invalid API key")
+        self._check(record)
+        self._touch(record.id)
+        return Principal(record.user_id, record.email, record.id, record.scopes, record.limits, record.expires_at,
+                         digest)
+
+    async def _record(self, digest: bytes) -> key_store.KeyRecord | None:
+        """The key with this hash, from the cache while fresh, else from the database."""
+        now = self._clock()
+        cached = self._keys.get(digest)
+        if cached is not None and cached[1] > now:
+            self._key_hit.inc()
+            return cached[0]
+        self._key_miss.inc()
+        forgets = self._forgets
+        record = await key_store.find_key(self._pool, digest)
+        # unknown keys are not cached: random guesses must not grow memory; and a row read
+        # before a revocation we heard of meanwhile may be stale
+        if record is not None and forgets == self._forgets:
+            self._keys[digest] = (record, now + self._settings.key_cache_ttl_s)
+        if record is not None:
+            self._hashes[record.id] = digest
+        return record
+
+    @staticmethod
+    def _check(record: key_store.KeyRecord) -> None:
         wall = datetime.now(timezone.utc)
         if record.revoked_at is not None and record.revoked_at <= wall:
-            raise Unauthorized("API key revoked")
+            raise CredentialRevoked("API key revoked")
         if record.expires_at is not None and record.expires_at <= wall:
             raise Unauthorized("API key expired")
-        if self._last_used is not None and self._touched.get(record.id, 0.0) <= now:
-            self._touched[record.id] = now + self.TOUCH_EVERY_S
-            self._last_used.add((record.id, wall))  # written in a batch, off the request path
-        return Principal(record.user_id, record.email, record.id, record.scopes, record.limits, record.expires_at)
+
+    def _touch(self, key_id: uuid.UUID) -> None:
+        now = self._clock()
+        if self._last_used is not None and self._touched.get(key_id, 0.0) <= now:
+            self._touched[key_id] = now + self.TOUCH_EVERY_S
+            self._last_used.add((key_id, datetime.now(timezone.utc)))  # written in a batch, off the request path
+
+    async def recheck(self, principal: Principal) -> None:
+        """Raise Unauthorized (CredentialRevoked when revoked) if the credential that made this
+        principal has stopped working. A cached key costs no I/O: run it on every frame."""
+        if principal.key_hash is not None:
+            record = await self._record(principal.key_hash)
+            if record is None:
+                raise Unauthorized("invalid API key")
+            self._check(record)
+            self._touch(record.id)
+        elif principal.expires_at is not None and principal.expires_at <= datetime.now(timezone.utc):
+            raise Unauthorized("token expired")
+
+    async def key_principal(self, key_id: uuid.UUID, user_id: uuid.UUID) -> Principal:
+        """The principal of the API key with this id, if it still works and is `user_id`'s: a
+        stream token names the key that asked for it, and dies with it."""
+        digest = self._hashes.get(key_id)
+        if digest is None:
+            digest = await key_store.key_hash_by_id(self._pool, key_id)
+        record = None if digest is None else await self._record(digest)
+        if record is None or record.user_id != user_id:
+            raise Unauthorized("invalid API key")
+        self._check(record)
+        self._touch(record.id)
+        return Principal(record.user_id, record.email, record.id, record.scopes, record.limits, record.expires_at,
+                         digest)
+
+    @contextmanager
+    def watch(self, principal: Principal) -> Iterator[CredentialWatch]:
+        """For the life of an open connection: its credential, watched (see CredentialWatch)."""
+        watch = CredentialWatch(self, principal)
+        if principal.key_hash is None:
+            yield watch  # a JWT is never revoked here; only its expiry ends it
+            return
+        watches = self._watches.setdefault(principal.key_hash, set())
+        watches.add(watch)
+        try:
+            yield watch
+        finally:
+            watches.discard(watch)
+            if not watches:
+                self._watches.pop(principal.key_hash, None)
 
     def forget_key(self, key_hash: bytes) -> None:
-        """Drop a cached key (revocation)."""
+        """Drop a cached key (revocation); the connections it opened check it again."""
         self._forgets += 1
         self._keys.pop(key_hash, None)
+        for watch in self._watches.get(key_hash, ()):
+            watch.poke()
 
     def forget_all_keys(self) -> None:
-        """Drop every cached key: revocations may have gone unheard (the LISTEN connection dropped)."""
+        """Drop every cached key: revocations may have gone unheard (the LISTEN connection dropped),
+        so every open connection of a key checks it again."""
         self._forgets += 1
         self._keys.clear()
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.poke()
 
     async def _from_jwt(self, token: str) -> Principal:
         assert self._jwt is not None
@@ -131,4 +207,52 @@ class Authenticator:
                 log.warning("user upsert failed for %s: %s", identity.user_id, type(e).__name__)
         else:
             self._user_hit.inc()
-        return Principal(identity.user_id, identity.email, None, JWT_SCOPES)
+        return Principal(identity.user_id, identity.email, None, JWT_SCOPES, expires_at=identity.valid_until)
+
+
+class CredentialWatch:
+    """An open connection's hold on the credential that opened it.
+
+    `lapsed()` returns, with the reason, once the credential stops working: when poked (its key
+    was forgotten: a revocation, heard on every instance) or when its expiry comes, it rechecks
+    the credential (a poked key is read afresh from the database) and returns if that fails.
+    The owner of the connection awaits it in a task of its own and then ends the connection.
+    """
+
+    __slots__ = ("principal", "_auth", "_poked")
+
+    RETRY_S = 1.0  # a recheck the database could not answer is tried again after this
+
+    def __init__(self, auth: Authenticator, principal: Principal) -> None:
+        self.principal = principal
+        self._auth = auth
+        self._poked = asyncio.Event()
+        # the first look is at once: a revocation between the authentication and this watch's
+        # registration poked nobody (it did clear the cache, so the recheck reads the database)
+        self._poked.set()
+
+    def poke(self) -> None:
+        self._poked.set()
+
+    async def lapsed(self) -> Unauthorized:
+        loop = asyncio.get_running_loop()
+        expires_at = self.principal.expires_at
+        while True:
+            deadline = None
+            if expires_at is not None:
+                deadline = loop.time() + max((expires_at - datetime.now(timezone.utc)).total_seconds(), 0.0)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._poked.wait()
+            except TimeoutError:
+                pass  # expiry: the recheck says so (a timer firing a hair early just comes round again)
+            self._poked.clear()
+            try:
+                await self._auth.recheck(self.principal)
+            except Unauthorized as e:
+                return e
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+                # the connection stays open while the database cannot say; ask again soon
+                log.warning("credential recheck failed: %s", type(e).__name__)
+                await asyncio.sleep(self.RETRY_S)
+                self._poked.set()

@@ -5,6 +5,7 @@
     ├── BadRequest             400: malformed JSON, wrong types, empty content
     │   └── InvalidId          400: a path or body id that is not a UUID
     ├── Unauthorized           401: missing, bad, expired or revoked credential
+    │   └── CredentialRevoked  401: revoked (an open WebSocket closes with 4003, not 4001)
     ├── Forbidden              403: authenticated, but not allowed
     ├── NotFound               404: unknown, or somebody else's
     ├── Conflict               409
@@ -54,6 +55,10 @@ class Unauthorized(GatewayError):
 
     status = 401
     type = "unauthorized"
+
+
+class CredentialRevoked(Unauthorized):
+    """The credential was revoked: unlike an expired one, renewing it will not bring it back."""
 
 
 class Forbidden(GatewayError):

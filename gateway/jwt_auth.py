@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import aiohttp
@@ -34,11 +35,13 @@ _KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 
 @dataclass(frozen=True, slots=True)
 class JwtIdentity:
-    """The verified caller: `sub` as a UUID, `email` if the token carries one, all claims."""
+    """The verified caller: `sub` as a UUID, `email` if the token carries one, all claims, and
+    when the token stops verifying here (`exp` plus the leeway): an open WebSocket closes then."""
 
     user_id: uuid.UUID
     email: str | None
     claims: dict[str, Any]
+    valid_until: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +122,8 @@ class JwtVerifier:
         except (TypeError, ValueError):
             raise Unauthorized("token subject is not a user id") from None
         email = claims.get("email")
-        return JwtIdentity(user_id, email if isinstance(email, str) else None, claims)
+        return JwtIdentity(user_id, email if isinstance(email, str) else None, claims,
+                           _valid_until(claims["exp"], self._settings.jwt_leeway_s))
 
     async def _public_key(self, kid: Any, alg: str) -> Any:
         if not isinstance(kid, str) or not kid:
@@ -169,6 +173,14 @@ class JwtVerifier:
             log.warning("JWKS fetch from %s returned no usable signing keys", url)
             return None
         return keys
+
+
+def _valid_until(exp: Any, leeway_s: float) -> datetime:
+    # PyJWT has checked that `exp` is a number in the future; one past datetime's range is "never"
+    try:
+        return datetime.fromtimestamp(float(exp) + leeway_s, timezone.utc)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return datetime.max.replace(tzinfo=timezone.utc)
 
 
 def _usable_keys(doc: Any) -> dict[str, _Jwk]:

@@ -301,15 +301,17 @@ class Turns:
                 return found.row
         return await message_store.get_message(self._pool, user_id, message_id)
 
-    def stream_url(self, user_id: uuid.UUID, message_id: uuid.UUID) -> str:
+    def stream_url(self, principal: Principal, message_id: uuid.UUID) -> str:
         """Where an EventSource (which cannot send headers) follows the reply: a token in the URL,
-        bound to this user and message, short-lived, and redacted from the access log."""
-        return f"/api/messages/{message_id}/stream?token={self._stream_tokens.issue(user_id, message_id)}"
+        bound to this user, message and credential, short-lived, and redacted from the access log."""
+        return f"/api/messages/{message_id}/stream?token={self._stream_token(principal, message_id)}"
 
-    def comparison_stream_url(self, user_id: uuid.UUID, comparison_id: uuid.UUID) -> str:
-        token = self._stream_tokens.issue(user_id, comparison_id)
-        return f"/api/comparisons/{comparison_id}/stream?token={token}"
+    def comparison_stream_url(self, principal: Principal, comparison_id: uuid.UUID) -> str:
+        return f"/api/comparisons/{comparison_id}/stream?token={self._stream_token(principal, comparison_id)}"
 
+    def _stream_token(self, principal: Principal, resource_id: uuid.UUID) -> str:
+        return self._stream_tokens.issue(principal.user_id, resource_id, api_key_id=principal.api_key_id,
+                                         not_after=principal.expires_at)
 
 
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:

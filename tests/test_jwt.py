@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
@@ -131,9 +132,18 @@ def jwks_verifier(jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeC
 # -- HS256 and claims ----------------------------------------------------------------------------
 
 async def test_hs256_token_yields_identity_with_sub_and_email() -> None:
-    identity = await hs_verifier().verify(jwt.encode(claims(), SECRET, algorithm="HS256"))
-    assert identity == JwtIdentity(USER_ID, "ada@example.com", identity.claims)
+    token_claims = claims()
+    identity = await hs_verifier().verify(jwt.encode(token_claims, SECRET, algorithm="HS256"))
+    # valid until `exp` plus the default 30 s leeway: when an open WebSocket of this token closes
+    until = datetime.fromtimestamp(token_claims["exp"] + 30, timezone.utc)
+    assert identity == JwtIdentity(USER_ID, "ada@example.com", identity.claims, until)
     assert identity.claims["role"] == "authenticated"
+
+
+async def test_identity_is_valid_until_exp_plus_the_configured_leeway() -> None:
+    token_claims = claims()
+    identity = await hs_verifier(JWT_LEEWAY_S="0").verify(jwt.encode(token_claims, SECRET, algorithm="HS256"))
+    assert identity.valid_until == datetime.fromtimestamp(token_claims["exp"], timezone.utc)
 
 
 async def test_token_without_email_yields_identity_with_no_email() -> None:

@@ -391,10 +391,11 @@ async def test_stream_token_for_another_message_or_user_or_garbage_is_refused(cl
     await expect_unauthorized(client, target, token=token_of[theirs["assistant_message_id"]])
     # forged, mangled, empty
     genuine = token_of[first["assistant_message_id"]]
-    user_hex, expires, signature = genuine.split(".")
+    user_hex, key_hex, expires, signature = genuine.split(".")
     mangled = signature[:-1] + ("B" if signature[-1] == "A" else "A")
-    for bad in ("garbage", "a.b.c", "", f"{stranger.id.hex}.{expires}.{signature}",
-                f"{user_hex}.{int(expires) + 3600}.{signature}", f"{user_hex}.{expires}.{mangled}"):
+    for bad in ("garbage", "a.b.c", "a.b.c.d", "", f"{stranger.id.hex}.{key_hex}.{expires}.{signature}",
+                f"{user_hex}.{int(expires) + 3600}.{signature}", f"{user_hex}.{key_hex}.{int(expires) + 3600}.{signature}",
+                f"{user_hex}..{expires}.{signature}", f"{user_hex}.{key_hex}.{expires}.{mangled}"):
         await expect_unauthorized(client, target, token=bad)
     # a genuine token signed for a stranger and this message does not make it theirs
     minted = client.app[STREAM_TOKENS].issue(stranger.id, uuid.UUID(first["assistant_message_id"]))
@@ -415,7 +416,8 @@ async def test_expired_stream_token_is_refused(make_client, user, db, monkeypatc
     await wait_finished(db, mid)
     token = answer["stream_url"].partition("?token=")[2]
     expires = 1_700_000_003  # issued at .5 with a 2 s TTL, rounded up to the whole second
-    assert token.split(".")[:2] == [user.id.hex, str(expires)]
+    key_id = await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", user.id)
+    assert token.split(".")[:3] == [user.id.hex, key_id.hex, str(expires)]
 
     clock.now = expires - 0.001  # its last moment: still good
     resp = await client.get(answer["stream_url"])

@@ -20,14 +20,15 @@ import uuid
 
 from aiohttp import web
 
+from ..auth import Principal
 from ..errors import BadRequest
 from ..events import DELTA, Event
 from ..sse import DONE, open_stream, parse_seq
-from ..state import DB, LEADERBOARD, MODELS, SETTINGS, TIMINGS, TURNS
+from ..state import AUTH, DB, LEADERBOARD, MODELS, SETTINGS, TIMINGS, TURNS
 from ..store import arena as arena_store
 from ..vocabulary import LIVE_STATUSES, Slot, Winner
 from .bodies import parse_arena, wants_stream
-from .common import caller, json_response, parse_uuid, read_json, stream_reader
+from .common import caller, json_response, lapse_frame, parse_uuid, read_json, stream_reader, until_lapsed
 
 
 async def post_arena(request: web.Request) -> web.StreamResponse:
@@ -43,8 +44,8 @@ async def post_arena(request: web.Request) -> web.StreamResponse:
             "status": "accepted", "comparison_id": stored.comparison_id, "message": stored.user_message,
             "duplicate": stored.duplicate, "thread_id": stored.thread_id,
             "assistant_message_ids": {"a": stored.message_a, "b": stored.message_b},
-            "stream_url": turns.comparison_stream_url(principal.user_id, stored.comparison_id)}, status=202)
-    return await stream_comparison(request, principal.user_id, stored.comparison_id, {"a": -1, "b": -1})
+            "stream_url": turns.comparison_stream_url(principal, stored.comparison_id)}, status=202)
+    return await stream_comparison(request, principal, stored.comparison_id, {"a": -1, "b": -1})
 
 
 def parse_arena_event_id(raw: str | None, comparison_id: uuid.UUID) -> dict[str, int]:
@@ -57,8 +58,9 @@ def parse_arena_event_id(raw: str | None, comparison_id: uuid.UUID) -> dict[str,
     return {"a": parse_seq(parts[1], "Last-Event-ID"), "b": parse_seq(parts[2], "Last-Event-ID")}
 
 
-async def stream_comparison(request: web.Request, user_id: uuid.UUID, comparison_id: uuid.UUID,
+async def stream_comparison(request: web.Request, principal: Principal, comparison_id: uuid.UUID,
                             after: dict[str, int]) -> web.StreamResponse:
+    user_id = principal.user_id
     comparison = await arena_store.get_comparison(request.app[DB].pool, user_id, comparison_id)
     settings = request.app[SETTINGS]
     queue: asyncio.Queue[tuple[str, list[Event] | None]] = asyncio.Queue()
@@ -72,14 +74,10 @@ async def stream_comparison(request: web.Request, user_id: uuid.UUID, comparison
         finally:
             queue.put_nowait((slot, None))
 
-    pumps = [asyncio.create_task(pump(slot)) for slot in Slot]
     resp: web.StreamResponse | None = None
-    try:
-        # a slot can wait long for its first token: answer (headers, retry, pings) at once unless
-        # this is a resume of a finished comparison, which may have nothing left (204)
-        resuming = any(v >= 0 for v in after.values())
-        if not resuming or any(comparison[f"status_{slot}"] in LIVE_STATUSES for slot in Slot):
-            resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
+
+    async def relay() -> None:
+        nonlocal resp
         position = dict(after)
         prefix = str(comparison_id).encode()
         ended = 0
@@ -95,6 +93,21 @@ async def stream_comparison(request: web.Request, user_id: uuid.UUID, comparison
                 position[slot] = event.seq
                 out.append(comparison_frame(prefix, position, event))
             await resp.write(b"".join(out))
+
+    pumps = [asyncio.create_task(pump(slot)) for slot in Slot]
+    try:
+        # a slot can wait long for its first token: answer (headers, retry, pings) at once unless
+        # this is a resume of a finished comparison, which may have nothing left (204)
+        resuming = any(v >= 0 for v in after.values())
+        if not resuming or any(comparison[f"status_{slot}"] in LIVE_STATUSES for slot in Slot):
+            resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
+        # a lapsed credential ends the relay, not the generations: both run on and are saved
+        with request.app[AUTH].watch(principal) as watch:
+            lapse = await until_lapsed(watch, relay())
+        if lapse is not None:
+            if resp is None:
+                resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
+            await resp.write(lapse_frame(lapse))
         if resp is None:
             return web.Response(status=204)  # a finished comparison with nothing after that id
         await resp.write(DONE)
@@ -123,9 +136,9 @@ def comparison_frame(comparison: bytes, position: dict[str, int], event: Event) 
 
 async def get_comparison_stream(request: web.Request) -> web.StreamResponse:
     comparison_id = parse_uuid(request.match_info["comparison_id"], "comparison id")
-    user_id = await stream_reader(request, comparison_id, "arena")
+    principal = await stream_reader(request, comparison_id, "arena")
     raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
-    return await stream_comparison(request, user_id, comparison_id, parse_arena_event_id(raw, comparison_id))
+    return await stream_comparison(request, principal, comparison_id, parse_arena_event_id(raw, comparison_id))
 
 
 async def get_comparison(request: web.Request) -> web.Response:

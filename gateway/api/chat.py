@@ -14,13 +14,14 @@ import uuid
 
 from aiohttp import web
 
+from ..auth import Principal
 from ..metrics import Timings
 from ..sse import DONE, open_stream, parse_last_event_id
-from ..state import DB, MODELS, SETTINGS, TIMINGS, TURNS
+from ..state import AUTH, DB, MODELS, SETTINGS, TIMINGS, TURNS
 from ..store import arena as arena_store
 from ..store import messages as message_store
 from .bodies import parse_turn, wants_stream
-from .common import caller, json_response, parse_uuid, read_json, stream_reader
+from .common import caller, json_response, lapse_frame, parse_uuid, read_json, stream_reader, until_lapsed
 
 
 async def post_chat(request: web.Request) -> web.StreamResponse:
@@ -34,27 +35,35 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
     if not wants_stream(request, stream):
         return json_response({"status": "accepted", "message": stored.user_message, "duplicate": stored.duplicate,
                               "thread_id": stored.thread_id, "assistant_message_id": stored.assistant_message_id,
-                              "stream_url": turns.stream_url(principal.user_id, stored.assistant_message_id)},
+                              "stream_url": turns.stream_url(principal, stored.assistant_message_id)},
                              status=202)
-    return await stream_message(request, principal.user_id, stored.assistant_message_id, after=-1)
+    return await stream_message(request, principal, stored.assistant_message_id, after=-1)
 
 
-async def stream_message(request: web.Request, user_id: uuid.UUID, message_id: uuid.UUID,
+async def stream_message(request: web.Request, principal: Principal, message_id: uuid.UUID,
                          after: int) -> web.StreamResponse:
     """Stream one assistant message's events after seq `after` as SSE: live if it is generating
-    here, replayed from the database if it has finished."""
+    here, replayed from the database if it has finished. If the caller's credential stops working
+    meanwhile (revoked, expired), the stream ends with an `error` event (no id) and `[DONE]`."""
     settings = request.app[SETTINGS]
-    reply = await request.app[TURNS].reply(user_id, message_id)
+    reply = await request.app[TURNS].reply(principal.user_id, message_id)
     if reply.generation is None and after >= 0 and not reply.replayed_after(after):
         return web.Response(status=204)  # nothing after that id: EventSource stops for good
     resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
-    try:
+
+    async def relay() -> None:
         timings: Timings | None = request[TIMINGS] if reply.generation is not None else None
         async for batch in reply.events(after):
             await resp.write(batch[0].sse if len(batch) == 1 else b"".join([e.sse for e in batch]))
             if timings is not None:  # the first write carries the first token
                 timings.mark("first_token")
                 timings = None
+
+    try:
+        with request.app[AUTH].watch(principal) as watch:
+            lapse = await until_lapsed(watch, relay())
+        if lapse is not None:
+            await resp.write(lapse_frame(lapse))
         await resp.write(DONE)
         await resp.write_eof()
     except ConnectionResetError:
@@ -66,9 +75,9 @@ async def stream_message(request: web.Request, user_id: uuid.UUID, message_id: u
 
 async def get_message_stream(request: web.Request) -> web.StreamResponse:
     message_id = parse_uuid(request.match_info["message_id"], "message id")
-    user_id = await stream_reader(request, message_id, "chat")
+    principal = await stream_reader(request, message_id, "chat")
     raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
-    return await stream_message(request, user_id, message_id, parse_last_event_id(raw, str(message_id)))
+    return await stream_message(request, principal, message_id, parse_last_event_id(raw, str(message_id)))
 
 
 async def cancel_message(request: web.Request) -> web.Response:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from typing import Any
+from typing import Any, Coroutine
 
 import orjson
 from aiohttp import web
 
-from ..auth import Principal
-from ..errors import BadRequest, InvalidId, PayloadTooLarge
+from ..auth import CredentialWatch, Principal
+from ..errors import BadRequest, InvalidId, PayloadTooLarge, Unauthorized
 from ..state import AUTH, PRINCIPAL, SETTINGS, STREAM_TOKENS, TIMINGS, USER_ID
 
 
@@ -63,15 +64,47 @@ def check_text(value: str, key: str) -> str:
     return value
 
 
-async def stream_reader(request: web.Request, resource_id: uuid.UUID, scope: str) -> uuid.UUID:
+async def stream_reader(request: web.Request, resource_id: uuid.UUID, scope: str) -> Principal:
     """Who may read this stream: the user named by the `?token=` of a stream_url (EventSource cannot
-    send headers), or else the caller of the Authorization header."""
+    send headers), as long as the API key that asked for the token still works; or else the
+    caller of the Authorization header."""
     token = request.query.get("token")
     if token is None:
-        return (await caller(request, scope)).user_id
-    user_id = request.app[STREAM_TOKENS].verify(token, resource_id)
-    request[USER_ID] = str(user_id)
-    return user_id
+        return await caller(request, scope)
+    grant = request.app[STREAM_TOKENS].verify(token, resource_id)
+    request[USER_ID] = str(grant.user_id)
+    if grant.api_key_id is None:  # asked for with a JWT: good for the token's few minutes
+        return Principal(grant.user_id, None, None, frozenset())
+    started = time.monotonic()
+    try:
+        return await request.app[AUTH].key_principal(grant.api_key_id, grant.user_id)
+    finally:
+        request[TIMINGS].add("auth", started)
+
+
+async def until_lapsed(watch: CredentialWatch, relay: Coroutine[Any, Any, None]) -> Unauthorized | None:
+    """Run a stream's relay until it ends, or until the credential that opened the stream stops
+    working (then the relay is cancelled: the generation it follows runs on and is saved).
+    None, or why the credential lapsed."""
+    relaying = asyncio.ensure_future(relay)
+    lapse = asyncio.ensure_future(watch.lapsed())
+    try:
+        await asyncio.wait((relaying, lapse), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (relaying, lapse):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(relaying, lapse, return_exceptions=True)
+    if relaying.cancelled():
+        return lapse.result()
+    relaying.result()  # a relay's own error (the client left) is the caller's
+    return None
+
+
+def lapse_frame(e: Unauthorized) -> bytes:
+    """The SSE error event that ends a stream whose credential lapsed: it belongs to no message's
+    event log, so it has no `id:` (a resume is not confused), and retrying will not help."""
+    return b"event: error\ndata: %s\n\n" % orjson.dumps({"type": e.type, "message": e.message, "retryable": False})
 
 
 async def caller(request: web.Request, scope: str | None = None) -> Principal:

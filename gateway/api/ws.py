@@ -23,6 +23,13 @@ Server -> client::
     {"event": "cancelled", "message": {...assistant message row...}}   answers a cancel frame
     {"event": "error", "data": {"type", "message"}}              a refused frame; the socket stays open
 
+The credential is checked on every frame (from the key cache that revocations clear) and
+watched in between, so a socket lives only as long as the credential that opened it. When the
+key is revoked, or the key or JWT expires (a JWT at its `exp` plus the configured leeway), the
+socket's last frame is `{"event": "error", "data": {"type": "unauthorized", "message": ...}}`
+(without a request's ids: it ends them all), and it closes with code 4003 (revoked) or 4001
+(expired, or otherwise no longer valid). A frame that arrives then writes nothing.
+
 Event ids and data are the SSE stream's own (a resume over SSE or WS may use either), so
 `last_event_id` resumes exactly after the last frame seen. A refused frame's error carries the
 frame's `client_message_id` or `message_id`, when it had one, at the top level. Turns run
@@ -41,11 +48,12 @@ import time
 import uuid
 from typing import Any, Coroutine
 
+import asyncpg
 import orjson
 from aiohttp import WSMsgType, web
 
-from ..auth import Principal
-from ..errors import BadRequest, GatewayError
+from ..auth import CredentialWatch, Principal
+from ..errors import BadRequest, CredentialRevoked, GatewayError, ServiceUnavailable, Unauthorized
 from ..events import Event
 from ..sse import parse_last_event_id
 from ..state import AUTH, MODELS, PRINCIPAL, SETTINGS, TURNS, USER_ID
@@ -55,8 +63,14 @@ from .common import caller, parse_uuid
 
 log = logging.getLogger(__name__)
 
+# a frame's credential check that could not reach the database refuses the frame, not the socket
+DATABASE_DOWN = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
 # turns, resumes and cancels one socket may have running at once: bounds what a client can pile up
 MAX_IN_FLIGHT = 32
+# close codes (the 4000s are the application's): the credential that opened the socket is gone
+CLOSE_REVOKED = 4003
+CLOSE_UNAUTHORIZED = 4001  # expired, or no longer valid
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -66,7 +80,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     if not ws.can_prepare(request).ok:
         raise BadRequest("expected a WebSocket upgrade")
     await ws.prepare(request)
-    await Session(request, ws, principal).run()
+    with request.app[AUTH].watch(principal) as watch:
+        await Session(request, ws, principal, watch).run()
     return ws
 
 
@@ -94,27 +109,57 @@ class Session:
     The tasks only relay; they are cancelled when the socket closes, the generations are not.
     """
 
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse, principal: Principal) -> None:
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, principal: Principal,
+                 watch: CredentialWatch) -> None:
         self.request = request
         self.ws = ws
         self.principal = principal
         self.user_id = principal.user_id
+        self._watch = watch
         self._tasks: set[asyncio.Task[None]] = set()
+        self._expelled = False  # the credential lapsed: the socket is closing
 
     async def run(self) -> None:
+        watcher = asyncio.get_running_loop().create_task(self.expel_when_lapsed())
         try:
             async for msg in self.ws:
                 if msg.type is WSMsgType.TEXT:
                     await self.dispatch(msg.data)
-                elif msg.type is WSMsgType.BINARY:
+                elif msg.type is WSMsgType.BINARY and not self._expelled:
                     await self.error(BadRequest("frames must be JSON text"), {})
         finally:
+            if not self._expelled:
+                watcher.cancel()  # an expulsion under way finishes its close handshake
             for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(watcher, *self._tasks, return_exceptions=True)
+
+    async def expel_when_lapsed(self) -> None:
+        await self.expel(await self._watch.lapsed())
+
+    async def expel(self, e: Unauthorized) -> None:
+        """The credential stopped working: stop relaying, say why, close the socket."""
+        if self._expelled:
+            return
+        self._expelled = True
+        for task in self._tasks:
+            task.cancel()  # relays only: the generations run on and are saved
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.error(e, {})
+        code = CLOSE_REVOKED if isinstance(e, CredentialRevoked) else CLOSE_UNAUTHORIZED
+        await self.ws.close(code=code, message=e.message.encode())
 
     async def dispatch(self, raw: str) -> None:
-        """Validate a frame now (errors answer at once, in order); run its work as a task."""
+        """Check the credential, then validate the frame now (errors answer at once, in order);
+        run its work as a task."""
+        if self._expelled:
+            return
+        try:
+            await self.request.app[AUTH].recheck(self.principal)
+        except Unauthorized as e:
+            return await self.expel(e)
+        except DATABASE_DOWN:
+            return await self.error(ServiceUnavailable("database unavailable"), {})
         try:
             frame = orjson.loads(raw)
         except orjson.JSONDecodeError:
