@@ -189,6 +189,8 @@ class Generation:
                       "category": spec.category, "auto": spec.auto,
                       "fallback_from": self.chain.fallback_from, "attempts": attempts,
                       "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
+                      # the upstream's counts were clamped to fit (see providers/normalise.py)
+                      **({"usage_suspect": True} if usage.suspect else {}),
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})
         if self._observe_usage is not None:
@@ -198,8 +200,10 @@ class Generation:
         if error_json is not None:
             self._emit(maker.event(seq, "error", error_json))
         else:
-            self._emit(maker.event(seq, "usage", usage_json(usage.prompt_tokens, usage.completion_tokens,
-                                                            estimated)))
+            usage_data = usage_json(usage.prompt_tokens, usage.completion_tokens, estimated)
+            if usage.suspect:
+                usage_data["usage_suspect"] = True
+            self._emit(maker.event(seq, "usage", usage_data))
             self._emit(maker.event(seq + 1, "done", done_json(finish_reason, spec.message_id, attempts,
                                                               spec.anonymous)))
 

@@ -1,0 +1,122 @@
+"""Issue 12: whatever a hostile upstream sends (NUL, text that is not a string, usage of 2^63 or
+below zero, invalid UTF-8, one 10 MB event, empty deltas forever), through the whole app the
+client gets exactly one terminal event, the row is terminal, and usage is counted once, in range
+and flagged when the upstream's counts had to be clamped."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.providers.normalise import MAX_COUNT
+
+from .fakes import parse_sse
+from .hostile import ANTHROPIC, OPENAI, HostileUpstream
+
+# the endless streams: data every 5 ms, so the idle timeout never fires; the attempt's own bounds must
+ENDLESS_TIMEOUTS = {"timeout_s": 1.0, "first_token_timeout_s": 0.5, "idle_timeout_s": 0.3}
+
+PROTOCOL, TIMEOUT = "upstream_protocol_error", "upstream_timeout"
+REPLACED_UTF8 = "caf\ufffd \ufffd\ufffdok"  # b"caf\xc3 \xff\xfeok" decoded with replacement
+
+# model -> (status, content, error type or None, (prompt, completion) or None when estimated, suspect)
+EXPECTED: dict[str, tuple[str, str, str | None, tuple[int, int] | None, bool]] = {
+    "o_nul": ("complete", "Hel\ufffdlo", None, (5, 2), False),
+    "o_number": ("failed", "", PROTOCOL, None, False),
+    "o_object": ("failed", "", PROTOCOL, None, False),
+    "o_list": ("failed", "", PROTOCOL, None, False),
+    "o_bool": ("failed", "", PROTOCOL, None, False),
+    "o_null": ("complete", "Hel", None, (5, 2), False),
+    "o_number_after_content": ("failed", "Hel", PROTOCOL, None, False),
+    "o_object_after_content": ("failed", "Hel", PROTOCOL, None, False),
+    "o_usage_2_31": ("complete", "Hel", None, (MAX_COUNT, 0), True),
+    "o_usage_2_63": ("complete", "Hel", None, (MAX_COUNT, 0), True),
+    "o_usage_sum_2_31": ("complete", "Hel", None, (2**30, 2**30 - 1), True),
+    "o_usage_negative": ("complete", "Hel", None, (0, 0), True),
+    "o_usage_not_integers": ("complete", "Hel", None, (0, 2), True),
+    "o_invalid_utf8": ("complete", REPLACED_UTF8, None, (5, 2), False),
+    "o_ten_mb_chunk": ("failed", "", PROTOCOL, None, False),
+    "o_ten_mb_after_content": ("failed", "Hel", PROTOCOL, None, False),
+    "o_ten_mb_line": ("failed", "", PROTOCOL, None, False),
+    "o_endless_empty_deltas": ("failed", "", TIMEOUT, None, False),
+    "o_endless_after_content": ("failed", "Hel", TIMEOUT, None, False),
+    "a_nul": ("complete", "Hel\ufffdlo", None, (5, 2), False),
+    "a_number": ("failed", "", PROTOCOL, None, False),
+    "a_object": ("failed", "", PROTOCOL, None, False),
+    "a_number_after_content": ("failed", "Hel", PROTOCOL, None, False),
+    "a_usage_2_63": ("complete", "Hel", None, (MAX_COUNT, 0), True),
+    "a_usage_negative": ("complete", "Hel", None, (0, 0), True),
+    "a_invalid_utf8": ("complete", REPLACED_UTF8, None, (5, 2), False),
+    "a_ten_mb_chunk": ("failed", "", PROTOCOL, None, False),
+}
+
+
+def hostile_toml(base_url: str) -> str:
+    """A model per payload: `o_<name>` through the OpenAI adapter, `a_<name>` through Anthropic's.
+    No fallbacks, so each outcome shows."""
+    text = (f'[providers.hostile]\nkind = "openai"\nbase_url = "{base_url}"\napi_key = "sk-h"\n\n'
+            f'[providers.hostile_ant]\nkind = "anthropic"\nbase_url = "{base_url}"\napi_key = "sk-a"\n\n')
+    for prefix, provider, payloads in (("o", "hostile", OPENAI), ("a", "hostile_ant", ANTHROPIC)):
+        for name in payloads:
+            text += f'[models.{prefix}_{name}]\nprovider = "{provider}"\nupstream = "{name}"\n'
+            if name.startswith("endless"):
+                text += "".join(f"{k} = {v}\n" for k, v in ENDLESS_TIMEOUTS.items())
+            text += "\n"
+    return text
+
+
+@pytest.fixture
+async def hostile(aiohttp_server: Any) -> HostileUpstream:
+    fake = HostileUpstream()
+    fake.server = await aiohttp_server(fake.app)
+    return fake
+
+
+def test_every_payload_has_an_expected_outcome() -> None:
+    assert set(EXPECTED) == {f"o_{n}" for n in OPENAI} | {f"a_{n}" for n in ANTHROPIC}
+
+
+@pytest.mark.parametrize("model", list(EXPECTED))
+async def test_hostile_payload_ends_in_one_terminal_event_and_one_usage_row(
+        model, hostile, make_client, config_file, user, db):
+    status, content, error_type, counts, suspect = EXPECTED[model]
+    client = await make_client(GATEWAY_CONFIG=config_file(hostile_toml(hostile.base_url)))
+    resp = await client.post("/api/chat", headers=user.headers,
+                             json={"content": "hi", "model": model, "stream": True})
+    assert resp.status == 200
+    events = parse_sse(await resp.read())
+    names = [e.event for e in events]
+    # exactly one terminal event, last before the closing [DONE]
+    assert events[-1].data == "[DONE]" and names.count("done") + names.count("error") == 1
+    assert names[-2] == ("error" if error_type else "done")
+    assert "".join(orjson.loads(e.data)["delta"] for e in events[:-1] if e.event == "message") == content
+    message_id = uuid.UUID(orjson.loads(events[0].data)["message_id"])
+    row = await db.fetchrow("SELECT status, content, error, metadata, prompt_tokens, completion_tokens "
+                            "FROM messages WHERE id = $1", message_id)
+    assert (row["status"], row["content"]) == (status, content)
+    metadata = row["metadata"]
+    if error_type:
+        error = orjson.loads(events[-2].data)
+        assert error["type"] == error_type and row["error"]["type"] == error_type
+        if error_type == TIMEOUT:  # data kept coming: the attempt's bounds ended it, not the idle timeout
+            assert error["message"] == ("upstream timed out (total)" if content else "upstream timed out (first_token)")
+    else:
+        usage_event = orjson.loads(events[-3].data)
+        assert names[-3] == "usage"
+        assert (usage_event["prompt_tokens"], usage_event["completion_tokens"]) == counts
+        assert usage_event.get("usage_suspect", False) is suspect
+    assert metadata.get("usage_suspect", False) is suspect
+    usage = await db.fetch("SELECT prompt_tokens, completion_tokens, total_tokens, estimated FROM usage "
+                           "WHERE message_id = $1", message_id)
+    assert len(usage) == 1
+    prompt, completion, total, estimated = usage[0]
+    assert 0 <= prompt < 2**31 and 0 <= completion < 2**31 and total == prompt + completion < 2**31
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
+    if counts is not None:
+        assert (prompt, completion, estimated) == (*counts, False)
+    else:
+        assert estimated is True
+    assert hostile.requests == {model[2:]: 1}  # no retry by the adapter; no fallback configured
