@@ -11,7 +11,11 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.providers import normalise
+from gateway.providers.base import Finish, TextDelta, UpstreamProtocolError, UpstreamStreamError, UsageReport
 from gateway.providers.normalise import MAX_COUNT
+from gateway.providers.openai import parse_chunk
+from gateway.providers.sse_decoder import SSEDecoder
 
 from .fakes import parse_sse
 from .hostile import ANTHROPIC, OPENAI, HostileUpstream
@@ -120,3 +124,86 @@ async def test_hostile_payload_ends_in_one_terminal_event_and_one_usage_row(
     else:
         assert estimated is True
     assert hostile.requests == {model[2:]: 1}  # no retry by the adapter; no fallback configured
+
+
+# -- the pieces, one rule each ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (None, (0, False)), (0, (0, False)), (7, (7, False)), (MAX_COUNT, (MAX_COUNT, False)), (7.0, (7, False)),
+    (2**31, (MAX_COUNT, True)), (2**63, (MAX_COUNT, True)), (1.8e19, (MAX_COUNT, True)),
+    (float("inf"), (MAX_COUNT, True)), (-1, (0, True)), (-(2**63), (0, True)), (float("-inf"), (0, True)),
+    (2.6, (3, True)), (-0.4, (0, True)), (float("nan"), (0, True)), ("12", (0, True)), (True, (0, True)),
+    ([1], (0, True)), ({"n": 1}, (0, True)),
+])
+def test_token_counts_are_clamped_into_the_integer_column_and_flagged(raw, expected):
+    assert normalise.count(raw) == expected
+
+
+def test_a_usage_whose_sum_overflows_the_total_column_is_cut_and_flagged():
+    assert normalise.usage(MAX_COUNT, 1) == UsageReport(MAX_COUNT, 0, True)
+    assert normalise.usage(2**30, 2**30) == UsageReport(2**30, 2**30 - 1, True)
+    assert normalise.usage(2**30, 2**30 - 1) == UsageReport(2**30, 2**30 - 1, False)
+
+
+CHUNK = b'{"choices":[{"index":0,"delta":%s,"finish_reason":%s}]}'
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b'{"choices":{"0":{}}}', "`choices` that is not a list"),
+    (b'{"choices":["x"]}', "a choice that is not a JSON object (str)"),
+    (CHUNK % (b'"hi"', b"null"), "`delta` that is not a JSON object (str)"),
+    (CHUNK % (b'{"content":42}', b"null"), "`delta.content` that is not a string (int)"),
+    (CHUNK % (b'{"content":1.5}', b"null"), "`delta.content` that is not a string (float)"),
+    (CHUNK % (b'{"content":false}', b"null"), "`delta.content` that is not a string (bool)"),
+    (CHUNK % (b'{"content":["a"]}', b"null"), "`delta.content` that is not a string (list)"),
+    (CHUNK % (b"{}", b"7"), "`finish_reason` that is not a string (int)"),
+    (CHUNK % (b'{"tool_calls":"x"}', b"null"), "`delta.tool_calls` that is not a list"),
+    (CHUNK % (b'{"tool_calls":[1]}', b"null"), "a tool call that is not a JSON object (int)"),
+    (CHUNK % (b'{"tool_calls":[{"index":[0]}]}', b"null"), "a tool call whose `index` is not an integer"),
+    (CHUNK % (b'{"tool_calls":[{"index":0,"function":{"arguments":{}}}]}', b"null"),
+     "a tool call's arguments that is not a string (dict)"),
+    (b'{"choices":[],"usage":[1,2]}', "`usage` that is not a JSON object (list)"),
+])
+def test_a_chunk_that_breaks_the_format_is_a_protocol_error(data, message):
+    with pytest.raises(UpstreamProtocolError) as info:
+        parse_chunk("message", data, [])
+    assert info.value.message == "upstream sent " + message and info.value.retryable
+
+
+def test_text_is_normalised_before_it_is_streamed():
+    assert parse_chunk("message", CHUNK % (b'{"content":"a\\u0000b"}', b'"st\\u0000op"'), []) == [
+        TextDelta("a\ufffdb"), Finish("st\ufffdop")]
+    assert parse_chunk("message", CHUNK % (b'{"content":"caf\xc3"}', b"null"), []) == [TextDelta("caf\ufffd")]
+    assert parse_chunk("message", CHUNK % (b'{"content":null}', b"null"), []) == []
+    assert parse_chunk("message", b'{"choices":[],"usage":{"prompt_tokens":-3,"completion_tokens":2}}', []) == [
+        UsageReport(0, 2, True)]
+
+
+def test_an_error_message_with_nul_is_cleaned():
+    with pytest.raises(UpstreamStreamError) as info:
+        parse_chunk("message", b'{"error":{"message":"bo\\u0000om"}}', [])
+    assert info.value.message == "upstream error mid-stream: bo\ufffdom"
+
+
+def test_sse_decoder_fails_a_line_longer_than_its_bound_on_the_next_read():
+    decoder = SSEDecoder(max_event_bytes=100)
+    # the read that overflows still hands over the events it completed
+    assert [e.data for e in decoder.feed(b"data: ok\n\ndata: " + b"x" * 95)] == [b"ok"]
+    with pytest.raises(UpstreamProtocolError, match="longer than 100 bytes"):
+        decoder.feed(b"x\n\n")
+    with pytest.raises(UpstreamProtocolError):  # and stays failed
+        decoder.feed(b"data: [DONE]\n\n")
+
+
+def test_sse_decoder_bounds_an_event_of_many_data_lines():
+    decoder = SSEDecoder(max_event_bytes=100)
+    assert decoder.feed(b"data: " + b"x" * 60 + b"\n") == []
+    assert decoder.feed(b"data: " + b"x" * 60 + b"\n") == []  # 122 bytes held: over the bound
+    with pytest.raises(UpstreamProtocolError):
+        decoder.feed(b"\n")
+
+
+def test_sse_decoder_accepts_an_event_at_its_bound():
+    decoder = SSEDecoder(max_event_bytes=100)
+    assert [len(e.data) for e in decoder.feed(b"data: " + b"x" * 99 + b"\n\n")] == [99]
+    assert [len(e.data) for e in decoder.feed(b"data: " + b"x" * 99 + b"\n\n")] == [99]  # the bound is per event

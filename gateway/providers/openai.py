@@ -154,9 +154,7 @@ def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:
                 out.append(TextDelta(text))
             calls = delta.get("tool_calls")
             if calls:
-                if calls.__class__ is not list:
-                    raise UpstreamProtocolError("upstream sent `delta.tool_calls` that is not a list")
-                out.append(ToolCallDelta(calls))
+                out.append(ToolCallDelta(tool_calls(calls)))
             reason = normalise.label(choice.get("finish_reason"), "`finish_reason`")
             if reason:
                 out.append(Finish(reason))
@@ -165,3 +163,18 @@ def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:
         usage = normalise.obj(usage, "`usage`")
         out.append(normalise.usage(usage.get("prompt_tokens"), usage.get("completion_tokens")))
     return out
+
+
+def tool_calls(calls: object) -> list[dict[str, Any]]:
+    """`delta.tool_calls` as sent, once checked to have the shape the OpenAI route merges them by."""
+    if calls.__class__ is not list:
+        raise UpstreamProtocolError("upstream sent `delta.tool_calls` that is not a list")
+    for call in calls:  # type: ignore[attr-defined]
+        call = normalise.obj(call, "a tool call")
+        index = call.get("index", 0)
+        if index.__class__ is not int:
+            raise UpstreamProtocolError("upstream sent a tool call whose `index` is not an integer")
+        function = normalise.obj(call.get("function"), "a tool call's `function`")
+        normalise.text(function.get("name"), "a tool call's name")
+        normalise.text(function.get("arguments"), "a tool call's arguments")
+    return calls  # type: ignore[return-value]
