@@ -207,3 +207,44 @@ def test_sse_decoder_accepts_an_event_at_its_bound():
     decoder = SSEDecoder(max_event_bytes=100)
     assert [len(e.data) for e in decoder.feed(b"data: " + b"x" * 99 + b"\n\n")] == [99]
     assert [len(e.data) for e in decoder.feed(b"data: " + b"x" * 99 + b"\n\n")] == [99]  # the bound is per event
+
+
+# -- the OpenAI-compatible route: the same payloads end in a clean answer, usage counted once ----
+
+ROUTE_EXPECTED: dict[str, tuple[int, str | None, tuple[int, int] | None, int]] = {
+    # model: (HTTP status, content or the error code, usage counts (None: estimated), usage rows)
+    # (a reply that failed before any text, with nothing reserved, has nothing to count)
+    "o_nul": (200, "Hel\ufffdlo", (5, 2), 1),
+    "o_number": (502, PROTOCOL, None, 0),
+    "o_object_after_content": (502, PROTOCOL, None, 1),
+    "o_usage_2_63": (200, "Hel", (MAX_COUNT, 0), 1),
+    "o_usage_negative": (200, "Hel", (0, 0), 1),
+    "o_invalid_utf8": (200, REPLACED_UTF8, (5, 2), 1),
+    "o_ten_mb_chunk": (502, PROTOCOL, None, 0),
+    "o_endless_after_content": (504, TIMEOUT, None, 1),
+}
+
+
+@pytest.mark.parametrize("model", list(ROUTE_EXPECTED))
+async def test_hostile_payload_through_the_openai_route(model, hostile, make_client, config_file, user, db):
+    status, content, counts, row_count = ROUTE_EXPECTED[model]
+    client = await make_client(GATEWAY_CONFIG=config_file(hostile_toml(hostile.base_url)))
+    resp = await client.post("/v1/chat/completions", headers=user.headers,
+                             json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    body = await resp.json()
+    assert resp.status == status
+    if status == 200:
+        assert body["choices"][0]["message"]["content"] == content
+        assert (body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"]) == counts
+    else:
+        assert body["error"]["code"] == content
+    await client.close()  # drains the batched usage writer
+    rows = await db.fetch("SELECT prompt_tokens, completion_tokens, total_tokens, estimated FROM usage "
+                          "WHERE user_id = $1", user.id)
+    assert len(rows) == row_count
+    for prompt, completion, total, estimated in rows:
+        assert 0 <= prompt < 2**31 and 0 <= completion < 2**31 and total == prompt + completion < 2**31
+        if counts is None:
+            assert estimated is True
+        else:
+            assert (prompt, completion, estimated) == (*counts, False)
