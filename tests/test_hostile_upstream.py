@@ -248,3 +248,15 @@ async def test_hostile_payload_through_the_openai_route(model, hostile, make_cli
             assert estimated is True
         else:
             assert (prompt, completion, estimated) == (*counts, False)
+
+
+async def test_a_suspect_usage_is_replayed_as_it_was_streamed(hostile, make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file(hostile_toml(hostile.base_url)))
+    resp = await client.post("/api/chat", headers=user.headers,
+                             json={"content": "hi", "model": "o_usage_2_63", "stream": True})
+    live = parse_sse(await resp.read())
+    assert orjson.loads(live[-3].data) == {"prompt_tokens": MAX_COUNT, "completion_tokens": 0,
+                                           "total_tokens": MAX_COUNT, "usage_suspect": True}
+    message_id = orjson.loads(live[0].data)["message_id"]
+    replay = await client.get(f"/api/messages/{message_id}/stream", headers=user.headers)
+    assert parse_sse(await replay.read()) == live

@@ -15,6 +15,7 @@ from .base import (Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCal
 from .sse_decoder import SSEDecoder
 
 _DONE = b"[DONE]"
+NUL = normalise.NUL
 ERROR_BODY_BYTES = 1 << 16  # of a non-2xx body: enough for any error message, bounded against a hostile one
 
 
@@ -147,17 +148,25 @@ def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:
         if choices.__class__ is not list:
             raise UpstreamProtocolError("upstream sent `choices` that is not a list")
         for choice in choices:
-            choice = normalise.obj(choice, "a choice")
-            delta = normalise.obj(choice.get("delta"), "`delta`")
-            text = normalise.text(delta.get("content"), "`delta.content`")
+            # the per-chunk path: class checks inline, a call only for what is unusual
+            if choice.__class__ is not dict:
+                choice = normalise.obj(choice, "a choice")
+            delta = choice.get("delta")
+            if delta.__class__ is not dict:
+                delta = normalise.obj(delta, "`delta`")
+            text = delta.get("content")
+            if text.__class__ is not str or NUL in text:
+                text = normalise.text(text, "`delta.content`")
             if text:
                 out.append(TextDelta(text))
             calls = delta.get("tool_calls")
             if calls:
                 out.append(ToolCallDelta(tool_calls(calls)))
-            reason = normalise.label(choice.get("finish_reason"), "`finish_reason`")
-            if reason:
-                out.append(Finish(reason))
+            reason = choice.get("finish_reason")
+            if reason is not None:
+                reason = normalise.label(reason, "`finish_reason`")
+                if reason:
+                    out.append(Finish(reason))
     usage = obj.get("usage")
     if usage:
         usage = normalise.obj(usage, "`usage`")
