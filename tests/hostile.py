@@ -63,6 +63,8 @@ OPENAI: dict[str, list[bytes] | None] = {
     "ten_mb_chunk": openai_reply(BIG),
     "ten_mb_after_content": openai_reply(HEL, BIG),
     "ten_mb_line": [BIG[:-2]],  # no line end at all
+    "ten_mb_after_done": [*openai_reply(HEL), BIG],  # the reply is whole; the rest is dropped unread
+    "ten_mb_error_body": [BIG],  # with status 500
     "endless_empty_deltas": None,
     "endless_after_content": None,
 }
@@ -123,6 +125,9 @@ class HostileUpstream:
     async def openai(self, request: web.Request) -> web.StreamResponse:
         name = await self._name(request)
         pieces = OPENAI[name]
+        if name == "ten_mb_error_body":
+            assert pieces is not None
+            return web.Response(status=500, body=pieces[0], content_type="application/json")
         if pieces is None:
             head = [openai_chunk({"role": "assistant", "content": ""})]
             if name == "endless_after_content":

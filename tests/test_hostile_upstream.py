@@ -45,6 +45,8 @@ EXPECTED: dict[str, tuple[str, str, str | None, tuple[int, int] | None, bool]] =
     "o_ten_mb_chunk": ("failed", "", PROTOCOL, None, False),
     "o_ten_mb_after_content": ("failed", "Hel", PROTOCOL, None, False),
     "o_ten_mb_line": ("failed", "", PROTOCOL, None, False),
+    "o_ten_mb_after_done": ("complete", "Hel", None, (5, 2), False),
+    "o_ten_mb_error_body": ("failed", "", "upstream_http_error", None, False),
     "o_endless_empty_deltas": ("failed", "", TIMEOUT, None, False),
     "o_endless_after_content": ("failed", "Hel", TIMEOUT, None, False),
     "a_nul": ("complete", "Hel\ufffdlo", None, (5, 2), False),

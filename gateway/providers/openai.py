@@ -17,6 +17,7 @@ from .sse_decoder import SSEDecoder
 _DONE = b"[DONE]"
 NUL = normalise.NUL
 ERROR_BODY_BYTES = 1 << 16  # of a non-2xx body: enough for any error message, bounded against a hostile one
+DRAIN_BYTES = 1 << 16  # read after [DONE] to reuse the connection; past it, the connection is closed
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -118,11 +119,17 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
     """Read the body's end after [DONE], so the connection goes back to the pool for reuse."""
     if resp.content.at_eof():
         return
+    left = DRAIN_BYTES
     try:
         async with asyncio.timeout(0.25):
-            await resp.content.read()
+            while left > 0:  # read and dropped piece by piece: memory stays at one read
+                chunk = await resp.content.readany()
+                if not chunk:
+                    return
+                left -= len(chunk)
     except (asyncio.TimeoutError, aiohttp.ClientError):
-        resp.close()  # an upstream that keeps talking after [DONE] loses its connection
+        pass
+    resp.close()  # an upstream that keeps talking after [DONE] loses its connection
 
 
 def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:
