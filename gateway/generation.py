@@ -141,17 +141,39 @@ class Generation:
         try:
             await self._finish(usage, finish_reason, error)
         except Exception:
-            # the finish itself failed (a bug): the listeners still get a terminal event
+            # the finish itself failed (a bug): the row still ends failed, the reservation is still
+            # settled, and the listeners still get a terminal event
             log.exception("finishing generation %s failed", self.spec.message_id)
-            if not events.count or not events.between(events.count - 1, events.count)[0].terminal:
-                self._emit(maker.event(events.count, "error", {
-                    "type": "internal_error", "message": "the reply could not be finished", "retryable": True}))
+            error_json = {"type": "internal_error", "message": "the reply could not be finished", "retryable": True}
+            try:
+                await self._save(self._failed_record(error_json))
+            except Exception:
+                log.exception("saving generation %s as failed failed too", self.spec.message_id)
+            if not events.count:
+                self._emit(maker.event(0, "metadata", self.metadata()))
+            if not events.between(events.count - 1, events.count)[0].terminal:
+                self._emit(maker.event(events.count, "error", error_json))
         finally:
             # whatever happened, listeners must not wait forever
             self.finished = True
             self._changed.set()
             if self.spec.admission is not None:
                 self.spec.admission.done()
+
+    def _failed_record(self, error_json: dict[str, Any]) -> FinishRecord:
+        """The least that can be saved of a reply whose finish broke: no content, an estimated zero
+        usage (which hands its reservation back), the error."""
+        spec, admission, model = self.spec, self.spec.admission, self.chain.used
+        return FinishRecord(
+            usage=UsageRecord(
+                message_id=spec.message_id, user_id=spec.user_id, api_key_id=spec.api_key_id, model=model.name,
+                provider=model.provider, prompt_tokens=0, completion_tokens=0, estimated=True, cost_usd=0.0,
+                day=admission.day if admission else utc_today(),
+                user_reserved=admission.user_reserved if admission else 0,
+                key_reserved=admission.key_reserved if admission else 0),
+            status=MessageStatus.FAILED, content="", ttft_ms=self._ttft_ms,
+            latency_ms=round((time.monotonic() - self._started) * 1000), error=error_json,
+            metadata={**spec.extra_metadata, "finish_reason": "error", "estimated": True})
 
     def metadata(self) -> dict[str, Any]:
         spec = self.spec
@@ -201,6 +223,8 @@ class Generation:
                       "category": spec.category, "auto": spec.auto,
                       "fallback_from": self.chain.fallback_from, "attempts": attempts,
                       "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
+                      # the upstream's counts were clamped to fit (see providers/normalise.py)
+                      **({"usage_suspect": True} if usage.suspect else {}),
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})
         self.chain.observer.usage(record.usage)
@@ -212,8 +236,10 @@ class Generation:
         if error_json is not None:
             self._emit(maker.event(seq, "error", error_json))
         else:
-            self._emit(maker.event(seq, "usage", usage_json(usage.prompt_tokens, usage.completion_tokens,
-                                                            estimated)))
+            usage_data = usage_json(usage.prompt_tokens, usage.completion_tokens, estimated)
+            if usage.suspect:
+                usage_data["usage_suspect"] = True
+            self._emit(maker.event(seq, "usage", usage_data))
             self._emit(maker.event(seq + 1, "done", done_json(finish_reason, spec.message_id, attempts,
                                                               spec.anonymous)))
 

@@ -95,7 +95,9 @@ def sse_events(slot: bool) -> Schema:
             "fallback_from")))),
         event("message", json_text(obj({**tag, "delta": STRING}, (*tagged, "delta")))),
         event("usage", json_text(obj({**tag, "prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT,
-                                      "estimated": {"type": "boolean"}},
+                                      "estimated": {"type": "boolean"},
+                                      # the upstream's counts were out of range and clamped
+                                      "usage_suspect": {"type": "boolean"}},
                                      (*tagged, "prompt_tokens", "completion_tokens", "total_tokens")))),
         event("done", json_text(obj({**tag, "finish_reason": STRING, "message_id": UUID,
                                      "attempts": {"type": "array", "items": {"type": "object"}}},

@@ -38,8 +38,11 @@ def replay_events(message: dict[str, Any], after: int = -1) -> list[Event]:
     if message["error"] is not None:
         events.append(maker.event(seq, "error", _in_order(message["error"], _ERROR_KEYS)))
     else:
-        events.append(maker.event(seq, "usage", usage_json(
-            message["prompt_tokens"] or 0, message["completion_tokens"] or 0, bool(meta.get("estimated")))))
+        usage = usage_json(message["prompt_tokens"] or 0, message["completion_tokens"] or 0,
+                           bool(meta.get("estimated")))
+        if meta.get("usage_suspect"):
+            usage["usage_suspect"] = True  # as the live usage event had it (generation.py)
+        events.append(maker.event(seq, "usage", usage))
         events.append(maker.event(seq + 1, "done", done_json(
             meta.get("finish_reason", "stop"), message["id"],
             [_in_order(a, _ATTEMPT_KEYS) for a in meta.get("attempts", [])], anonymous)))

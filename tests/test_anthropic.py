@@ -161,3 +161,33 @@ upstream = "claude-x"
     row = await db.fetchrow("SELECT status, content, prompt_tokens, completion_tokens FROM messages WHERE id = $1::uuid",
                             meta["message_id"])
     assert dict(row) == {"status": "complete", "content": "Hello world", "prompt_tokens": 25, "completion_tokens": 15}
+
+
+async def test_anthropic_counts_out_of_range_are_clamped_and_flagged(anthropic, config_file):
+    fake, server = anthropic
+    fake.body = anthropic_stream(["Hi"], input_tokens=-4, output_tokens=2**40)
+    events = await run(server, config_file, ChatRequest([{"role": "user", "content": "Hi"}]))
+    assert events == [TextDelta("Hi"), Finish("stop"), UsageReport(0, 2**31 - 1, True)]
+
+
+async def test_anthropic_text_with_nul_is_replaced(anthropic, config_file):
+    fake, server = anthropic
+    fake.body = anthropic_stream(["a\u0000b"])
+    events = await run(server, config_file, ChatRequest([{"role": "user", "content": "Hi"}]))
+    assert events == [TextDelta("a\ufffdb"), Finish("stop"), UsageReport(25, 15)]
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 7}},
+     "`delta.text` that is not a string (int)"),
+    ({"type": "content_block_delta", "index": 0, "delta": ["x"]}, "`delta` that is not a JSON object (list)"),
+    ({"type": "message_delta", "delta": {"stop_reason": ["end_turn"]}}, "`stop_reason` that is not a string (list)"),
+    ({"type": "message_delta", "delta": {}, "usage": 5}, "`usage` that is not a JSON object (int)"),
+])
+async def test_anthropic_event_that_breaks_the_format_is_a_protocol_error(bad, message, anthropic, config_file):
+    fake, server = anthropic
+    fake.body = anthropic_stream(["Hel"]).replace(b"event: some_future_event", event(bad["type"], bad)
+                                                  + b"event: some_future_event")
+    with pytest.raises(UpstreamProtocolError) as info:
+        await run(server, config_file, ChatRequest([{"role": "user", "content": "Hi"}]))
+    assert info.value.message == "upstream sent " + message

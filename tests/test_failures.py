@@ -4,9 +4,15 @@ the right row in the database. One fake upstream per case, no fallback, so the f
 from __future__ import annotations
 
 import uuid
+from typing import Any, AsyncIterator
 
 import orjson
 import pytest
+
+from gateway.config import ModelConfig
+from gateway.providers.base import (ChatRequest, TextDelta, UpstreamHTTPError, UpstreamProtocolError,
+                                    UpstreamStreamError)
+from gateway.state import MODELS
 
 from .fakes import Reply, openai_chunk, openai_stream, parse_sse, split_every
 from .test_providers import closed_port, model_toml, openai_provider_toml
@@ -88,3 +94,86 @@ async def test_usage_chunk_without_choices_is_not_content(upstream, make_client,
     events = parse_sse(await resp.read())
     assert orjson.loads(events[-2].data)["finish_reason"] == "length"
     assert orjson.loads(events[-3].data) == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+
+
+# -- the generation's catch-all: whatever an adapter raises, the reply ends failed, saved, once ---
+
+class Scripted:
+    """A provider (registered in a running app in place of a real one) that yields `batches`, then
+    raises `error`: a stand-in for a bug in an adapter, or a provider error, at either moment."""
+
+    def __init__(self, name: str, batches: list[list[Any]], error: BaseException) -> None:
+        self.name = name
+        self.batches = batches
+        self.error = error
+
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[list[Any]]:
+        for batch in self.batches:
+            yield batch
+        raise self.error
+
+
+INJECTED: dict[str, tuple[BaseException, str]] = {
+    # name: (raised by the provider, error type the client and the row get)
+    "protocol_error": (UpstreamProtocolError("bad chunk"), "upstream_protocol_error"),
+    "stream_error": (UpstreamStreamError("overloaded"), "upstream_stream_error"),
+    "non_retryable_http_error": (UpstreamHTTPError("bad request", status=400), "upstream_http_error"),
+    "timeout_error": (TimeoutError(), "upstream_timeout"),
+    "runtime_error": (RuntimeError("bug"), "provider_error"),
+    "type_error": (TypeError("sequence item 0: expected str instance, int found"), "provider_error"),
+    "key_error": (KeyError("choices"), "provider_error"),
+    "value_error": (ValueError("invalid literal for int()"), "provider_error"),
+    "attribute_error": (AttributeError("'list' object has no attribute 'get'"), "provider_error"),
+    "unicode_error": (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "provider_error"),
+    "os_error": (OSError("disk"), "provider_error"),
+}
+
+
+@pytest.mark.parametrize("after_content", [False, True], ids=["before_content", "after_content"])
+@pytest.mark.parametrize("case", list(INJECTED))
+async def test_any_exception_from_the_chain_ends_the_reply_failed_with_one_error_event(
+        case, after_content, upstream, make_client, config_file, user, db):
+    raised, error_type = INJECTED[case]
+    client = await make_client(GATEWAY_CONFIG=config_file(config(upstream.base_url)))
+    batches = [[TextDelta("Hel")]] if after_content else []
+    client.app[MODELS].providers["up"] = Scripted("up", batches, raised)
+    resp = await client.post("/api/chat", headers=user.headers, json={"content": "hi", "stream": True})
+    events = parse_sse(await resp.read())
+    assert [e.event for e in events] == ["metadata", *(["message"] if after_content else []), "error", "message"]
+    assert events[-1].data == "[DONE]"
+    error = orjson.loads(events[-2].data)
+    assert error["type"] == error_type and set(error) == {"type", "message", "retryable"}
+    message_id = uuid.UUID(orjson.loads(events[0].data)["message_id"])
+    row = await db.fetchrow("SELECT status, content, error FROM messages WHERE id = $1", message_id)
+    assert (row["status"], row["content"], row["error"]["type"]) == ("failed", "Hel" if after_content else "",
+                                                                     error_type)
+    assert await db.fetchval("SELECT count(*) FROM usage WHERE message_id = $1", message_id) == 1
+    assert upstream.requests == []  # the scripted provider stood in for the real one
+
+
+async def test_a_finish_that_breaks_still_saves_the_row_failed_and_ends_the_stream(
+        upstream, make_client, config_file, user, db):
+    """A bug past the adapters (here: a non-string delta that no adapter would let through) breaks
+    the finish itself: the row still ends failed with a zero estimated usage, the client gets one
+    error event, and a later reader gets the same outcome from the row — not a 503."""
+    client = await make_client(GATEWAY_CONFIG=config_file(config(upstream.base_url)))
+
+    class Broken(Scripted):
+        async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[list[Any]]:
+            yield [TextDelta(42)]  # type: ignore[arg-type]
+
+    client.app[MODELS].providers["up"] = Broken("up", [], RuntimeError())
+    resp = await client.post("/api/chat", headers=user.headers, json={"content": "hi", "stream": True})
+    events = parse_sse(await resp.read())
+    assert [e.event for e in events] == ["metadata", "message", "error", "message"]
+    assert orjson.loads(events[-2].data) == {"type": "internal_error", "message": "the reply could not be finished",
+                                             "retryable": True}
+    message_id = uuid.UUID(orjson.loads(events[0].data)["message_id"])
+    row = await db.fetchrow("SELECT status, content, error FROM messages WHERE id = $1", message_id)
+    assert (row["status"], row["content"], row["error"]["type"]) == ("failed", "", "internal_error")
+    usage = await db.fetch("SELECT prompt_tokens, completion_tokens, estimated FROM usage WHERE message_id = $1",
+                           message_id)
+    assert [tuple(u) for u in usage] == [(0, 0, True)]
+    later = await client.get(f"/api/messages/{message_id}/stream", headers=user.headers)
+    assert later.status == 200
+    assert [e.event for e in parse_sse(await later.read())] == ["metadata", "error", "message"]

@@ -14,8 +14,9 @@ import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
+from . import normalise
 from .base import (Batch, ChatRequest, Finish, ProviderError, StreamEvent, TextDelta, UpstreamProtocolError,
-                   UpstreamStreamError, UsageReport)
+                   UpstreamStreamError)
 from .openai import client_timeout, raise_for_status, transport_error
 from .sse_decoder import SSEDecoder
 
@@ -81,41 +82,57 @@ class AnthropicProvider:
 
 
 class _Usage:
-    __slots__ = ("input", "output", "stopped")
+    __slots__ = ("input", "output", "suspect", "stopped")
 
     def __init__(self) -> None:
         self.input = 0
         self.output = 0
+        self.suspect = False  # a count had to be clamped (see normalise.count)
         self.stopped = False
+
+    def count(self, value: object) -> int:
+        n, bad = normalise.count(value)
+        self.suspect |= bad
+        return n
 
 
 def parse_event(name: str, data: bytes, state: _Usage) -> list[StreamEvent]:
+    """One event into normalised events, checked as `normalise` says (text a string without NUL,
+    counts that fit the usage columns); an event that breaks the format is an `UpstreamProtocolError`."""
     try:
-        obj = orjson.loads(data)
+        obj = normalise.loads(data)
     except orjson.JSONDecodeError:
         raise UpstreamProtocolError("upstream sent an event that is not JSON") from None
     if not isinstance(obj, dict):
         raise UpstreamProtocolError("upstream sent an event that is not a JSON object")
     kind = obj.get("type", name)
     if kind == "content_block_delta":
-        delta = obj.get("delta") or {}
-        if delta.get("type") == "text_delta" and delta.get("text"):
-            return [TextDelta(delta["text"])]
+        delta = normalise.obj(obj.get("delta"), "`delta`")
+        if delta.get("type") == "text_delta":
+            text = normalise.text(delta.get("text"), "`delta.text`")
+            if text:
+                return [TextDelta(text)]
     elif kind == "message_start":
-        usage = (obj.get("message") or {}).get("usage") or {}
-        state.input = int(usage.get("input_tokens") or 0)
-        state.output = int(usage.get("output_tokens") or 0)
+        usage = normalise.obj(normalise.obj(obj.get("message"), "`message`").get("usage"), "`usage`")
+        state.input = state.count(usage.get("input_tokens"))
+        state.output = state.count(usage.get("output_tokens"))
     elif kind == "message_delta":
         # output_tokens here is cumulative: it replaces, never adds
-        state.output = int((obj.get("usage") or {}).get("output_tokens") or state.output)
-        reason = (obj.get("delta") or {}).get("stop_reason")
+        output = normalise.obj(obj.get("usage"), "`usage`").get("output_tokens")
+        if output is not None:
+            state.output = state.count(output)
+        reason = normalise.label(normalise.obj(obj.get("delta"), "`delta`").get("stop_reason"), "`stop_reason`")
         if reason:
             return [Finish(STOP_REASONS.get(reason, reason))]
     elif kind == "message_stop":
         state.stopped = True
-        return [UsageReport(state.input, state.output)]
+        report = normalise.usage(state.input, state.output)  # the sum must fit too
+        report.suspect |= state.suspect
+        return [report]
     elif kind == "error":
-        err = obj.get("error") or {}
-        raise UpstreamStreamError(f"upstream error mid-stream: {err.get('type')}: {err.get('message')}"[:500])
+        err = obj.get("error")
+        err = err if isinstance(err, dict) else {"message": err}
+        raise UpstreamStreamError(normalise.clean(
+            f"upstream error mid-stream: {err.get('type')}: {err.get('message')}"[:500]))
     # ping, content_block_start/stop and event types added later are tolerated
     return []

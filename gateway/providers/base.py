@@ -52,6 +52,8 @@ class ToolCallDelta:
 class UsageReport:
     prompt_tokens: int
     completion_tokens: int
+    # the upstream's counts were out of range or not integers and had to be clamped
+    suspect: bool = False
 
 
 @dataclass(slots=True)

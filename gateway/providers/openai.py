@@ -9,11 +9,15 @@ import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
+from . import normalise
 from .base import (Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamConnectionError,
-                   UpstreamHTTPError, UpstreamProtocolError, UpstreamStreamError, UpstreamTimeout, UsageReport)
+                   UpstreamHTTPError, UpstreamProtocolError, UpstreamStreamError, UpstreamTimeout)
 from .sse_decoder import SSEDecoder
 
 _DONE = b"[DONE]"
+NUL = normalise.NUL
+ERROR_BODY_BYTES = 1 << 16  # of a non-2xx body: enough for any error message, bounded against a hostile one
+DRAIN_BYTES = 1 << 16  # read after [DONE] to reuse the connection; past it, the connection is closed
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -27,15 +31,27 @@ def retry_after_seconds(headers: Any) -> float | None:
 async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
     if resp.status < 300:
         return
-    body = await resp.read()
+    body = await read_at_most(resp, ERROR_BODY_BYTES)
     message = f"upstream answered {resp.status}"
     try:
-        detail = orjson.loads(body).get("error")
+        detail = normalise.loads(body).get("error")
         if isinstance(detail, dict) and detail.get("message"):
             message += f": {detail['message']}"
     except (orjson.JSONDecodeError, AttributeError):
         pass
-    raise UpstreamHTTPError(message[:500], status=resp.status, retry_after=retry_after_seconds(resp.headers))
+    raise UpstreamHTTPError(normalise.clean(message[:500]), status=resp.status,
+                            retry_after=retry_after_seconds(resp.headers))
+
+
+async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body's first `limit` bytes (all of it when shorter)."""
+    body = b""
+    while len(body) < limit:
+        chunk = await resp.content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return body
 
 
 def transport_error(e: asyncio.TimeoutError | aiohttp.ClientError) -> ProviderError:
@@ -103,17 +119,27 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
     """Read the body's end after [DONE], so the connection goes back to the pool for reuse."""
     if resp.content.at_eof():
         return
+    left = DRAIN_BYTES
     try:
         async with asyncio.timeout(0.25):
-            await resp.content.read()
+            while left > 0:  # read and dropped piece by piece: memory stays at one read
+                chunk = await resp.content.readany()
+                if not chunk:
+                    return
+                left -= len(chunk)
     except (asyncio.TimeoutError, aiohttp.ClientError):
-        resp.close()  # an upstream that keeps talking after [DONE] loses its connection
+        pass
+    resp.close()  # an upstream that keeps talking after [DONE] loses its connection
 
 
 def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:
-    """One `chat.completion.chunk` (or an error event) into normalised events, appended to `out`."""
+    """One `chat.completion.chunk` (or an error event) into normalised events, appended to `out`.
+
+    What it appends is checked (see `normalise`): text is a string without NUL, usage counts fit
+    the usage columns; a chunk that breaks the format is an `UpstreamProtocolError`.
+    """
     try:
-        obj = orjson.loads(data)
+        obj = normalise.loads(data)
     except orjson.JSONDecodeError:
         if event != "error":
             raise UpstreamProtocolError("upstream sent a chunk that is not JSON") from None
@@ -121,19 +147,50 @@ def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:
     if event == "error" or (isinstance(obj, dict) and obj.get("error")):
         err = (obj.get("error") or obj) if isinstance(obj, dict) else obj
         message = err.get("message") if isinstance(err, dict) else str(err)
-        raise UpstreamStreamError(f"upstream error mid-stream: {message}"[:500])
+        raise UpstreamStreamError(normalise.clean(f"upstream error mid-stream: {message}"[:500]))
     if not isinstance(obj, dict):
         raise UpstreamProtocolError("upstream sent a chunk that is not a JSON object")
-    for choice in obj.get("choices") or ():
-        delta = choice.get("delta") or {}
-        text = delta.get("content")
-        if text:
-            out.append(TextDelta(text))
-        if delta.get("tool_calls"):
-            out.append(ToolCallDelta(delta["tool_calls"]))
-        if choice.get("finish_reason"):
-            out.append(Finish(choice["finish_reason"]))
+    choices = obj.get("choices")
+    if choices:
+        if choices.__class__ is not list:
+            raise UpstreamProtocolError("upstream sent `choices` that is not a list")
+        for choice in choices:
+            # the per-chunk path: class checks inline, a call only for what is unusual
+            if choice.__class__ is not dict:
+                choice = normalise.obj(choice, "a choice")
+            delta = choice.get("delta")
+            if delta.__class__ is not dict:
+                delta = normalise.obj(delta, "`delta`")
+            text = delta.get("content")
+            if text.__class__ is not str or NUL in text:
+                text = normalise.text(text, "`delta.content`")
+            if text:
+                out.append(TextDelta(text))
+            calls = delta.get("tool_calls")
+            if calls:
+                out.append(ToolCallDelta(tool_calls(calls)))
+            reason = choice.get("finish_reason")
+            if reason is not None:
+                reason = normalise.label(reason, "`finish_reason`")
+                if reason:
+                    out.append(Finish(reason))
     usage = obj.get("usage")
     if usage:
-        out.append(UsageReport(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)))
+        usage = normalise.obj(usage, "`usage`")
+        out.append(normalise.usage(usage.get("prompt_tokens"), usage.get("completion_tokens")))
     return out
+
+
+def tool_calls(calls: object) -> list[dict[str, Any]]:
+    """`delta.tool_calls` as sent, once checked to have the shape the OpenAI route merges them by."""
+    if calls.__class__ is not list:
+        raise UpstreamProtocolError("upstream sent `delta.tool_calls` that is not a list")
+    for call in calls:  # type: ignore[attr-defined]
+        call = normalise.obj(call, "a tool call")
+        index = call.get("index", 0)
+        if index.__class__ is not int:
+            raise UpstreamProtocolError("upstream sent a tool call whose `index` is not an integer")
+        function = normalise.obj(call.get("function"), "a tool call's `function`")
+        normalise.text(function.get("name"), "a tool call's name")
+        normalise.text(function.get("arguments"), "a tool call's arguments")
+    return calls  # type: ignore[return-value]
