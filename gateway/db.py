@@ -11,6 +11,8 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ from .config import Settings
 
 log = logging.getLogger(__name__)
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# the top-level sql/ folder, installed as this package (pyproject.toml maps it): a wheel, a plain
+# `pip install .` and an editable checkout all find the files the same way
+MIGRATIONS_PACKAGE = "gateway.sql"
 # pg_advisory_lock key for migrations: any constant shared by every instance ("gw-mig")
 MIGRATION_LOCK = 0x67772D6D6967
 
@@ -95,11 +99,14 @@ async def open_database(settings: Settings) -> Database:
 
 # -- migrations ----------------------------------------------------------------------------------
 
-def migration_files(sql_dir: Path = SQL_DIR) -> list[Path]:
-    return sorted(p for p in sql_dir.glob("*.sql") if p.name[:4].isdigit())
+def migration_files(sql_dir: Traversable | None = None) -> list[Traversable]:
+    """The migrations (`NNNN_name.sql`) in the order they apply; from the package unless given."""
+    root = files(MIGRATIONS_PACKAGE) if sql_dir is None else sql_dir
+    return sorted((f for f in root.iterdir() if f.name.endswith(".sql") and f.name[:4].isdigit() and f.is_file()),
+                  key=lambda f: f.name)
 
 
-async def migrate(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+async def migrate(conn: asyncpg.Connection, sql_dir: Traversable | None = None) -> list[str]:
     """Apply the migrations not yet recorded, in order; returns the names applied.
 
     Every instance takes the same advisory lock first, so many can start at once: the first
@@ -118,7 +125,7 @@ async def migrate(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str
             if path.name in done:
                 continue
             async with conn.transaction():
-                await conn.execute(path.read_text())
+                await conn.execute(path.read_text(encoding="utf-8"))
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", path.name)
             log.info("applied migration %s", path.name)
             applied_now.append(path.name)
@@ -127,7 +134,7 @@ async def migrate(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str
     return applied_now
 
 
-async def pending_migrations(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+async def pending_migrations(conn: asyncpg.Connection, sql_dir: Traversable | None = None) -> list[str]:
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
     done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")} if exists else set()
     return [p.name for p in migration_files(sql_dir) if p.name not in done]

@@ -12,11 +12,12 @@ import asyncpg
 import psutil
 
 from gateway.config import Settings
-from gateway.db import SQL_DIR, migrate, open_database, pending_migrations
+from gateway.db import migrate, open_database, pending_migrations
 
 from .conftest import with_database
 
-# every file in sql/ is a migration, named in the order it applies
+# every .sql file in the top-level sql/ is a migration, named in the order it applies
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 ALL_MIGRATIONS = sorted(p.name for p in SQL_DIR.glob("*.sql"))
 
 

@@ -1,0 +1,1 @@
+"""The SQL migrations, applied in file-name order; installed as the package `gateway.sql`."""
