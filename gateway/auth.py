@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -36,6 +36,9 @@ class Principal:
     scopes: frozenset[str]
     limits: dict[str, Any] | None = None  # the key's own limits, if it carries any
     expires_at: datetime | None = None  # the key's expiry: a key cannot mint one that outlives it
+    _: KW_ONLY  # fields below by name only
+    # the keys above this one in its tree, parent first: their limits bound it (see api/keys.py)
+    ancestors: tuple[key_store.Ancestor, ...] = ()
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes and "admin" not in self.scopes:
@@ -105,7 +108,8 @@ class Authenticator:
         if self._last_used is not None and self._touched.get(record.id, 0.0) <= now:
             self._touched[record.id] = now + self.TOUCH_EVERY_S
             self._last_used.add((record.id, wall))  # written in a batch, off the request path
-        return Principal(record.user_id, record.email, record.id, record.scopes, record.limits, record.expires_at)
+        return Principal(record.user_id, record.email, record.id, record.scopes, record.limits, record.expires_at,
+                         ancestors=record.ancestors)
 
     def forget_key(self, key_hash: bytes) -> None:
         """Drop a cached key (revocation)."""
