@@ -125,7 +125,7 @@ class Policy:
     def __init__(self, config: LimitsConfig, pool: asyncpg.Pool, clock: Callable[[], datetime] = utc_now) -> None:
         self._config = config
         self._pool = pool
-        self._clock = clock
+        self.clock = clock  # injectable: tests pin it to step minutes
         self._streams: dict[uuid.UUID, int] = {}
 
     def active_streams(self, user_id: uuid.UUID) -> int:
@@ -136,7 +136,7 @@ class Policy:
         """`share`: this request is admitted together with share - 1 others (the arena's slots),
         so a daily reservation takes at most 1/share of what remains."""
         limits = limits_for(self._config, principal)
-        now = self._clock()
+        now = self.clock()
         day = now.date()
         action, reasons = PolicyAction.APPROVE, []
         if limits.models is not None and model not in limits.models:

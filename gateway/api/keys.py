@@ -100,9 +100,11 @@ def parse_limits(raw: Any) -> dict[str, Any] | None:
 def within_ceiling(principal: Principal, scopes: list[str] | None, limits: dict[str, Any] | None,
                    expires_at: datetime | None) -> tuple[list[str], dict[str, Any] | None, datetime | None]:
     """What a new key gets: the request, filled in and checked against the creating credential."""
-    held = set(SCOPES) if "admin" in principal.scopes else set(principal.scopes)  # admin implies the rest
+    held = principal.scopes
     if scopes is None:
         scopes = [s for s in DEFAULT_SCOPES if s in held]
+        if not scopes:
+            raise Forbidden(f"this credential holds none of the default scopes: name scopes among {sorted(held)}")
     elif not set(scopes) <= held:
         raise Forbidden(f"cannot grant scopes this credential lacks: {sorted(set(scopes) - held)}")
     if principal.api_key_id is None:  # a signed-in user (JWT): no ceiling beyond the scopes
