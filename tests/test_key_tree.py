@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.policy import Policy
 from gateway.config import LimitsConfig
+from gateway.policy import Policy
 from gateway.state import AUTH, POLICY
 from gateway.store import limits as store_limits
 from gateway.store.limits import KeyCap, Limit, LimitReached
@@ -184,7 +184,8 @@ async def test_a_chat_only_key_sees_only_itself_and_cannot_touch_its_users_other
 async def test_a_child_gets_no_broader_scopes_nor_higher_limits_than_its_ancestors(client: TestClient, root: User,
                                                                                  db: asyncpg.Pool):
     expires = (datetime.now(timezone.utc) + timedelta(hours=1)).replace(microsecond=0)
-    parent = await child_of(client, root.headers, name="parent", scopes=["chat", "admin"], expires_at=expires.isoformat(),
+    parent = await child_of(client, root.headers, name="parent", scopes=["chat", "admin"],
+                            expires_at=expires.isoformat(),
                             limits={"daily_tokens": 100, "requests_per_minute": 2, "max_tokens": 50,
                                     "models": ["demo"]})
     headers = bearer(parent["key"])

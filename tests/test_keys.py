@@ -20,8 +20,8 @@ from .conftest import MakeClient, User, wait_for
 from .test_auth import JWT_ENV, KEY, token_for
 
 MakeUser = Callable[..., Awaitable[User]]
-PUBLIC_FIELDS = {"id", "user_id", "parent_id", "name", "prefix", "scopes", "limits", "expires_at", "revoked_at", "last_used_at",
-                 "created_at"}
+PUBLIC_FIELDS = {"id", "user_id", "parent_id", "name", "prefix", "scopes", "limits", "expires_at", "revoked_at",
+                 "last_used_at", "created_at"}
 ADMIN = ("chat", "arena", "admin")
 
 
