@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
@@ -47,6 +47,9 @@ class Principal:
     expires_at: datetime | None = None
     # the API key's SHA-256, how revocations name it (not a secret, but no use in a log line either)
     key_hash: bytes | None = field(default=None, repr=False, compare=False)
+    _: KW_ONLY  # fields below by name only
+    # the keys above this one in its tree, parent first: their limits bound it (see api/keys.py)
+    ancestors: tuple[key_store.Ancestor, ...] = ()
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes and "admin" not in self.scopes:
@@ -101,7 +104,7 @@ class Authenticator:
         self._check(record)
         self._touch(record.id)
         return Principal(record.user_id, record.email, record.id, record.scopes, record.limits, record.expires_at,
-                         digest)
+                         digest, ancestors=record.ancestors)
 
     async def _record(self, digest: bytes) -> key_store.KeyRecord | None:
         """The key with this hash, from the cache while fresh, else from the database."""
@@ -159,7 +162,7 @@ class Authenticator:
         self._check(record)
         self._touch(record.id)
         return Principal(record.user_id, record.email, record.id, record.scopes, record.limits, record.expires_at,
-                         digest)
+                         digest, ancestors=record.ancestors)
 
     @contextmanager
     def watch(self, principal: Principal) -> Iterator[CredentialWatch]:

@@ -202,7 +202,10 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                             "items": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL}}),
     }, additionalProperties=False)
     key_info = obj({
-        "id": UUID, "user_id": UUID, "name": STRING, "prefix": STRING,
+        "id": UUID, "user_id": UUID,
+        "parent_id": nullable({**UUID, "description": "The key that created it (null: made by the CLI, the "
+                                                      "bootstrap or a signed-in user); revoked with it"}),
+        "name": STRING, "prefix": STRING,
         "scopes": {"type": "array", "items": {"enum": ["chat", "arena", "admin"]}},
         "limits": nullable({"type": "object"}), "expires_at": nullable(TIME), "revoked_at": nullable(TIME),
         "last_used_at": nullable(TIME), "created_at": TIME,
@@ -442,16 +445,21 @@ def _paths() -> dict[str, Any]:
             "post": op("Create an API key (shown once)", "keys",
                        {**ok(201, "The key, with its secret", "CreatedKey"), **errors(400, 401, 403, 413, 503)},
                        requestBody=json_body("CreateKey"),
-                       description="A key never creates a key stronger than itself: its scopes, limits and "
-                                   "expiry are the ceiling (admin excepted)."),
-            "get": op("The caller's keys (admin: `all=true` for everybody's)", "keys",
+                       description="With an API key, needs the `admin` scope; the new key is the caller's "
+                                   "child: its scopes, limits and expiry are within the caller's (403 otherwise), "
+                                   "its usage counts against the caller's and every ancestor's limits, and "
+                                   "revoking the caller revokes it. A signed-in user (JWT) creates keys of "
+                                   "their own, with no parent."),
+            "get": op("The caller's keys (admin: `all=true` for everybody's; a key without admin: itself "
+                      "alone)", "keys",
                       {**ok(200, "The keys, newest first", "KeyList"), **errors(400, 401, 403, 503)},
                       parameters=[query("all", {"enum": ["true", "false"], "default": "false"},
                                         "Every user's keys (admin only)")]),
         },
         "/api/keys/{key_id}": {"delete": op(
-            "Revoke a key (every instance stops accepting it within a second)", "keys",
-            {**ok(204, "Revoked (also when it already was)"), **errors(400, 401, 404, 503)},
+            "Revoke a key and all its descendants (every instance stops accepting them within a second)", "keys",
+            {**ok(204, "Revoked (also when it already was)"), **errors(400, 401, 403, 404, 503)},
+            description="An API key without `admin` may revoke only itself (403 for any other id).",
             parameters=[path_id("key_id", "key")])},
         "/api/arena": {"post": op(
             "Dual chat: two models answer the same message side by side", "arena",

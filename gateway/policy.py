@@ -1,9 +1,12 @@
 """Decide, part two: the operator's rules. One decision per request: approve, downgrade, or refuse.
 
 Checks, in order: models allowed for the key (403), the max_tokens ceiling (downgrade: clamp),
-concurrent streams per user (429, in-process), then one database call (`gateway_admit`, see
-sql/0003_policy.sql and sql/0007_admit_codes.sql; its SQL is in store/limits.py) for requests per
-minute per user and per key and the daily token caps; its refusal names the limit that fired.
+concurrent streams per user (429, in-process), then one database call (`gateway_admit_chain`, see
+sql/0008_key_tree.sql, after sql/0003_policy.sql and sql/0007_admit_codes.sql; its SQL is in
+store/limits.py) for requests per minute per user and per key and the daily token caps; its
+refusal names the limit that fired. A key's limits are those of the key and of every ancestor
+in its tree (api/keys.py): a child's request takes a slot in each ancestor's window and reserves
+against each ancestor's daily cap, so a parent's budget is shared by its subtree.
 A daily cap reserves the request's worst case (prompt estimate + max_tokens, clamped to what
 remains today) atomically; the finish write settles it to the real usage, and a request that
 never runs releases it. Nearly out of budget, a request may be downgraded to a cheaper model.
@@ -62,15 +65,18 @@ class Admission:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
-    """The limits that apply to one caller: the user's from config, the key's from its row."""
+    """The limits that apply to one caller: the user's from config, the key's and its ancestors'
+    from their rows."""
 
     user_rpm: int | None
-    key_rpm: int | None
+    key_rpm: int | None  # the key's own (the chain's are in key_chain)
     user_daily: int | None
     key_daily: int | None
     max_concurrent: int | None
     max_tokens: int | None
     models: frozenset[str] | None
+    # the key, then each ancestor, that has a requests-per-minute or daily-token limit
+    key_chain: tuple[store.KeyCap, ...] = ()
 
 
 @dataclass(slots=True, kw_only=True)
@@ -88,14 +94,23 @@ def _int_or_none(value: Any) -> int | None:
 
 def limits_for(config: LimitsConfig, principal: Principal) -> Limits:
     key = principal.limits or {}
-    ceilings = [c for c in (config.max_tokens, _int_or_none(key.get("max_tokens"))) if c]
-    concurrency = [c for c in (config.max_concurrent_streams, _int_or_none(key.get("max_concurrent_streams"))) if c]
-    models = key.get("models")
+    chain: list[tuple[uuid.UUID, dict[str, Any]]] = []
+    if principal.api_key_id is not None:
+        chain = [(principal.api_key_id, key), *((a.id, a.limits or {}) for a in principal.ancestors)]
+    ceilings = [c for c in (config.max_tokens, *(_int_or_none(k.get("max_tokens")) for _, k in chain)) if c]
+    concurrency = [c for c in (config.max_concurrent_streams,
+                               *(_int_or_none(k.get("max_concurrent_streams")) for _, k in chain)) if c]
+    models: frozenset[str] | None = None
+    for _, k in chain:  # every key of the chain that names models narrows the set
+        if isinstance(k.get("models"), list):
+            models = frozenset(k["models"]) if models is None else models & frozenset(k["models"])
+    caps = (store.KeyCap(key_id=i, rpm=_int_or_none(k.get("requests_per_minute")),
+                         daily=_int_or_none(k.get("daily_tokens"))) for i, k in chain)
     return Limits(user_rpm=config.requests_per_minute, key_rpm=_int_or_none(key.get("requests_per_minute")),
                   user_daily=config.daily_tokens, key_daily=_int_or_none(key.get("daily_tokens")),
                   max_concurrent=min(concurrency) if concurrency else None,
-                  max_tokens=min(ceilings) if ceilings else None,
-                  models=frozenset(models) if isinstance(models, list) else None)
+                  max_tokens=min(ceilings) if ceilings else None, models=models,
+                  key_chain=tuple(c for c in caps if c.rpm is not None or c.daily is not None))
 
 
 def utc_now() -> datetime:
@@ -110,7 +125,7 @@ class Policy:
     def __init__(self, config: LimitsConfig, pool: asyncpg.Pool, clock: Callable[[], datetime] = utc_now) -> None:
         self._config = config
         self._pool = pool
-        self._clock = clock
+        self.clock = clock  # injectable: tests pin it to step minutes
         self._streams: dict[uuid.UUID, int] = {}
 
     def active_streams(self, user_id: uuid.UUID) -> int:
@@ -121,7 +136,7 @@ class Policy:
         """`share`: this request is admitted together with share - 1 others (the arena's slots),
         so a daily reservation takes at most 1/share of what remains."""
         limits = limits_for(self._config, principal)
-        now = self._clock()
+        now = self.clock()
         day = now.date()
         action, reasons = PolicyAction.APPROVE, []
         if limits.models is not None and model not in limits.models:
@@ -135,7 +150,7 @@ class Policy:
         if limits.max_concurrent is not None and self.active_streams(principal.user_id) >= limits.max_concurrent:
             raise TooManyRequests(f"at most {limits.max_concurrent} concurrent streams", retry_after=1)
         reserved, downgraded_from = _Reservation(), None
-        if any(x is not None for x in (limits.user_rpm, limits.key_rpm, limits.user_daily, limits.key_daily)):
+        if limits.user_rpm is not None or limits.user_daily is not None or limits.key_chain:
             reserved = await self._admit_in_database(principal, limits, day, ceiling, prompt_tokens, now, share)
             if reserved.clamped_to is not None:
                 # what remains today bounds the reply: the upstream is told so, and the cap holds
@@ -160,14 +175,14 @@ class Policy:
 
     async def _admit_in_database(self, principal: Principal, limits: Limits, day: date, max_tokens: int | None,
                                  prompt_tokens: int, now: datetime, share: int) -> _Reservation:
-        capped = limits.user_daily is not None or (limits.key_daily is not None and principal.api_key_id)
+        keys_capped = any(k.daily is not None for k in limits.key_chain)
+        capped = limits.user_daily is not None or keys_capped
         want = prompt_tokens + (max_tokens or DEFAULT_RESERVE_TOKENS)
         window = now.replace(second=0, microsecond=0)
         try:
             granted = await store.admit(
-                self._pool, user_id=principal.user_id, api_key_id=principal.api_key_id, day=day, window=window,
-                user_rpm=limits.user_rpm, key_rpm=limits.key_rpm, want=want, user_cap=limits.user_daily,
-                key_cap=limits.key_daily, share=share)
+                self._pool, user_id=principal.user_id, keys=limits.key_chain, day=day, window=window,
+                user_rpm=limits.user_rpm, want=want, user_cap=limits.user_daily, share=share)
         except LimitReached as e:
             name = e.limit.value.replace("_", " ")
             if e.limit.per_minute:
@@ -180,9 +195,9 @@ class Policy:
                                   retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset) from None
         if not capped:
             return _Reservation()
-        reserved = _Reservation(
-            user=granted if limits.user_daily is not None else 0,
-            key=granted if limits.key_daily is not None and principal.api_key_id is not None else 0)
+        # every capped key of the chain holds the same reservation: settlement and release find them
+        reserved = _Reservation(user=granted if limits.user_daily is not None else 0,
+                                key=granted if keys_capped else 0)
         if granted < want:
             if granted <= prompt_tokens:
                 # not even the prompt fits in what remains: nothing to run
@@ -203,7 +218,8 @@ class Policy:
 
     async def release(self, admission: Admission, user_id: uuid.UUID, api_key_id: uuid.UUID | None) -> None:
         """A request admitted but never run (a duplicate, a vanished thread): give back its
-        concurrency slot and hand its reservation back."""
+        concurrency slot and hand its reservation back (the user's, its key's and every capped
+        ancestor's)."""
         admission.done()
         await store.release(self._pool, user_id=user_id, api_key_id=api_key_id, day=admission.day,
                             user_tokens=admission.user_reserved, key_tokens=admission.key_reserved)

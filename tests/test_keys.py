@@ -1,5 +1,6 @@
 """API keys over HTTP: create (shown once), list, revoke; revocation on every instance; last_used_at;
-isolation between users; no plaintext key anywhere in the database."""
+isolation between users; no plaintext key anywhere in the database. Managing keys with an API key
+needs `admin` (tests/test_key_tree.py has the rest of that model: trees, shared limits, cascades)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from .conftest import MakeClient, User, wait_for
 from .test_auth import JWT_ENV, KEY, token_for
 
 MakeUser = Callable[..., Awaitable[User]]
-PUBLIC_FIELDS = {"id", "user_id", "name", "prefix", "scopes", "limits", "expires_at", "revoked_at", "last_used_at",
-                 "created_at"}
+PUBLIC_FIELDS = {"id", "user_id", "parent_id", "name", "prefix", "scopes", "limits", "expires_at", "revoked_at",
+                 "last_used_at", "created_at"}
 ADMIN = ("chat", "arena", "admin")
 
 
@@ -49,25 +50,33 @@ async def key_count(db: asyncpg.Pool, user_id: uuid.UUID) -> int:
     return await db.fetchval("SELECT count(*) FROM api_keys WHERE user_id = $1", user_id)
 
 
+@pytest.fixture
+async def admin(make_user: MakeUser) -> User:
+    """A user whose key has `admin`: what managing keys with an API key takes."""
+    return await make_user(scopes=ADMIN)
+
+
 # -- create -----------------------------------------------------------------------------------------
 
-async def test_created_key_is_shown_once_stored_hashed_and_works(client: TestClient, user: User, db: asyncpg.Pool):
-    status, body = await create(client, user.headers, name="laptop")
+async def test_created_key_is_shown_once_stored_hashed_and_works(client: TestClient, admin: User, db: asyncpg.Pool):
+    status, body = await create(client, admin.headers, name="laptop")
     assert status == 201, body
     key = body.pop("key")
     assert KEY.fullmatch(key)
     assert set(body) == PUBLIC_FIELDS
-    assert body["name"] == "laptop" and body["user_id"] == str(user.id)
+    assert body["name"] == "laptop" and body["user_id"] == str(admin.id)
+    assert body["parent_id"] == str(await db.fetchval("SELECT id FROM api_keys WHERE key_hash = $1",
+                                                      hashlib.sha256(admin.key.encode()).digest()))
     assert body["prefix"] == key[:12]
     assert body["scopes"] == ["chat", "arena"]
     assert body["limits"] is None and body["expires_at"] is None
     assert body["revoked_at"] is None and body["last_used_at"] is None
     row = await db.fetchrow("SELECT user_id, key_hash, prefix FROM api_keys WHERE id = $1", uuid.UUID(body["id"]))
-    assert row["user_id"] == user.id
+    assert row["user_id"] == admin.id
     assert bytes(row["key_hash"]) == hashlib.sha256(key.encode()).digest()
     assert await status_with(client, key) == 200
     # the listing never shows it again
-    listed = {k["id"]: k for k in await listing(client, user.headers)}
+    listed = {k["id"]: k for k in await listing(client, admin.headers)}
     assert set(listed[body["id"]]) == PUBLIC_FIELDS
 
 
@@ -99,12 +108,12 @@ async def test_created_key_is_shown_once_stored_hashed_and_works(client: TestCli
     {"name": "k", "limits": {"burst": 3}},
     {"name": "k", "user_id": "not-a-uuid"},
 ], ids=lambda b: repr(b)[:60])
-async def test_malformed_key_requests_are_refused_and_create_nothing(client: TestClient, user: User,
+async def test_malformed_key_requests_are_refused_and_create_nothing(client: TestClient, admin: User,
                                                                     db: asyncpg.Pool, body: dict[str, Any]):
-    status, answer = await create(client, user.headers, **body)
+    status, answer = await create(client, admin.headers, **body)
     assert status == 400, answer
     assert answer["error"]["type"] == "invalid_request"
-    assert await key_count(db, user.id) == 1  # only the fixture's key
+    assert await key_count(db, admin.id) == 1  # only the fixture's key
 
 
 async def test_creating_a_key_needs_a_credential(client: TestClient):
@@ -112,12 +121,12 @@ async def test_creating_a_key_needs_a_credential(client: TestClient):
     assert status == 401 and answer["error"]["type"] == "unauthorized"
 
 
-async def test_limits_and_expiry_are_stored_and_reach_the_principal(client: TestClient, user: User,
+async def test_limits_and_expiry_are_stored_and_reach_the_principal(client: TestClient, admin: User,
                                                                    db: asyncpg.Pool):
     limits = {"requests_per_minute": 30, "daily_tokens": 5000, "max_concurrent_streams": 2, "max_tokens": 256,
               "models": ["demo", "fast", "demo"]}
     expires = (datetime.now(timezone.utc) + timedelta(days=7)).replace(microsecond=0)
-    status, body = await create(client, user.headers, name="ci", scopes=["chat"], limits=limits,
+    status, body = await create(client, admin.headers, name="ci", scopes=["chat"], limits=limits,
                                 expires_at=expires.isoformat().replace("+00:00", "Z"))
     assert status == 201, body
     stored = {"requests_per_minute": 30, "daily_tokens": 5000, "max_concurrent_streams": 2, "max_tokens": 256,
@@ -142,26 +151,30 @@ async def test_only_an_admin_may_grant_admin(client: TestClient, make_user: Make
 
 
 async def test_a_key_grants_only_scopes_it_holds(client: TestClient, make_user: MakeUser, db: asyncpg.Pool):
-    chat_only = await make_user(scopes=("chat",))
-    status, answer = await create(client, chat_only.headers, name="arena", scopes=["arena"])
+    # (a key without admin creates no key at all: tests/test_key_tree.py)
+    chat_admin = await make_user(scopes=("chat", "admin"))
+    status, answer = await create(client, chat_admin.headers, name="arena", scopes=["arena"])
     assert status == 403, answer
-    status, body = await create(client, chat_only.headers, name="default")
+    status, body = await create(client, chat_admin.headers, name="default")
     assert status == 201 and body["scopes"] == ["chat"]
-    assert await key_count(db, chat_only.id) == 2
+    assert await key_count(db, chat_admin.id) == 2
 
 
-async def test_a_key_cannot_mint_a_key_beyond_its_own_limits_or_expiry(client: TestClient, user: User):
+async def test_a_key_cannot_mint_a_key_beyond_its_own_limits_or_expiry(client: TestClient, admin: User):
     expires = (datetime.now(timezone.utc) + timedelta(hours=1)).replace(microsecond=0)
-    status, parent = await create(client, user.headers, name="parent", expires_at=expires.isoformat(),
-                                  limits={"daily_tokens": 1000, "models": ["demo", "fast"]})
+    status, parent = await create(client, admin.headers, name="parent", expires_at=expires.isoformat(),
+                                  scopes=list(ADMIN), limits={"daily_tokens": 1000, "models": ["demo", "fast"]})
     assert status == 201, parent
     limited = bearer(parent["key"])
-    # nothing asked: the child inherits the parent's ceiling
+    # nothing asked: the child is bounded by the parent's limits through the tree (shared with it,
+    # never copied: tests/test_key_tree.py), and the parent's expiry is its own
     status, child = await create(client, limited, name="child")
     assert status == 201, child
-    assert child["limits"] == {"daily_tokens": 1000, "models": ["demo", "fast"]}
+    assert child["limits"] is None and child["parent_id"] == parent["id"]
     assert datetime.fromisoformat(child["expires_at"]) == expires
-    # stricter is fine, and unset fields still come from the parent
+    principal = await client.app[AUTH].authenticate_token(child["key"])
+    assert [(a.id, a.limits) for a in principal.ancestors][0] == (uuid.UUID(parent["id"]), parent["limits"])
+    # stricter is fine
     status, child = await create(client, limited, name="stricter", limits={"daily_tokens": 10, "max_tokens": 5,
                                                                            "models": ["demo"]})
     assert status == 201 and child["limits"] == {"daily_tokens": 10, "max_tokens": 5, "models": ["demo"]}
@@ -171,13 +184,16 @@ async def test_a_key_cannot_mint_a_key_beyond_its_own_limits_or_expiry(client: T
         assert status == 403, (body, answer)
 
 
-async def test_only_an_admin_creates_keys_for_another_user(client: TestClient, make_user: MakeUser,
+async def test_only_an_admin_creates_keys_for_another_user(make_client: MakeClient, make_user: MakeUser,
                                                           db: asyncpg.Pool):
+    client = await make_client(**JWT_ENV)
     plain, other, admin = await make_user(), await make_user(), await make_user(scopes=ADMIN)
     status, answer = await create(client, plain.headers, name="theirs", user_id=str(other.id))
     assert status == 403, answer
+    status, answer = await create(client, token_for(plain.id), name="theirs", user_id=str(other.id))
+    assert status == 403, answer  # signed in as the user: their own keys only
     assert await key_count(db, other.id) == 1
-    status, mine = await create(client, plain.headers, name="mine", user_id=str(plain.id))
+    status, mine = await create(client, token_for(plain.id), name="mine", user_id=str(plain.id))
     assert status == 201 and mine["user_id"] == str(plain.id)
     # an admin may provision a user who has no row yet (as `keys create --user-id` does)
     newcomer = uuid.uuid4()
@@ -200,17 +216,17 @@ async def test_a_jwt_user_creates_keys_of_their_own(make_client: MakeClient, db:
 
 # -- list -------------------------------------------------------------------------------------------
 
-async def test_listing_shows_own_keys_newest_first_without_secrets(client: TestClient, user: User,
+async def test_listing_shows_own_keys_newest_first_without_secrets(client: TestClient, admin: User,
                                                                    db: asyncpg.Pool):
-    first_id = await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", user.id)
-    _, second = await create(client, user.headers, name="second")
-    _, third = await create(client, user.headers, name="third")
-    keys = await listing(client, user.headers)
+    first_id = await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", admin.id)
+    _, second = await create(client, admin.headers, name="second")
+    _, third = await create(client, admin.headers, name="third")
+    keys = await listing(client, admin.headers)
     assert [k["id"] for k in keys] == [third["id"], second["id"], str(first_id)]
     assert [k["name"] for k in keys] == ["third", "second", "test"]
     for k in keys:
         assert set(k) == PUBLIC_FIELDS
-        assert k["user_id"] == str(user.id) and k["revoked_at"] is None
+        assert k["user_id"] == str(admin.id) and k["revoked_at"] is None
     assert keys[0]["prefix"] == third["key"][:12]
 
 
@@ -230,8 +246,9 @@ async def test_admin_lists_every_key_only_when_asked(client: TestClient, make_us
 
 # -- revoke -----------------------------------------------------------------------------------------
 
-async def test_revoked_key_stops_at_once_and_revoking_twice_is_204(client: TestClient, user: User,
+async def test_revoked_key_stops_at_once_and_revoking_twice_is_204(client: TestClient, admin: User,
                                                                    db: asyncpg.Pool):
+    user = admin
     _, body = await create(client, user.headers, name="doomed")
     key_id = uuid.UUID(body["id"])
     assert await status_with(client, body["key"]) == 200  # now cached
@@ -255,11 +272,15 @@ async def test_a_key_may_revoke_itself(client: TestClient, user: User):
     assert await status_with(client, user.key) == 401
 
 
-async def test_revoking_unknown_or_malformed_ids(client: TestClient, user: User):
-    resp = await client.delete(f"/api/keys/{uuid.uuid4()}", headers=user.headers)
+async def test_revoking_unknown_or_malformed_ids(client: TestClient, user: User, admin: User):
+    resp = await client.delete(f"/api/keys/{uuid.uuid4()}", headers=admin.headers)
     assert resp.status == 404 and (await resp.json())["error"]["type"] == "not_found"
-    resp = await client.delete("/api/keys/not-a-uuid", headers=user.headers)
-    assert resp.status == 400
+    # without admin, another key is refused whether it exists or not: nothing to learn
+    resp = await client.delete(f"/api/keys/{uuid.uuid4()}", headers=user.headers)
+    assert resp.status == 403 and (await resp.json())["error"]["type"] == "forbidden"
+    for headers in (user.headers, admin.headers):
+        resp = await client.delete("/api/keys/not-a-uuid", headers=headers)
+        assert resp.status == 400
 
 
 async def test_admin_revokes_anybodys_key(client: TestClient, make_user: MakeUser):
@@ -272,21 +293,26 @@ async def test_admin_revokes_anybodys_key(client: TestClient, make_user: MakeUse
 
 # -- isolation and secrets --------------------------------------------------------------------------
 
-async def test_users_never_see_or_revoke_each_others_keys(client: TestClient, make_user: MakeUser,
+async def test_users_never_see_or_revoke_each_others_keys(make_client: MakeClient, make_user: MakeUser,
                                                          db: asyncpg.Pool):
+    client = await make_client(**JWT_ENV)
     alice, bob = await make_user(), await make_user()
-    _, extra = await create(client, bob.headers, name="bob's second")
+    _, extra = await create(client, token_for(bob.id), name="bob's second")
     bob_ids = {str(i) for i in await db.fetchval("SELECT array_agg(id) FROM api_keys WHERE user_id = $1", bob.id)}
     assert {k["user_id"] for k in await listing(client, alice.headers)} == {str(alice.id)}
+    assert {k["user_id"] for k in await listing(client, token_for(alice.id))} == {str(alice.id)}
     for key_id in bob_ids:
         resp = await client.delete(f"/api/keys/{key_id}", headers=alice.headers)
-        assert resp.status == 404, key_id
+        assert resp.status == 403, key_id  # her key has no admin: it may revoke only itself
+        resp = await client.delete(f"/api/keys/{key_id}", headers=token_for(alice.id))
+        assert resp.status == 404, key_id  # signed in, her own keys: bob's are not found
     assert await db.fetchval("SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL", bob.id) == 2
     assert await status_with(client, bob.key) == 200
     assert await status_with(client, extra["key"]) == 200
 
 
-async def test_no_plaintext_key_is_stored_anywhere(client: TestClient, user: User, db: asyncpg.Pool):
+async def test_no_plaintext_key_is_stored_anywhere(client: TestClient, admin: User, db: asyncpg.Pool):
+    user = admin
     _, body = await create(client, user.headers, name="secret")
     key = body["key"]
     # use it: a chat turn, a listing with the key smuggled into the query string, a refused call
@@ -308,8 +334,9 @@ async def test_no_plaintext_key_is_stored_anywhere(client: TestClient, user: Use
 
 # -- revocation across instances ------------------------------------------------------------------
 
-async def test_revocation_reaches_another_instance_within_a_second(make_client: MakeClient, user: User,
+async def test_revocation_reaches_another_instance_within_a_second(make_client: MakeClient, admin: User,
                                                                    db: asyncpg.Pool):
+    user = admin
     a = await make_client(KEY_CACHE_TTL_S="3600")
     b = await make_client(KEY_CACHE_TTL_S="3600")
     _, quiet = await create(a, user.headers, name="revoked behind the cache's back")

@@ -18,7 +18,7 @@ from gateway.journal import record_from_json
 from gateway.policy import Admission, Policy
 from gateway.providers.demo import demo_reply
 from gateway.store import limits as store_limits
-from gateway.store.limits import SQLSTATES, Limit, LimitReached
+from gateway.store.limits import SQLSTATES, KeyCap, Limit, LimitReached
 from gateway.store.messages import finish_assistant
 from gateway.vocabulary import PolicyAction
 
@@ -281,9 +281,11 @@ async def test_gateway_admit_refuses_with_the_sqlstate_of_the_limit_that_fired_a
     assert (raised.value.sqlstate, str(raised.value)) == (sqlstate, limit.value)
     assert SQLSTATES[sqlstate] is limit
     assert await admission_rows(db, user_id, key_id) == before  # the refusal rolled everything back
-    # the store names the limit from the code
+    # the store (through gateway_admit_chain, with a chain of one key) names the limit from the code
+    keys = [KeyCap(key_id=key_id, rpm=args["key_rpm"], daily=args["key_cap"])]
     with pytest.raises(LimitReached) as named:
-        await store_limits.admit(db, user_id=user_id, api_key_id=key_id, day=day, window=window, share=1, **args)
+        await store_limits.admit(db, user_id=user_id, keys=keys, day=day, window=window, share=1,
+                                 user_rpm=args["user_rpm"], want=args["want"], user_cap=args["user_cap"])
     assert named.value.limit is limit
 
 

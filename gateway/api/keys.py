@@ -1,8 +1,23 @@
 """API keys: create (the key is shown once), list, revoke.
 
-Users manage their own keys; `admin` manages everybody's. A key never mints a key stronger
-than itself: its scopes, limits and expiry are the ceiling for the keys it creates (admin
-excepted). A JWT user's session is not a ceiling: its keys are the user's own.
+Who may do what:
+- An API key with the `admin` scope creates keys (for its user, or for anybody with `user_id`),
+  lists its user's keys (everybody's with `all=true`) and revokes anybody's.
+- Any other API key may only list itself (GET /api/keys answers its own key alone) and revoke
+  itself: a `chat` key handed to a script cannot see or revoke its user's other keys.
+- A signed-in user (JWT) manages their own keys: creates, lists and revokes them.
+
+Keys form trees (sql/0008_key_tree.sql). A key created by another key is its child; keys made by
+the CLI, the first-start bootstrap or a signed-in user have no parent. A child never outranks its
+ancestors:
+- its scopes are within its parent's (403 otherwise), its expiry is no later (it defaults to the
+  parent's), and each limit the parent has is a ceiling for the child's (403 when asked for more);
+- its usage counts against its own limits and every ancestor's, in the same atomic admission: a
+  parent's daily tokens and requests per minute are shared by its whole subtree, never multiplied
+  (a limit the child does not set is bounded by the ancestor's, so it is not copied onto the child);
+  its `max_tokens`, `max_concurrent_streams` and `models` are bounded by every ancestor's too;
+- revoking a key revokes all its descendants in the same statement, on every instance within a
+  second; a key whose ancestor is revoked or expired stops working with it.
 """
 
 from __future__ import annotations
@@ -13,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import Principal
-from ..errors import BadRequest, Forbidden, NotFound
+from ..errors import BadRequest, Forbidden, NotFound, Unauthorized
 from ..state import AUTH, DB
 from ..store import keys as key_store
 from .common import caller, check_text, json_response, optional, parse_uuid, read_json
@@ -84,41 +99,48 @@ def parse_limits(raw: Any) -> dict[str, Any] | None:
 
 def within_ceiling(principal: Principal, scopes: list[str] | None, limits: dict[str, Any] | None,
                    expires_at: datetime | None) -> tuple[list[str], dict[str, Any] | None, datetime | None]:
-    """What a new key gets: the request, filled in and checked against the creating key."""
-    if "admin" in principal.scopes:
-        return scopes or list(DEFAULT_SCOPES), limits, expires_at
+    """What a new key gets: the request, filled in and checked against the creating credential."""
+    held = principal.scopes
     if scopes is None:
-        scopes = [s for s in DEFAULT_SCOPES if s in principal.scopes]
-    elif not set(scopes) <= principal.scopes:
-        raise Forbidden(f"cannot grant scopes this credential lacks: {sorted(set(scopes) - principal.scopes)}")
+        scopes = [s for s in DEFAULT_SCOPES if s in held]
+        if not scopes:
+            raise Forbidden(f"this credential holds none of the default scopes: name scopes among {sorted(held)}")
+    elif not set(scopes) <= held:
+        raise Forbidden(f"cannot grant scopes this credential lacks: {sorted(set(scopes) - held)}")
     if principal.api_key_id is None:  # a signed-in user (JWT): no ceiling beyond the scopes
         return scopes, limits, expires_at
+    # a key's child: the parent's expiry and the limits of the parent and every ancestor are
+    # ceilings, checked here so that nobody is handed a key that promises more than it can get.
+    # They are not copied onto the child: the admission counts the child against every ancestor's
+    # daily tokens and requests per minute (shared, not multiplied), and bounds it by their
+    # max_tokens, streams and models (policy.limits_for).
     if principal.expires_at is not None:
         if expires_at is None:
             expires_at = principal.expires_at
         elif expires_at > principal.expires_at:
             raise Forbidden("a key cannot outlive the key that creates it")
-    ceiling = principal.limits or {}
-    if ceiling:
-        limits = dict(limits or {})
-        for name in LIMIT_INTS:
-            cap = ceiling.get(name)
-            if cap is None:
-                continue
-            if limits.get(name) is None:
-                limits[name] = cap
-            elif limits[name] > cap:
-                raise Forbidden(f"limits.{name} cannot exceed this key's own ({cap})")
-        if ceiling.get("models") is not None:
-            if limits.get("models") is None:
-                limits["models"] = list(ceiling["models"])
-            elif not set(limits["models"]) <= set(ceiling["models"]):
+    chain = [principal.limits or {}, *(a.limits or {} for a in principal.ancestors)]
+    asked = limits or {}
+    for name in LIMIT_INTS:
+        caps = [c[name] for c in chain if c.get(name) is not None]
+        if caps and asked.get(name) is not None and asked[name] > min(caps):
+            raise Forbidden(f"limits.{name} cannot exceed this key's own ({min(caps)})")
+    if asked.get("models") is not None:
+        for c in chain:
+            if c.get("models") is not None and not set(asked["models"]) <= set(c["models"]):
                 raise Forbidden("limits.models must be among this key's own models")
     return scopes, limits, expires_at
 
 
+def require_admin_key(principal: Principal, action: str) -> None:
+    """API keys manage keys only with `admin`; a signed-in user (JWT) manages their own."""
+    if principal.api_key_id is not None and "admin" not in principal.scopes:
+        raise Forbidden(f"{action} needs the admin scope")
+
+
 async def create_key(request: web.Request) -> web.Response:
     principal = await caller(request)
+    require_admin_key(principal, "creating keys")
     body = await read_json(request)
     name = optional(body, "name", str, "a string")
     if not name or not name.strip() or len(name) > NAME_MAX:
@@ -132,10 +154,14 @@ async def create_key(request: web.Request) -> web.Response:
         if owner != principal.user_id and "admin" not in principal.scopes:
             raise Forbidden("only an admin may create a key for another user")
     scopes, limits, expires_at = within_ceiling(principal, scopes, limits, expires_at)
-    async with request.app[DB].pool.acquire() as conn, conn.transaction():
-        if owner != principal.user_id:
-            await key_store.upsert_user(conn, owner, None)  # an admin provisioning a new user, as the CLI does
-        row, key = await key_store.issue_key(conn, owner, name, scopes, expires_at, limits)
+    try:
+        async with request.app[DB].pool.acquire() as conn, conn.transaction():
+            if owner != principal.user_id:
+                await key_store.upsert_user(conn, owner, None)  # an admin provisioning a new user, as the CLI does
+            # made by a key: that key's child, in its tree for good
+            row, key = await key_store.issue_key(conn, owner, name, scopes, expires_at, limits, principal.api_key_id)
+    except key_store.ParentRevoked:
+        raise Unauthorized("API key revoked") from None  # revoked since it authenticated
     row["key"] = key  # the only time it is shown
     return json_response(row, status=201)
 
@@ -147,16 +173,21 @@ async def list_keys(request: web.Request) -> web.Response:
         raise BadRequest("all must be true or false")
     if every == "true" and "admin" not in principal.scopes:
         raise Forbidden("only an admin may list every key")
-    rows = await key_store.list_keys(request.app[DB].pool, None if every == "true" else principal.user_id)
+    # a key without admin sees itself alone: not its user's other keys
+    only = principal.api_key_id if principal.api_key_id is not None and "admin" not in principal.scopes else None
+    rows = await key_store.list_keys(request.app[DB].pool, None if every == "true" else principal.user_id, only)
     return json_response({"keys": rows})
 
 
 async def revoke_key(request: web.Request) -> web.Response:
     principal = await caller(request)
     key_id = parse_uuid(request.match_info["key_id"], "key id")
+    if key_id != principal.api_key_id:
+        require_admin_key(principal, "revoking another key")
     owner = None if "admin" in principal.scopes else principal.user_id
-    key_hash = await key_store.revoke_key(request.app[DB].pool, key_id, owner)
-    if key_hash is None:
+    hashes = await key_store.revoke_key(request.app[DB].pool, key_id, owner)
+    if hashes is None:
         raise NotFound("key not found")  # somebody else's is not found either
-    request.app[AUTH].forget_key(key_hash)  # here at once; the other instances hear the notification
+    for key_hash in hashes:  # the key and its descendants: here at once; the other instances hear NOTIFYs
+        request.app[AUTH].forget_key(key_hash)
     return web.Response(status=204)

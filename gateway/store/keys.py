@@ -1,4 +1,9 @@
-"""SQL for users and API keys. A key is stored only as its SHA-256 and a short display prefix."""
+"""SQL for users and API keys. A key is stored only as its SHA-256 and a short display prefix.
+
+Keys form trees (sql/0008_key_tree.sql): a key made by another key is its child, and carries its
+whole chain of ancestors (parent first, root last), written once. A key works only while it and
+every ancestor work; revoking a key revokes its descendants in the same statement.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ DISPLAY_CHARS = 12  # "gwk_" + 8 characters: enough to tell keys apart, useless 
 # every instance LISTENs here and drops the key (payload: its hash in hex) from its cache
 REVOKED_CHANNEL = "gateway_key_revoked"
 # what a listing shows: never the key, never its hash
-_PUBLIC = "id, user_id, name, prefix, scopes, limits, expires_at, revoked_at, last_used_at, created_at"
+_PUBLIC = "id, user_id, parent_id, name, prefix, scopes, limits, expires_at, revoked_at, last_used_at, created_at"
 
 
 def new_key() -> str:
@@ -28,15 +33,28 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+class ParentRevoked(Exception):
+    """The key that would be the new key's parent (or one of its ancestors) is revoked."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ancestor:
+    """A key above another in its tree: its limits bound every key below it, whose usage is its own."""
+
+    id: uuid.UUID
+    limits: dict[str, Any] | None
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     id: uuid.UUID
     user_id: uuid.UUID
     email: str | None
     scopes: frozenset[str]
-    expires_at: datetime | None
-    revoked_at: datetime | None
+    expires_at: datetime | None  # the earliest of the key's and its ancestors'
+    revoked_at: datetime | None  # likewise: a key dies with any ancestor
     limits: dict[str, Any] | None = None  # per-key limits for the policy (requests_per_minute, models, ...)
+    ancestors: tuple[Ancestor, ...] = ()  # parent first, root last
 
 
 async def upsert_user(conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID, email: str | None) -> None:
@@ -53,37 +71,66 @@ async def create_key(conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID
     return row["id"], key
 
 
+# A child is inserted only while its parent and every ancestor are unrevoked, checked under a
+# KEY SHARE lock on each of them: a revocation (which locks its key FOR UPDATE first, see
+# revoke_key) either waits for this insert and then sees the child, or commits first and this
+# insert sees it revoked. No child escapes its tree's revocation.
+_ISSUE = f"""
+WITH parent AS (SELECT id, ancestors FROM api_keys WHERE id = $8),
+chain AS (
+    SELECT revoked_at FROM api_keys WHERE id = $8 OR id IN (SELECT unnest(ancestors) FROM parent) FOR KEY SHARE
+)
+INSERT INTO api_keys (user_id, name, prefix, key_hash, scopes, expires_at, limits, parent_id, ancestors)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8,
+       CASE WHEN $8::uuid IS NULL THEN '{{}}'::uuid[] ELSE $8 || (SELECT ancestors FROM parent) END
+WHERE (SELECT count(*) FILTER (WHERE revoked_at IS NOT NULL) FROM chain) = 0
+RETURNING {_PUBLIC}"""
+
+
 async def issue_key(conn: asyncpg.Connection | asyncpg.Pool, user_id: uuid.UUID, name: str, scopes: list[str],
-                    expires_at: datetime | None = None,
-                    limits: dict[str, Any] | None = None) -> tuple[dict[str, Any], str]:
-    """Returns (the key's public row, the plaintext key)."""
+                    expires_at: datetime | None = None, limits: dict[str, Any] | None = None,
+                    parent_id: uuid.UUID | None = None) -> tuple[dict[str, Any], str]:
+    """Returns (the key's public row, the plaintext key). `parent_id`: the key creating it (None for
+    the CLI, the bootstrap and signed-in users); raises ParentRevoked when that key or one of its
+    ancestors is revoked."""
     key = new_key()
-    row = await conn.fetchrow(
-        "INSERT INTO api_keys (user_id, name, prefix, key_hash, scopes, expires_at, limits) "
-        f"VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_PUBLIC}",
-        user_id, name, key[:DISPLAY_CHARS], hash_key(key), scopes, expires_at, limits)
+    row = await conn.fetchrow(_ISSUE, user_id, name, key[:DISPLAY_CHARS], hash_key(key), scopes, expires_at, limits,
+                              parent_id)
+    if row is None:
+        raise ParentRevoked(str(parent_id))
     return dict(row), key
 
 
-async def list_keys(pool: asyncpg.Pool, user_id: uuid.UUID | None) -> list[dict[str, Any]]:
-    """A user's keys (None: everybody's), newest first."""
+async def list_keys(pool: asyncpg.Pool, user_id: uuid.UUID | None,
+                    key_id: uuid.UUID | None = None) -> list[dict[str, Any]]:
+    """A user's keys (None: everybody's), newest first; only the key `key_id` when given."""
     rows = await pool.fetch(
-        f"SELECT {_PUBLIC} FROM api_keys WHERE $1::uuid IS NULL OR user_id = $1 ORDER BY created_at DESC, id DESC",
-        user_id)
+        f"SELECT {_PUBLIC} FROM api_keys WHERE ($1::uuid IS NULL OR user_id = $1) AND ($2::uuid IS NULL OR id = $2) "
+        "ORDER BY created_at DESC, id DESC", user_id, key_id)
     return [dict(r) for r in rows]
 
 
-async def revoke_key(pool: asyncpg.Pool, key_id: uuid.UUID, user_id: uuid.UUID | None) -> bytes | None:
-    """Revoke a key of `user_id` (None: anybody's); its hash, or None when there is no such key.
+async def revoke_key(pool: asyncpg.Pool, key_id: uuid.UUID, user_id: uuid.UUID | None) -> list[bytes] | None:
+    """Revoke a key of `user_id` (None: anybody's) and all its descendants (whoever owns them);
+    the hashes of every key revoked, or None when there is no such key.
 
-    Idempotent: a second revocation keeps the first time. The notification goes out with the
-    commit, so no instance hears of a revocation that did not happen.
+    Idempotent: a second revocation keeps the first time. The key is locked first, so a child
+    being created under it (see _ISSUE) is either refused or committed and revoked here. The
+    notifications (one per key) go out with the commit, so no instance hears of a revocation
+    that did not happen.
     """
-    return await pool.fetchval("""
-        WITH revoked AS (
-            UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
-            WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2) RETURNING key_hash)
-        SELECT key_hash, pg_notify($3, encode(key_hash, 'hex')) FROM revoked""", key_id, user_id, REVOKED_CHANNEL)
+    async with pool.acquire() as conn, conn.transaction():
+        found = await conn.fetchval("SELECT id FROM api_keys WHERE id = $1 AND ($2::uuid IS NULL OR user_id = $2) "
+                                    "FOR UPDATE", key_id, user_id)
+        if found is None:
+            return None
+        # a new statement, so a new snapshot: children committed while we waited for the lock are in it
+        rows = await conn.fetch("""
+            WITH revoked AS (
+                UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+                WHERE id = $1 OR ancestors @> ARRAY[$1::uuid] RETURNING key_hash)
+            SELECT key_hash, pg_notify($2, encode(key_hash, 'hex')) FROM revoked""", key_id, REVOKED_CHANNEL)
+    return [r["key_hash"] for r in rows]
 
 
 async def touch_keys(pool: asyncpg.Pool, used: list[tuple[uuid.UUID, datetime]]) -> None:
@@ -95,13 +142,24 @@ async def touch_keys(pool: asyncpg.Pool, used: list[tuple[uuid.UUID, datetime]])
 
 
 async def find_key(pool: asyncpg.Pool, key_hash: bytes) -> KeyRecord | None:
+    """The key with this hash and its chain: revoked or expired when it or any ancestor is (the
+    revocation cascade already marks descendants; this is the belt to its braces)."""
     row = await pool.fetchrow("""
-        SELECT k.id, k.user_id, u.email, k.scopes, k.expires_at, k.revoked_at, k.limits
-        FROM api_keys k JOIN users u ON u.id = k.user_id WHERE k.key_hash = $1""", key_hash)
+        SELECT k.id, k.user_id, u.email, k.scopes, k.limits,
+               least(k.expires_at, a.expires_at) AS expires_at, least(k.revoked_at, a.revoked_at) AS revoked_at,
+               coalesce(a.ids, '{}') AS ancestor_ids, coalesce(a.limits, '{}') AS ancestor_limits
+        FROM api_keys k JOIN users u ON u.id = k.user_id
+        LEFT JOIN LATERAL (
+            SELECT array_agg(p.id ORDER BY c.pos) AS ids, array_agg(p.limits ORDER BY c.pos) AS limits,
+                   min(p.expires_at) AS expires_at, min(p.revoked_at) AS revoked_at
+            FROM unnest(k.ancestors) WITH ORDINALITY AS c (id, pos) JOIN api_keys p ON p.id = c.id
+        ) a ON true
+        WHERE k.key_hash = $1""", key_hash)
     if row is None:
         return None
+    ancestors = tuple(Ancestor(id=i, limits=limits) for i, limits in zip(row["ancestor_ids"], row["ancestor_limits"]))
     return KeyRecord(row["id"], row["user_id"], row["email"], frozenset(row["scopes"]), row["expires_at"],
-                     row["revoked_at"], row["limits"])
+                     row["revoked_at"], row["limits"], ancestors)
 
 
 async def create_user_with_key(pool: asyncpg.Pool, name: str, scopes: list[str], user_id: uuid.UUID | None = None,

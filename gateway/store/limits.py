@@ -1,13 +1,17 @@
 """SQL for admission: per-minute request windows and daily token reservations (per user, per key).
 
-`admit` is one call to `gateway_admit` (sql/0003_policy.sql, redefined in sql/0007_admit_codes.sql):
-it takes the request's rate-window slots and reserves its worst case atomically, or changes
-nothing and raises `LimitReached` naming the limit, read from the function's SQLSTATE.
+`admit` is one call to `gateway_admit_chain` (sql/0008_key_tree.sql; gateway_admit of
+sql/0003_policy.sql and sql/0007_admit_codes.sql for a whole key tree): it takes the request's
+rate-window slots and reserves its worst case atomically, for the user and for the caller's key
+and every ancestor of it that has limits, or changes nothing and raises `LimitReached` naming
+the limit, read from the function's SQLSTATE.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date, datetime
 from enum import StrEnum
 
@@ -44,15 +48,26 @@ class LimitReached(Exception):
         self.limit = limit
 
 
-async def admit(pool: asyncpg.Pool, *, user_id: uuid.UUID, api_key_id: uuid.UUID | None, day: date,
-                window: datetime, user_rpm: int | None, key_rpm: int | None, want: int,
-                user_cap: int | None, key_cap: int | None, share: int) -> int:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyCap:
+    """One key's limits in an admission: the caller's key, or one of its ancestors."""
+
+    key_id: uuid.UUID
+    rpm: int | None  # requests per minute (None: no limit)
+    daily: int | None  # tokens per UTC day (None: no cap)
+
+
+async def admit(pool: asyncpg.Pool, *, user_id: uuid.UUID, keys: Sequence[KeyCap], day: date, window: datetime,
+                user_rpm: int | None, want: int, user_cap: int | None, share: int) -> int:
     """Take one slot in each per-minute window and reserve up to `want` tokens against each daily
-    cap (a None limit is skipped); returns the tokens reserved (`want` when no cap applies)."""
+    cap (a None limit is skipped), the user's and those of `keys` (the caller's key first, then
+    its ancestors, root last); returns the tokens reserved (`want` when no cap applies). Every
+    capped key reserves the same amount, the one returned."""
     try:
         granted: int = await pool.fetchval(
-            "SELECT gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", user_id, api_key_id, day, window,
-            user_rpm, key_rpm, want, user_cap, key_cap, share)
+            "SELECT gateway_admit_chain($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", user_id,
+            [k.key_id for k in keys], day, window, user_rpm, [k.rpm for k in keys], want, user_cap,
+            [k.daily for k in keys], share)
     except asyncpg.PostgresError as e:
         limit = SQLSTATES.get(getattr(e, "sqlstate", None) or "")
         if limit is None:
@@ -68,15 +83,33 @@ async def user_day_committed(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) 
     return used or 0
 
 
+# The keys that hold a request's key reservation: its key and each ancestor with a daily cap (the
+# same rule as the settlement in store/usage.py). Locked leaf first, then released: the order
+# gateway_admit_chain locks them in, so a release never deadlocks with an admission.
+_RELEASE_KEYS = """
+WITH chain AS (
+    SELECT c.id, c.pos FROM api_keys k, unnest(k.id || k.ancestors) WITH ORDINALITY AS c (id, pos)
+    WHERE k.id = $1
+),
+held AS (
+    SELECT d.api_key_id FROM key_daily_usage d JOIN chain ON chain.id = d.api_key_id
+    JOIN api_keys m ON m.id = d.api_key_id
+    WHERE d.day = $2 AND m.limits ->> 'daily_tokens' IS NOT NULL
+    ORDER BY chain.pos FOR UPDATE OF d
+)
+UPDATE key_daily_usage d SET reserved = greatest(d.reserved - $3, 0)
+FROM held WHERE d.api_key_id = held.api_key_id AND d.day = $2"""
+
+
 async def release(pool: asyncpg.Pool, *, user_id: uuid.UUID, api_key_id: uuid.UUID | None, day: date,
                   user_tokens: int, key_tokens: int) -> None:
-    """Hand back reservations of a request that never ran (both caps in one transaction)."""
+    """Hand back reservations of a request that never ran: the user's, and those of its key and of
+    each ancestor that has a daily cap (all in one transaction, keys before the user, as admitted)."""
     if not user_tokens and not (key_tokens and api_key_id is not None):
         return
     async with pool.acquire() as conn, conn.transaction():
+        if key_tokens and api_key_id is not None:
+            await conn.execute(_RELEASE_KEYS, api_key_id, day, key_tokens)
         if user_tokens:
             await conn.execute("UPDATE daily_usage SET reserved = greatest(reserved - $3, 0) "
                                "WHERE user_id = $1 AND day = $2", user_id, day, user_tokens)
-        if key_tokens and api_key_id is not None:
-            await conn.execute("UPDATE key_daily_usage SET reserved = greatest(reserved - $3, 0) "
-                               "WHERE api_key_id = $1 AND day = $2", api_key_id, day, key_tokens)

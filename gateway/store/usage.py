@@ -10,10 +10,13 @@ import asyncpg
 
 # CTEs shared by every writer of usage: parameters $1..$12 are one array per UsageRecord field
 # (a single finish passes arrays of one). A usage row is inserted only if absent, and the daily
-# totals (per user and per key, summed per day) move only by the rows that were new: replaying
-# records changes nothing. The same step settles each reply's reservation: the worst case
-# reserved at admission is released and the real usage counted instead, on the admission day.
-# Set-based, so a batch costs the database one statement and one upsert per (user, day).
+# totals (per user, and per key for the reply's key and each of its ancestors: a key's totals
+# include its descendants', see sql/0008_key_tree.sql) move only by the rows that were new:
+# replaying records changes nothing. The same step settles each reply's reservation: the worst
+# case reserved at admission is released and the real usage counted instead, on the admission
+# day. Set-based, so a batch costs the database one statement and one upsert per (user, day) and
+# per (key, day). Rows are locked in admission's order (keys leaf first, then users), so a
+# settlement and an admission never deadlock.
 USAGE_CTES = """
 r AS (
     SELECT DISTINCT ON (message_id) * FROM unnest(
@@ -31,23 +34,39 @@ u AS (
     RETURNING message_id
 ),
 new AS (SELECT r.* FROM r JOIN u USING (message_id)),
-d AS (
-    -- `reserved` carries the amount to release; a reservation always made its day's row first,
-    -- so a row created here has nothing reserved (the amount is 0)
-    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd, reserved)
-    SELECT user_id, day, sum(prompt_tokens + completion_tokens), count(*), sum(cost_usd), sum(user_reserved)
-    FROM new GROUP BY user_id, day
-    ON CONFLICT (user_id, day) DO UPDATE SET tokens = d.tokens + EXCLUDED.tokens,
-        requests = d.requests + EXCLUDED.requests, cost_usd = d.cost_usd + EXCLUDED.cost_usd,
-        reserved = greatest(d.reserved - EXCLUDED.reserved, 0)
+chain AS (
+    -- each new row once per key of its chain (its key, then the ancestors); only keys with a daily
+    -- cap reserved at admission (gateway_admit_chain), so only theirs is released. `depth` orders
+    -- the upsert below leaf first.
+    SELECT c.key_id, new.day, new.prompt_tokens + new.completion_tokens AS tokens, new.cost_usd,
+           CASE WHEN m.limits ->> 'daily_tokens' IS NOT NULL THEN new.key_reserved ELSE 0 END AS reserved,
+           cardinality(h.ids) - c.pos AS depth
+    FROM new
+    CROSS JOIN LATERAL (SELECT new.api_key_id || coalesce(
+        (SELECT a.ancestors FROM api_keys a WHERE a.id = new.api_key_id), '{}'::uuid[]) AS ids) h
+    CROSS JOIN LATERAL unnest(h.ids) WITH ORDINALITY AS c (key_id, pos)
+    LEFT JOIN api_keys m ON m.id = c.key_id
+    WHERE new.api_key_id IS NOT NULL
 ),
 k AS (
+    -- `reserved` carries the amount to release; a reservation always made its day's row first,
+    -- so a row created here has nothing reserved (the amount is 0)
     INSERT INTO key_daily_usage AS k (api_key_id, day, tokens, requests, cost_usd, reserved)
-    SELECT api_key_id, day, sum(prompt_tokens + completion_tokens), count(*), sum(cost_usd), sum(key_reserved)
-    FROM new WHERE api_key_id IS NOT NULL GROUP BY api_key_id, day
+    SELECT key_id, day, sum(tokens), count(*), sum(cost_usd), sum(reserved)
+    FROM chain GROUP BY key_id, day ORDER BY max(depth) DESC, key_id
     ON CONFLICT (api_key_id, day) DO UPDATE SET tokens = k.tokens + EXCLUDED.tokens,
         requests = k.requests + EXCLUDED.requests, cost_usd = k.cost_usd + EXCLUDED.cost_usd,
         reserved = greatest(k.reserved - EXCLUDED.reserved, 0)
+    RETURNING 1
+),
+d AS (
+    -- the same for users; it reads k, so k (and its locks) come first
+    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd, reserved)
+    SELECT user_id, day, sum(prompt_tokens + completion_tokens), count(*), sum(cost_usd), sum(user_reserved)
+    FROM new WHERE (SELECT count(*) FROM k) >= 0 GROUP BY user_id, day
+    ON CONFLICT (user_id, day) DO UPDATE SET tokens = d.tokens + EXCLUDED.tokens,
+        requests = d.requests + EXCLUDED.requests, cost_usd = d.cost_usd + EXCLUDED.cost_usd,
+        reserved = greatest(d.reserved - EXCLUDED.reserved, 0)
 )"""
 
 _RECORD = "WITH " + USAGE_CTES + "\nSELECT (SELECT count(*) FROM u) AS usage"
@@ -66,7 +85,7 @@ class UsageRecord:
     cost_usd: float
     day: date  # the UTC day the request was admitted on: its usage counts there
     user_reserved: int = 0  # the admission's reservations, released by this record
-    key_reserved: int = 0
+    key_reserved: int = 0  # reserved on the key and on each ancestor with a daily cap (the same amount)
 
     def params(self) -> tuple[object, ...]:
         # by hand: dataclasses.astuple deep-copies every field, far too slow for a batch
