@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.instance import lock_key
 from gateway.state import INSTANCE
+from gateway.store.keys import create_key, hash_key
 
 from .conftest import MakeClient, User, wait_for
 from .fakes import FakeUpstream, Reply, openai_stream
@@ -52,7 +53,14 @@ def sse_lapse(message: str) -> bytes:
 
 
 async def key_id_of(db: asyncpg.Pool, user: User) -> uuid.UUID:
-    return await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", user.id)
+    """The id of the key the user's headers carry (the user may have others)."""
+    return await db.fetchval("SELECT id FROM api_keys WHERE key_hash = $1", hash_key(user.key))
+
+
+async def another_key(db: asyncpg.Pool, user: User, name: str) -> dict[str, str]:
+    """Headers with a second key of the same user (made as the CLI would: only admin keys mint keys)."""
+    _, key = await create_key(db, user.id, name, ["chat", "arena"])
+    return {"Authorization": f"Bearer {key}"}
 
 
 async def revoke(client: TestClient, user: User, db: asyncpg.Pool) -> None:
@@ -169,8 +177,7 @@ async def test_a_socket_of_a_key_closes_with_4001_when_the_key_expires(
 
 
 async def test_other_keys_sockets_stay_open(client: TestClient, user: User, db: asyncpg.Pool):
-    resp = await client.post("/api/keys", json={"name": "second"}, headers=user.headers)
-    second = {"Authorization": f"Bearer {(await resp.json())['key']}"}
+    second = await another_key(db, user, "second")
     async with client.ws_connect("/ws", headers=user.headers) as revoked, \
             client.ws_connect("/ws", headers=second) as kept:
         await revoke(client, user, db)
@@ -188,8 +195,7 @@ async def test_an_sse_stream_of_a_revoked_key_ends_with_an_error_event_and_the_r
     resp = await client.post("/api/chat", json={"content": "held"}, headers=user.headers)
     accepted = await resp.json()
     mid = accepted["assistant_message_id"]
-    second = await client.post("/api/keys", json={"name": "other"}, headers=user.headers)
-    other = {"Authorization": f"Bearer {(await second.json())['key']}"}
+    other = await another_key(db, user, "other")
 
     by_header = await client.get(stream_path(mid), headers=user.headers)
     by_token = await client.get(accepted["stream_url"])
