@@ -25,6 +25,8 @@ from .instance import Instance
 from .journal import FinishJournal
 from .jwt_auth import JwtVerifier
 from .leaderboard import LeaderboardCache
+from .logs import install_redaction
+from .malformed import install as answer_malformed_requests_in_json
 from .metrics import Metrics, observe, on_prepare
 from .middleware import Cors, add_request_id, errors
 from .openapi import get_openapi
@@ -161,6 +163,9 @@ async def finish_generations(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
+    # process-wide, idempotent: no key in aiohttp's or our logs, no request text in a malformed request's 400
+    install_redaction()
+    answer_malformed_requests_in_json()
     cors = Cors(settings.cors_origins)
     metrics = Metrics()  # this app's own registry
     # observe is outermost: it counts the error responses the errors middleware makes, too

@@ -242,7 +242,10 @@ class Timings:
 def route_of(request: web.BaseRequest) -> str:
     """The matched route's pattern (`/api/messages/{message_id}`): never the raw path, whose ids
     (and anything a client sends) would make a new series each."""
-    resource = request.match_info.route.resource
+    try:
+        resource = request.match_info.route.resource
+    except AssertionError:  # aiohttp refused the request before routing it (malformed): it has no match_info
+        return "malformed"
     return resource.canonical if resource is not None else "unmatched"
 
 

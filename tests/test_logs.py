@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -20,12 +21,13 @@ import pytest
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.errors import ConfigError
-from gateway.logs import JsonFormatter
+from gateway.logs import REDACT, TEXT_FORMAT, JsonFormatter, install_redaction, redact
 from gateway.middleware import AccessLogger
 
 from .conftest import User, wait_for
 from .fakes import FakeUpstream, parse_sse
 from .test_cli import cli_env, free_port, wait_until_healthy
+from .test_hostile_requests import hostile_requests, secret_parts, send_raw
 
 JWT_SECRET = "logs-test-jwt-secret-that-is-32-bytes-or-more"
 UPSTREAM_KEY = "sk-upstream-" + "u" * 32
@@ -111,7 +113,7 @@ async def test_a_real_server_logs_json_lines_without_any_key_token_or_secret(
     log_path = tmp_path / "serve.log"
     env = cli_env(database_url, LOG_FORMAT="json", LOG_LEVEL="DEBUG", JWT_SECRET=JWT_SECRET,
                   OPENAI_API_KEY=UPSTREAM_KEY, OPENAI_BASE_URL=upstream.base_url, OPENAI_MODEL="fake",
-                  SHUTDOWN_GRACE_S="2")
+                  SHUTDOWN_GRACE_S="2", PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # this checkout's code
     with log_path.open("wb") as log_file:
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "serve", "--port", str(port),
                                                     cwd=tmp_path, env=env, stdout=log_file, stderr=log_file)
@@ -142,6 +144,10 @@ async def test_a_real_server_logs_json_lines_without_any_key_token_or_secret(
                 new_key = (await resp.json())["key"]
             async with session.get(base + "/api/me", headers={"Authorization": f"Bearer {new_key}"}) as resp:
                 assert resp.status == 200
+            # a malformed request: aiohttp's parser error quotes the header, key and all
+            status, _, body = await send_raw(SimpleNamespace(host="127.0.0.1", port=port),
+                                             hostile_requests(user.key)["control character in Authorization"])
+            assert status == 400 and b"malformed HTTP request" in body
             async with session.post(base + "/v1/chat/completions", headers={**as_key, "X-Request-Id": "log-openai"},
                                     json={"model": "fake", "stream": True,
                                           "messages": [{"role": "user", "content": "sdk chat"}]}) as resp:
@@ -159,9 +165,14 @@ async def test_a_real_server_logs_json_lines_without_any_key_token_or_secret(
     for name, secret in {"API key": user.key, "JWT": token, "JWT secret": JWT_SECRET, "stream token": stream_token,
                          "new key": new_key, "bad key": bad_key, "upstream key": UPSTREAM_KEY}.items():
         assert secret not in text, f"the {name} is in the log"
+    for part in secret_parts(user.key):  # nor any piece of the key the malformed request split
+        assert part not in text
     lines = [orjson.loads(line) for line in text.splitlines() if line.strip()]  # every line is one JSON object
     assert all({"ts", "level", "logger", "message"} <= obj.keys() for obj in lines)
     access = {obj["request_id"]: obj for obj in lines if obj["logger"] == "aiohttp.access"}
+    [refused] = [obj for obj in lines if obj["logger"] == "aiohttp.server"]
+    assert refused["message"] == "Error handling request from 127.0.0.1" and "BadHttpMessage" in refused["exc"]
+    assert [obj["route"] for obj in access.values() if obj["status"] == 400] == ["malformed"]
 
     def fields(request_id: str, *keys: str) -> dict[str, Any]:
         return {k: access[request_id][k] for k in keys}
@@ -189,3 +200,68 @@ async def test_a_real_server_logs_json_lines_without_any_key_token_or_secret(
 def test_bad_log_or_metrics_setting_fails_at_start_naming_it(name: str, value: str):
     with pytest.raises(ConfigError, match=f"^{name} "):
         Settings.from_env({name: value})
+
+
+KEY = "gwk_" + "K" * 16 + "-secret_tail_0123456789ab"
+JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl"
+
+
+@pytest.mark.parametrize(("text", "clean"), [
+    (f"Authorization: Bearer {KEY}", "Authorization: [redacted]"),
+    # a key split by a control character, as aiohttp's parser error prints the header
+    (f"b'Authorization: Bearer {KEY[:20]}\\x01{KEY[20:]}'\n   ^", "b'Authorization: [redacted]'\n   ^"),
+    ("{'authorization': 'Basic dXNlcjpwYXNz', 'Host': 'gw'}", "{'authorization': '[redacted]', 'Host': 'gw'}"),
+    (f"X-Api-Key: {KEY}\r\nHost: gw", "X-Api-Key: [redacted]\nHost: gw"),
+    (f"b' Bearer {KEY}'", "b' Bearer [redacted]'"),  # an obs-fold line: the credential without its header
+    (f"GET /api/x?token={KEY}&n=1 HTTP/1.1", "GET /api/x?token=[redacted]&n=1 HTTP/1.1"),
+    ("/cb?access_token=abc.def&api_key=xyz&password=hunter2",
+     "/cb?access_token=[redacted]&api_key=[redacted]&password=[redacted]"),
+    (f"key {KEY[:20]}\\r{KEY[20:]} refused", "key gwk_[redacted] refused"),
+    (f"jwt {JWT}, then", "jwt [redacted], then"),
+    ("GET /api/messages/5d1e/stream 200 3.1ms first_token=2.0ms monkey=1 user=42 www.example.com", None),
+])
+def test_redact_removes_every_kind_of_secret_and_keeps_the_rest(text: str, clean: str | None):
+    assert redact(text) == (text if clean is None else clean)
+    assert redact(redact(text)) == redact(text)  # a second filter on the way changes nothing
+
+
+def test_the_filter_redacts_message_args_extra_fields_and_the_traceback_before_any_formatter():
+    try:
+        raise ValueError(f"bad header Bearer {KEY}")
+    except ValueError:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "refused %s from %s",
+                                   (f"token={KEY}", "127.0.0.1"), sys.exc_info())
+    record.request_header = {"Authorization": f"Bearer {KEY}"}  # as aiohttp's access log gives headers
+    record.path = f"/x?token={KEY}"
+    record.status = 400
+    assert REDACT.filter(record) is True
+    assert (record.getMessage(), record.request_header, record.path, record.status) == (
+        "refused token=[redacted] from 127.0.0.1", {"Authorization": "Bearer [redacted]"}, "/x?token=[redacted]", 400)
+    # the exception object would print the key afresh: only its redacted text goes on
+    assert record.exc_info is None
+    assert record.exc_text is not None and record.exc_text.startswith("Traceback")
+    assert record.exc_text.endswith("ValueError: bad header Bearer [redacted]")
+    for formatter in (JsonFormatter(), logging.Formatter(TEXT_FORMAT)):
+        line = formatter.format(record)
+        assert KEY[4:] not in line and "ValueError: bad header Bearer [redacted]" in line
+
+
+def test_a_traceback_without_a_secret_keeps_its_exception():
+    try:
+        raise KeyError("model")
+    except KeyError:
+        record = logging.LogRecord("gateway.x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    REDACT.filter(record)
+    assert record.exc_info is not None and record.exc_info[0] is KeyError
+    assert orjson.loads(JsonFormatter().format(record))["exc"].endswith("KeyError: 'model'")
+
+
+@pytest.mark.parametrize("name", ["aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.client", "gateway",
+                                  "gateway.middleware", "gateway.api.ws", "asyncio"])
+def test_records_of_aiohttp_and_gateway_loggers_reach_any_handler_redacted(name: str,
+                                                                            caplog: pytest.LogCaptureFixture):
+    # caplog's handler is not ours: the filter on the logger is what cleans the record
+    install_redaction()
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger(name).warning("saw %s", f"Authorization: Bearer {KEY}")
+    assert [r.getMessage() for r in caplog.records] == ["saw Authorization: [redacted]"]
