@@ -301,8 +301,10 @@ provider = "demo2"
 async def test_arena_shows_both_replies_and_a_vote_reveals_the_models_and_is_stored(
         make_client: MakeClient, make_settings: Callable[..., Any], config_file: Callable[[str], str], user: User,
         db: asyncpg.Pool, tab: Tab) -> None:
+    # the leaderboard is fitted over every vote in the session's database (the arena tests leave
+    # many): few bootstrap rounds keep its refit well inside the page's wait
     client = await gateway(make_client, make_settings, GATEWAY_CONFIG=config_file(ARENA_CONFIG),
-                           DEMO_DELAY_MS="60", DEMO_CHUNKS="10")
+                           DEMO_DELAY_MS="60", DEMO_CHUNKS="10", LEADERBOARD_BOOTSTRAP_ROUNDS="10")
     page = tab.page
     await open_playground(page, str(client.make_url("/")), user)
     await page.get_by_role("tab", name="Arena").click()
