@@ -91,7 +91,7 @@ def _content(content: Any, param: str) -> str:
         raise OpenAIError(400, f"'{param}' must be a string or a non-empty array of text parts", param=param)
     texts = []
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS:
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part["type"] not in TEXT_PARTS:
             raise OpenAIError(400, f"'{param}[{j}]' must be an input_text or output_text part (other parts are "
                                    "not supported)", param=f"{param}[{j}]")
         texts.append(_text(part.get("text"), f"{param}[{j}].text"))
