@@ -194,7 +194,7 @@ async def test_store_false_writes_no_thread_rows(sdk, fake_client, upstream, use
                                                 {"role": "user", "content": "hi"}]
     stream = await api.responses.create(model="fake", input="hey", store=False, stream=True)
     events = [e async for e in stream]
-    assert [e.type for e in events] == TEXT_EVENTS + ["response.output_text.delta"] + CLOSING_EVENTS
+    assert [e.type for e in events] == [*TEXT_EVENTS, "response.output_text.delta", *CLOSING_EVENTS]
     assert events[-1].response.output_text == "Yo"
     await wait_for(lambda: _usage_count(db, user.id, 2))
     found = await rows(db, user.id)
@@ -251,7 +251,7 @@ async def test_a_failure_mid_stream_ends_with_response_failed(sdk, fake_client, 
     upstream.queue(Reply(openai_stream(["Hel"], done=False, usage=False)[:2]))
     stream = await sdk(fake_client, user.key).responses.create(model="fake", input="hi", stream=True)
     events = [e async for e in stream]
-    assert [e.type for e in events] == TEXT_EVENTS + ["response.output_text.delta", "response.failed"]
+    assert [e.type for e in events] == [*TEXT_EVENTS, "response.output_text.delta", "response.failed"]
     failed = events[-1].response
     assert failed.status == "failed"
     assert failed.error.code == "server_error"

@@ -446,7 +446,7 @@ async def _respond(request: web.Request, shape: Shape, events: AsyncIterator[Bat
                     if type(event) is TextDelta:
                         if not out.open:
                             frames.extend(out.open_message())
-                        frames.append(out.delta(event.text))  # type: ignore[union-attr]
+                        frames.append(out.delta(event.text))
                 if frames:
                     await resp.write(b"".join(frames))
                     frames.clear()
@@ -517,8 +517,7 @@ class _Frames:
         frames = []
         if body["output"] and body["output"][0]["type"] == "message" and not self.open:
             frames.extend(self.open_message())  # an empty reply still has its (empty) message
-        index = 0
-        for item in body["output"]:
+        for index, item in enumerate(body["output"]):
             if item["type"] == "message":
                 text = item["content"][0]["text"]
                 where = {"item_id": shape.message_id, "output_index": index, "content_index": 0}
@@ -534,7 +533,6 @@ class _Frames:
                                       {"item_id": item["id"], "output_index": index, "name": item["name"],
                                        "arguments": item["arguments"]})]
             frames.append(self.event("response.output_item.done", {"output_index": index, "item": item}))
-            index += 1
         name = "response.completed" if body["status"] == "completed" else "response.incomplete"
         frames.append(self.event(name, {"response": body}))
         return frames
