@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from .activity_edge import record_activity
-from .api import account, arena, chat, keys, openai, ops, playground, threads, ws
+from .api import account, arena, chat, keys, openai, ops, playground, responses, threads, ws
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -202,6 +202,9 @@ def routes(settings: Settings) -> list[web.AbstractRouteDef]:
         web.delete("/api/threads/{thread_id}", threads.delete_thread),
         web.post("/v1/chat/completions", openai.chat_completions),
         web.get("/v1/models", openai.list_models),
+        web.post("/v1/responses", responses.create_response),
+        web.get("/v1/responses/{response_id}", responses.get_response),
+        web.delete("/v1/responses/{response_id}", responses.delete_response),
         web.get("/ws", ws.websocket),
         web.post("/api/keys", keys.create_key),
         web.get("/api/keys", keys.list_keys),

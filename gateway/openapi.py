@@ -286,6 +286,62 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             json_text(ref("OpenAIError")),  # the upstream failed mid-stream
             {"const": "[DONE]"},
         ]}}, ("event", "data")),
+        "ResponseRequest": obj({
+            "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
+            "input": {"anyOf": [
+                {"type": "string", "minLength": 1, "pattern": NOT_BLANK, "description": "One user message"},
+                {"type": "array", "minItems": 1, "items": obj({
+                    "type": {"const": "message"},
+                    "role": {"enum": ["user", "assistant", "system", "developer"]},
+                    "content": {"anyOf": [{"type": "string", "pattern": NO_NUL}, {
+                        "type": "array", "minItems": 1, "items": obj({
+                            "type": {"enum": ["input_text", "output_text"]},
+                            "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
+                            additionalProperties=True)}]},
+                }, ("role", "content"), additionalProperties=True),
+                 "description": "Message items; with store: true the last must be a user message (it is "
+                                "stored; the others are sent for this turn only)"}]},
+            "instructions": nullable({"type": "string", "pattern": NO_NUL,
+                                      "description": "A system message for this turn only (never stored)"}),
+            "max_output_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
+            "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
+            "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
+            "stream": nullable({"type": "boolean"}),
+            "store": nullable({"type": "boolean", "description": "Default true: the turn is kept in a thread"}),
+            "previous_response_id": nullable({"type": "string", "pattern": NO_NUL,
+                                              "description": "Continue that stored response's thread"}),
+            "tools": nullable({"type": "array", "items": obj({"type": {"const": "function"}, "name": STRING},
+                                                             ("type", "name"), additionalProperties=True),
+                               "description": "Function tools, translated and passed through"}),
+            "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]},
+                                      obj({"type": {"const": "function"}, "name": STRING}, ("type", "name"),
+                                          additionalProperties=True), {"type": "null"}]},
+            "parallel_tool_calls": nullable({"type": "boolean"}),
+            "metadata": nullable({"type": "object", "description": "Echoed in the response, not stored"}),
+            "user": {"description": "Passed through to OpenAI-compatible upstreams unchecked"},
+        }, ("model", "input"), additionalProperties=True),
+        "Response": obj({
+            "id": {"type": "string", "description": "resp_<hex>: a stored response's id is its assistant "
+                                                   "message's"},
+            "object": {"const": "response"}, "created_at": INT,
+            "status": {"enum": ["completed", "failed", "in_progress", "cancelled", "incomplete"]},
+            "model": STRING, "output": {"type": "array", "items": {"type": "object"}},
+            "output_text": {"type": "string", "description": "The output's text, joined (as the SDKs compute it)"},
+            "usage": nullable(obj({"input_tokens": INT, "output_tokens": INT, "total_tokens": INT},
+                                  ("input_tokens", "output_tokens", "total_tokens"), additionalProperties=True)),
+            "error": nullable(obj({"code": STRING, "message": STRING}, ("code", "message"))),
+            "previous_response_id": nullable(STRING), "store": {"type": "boolean"},
+        }, ("id", "object", "created_at", "status", "model", "output", "usage", "error"),
+            additionalProperties=True),
+        "ResponseEvent": obj({"event": STRING, "data": json_text(obj(
+            {"type": STRING, "sequence_number": INT}, ("type", "sequence_number"), additionalProperties=True))},
+            ("event", "data"), description="response.created, response.in_progress, response.output_item.added, "
+                                           "response.content_part.added, response.output_text.delta..., "
+                                           "response.output_text.done, response.content_part.done, "
+                                           "response.output_item.done, response.completed (or "
+                                           "response.incomplete; response.failed after a failure)"),
+        "ResponseDeleted": obj({"id": STRING, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
+                               ("id", "object", "deleted")),
         "MessageEvent": sse_events(slot=False),
         "ArenaEvent": sse_events(slot=True),
         "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": obj({
@@ -374,6 +430,8 @@ def _paths() -> dict[str, Any]:
     message_id = path_id("message_id", "assistant message")
     comparison_id = path_id("comparison_id", "comparison")
     thread_id = path_id("thread_id", "thread")
+    response_id = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"},
+                   "description": "The response's id (resp_<hex>)"}
     create_thread = op("Create a thread", "threads", {**ok(201, "The new thread", "Thread"),
                                                       **errors(400, 401, 403, 413, 503)},
                        requestBody=json_body("CreateThread", required=False))
@@ -433,6 +491,29 @@ def _paths() -> dict[str, Any]:
             "The enabled models, OpenAI-style", "openai",
             {**ok(200, "The models", "ModelList"), **errors(401, openai=True),
              "503": {"$ref": "#/components/responses/Error503"}})},
+        "/v1/responses": {"post": op(
+            "OpenAI Responses API: create a response (stream and non-stream)", "openai",
+            {"200": response("The response; its semantic events when `stream` is true",
+                             {**json_content(ref("Response")), **sse_content("ResponseEvent")}),
+             **errors(400, 401, 403, 404, 413, 429, openai=True),
+             "502": {"$ref": "#/components/responses/OpenAIError502"},
+             "503": {"$ref": "#/components/responses/Error503"},
+             "504": {"$ref": "#/components/responses/OpenAIError504"}},
+            requestBody=json_body("ResponseRequest"),
+            description="With store: true (the default) the turn is persisted in a thread like POST /api/chat's; "
+                        "previous_response_id continues it. With store: false it is stateless like "
+                        "/v1/chat/completions. Errors are in OpenAI's shape.")},
+        "/v1/responses/{response_id}": {
+            "get": op("A stored response, rebuilt from its reply", "openai",
+                      {**ok(200, "The response", "Response"), **errors(401, 403, 404, openai=True),
+                       "503": {"$ref": "#/components/responses/Error503"}},
+                      parameters=[response_id]),
+            "delete": op("Delete a stored response's turn (and its thread when nothing else is left; usage is "
+                         "kept)", "openai",
+                         {**ok(200, "Deleted", "ResponseDeleted"), **errors(401, 403, 404, openai=True),
+                          "503": {"$ref": "#/components/responses/Error503"}},
+                         parameters=[response_id]),
+        },
         "/ws": {"get": op(
             "WebSocket chat: the same turns and events as POST /api/chat, as JSON text frames", "chat",
             {"101": response("Switching Protocols: the socket is open"), **errors(400, 401, 403, 503)},

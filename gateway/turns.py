@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import asyncpg
@@ -59,6 +59,13 @@ class TurnInput:
     client_message_id: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
+    top_p: float | None = None
+    # for this turn only, never stored (the Responses API's `instructions` and input items): the
+    # system prompt goes first, `context` between the thread's history and `content`
+    system: str | None = None
+    context: list[dict[str, Any]] = field(default_factory=list)
+    # passed through untouched to OpenAI-compatible upstreams (tools, tool_choice, ...)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -150,7 +157,8 @@ class Turns:
                            user_message_id=stored.user_message["id"], message_id=stored.assistant_message_id,
                            category=choice.category, auto=choice.auto, extra_metadata=extra, admission=admission),
             admission.model,
-            ChatRequest(messages, max_tokens=admission.max_tokens, temperature=turn.temperature), started)
+            ChatRequest(messages, max_tokens=admission.max_tokens, temperature=turn.temperature, top_p=turn.top_p,
+                        extra=dict(turn.extra)), started)
         return stored
 
     async def begin_arena(self, principal: Principal, turn: TurnInput, requested: list[str] | None,
@@ -259,6 +267,9 @@ class Turns:
         message. Read before the commit: it bounds the prompt the policy reserves for."""
         messages = [] if turn.thread_id is None else await message_store.thread_history(
             self._pool, principal.user_id, turn.thread_id)
+        if turn.system is not None:
+            messages.insert(0, {"role": "system", "content": turn.system})
+        messages.extend(turn.context)
         messages.append({"role": "user", "content": turn.content})
         return messages
 
@@ -300,6 +311,17 @@ class Turns:
             if found.row is not None:
                 return found.row
         return await message_store.get_message(self._pool, user_id, message_id)
+
+    async def delete_turn(self, user_id: uuid.UUID, message_id: uuid.UUID) -> None:
+        """Remove an assistant reply's turn (its user message and the reply; the thread too when nothing
+        else is left in it). A live reply is cancelled first, so its usage is settled; usage rows stay."""
+        message = await message_store.get_message(self._pool, user_id, message_id)
+        if message["role"] != "assistant" or message["slot"] is not None:
+            raise NotFound("message not found")
+        if message["status"] in LIVE_STATUSES:
+            await self.cancel(user_id, message_id)
+        if not await message_store.delete_turn(self._pool, user_id, message_id):
+            raise NotFound("message not found")
 
     def stream_url(self, principal: Principal, message_id: uuid.UUID) -> str:
         """Where an EventSource (which cannot send headers) follows the reply: a token in the URL,

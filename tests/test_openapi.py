@@ -171,6 +171,7 @@ class FuzzReport:
     messages: set[uuid.UUID] = field(default_factory=set)
     comparisons: set[uuid.UUID] = field(default_factory=set)
     keys: set[uuid.UUID] = field(default_factory=set)
+    responses: set[uuid.UUID] = field(default_factory=set)  # stored responses' assistant message ids
     anonymous_accepted: list[str] = field(default_factory=list)
     unsatisfiable: set[str] = field(default_factory=set)
     document: dict[str, Any] = field(default_factory=dict)  # as served
@@ -179,6 +180,13 @@ class FuzzReport:
         """Record the rows an accepted request reports (its JSON body, or its SSE metadata)."""
         if label in ("POST /api/threads", "POST /v1/chat/sessions"):
             self.threads.add(uuid.UUID(response.json()["id"]))
+        elif label == "POST /v1/responses":
+            if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                body = orjson.loads(parse_sse(response.content)[0].data)["response"]
+            else:
+                body = response.json()
+            if body["store"]:
+                self.responses.add(uuid.UUID(hex=body["id"].removeprefix("resp_")))
         elif label == "POST /api/keys":
             self.keys.add(uuid.UUID(response.json()["id"]))
         elif label in ("POST /api/chat", "POST /api/arena"):
@@ -268,6 +276,8 @@ async def user_rows(db: asyncpg.Pool, user_id: uuid.UUID) -> dict[str, set[uuid.
     return rows
 
 
+# ~28 operations x 4 runs: past the default 120 s on a loaded 2-core machine
+@pytest.mark.timeout(300)
 async def test_fuzzed_requests_get_documented_answers_and_refused_ones_write_nothing(
         aiohttp_server: Any, make_settings: Callable[..., Settings], make_user: Any,
         config_file: Callable[[str], str], db: asyncpg.Pool) -> None:
@@ -289,6 +299,11 @@ async def test_fuzzed_requests_get_documented_answers_and_refused_ones_write_not
     # still serving
     async with aiohttp.ClientSession() as http, http.get(server.make_url("/healthz")) as resp:
         assert resp.status == 200
+    # a stored response is a turn: its assistant message, the user message it answers, their thread
+    for row in await db.fetch("SELECT id, reply_to, thread_id FROM messages WHERE id = ANY($1::uuid[])",
+                              list(report.responses)):
+        report.messages.update({row["id"], row["reply_to"]})
+        report.threads.add(row["thread_id"])
     # exactly the rows accepted requests reported: a refused request wrote none
     assert await user_rows(db, user.id) == {"threads": report.threads, "messages": report.messages,
                                             "comparisons": report.comparisons,

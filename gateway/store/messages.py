@@ -227,6 +227,22 @@ async def get_message(pool: asyncpg.Pool, user_id: uuid.UUID, message_id: uuid.U
     return dict(row)
 
 
+async def delete_turn(pool: asyncpg.Pool, user_id: uuid.UUID, assistant_id: uuid.UUID) -> bool:
+    """Delete the turn an assistant reply answers (the user message; the reply goes with it by the
+    reply_to cascade) and its thread if that leaves it empty. False if no such reply of this user."""
+    async with pool.acquire() as conn, conn.transaction():
+        thread_id = await conn.fetchval("""
+            DELETE FROM messages u USING messages a
+            WHERE a.id = $1 AND a.user_id = $2 AND a.role = 'assistant' AND a.slot IS NULL AND u.id = a.reply_to
+            RETURNING u.thread_id""", assistant_id, user_id)
+        if thread_id is None:
+            return False
+        await conn.execute("""
+            DELETE FROM threads t WHERE t.id = $1 AND NOT EXISTS (SELECT 1 FROM messages WHERE thread_id = t.id)""",
+            thread_id)
+    return True
+
+
 async def thread_messages(conn: asyncpg.Connection, thread_id: uuid.UUID) -> list[dict[str, Any]]:
     rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE thread_id = $1 ORDER BY seq", thread_id)
     return [dict(r) for r in rows]
