@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from .activity_edge import record_activity
-from .api import account, arena, chat, keys, openai, ops, playground, threads, ws
+from .api import account, anthropic_messages, arena, chat, keys, openai, ops, playground, threads, ws
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -197,6 +197,8 @@ def routes(settings: Settings) -> list[web.AbstractRouteDef]:
         web.delete("/api/threads/{thread_id}", threads.delete_thread),
         web.post("/v1/chat/completions", openai.chat_completions),
         web.get("/v1/models", openai.list_models),
+        web.post("/v1/messages", anthropic_messages.create_message),
+        web.post("/v1/messages/count_tokens", anthropic_messages.count_tokens),
         web.get("/ws", ws.websocket),
         web.post("/api/keys", keys.create_key),
         web.get("/api/keys", keys.list_keys),
