@@ -445,7 +445,7 @@ def op(summary: str, tag: str, responses: dict[str, Any], **extra: Any) -> dict[
 
 
 STREAM_SECURITY = [{"bearerAuth": []}, {"streamToken": []}]
-ANTHROPIC_SECURITY = [{"bearerAuth": []}, {"anthropicApiKey": []}]
+ANTHROPIC_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"anthropicApiKey": []}]
 PUBLIC: list[Any] = []
 
 SSE_DESCRIPTION = ("Server-Sent Events: `retry:`, then `metadata`, deltas (`data: {\"delta\": ...}`), `usage`, "

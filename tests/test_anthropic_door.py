@@ -81,8 +81,9 @@ async def test_sdk_create_with_the_demo_model_answers_a_whole_message_and_record
 
 async def test_sdk_stream_with_the_demo_model_gets_the_exact_event_sequence(sdk, demo_client, user, db):
     api = sdk(demo_client, user.key)
+    content = [{"type": "text", "text": PROMPT}]
     async with api.messages.stream(model="demo", max_tokens=100, system=SYSTEM,
-                                   messages=[{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]) as stream:
+                                   messages=[{"role": "user", "content": content}]) as stream:
         # the SDK drops `ping` (the raw-bytes test sees it) and adds a `text` event after each text delta
         kinds = [event.type async for event in stream]
         final = await stream.get_final_message()

@@ -361,22 +361,21 @@ async def create_message(request: web.Request) -> web.StreamResponse:
 
 def _take(batch: Batch, reply: _Reply, blocks: _Blocks | None) -> None:
     for event in batch:
-        kind = type(event)
-        if kind is TextDelta:
+        if isinstance(event, TextDelta):
             reply.chars += len(event.text)
             if blocks is None:
                 reply.text.append(event.text)
             else:
                 blocks.text(event.text)
-        elif kind is ToolCallDelta:
+        elif isinstance(event, ToolCallDelta):
             for fragment in event.calls:
                 if blocks is None:
                     reply.calls.append(fragment)
                 else:
                     blocks.tool_call(fragment)
-        elif kind is Finish:
+        elif isinstance(event, Finish):
             reply.finish = event.reason
-        elif kind is UsageReport:
+        elif isinstance(event, UsageReport):
             reply.usage = event
 
 
