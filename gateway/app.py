@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from .activity_edge import record_activity
-from .api import account, arena, chat, keys, openai, ops, playground, responses, threads, ws
+from .api import account, anthropic_messages, arena, chat, keys, openai, ops, playground, responses, threads, ws
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -205,6 +205,8 @@ def routes(settings: Settings) -> list[web.AbstractRouteDef]:
         web.post("/v1/responses", responses.create_response),
         web.get("/v1/responses/{response_id}", responses.get_response),
         web.delete("/v1/responses/{response_id}", responses.delete_response),
+        web.post("/v1/messages", anthropic_messages.create_message),
+        web.post("/v1/messages/count_tokens", anthropic_messages.count_tokens),
         web.get("/ws", ws.websocket),
         web.post("/api/keys", keys.create_key),
         web.get("/api/keys", keys.list_keys),

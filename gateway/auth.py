@@ -80,8 +80,10 @@ class Authenticator:
         self._user_hit, self._user_miss = metrics.cache("jwt_user")
 
     async def authenticate(self, request: web.Request) -> Principal:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
+        header = request.headers.get("Authorization")
+        if header is None and "x-api-key" in request.headers:
+            header = "Bearer " + request.headers["x-api-key"]  # how Anthropic's SDKs send a key
+        scheme, _, token = (header or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("missing bearer credential (Authorization: Bearer <key or JWT>)")

@@ -142,6 +142,12 @@ def errors(*statuses: int, openai: bool = False) -> dict[str, Any]:
     return {str(s): {"$ref": f"#/components/responses/{prefix}{s}"} for s in statuses}
 
 
+def anthropic_errors(*statuses: int) -> dict[str, Any]:
+    """The Anthropic front door's errors; a database outage still answers the native 503."""
+    out = {str(s): {"$ref": f"#/components/responses/AnthropicError{s}"} for s in statuses}
+    return {**out, "503": {"$ref": "#/components/responses/Error503"}}
+
+
 def ok(status: int, description: str, schema: Schema | str | None = None) -> dict[str, Any]:
     if schema is None:
         return {str(status): response(description)}
@@ -342,6 +348,7 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                                            "response.incomplete; response.failed after a failure)"),
         "ResponseDeleted": obj({"id": STRING, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
                                ("id", "object", "deleted")),
+        **_anthropic_schemas(models),
         "MessageEvent": sse_events(slot=False),
         "ArenaEvent": sse_events(slot=True),
         "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": obj({
@@ -412,6 +419,81 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
     }
 
 
+def _anthropic_schemas(models: tuple[str, ...]) -> dict[str, Schema]:
+    """The Anthropic Messages front door (api/anthropic_messages.py): what its parser enforces."""
+    text = {"type": "string", "pattern": NO_NUL}
+    text_block = obj({"type": {"const": "text"}, "text": text}, ("type", "text"), additionalProperties=True)
+    texts = {"anyOf": [text, {"type": "array", "items": text_block}]}
+    tool_use = obj({"type": {"const": "tool_use"}, "id": text, "name": text, "input": {"type": "object"}},
+                   ("type", "id", "name", "input"), additionalProperties=True)
+    tool_result = obj({"type": {"const": "tool_result"}, "tool_use_id": text, "content": texts},
+                      ("type", "tool_use_id"), additionalProperties=True)
+
+    def message(role: str, block: Schema) -> Schema:
+        return obj({"role": {"const": role}, "content": {"anyOf": [text, {"type": "array", "items": {
+            "anyOf": [text_block, block]}}]}}, ("role", "content"), additionalProperties=True)
+
+    parallel = {"disable_parallel_tool_use": nullable({"type": "boolean"})}
+    prompt: dict[str, Schema] = {
+        "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
+        "messages": {"type": "array", "minItems": 1,
+                     "items": {"anyOf": [message("user", tool_result), message("assistant", tool_use)]}},
+        "system": {"anyOf": [*texts["anyOf"], {"type": "null"}], "description": "Text blocks are joined by a "
+                                                                                 "blank line"},
+        "tools": {**nullable({"type": "array", "items": obj({
+            "name": text, "description": nullable(text), "input_schema": {"type": "object"},
+        }, ("name", "input_schema"), additionalProperties=True)}),
+            "description": "Passed to OpenAI-compatible upstreams as functions; other upstreams answer in text"},
+        "tool_choice": {"anyOf": [
+            obj({"type": {"enum": ["auto", "any", "none"]}, **parallel}, ("type",), additionalProperties=True),
+            obj({"type": {"const": "tool"}, "name": text, **parallel}, ("type", "name"), additionalProperties=True),
+            {"type": "null"},
+        ]},
+    }
+    unit = nullable({"type": "number", "minimum": 0, "maximum": 1})
+    usage = obj({"input_tokens": INT, "output_tokens": INT}, ("output_tokens",))
+    return {
+        "AnthropicError": obj({"type": {"const": "error"}, "error": obj({"type": STRING, "message": STRING},
+                                                                         ("type", "message"))}, ("type", "error")),
+        "AnthropicMessagesRequest": obj({
+            **prompt,
+            "max_tokens": {"type": "integer", "minimum": 1, "maximum": INT32_MAX},
+            "stream": nullable({"type": "boolean"}),
+            "temperature": unit, "top_p": unit,
+            "stop_sequences": nullable({"type": "array", "items": STRING}),
+        }, ("model", "max_tokens", "messages"), additionalProperties=True,
+            description="Unknown fields (metadata, top_k, ...) are ignored"),
+        "AnthropicCountTokensRequest": obj(prompt, ("model", "messages"), additionalProperties=True,
+                                           description="Other fields (max_tokens, ...) are ignored"),
+        "AnthropicMessage": obj({
+            "id": {"type": "string", "pattern": "^msg_"}, "type": {"const": "message"},
+            "role": {"const": "assistant"}, "model": STRING,
+            "content": {"type": "array", "items": {"anyOf": [
+                obj({"type": {"const": "text"}, "text": STRING}, ("type", "text")),
+                obj({"type": {"const": "tool_use"}, "id": STRING, "name": STRING, "input": {"type": "object"}},
+                    ("type", "id", "name", "input"))]}},
+            "stop_reason": {"enum": ["end_turn", "max_tokens", "tool_use", "refusal"]},
+            "stop_sequence": {"type": "null"},
+            "usage": obj({"input_tokens": INT, "output_tokens": INT}, ("input_tokens", "output_tokens")),
+        }, ("id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage")),
+        "AnthropicTokenCount": obj({"input_tokens": INT}, ("input_tokens",)),
+        "AnthropicStreamEvent": {"anyOf": [
+            obj({"event": {"const": name}, "data": json_text(obj({"type": {"const": name}, **data}, ("type",
+                                                                                                     *data)))},
+                ("event", "data"))
+            for name, data in (
+                ("message_start", {"message": {"type": "object"}}),
+                ("content_block_start", {"index": INT, "content_block": {"type": "object"}}),
+                ("ping", {}),
+                ("content_block_delta", {"index": INT, "delta": {"type": "object"}}),
+                ("content_block_stop", {"index": INT}),
+                ("message_delta", {"delta": {"type": "object"}, "usage": usage}),
+                ("message_stop", {}),
+                ("error", {"error": obj({"type": STRING, "message": STRING}, ("type", "message"))}),
+            )]},
+    }
+
+
 # -- operations ------------------------------------------------------------------------------
 
 def op(summary: str, tag: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -419,6 +501,7 @@ def op(summary: str, tag: str, responses: dict[str, Any], **extra: Any) -> dict[
 
 
 STREAM_SECURITY = [{"bearerAuth": []}, {"streamToken": []}]
+ANTHROPIC_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"anthropicApiKey": []}]
 PUBLIC: list[Any] = []
 
 SSE_DESCRIPTION = ("Server-Sent Events: `retry:`, then `metadata`, deltas (`data: {\"delta\": ...}`), `usage`, "
@@ -514,6 +597,22 @@ def _paths() -> dict[str, Any]:
                           "503": {"$ref": "#/components/responses/Error503"}},
                          parameters=[response_id]),
         },
+        "/v1/messages": {"post": op(
+            "Anthropic Messages API (stream and non-stream)", "anthropic",
+            {"200": response("The message; Anthropic's stream events when `stream` is true: `message_start`, "
+                             "`content_block_start`, `ping`, `content_block_delta`..., `content_block_stop`, "
+                             "`message_delta` (stop reason, usage), `message_stop`; or an `error` event",
+                             {**json_content(ref("AnthropicMessage")), **sse_content("AnthropicStreamEvent")}),
+             **anthropic_errors(400, 401, 403, 404, 413, 429, 502, 504, 529)},
+            requestBody=json_body("AnthropicMessagesRequest"), security=ANTHROPIC_SECURITY,
+            description="Stateless: no thread or message rows; usage is recorded once. The key goes in "
+                        "`x-api-key` or `Authorization: Bearer`; `anthropic-version` is accepted, whatever "
+                        "its value. Any configured model answers (OpenAI-compatible ones are translated). "
+                        "Errors are in Anthropic's shape (a database outage answers the native 503).")},
+        "/v1/messages/count_tokens": {"post": op(
+            "The gateway's estimate of a Messages request's input tokens (what the policy reserves)", "anthropic",
+            {**ok(200, "The estimate", "AnthropicTokenCount"), **anthropic_errors(400, 401, 403, 404, 413)},
+            requestBody=json_body("AnthropicCountTokensRequest"), security=ANTHROPIC_SECURITY)},
         "/ws": {"get": op(
             "WebSocket chat: the same turns and events as POST /api/chat, as JSON text frames", "chat",
             {"101": response("Switching Protocols: the socket is open"), **errors(400, 401, 403, 503)},
@@ -615,6 +714,13 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
         "components": {
             "schemas": _schemas(models),
             "responses": {**error_responses("Error", "Error"), **error_responses("OpenAIError", "OpenAIError"),
+                          **error_responses("AnthropicError", "AnthropicError"),
+                          "AnthropicError502": response("The upstream failed before any output",
+                                                        json_content(ref("AnthropicError"))),
+                          "AnthropicError504": response("The upstream timed out before any output",
+                                                        json_content(ref("AnthropicError"))),
+                          "AnthropicError529": response("The upstream is overloaded (its 529, passed on)",
+                                                        json_content(ref("AnthropicError"))),
                           "OpenAIError502": response("The upstream failed before any output",
                                                      json_content(ref("OpenAIError"))),
                           "OpenAIError504": response("The upstream timed out before any output",
@@ -633,6 +739,9 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
                                                "send headers), bound to one user and one message"},
                 "metricsToken": {"type": "http", "scheme": "bearer",
                                  "description": "METRICS_TOKEN, when the deployment sets one"},
+                "anthropicApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                                    "description": "A gateway API key as Anthropic's SDKs send it (read "
+                                                   "when no Authorization header is sent)"},
                 "queryToken": {"type": "apiKey", "in": "query", "name": "token",
                                "description": "An API key or JWT in the query, for browsers' WebSockets"},
             },
