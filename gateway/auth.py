@@ -218,13 +218,17 @@ class Authenticator:
 class CredentialWatch:
     """An open connection's hold on the credential that opened it.
 
-    `lapsed()` returns, with the reason, once the credential stops working: when poked (its key
-    was forgotten: a revocation, heard on every instance) or when its expiry comes, it rechecks
-    the credential (a poked key is read afresh from the database) and returns if that fails.
-    The owner of the connection awaits it in a task of its own and then ends the connection.
+    Two ways to use it:
+    - `lapsed()` returns, with the reason, once the credential stops working: when poked (its key
+      was forgotten: a revocation, heard on every instance) or when its expiry comes, it rechecks
+      the credential (a poked key is read afresh from the database) and returns if that fails.
+      A WebSocket awaits it in a task of its own and then ends the connection.
+    - `guard(task)`: no task of its own while all is well (an SSE stream is the hot path): a poke,
+      or a timer at the expiry, runs one recheck, and a failed one cancels `task` with `reason`
+      set (see api.common.until_lapsed).
     """
 
-    __slots__ = ("principal", "_auth", "_poked")
+    __slots__ = ("principal", "_auth", "_poked", "_owner", "_timer", "_checking", "_again", "reason")
 
     RETRY_S = 1.0  # a recheck the database could not answer is tried again after this
 
@@ -235,9 +239,63 @@ class CredentialWatch:
         # the first look is at once: a revocation between the authentication and this watch's
         # registration poked nobody (it did clear the cache, so the recheck reads the database)
         self._poked.set()
+        self._owner: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._checking: asyncio.Task[None] | None = None
+        self._again = False
+        self.reason: Unauthorized | None = None
 
     def poke(self) -> None:
         self._poked.set()
+        if self._owner is None:
+            return
+        if self._checking is not None:
+            self._again = True  # the recheck under way may have read the cache before this poke
+            return
+        self._checking = asyncio.get_running_loop().create_task(self._check())
+
+    async def check_now(self) -> None:
+        """The first look, inline: a cached key costs no I/O. Raises Unauthorized if lapsed."""
+        self._poked.clear()
+        await self._auth.recheck(self.principal)
+
+    def guard(self, task: asyncio.Task[Any]) -> None:
+        self._owner = task
+        expires_at = self.principal.expires_at
+        if expires_at is not None:
+            delay = max((expires_at - datetime.now(timezone.utc)).total_seconds(), 0.0)
+            self._timer = asyncio.get_running_loop().call_later(delay, self.poke)
+
+    def unguard(self) -> None:
+        self._owner = None
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._checking is not None:
+            self._checking.cancel()
+
+    async def _check(self) -> None:
+        try:
+            await self._auth.recheck(self.principal)
+        except Unauthorized as e:
+            self.reason = e
+            if self._owner is not None:
+                self._owner.cancel()
+            return
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as e:
+            # the connection stays open while the database cannot say; ask again soon
+            log.warning("credential recheck failed: %s", type(e).__name__)
+            asyncio.get_running_loop().call_later(self.RETRY_S, self.poke)
+        finally:
+            self._checking = None
+        if self._again:
+            self._again = False
+            self.poke()
+        elif self._owner is not None and self.principal.expires_at is not None:
+            # still good: the expiry timer may have fired a hair early (the loop's clock is not the
+            # wall clock): set it again for what is left
+            left = (self.principal.expires_at - datetime.now(timezone.utc)).total_seconds()
+            if left > 0:
+                self._timer = asyncio.get_running_loop().call_later(left + 0.01, self.poke)
 
     async def lapsed(self) -> Unauthorized:
         loop = asyncio.get_running_loop()

@@ -85,19 +85,28 @@ async def stream_reader(request: web.Request, resource_id: uuid.UUID, scope: str
 async def until_lapsed(watch: CredentialWatch, relay: Coroutine[Any, Any, None]) -> Unauthorized | None:
     """Run a stream's relay until it ends, or until the credential that opened the stream stops
     working (then the relay is cancelled: the generation it follows runs on and is saved).
-    None, or why the credential lapsed."""
-    relaying = asyncio.ensure_future(relay)
-    lapse = asyncio.ensure_future(watch.lapsed())
+    None, or why the credential lapsed.
+
+    The relay runs in the handler's own task, and the watch adds no task while all is well: a
+    revocation's poke (or the expiry timer) runs one recheck, which cancels this task if it fails.
+    """
     try:
-        await asyncio.wait((relaying, lapse), return_when=asyncio.FIRST_COMPLETED)
+        await watch.check_now()
+    except Unauthorized as e:
+        relay.close()
+        return e
+    task = asyncio.current_task()
+    assert task is not None
+    watch.guard(task)
+    try:
+        await relay
+    except asyncio.CancelledError:
+        if watch.reason is None:
+            raise  # a real cancellation (shutdown)
+        task.uncancel()
+        return watch.reason
     finally:
-        for task in (relaying, lapse):
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(relaying, lapse, return_exceptions=True)
-    if relaying.cancelled():
-        return lapse.result()
-    relaying.result()  # a relay's own error (the client left) is the caller's
+        watch.unguard()
     return None
 
 
