@@ -86,7 +86,7 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, headers: di
             rec.total = rec.t_end - t0
             if not rec.done and rec.error is None:
                 rec.error = "no_done"
-    except asyncio.TimeoutError:
+    except TimeoutError:
         rec.error = "timeout"
     except (aiohttp.ClientError, OSError) as e:
         rec.error = type(e).__name__

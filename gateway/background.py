@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 from .failures import Failure, Quarantine, classify
 
@@ -85,7 +86,7 @@ class BatchWriter(Generic[T]):
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("%s: %d items not written at shutdown", self.name, len(self._items))
 
     async def _run(self) -> None:

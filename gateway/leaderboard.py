@@ -19,8 +19,8 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
 
 Battle = tuple[str, str, str]  # (model a, model b, winner: a | b | tie | both_bad)
 

@@ -12,8 +12,15 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.providers.anthropic import AnthropicProvider
-from gateway.providers.base import (ChatRequest, Finish, TextDelta, UpstreamHTTPError, UpstreamProtocolError,
-                                    UpstreamStreamError, UsageReport)
+from gateway.providers.base import (
+    ChatRequest,
+    Finish,
+    TextDelta,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamStreamError,
+    UsageReport,
+)
 
 from .fakes import parse_sse, split_every
 

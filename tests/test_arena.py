@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -622,7 +622,7 @@ CAP = "[limits]\ndaily_tokens = {cap}\n"
 
 async def day_row(db: asyncpg.Pool, user_id: uuid.UUID) -> dict[str, int] | None:
     found = await db.fetchrow("SELECT tokens, reserved, requests FROM daily_usage WHERE user_id = $1 AND day = $2",
-                              user_id, datetime.now(timezone.utc).date())
+                              user_id, datetime.now(UTC).date())
     return dict(found) if found else None
 
 

@@ -10,7 +10,7 @@ import errno
 import socket
 import uuid
 from dataclasses import asdict
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -329,5 +329,5 @@ async def test_quarantine_keeps_raw_bytes_that_are_not_json_as_text(tmp_path):
     [entry] = quarantined(tmp_path, "finish")
     assert entry["record"] == '{"usage": {"message_id": "ab\\xff'
     assert entry["error"] == {"type": "ValueError", "message": "torn"}
-    assert datetime.fromisoformat(entry["at"]).tzinfo == timezone.utc
+    assert datetime.fromisoformat(entry["at"]).tzinfo == UTC
     assert seen == ["finish"] and quarantine.count("finish") == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -188,7 +188,7 @@ def test_secrets_never_print_their_value():
     assert s.database_url is not None and s.database_url.reveal() == "postgresql://app:pg-pass-9f3@db/app"
     secret = s.providers["openai"].api_key
     renderings = [repr(s), str(s), f"{s}", f"{s!r}", str(s.database_url), repr(s.jwt_secret),
-                  f"{secret}", f"{secret!s}", f"{secret:>40}", "%s" % secret, "{}".format(secret)]
+                  f"{secret}", f"{secret!s}", f"{secret:>40}", "%s" % secret, f"{secret}"]
     for text in renderings:
         for value in ("pg-pass-9f3", "sk-live-7c1", "jwt-secret-0123"):
             assert value not in text

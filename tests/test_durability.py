@@ -15,9 +15,10 @@ import socket
 import sys
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -31,9 +32,19 @@ from gateway.store.messages import finish_assistant
 
 from .conftest import MakeClient, User, wait_for
 from .fakes import parse_sse
-from .test_resume import gated  # noqa: F401 (the fixture)
-from .test_resume import (PROMPT_TOKENS, TEXTS, MakeUpstream, accept, complete_frames, gated_client, open_listeners,
-                          read_blocks, stopped_frames, wire)
+from .test_resume import (
+    PROMPT_TOKENS,
+    TEXTS,
+    MakeUpstream,
+    accept,
+    complete_frames,
+    gated,  # noqa: F401 (the fixture)
+    gated_client,
+    open_listeners,
+    read_blocks,
+    stopped_frames,
+    wire,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

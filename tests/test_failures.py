@@ -4,14 +4,14 @@ the right row in the database. One fake upstream per case, no fallback, so the f
 from __future__ import annotations
 
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
 
 from gateway.config import ModelConfig
-from gateway.providers.base import (ChatRequest, TextDelta, UpstreamHTTPError, UpstreamProtocolError,
-                                    UpstreamStreamError)
+from gateway.providers.base import ChatRequest, TextDelta, UpstreamHTTPError, UpstreamProtocolError, UpstreamStreamError
 from gateway.state import MODELS
 
 from .fakes import Reply, openai_chunk, openai_stream, parse_sse, split_every

@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -135,7 +135,7 @@ async def test_hs256_token_yields_identity_with_sub_and_email() -> None:
     token_claims = claims()
     identity = await hs_verifier().verify(jwt.encode(token_claims, SECRET, algorithm="HS256"))
     # valid until `exp` plus the default 30 s leeway: when an open WebSocket of this token closes
-    until = datetime.fromtimestamp(token_claims["exp"] + 30, timezone.utc)
+    until = datetime.fromtimestamp(token_claims["exp"] + 30, UTC)
     assert identity == JwtIdentity(USER_ID, "ada@example.com", identity.claims, until)
     assert identity.claims["role"] == "authenticated"
 
@@ -143,7 +143,7 @@ async def test_hs256_token_yields_identity_with_sub_and_email() -> None:
 async def test_identity_is_valid_until_exp_plus_the_configured_leeway() -> None:
     token_claims = claims()
     identity = await hs_verifier(JWT_LEEWAY_S="0").verify(jwt.encode(token_claims, SECRET, algorithm="HS256"))
-    assert identity.valid_until == datetime.fromtimestamp(token_claims["exp"], timezone.utc)
+    assert identity.valid_until == datetime.fromtimestamp(token_claims["exp"], UTC)
 
 
 async def test_token_without_email_yields_identity_with_no_email() -> None:

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import socket
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import orjson

@@ -46,7 +46,8 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 import asyncpg
 import orjson

@@ -14,8 +14,9 @@ chain reports (first upstream call, first event, a streamed reply) goes to a `Ch
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import ModelConfig
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from ..config import ModelConfig, ProviderConfig
 from .base import Batch, ChatRequest, Finish, TextDelta, UsageReport, estimate_tokens

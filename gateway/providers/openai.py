@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
 from . import normalise
-from .base import (Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamConnectionError,
-                   UpstreamHTTPError, UpstreamProtocolError, UpstreamStreamError, UpstreamTimeout)
+from .base import (
+    Batch,
+    ChatRequest,
+    Finish,
+    ProviderError,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamConnectionError,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamStreamError,
+    UpstreamTimeout,
+)
 from .sse_decoder import SSEDecoder
 
 _DONE = b"[DONE]"
@@ -110,7 +122,7 @@ class OpenAIProvider:
                             raise
                     if batch:
                         yield batch
-        except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise transport_error(e) from None
         raise UpstreamProtocolError("upstream stream ended without [DONE]")
 
@@ -127,7 +139,7 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
                 if not chunk:
                     return
                 left -= len(chunk)
-    except (asyncio.TimeoutError, aiohttp.ClientError):
+    except (TimeoutError, aiohttp.ClientError):
         pass
     resp.close()  # an upstream that keeps talking after [DONE] loses its connection
 
