@@ -63,7 +63,7 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, headers: di
         async with session.post(url, data=body, headers=headers, timeout=timeout) as resp:
             rec.status = resp.status
             if resp.status != 200:
-                rec.error = "http_%d" % resp.status
+                rec.error = f"http_{resp.status}"
                 await resp.read()
                 return
             buf = b""
@@ -96,7 +96,7 @@ def pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def ms(v: float | None) -> float | None:

@@ -15,6 +15,7 @@ means is decided by `failures.classify`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -110,10 +111,8 @@ class BatchWriter(Generic[T]):
             if len(self._items) < self._max_batch and not self._closing and not self._waiters:
                 # let a batch gather; a full batch, flush() or close() cuts the wait short
                 self._wakeup.clear()
-                try:
+                with contextlib.suppress(TimeoutError):  # the interval is up: write what has gathered
                     await asyncio.wait_for(self._wakeup.wait(), self._interval)
-                except TimeoutError:
-                    pass
             batch = self._items[:self._max_batch]
             try:
                 await self._write_or_split(batch)

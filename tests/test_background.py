@@ -318,7 +318,8 @@ async def test_only_a_database_outage_is_a_503_any_other_oserror_is_a_500(aiohtt
         "socket": (500, body("internal_error", "internal error", "socket")),
     }
     unhandled = [r for r in caplog.records if r.getMessage().startswith("unhandled error in GET")]
-    assert [r.getMessage() for r in unhandled] == [f"unhandled error in GET /{n}" for n in ("refuses", "disk", "socket")]
+    assert [r.getMessage() for r in unhandled] == [
+        f"unhandled error in GET /{n}" for n in ("refuses", "disk", "socket")]
     assert all(r.exc_info is not None for r in unhandled)
 
 

@@ -82,9 +82,9 @@ async def test_after_kill_9_the_reply_keeps_its_checkpoint_and_a_resume_gets_the
     config.write_text("[limits]\ndaily_tokens = 1000000\n")  # so the reply reserves its worst case
     env["GATEWAY_CONFIG"] = str(config)
     key = (await run_cli(env, "keys", "create", "--name", "crash")).strip().splitlines()[-1]
-    log_file = open(tmp_path / "server.log", "wb")
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "serve", cwd=ROOT, env=env,
-                                                stdout=log_file, stderr=asyncio.subprocess.STDOUT)
+    with open(tmp_path / "server.log", "wb") as log_file:  # the server writes to its own copy of the descriptor
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "serve", cwd=ROOT, env=env,
+                                                    stdout=log_file, stderr=asyncio.subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     prompt_text = prompt = "a long story please"
     try:
@@ -107,7 +107,6 @@ async def test_after_kill_9_the_reply_keeps_its_checkpoint_and_a_resume_gets_the
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        log_file.close()
 
     row = await message_row(db, mid)
     assert row["status"] == "streaming"  # the dead instance never finished it

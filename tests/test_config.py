@@ -71,7 +71,8 @@ def test_empty_environment_gives_demo_model_on_port_8080():
 
 def test_the_second_demo_model_appears_only_while_nothing_else_is_configured(config_file: ConfigFile):
     assert "demo-alt" not in Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}).models
-    assert "demo-alt" not in Settings.from_env({"GATEWAY_CONFIG": config_file('[models.x]\nprovider = "demo"\n')}).models
+    other = config_file('[models.x]\nprovider = "demo"\n')
+    assert "demo-alt" not in Settings.from_env({"GATEWAY_CONFIG": other}).models
 
 
 def test_toml_declares_server_providers_models_router_and_limits(config_file: ConfigFile):

@@ -212,8 +212,8 @@ class _Reply:
         self.started = False
 
 
-async def _stream(request: web.Request, events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
-                  include_usage: bool, reply: _Reply) -> web.StreamResponse:
+async def _stream(request: web.Request, events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest,
+                  completion_id: uuid.UUID, include_usage: bool, reply: _Reply) -> web.StreamResponse:
     # nothing is sent until the chain has committed to a model: until then a failure is a clean
     # HTTP error and the response's "model" names the model that actually answers
     batch = await anext(events)

@@ -157,7 +157,8 @@ async def find_key(pool: asyncpg.Pool, key_hash: bytes) -> KeyRecord | None:
         WHERE k.key_hash = $1""", key_hash)
     if row is None:
         return None
-    ancestors = tuple(Ancestor(id=i, limits=limits) for i, limits in zip(row["ancestor_ids"], row["ancestor_limits"]))
+    ancestors = tuple(Ancestor(id=i, limits=limits)
+                      for i, limits in zip(row["ancestor_ids"], row["ancestor_limits"], strict=True))
     return KeyRecord(row["id"], row["user_id"], row["email"], frozenset(row["scopes"]), row["expires_at"],
                      row["revoked_at"], row["limits"], ancestors)
 

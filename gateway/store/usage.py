@@ -96,7 +96,7 @@ class UsageRecord:
 
 def usage_arrays(records: list[UsageRecord]) -> list[list[object]]:
     """The records as one array per field: the parameters of USAGE_CTES."""
-    return [list(column) for column in zip(*(r.params() for r in records))]
+    return [list(column) for column in zip(*(r.params() for r in records), strict=True)]
 
 
 async def record_usage_many(pool: asyncpg.Pool | asyncpg.Connection, records: list[UsageRecord]) -> int:
