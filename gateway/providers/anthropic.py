@@ -7,7 +7,7 @@ is required, input tokens come in `message_start` and output tokens cumulatively
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -63,7 +63,7 @@ class AnthropicProvider:
             self._headers["x-api-key"] = config.api_key.reveal()
         self._session = session
 
-    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]:
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         state = _Usage()
         try:
             async with self._session.post(self._url, data=orjson.dumps(to_anthropic(model, request)),
