@@ -199,7 +199,7 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def routes(settings: Settings) -> list[web.AbstractRouteDef]:
+def routes(settings: Settings) -> list[web.RouteDef]:
     """The HTTP surface (the README's table, in code; /openapi.json is checked against it)."""
     table = [
         web.post("/api/chat", chat.post_chat),

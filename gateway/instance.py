@@ -40,7 +40,7 @@ class Instance:
     RETRY_S = 0.5  # the first retry after a failed sweep; doubles up to the sweep interval
 
     def __init__(self, url: str, pool: asyncpg.Pool, replay: Callable[[], Awaitable[object]],
-                 on_cancel: Callable[[uuid.UUID], None], sweep_s: float = 15.0, *,
+                 on_cancel: Callable[[uuid.UUID], object], sweep_s: float = 15.0, *,
                  on_key_revoked: Callable[[bytes], None] | None = None,
                  on_reconnect: Callable[[], None] | None = None) -> None:
         self.id = uuid.uuid4()

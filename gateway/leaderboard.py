@@ -18,7 +18,7 @@ import asyncio
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -88,7 +88,7 @@ def leaderboard(battles: Sequence[Battle], rounds: int = 200, seed: int = 0) -> 
         for model, rating in refit.items():
             samples[model].append(rating)
     played: Counter[str] = Counter()
-    won: Counter[str] = Counter()
+    won: defaultdict[str, float] = defaultdict(float)  # ties count half
     for a, b, winner in battles:
         played[a] += 1
         played[b] += 1

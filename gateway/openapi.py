@@ -362,7 +362,7 @@ def op(summary: str, tag: str, responses: dict[str, Any], **extra: Any) -> dict[
     return {"summary": summary, "tags": [tag], "responses": responses, **extra}
 
 
-STREAM_SECURITY = [{"bearerAuth": []}, {"streamToken": []}]
+STREAM_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"streamToken": []}]
 PUBLIC: list[Any] = []
 
 SSE_DESCRIPTION = ("Server-Sent Events: `retry:`, then `metadata`, deltas (`data: {\"delta\": ...}`), `usage`, "

@@ -326,6 +326,7 @@ def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
     for message in reversed(messages):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return message["content"]
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str):
+            return content
     return ""

@@ -189,4 +189,5 @@ async def bootstrap_admin_key(pool: asyncpg.Pool) -> str | None:
 
 async def key_hash_by_id(pool: asyncpg.Pool, key_id: uuid.UUID) -> bytes | None:
     """The hash of the key with this id (a stream token names its key by id; caches go by hash)."""
-    return await pool.fetchval("SELECT key_hash FROM api_keys WHERE id = $1", key_id)
+    key_hash: bytes | None = await pool.fetchval("SELECT key_hash FROM api_keys WHERE id = $1", key_id)
+    return key_hash
