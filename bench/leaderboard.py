@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.leaderboard import Battle, leaderboard  # noqa: E402
+from gateway.leaderboard import Battle, leaderboard
 
 STRENGTHS = {"strong-large": 4.0, "strong-small": 2.5, "mid": 1.5, "fast": 1.0, "tiny": 0.5}
 

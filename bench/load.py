@@ -63,7 +63,7 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, headers: di
         async with session.post(url, data=body, headers=headers, timeout=timeout) as resp:
             rec.status = resp.status
             if resp.status != 200:
-                rec.error = "http_%d" % resp.status
+                rec.error = f"http_{resp.status}"
                 await resp.read()
                 return
             buf = b""
@@ -86,7 +86,7 @@ async def one(session: aiohttp.ClientSession, url: str, body: bytes, headers: di
             rec.total = rec.t_end - t0
             if not rec.done and rec.error is None:
                 rec.error = "no_done"
-    except asyncio.TimeoutError:
+    except TimeoutError:
         rec.error = "timeout"
     except (aiohttp.ClientError, OSError) as e:
         rec.error = type(e).__name__
@@ -96,7 +96,7 @@ def pct(values: list[float], p: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def ms(v: float | None) -> float | None:

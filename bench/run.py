@@ -196,7 +196,8 @@ class Bench:
         wait_up(self.upstream, f"http://127.0.0.1:{a.upstream_port}/v1/models", 15, "fake upstream")
 
         env = self.gateway_env()
-        log("creating an API key (" + ("DATABASE_URL" if a.database_url else f"embedded PostgreSQL in {self.data_dir}") + ")")
+        log("creating an API key ("
+            + ("DATABASE_URL" if a.database_url else f"embedded PostgreSQL in {self.data_dir}") + ")")
         r = subprocess.run([PY, "-m", "gateway", "keys", "create", "--name", "bench"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=180, start_new_session=True,
                            preexec_fn=pinned(self.gateway_cpus))
@@ -276,7 +277,7 @@ class Bench:
         targets = self.probe(a.targets)
         if not targets:
             raise Stop("no gateway target works")
-        runs: dict[str, list[dict]] = {t: [] for t in ["direct"] + targets}
+        runs: dict[str, list[dict]] = {t: [] for t in ["direct", *targets]}
         for rnd in range(1, a.rounds + 1):
             for target in runs:
                 r = self.load(target, a.requests, a.warmup)
@@ -329,10 +330,16 @@ def report(a: argparse.Namespace, runs: dict[str, list[dict]], pin: bool) -> Non
     print("\n| gateway target | added TTFT p50 ms | added TTFT p99 ms | throughput ratio gateway/direct |")
     print("|---|---|---|---|")
     for name in names[1:]:
-        pairs = list(zip(direct, runs[name]))  # round r of the gateway against round r of direct
-        diff = lambda path: [get(g, path) - get(d, path) for d, g in pairs if None not in (get(g, path), get(d, path))]
+        pairs = list(zip(direct, runs[name], strict=True))  # round r of the gateway against round r of direct
         ratio = [g["req_per_s"] / d["req_per_s"] for d, g in pairs if d["req_per_s"] and g["req_per_s"] is not None]
-        print(f"| {name} | {spread(diff('ttft_ms.p50'))} | {spread(diff('ttft_ms.p99'))} | {spread(ratio)} |")
+        print(f"| {name} | {spread(added(pairs, 'ttft_ms.p50'))} | {spread(added(pairs, 'ttft_ms.p99'))} "
+              f"| {spread(ratio)} |")
+
+
+def added(pairs: list[tuple[dict, dict]], path: str) -> list:
+    """What the gateway adds to the metric at `path`, round by round (direct, gateway); a round
+    where either side has no value is left out."""
+    return [get(g, path) - get(d, path) for d, g in pairs if None not in (get(g, path), get(d, path))]
 
 
 def gateway_arguments(p: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -41,5 +41,5 @@ async def record_activity(request: web.Request, response: web.StreamResponse) ->
     route = request.match_info.route
     # the raw path: no query string (it may carry a token), and no decoded NUL that text refuses
     path = request.rel_url.raw_path
-    writer.add(ActivityRecord(datetime.now(timezone.utc), user_id, key_id, route.name or action_of(route.handler),
+    writer.add(ActivityRecord(datetime.now(UTC), user_id, key_id, route.name or action_of(route.handler),
                               request.method, path, response.status, request.remote, request.get(REQUEST_ID)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from datetime import datetime
-from typing import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -32,8 +32,24 @@ from .middleware import Cors, add_request_id, errors
 from .openapi import get_openapi
 from .policy import Policy
 from .providers.registry import ModelRegistry
-from .state import (ACTIVITY, AUTH, DB, GENERATIONS, HTTP, INSTANCE, LAST_USED, LEADERBOARD, METRICS, MODELS, POLICY,
-                    QUARANTINE, SETTINGS, STREAM_TOKENS, TURNS, USAGE)
+from .state import (
+    ACTIVITY,
+    AUTH,
+    DB,
+    GENERATIONS,
+    HTTP,
+    INSTANCE,
+    LAST_USED,
+    LEADERBOARD,
+    METRICS,
+    MODELS,
+    POLICY,
+    QUARANTINE,
+    SETTINGS,
+    STREAM_TOKENS,
+    TURNS,
+    USAGE,
+)
 from .store.activity import ActivityRecord, record_activity_many
 from .store.arena import battles
 from .store.keys import bootstrap_admin_key, touch_keys
@@ -188,7 +204,7 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def routes(settings: Settings) -> list[web.AbstractRouteDef]:
+def routes(settings: Settings) -> list[web.RouteDef]:
     """The HTTP surface (the README's table, in code; /openapi.json is checked against it)."""
     table = [
         web.post("/api/chat", chat.post_chat),

@@ -15,10 +15,11 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import KW_ONLY, dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -128,7 +129,7 @@ class Authenticator:
 
     @staticmethod
     def _check(record: key_store.KeyRecord) -> None:
-        wall = datetime.now(timezone.utc)
+        wall = datetime.now(UTC)
         if record.revoked_at is not None and record.revoked_at <= wall:
             raise CredentialRevoked("API key revoked")
         if record.expires_at is not None and record.expires_at <= wall:
@@ -138,7 +139,7 @@ class Authenticator:
         now = self._clock()
         if self._last_used is not None and self._touched.get(key_id, 0.0) <= now:
             self._touched[key_id] = now + self.TOUCH_EVERY_S
-            self._last_used.add((key_id, datetime.now(timezone.utc)))  # written in a batch, off the request path
+            self._last_used.add((key_id, datetime.now(UTC)))  # written in a batch, off the request path
 
     async def recheck(self, principal: Principal) -> None:
         """Raise Unauthorized (CredentialRevoked when revoked) if the credential that made this
@@ -149,7 +150,7 @@ class Authenticator:
                 raise Unauthorized("invalid API key")
             self._check(record)
             self._touch(record.id)
-        elif principal.expires_at is not None and principal.expires_at <= datetime.now(timezone.utc):
+        elif principal.expires_at is not None and principal.expires_at <= datetime.now(UTC):
             raise Unauthorized("token expired")
 
     async def key_principal(self, key_id: uuid.UUID, user_id: uuid.UUID) -> Principal:
@@ -263,7 +264,7 @@ class CredentialWatch:
         self._owner = task
         expires_at = self.principal.expires_at
         if expires_at is not None:
-            delay = max((expires_at - datetime.now(timezone.utc)).total_seconds(), 0.0)
+            delay = max((expires_at - datetime.now(UTC)).total_seconds(), 0.0)
             self._timer = asyncio.get_running_loop().call_later(delay, self.poke)
 
     def unguard(self) -> None:
@@ -293,7 +294,7 @@ class CredentialWatch:
         elif self._owner is not None and self.principal.expires_at is not None:
             # still good: the expiry timer may have fired a hair early (the loop's clock is not the
             # wall clock): set it again for what is left
-            left = (self.principal.expires_at - datetime.now(timezone.utc)).total_seconds()
+            left = (self.principal.expires_at - datetime.now(UTC)).total_seconds()
             if left > 0:
                 self._timer = asyncio.get_running_loop().call_later(left + 0.01, self.poke)
 
@@ -303,7 +304,7 @@ class CredentialWatch:
         while True:
             deadline = None
             if expires_at is not None:
-                deadline = loop.time() + max((expires_at - datetime.now(timezone.utc)).total_seconds(), 0.0)
+                deadline = loop.time() + max((expires_at - datetime.now(UTC)).total_seconds(), 0.0)
             try:
                 async with asyncio.timeout_at(deadline):
                     await self._poked.wait()

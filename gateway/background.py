@@ -15,8 +15,10 @@ means is decided by `failures.classify`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 from .failures import Failure, Quarantine, classify
 
@@ -85,7 +87,7 @@ class BatchWriter(Generic[T]):
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("%s: %d items not written at shutdown", self.name, len(self._items))
 
     async def _run(self) -> None:
@@ -109,10 +111,8 @@ class BatchWriter(Generic[T]):
             if len(self._items) < self._max_batch and not self._closing and not self._waiters:
                 # let a batch gather; a full batch, flush() or close() cuts the wait short
                 self._wakeup.clear()
-                try:
+                with contextlib.suppress(TimeoutError):  # the interval is up: write what has gathered
                     await asyncio.wait_for(self._wakeup.wait(), self._interval)
-                except TimeoutError:
-                    pass
             batch = self._items[:self._max_batch]
             try:
                 await self._write_or_split(batch)

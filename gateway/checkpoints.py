@@ -10,9 +10,11 @@ fails (the database away) is skipped: the next one carries the newer content any
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from typing import TYPE_CHECKING, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING
 
 from .failures import Failure, classify
 from .store.messages import Checkpoint
@@ -54,10 +56,8 @@ class Checkpointer:
 
     async def _run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):  # a tick, or a nudge: either way, checkpoint now
                 await asyncio.wait_for(self._nudged.wait(), self.interval_s)
-            except TimeoutError:
-                pass
             self._nudged.clear()
             try:
                 await self.checkpoint()

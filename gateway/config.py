@@ -7,9 +7,10 @@ start with the name of the offending variable (or TOML key) in the message.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -123,7 +124,7 @@ class Settings:
         return bool(self.jwt_secret or self.jwks_url)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
         return _parse(env)
 
 

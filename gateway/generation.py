@@ -14,9 +14,10 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 
@@ -115,17 +116,17 @@ class Generation:
         try:
             async for batch in self.chain.stream(self.request):
                 for event in batch:
-                    kind = type(event)
-                    if kind is TextDelta:
+                    # exact-type tests: as fast as a dict dispatch here, and mypy narrows on them
+                    if type(event) is TextDelta:
                         if not events.count:
                             self._ttft_ms = round((time.monotonic() - self._started) * 1000)
                             events.append(maker.event(0, "metadata", self.metadata()))
-                        parts.append(event.text)  # type: ignore[union-attr]
-                        events.append(maker.delta(events.count, event.text))  # type: ignore[union-attr]
-                    elif kind is UsageReport:
-                        usage = event  # type: ignore[assignment]
-                    elif kind is Finish:
-                        finish_reason = event.reason  # type: ignore[union-attr]
+                        parts.append(event.text)
+                        events.append(maker.delta(events.count, event.text))
+                    elif type(event) is UsageReport:
+                        usage = event
+                    elif type(event) is Finish:
+                        finish_reason = event.reason
                 self._wake()  # listeners wake once per upstream read, not once per event
                 if checkpoints is not None and len(parts) - checkpoints.saved(message_id) >= checkpoints.max_chunks:
                     checkpoints.nudge()
@@ -198,8 +199,9 @@ class Generation:
             prompt = sum(estimate_tokens(str(m.get("content", ""))) for m in self.request.messages) if content else 0
             usage = UsageReport(prompt, estimate_tokens(content))
         attempts = [a.as_json() for a in self.chain.attempts]
-        error_json = ({"type": error.kind, "message": error.message, "retryable": error.retryable}
-                      if error is not None else None)
+        error_json: dict[str, Any] | None = None
+        if error is not None:
+            error_json = {"type": error.kind, "message": error.message, "retryable": error.retryable}
         hidden: dict[str, Any] = {}
         if error_json is not None and spec.anonymous:
             # an anonymous slot must not name its model before the vote, not even in an error text:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from datetime import date, datetime, timezone
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, date, datetime
+from typing import Any
 
 import asyncpg
 
@@ -39,7 +40,7 @@ class Instance:
     RETRY_S = 0.5  # the first retry after a failed sweep; doubles up to the sweep interval
 
     def __init__(self, url: str, pool: asyncpg.Pool, replay: Callable[[], Awaitable[object]],
-                 on_cancel: Callable[[uuid.UUID], None], sweep_s: float = 15.0, *,
+                 on_cancel: Callable[[uuid.UUID], object], sweep_s: float = 15.0, *,
                  on_key_revoked: Callable[[bytes], None] | None = None,
                  on_reconnect: Callable[[], None] | None = None) -> None:
         self.id = uuid.uuid4()
@@ -174,5 +175,5 @@ def settled_usage(row: Mapping[str, Any]) -> UsageRecord:
         message_id=row["id"], user_id=row["user_id"], api_key_id=uuid.UUID(key) if key else None,
         model=res.get("model") or "unknown", provider=res.get("provider") or "unknown", prompt_tokens=prompt,
         completion_tokens=completion, estimated=True, cost_usd=cost,
-        day=date.fromisoformat(res["day"]) if res.get("day") else datetime.now(timezone.utc).date(),
+        day=date.fromisoformat(res["day"]) if res.get("day") else datetime.now(UTC).date(),
         user_reserved=int(res.get("user_reserved") or 0), key_reserved=int(res.get("key_reserved") or 0))

@@ -18,10 +18,10 @@ import asyncio
 import logging
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import orjson
 

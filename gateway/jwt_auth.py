@@ -15,9 +15,10 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import jwt
@@ -166,7 +167,7 @@ class JwtVerifier:
                     return None
                 doc = await resp.json(content_type=None)
             keys = _usable_keys(doc)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
             log.warning("JWKS fetch from %s failed: %s", url, type(e).__name__)
             return None
         if not keys:
@@ -178,9 +179,9 @@ class JwtVerifier:
 def _valid_until(exp: Any, leeway_s: float) -> datetime:
     # PyJWT has checked that `exp` is a number in the future; one past datetime's range is "never"
     try:
-        return datetime.fromtimestamp(float(exp) + leeway_s, timezone.utc)
+        return datetime.fromtimestamp(float(exp) + leeway_s, UTC)
     except (TypeError, ValueError, OverflowError, OSError):
-        return datetime.max.replace(tzinfo=timezone.utc)
+        return datetime.max.replace(tzinfo=UTC)
 
 
 def _usable_keys(doc: Any) -> dict[str, _Jwk]:

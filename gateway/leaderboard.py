@@ -18,9 +18,9 @@ import asyncio
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence
 
 Battle = tuple[str, str, str]  # (model a, model b, winner: a | b | tie | both_bad)
 
@@ -60,7 +60,7 @@ def fit(battles: Sequence[Battle], iterations: int = 1000, tol: float = 1e-10) -
         new = [wins[i] / denom[i] if denom[i] else p[i] for i in range(n)]
         log_mean = sum(math.log(x) for x in new) / n
         new = [x / math.exp(log_mean) for x in new]
-        change = max(abs(x - y) / y for x, y in zip(new, p))
+        change = max(abs(x - y) / y for x, y in zip(new, p, strict=True))
         p = new
         if change < tol:
             break
@@ -88,7 +88,7 @@ def leaderboard(battles: Sequence[Battle], rounds: int = 200, seed: int = 0) -> 
         for model, rating in refit.items():
             samples[model].append(rating)
     played: Counter[str] = Counter()
-    won: Counter[str] = Counter()
+    won: defaultdict[str, float] = defaultdict(float)  # ties count half
     for a, b, winner in battles:
         played[a] += 1
         played[b] += 1
@@ -97,7 +97,7 @@ def leaderboard(battles: Sequence[Battle], rounds: int = 200, seed: int = 0) -> 
     entries = []
     for model, rating in ratings.items():
         s = sorted(samples[model]) or [rating]
-        low, high = s[int(0.025 * (len(s) - 1))], s[int(math.ceil(0.975 * (len(s) - 1)))]
+        low, high = s[int(0.025 * (len(s) - 1))], s[math.ceil(0.975 * (len(s) - 1))]
         entries.append(Entry(model, round(rating, 1), round(low, 1), round(high, 1), played[model], won[model],
                              round(won[model] / played[model], 4)))
     return sorted(entries, key=lambda e: -e.rating)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import islice
 from types import NoneType
 from typing import Any
@@ -93,7 +93,7 @@ class RedactSecrets(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 -- args that do not fit the format: keep both, as text, not lose the line
+        except Exception:
             message = f"{record.msg} {record.args!r}"
         record.msg, record.args = message, None
         fields = record.__dict__
@@ -141,7 +141,7 @@ class JsonFormatter(logging.Formatter):
     """A record as one JSON object on one line (orjson escapes newlines inside values)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+        out = {"ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
                "level": record.levelname, "logger": record.name, "message": record.getMessage()}
         for key, value in vars(record).items():
             if key not in _STANDARD and key not in out:

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -242,6 +244,9 @@ class Timings:
 def route_of(request: web.BaseRequest) -> str:
     """The matched route's pattern (`/api/messages/{message_id}`): never the raw path, whose ids
     (and anything a client sends) would make a new series each."""
+    # the access logger is handed a BaseRequest; the app only ever makes web.Request, which has a route
+    if not isinstance(request, web.Request):
+        return "unmatched"
     try:
         resource = request.match_info.route.resource
     except AssertionError:  # aiohttp refused the request before routing it (malformed): it has no match_info
@@ -249,7 +254,7 @@ def route_of(request: web.BaseRequest) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def observe(metrics: Metrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def observe(metrics: Metrics) -> Middleware:
     """The outermost middleware: starts the request's Timings, counts it and its latency by route."""
     from .state import TIMINGS
 

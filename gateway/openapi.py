@@ -500,7 +500,7 @@ def op(summary: str, tag: str, responses: dict[str, Any], **extra: Any) -> dict[
     return {"summary": summary, "tags": [tag], "responses": responses, **extra}
 
 
-STREAM_SECURITY = [{"bearerAuth": []}, {"streamToken": []}]
+STREAM_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"streamToken": []}]
 ANTHROPIC_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"anthropicApiKey": []}]
 PUBLIC: list[Any] = []
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import asyncpg
 
@@ -114,11 +115,11 @@ def limits_for(config: LimitsConfig, principal: Principal) -> Limits:
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _next_midnight(day: date) -> datetime:
-    return datetime.combine(day + timedelta(days=1), datetime.min.time(), timezone.utc)
+    return datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
 
 
 class Policy:

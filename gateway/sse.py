@@ -34,7 +34,7 @@ DONE = b"data: [DONE]\n\n"
 # a seq is at most this many ASCII digits: `str.isdigit` also takes "²" and other digits `int`
 # refuses, and a long run of digits would hit Python's int-string limit (both were 500s)
 MAX_SEQ_DIGITS = 9
-_SEQ = re.compile(r"-1|[0-9]{1,%d}" % MAX_SEQ_DIGITS, re.ASCII)
+_SEQ = re.compile(rf"-1|[0-9]{{1,{MAX_SEQ_DIGITS}}}", re.ASCII)
 
 
 def parse_seq(raw: str, what: str) -> int:

@@ -11,7 +11,6 @@ if TYPE_CHECKING:
     import uuid
     from datetime import datetime
 
-    from .store.activity import ActivityRecord
     from .auth import Authenticator, Principal
     from .background import BatchWriter
     from .config import Settings
@@ -22,30 +21,31 @@ if TYPE_CHECKING:
     from .leaderboard import LeaderboardCache
     from .metrics import Metrics, Timings
     from .policy import Policy
-    from .stream_tokens import StreamTokens
     from .providers.registry import ModelRegistry
-    from .turns import Turns
+    from .store.activity import ActivityRecord
     from .store.usage import UsageRecord
+    from .stream_tokens import StreamTokens
+    from .turns import Turns
 
-SETTINGS: web.AppKey["Settings"] = web.AppKey("settings")
-DB: web.AppKey["Database"] = web.AppKey("db")
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+DB: web.AppKey[Database] = web.AppKey("db")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http", aiohttp.ClientSession)
-MODELS: web.AppKey["ModelRegistry"] = web.AppKey("models")
-AUTH: web.AppKey["Authenticator"] = web.AppKey("auth")
-GENERATIONS: web.AppKey["GenerationRegistry"] = web.AppKey("generations")
-LEADERBOARD: web.AppKey["LeaderboardCache"] = web.AppKey("leaderboard")
-POLICY: web.AppKey["Policy"] = web.AppKey("policy")
-INSTANCE: web.AppKey["Instance"] = web.AppKey("instance")
-STREAM_TOKENS: web.AppKey["StreamTokens"] = web.AppKey("stream_tokens")
-TURNS: web.AppKey["Turns"] = web.AppKey("turns")  # the service layer: begins turns, finds replies
-USAGE: web.AppKey["BatchWriter[UsageRecord]"] = web.AppKey("usage")  # batched usage rows (OpenAI route)
-ACTIVITY: web.AppKey["BatchWriter[ActivityRecord]"] = web.AppKey("activity")  # who did what, batched
-LAST_USED: web.AppKey["BatchWriter[tuple[uuid.UUID, datetime]]"] = web.AppKey("last_used")  # api_keys.last_used_at
-QUARANTINE: web.AppKey["Quarantine"] = web.AppKey("quarantine")  # records refused for good, on disk
-METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")  # this app's Prometheus registry (never the global one)
+MODELS: web.AppKey[ModelRegistry] = web.AppKey("models")
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+GENERATIONS: web.AppKey[GenerationRegistry] = web.AppKey("generations")
+LEADERBOARD: web.AppKey[LeaderboardCache] = web.AppKey("leaderboard")
+POLICY: web.AppKey[Policy] = web.AppKey("policy")
+INSTANCE: web.AppKey[Instance] = web.AppKey("instance")
+STREAM_TOKENS: web.AppKey[StreamTokens] = web.AppKey("stream_tokens")
+TURNS: web.AppKey[Turns] = web.AppKey("turns")  # the service layer: begins turns, finds replies
+USAGE: web.AppKey[BatchWriter[UsageRecord]] = web.AppKey("usage")  # batched usage rows (OpenAI route)
+ACTIVITY: web.AppKey[BatchWriter[ActivityRecord]] = web.AppKey("activity")  # who did what, batched
+LAST_USED: web.AppKey[BatchWriter[tuple[uuid.UUID, datetime]]] = web.AppKey("last_used")  # api_keys.last_used_at
+QUARANTINE: web.AppKey[Quarantine] = web.AppKey("quarantine")  # records refused for good, on disk
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")  # this app's Prometheus registry (never the global one)
 
 # per request
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 USER_ID: web.RequestKey[str] = web.RequestKey("user_id", str)
-PRINCIPAL: web.RequestKey["Principal"] = web.RequestKey("principal")  # set once the caller is authenticated
-TIMINGS: web.RequestKey["Timings"] = web.RequestKey("timings")  # where the time went, for the access log
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")  # set once the caller is authenticated
+TIMINGS: web.RequestKey[Timings] = web.RequestKey("timings")  # where the time went, for the access log

@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import asyncpg
 
@@ -180,7 +181,7 @@ class Turns:
         # both slots count toward the caller's limits; if either is refused, nothing is kept
         admissions: list[Admission] = []
         try:
-            for shares_left, model in zip((2, 1), pair):
+            for shares_left, model in zip((2, 1), pair, strict=True):
                 # slot a may take at most half of what remains today, slot b what is left after it
                 admissions.append(await self._policy.admit(principal, model, prompt_tokens(messages),
                                                            turn.max_tokens, share=shares_left))
@@ -197,7 +198,7 @@ class Turns:
             for admission in admissions:
                 await self._policy.release(admission, principal.user_id, principal.api_key_id)
             return stored
-        for slot, message_id, admission in zip(Slot, (stored.message_a, stored.message_b), admissions):
+        for slot, message_id, admission in zip(Slot, (stored.message_a, stored.message_b), admissions, strict=True):
             # each slot is its own generation, with its own chain and timeouts: one failing or
             # hanging never holds up the other
             self._generations.start(
@@ -347,6 +348,7 @@ def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
     for message in reversed(messages):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return message["content"]
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str):
+            return content
     return ""

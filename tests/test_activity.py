@@ -4,7 +4,7 @@ background writer that batches, retries with backoff, drains at shutdown and cou
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -34,7 +34,7 @@ def row(action: str, method: str, path: str, status: int, request_id: str, key_i
 
 
 def sample(user_id: uuid.UUID, n: int) -> list[ActivityRecord]:
-    at = datetime.now(timezone.utc)
+    at = datetime.now(UTC)
     return [ActivityRecord(at + timedelta(microseconds=i), user_id, None, "test.batch", "POST", f"/n/{i}", 200,
                            "10.0.0.1", f"req-{i}") for i in range(n)]
 

@@ -12,8 +12,15 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.providers.anthropic import AnthropicProvider
-from gateway.providers.base import (ChatRequest, Finish, TextDelta, UpstreamHTTPError, UpstreamProtocolError,
-                                    UpstreamStreamError, UsageReport)
+from gateway.providers.base import (
+    ChatRequest,
+    Finish,
+    TextDelta,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamStreamError,
+    UsageReport,
+)
 
 from .fakes import parse_sse, split_every
 
@@ -39,7 +46,8 @@ def anthropic_stream(texts: list[str], input_tokens: int = 25, output_tokens: in
                                                                           "stop_sequence": None},
                                        "usage": {"output_tokens": output_tokens - 5}}))
     # cumulative: a second message_delta replaces the count, it does not add to it
-    out.append(event("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": output_tokens}}))
+    out.append(event("message_delta", {"type": "message_delta", "delta": {},
+                                       "usage": {"output_tokens": output_tokens}}))
     if stop:
         out.append(event("message_stop", {"type": "message_stop"}))
     return b"".join(out)
@@ -142,7 +150,7 @@ async def test_anthropic_http_529_is_retryable_http_error(anthropic, config_file
 
 
 async def test_chat_through_anthropic_model_is_saved(anthropic, config_file, make_client, user, db):
-    fake, server = anthropic
+    _fake, server = anthropic
     path = config_file(f"""
 [providers.claude]
 kind = "anthropic"
@@ -158,8 +166,8 @@ upstream = "claude-x"
     events = parse_sse(await resp.read())
     meta = orjson.loads(events[0].data)
     assert (meta["model"], meta["provider"]) == ("claude", "claude")
-    row = await db.fetchrow("SELECT status, content, prompt_tokens, completion_tokens FROM messages WHERE id = $1::uuid",
-                            meta["message_id"])
+    row = await db.fetchrow("SELECT status, content, prompt_tokens, completion_tokens FROM messages "
+                            "WHERE id = $1::uuid", meta["message_id"])
     assert dict(row) == {"status": "complete", "content": "Hello world", "prompt_tokens": 25, "completion_tokens": 15}
 
 

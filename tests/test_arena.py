@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -113,7 +113,7 @@ class ArenaStream:
         self.slots: dict[str, list[bytes]] = {"a": [], "b": []}
         self.ids: list[str] = []
         self.order: list[tuple[str, str]] = []  # (slot, event name) in stream order
-        pos = dict(zip(SLOTS, start))
+        pos = dict(zip(SLOTS, start, strict=True))
         for block in blocks[:-1]:
             id_line, _, rest = block.partition(b"\n")
             data_line = next(line for line in rest.split(b"\n") if line.startswith(b"data: "))
@@ -277,7 +277,7 @@ async def test_anonymous_arena_names_no_model_until_the_vote(make_client, config
     comparison = await comparison_row(db, cid)
     assert comparison["anonymous"] is True
     # each demo model's reply is seeded by its upstream id too: the two slots differ
-    texts = {slot: demo_reply(prompt, 4, model) for slot, model in zip(SLOTS, (x, y))}
+    texts = {slot: demo_reply(prompt, 4, model) for slot, model in zip(SLOTS, (x, y), strict=True)}
     assert texts["a"] != texts["b"]
     for slot in SLOTS:
         meta = {"thread_id": str(comparison["thread_id"]), "user_message_id": str(comparison["user_message_id"]),
@@ -527,7 +527,7 @@ def test_a_tie_or_both_bad_counts_half_a_win_each(draw: str):
 
 
 def test_leaderboard_counts_battles_wins_and_win_rates_exactly():
-    battles = battles_of("p", "q", 2, 1, ties=1) + [("r", "p", "both_bad"), ("q", "r", "b")]
+    battles = [*battles_of("p", "q", 2, 1, ties=1), ("r", "p", "both_bad"), ("q", "r", "b")]
     entries = {e.model: e for e in leaderboard(battles, rounds=50)}
     assert {m: (e.battles, e.wins, e.win_rate) for m, e in entries.items()} == {
         "p": (5, 3.0, 0.6), "q": (5, 1.5, 0.3), "r": (2, 1.5, 0.75)}
@@ -622,7 +622,7 @@ CAP = "[limits]\ndaily_tokens = {cap}\n"
 
 async def day_row(db: asyncpg.Pool, user_id: uuid.UUID) -> dict[str, int] | None:
     found = await db.fetchrow("SELECT tokens, reserved, requests FROM daily_usage WHERE user_id = $1 AND day = $2",
-                              user_id, datetime.now(timezone.utc).date())
+                              user_id, datetime.now(UTC).date())
     return dict(found) if found else None
 
 
@@ -794,7 +794,7 @@ async def test_non_streaming_arena_answers_202_with_a_resumable_stream_url(make_
     resp = await client.get(answer["stream_url"])  # no Authorization: the token is the credential
     assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
     full = ArenaStream(await resp.read(), cid)
-    texts = {slot: demo_reply("later please", 3, model) for slot, model in zip(SLOTS, (x, y))}
+    texts = {slot: demo_reply("later please", 3, model) for slot, model in zip(SLOTS, (x, y), strict=True)}
     for slot in SLOTS:
         meta = {"thread_id": answer["thread_id"], "user_message_id": message["id"],
                 "message_id": answer["assistant_message_ids"][slot]}

@@ -12,8 +12,16 @@ import orjson
 
 from .conftest import User
 from .fakes import FakeUpstream, Reply, openai_stream
-from .test_arena import (accept_arena, fake_pair_client, row, split_frames, stream_arena, upstream_b,  # noqa: F401
-                         vote, wait_comparison_finished)
+from .test_arena import (  # noqa: F401
+    accept_arena,
+    fake_pair_client,
+    row,
+    split_frames,
+    stream_arena,
+    upstream_b,
+    vote,
+    wait_comparison_finished,
+)
 
 NAMES = (b"alpha", b"up-alpha", b"pa")  # the failing slot's model, upstream id and provider
 

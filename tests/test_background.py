@@ -10,7 +10,7 @@ import errno
 import socket
 import uuid
 from dataclasses import asdict
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +318,8 @@ async def test_only_a_database_outage_is_a_503_any_other_oserror_is_a_500(aiohtt
         "socket": (500, body("internal_error", "internal error", "socket")),
     }
     unhandled = [r for r in caplog.records if r.getMessage().startswith("unhandled error in GET")]
-    assert [r.getMessage() for r in unhandled] == [f"unhandled error in GET /{n}" for n in ("refuses", "disk", "socket")]
+    assert [r.getMessage() for r in unhandled] == [
+        f"unhandled error in GET /{n}" for n in ("refuses", "disk", "socket")]
     assert all(r.exc_info is not None for r in unhandled)
 
 
@@ -329,5 +330,5 @@ async def test_quarantine_keeps_raw_bytes_that_are_not_json_as_text(tmp_path):
     [entry] = quarantined(tmp_path, "finish")
     assert entry["record"] == '{"usage": {"message_id": "ab\\xff'
     assert entry["error"] == {"type": "ValueError", "message": "torn"}
-    assert datetime.fromisoformat(entry["at"]).tzinfo == timezone.utc
+    assert datetime.fromisoformat(entry["at"]).tzinfo == UTC
     assert seen == ["finish"] and quarantine.count("finish") == 1

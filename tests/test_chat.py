@@ -347,7 +347,7 @@ async def test_upstream_500_before_content_streams_an_error_and_saves_a_failed_r
 
 
 async def test_upstream_error_mid_stream_keeps_the_partial_reply_as_failed(make_client, upstream, user, db):
-    pieces = openai_stream(["Hel", "lo"])[:3] + [b'data: {"error":{"message":"boom"}}\n\n']
+    pieces = [*openai_stream(["Hel", "lo"])[:3], b'data: {"error":{"message":"boom"}}\n\n']
     upstream.queue(Reply(pieces))
     client = await fake_client(make_client, upstream)
     body, meta = await stream_chat(client, user, content="break midway")
@@ -392,7 +392,7 @@ async def test_ping_comments_keep_the_stream_alive_while_waiting(make_client, up
 # -- 10. replay, polling and resume ------------------------------------------------------------------
 
 async def test_duplicate_streaming_post_replays_the_same_bytes_from_the_database(client, make_client, user):
-    original, meta = await stream_chat(client, user, content="replay me", client_message_id="replay-1")
+    original, _meta = await stream_chat(client, user, content="replay me", client_message_id="replay-1")
     # a second app instance has no live generation: whatever it sends comes from the database
     other = await make_client()
     replayed, _ = await stream_chat(other, user, content="replay me", client_message_id="replay-1")

@@ -19,13 +19,16 @@ import asyncpg
 
 from gateway.providers.base import estimate_tokens
 from gateway.providers.demo import demo_reply
-from gateway.state import GENERATIONS
 
 from .conftest import MakeClient, User, wait_for
 from .fakes import parse_sse
 from .test_durability import ROOT, free_port, run_cli, wait_healthy
-from .test_resume import gated  # noqa: F401 (the fixture)
-from .test_resume import MakeUpstream, gated_client, read_blocks
+from .test_resume import (
+    MakeUpstream,
+    gated,  # noqa: F401 (the fixture)
+    gated_client,
+    read_blocks,
+)
 
 
 async def message_row(db: asyncpg.Pool, mid: str | uuid.UUID) -> asyncpg.Record:
@@ -79,9 +82,9 @@ async def test_after_kill_9_the_reply_keeps_its_checkpoint_and_a_resume_gets_the
     config.write_text("[limits]\ndaily_tokens = 1000000\n")  # so the reply reserves its worst case
     env["GATEWAY_CONFIG"] = str(config)
     key = (await run_cli(env, "keys", "create", "--name", "crash")).strip().splitlines()[-1]
-    log_file = open(tmp_path / "server.log", "wb")
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "serve", cwd=ROOT, env=env,
-                                                stdout=log_file, stderr=asyncio.subprocess.STDOUT)
+    with open(tmp_path / "server.log", "wb") as log_file:  # the server writes to its own copy of the descriptor
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "serve", cwd=ROOT, env=env,
+                                                    stdout=log_file, stderr=asyncio.subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     prompt_text = prompt = "a long story please"
     try:
@@ -104,7 +107,6 @@ async def test_after_kill_9_the_reply_keeps_its_checkpoint_and_a_resume_gets_the
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        log_file.close()
 
     row = await message_row(db, mid)
     assert row["status"] == "streaming"  # the dead instance never finished it

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
@@ -71,7 +71,8 @@ def test_empty_environment_gives_demo_model_on_port_8080():
 
 def test_the_second_demo_model_appears_only_while_nothing_else_is_configured(config_file: ConfigFile):
     assert "demo-alt" not in Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}).models
-    assert "demo-alt" not in Settings.from_env({"GATEWAY_CONFIG": config_file('[models.x]\nprovider = "demo"\n')}).models
+    other = config_file('[models.x]\nprovider = "demo"\n')
+    assert "demo-alt" not in Settings.from_env({"GATEWAY_CONFIG": other}).models
 
 
 def test_toml_declares_server_providers_models_router_and_limits(config_file: ConfigFile):
@@ -188,7 +189,7 @@ def test_secrets_never_print_their_value():
     assert s.database_url is not None and s.database_url.reveal() == "postgresql://app:pg-pass-9f3@db/app"
     secret = s.providers["openai"].api_key
     renderings = [repr(s), str(s), f"{s}", f"{s!r}", str(s.database_url), repr(s.jwt_secret),
-                  f"{secret}", f"{secret!s}", f"{secret:>40}", "%s" % secret, "{}".format(secret)]
+                  f"{secret}", f"{secret!s}", f"{secret:>40}", "%s" % secret, f"{secret}"]
     for text in renderings:
         for value in ("pg-pass-9f3", "sk-live-7c1", "jwt-secret-0123"):
             assert value not in text

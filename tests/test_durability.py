@@ -15,9 +15,10 @@ import socket
 import sys
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -31,9 +32,19 @@ from gateway.store.messages import finish_assistant
 
 from .conftest import MakeClient, User, wait_for
 from .fakes import parse_sse
-from .test_resume import gated  # noqa: F401 (the fixture)
-from .test_resume import (PROMPT_TOKENS, TEXTS, MakeUpstream, accept, complete_frames, gated_client, open_listeners,
-                          read_blocks, stopped_frames, wire)
+from .test_resume import (
+    PROMPT_TOKENS,
+    TEXTS,
+    MakeUpstream,
+    accept,
+    complete_frames,
+    gated,  # noqa: F401 (the fixture)
+    gated_client,
+    open_listeners,
+    read_blocks,
+    stopped_frames,
+    wire,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,9 +85,9 @@ async def test_sigterm_interrupts_open_streams_saves_them_and_exits_cleanly(data
                 "DEMO_CHUNKS": "200", "DEMO_DELAY_MS": "20", "SHUTDOWN_GRACE_S": "0.5",
                 "BOOTSTRAP_ADMIN_KEY": "false", "GATEWAY_DATA_DIR": str(tmp_path), "LOG_LEVEL": "WARNING"})
     key = (await run_cli(env, "keys", "create", "--name", "x")).strip().splitlines()[-1]
-    log_file = open(tmp_path / "server.log", "wb")
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "serve", cwd=ROOT, env=env,
-                                                stdout=log_file, stderr=asyncio.subprocess.STDOUT)
+    with open(tmp_path / "server.log", "wb") as log_file:  # the server writes to its own copy of the descriptor
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "serve", cwd=ROOT, env=env,
+                                                    stdout=log_file, stderr=asyncio.subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     prompts = [f"tell me story number {i}" for i in range(3)]
     try:
@@ -87,9 +98,9 @@ async def test_sigterm_interrupts_open_streams_saves_them_and_exits_cleanly(data
             heads = [await read_blocks(s, 1 + 1 + 3) for s in streams]  # retry, metadata, 3 deltas: mid-reply
             proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(10):
-                bodies = [b"".join(h) + await s.read() for h, s in zip(heads, streams)]
+                bodies = [b"".join(h) + await s.read() for h, s in zip(heads, streams, strict=True)]
                 assert await proc.wait() == 0
-        for prompt, body in zip(prompts, bodies):
+        for prompt, body in zip(prompts, bodies, strict=True):
             events = parse_sse(body)
             mid = events[0].id.rpartition(":")[0]
             received = sum(e.event == "message" and e.id is not None for e in events)
@@ -103,7 +114,6 @@ async def test_sigterm_interrupts_open_streams_saves_them_and_exits_cleanly(data
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-        log_file.close()
 
 
 # -- the finish write across a database restart ---------------------------------------------------------

@@ -4,14 +4,14 @@ the right row in the database. One fake upstream per case, no fallback, so the f
 from __future__ import annotations
 
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 import pytest
 
 from gateway.config import ModelConfig
-from gateway.providers.base import (ChatRequest, TextDelta, UpstreamHTTPError, UpstreamProtocolError,
-                                    UpstreamStreamError)
+from gateway.providers.base import ChatRequest, TextDelta, UpstreamHTTPError, UpstreamProtocolError, UpstreamStreamError
 from gateway.state import MODELS
 
 from .fakes import Reply, openai_chunk, openai_stream, parse_sse, split_every
@@ -35,10 +35,10 @@ CASES = {
                                    ["metadata", "error"], "failed", "", "upstream_timeout"),
     "hang_mid_stream": (Reply(OK_EVENTS, hang_after=2), {"idle_timeout_s": 0.3},
                         ["metadata", "message", "error"], "failed", "Hel", "upstream_timeout"),
-    "malformed_json_chunk": (Reply(OK_EVENTS[:2] + [b"data: {not json\n\n"]), {},
+    "malformed_json_chunk": (Reply([*OK_EVENTS[:2], b"data: {not json\n\n"]), {},
                              ["metadata", "message", "error"], "failed", "Hel", "upstream_protocol_error"),
     "error_event_mid_stream": (
-        Reply(OK_EVENTS[:2] + [b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n']), {},
+        Reply([*OK_EVENTS[:2], b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n']), {},
         ["metadata", "message", "error"], "failed", "Hel", "upstream_stream_error"),
     "truncated_without_done": (Reply(OK_EVENTS[:3]), {},
                                ["metadata", "message", "message", "error"], "failed", "Hello",
@@ -56,7 +56,7 @@ async def test_upstream_failure_ends_in_its_documented_outcome(case, upstream, m
     resp = await client.post("/api/chat", headers=user.headers, json={"content": "hi", "stream": True})
     assert resp.status == 200
     events = parse_sse(await resp.read())
-    assert [e.event for e in events] == names + ["message"] and events[-1].data == "[DONE]"
+    assert [e.event for e in events] == [*names, "message"] and events[-1].data == "[DONE]"
     meta = orjson.loads(events[0].data)
     row = await db.fetchrow("SELECT status, content, error, model FROM messages WHERE id = $1",
                             uuid.UUID(meta["message_id"]))

@@ -27,7 +27,8 @@ def hostile_requests(key: str) -> dict[str, str]:
     return {
         "control character in Authorization": f"GET /api/me HTTP/1.1\r\nHost: gw\r\n"
                                               f"Authorization: Bearer {key[:20]}\x01{key[20:]}\r\n\r\n",
-        "stray CR in a header": f"GET /api/me HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key[:20]}\r{key[20:]}\r\n\r\n",
+        "stray CR in a header": f"GET /api/me HTTP/1.1\r\nHost: gw\r\n"
+                                f"Authorization: Bearer {key[:20]}\r{key[20:]}\r\n\r\n",
         "obs-fold continuation carrying the key": f"GET /api/me HTTP/1.1\r\nHost: gw\r\nX-Note: hello\r\n"
                                                   f" Bearer {key}\r\n\r\n",
         "HTTP/9.9": f"GET /api/me?token={key} HTTP/9.9\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n\r\n",
@@ -109,8 +110,9 @@ async def test_a_well_formed_request_with_a_token_in_the_query_logs_it_redacted(
         gateway_server: Any, user: User, caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.DEBUG)
     message_id = uuid.uuid4()
-    status, _, _ = await send_raw(gateway_server, f"GET /api/messages/{message_id}/stream?token={user.key}&x=1 HTTP/1.1\r\n"
-                                                  f"Host: gw\r\nX-Request-Id: token-in-query\r\nConnection: close\r\n\r\n")
+    request = (f"GET /api/messages/{message_id}/stream?token={user.key}&x=1 HTTP/1.1\r\n"
+               f"Host: gw\r\nX-Request-Id: token-in-query\r\nConnection: close\r\n\r\n")
+    status, _, _ = await send_raw(gateway_server, request)
     assert status == 401
 
     async def logged() -> bool:

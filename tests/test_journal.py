@@ -9,7 +9,7 @@ import errno
 import logging
 import uuid
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ def finish(user: User, message_id: uuid.UUID, content: str, prompt: int = 3, com
     return FinishRecord(
         usage=UsageRecord(message_id=message_id, user_id=user.id, api_key_id=None, model="demo", provider="demo",
                           prompt_tokens=prompt, completion_tokens=completion, estimated=False, cost_usd=0.0,
-                          day=datetime.now(timezone.utc).date(), user_reserved=0, key_reserved=0),
+                          day=datetime.now(UTC).date(), user_reserved=0, key_reserved=0),
         status="complete", content=content, ttft_ms=5, latency_ms=9, error=None,
         metadata={"finish_reason": "stop", "chunks": [len(content)]})
 

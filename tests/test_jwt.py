@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -135,7 +135,7 @@ async def test_hs256_token_yields_identity_with_sub_and_email() -> None:
     token_claims = claims()
     identity = await hs_verifier().verify(jwt.encode(token_claims, SECRET, algorithm="HS256"))
     # valid until `exp` plus the default 30 s leeway: when an open WebSocket of this token closes
-    until = datetime.fromtimestamp(token_claims["exp"] + 30, timezone.utc)
+    until = datetime.fromtimestamp(token_claims["exp"] + 30, UTC)
     assert identity == JwtIdentity(USER_ID, "ada@example.com", identity.claims, until)
     assert identity.claims["role"] == "authenticated"
 
@@ -143,7 +143,7 @@ async def test_hs256_token_yields_identity_with_sub_and_email() -> None:
 async def test_identity_is_valid_until_exp_plus_the_configured_leeway() -> None:
     token_claims = claims()
     identity = await hs_verifier(JWT_LEEWAY_S="0").verify(jwt.encode(token_claims, SECRET, algorithm="HS256"))
-    assert identity.valid_until == datetime.fromtimestamp(token_claims["exp"], timezone.utc)
+    assert identity.valid_until == datetime.fromtimestamp(token_claims["exp"], UTC)
 
 
 async def test_token_without_email_yields_identity_with_no_email() -> None:
@@ -153,13 +153,13 @@ async def test_token_without_email_yields_identity_with_no_email() -> None:
 
 async def test_hs256_token_signed_with_another_secret_is_rejected() -> None:
     token = jwt.encode(claims(), "another-secret-that-is-also-at-least-32-bytes", algorithm="HS256")
-    with pytest.raises(Unauthorized, match="^token signature is invalid$"):
+    with pytest.raises(Unauthorized, match=r"^token signature is invalid$"):
         await hs_verifier().verify(token)
 
 
 async def test_expired_token_is_rejected() -> None:
     token = jwt.encode(claims(exp=int(time.time()) - 120), SECRET, algorithm="HS256")
-    with pytest.raises(Unauthorized, match="^token expired$"):
+    with pytest.raises(Unauthorized, match=r"^token expired$"):
         await hs_verifier().verify(token)
 
 
@@ -170,13 +170,13 @@ async def test_token_expired_within_leeway_passes() -> None:
 
 async def test_token_with_nbf_in_the_future_is_rejected() -> None:
     token = jwt.encode(claims(nbf=int(time.time()) + 300), SECRET, algorithm="HS256")
-    with pytest.raises(Unauthorized, match="^token not yet valid$"):
+    with pytest.raises(Unauthorized, match=r"^token not yet valid$"):
         await hs_verifier().verify(token)
 
 
 async def test_token_for_another_audience_is_rejected() -> None:
     token = jwt.encode(claims(aud="anon"), SECRET, algorithm="HS256")
-    with pytest.raises(Unauthorized, match="^token audience not accepted$"):
+    with pytest.raises(Unauthorized, match=r"^token audience not accepted$"):
         await hs_verifier().verify(token)
 
 
@@ -189,38 +189,38 @@ async def test_token_from_another_issuer_is_rejected_when_issuer_configured() ->
     verifier = hs_verifier(JWT_ISSUER=ISSUER)
     assert (await verifier.verify(jwt.encode(claims(), SECRET, algorithm="HS256"))).user_id == USER_ID
     token = jwt.encode(claims(iss="https://evil.supabase.co/auth/v1"), SECRET, algorithm="HS256")
-    with pytest.raises(Unauthorized, match="^token issuer not accepted$"):
+    with pytest.raises(Unauthorized, match=r"^token issuer not accepted$"):
         await verifier.verify(token)
 
 
 async def test_token_without_exp_is_rejected() -> None:
     token = jwt.encode(claims(exp=None), SECRET, algorithm="HS256")
-    with pytest.raises(Unauthorized, match="^token has no 'exp' claim$"):
+    with pytest.raises(Unauthorized, match=r"^token has no 'exp' claim$"):
         await hs_verifier().verify(token)
 
 
 async def test_token_without_sub_is_rejected() -> None:
     token = jwt.encode(claims(sub=None), SECRET, algorithm="HS256")
-    with pytest.raises(Unauthorized, match="^token has no 'sub' claim$"):
+    with pytest.raises(Unauthorized, match=r"^token has no 'sub' claim$"):
         await hs_verifier().verify(token)
 
 
 async def test_token_with_non_uuid_sub_is_rejected() -> None:
     token = jwt.encode(claims(sub="ada"), SECRET, algorithm="HS256")
-    with pytest.raises(Unauthorized, match="^token subject is not a user id$"):
+    with pytest.raises(Unauthorized, match=r"^token subject is not a user id$"):
         await hs_verifier().verify(token)
 
 
 async def test_unsigned_alg_none_token_is_rejected() -> None:
     token = jwt.encode(claims(), None, algorithm="none")
     assert token.endswith(".")  # really unsigned
-    with pytest.raises(Unauthorized, match="^token algorithm not allowed$"):
+    with pytest.raises(Unauthorized, match=r"^token algorithm not allowed$"):
         await hs_verifier().verify(token)
 
 
 async def test_garbage_token_is_rejected() -> None:
     for token in ("not-a-jwt", "a.b.c", "", "eyJhbGciOiJIUzI1NiJ9.%%%.###"):
-        with pytest.raises(Unauthorized, match="^malformed token$|^invalid token$"):
+        with pytest.raises(Unauthorized, match=r"^malformed token$|^invalid token$"):
             await hs_verifier().verify(token)
 
 
@@ -247,7 +247,7 @@ def public_pem(key: rsa.RSAPrivateKey) -> bytes:
 async def test_hs256_token_signed_with_rsa_public_key_is_rejected_when_only_jwks_configured(
         jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
     token = hs256_signed_with(public_pem(rsa_key), claims(), kid="rsa-1")
-    with pytest.raises(Unauthorized, match="^token algorithm not allowed$"):
+    with pytest.raises(Unauthorized, match=r"^token algorithm not allowed$"):
         await jwks_verifier(jwks, session, clock).verify(token)
     assert jwks.hits == 0
 
@@ -256,7 +256,7 @@ async def test_hs256_token_signed_with_rsa_public_key_is_rejected_when_hmac_also
         jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
     settings = Settings.from_env({"JWT_SECRET": SECRET, "JWKS_URL": jwks.url, "JWT_ALGORITHMS": "HS256,RS256"})
     token = hs256_signed_with(public_pem(rsa_key), claims(), kid="rsa-1")
-    with pytest.raises(Unauthorized, match="^token signature is invalid$"):
+    with pytest.raises(Unauthorized, match=r"^token signature is invalid$"):
         await JwtVerifier(settings, session, clock=clock).verify(token)
     assert jwks.hits == 0  # HS* never consults the JWKS
 
@@ -284,7 +284,7 @@ async def test_token_alg_outside_configured_algorithms_is_rejected(
         jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock,
         ec_key: ec.EllipticCurvePrivateKey) -> None:
     token = jwt.encode(claims(), ec_key, algorithm="ES256", headers={"kid": "ec-1"})
-    with pytest.raises(Unauthorized, match="^token algorithm not allowed$"):
+    with pytest.raises(Unauthorized, match=r"^token algorithm not allowed$"):
         await jwks_verifier(jwks, session, clock, algorithms="RS256").verify(token)
     assert jwks.hits == 0
 
@@ -292,14 +292,14 @@ async def test_token_alg_outside_configured_algorithms_is_rejected(
 async def test_rs256_token_whose_kid_names_an_ec_key_is_rejected(
         jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
     token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "ec-1"})
-    with pytest.raises(Unauthorized, match="^signing key does not match token algorithm$"):
+    with pytest.raises(Unauthorized, match=r"^signing key does not match token algorithm$"):
         await jwks_verifier(jwks, session, clock).verify(token)
 
 
 async def test_rs256_token_without_kid_is_rejected(
         jwks: JwksServer, session: aiohttp.ClientSession, clock: FakeClock, rsa_key: rsa.RSAPrivateKey) -> None:
     token = jwt.encode(claims(), rsa_key, algorithm="RS256")
-    with pytest.raises(Unauthorized, match="^token has no key id$"):
+    with pytest.raises(Unauthorized, match=r"^token has no key id$"):
         await jwks_verifier(jwks, session, clock).verify(token)
 
 
@@ -311,17 +311,17 @@ async def test_unknown_kid_refetches_at_most_once_per_min_refresh_window(
     assert jwks.hits == 1
 
     clock.now += 6  # past the 5 s window of the first fetch
-    with pytest.raises(Unauthorized, match="^unknown signing key$"):
+    with pytest.raises(Unauthorized, match=r"^unknown signing key$"):
         await verifier.verify(jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "nope-1"}))
     assert jwks.hits == 2
 
     clock.now += 4  # still inside the window of that refetch
-    with pytest.raises(Unauthorized, match="^unknown signing key$"):
+    with pytest.raises(Unauthorized, match=r"^unknown signing key$"):
         await verifier.verify(jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "nope-2"}))
     assert jwks.hits == 2
 
     clock.now += 2  # past it
-    with pytest.raises(Unauthorized, match="^unknown signing key$"):
+    with pytest.raises(Unauthorized, match=r"^unknown signing key$"):
         await verifier.verify(jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "nope-2"}))
     assert jwks.hits == 3
 
@@ -355,7 +355,7 @@ async def test_rotated_key_verifies_after_refresh(
     new = jwt.encode(claims(), rsa_key_2, algorithm="RS256", headers={"kid": "rsa-2"})
     assert (await verifier.verify(new)).user_id == USER_ID
     assert jwks.hits == 2
-    with pytest.raises(Unauthorized, match="^unknown signing key$"):
+    with pytest.raises(Unauthorized, match=r"^unknown signing key$"):
         await verifier.verify(old)
     assert jwks.hits == 2  # inside the window: no fetch for the retired kid
 
@@ -392,9 +392,9 @@ async def test_jwks_server_error_rejects_token(
         caplog: pytest.LogCaptureFixture) -> None:
     jwks.status = 500
     token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
-    with caplog.at_level(logging.WARNING, logger="gateway.jwt_auth"):
-        with pytest.raises(Unauthorized, match="^signing keys unavailable$"):
-            await jwks_verifier(jwks, session, clock).verify(token)
+    with (caplog.at_level(logging.WARNING, logger="gateway.jwt_auth"),
+          pytest.raises(Unauthorized, match=r"^signing keys unavailable$")):
+        await jwks_verifier(jwks, session, clock).verify(token)
     assert jwks.hits == 1
     assert "JWKS fetch" in caplog.text and "HTTP 500" in caplog.text
     assert token not in caplog.text

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import date, datetime, time, timedelta, timezone
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -27,9 +28,9 @@ ADMIN = ["chat", "arena", "admin"]
 # every turn below: prompt "hello" (2 tokens, estimated) + max_tokens 10 = a worst case of 12, and
 # the demo reply is exactly 10 chunks = 10 completion tokens: actual use = reservation
 TURN = {"content": "hello", "max_tokens": 10}
-TODAY = datetime.now(timezone.utc).date()
+TODAY = datetime.now(UTC).date()
 # the policy's clock, pinned to a minute of today: per-minute windows step only when a test says so
-EARLY = datetime.combine(TODAY, time(1, 0), timezone.utc)
+EARLY = datetime.combine(TODAY, time(1, 0), UTC)
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -183,7 +184,7 @@ async def test_a_chat_only_key_sees_only_itself_and_cannot_touch_its_users_other
 
 async def test_a_child_gets_no_broader_scopes_nor_higher_limits_than_its_ancestors(client: TestClient, root: User,
                                                                                  db: asyncpg.Pool):
-    expires = (datetime.now(timezone.utc) + timedelta(hours=1)).replace(microsecond=0)
+    expires = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
     parent = await child_of(client, root.headers, name="parent", scopes=["chat", "admin"],
                             expires_at=expires.isoformat(),
                             limits={"daily_tokens": 100, "requests_per_minute": 2, "max_tokens": 50,
@@ -283,7 +284,7 @@ async def test_a_keys_place_in_its_tree_never_changes(client: TestClient, root: 
 async def test_gateway_admit_chain_refuses_for_an_ancestor_with_the_key_sqlstates_and_changes_nothing(
         db: asyncpg.Pool):
     user_id, leaf, parent = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    day, window = date(2030, 2, 3), datetime(2030, 2, 3, 4, 5, tzinfo=timezone.utc)
+    day, window = date(2030, 2, 3), datetime(2030, 2, 3, 4, 5, tzinfo=UTC)
     for limit, keys in ((Limit.KEY_REQUESTS_PER_MINUTE, [KeyCap(key_id=leaf, rpm=5, daily=None),
                                                          KeyCap(key_id=parent, rpm=1, daily=None)]),
                         (Limit.KEY_DAILY_TOKENS, [KeyCap(key_id=leaf, rpm=None, daily=50),
@@ -309,7 +310,7 @@ async def test_gateway_admit_chain_refuses_for_an_ancestor_with_the_key_sqlstate
 
 async def test_every_capped_key_of_the_chain_reserves_what_was_granted(db: asyncpg.Pool):
     user_id, leaf, middle, top = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    day, window = date(2030, 3, 4), datetime(2030, 3, 4, 5, 6, tzinfo=timezone.utc)
+    day, window = date(2030, 3, 4), datetime(2030, 3, 4, 5, 6, tzinfo=UTC)
     keys = [KeyCap(key_id=leaf, rpm=None, daily=1000), KeyCap(key_id=middle, rpm=None, daily=None),
             KeyCap(key_id=top, rpm=None, daily=7)]
     # the leaf reserves 10 first, then the top grants only 7 and the leaf hands 3 back; the user's cap
@@ -332,7 +333,7 @@ async def test_release_and_settlement_move_every_ancestor_once(client: TestClien
     assert [a.id for a in principal.ancestors] == [uuid.UUID(middle["id"]), uuid.UUID(parent["id"]),
                                                    await root_id(db, root)]
     day = date(2030, 4, 5)
-    policy = Policy(LimitsConfig(), db, clock=lambda: datetime.combine(day, time(9), timezone.utc))
+    policy = Policy(LimitsConfig(), db, clock=lambda: datetime.combine(day, time(9), UTC))
     ids = [leaf["id"], middle["id"], parent["id"], await root_id(db, root)]
     # released: every capped key gets its reservation back
     dropped = await policy.admit(principal, "demo", prompt_tokens=2, max_tokens=10)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import datetime, timedelta, timezone
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -125,7 +126,7 @@ async def test_limits_and_expiry_are_stored_and_reach_the_principal(client: Test
                                                                    db: asyncpg.Pool):
     limits = {"requests_per_minute": 30, "daily_tokens": 5000, "max_concurrent_streams": 2, "max_tokens": 256,
               "models": ["demo", "fast", "demo"]}
-    expires = (datetime.now(timezone.utc) + timedelta(days=7)).replace(microsecond=0)
+    expires = (datetime.now(UTC) + timedelta(days=7)).replace(microsecond=0)
     status, body = await create(client, admin.headers, name="ci", scopes=["chat"], limits=limits,
                                 expires_at=expires.isoformat().replace("+00:00", "Z"))
     assert status == 201, body
@@ -161,7 +162,7 @@ async def test_a_key_grants_only_scopes_it_holds(client: TestClient, make_user: 
 
 
 async def test_a_key_cannot_mint_a_key_beyond_its_own_limits_or_expiry(client: TestClient, admin: User):
-    expires = (datetime.now(timezone.utc) + timedelta(hours=1)).replace(microsecond=0)
+    expires = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
     status, parent = await create(client, admin.headers, name="parent", expires_at=expires.isoformat(),
                                   scopes=list(ADMIN), limits={"daily_tokens": 1000, "models": ["demo", "fast"]})
     assert status == 201, parent
@@ -173,7 +174,7 @@ async def test_a_key_cannot_mint_a_key_beyond_its_own_limits_or_expiry(client: T
     assert child["limits"] is None and child["parent_id"] == parent["id"]
     assert datetime.fromisoformat(child["expires_at"]) == expires
     principal = await client.app[AUTH].authenticate_token(child["key"])
-    assert [(a.id, a.limits) for a in principal.ancestors][0] == (uuid.UUID(parent["id"]), parent["limits"])
+    assert (principal.ancestors[0].id, principal.ancestors[0].limits) == (uuid.UUID(parent["id"]), parent["limits"])
     # stricter is fine
     status, child = await create(client, limited, name="stricter", limits={"daily_tokens": 10, "max_tokens": 5,
                                                                            "models": ["demo"]})
@@ -378,12 +379,12 @@ async def test_last_used_at_is_written_in_a_batch_once_per_key(client: TestClien
     writer = client.app[LAST_USED]
     before = writer.written
     assert await db.fetchval("SELECT last_used_at FROM api_keys WHERE user_id = $1", user.id) is None
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     for _ in range(5):
         assert await status_with(client, user.key) == 200
     await wait_for(lambda: db.fetchval("SELECT last_used_at IS NOT NULL FROM api_keys WHERE user_id = $1", user.id))
     used = await db.fetchval("SELECT last_used_at FROM api_keys WHERE user_id = $1", user.id)
-    assert started - timedelta(seconds=1) <= used <= datetime.now(timezone.utc)
+    assert started - timedelta(seconds=1) <= used <= datetime.now(UTC)
     # five requests, one queued touch: the throttle keeps the queue small, and the writer wrote it
     assert writer.written - before == 1
     listed = await listing(client, user.headers)

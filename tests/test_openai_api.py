@@ -170,7 +170,8 @@ async def test_upstream_failure_before_output_is_an_http_error(sdk, fake_client,
     upstream.queue(Reply(status=429, body=b'{"error":{"message":"slow down"}}'),
                    Reply(status=500, body=b'{"error":{"message":"boom"}}'))
     with pytest.raises(openai.RateLimitError):
-        await sdk(fake_client, user.key).chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}])
+        await sdk(fake_client, user.key).chat.completions.create(model="fake",
+                                                                 messages=[{"role": "user", "content": "x"}])
     resp = await fake_client.post("/v1/chat/completions", headers=user.headers, json={
         "model": "fake", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     assert resp.status == 502

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 
 from gateway.background import GroupCommit
@@ -22,12 +23,13 @@ async def test_one_batch_sorts_out_new_duplicate_foreign_and_existing_turns(db, 
     instance = uuid.uuid4()
     existing = await create_thread(db, alice.id, "old")
     bobs = await create_thread(db, bob.id, "bob's")
+    turn = functools.partial(TurnRequest, user_id=alice.id, instance_id=instance)
     turns = [
-        TurnRequest(user_id=alice.id, content="first", client_message_id="same-id", thread_id=None, instance_id=instance),
-        TurnRequest(user_id=alice.id, content="retry of first", client_message_id="same-id", thread_id=None, instance_id=instance),  # duplicate in the same batch
-        TurnRequest(user_id=alice.id, content="into bob's thread", client_message_id=None, thread_id=bobs["id"], instance_id=instance),
-        TurnRequest(user_id=alice.id, content="into my thread", client_message_id=None, thread_id=existing["id"], instance_id=instance),
-        TurnRequest(user_id=alice.id, content="plain", client_message_id=None, thread_id=None, instance_id=instance),
+        turn(content="first", client_message_id="same-id", thread_id=None),
+        turn(content="retry of first", client_message_id="same-id", thread_id=None),  # duplicate in the same batch
+        turn(content="into bob's thread", client_message_id=None, thread_id=bobs["id"]),
+        turn(content="into my thread", client_message_id=None, thread_id=existing["id"]),
+        turn(content="plain", client_message_id=None, thread_id=None),
     ]
     first, duplicate, foreign, in_thread, plain = await persist_turns(db, turns)
     assert isinstance(first, StoredTurn) and not first.duplicate
@@ -57,8 +59,9 @@ async def test_concurrent_submissions_group_into_few_statements(db, make_user):
         batches.append(len(batch))
         return await persist_turns(db, batch)
 
-    turns: GroupCommit[TurnRequest, Turn] = GroupCommit(flush)
-    results = await asyncio.gather(*(turns.submit(TurnRequest(user_id=user.id, content=f"m{i}", client_message_id=None, thread_id=None, instance_id=uuid.uuid4()))
+    turns: GroupCommit[TurnRequest, StoredTurn | Exception] = GroupCommit(flush)
+    results = await asyncio.gather(*(turns.submit(TurnRequest(user_id=user.id, content=f"m{i}", client_message_id=None,
+                                                              thread_id=None, instance_id=uuid.uuid4()))
                                      for i in range(30)))
     assert len({r.user_message["id"] for r in results}) == 30
     assert [r.user_message["content"] for r in results] == [f"m{i}" for i in range(30)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
 import orjson
@@ -35,7 +35,7 @@ daily_tokens = {cap}
 
 async def day_row(db, user_id: uuid.UUID) -> dict | None:
     row = await db.fetchrow("SELECT tokens, reserved, requests FROM daily_usage WHERE user_id = $1 AND day = $2",
-                            user_id, datetime.now(timezone.utc).date())
+                            user_id, datetime.now(UTC).date())
     return dict(row) if row else None
 
 
@@ -69,8 +69,8 @@ async def test_refusal_is_a_429_with_retry_after_and_persists_nothing(make_clien
                                 json={"content": "hello", "max_tokens": 10, "client_message_id": "later"})
     assert refused.status == 429
     body = await refused.json()
-    tomorrow = datetime.combine(datetime.now(timezone.utc).date() + timedelta(days=1), datetime.min.time(),
-                                timezone.utc)
+    tomorrow = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(),
+                                UTC)
     assert body["error"]["type"] == "rate_limited"
     assert datetime.fromisoformat(body["error"]["reset_at"]) == tomorrow  # the cap resets at UTC midnight
     assert datetime.fromisoformat(refused.headers["X-RateLimit-Reset"]) == tomorrow
@@ -171,7 +171,7 @@ async def test_replayed_finish_changes_nothing(client, user, db):
     line = orjson.dumps({"usage": {"message_id": str(row["message_id"]), "user_id": str(user.id),
                                    "api_key_id": str(row["api_key_id"]), "model": "demo", "provider": "demo",
                                    "prompt_tokens": 99, "completion_tokens": 99, "estimated": False,
-                                   "cost_usd": 0.0, "day": datetime.now(timezone.utc).date().isoformat(),
+                                   "cost_usd": 0.0, "day": datetime.now(UTC).date().isoformat(),
                                    "user_reserved": 5, "key_reserved": 0},
                          "status": "complete", "content": "something else", "ttft_ms": 1, "latency_ms": 1,
                          "error": None, "metadata": {}})
@@ -230,7 +230,7 @@ async def test_usage_report_by_day_and_by_model(make_client, config_file, user, 
                                  json={"content": "hello", "model": model, "max_tokens": 10})
         assert resp.status == 202
     await wait_for(lambda: all_finished(db, user.id))
-    today = datetime.now(timezone.utc).date().isoformat()
+    today = datetime.now(UTC).date().isoformat()
     by_model = await (await client.get("/api/usage?group_by=model", headers=user.headers)).json()
     assert [(r["model"], r["total_tokens"], r["requests"]) for r in by_model["rows"]] == [("cheap", 12, 1),
                                                                                           ("demo", 24, 2)]
@@ -271,7 +271,7 @@ async def admission_rows(db, user_id: uuid.UUID, key_id: uuid.UUID) -> dict[str,
 async def test_gateway_admit_refuses_with_the_sqlstate_of_the_limit_that_fired_and_changes_nothing(
         db, limit: Limit, sqlstate: str, args: dict):
     user_id, key_id = uuid.uuid4(), uuid.uuid4()
-    day, window = date(2030, 1, 2), datetime(2030, 1, 2, 3, 4, tzinfo=timezone.utc)
+    day, window = date(2030, 1, 2), datetime(2030, 1, 2, 3, 4, tzinfo=UTC)
     call = ("SELECT gateway_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, 1)", user_id, key_id, day, window,
             args["user_rpm"], args["key_rpm"], args["want"], args["user_cap"], args["key_cap"])
     assert await db.fetchval(*call) == 5
@@ -319,10 +319,10 @@ async def test_each_limit_reports_its_own_reason_and_reset(make_client, config_f
     reset = datetime.fromisoformat(error["reset_at"])
     if "per minute" in message:
         assert reset.second == 0 and reset.microsecond == 0
-        assert timedelta(0) < reset - datetime.now(timezone.utc) <= timedelta(minutes=1)
+        assert timedelta(0) < reset - datetime.now(UTC) <= timedelta(minutes=1)
     else:
-        assert reset == datetime.combine(datetime.now(timezone.utc).date() + timedelta(days=1),
-                                         datetime.min.time(), timezone.utc)
+        assert reset == datetime.combine(datetime.now(UTC).date() + timedelta(days=1),
+                                         datetime.min.time(), UTC)
     await wait_for(lambda: all_finished(db, user.id))
 
 

@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import socket
 import uuid
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
 from gateway.config import Settings
-from gateway.providers.base import (ChatRequest, Finish, ProviderError, StreamEvent, TextDelta,
-                                    UpstreamConnectionError, UpstreamHTTPError, UpstreamProtocolError,
-                                    UpstreamStreamError, UpstreamTimeout, UsageReport)
+from gateway.providers.base import (
+    ChatRequest,
+    Finish,
+    ProviderError,
+    StreamEvent,
+    TextDelta,
+    UpstreamConnectionError,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamStreamError,
+    UpstreamTimeout,
+    UsageReport,
+)
 from gateway.providers.chain import Chain
 from gateway.providers.registry import ModelRegistry
 from gateway.providers.sse_decoder import SSEDecoder

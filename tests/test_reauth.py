@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -29,7 +29,7 @@ from gateway.instance import lock_key
 from gateway.state import INSTANCE
 from gateway.store.keys import create_key, hash_key
 
-from .conftest import MakeClient, User, wait_for
+from .conftest import MakeClient, User
 from .fakes import FakeUpstream, Reply, openai_stream
 from .test_arena import two_upstreams_toml
 from .test_chat import DONE, RETRY, frame, usage_rows, wait_finished
@@ -169,11 +169,11 @@ async def test_a_jwt_socket_closes_with_4001_at_exp(make_client: MakeClient, db:
 
 async def test_a_socket_of_a_key_closes_with_4001_when_the_key_expires(
         client: TestClient, user: User, db: asyncpg.Pool):
-    expires = datetime.now(timezone.utc) + timedelta(seconds=2)
+    expires = datetime.now(UTC) + timedelta(seconds=2)
     await db.execute("UPDATE api_keys SET expires_at = $2 WHERE user_id = $1", user.id, expires)
     async with client.ws_connect("/ws", headers=user.headers) as ws:
         await expect_expulsion(ws, "API key expired", 4001, timeout=10.0)
-        assert datetime.now(timezone.utc) >= expires
+        assert datetime.now(UTC) >= expires
 
 
 async def test_other_keys_sockets_stay_open(client: TestClient, user: User, db: asyncpg.Pool):
@@ -238,7 +238,7 @@ async def test_an_sse_stream_of_a_jwt_ends_at_exp_and_the_reply_is_saved(
 
 
 async def test_an_arena_stream_of_a_revoked_key_ends_with_an_error_event_and_both_slots_finish(
-        make_client: MakeClient, config_file: Any, upstream: FakeUpstream, upstream_b: FakeUpstream,  # noqa: F811
+        make_client: MakeClient, config_file: Any, upstream: FakeUpstream, upstream_b: FakeUpstream,
         user: User, db: asyncpg.Pool):
     release = asyncio.Event()
     upstream.queue(Reply(openai_stream(["A"]), on_request=lambda _: release.wait()))
@@ -278,7 +278,7 @@ async def test_a_stream_token_issued_before_a_revocation_is_refused_after_it(
 
 async def test_a_stream_token_names_its_key_and_never_outlives_it(client: TestClient, user: User,
                                                                   db: asyncpg.Pool):
-    expires = datetime.now(timezone.utc) + timedelta(seconds=60)
+    expires = datetime.now(UTC) + timedelta(seconds=60)
     await db.execute("UPDATE api_keys SET expires_at = $2 WHERE user_id = $1", user.id, expires)
     resp = await client.post("/api/chat", json={"content": "short-lived key"}, headers=user.headers)
     token = (await resp.json())["stream_url"].partition("?token=")[2]

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import socket
 import uuid
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 import orjson
@@ -394,7 +395,8 @@ async def test_stream_token_for_another_message_or_user_or_garbage_is_refused(cl
     user_hex, key_hex, expires, signature = genuine.split(".")
     mangled = signature[:-1] + ("B" if signature[-1] == "A" else "A")
     for bad in ("garbage", "a.b.c", "a.b.c.d", "", f"{stranger.id.hex}.{key_hex}.{expires}.{signature}",
-                f"{user_hex}.{int(expires) + 3600}.{signature}", f"{user_hex}.{key_hex}.{int(expires) + 3600}.{signature}",
+                f"{user_hex}.{int(expires) + 3600}.{signature}",
+                f"{user_hex}.{key_hex}.{int(expires) + 3600}.{signature}",
                 f"{user_hex}..{expires}.{signature}", f"{user_hex}.{key_hex}.{expires}.{mangled}"):
         await expect_unauthorized(client, target, token=bad)
     # a genuine token signed for a stranger and this message does not make it theirs
@@ -477,7 +479,7 @@ async def test_cancel_stops_the_upstream_saves_the_partial_reply_and_ends_every_
     assert saved["metadata"]["finish_reason"] == "cancelled"
 
     expected = wire(stopped_frames(saved, prompt, partial, "cancelled"))
-    for head, listener in zip(heads, listeners):
+    for head, listener in zip(heads, listeners, strict=True):
         assert b"".join(head) + await listener.read() == expected
     prompt_tokens, completion_tokens = estimate_tokens(prompt), estimate_tokens("".join(partial))
     assert [(u["prompt_tokens"], u["completion_tokens"], u["estimated"]) for u in await usage_rows(db, mid)] == [

@@ -66,11 +66,11 @@ async def test_chain_skips_a_model_whose_circuit_is_open(upstream, upstream_b, r
     upstream.queue(Reply(status=500, body=ERROR_BODY), Reply(status=503, body=ERROR_BODY))
     for _ in range(2):
         chain = Chain(models, models.chain("primary"))
-        events, error = await collect(chain.stream(ChatRequest(PROMPT)))
+        _events, error = await collect(chain.stream(ChatRequest(PROMPT)))
         assert error is None and trail(chain)[-1] == ("backup", "ok")
     assert models.circuits.state("primary") == "open"
     chain = Chain(models, models.chain("primary"))
-    events, error = await collect(chain.stream(ChatRequest(PROMPT)))
+    _events, error = await collect(chain.stream(ChatRequest(PROMPT)))
     assert error is None
     assert trail(chain) == [("primary", "circuit_open"), ("backup", "ok")]
     assert len(upstream.requests) == 2  # the open circuit sent nothing to the primary
@@ -92,7 +92,7 @@ async def test_429_on_the_last_link_is_retried_after_retry_after(upstream, upstr
                      Reply(openai_stream(["ok"])))
     models = registry(chain_toml(upstream.base_url, upstream_b.base_url))
     chain = Chain(models, models.chain("primary"))
-    events, error = await collect(chain.stream(ChatRequest(PROMPT)))
+    _events, error = await collect(chain.stream(ChatRequest(PROMPT)))
     assert error is None
     assert trail(chain) == [("primary", "upstream_http_error"), ("backup", "upstream_http_error"), ("backup", "ok")]
     assert len(upstream_b.requests) == 2

@@ -361,9 +361,9 @@ async def test_resume_of_a_finished_message_replays_exactly_the_rest(client: Tes
 
     async with client.ws_connect("/ws", headers=user.headers) as ws:
         await send(ws, type="resume", message_id=mid, last_event_id=f"{mid}:5")
-        assert await until_ends(ws) == events[6:] + [end(mid)]
+        assert await until_ends(ws) == [*events[6:], end(mid)]
         await send(ws, type="resume", message_id=mid)
-        assert await until_ends(ws) == events + [end(mid)]
+        assert await until_ends(ws) == [*events, end(mid)]
         await send(ws, type="resume", message_id=mid, last_event_id=events[-1]["id"])
         assert await receive(ws) == end(mid)  # nothing left: just the end
 

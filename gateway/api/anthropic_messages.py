@@ -17,16 +17,26 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from ..errors import GatewayError, TooManyRequests
-from ..providers.base import (Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamHTTPError,
-                              UpstreamTimeout, UsageReport)
+from ..providers.base import (
+    Batch,
+    ChatRequest,
+    Finish,
+    ProviderError,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamHTTPError,
+    UpstreamTimeout,
+    UsageReport,
+)
 from ..router import AUTO
 from ..state import MODELS, TIMINGS, TURNS
 from ..turns import Completion, estimated_usage, prompt_tokens

@@ -19,6 +19,7 @@ import time
 import uuid
 
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
 from ..auth import Principal
 from ..errors import BadRequest
@@ -74,7 +75,7 @@ async def stream_comparison(request: web.Request, principal: Principal, comparis
         finally:
             queue.put_nowait((slot, None))
 
-    resp: web.StreamResponse | None = None
+    resp: EventSourceResponse | None = None
 
     async def relay() -> None:
         nonlocal resp
@@ -113,7 +114,10 @@ async def stream_comparison(request: web.Request, principal: Principal, comparis
         await resp.write(DONE)
         await resp.write_eof()
     except ConnectionResetError:
-        pass  # the client left; both generations go on
+        # the client left; both generations go on. Before the headers there is nothing to
+        # answer: the error goes up, as from any handler whose client is gone
+        if resp is None:
+            raise
     finally:
         for task in pumps:
             task.cancel()
@@ -121,8 +125,8 @@ async def stream_comparison(request: web.Request, principal: Principal, comparis
         if resp is not None:
             resp.stop_streaming()
     for task in pumps:
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
     return resp
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 import orjson
 from aiohttp import web

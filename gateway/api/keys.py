@@ -22,7 +22,7 @@ ancestors:
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -62,10 +62,10 @@ def parse_expiry(raw: Any) -> datetime | None:
         when = datetime.fromisoformat(raw)
         if when.tzinfo is None:
             raise ValueError("no timezone")
-        when = when.astimezone(timezone.utc)  # in UTC now, so an offset at the calendar's edge fails here
+        when = when.astimezone(UTC)  # in UTC now, so an offset at the calendar's edge fails here
     except (ValueError, OverflowError):
         raise BadRequest("expires_at must be an ISO-8601 string with a timezone") from None
-    if when <= datetime.now(timezone.utc):
+    if when <= datetime.now(UTC):
         raise BadRequest("expires_at must be in the future")
     return when
 

@@ -11,15 +11,25 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from ..errors import GatewayError, TooManyRequests
-from ..providers.base import (Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamHTTPError,
-                              UpstreamTimeout, UsageReport)
+from ..providers.base import (
+    Batch,
+    ChatRequest,
+    Finish,
+    ProviderError,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamHTTPError,
+    UpstreamTimeout,
+    UsageReport,
+)
 from ..providers.chain import Chain
 from ..router import AUTO
 from ..state import MODELS, TIMINGS, TURNS
@@ -202,8 +212,8 @@ class _Reply:
         self.started = False
 
 
-async def _stream(request: web.Request, events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
-                  include_usage: bool, reply: _Reply) -> web.StreamResponse:
+async def _stream(request: web.Request, events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest,
+                  completion_id: uuid.UUID, include_usage: bool, reply: _Reply) -> web.StreamResponse:
     # nothing is sent until the chain has committed to a model: until then a failure is a clean
     # HTTP error and the response's "model" names the model that actually answers
     batch = await anext(events)
@@ -217,15 +227,14 @@ async def _stream(request: web.Request, events: AsyncIterator[Batch], chain: Cha
     try:
         while True:
             for event in batch:
-                kind = type(event)
-                if kind is TextDelta:
+                if type(event) is TextDelta:
                     reply.chars += len(event.text)
                     out.append(enc.content(event.text))
-                elif kind is ToolCallDelta:
+                elif type(event) is ToolCallDelta:
                     out.append(enc.delta(b'{"tool_calls":' + orjson.dumps(event.calls) + b"}"))
-                elif kind is Finish:
+                elif type(event) is Finish:
                     finish = event.reason
-                elif kind is UsageReport:
+                elif type(event) is UsageReport:
                     reply.usage = event
             if out:  # one write per upstream read
                 await resp.write(b"".join(out) if len(out) > 1 else out[0])
@@ -248,18 +257,18 @@ async def _stream(request: web.Request, events: AsyncIterator[Batch], chain: Cha
 
 async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
                     reply: _Reply) -> web.Response:
-    finish, calls = "stop", []
+    finish = "stop"
+    calls: list[dict[str, Any]] = []
     async for batch in events:
         for event in batch:
-            kind = type(event)
-            if kind is TextDelta:
+            if type(event) is TextDelta:
                 reply.parts.append(event.text)
                 reply.chars += len(event.text)
-            elif kind is ToolCallDelta:
+            elif type(event) is ToolCallDelta:
                 calls.extend(event.calls)
-            elif kind is Finish:
+            elif type(event) is Finish:
                 finish = event.reason
-            elif kind is UsageReport:
+            elif type(event) is UsageReport:
                 reply.usage = event
     usage = reply.usage or estimated_usage(chat, reply.chars)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.parts) or None}

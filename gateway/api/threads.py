@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from aiohttp import web
 
@@ -29,7 +29,7 @@ def decode_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
         if created_at.tzinfo is None:  # never issued by us; asyncpg would guess its zone
             raise ValueError("cursor timestamp without a zone")
         # in UTC here, so a forged offset at the edge of the calendar fails now, not in asyncpg
-        return created_at.astimezone(timezone.utc), uuid.UUID(thread_id)
+        return created_at.astimezone(UTC), uuid.UUID(thread_id)
     except (ValueError, OverflowError):
         raise BadRequest("cursor is not valid") from None
 

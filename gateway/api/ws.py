@@ -43,10 +43,12 @@ SSE_PING_S seconds) keep idle proxies open and drop dead peers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 import asyncpg
 import orjson
@@ -229,8 +231,6 @@ class Session:
         await self.ws.send_frame(data, WSMsgType.TEXT)
 
     async def error(self, e: GatewayError, context: dict[str, Any]) -> None:
-        try:
+        with contextlib.suppress(ConnectionResetError):
             await self.send(orjson.dumps({"event": "error", "data": {"type": e.type, "message": e.message},
                                           **context}))
-        except ConnectionResetError:
-            pass

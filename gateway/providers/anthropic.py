@@ -7,16 +7,24 @@ is required, input tokens come in `message_start` and output tokens cumulatively
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
 from . import normalise
-from .base import (Batch, ChatRequest, Finish, ProviderError, StreamEvent, TextDelta, UpstreamProtocolError,
-                   UpstreamStreamError)
+from .base import (
+    Batch,
+    ChatRequest,
+    Finish,
+    ProviderError,
+    StreamEvent,
+    TextDelta,
+    UpstreamProtocolError,
+    UpstreamStreamError,
+)
 from .openai import client_timeout, raise_for_status, transport_error
 from .sse_decoder import SSEDecoder
 
@@ -55,7 +63,7 @@ class AnthropicProvider:
             self._headers["x-api-key"] = config.api_key.reveal()
         self._session = session
 
-    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]:
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         state = _Usage()
         try:
             async with self._session.post(self._url, data=orjson.dumps(to_anthropic(model, request)),
@@ -76,7 +84,7 @@ class AnthropicProvider:
                             return
                     if batch:
                         yield batch
-        except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise transport_error(e) from None
         raise UpstreamProtocolError("upstream stream ended without message_stop")
 

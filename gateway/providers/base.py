@@ -14,8 +14,9 @@ chain reports (first upstream call, first event, a streamed reply) goes to a `Ch
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import ModelConfig
 
@@ -73,11 +74,13 @@ class Provider(Protocol):
 
     Batches, not single events: under load one read often holds several events, and everything
     downstream (listeners, socket writes) then runs once per read instead of once per event.
+    A generator, not any iterator: the chain `aclose()`s an attempt it abandons, so the adapter's
+    `finally` (closing the upstream response) runs at once rather than at garbage collection.
     """
 
     name: str
 
-    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]: ...
+    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]: ...
 
 
 class ChainObserver(Protocol):

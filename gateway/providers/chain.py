@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from ..config import ModelConfig
 from .base import NO_OBSERVER, Batch, ChainObserver, ChatRequest, ProviderError, UpstreamTimeout
@@ -59,7 +59,7 @@ class Chain:
     def fallback_from(self) -> str | None:
         return self.models[0].name if self.used is not self.models[0] else None
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[Batch]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         circuits, observer = self.registry.circuits, self.observer
         loop = asyncio.get_running_loop()
         budget_end = loop.time() + self.models[0].timeout_s  # bounds waits on Retry-After
@@ -77,7 +77,7 @@ class Chain:
                 observer.upstream_call(time.monotonic() - self.started)
             started = time.monotonic()
             deadline = loop.time() + model.timeout_s
-            events = aiter(provider.stream(model, request))
+            events = provider.stream(model, request)
             try:
                 # wait for the first batch (content, or usage/finish alone: an empty reply also commits)
                 async with asyncio.timeout(min(model.first_token_timeout_s, model.timeout_s)):

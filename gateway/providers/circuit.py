@@ -10,8 +10,8 @@ random arena draws skip models whose circuit is open.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from ..config import ModelConfig, ProviderConfig
 from .base import Batch, ChatRequest, Finish, TextDelta, UsageReport, estimate_tokens
@@ -19,8 +19,9 @@ _WORDS = ("stream", "token", "gateway", "reply", "river", "signal", "packet", "m
 
 def last_user_text(request: ChatRequest) -> str:
     for message in reversed(request.messages):
-        if message.get("role") == "user" and isinstance(message.get("content"), str):
-            return message["content"]
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str):
+            return content
     return ""
 
 
@@ -43,7 +44,7 @@ class DemoProvider:
         self._chunks = config.demo_chunks
         self._delay = config.demo_delay_s
 
-    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]:
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         prompt = last_user_text(request)
         chunks = demo_reply(prompt, self._chunks, model.upstream)
         if request.max_tokens is not None:

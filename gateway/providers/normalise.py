@@ -48,7 +48,7 @@ def clean(text: str) -> str:
 def text(value: object, what: str) -> str:
     """Reply text from the wire: "" when absent, NUL replaced; not a string is a protocol error."""
     if value.__class__ is str:
-        return clean(value)  # type: ignore[arg-type]
+        return clean(value)
     if value is None:
         return ""
     raise UpstreamProtocolError(f"upstream sent {what} that is not a string ({type(value).__name__})")
@@ -60,13 +60,13 @@ def label(value: object, what: str) -> str | None:
         return None
     if value.__class__ is not str:
         raise UpstreamProtocolError(f"upstream sent {what} that is not a string ({type(value).__name__})")
-    return clean(value[:64])  # type: ignore[index]
+    return clean(value[:64])
 
 
 def obj(value: object, what: str) -> dict[str, Any]:
     """A JSON object from the wire ({} when absent); anything else is a protocol error."""
     if value.__class__ is dict:
-        return value  # type: ignore[return-value]
+        return value
     if value is None:
         return {}
     raise UpstreamProtocolError(f"upstream sent {what} that is not a JSON object ({type(value).__name__})")
@@ -77,9 +77,9 @@ def count(value: object) -> tuple[int, bool]:
     if value is None:
         return 0, False
     if value.__class__ is int:
-        n: int = value  # type: ignore[assignment]
-    elif value.__class__ is float and not math.isnan(value):  # type: ignore[arg-type]
-        f: float = value  # type: ignore[assignment]
+        n: int = value
+    elif value.__class__ is float and not math.isnan(value):
+        f: float = value
         if math.isinf(f):
             return (MAX_COUNT if f > 0 else 0), True
         n = round(f)

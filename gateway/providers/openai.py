@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
 from . import normalise
-from .base import (Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UpstreamConnectionError,
-                   UpstreamHTTPError, UpstreamProtocolError, UpstreamStreamError, UpstreamTimeout)
+from .base import (
+    Batch,
+    ChatRequest,
+    Finish,
+    ProviderError,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamConnectionError,
+    UpstreamHTTPError,
+    UpstreamProtocolError,
+    UpstreamStreamError,
+    UpstreamTimeout,
+)
 from .sse_decoder import SSEDecoder
 
 _DONE = b"[DONE]"
@@ -88,7 +100,7 @@ class OpenAIProvider:
                 body[key] = value
         return orjson.dumps(body)
 
-    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncIterator[Batch]:
+    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         try:
             async with self._session.post(self._url, data=self.body(model, request), headers=self._headers,
                                           timeout=client_timeout(model)) as resp:
@@ -110,7 +122,7 @@ class OpenAIProvider:
                             raise
                     if batch:
                         yield batch
-        except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise transport_error(e) from None
         raise UpstreamProtocolError("upstream stream ended without [DONE]")
 
@@ -127,7 +139,7 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
                 if not chunk:
                     return
                 left -= len(chunk)
-    except (asyncio.TimeoutError, aiohttp.ClientError):
+    except (TimeoutError, aiohttp.ClientError):
         pass
     resp.close()  # an upstream that keeps talking after [DONE] loses its connection
 
@@ -185,7 +197,7 @@ def tool_calls(calls: object) -> list[dict[str, Any]]:
     """`delta.tool_calls` as sent, once checked to have the shape the OpenAI route merges them by."""
     if calls.__class__ is not list:
         raise UpstreamProtocolError("upstream sent `delta.tool_calls` that is not a list")
-    for call in calls:  # type: ignore[attr-defined]
+    for call in calls:
         call = normalise.obj(call, "a tool call")
         index = call.get("index", 0)
         if index.__class__ is not int:
@@ -193,4 +205,4 @@ def tool_calls(calls: object) -> list[dict[str, Any]]:
         function = normalise.obj(call.get("function"), "a tool call's `function`")
         normalise.text(function.get("name"), "a tool call's name")
         normalise.text(function.get("arguments"), "a tool call's arguments")
-    return calls  # type: ignore[return-value]
+    return calls

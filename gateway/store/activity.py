@@ -30,4 +30,4 @@ SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[], $5::
 
 async def record_activity_many(pool: asyncpg.Pool, records: list[ActivityRecord]) -> None:
     """A whole batch in one statement: one array per column."""
-    await pool.execute(_INSERT, *zip(*records))
+    await pool.execute(_INSERT, *zip(*records, strict=True))

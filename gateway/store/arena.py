@@ -13,6 +13,7 @@ from ..errors import Conflict, NotFound
 from ..vocabulary import Winner
 from .messages import MESSAGE_COLUMNS, thread_title
 
+
 @dataclass(slots=True, kw_only=True)
 class ArenaTurn:
     comparison_id: uuid.UUID

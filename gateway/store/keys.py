@@ -157,7 +157,8 @@ async def find_key(pool: asyncpg.Pool, key_hash: bytes) -> KeyRecord | None:
         WHERE k.key_hash = $1""", key_hash)
     if row is None:
         return None
-    ancestors = tuple(Ancestor(id=i, limits=limits) for i, limits in zip(row["ancestor_ids"], row["ancestor_limits"]))
+    ancestors = tuple(Ancestor(id=i, limits=limits)
+                      for i, limits in zip(row["ancestor_ids"], row["ancestor_limits"], strict=True))
     return KeyRecord(row["id"], row["user_id"], row["email"], frozenset(row["scopes"]), row["expires_at"],
                      row["revoked_at"], row["limits"], ancestors)
 
@@ -188,4 +189,5 @@ async def bootstrap_admin_key(pool: asyncpg.Pool) -> str | None:
 
 async def key_hash_by_id(pool: asyncpg.Pool, key_id: uuid.UUID) -> bytes | None:
     """The hash of the key with this id (a stream token names its key by id; caches go by hash)."""
-    return await pool.fetchval("SELECT key_hash FROM api_keys WHERE id = $1", key_id)
+    key_hash: bytes | None = await pool.fetchval("SELECT key_hash FROM api_keys WHERE id = $1", key_id)
+    return key_hash

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import asyncpg
 import orjson
@@ -123,7 +124,7 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
             [thread_title(t.content) if t.thread_id is None else None for t in turns],
             [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns],
             [orjson.dumps(t.reservation).decode() if t.reservation else None for t in turns]]
-    results: list[StoredTurn | Exception | None] = [None] * len(turns)
+    results: dict[int, StoredTurn | Exception] = {}  # by the turn's index
     async with pool.acquire() as conn:
         if all(t.client_message_id is None for t in turns):
             # nothing can conflict: the statement is atomic on its own (no BEGIN/COMMIT round trips)
@@ -141,7 +142,7 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
             i = turn.pop("i")
             results[i] = _turn(turn, duplicate=False)
         for i, t in enumerate(turns):
-            if results[i] is not None:
+            if i in results:
                 continue
             if t.client_message_id is not None:
                 # the conflicting insert has committed by now (ON CONFLICT waited for it)
@@ -154,7 +155,7 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
                     results[i] = Conflict("client_message_id already names an arena turn")
                     continue
             results[i] = NotFound("thread not found")
-    return results  # type: ignore[return-value]
+    return [results[i] for i in range(len(turns))]
 
 
 def thread_title(content: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import date
+from typing import Any, TypedDict
 
 import asyncpg
 
@@ -96,18 +97,29 @@ class UsageRecord:
 
 def usage_arrays(records: list[UsageRecord]) -> list[list[object]]:
     """The records as one array per field: the parameters of USAGE_CTES."""
-    return [list(column) for column in zip(*(r.params() for r in records))]
+    return [list(column) for column in zip(*(r.params() for r in records), strict=True)]
 
 
 async def record_usage_many(pool: asyncpg.Pool | asyncpg.Connection, records: list[UsageRecord]) -> int:
     """A whole batch in one statement; returns how many usage rows were new."""
-    return await pool.fetchval(_RECORD, *usage_arrays(records))
+    new: int = await pool.fetchval(_RECORD, *usage_arrays(records))
+    return new
 
 
-async def day_totals(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> dict[str, object]:
+class DayTotals(TypedDict):
+    tokens: int
+    reserved: int
+    requests: int
+    cost_usd: float
+
+
+async def day_totals(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> DayTotals:
     row = await pool.fetchrow("SELECT tokens, reserved, requests, cost_usd::float8 AS cost_usd FROM daily_usage "
                               "WHERE user_id = $1 AND day = $2", user_id, day)
-    return dict(row) if row else {"tokens": 0, "reserved": 0, "requests": 0, "cost_usd": 0.0}
+    if row is None:
+        return DayTotals(tokens=0, reserved=0, requests=0, cost_usd=0.0)
+    return DayTotals(tokens=row["tokens"], reserved=row["reserved"], requests=row["requests"],
+                     cost_usd=row["cost_usd"])
 
 
 HIDDEN_MODEL = "(anonymous arena reply, vote pending)"
@@ -124,8 +136,10 @@ _REPORT = {
 
 
 async def usage_report(pool: asyncpg.Pool, user_id: uuid.UUID, start: date, end: date,
-                       group_by: str) -> list[dict[str, object]]:
-    """Tokens, cost and requests per day or per model over [start, end] (UTC days)."""
+                       group_by: str) -> list[dict[str, Any]]:
+    """Tokens, cost and requests per day or per model over [start, end] (UTC days); each row's key
+    column is named by `group_by`, the others are prompt_tokens, completion_tokens, total_tokens,
+    cost_usd (float) and requests (int)."""
     key = _REPORT[group_by]  # one of two fixed expressions, never caller text
     rows = await pool.fetch(f"""
         SELECT {key} AS {group_by}, sum(u.prompt_tokens)::bigint AS prompt_tokens,
