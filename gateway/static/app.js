@@ -569,6 +569,9 @@
       b.disabled = true;
       b.setAttribute("aria-pressed", String(b.dataset.winner === winner));
     }
+    // the count the new battle must raise: unknown until a leaderboard has been read (the first
+    // load may still be waiting for a fit), so read it now rather than take any board as new
+    if (state.battles < 0) await loadLeaderboard().catch(() => {});
     const battlesBefore = state.battles;
     try {
       const comparison = await api("POST", `/api/comparisons/${arena.id}/vote`, { winner });
