@@ -218,6 +218,7 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.delete("/api/threads/{thread_id}", threads.delete_thread),
         web.post("/v1/chat/completions", openai.chat_completions),
         web.get("/v1/models", openai.list_models),
+        web.get("/v1/models/{model}", openai.get_model),
         web.post("/v1/responses", responses.create_response),
         web.get("/v1/responses/{response_id}", responses.get_response),
         web.delete("/v1/responses/{response_id}", responses.delete_response),

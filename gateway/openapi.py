@@ -275,8 +275,9 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "choices": {"type": "array", "items": obj({
                 "index": INT,
                 "message": obj({"role": {"const": "assistant"}, "content": nullable(STRING),
+                                "refusal": {"type": "null"},
                                 "tool_calls": {"type": "array", "items": {"type": "object"}}},
-                               ("role", "content")),
+                               ("role", "content", "refusal")),
                 "logprobs": {"type": "null"}, "finish_reason": STRING,
             }, ("index", "message", "finish_reason"))},
             "usage": usage,
@@ -351,9 +352,10 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         **_anthropic_schemas(models),
         "MessageEvent": sse_events(slot=False),
         "ArenaEvent": sse_events(slot=True),
-        "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": obj({
-            "id": STRING, "object": {"const": "model"}, "created": INT, "owned_by": STRING,
-        }, ("id", "object", "created", "owned_by"))}}, ("object", "data")),
+        "Model": obj({"id": STRING, "object": {"const": "model"}, "created": INT, "owned_by": STRING},
+                     ("id", "object", "created", "owned_by")),
+        "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}},
+                         ("object", "data")),
         "CreateKey": obj({
             "name": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": NOT_BLANK},
             "scopes": nullable({"type": "array", "minItems": 1, "items": {"enum": ["chat", "arena", "admin"]},
@@ -574,6 +576,11 @@ def _paths() -> dict[str, Any]:
             "The enabled models, OpenAI-style", "openai",
             {**ok(200, "The models", "ModelList"), **errors(401, openai=True),
              "503": {"$ref": "#/components/responses/Error503"}})},
+        "/v1/models/{model}": {"get": op(
+            "One enabled model, OpenAI-style", "openai",
+            {**ok(200, "The model", "Model"), **errors(401, 404, openai=True),
+             "503": {"$ref": "#/components/responses/Error503"}},
+            parameters=[{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}])},
         "/v1/responses": {"post": op(
             "OpenAI Responses API: create a response (stream and non-stream)", "openai",
             {"200": response("The response; its semantic events when `stream` is true",

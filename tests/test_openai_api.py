@@ -221,3 +221,30 @@ async def _cut(upstream) -> bool:
     before = upstream.sent[0]
     await asyncio.sleep(0.2)  # 4 piece delays: a live reply would have moved on
     return upstream.sent[0] == before
+
+
+async def test_a_bad_key_answers_as_openai_does_with_code_invalid_api_key(sdk, client):
+    with pytest.raises(openai.AuthenticationError) as raised:
+        await sdk(client, "gwk_nope").models.list()
+    assert raised.value.code == "invalid_api_key"
+    resp = await client.get("/v1/models", headers={"Authorization": "Bearer gwk_nope"})
+    assert resp.status == 401
+    assert await resp.json() == {"error": {"message": "invalid API key", "type": "invalid_request_error",
+                                           "param": None, "code": "invalid_api_key"}}
+
+
+async def test_models_retrieve_names_one_enabled_model_and_404s_the_rest(sdk, client, user):
+    api = sdk(client, user.key)
+    model = await api.models.retrieve("demo")
+    assert (model.id, model.object, model.owned_by) == ("demo", "model", "demo")
+    with pytest.raises(openai.NotFoundError) as raised:
+        await api.models.retrieve("no-such-model")
+    assert raised.value.code == "model_not_found"
+
+
+async def test_a_non_streamed_completion_carries_refusal_null_as_openai_sends_it(client, user):
+    resp = await client.post("/v1/chat/completions", headers=user.headers,
+                             json={"model": "demo", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 200
+    message = (await resp.json())["choices"][0]["message"]
+    assert list(message) == ["role", "content", "refusal"] and message["refusal"] is None

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..errors import GatewayError, TooManyRequests
+from ..errors import GatewayError, TooManyRequests, Unauthorized
 from ..providers.base import (
     Batch,
     ChatRequest,
@@ -172,6 +172,8 @@ def openai_errors(handler: Handler) -> Handler:
             resp = OpenAIError(429, e.message, "rate_limit_error", code="rate_limit_exceeded").response()
             resp.headers.update(e.headers())
             return resp
+        except Unauthorized as e:  # as OpenAI answers a bad key: the SDKs read `code`
+            return OpenAIError(401, e.message, "invalid_request_error", code="invalid_api_key").response()
         except GatewayError as e:
             return OpenAIError(e.status, e.message, e.type).response()
 
@@ -271,7 +273,8 @@ async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatReques
             elif type(event) is UsageReport:
                 reply.usage = event
     usage = reply.usage or estimated_usage(chat, reply.chars)
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.parts) or None}
+    # `refusal` is always there in OpenAI's answer (and required by its published schema)
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.parts) or None, "refusal": None}
     if calls:
         message["tool_calls"] = merge_tool_calls(calls)
     body = {"id": f"chatcmpl-{completion_id.hex}", "object": "chat.completion", "created": int(time.time()),
@@ -299,7 +302,21 @@ def merge_tool_calls(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def list_models(request: web.Request) -> web.Response:
     await caller(request)
     models = request.app[MODELS]
-    data = [{"id": m.name, "object": "model", "created": 0, "owned_by": m.provider}
-            for m in models.models.values() if m.enabled]
+    data = [model_json(m.name, m.provider) for m in models.models.values() if m.enabled]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+@openai_errors
+async def get_model(request: web.Request) -> web.Response:
+    """`GET /v1/models/{model}`: one enabled model, as in the list; else OpenAI's 404."""
+    await caller(request)
+    name = request.match_info["model"]
+    model = request.app[MODELS].models.get(name)
+    if model is None or not model.enabled:
+        raise OpenAIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+    return web.Response(body=orjson.dumps(model_json(model.name, model.provider)), content_type="application/json")
+
+
+def model_json(name: str, provider: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": provider}
 
