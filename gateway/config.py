@@ -6,6 +6,7 @@ start with the name of the offending variable (or TOML key) in the message.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -193,6 +194,24 @@ def _load_toml(env: Mapping[str, str]) -> dict[str, Any]:
 _MODEL_FLOATS = ("timeout_s", "connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "weight",
                  "input_price_per_mtok", "output_price_per_mtok")
 
+# Every key the file may hold, by table: a misspelt key (`fallback =`, `first_token_timout_s`, `[model.x]`)
+# would otherwise be ignored in silence and the gateway run with a default nobody chose.
+_TOP_KEYS = ("server", "providers", "models", "router", "limits")
+_SERVER_KEYS = ("host", "port")
+_PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay_ms")
+_MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", *_MODEL_FLOATS)
+_LIMIT_KEYS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "downgrade_model",
+               "downgrade_at")
+
+
+def _known_keys(where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    """A ConfigError naming the first key not in `allowed`, with the nearest valid name."""
+    for key in table:
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean {near[0]!r}?)" if near else f" (valid: {', '.join(allowed)})"
+            raise ConfigError(f"GATEWAY_CONFIG: {where}{key}: unknown key{hint}")
+
 
 def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
                           ) -> tuple[dict[str, ProviderConfig], dict[str, ModelConfig]]:
@@ -227,6 +246,7 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
         where = f"[providers.{pname}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{where} must be a table")
+        _known_keys(f"{where} ", table, _PROVIDER_KEYS)
         kind = table.get("kind", "openai")
         if kind not in ("openai", "anthropic", "demo"):
             raise ConfigError(f"{where} kind must be openai, anthropic or demo, got {kind!r}")
@@ -247,6 +267,7 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
         where = f"[models.{mname}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{where} must be a table")
+        _known_keys(f"{where} ", table, _MODEL_KEYS)
         provider = table.get("provider")
         if provider not in providers:
             raise ConfigError(f"{where} provider {provider!r} is not declared under [providers]")
@@ -270,7 +291,9 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
 
 def _parse(env: Mapping[str, str]) -> Settings:
     doc = _load_toml(env)
+    _known_keys("", doc, _TOP_KEYS)
     server = _table(doc, "server")
+    _known_keys("[server] ", server, _SERVER_KEYS)
     providers, models = _providers_and_models(env, doc)
 
     router = {str(k): str(v) for k, v in _table(doc, "router").items()}
@@ -287,6 +310,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         raise ConfigError(f"DEFAULT_MODEL {default_model!r} is not a declared model")
 
     limits_doc = _table(doc, "limits")
+    _known_keys("[limits] ", limits_doc, _LIMIT_KEYS)
     limit_ints: dict[str, Any] = {k: _int(f"[limits] {k}", limits_doc[k], minimum=1)
                                   for k in ("requests_per_minute", "daily_tokens", "max_concurrent_streams",
                                             "max_tokens") if k in limits_doc}

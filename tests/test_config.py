@@ -194,3 +194,21 @@ def test_secrets_never_print_their_value():
         for value in ("pg-pass-9f3", "sk-live-7c1", "jwt-secret-0123"):
             assert value not in text
     assert f"{secret}" == "**********" and repr(secret) == "'**********'"
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ('[models.fast]\nprovider = "demo"\nfallback = ["demo"]\n',
+     "GATEWAY_CONFIG: [models.fast] fallback: unknown key (did you mean 'fallbacks'?)"),
+    ('[models.fast]\nprovider = "demo"\nfirst_token_timout_s = 3\n',
+     "GATEWAY_CONFIG: [models.fast] first_token_timout_s: unknown key (did you mean 'first_token_timeout_s'?)"),
+    ('[model.fast]\nprovider = "demo"\n', "GATEWAY_CONFIG: model: unknown key (did you mean 'models'?)"),
+    ('[providers.up]\nkind = "openai"\nbase_url = "http://x"\napi_keyenv = "K"\n',
+     "GATEWAY_CONFIG: [providers.up] api_keyenv: unknown key (did you mean 'api_key_env'?)"),
+    ('[server]\nhots = "0.0.0.0"\n', "GATEWAY_CONFIG: [server] hots: unknown key (did you mean 'host'?)"),
+    ('[limits]\ndaily_token = 5\n', "GATEWAY_CONFIG: [limits] daily_token: unknown key (did you mean 'daily_tokens'?)"),
+    ('[limits]\nzzz = 5\n', "GATEWAY_CONFIG: [limits] zzz: unknown key (valid: requests_per_minute, daily_tokens, "
+                            "max_concurrent_streams, max_tokens, downgrade_model, downgrade_at)"),
+])
+def test_an_unknown_key_stops_the_start_naming_its_path_and_the_nearest_valid_name(
+        config_file: ConfigFile, toml: str, expected: str):
+    assert config_error({"GATEWAY_CONFIG": config_file(toml)}) == expected
