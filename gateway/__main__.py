@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -41,7 +42,8 @@ async def quiet_gc(app: web.Application) -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> int:
+    """Run until stopped; 0, or 2 when the port cannot be had (one line naming the setting)."""
     raise_open_file_limit()
     try:
         import uvloop  # optional speed-up: pip install '.[speed]'
@@ -49,13 +51,25 @@ def serve(settings: Settings) -> None:
         pass
     else:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    log.info("gateway on http://%s:%d (default model %s)", settings.host, settings.port, settings.default_model)
     app = create_app(settings)
     app.on_startup.append(quiet_gc)
-    web.run_app(app, host=settings.host, port=settings.port, access_log_class=AccessLogger,
-                shutdown_timeout=settings.shutdown_grace_s + 5, print=None, backlog=4096,
-                # a client that leaves cancels its handler (the tests' server does the same)
-                handler_cancellation=True)
+
+    def bound(_: str) -> None:  # run_app calls this once the socket is listening, not before
+        log.info("gateway on http://%s:%d (default model %s)", settings.host, settings.port,
+                 settings.default_model)
+
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, access_log_class=AccessLogger,
+                    shutdown_timeout=settings.shutdown_grace_s + 5, print=bound, backlog=4096,
+                    # a client that leaves cancels its handler (the tests' server does the same)
+                    handler_cancellation=True)
+    except OSError as e:
+        if e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        print(f"GATEWAY_PORT: cannot listen on {settings.host}:{settings.port}: {os.strerror(e.errno)}",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 async def run_migrations(settings: Settings) -> list[str]:
@@ -106,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = replace(settings, host=args.host)
         if getattr(args, "port", None) is not None:
             settings = replace(settings, port=args.port)
-        serve(settings)
+        return serve(settings)
     elif args.command == "migrate":
         applied = asyncio.run(run_migrations(settings))
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))

@@ -124,6 +124,8 @@ async def test_serve_streams_a_chat_and_exits_cleanly_on_sigterm(tmp_path: Path,
 
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) == 0, log_path.read_text()
+        # said once, when the socket was bound
+        assert log_path.read_text().count(f"gateway on http://127.0.0.1:{port} (default model demo)") == 1
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -144,3 +146,17 @@ async def wait_until_healthy(session: aiohttp.ClientSession, url: str, proc: asy
             pass
         assert loop.time() < deadline, "the server did not become healthy in time:\n" + log_path.read_text()
         await asyncio.sleep(0.05)
+
+
+async def test_a_port_in_use_is_one_line_naming_gateway_port_and_exit_2(tmp_path: Path, database_url: str):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = await run_cli(tmp_path, cli_env(database_url, GATEWAY_HOST="127.0.0.1", GATEWAY_PORT=str(port),
+                                              LOG_LEVEL="INFO"), "serve")
+    assert run.returncode == 2 and run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert lines[-1] == f"GATEWAY_PORT: cannot listen on 127.0.0.1:{port}: Address already in use", run.stderr
+    assert "Traceback" not in run.stderr
+    assert not any("gateway on http" in line for line in lines)  # said only once the socket is bound
