@@ -11,8 +11,11 @@ A daily cap reserves the request's worst case (prompt estimate + max_tokens, cla
 remains today) atomically; the finish write settles it to the real usage, and a request that
 never runs releases it. Nearly out of budget, a request may be downgraded to a cheaper model.
 
-A refusal raises before anything is persisted, so the client can retry the same
-client_message_id later. With no limits configured, the policy does no I/O at all.
+Chat turns split this in two (turns.py): `take_rate`, the abuse limit, runs at the edge before
+anything is written (a 429 there persists nothing); `admit(..., rate_taken=True)` runs after the
+user message is committed, and its refusal is saved as a `refused` reply. The stateless routes
+call `admit` alone, which does both in one call. With no limits configured, the policy does no
+I/O at all.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -132,11 +135,26 @@ class Policy:
     def active_streams(self, user_id: uuid.UUID) -> int:
         return self._streams.get(user_id, 0)
 
-    async def admit(self, principal: Principal, model: str, prompt_tokens: int, max_tokens: int | None,
-                    downgrade_to: str | None = None, share: int = 1) -> Admission:
-        """`share`: this request is admitted together with share - 1 others (the arena's slots),
-        so a daily reservation takes at most 1/share of what remains."""
+    async def take_rate(self, principal: Principal) -> None:
+        """The abuse limit, at the edge: a slot in the user's and each key's per-minute window, or
+        TooManyRequests. Reserves nothing; `admit(..., rate_taken=True)` must follow."""
         limits = limits_for(self._config, principal)
+        keys = tuple(replace(k, daily=None) for k in limits.key_chain if k.rpm is not None)
+        if limits.user_rpm is None and not keys:
+            return
+        now = self.clock()
+        await self._admit_in_database(principal, replace(limits, user_daily=None, key_chain=keys), now.date(),
+                                      None, 0, now, 1)
+
+    async def admit(self, principal: Principal, model: str, prompt_tokens: int, max_tokens: int | None,
+                    downgrade_to: str | None = None, share: int = 1, rate_taken: bool = False) -> Admission:
+        """`share`: this request is admitted together with share - 1 others (the arena's slots),
+        so a daily reservation takes at most 1/share of what remains. `rate_taken`: `take_rate`
+        already counted this request."""
+        limits = limits_for(self._config, principal)
+        if rate_taken:
+            limits = replace(limits, user_rpm=None, key_rpm=None,
+                             key_chain=tuple(replace(k, rpm=None) for k in limits.key_chain if k.daily is not None))
         now = self.clock()
         day = now.date()
         action, reasons = PolicyAction.APPROVE, []
@@ -149,7 +167,8 @@ class Policy:
                 action = PolicyAction.DOWNGRADE
                 reasons.append(f"max_tokens clamped to {limits.max_tokens}")
         if limits.max_concurrent is not None and self.active_streams(principal.user_id) >= limits.max_concurrent:
-            raise TooManyRequests(f"at most {limits.max_concurrent} concurrent streams", retry_after=1)
+            raise TooManyRequests(f"at most {limits.max_concurrent} concurrent streams", retry_after=1,
+                                  reason="concurrent_streams")
         reserved, downgraded_from = _Reservation(), None
         if limits.user_rpm is not None or limits.user_daily is not None or limits.key_chain:
             reserved = await self._admit_in_database(principal, limits, day, ceiling, prompt_tokens, now, share)
@@ -190,10 +209,11 @@ class Policy:
                 reset = window + timedelta(minutes=1)
                 raise TooManyRequests(f"rate limit: {name}",
                                       retry_after=max(1, int((reset - now).total_seconds()) + 1),
-                                      reset_at=reset) from None
+                                      reset_at=reset, reason="requests_per_minute") from None
             reset = _next_midnight(day)
             raise TooManyRequests(f"daily token cap reached ({name})",
-                                  retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset) from None
+                                  retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
+                                  reason="daily_tokens") from None
         if not capped:
             return _Reservation()
         # every capped key of the chain holds the same reservation: settlement and release find them
@@ -206,7 +226,8 @@ class Policy:
                                     day=day, user_tokens=reserved.user, key_tokens=reserved.key)
                 reset = _next_midnight(day)
                 raise TooManyRequests("daily token cap reached (too little left for this prompt)",
-                                      retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset)
+                                      retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
+                                      reason="daily_tokens")
             reserved.clamped_to = granted
         return reserved
 
