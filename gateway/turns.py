@@ -158,7 +158,7 @@ class Turns:
         await self._policy.take_rate(principal)  # the abuse limit: a 429 here has written nothing
         stored = await self._persist.submit(message_store.TurnRequest(
             user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
-            thread_id=turn.thread_id, instance_id=self._instance_id, email=principal.email))
+            thread_id=turn.thread_id, instance_id=self._instance_id))
         assert stored is not None
         if stored.duplicate:  # lost a race with an identical request: that one decides and runs
             return stored
@@ -229,7 +229,7 @@ class Turns:
         await self._policy.take_rate(principal)  # one request, one slot in the window
         stored = await arena_store.persist_arena_turn(
             self._pool, principal.user_id, turn.content, turn.client_message_id, turn.thread_id,
-            self._instance_id, pair[0], pair[1], anonymous, principal.email)
+            self._instance_id, pair[0], pair[1], anonymous)
         if stored.duplicate:
             return stored
         # both slots count toward the caller's limits: slot a may take at most half of what remains

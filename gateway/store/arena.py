@@ -27,7 +27,7 @@ class ArenaTurn:
 # assistant placeholders (slots a and b) and the comparison row, so the comparison exists from
 # the start and survives whatever happens to either slot.
 _ARENA = """
-WITH usr AS (INSERT INTO users (id, email) VALUES ($1, $9) ON CONFLICT (id) DO NOTHING),
+WITH usr AS (INSERT INTO users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING),
 t AS ({thread}),
 u AS (
     INSERT INTO messages (thread_id, user_id, role, content, status, client_message_id)
@@ -86,17 +86,16 @@ async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_
 
 async def persist_arena_turn(pool: asyncpg.Pool, user_id: uuid.UUID, content: str, client_message_id: str | None,
                              thread_id: uuid.UUID | None, instance_id: uuid.UUID, model_a: str, model_b: str,
-                             anonymous: bool, email: str | None = None) -> ArenaTurn:
+                             anonymous: bool) -> ArenaTurn:
     async with pool.acquire() as conn:
         try:
             async with conn.transaction():
                 if thread_id is None:
                     row = await conn.fetchrow(_ARENA_NEW_THREAD, user_id, content, client_message_id,
-                                              thread_title(content), instance_id, model_a, model_b, anonymous,
-                                              email)
+                                              thread_title(content), instance_id, model_a, model_b, anonymous)
                 else:
                     row = await conn.fetchrow(_ARENA_IN_THREAD, user_id, content, client_message_id, thread_id,
-                                              instance_id, model_a, model_b, anonymous, email)
+                                              instance_id, model_a, model_b, anonymous)
                 if row is None:
                     raise _NothingInserted
             return _arena_turn(row, duplicate=False)

@@ -30,7 +30,8 @@ class StoredTurn:
 
 # One statement persists any number of turns (concurrent requests group-commit together): per
 # turn, the user's row when it is missing (a JWT user whose upsert at sign-in failed still keeps
-# their message: the foreign keys are checked at the end of the statement, after this insert),
+# their message: the foreign keys are checked at the end of the statement, after this insert;
+# only the id, the least that can fail: the sign-in upsert fills the rest when it next succeeds),
 # the thread (created, or touched — which also proves it is the caller's), the user message and
 # the assistant placeholder (status streaming). The unique index on (user_id, client_message_id)
 # makes a retry insert nothing; ids are made up front so each returned row maps back to its turn
@@ -38,13 +39,10 @@ class StoredTurn:
 _TURNS = f"""
 WITH x AS (
     SELECT * FROM unnest($1::integer[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::uuid[],
-                         $8::uuid[], $9::uuid[], $10::text[])
-    AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid, email)
+                         $8::uuid[], $9::uuid[])
+    AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid)
 ),
-usr AS (
-    INSERT INTO users (id, email) SELECT DISTINCT ON (user_id) user_id, email FROM x ORDER BY user_id
-    ON CONFLICT (id) DO NOTHING
-),
+usr AS (INSERT INTO users (id) SELECT DISTINCT user_id FROM x ON CONFLICT (id) DO NOTHING),
 t_new AS (
     INSERT INTO threads (id, user_id, title) SELECT tid, user_id, title FROM x WHERE thread_id IS NULL
     RETURNING id
@@ -78,7 +76,6 @@ class TurnRequest:
     client_message_id: str | None
     thread_id: uuid.UUID | None
     instance_id: uuid.UUID
-    email: str | None = None  # for the user's row, made here if missing
 
 
 # a retry answers with the turn's first reply, as the first request did (regenerated ones follow it)
@@ -106,7 +103,7 @@ async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_
 # The conversation as the upstream sees it: complete messages, a reply placed right after the
 # message it answers (`ord`: a regenerated reply is newer than later turns, but belongs to its
 # own), and of a message's complete replies only the newest (the one the thread shows).
-# `$4`/`$5` bound it for a regenerate: up to that user message's turn, without its own replies.
+# `$4`/`$5` bound it for a regenerate: what precedes that user message (which the caller appends).
 _HISTORY = """
 SELECT m.role, m.content FROM threads t
 LEFT JOIN LATERAL (
@@ -114,7 +111,7 @@ LEFT JOIN LATERAL (
     LEFT JOIN messages p ON p.id = m.reply_to
     WHERE m.thread_id = t.id AND m.status = 'complete' AND m.slot IS NULL
       AND ($4::bigint IS NULL OR coalesce(p.seq, m.seq) <= $4)
-      AND ($5::uuid IS NULL OR m.reply_to IS DISTINCT FROM $5)
+      AND ($5::uuid IS NULL OR (m.id <> $5 AND m.reply_to IS DISTINCT FROM $5))
       AND NOT (m.role = 'assistant' AND EXISTS (
           SELECT 1 FROM messages n WHERE n.reply_to = m.reply_to AND n.role = 'assistant' AND n.slot IS NULL
                                      AND n.status = 'complete' AND n.seq > m.seq))
@@ -142,8 +139,7 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
     args = [list(range(len(turns))), [t.user_id for t in turns], [t.content for t in turns],
             [t.client_message_id for t in turns], [t.thread_id for t in turns],
             [thread_title(t.content) if t.thread_id is None else None for t in turns],
-            [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns],
-            [t.email for t in turns]]
+            [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns]]
     results: dict[int, StoredTurn | Exception] = {}  # by the turn's index
     async with pool.acquire() as conn:
         if all(t.client_message_id is None for t in turns):
