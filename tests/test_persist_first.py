@@ -128,7 +128,8 @@ async def test_a_per_minute_limit_stays_at_the_edge_and_writes_nothing(make_clie
     assert refused.status == 429 and refused.headers["Content-Type"].startswith("application/json")
     assert (await refused.json())["error"]["type"] == "rate_limited"
     assert await rows(db, user.id) == before  # nothing of "two"
-    assert await db.fetchval("SELECT count(*) FROM messages WHERE client_message_id = 'two'") == 0
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1 AND client_message_id = 'two'",
+                             user.id) == 0
 
 
 async def test_a_model_the_key_may_not_use_is_a_refused_reply_that_does_not_clear(client, make_user, db):
