@@ -31,7 +31,7 @@ import asyncpg
 from .auth import Principal
 from .background import GroupCommit
 from .config import Settings
-from .errors import Forbidden, NotFound, ServiceUnavailable, TooManyRequests
+from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, TooManyRequests
 from .events import Event
 from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd, mask_model_names
 from .policy import Admission, Policy
@@ -178,7 +178,15 @@ class Turns:
             found = await message_store.find_regeneration(pool, user_id, user_message_id, client_request_id)
             if found is not None:
                 return found
-        user_message, last = await message_store.regeneration_target(pool, user_id, user_message_id)
+        try:
+            user_message, last = await message_store.regeneration_target(pool, user_id, user_message_id)
+        except Conflict:
+            # the live reply may be this very request's, made by a retry that got there first
+            if client_request_id is not None:
+                found = await message_store.find_regeneration(pool, user_id, user_message_id, client_request_id)
+                if found is not None:
+                    return found
+            raise
         if model is None:
             model = self._asked_for(last)
         messages = await message_store.thread_history(pool, user_id, user_message["thread_id"],

@@ -351,8 +351,10 @@ async def insert_regeneration(pool: asyncpg.Pool, user_id: uuid.UUID, user_messa
             t AS (UPDATE threads SET updated_at = clock_timestamp() FROM a WHERE threads.id = a.thread_id)
             SELECT id FROM a""", user_message["thread_id"], user_id, user_message["id"], instance_id,
             client_request_id)
-    except asyncpg.UniqueViolationError as e:
-        if e.constraint_name == "messages_client_request" and client_request_id is not None:
+    except asyncpg.UniqueViolationError:
+        # whichever index fired first: a retry of this client_request_id that committed meanwhile
+        # (the insert waited for it) is that retry's reply, anything else a live reply
+        if client_request_id is not None:
             found = await find_regeneration(pool, user_id, user_message["id"], client_request_id)
             if found is not None:
                 return found
