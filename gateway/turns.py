@@ -266,14 +266,6 @@ class Turns:
         except BaseException:
             await self._close_broken(plan)
             raise
-        try:
-            if admission.user_reserved or admission.key_reserved:
-                await message_store.hold_reservation(self._pool, plan.message_id,
-                                                     self.reservation(principal, admission, plan.messages))
-        except BaseException:
-            await self._policy.release(admission, principal.user_id, principal.api_key_id)
-            await self._close_broken(plan)
-            raise
         extra: dict[str, Any] = dict(plan.extra)
         if plan.choice.complexity:
             extra["complexity"] = plan.choice.complexity
@@ -289,6 +281,16 @@ class Turns:
             admission.model,
             ChatRequest(plan.messages, max_tokens=admission.max_tokens, temperature=turn.temperature,
                         top_p=turn.top_p, extra=dict(turn.extra)), started)
+        if admission.user_reserved or admission.key_reserved:
+            # written while the upstream call starts, not before it: only a live row takes it, so a
+            # finish that gets there first is left alone (and has settled the reservation itself)
+            try:
+                await message_store.hold_reservation(self._pool, plan.message_id,
+                                                     self.reservation(principal, admission, plan.messages))
+            except (asyncpg.PostgresError, OSError) as e:
+                # only the sweep of a dead instance needs it: the reply runs and settles at its finish
+                log.warning("reply %s: its reservation could not be noted on its row (%s)", plan.message_id,
+                            type(e).__name__)
 
     async def _refuse(self, plan: _Plan, e: TooManyRequests | Forbidden) -> None:
         """Save the policy's stop as the reply: status refused, the reason in its metadata and its
