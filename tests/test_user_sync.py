@@ -54,6 +54,9 @@ async def test_a_row_gone_while_the_cache_calls_it_fresh_is_made_again_by_the_tu
     headers = token_for(user_id, "lin@example.com")
     assert (await client.get("/api/threads", headers=headers)).status == 200  # upserted, cached as fresh
     await db.execute("DELETE FROM users WHERE id = $1", user_id)
+    thread = await client.post("/api/threads", headers=headers, json={"title": "mine"})
+    assert thread.status == 201  # an empty thread, likewise
+    await db.execute("DELETE FROM users WHERE id = $1", user_id)
     chat = await client.post("/api/chat", headers=headers, json={"content": "still me"})
     assert chat.status == 202
     await wait_finished(db, (await chat.json())["assistant_message_id"])
