@@ -51,8 +51,8 @@ from .state import (
     USAGE,
 )
 from .store.activity import ActivityRecord, record_activity_many
-from .store.arena import battles
 from .store.keys import bootstrap_admin_key, touch_keys
+from .store.leaderboard import battles
 from .store.usage import UsageRecord, record_usage_many
 from .stream_tokens import StreamTokens, load_signing_key
 from .turns import Turns
