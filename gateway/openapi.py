@@ -422,7 +422,7 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "remaining": obj({"daily_tokens": nullable(INT)}, ("daily_tokens",)),
         }, ("user", "key", "limits", "today", "remaining")),
         "UsageReport": obj({
-            "from": DATE, "to": DATE, "group_by": {"enum": ["day", "model"]},
+            "from": DATE, "to": DATE, "group_by": {"enum": ["day", "model", "day,model"]},
             "rows": {"type": "array", "items": obj({"day": DATE, "model": STRING, **usage_counts},
                                                    tuple(usage_counts))},
             "totals": obj(usage_counts, tuple(usage_counts)),
@@ -696,7 +696,8 @@ def _paths() -> dict[str, Any]:
             {**ok(200, "The report", "UsageReport"), **errors(400, 401, 503)},
             parameters=[query("from", DATE, "First day (default: 29 days before `to`)"),
                         query("to", DATE, "Last day (default: today); the range spans at most 366 days"),
-                        query("group_by", {"enum": ["day", "model"], "default": "day"}, "Grouping")])},
+                        query("group_by", {"enum": ["day", "model", "day,model"], "default": "day"},
+                              "Grouping (day,model: a row per model and day)")])},
         "/healthz": {"get": op("Liveness", "ops", ok(200, "The process answers", "Status"), security=PUBLIC)},
         "/readyz": {"get": op(
             "Readiness: the database answers and every migration is applied", "ops",
