@@ -719,6 +719,13 @@ def _paths() -> dict[str, Any]:
         "/openapi.json": {"get": op(
             "This document", "ops", {"200": response("OpenAPI 3.1", json_content({"type": "object"}))},
             security=PUBLIC)},
+        "/docs": {"get": op("Interactive API docs for this document (Swagger UI, served locally)", "ops",
+                            {"200": response("The page", {"text/html": {"schema": STRING}})}, security=PUBLIC)},
+        "/docs/{filename}": {"get": op(
+            "The docs page's assets (Swagger UI's bundled script and stylesheet)", "ops",
+            {"200": response("The file", {"*/*": {"schema": {}}}), **errors(404)},
+            parameters=[{"name": "filename", "in": "path", "required": True, "schema": STRING}],
+            security=PUBLIC)},
     }
 
 
