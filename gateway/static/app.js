@@ -369,26 +369,70 @@
     messageInput.readOnly = busy;
   }
 
+  // The error queue (seed 004): a send that fails for a reason that may pass (no connection, a
+  // 5xx, 408, 429) is tried again after 1 s, 2 s and 4 s with the same client_message_id, so the
+  // gateway stores it once whatever happened to the earlier attempts (a retry of a send that did
+  // arrive is answered as a duplicate, with the same reply). After the last try the message stays
+  // on the page with its id and a Retry button that starts the queue again.
+  const RETRY_DELAYS_MS = [1000, 2000, 4000];
+
+  function retryable(e) {
+    return !(e instanceof ApiError) || e.status >= 500 || e.status === 408 || e.status === 429;
+  }
+
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
   async function send(content) {
     if (!state.key) {
       chatStatus.textContent = "Paste an API key first.";
       keyInput.focus();
       return;
     }
+    const userLi = addUserMessage(content);
+    const body = { content, model: modelSelect.value, thread_id: state.threadId, client_message_id: uuid4(),
+                   stream: false };
+    userLi.dataset.clientMessageId = body.client_message_id;
+    await deliver(userLi, body);
+  }
+
+  async function deliver(userLi, body) {
     setBusy(true);
     chatStatus.textContent = "Sending…";
-    const userLi = addUserMessage(content);
+    const badge = userLi.querySelector('[data-testid="send-state"]') || element("span", "badge", "send-state");
+    userLi.querySelector(".who").append(" ", badge);
+    badge.textContent = "sending…";
+    userLi.dataset.attempts = "0";
+    for (const old of userLi.querySelectorAll('[data-testid="send-error"], [data-testid="retry-send"]')) old.remove();
     let accepted;
-    try {
-      accepted = await api("POST", "/api/chat", {
-        content, model: modelSelect.value, thread_id: state.threadId, client_message_id: uuid4(), stream: false,
-      });
-    } catch (e) {
-      userLi.append(element("p", "error", "send-error", e.message));
-      chatStatus.textContent = `Not sent: ${e.message}`;
-      setBusy(false);
-      return;
+    for (let attempt = 0; ; attempt++) {
+      userLi.dataset.attempts = String(attempt + 1);
+      try {
+        accepted = await api("POST", "/api/chat", body);
+        break;
+      } catch (e) {
+        if (attempt < RETRY_DELAYS_MS.length && retryable(e)) {
+          badge.textContent = "retrying…";
+          userLi.dataset.sendState = "retrying";
+          chatStatus.textContent = `Not sent (${e.message}); retrying… (${attempt + 1} of ${RETRY_DELAYS_MS.length})`;
+          await sleep(RETRY_DELAYS_MS[attempt]);
+          continue;
+        }
+        badge.textContent = "not sent";
+        userLi.dataset.sendState = "failed";
+        userLi.append(element("p", "error", "send-error", e.message));
+        if (retryable(e)) {
+          const again = element("button", "secondary", "retry-send", "Retry");
+          again.type = "button";
+          again.addEventListener("click", () => { if (!state.chat) deliver(userLi, body); });
+          userLi.append(again);
+        }
+        chatStatus.textContent = `Not sent: ${e.message}`;
+        setBusy(false);
+        return;
+      }
     }
+    badge.textContent = accepted.duplicate ? "sent (once)" : "sent";
+    userLi.dataset.sendState = "sent";
     messageInput.value = "";
     const newThread = state.threadId !== accepted.thread_id;
     state.threadId = accepted.thread_id;
