@@ -15,8 +15,9 @@ Models with fewer than PROVISIONAL_BELOW battles are marked provisional.
 
 Length control (LMArena's "style control", restricted to length): a second fit adds one covariate,
 the normalised length difference of the two replies (len_a - len_b) / (len_a + len_b), with its own
-coefficient. Voters who prefer longer replies raise that coefficient instead of the ratings of the
-models that write more, so a model that wins by length alone falls back in `rating_lc`.
+coefficient (under the same weak prior). Voters who prefer longer replies raise that coefficient
+instead of the ratings of the models that write more, so a model that wins by length alone falls
+back in `rating_lc`.
 
 Both fits are Newton's method on the penalised log-likelihood (convex: a few steps, each a small
 linear solve), over battles aggregated by pair, outcome and (binned) length difference. The
@@ -47,6 +48,9 @@ PSEUDO_WIN = 1e-3
 # the prior: each log-strength ~ N(0, 1/PRIOR), a standard deviation of 174 rating points. Weak: a
 # model's 20 battles weigh about 5 against its 1.
 PRIOR = 1.0
+# the same weak prior on the length coefficient (log-odds per unit of normalised length difference):
+# without it, a few battles whose replies differ by a few characters would fit any coefficient at all
+LENGTH_PRIOR = 1.0
 PROVISIONAL_BELOW = 20  # battles
 Z95 = 1.959964
 POINTS = SCALE / math.log(BASE)  # rating points per unit of log-strength
@@ -148,7 +152,7 @@ def fit_penalised(battles: Sequence[Battle], prior: float = PRIOR, length: bool 
     theta = [0.0] * d
 
     def loss(t: list[float]) -> float:
-        total = 0.5 * prior * sum(x * x for x in t[:n])
+        total = 0.5 * prior * sum(x * x for x in t[:n]) + (0.5 * LENGTH_PRIOR * t[n] ** 2 if length else 0.0)
         for (i, j, x, s), w in rows.items():
             z = t[i] - t[j] + (t[n] * x if length else 0.0)
             # log(1 + e^z) - s z, computed without overflow
@@ -161,7 +165,8 @@ def fit_penalised(battles: Sequence[Battle], prior: float = PRIOR, length: bool 
         for k in range(n):
             h[k][k] = prior
         if length:
-            h[n][n] = 1e-9  # keeps h invertible when every length difference is 0
+            g[n] = LENGTH_PRIOR * t[n]
+            h[n][n] = LENGTH_PRIOR
         for (i, j, x, s), w in rows.items():
             p = _sigmoid(t[i] - t[j] + (t[n] * x if length else 0.0))
             r, c = w * (p - s), w * p * (1.0 - p)
