@@ -123,7 +123,8 @@ async def test_arena_tab_draws_ratings_with_whiskers_and_the_win_rate_matrix(
     assert "provisional" in (await row.get_attribute("class") or "")  # 3 battles
     point = await row.get_by_test_id("rating-point").bounding_box()
     whisker = await row.get_by_test_id("rating-whisker").bounding_box()
-    assert point and whisker and whisker["x"] < point["x"] and point["x"] + point["width"] < whisker["x"] + whisker["width"]
+    assert point and whisker  # the point sits inside its whisker
+    assert whisker["x"] < point["x"] and point["x"] + point["width"] < whisker["x"] + whisker["width"]
 
     matrix = page.get_by_test_id("winrate-matrix")
     assert await matrix.get_by_test_id("winrate-cell").count() == 2 * len(board["pairs"])

@@ -41,7 +41,7 @@ async def test_docs_html_and_every_asset_it_references_are_served_here(client: T
 
 
 async def test_chromium_renders_every_operation_and_asks_nothing_of_another_host(
-        make_client: MakeClient, tab: Tab) -> None:  # noqa: F811
+        make_client: MakeClient, tab: Tab) -> None:
     client = await make_client()
     base = str(client.make_url("/"))
     origin = urlsplit(base).netloc

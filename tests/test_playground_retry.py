@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -100,7 +101,7 @@ async def rows_of(db: asyncpg.Pool, user: User) -> list[asyncpg.Record]:
 
 
 def gaps(sends: list[Send]) -> list[float]:
-    return [b.at - a.at for a, b in zip(sends, sends[1:], strict=False)]
+    return [b.at - a.at for a, b in itertools.pairwise(sends)]
 
 
 async def type_and_send(tab: Tab, text: str) -> None:
