@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     revoke_p = keys_sub.add_parser("revoke", help="revoke a key and the keys issued under it")
     revoke_p.add_argument("key_id", type=uuid.UUID, metavar="ID")
     usage_p = sub.add_parser("usage", help="tokens, cost and requests per day (or model), every user")
-    usage_p.add_argument("--days", type=int, default=7, choices=range(1, 367), metavar="N", help="1-366 (7)")
+    usage_p.add_argument("--days", type=cli.days, default=7, metavar="N", help="1-366 (7)")
     usage_p.add_argument("--by", choices=["day", "model"], default="day")
     usage_p.add_argument("--user-id", type=uuid.UUID, help="only this user")
     board_p = sub.add_parser("leaderboard", help="arena ratings with 95%% intervals")

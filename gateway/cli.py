@@ -6,6 +6,7 @@ server under the data directory), so they work with the gateway stopped, and see
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +22,17 @@ from .store import usage as usage_store
 from .store.leaderboard import battles
 
 T = TypeVar("T")
+
+
+def days(raw: str) -> int:
+    """`--days`: 1 to 366, the range /api/usage allows."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {raw!r}") from None
+    if not 1 <= value <= 366:
+        raise argparse.ArgumentTypeError(f"must be 1 to 366, got {value}")
+    return value
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

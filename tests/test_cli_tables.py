@@ -101,7 +101,7 @@ async def test_usage_prints_tokens_and_requests_per_day_and_per_model(
     assert run.stdout.splitlines()[1].startswith("model     requests")
 
     run = await run_cli(tmp_path, cli_env(database_url), "usage", "--days", "0")
-    assert run.returncode == 2 and "--days" in run.stderr
+    assert run.returncode == 2 and run.stderr.endswith("error: argument --days: must be 1 to 366, got 0\n")
 
 
 async def test_leaderboard_prints_ratings_intervals_and_provisional_models(
