@@ -325,11 +325,10 @@ class LeaderboardCache:
     async def _fit(self, include_named: bool) -> dict[str, object]:
         battles = await self._load(include_named)
         started = time.perf_counter()
-        entries = await asyncio.to_thread(leaderboard, battles, self._rounds)
-        effect = await asyncio.to_thread(length_effect, battles)
+        entries, effect, met = await asyncio.to_thread(
+            lambda: (leaderboard(battles, self._rounds), length_effect(battles), pairs(battles)))
         result: dict[str, object] = {"models": [entry_json(e) for e in entries], "battles": len(battles),
-                                     "pairs": pairs(battles), "length_effect": effect,
-                                     "provisional_below": PROVISIONAL_BELOW,
+                                     "pairs": met, "length_effect": effect, "provisional_below": PROVISIONAL_BELOW,
                                      "anonymous_only": not include_named,
                                      "fit_ms": round((time.perf_counter() - started) * 1000, 1)}
         self._cached[include_named] = (time.monotonic(), result)
