@@ -1,4 +1,5 @@
-"""Command line: `python -m gateway [serve]`, `python -m gateway migrate`, `python -m gateway keys create`."""
+"""Command line: `python -m gateway [serve]`, `migrate`, `keys create|list|revoke`, `usage`, `leaderboard`
+(the tables: gateway/cli.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from . import cli
 from .app import create_app
 from .config import Settings
 from .db import migrate, open_database
@@ -105,6 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     create_p.add_argument("--name", required=True)
     create_p.add_argument("--scopes", default="chat,arena", help="comma-separated: chat, arena, admin")
     create_p.add_argument("--user-id", type=uuid.UUID, help="owner; a new user when omitted")
+    list_p = keys_sub.add_parser("list", help="every key (never the secret), newest first")
+    list_p.add_argument("--user-id", type=uuid.UUID, help="only this user's keys")
+    revoke_p = keys_sub.add_parser("revoke", help="revoke a key and the keys issued under it")
+    revoke_p.add_argument("key_id", type=uuid.UUID, metavar="ID")
+    usage_p = sub.add_parser("usage", help="tokens, cost and requests per day (or model), every user")
+    usage_p.add_argument("--days", type=cli.days, default=7, metavar="N", help="1-366 (7)")
+    usage_p.add_argument("--by", choices=["day", "model"], default="day")
+    usage_p.add_argument("--user-id", type=uuid.UUID, help="only this user")
+    board_p = sub.add_parser("leaderboard", help="arena ratings with 95%% intervals")
+    board_p.add_argument("--include-named", action="store_true", help="count non-anonymous comparisons too")
+    board_p.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (200)")
     args = parser.parse_args(argv)
 
     try:
@@ -124,9 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "migrate":
         applied = asyncio.run(run_migrations(settings))
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    elif args.command == "keys" and args.keys_command == "list":
+        print(cli.run(settings, lambda db: cli.keys_list(db, args.user_id)))
+    elif args.command == "keys" and args.keys_command == "revoke":
+        status, message = cli.run(settings, lambda db: cli.keys_revoke(db, args.key_id))
+        print(message, file=sys.stderr if status else sys.stdout)
+        return status
     elif args.command == "keys":
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
         print(asyncio.run(create_key(settings, args.name, scopes, args.user_id)))
+    elif args.command == "usage":
+        print(cli.run(settings, lambda db: cli.usage(db, args.days, args.by, args.user_id)))
+    elif args.command == "leaderboard":
+        print(cli.run(settings, lambda db: cli.leaderboard_table(db, args.include_named, args.rounds)))
     return 0
 
 

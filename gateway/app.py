@@ -13,7 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from .activity_edge import record_activity
-from .api import account, anthropic_messages, arena, chat, keys, openai, ops, playground, responses, threads, ws
+from .api import account, anthropic_messages, arena, chat, docs, keys, openai, ops, playground, responses, threads, ws
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -51,8 +51,8 @@ from .state import (
     USAGE,
 )
 from .store.activity import ActivityRecord, record_activity_many
-from .store.arena import battles
 from .store.keys import bootstrap_admin_key, touch_keys
+from .store.leaderboard import battles
 from .store.usage import UsageRecord, record_usage_many
 from .stream_tokens import StreamTokens, load_signing_key
 from .turns import Turns
@@ -238,6 +238,8 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/healthz", ops.healthz),
         web.get("/readyz", ops.readyz),
         web.get("/openapi.json", get_openapi),
+        web.get("/docs", docs.page),
+        web.get("/docs/{filename}", docs.asset),
     ]
     if settings.metrics_port is None:  # else /metrics is served on its own listener only
         table.append(web.get("/metrics", ops.metrics))
