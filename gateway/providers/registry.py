@@ -13,7 +13,7 @@ import aiohttp
 import asyncpg
 
 from ..config import ModelConfig, Settings
-from ..errors import ConfigError
+from ..errors import ConfigError, ServiceUnavailable
 from ..store.models import sync_models
 from .anthropic import AnthropicProvider
 from .base import Provider
@@ -26,7 +26,7 @@ class NotEnoughModels(Exception):
     """Fewer models can be drawn than were asked for."""
 
 
-RANDOM = "random"  # the model name that asks for one drawn by weight
+RANDOM = "random"  # the model name that asks for one drawn by weight (router.RANDOM)
 
 
 class ModelRegistry:
@@ -94,6 +94,15 @@ class ModelRegistry:
         if not pool:
             raise NotEnoughModels("no model is available")
         return (rng or self.rng).choices(pool, weights=[m.weight for m in pool])[0]
+
+    def draw_name(self) -> str:
+        """`model: random` resolved: a drawn model's name (or a model declared as "random" itself)."""
+        if RANDOM in self.models:
+            return RANDOM
+        try:
+            return self.draw_one().name
+        except NotEnoughModels:
+            raise ServiceUnavailable("no model is available to draw from; retry later") from None
 
     def draw_pair(self, rng: random.Random | None = None) -> tuple[ModelConfig, ModelConfig]:
         """Two distinct enabled models, drawn at random in proportion to their weights, skipping
