@@ -9,17 +9,20 @@ import uuid
 from collections import Counter
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
 from gateway.config import Deployment, Settings
 from gateway.errors import ConfigError
+from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import ChatRequest
 from gateway.providers.chain import Chain
 from gateway.providers.circuit import CircuitBreakers
 
 from .conftest import FakeClock
 from .fakes import Reply, openai_stream, parse_sse
+from .test_anthropic import anthropic  # noqa: F401  (fixture)
 from .test_providers import (  # noqa: F401  (fixtures)
     ERROR_BODY,
     PROMPT,
@@ -342,3 +345,23 @@ def test_compat_switches_are_known_keys_and_typed(config_file):
             '[providers.p]\nbase_url = "http://x/v1"\nsend_stream_option = false\n')})
 
 
+
+
+async def test_provider_headers_reach_an_anthropic_upstream_too(anthropic, config_file):
+    fake, server = anthropic
+    path = config_file(f"""
+[providers.claude]
+kind = "anthropic"
+base_url = "{server.make_url('/v1')}"
+api_key = "sk-ant-test"
+headers = {{ "anthropic-beta" = "env:CLAUDE_BETA" }}
+[models.claude]
+provider = "claude"
+""")
+    settings = Settings.from_env({"GATEWAY_CONFIG": path, "CLAUDE_BETA": "prompt-caching-2024-07-31"})
+    async with aiohttp.ClientSession() as session:
+        provider = AnthropicProvider(settings.providers["claude"], session)
+        events = [e async for batch in provider.stream(settings.models["claude"], ChatRequest(PROMPT)) for e in batch]
+    assert events
+    assert (fake.headers[0]["anthropic-beta"], fake.headers[0]["x-api-key"]) == ("prompt-caching-2024-07-31",
+                                                                                 "sk-ant-test")
