@@ -150,6 +150,7 @@ class Turns:
             await self._policy.release(admission, principal.user_id, principal.api_key_id)
             return stored
         extra: dict[str, Any] = {"complexity": choice.complexity} if choice.complexity else {}
+        extra.update({"selected": choice.selected} if choice.selected else {})  # model "random" (providers)
         if admission.action == PolicyAction.DOWNGRADE:
             extra["policy"] = {"action": PolicyAction.DOWNGRADE, "reasons": admission.reasons,
                                "downgraded_from": admission.downgraded_from}
@@ -261,7 +262,7 @@ class Turns:
 
     def route(self, requested: str | None, prompt: str) -> Route:
         """Decide, part one: the router's advice (never touches the database)."""
-        return route(requested, prompt, dict(self._settings.router), self._models.default)
+        return route(requested, prompt, dict(self._settings.router), self._models.default, self._models.draw_name)
 
     async def conversation(self, principal: Principal, turn: TurnInput) -> list[dict[str, Any]]:
         """What the upstream gets: the thread's history (NotFound if not the caller's), then the new

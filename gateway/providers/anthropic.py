@@ -25,7 +25,7 @@ from .base import (
     UpstreamProtocolError,
     UpstreamStreamError,
 )
-from .openai import client_timeout, raise_for_status, transport_error
+from .openai import client_timeout, raise_for_status, request_headers, transport_error
 from .sse_decoder import SSEDecoder
 
 API_VERSION = "2023-06-01"
@@ -57,10 +57,10 @@ class AnthropicProvider:
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.name = config.name
         self._url = config.base_url + "/messages"
-        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
-                         "anthropic-version": API_VERSION}
+        own = {"Content-Type": "application/json", "Accept": "text/event-stream", "anthropic-version": API_VERSION}
         if config.api_key:
-            self._headers["x-api-key"] = config.api_key.reveal()
+            own["x-api-key"] = config.api_key.reveal()
+        self._headers = request_headers(config, own)
         self._session = session
 
     async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
