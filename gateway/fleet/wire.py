@@ -10,10 +10,12 @@ reader rebuilds the very `Event` (and so the very SSE bytes) its own listeners g
 from __future__ import annotations
 
 import uuid
-
-from redis.typing import EncodableT, FieldT
+from typing import TYPE_CHECKING
 
 from ..events import Event
+
+if TYPE_CHECKING:  # redis is an optional extra
+    from redis.typing import EncodableT, FieldT
 
 PREFIX = "gw:reply:"
 
