@@ -250,3 +250,88 @@ def stepped(aiohttp_server: Any) -> Any:
         return fake
 
     return make
+
+
+# -- Debian's nginx in front ----------------------------------------------------------------------------
+
+NGINX_CONF = """\
+{user}worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+{site}
+}}
+"""
+
+# the README's deployment section shows this block, one reason per line (keep the two in step)
+NGINX_SITE = """\
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+    upstream gateway {{
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://gateway;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+            client_max_body_size 2m;
+        }}
+    }}"""
+
+
+class Nginx:
+    """Debian's nginx (/usr/sbin/nginx) on a free port, round-robin over `backends`, config in `tmp`."""
+
+    def __init__(self, tmp: Path, backends: list[int]) -> None:
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(binary).exists():
+            raise AssertionError("nginx is missing: apt-get install nginx (.ci/run does)")
+        self.port = free_port()
+        tmp.mkdir(parents=True, exist_ok=True)
+        servers = "\n".join(f"        server 127.0.0.1:{p};" for p in backends)
+        # as root, the workers would switch to nobody, who cannot write the temp dirs: stay this user
+        user = f"user {pwd_name()};\n" if os.geteuid() == 0 else ""
+        self.conf = tmp / "nginx.conf"
+        self.conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, site=NGINX_SITE.format(
+            servers=servers, port=self.port)))
+        self.tmp = tmp
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf), "-p", str(tmp), "-e", str(tmp / "error.log")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_port(self.port, proc=self.proc)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)  # graceful
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def pwd_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
