@@ -90,7 +90,8 @@ class StreamPublisher:
         except BaseException:
             for message_id, generation in batch.items():  # nothing of this batch is known to be there
                 self._dirty.setdefault(message_id, generation)
-                self._published.pop(message_id, None)
+            # nor of any other reply: a Redis that restarted has lost them all; each asks again
+            self._published.clear()
             raise
         self.flushes += 1
         self._link.worked()
