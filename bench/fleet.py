@@ -319,8 +319,8 @@ async def whole(http: aiohttp.ClientSession, base: str, mid: str,
                 first = time.perf_counter()
             body += chunk
         end = time.perf_counter()
-    if not body.endswith(b"data: [DONE]\n\n"):
-        raise RuntimeError("incomplete stream")
+    if not body.endswith(b"data: [DONE]\n\n") or not first or b"event: error" in body:
+        raise RuntimeError("incomplete or failed stream")
     return attached, first, end, hashlib.sha256(body.replace(b": ping\n\n", b"")).hexdigest()
 
 
@@ -377,7 +377,8 @@ def main() -> None:
     p.add_argument("--chunks", type=int, default=32, help="listeners: chunks per reply")
     p.add_argument("--chunk-ms", type=float, default=10, help="listeners: upstream pause between chunks")
     p.add_argument("--fanout", type=int, default=2000, help="fanout: listeners")
-    p.add_argument("--fanout-wait-ms", type=float, default=15000, help="fanout: upstream pause before the first token")
+    p.add_argument("--fanout-wait-ms", type=float, default=5000,
+                   help="fanout: upstream pause before the first token (below the first-token timeout, 15 s)")
     p.add_argument("--requests", type=int, default=3000, help="workers: measured requests per run")
     p.add_argument("--rounds", type=int, default=2, help="workers: runs per worker count")
     p.add_argument("--memory-replies", type=int, default=200, help="redis: replies")
