@@ -185,7 +185,9 @@ def redis_parts(settings: Settings) -> tuple[RedisLink | None, StreamPublisher |
     except ImportError:
         raise ConfigError("REDIS_URL is set but the redis package is missing: pip install 'chat-gateway[fleet]'") \
             from None
-    link = RedisLink(settings.redis_url.reveal())
+    # a reader blocked on a quiet stream looks at the row between reads: a reply whose instance died is
+    # swept within SWEEP_S, and its listeners hear of it a fraction of that later
+    link = RedisLink(settings.redis_url.reveal(), block_ms=round(min(1000, max(100, settings.sweep_s * 250))))
     return link, StreamPublisher(link, settings.redis_stream_ttl_s)
 
 
