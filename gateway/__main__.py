@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .logs import configure_logging
 from .middleware import AccessLogger
 from .store.keys import create_user_with_key
+from .workers import run_workers, worker_count
 
 log = logging.getLogger("gateway")
 
@@ -44,8 +45,9 @@ async def quiet_gc(app: web.Application) -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def serve(settings: Settings) -> int:
-    """Run until stopped; 0, or 2 when the port cannot be had (one line naming the setting)."""
+def serve(settings: Settings, reuse_port: bool = False) -> int:
+    """Run until stopped; 0, or 2 when the port cannot be had (one line naming the setting).
+    `reuse_port`: one of `serve --workers N`'s workers (gateway/workers.py), sharing the port."""
     raise_open_file_limit()
     try:
         import uvloop  # optional speed-up: pip install '.[speed]'
@@ -64,7 +66,7 @@ def serve(settings: Settings) -> int:
         web.run_app(app, host=settings.host, port=settings.port, access_log_class=AccessLogger,
                     shutdown_timeout=settings.shutdown_grace_s + 5, print=bound, backlog=4096,
                     # a client that leaves cancels its handler (the tests' server does the same)
-                    handler_cancellation=True)
+                    handler_cancellation=True, reuse_port=reuse_port or None)
     except OSError as e:
         if e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise
@@ -100,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_p = sub.add_parser("serve", help="run the gateway (the default)")
     serve_p.add_argument("--host")
     serve_p.add_argument("--port", type=int)
+    serve_p.add_argument("--workers", default="1",
+                         help="processes serving one port (SO_REUSEPORT); 'auto' = one per CPU (default 1)")
+    serve_p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     sub.add_parser("migrate", help="apply pending SQL migrations and exit")
     keys_p = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys_p.add_subparsers(dest="keys_command", required=True)
@@ -133,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             settings = replace(settings, host=args.host)
         if getattr(args, "port", None) is not None:
             settings = replace(settings, port=args.port)
-        return serve(settings)
+        try:
+            workers = worker_count(getattr(args, "workers", "1"))
+        except ValueError as e:
+            print(f"configuration error: {e}", file=sys.stderr)
+            return 2
+        if workers > 1 and not getattr(args, "worker", False):
+            return run_workers(settings, workers)
+        return serve(settings, reuse_port=getattr(args, "worker", False))
     elif args.command == "migrate":
         applied = asyncio.run(run_migrations(settings))
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -19,7 +20,9 @@ from .background import BatchWriter
 from .config import Settings
 from .db import migrate, open_database
 from .durability import FinishWriter
+from .errors import ConfigError
 from .failures import Quarantine
+from .fleet.follow import RemoteStreams
 from .generation import GenerationRegistry
 from .instance import Instance
 from .journal import FinishJournal
@@ -45,6 +48,8 @@ from .state import (
     MODELS,
     POLICY,
     QUARANTINE,
+    REDIS,
+    REMOTE,
     SETTINGS,
     STREAM_TOKENS,
     TURNS,
@@ -56,6 +61,10 @@ from .store.leaderboard import battles
 from .store.usage import UsageRecord, record_usage_many
 from .stream_tokens import StreamTokens, load_signing_key
 from .turns import Turns
+
+if TYPE_CHECKING:
+    from .fleet.link import RedisLink
+    from .fleet.publisher import StreamPublisher
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +129,13 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     generations = GenerationRegistry(pool, finishes, models, app[METRICS], settings.shutdown_grace_s,
                                      settings.checkpoint_s, settings.checkpoint_chunks)
     app[GENERATIONS] = generations
+    # the fleet: with REDIS_URL every reply's events go to Redis, and any instance follows any reply live
+    link, publisher = redis_parts(settings)
+    app[REDIS] = link
+    if publisher is not None:
+        generations.publisher = publisher.changed
+    remote = RemoteStreams(pool, link)
+    app[REMOTE] = remote
     instance = Instance(db.url, pool, finishes.replay_journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
     app[INSTANCE] = instance
@@ -131,13 +147,15 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[USAGE] = usage
     app[TURNS] = Turns(pool=pool, settings=settings, models=models, policy=app[POLICY], generations=generations,
                        stream_tokens=stream_tokens, instance_id=instance.id, record_usage=usage.add,
-                       observer=app[METRICS], notify_cancel=instance.notify_cancel)
+                       observer=app[METRICS], notify_cancel=instance.notify_cancel, remote=remote)
     leaderboard = LeaderboardCache(lambda include_named: battles(pool, include_named),
                                    rounds=settings.leaderboard_bootstrap_rounds)
     app[LEADERBOARD] = leaderboard
     await instance.start()  # also interrupts what crashed instances left live, replays the journal
     usage.start()
     generations.checkpoints.start()
+    if publisher is not None:
+        publisher.start()
     last_used.start()
     activity.start()
     try:
@@ -145,11 +163,32 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     finally:
         await generations.close()  # normally already done in on_shutdown
         await generations.checkpoints.close()
+        await remote.close()
+        if publisher is not None:
+            await publisher.close()  # after the generations: their last events go out first
+        if link is not None:
+            await link.close()
         # together, and the ones that can be lost only get the grace period (the database may be down)
         await asyncio.gather(usage.close(), activity.close(settings.shutdown_grace_s),
                              last_used.close(settings.shutdown_grace_s))
         await instance.close()
         await leaderboard.close()
+
+
+def redis_parts(settings: Settings) -> tuple[RedisLink | None, StreamPublisher | None]:
+    """With REDIS_URL: the connection and the publisher of this instance's reply events."""
+    if settings.redis_url is None:
+        return None, None
+    try:
+        from .fleet.link import RedisLink
+        from .fleet.publisher import StreamPublisher
+    except ImportError:
+        raise ConfigError("REDIS_URL is set but the redis package is missing: pip install 'chat-gateway[fleet]'") \
+            from None
+    # a reader blocked on a quiet stream looks at the row between reads: a reply whose instance died is
+    # swept within SWEEP_S, and its listeners hear of it a fraction of that later
+    link = RedisLink(settings.redis_url.reveal(), block_ms=round(min(1000, max(100, settings.sweep_s * 250))))
+    return link, StreamPublisher(link, settings.redis_stream_ttl_s)
 
 
 async def metrics_server(app: web.Application) -> AsyncIterator[None]:

@@ -142,6 +142,9 @@ class Settings:
     metrics_token: Secret | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # the fleet: live streams across instances (gateway/fleet), and how soon dead instances are swept
+    redis_url: Secret | None = None
+    redis_stream_ttl_s: float = 600.0  # how long a finished reply's stream stays in Redis
     # models
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
@@ -519,6 +522,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         metrics_token=Secret(metrics_token) if metrics_token else None,
         metrics_port=metrics_port,
         metrics_host=env.get("METRICS_HOST") or "127.0.0.1",
+        redis_url=Secret(env["REDIS_URL"]) if env.get("REDIS_URL") else None,
+        redis_stream_ttl_s=_float("REDIS_STREAM_TTL_S", env.get("REDIS_STREAM_TTL_S", 600), minimum=1),
         providers=providers,
         models=models,
         default_model=default_model,

@@ -74,6 +74,7 @@ class Generation:
         self._started = time.monotonic()
         self._ttft_ms: int | None = None
         self._finishing = False  # past this point a cancel must not interrupt the finish write
+        self.publish: Callable[[Generation], None] | None = None  # the fleet's hook (gateway/fleet/publisher.py)
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -98,6 +99,8 @@ class Generation:
     def _wake(self) -> None:
         self._changed.set()
         self._changed.clear()  # waiters already woken keep their wake-up; new ones wait again
+        if self.publish is not None:
+            self.publish(self)
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -158,6 +161,8 @@ class Generation:
             # whatever happened, listeners must not wait forever
             self.finished = True
             self._changed.set()
+            if self.publish is not None:
+                self.publish(self)
             if self.spec.admission is not None:
                 self.spec.admission.done()
 
@@ -280,6 +285,7 @@ class GenerationRegistry:
         self._models = models
         self._observer = observer
         self._grace = shutdown_grace_s
+        self.publisher: Callable[[Generation], None] | None = None  # with REDIS_URL: every event batch goes out
 
     async def save(self, record: FinishRecord) -> FinishRecord:
         """The one finish write: returns once the reply is saved, journaled or quarantined (with
@@ -305,6 +311,7 @@ class GenerationRegistry:
             return existing
         chain = Chain(self._models, self._models.chain(model), observer=self._observer, started=started)
         generation = Generation(spec, chain, request, self.save, self.checkpoints)
+        generation.publish = self.publisher
         message_id = spec.message_id
         self.live[message_id] = generation
         generation.task = asyncio.get_running_loop().create_task(generation.run())

@@ -428,7 +428,8 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "totals": obj(usage_counts, tuple(usage_counts)),
         }, ("from", "to", "group_by", "rows", "totals")),
         "Status": obj({"status": {"enum": ["ok", "unavailable"]}, "database": STRING,
-                       "pending_migrations": {"type": "array", "items": STRING}}, ("status",)),
+                       "pending_migrations": {"type": "array", "items": STRING},
+                       "redis": {"enum": ["ok", "degraded"]}}, ("status",)),  # with REDIS_URL only
     }
 
 

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from .config import Settings
     from .db import Database
     from .failures import Quarantine
+    from .fleet.follow import RemoteStreams
+    from .fleet.link import RedisLink
     from .generation import GenerationRegistry
     from .instance import Instance
     from .leaderboard import LeaderboardCache
@@ -42,6 +44,8 @@ USAGE: web.AppKey[BatchWriter[UsageRecord]] = web.AppKey("usage")  # batched usa
 ACTIVITY: web.AppKey[BatchWriter[ActivityRecord]] = web.AppKey("activity")  # who did what, batched
 LAST_USED: web.AppKey[BatchWriter[tuple[uuid.UUID, datetime]]] = web.AppKey("last_used")  # api_keys.last_used_at
 QUARANTINE: web.AppKey[Quarantine] = web.AppKey("quarantine")  # records refused for good, on disk
+REMOTE: web.AppKey[RemoteStreams] = web.AppKey("remote")  # replies generating on other instances, followed
+REDIS: web.AppKey[RedisLink | None] = web.AppKey("redis")  # with REDIS_URL (gateway/fleet)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")  # this app's Prometheus registry (never the global one)
 
 # per request

@@ -31,6 +31,7 @@ from .background import GroupCommit
 from .config import Settings
 from .errors import NotFound, ServiceUnavailable
 from .events import Event
+from .fleet.follow import RemoteStreams
 from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd
 from .policy import Admission, Policy
 from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, tokens_for_chars
@@ -45,9 +46,6 @@ from .stream_tokens import StreamTokens
 from .vocabulary import LIVE_STATUSES, PolicyAction, Slot
 
 log = logging.getLogger(__name__)
-
-# how long a reader waits for a reply generating on another instance before giving up
-WAIT_ELSEWHERE_S = 60.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -71,10 +69,16 @@ class TurnInput:
 
 @dataclass(slots=True)
 class Reply:
-    """An assistant reply to read: the live generation (on this instance) or the finished row."""
+    """An assistant reply to read: the live generation (on this instance), the finished row, or a
+    live row generating on another instance (`remote` follows it: gateway/fleet/follow.py)."""
 
     generation: Generation | None
     row: dict[str, Any] | None
+    remote: Callable[[int], AsyncIterator[list[Event]]] | None = None  # follows it from after a seq
+
+    @property
+    def live(self) -> bool:
+        return self.generation is not None or self.remote is not None
 
     def replayed_after(self, after: int) -> list[Event]:
         assert self.row is not None
@@ -84,6 +88,9 @@ class Reply:
         """The events after seq `after`, a batch at a time, until the reply's last."""
         if self.generation is not None:
             async for batch in self.generation.follow(after):
+                yield batch
+        elif self.remote is not None:
+            async for batch in self.remote(after):
                 yield batch
         else:
             events = self.replayed_after(after)
@@ -108,7 +115,7 @@ class Turns:
     def __init__(self, *, pool: asyncpg.Pool, settings: Settings, models: ModelRegistry, policy: Policy,
                  generations: GenerationRegistry, stream_tokens: StreamTokens, instance_id: uuid.UUID,
                  record_usage: Callable[[UsageRecord], None], observer: ChainObserver,
-                 notify_cancel: Callable[[uuid.UUID], Awaitable[None]]) -> None:
+                 notify_cancel: Callable[[uuid.UUID], Awaitable[None]], remote: RemoteStreams) -> None:
         self._pool = pool
         self._settings = settings
         self._models = models
@@ -119,6 +126,7 @@ class Turns:
         self._record_usage = record_usage  # the batched usage writer (OpenAI route)
         self._observer = observer  # metrics
         self._notify_cancel = notify_cancel  # asks the other instances (LISTEN/NOTIFY)
+        self._remote = remote  # follows replies generating on other instances
         # the persist step's writes, group-committed when concurrent turns pile up
         self._persist: GroupCommit[message_store.TurnRequest, message_store.StoredTurn] = GroupCommit(
             lambda batch: message_store.persist_turns(pool, batch))
@@ -278,24 +286,18 @@ class Turns:
     # -- find, follow, cancel -------------------------------------------------------------------
 
     async def reply(self, user_id: uuid.UUID, message_id: uuid.UUID) -> Reply:
-        """An assistant reply of this user: live here, or finished. A reply still generating on
-        another instance is waited for (bounded) by polling its row."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_ELSEWHERE_S
-        while True:
-            generation = self._generations.get(message_id)
-            if generation is not None:
-                if generation.spec.user_id != user_id:
-                    raise NotFound("message not found")
-                return Reply(generation, None)
-            message = await message_store.get_message(self._pool, user_id, message_id)
-            if message["role"] != "assistant":
+        """An assistant reply of this user: live here, live on another instance, or finished."""
+        generation = self._generations.get(message_id)
+        if generation is not None:
+            if generation.spec.user_id != user_id:
                 raise NotFound("message not found")
-            if message["status"] not in LIVE_STATUSES:
-                return Reply(None, message)
-            if loop.time() >= deadline:
-                raise ServiceUnavailable("the message is still being generated elsewhere; retry later")
-            await asyncio.sleep(0.25)
+            return Reply(generation, None)
+        message = await message_store.get_message(self._pool, user_id, message_id)
+        if message["role"] != "assistant":
+            raise NotFound("message not found")
+        if message["status"] in LIVE_STATUSES:
+            return Reply(None, message, lambda after: self._remote.follow(user_id, message, after))
+        return Reply(None, message)
 
     async def cancel(self, user_id: uuid.UUID, message_id: uuid.UUID) -> dict[str, Any]:
         """Cancel an assistant reply wherever it is generating; returns its saved row."""
@@ -309,9 +311,8 @@ class Turns:
                 await asyncio.shield(generation.task)  # returns once the partial reply is saved
         elif message["status"] in LIVE_STATUSES:
             await self._notify_cancel(message_id)
-            found = await self.reply(user_id, message_id)
-            if found.row is not None:
-                return found.row
+            async for _ in (await self.reply(user_id, message_id)).events(-1):
+                pass  # until it has finished over there (or was swept, if that instance is gone)
         return await message_store.get_message(self._pool, user_id, message_id)
 
     async def delete_turn(self, user_id: uuid.UUID, message_id: uuid.UUID) -> None:
