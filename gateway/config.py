@@ -119,6 +119,8 @@ class Settings:
     default_model: str = DEMO_MODEL
     router: Mapping[str, str] = field(default_factory=dict)
     limits: LimitsConfig = LimitsConfig()
+    # the OTEL_* variables (tracing.py reads them; exporter headers are left to the SDK: they may hold keys)
+    otel: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def jwt_enabled(self) -> bool:
@@ -388,4 +390,5 @@ def _parse(env: Mapping[str, str]) -> Settings:
         default_model=default_model,
         router=router,
         limits=limits,
+        otel={k: v for k, v in env.items() if k.startswith("OTEL_") and "HEADERS" not in k},
     )
