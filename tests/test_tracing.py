@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -28,6 +29,7 @@ from gateway.tracing import Tracing
 
 from .conftest import User, wait_for
 from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from .test_anthropic import FakeAnthropic, anthropic  # noqa: F401 (a fixture)
 
 CONFIG = """
 [providers.up]
@@ -215,6 +217,34 @@ async def test_the_openai_route_is_traced_as_a_chat_span_with_its_usage(
             chat_span.attributes["gateway.status"]) == (4, 2, "complete")
 
 
+async def test_an_anthropic_upstream_gets_the_attempts_traceparent_and_its_usage_lands_on_the_chat_span(
+        aiohttp_client: Any, make_settings: Any, anthropic: tuple[FakeAnthropic, Any], exporter: InMemorySpanExporter,
+        config_file: Callable[[str], str], user: User):
+    fake, server = anthropic
+    path = config_file(f"""
+[providers.claude]
+kind = "anthropic"
+base_url = "{server.make_url('/v1')}"
+api_key = "sk-ant-test"
+[models.claude]
+provider = "claude"
+upstream = "claude-x"
+""")
+    client = await aiohttp_client(create_app(make_settings(GATEWAY_CONFIG=path), Tracing.to_exporter(exporter)))
+    resp = await client.post("/api/chat", json={"content": "hi", "model": "claude", "stream": True},
+                             headers=user.headers)
+    assert resp.status == 200
+    await resp.read()
+
+    spans = await finished(exporter)
+    chat_span, attempt = named(spans, "chat claude-x"), named(spans, "attempt claude")
+    assert fake.headers[0]["traceparent"] == traceparent(attempt)
+    assert chat_span.attributes is not None
+    assert (chat_span.attributes["gen_ai.provider.name"], chat_span.attributes["gen_ai.usage.input_tokens"],
+            chat_span.attributes["gen_ai.usage.output_tokens"], chat_span.attributes["gen_ai.response.finish_reasons"],
+            ) == ("claude", 25, 15, ("stop",))
+
+
 def texts_in(spans: list[ReadableSpan]) -> str:
     """Every attribute and event value of every span, as one string."""
     values: list[str] = []
@@ -306,6 +336,39 @@ async def test_off_the_app_has_no_tracing_no_middleware_and_sends_no_traceparent
     headers = {"Accept": "text/event-stream"}
     assert tracing.upstream_headers(headers) is headers  # the hooks pass through untouched
     assert isinstance(tracing.span("x"), type(tracing.NO_SPAN))
+
+
+async def test_otel_variables_alone_send_the_spans_over_otlp_http_to_a_collector(
+        make_settings: Any, aiohttp_server: Any, aiohttp_client: Any, upstream: FakeUpstream, user: User,
+        config_file: Callable[[str], str]):
+    # a stand-in collector: what any OTLP/HTTP collector (Jaeger, Tempo, an OpenTelemetry Collector) receives
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[ExportTraceServiceRequest] = []
+
+    async def traces(request: web.Request) -> web.Response:
+        assert request.content_type == "application/x-protobuf"
+        received.append(ExportTraceServiceRequest.FromString(await request.read()))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    collector = web.Application()
+    collector.router.add_post("/v1/traces", traces)
+    sink = await aiohttp_server(collector)
+    settings = make_settings(GATEWAY_CONFIG=config_file(CONFIG.format(base_url=upstream.base_url)),
+                             OTEL_EXPORTER_OTLP_ENDPOINT=str(sink.make_url("/")), OTEL_SERVICE_NAME="gw-under-test")
+    client = await aiohttp_client(create_app(settings))
+    assert TRACING in client.app
+    upstream.queue(Reply(pieces=openai_stream(REPLY)))
+    await chat(client, user)
+    await client.close()  # the app's cleanup exports what the batch processor still holds
+
+    spans = [(span.name, {a.key: a.value.string_value for a in resource.resource.attributes}["service.name"])
+             for batch in received for resource in batch.resource_spans
+             for scope in resource.scope_spans for span in scope.spans]
+    assert sorted(name for name, _ in spans) == sorted([
+        "POST /api/chat", "gateway.auth", "gateway.policy", "gateway.persist", "chat main-up", "attempt main",
+        "gateway.finish_write"])
+    assert {service for _, service in spans} == {"gw-under-test"}
 
 
 def test_tracing_is_off_unless_an_exporter_or_endpoint_is_named():
