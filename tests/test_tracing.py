@@ -199,6 +199,46 @@ async def test_an_incoming_traceparent_is_continued_and_carried_to_the_upstream(
     assert upstream.headers[-1]["traceparent"] == traceparent(named(spans, "attempt main"))
 
 
+async def test_an_accepted_turn_keeps_its_chat_span_open_past_the_202_until_the_reply_is_saved(
+        traced: Callable[..., Any], exporter: InMemorySpanExporter, upstream: FakeUpstream, user: User):
+    client = await traced()
+    upstream.queue(Reply(pieces=openai_stream(REPLY), piece_delay_s=0.05))
+    resp = await client.post("/api/chat", json={"content": "later", "model": "main"}, headers=user.headers)
+    assert resp.status == 202
+
+    spans = await finished(exporter)
+    root, chat_span = named(spans, "POST /api/chat"), named(spans, "chat main-up")
+    assert parent_id(chat_span) == root.context.span_id  # type: ignore[union-attr]
+    assert root.end_time is not None and chat_span.end_time is not None and root.end_time < chat_span.end_time
+    assert dict(root.attributes or {})["http.response.status_code"] == 202
+    finish = named(spans, "gateway.finish_write")
+    assert finish.end_time is not None and finish.end_time <= chat_span.end_time
+
+
+async def test_a_policy_refusal_is_a_failed_policy_span_and_nothing_after_it(
+        aiohttp_client: Any, make_settings: Any, upstream: FakeUpstream, config_file: Callable[[str], str],
+        exporter: InMemorySpanExporter, user: User):
+    path = config_file(CONFIG.format(base_url=upstream.base_url) + "\n[limits]\nrequests_per_minute = 1\n")
+    client = await aiohttp_client(create_app(make_settings(GATEWAY_CONFIG=path), Tracing.to_exporter(exporter)))
+    first = await client.post("/api/chat", json={"content": "hi", "model": "main"}, headers=user.headers)
+    assert first.status == 202
+    await finished(exporter)
+    exporter.clear()
+    upstream.requests.clear()
+    resp = await client.post("/api/chat", json={"content": "hi", "model": "main"}, headers=user.headers)
+    assert resp.status == 429
+
+    spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    assert [s.name for s in spans] == ["POST /api/chat", "gateway.auth", "gateway.policy"]
+    policy = named(list(spans), "gateway.policy")
+    assert policy.status.status_code is StatusCode.ERROR
+    assert dict(policy.attributes or {}) == {"error.type": "rate_limited"}
+    root = named(list(spans), "POST /api/chat")
+    assert dict(root.attributes or {})["http.response.status_code"] == 429
+    assert root.status.status_code is StatusCode.UNSET  # a 4xx is the client's, not the server's, error
+    assert upstream.requests == []
+
+
 async def test_the_openai_route_is_traced_as_a_chat_span_with_its_usage(
         traced: Callable[..., Any], exporter: InMemorySpanExporter, upstream: FakeUpstream, user: User):
     client = await traced()
