@@ -35,7 +35,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -67,10 +67,6 @@ CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 # probes and scrapes: a span every few seconds that says nothing
 UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 INSTALL_HINT = "pip install 'chat-gateway[otel]'"
-
-
-class SpanLike(Protocol):
-    def set_attribute(self, key: str, value: Any) -> None: ...
 
 
 class _NoSpan:
@@ -140,10 +136,11 @@ def attempt_started(model: ModelConfig) -> None:
     current = _CURRENT.get()
     if current is None:
         return
+    tracing = current.tracing
     if current.attempt is not None:  # one the chain left without a word: it was abandoned
-        _end_attempt(current.attempt, "abandoned")
-    current.attempt = current.tracing.tracer.start_span(
-        f"attempt {model.name}", context=_in(current.span), kind=_kind("CLIENT"),
+        _end_attempt(tracing, current.attempt, "abandoned")
+    current.attempt = tracing.tracer.start_span(
+        f"attempt {model.name}", context=tracing.under(current.span), kind=tracing.client,
         attributes={"gen_ai.operation.name": "chat", "gen_ai.provider.name": model.provider,
                     "gen_ai.request.model": model.upstream, "gateway.model": model.name})
 
@@ -159,7 +156,7 @@ def attempt_ended(model: ModelConfig, outcome: str) -> None:
         attempt_started(model)
         attempt, current.attempt = current.attempt, None
         assert attempt is not None
-    _end_attempt(attempt, outcome)
+    _end_attempt(current.tracing, attempt, outcome)
 
 
 def upstream_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -169,7 +166,7 @@ def upstream_headers(headers: dict[str, str]) -> dict[str, str]:
     if current is None:
         return headers
     carrier = dict(headers)
-    current.tracing.propagator.inject(carrier, context=_in(current.attempt or current.span))
+    current.tracing.propagator.inject(carrier, context=current.tracing.under(current.attempt or current.span))
     return carrier
 
 
@@ -179,12 +176,16 @@ class Tracing:
     """One app's tracer: its own provider and exporter, the request middleware, the observer."""
 
     def __init__(self, provider: TracerProvider, *, capture_content: bool = False) -> None:
+        from opentelemetry.trace import SpanKind, StatusCode, set_span_in_context
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = provider
         self.tracer: Tracer = provider.get_tracer("gateway")
         self.capture_content = capture_content
         self.propagator = TraceContextTextMapPropagator()
+        # the API's names, looked up once here: the module imports nothing from it until tracing is on
+        self.under = set_span_in_context  # the context that makes a span the parent
+        self.server, self.client, self.error = SpanKind.SERVER, SpanKind.CLIENT, StatusCode.ERROR
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Tracing | None:
@@ -239,9 +240,7 @@ class Tracing:
 
     def middleware(self) -> Middleware:
         """A SERVER span per request (probes and scrapes excepted), current while it is handled."""
-        from opentelemetry.trace import StatusCode
-
-        tracer, extract, server = self.tracer, self.propagator.extract, _kind("SERVER")
+        tracer, extract, server = self.tracer, self.propagator.extract, self.server
 
         @web.middleware
         async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -252,7 +251,7 @@ class Tracing:
                                      attributes={"http.request.method": request.method, "http.route": route,
                                                  "url.path": request.path})
             context = root.get_span_context()
-            if context.is_valid:
+            if context.trace_flags.sampled:  # the access line names only a trace that is exported
                 request[TRACE_ID] = format(context.trace_id, "032x")
             token = _CURRENT.set(_Current(self, root))
             status = 500
@@ -273,7 +272,7 @@ class Tracing:
                 _CURRENT.reset(token)
                 root.set_attribute("http.response.status_code", status)
                 if status >= 500:
-                    root.set_status(StatusCode.ERROR)
+                    root.set_status(self.error)
                 root.end()
 
         return middleware
@@ -328,13 +327,14 @@ class _Child:
 
     def __enter__(self) -> Span:
         current = self._current
-        self._span = current.tracing.tracer.start_span(self._name, context=_in(current.span))
+        self._span = current.tracing.tracer.start_span(self._name, context=current.tracing.under(current.span))
         return self._span
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
         if error is not None:
-            _failed(self._span, error)
+            self._span.set_attribute("error.type", getattr(error, "type", None) or type(error).__name__)
+            self._span.set_status(self._current.tracing.error, getattr(error, "message", None) or type(error).__name__)
         self._span.end()
 
 
@@ -356,8 +356,9 @@ class _Chat:
             attributes["gen_ai.input.messages"] = orjson.dumps(
                 [{"role": m.get("role"), "parts": [{"type": "text", "content": m.get("content")}]}
                  for m in request.messages], default=str).decode()
-        self.span = parent.tracing.tracer.start_span(f"chat {planned.upstream}", context=_in(parent.span),
-                                                     kind=_kind("CLIENT"), attributes=attributes)
+        tracing = parent.tracing
+        self.span = tracing.tracer.start_span(f"chat {planned.upstream}", context=tracing.under(parent.span),
+                                              kind=tracing.client, attributes=attributes)
         self.parent = parent
         self.chain = chain
         self.request = request
@@ -365,8 +366,9 @@ class _Chat:
 
     def end(self, current: _Current, status: str | None, finish_reason: str | None, ttft_ms: int | None,
             reply: list[str] | None, error: str | None) -> None:
+        tracing = self.parent.tracing
         if current.attempt is not None:  # the reply ended while an attempt was open: cancelled
-            _end_attempt(current.attempt, "cancelled")
+            _end_attempt(tracing, current.attempt, "cancelled")
             current.attempt = None
         chain, span = self.chain, self.span
         used = chain.used
@@ -385,46 +387,23 @@ class _Chat:
         if ttft_ms is not None:
             span.set_attribute("gateway.time_to_first_token_ms", ttft_ms)
             span.add_event("gen_ai.first_token", timestamp=_epoch_ns(self.started + ttft_ms / 1000))
-        if reply is not None and self.parent.tracing.capture_content:
+        if reply is not None and tracing.capture_content:
             span.set_attribute("gen_ai.output.messages", orjson.dumps(
                 [{"role": "assistant", "parts": [{"type": "text", "content": "".join(reply)}],
                   "finish_reason": finish_reason}]).decode())
         if error is not None:
-            from opentelemetry.trace import StatusCode
-
             span.set_attribute("error.type", error)
-            span.set_status(StatusCode.ERROR, error)
+            span.set_status(tracing.error, error)
         span.end()
         _CURRENT.set(self.parent)
 
 
-def _end_attempt(attempt: Span, outcome: str) -> None:
+def _end_attempt(tracing: Tracing, attempt: Span, outcome: str) -> None:
     attempt.set_attribute("gateway.attempt.outcome", outcome)
     if outcome != "ok":
-        from opentelemetry.trace import StatusCode
-
         attempt.set_attribute("error.type", outcome)
-        attempt.set_status(StatusCode.ERROR, outcome)
+        attempt.set_status(tracing.error, outcome)
     attempt.end()
-
-
-def _failed(span: Span, error: BaseException) -> None:
-    from opentelemetry.trace import StatusCode
-
-    span.set_attribute("error.type", getattr(error, "type", None) or type(error).__name__)
-    span.set_status(StatusCode.ERROR, str(getattr(error, "message", "")) or type(error).__name__)
-
-
-def _in(parent: Span) -> Any:
-    from opentelemetry.trace import set_span_in_context
-
-    return set_span_in_context(parent)
-
-
-def _kind(name: str) -> Any:
-    from opentelemetry.trace import SpanKind
-
-    return SpanKind[name]
 
 
 def _epoch_ns(monotonic_s: float) -> int:

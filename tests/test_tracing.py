@@ -239,6 +239,25 @@ async def test_a_policy_refusal_is_a_failed_policy_span_and_nothing_after_it(
     assert upstream.requests == []
 
 
+async def test_an_unsampled_incoming_trace_exports_nothing_but_still_passes_its_trace_upstream(
+        traced: Callable[..., Any], exporter: InMemorySpanExporter, upstream: FakeUpstream, user: User,
+        aiohttp_server: Any, caplog: pytest.LogCaptureFixture):
+    client = await traced(server=aiohttp_server)
+    caplog.set_level(logging.INFO, logger="aiohttp.access")
+    upstream.queue(Reply(pieces=openai_stream(REPLY)))
+    await chat(client, user, traceparent=INCOMING[:-2] + "00", **{"X-Request-Id": "unsampled-1"})
+
+    async def logged() -> bool:
+        return any(getattr(r, "request_id", None) == "unsampled-1" for r in caplog.records)
+
+    await wait_for(logged)
+    line = next(r for r in caplog.records if getattr(r, "request_id", None) == "unsampled-1")
+    assert " trace=" not in line.getMessage() and not hasattr(line, "trace_id")
+    sent = upstream.headers[-1]["traceparent"]
+    assert sent.startswith("00-0af7651916cd43dd8448eb211c80319c-") and sent.endswith("-00")
+    assert exporter.get_finished_spans() == ()
+
+
 async def test_the_openai_route_is_traced_as_a_chat_span_with_its_usage(
         traced: Callable[..., Any], exporter: InMemorySpanExporter, upstream: FakeUpstream, user: User):
     client = await traced()
