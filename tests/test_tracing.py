@@ -184,6 +184,25 @@ async def test_a_fallback_shows_two_sibling_attempts_the_first_failed_and_each_s
     assert [h["traceparent"] for h in upstream.headers] == [traceparent(failed), traceparent(served)]
 
 
+async def test_a_link_skipped_for_its_open_circuit_is_an_attempt_span_saying_so(
+        aiohttp_client: Any, make_settings: Any, upstream: FakeUpstream, config_file: Callable[[str], str],
+        exporter: InMemorySpanExporter, user: User):
+    settings = make_settings(GATEWAY_CONFIG=config_file(CONFIG.format(base_url=upstream.base_url)),
+                             CIRCUIT_FAILURES="1", CIRCUIT_COOLDOWN_S="600")
+    client = await aiohttp_client(create_app(settings, Tracing.to_exporter(exporter)))
+    upstream.queue(Reply(status=503, body=b'{"error":{"message":"down"}}'))
+    await chat(client, user)  # main fails once: its circuit opens
+    await finished(exporter)
+    exporter.clear()
+    await chat(client, user)
+
+    spans = await finished(exporter)
+    attempts = [(s.name, dict(s.attributes or {})["gateway.attempt.outcome"]) for s in spans
+                if s.name.startswith("attempt ")]
+    assert attempts == [("attempt main", "circuit_open"), ("attempt backup", "ok")]
+    assert len(upstream.headers) == 3  # the skipped link was not called
+
+
 async def test_an_incoming_traceparent_is_continued_and_carried_to_the_upstream(
         traced: Callable[..., Any], exporter: InMemorySpanExporter, upstream: FakeUpstream, user: User):
     client = await traced()
