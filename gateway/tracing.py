@@ -30,6 +30,7 @@ own metrics registry.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,7 +42,6 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .config import ModelConfig
 from .errors import ConfigError
 from .metrics import route_of
 from .state import TRACE_ID
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import Span, Tracer
 
+    from .config import ModelConfig
     from .providers.base import ChainObserver, ChatRequest
     from .providers.chain import Chain
     from .store.usage import UsageRecord
@@ -189,37 +190,17 @@ class Tracing:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Tracing | None:
-        """Tracing as the OTEL_* variables in `env` ask, or None when they ask for none. A value the
-        gateway cannot honour fails here, naming its variable. (Exporter headers, timeouts,
-        compression and batching the SDK reads itself from the process environment.)"""
-        exporters = [e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()]
-        bad = [e for e in exporters if e not in EXPORTERS]
-        if bad:
-            raise ConfigError(f"OTEL_TRACES_EXPORTER: unsupported exporter(s) {bad!r} (use otlp, console or none)")
-        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        if not exporters and endpoint:
-            exporters = ["otlp"]  # an endpoint alone means "send them there", as the SDK's default exporter is otlp
-        exporters = [e for e in exporters if e != "none"]
-        if _true(env.get("OTEL_SDK_DISABLED")) or not exporters:
+        """Tracing as the OTEL_* variables in `env` ask, or None when they ask for none (see `exporters`).
+        (Exporter headers, timeouts, compression and batching the SDK reads itself from the process
+        environment.)"""
+        exporters = exporters_asked(env)
+        if not exporters:
             return None
-        sampler_name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-        if sampler_name not in SAMPLERS:
-            raise ConfigError(f"OTEL_TRACES_SAMPLER: unsupported sampler {sampler_name!r} (use one of {SAMPLERS})")
-        ratio = 1.0
-        if sampler_name.endswith("traceidratio"):
-            try:
-                ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
-            except ValueError:
-                ratio = -1.0
-            if not 0.0 <= ratio <= 1.0:
-                raise ConfigError("OTEL_TRACES_SAMPLER_ARG: a ratio from 0 to 1, got "
-                                  f"{env['OTEL_TRACES_SAMPLER_ARG']!r}")
-        try:
-            from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        except ImportError:
-            raise ConfigError(f"OTEL_TRACES_EXPORTER: tracing needs the OpenTelemetry SDK ({INSTALL_HINT})") from None
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        sampler_name, ratio = _sampling(env)
         provider = TracerProvider(
             sampler=_sampler(sampler_name, ratio),
             resource=Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or SERVICE_NAME}))
@@ -406,6 +387,55 @@ def _end_attempt(tracing: Tracing, attempt: Span, outcome: str) -> None:
     attempt.end()
 
 
+def exporters_asked(env: Mapping[str, str]) -> list[str]:
+    """The exporters the OTEL_* variables in `env` ask for: none means tracing is off. A value the
+    gateway cannot honour (or a missing package) fails here, naming its variable; Settings.from_env
+    calls this, so it fails at start like every other setting."""
+    exporters = [e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()]
+    bad = [e for e in exporters if e not in EXPORTERS]
+    if bad:
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: unsupported exporter(s) {bad!r} (use otlp, console or none)")
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not exporters and endpoint:
+        exporters = ["otlp"]  # an endpoint alone means "send them there", as the SDK's default exporter is otlp
+    exporters = [e for e in exporters if e != "none"]
+    if _true(env.get("OTEL_SDK_DISABLED")) or not exporters:
+        return []
+    _sampling(env)
+    if not _installed("opentelemetry.sdk.trace"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: tracing needs the OpenTelemetry SDK ({INSTALL_HINT})")
+    if "otlp" in exporters:
+        protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                    or "http/protobuf").strip().lower()
+        if protocol != "http/protobuf":
+            raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is supported, got {protocol!r}")
+        if not _installed("opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+            raise ConfigError(f"OTEL_TRACES_EXPORTER=otlp needs the OTLP exporter ({INSTALL_HINT})")
+    return exporters
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing (or blocked)
+        return False
+
+
+def _sampling(env: Mapping[str, str]) -> tuple[str, float]:
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name not in SAMPLERS:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER: unsupported sampler {name!r} (use one of {SAMPLERS})")
+    ratio = 1.0
+    if name.endswith("traceidratio"):
+        try:
+            ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: a ratio from 0 to 1, got {env['OTEL_TRACES_SAMPLER_ARG']!r}")
+    return name, ratio
+
+
 def _epoch_ns(monotonic_s: float) -> int:
     return time.time_ns() - round((time.monotonic() - monotonic_s) * 1e9)
 
@@ -427,14 +457,8 @@ def _exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter(service_name=env.get("OTEL_SERVICE_NAME") or SERVICE_NAME)
-    protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-                or "http/protobuf").strip().lower()
-    if protocol != "http/protobuf":
-        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is supported, got {protocol!r}")
-    try:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    except ImportError:
-        raise ConfigError(f"OTEL_TRACES_EXPORTER=otlp needs the OTLP exporter ({INSTALL_HINT})") from None
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
     endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if not endpoint and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         # the signal's path is appended to the general endpoint, as the specification says

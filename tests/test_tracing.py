@@ -483,6 +483,16 @@ def test_a_tracing_setting_the_gateway_cannot_honour_fails_naming_its_variable(e
     assert e.value.message.startswith(variable + ":")
 
 
+def test_serve_with_a_tracing_value_it_cannot_honour_exits_2_naming_the_variable(database_url: str, tmp_path: Path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "DATABASE_URL": database_url,
+           "GATEWAY_DATA_DIR": str(tmp_path), "OTEL_TRACES_EXPORTER": "console",
+           "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "half"}
+    out = subprocess.run([sys.executable, "-m", "gateway", "serve"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (
+        2, "", "configuration error: OTEL_TRACES_SAMPLER_ARG: a ratio from 0 to 1, got 'half'\n")
+
+
 def test_the_settings_keep_the_otel_variables_but_not_the_exporter_headers(make_settings: Any):
     settings = make_settings(OTEL_TRACES_EXPORTER="console", OTEL_EXPORTER_OTLP_HEADERS="x-honeycomb-team=secret")
     assert settings.otel == {"OTEL_TRACES_EXPORTER": "console"}
