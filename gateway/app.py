@@ -52,6 +52,7 @@ from .state import (
     REMOTE,
     SETTINGS,
     STREAM_TOKENS,
+    TRACING,
     TURNS,
     USAGE,
 )
@@ -60,6 +61,7 @@ from .store.keys import bootstrap_admin_key, touch_keys
 from .store.leaderboard import battles
 from .store.usage import UsageRecord, record_usage_many
 from .stream_tokens import StreamTokens, load_signing_key
+from .tracing import Tracing
 from .turns import Turns
 
 if TYPE_CHECKING:
@@ -126,7 +128,9 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[STREAM_TOKENS] = stream_tokens
     journal = FinishJournal(settings.data_dir / "journal", quarantine)
     finishes = FinishWriter(pool, journal, quarantine, retry_s=settings.finish_retry_s)
-    generations = GenerationRegistry(pool, finishes, models, app[METRICS], settings.shutdown_grace_s,
+    # what the chains report: the metrics, and with tracing on the spans too
+    observer = app[TRACING].observer(app[METRICS]) if TRACING in app else app[METRICS]
+    generations = GenerationRegistry(pool, finishes, models, observer, settings.shutdown_grace_s,
                                      settings.checkpoint_s, settings.checkpoint_chunks)
     app[GENERATIONS] = generations
     # the fleet: with REDIS_URL every reply's events go to Redis, and any instance follows any reply live
@@ -147,7 +151,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[USAGE] = usage
     app[TURNS] = Turns(pool=pool, settings=settings, models=models, policy=app[POLICY], generations=generations,
                        stream_tokens=stream_tokens, instance_id=instance.id, record_usage=usage.add,
-                       observer=app[METRICS], notify_cancel=instance.notify_cancel, remote=remote)
+                       observer=observer, notify_cancel=instance.notify_cancel, remote=remote)
     leaderboard = LeaderboardCache(lambda include_named: battles(pool, include_named),
                                    rounds=settings.leaderboard_bootstrap_rounds)
     app[LEADERBOARD] = leaderboard
@@ -210,6 +214,11 @@ async def metrics_server(app: web.Application) -> AsyncIterator[None]:
         await runner.cleanup()
 
 
+async def traces(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[TRACING].close()  # exports what is still queued
+
+
 async def finish_generations(app: web.Application) -> None:
     """On shutdown, before open streams are cut: running replies get the grace period to finish,
     then the rest are interrupted and saved, and their listeners get a final event."""
@@ -217,17 +226,23 @@ async def finish_generations(app: web.Application) -> None:
         await app[GENERATIONS].close()
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, tracing: Tracing | None = None) -> web.Application:
+    """The app; `tracing` (tests) replaces what OTEL_* in `settings` asks for."""
     # process-wide, idempotent: no key in aiohttp's or our logs, no request text in a malformed request's 400
     install_redaction()
     answer_malformed_requests_in_json()
     cors = Cors(settings.cors_origins)
     metrics = Metrics()  # this app's own registry
-    # observe is outermost: it counts the error responses the errors middleware makes, too
-    app = web.Application(middlewares=[observe(metrics), errors, cors.preflight],
-                          client_max_size=settings.max_body_bytes)
+    tracing = tracing or Tracing.from_env(settings.otel)  # None: off, and no middleware at all
+    # observe is outermost: it counts the error responses the errors middleware makes, too; the
+    # request's span sits inside it, and sees the status the errors middleware answers with
+    app = web.Application(middlewares=[observe(metrics), *([tracing.middleware()] if tracing else []), errors,
+                                       cors.preflight], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    if tracing is not None:
+        app[TRACING] = tracing
+        app.cleanup_ctx.append(traces)
     metrics.watch(app)
     app.cleanup_ctx.extend([http_client, database, services])
     if settings.metrics_port is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .tracing import exporters_asked
 
 DEMO_MODEL = "demo"
 # a second built-in model, only while nothing else is configured: the quickstart's arena needs two
@@ -151,6 +152,8 @@ class Settings:
     default_model: str = DEMO_MODEL
     router: Mapping[str, str] = field(default_factory=dict)
     limits: LimitsConfig = LimitsConfig()
+    # the OTEL_* variables (tracing.py reads them; exporter headers are left to the SDK: they may hold keys)
+    otel: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def jwt_enabled(self) -> bool:
@@ -486,6 +489,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
     metrics_port = _int("METRICS_PORT", env["METRICS_PORT"], minimum=1) if env.get("METRICS_PORT") else None
     if metrics_port is not None and metrics_port > 65535:
         raise ConfigError(f"METRICS_PORT must be <= 65535, got {metrics_port}")
+    otel = {k: v for k, v in env.items() if k.startswith("OTEL_") and "HEADERS" not in k}
+    exporters_asked(otel)  # a tracing value the gateway cannot honour fails now, naming its variable
     return Settings(
         host=env.get("GATEWAY_HOST") or str(server.get("host", "127.0.0.1")),
         port=_int(port_name, port_raw, minimum=0),
@@ -529,4 +534,5 @@ def _parse(env: Mapping[str, str]) -> Settings:
         default_model=default_model,
         router=router,
         limits=limits,
+        otel=otel,
     )

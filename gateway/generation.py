@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 
+from . import tracing
 from .checkpoints import Checkpointer
 from .config import ModelConfig
 from .durability import FinishWriter
@@ -116,6 +117,7 @@ class Generation:
         error: ProviderError | None = None
         events, maker, parts = self.events, self._maker, self.parts
         checkpoints, message_id = self._checkpoints, self.spec.message_id
+        tracing.start_chat(self.chain, self.request)  # the reply's span, when the turn is traced
         try:
             async for batch in self.chain.stream(self.request):
                 for event in batch:
@@ -165,6 +167,7 @@ class Generation:
                 self.publish(self)
             if self.spec.admission is not None:
                 self.spec.admission.done()
+            tracing.end_chat(self.status, finish_reason, self._ttft_ms, self.parts, error.kind if error else None)
 
     def _failed_record(self, error_json: dict[str, Any]) -> FinishRecord:
         """The least that can be saved of a reply whose finish broke: no content, an estimated zero
@@ -290,7 +293,8 @@ class GenerationRegistry:
     async def save(self, record: FinishRecord) -> FinishRecord:
         """The one finish write: returns once the reply is saved, journaled or quarantined (with
         what was kept)."""
-        return await self._finishes.save(record)
+        with tracing.span("gateway.finish_write"):
+            return await self._finishes.save(record)
 
     def cancel(self, message_id: uuid.UUID) -> bool:
         generation = self.live.get(message_id)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .store.activity import ActivityRecord
     from .store.usage import UsageRecord
     from .stream_tokens import StreamTokens
+    from .tracing import Tracing
     from .turns import Turns
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -47,9 +48,11 @@ QUARANTINE: web.AppKey[Quarantine] = web.AppKey("quarantine")  # records refused
 REMOTE: web.AppKey[RemoteStreams] = web.AppKey("remote")  # replies generating on other instances, followed
 REDIS: web.AppKey[RedisLink | None] = web.AppKey("redis")  # with REDIS_URL (gateway/fleet)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")  # this app's Prometheus registry (never the global one)
+TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when OTEL_* asks for traces
 
 # per request
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 USER_ID: web.RequestKey[str] = web.RequestKey("user_id", str)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")  # set once the caller is authenticated
 TIMINGS: web.RequestKey[Timings] = web.RequestKey("timings")  # where the time went, for the access log
+TRACE_ID: web.RequestKey[str] = web.RequestKey("trace_id", str)  # the request's trace, when traced

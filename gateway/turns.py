@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 
+from . import tracing
 from .auth import Principal
 from .background import GroupCommit
 from .config import Settings
@@ -143,13 +144,16 @@ class Turns:
                 return existing
         messages = await self.conversation(principal, turn)
         choice = self.route(turn.model, turn.content)
-        admission = await self._policy.admit(principal, choice.model, prompt_tokens(messages), turn.max_tokens,
-                                             self._settings.limits.downgrade_model)
+        with tracing.span("gateway.policy") as decision:
+            admission = await self._policy.admit(principal, choice.model, prompt_tokens(messages), turn.max_tokens,
+                                                 self._settings.limits.downgrade_model)
+            decision.set_attribute("gateway.policy.action", str(admission.action))
         try:
-            stored = await self._persist.submit(message_store.TurnRequest(
-                user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
-                thread_id=turn.thread_id, instance_id=self._instance_id,
-                reservation=self.reservation(principal, admission, messages)))
+            with tracing.span("gateway.persist"):
+                stored = await self._persist.submit(message_store.TurnRequest(
+                    user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
+                    thread_id=turn.thread_id, instance_id=self._instance_id,
+                    reservation=self.reservation(principal, admission, messages)))
         except BaseException:
             await self._policy.release(admission, principal.user_id, principal.api_key_id)
             raise
@@ -192,13 +196,15 @@ class Turns:
         try:
             for shares_left, model in zip((2, 1), pair, strict=True):
                 # slot a may take at most half of what remains today, slot b what is left after it
-                admissions.append(await self._policy.admit(principal, model, prompt_tokens(messages),
-                                                           turn.max_tokens, share=shares_left))
-            stored = await arena_store.persist_arena_turn(
-                self._pool, principal.user_id, turn.content, turn.client_message_id, turn.thread_id,
-                self._instance_id, pair[0], pair[1], anonymous,
-                (self.reservation(principal, admissions[0], messages),
-                 self.reservation(principal, admissions[1], messages)))
+                with tracing.span("gateway.policy"):
+                    admissions.append(await self._policy.admit(principal, model, prompt_tokens(messages),
+                                                               turn.max_tokens, share=shares_left))
+            with tracing.span("gateway.persist"):
+                stored = await arena_store.persist_arena_turn(
+                    self._pool, principal.user_id, turn.content, turn.client_message_id, turn.thread_id,
+                    self._instance_id, pair[0], pair[1], anonymous,
+                    (self.reservation(principal, admissions[0], messages),
+                     self.reservation(principal, admissions[1], messages)))
         except BaseException:
             for admission in admissions:
                 await self._policy.release(admission, principal.user_id, principal.api_key_id)
@@ -224,12 +230,14 @@ class Turns:
         """Decide for an OpenAI-route request (no rows: that route is stateless); `finish_completion`
         must follow, however the request ends."""
         choice = self.route(model, last_user_text(request.messages))
-        admission = await self._policy.admit(principal, choice.model, prompt_tokens(request.messages),
-                                             request.max_tokens, self._settings.limits.downgrade_model)
+        with tracing.span("gateway.policy") as decision:
+            admission = await self._policy.admit(principal, choice.model, prompt_tokens(request.messages),
+                                                 request.max_tokens, self._settings.limits.downgrade_model)
+            decision.set_attribute("gateway.policy.action", str(admission.action))
         request.max_tokens = admission.max_tokens
-        return Completion(id=uuid.uuid4(), principal=principal, request=request, admission=admission,
-                          chain=Chain(self._models, self._models.chain(admission.model), observer=self._observer,
-                                      started=started))
+        chain = Chain(self._models, self._models.chain(admission.model), observer=self._observer, started=started)
+        tracing.start_chat(chain, request)  # when traced, until finish_completion (in this same task)
+        return Completion(id=uuid.uuid4(), principal=principal, request=request, admission=admission, chain=chain)
 
     def finish_completion(self, completion: Completion, usage: UsageReport | None, chars: int,
                           started: bool) -> None:
@@ -242,6 +250,7 @@ class Turns:
         if usage is None:
             if not started and not chars:
                 if not (admission.user_reserved or admission.key_reserved):
+                    tracing.end_chat()
                     return  # nothing reached the client, nothing was reserved: nothing to count
                 usage = UsageReport(0, 0)  # a zero record hands the reservation back
             else:
@@ -254,6 +263,7 @@ class Turns:
             user_reserved=admission.user_reserved, key_reserved=admission.key_reserved)
         self._record_usage(record)
         self._observer.usage(record)
+        tracing.end_chat()
 
     def reservation(self, principal: Principal, admission: Admission,
                     messages: list[dict[str, Any]]) -> dict[str, Any]:

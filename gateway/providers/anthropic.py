@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
+from ..tracing import upstream_headers
 from . import normalise
 from .base import (
     Batch,
@@ -67,7 +68,8 @@ class AnthropicProvider:
         state = _Usage()
         try:
             async with self._session.post(self._url, data=orjson.dumps(to_anthropic(model, request)),
-                                          headers=self._headers, timeout=client_timeout(model)) as resp:
+                                          headers=upstream_headers(self._headers),
+                                          timeout=client_timeout(model)) as resp:
                 await raise_for_status(resp)
                 decoder = SSEDecoder()
                 async for chunk in resp.content.iter_any():

@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
+from .. import tracing
 from ..config import ModelConfig
 from .base import NO_OBSERVER, Batch, ChainObserver, ChatRequest, ProviderError, UpstreamTimeout
 from .registry import ModelRegistry
@@ -89,6 +90,7 @@ class Chain:
             if not self.attempts and self.started is not None:
                 observer.upstream_call(time.monotonic() - self.started)
             started = time.monotonic()
+            tracing.attempt_started(model)  # a span when traced: the upstream call carries it
             deadline = loop.time() + (model.timeout_s if whole else model.max_stream_s)
             events = provider.stream(model, request)
             try:
@@ -157,6 +159,7 @@ class Chain:
         raise last_error
 
     def _record(self, model: ModelConfig, outcome: str, started: float, status: int | None = None) -> None:
+        tracing.attempt_ended(model, outcome)
         self._last = model
         self.attempts.append(Attempt(model.name, model.provider, outcome, round((time.monotonic() - started) * 1000),
                                      status))

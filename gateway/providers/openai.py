@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
+from ..tracing import upstream_headers
 from . import normalise
 from .base import (
     Batch,
@@ -147,7 +148,8 @@ class OpenAIProvider:
 
     async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         try:
-            async with self._session.post(self._url, data=self.body(model, request), headers=self._headers,
+            async with self._session.post(self._url, data=self.body(model, request),
+                                          headers=upstream_headers(self._headers),
                                           timeout=client_timeout(model)) as resp:
                 await raise_for_status(resp)
                 decoder = SSEDecoder()
