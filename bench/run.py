@@ -365,7 +365,7 @@ def main() -> int:
     p.add_argument("--targets", default="native",
                    help="comma-separated: native, openai (this gateway), peer (the gateway at --peer-url)")
     p.add_argument("--peer-url", help="another OpenAI-compatible gateway routing bench-model to the upstream port, "
-                                      "e.g. LiteLLM on http://127.0.0.1:4000 (see ../shared/bench/litellm)")
+                                      "e.g. LiteLLM on http://127.0.0.1:4000")
     p.add_argument("--peer-key", default="", help="its API key")
     p.add_argument("--peer-pid", type=int, help="its PID (CPU and RSS sampling; pinned with the gateway)")
     p.add_argument("-c", "--concurrency", type=int, default=1)

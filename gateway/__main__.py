@@ -1,4 +1,5 @@
-"""Command line: `python -m gateway [serve]`, `python -m gateway migrate`, `python -m gateway keys create`."""
+"""Command line: `python -m gateway [serve]`, `migrate`, `keys create|list|revoke`, `usage`, `leaderboard`
+(the tables: gateway/cli.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from . import cli
 from .app import create_app
 from .config import Settings
 from .db import migrate, open_database
@@ -22,6 +24,7 @@ from .errors import ConfigError
 from .logs import configure_logging
 from .middleware import AccessLogger
 from .store.keys import create_user_with_key
+from .workers import run_workers, worker_count
 
 log = logging.getLogger("gateway")
 
@@ -42,8 +45,9 @@ async def quiet_gc(app: web.Application) -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def serve(settings: Settings) -> int:
-    """Run until stopped; 0, or 2 when the port cannot be had (one line naming the setting)."""
+def serve(settings: Settings, reuse_port: bool = False) -> int:
+    """Run until stopped; 0, or 2 when the port cannot be had (one line naming the setting).
+    `reuse_port`: one of `serve --workers N`'s workers (gateway/workers.py), sharing the port."""
     raise_open_file_limit()
     try:
         import uvloop  # optional speed-up: pip install '.[speed]'
@@ -62,7 +66,7 @@ def serve(settings: Settings) -> int:
         web.run_app(app, host=settings.host, port=settings.port, access_log_class=AccessLogger,
                     shutdown_timeout=settings.shutdown_grace_s + 5, print=bound, backlog=4096,
                     # a client that leaves cancels its handler (the tests' server does the same)
-                    handler_cancellation=True)
+                    handler_cancellation=True, reuse_port=reuse_port or None)
     except OSError as e:
         if e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise
@@ -98,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_p = sub.add_parser("serve", help="run the gateway (the default)")
     serve_p.add_argument("--host")
     serve_p.add_argument("--port", type=int)
+    serve_p.add_argument("--workers", default="1",
+                         help="processes serving one port (SO_REUSEPORT); 'auto' = one per CPU (default 1)")
+    serve_p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers
     sub.add_parser("migrate", help="apply pending SQL migrations and exit")
     keys_p = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys_p.add_subparsers(dest="keys_command", required=True)
@@ -105,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     create_p.add_argument("--name", required=True)
     create_p.add_argument("--scopes", default="chat,arena", help="comma-separated: chat, arena, admin")
     create_p.add_argument("--user-id", type=uuid.UUID, help="owner; a new user when omitted")
+    list_p = keys_sub.add_parser("list", help="every key (never the secret), newest first")
+    list_p.add_argument("--user-id", type=uuid.UUID, help="only this user's keys")
+    revoke_p = keys_sub.add_parser("revoke", help="revoke a key and the keys issued under it")
+    revoke_p.add_argument("key_id", type=uuid.UUID, metavar="ID")
+    usage_p = sub.add_parser("usage", help="tokens, cost and requests per day (or model), every user")
+    usage_p.add_argument("--days", type=cli.days, default=7, metavar="N", help="1-366 (7)")
+    usage_p.add_argument("--by", choices=["day", "model"], default="day")
+    usage_p.add_argument("--user-id", type=uuid.UUID, help="only this user")
+    board_p = sub.add_parser("leaderboard", help="arena ratings with 95%% intervals")
+    board_p.add_argument("--include-named", action="store_true", help="count non-anonymous comparisons too")
+    board_p.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (200)")
     args = parser.parse_args(argv)
 
     try:
@@ -120,13 +138,30 @@ def main(argv: list[str] | None = None) -> int:
             settings = replace(settings, host=args.host)
         if getattr(args, "port", None) is not None:
             settings = replace(settings, port=args.port)
-        return serve(settings)
+        try:
+            workers = worker_count(getattr(args, "workers", "1"))
+        except ValueError as e:
+            print(f"configuration error: {e}", file=sys.stderr)
+            return 2
+        if workers > 1 and not getattr(args, "worker", False):
+            return run_workers(settings, workers)
+        return serve(settings, reuse_port=getattr(args, "worker", False))
     elif args.command == "migrate":
         applied = asyncio.run(run_migrations(settings))
         print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    elif args.command == "keys" and args.keys_command == "list":
+        print(cli.run(settings, lambda db: cli.keys_list(db, args.user_id)))
+    elif args.command == "keys" and args.keys_command == "revoke":
+        status, message = cli.run(settings, lambda db: cli.keys_revoke(db, args.key_id))
+        print(message, file=sys.stderr if status else sys.stdout)
+        return status
     elif args.command == "keys":
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
         print(asyncio.run(create_key(settings, args.name, scopes, args.user_id)))
+    elif args.command == "usage":
+        print(cli.run(settings, lambda db: cli.usage(db, args.days, args.by, args.user_id)))
+    elif args.command == "leaderboard":
+        print(cli.run(settings, lambda db: cli.leaderboard_table(db, args.include_named, args.rounds)))
     return 0
 
 

@@ -8,18 +8,21 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
 from .activity_edge import record_activity
-from .api import account, anthropic_messages, arena, chat, keys, openai, ops, playground, responses, threads, ws
+from .api import account, anthropic_messages, arena, chat, docs, keys, openai, ops, playground, responses, threads, ws
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
 from .db import migrate, open_database
 from .durability import FinishWriter
+from .errors import ConfigError
 from .failures import Quarantine
+from .fleet.follow import RemoteStreams
 from .generation import GenerationRegistry
 from .instance import Instance
 from .journal import FinishJournal
@@ -45,17 +48,25 @@ from .state import (
     MODELS,
     POLICY,
     QUARANTINE,
+    REDIS,
+    REMOTE,
     SETTINGS,
     STREAM_TOKENS,
+    TRACING,
     TURNS,
     USAGE,
 )
 from .store.activity import ActivityRecord, record_activity_many
-from .store.arena import battles
 from .store.keys import bootstrap_admin_key, touch_keys
+from .store.leaderboard import battles
 from .store.usage import UsageRecord, record_usage_many
 from .stream_tokens import StreamTokens, load_signing_key
+from .tracing import Tracing
 from .turns import Turns
+
+if TYPE_CHECKING:
+    from .fleet.link import RedisLink
+    from .fleet.publisher import StreamPublisher
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +128,18 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[STREAM_TOKENS] = stream_tokens
     journal = FinishJournal(settings.data_dir / "journal", quarantine)
     finishes = FinishWriter(pool, journal, quarantine, retry_s=settings.finish_retry_s)
-    generations = GenerationRegistry(pool, finishes, models, app[METRICS], settings.shutdown_grace_s,
+    # what the chains report: the metrics, and with tracing on the spans too
+    observer = app[TRACING].observer(app[METRICS]) if TRACING in app else app[METRICS]
+    generations = GenerationRegistry(pool, finishes, models, observer, settings.shutdown_grace_s,
                                      settings.checkpoint_s, settings.checkpoint_chunks)
     app[GENERATIONS] = generations
+    # the fleet: with REDIS_URL every reply's events go to Redis, and any instance follows any reply live
+    link, publisher = redis_parts(settings)
+    app[REDIS] = link
+    if publisher is not None:
+        generations.publisher = publisher.changed
+    remote = RemoteStreams(pool, link)
+    app[REMOTE] = remote
     instance = Instance(db.url, pool, finishes.replay_journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
     app[INSTANCE] = instance
@@ -131,13 +151,15 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[USAGE] = usage
     app[TURNS] = Turns(pool=pool, settings=settings, models=models, policy=app[POLICY], generations=generations,
                        stream_tokens=stream_tokens, instance_id=instance.id, record_usage=usage.add,
-                       observer=app[METRICS], notify_cancel=instance.notify_cancel)
+                       observer=observer, notify_cancel=instance.notify_cancel, remote=remote)
     leaderboard = LeaderboardCache(lambda include_named: battles(pool, include_named),
                                    rounds=settings.leaderboard_bootstrap_rounds)
     app[LEADERBOARD] = leaderboard
     await instance.start()  # also interrupts what crashed instances left live, replays the journal
     usage.start()
     generations.checkpoints.start()
+    if publisher is not None:
+        publisher.start()
     last_used.start()
     activity.start()
     try:
@@ -145,11 +167,32 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     finally:
         await generations.close()  # normally already done in on_shutdown
         await generations.checkpoints.close()
+        await remote.close()
+        if publisher is not None:
+            await publisher.close()  # after the generations: their last events go out first
+        if link is not None:
+            await link.close()
         # together, and the ones that can be lost only get the grace period (the database may be down)
         await asyncio.gather(usage.close(), activity.close(settings.shutdown_grace_s),
                              last_used.close(settings.shutdown_grace_s))
         await instance.close()
         await leaderboard.close()
+
+
+def redis_parts(settings: Settings) -> tuple[RedisLink | None, StreamPublisher | None]:
+    """With REDIS_URL: the connection and the publisher of this instance's reply events."""
+    if settings.redis_url is None:
+        return None, None
+    try:
+        from .fleet.link import RedisLink
+        from .fleet.publisher import StreamPublisher
+    except ImportError:
+        raise ConfigError("REDIS_URL is set but the redis package is missing: pip install 'chat-gateway[fleet]'") \
+            from None
+    # a reader blocked on a quiet stream looks at the row between reads: a reply whose instance died is
+    # swept within SWEEP_S, and its listeners hear of it a fraction of that later
+    link = RedisLink(settings.redis_url.reveal(), block_ms=round(min(1000, max(100, settings.sweep_s * 250))))
+    return link, StreamPublisher(link, settings.redis_stream_ttl_s)
 
 
 async def metrics_server(app: web.Application) -> AsyncIterator[None]:
@@ -171,6 +214,11 @@ async def metrics_server(app: web.Application) -> AsyncIterator[None]:
         await runner.cleanup()
 
 
+async def traces(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[TRACING].close()  # exports what is still queued
+
+
 async def finish_generations(app: web.Application) -> None:
     """On shutdown, before open streams are cut: running replies get the grace period to finish,
     then the rest are interrupted and saved, and their listeners get a final event."""
@@ -178,17 +226,23 @@ async def finish_generations(app: web.Application) -> None:
         await app[GENERATIONS].close()
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, tracing: Tracing | None = None) -> web.Application:
+    """The app; `tracing` (tests) replaces what OTEL_* in `settings` asks for."""
     # process-wide, idempotent: no key in aiohttp's or our logs, no request text in a malformed request's 400
     install_redaction()
     answer_malformed_requests_in_json()
     cors = Cors(settings.cors_origins)
     metrics = Metrics()  # this app's own registry
-    # observe is outermost: it counts the error responses the errors middleware makes, too
-    app = web.Application(middlewares=[observe(metrics), errors, cors.preflight],
-                          client_max_size=settings.max_body_bytes)
+    tracing = tracing or Tracing.from_env(settings.otel)  # None: off, and no middleware at all
+    # observe is outermost: it counts the error responses the errors middleware makes, too; the
+    # request's span sits inside it, and sees the status the errors middleware answers with
+    app = web.Application(middlewares=[observe(metrics), *([tracing.middleware()] if tracing else []), errors,
+                                       cors.preflight], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    if tracing is not None:
+        app[TRACING] = tracing
+        app.cleanup_ctx.append(traces)
     metrics.watch(app)
     app.cleanup_ctx.extend([http_client, database, services])
     if settings.metrics_port is not None:
@@ -239,6 +293,8 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/healthz", ops.healthz),
         web.get("/readyz", ops.readyz),
         web.get("/openapi.json", get_openapi),
+        web.get("/docs", docs.page),
+        web.get("/docs/{filename}", docs.asset),
     ]
     if settings.metrics_port is None:  # else /metrics is served on its own listener only
         table.append(web.get("/metrics", ops.metrics))

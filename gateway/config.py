@@ -7,13 +7,15 @@ start with the name of the offending variable (or TOML key) in the message.
 from __future__ import annotations
 
 import difflib
+import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .tracing import exporters_asked
 
 DEMO_MODEL = "demo"
 # a second built-in model, only while nothing else is configured: the quickstart's arena needs two
@@ -45,6 +47,23 @@ class ProviderConfig:
     # demo provider: chunks per reply and the pause between them
     demo_chunks: int = 12
     demo_delay_s: float = 0.02
+    # sent with every request to this provider (OpenRouter's attribution, Azure's `api-key`, ...);
+    # values are secrets: they never print
+    headers: Mapping[str, Secret] = field(default_factory=dict)
+    # compatibility switches for OpenAI-compatible servers that reject what the adapter sends:
+    # `stream_options` (then usage is estimated and flagged) and `max_completion_tokens` (then the
+    # client's limit goes as `max_tokens`)
+    send_stream_options: bool = True
+    send_max_completion_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One place a model runs: a provider and its model id, drawn by weight among the model's others."""
+
+    provider: str
+    upstream: str
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -53,14 +72,24 @@ class ModelConfig:
     provider: str
     upstream: str
     fallbacks: tuple[str, ...] = ()
-    timeout_s: float = 45.0
+    timeout_s: float = 45.0  # until the first content byte (the whole call when not streaming)
     connect_timeout_s: float = 5.0
     first_token_timeout_s: float = 15.0
     idle_timeout_s: float = 20.0
+    max_stream_s: float = 600.0  # a streamed reply, once it has started
     weight: float = 1.0
     input_price_per_mtok: float = 0.0
     output_price_per_mtok: float = 0.0
     enabled: bool = True
+    # several deployments behind this one name (`provider`/`upstream` are the first one's); a chain
+    # link made from one of them carries its index in `deployment`
+    deployments: tuple[Deployment, ...] = ()
+    deployment: int | None = None
+
+    @property
+    def circuit_key(self) -> str:
+        """The circuit breaker's name: the model's, or one per deployment."""
+        return self.name if self.deployment is None else f"{self.name}#{self.deployment}"
 
 
 @dataclass(frozen=True)
@@ -107,18 +136,24 @@ class Settings:
     checkpoint_chunks: int = 256  # ... or after this many unsaved chunks
     stream_token_ttl_s: float = 600.0
     circuit_cooldown_s: float = 30.0
+    deployment_cooldown_s: float = 5.0  # a deployment that answered 429/5xx is skipped this long
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one JSON object per line)
     # /metrics: a bearer token to require, and a separate listener (off the public port) if set
     metrics_token: Secret | None = None
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # the fleet: live streams across instances (gateway/fleet), and how soon dead instances are swept
+    redis_url: Secret | None = None
+    redis_stream_ttl_s: float = 600.0  # how long a finished reply's stream stays in Redis
     # models
     providers: Mapping[str, ProviderConfig] = field(default_factory=dict)
     models: Mapping[str, ModelConfig] = field(default_factory=dict)
     default_model: str = DEMO_MODEL
     router: Mapping[str, str] = field(default_factory=dict)
     limits: LimitsConfig = LimitsConfig()
+    # the OTEL_* variables (tracing.py reads them; exporter headers are left to the SDK: they may hold keys)
+    otel: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def jwt_enabled(self) -> bool:
@@ -191,15 +226,17 @@ def _load_toml(env: Mapping[str, str]) -> dict[str, Any]:
         raise ConfigError(f"GATEWAY_CONFIG: {path} is not valid TOML: {e}") from None
 
 
-_MODEL_FLOATS = ("timeout_s", "connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "weight",
-                 "input_price_per_mtok", "output_price_per_mtok")
+_MODEL_FLOATS = ("timeout_s", "connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "max_stream_s",
+                 "weight", "input_price_per_mtok", "output_price_per_mtok")
 
 # Every key the file may hold, by table: a misspelt key (`fallback =`, `first_token_timout_s`, `[model.x]`)
 # would otherwise be ignored in silence and the gateway run with a default nobody chose.
 _TOP_KEYS = ("server", "providers", "models", "router", "limits")
 _SERVER_KEYS = ("host", "port")
-_PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay_ms")
-_MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", *_MODEL_FLOATS)
+_PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay_ms", "headers",
+                  "send_stream_options", "send_max_completion_tokens")
+_MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", "deployments", *_MODEL_FLOATS)
+_DEPLOYMENT_KEYS = ("provider", "upstream", "weight")
 _LIMIT_KEYS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "downgrade_model",
                "downgrade_at")
 
@@ -223,24 +260,7 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
     providers["demo"] = ProviderConfig("demo", "demo", demo_chunks=demo_chunks, demo_delay_s=demo_delay)
     models[DEMO_MODEL] = ModelConfig(DEMO_MODEL, "demo", "demo")
 
-    # env-only setups: each key registers a provider and one model
-    if env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"):
-        key = env.get("OPENAI_API_KEY")
-        providers["openai"] = ProviderConfig("openai", "openai",
-                                             env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
-                                             Secret(key) if key else None)
-        name = env.get("OPENAI_MODEL", "gpt-4o-mini")
-        models[name] = ModelConfig(name, "openai", name)
-    if env.get("GROQ_API_KEY"):
-        providers["groq"] = ProviderConfig("groq", "openai", "https://api.groq.com/openai/v1",
-                                           Secret(env["GROQ_API_KEY"]))
-        name = env.get("GROQ_MODEL", "llama-3.1-8b-instant")
-        models[name] = ModelConfig(name, "groq", name)
-    if env.get("ANTHROPIC_API_KEY"):
-        providers["anthropic"] = ProviderConfig("anthropic", "anthropic", "https://api.anthropic.com/v1",
-                                                Secret(env["ANTHROPIC_API_KEY"]))
-        name = env.get("ANTHROPIC_MODEL", "claude-3-5-haiku-latest")
-        models[name] = ModelConfig(name, "anthropic", name)
+    env_chain = _env_providers(env, providers, models)
 
     for pname, table in _table(doc, "providers").items():
         where = f"[providers.{pname}]"
@@ -261,32 +281,151 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
         providers[pname] = ProviderConfig(
             pname, kind, str(base_url).rstrip("/"), Secret(key) if key else None,
             demo_chunks=_int(f"{where} chunks", table.get("chunks", demo_chunks), minimum=1),
-            demo_delay_s=_float(f"{where} delay_ms", table.get("delay_ms", demo_delay * 1000)) / 1000)
+            demo_delay_s=_float(f"{where} delay_ms", table.get("delay_ms", demo_delay * 1000)) / 1000,
+            headers=_headers(env, where, table.get("headers", {})),
+            send_stream_options=_bool(f"{where} send_stream_options", table.get("send_stream_options", True)),
+            send_max_completion_tokens=_bool(f"{where} send_max_completion_tokens",
+                                             table.get("send_max_completion_tokens", True)))
 
     for mname, table in _table(doc, "models").items():
         where = f"[models.{mname}]"
         if not isinstance(table, dict):
             raise ConfigError(f"{where} must be a table")
         _known_keys(f"{where} ", table, _MODEL_KEYS)
-        provider = table.get("provider")
+        deployments = _deployments(where, mname, table, providers)
+        provider = deployments[0].provider if deployments else table.get("provider")
         if provider not in providers:
             raise ConfigError(f"{where} provider {provider!r} is not declared under [providers]")
+        upstream = deployments[0].upstream if deployments else str(table.get("upstream", mname))
         fallbacks = table.get("fallbacks", [])
         if not isinstance(fallbacks, list):
             raise ConfigError(f"{where} fallbacks must be a list of model names")
         kwargs: dict[str, Any] = {k: _float(f"{where} {k}", table[k]) for k in _MODEL_FLOATS if k in table}
-        models[mname] = ModelConfig(mname, provider, str(table.get("upstream", mname)),
-                                    tuple(str(f) for f in fallbacks),
-                                    enabled=_bool(f"{where} enabled", table.get("enabled", True)), **kwargs)
+        if kwargs.get("max_stream_s") == 0:
+            raise ConfigError(f"{where} max_stream_s must be > 0")
+        models[mname] = ModelConfig(mname, provider, upstream, tuple(str(f) for f in fallbacks),
+                                    enabled=_bool(f"{where} enabled", table.get("enabled", True)),
+                                    deployments=deployments, **kwargs)
 
     if list(models) == [DEMO_MODEL]:
         models[DEMO_ALT_MODEL] = ModelConfig(DEMO_ALT_MODEL, "demo", DEMO_ALT_MODEL)
+
+    if env.get("FALLBACK_MODELS"):
+        env_chain = list(_list(env["FALLBACK_MODELS"]))
+        unknown = [m for m in env_chain if m not in models]
+        if unknown:
+            raise ConfigError(f"FALLBACK_MODELS: {unknown[0]!r} is not a declared model")
+    # each model of the chain falls back to the ones after it, in order, and then to nothing
+    for i, name in enumerate(env_chain):
+        models[name] = replace(models[name], fallbacks=tuple(env_chain[i + 1:]))
 
     for model in models.values():
         for fb in model.fallbacks:
             if fb not in models:
                 raise ConfigError(f"[models.{model.name}] fallback {fb!r} is not a declared model")
     return providers, models
+
+
+# -- providers from the environment alone, and what the file adds to providers ---------------------
+
+GROQ_BASE_URL = "https://api.groq.com/openai/v1"
+GROQ_FALLBACK_MODEL = "llama-3.3-70b-versatile"  # seed 000's second link
+BYTEZ_BASE_URL = "https://api.bytez.com/models/v2/openai/v1"  # Bytez's OpenAI-compatible API
+BYTEZ_MODEL = "Qwen/Qwen3-4B"
+ENV_HEADER_PREFIX = "env:"  # a header value "env:NAME" is read from the environment variable NAME
+
+
+def _env_providers(env: Mapping[str, str], providers: dict[str, ProviderConfig],
+                   models: dict[str, ModelConfig]) -> list[str]:
+    """Each provider key in the environment registers a provider and its model(s). Returns the
+    default chain they make, in seed 000's order: GROQ_MODEL, GROQ_FALLBACK_MODEL, then Bytez,
+    OpenAI, Anthropic (each falls back to the ones after it; FALLBACK_MODELS overrides)."""
+    chain: list[str] = []
+
+    def add(provider: ProviderConfig, model: str) -> None:
+        providers[provider.name] = provider
+        name = model if model not in models else f"{provider.name}:{model}"  # two providers, one model id
+        models[name] = ModelConfig(name, provider.name, model)
+        chain.append(name)
+
+    if env.get("GROQ_API_KEY"):
+        groq = ProviderConfig("groq", "openai", (env.get("GROQ_BASE_URL") or GROQ_BASE_URL).rstrip("/"),
+                              Secret(env["GROQ_API_KEY"]))
+        first = env.get("GROQ_MODEL") or "llama-3.1-8b-instant"
+        add(groq, first)
+        second = env.get("GROQ_FALLBACK_MODEL", GROQ_FALLBACK_MODEL)  # set it empty for none
+        if second and second != first:
+            add(groq, second)
+    if env.get("BYTEZ_API_KEY"):
+        add(ProviderConfig("bytez", "openai", (env.get("BYTEZ_BASE_URL") or BYTEZ_BASE_URL).rstrip("/"),
+                           Secret(env["BYTEZ_API_KEY"])), env.get("BYTEZ_MODEL") or BYTEZ_MODEL)
+    if env.get("OPENAI_API_KEY") or env.get("OPENAI_BASE_URL"):
+        key = env.get("OPENAI_API_KEY")
+        add(ProviderConfig("openai", "openai", (env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/"),
+                           Secret(key) if key else None), env.get("OPENAI_MODEL") or "gpt-4o-mini")
+    if env.get("ANTHROPIC_API_KEY"):
+        base_url = (env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com/v1").rstrip("/")
+        add(ProviderConfig("anthropic", "anthropic", base_url, Secret(env["ANTHROPIC_API_KEY"])),
+            env.get("ANTHROPIC_MODEL") or "claude-3-5-haiku-latest")
+    return chain
+
+
+def _headers(env: Mapping[str, str], where: str, raw: Any) -> dict[str, Secret]:
+    """`headers = {Name = "value" | "env:VARIABLE"}`; values are never echoed in an error."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} headers must be a table of header names to values")
+    headers: dict[str, Secret] = {}
+    for name, value in raw.items():
+        if not name or any(c in name for c in ":\r\n \t") or not name.isascii():
+            raise ConfigError(f"{where} headers: {name!r} is not a valid header name")
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} headers.{name} must be a string")
+        if value.startswith(ENV_HEADER_PREFIX):
+            variable = value[len(ENV_HEADER_PREFIX):]
+            if not env.get(variable):
+                raise ConfigError(f"{where} headers.{name}: environment variable {variable} is not set")
+            value = env[variable]
+        if "\r" in value or "\n" in value:
+            raise ConfigError(f"{where} headers.{name}: the value must be one line")
+        headers[name] = Secret(value)
+    return headers
+
+
+def _deployments(where: str, model: str, table: Mapping[str, Any],
+                 providers: Mapping[str, ProviderConfig]) -> tuple[Deployment, ...]:
+    raw = table.get("deployments")
+    if raw is None:
+        return ()
+    if "provider" in table or "upstream" in table:
+        raise ConfigError(f"{where} give either provider/upstream or deployments, not both")
+    if not isinstance(raw, list) or not raw or not all(isinstance(d, dict) for d in raw):
+        raise ConfigError(f"{where} deployments must be a non-empty list of tables {{provider, upstream, weight}}")
+    deployments: list[Deployment] = []
+    for i, entry in enumerate(raw):
+        at = f"{where} deployments[{i}]"
+        _known_keys(f"{at} ", entry, _DEPLOYMENT_KEYS)
+        provider = entry.get("provider")
+        if provider not in providers:
+            raise ConfigError(f"{at} provider {provider!r} is not declared under [providers]")
+        deployments.append(Deployment(provider, str(entry.get("upstream", model)),
+                                      _float(f"{at} weight", entry.get("weight", 1.0))))
+    if not any(d.weight > 0 for d in deployments):
+        raise ConfigError(f"{where} deployments: at least one weight must be > 0")
+    return tuple(deployments)
+
+
+# a Supabase project's JWKS URL; its tokens' `iss` is the project's /auth/v1 URL
+_SUPABASE_JWKS = re.compile(r"(https://[a-z0-9-]+\.supabase\.co/auth/v1)/\.well-known/jwks\.json")
+ANY_ISSUER = "*"  # JWT_ISSUER=* turns the issuer check off
+
+
+def _jwt_issuer(env: Mapping[str, str], jwks_url: str | None) -> str | None:
+    """JWT_ISSUER when set (`*`: not checked); else, for a Supabase JWKS URL, the project's issuer."""
+    issuer = env.get("JWT_ISSUER")
+    if issuer:
+        return None if issuer.strip() == ANY_ISSUER else issuer
+    match = _SUPABASE_JWKS.fullmatch(jwks_url) if jwks_url else None
+    return match.group(1) if match else None
 
 
 def _parse(env: Mapping[str, str]) -> Settings:
@@ -302,6 +441,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
             raise ConfigError(f"[router] {category} = {model!r} is not a declared model")
 
     default_model = env.get("DEFAULT_MODEL") or router.get("default")
+    if not default_model and env.get("FALLBACK_MODELS"):
+        default_model = _list(env["FALLBACK_MODELS"])[0]  # the chain's head
     if not default_model:
         # the first real model configured wins over the demo one
         real = [m for m in models if m not in (DEMO_MODEL, DEMO_ALT_MODEL)]
@@ -348,6 +489,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
     metrics_port = _int("METRICS_PORT", env["METRICS_PORT"], minimum=1) if env.get("METRICS_PORT") else None
     if metrics_port is not None and metrics_port > 65535:
         raise ConfigError(f"METRICS_PORT must be <= 65535, got {metrics_port}")
+    otel = {k: v for k, v in env.items() if k.startswith("OTEL_") and "HEADERS" not in k}
+    exporters_asked(otel)  # a tracing value the gateway cannot honour fails now, naming its variable
     return Settings(
         host=env.get("GATEWAY_HOST") or str(server.get("host", "127.0.0.1")),
         port=_int(port_name, port_raw, minimum=0),
@@ -358,7 +501,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         jwt_secret=Secret(jwt_secret) if jwt_secret else None,
         jwks_url=jwks_url,
         jwt_audience=env.get("JWT_AUDIENCE", "authenticated"),
-        jwt_issuer=env.get("JWT_ISSUER") or None,
+        jwt_issuer=_jwt_issuer(env, jwks_url),
         jwt_algorithms=algorithms,
         jwt_leeway_s=_float("JWT_LEEWAY_S", env.get("JWT_LEEWAY_S", 30)),
         jwks_min_refresh_s=_float("JWKS_MIN_REFRESH_S", env.get("JWKS_MIN_REFRESH_S", 5)),
@@ -378,14 +521,18 @@ def _parse(env: Mapping[str, str]) -> Settings:
                                           minimum=0),
         circuit_failures=_int("CIRCUIT_FAILURES", env.get("CIRCUIT_FAILURES", 5), minimum=1),
         circuit_cooldown_s=_float("CIRCUIT_COOLDOWN_S", env.get("CIRCUIT_COOLDOWN_S", 30)),
+        deployment_cooldown_s=_float("DEPLOYMENT_COOLDOWN_S", env.get("DEPLOYMENT_COOLDOWN_S", 5)),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
         log_format=log_format,
         metrics_token=Secret(metrics_token) if metrics_token else None,
         metrics_port=metrics_port,
         metrics_host=env.get("METRICS_HOST") or "127.0.0.1",
+        redis_url=Secret(env["REDIS_URL"]) if env.get("REDIS_URL") else None,
+        redis_stream_ttl_s=_float("REDIS_STREAM_TTL_S", env.get("REDIS_STREAM_TTL_S", 600), minimum=1),
         providers=providers,
         models=models,
         default_model=default_model,
         router=router,
         limits=limits,
+        otel=otel,
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 
+from . import tracing
 from .checkpoints import Checkpointer
 from .config import ModelConfig
 from .durability import FinishWriter
@@ -74,6 +75,7 @@ class Generation:
         self._started = time.monotonic()
         self._ttft_ms: int | None = None
         self._finishing = False  # past this point a cancel must not interrupt the finish write
+        self.publish: Callable[[Generation], None] | None = None  # the fleet's hook (gateway/fleet/publisher.py)
 
     # -- listeners ---------------------------------------------------------------------------
 
@@ -98,6 +100,8 @@ class Generation:
     def _wake(self) -> None:
         self._changed.set()
         self._changed.clear()  # waiters already woken keep their wake-up; new ones wait again
+        if self.publish is not None:
+            self.publish(self)
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -113,6 +117,7 @@ class Generation:
         error: ProviderError | None = None
         events, maker, parts = self.events, self._maker, self.parts
         checkpoints, message_id = self._checkpoints, self.spec.message_id
+        tracing.start_chat(self.chain, self.request)  # the reply's span, when the turn is traced
         try:
             async for batch in self.chain.stream(self.request):
                 for event in batch:
@@ -158,8 +163,11 @@ class Generation:
             # whatever happened, listeners must not wait forever
             self.finished = True
             self._changed.set()
+            if self.publish is not None:
+                self.publish(self)
             if self.spec.admission is not None:
                 self.spec.admission.done()
+            tracing.end_chat(self.status, finish_reason, self._ttft_ms, self.parts, error.kind if error else None)
 
     def _failed_record(self, error_json: dict[str, Any]) -> FinishRecord:
         """The least that can be saved of a reply whose finish broke: no content, an estimated zero
@@ -280,11 +288,13 @@ class GenerationRegistry:
         self._models = models
         self._observer = observer
         self._grace = shutdown_grace_s
+        self.publisher: Callable[[Generation], None] | None = None  # with REDIS_URL: every event batch goes out
 
     async def save(self, record: FinishRecord) -> FinishRecord:
         """The one finish write: returns once the reply is saved, journaled or quarantined (with
         what was kept)."""
-        return await self._finishes.save(record)
+        with tracing.span("gateway.finish_write"):
+            return await self._finishes.save(record)
 
     def cancel(self, message_id: uuid.UUID) -> bool:
         generation = self.live.get(message_id)
@@ -305,6 +315,7 @@ class GenerationRegistry:
             return existing
         chain = Chain(self._models, self._models.chain(model), observer=self._observer, started=started)
         generation = Generation(spec, chain, request, self.save, self.checkpoints)
+        generation.publish = self.publisher
         message_id = spec.message_id
         self.live[message_id] = generation
         generation.task = asyncio.get_running_loop().create_task(generation.run())

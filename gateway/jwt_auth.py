@@ -5,6 +5,11 @@ picks one of them, and the algorithm family decides the key. HMAC algorithms ver
 JWT_SECRET only; public-key algorithms verify with a JWKS key of the matching key type only, so
 a public key can never be used as an HMAC secret (algorithm confusion).
 
+The issuer is checked whenever one is known: JWT_ISSUER, or by default, when JWKS_URL is a Supabase
+project's (`https://<ref>.supabase.co/auth/v1/.well-known/jwks.json`), that project's
+`https://<ref>.supabase.co/auth/v1` (see `config._jwt_issuer`; `JWT_ISSUER=*` turns it off), so a
+token of another Supabase project is refused even if the key set were shared.
+
 JWKS keys are cached by `kid`. An unknown `kid` or a cache older than `jwks_ttl_s` triggers a
 refetch; refetches are at most one per `jwks_min_refresh_s`, and concurrent verifies share it.
 """

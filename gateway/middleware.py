@@ -16,7 +16,7 @@ from aiohttp.abc import AbstractAccessLogger
 from .errors import GatewayError, ServiceUnavailable, TooManyRequests
 from .failures import database_unavailable
 from .metrics import route_of
-from .state import REQUEST_ID, TIMINGS, USER_ID
+from .state import REQUEST_ID, TIMINGS, TRACE_ID, USER_ID
 
 log = logging.getLogger(__name__)
 
@@ -148,5 +148,8 @@ class AccessLogger(AbstractAccessLogger):
                   "status": response.status, "user_id": user_id, "ms": ms}
         fields.update((f"{phase}_ms", value) for phase, value in phases.items())
         breakdown = "".join(f" {phase}={value:.1f}ms" for phase, value in phases.items())
-        self.logger.info("%s %s %s %d %.1fms%s user=%s", request_id, request.method, path, response.status, ms,
-                         breakdown, user_id or "-", extra=fields)
+        trace_id = request.get(TRACE_ID)
+        if trace_id is not None:  # traced (tracing.py): the line leads to the trace
+            fields["trace_id"] = trace_id
+        self.logger.info("%s %s %s %d %.1fms%s user=%s%s", request_id, request.method, path, response.status, ms,
+                         breakdown, user_id or "-", "" if trace_id is None else " trace=" + trace_id, extra=fields)

@@ -402,9 +402,20 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                 "model": STRING, "rating": {"type": "number"}, "ci_low": {"type": "number"},
                 "ci_high": {"type": "number"}, "battles": INT, "wins": {"type": "number"},
                 "win_rate": {"type": "number"},
-            }, ("model", "rating", "ci_low", "ci_high", "battles", "wins", "win_rate"))},
+                "provisional": {"type": "boolean", "description": "Fewer battles than `provisional_below`"},
+                "rating_lc": {"type": "number", "description": "Length-controlled rating"},
+                "lc_ci_low": {"type": "number"}, "lc_ci_high": {"type": "number"},
+            }, ("model", "rating", "ci_low", "ci_high", "battles", "wins", "win_rate", "provisional", "rating_lc",
+                "lc_ci_low", "lc_ci_high"))},
+            "pairs": {"type": "array", "items": obj({
+                "a": STRING, "b": STRING, "battles": INT,
+                "a_wins": {"type": "number", "description": "Wins of `a` over `b`, ties counting half"},
+            }, ("a", "b", "battles", "a_wins"))},
+            "length_effect": {"type": "number", "description": "Rating points a reply gains against one half "
+                                                               "its length"},
+            "provisional_below": INT,
             "battles": INT, "anonymous_only": {"type": "boolean"}, "fit_ms": {"type": "number"},
-        }, ("models", "battles", "anonymous_only", "fit_ms")),
+        }, ("models", "pairs", "length_effect", "provisional_below", "battles", "anonymous_only", "fit_ms")),
         "Me": obj({
             "user": obj({"id": UUID, "email": nullable(STRING)}, ("id", "email")),
             "key": nullable(obj({"id": UUID, "scopes": {"type": "array", "items": STRING}}, ("id", "scopes"))),
@@ -420,13 +431,14 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "remaining": obj({"daily_tokens": nullable(INT)}, ("daily_tokens",)),
         }, ("user", "key", "limits", "today", "remaining")),
         "UsageReport": obj({
-            "from": DATE, "to": DATE, "group_by": {"enum": ["day", "model"]},
+            "from": DATE, "to": DATE, "group_by": {"enum": ["day", "model", "day,model"]},
             "rows": {"type": "array", "items": obj({"day": DATE, "model": STRING, **usage_counts},
                                                    tuple(usage_counts))},
             "totals": obj(usage_counts, tuple(usage_counts)),
         }, ("from", "to", "group_by", "rows", "totals")),
         "Status": obj({"status": {"enum": ["ok", "unavailable"]}, "database": STRING,
-                       "pending_migrations": {"type": "array", "items": STRING}}, ("status",)),
+                       "pending_migrations": {"type": "array", "items": STRING},
+                       "redis": {"enum": ["ok", "degraded"]}}, ("status",)),  # with REDIS_URL only
     }
 
 
@@ -694,7 +706,8 @@ def _paths() -> dict[str, Any]:
             parameters=[comparison_id], requestBody=json_body("Vote"),
             description="The same vote again is a no-op; a different one, or one before both finished, is 409.")},
         "/api/leaderboard": {"get": op(
-            "Bradley-Terry ratings from the votes, with 95% intervals", "arena",
+            "Bradley-Terry ratings from the votes (weak prior; raw and length-controlled), with 95% intervals",
+            "arena",
             {**ok(200, "The ratings, best first", "Leaderboard"), **errors(400, 401, 503)},
             parameters=[query("include_named", {"type": "string", "default": "false",
                                                 "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0)$"},
@@ -707,7 +720,8 @@ def _paths() -> dict[str, Any]:
             {**ok(200, "The report", "UsageReport"), **errors(400, 401, 503)},
             parameters=[query("from", DATE, "First day (default: 29 days before `to`)"),
                         query("to", DATE, "Last day (default: today); the range spans at most 366 days"),
-                        query("group_by", {"enum": ["day", "model"], "default": "day"}, "Grouping")])},
+                        query("group_by", {"enum": ["day", "model", "day,model"], "default": "day"},
+                              "Grouping (day,model: a row per model and day)")])},
         "/healthz": {"get": op("Liveness", "ops", ok(200, "The process answers", "Status"), security=PUBLIC)},
         "/readyz": {"get": op(
             "Readiness: the database answers and every migration is applied", "ops",
@@ -728,6 +742,13 @@ def _paths() -> dict[str, Any]:
             security=PUBLIC)},
         "/openapi.json": {"get": op(
             "This document", "ops", {"200": response("OpenAPI 3.1", json_content({"type": "object"}))},
+            security=PUBLIC)},
+        "/docs": {"get": op("Interactive API docs for this document (Swagger UI, served locally)", "ops",
+                            {"200": response("The page", {"text/html": {"schema": STRING}})}, security=PUBLIC)},
+        "/docs/{filename}": {"get": op(
+            "The docs page's assets (Swagger UI's bundled script and stylesheet)", "ops",
+            {"200": response("The file", {"*/*": {"schema": {}}}), **errors(404)},
+            parameters=[{"name": "filename", "in": "path", "required": True, "schema": STRING}],
             security=PUBLIC)},
     }
 

@@ -1,15 +1,18 @@
 """Decide, part one: which model runs. The router only advises; the policy may override it.
 
 For `"model": "auto"` it classifies the prompt by cheap rules (no model call, no database)
-and looks the category up in the `[router]` table, falling back to the default model.
+and looks the category up in the `[router]` table, falling back to the default model. For
+`"model": "random"` it takes the model the registry draws by weight (skipping open circuits).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 AUTO = "auto"
+RANDOM = "random"
 
 _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("code", re.compile(r"```|\b(def|class|function|import|return|SELECT|traceback|exception|stack trace|"
@@ -26,6 +29,7 @@ class Route:
     category: str | None
     complexity: str | None
     auto: bool
+    selected: str | None = None  # how the model was chosen when the client let us: "random"
 
 
 def classify(prompt: str) -> tuple[str, str]:
@@ -36,7 +40,12 @@ def classify(prompt: str) -> tuple[str, str]:
     return category, complexity
 
 
-def route(requested: str | None, prompt: str, table: dict[str, str], default: str) -> Route:
+def route(requested: str | None, prompt: str, table: dict[str, str], default: str,
+          draw: Callable[[], str] | None = None) -> Route:
+    """`draw`: a model drawn at random (the registry's `draw_name`), for `"model": "random"`."""
+    if requested == RANDOM and draw is not None:
+        drawn = draw()
+        return Route(drawn, None, None, auto=False, selected=RANDOM if drawn != RANDOM else None)
     if requested and requested != AUTO:
         return Route(requested, None, None, auto=False)
     category, complexity = classify(prompt)

@@ -61,6 +61,7 @@ async def open_stream(request: web.Request, ping_s: float, retry_ms: int) -> Eve
     resp = EventSourceResponse(sep="\n", ping_interval=ping_s, allow_all_methods=True)
     # no-transform keeps proxies from buffering or compressing the stream
     resp.headers["Cache-Control"] = "no-cache, no-transform"
+    resp.headers["X-Accel-Buffering"] = "no"  # nginx: pass each frame on as it comes (also set by aiohttp-sse)
     await resp.prepare(request)
     await resp.write(b"retry: %d\n\n" % retry_ms)
     return resp

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from .config import Settings
     from .db import Database
     from .failures import Quarantine
+    from .fleet.follow import RemoteStreams
+    from .fleet.link import RedisLink
     from .generation import GenerationRegistry
     from .instance import Instance
     from .leaderboard import LeaderboardCache
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from .store.activity import ActivityRecord
     from .store.usage import UsageRecord
     from .stream_tokens import StreamTokens
+    from .tracing import Tracing
     from .turns import Turns
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -42,10 +45,14 @@ USAGE: web.AppKey[BatchWriter[UsageRecord]] = web.AppKey("usage")  # batched usa
 ACTIVITY: web.AppKey[BatchWriter[ActivityRecord]] = web.AppKey("activity")  # who did what, batched
 LAST_USED: web.AppKey[BatchWriter[tuple[uuid.UUID, datetime]]] = web.AppKey("last_used")  # api_keys.last_used_at
 QUARANTINE: web.AppKey[Quarantine] = web.AppKey("quarantine")  # records refused for good, on disk
+REMOTE: web.AppKey[RemoteStreams] = web.AppKey("remote")  # replies generating on other instances, followed
+REDIS: web.AppKey[RedisLink | None] = web.AppKey("redis")  # with REDIS_URL (gateway/fleet)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")  # this app's Prometheus registry (never the global one)
+TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when OTEL_* asks for traces
 
 # per request
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 USER_ID: web.RequestKey[str] = web.RequestKey("user_id", str)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")  # set once the caller is authenticated
 TIMINGS: web.RequestKey[Timings] = web.RequestKey("timings")  # where the time went, for the access log
+TRACE_ID: web.RequestKey[str] = web.RequestKey("trace_id", str)  # the request's trace, when traced

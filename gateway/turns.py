@@ -28,18 +28,20 @@ from typing import Any
 
 import asyncpg
 
+from . import tracing
 from .auth import Principal
 from .background import GroupCommit
 from .config import Settings
 from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, TooManyRequests
 from .events import Event
+from .fleet.follow import RemoteStreams
 from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd, mask_model_names
 from .policy import Admission, Policy
 from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, tokens_for_chars
 from .providers.chain import Chain
 from .providers.registry import ModelRegistry, NotEnoughModels
 from .replay import replay_events
-from .router import Route, route
+from .router import RANDOM, Route, route
 from .store import arena as arena_store
 from .store import messages as message_store
 from .store.usage import UsageRecord
@@ -47,9 +49,6 @@ from .stream_tokens import StreamTokens
 from .vocabulary import LIVE_STATUSES, MessageStatus, PolicyAction, Slot
 
 log = logging.getLogger(__name__)
-
-# how long a reader waits for a reply generating on another instance before giving up
-WAIT_ELSEWHERE_S = 60.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -73,10 +72,16 @@ class TurnInput:
 
 @dataclass(slots=True)
 class Reply:
-    """An assistant reply to read: the live generation (on this instance) or the finished row."""
+    """An assistant reply to read: the live generation (on this instance), the finished row, or a
+    live row generating on another instance (`remote` follows it: gateway/fleet/follow.py)."""
 
     generation: Generation | None
     row: dict[str, Any] | None
+    remote: Callable[[int], AsyncIterator[list[Event]]] | None = None  # follows it from after a seq
+
+    @property
+    def live(self) -> bool:
+        return self.generation is not None or self.remote is not None
 
     def replayed_after(self, after: int) -> list[Event]:
         assert self.row is not None
@@ -86,6 +91,9 @@ class Reply:
         """The events after seq `after`, a batch at a time, until the reply's last."""
         if self.generation is not None:
             async for batch in self.generation.follow(after):
+                yield batch
+        elif self.remote is not None:
+            async for batch in self.remote(after):
                 yield batch
         else:
             events = self.replayed_after(after)
@@ -127,7 +135,7 @@ class Turns:
     def __init__(self, *, pool: asyncpg.Pool, settings: Settings, models: ModelRegistry, policy: Policy,
                  generations: GenerationRegistry, stream_tokens: StreamTokens, instance_id: uuid.UUID,
                  record_usage: Callable[[UsageRecord], None], observer: ChainObserver,
-                 notify_cancel: Callable[[uuid.UUID], Awaitable[None]]) -> None:
+                 notify_cancel: Callable[[uuid.UUID], Awaitable[None]], remote: RemoteStreams) -> None:
         self._pool = pool
         self._settings = settings
         self._models = models
@@ -138,6 +146,7 @@ class Turns:
         self._record_usage = record_usage  # the batched usage writer (OpenAI route)
         self._observer = observer  # metrics
         self._notify_cancel = notify_cancel  # asks the other instances (LISTEN/NOTIFY)
+        self._remote = remote  # follows replies generating on other instances
         # the persist step's writes, group-committed when concurrent turns pile up
         self._persist: GroupCommit[message_store.TurnRequest, message_store.StoredTurn] = GroupCommit(
             lambda batch: message_store.persist_turns(pool, batch))
@@ -155,10 +164,12 @@ class Turns:
                 return existing
         messages = await self.conversation(principal, turn)
         choice = self.route(turn.model, turn.content)
-        await self._policy.take_rate(principal)  # the abuse limit: a 429 here has written nothing
-        stored = await self._persist.submit(message_store.TurnRequest(
-            user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
-            thread_id=turn.thread_id, instance_id=self._instance_id))
+        with tracing.span("gateway.rate_limit"):  # the abuse limit: a 429 here has written nothing
+            await self._policy.take_rate(principal)
+        with tracing.span("gateway.persist"):
+            stored = await self._persist.submit(message_store.TurnRequest(
+                user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
+                thread_id=turn.thread_id, instance_id=self._instance_id))
         assert stored is not None
         if stored.duplicate:  # lost a race with an identical request: that one decides and runs
             return stored
@@ -193,7 +204,8 @@ class Turns:
                                                       before=user_message)
         messages.append({"role": "user", "content": user_message["content"]})
         choice = self.route(model, user_message["content"])
-        await self._policy.take_rate(principal)
+        with tracing.span("gateway.rate_limit"):
+            await self._policy.take_rate(principal)
         made = await message_store.insert_regeneration(pool, user_id, user_message, client_request_id,
                                                        self._instance_id)
         if made.duplicate:
@@ -206,13 +218,15 @@ class Turns:
         return made
 
     def _asked_for(self, last: dict[str, Any] | None) -> str | None:
-        """The model a reply was asked for: before any downgrade or fallback; None (the default) if
-        it was routed, or names a model no longer configured."""
+        """The model a reply was asked for: before any downgrade or fallback; `random` if it was
+        drawn; None (the default) if it was routed, or names a model no longer configured."""
         if last is None:
             return None
         meta = last["metadata"] or {}
         if meta.get("auto"):
             return None
+        if meta.get("selected") == RANDOM:  # a new draw, as the first time
+            return RANDOM
         asked = (meta.get("policy") or {}).get("downgraded_from") or meta.get("fallback_from") or last["model"]
         return asked if isinstance(asked, str) and asked in self._models else None
 
@@ -234,10 +248,12 @@ class Turns:
                 raise ServiceUnavailable(f"the arena needs two available models: {e}") from None
         else:
             pair = requested
-        await self._policy.take_rate(principal)  # one request, one slot in the window
-        stored = await arena_store.persist_arena_turn(
-            self._pool, principal.user_id, turn.content, turn.client_message_id, turn.thread_id,
-            self._instance_id, pair[0], pair[1], anonymous)
+        with tracing.span("gateway.rate_limit"):  # one request, one slot in the window
+            await self._policy.take_rate(principal)
+        with tracing.span("gateway.persist"):
+            stored = await arena_store.persist_arena_turn(
+                self._pool, principal.user_id, turn.content, turn.client_message_id, turn.thread_id,
+                self._instance_id, pair[0], pair[1], anonymous)
         if stored.duplicate:
             return stored
         # both slots count toward the caller's limits: slot a may take at most half of what remains
@@ -256,19 +272,30 @@ class Turns:
         """Decide, after the commit: the policy approves (the reply starts), downgrades (it starts
         on less), or stops it (the row is saved `refused`, with the reason and when it clears, and
         no provider is called). One atomic admission, as strong as before the persist-first order."""
+        admission: Admission | None = None
+        refusal: TooManyRequests | Forbidden | None = None
         try:
-            admission = await self._policy.admit(principal, plan.choice.model, prompt_tokens(plan.messages),
-                                                 plan.turn.max_tokens, plan.downgrade_to, share=plan.share,
-                                                 rate_taken=True)
-        except (TooManyRequests, Forbidden) as e:
-            await self._refuse(plan, e)
-            return
+            with tracing.span("gateway.policy") as decision:
+                try:
+                    admission = await self._policy.admit(principal, plan.choice.model, prompt_tokens(plan.messages),
+                                                         plan.turn.max_tokens, plan.downgrade_to, share=plan.share,
+                                                         rate_taken=True)
+                except (TooManyRequests, Forbidden) as e:
+                    refusal = e
+                action = "refuse" if admission is None else str(admission.action)
+                decision.set_attribute("gateway.policy.action", action)
         except BaseException:
             await self._close_broken(plan)
             raise
+        if admission is None:
+            assert refusal is not None
+            await self._refuse(plan, refusal)
+            return
         extra: dict[str, Any] = dict(plan.extra)
         if plan.choice.complexity:
             extra["complexity"] = plan.choice.complexity
+        if plan.choice.selected:  # model "random": the draw is named in the reply's metadata
+            extra["selected"] = plan.choice.selected
         if admission.action == PolicyAction.DOWNGRADE:
             extra["policy"] = {"action": PolicyAction.DOWNGRADE, "reasons": admission.reasons,
                                "downgraded_from": admission.downgraded_from}
@@ -314,6 +341,8 @@ class Turns:
             metadata["anonymous"] = True
         if plan.choice.complexity:
             metadata["complexity"] = plan.choice.complexity
+        if plan.choice.selected:
+            metadata["selected"] = plan.choice.selected
         await message_store.close_unstarted(self._pool, plan.message_id, status=MessageStatus.REFUSED,
                                             model=plan.choice.model, error=error, metadata=metadata)
 
@@ -333,12 +362,14 @@ class Turns:
         """Decide for an OpenAI-route request (no rows: that route is stateless); `finish_completion`
         must follow, however the request ends."""
         choice = self.route(model, last_user_text(request.messages))
-        admission = await self._policy.admit(principal, choice.model, prompt_tokens(request.messages),
-                                             request.max_tokens, self._settings.limits.downgrade_model)
+        with tracing.span("gateway.policy") as decision:
+            admission = await self._policy.admit(principal, choice.model, prompt_tokens(request.messages),
+                                                 request.max_tokens, self._settings.limits.downgrade_model)
+            decision.set_attribute("gateway.policy.action", str(admission.action))
         request.max_tokens = admission.max_tokens
-        return Completion(id=uuid.uuid4(), principal=principal, request=request, admission=admission,
-                          chain=Chain(self._models, self._models.chain(admission.model), observer=self._observer,
-                                      started=started))
+        chain = Chain(self._models, self._models.chain(admission.model), observer=self._observer, started=started)
+        tracing.start_chat(chain, request)  # when traced, until finish_completion (in this same task)
+        return Completion(id=uuid.uuid4(), principal=principal, request=request, admission=admission, chain=chain)
 
     def finish_completion(self, completion: Completion, usage: UsageReport | None, chars: int,
                           started: bool) -> None:
@@ -351,6 +382,7 @@ class Turns:
         if usage is None:
             if not started and not chars:
                 if not (admission.user_reserved or admission.key_reserved):
+                    tracing.end_chat()
                     return  # nothing reached the client, nothing was reserved: nothing to count
                 usage = UsageReport(0, 0)  # a zero record hands the reservation back
             else:
@@ -363,6 +395,7 @@ class Turns:
             user_reserved=admission.user_reserved, key_reserved=admission.key_reserved)
         self._record_usage(record)
         self._observer.usage(record)
+        tracing.end_chat()
 
     def reservation(self, principal: Principal, admission: Admission,
                     messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -379,7 +412,7 @@ class Turns:
 
     def route(self, requested: str | None, prompt: str) -> Route:
         """Decide, part one: the router's advice (never touches the database)."""
-        return route(requested, prompt, dict(self._settings.router), self._models.default)
+        return route(requested, prompt, dict(self._settings.router), self._models.default, self._models.draw_name)
 
     async def conversation(self, principal: Principal, turn: TurnInput) -> list[dict[str, Any]]:
         """What the upstream gets: the thread's history (NotFound if not the caller's), then the new
@@ -395,24 +428,18 @@ class Turns:
     # -- find, follow, cancel -------------------------------------------------------------------
 
     async def reply(self, user_id: uuid.UUID, message_id: uuid.UUID) -> Reply:
-        """An assistant reply of this user: live here, or finished. A reply still generating on
-        another instance is waited for (bounded) by polling its row."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_ELSEWHERE_S
-        while True:
-            generation = self._generations.get(message_id)
-            if generation is not None:
-                if generation.spec.user_id != user_id:
-                    raise NotFound("message not found")
-                return Reply(generation, None)
-            message = await message_store.get_message(self._pool, user_id, message_id)
-            if message["role"] != "assistant":
+        """An assistant reply of this user: live here, live on another instance, or finished."""
+        generation = self._generations.get(message_id)
+        if generation is not None:
+            if generation.spec.user_id != user_id:
                 raise NotFound("message not found")
-            if message["status"] not in LIVE_STATUSES:
-                return Reply(None, message)
-            if loop.time() >= deadline:
-                raise ServiceUnavailable("the message is still being generated elsewhere; retry later")
-            await asyncio.sleep(0.25)
+            return Reply(generation, None)
+        message = await message_store.get_message(self._pool, user_id, message_id)
+        if message["role"] != "assistant":
+            raise NotFound("message not found")
+        if message["status"] in LIVE_STATUSES:
+            return Reply(None, message, lambda after: self._remote.follow(user_id, message, after))
+        return Reply(None, message)
 
     async def cancel(self, user_id: uuid.UUID, message_id: uuid.UUID) -> dict[str, Any]:
         """Cancel an assistant reply wherever it is generating; returns its saved row."""
@@ -426,9 +453,8 @@ class Turns:
                 await asyncio.shield(generation.task)  # returns once the partial reply is saved
         elif message["status"] in LIVE_STATUSES:
             await self._notify_cancel(message_id)
-            found = await self.reply(user_id, message_id)
-            if found.row is not None:
-                return found.row
+            async for _ in (await self.reply(user_id, message_id)).events(-1):
+                pass  # until it has finished over there (or was swept, if that instance is gone)
         return await message_store.get_message(self._pool, user_id, message_id)
 
     async def delete_turn(self, user_id: uuid.UUID, message_id: uuid.UUID) -> None:

@@ -119,7 +119,9 @@ def test_groq_api_key_registers_groq():
     groq = s.providers["groq"]
     assert (groq.kind, groq.base_url) == ("openai", "https://api.groq.com/openai/v1")
     assert groq.api_key is not None and groq.api_key.reveal() == "gsk-env"
-    assert s.models["llama-3.3-70b"] == ModelConfig("llama-3.3-70b", "groq", "llama-3.3-70b")
+    # GROQ_MODEL falls back to GROQ_FALLBACK_MODEL (seed 000's chain; tests/test_env_chain.py)
+    assert s.models["llama-3.3-70b"] == ModelConfig("llama-3.3-70b", "groq", "llama-3.3-70b",
+                                                    ("llama-3.3-70b-versatile",))
 
 
 def test_anthropic_api_key_registers_anthropic_and_the_app_builds_its_adapter():

@@ -21,7 +21,8 @@ from .fakes import parse_sse
 from .hostile import ANTHROPIC, OPENAI, HostileUpstream
 
 # the endless streams: data every 5 ms, so the idle timeout never fires; the attempt's own bounds must
-ENDLESS_TIMEOUTS = {"timeout_s": 1.0, "first_token_timeout_s": 0.5, "idle_timeout_s": 0.3}
+# (max_stream_s once content has come, timeout_s only before: issue 13 item 5)
+ENDLESS_TIMEOUTS = {"timeout_s": 1.0, "first_token_timeout_s": 0.5, "idle_timeout_s": 0.3, "max_stream_s": 1.0}
 
 PROTOCOL, TIMEOUT = "upstream_protocol_error", "upstream_timeout"
 REPLACED_UTF8 = "caf\ufffd \ufffd\ufffdok"  # b"caf\xc3 \xff\xfeok" decoded with replacement
@@ -108,7 +109,8 @@ async def test_hostile_payload_ends_in_one_terminal_event_and_one_usage_row(
         error = orjson.loads(events[-2].data)
         assert error["type"] == error_type and row["error"]["type"] == error_type
         if error_type == TIMEOUT:  # data kept coming: the attempt's bounds ended it, not the idle timeout
-            assert error["message"] == ("upstream timed out (total)" if content else "upstream timed out (first_token)")
+            phase = "max_stream" if content else "first_token"
+            assert error["message"] == f"upstream timed out ({phase})"
     else:
         usage_event = orjson.loads(events[-3].data)
         assert names[-3] == "usage"

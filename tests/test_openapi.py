@@ -58,7 +58,8 @@ daily_tokens = 1000000000000
 MAX_EXAMPLES = 25
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance, negative_data_rejection]
-PUBLIC = {"GET /healthz", "GET /readyz", "GET /openapi.json", "GET /metrics", "GET /", "GET /static/{filename}"}
+PUBLIC = {"GET /healthz", "GET /readyz", "GET /openapi.json", "GET /metrics", "GET /", "GET /static/{filename}",
+          "GET /docs", "GET /docs/{filename}"}
 # a hung request fails the fuzz instead of hanging it
 REQUEST_TIMEOUT_S = 10
 

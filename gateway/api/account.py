@@ -13,6 +13,7 @@ from ..store import usage as usage_store
 from .common import caller, json_response
 
 MAX_RANGE_DAYS = 366
+GROUPINGS = ("day", "model", "day,model")  # day,model: a row per model and day (the playground's chart)
 
 
 async def me(request: web.Request) -> web.Response:
@@ -54,8 +55,8 @@ async def usage(request: web.Request) -> web.Response:
     if (to - start).days >= MAX_RANGE_DAYS:
         raise BadRequest(f"the range may span at most {MAX_RANGE_DAYS} days")
     group_by = request.query.get("group_by", "day")
-    if group_by not in ("day", "model"):
-        raise BadRequest("group_by must be day or model")
+    if group_by not in GROUPINGS:
+        raise BadRequest("group_by must be day, model or day,model")
     rows = await usage_store.usage_report(request.app[DB].pool, principal.user_id, start, to, group_by)
     totals = {k: sum(r[k] for r in rows) for k in ("prompt_tokens", "completion_tokens", "total_tokens",
                                                    "requests")}

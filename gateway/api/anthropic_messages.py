@@ -357,7 +357,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     completion = await turns.begin_completion(principal, parsed.model, parsed.chat, request[TIMINGS].start)
     reply = _Reply()
     try:
-        async with aclosing(completion.chain.stream(parsed.chat)) as events:
+        async with aclosing(completion.chain.stream(parsed.chat, whole=not parsed.stream)) as events:
             if parsed.stream:
                 return await _stream(request, events, completion, reply)
             return await _complete(events, completion, reply)

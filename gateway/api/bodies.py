@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import BadRequest
-from ..router import AUTO
+from ..router import AUTO, RANDOM
 from ..turns import TurnInput
 from .common import check_text, optional, parse_uuid
 
@@ -56,7 +56,7 @@ def parse_arena(body: dict[str, Any], known_model: KnownModel) -> tuple[TurnInpu
         if (not isinstance(models, list) or len(models) != 2 or not all(isinstance(m, str) for m in models)
                 or models[0] == models[1]):
             raise BadRequest("models must be two different model names")
-        unknown = [m for m in models if not known_model(m)]
+        unknown = [m for m in models if m == RANDOM or not known_model(m)]  # omit `models` to draw
         if unknown:
             raise BadRequest(f"unknown model {unknown[0]!r}")
     anonymous = optional(body, "anonymous", bool, "true or false")

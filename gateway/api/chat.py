@@ -78,7 +78,7 @@ async def stream_message(request: web.Request, principal: Principal, message_id:
     meanwhile (revoked, expired), the stream ends with an `error` event (no id) and `[DONE]`."""
     settings = request.app[SETTINGS]
     reply = await request.app[TURNS].reply(principal.user_id, message_id)
-    if reply.generation is None and after >= 0 and not reply.replayed_after(after):
+    if not reply.live and after >= 0 and not reply.replayed_after(after):
         return web.Response(status=204)  # nothing after that id: EventSource stops for good
     resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
 

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .. import tracing
 from ..auth import CredentialWatch, Principal
 from ..errors import BadRequest, InvalidId, PayloadTooLarge, Unauthorized
 from ..state import AUTH, PRINCIPAL, SETTINGS, STREAM_TOKENS, TIMINGS, USER_ID
@@ -120,7 +121,8 @@ def lapse_frame(e: Unauthorized) -> bytes:
 async def caller(request: web.Request, scope: str | None = None) -> Principal:
     started = time.monotonic()
     try:
-        principal = await request.app[AUTH].authenticate(request)
+        with tracing.span("gateway.auth"):
+            principal = await request.app[AUTH].authenticate(request)
     finally:
         request[TIMINGS].add("auth", started)
     # before the scope check: a refused attempt is activity too

@@ -124,7 +124,9 @@ def parse_request(body: dict[str, Any], known_model: Any) -> tuple[str, ChatRequ
         raise OpenAIError(400, "only n = 1 is supported", param="n")
     request = ChatRequest(messages, max_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2),
                           top_p=_number(body, "top_p", 0, 1), stop=stop,
-                          extra={k: v for k, v in body.items() if k in PASS_THROUGH})
+                          extra={k: v for k, v in body.items() if k in PASS_THROUGH},
+                          max_tokens_key="max_completion_tokens" if body.get("max_completion_tokens") is not None
+                          else "max_tokens")
     return model, request, stream, bool(include_usage)
 
 
@@ -189,7 +191,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     completion = await turns.begin_completion(principal, model_name, chat, request[TIMINGS].start)
     reply = _Reply()
     try:
-        async with aclosing(completion.chain.stream(chat)) as events:
+        async with aclosing(completion.chain.stream(chat, whole=not stream)) as events:
             if stream:
                 return await _stream(request, events, completion.chain, chat, completion.id, include_usage, reply)
             return await _complete(events, completion.chain, chat, completion.id, reply)

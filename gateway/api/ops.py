@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..db import pending_migrations
 from ..errors import Unauthorized
-from ..state import DB, METRICS, SETTINGS
+from ..state import DB, METRICS, REDIS, SETTINGS
 from .common import json_response
 
 
@@ -20,7 +20,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready when the database answers and every migration is applied."""
+    """Ready when the database answers and every migration is applied. Redis (with REDIS_URL) is
+    reported, never required: without it replies from other instances follow the database, slower."""
     try:
         async with asyncio.timeout(2):
             async with request.app[DB].pool.acquire() as conn:
@@ -29,7 +30,11 @@ async def readyz(request: web.Request) -> web.Response:
         return json_response({"status": "unavailable", "database": type(e).__name__}, status=503)
     if pending:
         return json_response({"status": "unavailable", "pending_migrations": pending}, status=503)
-    return json_response({"status": "ok"})
+    body = {"status": "ok"}
+    link = request.app.get(REDIS)
+    if link is not None:
+        body["redis"] = "ok" if await link.ping() else "degraded"
+    return json_response(body)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -343,7 +343,7 @@ async def _stateless(request: web.Request, principal: Principal, req: ResponsesR
     shape = Shape(id=completion.id, created_at=int(time.time()), model=req.model, echo=req.echo)
     reply = _Reply()
     try:
-        async with aclosing(completion.chain.stream(chat)) as events:
+        async with aclosing(completion.chain.stream(chat, whole=not req.stream)) as events:
             return await _respond(request, shape, events, req.stream, reply, lambda: completion.chain.used.name,
                                   chat)
     except ProviderError as e:

@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
+from ..tracing import upstream_headers
 from . import normalise
 from .base import (
     Batch,
@@ -25,7 +26,7 @@ from .base import (
     UpstreamProtocolError,
     UpstreamStreamError,
 )
-from .openai import client_timeout, raise_for_status, transport_error
+from .openai import client_timeout, raise_for_status, request_headers, transport_error
 from .sse_decoder import SSEDecoder
 
 API_VERSION = "2023-06-01"
@@ -57,17 +58,18 @@ class AnthropicProvider:
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.name = config.name
         self._url = config.base_url + "/messages"
-        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
-                         "anthropic-version": API_VERSION}
+        own = {"Content-Type": "application/json", "Accept": "text/event-stream", "anthropic-version": API_VERSION}
         if config.api_key:
-            self._headers["x-api-key"] = config.api_key.reveal()
+            own["x-api-key"] = config.api_key.reveal()
+        self._headers = request_headers(config, own)
         self._session = session
 
     async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         state = _Usage()
         try:
             async with self._session.post(self._url, data=orjson.dumps(to_anthropic(model, request)),
-                                          headers=self._headers, timeout=client_timeout(model)) as resp:
+                                          headers=upstream_headers(self._headers),
+                                          timeout=client_timeout(model)) as resp:
                 await raise_for_status(resp)
                 decoder = SSEDecoder()
                 async for chunk in resp.content.iter_any():

@@ -5,8 +5,8 @@ retry and never touch the database: the chain decides what happens after a failu
 chain reports (first upstream call, first event, a streamed reply) goes to a `ChainObserver`.
 
     ProviderError                 retryable before the first content byte unless noted
-    ├── UpstreamHTTPError         non-2xx answer (429 carries retry_after)
-    ├── UpstreamTimeout           connect, first token, idle or total
+    ├── UpstreamHTTPError         non-2xx answer (429 carries retry_after); see `request_at_fault`
+    ├── UpstreamTimeout           connect, first token, idle or max_stream
     ├── UpstreamConnectionError   refused, reset, DNS
     ├── UpstreamProtocolError     malformed JSON, stream ended without its terminal marker
     └── UpstreamStreamError       the upstream reported an error mid-stream
@@ -35,6 +35,9 @@ class ChatRequest:
     stop: list[str] | str | None = None
     # passed through untouched to OpenAI-compatible upstreams (tools, tool_choice, ...)
     extra: dict[str, Any] = field(default_factory=dict)
+    # the field the client named the limit with: OpenAI's newer `max_completion_tokens` is sent as
+    # such to OpenAI-compatible upstreams (unless their provider says it only knows `max_tokens`)
+    max_tokens_key: str = "max_tokens"
 
 
 @dataclass(slots=True)
@@ -123,10 +126,12 @@ NO_OBSERVER: ChainObserver = NoObserver()
 
 
 class ProviderError(Exception):
-    """An attempt failed; `retryable` says whether another link of the chain may be tried."""
+    """An attempt failed; `retryable` says whether another link of the chain may be tried, and
+    `model_fault` whether the failure counts against the model's circuit breaker."""
 
     kind = "provider_error"
     retryable = True
+    model_fault = True
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -135,20 +140,39 @@ class ProviderError(Exception):
 
 
 class UpstreamHTTPError(ProviderError):
-    """The upstream answered with a non-2xx status."""
+    """The upstream answered with a non-2xx status. `blames` is what its error body names:
+    "model" (unknown, retired, context too long), "parameter" (a field this model rejects) or None."""
 
     kind = "upstream_http_error"
 
-    def __init__(self, message: str, *, status: int, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, status: int, retry_after: float | None = None,
+                 blames: str | None = None) -> None:
         super().__init__(message, status=status)
         self.retry_after = retry_after
-        # a 4xx other than 408/409/429 is our request's fault: another model would likely fail too,
-        # but a fallback to another provider may still accept it, so the chain decides
-        self.retryable = status in (408, 409, 429) or status >= 500
+        self.blames = blames
+        # Every failure before the first content byte moves on to the next link (an expired key, a
+        # retired model, an overloaded or misconfigured upstream), except a request the client got
+        # wrong: another provider would refuse it just the same.
+        self.retryable = not request_at_fault(status, blames)
+        # a parameter this model rejects says nothing about the model's health
+        self.model_fault = self.retryable and blames != "parameter"
+
+
+# the statuses that say "your request's content is wrong" rather than "this upstream cannot serve it"
+REQUEST_FAULT_STATUSES = frozenset({400, 413, 422})
+
+
+def request_at_fault(status: int, blames: str | None) -> bool:
+    """Whether a non-2xx answer blames the request itself, so that every provider would refuse it:
+    a 400, 413 or 422 that names neither the model nor one of its parameters (malformed messages,
+    a body too large, a content-policy refusal). 401/403 (this provider's key), 404/410 (this
+    provider's model or URL), 408/409/429, 5xx and the rest are the upstream's, not the request's."""
+    return status in REQUEST_FAULT_STATUSES and blames is None
 
 
 class UpstreamTimeout(ProviderError):
-    """No answer in time: `phase` is connect, first_token, idle or total."""
+    """No answer in time: `phase` is connect, first_token, idle (between chunks) or max_stream
+    (the whole reply ran longer than the model's `max_stream_s`)."""
 
     kind = "upstream_timeout"
 

@@ -1,10 +1,17 @@
 """The fallback chain: try each model in turn until one starts streaming.
 
-Per attempt: connect and idle timeouts live in the adapter's HTTP client; the chain bounds
-the first token and the whole attempt. Before the first content byte, a retryable failure
-(429, 5xx, timeout, connection error) moves on to the next link; after it, the failure is
+Per attempt: connect and idle timeouts live in the adapter's HTTP client; the chain bounds the
+wait for the first content byte (`first_token_timeout_s`, within `timeout_s`) and then the
+reply's whole length (`max_stream_s`): a slow but steady stream is never cut at `timeout_s`.
+A non-streaming caller (`stream(whole=True)`) bounds the whole call by `timeout_s` instead.
+
+Before the first content byte, every failure moves on to the next link (timeouts, connection
+errors, 429, 5xx, 401/403 of an expired key, 404 of a retired model, a 400 naming the model or
+a parameter) except a request the client got wrong, which every provider would refuse
+(`base.request_at_fault`): that ends the chain. After the first content byte the failure is
 final (the client already has text). A 429 on the last link is retried once after its
-Retry-After when that fits in the budget. Models whose circuit is open are skipped.
+Retry-After when that fits in the budget. Models whose circuit is open are skipped, and so are
+deployments cooling down after a 429/5xx (their model's other deployments serve meanwhile).
 
 What happens is reported to the chain's `observer` (a `ChainObserver`: the app's `Metrics`, or
 nothing): the gateway's own time before the first upstream call (measured from `started`, the
@@ -19,6 +26,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
+from .. import tracing
 from ..config import ModelConfig
 from .base import NO_OBSERVER, Batch, ChainObserver, ChatRequest, ProviderError, UpstreamTimeout
 from .registry import ModelRegistry
@@ -30,11 +38,16 @@ log = logging.getLogger(__name__)
 class Attempt:
     model: str
     provider: str
-    outcome: str  # ok | the ProviderError kind
+    outcome: str  # ok | circuit_open | cooldown | cancelled | the ProviderError kind
     ms: int
+    status: int | None = None  # the upstream's HTTP status, when it answered with an error
 
     def as_json(self) -> dict[str, object]:
-        return {"model": self.model, "provider": self.provider, "outcome": self.outcome, "ms": self.ms}
+        attempt: dict[str, object] = {"model": self.model, "provider": self.provider, "outcome": self.outcome,
+                                      "ms": self.ms}
+        if self.status is not None:
+            attempt["status"] = self.status
+        return attempt
 
 
 @dataclass
@@ -45,21 +58,21 @@ class Chain:
     model: ModelConfig | None = None  # the link that is streaming, once one is
     observer: ChainObserver = field(default=NO_OBSERVER, kw_only=True)
     started: float | None = field(default=None, kw_only=True)  # the request's arrival (time.monotonic())
+    _last: ModelConfig | None = field(default=None, init=False, repr=False)  # the last link tried
 
     @property
     def used(self) -> ModelConfig:
         """The model that streamed, else the last one tried, else the first planned."""
-        if self.model is not None:
-            return self.model
-        if self.attempts:
-            return next(m for m in self.models if m.name == self.attempts[-1].model)
-        return self.models[0]
+        return self.model or self._last or self.models[0]
 
     @property
     def fallback_from(self) -> str | None:
-        return self.models[0].name if self.used is not self.models[0] else None
+        # another deployment of the planned model is the same model, not a fallback
+        return self.models[0].name if self.used.name != self.models[0].name else None
 
-    async def stream(self, request: ChatRequest) -> AsyncGenerator[Batch, None]:
+    async def stream(self, request: ChatRequest, *, whole: bool = False) -> AsyncGenerator[Batch, None]:
+        """The reply's batches. `whole`: the caller waits for the complete reply (not streaming),
+        so `timeout_s` bounds all of it rather than the wait for its first byte."""
         circuits, observer = self.registry.circuits, self.observer
         loop = asyncio.get_running_loop()
         budget_end = loop.time() + self.models[0].timeout_s  # bounds waits on Retry-After
@@ -68,15 +81,17 @@ class Chain:
         retried: set[str] = set()
         while links:
             model = links.pop(0)
-            if not circuits.allow(model.name):
-                self._record(model, "circuit_open", time.monotonic())
+            key = model.circuit_key
+            if not circuits.allow(key):
+                self._record(model, "cooldown" if circuits.cooling(key) else "circuit_open", time.monotonic())
                 last_error = last_error or ProviderError(f"model {model.name} is unavailable (circuit open)")
                 continue
             provider = self.registry.provider(model)
             if not self.attempts and self.started is not None:
                 observer.upstream_call(time.monotonic() - self.started)
             started = time.monotonic()
-            deadline = loop.time() + model.timeout_s
+            tracing.attempt_started(model)  # a span when traced: the upstream call carries it
+            deadline = loop.time() + (model.timeout_s if whole else model.max_stream_s)
             events = provider.stream(model, request)
             try:
                 # wait for the first batch (content, or usage/finish alone: an empty reply also commits)
@@ -88,22 +103,28 @@ class Chain:
                     e = UpstreamTimeout("first_token")
                 elif isinstance(e, StopAsyncIteration):
                     e = ProviderError("upstream ended without a reply")
-                self._record(model, e.kind, started)
-                log.warning("model %s failed before its first token: %s", model.name, e.message)
+                self._record(model, e.kind, started, e.status)
+                log.warning("model %s (%s) failed before its first token: %s", model.name, model.provider, e.message)
                 last_error = e
                 if not e.retryable:
-                    circuits.release(model.name)  # our request's fault, not the model's
+                    circuits.release(key)  # the request's fault: every provider would refuse it
                     break
-                circuits.failure(model.name)
+                if not e.model_fault:
+                    circuits.release(key)  # a parameter this model rejects: the next link may take it
+                    continue
+                circuits.failure(key)
                 wait = getattr(e, "retry_after", None)
-                if not links and wait is not None and model.name not in retried and loop.time() + wait < budget_end:
+                if model.deployment is not None:
+                    # one deployment of several: rest it for a while, its siblings serve meanwhile
+                    circuits.cool(key, wait if wait is not None else self.registry.deployment_cooldown_s)
+                elif not links and wait is not None and key not in retried and loop.time() + wait < budget_end:
                     # the last link asked us to come back shortly: within the budget, do so once
-                    retried.add(model.name)
+                    retried.add(key)
                     await asyncio.sleep(wait)
                     links.append(model)
                 continue
             except BaseException:
-                circuits.release(model.name)
+                circuits.release(key)
                 await events.aclose()
                 raise
             self.model = model
@@ -118,24 +139,27 @@ class Chain:
                         yield event
             except TimeoutError:
                 self._record(model, "upstream_timeout", started)
-                circuits.failure(model.name)
-                raise UpstreamTimeout("total") from None
+                circuits.failure(key)
+                raise UpstreamTimeout("total" if whole else "max_stream") from None
             except ProviderError as e:
                 self._record(model, e.kind, started)
-                circuits.failure(model.name)
+                circuits.failure(key)
                 raise
             except BaseException:
                 self._record(model, "cancelled", started)
-                circuits.release(model.name)
+                circuits.release(key)
                 raise
             finally:
                 await events.aclose()
             self._record(model, "ok", started)
-            circuits.success(model.name)
+            circuits.success(key)
             observer.reply_streamed(model, batches, time.monotonic() - first_at)
             return
         assert last_error is not None
         raise last_error
 
-    def _record(self, model: ModelConfig, outcome: str, started: float) -> None:
-        self.attempts.append(Attempt(model.name, model.provider, outcome, round((time.monotonic() - started) * 1000)))
+    def _record(self, model: ModelConfig, outcome: str, started: float, status: int | None = None) -> None:
+        tracing.attempt_ended(model, outcome)
+        self._last = model
+        self.attempts.append(Attempt(model.name, model.provider, outcome, round((time.monotonic() - started) * 1000),
+                                     status))

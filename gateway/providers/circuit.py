@@ -4,7 +4,10 @@ closed --N consecutive failures--> open --cool-down passed--> half-open (one pro
 half-open --probe succeeds--> closed;  half-open --probe fails--> open again
 
 The state is in-process (each instance learns on its own) and readable by other features:
-random arena draws skip models whose circuit is open.
+random draws skip models whose circuit is open.
+
+Besides the circuit, a name may be put in a short cooldown (`cool`): one of several deployments
+of a model that answered 429 or 5xx is skipped for a few seconds while its siblings serve.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class CircuitBreakers:
         self.cooldown_s = cooldown_s
         self._clock = clock
         self._states: dict[str, _State] = {}
+        self._cool_until: dict[str, float] = {}
 
     def state(self, model: str) -> str:
         """closed | open | half_open (open, but the cool-down has passed: a probe may go)."""
@@ -41,10 +45,28 @@ class CircuitBreakers:
     def available(self, model: str) -> bool:
         """Whether a request to this model could be let through now (without claiming the probe)."""
         s = self._states.get(model)
+        if self.cooling(model):
+            return False
         return self.state(model) == "closed" or (self.state(model) == "half_open" and not (s and s.probing))
 
+    def cooling(self, model: str) -> bool:
+        until = self._cool_until.get(model)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._cool_until[model]
+        return False
+
+    def cool(self, model: str, seconds: float) -> None:
+        """Skip `model` for `seconds` (extending, never shortening, a cooldown already running)."""
+        until = self._clock() + seconds
+        self._cool_until[model] = max(until, self._cool_until.get(model, until))
+
     def allow(self, model: str) -> bool:
-        """Claim a request slot: always when closed; the single probe when half-open."""
+        """Claim a request slot: always when closed (and not cooling); the single probe when half-open."""
+        if self.cooling(model):
+            return False
         state = self.state(model)
         if state == "closed":
             return True

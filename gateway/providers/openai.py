@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -10,6 +11,7 @@ import aiohttp
 import orjson
 
 from ..config import ModelConfig, ProviderConfig
+from ..tracing import upstream_headers
 from . import normalise
 from .base import (
     Batch,
@@ -45,14 +47,44 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
         return
     body = await read_at_most(resp, ERROR_BODY_BYTES)
     message = f"upstream answered {resp.status}"
+    detail: dict[str, Any] = {}
     try:
-        detail = normalise.loads(body).get("error")
-        if isinstance(detail, dict) and detail.get("message"):
+        error = normalise.loads(body).get("error")  # OpenAI's and Anthropic's error bodies alike
+        if isinstance(error, dict):
+            detail = error
+        elif isinstance(error, str):
+            detail = {"message": error}
+        if detail.get("message"):
             message += f": {detail['message']}"
     except (orjson.JSONDecodeError, AttributeError):
         pass
     raise UpstreamHTTPError(normalise.clean(message[:500]), status=resp.status,
-                            retry_after=retry_after_seconds(resp.headers))
+                            retry_after=retry_after_seconds(resp.headers), blames=blames(detail))
+
+
+# What a 4xx error body says is at fault, read from its `param`, `code`, `type` and message:
+# a parameter (one this model rejects, or a prompt beyond its context) or the model itself
+# (unknown, retired). Either way another model may serve the request. The messages themselves
+# (`param: "messages[1].content"`) are the request's own fault.
+_PARAMETER = re.compile(r"param|unsupported|not supported|unrecognized|unknown (?:field|argument)|"
+                        r"context(?:[ _]length|[ _]window)|too many tokens|maximum .*tokens|"
+                        r"\b(?:max_tokens|max_completion_tokens|temperature|top_p|stop|stream_options|tools?|"
+                        r"tool_choice|response_format|seed|logprobs|n)\b\s*[:=']", re.I)
+_MODEL = re.compile(r"model", re.I)
+_REQUEST_PARAMS = ("messages", "input", "prompt", "system")
+
+
+def blames(detail: dict[str, Any]) -> str | None:
+    """"parameter", "model" or None (the request itself, as far as the body says)."""
+    param = str(detail.get("param") or "")
+    if param.startswith(_REQUEST_PARAMS):
+        return None
+    words = " ".join(str(detail.get(k) or "") for k in ("code", "type", "message"))
+    if param or _PARAMETER.search(words):
+        return "parameter"
+    if _MODEL.search(words):
+        return "model"
+    return None
 
 
 async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes:
@@ -81,20 +113,34 @@ def client_timeout(model: ModelConfig) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, sock_connect=model.connect_timeout_s, sock_read=model.idle_timeout_s)
 
 
+def request_headers(config: ProviderConfig, own: dict[str, str]) -> dict[str, str]:
+    """The adapter's own headers, then the provider's configured ones (which may replace them)."""
+    return {**own, **{name: value.reveal() for name, value in config.headers.items()}}
+
+
 class OpenAIProvider:
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.name = config.name
         self._url = config.base_url + "/chat/completions"
-        self._headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        own = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if config.api_key:
-            self._headers["Authorization"] = "Bearer " + config.api_key.reveal()
+            own["Authorization"] = "Bearer " + config.api_key.reveal()
+        self._headers = request_headers(config, own)
+        self._stream_options = config.send_stream_options
+        self._max_completion_tokens = config.send_max_completion_tokens
         self._session = session
 
     def body(self, model: ModelConfig, request: ChatRequest) -> bytes:
         body: dict[str, Any] = dict(request.extra)
-        body.update(model=model.upstream, messages=request.messages, stream=True,
-                    stream_options={"include_usage": True})  # usage always, so it is never guessed
-        for key in ("max_tokens", "temperature", "top_p", "stop"):
+        body.update(model=model.upstream, messages=request.messages, stream=True)
+        if self._stream_options:  # usage always, so it is never guessed (where the server allows)
+            body["stream_options"] = {"include_usage": True}
+        if request.max_tokens is not None:
+            key = request.max_tokens_key
+            if key == "max_completion_tokens" and not self._max_completion_tokens:
+                key = "max_tokens"
+            body[key] = request.max_tokens
+        for key in ("temperature", "top_p", "stop"):
             value = getattr(request, key)
             if value is not None:
                 body[key] = value
@@ -102,7 +148,8 @@ class OpenAIProvider:
 
     async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         try:
-            async with self._session.post(self._url, data=self.body(model, request), headers=self._headers,
+            async with self._session.post(self._url, data=self.body(model, request),
+                                          headers=upstream_headers(self._headers),
                                           timeout=client_timeout(model)) as resp:
                 await raise_for_status(resp)
                 decoder = SSEDecoder()

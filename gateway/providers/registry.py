@@ -1,14 +1,19 @@
-"""The configured models and the provider adapters behind them."""
+"""The configured models and the provider adapters behind them.
+
+A model with several `deployments` becomes several chain links (one per deployment, in an order
+drawn by weight for each request); its fallbacks follow only once every deployment has failed.
+"""
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import aiohttp
 import asyncpg
 
 from ..config import ModelConfig, Settings
-from ..errors import ConfigError
+from ..errors import ConfigError, ServiceUnavailable
 from ..store.models import sync_models
 from .anthropic import AnthropicProvider
 from .base import Provider
@@ -18,7 +23,10 @@ from .openai import OpenAIProvider
 
 
 class NotEnoughModels(Exception):
-    """Fewer than two models can be drawn."""
+    """Fewer models can be drawn than were asked for."""
+
+
+RANDOM = "random"  # the model name that asks for one drawn by weight (router.RANDOM)
 
 
 class ModelRegistry:
@@ -26,6 +34,8 @@ class ModelRegistry:
         self.models: dict[str, ModelConfig] = dict(settings.models)
         self.default = settings.default_model
         self.circuits = CircuitBreakers(settings.circuit_failures, settings.circuit_cooldown_s)
+        self.deployment_cooldown_s = settings.deployment_cooldown_s
+        self.rng = random.Random()  # deployment order and random draws; tests may seed it
         self.providers: dict[str, Provider] = {}
         for name, config in settings.providers.items():
             if config.kind == "demo":
@@ -38,23 +48,67 @@ class ModelRegistry:
                 raise ConfigError(f"[providers.{name}] kind {config.kind!r} has no adapter")
 
     def __contains__(self, name: str) -> bool:
-        return name in self.models
+        """A model a request may name: a declared one, or `random` (drawn by `draw_one`)."""
+        return name in self.models or name == RANDOM
 
     def chain(self, name: str) -> list[ModelConfig]:
-        """The model, then its fallbacks in order (each once, disabled ones skipped)."""
+        """The model, then its fallbacks in order (each once, disabled ones skipped); a model with
+        deployments contributes one link per deployment, in this request's weighted order."""
         order: list[ModelConfig] = []
+        seen: set[str] = set()
         for candidate in (name, *self.models[name].fallbacks):
             model = self.models[candidate]
-            if model.enabled and model not in order:
-                order.append(model)
-        return order or [self.models[name]]
+            if model.enabled and candidate not in seen:
+                seen.add(candidate)
+                order.extend(self.links(model))
+        return order or self.links(self.models[name])
+
+    def links(self, model: ModelConfig) -> list[ModelConfig]:
+        """The chain links of one model: itself, or its deployments drawn by weight without
+        replacement (weight 0: a standby, tried after the others)."""
+        if not model.deployments:
+            return [model]
+        pending = list(enumerate(model.deployments))
+        drawn: list[int] = []
+        while any(d.weight > 0 for _, d in pending):
+            weighted = [(i, d) for i, d in pending if d.weight > 0]
+            pick = self.rng.choices(weighted, weights=[d.weight for _, d in weighted])[0]
+            drawn.append(pick[0])
+            pending.remove(pick)
+        drawn += [i for i, _ in pending]
+        return [deployment_link(model, i) for i in drawn]
+
+    def available(self, model: ModelConfig) -> bool:
+        """Whether a request to the model could go now: its circuit (or a deployment's) lets it through."""
+        if not model.deployments:
+            return self.circuits.available(model.circuit_key)
+        return any(self.circuits.available(deployment_link(model, i).circuit_key)
+                   for i in range(len(model.deployments)))
+
+    def _pool(self) -> list[ModelConfig]:
+        return [m for m in self.models.values() if m.enabled and m.weight > 0 and self.available(m)]
+
+    def draw_one(self, rng: random.Random | None = None) -> ModelConfig:
+        """One enabled model drawn in proportion to its weight, skipping open circuits (`model: random`)."""
+        pool = self._pool()
+        if not pool:
+            raise NotEnoughModels("no model is available")
+        return (rng or self.rng).choices(pool, weights=[m.weight for m in pool])[0]
+
+    def draw_name(self) -> str:
+        """`model: random` resolved: a drawn model's name (or a model declared as "random" itself)."""
+        if RANDOM in self.models:
+            return RANDOM
+        try:
+            return self.draw_one().name
+        except NotEnoughModels:
+            raise ServiceUnavailable("no model is available to draw from; retry later") from None
 
     def draw_pair(self, rng: random.Random | None = None) -> tuple[ModelConfig, ModelConfig]:
         """Two distinct enabled models, drawn at random in proportion to their weights, skipping
         models whose circuit is open (the arena's default pairing)."""
         choices = rng.choices if rng is not None else random.choices
-        pool = [m for m in self.models.values()
-                if m.enabled and m.weight > 0 and self.circuits.available(m.name)]
+        pool = self._pool()
         if len(pool) < 2:
             raise NotEnoughModels(f"need two available models, have {len(pool)}")
         first = choices(pool, weights=[m.weight for m in pool])[0]
@@ -68,3 +122,10 @@ class ModelRegistry:
     async def sync(self, pool: asyncpg.Pool) -> None:
         """Mirror the configured models into the models table, so SQL can see what is enabled."""
         await sync_models(pool, self.models.values())
+
+
+def deployment_link(model: ModelConfig, index: int) -> ModelConfig:
+    """The chain link for one deployment of `model`: same name, prices and timeouts; its provider and id."""
+    deployment = model.deployments[index]
+    return replace(model, provider=deployment.provider, upstream=deployment.upstream, deployments=(),
+                   deployment=index)

@@ -196,7 +196,7 @@
 
   // ---------------------------------------------------------------- tabs
 
-  const tabs = [byTestId("tab-chat"), byTestId("tab-arena")];
+  const tabs = [byTestId("tab-chat"), byTestId("tab-arena"), byTestId("tab-usage")];
 
   function selectTab(tab) {
     for (const t of tabs) {
@@ -206,7 +206,8 @@
       document.getElementById(t.getAttribute("aria-controls")).hidden = !selected;
     }
     tab.focus();
-    if (tab === tabs[1]) loadLeaderboard();
+    if (tab === tabs[1]) loadLeaderboard().catch(() => {});
+    if (tab === tabs[2]) loadUsage().catch((e) => { byTestId("usage-range").textContent = `(not loaded: ${e.message})`; });
   }
 
   tabs.forEach((tab, i) => {
@@ -369,26 +370,70 @@
     messageInput.readOnly = busy;
   }
 
+  // The error queue (seed 004): a send that fails for a reason that may pass (no connection, a
+  // 5xx, 408, 429) is tried again after 1 s, 2 s and 4 s with the same client_message_id, so the
+  // gateway stores it once whatever happened to the earlier attempts (a retry of a send that did
+  // arrive is answered as a duplicate, with the same reply). After the last try the message stays
+  // on the page with its id and a Retry button that starts the queue again.
+  const RETRY_DELAYS_MS = [1000, 2000, 4000];
+
+  function retryable(e) {
+    return !(e instanceof ApiError) || e.status >= 500 || e.status === 408 || e.status === 429;
+  }
+
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
   async function send(content) {
     if (!state.key) {
       chatStatus.textContent = "Paste an API key first.";
       keyInput.focus();
       return;
     }
+    const userLi = addUserMessage(content);
+    const body = { content, model: modelSelect.value, thread_id: state.threadId, client_message_id: uuid4(),
+                   stream: false };
+    userLi.dataset.clientMessageId = body.client_message_id;
+    await deliver(userLi, body);
+  }
+
+  async function deliver(userLi, body) {
     setBusy(true);
     chatStatus.textContent = "Sending…";
-    const userLi = addUserMessage(content);
+    const badge = userLi.querySelector('[data-testid="send-state"]') || element("span", "badge", "send-state");
+    userLi.querySelector(".who").append(" ", badge);
+    badge.textContent = "sending…";
+    userLi.dataset.attempts = "0";
+    for (const old of userLi.querySelectorAll('[data-testid="send-error"], [data-testid="retry-send"]')) old.remove();
     let accepted;
-    try {
-      accepted = await api("POST", "/api/chat", {
-        content, model: modelSelect.value, thread_id: state.threadId, client_message_id: uuid4(), stream: false,
-      });
-    } catch (e) {
-      userLi.append(element("p", "error", "send-error", e.message));
-      chatStatus.textContent = `Not sent: ${e.message}`;
-      setBusy(false);
-      return;
+    for (let attempt = 0; ; attempt++) {
+      userLi.dataset.attempts = String(attempt + 1);
+      try {
+        accepted = await api("POST", "/api/chat", body);
+        break;
+      } catch (e) {
+        if (attempt < RETRY_DELAYS_MS.length && retryable(e)) {
+          badge.textContent = "retrying…";
+          userLi.dataset.sendState = "retrying";
+          chatStatus.textContent = `Not sent (${e.message}); retrying… (${attempt + 1} of ${RETRY_DELAYS_MS.length})`;
+          await sleep(RETRY_DELAYS_MS[attempt]);
+          continue;
+        }
+        badge.textContent = "not sent";
+        userLi.dataset.sendState = "failed";
+        userLi.append(element("p", "error", "send-error", e.message));
+        if (retryable(e)) {
+          const again = element("button", "secondary", "retry-send", "Retry");
+          again.type = "button";
+          again.addEventListener("click", () => { if (!state.chat) deliver(userLi, body); });
+          userLi.append(again);
+        }
+        chatStatus.textContent = `Not sent: ${e.message}`;
+        setBusy(false);
+        return;
+      }
     }
+    badge.textContent = accepted.duplicate ? "sent (once)" : "sent";
+    userLi.dataset.sendState = "sent";
     messageInput.value = "";
     const newThread = state.threadId !== accepted.thread_id;
     state.threadId = accepted.thread_id;
@@ -599,19 +644,270 @@
     if (content) compare(content);
   });
 
+  // ---------------------------------------------------------------- charts (SVG, drawn here)
+
+  const SVG_NS = "http://www.w3.org/2000/svg"; // a namespace name, not a download
+  const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+                   "#9c755f", "#bab0ac"];
+
+  function svgEl(tag, attrs, parent, text) {
+    const el = document.createElementNS(SVG_NS, tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value !== undefined && value !== null) el.setAttribute(name, String(value));
+    }
+    if (text !== undefined) el.textContent = text;
+    if (parent) parent.append(el);
+    return el;
+  }
+
+  function chartSvg(box, width, height, label) {
+    const svg = svgEl("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img", "aria-label": label });
+    box.replaceChildren(svg);
+    return svg;
+  }
+
+  function emptyChart(box, text) {
+    box.replaceChildren(element("p", "empty-chart", null, text));
+  }
+
+  // round steps for an axis over [lo, hi]: about `count` of them, at 1, 2, 2.5 or 5 times a power of 10
+  function ticks(lo, hi, count = 4) {
+    if (!(hi > lo)) return [lo];
+    const raw = (hi - lo) / count;
+    const mag = 10 ** Math.floor(Math.log10(raw));
+    const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+    const out = [];
+    for (let v = Math.ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(12)));
+    return out;
+  }
+
+  function compact(value) {
+    const abs = Math.abs(value);
+    if (abs >= 1e6) return `${Number((value / 1e6).toPrecision(3))}M`;
+    if (abs >= 1e3) return `${Number((value / 1e3).toPrecision(3))}k`;
+    return String(Number(value.toPrecision(3)));
+  }
+
+  const dollars = (value) => (value === 0 ? "$0" : `$${Number(value.toPrecision(2))}`);
+
+  function colourOf(models) {
+    const colours = new Map();
+    [...models].sort().forEach((m, i) => colours.set(m, PALETTE[i % PALETTE.length]));
+    return colours;
+  }
+
+  // -- the leaderboard as LMArena draws it: a point per model, a whisker for its interval
+
+  function drawRatings(box, models) {
+    if (!models.length) return emptyChart(box, "No votes yet.");
+    const rowH = 28, left = 190, right = 24, top = 10, bottom = 30, width = 640;
+    const height = top + bottom + rowH * models.length;
+    const lo = Math.min(...models.map((m) => Math.min(m.ci_low, m.lc_ci_low)));
+    const hi = Math.max(...models.map((m) => Math.max(m.ci_high, m.lc_ci_high)));
+    const axis = ticks(lo, hi, 5);
+    const min = Math.min(lo, axis[0]), max = Math.max(hi, axis[axis.length - 1]);
+    const x = (v) => left + ((v - min) / (max - min || 1)) * (width - left - right);
+    const svg = chartSvg(box, width, height, "Model ratings with 95% confidence intervals");
+    for (const t of axis) {
+      svgEl("line", { class: "grid", x1: x(t), x2: x(t), y1: top, y2: height - bottom }, svg);
+      svgEl("text", { x: x(t), y: height - bottom + 16, "text-anchor": "middle" }, svg, String(t));
+    }
+    svgEl("line", { class: "axis", x1: left, x2: width - right, y1: height - bottom, y2: height - bottom }, svg);
+    models.forEach((m, i) => {
+      const y = top + rowH * i + rowH / 2;
+      const g = svgEl("g", { class: m.provisional ? "row provisional" : "row", "data-testid": "rating-row",
+                             "data-model": m.model }, svg);
+      const name = m.model.length > 26 ? `${m.model.slice(0, 25)}…` : m.model;
+      svgEl("text", { class: "label", x: left - 10, y: y + 4, "text-anchor": "end" }, g,
+            name + (m.provisional ? " *" : ""));
+      svgEl("line", { class: "whisker", x1: x(m.ci_low), x2: x(m.ci_high), y1: y - 3, y2: y - 3,
+                      "data-testid": "rating-whisker" }, g);
+      svgEl("circle", { class: "point", cx: x(m.rating), cy: y - 3, r: 5, "data-testid": "rating-point",
+                        "data-rating": m.rating }, g);
+      svgEl("line", { class: "whisker lc", x1: x(m.lc_ci_low), x2: x(m.lc_ci_high), y1: y + 6, y2: y + 6,
+                      "data-testid": "lc-whisker" }, g);
+      const cx = x(m.rating_lc), cy = y + 6;
+      svgEl("polygon", { class: "point lc", points: `${cx},${cy - 5} ${cx + 5},${cy} ${cx},${cy + 5} ${cx - 5},${cy}`,
+                         "data-testid": "lc-point", "data-rating": m.rating_lc }, g);
+      svgEl("title", {}, g, `${m.model}: ${Math.round(m.rating)} (95% CI ${Math.round(m.ci_low)}–${Math.round(m.ci_high)}), `
+            + `length-controlled ${Math.round(m.rating_lc)}; ${m.battles} battles${m.provisional ? ", provisional" : ""}`);
+    });
+  }
+
+  // -- win rates between every two models that met (ties count half)
+
+  function rateColour(rate) { // 0: red, 0.5: light grey, 1: blue
+    const mix = (a, b, t) => Math.round(a + (b - a) * t);
+    const [from, to, t] = rate < 0.5 ? [[217, 83, 79], [238, 238, 238], rate * 2] : [[238, 238, 238], [59, 125, 216], rate * 2 - 1];
+    return `rgb(${mix(from[0], to[0], t)}, ${mix(from[1], to[1], t)}, ${mix(from[2], to[2], t)})`;
+  }
+
+  function drawMatrix(box, models, pairs) {
+    if (!pairs.length) return emptyChart(box, "No battles yet.");
+    const names = models.map((m) => m.model);
+    const met = new Map(); // "row\u0000col" -> [wins of row, battles]
+    for (const p of pairs) {
+      met.set(`${p.a}\u0000${p.b}`, [p.a_wins, p.battles]);
+      met.set(`${p.b}\u0000${p.a}`, [p.battles - p.a_wins, p.battles]);
+    }
+    const cell = names.length > 14 ? 24 : 36, left = 190, top = 120;
+    const width = left + cell * names.length + 10, height = top + cell * names.length + 10;
+    const svg = chartSvg(box, width, height, "Win rate of each model against each other model");
+    const short = (n) => (n.length > 22 ? `${n.slice(0, 21)}…` : n);
+    names.forEach((name, i) => {
+      svgEl("text", { class: "label", x: left - 8, y: top + cell * i + cell / 2 + 4, "text-anchor": "end" }, svg, short(name));
+      const cx = left + cell * i + cell / 2;
+      svgEl("text", { class: "label", x: cx, y: top - 8, transform: `rotate(-45 ${cx} ${top - 8})` }, svg, short(name));
+    });
+    names.forEach((row, i) => names.forEach((col, j) => {
+      const found = met.get(`${row}\u0000${col}`);
+      const at = { x: left + cell * j + 1, y: top + cell * i + 1, width: cell - 2, height: cell - 2 };
+      if (!found || i === j) {
+        svgEl("rect", { ...at, class: "cell-none", "data-testid": "winrate-empty" }, svg);
+        return;
+      }
+      const [wins, battles] = found;
+      const rate = wins / battles;
+      const g = svgEl("g", { "data-testid": "winrate-cell", "data-row": row, "data-col": col,
+                             "data-rate": rate.toFixed(4), "data-battles": battles }, svg);
+      svgEl("rect", { ...at, fill: rateColour(rate), rx: 3 }, g);
+      if (cell >= 30) {
+        svgEl("text", { class: "cell-text", x: at.x + at.width / 2, y: at.y + at.height / 2 + 4, "text-anchor": "middle" },
+              g, `${Math.round(rate * 100)}`);
+      }
+      svgEl("title", {}, g, `${row} vs ${col}: ${Math.round(rate * 100)}% of ${battles} battle${battles === 1 ? "" : "s"}`);
+    }));
+  }
+
+  // -- usage: stacked bars per day, a gauge for today's budget
+
+  const USAGE_DAYS = 14;
+
+  function isoDay(date) {
+    return date.toISOString().slice(0, 10);
+  }
+
+  function daysBetween(from, to) {
+    const out = [];
+    for (let d = new Date(`${from}T00:00:00Z`); isoDay(d) <= to; d.setUTCDate(d.getUTCDate() + 1)) out.push(isoDay(d));
+    return out;
+  }
+
+  function drawStacked(box, days, models, colours, value, label, format) {
+    const byDay = new Map(days.map((d) => [d, []]));
+    for (const r of models.rows) if (byDay.has(r.day)) byDay.get(r.day).push(r);
+    const totals = days.map((d) => byDay.get(d).reduce((s, r) => s + value(r), 0));
+    if (!totals.some((t) => t > 0)) return emptyChart(box, "No usage in this range.");
+    const width = 720, height = 230, left = 58, right = 10, top = 10, bottom = 28;
+    const axis = ticks(0, Math.max(...totals), 4);
+    const max = axis[axis.length - 1];
+    const y = (v) => top + (1 - v / max) * (height - top - bottom);
+    const slot = (width - left - right) / days.length;
+    const svg = chartSvg(box, width, height, label);
+    for (const t of axis) {
+      svgEl("line", { class: "grid", x1: left, x2: width - right, y1: y(t), y2: y(t) }, svg);
+      svgEl("text", { x: left - 6, y: y(t) + 4, "text-anchor": "end" }, svg, format(t));
+    }
+    svgEl("line", { class: "axis", x1: left, x2: width - right, y1: y(0), y2: y(0) }, svg);
+    const every = Math.ceil(days.length / 7);
+    days.forEach((day, i) => {
+      const x0 = left + slot * i + slot * 0.15;
+      if (i % every === 0) svgEl("text", { x: x0 + slot * 0.35, y: height - bottom + 16, "text-anchor": "middle" }, svg, day.slice(5));
+      let base = 0;
+      for (const model of models.order) {
+        const r = byDay.get(day).find((row) => row.model === model);
+        const v = r ? value(r) : 0;
+        if (v <= 0) continue;
+        const bar = svgEl("rect", { x: x0, width: slot * 0.7, y: y(base + v), height: Math.max(y(base) - y(base + v), 0.5),
+                                    fill: colours.get(model), "data-testid": "usage-bar", "data-day": day,
+                                    "data-model": model, "data-value": v }, svg);
+        svgEl("title", {}, bar, `${day} · ${model}: ${format(v)}`);
+        base += v;
+      }
+    });
+  }
+
+  function drawGauge(box, me) {
+    const caps = [me.limits.daily_tokens, me.key ? me.limits.key_daily_tokens : null].filter((c) => c != null);
+    if (!caps.length) return emptyChart(box, "No daily token cap: nothing to run out of.");
+    const cap = Math.min(...caps), remaining = me.remaining.daily_tokens;
+    const fraction = Math.max(0, Math.min(1, remaining / cap));
+    const width = 240, height = 150, cx = 120, cy = 120, r = 90;
+    const svg = chartSvg(box, width, height, `Today's token budget: ${remaining} of ${cap} left`);
+    svg.dataset.testid = "gauge";
+    svg.dataset.remaining = remaining;
+    svg.dataset.cap = cap;
+    svg.dataset.fraction = fraction.toFixed(4);
+    const point = (f) => [cx - r * Math.cos(Math.PI * f), cy - r * Math.sin(Math.PI * f)];
+    const arc = (f) => { const [x, y] = point(f); return `M ${cx - r} ${cy} A ${r} ${r} 0 0 1 ${x.toFixed(2)} ${y.toFixed(2)}`; };
+    svgEl("path", { class: "gauge-track", d: arc(1) }, svg);
+    if (fraction > 0) svgEl("path", { class: fraction < 0.2 ? "gauge-fill low" : "gauge-fill", d: arc(fraction),
+                                      "data-testid": "gauge-fill" }, svg);
+    svgEl("text", { class: "gauge-value", x: cx, y: cy - 12, "text-anchor": "middle" }, svg, `${Math.round(fraction * 100)}%`);
+    svgEl("text", { x: cx, y: cy + 16, "text-anchor": "middle" }, svg, `${compact(remaining)} of ${compact(cap)} tokens left`);
+  }
+
+  const usageRange = byTestId("usage-range");
+  const usageLegend = byTestId("usage-legend");
+
+  async function loadUsage() {
+    if (!state.key) return null;
+    const to = isoDay(new Date());
+    const start = new Date(`${to}T00:00:00Z`);
+    start.setUTCDate(start.getUTCDate() - (USAGE_DAYS - 1));
+    const from = isoDay(start);
+    const [report, me] = await Promise.all([
+      api("GET", `/api/usage?group_by=${encodeURIComponent("day,model")}&from=${from}&to=${to}`),
+      api("GET", "/api/me"),
+    ]);
+    const totals = new Map();
+    for (const r of report.rows) totals.set(r.model, (totals.get(r.model) || 0) + r.total_tokens);
+    const order = [...totals.keys()].sort((a, b) => totals.get(b) - totals.get(a) || (a < b ? -1 : 1));
+    const colours = colourOf(order);
+    const days = daysBetween(report.from, report.to);
+    usageRange.textContent = `${report.from} – ${report.to} (UTC)`;
+    drawGauge(byTestId("budget-gauge"), me);
+    drawStacked(byTestId("tokens-chart"), days, { rows: report.rows, order }, colours, (r) => r.total_tokens,
+                "Tokens per day by model", compact);
+    drawStacked(byTestId("cost-chart"), days, { rows: report.rows, order }, colours, (r) => r.cost_usd,
+                "Cost per day by model", dollars);
+    usageLegend.replaceChildren();
+    for (const model of order) {
+      const li = element("li", null, "legend-item");
+      li.dataset.model = model;
+      const swatch = svgEl("svg", { width: 12, height: 12, "aria-hidden": "true" });
+      svgEl("rect", { width: 12, height: 12, rx: 2, fill: colours.get(model) }, swatch);
+      li.append(swatch, `${model} · ${compact(totals.get(model))} tokens`);
+      usageLegend.append(li);
+    }
+    document.getElementById("panel-usage").dataset.loaded = report.to;
+    return report;
+  }
+
+  byTestId("usage-refresh").addEventListener("click", () => loadUsage().catch(() => {}));
+
   // ---------------------------------------------------------------- leaderboard
 
   const leaderboardBody = document.getElementById("leaderboard-body");
+
+  const leaderboardNote = byTestId("leaderboard-note");
 
   async function loadLeaderboard() {
     if (!state.key) return null;
     const board = await api("GET", "/api/leaderboard");
     state.battles = board.battles;
     leaderboardBody.replaceChildren();
+    drawRatings(byTestId("ratings-chart"), board.models);
+    drawMatrix(byTestId("winrate-matrix"), board.models, board.pairs);
+    leaderboardNote.textContent = board.models.length
+      ? `${board.battles} battles. * provisional: fewer than ${board.provisional_below} battles. `
+        + `Length-controlled: the rating once the voters' taste for longer replies (worth ${board.length_effect} `
+        + "points to a reply twice as long as the other) is taken out."
+      : "";
     if (!board.models.length) {
       const row = leaderboardBody.insertRow();
       const cell = row.insertCell();
-      cell.colSpan = 6;
+      cell.colSpan = 7;
       cell.className = "muted";
       cell.textContent = "No votes yet.";
       return board;
@@ -620,8 +916,10 @@
       const row = leaderboardBody.insertRow();
       row.dataset.testid = "leaderboard-row";
       row.dataset.model = m.model;
+      if (m.provisional) row.dataset.provisional = "true";
       const ci = m.ci_low == null ? "—" : `${Math.round(m.ci_low)} – ${Math.round(m.ci_high)}`;
-      const cells = [i + 1, m.model, Math.round(m.rating), ci, m.battles, `${Math.round(m.win_rate * 100)}%`];
+      const cells = [i + 1, m.provisional ? `${m.model} *` : m.model, Math.round(m.rating), ci,
+                     Math.round(m.rating_lc), m.battles, `${Math.round(m.win_rate * 100)}%`];
       for (const value of cells) row.insertCell().textContent = String(value);
     });
     return board;

@@ -135,18 +135,22 @@ _REPORT = {
 }
 
 
-async def usage_report(pool: asyncpg.Pool, user_id: uuid.UUID, start: date, end: date,
+async def usage_report(pool: asyncpg.Pool, user_id: uuid.UUID | None, start: date, end: date,
                        group_by: str) -> list[dict[str, Any]]:
-    """Tokens, cost and requests per day or per model over [start, end] (UTC days); each row's key
-    column is named by `group_by`, the others are prompt_tokens, completion_tokens, total_tokens,
+    """Tokens, cost and requests per day, per model, or per day and model ("day,model") over
+    [start, end] (UTC days) of one user (None: everybody, for the operator's CLI); each row's key
+    columns are named by `group_by`, the others are prompt_tokens, completion_tokens, total_tokens,
     cost_usd (float) and requests (int)."""
-    key = _REPORT[group_by]  # one of two fixed expressions, never caller text
+    names = group_by.split(",")
+    # fixed expressions and names, never caller text
+    keys = ", ".join(f"{_REPORT[name]} AS {name}" for name in names)
+    order = ", ".join(str(i + 1) for i in range(len(names)))
     rows = await pool.fetch(f"""
-        SELECT {key} AS {group_by}, sum(u.prompt_tokens)::bigint AS prompt_tokens,
+        SELECT {keys}, sum(u.prompt_tokens)::bigint AS prompt_tokens,
                sum(u.completion_tokens)::bigint AS completion_tokens, sum(u.total_tokens)::bigint AS total_tokens,
                sum(u.cost_usd)::float8 AS cost_usd, count(*) AS requests
         FROM usage u
-        WHERE u.user_id = $1 AND u.created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
+        WHERE ($1::uuid IS NULL OR u.user_id = $1) AND u.created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
           AND u.created_at < ($3::date + 1)::timestamp AT TIME ZONE 'UTC'
-        GROUP BY 1 ORDER BY 1""", user_id, start, end)
+        GROUP BY {order} ORDER BY {order}""", user_id, start, end)
     return [dict(r) for r in rows]
