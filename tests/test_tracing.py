@@ -259,6 +259,27 @@ async def test_a_policy_refusal_is_a_failed_policy_span_and_nothing_after_it(
     assert upstream.requests == []
 
 
+async def test_a_cap_stop_after_the_commit_is_a_policy_span_saying_refuse_and_no_chat_span(
+        aiohttp_client: Any, make_settings: Any, upstream: FakeUpstream, config_file: Callable[[str], str],
+        exporter: InMemorySpanExporter, user: User, db: Any):
+    # a model the key may not use: decided after the user message is saved, as a refused reply
+    client = await aiohttp_client(create_app(make_settings(
+        GATEWAY_CONFIG=config_file(CONFIG.format(base_url=upstream.base_url))), Tracing.to_exporter(exporter)))
+    await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, {"models": ["backup"]})
+    resp = await client.post("/api/chat", json={"content": "hi", "model": "main"}, headers=user.headers)
+    assert resp.status == 202
+
+    async def root_done() -> bool:
+        return any(s.name == "POST /api/chat" for s in exporter.get_finished_spans())
+
+    await wait_for(root_done)
+    spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    assert [s.name for s in spans] == ["POST /api/chat", "gateway.auth", "gateway.rate_limit", "gateway.persist",
+                                       "gateway.policy"]
+    assert named(list(spans), "gateway.policy").attributes == {"gateway.policy.action": "refuse"}
+    assert upstream.requests == []
+
+
 async def test_an_unsampled_incoming_trace_exports_nothing_but_still_passes_its_trace_upstream(
         traced: Callable[..., Any], exporter: InMemorySpanExporter, upstream: FakeUpstream, user: User,
         aiohttp_server: Any, caplog: pytest.LogCaptureFixture):
