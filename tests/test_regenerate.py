@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.providers.base import estimate_tokens
 from gateway.providers.demo import demo_reply
+from gateway.store import messages as message_store
 
 from .conftest import User, wait_for
 from .fakes import FakeUpstream, Reply, openai_stream
@@ -194,3 +195,32 @@ async def test_without_a_model_it_asks_for_what_the_last_reply_was_asked_for(mak
     assert set(accepted) == {"status", "message", "duplicate", "thread_id", "assistant_message_id", "stream_url"}
     streamed = await (await client.get(accepted["stream_url"])).read()
     assert orjson.loads(streamed.split(b"\n\n")[1].rpartition(b"data: ")[2])["model"] == "demo"
+
+
+async def test_history_reads_a_window_of_the_newest_turns_each_with_its_newest_reply(db, user):
+    thread_id = await db.fetchval("INSERT INTO threads (user_id, title) VALUES ($1, 't') RETURNING id", user.id)
+
+    async def message(role: str, content: str, reply_to: uuid.UUID | None = None,
+                      status: str = "complete") -> dict[str, Any]:
+        found = await db.fetchrow("INSERT INTO messages (thread_id, user_id, role, content, status, reply_to) "
+                                  "VALUES ($1, $2, $3, $4, $5, $6) RETURNING id, seq", thread_id, user.id, role,
+                                  content, status, reply_to)
+        return dict(found)
+
+    asked = []
+    for n in range(1, 61):
+        asked.append(await message("user", f"u{n}"))
+        await message("assistant", f"a{n}", asked[-1]["id"])
+    await message("assistant", "a59 again", asked[58]["id"])  # regenerated, newer than turn 60
+    await message("assistant", "a2 again", asked[1]["id"])  # regenerated, far outside the window
+    await message("assistant", "a60 failed again", asked[59]["id"], status="failed")
+
+    def texts(rows: list[dict[str, Any]]) -> list[str]:
+        return [r["content"] for r in rows]
+
+    history = await message_store.thread_history(db, user.id, thread_id, limit=4)
+    assert texts(history) == ["u59", "a59 again", "u60", "a60"]
+    assert len(await message_store.thread_history(db, user.id, thread_id)) == 50
+    # a regenerate of u3: what precedes it, turn 2 with its newest reply
+    before = await message_store.thread_history(db, user.id, thread_id, limit=4, before=asked[2])
+    assert texts(before) == ["u1", "a1", "u2", "a2 again"]

@@ -104,12 +104,17 @@ async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_
 # message it answers (`ord`: a regenerated reply is newer than later turns, but belongs to its
 # own), and of a message's complete replies only the newest (the one the thread shows).
 # `$4`/`$5` bound it for a regenerate: what precedes that user message (which the caller appends).
+# Only the rows from the `$3`-th newest user message on are read (an index range, whatever the
+# thread's length): every reply comes after the message it answers, so none of theirs is missed.
 _HISTORY = """
 SELECT m.role, m.content FROM threads t
 LEFT JOIN LATERAL (
     SELECT m.role, m.content, coalesce(p.seq, m.seq) AS ord, m.seq FROM messages m
     LEFT JOIN messages p ON p.id = m.reply_to
     WHERE m.thread_id = t.id AND m.status = 'complete' AND m.slot IS NULL
+      AND m.seq >= coalesce((SELECT u.seq FROM messages u
+                             WHERE u.thread_id = t.id AND u.role = 'user' AND ($4::bigint IS NULL OR u.seq <= $4)
+                             ORDER BY u.seq DESC OFFSET $3 - 1 LIMIT 1), 0)
       AND ($4::bigint IS NULL OR coalesce(p.seq, m.seq) <= $4)
       AND ($5::uuid IS NULL OR (m.id <> $5 AND m.reply_to IS DISTINCT FROM $5))
       AND NOT (m.role = 'assistant' AND EXISTS (
