@@ -342,17 +342,21 @@ def test_admission_is_keyword_only_and_done_calls_its_callback_once():
 async def test_policy_counts_a_stream_until_done_and_a_prompt_that_does_not_fit_takes_no_slot(db, make_user):
     user = await make_user()
     principal = Principal(user_id=user.id, email=None, api_key_id=None, scopes=frozenset({"chat"}))
-    policy = Policy(LimitsConfig(daily_tokens=10, max_concurrent_streams=1), db)
+    policy = Policy(LimitsConfig(daily_tokens=10, max_concurrent_streams=2), db)
+    streams = "SELECT streams FROM stream_counts WHERE subject = $1"
     admission = await policy.admit(principal, "demo", prompt_tokens=2, max_tokens=4)
     assert (admission.action, admission.user_reserved, admission.max_tokens) == (PolicyAction.APPROVE, 6, 4)
-    assert policy.active_streams(user.id) == 1
-    admission.done()
-    assert policy.active_streams(user.id) == 0
-    # 4 tokens left today, and the prompt alone needs 5: refused, reservation handed back, no slot held
+    assert admission.lease_id is not None
+    assert (policy.active_streams(user.id), await db.fetchval(streams, f"u:{user.id}")) == (1, 1)
+    admission.done()  # this process's count; the lease (all instances' count) waits for the release
+    assert (policy.active_streams(user.id), await db.fetchval(streams, f"u:{user.id}")) == (0, 1)
+    # 4 tokens left today, and the prompt alone needs 5: refused, reservation and lease handed back
     with pytest.raises(TooManyRequests, match="too little left"):
         await policy.admit(principal, "demo", prompt_tokens=5, max_tokens=4)
-    assert policy.active_streams(user.id) == 0
+    assert (policy.active_streams(user.id), await db.fetchval(streams, f"u:{user.id}")) == (0, 1)
     assert await day_row(db, user.id) == {"tokens": 0, "reserved": 6, "requests": 0}
     await policy.release(admission, user.id, None)
     assert await day_row(db, user.id) == {"tokens": 0, "reserved": 0, "requests": 0}
     assert (admission.user_reserved, policy.active_streams(user.id)) == (0, 0)
+    assert (admission.lease_id, await db.fetchval(streams, f"u:{user.id}")) == (None, 0)
+    assert await db.fetchval("SELECT count(*) FROM stream_leases") == 0
