@@ -11,14 +11,15 @@ import asyncpg
 
 # CTEs shared by every writer of usage: parameters $1..$12 are one array per column of
 # UsageRecord.params() (a single finish passes arrays of one): its fields, except that what the
-# admission reserved travels as one JSON object ($11, `held`) and its stream lease as $12. A usage row is inserted only if absent, and the daily
-# totals (per user, and per key for the reply's key and each of its ancestors: a key's totals
-# include its descendants', see sql/0008_key_tree.sql) move only by the rows that were new:
-# replaying records changes nothing. The same step settles each reply's reservation: the worst
-# case reserved at admission (tokens and cost) is released and the real usage counted instead, on
-# the admission day, and the reply's stream lease is given back. Set-based, so a batch costs the database one statement and one upsert per (user, day) and
-# per (key, day). Rows are locked in admission's order (keys leaf first, then users), so a
-# settlement and an admission never deadlock.
+# admission reserved travels as one JSON object ($11, `held`) and its stream lease as $12. A usage
+# row is inserted only if absent, and the daily totals (per user, and per key for the reply's key
+# and each of its ancestors: a key's totals include its descendants', see sql/0008_key_tree.sql)
+# move only by the rows that were new: replaying records changes nothing. The same step settles
+# each reply's reservation: the worst case reserved at admission (tokens and cost) is released and
+# the real usage counted instead, on the admission day, and the reply's stream lease is given back.
+# Set-based, so a batch costs the database one statement and one upsert per (user, day) and per
+# (key, day). Rows are locked in admission's order (stream counters, then keys leaf first, then
+# users), so a settlement and an admission never deadlock.
 USAGE_CTES = """
 r AS (
     SELECT DISTINCT ON (message_id) message_id, user_id, api_key_id, model, provider, prompt_tokens,
