@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -16,7 +17,7 @@ from aiohttp.abc import AbstractAccessLogger
 from .errors import GatewayError, ServiceUnavailable, TooManyRequests
 from .failures import database_unavailable
 from .metrics import route_of
-from .state import REQUEST_ID, TIMINGS, USER_ID
+from .state import REQUEST_ID, RESPONSE, TIMINGS, USER_ID
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = request_id
     try:
         return await handler(request)
+    except asyncio.CancelledError:
+        if client_gone(request):
+            log_abandoned(request)
+        raise
     except GatewayError as e:
         if isinstance(e, TooManyRequests):
             resp = error_body(e.status, e.type, e.message, request_id, retry_after=e.retry_after,
@@ -119,6 +124,26 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     # a signal, not middleware: streamed responses send their headers before a middleware returns
     if REQUEST_ID in request:
         response.headers["X-Request-Id"] = request[REQUEST_ID]
+    request[RESPONSE] = response
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    """Whether the client's connection is closed (or closing): it left before the response ended."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+# nginx's status for a request whose client left before any response was sent
+CLIENT_CLOSED_REQUEST = 499
+
+
+def log_abandoned(request: web.Request) -> None:
+    """The access line of a handler cancelled because its client left (aiohttp cancels it, with
+    handler_cancellation on, and then logs nothing): the status that went out, or 499 if none did."""
+    if not _ABANDONED.enabled:
+        return
+    response = request.get(RESPONSE) or web.Response(status=CLIENT_CLOSED_REQUEST)
+    _ABANDONED.log(request, response, 0.0)
 
 
 _REDACT = re.compile(r"((?:token|key|access_token)=)[^&]*", re.I)
@@ -126,7 +151,8 @@ _REDACT = re.compile(r"((?:token|key|access_token)=)[^&]*", re.I)
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: id, method, path (secrets in the query redacted), status, total time,
-    where the time went (auth, persist, first_token: ms since arrival), user.
+    where the time went (auth, persist, first_token: ms since arrival), user, and `client_closed`
+    when the client left before the response ended (an abandoned stream).
 
     The same facts ride on the record as fields (`request_id`, `route`, `ms`, `auth_ms`, ...), so
     LOG_FORMAT=json writes them as keys rather than as text to parse."""
@@ -144,9 +170,14 @@ class AccessLogger(AbstractAccessLogger):
         # our own clock when we can: aiohttp's `time` follows loop.time(), whole milliseconds under uvloop
         ms = round((monotonic() - timings.start if timings is not None else time) * 1000, 2)
         request_id, user_id = request.get(REQUEST_ID, "-"), request.get(USER_ID)
+        closed = client_gone(request)
         fields = {"request_id": request_id, "method": request.method, "path": path, "route": route_of(request),
-                  "status": response.status, "user_id": user_id, "ms": ms}
+                  "status": response.status, "user_id": user_id, "ms": ms, "client_closed": closed}
         fields.update((f"{phase}_ms", value) for phase, value in phases.items())
         breakdown = "".join(f" {phase}={value:.1f}ms" for phase, value in phases.items())
-        self.logger.info("%s %s %s %d %.1fms%s user=%s", request_id, request.method, path, response.status, ms,
-                         breakdown, user_id or "-", extra=fields)
+        self.logger.info("%s %s %s %d %.1fms%s user=%s%s", request_id, request.method, path, response.status, ms,
+                         breakdown, user_id or "-", " client_closed" if closed else "", extra=fields)
+
+
+# aiohttp's access logger is the server's; the middleware's own copy writes to the same logger
+_ABANDONED = AccessLogger(logging.getLogger("aiohttp.access"), "")

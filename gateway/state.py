@@ -49,3 +49,5 @@ REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 USER_ID: web.RequestKey[str] = web.RequestKey("user_id", str)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")  # set once the caller is authenticated
 TIMINGS: web.RequestKey[Timings] = web.RequestKey("timings")  # where the time went, for the access log
+# the response once its headers went out: the access line of a stream its client abandoned needs it
+RESPONSE: web.RequestKey[web.StreamResponse] = web.RequestKey("response", web.StreamResponse)
