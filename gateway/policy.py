@@ -1,15 +1,22 @@
 """Decide, part two: the operator's rules. One decision per request: approve, downgrade, or refuse.
 
 Checks, in order: models allowed for the key (403), the max_tokens ceiling (downgrade: clamp),
-concurrent streams per user (429, in-process), then one database call (`gateway_admit_chain`, see
-sql/0008_key_tree.sql, after sql/0003_policy.sql and sql/0007_admit_codes.sql; its SQL is in
-store/limits.py) for requests per minute per user and per key and the daily token caps; its
-refusal names the limit that fired. A key's limits are those of the key and of every ancestor
-in its tree (api/keys.py): a child's request takes a slot in each ancestor's window and reserves
-against each ancestor's daily cap, so a parent's budget is shared by its subtree.
-A daily cap reserves the request's worst case (prompt estimate + max_tokens, clamped to what
-remains today) atomically; the finish write settles it to the real usage, and a request that
-never runs releases it. Nearly out of budget, a request may be downgraded to a cheaper model.
+then one database call (`gateway_admit_full`, see sql/0010_cost_caps_and_stream_leases.sql, after
+sql/0003_policy.sql, sql/0007_admit_codes.sql and sql/0008_key_tree.sql; its SQL is in
+store/limits.py) for requests per minute, concurrent streams and the daily token and cost caps,
+per user and per key; its refusal names the limit that fired. A key's limits are those of the key
+and of every ancestor in its tree (api/keys.py): a child's request takes a slot in each
+ancestor's window and stream count and reserves against each ancestor's daily caps, so a
+parent's budget is shared by its subtree.
+
+A daily cap reserves the request's worst case atomically: tokens (prompt estimate + max_tokens)
+and dollars (prompt tokens x input price + max_tokens x output price, at the model's prices),
+each clamped to what remains today, which bounds the reply's max_tokens; the finish write
+settles them to the real usage, and a request that never runs releases them. A stream cap is a
+counter in the database: the admission takes a lease on it (with this instance's id), the finish
+write gives it back, and the sweep gives back the leases of an instance that died, so the cap
+holds across instances. Nearly out of budget (tokens or dollars), a request may be downgraded to
+a cheaper model.
 
 A refusal raises before anything is persisted, so the client can retry the same
 client_message_id later. With no limits configured, the policy does no I/O at all.
@@ -219,8 +226,9 @@ class Policy:
                 ceiling = reserved.max_tokens
                 action = PolicyAction.DOWNGRADE
                 reasons.extend(reserved.reasons)
-            if (downgrade_to and downgrade_to != model and limits.user_daily is not None
-                    and await self._nearly_spent(principal.user_id, day, reserved.user, limits.user_daily)):
+            if (downgrade_to and downgrade_to != model
+                    and (limits.user_daily is not None or limits.user_cost is not None)
+                    and await self._nearly_spent(principal.user_id, day, reserved, limits)):
                 action, downgraded_from, model = PolicyAction.DOWNGRADE, model, downgrade_to
                 reasons.append("daily budget nearly spent")
         self._streams[principal.user_id] = self.active_streams(principal.user_id) + 1
@@ -304,12 +312,15 @@ class Policy:
         return TooManyRequests(f"daily {what} cap reached ({name})",
                                retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset)
 
-    async def _nearly_spent(self, user_id: uuid.UUID, day: date, reserved: int, cap: int) -> bool:
-        """Whether the day's use before this request (spent + others' reservations) passed the mark."""
+    async def _nearly_spent(self, user_id: uuid.UUID, day: date, reserved: _Reservation, limits: Limits) -> bool:
+        """Whether the day's use before this request (spent + others' reservations) passed the mark,
+        in tokens or in dollars."""
         threshold = self._config.downgrade_at
         if threshold is None:
             return False
-        return await store.user_day_committed(self._pool, user_id, day) - reserved >= threshold * cap
+        tokens, cost = await store.user_day_committed_both(self._pool, user_id, day)
+        return ((limits.user_daily is not None and tokens - reserved.user >= threshold * limits.user_daily)
+                or (limits.user_cost is not None and cost - reserved.user_cost >= threshold * limits.user_cost))
 
     async def release(self, admission: Admission, user_id: uuid.UUID, api_key_id: uuid.UUID | None) -> None:
         """A request admitted but never run (a duplicate, a vanished thread): give back its stream

@@ -15,8 +15,12 @@ from aiohttp.test_utils import TestClient
 
 from gateway.config import ConfigError, Settings
 from gateway.instance import lock_key
+from gateway.journal import record_from_json, record_to_json
 from gateway.state import INSTANCE
+from gateway.store.messages import FinishRecord
+from gateway.store.usage import UsageRecord
 from gateway.turns import prompt_tokens
+from gateway.vocabulary import MessageStatus
 
 from .conftest import User, wait_for
 from .fakes import FakeUpstream, Reply, openai_stream
@@ -225,3 +229,33 @@ async def test_the_sweep_settles_a_dead_instances_cost_reservation_once(make_cli
     assert await user_day(db, user) == (0.0, 0.0)
     assert await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user.id) == 1
     assert b.app[INSTANCE].id != a.app[INSTANCE].id
+
+
+async def test_nearly_out_of_dollars_a_request_is_downgraded_to_the_cheaper_model(make_client, config_file, user, db):
+    name = unique("priced")
+    toml = DEMO_TOML.format(name=name, cap=40) + 'downgrade_model = "demo"\ndowngrade_at = 0.5\n'
+    client = await make_client(GATEWAY_CONFIG=config_file(toml), DEMO_CHUNKS="10")
+    models = []
+    for _ in range(3):
+        status, body = await turn(client, user, name)
+        assert status == 202
+        await wait_for(lambda: settled(db, user))
+        reply = await db.fetchrow("SELECT model, metadata FROM messages WHERE id = $1",
+                                  uuid.UUID(body["assistant_message_id"]))
+        models.append(reply["model"])
+    assert models == [name, name, "demo"]  # $24 of $40 spent after two: past half
+    assert reply["metadata"]["policy"] == {"action": "downgrade", "reasons": ["daily budget nearly spent"],
+                                           "downgraded_from": name}
+    assert await user_day(db, user) == (24.0, 0.0)  # the free model cost nothing, its reservation is back
+
+
+def test_a_journaled_finish_keeps_what_its_admission_holds():
+    lease = uuid.uuid4()
+    usage = UsageRecord(message_id=uuid.uuid4(), user_id=uuid.uuid4(), api_key_id=None, model="m", provider="p",
+                        prompt_tokens=1, completion_tokens=2, estimated=False, cost_usd=0.5,
+                        day=datetime.now(UTC).date(), user_reserved=3, user_cost_reserved=1.25, lease_id=lease)
+    record = FinishRecord(usage=usage, status=MessageStatus.COMPLETE, content="x", ttft_ms=1, latency_ms=2,
+                          error=None, metadata={})
+    back = record_from_json(record_to_json(record)).usage
+    assert (back.user_cost_reserved, uuid.UUID(str(back.lease_id))) == (1.25, lease)
+    assert back.held() == {"user_tokens": 3, "key_tokens": 0, "user_cost": 1.25, "key_cost": 0.0}

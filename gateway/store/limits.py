@@ -134,6 +134,13 @@ async def admit_full(pool: asyncpg.Pool, *, user_id: uuid.UUID, keys: Sequence[K
     return Grant(tokens=row["granted"], cost=row["cost"], lease=lease if taken else None)
 
 
+async def user_day_committed_both(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> tuple[int, float]:
+    """The user's tokens and dollars for `day`: spent plus reserved by replies still running."""
+    row = await pool.fetchrow("SELECT tokens + reserved AS tokens, (cost_usd + cost_reserved)::float8 AS cost "
+                              "FROM daily_usage WHERE user_id = $1 AND day = $2", user_id, day)
+    return (row["tokens"], row["cost"]) if row is not None else (0, 0.0)
+
+
 async def user_day_committed(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> int:
     """The user's tokens for `day`: spent plus reserved by replies still running."""
     used: int | None = await pool.fetchval(
