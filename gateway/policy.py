@@ -28,7 +28,7 @@ import logging
 import math
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -200,11 +200,31 @@ class Policy:
         """The user's streams admitted by this process and not done yet."""
         return self._streams.get(user_id, 0)
 
-    async def admit(self, principal: Principal, model: str, prompt_tokens: int, max_tokens: int | None,
-                    downgrade_to: str | None = None, share: int = 1) -> Admission:
-        """`share`: this request is admitted together with share - 1 others (the arena's slots),
-        so a daily reservation takes at most 1/share of what remains."""
+    async def admit_rate(self, principal: Principal) -> None:
+        """The abuse limit alone, for the edge (before anything is written): a slot in this minute's
+        window of the user and of each key of its chain that has one; TooManyRequests (nothing
+        taken) when one is full. An `admit(..., rate=False)` for the same request then skips them."""
         limits = limits_for(self._config, principal)
+        keys = tuple(replace(k, daily=None, cost=None, streams=None) for k in limits.key_chain if k.rpm is not None)
+        if limits.user_rpm is None and not keys:
+            return
+        now = self.clock()
+        window = now.replace(second=0, microsecond=0)
+        try:
+            await store.admit_full(self._pool, user_id=principal.user_id, keys=keys, day=now.date(), window=window,
+                                   user_rpm=limits.user_rpm, want=0, user_cap=None, share=1)
+        except LimitReached as e:
+            raise self._refusal(e.limit, limits, window, now.date(), now) from None
+
+    async def admit(self, principal: Principal, model: str, prompt_tokens: int, max_tokens: int | None,
+                    downgrade_to: str | None = None, share: int = 1, *, rate: bool = True) -> Admission:
+        """`share`: this request is admitted together with share - 1 others (the arena's slots),
+        so a daily reservation takes at most 1/share of what remains. `rate=False`: the request's
+        per-minute slots were taken already (`admit_rate`, at the edge)."""
+        limits = limits_for(self._config, principal)
+        if not rate:
+            chain = (replace(k, rpm=None) for k in limits.key_chain)
+            limits = replace(limits, user_rpm=None, key_rpm=None, key_chain=tuple(k for k in chain if k.limited))
         now = self.clock()
         day = now.date()
         action, reasons = PolicyAction.APPROVE, []

@@ -360,3 +360,25 @@ async def test_policy_counts_a_stream_until_done_and_a_prompt_that_does_not_fit_
     assert (admission.user_reserved, policy.active_streams(user.id)) == (0, 0)
     assert (admission.lease_id, await db.fetchval(streams, f"u:{user.id}")) == (None, 0)
     assert await db.fetchval("SELECT count(*) FROM stream_leases") == 0
+
+
+async def test_the_rate_limit_may_be_taken_at_the_edge_and_the_rest_after(db, make_user):
+    """admit_rate takes the per-minute slots alone; admit(rate=False) then takes everything else."""
+    user = await make_user()
+    key_id = await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", user.id)
+    principal = Principal(user_id=user.id, email=None, api_key_id=key_id, scopes=frozenset({"chat"}),
+                          limits={"requests_per_minute": 5})
+    now = datetime(2030, 6, 1, 12, 0, 30, tzinfo=UTC)
+    policy = Policy(LimitsConfig(requests_per_minute=2, daily_tokens=100), db, clock=lambda: now)
+    windows = "SELECT count FROM rate_windows WHERE subject = $1 AND window_start = '2030-06-01T12:00:00Z'"
+    await policy.admit_rate(principal)
+    assert (await db.fetchval(windows, f"u:{user.id}"), await db.fetchval(windows, f"k:{key_id}")) == (1, 1)
+    assert await db.fetchval("SELECT count(*) FROM daily_usage WHERE user_id = $1", user.id) == 0
+    admission = await policy.admit(principal, "demo", prompt_tokens=2, max_tokens=10, rate=False)
+    assert admission.user_reserved == 12
+    assert (await db.fetchval(windows, f"u:{user.id}"), await db.fetchval(windows, f"k:{key_id}")) == (1, 1)
+    await policy.admit_rate(principal)
+    with pytest.raises(TooManyRequests, match="rate limit: user requests per minute"):
+        await policy.admit_rate(principal)
+    assert await db.fetchval(windows, f"k:{key_id}") == 2  # the refused call took nothing
+    await policy.release(admission, user.id, key_id)
