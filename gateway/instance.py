@@ -140,8 +140,9 @@ class Instance:
                         await record_usage_many(conn, records)
                         await sql.set_estimated_usage(
                             conn, [(r.message_id, r.prompt_tokens, r.completion_tokens) for r in records])
-                log.warning("instance %s is gone (%d stream leases given back): %d live replies interrupted",
-                            owner, leases, len(swept))
+                log.warning("instance %s is gone: %d live replies interrupted", owner, len(swept))
+                if leases:
+                    log.warning("instance %s is gone: %d stream leases given back", owner, leases)
             finally:
                 await sql.unlock(conn, owner)
 
