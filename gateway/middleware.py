@@ -17,7 +17,7 @@ from aiohttp.abc import AbstractAccessLogger
 from .errors import GatewayError, ServiceUnavailable, TooManyRequests
 from .failures import database_unavailable
 from .metrics import route_of
-from .state import REQUEST_ID, RESPONSE, TIMINGS, USER_ID
+from .state import ACCESS_LOGGED, REQUEST_ID, RESPONSE, TIMINGS, USER_ID
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = incoming if _SAFE_ID.fullmatch(incoming) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     try:
-        return await handler(request)
+        response = await handler(request)
+        if response.prepared and client_gone(request):
+            # aiohttp would not log it: re-preparing an SSE response to a client that left raises
+            # CancelledError (aiohttp-sse's liveness check) before its access line
+            log_abandoned(request)
+        return response
     except asyncio.CancelledError:
         if client_gone(request):
             log_abandoned(request)
@@ -138,9 +143,10 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 def log_abandoned(request: web.Request) -> None:
-    """The access line of a handler cancelled because its client left (aiohttp cancels it, with
-    handler_cancellation on, and then logs nothing): the status that went out, or 499 if none did."""
-    if not _ABANDONED.enabled:
+    """The access line of a request whose client left mid-response, which aiohttp never writes (it
+    cancels the handler, with handler_cancellation on, or the response's end raises
+    CancelledError): the status that went out, or 499 if none did. Written once."""
+    if not _ABANDONED.enabled or request.get(ACCESS_LOGGED):
         return
     response = request.get(RESPONSE) or web.Response(status=CLIENT_CLOSED_REQUEST)
     _ABANDONED.log(request, response, 0.0)
@@ -162,6 +168,9 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.get(ACCESS_LOGGED):
+            return  # an abandoned stream's line, written by the middleware
+        request[ACCESS_LOGGED] = True
         path = request.path
         if request.query_string:
             path += "?" + _REDACT.sub(r"\1[redacted]", request.query_string)

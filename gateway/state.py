@@ -51,3 +51,4 @@ PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")  # set once t
 TIMINGS: web.RequestKey[Timings] = web.RequestKey("timings")  # where the time went, for the access log
 # the response once its headers went out: the access line of a stream its client abandoned needs it
 RESPONSE: web.RequestKey[web.StreamResponse] = web.RequestKey("response", web.StreamResponse)
+ACCESS_LOGGED: web.RequestKey[bool] = web.RequestKey("access_logged", bool)  # its line is written: not again

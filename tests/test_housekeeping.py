@@ -10,8 +10,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from gateway.app import create_app
 from gateway.middleware import AccessLogger
@@ -133,11 +135,32 @@ async def test_the_max_tokens_ceiling_is_sent_upstream_only_when_it_clamps(
 # -- the access line of an abandoned stream -------------------------------------------------------
 
 
+# aiohttp either cancels the handler when its client leaves (handler_cancellation, as the test
+# server does) or lets it run into the closed connection (`python -m gateway serve`): a line either way
+@pytest.mark.parametrize("cancellation", [True, False], ids=["handler_cancelled", "handler_runs_on"])
 async def test_a_stream_abandoned_by_its_client_gets_an_access_line_with_client_closed(
         aiohttp_server: Any, aiohttp_client: Any, make_settings: Any, user: User, db: asyncpg.Pool,
-        caplog: pytest.LogCaptureFixture):
+        caplog: pytest.LogCaptureFixture, cancellation: bool):
     app = create_app(make_settings(DEMO_DELAY_MS="30", DEMO_CHUNKS="100"))
-    client = await aiohttp_client(await aiohttp_server(app, access_log_class=AccessLogger))
+    if cancellation:
+        client: Any = await aiohttp_client(await aiohttp_server(app, access_log_class=AccessLogger))
+        runner = None
+    else:  # as `serve` runs it: aiohttp's default, no handler cancellation
+        runner = web.AppRunner(app, access_log_class=AccessLogger, handler_cancellation=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        client = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}")
+    try:
+        await abandon_and_check(client, user, caplog)
+    finally:
+        if runner is not None:
+            await client.close()
+            await runner.cleanup()
+
+
+async def abandon_and_check(client: Any, user: User, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="aiohttp.access")
     resp = await client.post("/api/chat", json={"content": "leave me", "stream": True},
                              headers={**user.headers, "X-Request-Id": "abandoned-1"})
