@@ -123,7 +123,6 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[ACTIVITY] = activity
     auth = Authenticator(settings, pool, jwt, last_used=last_used, metrics=app[METRICS])
     app[AUTH] = auth
-    app[POLICY] = Policy(settings.limits, pool)
     stream_tokens = StreamTokens(await load_signing_key(pool), settings.stream_token_ttl_s)
     app[STREAM_TOKENS] = stream_tokens
     journal = FinishJournal(settings.data_dir / "journal", quarantine)
@@ -143,6 +142,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     instance = Instance(db.url, pool, finishes.replay_journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
     app[INSTANCE] = instance
+    # the policy's stream leases carry this instance's id: they die with it (the sweep)
+    app[POLICY] = Policy(settings.limits, pool, models=models.models, instance_id=instance.id)
     # small, frequent usage batches: a flush's database work shares the machine with the hot path, so
     # many short ones keep the latency tail low (measured: p99 first token 2.2 ms at 50 ms, 1.1-1.6 at 10)
     usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch),

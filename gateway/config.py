@@ -100,6 +100,7 @@ class LimitsConfig:
     max_tokens: int | None = None
     downgrade_model: str | None = None  # used instead once the day's budget is nearly spent
     downgrade_at: float | None = None  # "nearly": this fraction of daily_tokens (0..1)
+    daily_cost_usd: float | None = None  # per user per UTC day, at the models' prices
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ _PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay
 _MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", "deployments", *_MODEL_FLOATS)
 _DEPLOYMENT_KEYS = ("provider", "upstream", "weight")
 _LIMIT_KEYS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "downgrade_model",
-               "downgrade_at")
+               "downgrade_at", "daily_cost_usd")
 
 
 def _known_keys(where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -461,8 +462,12 @@ def _parse(env: Mapping[str, str]) -> Settings:
     downgrade_at = _float("[limits] downgrade_at", limits_doc.get("downgrade_at", 0.9))
     if not 0 < downgrade_at <= 1:
         raise ConfigError("[limits] downgrade_at must be in (0, 1]")
+    daily_cost = _float("[limits] daily_cost_usd", limits_doc["daily_cost_usd"]) if "daily_cost_usd" in limits_doc \
+        else None
+    if daily_cost is not None and not 0 < daily_cost < 1e8:
+        raise ConfigError("[limits] daily_cost_usd must be a positive number of dollars below 100000000")
     limits = LimitsConfig(**limit_ints, downgrade_model=downgrade_model,
-                          downgrade_at=downgrade_at if downgrade_model else None)
+                          downgrade_at=downgrade_at if downgrade_model else None, daily_cost_usd=daily_cost)
 
     jwt_secret = env.get("JWT_SECRET")
     jwks_url = env.get("JWKS_URL") or None

@@ -204,6 +204,7 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
     key_limits = obj({
         **{name: nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX})
            for name in ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")},
+        "daily_cost_usd": nullable({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100000000}),
         "models": nullable({"type": "array", "minItems": 1, "maxItems": 100,
                             "items": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL}}),
     }, additionalProperties=False)

@@ -249,7 +249,7 @@ class Turns:
         estimated = usage is None
         if usage is None:
             if not started and not chars:
-                if not (admission.user_reserved or admission.key_reserved):
+                if not admission.holds_anything:
                     tracing.end_chat()
                     return  # nothing reached the client, nothing was reserved: nothing to count
                 usage = UsageReport(0, 0)  # a zero record hands the reservation back
@@ -259,8 +259,7 @@ class Turns:
         record = UsageRecord(
             message_id=completion.id, user_id=principal.user_id, api_key_id=principal.api_key_id, model=model.name,
             provider=model.provider, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            estimated=estimated, cost_usd=cost_usd(model, usage), day=admission.day,
-            user_reserved=admission.user_reserved, key_reserved=admission.key_reserved)
+            estimated=estimated, cost_usd=cost_usd(model, usage), **admission.held())
         self._record_usage(record)
         self._observer.usage(record)
         tracing.end_chat()
@@ -270,8 +269,7 @@ class Turns:
         """What a reply's admission holds, kept on its row until the finish: if its instance dies, the
         sweep settles the reservation to an estimate of what was consumed (store.instances)."""
         model = self._models.models.get(admission.model)
-        return {"day": admission.day.isoformat(), "user_reserved": admission.user_reserved,
-                "key_reserved": admission.key_reserved,
+        return {**admission.reservation_json(),
                 "api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
                 "prompt_tokens": prompt_tokens(messages), "model": admission.model,
                 "provider": model.provider if model else None,
