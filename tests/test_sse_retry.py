@@ -23,10 +23,10 @@ RETRY = b"retry: 3000\n"
 
 
 async def read_events(client: Any, user: User, method: str, path: str, **kwargs: Any) -> list[Any]:
-    async with httpx.AsyncClient(base_url=str(client.make_url("")), headers=user.headers, timeout=10) as http:
-        async with aconnect_sse(http, method, path, **kwargs) as source:
-            assert source.response.status_code == 200
-            return [event async for event in source.aiter_sse()]
+    http = httpx.AsyncClient(base_url=str(client.make_url("")), headers=user.headers, timeout=10)
+    async with http, aconnect_sse(http, method, path, **kwargs) as source:
+        assert source.response.status_code == 200
+        return [event async for event in source.aiter_sse()]
 
 
 async def test_httpx_sse_gets_the_metadata_first_with_the_retry_and_no_empty_event(make_client: MakeClient,
