@@ -13,7 +13,20 @@ import aiohttp
 from aiohttp import web
 
 from .activity_edge import record_activity
-from .api import account, anthropic_messages, arena, chat, keys, openai, ops, playground, responses, threads, ws
+from .api import (
+    account,
+    anthropic_messages,
+    arena,
+    chat,
+    embeddings,
+    keys,
+    openai,
+    ops,
+    playground,
+    responses,
+    threads,
+    ws,
+)
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -217,6 +230,7 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/api/threads/{thread_id}", threads.get_thread),
         web.delete("/api/threads/{thread_id}", threads.delete_thread),
         web.post("/v1/chat/completions", openai.chat_completions),
+        web.post("/v1/embeddings", embeddings.create_embeddings),
         web.get("/v1/models", openai.list_models),
         web.get("/v1/models/{model}", openai.get_model),
         web.post("/v1/responses", responses.create_response),

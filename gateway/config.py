@@ -61,6 +61,7 @@ class ModelConfig:
     input_price_per_mtok: float = 0.0
     output_price_per_mtok: float = 0.0
     enabled: bool = True
+    kind: str = "chat"  # "chat" | "embedding" (served by POST /v1/embeddings only; issue 15 item 3)
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,7 @@ _MODEL_FLOATS = ("timeout_s", "connect_timeout_s", "first_token_timeout_s", "idl
 _TOP_KEYS = ("server", "providers", "models", "router", "limits")
 _SERVER_KEYS = ("host", "port")
 _PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay_ms")
-_MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", *_MODEL_FLOATS)
+_MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", "kind", *_MODEL_FLOATS)
 _LIMIT_KEYS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "downgrade_model",
                "downgrade_at")
 
@@ -275,9 +276,16 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
         if not isinstance(fallbacks, list):
             raise ConfigError(f"{where} fallbacks must be a list of model names")
         kwargs: dict[str, Any] = {k: _float(f"{where} {k}", table[k]) for k in _MODEL_FLOATS if k in table}
+        kind = table.get("kind", "chat")
+        if kind not in ("chat", "embedding"):
+            raise ConfigError(f"{where} kind must be chat or embedding, got {kind!r}")
+        if kind == "embedding" and (providers[provider].kind == "anthropic" or fallbacks):
+            # another model's vectors live in another space: an embedding model never falls back
+            raise ConfigError(f"{where} an embedding model needs an openai or demo provider and no fallbacks")
         models[mname] = ModelConfig(mname, provider, str(table.get("upstream", mname)),
                                     tuple(str(f) for f in fallbacks),
-                                    enabled=_bool(f"{where} enabled", table.get("enabled", True)), **kwargs)
+                                    enabled=_bool(f"{where} enabled", table.get("enabled", True)), kind=kind,
+                                    **kwargs)
 
     if list(models) == [DEMO_MODEL]:
         models[DEMO_ALT_MODEL] = ModelConfig(DEMO_ALT_MODEL, "demo", DEMO_ALT_MODEL)
@@ -304,7 +312,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
     default_model = env.get("DEFAULT_MODEL") or router.get("default")
     if not default_model:
         # the first real model configured wins over the demo one
-        real = [m for m in models if m not in (DEMO_MODEL, DEMO_ALT_MODEL)]
+        real = [m for m, c in models.items() if m not in (DEMO_MODEL, DEMO_ALT_MODEL) and c.kind == "chat"]
         default_model = real[0] if real else DEMO_MODEL
     if default_model not in models:
         raise ConfigError(f"DEFAULT_MODEL {default_model!r} is not a declared model")

@@ -270,6 +270,29 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format", "seed", "user",
                             "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")},
         }, ("model", "messages"), additionalProperties=True),
+        "EmbeddingRequest": obj({
+            "model": {"enum": list(models), "description": "A model with kind = \"embedding\" (or one of the "
+                                                            "demo provider's)"},
+            "input": {"anyOf": [
+                {"type": "string", "minLength": 1, "pattern": NO_NUL},
+                {"type": "array", "minItems": 1, "maxItems": 2048,
+                 "items": {"type": "string", "minLength": 1, "pattern": NO_NUL}},
+                {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+                {"type": "array", "minItems": 1, "maxItems": 2048,
+                 "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]},
+            "dimensions": nullable({"type": "integer", "minimum": 1, "maximum": 65536}),
+            "encoding_format": nullable({"enum": ["float", "base64"]}),
+            "user": nullable(STRING),
+        }, ("model", "input"), additionalProperties=True),
+        "EmbeddingList": obj({
+            "object": {"const": "list"}, "model": STRING,
+            "data": {"type": "array", "items": obj({
+                "object": {"const": "embedding"}, "index": INT,
+                "embedding": {"anyOf": [{"type": "array", "items": {"type": "number"}},
+                                        {"type": "string", "description": "base64 of little-endian float32"}]},
+            }, ("object", "index", "embedding"))},
+            "usage": obj({"prompt_tokens": INT, "total_tokens": INT}, ("prompt_tokens", "total_tokens")),
+        }, ("object", "data", "model", "usage")),
         "ChatCompletion": obj({
             "id": STRING, "object": {"const": "chat.completion"}, "created": INT, "model": STRING,
             "choices": {"type": "array", "items": obj({
@@ -506,7 +529,8 @@ STREAM_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"streamToken
 ANTHROPIC_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"anthropicApiKey": []}]
 PUBLIC: list[Any] = []
 
-SSE_DESCRIPTION = ("Server-Sent Events: `retry:`, then `metadata`, deltas (`data: {\"delta\": ...}`), `usage`, "
+SSE_DESCRIPTION = ("Server-Sent Events: `metadata` (its block opens with the `retry:` line), deltas "
+                   "(`data: {\"delta\": ...}`), `usage`, "
                    "`done` (or `error`) events with ids `<message_id>:<seq>`, and a final `data: [DONE]`")
 
 
@@ -572,6 +596,16 @@ def _paths() -> dict[str, Any]:
             requestBody=json_body("ChatCompletionRequest"),
             description="Stateless like OpenAI's endpoint: no thread or message rows; usage is recorded. "
                         "Errors are in OpenAI's shape (a database outage answers the native 503).")},
+        "/v1/embeddings": {"post": op(
+            "OpenAI-compatible embeddings, passed through to the model's provider", "openai",
+            {**ok(200, "One vector per input, in order", "EmbeddingList"),
+             **errors(400, 401, 403, 404, 413, 429, openai=True),
+             "502": {"$ref": "#/components/responses/OpenAIError502"},
+             "503": {"$ref": "#/components/responses/Error503"},
+             "504": {"$ref": "#/components/responses/OpenAIError504"}},
+            requestBody=json_body("EmbeddingRequest"),
+            description="Stateless; the input's tokens count against the daily caps and are recorded once. "
+                        "With limits configured, a success carries OpenAI's `x-ratelimit-*` headers.")},
         "/v1/models": {"get": op(
             "The enabled models, OpenAI-style", "openai",
             {**ok(200, "The models", "ModelList"), **errors(401, openai=True),

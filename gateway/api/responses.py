@@ -50,6 +50,7 @@ from ..vocabulary import MessageStatus
 from .bodies import MAX_TOKENS_LIMIT
 from .common import caller, json_response, read_json
 from .openai import SSE_HEADERS, OpenAIError, _number, merge_tool_calls, openai_errors, provider_error
+from .ratelimits import RateLimitHeaders
 
 ID_PREFIX = "resp_"
 MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
@@ -291,7 +292,7 @@ def failure(e: ProviderError) -> dict[str, Any]:
 async def create_response(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
-    req = parse_request(await read_json(request), app[MODELS].__contains__)
+    req = parse_request(await read_json(request), app[MODELS].chat_model)
     thread_id = None
     if req.previous_response_id is not None:
         message_id = parse_response_id(req.previous_response_id, "previous_response_id")
@@ -325,10 +326,14 @@ async def _stored(request: web.Request, principal: Principal, req: ResponsesRequ
     shape = Shape(id=stored.assistant_message_id, created_at=int(stored.user_message["created_at"].timestamp()),
                   model=req.model, echo=req.echo)
     source = _ReplyEvents(reply)
+    limits = RateLimitHeaders(request, principal)
     try:
-        return await _respond(request, shape, source.batches(), req.stream, _Reply(), lambda: source.model)
+        return await _respond(request, shape, source.batches(), req.stream, _Reply(), lambda: source.model,
+                              limits)
     except ProviderError as e:
         raise _http_error(e) from None
+    finally:
+        limits.close()
 
 
 async def _stateless(request: web.Request, principal: Principal, req: ResponsesRequest,
@@ -342,13 +347,15 @@ async def _stateless(request: web.Request, principal: Principal, req: ResponsesR
     completion = await turns.begin_completion(principal, req.model, chat, request[TIMINGS].start)
     shape = Shape(id=completion.id, created_at=int(time.time()), model=req.model, echo=req.echo)
     reply = _Reply()
+    limits = RateLimitHeaders(request, principal)
     try:
         async with aclosing(completion.chain.stream(chat)) as events:
             return await _respond(request, shape, events, req.stream, reply, lambda: completion.chain.used.name,
-                                  chat)
+                                  limits, chat)
     except ProviderError as e:
         raise _http_error(e) from None
     finally:
+        limits.close()
         turns.finish_completion(completion, reply.usage, reply.chars, reply.started)
 
 
@@ -422,7 +429,8 @@ class _Reply:
 
 
 async def _respond(request: web.Request, shape: Shape, events: AsyncIterator[Batch], stream: bool, reply: _Reply,
-                   model: Callable[[], str], chat: ChatRequest | None = None) -> web.StreamResponse:
+                   model: Callable[[], str], limits: RateLimitHeaders | None = None,
+                   chat: ChatRequest | None = None) -> web.StreamResponse:
     # nothing is sent until the first batch is in: a failure before it is a clean HTTP error, and
     # the response names the model that actually answers
     batch: Batch | None = await anext(events, None)
@@ -432,8 +440,13 @@ async def _respond(request: web.Request, shape: Shape, events: AsyncIterator[Bat
             for event in batch:
                 reply.take(event)
             batch = await anext(events, None)
-        return json_response(_finished(shape, reply, chat))
+        answer = json_response(_finished(shape, reply, chat))
+        if limits is not None:
+            await limits.apply(answer)
+        return answer
     resp = web.StreamResponse(headers=SSE_HEADERS)
+    if limits is not None:
+        await limits.apply(resp)
     await resp.prepare(request)
     reply.started = True
     request[TIMINGS].mark("first_token")

@@ -40,6 +40,11 @@ class ModelRegistry:
     def __contains__(self, name: str) -> bool:
         return name in self.models
 
+    def chat_model(self, name: str) -> bool:
+        """A configured model that chats (not an embedding model): what the chat front doors accept."""
+        model = self.models.get(name)
+        return model is not None and model.kind == "chat"
+
     def chain(self, name: str) -> list[ModelConfig]:
         """The model, then its fallbacks in order (each once, disabled ones skipped)."""
         order: list[ModelConfig] = []
@@ -54,7 +59,7 @@ class ModelRegistry:
         models whose circuit is open (the arena's default pairing)."""
         choices = rng.choices if rng is not None else random.choices
         pool = [m for m in self.models.values()
-                if m.enabled and m.weight > 0 and self.circuits.available(m.name)]
+                if m.enabled and m.kind == "chat" and m.weight > 0 and self.circuits.available(m.name)]
         if len(pool) < 2:
             raise NotEnoughModels(f"need two available models, have {len(pool)}")
         first = choices(pool, weights=[m.weight for m in pool])[0]

@@ -113,3 +113,20 @@ async def release(pool: asyncpg.Pool, *, user_id: uuid.UUID, api_key_id: uuid.UU
         if user_tokens:
             await conn.execute("UPDATE daily_usage SET reserved = greatest(reserved - $3, 0) "
                                "WHERE user_id = $1 AND day = $2", user_id, day, user_tokens)
+
+
+async def headroom(pool: asyncpg.Pool, *, subjects: Sequence[str], window: datetime, user_id: uuid.UUID,
+                   day: date, keys: Sequence[uuid.UUID]) -> tuple[list[int], int, list[int]]:
+    """What is taken now: requests in each subject's current window ('u:<user>' / 'k:<key>'), the
+    user's tokens today (spent + reserved) and each key's. For the rate-limit headers of a request
+    just admitted (api/ratelimits.py); read-only."""
+    row = await pool.fetchrow("""
+        SELECT ARRAY(SELECT coalesce((SELECT w.count FROM rate_windows w
+                                      WHERE w.subject = s.subject AND w.window_start = $2), 0)
+                     FROM unnest($1::text[]) WITH ORDINALITY AS s (subject, pos) ORDER BY s.pos) AS windows,
+               coalesce((SELECT tokens + reserved FROM daily_usage WHERE user_id = $3 AND day = $4), 0) AS user_day,
+               ARRAY(SELECT coalesce((SELECT d.tokens + d.reserved FROM key_daily_usage d
+                                      WHERE d.api_key_id = k.id AND d.day = $4), 0)
+                     FROM unnest($5::uuid[]) WITH ORDINALITY AS k (id, pos) ORDER BY k.pos) AS key_days""",
+        list(subjects), window, user_id, day, list(keys))
+    return list(row["windows"]), int(row["user_day"]), [int(v) for v in row["key_days"]]
