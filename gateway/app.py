@@ -236,6 +236,7 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.post("/v1/responses", responses.create_response),
         web.get("/v1/responses/{response_id}", responses.get_response),
         web.delete("/v1/responses/{response_id}", responses.delete_response),
+        web.get("/v1/responses/{response_id}/input_items", responses.list_input_items),
         web.post("/v1/messages", anthropic_messages.create_message),
         web.post("/v1/messages/count_tokens", anthropic_messages.count_tokens),
         web.get("/ws", ws.websocket),

@@ -370,6 +370,10 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                                            "response.output_text.done, response.content_part.done, "
                                            "response.output_item.done, response.completed (or "
                                            "response.incomplete; response.failed after a failure)"),
+        "ResponseItemList": obj({
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}},
+            "first_id": nullable(STRING), "last_id": nullable(STRING), "has_more": {"type": "boolean"},
+        }, ("object", "data", "first_id", "last_id", "has_more")),
         "ResponseDeleted": obj({"id": STRING, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
                                ("id", "object", "deleted")),
         **_anthropic_schemas(models),
@@ -628,16 +632,32 @@ def _paths() -> dict[str, Any]:
                         "previous_response_id continues it. With store: false it is stateless like "
                         "/v1/chat/completions. Errors are in OpenAI's shape.")},
         "/v1/responses/{response_id}": {
-            "get": op("A stored response, rebuilt from its reply", "openai",
-                      {**ok(200, "The response", "Response"), **errors(401, 403, 404, openai=True),
+            "get": op("A stored response, rebuilt from its reply; with stream=true its semantic events",
+                      "openai",
+                      {"200": response("The response; with `stream=true` its semantic events, replayed (or "
+                                       "followed live) after `starting_after`",
+                                       {**json_content(ref("Response")), **sse_content("ResponseEvent")}),
+                       **errors(400, 401, 403, 404, openai=True),
                        "503": {"$ref": "#/components/responses/Error503"}},
-                      parameters=[response_id]),
+                      parameters=[response_id,
+                                  query("stream", {"enum": ["true", "false", "1", "0"]}, "Stream the events"),
+                                  query("starting_after", {"type": "integer", "minimum": -1,
+                                                           "maximum": INT32_MAX},
+                                        "Resume after this sequence_number")]),
             "delete": op("Delete a stored response's turn (and its thread when nothing else is left; usage is "
                          "kept)", "openai",
                          {**ok(200, "Deleted", "ResponseDeleted"), **errors(401, 403, 404, openai=True),
                           "503": {"$ref": "#/components/responses/Error503"}},
                          parameters=[response_id]),
         },
+        "/v1/responses/{response_id}/input_items": {"get": op(
+            "A stored response's input items (its user message; other items were for the turn only)", "openai",
+            {**ok(200, "A cursor page of input items", "ResponseItemList"), **errors(400, 401, 403, 404, openai=True),
+             "503": {"$ref": "#/components/responses/Error503"}},
+            parameters=[response_id,
+                        query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "Page size"),
+                        query("order", {"enum": ["asc", "desc"], "default": "desc"}, "Order"),
+                        query("after", STRING, "List the items after this item id")])},
         "/v1/messages": {"post": op(
             "Anthropic Messages API (stream and non-stream)", "anthropic",
             {"200": response("The message; Anthropic's stream events when `stream` is true: `message_start`, "

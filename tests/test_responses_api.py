@@ -298,3 +298,95 @@ async def test_errors_in_openai_shape_write_nothing(sdk, fake_client, upstream, 
         await api.responses.retrieve("resp_not-hex")
     assert await rows(db, user.id) == {"threads": [], "messages": [], "usage": []}
     assert upstream.requests == []
+
+
+# -- issue 15 item 1's leftovers: replayed events, input items, tool-loop items -------------------
+
+async def test_retrieve_with_stream_replays_the_semantic_events_of_a_stored_response(sdk, fake_client, upstream,
+                                                                                     user):
+    upstream.queue(Reply(openai_stream(["Hel", "lo", "!"], prompt_tokens=7)))
+    api = sdk(fake_client, user.key)
+    live = [e async for e in await api.responses.create(model="fake", input="hi", stream=True)]
+    response_id = live[0].response.id
+    replayed = [e async for e in await api.responses.retrieve(response_id, stream=True)]
+    assert [e.type for e in replayed] == [e.type for e in live]
+    assert [e.sequence_number for e in replayed] == list(range(len(live)))
+    assert [e.delta for e in replayed if e.type == "response.output_text.delta"] == ["Hel", "lo", "!"]
+    done = replayed[-1].response
+    assert (done.id, done.status, done.output_text) == (response_id, "completed", "Hello!")
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (7, 3)
+    # resumed after a sequence_number: exactly the events after it
+    rest = [e async for e in await api.responses.retrieve(response_id, stream=True, starting_after=4)]
+    assert [(e.type, e.sequence_number) for e in rest] == [(e.type, e.sequence_number) for e in replayed[5:]]
+    resp = await fake_client.get(f"/v1/responses/{response_id}", params={"stream": "true", "starting_after": "x"},
+                                 headers=user.headers)
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "starting_after"
+
+
+async def test_retrieve_with_stream_of_a_failed_response_is_created_then_failed(sdk, fake_client, upstream, user,
+                                                                                db):
+    upstream.queue(Reply(status=400, body=b'{"error":{"message":"no such thing"}}'))
+    api = sdk(fake_client, user.key)
+    with pytest.raises(openai.APIStatusError):
+        await api.responses.create(model="fake", input="hi")
+    message_id = await db.fetchval("SELECT id FROM messages WHERE user_id = $1 AND role = 'assistant'", user.id)
+    events = [e async for e in await api.responses.retrieve("resp_" + message_id.hex, stream=True)]
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    assert events[-1].response.status == "failed" and events[-1].response.error.code == "server_error"
+
+
+async def test_input_items_list_the_stored_user_message(sdk, fake_client, upstream, user):
+    api = sdk(fake_client, user.key)
+    created = await api.responses.create(model="fake", input=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi there"}])
+    page = await api.responses.input_items.list(created.id)
+    assert [(i.type, i.role, i.status, [c.text for c in i.content]) for i in page.data] == [
+        ("message", "user", "completed", ["hi there"])]
+    assert page.data[0].id.startswith("msg_") and page.data[0].id != created.output[0].id
+    resp = await fake_client.get(f"/v1/responses/{created.id}/input_items", params={"order": "asc", "limit": "1"},
+                                 headers=user.headers)
+    body = await resp.json()
+    assert (body["object"], body["has_more"], body["first_id"], body["last_id"]) == (
+        "list", False, page.data[0].id, page.data[0].id)
+    after = await api.responses.input_items.list(created.id, after=page.data[0].id)
+    assert after.data == []
+    for params, param in (({"limit": "0"}, "limit"), ({"order": "up"}, "order")):
+        resp = await fake_client.get(f"/v1/responses/{created.id}/input_items", params=params, headers=user.headers)
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == param
+    with pytest.raises(openai.NotFoundError):
+        await api.responses.input_items.list("resp_" + uuid.uuid4().hex)
+
+
+async def test_function_call_items_are_the_tool_loop_context(sdk, fake_client, upstream, user):
+    upstream.queue(Reply(openai_stream(["Sunny."])))
+    response = await sdk(fake_client, user.key).responses.create(model="fake", store=False, input=[
+        {"role": "user", "content": "weather in Oslo and Bergen?"},
+        {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": "{\"city\":\"Oslo\"}"},
+        {"type": "function_call", "call_id": "call_2", "name": "weather", "arguments": "{\"city\":\"Bergen\"}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sun"},
+        {"type": "function_call_output", "call_id": "call_2", "output": "sun"},
+    ])
+    assert response.output_text == "Sunny."
+    assert upstream.requests[0]["messages"] == [
+        {"role": "user", "content": "weather in Oslo and Bergen?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}},
+            {"id": "call_2", "type": "function",
+             "function": {"name": "weather", "arguments": "{\"city\":\"Bergen\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sun"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "sun"}]
+
+
+@pytest.mark.parametrize("item, param, words", [
+    ({"type": "reasoning", "id": "rs_1", "summary": []}, "input[0]", "'reasoning' item"),
+    ({"type": "item_reference", "id": "msg_1"}, "input[0]", "'item_reference' item"),
+    ({"type": "function_call", "call_id": "c", "name": "f"}, "input[0].arguments", "must be a string"),
+    ({"type": "function_call_output", "call_id": "c", "output": 5}, "input[0].output", "must be a string"),
+])
+async def test_other_input_items_are_refused_by_name(fake_client, upstream, user, item, param, words):
+    resp = await fake_client.post("/v1/responses", headers=user.headers, json={
+        "model": "fake", "store": False, "input": [item, {"role": "user", "content": "hi"}]})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["param"] == param and words in error["message"]
+    assert upstream.requests == []
