@@ -189,6 +189,18 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
         "temperature": nullable({"type": "number"}),
     }
+    content_parts: Schema = {
+        "type": "array", "minItems": 1, "maxItems": 100,
+        "description": "OpenAI-style content parts, stored and returned as sent (`parts`); the demo model "
+                       "answers about the text parts",
+        "items": {"oneOf": [
+            obj({"type": {"const": "text"}, "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
+                additionalProperties=False),
+            obj({"type": {"const": "image_url"},
+                 "image_url": obj({"url": {"type": "string", "pattern": "^(https?://|data:image/)"},
+                                   "detail": {"enum": ["auto", "low", "high"]}}, ("url",),
+                                  additionalProperties=False)},
+                ("type", "image_url"), additionalProperties=False)]}}
     message_row = obj({
         "id": UUID, "thread_id": UUID, "role": {"enum": ["user", "assistant", "system"]}, "content": STRING,
         "status": {"enum": MESSAGE_STATUSES}, "reply_to": nullable(UUID), "slot": {"enum": ["a", "b", None]},
@@ -196,6 +208,9 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "prompt_tokens": nullable(INT), "completion_tokens": nullable(INT), "ttft_ms": nullable(INT),
         "latency_ms": nullable(INT), "error": nullable({"type": "object"}), "metadata": {"type": "object"},
         "created_at": TIME, "finished_at": nullable(TIME),
+        "parts": nullable({"type": "array", "items": {"type": "object"},
+                           "description": "A user message's content parts exactly as sent (content holds their "
+                                          "text); null for a plain-text message"}),
     }, ("id", "thread_id", "role", "content", "status", "reply_to", "slot", "client_message_id", "model",
         "provider", "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms", "error", "metadata",
         "created_at", "finished_at"))
@@ -238,8 +253,9 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "OpenAIError": obj({"error": obj({
             "message": STRING, "type": STRING, "param": nullable(STRING), "code": nullable(STRING),
         }, ("message", "type", "param", "code"))}, ("error",)),
-        "ChatRequest": obj({**turn_fields, "model": nullable({"enum": [AUTO, *models],
-                                                               "description": "Default: auto (the router picks)"})},
+        "ChatRequest": obj({**turn_fields, "content": {"anyOf": [turn_fields["content"], content_parts]},
+                            "model": nullable({"enum": [AUTO, *models],
+                                               "description": "Default: auto (the router picks)"})},
                            ("content",), additionalProperties=True, description="Unknown fields are ignored"),
         "ChatAccepted": obj({
             "status": {"const": "accepted"}, "message": ref("Message"), "duplicate": {"type": "boolean"},

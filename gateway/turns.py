@@ -54,7 +54,7 @@ WAIT_ELSEWHERE_S = 60.0
 class TurnInput:
     """A validated chat turn, whichever front door it came through."""
 
-    content: str
+    content: str  # the text (of the text parts, when `parts` is given)
     thread_id: uuid.UUID | None = None
     model: str | None = None
     client_message_id: str | None = None
@@ -67,6 +67,8 @@ class TurnInput:
     context: list[dict[str, Any]] = field(default_factory=list)
     # passed through untouched to OpenAI-compatible upstreams (tools, tool_choice, ...)
     extra: dict[str, Any] = field(default_factory=dict)
+    # OpenAI-style content parts (text, image_url) as sent: stored, and sent upstream instead of `content`
+    parts: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -141,7 +143,7 @@ class Turns:
             stored = await self._persist.submit(message_store.TurnRequest(
                 user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
                 thread_id=turn.thread_id, instance_id=self._instance_id,
-                reservation=self.reservation(principal, admission, messages)))
+                reservation=self.reservation(principal, admission, messages), parts=turn.parts))
         except BaseException:
             await self._policy.release(admission, principal.user_id, principal.api_key_id)
             raise
@@ -271,7 +273,7 @@ class Turns:
         if turn.system is not None:
             messages.insert(0, {"role": "system", "content": turn.system})
         messages.extend(turn.context)
-        messages.append({"role": "user", "content": turn.content})
+        messages.append({"role": "user", "content": turn.content if turn.parts is None else turn.parts})
         return messages
 
     # -- find, follow, cancel -------------------------------------------------------------------
@@ -338,7 +340,16 @@ class Turns:
 
 
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    return sum(estimate_tokens(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    return sum(estimate_tokens(text_of(m.get("content"))) for m in messages)
+
+
+def text_of(content: Any) -> str:
+    """A message's text: its content string, or its text parts joined (images carry none)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
 
 
 def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:
@@ -348,7 +359,6 @@ def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
     for message in reversed(messages):
-        content = message.get("content")
-        if message.get("role") == "user" and isinstance(content, str):
-            return content
+        if message.get("role") == "user":
+            return text_of(message.get("content"))
     return ""

@@ -666,9 +666,15 @@ async def _failed_stream(request: web.Request, shape: Shape, body: dict[str, Any
 
 
 def input_item(message: dict[str, Any]) -> dict[str, Any]:
-    """A stored user message as the input item it was (`msg_<hex>` of the user message's id)."""
+    """A stored user message as the input item it was (`msg_<hex>` of the user message's id); content
+    parts sent to POST /api/chat become input_text and input_image parts."""
+    content = [{"type": "input_text", "text": message["content"]}]
+    if message.get("parts") is not None:
+        content = [{"type": "input_text", "text": p["text"]} if p["type"] == "text" else
+                   {"type": "input_image", "image_url": p["image_url"]["url"],
+                    "detail": p["image_url"].get("detail", "auto")} for p in message["parts"]]
     return {"id": "msg_" + message["id"].hex, "type": "message", "role": "user", "status": "completed",
-            "content": [{"type": "input_text", "text": message["content"]}]}
+            "content": content}
 
 
 @openai_errors

@@ -17,11 +17,18 @@ _WORDS = ("stream", "token", "gateway", "reply", "river", "signal", "packet", "m
           "steady", "chunk", "answer", "light", "echo", "thread", "message", "swift", "careful", "whole")
 
 
+def text_of(content: object) -> str:
+    """A message's text: its content string, or its text parts joined (the demo answers about those)."""
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return content if isinstance(content, str) else ""
+
+
 def last_user_text(request: ChatRequest) -> str:
     for message in reversed(request.messages):
         content = message.get("content")
-        if message.get("role") == "user" and isinstance(content, str):
-            return content
+        if message.get("role") == "user" and isinstance(content, (str, list)):
+            return text_of(content)
     return ""
 
 
@@ -54,5 +61,5 @@ class DemoProvider:
                 await asyncio.sleep(self._delay)
             yield [TextDelta(text)]  # one chunk per "read", like a real token stream
         truncated = request.max_tokens is not None and len(chunks) < self._chunks
-        prompt_tokens = sum(estimate_tokens(str(m.get("content", ""))) for m in request.messages)
+        prompt_tokens = sum(estimate_tokens(text_of(m.get("content"))) for m in request.messages)
         yield [Finish("length" if truncated else "stop"), UsageReport(prompt_tokens, len(chunks))]
