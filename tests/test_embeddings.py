@@ -250,6 +250,9 @@ async def test_the_demo_model_embeds_deterministically_out_of_the_box(sdk, make_
     assert math.isclose(sum(x * x for x in first.data[0].embedding), 1.0, rel_tol=1e-5)
     short = await api.embeddings.create(model="demo", input="hello", dimensions=3, encoding_format="float")
     assert len(short.data[0].embedding) == 3
+    with pytest.raises(openai.BadRequestError) as info:  # the demo's work is bounded
+        await api.embeddings.create(model="demo", input="hello", dimensions=1025)
+    assert info.value.body["param"] == "dimensions"
     assert first.usage.prompt_tokens == estimate_tokens("hello") + estimate_tokens("world")
 
 

@@ -25,7 +25,7 @@ from aiohttp import web
 from ..config import ModelConfig
 from ..generation import cost_usd
 from ..providers.base import ProviderError, UsageReport
-from ..providers.embeddings import Embeddings, EmbeddingsRequest, embed, input_tokens
+from ..providers.embeddings import DEMO_MAX_DIMENSIONS, Embeddings, EmbeddingsRequest, embed, input_tokens
 from ..state import HTTP, METRICS, MODELS, POLICY, SETTINGS, USAGE
 from ..store.usage import UsageRecord
 from .common import caller, read_json
@@ -77,6 +77,9 @@ def parse_request(body: dict[str, Any], models: dict[str, ModelConfig], demo_pro
     if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
                                    or not 1 <= dimensions <= MAX_DIMENSIONS):
         raise OpenAIError(400, f"'dimensions' must be an integer from 1 to {MAX_DIMENSIONS}", param="dimensions")
+    if dimensions is not None and model.provider in demo_providers and dimensions > DEMO_MAX_DIMENSIONS:
+        raise OpenAIError(400, f"the demo model's vectors have at most {DEMO_MAX_DIMENSIONS} dimensions",
+                          param="dimensions")
     encoding = body.get("encoding_format", "float")
     if encoding is None:
         encoding = "float"

@@ -29,6 +29,7 @@ from .base import UpstreamProtocolError, estimate_tokens
 from .openai import raise_for_status, read_at_most, transport_error
 
 DEMO_DIMENSIONS = 16
+DEMO_MAX_DIMENSIONS = 1024  # the demo's vectors cost CPU here: bounded like a real model's size
 BODY_LIMIT = 256 << 20  # an upstream answer larger than this is refused, not held in memory
 
 
