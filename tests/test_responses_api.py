@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import openai
@@ -390,3 +391,22 @@ async def test_other_input_items_are_refused_by_name(fake_client, upstream, user
     error = (await resp.json())["error"]
     assert error["param"] == param and words in error["message"]
     assert upstream.requests == []
+
+
+async def test_retrieve_with_stream_follows_a_response_still_generating(sdk, fake_client, upstream, user, db):
+    release = asyncio.Event()  # the upstream holds after "Hel" until both listeners are attached
+    upstream.queue(Reply(openai_stream(["Hel", "lo", "!"], prompt_tokens=7), hold_at=2, release=release))
+    api = sdk(fake_client, user.key)
+    live = await api.responses.create(model="fake", input="hi", stream=True)
+    first = [await anext(live) for _ in range(5)]  # created, in_progress, item added, part added, "Hel"
+    assert first[-1].delta == "Hel"
+    response_id = first[0].response.id
+    follower = await api.responses.retrieve(response_id, stream=True)
+    head = [await anext(follower) for _ in range(5)]  # the same five, replayed from the live generation
+    assert [(e.type, e.sequence_number) for e in head] == [(e.type, e.sequence_number) for e in first]
+    release.set()
+    rest_live = [e async for e in live]
+    rest_followed = [e async for e in follower]
+    assert [e.type for e in rest_followed] == [e.type for e in rest_live] == (
+        ["response.output_text.delta"] * 2 + CLOSING_EVENTS)
+    assert rest_followed[-1].response.output_text == rest_live[-1].response.output_text == "Hello!"
