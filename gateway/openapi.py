@@ -336,17 +336,29 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
             "input": {"anyOf": [
                 {"type": "string", "minLength": 1, "pattern": NOT_BLANK, "description": "One user message"},
-                {"type": "array", "minItems": 1, "items": obj({
+                {"type": "array", "minItems": 1, "items": {"anyOf": [obj({
                     "type": {"const": "message"},
                     "role": {"enum": ["user", "assistant", "system", "developer"]},
                     "content": {"anyOf": [{"type": "string", "pattern": NO_NUL}, {
-                        "type": "array", "minItems": 1, "items": obj({
-                            "type": {"enum": ["input_text", "output_text"]},
-                            "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
-                            additionalProperties=True)}]},
+                        "type": "array", "minItems": 1, "items": {"anyOf": [
+                            obj({"type": {"enum": ["input_text", "output_text"]},
+                                 "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
+                                additionalProperties=True),
+                            obj({"type": {"const": "input_image"},
+                                 "image_url": {"type": "string", "pattern": "^(https?://|data:image/)"},
+                                 "detail": nullable({"enum": ["auto", "low", "high"]})}, ("type", "image_url"),
+                                additionalProperties=True)]}}]},
                 }, ("role", "content"), additionalProperties=True),
-                 "description": "Message items; with store: true the last must be a user message (it is "
-                                "stored; the others are sent for this turn only)"}]},
+                    obj({"type": {"const": "function_call"}, "call_id": {"type": "string", "pattern": NO_NUL},
+                         "name": {"type": "string", "pattern": NO_NUL},
+                         "arguments": {"type": "string", "pattern": NO_NUL}},
+                        ("type", "call_id", "name", "arguments"), additionalProperties=True),
+                    obj({"type": {"const": "function_call_output"}, "call_id": {"type": "string", "pattern": NO_NUL},
+                         "output": {"type": "string", "pattern": NO_NUL}},
+                        ("type", "call_id", "output"), additionalProperties=True)]},
+                 "description": "Message items and the tool loop's function_call / function_call_output items; "
+                                "with store: true the last must be a user message (it is stored; the others are "
+                                "sent for this turn only)"}]},
             "instructions": nullable({"type": "string", "pattern": NO_NUL,
                                       "description": "A system message for this turn only (never stored)"}),
             "max_output_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),

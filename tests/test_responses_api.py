@@ -410,3 +410,29 @@ async def test_retrieve_with_stream_follows_a_response_still_generating(sdk, fak
     assert [e.type for e in rest_followed] == [e.type for e in rest_live] == (
         ["response.output_text.delta"] * 2 + CLOSING_EVENTS)
     assert rest_followed[-1].response.output_text == rest_live[-1].response.output_text == "Hello!"
+
+
+PIXEL = "data:image/png;base64,iVBORw0KGgo="
+
+
+async def test_input_image_parts_reach_the_upstream_and_are_stored(sdk, fake_client, upstream, user, db):
+    upstream.queue(Reply(openai_stream(["A pixel."])))
+    api = sdk(fake_client, user.key)
+    response = await api.responses.create(model="fake", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "what is this?"},
+        {"type": "input_image", "image_url": PIXEL, "detail": "low"}]}])
+    parts = [{"type": "text", "text": "what is this?"},
+             {"type": "image_url", "image_url": {"url": PIXEL, "detail": "low"}}]
+    assert upstream.requests[0]["messages"] == [{"role": "user", "content": parts}]
+    assert response.output_text == "A pixel."
+    assert dict(await db.fetchrow("SELECT content, parts FROM messages WHERE user_id = $1 AND role = 'user'",
+                                  user.id)) == {"content": "what is this?", "parts": parts}
+    items = (await api.responses.input_items.list(response.id)).data
+    assert [(c.type, getattr(c, "text", None), getattr(c, "image_url", None)) for c in items[0].content] == [
+        ("input_text", "what is this?", None), ("input_image", None, PIXEL)]
+    resp = await fake_client.post("/v1/responses", headers=user.headers, json={"model": "fake", "input": [
+        {"role": "user", "content": [{"type": "input_image", "image_url": "ftp://x/y.png", "detail": "auto"}]}]})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert (error["param"], error["type"]) == ("input[0].content", "invalid_request_error")
+    assert "input[0].content[0].image_url must be an http(s) URL" in error["message"]

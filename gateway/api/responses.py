@@ -39,15 +39,15 @@ import orjson
 from aiohttp import web
 
 from ..auth import Principal
-from ..errors import NotFound
+from ..errors import BadRequest, NotFound
 from ..events import DELTA
 from ..providers.base import Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UsageReport
 from ..router import AUTO
 from ..state import DB, MODELS, TIMINGS, TURNS
 from ..store import messages as message_store
-from ..turns import Reply, TurnInput, estimated_usage
+from ..turns import Reply, TurnInput, estimated_usage, text_of
 from ..vocabulary import MessageStatus
-from .bodies import MAX_TOKENS_LIMIT
+from .bodies import MAX_TOKENS_LIMIT, parse_content
 from .common import caller, json_response, read_json
 from .openai import SSE_HEADERS, OpenAIError, _number, merge_tool_calls, openai_errors, provider_error
 from .ratelimits import RateLimitHeaders
@@ -85,19 +85,35 @@ def _text(value: Any, param: str) -> str:
     return value
 
 
-def _content(content: Any, param: str) -> str:
-    """A message's content (a string, or text parts) as the text a chat message carries."""
+def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
+    """A message's content as a chat message carries it: text parts as one string; with an
+    `input_image` part, chat content parts (text, image_url), checked as POST /api/chat checks them."""
     if isinstance(content, str):
         return _text(content, param)
     if not isinstance(content, list) or not content:
-        raise OpenAIError(400, f"'{param}' must be a string or a non-empty array of text parts", param=param)
-    texts = []
+        raise OpenAIError(400, f"'{param}' must be a string or a non-empty array of parts", param=param)
+    texts, parts = [], []
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part["type"] not in TEXT_PARTS:
-            raise OpenAIError(400, f"'{param}[{j}]' must be an input_text or output_text part (other parts are "
-                                   "not supported)", param=f"{param}[{j}]")
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "input_image":
+            image = {"url": part.get("image_url")}
+            if part.get("detail") is not None:
+                image["detail"] = part["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+            continue
+        if not isinstance(kind, str) or kind not in TEXT_PARTS:
+            raise OpenAIError(400, f"'{param}[{j}]' must be an input_text, output_text or input_image part (other "
+                                   "parts are not supported)", param=f"{param}[{j}]")
         texts.append(_text(part.get("text"), f"{param}[{j}].text"))
-    return "".join(texts)
+        parts.append({"type": "text", "text": texts[-1]})
+    if len(parts) == len(texts):
+        return "".join(texts)
+    try:
+        parse_content(parts)
+    except BadRequest as e:  # the native check, in this door's words
+        raise OpenAIError(400, e.message.replace("content[", f"{param}[").replace(".image_url.url", ".image_url"),
+                          param=param) from None
+    return parts
 
 
 def _function_call(item: dict[str, Any], param: str) -> dict[str, Any]:
@@ -343,7 +359,9 @@ async def _reply_row(request: web.Request, principal: Principal, message_id: uui
 async def _stored(request: web.Request, principal: Principal, req: ResponsesRequest,
                   thread_id: uuid.UUID | None) -> web.StreamResponse:
     turns = request.app[TURNS]
-    turn = TurnInput(content=req.messages[-1]["content"], thread_id=thread_id, model=req.model,
+    content = req.messages[-1]["content"]
+    turn = TurnInput(content=text_of(content), parts=content if isinstance(content, list) else None,
+                     thread_id=thread_id, model=req.model,
                      max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
                      system=req.instructions, context=req.messages[:-1], extra=req.extra)
     # shielded: once the user message is committed its generation must start, client gone or not
