@@ -3,6 +3,7 @@ against a real local fake upstream that answers in OpenAI's exact embeddings for
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 import struct
@@ -18,7 +19,7 @@ from gateway.providers.base import estimate_tokens
 from gateway.providers.embeddings import DEMO_DIMENSIONS, demo_vector
 from gateway.state import USAGE
 
-from .conftest import MakeClient, User
+from .conftest import MakeClient, User, wait_for
 
 # vectors of exactly representable float32 values: float and base64 answers agree to the bit
 VECTORS = {"hello": [0.5, -0.25, 3.0, 0.125], "world": [-1.0, 2.5, 0.0, 0.75]}
@@ -38,6 +39,7 @@ class FakeEmbeddings:
         self.status = 200
         self.ignore_encoding = False
         self.report_usage = True
+        self.hold: asyncio.Event | None = None  # answer only once it is set
         self.app = web.Application()
         self.app.router.add_post("/v1/embeddings", self.embeddings)
         self.server: Any = None
@@ -50,6 +52,8 @@ class FakeEmbeddings:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        if self.hold is not None:
+            await self.hold.wait()
         if self.status != 200:
             return web.json_response({"error": {"message": "upstream is down", "type": "server_error"}},
                                      status=self.status)
@@ -260,3 +264,30 @@ async def test_no_key_is_a_401_in_openai_shape(make_client: MakeClient):
     client = await make_client()
     resp = await client.post("/v1/embeddings", json={"model": "demo", "input": "hello"})
     assert resp.status == 401 and (await resp.json())["error"]["code"] == "invalid_api_key"
+
+
+async def test_a_client_that_leaves_mid_call_is_counted_once(make_client, config_file, fake, user, db):
+    """The server cancels a handler whose client left (handler_cancellation, as `serve` runs it): the
+    upstream was sent the input, so its estimate is counted, flagged; one record, the reservation settled."""
+    fake.hold = asyncio.Event()
+    client = await gateway(make_client, config_file, fake, limits="[limits]\ndaily_tokens = 1000\n")
+    call = asyncio.ensure_future(client.post("/v1/embeddings", headers=user.headers,
+                                             json={"model": "embed", "input": ["hello", "world"]}))
+
+    async def upstream_called() -> bool:
+        return len(fake.requests) == 1
+
+    await wait_for(upstream_called)
+    call.cancel()  # the client hangs up while the upstream works
+    await asyncio.gather(call, return_exceptions=True)
+    fake.hold.set()
+
+    async def settled() -> bool:
+        await client.app[USAGE].flush()
+        row = await day_row(db, user.id)
+        return row is not None and row["reserved"] == 0 and row["requests"] == 1
+
+    await wait_for(settled)
+    estimate = estimate_tokens("hello") + estimate_tokens("world")
+    assert [(r["prompt_tokens"], r["estimated"]) for r in await usage_rows(client, db, user.id)] == [(estimate, True)]
+    assert (await day_row(db, user.id))["tokens"] == estimate
