@@ -319,9 +319,12 @@ async def test_retrieve_with_stream_replays_the_semantic_events_of_a_stored_resp
     # resumed after a sequence_number: exactly the events after it
     rest = [e async for e in await api.responses.retrieve(response_id, stream=True, starting_after=4)]
     assert [(e.type, e.sequence_number) for e in rest] == [(e.type, e.sequence_number) for e in replayed[5:]]
-    resp = await fake_client.get(f"/v1/responses/{response_id}", params={"stream": "true", "starting_after": "x"},
-                                 headers=user.headers)
-    assert resp.status == 400 and (await resp.json())["error"]["param"] == "starting_after"
+    for params, param in (({"stream": "true", "starting_after": bad}, "starting_after")
+                          for bad in ("x", "--5", "+5", "1e3", "99999999999", "-2")):
+        resp = await fake_client.get(f"/v1/responses/{response_id}", params=params, headers=user.headers)
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == param, params
+    resp = await fake_client.get(f"/v1/responses/{response_id}", params={"stream": "yes"}, headers=user.headers)
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "stream"
 
 
 async def test_retrieve_with_stream_of_a_failed_response_is_created_then_failed(sdk, fake_client, upstream, user,

@@ -28,6 +28,7 @@ after it, a stream ends with `response.failed` carrying the response and its `er
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -630,8 +631,11 @@ def stored_body(row: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+_QUERY_INT = re.compile(r"-?(0|[1-9][0-9]{0,9})", re.ASCII)
+
+
 def _query_flag(request: web.Request, name: str) -> bool:
-    raw = request.query.get(name, "false").lower()
+    raw = request.query.get(name, "false")
     if raw not in ("true", "false", "1", "0"):
         raise OpenAIError(400, f"'{name}' must be true or false", param=name)
     return raw in ("true", "1")
@@ -641,7 +645,7 @@ def _query_int(request: web.Request, name: str, low: int, high: int, default: in
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isascii() or not raw.lstrip("-").isdigit() or len(raw) > 10 or not low <= int(raw) <= high:
+    if _QUERY_INT.fullmatch(raw) is None or not low <= int(raw) <= high:
         raise OpenAIError(400, f"'{name}' must be an integer from {low} to {high}", param=name)
     return int(raw)
 
