@@ -33,7 +33,7 @@ from .errors import NotFound, ServiceUnavailable
 from .events import Event
 from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd
 from .policy import Admission, Policy
-from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, tokens_for_chars
+from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, text_of, tokens_for_chars
 from .providers.chain import Chain
 from .providers.registry import ModelRegistry, NotEnoughModels
 from .replay import replay_events
@@ -341,15 +341,6 @@ class Turns:
 
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return sum(estimate_tokens(text_of(m.get("content"))) for m in messages)
-
-
-def text_of(content: Any) -> str:
-    """A message's text: its content string, or its text parts joined (images carry none)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
 
 
 def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:

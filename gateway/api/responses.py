@@ -42,11 +42,11 @@ from aiohttp import web
 from ..auth import Principal
 from ..errors import BadRequest, NotFound
 from ..events import DELTA
-from ..providers.base import Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UsageReport
+from ..providers.base import Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UsageReport, text_of
 from ..router import AUTO
 from ..state import DB, MODELS, TIMINGS, TURNS
 from ..store import messages as message_store
-from ..turns import Reply, TurnInput, estimated_usage, text_of
+from ..turns import Reply, TurnInput, estimated_usage
 from ..vocabulary import MessageStatus
 from .bodies import MAX_TOKENS_LIMIT, parse_content
 from .common import caller, json_response, read_json

@@ -11,24 +11,17 @@ import hashlib
 from collections.abc import AsyncGenerator
 
 from ..config import ModelConfig, ProviderConfig
-from .base import Batch, ChatRequest, Finish, TextDelta, UsageReport, estimate_tokens
+from .base import Batch, ChatRequest, Finish, TextDelta, UsageReport, estimate_tokens, text_of
 
 _WORDS = ("stream", "token", "gateway", "reply", "river", "signal", "packet", "model", "quiet", "bright",
           "steady", "chunk", "answer", "light", "echo", "thread", "message", "swift", "careful", "whole")
-
-
-def text_of(content: object) -> str:
-    """A message's text: its content string, or its text parts joined (the demo answers about those)."""
-    if isinstance(content, list):
-        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return content if isinstance(content, str) else ""
 
 
 def last_user_text(request: ChatRequest) -> str:
     for message in reversed(request.messages):
         content = message.get("content")
         if message.get("role") == "user" and isinstance(content, (str, list)):
-            return text_of(content)
+            return text_of(content)  # of content parts: the demo answers about their text
     return ""
 
 
