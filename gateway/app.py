@@ -14,7 +14,21 @@ import aiohttp
 from aiohttp import web
 
 from .activity_edge import record_activity
-from .api import account, anthropic_messages, arena, chat, docs, keys, openai, ops, playground, responses, threads, ws
+from .api import (
+    account,
+    anthropic_messages,
+    arena,
+    chat,
+    docs,
+    embeddings,
+    keys,
+    openai,
+    ops,
+    playground,
+    responses,
+    threads,
+    ws,
+)
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -272,11 +286,13 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/api/threads/{thread_id}", threads.get_thread),
         web.delete("/api/threads/{thread_id}", threads.delete_thread),
         web.post("/v1/chat/completions", openai.chat_completions),
+        web.post("/v1/embeddings", embeddings.create_embeddings),
         web.get("/v1/models", openai.list_models),
         web.get("/v1/models/{model}", openai.get_model),
         web.post("/v1/responses", responses.create_response),
         web.get("/v1/responses/{response_id}", responses.get_response),
         web.delete("/v1/responses/{response_id}", responses.delete_response),
+        web.get("/v1/responses/{response_id}/input_items", responses.list_input_items),
         web.post("/v1/messages", anthropic_messages.create_message),
         web.post("/v1/messages/count_tokens", anthropic_messages.count_tokens),
         web.get("/ws", ws.websocket),

@@ -35,7 +35,7 @@ from .events import Event
 from .fleet.follow import RemoteStreams
 from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd
 from .policy import Admission, Policy
-from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, tokens_for_chars
+from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, text_of, tokens_for_chars
 from .providers.chain import Chain
 from .providers.registry import ModelRegistry, NotEnoughModels
 from .replay import replay_events
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 class TurnInput:
     """A validated chat turn, whichever front door it came through."""
 
-    content: str
+    content: str  # the text (of the text parts, when `parts` is given)
     thread_id: uuid.UUID | None = None
     model: str | None = None
     client_message_id: str | None = None
@@ -66,6 +66,8 @@ class TurnInput:
     context: list[dict[str, Any]] = field(default_factory=list)
     # passed through untouched to OpenAI-compatible upstreams (tools, tool_choice, ...)
     extra: dict[str, Any] = field(default_factory=dict)
+    # OpenAI-style content parts (text, image_url) as sent: stored, and sent upstream instead of `content`
+    parts: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -153,7 +155,7 @@ class Turns:
                 stored = await self._persist.submit(message_store.TurnRequest(
                     user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
                     thread_id=turn.thread_id, instance_id=self._instance_id,
-                    reservation=self.reservation(principal, admission, messages)))
+                    reservation=self.reservation(principal, admission, messages), parts=turn.parts))
         except BaseException:
             await self._policy.release(admission, principal.user_id, principal.api_key_id)
             raise
@@ -288,7 +290,7 @@ class Turns:
         if turn.system is not None:
             messages.insert(0, {"role": "system", "content": turn.system})
         messages.extend(turn.context)
-        messages.append({"role": "user", "content": turn.content})
+        messages.append({"role": "user", "content": turn.content if turn.parts is None else turn.parts})
         return messages
 
     # -- find, follow, cancel -------------------------------------------------------------------
@@ -348,7 +350,7 @@ class Turns:
 
 
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    return sum(estimate_tokens(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    return sum(estimate_tokens(text_of(m.get("content"))) for m in messages)
 
 
 def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:
@@ -358,7 +360,6 @@ def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
     for message in reversed(messages):
-        content = message.get("content")
-        if message.get("role") == "user" and isinstance(content, str):
-            return content
+        if message.get("role") == "user":
+            return text_of(message.get("content"))
     return ""

@@ -184,7 +184,7 @@ class Session:
             work: Coroutine[Any, Any, None]
             if kind == "chat":
                 # validated here, before anything is written
-                work = self.turn(parse_turn(frame, self.request.app[MODELS].__contains__)[0])
+                work = self.turn(parse_turn(frame, self.request.app[MODELS].chat_model)[0])
             elif kind in ("resume", "cancel"):
                 message_id = parse_uuid(frame.get("message_id"), "message_id")
                 if kind == "resume":

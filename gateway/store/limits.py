@@ -211,3 +211,20 @@ async def sweep_windows(pool: asyncpg.Pool, now: datetime) -> int:
     """Delete the per-minute windows older than WINDOW_KEEP; returns how many."""
     status = await pool.execute("DELETE FROM rate_windows WHERE window_start < $1", now - WINDOW_KEEP)
     return int(status.rpartition(" ")[2])
+
+
+async def headroom(pool: asyncpg.Pool, *, subjects: Sequence[str], window: datetime, user_id: uuid.UUID,
+                   day: date, keys: Sequence[uuid.UUID]) -> tuple[list[int], int, list[int]]:
+    """What is taken now: requests in each subject's current window ('u:<user>' / 'k:<key>'), the
+    user's tokens today (spent + reserved) and each key's. For the rate-limit headers of a request
+    just admitted (api/ratelimits.py); read-only."""
+    row = await pool.fetchrow("""
+        SELECT ARRAY(SELECT coalesce((SELECT w.count FROM rate_windows w
+                                      WHERE w.subject = s.subject AND w.window_start = $2), 0)
+                     FROM unnest($1::text[]) WITH ORDINALITY AS s (subject, pos) ORDER BY s.pos) AS windows,
+               coalesce((SELECT tokens + reserved FROM daily_usage WHERE user_id = $3 AND day = $4), 0) AS user_day,
+               ARRAY(SELECT coalesce((SELECT d.tokens + d.reserved FROM key_daily_usage d
+                                      WHERE d.api_key_id = k.id AND d.day = $4), 0)
+                     FROM unnest($5::uuid[]) WITH ORDINALITY AS k (id, pos) ORDER BY k.pos) AS key_days""",
+        list(subjects), window, user_id, day, list(keys))
+    return list(row["windows"]), int(row["user_day"]), [int(v) for v in row["key_days"]]

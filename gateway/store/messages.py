@@ -15,7 +15,7 @@ from ..vocabulary import MessageStatus
 from .usage import USAGE_CTES, UsageRecord, usage_arrays
 
 MESSAGE_COLUMNS = """id, thread_id, role, content, status, reply_to, slot, client_message_id, model, provider,
-    prompt_tokens, completion_tokens, ttft_ms, latency_ms, error, metadata, created_at, finished_at"""
+    prompt_tokens, completion_tokens, ttft_ms, latency_ms, error, metadata, created_at, finished_at, parts"""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -36,8 +36,8 @@ class StoredTurn:
 _TURNS = f"""
 WITH x AS (
     SELECT * FROM unnest($1::integer[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::uuid[],
-                         $8::uuid[], $9::uuid[], $10::text[])
-    AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid, reservation)
+                         $8::uuid[], $9::uuid[], $10::text[], $11::text[])
+    AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid, reservation, parts)
 ),
 t_new AS (
     INSERT INTO threads (id, user_id, title) SELECT tid, user_id, title FROM x WHERE thread_id IS NULL
@@ -50,8 +50,8 @@ t_old AS (
 ),
 ok AS (SELECT * FROM x WHERE tid IN (SELECT id FROM t_new UNION ALL SELECT id FROM t_old)),
 u AS (
-    INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id)
-    SELECT umid, tid, user_id, 'user', content, 'complete', client_message_id FROM ok ORDER BY i
+    INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id, parts)
+    SELECT umid, tid, user_id, 'user', content, 'complete', client_message_id, parts::jsonb FROM ok ORDER BY i
     ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
     RETURNING {MESSAGE_COLUMNS}
 ),
@@ -77,6 +77,7 @@ class TurnRequest:
     # what the reply's admission reserved (Reservation.as_json): kept on the assistant row until its
     # finish, so a reply whose instance died can still be settled by the sweep
     reservation: dict[str, Any] | None = None
+    parts: list[dict[str, Any]] | None = None  # content parts as sent (content: their text)
 
 
 _DUPLICATE = f"""
@@ -103,16 +104,17 @@ async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid
                          limit: int = 50) -> list[dict[str, Any]]:
     """The thread's conversation so far (complete messages, oldest first); NotFound if not the user's."""
     rows = await pool.fetch("""
-        SELECT m.role, m.content FROM threads t
+        SELECT m.role, m.content, m.parts FROM threads t
         LEFT JOIN LATERAL (
-            SELECT role, content, seq FROM messages
+            SELECT role, content, parts, seq FROM messages
             WHERE thread_id = t.id AND status = 'complete' AND slot IS NULL
             ORDER BY seq DESC LIMIT $3
         ) m ON true
         WHERE t.id = $1 AND t.user_id = $2""", thread_id, user_id, limit)
     if not rows:
         raise NotFound("thread not found")
-    return [{"role": r["role"], "content": r["content"]} for r in reversed(rows) if r["role"] is not None]
+    return [{"role": r["role"], "content": r["content"] if r["parts"] is None else r["parts"]}
+            for r in reversed(rows) if r["role"] is not None]
 
 
 async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[StoredTurn | Exception]:
@@ -123,7 +125,8 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
             [t.client_message_id for t in turns], [t.thread_id for t in turns],
             [thread_title(t.content) if t.thread_id is None else None for t in turns],
             [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns],
-            [orjson.dumps(t.reservation).decode() if t.reservation else None for t in turns]]
+            [orjson.dumps(t.reservation).decode() if t.reservation else None for t in turns],
+            [orjson.dumps(t.parts).decode() if t.parts is not None else None for t in turns]]
     results: dict[int, StoredTurn | Exception] = {}  # by the turn's index
     async with pool.acquire() as conn:
         if all(t.client_message_id is None for t in turns):
