@@ -14,7 +14,21 @@ import aiohttp
 from aiohttp import web
 
 from .activity_edge import record_activity
-from .api import account, anthropic_messages, arena, chat, docs, keys, openai, ops, playground, responses, threads, ws
+from .api import (
+    account,
+    anthropic_messages,
+    arena,
+    chat,
+    docs,
+    embeddings,
+    keys,
+    openai,
+    ops,
+    playground,
+    responses,
+    threads,
+    ws,
+)
 from .auth import Authenticator
 from .background import BatchWriter
 from .config import Settings
@@ -123,7 +137,6 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[ACTIVITY] = activity
     auth = Authenticator(settings, pool, jwt, last_used=last_used, metrics=app[METRICS])
     app[AUTH] = auth
-    app[POLICY] = Policy(settings.limits, pool)
     stream_tokens = StreamTokens(await load_signing_key(pool), settings.stream_token_ttl_s)
     app[STREAM_TOKENS] = stream_tokens
     journal = FinishJournal(settings.data_dir / "journal", quarantine)
@@ -143,6 +156,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     instance = Instance(db.url, pool, finishes.replay_journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=auth.forget_all_keys)
     app[INSTANCE] = instance
+    # the policy's stream leases carry this instance's id: they die with it (the sweep)
+    app[POLICY] = Policy(settings.limits, pool, models=models.models, instance_id=instance.id)
     # small, frequent usage batches: a flush's database work shares the machine with the hot path, so
     # many short ones keep the latency tail low (measured: p99 first token 2.2 ms at 50 ms, 1.1-1.6 at 10)
     usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch),
@@ -272,11 +287,13 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/api/threads/{thread_id}", threads.get_thread),
         web.delete("/api/threads/{thread_id}", threads.delete_thread),
         web.post("/v1/chat/completions", openai.chat_completions),
+        web.post("/v1/embeddings", embeddings.create_embeddings),
         web.get("/v1/models", openai.list_models),
         web.get("/v1/models/{model}", openai.get_model),
         web.post("/v1/responses", responses.create_response),
         web.get("/v1/responses/{response_id}", responses.get_response),
         web.delete("/v1/responses/{response_id}", responses.delete_response),
+        web.get("/v1/responses/{response_id}/input_items", responses.list_input_items),
         web.post("/v1/messages", anthropic_messages.create_message),
         web.post("/v1/messages/count_tokens", anthropic_messages.count_tokens),
         web.get("/ws", ws.websocket),

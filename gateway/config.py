@@ -90,6 +90,7 @@ class ModelConfig:
     def circuit_key(self) -> str:
         """The circuit breaker's name: the model's, or one per deployment."""
         return self.name if self.deployment is None else f"{self.name}#{self.deployment}"
+    kind: str = "chat"  # "chat" | "embedding" (served by POST /v1/embeddings only; issue 15 item 3)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class LimitsConfig:
     max_tokens: int | None = None
     downgrade_model: str | None = None  # used instead once the day's budget is nearly spent
     downgrade_at: float | None = None  # "nearly": this fraction of daily_tokens (0..1)
+    daily_cost_usd: float | None = None  # per user per UTC day, at the models' prices
 
 
 @dataclass(frozen=True)
@@ -235,10 +237,10 @@ _TOP_KEYS = ("server", "providers", "models", "router", "limits")
 _SERVER_KEYS = ("host", "port")
 _PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay_ms", "headers",
                   "send_stream_options", "send_max_completion_tokens")
-_MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", "deployments", *_MODEL_FLOATS)
+_MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", "kind", "deployments", *_MODEL_FLOATS)
 _DEPLOYMENT_KEYS = ("provider", "upstream", "weight")
 _LIMIT_KEYS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "downgrade_model",
-               "downgrade_at")
+               "downgrade_at", "daily_cost_usd")
 
 
 def _known_keys(where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -303,8 +305,15 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
         kwargs: dict[str, Any] = {k: _float(f"{where} {k}", table[k]) for k in _MODEL_FLOATS if k in table}
         if kwargs.get("max_stream_s") == 0:
             raise ConfigError(f"{where} max_stream_s must be > 0")
+        kind = table.get("kind", "chat")
+        if kind not in ("chat", "embedding"):
+            raise ConfigError(f"{where} kind must be chat or embedding, got {kind!r}")
+        if kind == "embedding" and (providers[provider].kind == "anthropic" or fallbacks or deployments):
+            # another model's vectors live in another space: an embedding model never falls back
+            raise ConfigError(f"{where} an embedding model needs an openai or demo provider, no fallbacks"
+                              " and no deployments")
         models[mname] = ModelConfig(mname, provider, upstream, tuple(str(f) for f in fallbacks),
-                                    enabled=_bool(f"{where} enabled", table.get("enabled", True)),
+                                    enabled=_bool(f"{where} enabled", table.get("enabled", True)), kind=kind,
                                     deployments=deployments, **kwargs)
 
     if list(models) == [DEMO_MODEL]:
@@ -445,7 +454,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         default_model = _list(env["FALLBACK_MODELS"])[0]  # the chain's head
     if not default_model:
         # the first real model configured wins over the demo one
-        real = [m for m in models if m not in (DEMO_MODEL, DEMO_ALT_MODEL)]
+        real = [m for m, c in models.items() if m not in (DEMO_MODEL, DEMO_ALT_MODEL) and c.kind == "chat"]
         default_model = real[0] if real else DEMO_MODEL
     if default_model not in models:
         raise ConfigError(f"DEFAULT_MODEL {default_model!r} is not a declared model")
@@ -461,8 +470,12 @@ def _parse(env: Mapping[str, str]) -> Settings:
     downgrade_at = _float("[limits] downgrade_at", limits_doc.get("downgrade_at", 0.9))
     if not 0 < downgrade_at <= 1:
         raise ConfigError("[limits] downgrade_at must be in (0, 1]")
+    daily_cost = _float("[limits] daily_cost_usd", limits_doc["daily_cost_usd"]) if "daily_cost_usd" in limits_doc \
+        else None
+    if daily_cost is not None and not 0 < daily_cost < 1e8:
+        raise ConfigError("[limits] daily_cost_usd must be a positive number of dollars below 100000000")
     limits = LimitsConfig(**limit_ints, downgrade_model=downgrade_model,
-                          downgrade_at=downgrade_at if downgrade_model else None)
+                          downgrade_at=downgrade_at if downgrade_model else None, daily_cost_usd=daily_cost)
 
     jwt_secret = env.get("JWT_SECRET")
     jwks_url = env.get("JWKS_URL") or None

@@ -177,9 +177,7 @@ class Generation:
             usage=UsageRecord(
                 message_id=spec.message_id, user_id=spec.user_id, api_key_id=spec.api_key_id, model=model.name,
                 provider=model.provider, prompt_tokens=0, completion_tokens=0, estimated=True, cost_usd=0.0,
-                day=admission.day if admission else utc_today(),
-                user_reserved=admission.user_reserved if admission else 0,
-                key_reserved=admission.key_reserved if admission else 0),
+                **(admission.held() if admission else {"day": utc_today()})),
             status=MessageStatus.FAILED, content="", ttft_ms=self._ttft_ms,
             latency_ms=round((time.monotonic() - self._started) * 1000), error=error_json,
             metadata={**spec.extra_metadata, "finish_reason": "error", "estimated": True})
@@ -224,9 +222,7 @@ class Generation:
                 message_id=spec.message_id, user_id=spec.user_id, api_key_id=spec.api_key_id, model=model.name,
                 provider=model.provider, prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens, estimated=estimated, cost_usd=cost_usd(model, usage),
-                day=admission.day if admission else utc_today(),
-                user_reserved=admission.user_reserved if admission else 0,
-                key_reserved=admission.key_reserved if admission else 0),
+                **(admission.held() if admission else {"day": utc_today()})),
             status=self.status, content=content, ttft_ms=self._ttft_ms,
             latency_ms=round((time.monotonic() - self._started) * 1000), error=error_json,
             metadata={**spec.extra_metadata, **({"anonymous": True} if spec.anonymous else {}), **hidden,

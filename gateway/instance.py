@@ -6,8 +6,9 @@ that instance's lock?" is an exact liveness test with no heartbeat table. The sa
 LISTENs for requests addressed to whichever instance runs a generation (cancel), and for API
 key revocations, which every instance drops from its key cache.
 
-A periodic sweep marks the live rows of dead instances `interrupted` (crash recovery) and
-replays the finish journal once the database answers. The sweep loop never dies: whatever a
+A periodic sweep marks the live rows of dead instances `interrupted` (crash recovery), gives
+back the stream leases they held (concurrency caps hold across instances), replays the finish
+journal once the database answers, and deletes rate windows past their minute. The sweep loop never dies: whatever a
 round raises (but cancellation) is classified, logged, and the next round comes sooner after
 a transient failure, backing off while it lasts. Neither a sweep nor the journal can keep the
 instance from starting.
@@ -27,6 +28,7 @@ import asyncpg
 from .failures import Failure, classify
 from .providers.base import estimate_tokens
 from .store import instances as sql
+from .store import limits as limits_sql
 from .store.instances import CANCEL_CHANNEL, lock_key
 from .store.keys import REVOKED_CHANNEL as KEY_REVOKED_CHANNEL
 from .store.usage import UsageRecord, record_usage_many
@@ -42,8 +44,10 @@ class Instance:
     def __init__(self, url: str, pool: asyncpg.Pool, replay: Callable[[], Awaitable[object]],
                  on_cancel: Callable[[uuid.UUID], object], sweep_s: float = 15.0, *,
                  on_key_revoked: Callable[[bytes], None] | None = None,
-                 on_reconnect: Callable[[], None] | None = None) -> None:
+                 on_reconnect: Callable[[], None] | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.id = uuid.uuid4()
+        self._clock = clock  # for the rate windows' age
         self._url = url
         self._pool = pool
         self._replay = replay  # re-applies the finish journal
@@ -110,10 +114,14 @@ class Instance:
             log.warning("ignored a malformed %s notification", channel)
 
     async def sweep(self) -> None:
-        """Interrupt the live rows of instances that are gone; replay the journal."""
-        for owner in await sql.live_owners(self._pool, self.id):
+        """Interrupt the live rows and give back the stream leases of instances that are gone; replay
+        the journal; delete old rate windows."""
+        owners = dict.fromkeys([*await sql.live_owners(self._pool, self.id),
+                                *await limits_sql.lease_owners(self._pool, self.id)])
+        for owner in owners:
             await self._interrupt_if_dead(owner)
         await self._replay()
+        await limits_sql.sweep_windows(self._pool, self._clock())
 
     async def _interrupt_if_dead(self, owner: uuid.UUID) -> None:
         """A dead instance's live replies: interrupted with their last checkpoint, and their usage
@@ -124,6 +132,8 @@ class Instance:
                 return  # alive: it holds its own lock
             try:
                 async with conn.transaction():
+                    # leases first: their counters are locked before any day row, as admission does
+                    leases = await limits_sql.release_instance(conn, owner)
                     swept = await sql.interrupt_dead(conn, owner)
                     records = [settled_usage(row) for row in swept]
                     if records:
@@ -131,6 +141,8 @@ class Instance:
                         await sql.set_estimated_usage(
                             conn, [(r.message_id, r.prompt_tokens, r.completion_tokens) for r in records])
                 log.warning("instance %s is gone: %d live replies interrupted", owner, len(swept))
+                if leases:
+                    log.warning("instance %s is gone: %d stream leases given back", owner, leases)
             finally:
                 await sql.unlock(conn, owner)
 
@@ -176,4 +188,6 @@ def settled_usage(row: Mapping[str, Any]) -> UsageRecord:
         model=res.get("model") or "unknown", provider=res.get("provider") or "unknown", prompt_tokens=prompt,
         completion_tokens=completion, estimated=True, cost_usd=cost,
         day=date.fromisoformat(res["day"]) if res.get("day") else datetime.now(UTC).date(),
-        user_reserved=int(res.get("user_reserved") or 0), key_reserved=int(res.get("key_reserved") or 0))
+        user_reserved=int(res.get("user_reserved") or 0), key_reserved=int(res.get("key_reserved") or 0),
+        user_cost_reserved=float(res.get("user_cost_reserved") or 0),
+        key_cost_reserved=float(res.get("key_cost_reserved") or 0))

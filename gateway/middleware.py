@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import uuid
@@ -16,7 +17,7 @@ from aiohttp.abc import AbstractAccessLogger
 from .errors import GatewayError, ServiceUnavailable, TooManyRequests
 from .failures import database_unavailable
 from .metrics import route_of
-from .state import REQUEST_ID, TIMINGS, TRACE_ID, USER_ID
+from .state import ACCESS_LOGGED, REQUEST_ID, RESPONSE, TIMINGS, TRACE_ID, USER_ID
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = incoming if _SAFE_ID.fullmatch(incoming) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     try:
-        return await handler(request)
+        response = await handler(request)
+        if response.prepared and client_gone(request):
+            # aiohttp would not log it: re-preparing an SSE response to a client that left raises
+            # CancelledError (aiohttp-sse's liveness check) before its access line
+            log_abandoned(request)
+        return response
+    except asyncio.CancelledError:
+        if client_gone(request):
+            log_abandoned(request)
+        raise
     except GatewayError as e:
         if isinstance(e, TooManyRequests):
             resp = error_body(e.status, e.type, e.message, request_id, retry_after=e.retry_after,
@@ -119,6 +129,27 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     # a signal, not middleware: streamed responses send their headers before a middleware returns
     if REQUEST_ID in request:
         response.headers["X-Request-Id"] = request[REQUEST_ID]
+    request[RESPONSE] = response
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    """Whether the client's connection is closed (or closing): it left before the response ended."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+# nginx's status for a request whose client left before any response was sent
+CLIENT_CLOSED_REQUEST = 499
+
+
+def log_abandoned(request: web.Request) -> None:
+    """The access line of a request whose client left mid-response, which aiohttp never writes (it
+    cancels the handler, with handler_cancellation on, or the response's end raises
+    CancelledError): the status that went out, or 499 if none did. Written once."""
+    if not _ABANDONED.enabled or request.get(ACCESS_LOGGED):
+        return
+    response = request.get(RESPONSE) or web.Response(status=CLIENT_CLOSED_REQUEST)
+    _ABANDONED.log(request, response, 0.0)
 
 
 _REDACT = re.compile(r"((?:token|key|access_token)=)[^&]*", re.I)
@@ -126,7 +157,8 @@ _REDACT = re.compile(r"((?:token|key|access_token)=)[^&]*", re.I)
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: id, method, path (secrets in the query redacted), status, total time,
-    where the time went (auth, persist, first_token: ms since arrival), user.
+    where the time went (auth, persist, first_token: ms since arrival), user, and `client_closed`
+    when the client left before the response ended (an abandoned stream).
 
     The same facts ride on the record as fields (`request_id`, `route`, `ms`, `auth_ms`, ...), so
     LOG_FORMAT=json writes them as keys rather than as text to parse."""
@@ -136,6 +168,9 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.get(ACCESS_LOGGED):
+            return  # an abandoned stream's line, written by the middleware
+        request[ACCESS_LOGGED] = True
         path = request.path
         if request.query_string:
             path += "?" + _REDACT.sub(r"\1[redacted]", request.query_string)
@@ -144,12 +179,18 @@ class AccessLogger(AbstractAccessLogger):
         # our own clock when we can: aiohttp's `time` follows loop.time(), whole milliseconds under uvloop
         ms = round((monotonic() - timings.start if timings is not None else time) * 1000, 2)
         request_id, user_id = request.get(REQUEST_ID, "-"), request.get(USER_ID)
+        closed = client_gone(request)
         fields = {"request_id": request_id, "method": request.method, "path": path, "route": route_of(request),
-                  "status": response.status, "user_id": user_id, "ms": ms}
+                  "status": response.status, "user_id": user_id, "ms": ms, "client_closed": closed}
         fields.update((f"{phase}_ms", value) for phase, value in phases.items())
         breakdown = "".join(f" {phase}={value:.1f}ms" for phase, value in phases.items())
         trace_id = request.get(TRACE_ID)
         if trace_id is not None:  # traced (tracing.py): the line leads to the trace
             fields["trace_id"] = trace_id
-        self.logger.info("%s %s %s %d %.1fms%s user=%s%s", request_id, request.method, path, response.status, ms,
-                         breakdown, user_id or "-", "" if trace_id is None else " trace=" + trace_id, extra=fields)
+        self.logger.info("%s %s %s %d %.1fms%s user=%s%s%s", request_id, request.method, path, response.status, ms,
+                         breakdown, user_id or "-", " client_closed" if closed else "",
+                         "" if trace_id is None else " trace=" + trace_id, extra=fields)
+
+
+# aiohttp's access logger is the server's; the middleware's own copy writes to the same logger
+_ABANDONED = AccessLogger(logging.getLogger("aiohttp.access"), "")

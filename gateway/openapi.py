@@ -191,6 +191,18 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
         "temperature": nullable({"type": "number"}),
     }
+    content_parts: Schema = {
+        "type": "array", "minItems": 1, "maxItems": 100,
+        "description": "OpenAI-style content parts, stored and returned as sent (`parts`); the demo model "
+                       "answers about the text parts",
+        "items": {"oneOf": [
+            obj({"type": {"const": "text"}, "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
+                additionalProperties=False),
+            obj({"type": {"const": "image_url"},
+                 "image_url": obj({"url": {"type": "string", "pattern": "^(https?://|data:image/)"},
+                                   "detail": {"enum": ["auto", "low", "high"]}}, ("url",),
+                                  additionalProperties=False)},
+                ("type", "image_url"), additionalProperties=False)]}}
     message_row = obj({
         "id": UUID, "thread_id": UUID, "role": {"enum": ["user", "assistant", "system"]}, "content": STRING,
         "status": {"enum": MESSAGE_STATUSES}, "reply_to": nullable(UUID), "slot": {"enum": ["a", "b", None]},
@@ -198,6 +210,9 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "prompt_tokens": nullable(INT), "completion_tokens": nullable(INT), "ttft_ms": nullable(INT),
         "latency_ms": nullable(INT), "error": nullable({"type": "object"}), "metadata": {"type": "object"},
         "created_at": TIME, "finished_at": nullable(TIME),
+        "parts": nullable({"type": "array", "items": {"type": "object"},
+                           "description": "A user message's content parts exactly as sent (content holds their "
+                                          "text); null for a plain-text message"}),
     }, ("id", "thread_id", "role", "content", "status", "reply_to", "slot", "client_message_id", "model",
         "provider", "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms", "error", "metadata",
         "created_at", "finished_at"))
@@ -206,6 +221,7 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
     key_limits = obj({
         **{name: nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX})
            for name in ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")},
+        "daily_cost_usd": nullable({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100000000}),
         "models": nullable({"type": "array", "minItems": 1, "maxItems": 100,
                             "items": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL}}),
     }, additionalProperties=False)
@@ -240,8 +256,9 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "OpenAIError": obj({"error": obj({
             "message": STRING, "type": STRING, "param": nullable(STRING), "code": nullable(STRING),
         }, ("message", "type", "param", "code"))}, ("error",)),
-        "ChatRequest": obj({**turn_fields, "model": nullable({"enum": [AUTO, *models],
-                                                               "description": "Default: auto (the router picks)"})},
+        "ChatRequest": obj({**turn_fields, "content": {"anyOf": [turn_fields["content"], content_parts]},
+                            "model": nullable({"enum": [AUTO, *models],
+                                               "description": "Default: auto (the router picks)"})},
                            ("content",), additionalProperties=True, description="Unknown fields are ignored"),
         "ChatAccepted": obj({
             "status": {"const": "accepted"}, "message": ref("Message"), "duplicate": {"type": "boolean"},
@@ -279,6 +296,29 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format", "seed", "user",
                             "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")},
         }, ("model", "messages"), additionalProperties=True),
+        "EmbeddingRequest": obj({
+            "model": {"enum": list(models), "description": "A model with kind = \"embedding\" (or one of the "
+                                                            "demo provider's)"},
+            "input": {"anyOf": [
+                {"type": "string", "minLength": 1, "pattern": NO_NUL},
+                {"type": "array", "minItems": 1, "maxItems": 2048,
+                 "items": {"type": "string", "minLength": 1, "pattern": NO_NUL}},
+                {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
+                {"type": "array", "minItems": 1, "maxItems": 2048,
+                 "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]},
+            "dimensions": nullable({"type": "integer", "minimum": 1, "maximum": 65536}),
+            "encoding_format": nullable({"enum": ["float", "base64"]}),
+            "user": nullable(STRING),
+        }, ("model", "input"), additionalProperties=True),
+        "EmbeddingList": obj({
+            "object": {"const": "list"}, "model": STRING,
+            "data": {"type": "array", "items": obj({
+                "object": {"const": "embedding"}, "index": INT,
+                "embedding": {"anyOf": [{"type": "array", "items": {"type": "number"}},
+                                        {"type": "string", "description": "base64 of little-endian float32"}]},
+            }, ("object", "index", "embedding"))},
+            "usage": obj({"prompt_tokens": INT, "total_tokens": INT}, ("prompt_tokens", "total_tokens")),
+        }, ("object", "data", "model", "usage")),
         "ChatCompletion": obj({
             "id": STRING, "object": {"const": "chat.completion"}, "created": INT, "model": STRING,
             "choices": {"type": "array", "items": obj({
@@ -306,17 +346,29 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
             "input": {"anyOf": [
                 {"type": "string", "minLength": 1, "pattern": NOT_BLANK, "description": "One user message"},
-                {"type": "array", "minItems": 1, "items": obj({
+                {"type": "array", "minItems": 1, "items": {"anyOf": [obj({
                     "type": {"const": "message"},
                     "role": {"enum": ["user", "assistant", "system", "developer"]},
                     "content": {"anyOf": [{"type": "string", "pattern": NO_NUL}, {
-                        "type": "array", "minItems": 1, "items": obj({
-                            "type": {"enum": ["input_text", "output_text"]},
-                            "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
-                            additionalProperties=True)}]},
+                        "type": "array", "minItems": 1, "items": {"anyOf": [
+                            obj({"type": {"enum": ["input_text", "output_text"]},
+                                 "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
+                                additionalProperties=True),
+                            obj({"type": {"const": "input_image"},
+                                 "image_url": {"type": "string", "pattern": "^(https?://|data:image/)"},
+                                 "detail": nullable({"enum": ["auto", "low", "high"]})}, ("type", "image_url"),
+                                additionalProperties=True)]}}]},
                 }, ("role", "content"), additionalProperties=True),
-                 "description": "Message items; with store: true the last must be a user message (it is "
-                                "stored; the others are sent for this turn only)"}]},
+                    obj({"type": {"const": "function_call"}, "call_id": {"type": "string", "pattern": NO_NUL},
+                         "name": {"type": "string", "pattern": NO_NUL},
+                         "arguments": {"type": "string", "pattern": NO_NUL}},
+                        ("type", "call_id", "name", "arguments"), additionalProperties=True),
+                    obj({"type": {"const": "function_call_output"}, "call_id": {"type": "string", "pattern": NO_NUL},
+                         "output": {"type": "string", "pattern": NO_NUL}},
+                        ("type", "call_id", "output"), additionalProperties=True)]},
+                 "description": "Message items and the tool loop's function_call / function_call_output items; "
+                                "with store: true the last must be a user message (it is stored; the others are "
+                                "sent for this turn only)"}]},
             "instructions": nullable({"type": "string", "pattern": NO_NUL,
                                       "description": "A system message for this turn only (never stored)"}),
             "max_output_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
@@ -356,6 +408,10 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                                            "response.output_text.done, response.content_part.done, "
                                            "response.output_item.done, response.completed (or "
                                            "response.incomplete; response.failed after a failure)"),
+        "ResponseItemList": obj({
+            "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}},
+            "first_id": nullable(STRING), "last_id": nullable(STRING), "has_more": {"type": "boolean"},
+        }, ("object", "data", "first_id", "last_id", "has_more")),
         "ResponseDeleted": obj({"id": STRING, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
                                ("id", "object", "deleted")),
         **_anthropic_schemas(models),
@@ -527,7 +583,8 @@ STREAM_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"streamToken
 ANTHROPIC_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"anthropicApiKey": []}]
 PUBLIC: list[Any] = []
 
-SSE_DESCRIPTION = ("Server-Sent Events: `retry:`, then `metadata`, deltas (`data: {\"delta\": ...}`), `usage`, "
+SSE_DESCRIPTION = ("Server-Sent Events: `metadata` (its block opens with the `retry:` line), deltas "
+                   "(`data: {\"delta\": ...}`), `usage`, "
                    "`done` (or `error`) events with ids `<message_id>:<seq>`, and a final `data: [DONE]`")
 
 
@@ -607,6 +664,16 @@ def _paths() -> dict[str, Any]:
             requestBody=json_body("ChatCompletionRequest"),
             description="Stateless like OpenAI's endpoint: no thread or message rows; usage is recorded. "
                         "Errors are in OpenAI's shape (a database outage answers the native 503).")},
+        "/v1/embeddings": {"post": op(
+            "OpenAI-compatible embeddings, passed through to the model's provider", "openai",
+            {**ok(200, "One vector per input, in order", "EmbeddingList"),
+             **errors(400, 401, 403, 404, 413, 429, openai=True),
+             "502": {"$ref": "#/components/responses/OpenAIError502"},
+             "503": {"$ref": "#/components/responses/Error503"},
+             "504": {"$ref": "#/components/responses/OpenAIError504"}},
+            requestBody=json_body("EmbeddingRequest"),
+            description="Stateless; the input's tokens count against the daily caps and are recorded once. "
+                        "With limits configured, a success carries OpenAI's `x-ratelimit-*` headers.")},
         "/v1/models": {"get": op(
             "The enabled models, OpenAI-style", "openai",
             {**ok(200, "The models", "ModelList"), **errors(401, openai=True),
@@ -629,16 +696,32 @@ def _paths() -> dict[str, Any]:
                         "previous_response_id continues it. With store: false it is stateless like "
                         "/v1/chat/completions. Errors are in OpenAI's shape.")},
         "/v1/responses/{response_id}": {
-            "get": op("A stored response, rebuilt from its reply", "openai",
-                      {**ok(200, "The response", "Response"), **errors(401, 403, 404, openai=True),
+            "get": op("A stored response, rebuilt from its reply; with stream=true its semantic events",
+                      "openai",
+                      {"200": response("The response; with `stream=true` its semantic events, replayed (or "
+                                       "followed live) after `starting_after`",
+                                       {**json_content(ref("Response")), **sse_content("ResponseEvent")}),
+                       **errors(400, 401, 403, 404, openai=True),
                        "503": {"$ref": "#/components/responses/Error503"}},
-                      parameters=[response_id]),
+                      parameters=[response_id,
+                                  query("stream", {"enum": ["true", "false", "1", "0"]}, "Stream the events"),
+                                  query("starting_after", {"type": "integer", "minimum": -1,
+                                                           "maximum": INT32_MAX},
+                                        "Resume after this sequence_number")]),
             "delete": op("Delete a stored response's turn (and its thread when nothing else is left; usage is "
                          "kept)", "openai",
                          {**ok(200, "Deleted", "ResponseDeleted"), **errors(401, 403, 404, openai=True),
                           "503": {"$ref": "#/components/responses/Error503"}},
                          parameters=[response_id]),
         },
+        "/v1/responses/{response_id}/input_items": {"get": op(
+            "A stored response's input items (its user message; other items were for the turn only)", "openai",
+            {**ok(200, "A cursor page of input items", "ResponseItemList"), **errors(400, 401, 403, 404, openai=True),
+             "503": {"$ref": "#/components/responses/Error503"}},
+            parameters=[response_id,
+                        query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "Page size"),
+                        query("order", {"enum": ["asc", "desc"], "default": "desc"}, "Order"),
+                        query("after", STRING, "List the items after this item id")])},
         "/v1/messages": {"post": op(
             "Anthropic Messages API (stream and non-stream)", "anthropic",
             {"200": response("The message; Anthropic's stream events when `stream` is true: `message_start`, "

@@ -1,28 +1,33 @@
 """Decide, part two: the operator's rules. One decision per request: approve, downgrade, or refuse.
 
 Checks, in order: models allowed for the key (403), the max_tokens ceiling (downgrade: clamp),
-concurrent streams per user (429, in-process), then one database call (`gateway_admit_chain`, see
-sql/0008_key_tree.sql, after sql/0003_policy.sql and sql/0007_admit_codes.sql; its SQL is in
-store/limits.py) for requests per minute per user and per key and the daily token caps; its
-refusal names the limit that fired. A key's limits are those of the key and of every ancestor
-in its tree (api/keys.py): a child's request takes a slot in each ancestor's window and reserves
-against each ancestor's daily cap, so a parent's budget is shared by its subtree.
-A daily cap reserves the request's worst case (prompt estimate + max_tokens, clamped to what
-remains today) atomically; the finish write settles it to the real usage, and a request that
-never runs releases it. Nearly out of budget, a request may be downgraded to a cheaper model.
+then one database call (`gateway_admit_full`, see sql/0010_cost_caps_and_stream_leases.sql, after
+sql/0003_policy.sql, sql/0007_admit_codes.sql and sql/0008_key_tree.sql; its SQL is in
+store/limits.py) for requests per minute, concurrent streams and the daily token and cost caps,
+per user and per key; its refusal names the limit that fired. A key's limits are those of the key
+and of every ancestor in its tree (api/keys.py): a child's request takes a slot in each
+ancestor's window and stream count and reserves against each ancestor's daily caps, so a
+parent's budget is shared by its subtree.
 
-Chat turns split this in two (turns.py): `take_rate`, the abuse limit, runs at the edge before
-anything is written (a 429 there persists nothing); `admit(..., rate_taken=True)` runs after the
-user message is committed, and its refusal is saved as a `refused` reply. The stateless routes
-call `admit` alone, which does both in one call. With no limits configured, the policy does no
-I/O at all.
+A daily cap reserves the request's worst case atomically: tokens (prompt estimate + max_tokens)
+and dollars (prompt tokens x input price + max_tokens x output price, at the model's prices),
+each clamped to what remains today, which bounds the reply's max_tokens; the finish write
+settles them to the real usage, and a request that never runs releases them. A stream cap is a
+counter in the database: the admission takes a lease on it (with this instance's id), the finish
+write gives it back, and the sweep gives back the leases of an instance that died, so the cap
+holds across instances. Nearly out of budget (tokens or dollars), a request may be downgraded to
+a cheaper model.
+
+A refusal raises before anything is persisted, so the client can retry the same
+client_message_id later. With no limits configured, the policy does no I/O at all.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
@@ -31,10 +36,10 @@ from typing import Any
 import asyncpg
 
 from .auth import Principal
-from .config import LimitsConfig
+from .config import LimitsConfig, ModelConfig
 from .errors import Forbidden, TooManyRequests
 from .store import limits as store
-from .store.limits import LimitReached
+from .store.limits import Limit, LimitReached
 from .vocabulary import PolicyAction
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,11 @@ DEFAULT_RESERVE_TOKENS = 1024
 class Admission:
     """What the policy granted one request, carried to its finish.
 
-    `on_done` gives back the request's concurrency slot; `done()` calls it at most once.
+    `max_tokens` is what the upstream is told: the client's own, or less when a ceiling or what
+    remains today clamps it (None when the client set none and nothing clamps). What it holds in
+    the database (token and cost reservations, the stream lease) is given back by the finish's
+    usage record (`held()`) or by `Policy.release`, exactly once either way. `on_done` gives back
+    the request's place in this process's stream count; `done()` calls it at most once.
     """
 
     action: PolicyAction
@@ -56,15 +65,35 @@ class Admission:
     day: date
     user_reserved: int = 0
     key_reserved: int = 0
+    user_cost_reserved: float = 0.0  # USD held against the daily cost caps
+    key_cost_reserved: float = 0.0
+    lease_id: uuid.UUID | None = None  # the stream lease, when a concurrency cap applies
     downgraded_from: str | None = None
     reasons: list[str] = field(default_factory=list)
     on_done: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def done(self) -> None:
-        """Give back the concurrency slot (idempotent)."""
+        """Give back this process's count of the stream (idempotent)."""
         on_done, self.on_done = self.on_done, None
         if on_done is not None:
             on_done()
+
+    def held(self) -> dict[str, Any]:
+        """The usage record's fields that settle what this admission holds (store.usage.UsageRecord)."""
+        return {"day": self.day, "user_reserved": self.user_reserved, "key_reserved": self.key_reserved,
+                "user_cost_reserved": self.user_cost_reserved, "key_cost_reserved": self.key_cost_reserved,
+                "lease_id": self.lease_id}
+
+    @property
+    def holds_anything(self) -> bool:
+        return bool(self.user_reserved or self.key_reserved or self.user_cost_reserved or self.key_cost_reserved
+                    or self.lease_id)
+
+    def reservation_json(self) -> dict[str, Any]:
+        """What the sweep needs to settle the reservations of a reply whose instance died (its lease
+        dies with the instance: store.limits.release_instance)."""
+        return {"day": self.day.isoformat(), "user_reserved": self.user_reserved, "key_reserved": self.key_reserved,
+                "user_cost_reserved": self.user_cost_reserved, "key_cost_reserved": self.key_cost_reserved}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,24 +105,52 @@ class Limits:
     key_rpm: int | None  # the key's own (the chain's are in key_chain)
     user_daily: int | None
     key_daily: int | None
-    max_concurrent: int | None
+    max_concurrent: int | None  # the lowest stream cap that applies (the user's or a key's)
     max_tokens: int | None
     models: frozenset[str] | None
-    # the key, then each ancestor, that has a requests-per-minute or daily-token limit
+    user_cost: float | None = None  # USD per UTC day
+    key_cost: float | None = None  # the key's own
+    user_streams: int | None = None  # the user's concurrent-stream cap (the keys' are in key_chain)
+    # the key, then each ancestor, that has a limit counted in the database
     key_chain: tuple[store.KeyCap, ...] = ()
+
+    @property
+    def in_database(self) -> bool:
+        """Whether admission needs the database at all."""
+        return bool(self.user_rpm is not None or self.user_daily is not None or self.user_cost is not None
+                    or self.user_streams is not None or self.key_chain)
 
 
 @dataclass(slots=True, kw_only=True)
 class _Reservation:
-    """What the database granted: tokens reserved per cap, and the reply's bound if it had to shrink."""
+    """What the database granted: tokens and USD reserved per cap, the lease, and the reply's bound
+    if it had to shrink."""
 
     user: int = 0
     key: int = 0
-    clamped_to: int | None = None  # tokens granted, when fewer than the worst case
+    user_cost: float = 0.0
+    key_cost: float = 0.0
+    lease: uuid.UUID | None = None
+    max_tokens: int | None = None  # the completion tokens what remains today allows, when fewer than asked
+    reasons: list[str] = field(default_factory=list)
 
 
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _usd_or_none(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else None
+
+
+def worst_cost(prompt_tokens: int, completion_tokens: int, model: ModelConfig | None) -> float:
+    """USD for the tokens at the model's prices, rounded up to the cent's millionth the columns keep
+    (numeric(16, 8)): a reservation never falls short of the real cost."""
+    if model is None:
+        return 0.0
+    usd = (prompt_tokens * model.input_price_per_mtok + completion_tokens * model.output_price_per_mtok) / 1e6
+    return math.ceil(usd * 1e8 - 1e-6) / 1e8 if usd > 0 else 0.0
 
 
 def limits_for(config: LimitsConfig, principal: Principal) -> Limits:
@@ -109,12 +166,15 @@ def limits_for(config: LimitsConfig, principal: Principal) -> Limits:
         if isinstance(k.get("models"), list):
             models = frozenset(k["models"]) if models is None else models & frozenset(k["models"])
     caps = (store.KeyCap(key_id=i, rpm=_int_or_none(k.get("requests_per_minute")),
-                         daily=_int_or_none(k.get("daily_tokens"))) for i, k in chain)
+                         daily=_int_or_none(k.get("daily_tokens")), cost=_usd_or_none(k.get("daily_cost_usd")),
+                         streams=_int_or_none(k.get("max_concurrent_streams"))) for i, k in chain)
     return Limits(user_rpm=config.requests_per_minute, key_rpm=_int_or_none(key.get("requests_per_minute")),
                   user_daily=config.daily_tokens, key_daily=_int_or_none(key.get("daily_tokens")),
                   max_concurrent=min(concurrency) if concurrency else None,
                   max_tokens=min(ceilings) if ceilings else None, models=models,
-                  key_chain=tuple(c for c in caps if c.rpm is not None or c.daily is not None))
+                  user_cost=config.daily_cost_usd, key_cost=_usd_or_none(key.get("daily_cost_usd")),
+                  user_streams=config.max_concurrent_streams,
+                  key_chain=tuple(c for c in caps if c.limited))
 
 
 def utc_now() -> datetime:
@@ -126,64 +186,76 @@ def _next_midnight(day: date) -> datetime:
 
 
 class Policy:
-    def __init__(self, config: LimitsConfig, pool: asyncpg.Pool, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(self, config: LimitsConfig, pool: asyncpg.Pool, clock: Callable[[], datetime] = utc_now, *,
+                 models: Mapping[str, ModelConfig] | None = None, instance_id: uuid.UUID | None = None) -> None:
         self._config = config
         self._pool = pool
         self.clock = clock  # injectable: tests pin it to step minutes
-        self._streams: dict[uuid.UUID, int] = {}
+        self._models = models if models is not None else {}  # their prices bound the cost reservations
+        # the leases this process takes die with it (the sweep gives them back): one id per instance
+        self.instance_id = instance_id or uuid.uuid4()
+        self._streams: dict[uuid.UUID, int] = {}  # this process's streams, per user (GET /api/me)
 
     def active_streams(self, user_id: uuid.UUID) -> int:
+        """The user's streams admitted by this process and not done yet."""
         return self._streams.get(user_id, 0)
 
-    async def take_rate(self, principal: Principal) -> None:
-        """The abuse limit, at the edge: a slot in the user's and each key's per-minute window, or
-        TooManyRequests. Reserves nothing; `admit(..., rate_taken=True)` must follow."""
+    async def admit_rate(self, principal: Principal) -> None:
+        """The abuse limit alone, for the edge (before anything is written): a slot in this minute's
+        window of the user and of each key of its chain that has one; TooManyRequests (nothing
+        taken) when one is full. An `admit(..., rate=False)` for the same request then skips them."""
         limits = limits_for(self._config, principal)
-        keys = tuple(replace(k, daily=None) for k in limits.key_chain if k.rpm is not None)
+        keys = tuple(replace(k, daily=None, cost=None, streams=None) for k in limits.key_chain if k.rpm is not None)
         if limits.user_rpm is None and not keys:
             return
         now = self.clock()
-        await self._admit_in_database(principal, replace(limits, user_daily=None, key_chain=keys), now.date(),
-                                      None, 0, now, 1)
+        window = now.replace(second=0, microsecond=0)
+        try:
+            await store.admit_full(self._pool, user_id=principal.user_id, keys=keys, day=now.date(), window=window,
+                                   user_rpm=limits.user_rpm, want=0, user_cap=None, share=1)
+        except LimitReached as e:
+            raise self._refusal(e.limit, limits, window, now.date(), now) from None
 
     async def admit(self, principal: Principal, model: str, prompt_tokens: int, max_tokens: int | None,
-                    downgrade_to: str | None = None, share: int = 1, rate_taken: bool = False) -> Admission:
+                    downgrade_to: str | None = None, share: int = 1, *, rate: bool = True) -> Admission:
         """`share`: this request is admitted together with share - 1 others (the arena's slots),
-        so a daily reservation takes at most 1/share of what remains. `rate_taken`: `take_rate`
-        already counted this request."""
+        so a daily reservation takes at most 1/share of what remains. `rate=False`: the request's
+        per-minute slots were taken already (`admit_rate`, at the edge)."""
         limits = limits_for(self._config, principal)
-        if rate_taken:
-            limits = replace(limits, user_rpm=None, key_rpm=None,
-                             key_chain=tuple(replace(k, rpm=None) for k in limits.key_chain if k.daily is not None))
+        if not rate:
+            chain = (replace(k, rpm=None) for k in limits.key_chain)
+            limits = replace(limits, user_rpm=None, key_rpm=None, key_chain=tuple(k for k in chain if k.limited))
         now = self.clock()
         day = now.date()
         action, reasons = PolicyAction.APPROVE, []
         if limits.models is not None and model not in limits.models:
             raise Forbidden(f"this key may not use model {model!r}")
+        # the upstream is told a bound only when the policy lowers the client's (or what remains
+        # today does, below); the reservation always assumes the worst case the reply may reach
         ceiling = max_tokens
-        if limits.max_tokens is not None and (max_tokens is None or max_tokens > limits.max_tokens):
+        if limits.max_tokens is not None and max_tokens is not None and max_tokens > limits.max_tokens:
             ceiling = limits.max_tokens
-            if max_tokens is not None:
-                action = PolicyAction.DOWNGRADE
-                reasons.append(f"max_tokens clamped to {limits.max_tokens}")
-        if limits.max_concurrent is not None and self.active_streams(principal.user_id) >= limits.max_concurrent:
-            raise TooManyRequests(f"at most {limits.max_concurrent} concurrent streams", retry_after=1,
-                                  reason="concurrent_streams")
+            action = PolicyAction.DOWNGRADE
+            reasons.append(f"max_tokens clamped to {limits.max_tokens}")
+        worst = ceiling or limits.max_tokens or DEFAULT_RESERVE_TOKENS
         reserved, downgraded_from = _Reservation(), None
-        if limits.user_rpm is not None or limits.user_daily is not None or limits.key_chain:
-            reserved = await self._admit_in_database(principal, limits, day, ceiling, prompt_tokens, now, share)
-            if reserved.clamped_to is not None:
+        if limits.in_database:
+            reserved = await self._admit_in_database(principal, limits, day, model, worst, prompt_tokens, now, share)
+            if reserved.max_tokens is not None:
                 # what remains today bounds the reply: the upstream is told so, and the cap holds
-                ceiling = reserved.clamped_to - prompt_tokens
+                ceiling = reserved.max_tokens
                 action = PolicyAction.DOWNGRADE
-                reasons.append(f"max_tokens clamped to the {reserved.clamped_to} tokens left today")
-            if (downgrade_to and downgrade_to != model and limits.user_daily is not None
-                    and await self._nearly_spent(principal.user_id, day, reserved.user, limits.user_daily)):
+                reasons.extend(reserved.reasons)
+            if (downgrade_to and downgrade_to != model
+                    and (limits.user_daily is not None or limits.user_cost is not None)
+                    and await self._nearly_spent(principal.user_id, day, reserved, limits)):
                 action, downgraded_from, model = PolicyAction.DOWNGRADE, model, downgrade_to
                 reasons.append("daily budget nearly spent")
         self._streams[principal.user_id] = self.active_streams(principal.user_id) + 1
         return Admission(action=action, model=model, max_tokens=ceiling, day=day, user_reserved=reserved.user,
-                         key_reserved=reserved.key, downgraded_from=downgraded_from, reasons=reasons,
+                         key_reserved=reserved.key, user_cost_reserved=reserved.user_cost,
+                         key_cost_reserved=reserved.key_cost, lease_id=reserved.lease,
+                         downgraded_from=downgraded_from, reasons=reasons,
                          on_done=partial(self._leave, principal.user_id))
 
     def _leave(self, user_id: uuid.UUID) -> None:
@@ -193,56 +265,95 @@ class Policy:
         else:
             self._streams.pop(user_id, None)
 
-    async def _admit_in_database(self, principal: Principal, limits: Limits, day: date, max_tokens: int | None,
+    async def _admit_in_database(self, principal: Principal, limits: Limits, day: date, model: str, worst: int,
                                  prompt_tokens: int, now: datetime, share: int) -> _Reservation:
         keys_capped = any(k.daily is not None for k in limits.key_chain)
         capped = limits.user_daily is not None or keys_capped
-        want = prompt_tokens + (max_tokens or DEFAULT_RESERVE_TOKENS)
+        keys_cost_capped = any(k.cost is not None for k in limits.key_chain)
+        priced = self._models.get(model)
+        want = prompt_tokens + worst
+        want_cost = worst_cost(prompt_tokens, worst, priced)
+        streams = limits.user_streams is not None or any(k.streams is not None for k in limits.key_chain)
+        lease = uuid.uuid4() if streams else None
         window = now.replace(second=0, microsecond=0)
         try:
-            granted = await store.admit(
+            grant = await store.admit_full(
                 self._pool, user_id=principal.user_id, keys=limits.key_chain, day=day, window=window,
-                user_rpm=limits.user_rpm, want=want, user_cap=limits.user_daily, share=share)
+                user_rpm=limits.user_rpm, want=want, user_cap=limits.user_daily, share=share,
+                want_cost=want_cost, user_cost_cap=limits.user_cost, lease=lease, instance_id=self.instance_id,
+                user_streams=limits.user_streams)
         except LimitReached as e:
-            name = e.limit.value.replace("_", " ")
-            if e.limit.per_minute:
-                reset = window + timedelta(minutes=1)
-                raise TooManyRequests(f"rate limit: {name}",
-                                      retry_after=max(1, int((reset - now).total_seconds()) + 1),
-                                      reset_at=reset, reason="requests_per_minute") from None
-            reset = _next_midnight(day)
-            raise TooManyRequests(f"daily token cap reached ({name})",
-                                  retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
-                                  reason="daily_tokens") from None
-        if not capped:
-            return _Reservation()
+            raise self._refusal(e.limit, limits, window, day, now) from None
         # every capped key of the chain holds the same reservation: settlement and release find them
-        reserved = _Reservation(user=granted if limits.user_daily is not None else 0,
-                                key=granted if keys_capped else 0)
-        if granted < want:
-            if granted <= prompt_tokens:
+        cost_held = want_cost > 0 and (limits.user_cost is not None or keys_cost_capped)
+        reserved = _Reservation(user=grant.tokens if capped and limits.user_daily is not None else 0,
+                                key=grant.tokens if keys_capped else 0,
+                                user_cost=grant.cost if cost_held and limits.user_cost is not None else 0.0,
+                                key_cost=grant.cost if cost_held and keys_cost_capped else 0.0,
+                                lease=grant.lease)
+        room = worst  # the completion tokens the grants leave room for
+        if capped and grant.tokens < want:
+            room = grant.tokens - prompt_tokens
+            reserved.reasons.append(f"max_tokens clamped to the {grant.tokens} tokens left today")
+        if cost_held and grant.cost < want_cost:
+            assert priced is not None  # a cost was wanted
+            out = priced.output_price_per_mtok / 1e6
+            spare = grant.cost - worst_cost(prompt_tokens, 0, priced)
+            affordable = int(spare / out) if out > 0 and spare > 0 else 0
+            if affordable < room:
+                room = affordable
+                reserved.reasons.append(f"max_tokens clamped to the {affordable} tokens today's cost cap allows")
+        if room < worst:
+            if room <= 0:
                 # not even the prompt fits in what remains: nothing to run
                 await store.release(self._pool, user_id=principal.user_id, api_key_id=principal.api_key_id,
-                                    day=day, user_tokens=reserved.user, key_tokens=reserved.key)
+                                    day=day, user_tokens=reserved.user, key_tokens=reserved.key,
+                                    user_cost=reserved.user_cost, key_cost=reserved.key_cost, lease=reserved.lease)
                 reset = _next_midnight(day)
-                raise TooManyRequests("daily token cap reached (too little left for this prompt)",
+                what = "token" if capped and grant.tokens <= prompt_tokens else "cost"
+                raise TooManyRequests(f"daily {what} cap reached (too little left for this prompt)",
                                       retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
-                                      reason="daily_tokens")
-            reserved.clamped_to = granted
+                                      reason=f"daily_{what}s" if what == "token" else "daily_cost")
+            reserved.max_tokens = room
         return reserved
 
-    async def _nearly_spent(self, user_id: uuid.UUID, day: date, reserved: int, cap: int) -> bool:
-        """Whether the day's use before this request (spent + others' reservations) passed the mark."""
+    @staticmethod
+    def _refusal(limit: Limit, limits: Limits, window: datetime, day: date, now: datetime) -> TooManyRequests:
+        name = limit.value.replace("_", " ")
+        if limit.per_minute:
+            reset = window + timedelta(minutes=1)
+            return TooManyRequests(f"rate limit: {name}", retry_after=max(1, int((reset - now).total_seconds()) + 1),
+                                   reset_at=reset, reason="requests_per_minute")
+        if limit.concurrent:
+            cap = limits.user_streams if limit is Limit.USER_CONCURRENT_STREAMS else min(
+                k.streams for k in limits.key_chain if k.streams is not None)
+            return TooManyRequests(f"at most {cap} concurrent streams ({name})", retry_after=1,
+                                   reason="concurrent_streams")
+        reset = _next_midnight(day)
+        what = "cost" if limit.cost else "token"
+        return TooManyRequests(f"daily {what} cap reached ({name})",
+                               retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
+                               reason="daily_cost" if limit.cost else "daily_tokens")
+
+    async def _nearly_spent(self, user_id: uuid.UUID, day: date, reserved: _Reservation, limits: Limits) -> bool:
+        """Whether the day's use before this request (spent + others' reservations) passed the mark,
+        in tokens or in dollars."""
         threshold = self._config.downgrade_at
         if threshold is None:
             return False
-        return await store.user_day_committed(self._pool, user_id, day) - reserved >= threshold * cap
+        tokens, cost = await store.user_day_committed_both(self._pool, user_id, day)
+        return ((limits.user_daily is not None and tokens - reserved.user >= threshold * limits.user_daily)
+                or (limits.user_cost is not None and cost - reserved.user_cost >= threshold * limits.user_cost))
 
     async def release(self, admission: Admission, user_id: uuid.UUID, api_key_id: uuid.UUID | None) -> None:
-        """A request admitted but never run (a duplicate, a vanished thread): give back its
-        concurrency slot and hand its reservation back (the user's, its key's and every capped
-        ancestor's)."""
+        """A request admitted but never run (a duplicate, a vanished thread): give back its stream
+        count and lease and hand its reservations back (the user's, its key's and every capped
+        ancestor's). Exactly once: the admission forgets what it gave back."""
         admission.done()
         await store.release(self._pool, user_id=user_id, api_key_id=api_key_id, day=admission.day,
-                            user_tokens=admission.user_reserved, key_tokens=admission.key_reserved)
+                            user_tokens=admission.user_reserved, key_tokens=admission.key_reserved,
+                            user_cost=admission.user_cost_reserved, key_cost=admission.key_cost_reserved,
+                            lease=admission.lease_id)
         admission.user_reserved = admission.key_reserved = 0
+        admission.user_cost_reserved = admission.key_cost_reserved = 0.0
+        admission.lease_id = None

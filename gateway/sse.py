@@ -1,7 +1,6 @@
 """Respond: the SSE wire protocol of the native endpoints, as pre-encoded bytes.
 
     retry: 3000
-
     id: <message_id>:0
     event: metadata
     data: {...}
@@ -14,6 +13,10 @@
     data: {...}
 
     data: [DONE]
+
+The `retry:` field rides in the first event's block, not a block of its own: a block with no
+data dispatches nothing in a browser, but client libraries (httpx-sse, some SDKs) deliver it as
+an empty message event first.
 
 A reply's events are structured (`events.Event`); each builds its SSE frame once, so every
 listener writes the same bytes.
@@ -56,12 +59,27 @@ def parse_last_event_id(raw: str | None, message_id: str) -> int:
     return parse_seq(seq, "Last-Event-ID")
 
 
+class NativeStream(EventSourceResponse):
+    """An SSE response whose first frame carries the `retry:` line.
+
+    Keep-alive comments (`: ping`) may go out before it and leave it pending: a `retry:` field
+    in a comment's block would make that block an (empty) event for the libraries above."""
+
+    def __init__(self, retry_ms: int, ping_s: float) -> None:
+        super().__init__(sep="\n", ping_interval=ping_s, allow_all_methods=True)
+        self._retry: bytes | None = b"retry: %d\n" % retry_ms
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._retry is not None and data[:1] != b":":
+            data, self._retry = self._retry + bytes(data), None
+        await super().write(data)
+
+
 async def open_stream(request: web.Request, ping_s: float, retry_ms: int) -> EventSourceResponse:
-    """Send the headers and the `retry:` line; the caller writes frames."""
-    resp = EventSourceResponse(sep="\n", ping_interval=ping_s, allow_all_methods=True)
+    """Send the headers; the caller writes frames, the first of which gets the `retry:` line."""
+    resp = NativeStream(retry_ms, ping_s)
     # no-transform keeps proxies from buffering or compressing the stream
     resp.headers["Cache-Control"] = "no-cache, no-transform"
     resp.headers["X-Accel-Buffering"] = "no"  # nginx: pass each frame on as it comes (also set by aiohttp-sse)
     await resp.prepare(request)
-    await resp.write(b"retry: %d\n\n" % retry_ms)
     return resp

@@ -56,3 +56,6 @@ USER_ID: web.RequestKey[str] = web.RequestKey("user_id", str)
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal")  # set once the caller is authenticated
 TIMINGS: web.RequestKey[Timings] = web.RequestKey("timings")  # where the time went, for the access log
 TRACE_ID: web.RequestKey[str] = web.RequestKey("trace_id", str)  # the request's trace, when traced
+# the response once its headers went out: the access line of a stream its client abandoned needs it
+RESPONSE: web.RequestKey[web.StreamResponse] = web.RequestKey("response", web.StreamResponse)
+ACCESS_LOGGED: web.RequestKey[bool] = web.RequestKey("access_logged", bool)  # its line is written: not again

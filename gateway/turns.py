@@ -37,7 +37,7 @@ from .events import Event
 from .fleet.follow import RemoteStreams
 from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd, mask_model_names
 from .policy import Admission, Policy
-from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, tokens_for_chars
+from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, text_of, tokens_for_chars
 from .providers.chain import Chain
 from .providers.registry import ModelRegistry, NotEnoughModels
 from .replay import replay_events
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 class TurnInput:
     """A validated chat turn, whichever front door it came through."""
 
-    content: str
+    content: str  # the text (of the text parts, when `parts` is given)
     thread_id: uuid.UUID | None = None
     model: str | None = None
     client_message_id: str | None = None
@@ -68,6 +68,8 @@ class TurnInput:
     context: list[dict[str, Any]] = field(default_factory=list)
     # passed through untouched to OpenAI-compatible upstreams (tools, tool_choice, ...)
     extra: dict[str, Any] = field(default_factory=dict)
+    # OpenAI-style content parts (text, image_url) as sent: stored, and sent upstream instead of `content`
+    parts: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -165,11 +167,12 @@ class Turns:
         messages = await self.conversation(principal, turn)
         choice = self.route(turn.model, turn.content)
         with tracing.span("gateway.rate_limit"):  # the abuse limit: a 429 here has written nothing
-            await self._policy.take_rate(principal)
+            await self._policy.admit_rate(principal)
         with tracing.span("gateway.persist"):
             stored = await self._persist.submit(message_store.TurnRequest(
                 user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
-                thread_id=turn.thread_id, instance_id=self._instance_id))
+                thread_id=turn.thread_id, instance_id=self._instance_id, parts=turn.parts,
+                reservation=self.attribution(principal, choice.model, messages)))
         assert stored is not None
         if stored.duplicate:  # lost a race with an identical request: that one decides and runs
             return stored
@@ -202,12 +205,14 @@ class Turns:
             model = self._asked_for(last)
         messages = await message_store.thread_history(pool, user_id, user_message["thread_id"],
                                                       before=user_message)
-        messages.append({"role": "user", "content": user_message["content"]})
+        parts = user_message["parts"]
+        messages.append({"role": "user", "content": user_message["content"] if parts is None else parts})
         choice = self.route(model, user_message["content"])
         with tracing.span("gateway.rate_limit"):
-            await self._policy.take_rate(principal)
+            await self._policy.admit_rate(principal)
         made = await message_store.insert_regeneration(pool, user_id, user_message, client_request_id,
-                                                       self._instance_id)
+                                                       self._instance_id,
+                                                       self.attribution(principal, choice.model, messages))
         if made.duplicate:
             return made
         await self._decide_and_start(principal, _Plan(
@@ -249,11 +254,12 @@ class Turns:
         else:
             pair = requested
         with tracing.span("gateway.rate_limit"):  # one request, one slot in the window
-            await self._policy.take_rate(principal)
+            await self._policy.admit_rate(principal)
         with tracing.span("gateway.persist"):
             stored = await arena_store.persist_arena_turn(
                 self._pool, principal.user_id, turn.content, turn.client_message_id, turn.thread_id,
-                self._instance_id, pair[0], pair[1], anonymous)
+                self._instance_id, pair[0], pair[1], anonymous,
+                (self.attribution(principal, pair[0], messages), self.attribution(principal, pair[1], messages)))
         if stored.duplicate:
             return stored
         # both slots count toward the caller's limits: slot a may take at most half of what remains
@@ -279,7 +285,7 @@ class Turns:
                 try:
                     admission = await self._policy.admit(principal, plan.choice.model, prompt_tokens(plan.messages),
                                                          plan.turn.max_tokens, plan.downgrade_to, share=plan.share,
-                                                         rate_taken=True)
+                                                         rate=False)
                 except (TooManyRequests, Forbidden) as e:
                     refusal = e
                 action = "refuse" if admission is None else str(admission.action)
@@ -308,8 +314,8 @@ class Turns:
             admission.model,
             ChatRequest(plan.messages, max_tokens=admission.max_tokens, temperature=turn.temperature,
                         top_p=turn.top_p, extra=dict(turn.extra)), started)
-        if admission.user_reserved or admission.key_reserved:
-            # written while the upstream call starts, not before it: only a live row takes it, so a
+        if admission.holds_anything or admission.model != plan.choice.model:
+            # added while the upstream call starts, not before it: only a live row takes it, so a
             # finish that gets there first is left alone (and has settled the reservation itself)
             try:
                 await message_store.hold_reservation(self._pool, plan.message_id,
@@ -381,7 +387,7 @@ class Turns:
         estimated = usage is None
         if usage is None:
             if not started and not chars:
-                if not (admission.user_reserved or admission.key_reserved):
+                if not admission.holds_anything:
                     tracing.end_chat()
                     return  # nothing reached the client, nothing was reserved: nothing to count
                 usage = UsageReport(0, 0)  # a zero record hands the reservation back
@@ -391,8 +397,7 @@ class Turns:
         record = UsageRecord(
             message_id=completion.id, user_id=principal.user_id, api_key_id=principal.api_key_id, model=model.name,
             provider=model.provider, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            estimated=estimated, cost_usd=cost_usd(model, usage), day=admission.day,
-            user_reserved=admission.user_reserved, key_reserved=admission.key_reserved)
+            estimated=estimated, cost_usd=cost_usd(model, usage), **admission.held())
         self._record_usage(record)
         self._observer.usage(record)
         tracing.end_chat()
@@ -401,11 +406,14 @@ class Turns:
                     messages: list[dict[str, Any]]) -> dict[str, Any]:
         """What a reply's admission holds, kept on its row until the finish: if its instance dies, the
         sweep settles the reservation to an estimate of what was consumed (store.instances)."""
-        model = self._models.models.get(admission.model)
-        return {"day": admission.day.isoformat(), "user_reserved": admission.user_reserved,
-                "key_reserved": admission.key_reserved,
-                "api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
-                "prompt_tokens": prompt_tokens(messages), "model": admission.model,
+        return {**admission.reservation_json(), **self.attribution(principal, admission.model, messages)}
+
+    def attribution(self, principal: Principal, model_name: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """Who and what a reply is for, as the sweep estimates a dead instance's reply: written with
+        the placeholder row (the persist step), before the policy decides."""
+        model = self._models.models.get(model_name)
+        return {"api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
+                "prompt_tokens": prompt_tokens(messages), "model": model_name,
                 "provider": model.provider if model else None,
                 "input_price_per_mtok": model.input_price_per_mtok if model else 0.0,
                 "output_price_per_mtok": model.output_price_per_mtok if model else 0.0}
@@ -422,7 +430,7 @@ class Turns:
         if turn.system is not None:
             messages.insert(0, {"role": "system", "content": turn.system})
         messages.extend(turn.context)
-        messages.append({"role": "user", "content": turn.content})
+        messages.append({"role": "user", "content": turn.content if turn.parts is None else turn.parts})
         return messages
 
     # -- find, follow, cancel -------------------------------------------------------------------
@@ -482,7 +490,7 @@ class Turns:
 
 
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    return sum(estimate_tokens(m["content"]) for m in messages if isinstance(m.get("content"), str))
+    return sum(estimate_tokens(text_of(m.get("content"))) for m in messages)
 
 
 def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:
@@ -492,7 +500,6 @@ def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:
     for message in reversed(messages):
-        content = message.get("content")
-        if message.get("role") == "user" and isinstance(content, str):
-            return content
+        if message.get("role") == "user":
+            return text_of(message.get("content"))
     return ""

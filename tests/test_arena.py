@@ -29,7 +29,7 @@ from .conftest import MakeClient, User, wait_for
 from .fakes import FakeUpstream, Reply, openai_chunk, openai_stream
 from .test_providers import model_toml, openai_provider_toml, upstream_b  # noqa: F401  (fixture)
 
-RETRY = b"retry: 3000\n\n"
+RETRY = b"retry: 3000\n"  # rides in the first event's block (issue 15 item 7)
 DONE = b"data: [DONE]\n\n"
 SLOTS = ("a", "b")
 STREAM_ERROR = b'data: {"error":{"message":"Overloaded","type":"overloaded_error","param":null,"code":null}}\n\n'
@@ -105,10 +105,10 @@ class ArenaStream:
 
     def __init__(self, body: bytes, comparison_id: str, start: tuple[int, int] = (-1, -1),
                  retry: bool = True) -> None:
-        blocks = split_frames(body)
         if retry:
-            assert blocks[0] == RETRY, body[:200]
-            blocks = blocks[1:]
+            assert body.startswith(RETRY + b"id: "), body[:200]
+            body = body.removeprefix(RETRY)
+        blocks = split_frames(body)
         assert blocks[-1] == DONE and DONE not in blocks[:-1], body[-300:]
         self.slots: dict[str, list[bytes]] = {"a": [], "b": []}
         self.ids: list[str] = []
@@ -153,7 +153,7 @@ async def stream_arena(client: TestClient, user: User, db: asyncpg.Pool,
     assert resp.status == 200, await resp.text()
     assert resp.headers["Content-Type"] == "text/event-stream"
     raw = await resp.read()
-    first = orjson.loads(split_frames(raw)[1].rpartition(b"data: ")[2])
+    first = orjson.loads(split_frames(raw)[0].rpartition(b"data: ")[2])
     cid = await comparison_id_of(db, first["user_message_id"])
     return ArenaStream(raw, cid), cid, raw
 
@@ -254,15 +254,17 @@ async def test_arena_stream_sends_its_headers_before_either_slot_has_a_token(
     release = asyncio.Event()
     upstream.queue(Reply(openai_stream(["A"]), on_request=lambda _: release.wait()))
     upstream_b.queue(Reply(openai_stream(["B"]), on_request=lambda _: release.wait()))
-    client = await fake_pair_client(make_client, config_file, upstream, upstream_b)
+    client = await make_client(SSE_PING_S="0.05", GATEWAY_CONFIG=config_file(two_upstreams_toml(
+        upstream.base_url, upstream_b.base_url)))
     resp = await asyncio.wait_for(client.post("/api/arena", headers=user.headers, json={
         "content": "wait", "models": ["alpha", "beta"], "stream": True}), 3)
     assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
-    assert await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 3) == RETRY
+    # the first ping proves the response is open (the retry line waits for the first event)
+    assert await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 3) == b": ping\n\n"
     release.set()
-    rest = await resp.read()
+    rest = (await resp.read()).replace(b": ping\n\n", b"")
     meta = orjson.loads(split_frames(rest)[0].rpartition(b"data: ")[2])
-    stream = ArenaStream(RETRY + rest, await comparison_id_of(db, meta["user_message_id"]))
+    stream = ArenaStream(rest, await comparison_id_of(db, meta["user_message_id"]))
     assert (stream.text("a"), stream.text("b")) == ("A", "B")
 
 
@@ -412,8 +414,9 @@ async def test_a_client_leaving_the_arena_stream_stops_neither_slot(
     client = await fake_pair_client(make_client, config_file, upstream, upstream_b)
     resp = await client.post("/api/arena", headers=user.headers, json={
         "content": "count", "models": ["alpha", "beta"], "stream": True})
-    assert await resp.content.readuntil(b"\n\n") == RETRY
-    first = orjson.loads((await resp.content.readuntil(b"\n\n")).rpartition(b"data: ")[2])
+    head = await resp.content.readuntil(b"\n\n")
+    assert head.startswith(RETRY + b"id: ")
+    first = orjson.loads(head.rpartition(b"data: ")[2])
     resp.close()  # gone with both replies mostly unsent
     cid = await comparison_id_of(db, first["user_message_id"])
     saved = await comparison_row(db, cid)

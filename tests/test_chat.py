@@ -21,7 +21,7 @@ from gateway.providers.demo import demo_reply
 from .conftest import MakeClient, User, wait_for
 from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
 
-RETRY = b"retry: 3000\n\n"
+RETRY = b"retry: 3000\n"  # rides in the first event's block (issue 15 item 7)
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
 DEMO_CHUNKS = 12  # the default demo reply length of the `client` fixture
@@ -71,7 +71,8 @@ def first_metadata(body: bytes) -> dict[str, Any]:
 
 
 def split_frames(body: bytes) -> list[bytes]:
-    """The body's blocks, each with its blank-line terminator (retry, frames..., [DONE])."""
+    """The body's blocks, each with its blank-line terminator (frames..., [DONE]; the first frame
+    starts with the retry line)."""
     return [block + b"\n\n" for block in body.split(b"\n\n") if block]
 
 
@@ -182,8 +183,9 @@ async def test_client_disconnect_mid_stream_lets_the_generation_finish(make_clie
     upstream.queue(Reply(pieces, hold_at=2, release=release))  # the role chunk and "one ", then held
     client = await fake_client(make_client, upstream)
     resp = await client.post("/api/chat", json={"content": "count", "stream": True}, headers=user.headers)
-    assert await resp.content.readuntil(b"\n\n") == RETRY
-    meta = orjson.loads(parse_sse(await resp.content.readuntil(b"\n\n"))[0].data)
+    first = await resp.content.readuntil(b"\n\n")
+    assert first.startswith(RETRY + b"id: ")
+    meta = orjson.loads(parse_sse(first)[0].data)
     assert parse_sse(await resp.content.readuntil(b"\n\n"))[0].data == '{"delta":"one "}'
     resp.close()  # drops the connection with the reply mostly unsent
     assert (await row(db, meta["message_id"]))["status"] == "streaming"  # gone before the reply was done
@@ -381,7 +383,7 @@ async def test_ping_comments_keep_the_stream_alive_while_waiting(make_client, up
     release.set()
     body = b"".join(head) + await resp.read()
     meta = first_metadata(body)
-    assert head == [RETRY, PING]
+    assert head == [PING, PING]  # the upstream is silent until released: the retry line waits for the first event
     assert body.index(PING) < body.index(b"event: metadata")
     # the pings are whole comment blocks between frames: without them the stream is exact
     saved = await row(db, meta["message_id"])
@@ -421,7 +423,7 @@ async def test_get_message_returns_the_row_only_to_its_owner(client, make_user, 
 async def test_message_stream_resumes_after_last_event_id(client, user):
     original, meta = await stream_chat(client, user, content="resume me")
     mid = meta["message_id"]
-    frames = split_frames(original)[1:-1]  # without retry and [DONE]: index = event seq
+    frames = split_frames(original.removeprefix(RETRY))[:-1]  # without retry and [DONE]: index = event seq
     assert len(frames) == DEMO_CHUNKS + 3
     url = f"/api/messages/{mid}/stream"
 

@@ -41,8 +41,8 @@ async def test_a_live_reply_is_checkpointed_while_it_streams_and_the_finish_repl
     up = await gated(texts, hold_at=2)  # "Hel" and "lo" out, the rest held
     client = await gated_client(make_client, up, CHECKPOINT_S="0.05")
     resp = await client.post("/api/chat", json={"content": "hi", "stream": True}, headers=user.headers)
-    seen = await read_blocks(resp, 1 + 1 + 2)  # retry, metadata, two deltas
-    mid = parse_sse(seen[1])[0].id.rpartition(":")[0]
+    seen = await read_blocks(resp, 1 + 2)  # retry + metadata, two deltas
+    mid = parse_sse(seen[0])[0].id.rpartition(":")[0]
 
     async def checkpointed() -> bool:
         row = await message_row(db, mid)
@@ -91,8 +91,8 @@ async def test_after_kill_9_the_reply_keeps_its_checkpoint_and_a_resume_gets_the
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
             await wait_healthy(session, base, proc)
             stream = await session.post(base + "/api/chat", json={"content": prompt, "stream": True})
-            seen = await read_blocks(stream, 1 + 1 + 40)  # retry, metadata, 40 deltas
-            mid = parse_sse(seen[1])[0].id.rpartition(":")[0]
+            seen = await read_blocks(stream, 1 + 40)  # retry + metadata, 40 deltas
+            mid = parse_sse(seen[0])[0].id.rpartition(":")[0]
 
             async def checkpointed() -> bool:
                 return len((await message_row(db, mid))["content"]) > 0

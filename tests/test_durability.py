@@ -95,7 +95,7 @@ async def test_sigterm_interrupts_open_streams_saves_them_and_exits_cleanly(data
             await wait_healthy(session, base, proc)
             streams = [await session.post(base + "/api/chat", json={"content": p, "stream": True}) for p in prompts]
             assert [s.status for s in streams] == [200] * 3
-            heads = [await read_blocks(s, 1 + 1 + 3) for s in streams]  # retry, metadata, 3 deltas: mid-reply
+            heads = [await read_blocks(s, 1 + 3) for s in streams]  # retry + metadata, 3 deltas: mid-reply
             proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(10):
                 bodies = [b"".join(h) + await s.read() for h, s in zip(heads, streams, strict=True)]

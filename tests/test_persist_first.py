@@ -18,7 +18,7 @@ import orjson
 from aiohttp.test_utils import TestClient
 
 from .conftest import User, wait_for
-from .test_chat import DONE, RETRY, frame
+from .test_chat import DONE, RETRY, first_metadata, frame
 
 # each demo turn: prompt "hello" (2 tokens) + max_tokens 10 = a worst case of 12: one fits
 ONE_TURN = "[limits]\ndaily_tokens = 12\n"
@@ -67,7 +67,7 @@ async def test_a_refused_stream_is_metadata_a_policy_error_and_done_byte_for_byt
                                                                         "content": "still there?"})
     assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
     body = await resp.read()
-    meta = orjson.loads(body.split(b"\n\n")[1].rpartition(b"data: ")[2])
+    meta = first_metadata(body)
     mid = meta["message_id"]
     assert body == refused_stream(mid, meta["thread_id"], meta["user_message_id"], daily_error())
     # the user's words are kept, the reply says what happened; no provider was called, nothing counted
@@ -138,7 +138,7 @@ async def test_a_model_the_key_may_not_use_is_a_refused_reply_that_does_not_clea
     resp = await client.post("/api/chat", headers=user.headers, json={"content": "hi", "model": "demo",
                                                                        "stream": True})
     body = await resp.read()
-    meta = orjson.loads(body.split(b"\n\n")[1].rpartition(b"data: ")[2])
+    meta = first_metadata(body)
     error = {"type": "policy", "message": "this key may not use model 'demo'", "retryable": False,
              "reason": "model_not_allowed", "reset_at": None}
     assert body == refused_stream(meta["message_id"], meta["thread_id"], meta["user_message_id"], error,

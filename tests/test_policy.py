@@ -371,17 +371,43 @@ def test_admission_is_keyword_only_and_done_calls_its_callback_once():
 async def test_policy_counts_a_stream_until_done_and_a_prompt_that_does_not_fit_takes_no_slot(db, make_user):
     user = await make_user()
     principal = Principal(user_id=user.id, email=None, api_key_id=None, scopes=frozenset({"chat"}))
-    policy = Policy(LimitsConfig(daily_tokens=10, max_concurrent_streams=1), db)
+    policy = Policy(LimitsConfig(daily_tokens=10, max_concurrent_streams=2), db)
+    streams = "SELECT streams FROM stream_counts WHERE subject = $1"
     admission = await policy.admit(principal, "demo", prompt_tokens=2, max_tokens=4)
     assert (admission.action, admission.user_reserved, admission.max_tokens) == (PolicyAction.APPROVE, 6, 4)
-    assert policy.active_streams(user.id) == 1
-    admission.done()
-    assert policy.active_streams(user.id) == 0
-    # 4 tokens left today, and the prompt alone needs 5: refused, reservation handed back, no slot held
+    assert admission.lease_id is not None
+    assert (policy.active_streams(user.id), await db.fetchval(streams, f"u:{user.id}")) == (1, 1)
+    admission.done()  # this process's count; the lease (all instances' count) waits for the release
+    assert (policy.active_streams(user.id), await db.fetchval(streams, f"u:{user.id}")) == (0, 1)
+    # 4 tokens left today, and the prompt alone needs 5: refused, reservation and lease handed back
     with pytest.raises(TooManyRequests, match="too little left"):
         await policy.admit(principal, "demo", prompt_tokens=5, max_tokens=4)
-    assert policy.active_streams(user.id) == 0
+    assert (policy.active_streams(user.id), await db.fetchval(streams, f"u:{user.id}")) == (0, 1)
     assert await day_row(db, user.id) == {"tokens": 0, "reserved": 6, "requests": 0}
     await policy.release(admission, user.id, None)
     assert await day_row(db, user.id) == {"tokens": 0, "reserved": 0, "requests": 0}
     assert (admission.user_reserved, policy.active_streams(user.id)) == (0, 0)
+    assert (admission.lease_id, await db.fetchval(streams, f"u:{user.id}")) == (None, 0)
+    assert await db.fetchval("SELECT count(*) FROM stream_leases") == 0
+
+
+async def test_the_rate_limit_may_be_taken_at_the_edge_and_the_rest_after(db, make_user):
+    """admit_rate takes the per-minute slots alone; admit(rate=False) then takes everything else."""
+    user = await make_user()
+    key_id = await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", user.id)
+    principal = Principal(user_id=user.id, email=None, api_key_id=key_id, scopes=frozenset({"chat"}),
+                          limits={"requests_per_minute": 5})
+    now = datetime(2030, 6, 1, 12, 0, 30, tzinfo=UTC)
+    policy = Policy(LimitsConfig(requests_per_minute=2, daily_tokens=100), db, clock=lambda: now)
+    windows = "SELECT count FROM rate_windows WHERE subject = $1 AND window_start = '2030-06-01T12:00:00Z'"
+    await policy.admit_rate(principal)
+    assert (await db.fetchval(windows, f"u:{user.id}"), await db.fetchval(windows, f"k:{key_id}")) == (1, 1)
+    assert await db.fetchval("SELECT count(*) FROM daily_usage WHERE user_id = $1", user.id) == 0
+    admission = await policy.admit(principal, "demo", prompt_tokens=2, max_tokens=10, rate=False)
+    assert admission.user_reserved == 12
+    assert (await db.fetchval(windows, f"u:{user.id}"), await db.fetchval(windows, f"k:{key_id}")) == (1, 1)
+    await policy.admit_rate(principal)
+    with pytest.raises(TooManyRequests, match="rate limit: user requests per minute"):
+        await policy.admit_rate(principal)
+    assert await db.fetchval(windows, f"k:{key_id}") == 2  # the refused call took nothing
+    await policy.release(admission, user.id, key_id)

@@ -8,7 +8,6 @@ import uuid
 from typing import Any
 
 import asyncpg
-import orjson
 from aiohttp.test_utils import TestClient
 
 from gateway.providers.base import estimate_tokens
@@ -194,7 +193,7 @@ async def test_without_a_model_it_asks_for_what_the_last_reply_was_asked_for(mak
     accepted = await regenerate(client, user, turn["message"]["id"])
     assert set(accepted) == {"status", "message", "duplicate", "thread_id", "assistant_message_id", "stream_url"}
     streamed = await (await client.get(accepted["stream_url"])).read()
-    assert orjson.loads(streamed.split(b"\n\n")[1].rpartition(b"data: ")[2])["model"] == "demo"
+    assert first_metadata(streamed)["model"] == "demo"
 
 
 async def test_history_reads_a_window_of_the_newest_turns_each_with_its_newest_reply(db, user):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import openai
@@ -298,3 +299,143 @@ async def test_errors_in_openai_shape_write_nothing(sdk, fake_client, upstream, 
         await api.responses.retrieve("resp_not-hex")
     assert await rows(db, user.id) == {"threads": [], "messages": [], "usage": []}
     assert upstream.requests == []
+
+
+# -- issue 15 item 1's leftovers: replayed events, input items, tool-loop items -------------------
+
+async def test_retrieve_with_stream_replays_the_semantic_events_of_a_stored_response(sdk, fake_client, upstream,
+                                                                                     user):
+    upstream.queue(Reply(openai_stream(["Hel", "lo", "!"], prompt_tokens=7)))
+    api = sdk(fake_client, user.key)
+    live = [e async for e in await api.responses.create(model="fake", input="hi", stream=True)]
+    response_id = live[0].response.id
+    replayed = [e async for e in await api.responses.retrieve(response_id, stream=True)]
+    assert [e.type for e in replayed] == [e.type for e in live]
+    assert [e.sequence_number for e in replayed] == list(range(len(live)))
+    assert [e.delta for e in replayed if e.type == "response.output_text.delta"] == ["Hel", "lo", "!"]
+    done = replayed[-1].response
+    assert (done.id, done.status, done.output_text) == (response_id, "completed", "Hello!")
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (7, 3)
+    # resumed after a sequence_number: exactly the events after it
+    rest = [e async for e in await api.responses.retrieve(response_id, stream=True, starting_after=4)]
+    assert [(e.type, e.sequence_number) for e in rest] == [(e.type, e.sequence_number) for e in replayed[5:]]
+    for params, param in (({"stream": "true", "starting_after": bad}, "starting_after")
+                          for bad in ("x", "--5", "+5", "1e3", "99999999999", "-2")):
+        resp = await fake_client.get(f"/v1/responses/{response_id}", params=params, headers=user.headers)
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == param, params
+    resp = await fake_client.get(f"/v1/responses/{response_id}", params={"stream": "yes"}, headers=user.headers)
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "stream"
+
+
+async def test_retrieve_with_stream_of_a_failed_response_is_created_then_failed(sdk, fake_client, upstream, user,
+                                                                                db):
+    upstream.queue(Reply(status=400, body=b'{"error":{"message":"no such thing"}}'))
+    api = sdk(fake_client, user.key)
+    with pytest.raises(openai.APIStatusError):
+        await api.responses.create(model="fake", input="hi")
+    message_id = await db.fetchval("SELECT id FROM messages WHERE user_id = $1 AND role = 'assistant'", user.id)
+    events = [e async for e in await api.responses.retrieve("resp_" + message_id.hex, stream=True)]
+    assert [e.type for e in events] == ["response.created", "response.in_progress", "response.failed"]
+    assert events[-1].response.status == "failed" and events[-1].response.error.code == "server_error"
+
+
+async def test_input_items_list_the_stored_user_message(sdk, fake_client, upstream, user):
+    api = sdk(fake_client, user.key)
+    created = await api.responses.create(model="fake", input=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi there"}])
+    page = await api.responses.input_items.list(created.id)
+    assert [(i.type, i.role, i.status, [c.text for c in i.content]) for i in page.data] == [
+        ("message", "user", "completed", ["hi there"])]
+    assert page.data[0].id.startswith("msg_") and page.data[0].id != created.output[0].id
+    resp = await fake_client.get(f"/v1/responses/{created.id}/input_items", params={"order": "asc", "limit": "1"},
+                                 headers=user.headers)
+    body = await resp.json()
+    assert (body["object"], body["has_more"], body["first_id"], body["last_id"]) == (
+        "list", False, page.data[0].id, page.data[0].id)
+    after = await api.responses.input_items.list(created.id, after=page.data[0].id)
+    assert after.data == []
+    for params, param in (({"limit": "0"}, "limit"), ({"order": "up"}, "order")):
+        resp = await fake_client.get(f"/v1/responses/{created.id}/input_items", params=params, headers=user.headers)
+        assert resp.status == 400 and (await resp.json())["error"]["param"] == param
+    with pytest.raises(openai.NotFoundError):
+        await api.responses.input_items.list("resp_" + uuid.uuid4().hex)
+
+
+async def test_function_call_items_are_the_tool_loop_context(sdk, fake_client, upstream, user):
+    upstream.queue(Reply(openai_stream(["Sunny."])))
+    response = await sdk(fake_client, user.key).responses.create(model="fake", store=False, input=[
+        {"role": "user", "content": "weather in Oslo and Bergen?"},
+        {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": "{\"city\":\"Oslo\"}"},
+        {"type": "function_call", "call_id": "call_2", "name": "weather", "arguments": "{\"city\":\"Bergen\"}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sun"},
+        {"type": "function_call_output", "call_id": "call_2", "output": "sun"},
+    ])
+    assert response.output_text == "Sunny."
+    assert upstream.requests[0]["messages"] == [
+        {"role": "user", "content": "weather in Oslo and Bergen?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}},
+            {"id": "call_2", "type": "function",
+             "function": {"name": "weather", "arguments": "{\"city\":\"Bergen\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sun"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "sun"}]
+
+
+@pytest.mark.parametrize("item, param, words", [
+    ({"type": "reasoning", "id": "rs_1", "summary": []}, "input[0]", "'reasoning' item"),
+    ({"type": "item_reference", "id": "msg_1"}, "input[0]", "'item_reference' item"),
+    ({"type": "function_call", "call_id": "c", "name": "f"}, "input[0].arguments", "must be a string"),
+    ({"type": "function_call_output", "call_id": "c", "output": 5}, "input[0].output", "must be a string"),
+])
+async def test_other_input_items_are_refused_by_name(fake_client, upstream, user, item, param, words):
+    resp = await fake_client.post("/v1/responses", headers=user.headers, json={
+        "model": "fake", "store": False, "input": [item, {"role": "user", "content": "hi"}]})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert error["param"] == param and words in error["message"]
+    assert upstream.requests == []
+
+
+async def test_retrieve_with_stream_follows_a_response_still_generating(sdk, fake_client, upstream, user, db):
+    release = asyncio.Event()  # the upstream holds after "Hel" until both listeners are attached
+    upstream.queue(Reply(openai_stream(["Hel", "lo", "!"], prompt_tokens=7), hold_at=2, release=release))
+    api = sdk(fake_client, user.key)
+    live = await api.responses.create(model="fake", input="hi", stream=True)
+    first = [await anext(live) for _ in range(5)]  # created, in_progress, item added, part added, "Hel"
+    assert first[-1].delta == "Hel"
+    response_id = first[0].response.id
+    follower = await api.responses.retrieve(response_id, stream=True)
+    head = [await anext(follower) for _ in range(5)]  # the same five, replayed from the live generation
+    assert [(e.type, e.sequence_number) for e in head] == [(e.type, e.sequence_number) for e in first]
+    release.set()
+    rest_live = [e async for e in live]
+    rest_followed = [e async for e in follower]
+    assert [e.type for e in rest_followed] == [e.type for e in rest_live] == (
+        ["response.output_text.delta"] * 2 + CLOSING_EVENTS)
+    assert rest_followed[-1].response.output_text == rest_live[-1].response.output_text == "Hello!"
+
+
+PIXEL = "data:image/png;base64,iVBORw0KGgo="
+
+
+async def test_input_image_parts_reach_the_upstream_and_are_stored(sdk, fake_client, upstream, user, db):
+    upstream.queue(Reply(openai_stream(["A pixel."])))
+    api = sdk(fake_client, user.key)
+    response = await api.responses.create(model="fake", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "what is this?"},
+        {"type": "input_image", "image_url": PIXEL, "detail": "low"}]}])
+    parts = [{"type": "text", "text": "what is this?"},
+             {"type": "image_url", "image_url": {"url": PIXEL, "detail": "low"}}]
+    assert upstream.requests[0]["messages"] == [{"role": "user", "content": parts}]
+    assert response.output_text == "A pixel."
+    assert dict(await db.fetchrow("SELECT content, parts FROM messages WHERE user_id = $1 AND role = 'user'",
+                                  user.id)) == {"content": "what is this?", "parts": parts}
+    items = (await api.responses.input_items.list(response.id)).data
+    assert [(c.type, getattr(c, "text", None), getattr(c, "image_url", None)) for c in items[0].content] == [
+        ("input_text", "what is this?", None), ("input_image", None, PIXEL)]
+    resp = await fake_client.post("/v1/responses", headers=user.headers, json={"model": "fake", "input": [
+        {"role": "user", "content": [{"type": "input_image", "image_url": "ftp://x/y.png", "detail": "auto"}]}]})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert (error["param"], error["type"]) == ("input[0].content", "invalid_request_error")
+    assert "input[0].content[0].image_url must be an http(s) URL" in error["message"]

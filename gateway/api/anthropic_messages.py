@@ -352,7 +352,7 @@ def _usage(usage: UsageReport) -> dict[str, int]:
 async def create_message(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
-    parsed = parse_request(await read_json(request), app[MODELS].__contains__)
+    parsed = parse_request(await read_json(request), app[MODELS].chat_model)
     turns = app[TURNS]
     completion = await turns.begin_completion(principal, parsed.model, parsed.chat, request[TIMINGS].start)
     reply = _Reply()
@@ -466,6 +466,6 @@ def tool_use_blocks(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def count_tokens(request: web.Request) -> web.Response:
     """The gateway's own estimate: the number the policy reserves for the same request's prompt."""
     await caller(request, "chat")
-    parsed = parse_request(await read_json(request), request.app[MODELS].__contains__, counting=True)
+    parsed = parse_request(await read_json(request), request.app[MODELS].chat_model, counting=True)
     return web.Response(body=orjson.dumps({"input_tokens": prompt_tokens(parsed.chat.messages)}),
                         content_type="application/json")

@@ -35,7 +35,7 @@ from .common import caller, json_response, lapse_frame, parse_uuid, read_json, s
 async def post_arena(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "arena")
     app = request.app
-    turn, stream, models, anonymous = parse_arena(await read_json(request), app[MODELS].__contains__)
+    turn, stream, models, anonymous = parse_arena(await read_json(request), app[MODELS].chat_model)
     turns = app[TURNS]
     started = time.monotonic()
     stored = await asyncio.shield(turns.begin_arena(principal, turn, models, anonymous, request[TIMINGS].start))

@@ -30,7 +30,7 @@ from .common import caller, json_response, lapse_frame, optional, parse_uuid, re
 async def post_chat(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
-    turn, stream = parse_turn(await read_json(request), app[MODELS].__contains__)
+    turn, stream = parse_turn(await read_json(request), app[MODELS].chat_model)
     turns = app[TURNS]
     started = time.monotonic()
     stored = await asyncio.shield(turns.begin_chat(principal, turn, request[TIMINGS].start))

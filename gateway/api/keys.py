@@ -13,15 +13,17 @@ ancestors:
 - its scopes are within its parent's (403 otherwise), its expiry is no later (it defaults to the
   parent's), and each limit the parent has is a ceiling for the child's (403 when asked for more);
 - its usage counts against its own limits and every ancestor's, in the same atomic admission: a
-  parent's daily tokens and requests per minute are shared by its whole subtree, never multiplied
+  parent's daily tokens, daily cost (`daily_cost_usd`), requests per minute and concurrent streams
+  are shared by its whole subtree, never multiplied
   (a limit the child does not set is bounded by the ancestor's, so it is not copied onto the child);
-  its `max_tokens`, `max_concurrent_streams` and `models` are bounded by every ancestor's too;
+  its `max_tokens` and `models` are bounded by every ancestor's too;
 - revoking a key revokes all its descendants in the same statement, on every instance within a
   second; a key whose ancestor is revoked or expired stops working with it.
 """
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +41,9 @@ NAME_MAX = 100
 # integers the policy passes to SQL as `integer`
 LIMIT_INTS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")
 LIMIT_MAX = 2**31 - 1
+# dollars per UTC day, kept in numeric(16, 8) columns (sql/0010)
+LIMIT_USD = ("daily_cost_usd",)
+USD_MAX = 1e8
 MODELS_MAX = 100
 
 
@@ -75,9 +80,9 @@ def parse_limits(raw: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(raw, dict):
         raise BadRequest("limits must be an object")
-    unknown = sorted(set(raw) - {*LIMIT_INTS, "models"})
+    unknown = sorted(set(raw) - {*LIMIT_INTS, *LIMIT_USD, "models"})
     if unknown:
-        raise BadRequest(f"unknown limits {unknown}: allowed are {[*LIMIT_INTS, 'models']}")
+        raise BadRequest(f"unknown limits {unknown}: allowed are {[*LIMIT_INTS, *LIMIT_USD, 'models']}")
     limits: dict[str, Any] = {}
     for name in LIMIT_INTS:
         value = raw.get(name)
@@ -86,6 +91,14 @@ def parse_limits(raw: Any) -> dict[str, Any] | None:
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMIT_MAX:
             raise BadRequest(f"limits.{name} must be an integer from 1 to {LIMIT_MAX}")
         limits[name] = value
+    for name in LIMIT_USD:
+        usd = raw.get(name)
+        if usd is None:
+            continue
+        if (not isinstance(usd, (int, float)) or isinstance(usd, bool) or not math.isfinite(usd)
+                or not 0 < usd < USD_MAX):
+            raise BadRequest(f"limits.{name} must be a number of dollars above 0 and below {USD_MAX:.0f}")
+        limits[name] = usd
     models = raw.get("models")
     if models is not None:
         if (not isinstance(models, list) or not models or len(models) > MODELS_MAX
@@ -121,7 +134,7 @@ def within_ceiling(principal: Principal, scopes: list[str] | None, limits: dict[
             raise Forbidden("a key cannot outlive the key that creates it")
     chain = [principal.limits or {}, *(a.limits or {} for a in principal.ancestors)]
     asked = limits or {}
-    for name in LIMIT_INTS:
+    for name in (*LIMIT_INTS, *LIMIT_USD):
         caps = [c[name] for c in chain if c.get(name) is not None]
         if caps and asked.get(name) is not None and asked[name] > min(caps):
             raise Forbidden(f"limits.{name} cannot exceed this key's own ({min(caps)})")

@@ -36,6 +36,7 @@ from ..state import MODELS, TIMINGS, TURNS
 from ..turns import estimated_usage
 from .bodies import MAX_TOKENS_LIMIT
 from .common import caller, read_json
+from .ratelimits import RateLimitHeaders
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 # request fields passed through untouched to OpenAI-compatible upstreams
@@ -186,20 +187,25 @@ def openai_errors(handler: Handler) -> Handler:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
-    model_name, chat, stream, include_usage = parse_request(await read_json(request), app[MODELS].__contains__)
+    model_name, chat, stream, include_usage = parse_request(await read_json(request), app[MODELS].chat_model)
     turns = app[TURNS]
     completion = await turns.begin_completion(principal, model_name, chat, request[TIMINGS].start)
     reply = _Reply()
+    limits = RateLimitHeaders(request, principal)
     try:
         async with aclosing(completion.chain.stream(chat, whole=not stream)) as events:
             if stream:
-                return await _stream(request, events, completion.chain, chat, completion.id, include_usage, reply)
-            return await _complete(events, completion.chain, chat, completion.id, reply)
+                return await _stream(request, events, completion.chain, chat, completion.id, include_usage, reply,
+                                     limits)
+            answer = await _complete(events, completion.chain, chat, completion.id, reply)
+            await limits.apply(answer)
+            return answer
     except ProviderError as e:
         if reply.started:
             raise  # a streamed failure was already reported in the stream
         raise provider_error(e) from None
     finally:
+        limits.close()
         turns.finish_completion(completion, reply.usage, reply.chars, reply.started)
 
 
@@ -217,11 +223,13 @@ class _Reply:
 
 
 async def _stream(request: web.Request, events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest,
-                  completion_id: uuid.UUID, include_usage: bool, reply: _Reply) -> web.StreamResponse:
+                  completion_id: uuid.UUID, include_usage: bool, reply: _Reply,
+                  limits: RateLimitHeaders) -> web.StreamResponse:
     # nothing is sent until the chain has committed to a model: until then a failure is a clean
     # HTTP error and the response's "model" names the model that actually answers
     batch = await anext(events)
     resp = web.StreamResponse(headers=SSE_HEADERS)
+    await limits.apply(resp)
     await resp.prepare(request)
     reply.started = True
     request[TIMINGS].mark("first_token")  # in hand, and written just below

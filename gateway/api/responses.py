@@ -28,6 +28,7 @@ after it, a stream ends with `response.failed` carrying the response and its `er
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -39,17 +40,18 @@ import orjson
 from aiohttp import web
 
 from ..auth import Principal
-from ..errors import NotFound
+from ..errors import BadRequest, NotFound
 from ..events import DELTA
-from ..providers.base import Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UsageReport
+from ..providers.base import Batch, ChatRequest, Finish, ProviderError, TextDelta, ToolCallDelta, UsageReport, text_of
 from ..router import AUTO
 from ..state import DB, MODELS, TIMINGS, TURNS
 from ..store import messages as message_store
 from ..turns import Reply, TurnInput, estimated_usage
 from ..vocabulary import MessageStatus
-from .bodies import MAX_TOKENS_LIMIT
+from .bodies import MAX_TOKENS_LIMIT, parse_content
 from .common import caller, json_response, read_json
 from .openai import SSE_HEADERS, OpenAIError, _number, merge_tool_calls, openai_errors, provider_error
+from .ratelimits import RateLimitHeaders
 
 ID_PREFIX = "resp_"
 MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
@@ -84,38 +86,80 @@ def _text(value: Any, param: str) -> str:
     return value
 
 
-def _content(content: Any, param: str) -> str:
-    """A message's content (a string, or text parts) as the text a chat message carries."""
+def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
+    """A message's content as a chat message carries it: text parts as one string; with an
+    `input_image` part, chat content parts (text, image_url), checked as POST /api/chat checks them."""
     if isinstance(content, str):
         return _text(content, param)
     if not isinstance(content, list) or not content:
-        raise OpenAIError(400, f"'{param}' must be a string or a non-empty array of text parts", param=param)
-    texts = []
+        raise OpenAIError(400, f"'{param}' must be a string or a non-empty array of parts", param=param)
+    texts, parts = [], []
     for j, part in enumerate(content):
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str) or part["type"] not in TEXT_PARTS:
-            raise OpenAIError(400, f"'{param}[{j}]' must be an input_text or output_text part (other parts are "
-                                   "not supported)", param=f"{param}[{j}]")
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "input_image":
+            image = {"url": part.get("image_url")}
+            if part.get("detail") is not None:
+                image["detail"] = part["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+            continue
+        if not isinstance(kind, str) or kind not in TEXT_PARTS:
+            raise OpenAIError(400, f"'{param}[{j}]' must be an input_text, output_text or input_image part (other "
+                                   "parts are not supported)", param=f"{param}[{j}]")
         texts.append(_text(part.get("text"), f"{param}[{j}].text"))
-    return "".join(texts)
+        parts.append({"type": "text", "text": texts[-1]})
+    if len(parts) == len(texts):
+        return "".join(texts)
+    try:
+        parse_content(parts)
+    except BadRequest as e:  # the native check, in this door's words
+        raise OpenAIError(400, e.message.replace("content[", f"{param}[").replace(".image_url.url", ".image_url"),
+                          param=param) from None
+    return parts
+
+
+def _function_call(item: dict[str, Any], param: str) -> dict[str, Any]:
+    """A `function_call` item (the model's call, sent back as context) as a chat tool call."""
+    for key in ("call_id", "name", "arguments"):
+        _text(item.get(key), f"{param}.{key}")
+    return {"id": item["call_id"], "type": "function",
+            "function": {"name": item["name"], "arguments": item["arguments"]}}
 
 
 def parse_input(raw: Any) -> list[dict[str, Any]]:
-    """`input` (a string, or message items) as chat messages; `developer` becomes `system`, which
-    every upstream understands."""
+    """`input` (a string, or items) as chat messages; `developer` becomes `system`, which every
+    upstream understands. Besides messages, the tool loop's items are taken: `function_call`
+    (consecutive ones are one assistant message with several tool calls) and
+    `function_call_output` (a `tool` message). Any other item type is a 400 that names it."""
     if isinstance(raw, str):
         if not raw.strip():
             raise OpenAIError(400, "'input' must not be empty", param="input")
         return [{"role": "user", "content": _text(raw, "input")}]
     if not isinstance(raw, list) or not raw:
         raise OpenAIError(400, "'input' must be a string or a non-empty array of items", param="input")
-    messages = []
+    messages: list[dict[str, Any]] = []
     for i, item in enumerate(raw):
         param = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "function_call":
+            call = _function_call(item, param)
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            continue
+        if kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": _text(item.get("call_id"), f"{param}.call_id"),
+                             "content": _text(item.get("output"), f"{param}.output")})
+            continue
+        if isinstance(kind, str) and kind != "message":
+            raise OpenAIError(400, f"'{param}' is a {kind[:40]!r} item: only message, function_call and "
+                                   "function_call_output items are supported", param=param)
         # a str first: an unhashable role would make the set lookup raise (a 500)
-        if (not isinstance(item, dict) or item.get("type", "message") != "message"
+        if (not isinstance(item, dict) or kind != "message"
                 or not isinstance(item.get("role"), str) or item["role"] not in MESSAGE_ROLES):
             raise OpenAIError(400, f"'{param}' must be a message item with role user, assistant, system or "
-                                   "developer (other item types are not supported)", param=param)
+                                   "developer", param=param)
         role = "system" if item["role"] == "developer" else item["role"]
         messages.append({"role": role, "content": _content(item.get("content"), f"{param}.content")})
     return messages
@@ -291,7 +335,7 @@ def failure(e: ProviderError) -> dict[str, Any]:
 async def create_response(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
-    req = parse_request(await read_json(request), app[MODELS].__contains__)
+    req = parse_request(await read_json(request), app[MODELS].chat_model)
     thread_id = None
     if req.previous_response_id is not None:
         message_id = parse_response_id(req.previous_response_id, "previous_response_id")
@@ -316,7 +360,9 @@ async def _reply_row(request: web.Request, principal: Principal, message_id: uui
 async def _stored(request: web.Request, principal: Principal, req: ResponsesRequest,
                   thread_id: uuid.UUID | None) -> web.StreamResponse:
     turns = request.app[TURNS]
-    turn = TurnInput(content=req.messages[-1]["content"], thread_id=thread_id, model=req.model,
+    content = req.messages[-1]["content"]
+    turn = TurnInput(content=text_of(content), parts=content if isinstance(content, list) else None,
+                     thread_id=thread_id, model=req.model,
                      max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
                      system=req.instructions, context=req.messages[:-1], extra=req.extra)
     # shielded: once the user message is committed its generation must start, client gone or not
@@ -325,10 +371,14 @@ async def _stored(request: web.Request, principal: Principal, req: ResponsesRequ
     shape = Shape(id=stored.assistant_message_id, created_at=int(stored.user_message["created_at"].timestamp()),
                   model=req.model, echo=req.echo)
     source = _ReplyEvents(reply)
+    limits = RateLimitHeaders(request, principal)
     try:
-        return await _respond(request, shape, source.batches(), req.stream, _Reply(), lambda: source.model)
+        return await _respond(request, shape, source.batches(), req.stream, _Reply(), lambda: source.model,
+                              limits)
     except ProviderError as e:
         raise _http_error(e) from None
+    finally:
+        limits.close()
 
 
 async def _stateless(request: web.Request, principal: Principal, req: ResponsesRequest,
@@ -342,13 +392,15 @@ async def _stateless(request: web.Request, principal: Principal, req: ResponsesR
     completion = await turns.begin_completion(principal, req.model, chat, request[TIMINGS].start)
     shape = Shape(id=completion.id, created_at=int(time.time()), model=req.model, echo=req.echo)
     reply = _Reply()
+    limits = RateLimitHeaders(request, principal)
     try:
         async with aclosing(completion.chain.stream(chat, whole=not req.stream)) as events:
             return await _respond(request, shape, events, req.stream, reply, lambda: completion.chain.used.name,
-                                  chat)
+                                  limits, chat)
     except ProviderError as e:
         raise _http_error(e) from None
     finally:
+        limits.close()
         turns.finish_completion(completion, reply.usage, reply.chars, reply.started)
 
 
@@ -427,7 +479,8 @@ class _Reply:
 
 
 async def _respond(request: web.Request, shape: Shape, events: AsyncIterator[Batch], stream: bool, reply: _Reply,
-                   model: Callable[[], str], chat: ChatRequest | None = None) -> web.StreamResponse:
+                   model: Callable[[], str], limits: RateLimitHeaders | None = None,
+                   chat: ChatRequest | None = None, starting_after: int = -1) -> web.StreamResponse:
     # nothing is sent until the first batch is in: a failure before it is a clean HTTP error, and
     # the response names the model that actually answers
     batch: Batch | None = await anext(events, None)
@@ -437,12 +490,17 @@ async def _respond(request: web.Request, shape: Shape, events: AsyncIterator[Bat
             for event in batch:
                 reply.take(event)
             batch = await anext(events, None)
-        return json_response(_finished(shape, reply, chat))
+        answer = json_response(_finished(shape, reply, chat))
+        if limits is not None:
+            await limits.apply(answer)
+        return answer
     resp = web.StreamResponse(headers=SSE_HEADERS)
+    if limits is not None:
+        await limits.apply(resp)
     await resp.prepare(request)
     reply.started = True
     request[TIMINGS].mark("first_token")
-    out = _Frames(shape)
+    out = _Frames(shape, starting_after)
     frames = [out.lifecycle("response.created", "in_progress"), out.lifecycle("response.in_progress", "in_progress")]
     try:
         try:
@@ -454,7 +512,9 @@ async def _respond(request: web.Request, shape: Shape, events: AsyncIterator[Bat
                             frames.extend(out.open_message())
                         frames.append(out.delta(event.text))
                 if frames:
-                    await resp.write(b"".join(frames))
+                    data = b"".join(frames)
+                    if data:  # a resumed retrieve's skipped events are empty
+                        await resp.write(data)
                     frames.clear()
                 batch = await anext(events, None)
             frames.extend(out.close(reply, chat))
@@ -484,11 +544,13 @@ def _finished(shape: Shape, reply: _Reply, chat: ChatRequest | None) -> dict[str
 class _Frames:
     """The semantic events of one streamed response, numbered by `sequence_number`."""
 
-    __slots__ = ("shape", "seq", "open", "_delta_head")
+    __slots__ = ("shape", "seq", "open", "_delta_head", "_skip_through")
 
-    def __init__(self, shape: Shape) -> None:
+    def __init__(self, shape: Shape, starting_after: int = -1) -> None:
         self.shape = shape
         self.seq = 0
+        # a resumed retrieve: events up to this sequence_number are made (to count) but not sent
+        self._skip_through = starting_after
         self.open = False  # the message item has been added
         # a delta frame is this, the text's JSON string, the sequence number: the per-token path
         self._delta_head = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
@@ -496,10 +558,11 @@ class _Frames:
                             b'"logprobs":[],"delta":')
 
     def event(self, name: str, data: dict[str, Any]) -> bytes:
-        frame = b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps(
-            {"type": name, **data, "sequence_number": self.seq}))
         self.seq += 1
-        return frame
+        if self.seq - 1 <= self._skip_through:
+            return b""
+        return b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps(
+            {"type": name, **data, "sequence_number": self.seq - 1}))
 
     def lifecycle(self, name: str, status: str) -> bytes:
         return self.event(name, {"response": self.shape.body(status, [])})
@@ -513,9 +576,10 @@ class _Frames:
                                                            "content_index": 0, "part": text_part("")})]
 
     def delta(self, text: str) -> bytes:
-        frame = b'%s%s,"sequence_number":%d}\n\n' % (self._delta_head, orjson.dumps(text), self.seq)
         self.seq += 1
-        return frame
+        if self.seq - 1 <= self._skip_through:
+            return b""
+        return b'%s%s,"sequence_number":%d}\n\n' % (self._delta_head, orjson.dumps(text), self.seq - 1)
 
     def close(self, reply: _Reply, chat: ChatRequest | None) -> list[bytes]:
         shape = self.shape
@@ -572,12 +636,97 @@ def stored_body(row: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
+_QUERY_INT = re.compile(r"-?(0|[1-9][0-9]{0,9})", re.ASCII)
+
+
+def _query_flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false")
+    if raw not in ("true", "false", "1", "0"):
+        raise OpenAIError(400, f"'{name}' must be true or false", param=name)
+    return raw in ("true", "1")
+
+
+def _query_int(request: web.Request, name: str, low: int, high: int, default: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if _QUERY_INT.fullmatch(raw) is None or not low <= int(raw) <= high:
+        raise OpenAIError(400, f"'{name}' must be an integer from {low} to {high}", param=name)
+    return int(raw)
+
+
 @openai_errors
-async def get_response(request: web.Request) -> web.Response:
+async def get_response(request: web.Request) -> web.StreamResponse:
+    """A stored response; with `?stream=true` its semantic events, replayed from the stored reply (or
+    followed live while it generates), after `starting_after` (a sequence_number) when given."""
     principal = await caller(request, "chat")
     raw = request.match_info["response_id"]
+    stream = _query_flag(request, "stream")
+    after = _query_int(request, "starting_after", -1, 2**31 - 1, -1)
+    message_id = parse_response_id(raw)
+    row = await _reply_row(request, principal, message_id, raw)
+    if not stream:
+        return json_response(stored_body(row))
+    reply = await request.app[TURNS].reply(principal.user_id, message_id)
+    shape = Shape(id=message_id, created_at=int(row["created_at"].timestamp()), model=row["model"] or "",
+                  echo={"store": True})
+    source = _ReplyEvents(reply)
+    try:
+        return await _respond(request, shape, source.batches(), True, _Reply(), lambda: source.model,
+                              starting_after=after)
+    except ProviderError:
+        # failed before any output: the stream is its creation and its failure, as it went live
+        return await _failed_stream(request, shape, stored_body(await _reply_row(request, principal, message_id,
+                                                                                 raw)), after)
+
+
+async def _failed_stream(request: web.Request, shape: Shape, body: dict[str, Any],
+                         after: int) -> web.StreamResponse:
+    out = _Frames(shape, after)
+    frames = [out.lifecycle("response.created", "in_progress"), out.lifecycle("response.in_progress", "in_progress"),
+              out.event("response.failed", {"response": body})]
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    await resp.prepare(request)
+    await resp.write(b"".join(frames))
+    await resp.write_eof()
+    return resp
+
+
+def input_item(message: dict[str, Any]) -> dict[str, Any]:
+    """A stored user message as the input item it was (`msg_<hex>` of the user message's id); content
+    parts sent to POST /api/chat become input_text and input_image parts."""
+    content = [{"type": "input_text", "text": message["content"]}]
+    if message.get("parts") is not None:
+        content = [{"type": "input_text", "text": p["text"]} if p["type"] == "text" else
+                   {"type": "input_image", "image_url": p["image_url"]["url"],
+                    "detail": p["image_url"].get("detail", "auto")} for p in message["parts"]]
+    return {"id": "msg_" + message["id"].hex, "type": "message", "role": "user", "status": "completed",
+            "content": content}
+
+
+@openai_errors
+async def list_input_items(request: web.Request) -> web.Response:
+    """`GET /v1/responses/{id}/input_items`: what the response answered, as OpenAI's cursor page
+    (`limit` 1..100, default 20; `order` desc by default, as OpenAI; `after` an item id). A stored
+    turn keeps its user message: the other input items and `instructions` were for that turn only."""
+    principal = await caller(request, "chat")
+    raw = request.match_info["response_id"]
+    limit = _query_int(request, "limit", 1, 100, 20)
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise OpenAIError(400, "'order' must be asc or desc", param="order")
     row = await _reply_row(request, principal, parse_response_id(raw), raw)
-    return json_response(stored_body(row))
+    user_message = await message_store.get_message(request.app[DB].pool, principal.user_id, row["reply_to"])
+    items = [input_item(user_message)]
+    if order == "desc":
+        items.reverse()
+    after = request.query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    page = items[:limit]
+    return json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                          "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
 
 @openai_errors

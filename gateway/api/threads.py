@@ -1,4 +1,5 @@
-"""Threads: create, list (newest first, keyset pages), read with messages, delete."""
+"""Threads: create, list (latest activity first, keyset pages on (updated_at, id)), read with messages,
+delete."""
 
 from __future__ import annotations
 
@@ -17,19 +18,19 @@ from .common import caller, json_response, optional, parse_uuid, read_json
 PAGE_DEFAULT, PAGE_MAX = 20, 100
 
 
-def encode_cursor(created_at: datetime, thread_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{thread_id}".encode()).decode().rstrip("=")
+def encode_cursor(updated_at: datetime, thread_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{updated_at.isoformat()}|{thread_id}".encode()).decode().rstrip("=")
 
 
 def decode_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
         stamp, _, thread_id = text.partition("|")
-        created_at = datetime.fromisoformat(stamp)
-        if created_at.tzinfo is None:  # never issued by us; asyncpg would guess its zone
+        updated_at = datetime.fromisoformat(stamp)
+        if updated_at.tzinfo is None:  # never issued by us; asyncpg would guess its zone
             raise ValueError("cursor timestamp without a zone")
         # in UTC here, so a forged offset at the edge of the calendar fails now, not in asyncpg
-        return created_at.astimezone(UTC), uuid.UUID(thread_id)
+        return updated_at.astimezone(UTC), uuid.UUID(thread_id)
     except (ValueError, OverflowError):
         raise BadRequest("cursor is not valid") from None
 
@@ -57,7 +58,7 @@ async def list_threads(request: web.Request) -> web.Response:
     # one extra row tells whether there is a next page
     rows = await thread_store.list_threads(request.app[DB].pool, principal.user_id, limit + 1, before)
     page, more = rows[:limit], len(rows) > limit
-    next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"]) if more else None
+    next_cursor = encode_cursor(page[-1]["updated_at"], page[-1]["id"]) if more else None
     return json_response({"threads": page, "next_cursor": next_cursor})
 
 

@@ -30,6 +30,10 @@ socket's last frame is `{"event": "error", "data": {"type": "unauthorized", "mes
 (without a request's ids: it ends them all), and it closes with code 4003 (revoked) or 4001
 (expired, or otherwise no longer valid). A frame that arrives then writes nothing.
 
+One socket is one conversation: its first chat turn makes a thread (or names one), and every later
+turn without a `thread_id` continues that thread; a turn may still name another thread. Turns sent
+before the first is accepted wait for its thread; if the first is refused, the next one makes it.
+
 Event ids and data are the SSE stream's own (a resume over SSE or WS may use either), so
 `last_event_id` resumes exactly after the last frame seen. A refused frame's error carries the
 frame's `client_message_id` or `message_id`, when it had one, at the top level. Turns run
@@ -120,6 +124,9 @@ class Session:
         self._watch = watch
         self._tasks: set[asyncio.Task[None]] = set()
         self._expelled = False  # the credential lapsed: the socket is closing
+        # the socket's conversation: the thread of its first turn, which turns without a thread_id
+        # continue (one session per connection, seed 002); pending while that turn is on its way
+        self._thread: asyncio.Future[uuid.UUID | None] | None = None
 
     async def run(self) -> None:
         watcher = asyncio.get_running_loop().create_task(self.expel_when_lapsed())
@@ -177,7 +184,7 @@ class Session:
             work: Coroutine[Any, Any, None]
             if kind == "chat":
                 # validated here, before anything is written
-                work = self.turn(parse_turn(frame, self.request.app[MODELS].__contains__)[0])
+                work = self.turn(parse_turn(frame, self.request.app[MODELS].chat_model)[0])
             elif kind in ("resume", "cancel"):
                 message_id = parse_uuid(frame.get("message_id"), "message_id")
                 if kind == "resume":
@@ -207,9 +214,26 @@ class Session:
             await self.error(GatewayError("internal error"), context)
 
     async def turn(self, turn: TurnInput) -> None:
-        # shielded like POST /api/chat: once the message is committed its generation starts,
-        # even if this socket closes in between
-        t = await asyncio.shield(self.request.app[TURNS].begin_chat(self.principal, turn, time.monotonic()))
+        claim: asyncio.Future[uuid.UUID | None] | None = None
+        if turn.thread_id is None:
+            while self._thread is not None:  # the socket has a conversation, or its first turn is on its way
+                thread_id = await asyncio.shield(self._thread)
+                if thread_id is not None:
+                    turn.thread_id = thread_id
+                    break
+        if self._thread is None:  # this turn makes (or names) the socket's conversation
+            claim = self._thread = asyncio.get_running_loop().create_future()
+        thread_id = None
+        try:
+            # shielded like POST /api/chat: once the message is committed its generation starts,
+            # even if this socket closes in between
+            t = await asyncio.shield(self.request.app[TURNS].begin_chat(self.principal, turn, time.monotonic()))
+            thread_id = t.thread_id
+        finally:
+            if claim is not None:
+                if thread_id is None:
+                    self._thread = None  # refused: the next turn makes the conversation
+                claim.set_result(thread_id)  # waiters go on with it, or (None) try for themselves
         await self.send(orjson.dumps({"event": "accepted", "message": t.user_message, "duplicate": t.duplicate,
                                       "thread_id": t.thread_id, "assistant_message_id": t.assistant_message_id}))
         await self.relay(t.assistant_message_id, after=-1)

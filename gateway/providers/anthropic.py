@@ -34,12 +34,31 @@ DEFAULT_MAX_TOKENS = 4096  # required by the API; used when the request names no
 STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls"}
 
 
+def content_blocks(content: Any) -> Any:
+    """OpenAI-style content parts as Anthropic content blocks: text as text; an image_url's data URL
+    as a base64 image source, an http(s) URL as a url source. A string stays a string."""
+    if not isinstance(content, list):
+        return content
+    blocks: list[Any] = []
+    for part in content:
+        image = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+        url = image.get("url") if isinstance(image, dict) else None
+        if not isinstance(url, str):
+            blocks.append(part)  # text parts are the same in both APIs; anything else is the upstream's to judge
+        elif url.startswith("data:"):  # data:<media type>;base64,<data>
+            media_type, _, data = url[len("data:"):].partition(";base64,")
+            blocks.append({"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}})
+        else:
+            blocks.append({"type": "image", "source": {"type": "url", "url": url}})
+    return blocks
+
+
 def to_anthropic(model: ModelConfig, request: ChatRequest) -> dict[str, Any]:
     system = [str(m.get("content", "")) for m in request.messages if m.get("role") == "system"]
     body: dict[str, Any] = {
         "model": model.upstream,
         "max_tokens": request.max_tokens or DEFAULT_MAX_TOKENS,
-        "messages": [{"role": m["role"], "content": m.get("content", "")} for m in request.messages
+        "messages": [{"role": m["role"], "content": content_blocks(m.get("content", ""))} for m in request.messages
                      if m.get("role") in ("user", "assistant")],
         "stream": True,
     }

@@ -199,6 +199,16 @@ class UpstreamStreamError(ProviderError):
     kind = "upstream_stream_error"
 
 
+def text_of(content: object) -> str:
+    """A message's text: its content string, or its text parts joined (OpenAI-style content parts;
+    images carry none)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
 def estimate_tokens(text: str) -> int:
     """A rough token count (about four characters a token) for when the upstream reports none."""
     return tokens_for_chars(len(text))

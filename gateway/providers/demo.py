@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import AsyncGenerator
 
 from ..config import ModelConfig, ProviderConfig
-from .base import Batch, ChatRequest, Finish, TextDelta, UsageReport, estimate_tokens
+from .base import Batch, ChatRequest, Finish, TextDelta, UsageReport, estimate_tokens, text_of
 
 _WORDS = ("stream", "token", "gateway", "reply", "river", "signal", "packet", "model", "quiet", "bright",
           "steady", "chunk", "answer", "light", "echo", "thread", "message", "swift", "careful", "whole")
@@ -20,8 +20,8 @@ _WORDS = ("stream", "token", "gateway", "reply", "river", "signal", "packet", "m
 def last_user_text(request: ChatRequest) -> str:
     for message in reversed(request.messages):
         content = message.get("content")
-        if message.get("role") == "user" and isinstance(content, str):
-            return content
+        if message.get("role") == "user" and isinstance(content, (str, list)):
+            return text_of(content)  # of content parts: the demo answers about their text
     return ""
 
 
@@ -54,5 +54,5 @@ class DemoProvider:
                 await asyncio.sleep(self._delay)
             yield [TextDelta(text)]  # one chunk per "read", like a real token stream
         truncated = request.max_tokens is not None and len(chunks) < self._chunks
-        prompt_tokens = sum(estimate_tokens(str(m.get("content", ""))) for m in request.messages)
+        prompt_tokens = sum(estimate_tokens(text_of(m.get("content"))) for m in request.messages)
         yield [Finish("length" if truncated else "stop"), UsageReport(prompt_tokens, len(chunks))]

@@ -51,6 +51,11 @@ class ModelRegistry:
         """A model a request may name: a declared one, or `random` (drawn by `draw_one`)."""
         return name in self.models or name == RANDOM
 
+    def chat_model(self, name: str) -> bool:
+        """A configured model that chats (not an embedding model): what the chat front doors accept."""
+        model = self.models.get(name)
+        return model is not None and model.kind == "chat"
+
     def chain(self, name: str) -> list[ModelConfig]:
         """The model, then its fallbacks in order (each once, disabled ones skipped); a model with
         deployments contributes one link per deployment, in this request's weighted order."""
@@ -86,7 +91,8 @@ class ModelRegistry:
                    for i in range(len(model.deployments)))
 
     def _pool(self) -> list[ModelConfig]:
-        return [m for m in self.models.values() if m.enabled and m.weight > 0 and self.available(m)]
+        return [m for m in self.models.values()
+                if m.enabled and m.kind == "chat" and m.weight > 0 and self.available(m)]
 
     def draw_one(self, rng: random.Random | None = None) -> ModelConfig:
         """One enabled model drawn in proportion to its weight, skipping open circuits (`model: random`)."""

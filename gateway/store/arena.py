@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
 from ..errors import Conflict, NotFound
 from ..vocabulary import MessageStatus, Winner
@@ -36,12 +37,14 @@ u AS (
     RETURNING {columns}
 ),
 a AS (
-    INSERT INTO messages (thread_id, user_id, role, status, reply_to, slot, instance_id)
-    SELECT u.thread_id, $1, 'assistant', 'streaming', u.id, 'a', $5 FROM u RETURNING id
+    INSERT INTO messages (thread_id, user_id, role, status, reply_to, slot, instance_id, metadata)
+    SELECT u.thread_id, $1, 'assistant', 'streaming', u.id, 'a', $5,
+           jsonb_build_object('reservation', $9::text::jsonb) FROM u RETURNING id
 ),
 b AS (
-    INSERT INTO messages (thread_id, user_id, role, status, reply_to, slot, instance_id)
-    SELECT u.thread_id, $1, 'assistant', 'streaming', u.id, 'b', $5 FROM u RETURNING id
+    INSERT INTO messages (thread_id, user_id, role, status, reply_to, slot, instance_id, metadata)
+    SELECT u.thread_id, $1, 'assistant', 'streaming', u.id, 'b', $5,
+           jsonb_build_object('reservation', $10::text::jsonb) FROM u RETURNING id
 ),
 c AS (
     INSERT INTO comparisons (user_id, thread_id, user_message_id, message_a, message_b, model_a, model_b, anonymous)
@@ -86,16 +89,19 @@ async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_
 
 async def persist_arena_turn(pool: asyncpg.Pool, user_id: uuid.UUID, content: str, client_message_id: str | None,
                              thread_id: uuid.UUID | None, instance_id: uuid.UUID, model_a: str, model_b: str,
-                             anonymous: bool) -> ArenaTurn:
+                             anonymous: bool, notes: tuple[dict[str, Any], dict[str, Any]]) -> ArenaTurn:
+    # each slot's attribution (see messages.TurnRequest.reservation), kept for the sweep
+    res_a, res_b = (orjson.dumps(r).decode() for r in notes)
     async with pool.acquire() as conn:
         try:
             async with conn.transaction():
                 if thread_id is None:
                     row = await conn.fetchrow(_ARENA_NEW_THREAD, user_id, content, client_message_id,
-                                              thread_title(content), instance_id, model_a, model_b, anonymous)
+                                              thread_title(content), instance_id, model_a, model_b, anonymous,
+                                              res_a, res_b)
                 else:
                     row = await conn.fetchrow(_ARENA_IN_THREAD, user_id, content, client_message_id, thread_id,
-                                              instance_id, model_a, model_b, anonymous)
+                                              instance_id, model_a, model_b, anonymous, res_a, res_b)
                 if row is None:
                     raise _NothingInserted
             return _arena_turn(row, duplicate=False)

@@ -1,10 +1,13 @@
-"""SQL for admission: per-minute request windows and daily token reservations (per user, per key).
+"""SQL for admission: per-minute request windows, daily token and cost reservations and stream
+leases (per user, per key), and their housekeeping.
 
-`admit` is one call to `gateway_admit_chain` (sql/0008_key_tree.sql; gateway_admit of
-sql/0003_policy.sql and sql/0007_admit_codes.sql for a whole key tree): it takes the request's
-rate-window slots and reserves its worst case atomically, for the user and for the caller's key
-and every ancestor of it that has limits, or changes nothing and raises `LimitReached` naming
-the limit, read from the function's SQLSTATE.
+`admit_full` is one call to `gateway_admit_full` (sql/0010_cost_caps_and_stream_leases.sql;
+gateway_admit_chain of sql/0008_key_tree.sql plus cost caps and concurrency leases): it takes the
+request's rate-window slots and stream counters and reserves its worst case (tokens and USD)
+atomically, for the user and for the caller's key and every ancestor of it that has limits, or
+changes nothing and raises `LimitReached` naming the limit, read from the function's SQLSTATE.
+What it holds is given back by the finish's usage record (store/usage.py), by `release` for a
+request that never ran, or by `release_instance` when its instance died.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
 
 import asyncpg
@@ -25,18 +29,35 @@ class Limit(StrEnum):
     KEY_REQUESTS_PER_MINUTE = "key_requests_per_minute"
     USER_DAILY_TOKENS = "user_daily_tokens"
     KEY_DAILY_TOKENS = "key_daily_tokens"
+    USER_DAILY_COST = "user_daily_cost"
+    KEY_DAILY_COST = "key_daily_cost"
+    USER_CONCURRENT_STREAMS = "user_concurrent_streams"
+    KEY_CONCURRENT_STREAMS = "key_concurrent_streams"
 
     @property
     def per_minute(self) -> bool:
         return self in (Limit.USER_REQUESTS_PER_MINUTE, Limit.KEY_REQUESTS_PER_MINUTE)
 
+    @property
+    def cost(self) -> bool:
+        return self in (Limit.USER_DAILY_COST, Limit.KEY_DAILY_COST)
 
-# the one mapping from gateway_admit's SQLSTATEs to limits (the table in sql/0007_admit_codes.sql)
+    @property
+    def concurrent(self) -> bool:
+        return self in (Limit.USER_CONCURRENT_STREAMS, Limit.KEY_CONCURRENT_STREAMS)
+
+
+# the one mapping from gateway_admit's SQLSTATEs to limits (the tables in sql/0007_admit_codes.sql
+# and sql/0010_cost_caps_and_stream_leases.sql)
 SQLSTATES: dict[str, Limit] = {
     "GW4R1": Limit.USER_REQUESTS_PER_MINUTE,
     "GW4R2": Limit.KEY_REQUESTS_PER_MINUTE,
     "GW4D1": Limit.USER_DAILY_TOKENS,
     "GW4D2": Limit.KEY_DAILY_TOKENS,
+    "GW4C1": Limit.USER_DAILY_COST,
+    "GW4C2": Limit.KEY_DAILY_COST,
+    "GW4S1": Limit.USER_CONCURRENT_STREAMS,
+    "GW4S2": Limit.KEY_CONCURRENT_STREAMS,
 }
 
 
@@ -55,6 +76,21 @@ class KeyCap:
     key_id: uuid.UUID
     rpm: int | None  # requests per minute (None: no limit)
     daily: int | None  # tokens per UTC day (None: no cap)
+    cost: float | None = None  # USD per UTC day (None: no cap)
+    streams: int | None = None  # concurrent streams of the key and its descendants (None: no cap)
+
+    @property
+    def limited(self) -> bool:
+        return self.rpm is not None or self.daily is not None or self.cost is not None or self.streams is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Grant:
+    """What one admission got: tokens and USD reserved (each cap of a kind the same), and its lease."""
+
+    tokens: int
+    cost: float
+    lease: uuid.UUID | None
 
 
 async def admit(pool: asyncpg.Pool, *, user_id: uuid.UUID, keys: Sequence[KeyCap], day: date, window: datetime,
@@ -63,17 +99,46 @@ async def admit(pool: asyncpg.Pool, *, user_id: uuid.UUID, keys: Sequence[KeyCap
     cap (a None limit is skipped), the user's and those of `keys` (the caller's key first, then
     its ancestors, root last); returns the tokens reserved (`want` when no cap applies). Every
     capped key reserves the same amount, the one returned."""
+    grant = await admit_full(pool, user_id=user_id, keys=keys, day=day, window=window, user_rpm=user_rpm,
+                             want=want, user_cap=user_cap, share=share)
+    return grant.tokens
+
+
+def _usd(value: float | None) -> Decimal | None:
+    # exact for the database: the float's shortest repr, which is what a JSON settlement carries back
+    return None if value is None else Decimal(repr(value))
+
+
+async def admit_full(pool: asyncpg.Pool, *, user_id: uuid.UUID, keys: Sequence[KeyCap], day: date,
+                     window: datetime, user_rpm: int | None, want: int, user_cap: int | None, share: int,
+                     want_cost: float = 0.0, user_cost_cap: float | None = None, lease: uuid.UUID | None = None,
+                     instance_id: uuid.UUID | None = None, user_streams: int | None = None) -> Grant:
+    """`admit`, plus daily cost caps (reserving up to `want_cost` USD against the user's and each
+    key's cap; a free request, want_cost 0, is never refused by them) and concurrency caps (one
+    stream counted against the user's and each key's cap, held by the lease `lease` on
+    `instance_id` until released). One call to gateway_admit_full (sql/0010): all or nothing."""
     try:
-        granted: int = await pool.fetchval(
-            "SELECT gateway_admit_chain($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)", user_id,
+        row = await pool.fetchrow(
+            "SELECT granted, granted_cost::float8 AS cost FROM gateway_admit_full("
+            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)", user_id,
             [k.key_id for k in keys], day, window, user_rpm, [k.rpm for k in keys], want, user_cap,
-            [k.daily for k in keys], share)
+            [k.daily for k in keys], share, _usd(want_cost), _usd(user_cost_cap), [_usd(k.cost) for k in keys],
+            lease, instance_id, user_streams, [k.streams for k in keys])
     except asyncpg.PostgresError as e:
         limit = SQLSTATES.get(getattr(e, "sqlstate", None) or "")
         if limit is None:
             raise
         raise LimitReached(limit) from None
-    return granted
+    # a lease is taken only when some cap counts streams: say so only if it exists
+    taken = lease is not None and (user_streams is not None or any(k.streams is not None for k in keys))
+    return Grant(tokens=row["granted"], cost=row["cost"], lease=lease if taken else None)
+
+
+async def user_day_committed_both(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> tuple[int, float]:
+    """The user's tokens and dollars for `day`: spent plus reserved by replies still running."""
+    row = await pool.fetchrow("SELECT tokens + reserved AS tokens, (cost_usd + cost_reserved)::float8 AS cost "
+                              "FROM daily_usage WHERE user_id = $1 AND day = $2", user_id, day)
+    return (row["tokens"], row["cost"]) if row is not None else (0, 0.0)
 
 
 async def user_day_committed(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> int:
@@ -85,31 +150,81 @@ async def user_day_committed(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) 
 
 # The keys that hold a request's key reservation: its key and each ancestor with a daily cap (the
 # same rule as the settlement in store/usage.py). Locked leaf first, then released: the order
-# gateway_admit_chain locks them in, so a release never deadlocks with an admission.
+# gateway_admit_chain locks them in, so a release never deadlocks with an admission. $3 is the
+# tokens to release on keys with a token cap, $4 the USD on keys with a cost cap.
 _RELEASE_KEYS = """
 WITH chain AS (
     SELECT c.id, c.pos FROM api_keys k, unnest(k.id || k.ancestors) WITH ORDINALITY AS c (id, pos)
     WHERE k.id = $1
 ),
 held AS (
-    SELECT d.api_key_id FROM key_daily_usage d JOIN chain ON chain.id = d.api_key_id
+    SELECT d.api_key_id, m.limits ->> 'daily_tokens' IS NOT NULL AS tokens,
+           m.limits ->> 'daily_cost_usd' IS NOT NULL AS cost
+    FROM key_daily_usage d JOIN chain ON chain.id = d.api_key_id
     JOIN api_keys m ON m.id = d.api_key_id
-    WHERE d.day = $2 AND m.limits ->> 'daily_tokens' IS NOT NULL
+    WHERE d.day = $2 AND (m.limits ->> 'daily_tokens' IS NOT NULL OR m.limits ->> 'daily_cost_usd' IS NOT NULL)
     ORDER BY chain.pos FOR UPDATE OF d
 )
-UPDATE key_daily_usage d SET reserved = greatest(d.reserved - $3, 0)
+UPDATE key_daily_usage d SET reserved = CASE WHEN held.tokens THEN greatest(d.reserved - $3, 0) ELSE d.reserved END,
+    cost_reserved = CASE WHEN held.cost THEN greatest(d.cost_reserved - $4, 0) ELSE d.cost_reserved END
 FROM held WHERE d.api_key_id = held.api_key_id AND d.day = $2"""
 
 
 async def release(pool: asyncpg.Pool, *, user_id: uuid.UUID, api_key_id: uuid.UUID | None, day: date,
-                  user_tokens: int, key_tokens: int) -> None:
-    """Hand back reservations of a request that never ran: the user's, and those of its key and of
-    each ancestor that has a daily cap (all in one transaction, keys before the user, as admitted)."""
-    if not user_tokens and not (key_tokens and api_key_id is not None):
+                  user_tokens: int, key_tokens: int, user_cost: float = 0.0, key_cost: float = 0.0,
+                  lease: uuid.UUID | None = None) -> None:
+    """Hand back what a request that never ran holds: its lease (first: admission takes stream
+    counters before day rows), then the user's reservations and those of its key and of each
+    ancestor that has a daily cap (all in one transaction, keys before the user, as admitted)."""
+    keys = (key_tokens or key_cost) and api_key_id is not None
+    if not (user_tokens or user_cost or keys or lease):
         return
     async with pool.acquire() as conn, conn.transaction():
-        if key_tokens and api_key_id is not None:
-            await conn.execute(_RELEASE_KEYS, api_key_id, day, key_tokens)
-        if user_tokens:
-            await conn.execute("UPDATE daily_usage SET reserved = greatest(reserved - $3, 0) "
-                               "WHERE user_id = $1 AND day = $2", user_id, day, user_tokens)
+        if lease is not None:
+            await conn.execute("SELECT gateway_release_leases($1)", [lease])
+        if keys:
+            await conn.execute(_RELEASE_KEYS, api_key_id, day, key_tokens, _usd(key_cost))
+        if user_tokens or user_cost:
+            await conn.execute("UPDATE daily_usage SET reserved = greatest(reserved - $3, 0), "
+                               "cost_reserved = greatest(cost_reserved - $4, 0) "
+                               "WHERE user_id = $1 AND day = $2", user_id, day, user_tokens, _usd(user_cost))
+
+
+async def release_instance(conn: asyncpg.Connection, instance_id: uuid.UUID) -> int:
+    """Give back every lease a dead instance held (the sweep); returns how many."""
+    released: int = await conn.fetchval(
+        "SELECT gateway_release_leases(array_agg(id)) FROM stream_leases WHERE instance_id = $1", instance_id)
+    return released
+
+
+async def lease_owners(pool: asyncpg.Pool, exclude: uuid.UUID) -> list[uuid.UUID]:
+    """The instances, other than `exclude`, that hold stream leases."""
+    rows = await pool.fetch("SELECT DISTINCT instance_id FROM stream_leases WHERE instance_id <> $1", exclude)
+    return [row["instance_id"] for row in rows]
+
+
+# a window is read only in its own minute: older ones are kept a little, for people reading the table
+WINDOW_KEEP = timedelta(minutes=5)
+
+
+async def sweep_windows(pool: asyncpg.Pool, now: datetime) -> int:
+    """Delete the per-minute windows older than WINDOW_KEEP; returns how many."""
+    status = await pool.execute("DELETE FROM rate_windows WHERE window_start < $1", now - WINDOW_KEEP)
+    return int(status.rpartition(" ")[2])
+
+
+async def headroom(pool: asyncpg.Pool, *, subjects: Sequence[str], window: datetime, user_id: uuid.UUID,
+                   day: date, keys: Sequence[uuid.UUID]) -> tuple[list[int], int, list[int]]:
+    """What is taken now: requests in each subject's current window ('u:<user>' / 'k:<key>'), the
+    user's tokens today (spent + reserved) and each key's. For the rate-limit headers of a request
+    just admitted (api/ratelimits.py); read-only."""
+    row = await pool.fetchrow("""
+        SELECT ARRAY(SELECT coalesce((SELECT w.count FROM rate_windows w
+                                      WHERE w.subject = s.subject AND w.window_start = $2), 0)
+                     FROM unnest($1::text[]) WITH ORDINALITY AS s (subject, pos) ORDER BY s.pos) AS windows,
+               coalesce((SELECT tokens + reserved FROM daily_usage WHERE user_id = $3 AND day = $4), 0) AS user_day,
+               ARRAY(SELECT coalesce((SELECT d.tokens + d.reserved FROM key_daily_usage d
+                                      WHERE d.api_key_id = k.id AND d.day = $4), 0)
+                     FROM unnest($5::uuid[]) WITH ORDINALITY AS k (id, pos) ORDER BY k.pos) AS key_days""",
+        list(subjects), window, user_id, day, list(keys))
+    return list(row["windows"]), int(row["user_day"]), [int(v) for v in row["key_days"]]

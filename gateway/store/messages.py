@@ -15,7 +15,7 @@ from ..vocabulary import MessageStatus
 from .usage import USAGE_CTES, UsageRecord, usage_arrays
 
 MESSAGE_COLUMNS = """id, thread_id, role, content, status, reply_to, slot, client_message_id, model, provider,
-    prompt_tokens, completion_tokens, ttft_ms, latency_ms, error, metadata, created_at, finished_at"""
+    prompt_tokens, completion_tokens, ttft_ms, latency_ms, error, metadata, created_at, finished_at, parts"""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -39,8 +39,8 @@ class StoredTurn:
 _TURNS = f"""
 WITH x AS (
     SELECT * FROM unnest($1::integer[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::uuid[],
-                         $8::uuid[], $9::uuid[])
-    AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid)
+                         $8::uuid[], $9::uuid[], $10::text[], $11::text[])
+    AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid, reservation, parts)
 ),
 usr AS (INSERT INTO users (id) SELECT DISTINCT user_id FROM x ON CONFLICT (id) DO NOTHING),
 t_new AS (
@@ -54,14 +54,16 @@ t_old AS (
 ),
 ok AS (SELECT * FROM x WHERE tid IN (SELECT id FROM t_new UNION ALL SELECT id FROM t_old)),
 u AS (
-    INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id)
-    SELECT umid, tid, user_id, 'user', content, 'complete', client_message_id FROM ok ORDER BY i
+    INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id, parts)
+    SELECT umid, tid, user_id, 'user', content, 'complete', client_message_id, parts::jsonb FROM ok ORDER BY i
     ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
     RETURNING {MESSAGE_COLUMNS}
 ),
 a AS (
-    INSERT INTO messages (thread_id, user_id, role, status, reply_to, instance_id)
-    SELECT ok.tid, ok.user_id, 'assistant', 'streaming', ok.umid, ok.instance_id
+    INSERT INTO messages (thread_id, user_id, role, status, reply_to, instance_id, metadata)
+    SELECT ok.tid, ok.user_id, 'assistant', 'streaming', ok.umid, ok.instance_id,
+           CASE WHEN ok.reservation IS NULL THEN '{{}}'::jsonb
+                ELSE jsonb_build_object('reservation', ok.reservation::jsonb) END
     FROM ok JOIN u ON u.id = ok.umid
     RETURNING id, reply_to
 )
@@ -76,6 +78,11 @@ class TurnRequest:
     client_message_id: str | None
     thread_id: uuid.UUID | None
     instance_id: uuid.UUID
+    # who and what the reply is for (model, prices, prompt estimate; turns.Turns.attribution), kept
+    # on the assistant row until its finish: the sweep of a dead instance estimates its usage from
+    # it; the admission's reservations are added once decided (hold_reservation)
+    reservation: dict[str, Any] | None = None
+    parts: list[dict[str, Any]] | None = None  # content parts as sent (content: their text)
 
 
 # a retry answers with the turn's first reply, as the first request did (regenerated ones follow it)
@@ -107,9 +114,9 @@ async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_
 # Only the rows from the `$3`-th newest user message on are read (an index range, whatever the
 # thread's length): every reply comes after the message it answers, so none of theirs is missed.
 _HISTORY = """
-SELECT m.role, m.content FROM threads t
+SELECT m.role, m.content, m.parts FROM threads t
 LEFT JOIN LATERAL (
-    SELECT m.role, m.content, coalesce(p.seq, m.seq) AS ord, m.seq FROM messages m
+    SELECT m.role, m.content, m.parts, coalesce(p.seq, m.seq) AS ord, m.seq FROM messages m
     LEFT JOIN messages p ON p.id = m.reply_to
     WHERE m.thread_id = t.id AND m.status = 'complete' AND m.slot IS NULL
       AND m.seq >= coalesce((SELECT u.seq FROM messages u
@@ -134,7 +141,8 @@ async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid
                             before["id"] if before else None)
     if not rows:
         raise NotFound("thread not found")
-    return [{"role": r["role"], "content": r["content"]} for r in reversed(rows) if r["role"] is not None]
+    return [{"role": r["role"], "content": r["content"] if r["parts"] is None else r["parts"]}
+            for r in reversed(rows) if r["role"] is not None]
 
 
 async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[StoredTurn | Exception]:
@@ -144,7 +152,9 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
     args = [list(range(len(turns))), [t.user_id for t in turns], [t.content for t in turns],
             [t.client_message_id for t in turns], [t.thread_id for t in turns],
             [thread_title(t.content) if t.thread_id is None else None for t in turns],
-            [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns]]
+            [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns],
+            [orjson.dumps(t.reservation).decode() if t.reservation else None for t in turns],
+            [orjson.dumps(t.parts).decode() if t.parts is not None else None for t in turns]]
     results: dict[int, StoredTurn | Exception] = {}  # by the turn's index
     async with pool.acquire() as conn:
         if all(t.client_message_id is None for t in turns):
@@ -290,10 +300,11 @@ async def close_unstarted(pool: asyncpg.Pool, message_id: uuid.UUID, *, status: 
 
 
 async def hold_reservation(pool: asyncpg.Pool, message_id: uuid.UUID, reservation: dict[str, Any]) -> None:
-    """Keep what a reply's admission reserved on its row until the finish write removes it, so a
-    reply whose instance died is still settled by the sweep (store/instances.py)."""
+    """Add what a reply's admission reserved to its row's `reservation` (until the finish write
+    removes it), so a reply whose instance died is still settled by the sweep (store/instances.py)."""
     await pool.execute("""
-        UPDATE messages SET metadata = metadata || jsonb_build_object('reservation', $2::jsonb)
+        UPDATE messages SET metadata = metadata || jsonb_build_object(
+            'reservation', coalesce(metadata -> 'reservation', '{}'::jsonb) || $2::jsonb)
         WHERE id = $1 AND status IN ('pending', 'streaming')""", message_id, reservation)
 
 
@@ -343,19 +354,22 @@ async def find_regeneration(pool: asyncpg.Pool, user_id: uuid.UUID, user_message
 
 
 async def insert_regeneration(pool: asyncpg.Pool, user_id: uuid.UUID, user_message: dict[str, Any],
-                              client_request_id: str | None, instance_id: uuid.UUID) -> Regeneration:
+                              client_request_id: str | None, instance_id: uuid.UUID,
+                              note: dict[str, Any]) -> Regeneration:
     """The new reply's placeholder (status streaming) and the thread touched, in one statement. The
     one-live-reply index turns a race with another regenerate into Conflict; the client_request_id
     index turns a race with its own retry into that retry's reply."""
     try:
         new_id = await pool.fetchval("""
             WITH a AS (
-                INSERT INTO messages (thread_id, user_id, role, status, reply_to, instance_id, client_request_id)
-                VALUES ($1, $2, 'assistant', 'streaming', $3, $4, $5) RETURNING id, thread_id
+                INSERT INTO messages (thread_id, user_id, role, status, reply_to, instance_id, client_request_id,
+                                      metadata)
+                VALUES ($1, $2, 'assistant', 'streaming', $3, $4, $5, jsonb_build_object('reservation', $6::jsonb))
+                RETURNING id, thread_id
             ),
             t AS (UPDATE threads SET updated_at = clock_timestamp() FROM a WHERE threads.id = a.thread_id)
             SELECT id FROM a""", user_message["thread_id"], user_id, user_message["id"], instance_id,
-            client_request_id)
+            client_request_id, note)
     except asyncpg.UniqueViolationError:
         # whichever index fired first: a retry of this client_request_id that committed meanwhile
         # (the insert waited for it) is that retry's reply, anything else a live reply

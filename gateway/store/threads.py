@@ -1,4 +1,8 @@
-"""SQL for threads: create, keyset-paginated list, read with messages, delete."""
+"""SQL for threads: create, keyset-paginated list (latest activity first), read with messages, delete.
+
+A thread's `updated_at` moves when a message is saved in it and when one of its replies ends
+(sql/0011_thread_activity.sql): the list shows the conversations in use first, as seed 003 asks.
+"""
 
 from __future__ import annotations
 
@@ -24,13 +28,15 @@ async def create_thread(pool: asyncpg.Pool, user_id: uuid.UUID, title: str | Non
 
 async def list_threads(pool: asyncpg.Pool, user_id: uuid.UUID, limit: int,
                        before: tuple[datetime, uuid.UUID] | None) -> list[dict[str, Any]]:
-    """Newest first; `before` is the (created_at, id) of the last thread of the previous page."""
+    """Latest activity first; `before` is the (updated_at, id) of the last thread of the previous page.
+    A thread active between two page reads moves to the top: a later page never shows it twice,
+    and the first page shows it again."""
     if before is None:
         rows = await pool.fetch(f"SELECT {THREAD_COLUMNS} FROM threads WHERE user_id = $1 "
-                                "ORDER BY created_at DESC, id DESC LIMIT $2", user_id, limit)
+                                "ORDER BY updated_at DESC, id DESC LIMIT $2", user_id, limit)
     else:
         rows = await pool.fetch(f"SELECT {THREAD_COLUMNS} FROM threads WHERE user_id = $1 "
-                                "AND (created_at, id) < ($3, $4) ORDER BY created_at DESC, id DESC LIMIT $2",
+                                "AND (updated_at, id) < ($3, $4) ORDER BY updated_at DESC, id DESC LIMIT $2",
                                 user_id, limit, *before)
     return [dict(r) for r in rows]
 

@@ -9,22 +9,30 @@ from typing import Any, TypedDict
 
 import asyncpg
 
-# CTEs shared by every writer of usage: parameters $1..$12 are one array per UsageRecord field
-# (a single finish passes arrays of one). A usage row is inserted only if absent, and the daily
-# totals (per user, and per key for the reply's key and each of its ancestors: a key's totals
-# include its descendants', see sql/0008_key_tree.sql) move only by the rows that were new:
-# replaying records changes nothing. The same step settles each reply's reservation: the worst
-# case reserved at admission is released and the real usage counted instead, on the admission
-# day. Set-based, so a batch costs the database one statement and one upsert per (user, day) and
-# per (key, day). Rows are locked in admission's order (keys leaf first, then users), so a
-# settlement and an admission never deadlock.
+# CTEs shared by every writer of usage: parameters $1..$12 are one array per column of
+# UsageRecord.params() (a single finish passes arrays of one): its fields, except that what the
+# admission reserved travels as one JSON object ($11, `held`) and its stream lease as $12. A usage
+# row is inserted only if absent, and the daily totals (per user, and per key for the reply's key
+# and each of its ancestors: a key's totals include its descendants', see sql/0008_key_tree.sql)
+# move only by the rows that were new: replaying records changes nothing. The same step settles
+# each reply's reservation: the worst case reserved at admission (tokens and cost) is released and
+# the real usage counted instead, on the admission day, and the reply's stream lease is given back.
+# Set-based, so a batch costs the database one statement and one upsert per (user, day) and per
+# (key, day). Rows are locked in admission's order (stream counters, then keys leaf first, then
+# users), so a settlement and an admission never deadlock.
 USAGE_CTES = """
 r AS (
-    SELECT DISTINCT ON (message_id) * FROM unnest(
+    SELECT DISTINCT ON (message_id) message_id, user_id, api_key_id, model, provider, prompt_tokens,
+           completion_tokens, estimated, cost_usd, day,
+           coalesce((held ->> 'user_tokens')::bigint, 0) AS user_reserved,
+           coalesce((held ->> 'key_tokens')::bigint, 0) AS key_reserved,
+           coalesce((held ->> 'user_cost')::numeric, 0) AS user_cost_reserved,
+           coalesce((held ->> 'key_cost')::numeric, 0) AS key_cost_reserved, lease
+    FROM unnest(
         $1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::integer[], $7::integer[],
-        $8::boolean[], $9::numeric[], $10::date[], $11::bigint[], $12::bigint[])
+        $8::boolean[], $9::numeric[], $10::date[], $11::jsonb[], $12::uuid[])
     AS r(message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens, estimated,
-         cost_usd, day, user_reserved, key_reserved)
+         cost_usd, day, held, lease)
 ),
 u AS (
     INSERT INTO usage (message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens,
@@ -34,13 +42,18 @@ u AS (
     ON CONFLICT (message_id) DO NOTHING
     RETURNING message_id
 ),
-new AS (SELECT r.* FROM r JOIN u USING (message_id)),
+-- the replies' stream leases, given back first: their counters are locked before any day row, in
+-- admission's order (sql/0010). A lease already given back (a replayed record) gives nothing.
+l AS (SELECT gateway_release_leases(array_agg(lease)) AS released FROM r WHERE lease IS NOT NULL),
+new AS (SELECT r.* FROM r JOIN u USING (message_id) WHERE (SELECT count(*) FROM l) >= 0),
 chain AS (
     -- each new row once per key of its chain (its key, then the ancestors); only keys with a daily
     -- cap reserved at admission (gateway_admit_chain), so only theirs is released. `depth` orders
     -- the upsert below leaf first.
     SELECT c.key_id, new.day, new.prompt_tokens + new.completion_tokens AS tokens, new.cost_usd,
            CASE WHEN m.limits ->> 'daily_tokens' IS NOT NULL THEN new.key_reserved ELSE 0 END AS reserved,
+           CASE WHEN m.limits ->> 'daily_cost_usd' IS NOT NULL THEN new.key_cost_reserved ELSE 0 END
+               AS cost_reserved,
            cardinality(h.ids) - c.pos AS depth
     FROM new
     CROSS JOIN LATERAL (SELECT new.api_key_id || coalesce(
@@ -52,22 +65,25 @@ chain AS (
 k AS (
     -- `reserved` carries the amount to release; a reservation always made its day's row first,
     -- so a row created here has nothing reserved (the amount is 0)
-    INSERT INTO key_daily_usage AS k (api_key_id, day, tokens, requests, cost_usd, reserved)
-    SELECT key_id, day, sum(tokens), count(*), sum(cost_usd), sum(reserved)
+    INSERT INTO key_daily_usage AS k (api_key_id, day, tokens, requests, cost_usd, reserved, cost_reserved)
+    SELECT key_id, day, sum(tokens), count(*), sum(cost_usd), sum(reserved), sum(cost_reserved)
     FROM chain GROUP BY key_id, day ORDER BY max(depth) DESC, key_id
     ON CONFLICT (api_key_id, day) DO UPDATE SET tokens = k.tokens + EXCLUDED.tokens,
         requests = k.requests + EXCLUDED.requests, cost_usd = k.cost_usd + EXCLUDED.cost_usd,
-        reserved = greatest(k.reserved - EXCLUDED.reserved, 0)
+        reserved = greatest(k.reserved - EXCLUDED.reserved, 0),
+        cost_reserved = greatest(k.cost_reserved - EXCLUDED.cost_reserved, 0)
     RETURNING 1
 ),
 d AS (
     -- the same for users; it reads k, so k (and its locks) come first
-    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd, reserved)
-    SELECT user_id, day, sum(prompt_tokens + completion_tokens), count(*), sum(cost_usd), sum(user_reserved)
+    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd, reserved, cost_reserved)
+    SELECT user_id, day, sum(prompt_tokens + completion_tokens), count(*), sum(cost_usd), sum(user_reserved),
+           sum(user_cost_reserved)
     FROM new WHERE (SELECT count(*) FROM k) >= 0 GROUP BY user_id, day
     ON CONFLICT (user_id, day) DO UPDATE SET tokens = d.tokens + EXCLUDED.tokens,
         requests = d.requests + EXCLUDED.requests, cost_usd = d.cost_usd + EXCLUDED.cost_usd,
-        reserved = greatest(d.reserved - EXCLUDED.reserved, 0)
+        reserved = greatest(d.reserved - EXCLUDED.reserved, 0),
+        cost_reserved = greatest(d.cost_reserved - EXCLUDED.cost_reserved, 0)
 )"""
 
 _RECORD = "WITH " + USAGE_CTES + "\nSELECT (SELECT count(*) FROM u) AS usage"
@@ -87,12 +103,21 @@ class UsageRecord:
     day: date  # the UTC day the request was admitted on: its usage counts there
     user_reserved: int = 0  # the admission's reservations, released by this record
     key_reserved: int = 0  # reserved on the key and on each ancestor with a daily cap (the same amount)
+    user_cost_reserved: float = 0.0  # USD, against the daily cost caps, the same way
+    key_cost_reserved: float = 0.0
+    lease_id: uuid.UUID | None = None  # the admission's stream lease (concurrency caps), given back here
+
+    def held(self) -> dict[str, Any] | None:
+        """What the admission reserved, as the settlement reads it ($11)."""
+        if not (self.user_reserved or self.key_reserved or self.user_cost_reserved or self.key_cost_reserved):
+            return None
+        return {"user_tokens": self.user_reserved, "key_tokens": self.key_reserved,
+                "user_cost": self.user_cost_reserved, "key_cost": self.key_cost_reserved}
 
     def params(self) -> tuple[object, ...]:
         # by hand: dataclasses.astuple deep-copies every field, far too slow for a batch
         return (self.message_id, self.user_id, self.api_key_id, self.model, self.provider, self.prompt_tokens,
-                self.completion_tokens, self.estimated, self.cost_usd, self.day, self.user_reserved,
-                self.key_reserved)
+                self.completion_tokens, self.estimated, self.cost_usd, self.day, self.held(), self.lease_id)
 
 
 def usage_arrays(records: list[UsageRecord]) -> list[list[object]]:
