@@ -168,6 +168,10 @@ async def test_a_dead_instances_leases_are_reclaimed_by_the_sweep_and_never_give
     assert await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user.id) == 3
 
 
+async def _holds_one(db, user) -> bool:
+    return (await counters(db, user)).get(f"u:{user.id}", 0) == 1
+
+
 async def test_every_ending_gives_the_lease_back_once(make_client, config_file, upstream, user, db):
     """ok, failed, cancelled, a client gone mid-stream, the OpenAI route streamed and not."""
     a, _ = await app_pair(make_client, config_file, upstream, cap=1)
@@ -199,7 +203,8 @@ async def test_every_ending_gives_the_lease_back_once(make_client, config_file, 
     reply, release = held_reply()
     upstream.queue(reply)
     resp = await a.post("/api/chat", headers=user.headers, json={"content": "leaving", "stream": True})
-    await resp.content.readuntil(b"\n\n")  # the retry line: admitted
+    assert resp.status == 200  # admitted: the headers went out (the first event waits for the upstream)
+    await wait_for(lambda: _holds_one(db, user))
     resp.close()
     assert (await chat(a, user, "blocked"))[0] == 429
     release.set()
