@@ -52,7 +52,7 @@ async def regenerate(request: web.Request) -> web.StreamResponse:
     user_message_id = parse_uuid(request.match_info["message_id"], "message id")
     body = await read_json(request) if request.can_read_body else {}
     model = optional(body, "model", str, "a model name")
-    if model is not None and model != AUTO and model not in app[MODELS]:
+    if model is not None and model != AUTO and not app[MODELS].chat_model(model):
         raise BadRequest(f"unknown model {model!r}")
     client_request_id = optional(body, "client_request_id", str, "a string")
     if client_request_id is not None and not 0 < len(client_request_id) <= MAX_CLIENT_MESSAGE_ID:

@@ -52,9 +52,10 @@ class ModelRegistry:
         return name in self.models or name == RANDOM
 
     def chat_model(self, name: str) -> bool:
-        """A configured model that chats (not an embedding model): what the chat front doors accept."""
+        """What the chat front doors accept: a configured model that chats (not an embedding model),
+        or `random` (drawn by `draw_one` among those)."""
         model = self.models.get(name)
-        return model is not None and model.kind == "chat"
+        return model.kind == "chat" if model is not None else name == RANDOM
 
     def chain(self, name: str) -> list[ModelConfig]:
         """The model, then its fallbacks in order (each once, disabled ones skipped); a model with
