@@ -18,8 +18,11 @@ write gives it back, and the sweep gives back the leases of an instance that die
 holds across instances. Nearly out of budget (tokens or dollars), a request may be downgraded to
 a cheaper model.
 
-A refusal raises before anything is persisted, so the client can retry the same
-client_message_id later. With no limits configured, the policy does no I/O at all.
+A refusal raises (TooManyRequests with a `reason`, or Forbidden). Chat turns split the decision
+(turns.py): `admit_rate`, the abuse limit, runs at the edge before anything is written (its 429
+persists nothing); `admit(..., rate=False)` runs after the user message is committed, and its
+refusal is saved as a `refused` reply. The stateless routes call `admit` alone. With no limits
+configured, the policy does no I/O at all.
 """
 
 from __future__ import annotations
