@@ -280,6 +280,7 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/api/messages/{message_id}", chat.get_message),
         web.get("/api/messages/{message_id}/stream", chat.get_message_stream),
         web.post("/api/messages/{message_id}/cancel", chat.cancel_message),
+        web.post("/api/messages/{message_id}/regenerate", chat.regenerate),
         web.post("/api/threads", threads.create_thread),
         web.post("/v1/chat/sessions", threads.create_thread),
         web.get("/api/threads", threads.list_threads),

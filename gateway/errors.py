@@ -83,15 +83,18 @@ class Conflict(GatewayError):
 
 
 class TooManyRequests(GatewayError):
-    """A limit refused the request; nothing was persisted, so the same request can be retried."""
+    """A limit refused the request. At the edge (requests per minute) nothing was persisted; a
+    chat turn's later refusals are saved as a `refused` reply instead (turns.py)."""
 
     status = 429
     type = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: int, reset_at: datetime | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: int, reset_at: datetime | None = None,
+                 reason: str = "rate_limited") -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.reset_at = reset_at
+        self.reason = reason  # which limit: a refused reply's row and `error` event name it
 
     def headers(self) -> dict[str, str]:
         headers = {"Retry-After": str(self.retry_after)}

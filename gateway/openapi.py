@@ -20,7 +20,7 @@ from aiohttp import web
 from . import __version__
 from .router import AUTO
 from .state import MODELS
-from .vocabulary import Winner
+from .vocabulary import MessageStatus, Winner
 
 Schema = dict[str, Any]
 
@@ -28,7 +28,7 @@ NO_NUL = "^[^\\x00]*$"
 # str.strip() leaves something, and no NUL (PostgreSQL text cannot hold one)
 NOT_BLANK = "^[^\\x00]*[^\\s\\x00][^\\x00]*$"
 INT32_MAX = 2**31 - 1
-MESSAGE_STATUSES = ["pending", "streaming", "complete", "failed", "cancelled", "interrupted"]
+MESSAGE_STATUSES = [str(s) for s in MessageStatus]
 WINNERS = [str(w) for w in Winner]
 
 
@@ -102,7 +102,9 @@ def sse_events(slot: bool) -> Schema:
         event("done", json_text(obj({**tag, "finish_reason": STRING, "message_id": UUID,
                                      "attempts": {"type": "array", "items": {"type": "object"}}},
                                     (*tagged, "finish_reason", "message_id")))),
-        event("error", json_text(obj({**tag, "type": STRING, "message": STRING, "retryable": {"type": "boolean"}},
+        event("error", json_text(obj({**tag, "type": STRING, "message": STRING, "retryable": {"type": "boolean"},
+                                      # a policy stop (type "policy"): which limit, and when it clears
+                                      "reason": STRING, "reset_at": nullable(TIME)},
                                      (*tagged, "type", "message", "retryable")))),
         obj({"event": {"const": "message"}, "data": {"const": "[DONE]"}}, ("event", "data")),
     ]}
@@ -263,6 +265,13 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "thread_id": UUID, "assistant_message_id": UUID,
             "stream_url": {"type": "string", "description": "Follow the reply with EventSource (token included)"},
         }, ("status", "message", "duplicate", "thread_id", "assistant_message_id", "stream_url")),
+        "RegenerateRequest": obj({
+            "model": nullable({"enum": [AUTO, *models],
+                               "description": "Default: what the last reply was asked for (auto if it was routed)"}),
+            "client_request_id": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL,
+                                           "description": "Idempotency key: a retry returns the reply it made"}),
+            "stream": nullable({"type": "boolean", "description": "Stream SSE (default: by the Accept header)"}),
+        }, additionalProperties=True, description="Optional; unknown fields are ignored"),
         "Message": message_row,
         "Thread": thread,
         "ThreadWithMessages": {"allOf": [thread, obj({"messages": {"type": "array", "items": ref("Message")}},
@@ -597,7 +606,21 @@ def _paths() -> dict[str, Any]:
              **turn_errors},
             requestBody=json_body("ChatRequest"),
             description="Streams when `stream` is true, or when it is absent and `Accept` includes "
-                        "`text/event-stream`. Nothing is stored when the request is refused.")},
+                        "`text/event-stream`. A malformed request or a per-minute limit (429) stores nothing; "
+                        "once the message is stored, a policy stop (daily cap, a model the key may not use, "
+                        "too many concurrent streams) is the reply: status `refused`, an `error` event of "
+                        "type `policy` with `reason` and `reset_at`.")},
+        "/api/messages/{message_id}/regenerate": {"post": op(
+            "A new reply to a saved user message (its last one refused, failed, interrupted, cancelled, "
+            "or complete: every reply is kept)", "chat",
+            {"200": response(SSE_DESCRIPTION, sse_content("MessageEvent")),
+             **ok(202, "Accepted: the new reply is generating (or was refused)", "ChatAccepted"),
+             **turn_errors},
+            parameters=[path_id("message_id", "user message")], requestBody=json_body("RegenerateRequest",
+                                                                                      required=False),
+            description="Runs like POST /api/chat on the thread up to that message (the policy decides, the "
+                        "reply streams and resumes alike). 409 while its last reply is still generating, "
+                        "or for an arena turn.")},
         "/api/messages/{message_id}": {"get": op(
             "A message's status and content (the polling fallback)", "chat",
             {**ok(200, "The message", "Message"), **errors(400, 401, 403, 404, 503)},

@@ -18,8 +18,11 @@ write gives it back, and the sweep gives back the leases of an instance that die
 holds across instances. Nearly out of budget (tokens or dollars), a request may be downgraded to
 a cheaper model.
 
-A refusal raises before anything is persisted, so the client can retry the same
-client_message_id later. With no limits configured, the policy does no I/O at all.
+A refusal raises (TooManyRequests with a `reason`, or Forbidden). Chat turns split the decision
+(turns.py): `admit_rate`, the abuse limit, runs at the edge before anything is written (its 429
+persists nothing); `admit(..., rate=False)` runs after the user message is committed, and its
+refusal is saved as a `refused` reply. The stateless routes call `admit` alone. With no limits
+configured, the policy does no I/O at all.
 """
 
 from __future__ import annotations
@@ -312,7 +315,8 @@ class Policy:
                 reset = _next_midnight(day)
                 what = "token" if capped and grant.tokens <= prompt_tokens else "cost"
                 raise TooManyRequests(f"daily {what} cap reached (too little left for this prompt)",
-                                      retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset)
+                                      retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
+                                      reason=f"daily_{what}s" if what == "token" else "daily_cost")
             reserved.max_tokens = room
         return reserved
 
@@ -322,15 +326,17 @@ class Policy:
         if limit.per_minute:
             reset = window + timedelta(minutes=1)
             return TooManyRequests(f"rate limit: {name}", retry_after=max(1, int((reset - now).total_seconds()) + 1),
-                                   reset_at=reset)
+                                   reset_at=reset, reason="requests_per_minute")
         if limit.concurrent:
             cap = limits.user_streams if limit is Limit.USER_CONCURRENT_STREAMS else min(
                 k.streams for k in limits.key_chain if k.streams is not None)
-            return TooManyRequests(f"at most {cap} concurrent streams ({name})", retry_after=1)
+            return TooManyRequests(f"at most {cap} concurrent streams ({name})", retry_after=1,
+                                   reason="concurrent_streams")
         reset = _next_midnight(day)
         what = "cost" if limit.cost else "token"
         return TooManyRequests(f"daily {what} cap reached ({name})",
-                               retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset)
+                               retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
+                               reason="daily_cost" if limit.cost else "daily_tokens")
 
     async def _nearly_spent(self, user_id: uuid.UUID, day: date, reserved: _Reservation, limits: Limits) -> bool:
         """Whether the day's use before this request (spent + others' reservations) passed the mark,

@@ -3,16 +3,18 @@
 POST /api/chat, the WebSocket, the arena and the OpenAI route all begin their turns here;
 handlers only parse, call and respond. The steps, in order:
 
-    persist   the user message is committed (group-committed with concurrent turns); a retry of
-              the same client_message_id returns the stored rows and starts nothing
-    decide    the router advises a model; the policy approves, downgrades or refuses
+    persist   the abuse limit (requests per minute) is taken first: a 429 there writes nothing;
+              then the user message is committed (group-committed with concurrent turns); a
+              retry of the same client_message_id returns the stored rows and starts nothing
+    decide    the router advises a model; the policy approves, downgrades or stops: after the
+              commit, so a stop keeps the user's message and saves the reply as `refused` (with
+              the reason and when it clears), and the client gets an `error` event of type policy
     execute   the generation registry starts the reply as an app-owned task
     respond   `Reply` gives the reply's events to any transport, live or replayed from its row
 
-The policy's admission runs just before the commit (a refusal persists nothing, so the same
-client_message_id can be retried once the limit clears); the commit still precedes any
-provider call. Begin turns shielded: once the user message is committed its generation
-must start even if the client disconnects in between.
+`regenerate` adds a reply to a saved user message through the same decide and execute steps.
+Begin turns shielded: once the user message is committed its reply must be decided and started
+(or saved refused) even if the client disconnects in between.
 """
 
 from __future__ import annotations
@@ -30,21 +32,21 @@ from . import tracing
 from .auth import Principal
 from .background import GroupCommit
 from .config import Settings
-from .errors import NotFound, ServiceUnavailable
+from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, TooManyRequests
 from .events import Event
 from .fleet.follow import RemoteStreams
-from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd
+from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd, mask_model_names
 from .policy import Admission, Policy
 from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, text_of, tokens_for_chars
 from .providers.chain import Chain
 from .providers.registry import ModelRegistry, NotEnoughModels
 from .replay import replay_events
-from .router import Route, route
+from .router import RANDOM, Route, route
 from .store import arena as arena_store
 from .store import messages as message_store
 from .store.usage import UsageRecord
 from .stream_tokens import StreamTokens
-from .vocabulary import LIVE_STATUSES, PolicyAction, Slot
+from .vocabulary import LIVE_STATUSES, MessageStatus, PolicyAction, Slot
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,23 @@ class Completion:
     admission: Admission
 
 
+@dataclass(slots=True, kw_only=True)
+class _Plan:
+    """One reply to decide and start, once its placeholder row is committed."""
+
+    thread_id: uuid.UUID
+    user_message_id: uuid.UUID
+    message_id: uuid.UUID
+    choice: Route
+    messages: list[dict[str, Any]]  # what the upstream gets
+    turn: TurnInput  # the request's sampling parameters
+    downgrade_to: str | None = None  # the policy may switch to this model near the daily cap
+    share: int = 1  # see Policy.admit
+    slot: Slot | None = None
+    anonymous: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # for the reply's metadata
+
+
 class Turns:
     """Begins turns and finds replies. One per app (`state.TURNS`)."""
 
@@ -134,53 +153,94 @@ class Turns:
         self._persist: GroupCommit[message_store.TurnRequest, message_store.StoredTurn] = GroupCommit(
             lambda batch: message_store.persist_turns(pool, batch))
 
-    # -- begin --------------------------------------------------------------------------------
+    # -- begin ----------------------------------------------------------------------------------
 
     async def begin_chat(self, principal: Principal, turn: TurnInput,
                          started: float | None = None) -> message_store.StoredTurn:
-        """Decide, persist, start one reply. `started`: the request's arrival (time.monotonic())."""
+        """Persist, decide, start one reply. `started`: the request's arrival (time.monotonic())."""
         if turn.client_message_id is not None:
-            # a retry of an accepted turn is answered before any limit: it costs nothing new
+            # a retry of an accepted turn is answered before any limit: it costs nothing new, and
+            # gets the first request's rows (a refused reply stays refused: never a second decision)
             existing = await message_store.find_duplicate(self._pool, principal.user_id, turn.client_message_id)
             if existing is not None:
                 return existing
         messages = await self.conversation(principal, turn)
         choice = self.route(turn.model, turn.content)
-        with tracing.span("gateway.policy") as decision:
-            admission = await self._policy.admit(principal, choice.model, prompt_tokens(messages), turn.max_tokens,
-                                                 self._settings.limits.downgrade_model)
-            decision.set_attribute("gateway.policy.action", str(admission.action))
-        try:
-            with tracing.span("gateway.persist"):
-                stored = await self._persist.submit(message_store.TurnRequest(
-                    user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
-                    thread_id=turn.thread_id, instance_id=self._instance_id,
-                    reservation=self.reservation(principal, admission, messages), parts=turn.parts))
-        except BaseException:
-            await self._policy.release(admission, principal.user_id, principal.api_key_id)
-            raise
+        with tracing.span("gateway.rate_limit"):  # the abuse limit: a 429 here has written nothing
+            await self._policy.admit_rate(principal)
+        with tracing.span("gateway.persist"):
+            stored = await self._persist.submit(message_store.TurnRequest(
+                user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
+                thread_id=turn.thread_id, instance_id=self._instance_id, parts=turn.parts,
+                reservation=self.attribution(principal, choice.model, messages)))
         assert stored is not None
-        if stored.duplicate:  # lost a race with an identical request: that one runs
-            await self._policy.release(admission, principal.user_id, principal.api_key_id)
+        if stored.duplicate:  # lost a race with an identical request: that one decides and runs
             return stored
-        extra: dict[str, Any] = {"complexity": choice.complexity} if choice.complexity else {}
-        extra.update({"selected": choice.selected} if choice.selected else {})  # model "random" (providers)
-        if admission.action == PolicyAction.DOWNGRADE:
-            extra["policy"] = {"action": PolicyAction.DOWNGRADE, "reasons": admission.reasons,
-                               "downgraded_from": admission.downgraded_from}
-        self._generations.start(
-            GenerationSpec(user_id=principal.user_id, api_key_id=principal.api_key_id, thread_id=stored.thread_id,
-                           user_message_id=stored.user_message["id"], message_id=stored.assistant_message_id,
-                           category=choice.category, auto=choice.auto, extra_metadata=extra, admission=admission),
-            admission.model,
-            ChatRequest(messages, max_tokens=admission.max_tokens, temperature=turn.temperature, top_p=turn.top_p,
-                        extra=dict(turn.extra)), started)
+        await self._decide_and_start(principal, _Plan(
+            thread_id=stored.thread_id, user_message_id=stored.user_message["id"],
+            message_id=stored.assistant_message_id, choice=choice, messages=messages, turn=turn,
+            downgrade_to=self._settings.limits.downgrade_model), started)
         return stored
+
+    async def regenerate(self, principal: Principal, user_message_id: uuid.UUID, model: str | None,
+                         client_request_id: str | None, started: float | None = None) -> message_store.Regeneration:
+        """A new reply to a saved user message whose last reply is not live (the earlier replies
+        stay). Decided and run like a new turn, on the thread's history up to that message.
+        `model`: None asks for what the last reply was asked for (`auto` if it was routed)."""
+        pool, user_id = self._pool, principal.user_id
+        if client_request_id is not None:
+            found = await message_store.find_regeneration(pool, user_id, user_message_id, client_request_id)
+            if found is not None:
+                return found
+        try:
+            user_message, last = await message_store.regeneration_target(pool, user_id, user_message_id)
+        except Conflict:
+            # the live reply may be this very request's, made by a retry that got there first
+            if client_request_id is not None:
+                found = await message_store.find_regeneration(pool, user_id, user_message_id, client_request_id)
+                if found is not None:
+                    return found
+            raise
+        if model is None:
+            model = self._asked_for(last)
+        messages = await message_store.thread_history(pool, user_id, user_message["thread_id"],
+                                                      before=user_message)
+        parts = user_message["parts"]
+        messages.append({"role": "user", "content": user_message["content"] if parts is None else parts})
+        choice = self.route(model, user_message["content"])
+        with tracing.span("gateway.rate_limit"):
+            await self._policy.admit_rate(principal)
+        made = await message_store.insert_regeneration(pool, user_id, user_message, client_request_id,
+                                                       self._instance_id,
+                                                       self.attribution(principal, choice.model, messages))
+        if made.duplicate:
+            return made
+        await self._decide_and_start(principal, _Plan(
+            thread_id=user_message["thread_id"], user_message_id=user_message_id,
+            message_id=made.assistant_message_id, choice=choice, messages=messages,
+            turn=TurnInput(content=user_message["content"]), downgrade_to=self._settings.limits.downgrade_model,
+            extra={"regenerated": True}), started)
+        return made
+
+    def _asked_for(self, last: dict[str, Any] | None) -> str | None:
+        """The model a reply was asked for: before any downgrade or fallback; `random` if it was
+        drawn; None (the default) if it was routed, or names a model no longer configured."""
+        if last is None:
+            return None
+        meta = last["metadata"] or {}
+        if meta.get("auto"):
+            return None
+        if meta.get("selected") == RANDOM:  # a new draw, as the first time
+            return RANDOM
+        asked = (meta.get("policy") or {}).get("downgraded_from") or meta.get("fallback_from") or last["model"]
+        return asked if isinstance(asked, str) and asked in self._models else None
 
     async def begin_arena(self, principal: Principal, turn: TurnInput, requested: list[str] | None,
                           anonymous: bool, started: float | None = None) -> arena_store.ArenaTurn:
-        """Decide (both models, both admissions), persist the turn, start both slots. No downgrade to a
-        cheaper model here: the comparison is of the two models asked for (max_tokens may be clamped)."""
+        """Persist the turn (the user message, both slots, the comparison), then decide and start
+        each slot. No downgrade to a cheaper model here: the comparison is of the two models asked
+        for (max_tokens may be clamped). A slot the policy stops is saved `refused`, the other runs;
+        a comparison with a refused slot takes no vote (store/arena.py)."""
         if turn.client_message_id is not None:
             existing = await arena_store.find_duplicate(self._pool, principal.user_id, turn.client_message_id)
             if existing is not None:
@@ -193,39 +253,115 @@ class Turns:
                 raise ServiceUnavailable(f"the arena needs two available models: {e}") from None
         else:
             pair = requested
-        # both slots count toward the caller's limits; if either is refused, nothing is kept
-        admissions: list[Admission] = []
-        try:
-            for shares_left, model in zip((2, 1), pair, strict=True):
-                # slot a may take at most half of what remains today, slot b what is left after it
-                with tracing.span("gateway.policy"):
-                    admissions.append(await self._policy.admit(principal, model, prompt_tokens(messages),
-                                                               turn.max_tokens, share=shares_left))
-            with tracing.span("gateway.persist"):
-                stored = await arena_store.persist_arena_turn(
-                    self._pool, principal.user_id, turn.content, turn.client_message_id, turn.thread_id,
-                    self._instance_id, pair[0], pair[1], anonymous,
-                    (self.reservation(principal, admissions[0], messages),
-                     self.reservation(principal, admissions[1], messages)))
-        except BaseException:
-            for admission in admissions:
-                await self._policy.release(admission, principal.user_id, principal.api_key_id)
-            raise
+        with tracing.span("gateway.rate_limit"):  # one request, one slot in the window
+            await self._policy.admit_rate(principal)
+        with tracing.span("gateway.persist"):
+            stored = await arena_store.persist_arena_turn(
+                self._pool, principal.user_id, turn.content, turn.client_message_id, turn.thread_id,
+                self._instance_id, pair[0], pair[1], anonymous,
+                (self.attribution(principal, pair[0], messages), self.attribution(principal, pair[1], messages)))
         if stored.duplicate:
-            for admission in admissions:
-                await self._policy.release(admission, principal.user_id, principal.api_key_id)
             return stored
-        for slot, message_id, admission in zip(Slot, (stored.message_a, stored.message_b), admissions, strict=True):
-            # each slot is its own generation, with its own chain and timeouts: one failing or
-            # hanging never holds up the other
-            self._generations.start(
-                GenerationSpec(user_id=principal.user_id, api_key_id=principal.api_key_id,
-                               thread_id=stored.thread_id, user_message_id=stored.user_message["id"],
-                               message_id=message_id, extra_metadata={"comparison_id": str(stored.comparison_id)},
-                               admission=admission, slot=slot, anonymous=anonymous),
-                admission.model,
-                ChatRequest(list(messages), max_tokens=admission.max_tokens, temperature=turn.temperature), started)
+        # both slots count toward the caller's limits: slot a may take at most half of what remains
+        # today, slot b what is left after it. Each slot is its own generation, with its own chain
+        # and timeouts: one failing or hanging never holds up the other
+        for shares_left, slot, model, message_id in zip((2, 1), Slot, pair, (stored.message_a, stored.message_b),
+                                                        strict=True):
+            await self._decide_and_start(principal, _Plan(
+                thread_id=stored.thread_id, user_message_id=stored.user_message["id"], message_id=message_id,
+                choice=Route(model, None, None, auto=False), messages=list(messages), turn=turn,
+                share=shares_left, slot=slot, anonymous=anonymous,
+                extra={"comparison_id": str(stored.comparison_id)}), started)
         return stored
+
+    async def _decide_and_start(self, principal: Principal, plan: _Plan, started: float | None) -> None:
+        """Decide, after the commit: the policy approves (the reply starts), downgrades (it starts
+        on less), or stops it (the row is saved `refused`, with the reason and when it clears, and
+        no provider is called). One atomic admission, as strong as before the persist-first order."""
+        admission: Admission | None = None
+        refusal: TooManyRequests | Forbidden | None = None
+        try:
+            with tracing.span("gateway.policy") as decision:
+                try:
+                    admission = await self._policy.admit(principal, plan.choice.model, prompt_tokens(plan.messages),
+                                                         plan.turn.max_tokens, plan.downgrade_to, share=plan.share,
+                                                         rate=False)
+                except (TooManyRequests, Forbidden) as e:
+                    refusal = e
+                action = "refuse" if admission is None else str(admission.action)
+                decision.set_attribute("gateway.policy.action", action)
+        except BaseException:
+            await self._close_broken(plan)
+            raise
+        if admission is None:
+            assert refusal is not None
+            await self._refuse(plan, refusal)
+            return
+        extra: dict[str, Any] = dict(plan.extra)
+        if plan.choice.complexity:
+            extra["complexity"] = plan.choice.complexity
+        if plan.choice.selected:  # model "random": the draw is named in the reply's metadata
+            extra["selected"] = plan.choice.selected
+        if admission.action == PolicyAction.DOWNGRADE:
+            extra["policy"] = {"action": PolicyAction.DOWNGRADE, "reasons": admission.reasons,
+                               "downgraded_from": admission.downgraded_from}
+        turn = plan.turn
+        self._generations.start(
+            GenerationSpec(user_id=principal.user_id, api_key_id=principal.api_key_id, thread_id=plan.thread_id,
+                           user_message_id=plan.user_message_id, message_id=plan.message_id,
+                           category=plan.choice.category, auto=plan.choice.auto, extra_metadata=extra,
+                           admission=admission, slot=plan.slot, anonymous=plan.anonymous),
+            admission.model,
+            ChatRequest(plan.messages, max_tokens=admission.max_tokens, temperature=turn.temperature,
+                        top_p=turn.top_p, extra=dict(turn.extra)), started)
+        if admission.holds_anything or admission.model != plan.choice.model:
+            # added while the upstream call starts, not before it: only a live row takes it, so a
+            # finish that gets there first is left alone (and has settled the reservation itself)
+            try:
+                await message_store.hold_reservation(self._pool, plan.message_id,
+                                                     self.reservation(principal, admission, plan.messages))
+            except (asyncpg.PostgresError, OSError) as e:
+                # only the sweep of a dead instance needs it: the reply runs and settles at its finish
+                log.warning("reply %s: its reservation could not be noted on its row (%s)", plan.message_id,
+                            type(e).__name__)
+
+    async def _refuse(self, plan: _Plan, e: TooManyRequests | Forbidden) -> None:
+        """Save the policy's stop as the reply: status refused, the reason in its metadata and its
+        `error` (which the stream sends, live or replayed, as an `error` event of type policy)."""
+        if isinstance(e, TooManyRequests):
+            reason = e.reason
+            reset_at = e.reset_at.isoformat() if e.reset_at is not None else None
+        else:
+            reason, reset_at = "model_not_allowed", None
+        message = e.message
+        if plan.anonymous:  # an anonymous slot's model stays hidden until the vote
+            config = self._models.models.get(plan.choice.model)
+            message = mask_model_names(message, [config]) if config is not None else message
+        # a cap clears (retry after reset_at); a model the key may not use does not
+        retryable = reason != "model_not_allowed"
+        error = {"type": "policy", "message": message, "retryable": retryable, "reason": reason,
+                 "reset_at": reset_at}
+        metadata: dict[str, Any] = {**plan.extra, "category": plan.choice.category, "auto": plan.choice.auto,
+                                    "reason": reason, "reset_at": reset_at, "finish_reason": "refused"}
+        if plan.anonymous:
+            metadata["anonymous"] = True
+        if plan.choice.complexity:
+            metadata["complexity"] = plan.choice.complexity
+        if plan.choice.selected:
+            metadata["selected"] = plan.choice.selected
+        await message_store.close_unstarted(self._pool, plan.message_id, status=MessageStatus.REFUSED,
+                                            model=plan.choice.model, error=error, metadata=metadata)
+
+    async def _close_broken(self, plan: _Plan) -> None:
+        """Deciding failed after the commit (the database went away): the user message stays, the
+        reply is saved failed (retryable, by regenerate) if the database lets us."""
+        error = {"type": "internal_error", "message": "the reply could not be started", "retryable": True}
+        try:
+            await message_store.close_unstarted(self._pool, plan.message_id, status=MessageStatus.FAILED,
+                                                model=plan.choice.model, error=error,
+                                                metadata={**plan.extra, "finish_reason": "error"})
+        except Exception as e:  # the sweep ends it as interrupted later
+            log.warning("reply %s: could not be marked failed (%s)", plan.message_id, type(e).__name__)
 
     async def begin_completion(self, principal: Principal, model: str, request: ChatRequest,
                                started: float | None = None) -> Completion:
@@ -270,10 +406,14 @@ class Turns:
                     messages: list[dict[str, Any]]) -> dict[str, Any]:
         """What a reply's admission holds, kept on its row until the finish: if its instance dies, the
         sweep settles the reservation to an estimate of what was consumed (store.instances)."""
-        model = self._models.models.get(admission.model)
-        return {**admission.reservation_json(),
-                "api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
-                "prompt_tokens": prompt_tokens(messages), "model": admission.model,
+        return {**admission.reservation_json(), **self.attribution(principal, admission.model, messages)}
+
+    def attribution(self, principal: Principal, model_name: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """Who and what a reply is for, as the sweep estimates a dead instance's reply: written with
+        the placeholder row (the persist step), before the policy decides."""
+        model = self._models.models.get(model_name)
+        return {"api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
+                "prompt_tokens": prompt_tokens(messages), "model": model_name,
                 "provider": model.provider if model else None,
                 "input_price_per_mtok": model.input_price_per_mtok if model else 0.0,
                 "output_price_per_mtok": model.output_price_per_mtok if model else 0.0}

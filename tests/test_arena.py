@@ -631,24 +631,34 @@ async def day_row(db: asyncpg.Pool, user_id: uuid.UUID) -> dict[str, int] | None
     return dict(found) if found else None
 
 
-async def test_a_cap_too_small_for_both_slots_refuses_the_turn_and_persists_nothing(make_client, config_file,
-                                                                                    user, db):
+async def test_a_slot_the_cap_refuses_is_saved_refused_the_other_runs_and_the_comparison_takes_no_vote(
+        make_client, config_file, user, db):
     x, y = unique("cap_x"), unique("cap_y")
-    # 5 tokens left: slot a may take half (2), which does not even cover the 2-token prompt
+    # 5 tokens left: slot a may take half (2), which does not even cover the 2-token prompt;
+    # slot b, decided after it, may take all 5 (the 2-token prompt and 3 of reply)
     client = await make_client(GATEWAY_CONFIG=config_file(demo_models_toml(x, y, limits=CAP.format(cap=5))),
                                DEMO_CHUNKS="10")
-    resp = await client.post("/api/arena", headers=user.headers, json={
-        "content": "hello", "max_tokens": 10, "models": [x, y], "client_message_id": "capped", "stream": True})
-    assert resp.status == 429
-    assert (await resp.json())["error"]["type"] == "rate_limited"
-    assert await user_counts(db, user.id) == (0, 0, 0)
-    assert await day_row(db, user.id) == {"tokens": 0, "reserved": 0, "requests": 0}
-    # the refusal left nothing behind: the same id goes through on a larger budget
-    roomier = await make_client(GATEWAY_CONFIG=config_file(demo_models_toml(x, y, limits=CAP.format(cap=24))),
-                                DEMO_CHUNKS="10")
-    answer = await accept_arena(roomier, user, content="hello", max_tokens=10, models=[x, y],
-                                client_message_id="capped")
-    assert answer["duplicate"] is False
+    stream, cid, _ = await stream_arena(client, user, db, content="hello", max_tokens=10, models=[x, y],
+                                        client_message_id="capped")
+    [error] = stream.data("a", "error")
+    assert (error["slot"], error["type"], error["reason"], error["retryable"]) == ("a", "policy", "daily_tokens",
+                                                                                   True)
+    assert x not in error["message"]  # anonymous: the refused slot's model stays hidden too
+    assert stream.metadata("a")["model"] is None and stream.text("a") == ""
+    assert len(stream.data("b", "message")) == 3 and stream.data("b", "done")
+    assert await user_counts(db, user.id) == (3, 1, 1)  # the user message and both slots are kept
+    await wait_comparison_finished(db, cid)
+    assert await day_row(db, user.id) == {"tokens": 5, "reserved": 0, "requests": 1}
+    comparison = await comparison_row(db, cid)
+    assert (await row(db, comparison["message_a"]))["status"] == "refused"
+    # a refused model never answered: no vote rates it
+    vote = await client.post(f"/api/comparisons/{cid}/vote", headers=user.headers, json={"winner": "b"})
+    assert vote.status == 409 and "refused" in (await vote.json())["error"]["message"]
+    assert (await comparison_row(db, cid))["winner"] is None
+    # a retry of the same id returns the same comparison: never a second decision
+    again = await accept_arena(client, user, content="hello", max_tokens=10, models=[x, y],
+                               client_message_id="capped")
+    assert (again["duplicate"], again["comparison_id"]) == (True, cid)
 
 
 async def test_the_slots_share_what_remains_so_the_second_is_not_starved(make_client, config_file, user, db):
@@ -673,21 +683,23 @@ async def test_both_slots_count_toward_the_daily_total(make_client, config_file,
     assert await day_row(db, user.id) == {"tokens": 24, "reserved": 0, "requests": 2}
     usage = await db.fetch("SELECT model, total_tokens FROM usage WHERE user_id = $1 ORDER BY model", user.id)
     assert [tuple(u) for u in usage] == sorted([(x, 12), (y, 12)])
-    # the day is spent: the next turn is refused whole
-    refused = await client.post("/api/arena", headers=user.headers,
-                                json={"content": "hello", "max_tokens": 10, "models": [x, y]})
-    assert refused.status == 429
-    assert await user_counts(db, user.id) == (3, 1, 1)
+    # the day is spent: the next turn is kept, both its slots refused, nothing more counted
+    refused = await accept_arena(client, user, content="hello", max_tokens=10, models=[x, y])
+    assert await user_counts(db, user.id) == (6, 2, 2)
+    for message_id in refused["assistant_message_ids"].values():
+        assert (await row(db, message_id))["status"] == "refused"
+    assert await day_row(db, user.id) == {"tokens": 24, "reserved": 0, "requests": 2}
 
 
-async def test_concurrency_cap_of_one_refuses_a_two_slot_turn(make_client, config_file, user, db):
+async def test_concurrency_cap_of_one_runs_slot_a_and_refuses_slot_b(make_client, config_file, user, db):
     x, y = unique("conc_x"), unique("conc_y")
     client = await make_client(GATEWAY_CONFIG=config_file(demo_models_toml(
         x, y, limits="[limits]\nmax_concurrent_streams = 1\n")), DEMO_CHUNKS="2")
-    resp = await client.post("/api/arena", headers=user.headers, json={"content": "hi", "models": [x, y]})
-    assert resp.status == 429
-    assert await user_counts(db, user.id) == (0, 0, 0)
-    # the first slot's stream slot was handed back: a single chat still fits
+    answer = await accept_arena(client, user, content="hi", models=[x, y])
+    await wait_comparison_finished(db, answer["comparison_id"])
+    a, b = [await row(db, answer["assistant_message_ids"][s]) for s in "ab"]
+    assert (a["status"], b["status"], b["error"]["reason"]) == ("complete", "refused", "concurrent_streams")
+    # slot a's stream slot was handed back at its finish: a single chat fits
     chat = await client.post("/api/chat", headers=user.headers, json={"content": "hi", "model": x})
     assert chat.status == 202
 

@@ -81,10 +81,17 @@ async def settled(db: asyncpg.Pool, user: User) -> bool:
 
 
 async def turn(client: TestClient, user: User | dict[str, str], model: str, **body: Any) -> tuple[int, dict]:
+    """The answer's status and body; a reply the cap refused (after the user message was saved:
+    persist first) adds its `error` and `"refused": true` to the 202's body."""
     headers = user.headers if isinstance(user, User) else user
     resp = await client.post("/api/chat", headers=headers,
                              json={"content": "hello", "max_tokens": 10, "model": model, **body})
-    return resp.status, await resp.json()
+    answer = await resp.json()
+    if resp.status == 202:
+        reply = await (await client.get(f"/api/messages/{answer['assistant_message_id']}", headers=headers)).json()
+        if reply["status"] == MessageStatus.REFUSED:
+            answer.update(refused=True, error=reply["error"])
+    return resp.status, answer
 
 
 async def demo_client(make_client, config_file, cap: float) -> tuple[TestClient, str]:
@@ -96,13 +103,16 @@ async def test_fifty_concurrent_requests_never_exceed_a_cost_cap_that_fits_ten(m
     assert HELLO == 2
     client, model = await demo_client(make_client, config_file, 120)
     answers = await asyncio.gather(*(turn(client, user, model) for _ in range(50)))
-    assert sorted(status for status, _ in answers) == [202] * 10 + [429] * 40
-    refused = [body["error"]["message"] for status, body in answers if status == 429]
-    assert set(refused) == {"daily cost cap reached (user daily cost)"}
+    assert [status for status, _ in answers] == [202] * 50  # persist first: every message is kept
+    refused = [body["error"] for _, body in answers if body.get("refused")]
+    assert len(refused) == 40
+    assert {(e["message"], e["reason"]) for e in refused} == {("daily cost cap reached (user daily cost)",
+                                                               "daily_cost")}
     await wait_for(lambda: settled(db, user))
     assert await user_day(db, user) == (120.0, 0.0)
     assert await db.fetchval("SELECT sum(cost_usd)::float8 FROM usage WHERE user_id = $1", user.id) == 120.0
-    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 20
+    assert await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user.id) == 10
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 100
 
 
 async def test_the_worst_case_is_reserved_while_the_reply_runs_and_settled_to_the_real_cost(
@@ -142,15 +152,18 @@ async def test_a_reply_is_clamped_to_the_tokens_the_cost_cap_leaves(make_client,
     assert await user_day(db, user) == (13.0, 0.0)
 
 
-async def test_a_prompt_the_cap_cannot_pay_for_is_refused_and_persists_nothing(make_client, config_file, user, db):
+async def test_a_prompt_the_cap_cannot_pay_for_is_refused_and_reserves_nothing(make_client, config_file, user, db):
     client, model = await demo_client(make_client, config_file, 1)  # the prompt alone costs $2
     status, body = await turn(client, user, model, client_message_id="later")
-    assert status == 429
+    assert status == 202 and body["refused"] is True
     assert body["error"]["message"] == "daily cost cap reached (too little left for this prompt)"
+    assert body["error"]["reason"] == "daily_cost"
     midnight = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(), UTC)
     assert datetime.fromisoformat(body["error"]["reset_at"]) == midnight
     assert await user_day(db, user) == (0.0, 0.0)  # the reservation was handed back
-    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 0
+    # the message is kept, its reply refused; nothing was counted
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 2
+    assert await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user.id) == 0
 
 
 async def test_a_spent_cap_refuses_priced_models_but_not_free_ones(make_client, config_file, user, db):
@@ -158,8 +171,9 @@ async def test_a_spent_cap_refuses_priced_models_but_not_free_ones(make_client, 
     assert (await turn(client, user, model))[0] == 202
     await wait_for(lambda: settled(db, user))
     status, body = await turn(client, user, model)
-    assert (status, body["error"]["message"]) == (429, "daily cost cap reached (user daily cost)")
-    assert (await turn(client, user, "demo"))[0] == 202  # free: costs nothing, so no cost cap refuses it
+    assert (status, body["error"]["message"]) == (202, "daily cost cap reached (user daily cost)")
+    free = await turn(client, user, "demo")
+    assert free[0] == 202 and "refused" not in free[1]  # free: costs nothing, so no cost cap refuses it
     await wait_for(lambda: settled(db, user))
     assert await user_day(db, user) == (12.0, 0.0)
 
@@ -188,7 +202,7 @@ async def test_a_keys_cost_cap_is_set_through_the_api_and_bounds_its_children(ma
     assert (await turn(client, headers, model))[0] == 202
     await wait_for(lambda: settled(db, admin))
     status, body = await turn(client, headers, model)
-    assert (status, body["error"]["message"]) == (429, "daily cost cap reached (key daily cost)")
+    assert (status, body["error"]["message"]) == (202, "daily cost cap reached (key daily cost)")
     assert await key_day(db, uuid.UUID(capped["id"])) == (12.0, 0.0)
     assert (await turn(client, admin, model))[0] == 202  # the user's other key has room
 

@@ -46,9 +46,16 @@ async def app_pair(make_client: MakeClient, config_file, upstream: FakeUpstream,
     return a, b
 
 
-async def chat(client: TestClient, user: User, content: str = "hi") -> tuple[int, dict]:
+async def chat(client: TestClient, user: User, content: str = "hi") -> tuple[int | str, dict]:
+    """The answer's status, or "refused" for a 202 whose reply the policy stopped after the user
+    message was saved (persist first; the body then carries the reply's `error`)."""
     resp = await client.post("/api/chat", headers=user.headers, json={"content": content})
-    return resp.status, await resp.json()
+    body = await resp.json()
+    if resp.status == 202:
+        reply = await (await client.get(f"/api/messages/{body['assistant_message_id']}", headers=user.headers)).json()
+        if reply["status"] == "refused":
+            return "refused", {**body, "error": reply["error"]}
+    return resp.status, body
 
 
 async def counters(db: asyncpg.Pool, user: User) -> dict[str, int]:
@@ -66,8 +73,9 @@ async def leases(db: asyncpg.Pool, *clients: TestClient) -> list[uuid.UUID]:
 
 
 async def finished(db: asyncpg.Pool, user: User, n: int) -> bool:
+    """n replies ran and ended (refused ones never ran)."""
     return await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1 AND role = 'assistant' "
-                             "AND status NOT IN ('pending', 'streaming')", user.id) == n
+                             "AND status NOT IN ('pending', 'streaming', 'refused')", user.id) == n
 
 
 async def test_two_instances_with_a_cap_of_two_refuse_a_third_stream_on_either(
@@ -80,18 +88,20 @@ async def test_two_instances_with_a_cap_of_two_refuse_a_third_stream_on_either(
     await wait_for(lambda: asyncio.sleep(0, len(upstream.requests) == 2))
     for client in (a, b):  # a third, on either instance
         status, body = await chat(client, user, "one too many")
-        assert status == 429
+        assert status == "refused"
         assert body["error"]["message"] == "at most 2 concurrent streams (user concurrent streams)"
+        assert body["error"]["reason"] == "concurrent_streams"
     assert await counters(db, user) == {f"u:{user.id}": 2}
     assert await leases(db, a, b) == sorted([a.app[INSTANCE].id, b.app[INSTANCE].id])
-    # refused turns persisted nothing: two turns, two user messages and two replies
-    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 4
+    # refused turns took no lease; their messages are kept (persist first), their replies refused
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 8
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1 AND status = 'refused'", user.id) == 2
     e1.set()  # one reply finishes: its lease goes with the finish write
     await wait_for(lambda: finished(db, user, 1))
     assert await counters(db, user) == {f"u:{user.id}": 1}
     assert (await chat(b, user, "room again"))[0] == 202
     status, _ = await chat(a, user, "full again")
-    assert status == 429
+    assert status == "refused"
     e2.set()
     e3.set()
     await wait_for(lambda: finished(db, user, 3))
@@ -107,7 +117,7 @@ async def test_a_keys_cap_counts_its_streams_on_every_instance(make_client, conf
     upstream.queue(r1, r2)
     assert (await chat(a, user))[0] == 202
     status, body = await chat(b, user)
-    assert status == 429
+    assert status == "refused"
     assert body["error"]["message"] == "at most 1 concurrent streams (key concurrent streams)"
     key_id = await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", user.id)
     assert await counters(db, user) == {f"u:{user.id}": 1, f"k:{key_id}": 1}
@@ -137,7 +147,7 @@ async def test_a_dead_instances_leases_are_reclaimed_by_the_sweep_and_never_give
     assert (await chat(a, user, "one"))[0] == 202
     assert (await chat(a, user, "two"))[0] == 202
     b = await make_client(GATEWAY_CONFIG=path, SWEEP_S="0.1")
-    assert (await chat(b, user, "three"))[0] == 429
+    assert (await chat(b, user, "three"))[0] == "refused"
     await dead(db, a)
 
     async def reclaimed() -> bool:
@@ -194,7 +204,7 @@ async def test_every_ending_gives_the_lease_back_once(make_client, config_file, 
     upstream.queue(reply)
     status, body = await chat(a, user, "cancel me")
     assert status == 202
-    assert (await chat(a, user, "blocked"))[0] == 429
+    assert (await chat(a, user, "blocked"))[0] == "refused"
     cancel = await a.post(f"/api/messages/{body['assistant_message_id']}/cancel", headers=user.headers)
     assert cancel.status == 200
     await wait_for(free)
@@ -206,7 +216,7 @@ async def test_every_ending_gives_the_lease_back_once(make_client, config_file, 
     assert resp.status == 200  # admitted: the headers went out (the first event waits for the upstream)
     await wait_for(lambda: _holds_one(db, user))
     resp.close()
-    assert (await chat(a, user, "blocked"))[0] == 429
+    assert (await chat(a, user, "blocked"))[0] == "refused"
     release.set()
     await wait_for(free)
     # the OpenAI route, streamed and not

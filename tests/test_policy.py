@@ -1,4 +1,5 @@
-"""The policy step: limits that hold under concurrency, refusals that persist nothing, settlement
+"""The policy step: limits that hold under concurrency, abuse limits at the edge that persist
+nothing, caps decided after the commit (a refused reply, the user's message kept), settlement
 exactly once."""
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ async def message_count(db, user_id: uuid.UUID) -> int:
     return await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user_id)
 
 
+async def replies(db, user_id: uuid.UUID) -> list[tuple[str, str | None]]:
+    """(status, refusal reason) of the user's assistant rows, sorted."""
+    rows = await db.fetch("SELECT status, error ->> 'reason' AS reason FROM messages "
+                          "WHERE user_id = $1 AND role = 'assistant'", user_id)
+    return sorted((r["status"], r["reason"]) for r in rows)
+
+
 async def all_finished(db, user_id: uuid.UUID) -> bool:
     return await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1 AND status = 'streaming'",
                              user_id) == 0
@@ -52,35 +60,44 @@ async def test_fifty_concurrent_requests_never_exceed_a_cap_that_fits_ten(make_c
     client = await make_client(GATEWAY_CONFIG=config_file(CAP_TOML.format(cap=120)), DEMO_CHUNKS="10")
     answers = await asyncio.gather(*(client.post("/api/chat", headers=user.headers,
                                                  json={"content": "hello", "max_tokens": 10}) for _ in range(50)))
-    statuses = sorted(a.status for a in answers)
-    assert statuses == [202] * 10 + [429] * 40
+    # persist first: every message is kept and answered 202; the cap is decided after the commit
+    assert [a.status for a in answers] == [202] * 50
     await wait_for(lambda: all_finished(db, user.id))
     assert await day_row(db, user.id) == {"tokens": 120, "reserved": 0, "requests": 10}
     assert await db.fetchval("SELECT sum(total_tokens) FROM usage WHERE user_id = $1", user.id) == 120
-    assert await message_count(db, user.id) == 20  # 10 turns: a user message and a reply each
+    assert await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user.id) == 10  # 10 generations
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1 AND role = 'user'", user.id) == 50
+    assert await replies(db, user.id) == [("complete", None)] * 10 + [("refused", "daily_tokens")] * 40
 
 
-async def test_refusal_is_a_429_with_retry_after_and_persists_nothing(make_client, config_file, user, db):
+async def test_a_cap_refusal_keeps_the_message_and_saves_a_refused_reply_with_its_reset(
+        make_client, config_file, user, db):
     client = await make_client(GATEWAY_CONFIG=config_file(CAP_TOML.format(cap=12)), DEMO_CHUNKS="10")
     first = await client.post("/api/chat", headers=user.headers, json={"content": "hello", "max_tokens": 10})
     assert first.status == 202
     await wait_for(lambda: all_finished(db, user.id))
     refused = await client.post("/api/chat", headers=user.headers,
                                 json={"content": "hello", "max_tokens": 10, "client_message_id": "later"})
-    assert refused.status == 429
+    assert refused.status == 202
     body = await refused.json()
+    row = await db.fetchrow("SELECT status, error, metadata, content FROM messages WHERE id = $1::uuid",
+                            body["assistant_message_id"])
     tomorrow = datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(),
                                 UTC)
-    assert body["error"]["type"] == "rate_limited"
-    assert datetime.fromisoformat(body["error"]["reset_at"]) == tomorrow  # the cap resets at UTC midnight
-    assert datetime.fromisoformat(refused.headers["X-RateLimit-Reset"]) == tomorrow
-    assert 0 < int(refused.headers["Retry-After"]) <= 86401
-    assert await message_count(db, user.id) == 2  # nothing from the refused request
-    # the same client_message_id goes through once the limit allows it (here: a larger cap)
+    assert (row["status"], row["content"], row["error"]["type"]) == ("refused", "", "policy")
+    assert row["metadata"]["reason"] == "daily_tokens"
+    assert datetime.fromisoformat(row["metadata"]["reset_at"]) == tomorrow  # the cap resets at UTC midnight
+    assert row["error"]["reset_at"] == row["metadata"]["reset_at"] and row["error"]["retryable"] is True
+    assert await message_count(db, user.id) == 4  # the message is kept, with its refused reply
+    # the same client_message_id, even once the limit would allow it (here: a larger cap), returns
+    # the same rows: a retry never gets a second decision (regenerate asks for one)
     roomier = await make_client(GATEWAY_CONFIG=config_file(CAP_TOML.format(cap=100)), DEMO_CHUNKS="10")
     retry = await roomier.post("/api/chat", headers=user.headers,
                                json={"content": "hello", "max_tokens": 10, "client_message_id": "later"})
-    assert retry.status == 202 and (await retry.json())["duplicate"] is False
+    again = await retry.json()
+    assert retry.status == 202 and again["duplicate"] is True
+    assert again["assistant_message_id"] == body["assistant_message_id"]
+    assert await message_count(db, user.id) == 4
 
 
 async def test_requests_per_minute_per_user(make_client, config_file, user, db):
@@ -90,6 +107,7 @@ async def test_requests_per_minute_per_user(make_client, config_file, user, db):
     assert codes == [201] and [c.status for c in chats] == [202, 202, 429]
     assert 1 <= int(chats[2].headers["Retry-After"]) <= 61
     assert "per minute" in (await chats[2].json())["error"]["message"]
+    assert await message_count(db, user.id) == 4  # an abuse limit is at the edge: nothing of the third
 
 
 async def test_a_reply_bigger_than_what_remains_is_clamped_to_fit(make_client, config_file, user, db):
@@ -121,8 +139,9 @@ async def test_concurrent_streams_per_user(make_client, config_file, user, db):
     first = await client.post("/api/chat", headers=user.headers, json={"content": "slow"})
     assert first.status == 202
     second = await client.post("/api/chat", headers=user.headers, json={"content": "too many"})
-    assert second.status == 429
+    assert second.status == 202  # kept, and refused after the commit
     await wait_for(lambda: all_finished(db, user.id))
+    assert await replies(db, user.id) == [("complete", None), ("refused", "concurrent_streams")]
     third = await client.post("/api/chat", headers=user.headers, json={"content": "now fine"})
     assert third.status == 202
 
@@ -131,8 +150,12 @@ async def test_models_allowed_per_key(client, make_user, db):
     user = await make_user()
     await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, {"models": ["other"]})
     resp = await client.post("/api/chat", headers=user.headers, json={"content": "hi", "model": "demo"})
-    assert resp.status == 403
-    assert await message_count(db, user.id) == 0
+    assert resp.status == 202
+    assert await message_count(db, user.id) == 2
+    assert await replies(db, user.id) == [("refused", "model_not_allowed")]
+    error = await db.fetchval("SELECT error FROM messages WHERE user_id = $1 AND role = 'assistant'", user.id)
+    assert error == {"type": "policy", "message": "this key may not use model 'demo'", "retryable": False,
+                     "reason": "model_not_allowed", "reset_at": None}
 
 
 async def test_key_requests_per_minute(client, make_user, db):
@@ -294,8 +317,9 @@ def test_every_limit_has_exactly_one_sqlstate():
     assert all(len(code) == 5 and code.isalnum() and code.isupper() for code in SQLSTATES)
 
 
-# each case: the gateway's [limits], the key's own limits, and the 429 message the third request gets
-# (every turn below reserves 2 + 10 = 12 tokens; two fit, the third does not)
+# each case: the gateway's [limits], the key's own limits, and the message the third request gets:
+# a 429 for a per-minute limit (at the edge), the refused reply's error for a daily cap (after the
+# commit). Every turn below reserves 2 + 10 = 12 tokens; two fit, the third does not.
 REFUSALS = [
     ("[limits]\nrequests_per_minute = 2\n", {}, "rate limit: user requests per minute"),
     ("", {"requests_per_minute": 2}, "rate limit: key requests per minute"),
@@ -313,14 +337,19 @@ async def test_each_limit_reports_its_own_reason_and_reset(make_client, config_f
         await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, key_limits)
     body = {"content": "hello", "max_tokens": 10}
     answers = [await client.post("/api/chat", headers=user.headers, json=body) for _ in range(3)]
-    assert [a.status for a in answers] == [202, 202, 429]
-    error = (await answers[2].json())["error"]
-    assert (error["type"], error["message"]) == ("rate_limited", message)
-    reset = datetime.fromisoformat(error["reset_at"])
     if "per minute" in message:
+        assert [a.status for a in answers] == [202, 202, 429]
+        error = (await answers[2].json())["error"]
+        assert (error["type"], error["message"]) == ("rate_limited", message)
+        reset = datetime.fromisoformat(error["reset_at"])
         assert reset.second == 0 and reset.microsecond == 0
         assert timedelta(0) < reset - datetime.now(UTC) <= timedelta(minutes=1)
     else:
+        assert [a.status for a in answers] == [202, 202, 202]
+        error = await db.fetchval("SELECT error FROM messages WHERE id = $1::uuid",
+                                  (await answers[2].json())["assistant_message_id"])
+        assert (error["type"], error["message"], error["reason"]) == ("policy", message, "daily_tokens")
+        reset = datetime.fromisoformat(error["reset_at"])
         assert reset == datetime.combine(datetime.now(UTC).date() + timedelta(days=1),
                                          datetime.min.time(), UTC)
     await wait_for(lambda: all_finished(db, user.id))

@@ -121,13 +121,13 @@ async def test_a_turn_is_one_trace_with_auth_policy_persist_and_a_genai_chat_spa
 
     spans = await finished(exporter)
     assert sorted(s.name for s in spans) == sorted([
-        "POST /api/chat", "gateway.auth", "gateway.policy", "gateway.persist", "chat main-up", "attempt main",
-        "gateway.finish_write"])
+        "POST /api/chat", "gateway.auth", "gateway.rate_limit", "gateway.persist", "gateway.policy", "chat main-up",
+        "attempt main", "gateway.finish_write"])
     root, chat_span = named(spans, "POST /api/chat"), named(spans, "chat main-up")
     attempt = named(spans, "attempt main")
     assert len({s.context.trace_id for s in spans if s.context is not None}) == 1
     assert root.parent is None and root.kind is SpanKind.SERVER
-    for child in ("gateway.auth", "gateway.policy", "gateway.persist", "chat main-up"):
+    for child in ("gateway.auth", "gateway.rate_limit", "gateway.persist", "gateway.policy", "chat main-up"):
         assert parent_id(named(spans, child)) == root.context.span_id, child  # type: ignore[union-attr]
     for child in ("attempt main", "gateway.finish_write"):
         assert parent_id(named(spans, child)) == chat_span.context.span_id, child  # type: ignore[union-attr]
@@ -248,13 +248,35 @@ async def test_a_policy_refusal_is_a_failed_policy_span_and_nothing_after_it(
     assert resp.status == 429
 
     spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
-    assert [s.name for s in spans] == ["POST /api/chat", "gateway.auth", "gateway.policy"]
-    policy = named(list(spans), "gateway.policy")
+    # the per-minute limit is checked at the edge, before the persist: nothing after it
+    assert [s.name for s in spans] == ["POST /api/chat", "gateway.auth", "gateway.rate_limit"]
+    policy = named(list(spans), "gateway.rate_limit")
     assert policy.status.status_code is StatusCode.ERROR
     assert dict(policy.attributes or {}) == {"error.type": "rate_limited"}
     root = named(list(spans), "POST /api/chat")
     assert dict(root.attributes or {})["http.response.status_code"] == 429
     assert root.status.status_code is StatusCode.UNSET  # a 4xx is the client's, not the server's, error
+    assert upstream.requests == []
+
+
+async def test_a_cap_stop_after_the_commit_is_a_policy_span_saying_refuse_and_no_chat_span(
+        aiohttp_client: Any, make_settings: Any, upstream: FakeUpstream, config_file: Callable[[str], str],
+        exporter: InMemorySpanExporter, user: User, db: Any):
+    # a model the key may not use: decided after the user message is saved, as a refused reply
+    client = await aiohttp_client(create_app(make_settings(
+        GATEWAY_CONFIG=config_file(CONFIG.format(base_url=upstream.base_url))), Tracing.to_exporter(exporter)))
+    await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, {"models": ["backup"]})
+    resp = await client.post("/api/chat", json={"content": "hi", "model": "main"}, headers=user.headers)
+    assert resp.status == 202
+
+    async def root_done() -> bool:
+        return any(s.name == "POST /api/chat" for s in exporter.get_finished_spans())
+
+    await wait_for(root_done)
+    spans = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    assert [s.name for s in spans] == ["POST /api/chat", "gateway.auth", "gateway.rate_limit", "gateway.persist",
+                                       "gateway.policy"]
+    assert named(list(spans), "gateway.policy").attributes == {"gateway.policy.action": "refuse"}
     assert upstream.requests == []
 
 
@@ -444,8 +466,8 @@ async def test_otel_variables_alone_send_the_spans_over_otlp_http_to_a_collector
              for batch in received for resource in batch.resource_spans
              for scope in resource.scope_spans for span in scope.spans]
     assert sorted(name for name, _ in spans) == sorted([
-        "POST /api/chat", "gateway.auth", "gateway.policy", "gateway.persist", "chat main-up", "attempt main",
-        "gateway.finish_write"])
+        "POST /api/chat", "gateway.auth", "gateway.rate_limit", "gateway.persist", "gateway.policy", "chat main-up",
+        "attempt main", "gateway.finish_write"])
     assert {service for _, service in spans} == {"gw-under-test"}
 
 

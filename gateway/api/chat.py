@@ -4,6 +4,7 @@
     GET  /api/messages/{id}              the message (polling fallback)
     GET  /api/messages/{id}/stream       its events after Last-Event-ID, live or replayed
     POST /api/messages/{id}/cancel       stop it; the partial reply is saved as cancelled
+    POST /api/messages/{id}/regenerate   a new reply to a saved user message: SSE or 202, as POST /api/chat
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import uuid
 from aiohttp import web
 
 from ..auth import Principal
+from ..errors import BadRequest
 from ..metrics import Timings
+from ..router import AUTO
 from ..sse import DONE, open_stream, parse_last_event_id
 from ..state import AUTH, DB, MODELS, SETTINGS, TIMINGS, TURNS
 from ..store import arena as arena_store
 from ..store import messages as message_store
-from .bodies import parse_turn, wants_stream
-from .common import caller, json_response, lapse_frame, parse_uuid, read_json, stream_reader, until_lapsed
+from .bodies import MAX_CLIENT_MESSAGE_ID, parse_turn, wants_stream
+from .common import caller, json_response, lapse_frame, optional, parse_uuid, read_json, stream_reader, until_lapsed
 
 
 async def post_chat(request: web.Request) -> web.StreamResponse:
@@ -38,6 +41,34 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
                               "stream_url": turns.stream_url(principal, stored.assistant_message_id)},
                              status=202)
     return await stream_message(request, principal, stored.assistant_message_id, after=-1)
+
+
+async def regenerate(request: web.Request) -> web.StreamResponse:
+    """A new reply to the user message `{message_id}` (its last reply must not be live: 409). Body
+    (optional): {model?, client_request_id?, stream?}; a retry of the same client_request_id answers
+    with the reply it made (duplicate: true) and starts nothing."""
+    principal = await caller(request, "chat")
+    app = request.app
+    user_message_id = parse_uuid(request.match_info["message_id"], "message id")
+    body = await read_json(request) if request.can_read_body else {}
+    model = optional(body, "model", str, "a model name")
+    if model is not None and model != AUTO and not app[MODELS].chat_model(model):
+        raise BadRequest(f"unknown model {model!r}")
+    client_request_id = optional(body, "client_request_id", str, "a string")
+    if client_request_id is not None and not 0 < len(client_request_id) <= MAX_CLIENT_MESSAGE_ID:
+        raise BadRequest(f"client_request_id must be 1 to {MAX_CLIENT_MESSAGE_ID} characters")
+    stream = optional(body, "stream", bool, "true or false")
+    turns = app[TURNS]
+    started = time.monotonic()
+    made = await asyncio.shield(turns.regenerate(principal, user_message_id, model, client_request_id,
+                                                 request[TIMINGS].start))
+    request[TIMINGS].add("persist", started)
+    if not wants_stream(request, stream):
+        return json_response({"status": "accepted", "message": made.user_message, "duplicate": made.duplicate,
+                              "thread_id": made.user_message["thread_id"],
+                              "assistant_message_id": made.assistant_message_id,
+                              "stream_url": turns.stream_url(principal, made.assistant_message_id)}, status=202)
+    return await stream_message(request, principal, made.assistant_message_id, after=-1)
 
 
 async def stream_message(request: web.Request, principal: Principal, message_id: uuid.UUID,

@@ -407,6 +407,10 @@ async def _stateless(request: web.Request, principal: Principal, req: ResponsesR
 def _http_error(e: ProviderError) -> OpenAIError:
     if e.kind == "upstream_timeout":  # a stored reply's error says only its kind
         return OpenAIError(504, e.message, "timeout_error", code="upstream_timeout")
+    if e.kind == "policy":  # stored and refused (the turn is kept): answered as a limit, as before
+        if isinstance(e, _ReplyFailed) and e.reason == "model_not_allowed":
+            return OpenAIError(403, e.message, "forbidden")
+        return OpenAIError(429, e.message, "rate_limit_error", code="rate_limit_exceeded")
     return provider_error(e)
 
 
@@ -416,6 +420,7 @@ class _ReplyFailed(ProviderError):
     def __init__(self, data: dict[str, Any]) -> None:
         super().__init__(str(data.get("message", "the reply failed")))
         self.kind = str(data.get("type", "provider_error"))
+        self.reason = data.get("reason")  # a policy stop's
 
 
 class _ReplyEvents:

@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 
 from ..errors import Conflict, NotFound
-from ..vocabulary import Winner
+from ..vocabulary import MessageStatus, Winner
 from .messages import MESSAGE_COLUMNS, thread_title
 
 
@@ -24,10 +24,12 @@ class ArenaTurn:
     duplicate: bool
 
 
-# One statement: the user message, both assistant placeholders (slots a and b) and the comparison
-# row, so the comparison exists from the start and survives whatever happens to either slot.
+# One statement: the user's row if missing (see messages._TURNS), the user message, both
+# assistant placeholders (slots a and b) and the comparison row, so the comparison exists from
+# the start and survives whatever happens to either slot.
 _ARENA = """
-WITH t AS ({thread}),
+WITH usr AS (INSERT INTO users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING),
+t AS ({thread}),
 u AS (
     INSERT INTO messages (thread_id, user_id, role, content, status, client_message_id)
     SELECT t.id, $1, 'user', $2, 'complete', $3 FROM t
@@ -87,9 +89,9 @@ async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_
 
 async def persist_arena_turn(pool: asyncpg.Pool, user_id: uuid.UUID, content: str, client_message_id: str | None,
                              thread_id: uuid.UUID | None, instance_id: uuid.UUID, model_a: str, model_b: str,
-                             anonymous: bool, reservations: tuple[dict[str, Any], dict[str, Any]]) -> ArenaTurn:
-    # each slot's admission (see messages.TurnRequest.reservation), kept for the sweep
-    res_a, res_b = (orjson.dumps(r).decode() for r in reservations)
+                             anonymous: bool, notes: tuple[dict[str, Any], dict[str, Any]]) -> ArenaTurn:
+    # each slot's attribution (see messages.TurnRequest.reservation), kept for the sweep
+    res_a, res_b = (orjson.dumps(r).decode() for r in notes)
     async with pool.acquire() as conn:
         try:
             async with conn.transaction():
@@ -144,15 +146,21 @@ async def get_comparison(pool: asyncpg.Pool, user_id: uuid.UUID, comparison_id: 
 
 
 async def vote(pool: asyncpg.Pool, user_id: uuid.UUID, comparison_id: uuid.UUID, winner: Winner) -> dict[str, Any]:
-    """Record the vote once, only after both slots finished; the same vote again is a no-op."""
+    """Record the vote once, only after both slots finished; the same vote again is a no-op.
+
+    A comparison with a slot the policy refused takes no vote: that model never ran, so a vote
+    would rate it on the caller's budget, not on its answer (the leaderboard counts only real
+    battles). A failed slot can be voted on: failing is the model's (or its provider's) doing."""
     voted = await pool.fetchval("""
         UPDATE comparisons c SET winner = $3, voted_at = clock_timestamp()
         WHERE c.id = $1 AND c.user_id = $2 AND c.winner IS NULL
           AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.id IN (c.message_a, c.message_b)
-                          AND m.status IN ('pending', 'streaming'))
+                          AND m.status IN ('pending', 'streaming', 'refused'))
         RETURNING c.id""", comparison_id, user_id, winner)
     row = await get_comparison(pool, user_id, comparison_id)
     if voted is None:
+        if row["winner"] is None and MessageStatus.REFUSED in (row["status_a"], row["status_b"]):
+            raise Conflict("a slot of this comparison was refused by the policy: there is nothing to vote on")
         if row["winner"] is None:
             raise Conflict("both replies must finish before a vote")
         if row["winner"] != winner:

@@ -29,16 +29,20 @@ class StoredTurn:
 
 
 # One statement persists any number of turns (concurrent requests group-commit together): per
-# turn, the thread (created, or touched — which also proves it is the caller's), the user
-# message and the assistant placeholder (status streaming). The unique index on (user_id,
-# client_message_id) makes a retry insert nothing; ids are made up front so each returned row
-# maps back to its turn (`i`) and a thread left empty by a lost race can be removed.
+# turn, the user's row when it is missing (a JWT user whose upsert at sign-in failed still keeps
+# their message: the foreign keys are checked at the end of the statement, after this insert;
+# only the id, the least that can fail: the sign-in upsert fills the rest when it next succeeds),
+# the thread (created, or touched — which also proves it is the caller's), the user message and
+# the assistant placeholder (status streaming). The unique index on (user_id, client_message_id)
+# makes a retry insert nothing; ids are made up front so each returned row maps back to its turn
+# (`i`) and a thread left empty by a lost race can be removed.
 _TURNS = f"""
 WITH x AS (
     SELECT * FROM unnest($1::integer[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::uuid[],
                          $8::uuid[], $9::uuid[], $10::text[], $11::text[])
     AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid, reservation, parts)
 ),
+usr AS (INSERT INTO users (id) SELECT DISTINCT user_id FROM x ON CONFLICT (id) DO NOTHING),
 t_new AS (
     INSERT INTO threads (id, user_id, title) SELECT tid, user_id, title FROM x WHERE thread_id IS NULL
     RETURNING id
@@ -74,16 +78,19 @@ class TurnRequest:
     client_message_id: str | None
     thread_id: uuid.UUID | None
     instance_id: uuid.UUID
-    # what the reply's admission reserved (Reservation.as_json): kept on the assistant row until its
-    # finish, so a reply whose instance died can still be settled by the sweep
+    # who and what the reply is for (model, prices, prompt estimate; turns.Turns.attribution), kept
+    # on the assistant row until its finish: the sweep of a dead instance estimates its usage from
+    # it; the admission's reservations are added once decided (hold_reservation)
     reservation: dict[str, Any] | None = None
     parts: list[dict[str, Any]] | None = None  # content parts as sent (content: their text)
 
 
+# a retry answers with the turn's first reply, as the first request did (regenerated ones follow it)
 _DUPLICATE = f"""
 SELECT {', '.join('u.' + c.strip() for c in MESSAGE_COLUMNS.split(','))}, a.id AS assistant_id
 FROM messages u
-JOIN messages a ON a.reply_to = u.id AND a.role = 'assistant' AND a.slot IS NULL
+JOIN LATERAL (SELECT id FROM messages WHERE reply_to = u.id AND role = 'assistant' AND slot IS NULL
+              ORDER BY seq LIMIT 1) a ON true
 WHERE u.user_id = $1 AND u.client_message_id = $2
 """
 
@@ -100,17 +107,38 @@ async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_
     return _turn(row, duplicate=True) if row is not None else None
 
 
-async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID,
-                         limit: int = 50) -> list[dict[str, Any]]:
-    """The thread's conversation so far (complete messages, oldest first); NotFound if not the user's."""
-    rows = await pool.fetch("""
-        SELECT m.role, m.content, m.parts FROM threads t
-        LEFT JOIN LATERAL (
-            SELECT role, content, parts, seq FROM messages
-            WHERE thread_id = t.id AND status = 'complete' AND slot IS NULL
-            ORDER BY seq DESC LIMIT $3
-        ) m ON true
-        WHERE t.id = $1 AND t.user_id = $2""", thread_id, user_id, limit)
+# The conversation as the upstream sees it: complete messages, a reply placed right after the
+# message it answers (`ord`: a regenerated reply is newer than later turns, but belongs to its
+# own), and of a message's complete replies only the newest (the one the thread shows).
+# `$4`/`$5` bound it for a regenerate: what precedes that user message (which the caller appends).
+# Only the rows from the `$3`-th newest user message on are read (an index range, whatever the
+# thread's length): every reply comes after the message it answers, so none of theirs is missed.
+_HISTORY = """
+SELECT m.role, m.content, m.parts FROM threads t
+LEFT JOIN LATERAL (
+    SELECT m.role, m.content, m.parts, coalesce(p.seq, m.seq) AS ord, m.seq FROM messages m
+    LEFT JOIN messages p ON p.id = m.reply_to
+    WHERE m.thread_id = t.id AND m.status = 'complete' AND m.slot IS NULL
+      AND m.seq >= coalesce((SELECT u.seq FROM messages u
+                             WHERE u.thread_id = t.id AND u.role = 'user' AND ($4::bigint IS NULL OR u.seq <= $4)
+                             ORDER BY u.seq DESC OFFSET $3 - 1 LIMIT 1), 0)
+      AND ($4::bigint IS NULL OR coalesce(p.seq, m.seq) <= $4)
+      AND ($5::uuid IS NULL OR (m.id <> $5 AND m.reply_to IS DISTINCT FROM $5))
+      AND NOT (m.role = 'assistant' AND EXISTS (
+          SELECT 1 FROM messages n WHERE n.reply_to = m.reply_to AND n.role = 'assistant' AND n.slot IS NULL
+                                     AND n.status = 'complete' AND n.seq > m.seq))
+    ORDER BY ord DESC, m.seq DESC LIMIT $3
+) m ON true
+WHERE t.id = $1 AND t.user_id = $2
+"""
+
+
+async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID, limit: int = 50,
+                         before: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The thread's conversation so far (complete messages, oldest first); NotFound if not the
+    user's. `before`: a user message row; only what precedes it (for a regenerate of it)."""
+    rows = await pool.fetch(_HISTORY, thread_id, user_id, limit, before["seq"] if before else None,
+                            before["id"] if before else None)
     if not rows:
         raise NotFound("thread not found")
     return [{"role": r["role"], "content": r["content"] if r["parts"] is None else r["parts"]}
@@ -248,8 +276,112 @@ async def delete_turn(pool: asyncpg.Pool, user_id: uuid.UUID, assistant_id: uuid
 
 
 async def thread_messages(conn: asyncpg.Connection, thread_id: uuid.UUID) -> list[dict[str, Any]]:
-    rows = await conn.fetch(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE thread_id = $1 ORDER BY seq", thread_id)
+    """Every message of the thread, each reply (all of a message's replies, regenerated ones too,
+    oldest first) right after the message it answers."""
+    columns = ", ".join("m." + c.strip() for c in MESSAGE_COLUMNS.split(","))
+    rows = await conn.fetch(f"""
+        SELECT {columns} FROM messages m LEFT JOIN messages p ON p.id = m.reply_to
+        WHERE m.thread_id = $1 ORDER BY coalesce(p.seq, m.seq), m.seq""", thread_id)
     return [dict(r) for r in rows]
+
+
+# -- replies that never reach a provider, regenerate --------------------------------------------
+
+async def close_unstarted(pool: asyncpg.Pool, message_id: uuid.UUID, *, status: MessageStatus, model: str | None,
+                          error: dict[str, Any], metadata: dict[str, Any]) -> bool:
+    """End a reply before any provider call (the policy refused it, or deciding broke): the row
+    says why. No usage row: nothing was consumed. Only a live row changes; False otherwise."""
+    done = await pool.fetchval("""
+        UPDATE messages SET status = $2, model = $3, error = $4, metadata = (metadata - 'reservation') || $5,
+            finished_at = clock_timestamp()
+        WHERE id = $1 AND status IN ('pending', 'streaming') RETURNING id""",
+        message_id, status, model, error, metadata)
+    return done is not None
+
+
+async def hold_reservation(pool: asyncpg.Pool, message_id: uuid.UUID, reservation: dict[str, Any]) -> None:
+    """Add what a reply's admission reserved to its row's `reservation` (until the finish write
+    removes it), so a reply whose instance died is still settled by the sweep (store/instances.py)."""
+    await pool.execute("""
+        UPDATE messages SET metadata = metadata || jsonb_build_object(
+            'reservation', coalesce(metadata -> 'reservation', '{}'::jsonb) || $2::jsonb)
+        WHERE id = $1 AND status IN ('pending', 'streaming')""", message_id, reservation)
+
+
+@dataclass(slots=True, kw_only=True)
+class Regeneration:
+    """A new reply to a saved user message (or, for a retry of its client_request_id, the one made)."""
+
+    user_message: dict[str, Any]
+    assistant_message_id: uuid.UUID
+    duplicate: bool
+
+
+_USER_MESSAGE = f"""
+SELECT {MESSAGE_COLUMNS}, seq, client_request_id FROM messages WHERE id = $1 AND user_id = $2
+"""
+
+_BY_REQUEST = "SELECT id, reply_to FROM messages WHERE user_id = $1 AND client_request_id = $2"
+
+
+async def regeneration_target(pool: asyncpg.Pool, user_id: uuid.UUID,
+                              user_message_id: uuid.UUID) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The user message to answer again and its newest reply (None if it has none). NotFound if it
+    is not this user's user message; Conflict for an arena turn or while a reply is live."""
+    row = await pool.fetchrow(_USER_MESSAGE, user_message_id, user_id)
+    if row is None or row["role"] != "user":
+        raise NotFound("message not found")
+    last = await pool.fetchrow(f"""
+        SELECT {MESSAGE_COLUMNS} FROM messages WHERE reply_to = $1 AND role = 'assistant'
+        ORDER BY seq DESC LIMIT 1""", user_message_id)
+    if last is not None and last["slot"] is not None:
+        raise Conflict("an arena turn cannot be regenerated")
+    if last is not None and MessageStatus(last["status"]).live:
+        raise Conflict("this message's reply is still being generated; cancel it or wait for it to finish")
+    return dict(row), dict(last) if last is not None else None
+
+
+async def find_regeneration(pool: asyncpg.Pool, user_id: uuid.UUID, user_message_id: uuid.UUID,
+                            client_request_id: str) -> Regeneration | None:
+    """The reply a retry of `client_request_id` already made; Conflict if it names another message's."""
+    row = await pool.fetchrow(_BY_REQUEST, user_id, client_request_id)
+    if row is None:
+        return None
+    if row["reply_to"] != user_message_id:
+        raise Conflict("client_request_id already names a reply to another message")
+    user_message = await get_message(pool, user_id, user_message_id)
+    return Regeneration(user_message=user_message, assistant_message_id=row["id"], duplicate=True)
+
+
+async def insert_regeneration(pool: asyncpg.Pool, user_id: uuid.UUID, user_message: dict[str, Any],
+                              client_request_id: str | None, instance_id: uuid.UUID,
+                              note: dict[str, Any]) -> Regeneration:
+    """The new reply's placeholder (status streaming) and the thread touched, in one statement. The
+    one-live-reply index turns a race with another regenerate into Conflict; the client_request_id
+    index turns a race with its own retry into that retry's reply."""
+    try:
+        new_id = await pool.fetchval("""
+            WITH a AS (
+                INSERT INTO messages (thread_id, user_id, role, status, reply_to, instance_id, client_request_id,
+                                      metadata)
+                VALUES ($1, $2, 'assistant', 'streaming', $3, $4, $5, jsonb_build_object('reservation', $6::jsonb))
+                RETURNING id, thread_id
+            ),
+            t AS (UPDATE threads SET updated_at = clock_timestamp() FROM a WHERE threads.id = a.thread_id)
+            SELECT id FROM a""", user_message["thread_id"], user_id, user_message["id"], instance_id,
+            client_request_id, note)
+    except asyncpg.UniqueViolationError:
+        # whichever index fired first: a retry of this client_request_id that committed meanwhile
+        # (the insert waited for it) is that retry's reply, anything else a live reply
+        if client_request_id is not None:
+            found = await find_regeneration(pool, user_id, user_message["id"], client_request_id)
+            if found is not None:
+                return found
+        raise Conflict("this message's reply is still being generated; cancel it or wait for it to finish") from None
+    except asyncpg.ForeignKeyViolationError:
+        raise NotFound("message not found") from None  # deleted meanwhile
+    message = {k: v for k, v in user_message.items() if k not in ("seq", "client_request_id")}
+    return Regeneration(user_message=message, assistant_message_id=new_id, duplicate=False)
 
 
 

@@ -19,8 +19,10 @@ THREAD_COLUMNS = "id, title, created_at, updated_at"
 
 
 async def create_thread(pool: asyncpg.Pool, user_id: uuid.UUID, title: str | None) -> dict[str, Any]:
-    row = await pool.fetchrow(f"INSERT INTO threads (user_id, title) VALUES ($1, $2) RETURNING {THREAD_COLUMNS}",
-                              user_id, title)
+    # the user's row first if it is missing (a failed sign-in upsert costs nothing; see messages._TURNS)
+    row = await pool.fetchrow(f"""
+        WITH usr AS (INSERT INTO users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING)
+        INSERT INTO threads (user_id, title) VALUES ($1, $2) RETURNING {THREAD_COLUMNS}""", user_id, title)
     return dict(row)
 
 
