@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -184,6 +185,29 @@ async def read_until(resp: aiohttp.ClientResponse, marker: bytes, timeout: float
                 break
             got += chunk
     return got
+
+
+PING = b": ping\n\n"
+_PINGS = re.compile(rb"(?:^|(?<=\n\n))(?:: ping\n\n)+")
+
+
+def without_pings(raw: bytes) -> bytes:
+    """`raw` without its keep-alive blocks (whole `: ping` blocks only): each connection pings on its
+    own clock, so where they fall is timing; every other byte is still compared exactly."""
+    return _PINGS.sub(b"", raw)
+
+
+async def read_events(resp: aiohttp.ClientResponse, count: int, timeout: float = 30.0) -> list[bytes]:
+    """The next `count` SSE blocks that are not pings, each with its blank-line terminator (the
+    first block of a response starts with the `retry:` line). Fails after `timeout` rather than
+    waiting for a block that never comes."""
+    out: list[bytes] = []
+    async with asyncio.timeout(timeout):
+        while len(out) < count:
+            block = await resp.content.readuntil(b"\n\n")
+            if block != PING:
+                out.append(block)
+    return out
 
 
 def parse_events(raw: bytes) -> list[dict[str, Any]]:

@@ -24,11 +24,13 @@ from .fleet import (  # noqa: F401  (fixtures)
     gateway_env,
     gateways,
     private_redis,
+    read_events,
     redis_url,
     stepped,
+    without_pings,
 )
 from .test_chat import DONE, RETRY, row, wait_finished
-from .test_resume import complete_frames, read_blocks, stream_path, wire
+from .test_resume import complete_frames, stream_path, wire
 
 TEXTS = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "stream."]
 SWEEP_S = 1.0
@@ -53,7 +55,8 @@ async def test_sigkill_of_the_generating_instance_ends_the_remote_listener_withi
         assert accepted.status == 202
         mid = (await accepted.json())["assistant_message_id"]
         on_b = await http.get(b.url + stream_path(mid), headers=user.headers)
-        head = await read_blocks(on_b, 1 + 1 + 3)  # live from A through Redis
+        head = await read_events(on_b, 1 + 3)  # retry + metadata, 3 deltas: live from A through Redis
+        assert head[0].startswith(RETRY + f"id: {mid}:0\nevent: metadata\n".encode())
 
         async def checkpointed() -> bool:
             return (await row(db, mid))["content"] == "".join(TEXTS[:3])
@@ -61,7 +64,7 @@ async def test_sigkill_of_the_generating_instance_ends_the_remote_listener_withi
         await wait_for(checkpointed)
         a.kill()
         killed = time.monotonic()
-        tail = await asyncio.wait_for(on_b.read(), 10)
+        tail = without_pings(await asyncio.wait_for(on_b.read(), 10))
         waited = time.monotonic() - killed
         # the sweep (every SWEEP_S) finds A's lock gone; B's reader sees the row end at its next look
         assert waited < SWEEP_S + 1.0, waited
@@ -70,7 +73,7 @@ async def test_sigkill_of_the_generating_instance_ends_the_remote_listener_withi
         # what the listener got is the reply as saved: its live deltas, then the end from the row (a
         # replay's metadata differs: a swept row has no model, as gateway/store/instances.py leaves it)
         replay = await http.get(b.url + stream_path(mid), headers=user.headers)
-        assert (await replay.read()).endswith(b"".join(head[2:]) + tail)
+        assert (await replay.read()).endswith(b"".join(head[1:]) + tail)
         assert b'"finish_reason":"interrupted"' in tail and tail.endswith(DONE)
         assert await db.fetchval("SELECT count(*) FROM usage WHERE message_id = $1", uuid.UUID(mid)) == 1
     up.release()
@@ -85,19 +88,18 @@ async def test_redis_killed_and_restarted_mid_reply_loses_nothing(
         mid = (await accepted.json())["assistant_message_id"]
         on_a = await http.get(a.url + stream_path(mid), headers=user.headers)
         on_b = await http.get(b.url + stream_path(mid), headers=user.headers)
-        heads = [await read_blocks(r, 4) for r in (on_a, on_b)]
+        heads = [await read_events(r, 3) for r in (on_a, on_b)]  # retry + metadata, 2 deltas
 
         private_redis.stop()
         for gw in (a, b):
             async with http.get(gw.url + "/readyz") as ready:
                 assert (ready.status, await ready.json()) == (200, {"status": "ok", "redis": "degraded"})
         up.step(3)  # three more texts while Redis is away
-        mids = [await read_blocks(r, 3) for r in (on_a, on_b)]
+        mids = [await read_events(r, 3) for r in (on_a, on_b)]
         private_redis.start()
         up.step(6)
-        tails = [await r.read() for r in (on_a, on_b)]
+        tails = [without_pings(await r.read()) for r in (on_a, on_b)]
         saved = await wait_finished(db, mid)
         expected = wire(complete_frames(saved, TEXTS))
         for head, middle, tail in zip(heads, mids, tails, strict=True):
-            assert b"".join(head + middle) + tail == expected
-        assert heads[0][0] == RETRY
+            assert b"".join(head + middle) + tail == expected  # on each: the retry line once, on the metadata

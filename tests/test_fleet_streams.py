@@ -21,7 +21,16 @@ from gateway.fleet.wire import stream_key
 from gateway.state import GENERATIONS, REDIS, REMOTE
 
 from .conftest import MakeClient, User, wait_for
-from .fleet import RedisServer, SteppedUpstream, private_redis, redis_url, stepped  # noqa: F401  (fixtures)
+from .fleet import (  # noqa: F401  (fixtures)
+    PING,
+    RedisServer,
+    SteppedUpstream,
+    private_redis,
+    read_events,
+    redis_url,
+    stepped,
+    without_pings,
+)
 from .test_arena import demo_models_toml, unique
 from .test_chat import DONE, RETRY, row, wait_finished
 from .test_resume import accept, complete_frames, read_blocks, stream_path, wire
@@ -42,27 +51,28 @@ async def test_reply_generating_on_a_streams_live_from_b_byte_identical_through_
     mid = (await accept(a, user, "tell me"))["assistant_message_id"]
     on_a = await a.get(stream_path(mid), headers=user.headers)
     on_b = [await b.get(stream_path(mid), headers=user.headers) for _ in range(3)]
-    # while A is still generating, every B listener has the head and the three deltas
-    heads = [await read_blocks(r, 1 + 1 + 3) for r in on_b]
+    # while A is still generating, every B listener has the head (retry line + metadata) and the three deltas
+    heads = [await read_events(r, 1 + 3) for r in on_b]
     assert (await row(db, mid))["status"] == "streaming"
-    assert heads[0] == heads[1] == heads[2] and heads[0][0] == RETRY
+    assert heads[0] == heads[1] == heads[2]
+    assert heads[0][0].startswith(RETRY + f"id: {mid}:0\nevent: metadata\n".encode())
     # one reader on B for the message, whatever the number of its listeners
     feeds = b.app[REMOTE].feeds
     assert list(feeds) == [uuid.UUID(mid)] and feeds[uuid.UUID(mid)].listeners == 3
     assert b.app[GENERATIONS].get(uuid.UUID(mid)) is None
-    # a reconnect to B from Last-Event-ID gets exactly the events after it, live
+    # a reconnect to B from Last-Event-ID gets exactly the events after it, live, the retry line on the first
     resumed = await b.get(stream_path(mid), headers={**user.headers, "Last-Event-ID": f"{mid}:1"})
-    assert await read_blocks(resumed, 3) == [RETRY, heads[0][3], heads[0][4]]
+    assert await read_events(resumed, 2) == [RETRY + heads[0][2], heads[0][3]]
     assert feeds[uuid.UUID(mid)].listeners == 4
 
     up.release()
-    body_a = await on_a.read()
+    body_a = without_pings(await on_a.read())
     saved = await wait_finished(db, mid)
     frames = complete_frames(saved, TEXTS)
     assert body_a == wire(frames)
     for head, resp in zip(heads, on_b, strict=True):
-        assert b"".join(head) + await resp.read() == body_a
-    assert await resumed.read() == b"".join(frames[4:]) + DONE
+        assert b"".join(head) + without_pings(await resp.read()) == body_a
+    assert without_pings(await resumed.read()) == b"".join(frames[4:]) + DONE
     await wait_for(lambda: _async(not feeds))  # the reader went with its last listener
 
     # the stream holds every event, seq in the entry and in its id, and expires (10 min after the finish)
@@ -95,11 +105,35 @@ async def test_without_redis_b_pings_while_the_reply_is_live_then_replays_it(ste
     mid = (await accept(a, user, "no redis"))["assistant_message_id"]
     on_b = await b.get(stream_path(mid), headers=user.headers)
     assert on_b.status == 200
-    assert await read_blocks(on_b, 2) == [RETRY, b": ping\n\n"]  # waiting, and saying so
+    # waiting, and saying so: pings, without the retry line (it waits for the first event's block)
+    assert await read_blocks(on_b, 2) == [PING, PING]
     up.release()
     body = await on_b.read()
     saved = await wait_finished(db, mid)
-    assert RETRY + body.replace(b": ping\n\n", b"") == wire(complete_frames(saved, TEXTS))
+    assert without_pings(body) == wire(complete_frames(saved, TEXTS))  # the retry line once, on the metadata
+
+
+async def test_b_pinging_before_the_first_event_keeps_the_retry_line_for_it_also_when_resumed(
+        stepped, make_client, redis_url, user, db):
+    """Pings that go out on B before any event leave the retry line pending: it opens the first
+    event's block, once, on a listener from the start and on one resumed from Last-Event-ID."""
+    up = await stepped(TEXTS, holds=(0, 2))  # silent at first; then the role chunk and one text, held again
+    a, b = await pair(make_client, up, REDIS_URL=redis_url, SSE_PING_S="0.05")
+    mid = (await accept(a, user, "slow start"))["assistant_message_id"]
+    fresh = await b.get(stream_path(mid), headers=user.headers)
+    assert await read_blocks(fresh, 2) == [PING, PING]  # no event yet (no metadata before the upstream answers)
+    up.step(0)
+    head = await read_events(fresh, 2)  # retry + metadata, delta 1
+    assert head[0].startswith(RETRY + f"id: {mid}:0\nevent: metadata\n".encode())
+    resumed = await b.get(stream_path(mid), headers={**user.headers, "Last-Event-ID": f"{mid}:1"})
+    assert await read_blocks(resumed, 2) == [PING, PING]  # nothing after seq 1 yet
+    up.release()
+    rest, resumed_body = without_pings(await fresh.read()), await resumed.read()
+    saved = await wait_finished(db, mid)
+    frames = complete_frames(saved, TEXTS)
+    assert b"".join(head) + rest == wire(frames)
+    assert without_pings(resumed_body) == RETRY + b"".join(frames[2:]) + DONE
+    assert b.app[GENERATIONS].get(uuid.UUID(mid)) is None  # followed from A, not generated on B
 
 
 async def test_redis_stopped_mid_stream_b_follows_the_checkpoints_and_a_is_unaffected(
@@ -109,14 +143,14 @@ async def test_redis_stopped_mid_stream_b_follows_the_checkpoints_and_a_is_unaff
     mid = (await accept(a, user, "redis goes"))["assistant_message_id"]
     on_a = await a.get(stream_path(mid), headers=user.headers)
     on_b = await b.get(stream_path(mid), headers=user.headers)
-    head_a, head_b = await read_blocks(on_a, 4), await read_blocks(on_b, 4)  # retry, metadata, 2 deltas
+    head_a, head_b = await read_events(on_a, 3), await read_events(on_b, 3)  # retry + metadata, 2 deltas
     assert head_a == head_b
 
     private_redis.stop()
     ready = await b.get("/readyz")
     assert (ready.status, await ready.json()) == (200, {"status": "ok", "redis": "degraded"})
     up.step(3)  # texts 3..5 go out while Redis is away: A streams them, B reads them from the checkpoints
-    more_a, more_b = await read_blocks(on_a, 3), await read_blocks(on_b, 3)
+    more_a, more_b = await read_events(on_a, 3), await read_events(on_b, 3)
     assert more_a == more_b
     assert (await row(db, mid))["status"] == "streaming"
 
@@ -124,7 +158,7 @@ async def test_redis_stopped_mid_stream_b_follows_the_checkpoints_and_a_is_unaff
     ready = await b.get("/readyz")
     assert (ready.status, await ready.json()) == (200, {"status": "ok", "redis": "ok"})
     up.step(6)
-    rest_a, rest_b = await on_a.read(), await on_b.read()
+    rest_a, rest_b = without_pings(await on_a.read()), without_pings(await on_b.read())
     saved = await wait_finished(db, mid)
     expected = wire(complete_frames(saved, TEXTS))
     assert b"".join(head_a + more_a) + rest_a == expected
@@ -140,10 +174,10 @@ async def test_reply_finishing_while_redis_is_away_ends_on_b_from_the_row(
     a, b = await pair(make_client, up, REDIS_URL=private_redis.url)
     mid = (await accept(a, user, "finish without redis"))["assistant_message_id"]
     on_b = await b.get(stream_path(mid), headers=user.headers)
-    head = await read_blocks(on_b, 4)
+    head = await read_events(on_b, 3)  # retry + metadata, 2 deltas
     private_redis.stop()
     up.release()
-    rest = await on_b.read()
+    rest = without_pings(await on_b.read())
     saved = await wait_finished(db, mid)
     assert b"".join(head) + rest == wire(complete_frames(saved, TEXTS))
 
@@ -153,7 +187,7 @@ async def test_cancel_on_b_stops_the_reply_generating_on_a(stepped, make_client,
     a, b = await pair(make_client, up, REDIS_URL=redis_url)
     mid = (await accept(a, user, "stop it"))["assistant_message_id"]
     on_b = await b.get(stream_path(mid), headers=user.headers)
-    await read_blocks(on_b, 4)
+    await read_events(on_b, 3)  # retry + metadata, 2 deltas: A is generating
     async with asyncio.timeout(10):
         resp = await b.post(f"/api/messages/{mid}/cancel", headers=user.headers)
         answer = await resp.json()
@@ -188,14 +222,16 @@ async def test_arena_comparison_followed_from_b_gets_each_slots_events_as_a_does
     cid = (await resp.json())["comparison_id"]
     on_a = await a.get(f"/api/comparisons/{cid}/stream", headers=user.headers)
     on_b = await b.get(f"/api/comparisons/{cid}/stream", headers=user.headers)
-    first_b = await read_blocks(on_b, 2)  # retry, and a first event while both slots still generate
+    first_b = await read_events(on_b, 2)  # retry + a first metadata, and another event while both slots generate
     statuses = await db.fetch("SELECT status FROM messages WHERE id IN "
                               "(SELECT unnest(ARRAY[message_a, message_b]) FROM comparisons WHERE id = $1)",
                               uuid.UUID(cid))
     assert "streaming" in {r["status"] for r in statuses}
     body_a, body_b = await on_a.read(), b"".join(first_b) + await on_b.read()
     assert per_slot(body_a) == per_slot(body_b) and len(per_slot(body_a)["a"]) == 1 + 10 + 2
-    assert body_a.endswith(DONE) and body_b.endswith(DONE)
+    for body in (body_a, body_b):  # the retry line once, at the start of the first event's block
+        assert without_pings(body).startswith(RETRY + b"id: ") and body.count(b"retry: ") == 1
+        assert body.endswith(DONE)
 
 
 def per_slot(raw: bytes) -> dict[str, list[bytes]]:

@@ -18,9 +18,9 @@ from aiohttp.test_utils import TestClient
 from gateway.state import GENERATIONS, REMOTE
 
 from .conftest import MakeClient, User
-from .fleet import Nginx, SteppedUpstream, redis_url, stepped  # noqa: F401  (fixtures)
+from .fleet import Nginx, SteppedUpstream, read_events, redis_url, stepped, without_pings  # noqa: F401  (fixtures)
 from .test_chat import DONE, RETRY, wait_finished
-from .test_resume import complete_frames, read_blocks, wire
+from .test_resume import complete_frames, wire
 
 TEXTS = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "stream."]
 
@@ -58,12 +58,12 @@ async def test_streamed_reply_arrives_chunk_by_chunk_through_nginx(fleet: Fleet,
                                  headers=user.headers)
     assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
     # the upstream holds after two texts: what nginx passed on so far is the head and both deltas
-    head = await read_blocks(resp, 1 + 1 + 2)
-    assert head[0] == RETRY and head[1].startswith(b"id: ") and b"event: metadata" in head[1]
-    mid = head[1].split(b"\n")[0][4:].decode().rsplit(":", 1)[0]
+    head = await read_events(resp, 1 + 2)  # retry + metadata, 2 deltas
+    assert head[0].startswith(RETRY + b"id: ") and head[0].split(b"\n")[2] == b"event: metadata"
+    mid = head[0].split(b"\n")[1][4:].decode().rsplit(":", 1)[0]
     assert (await db.fetchval("SELECT status FROM messages WHERE id = $1", uuid.UUID(mid))) == "streaming"
     fleet.up.release()
-    rest = await resp.read()
+    rest = without_pings(await resp.read())
     saved = await wait_finished(db, mid)
     assert b"".join(head) + rest == wire(complete_frames(saved, TEXTS))
 
@@ -81,11 +81,11 @@ async def test_eventsource_reconnect_landing_on_the_other_instance_resumes_live_
     # sends the two reconnects to different instances, so one of them is served by the one not generating
     resumed = [await fleet.http.get(fleet.nginx.url + stream_url, headers={"Last-Event-ID": f"{mid}:1"})
                for _ in range(2)]
-    heads = [await read_blocks(r, 2) for r in resumed]  # retry, and delta 2 while the reply is held
-    assert heads[0] == heads[1] and heads[0][0] == RETRY and heads[0][1].startswith(f"id: {mid}:2\n".encode())
+    heads = [await read_events(r, 1) for r in resumed]  # retry + delta 2, while the reply is held
+    assert heads[0] == heads[1] and heads[0][0].startswith(RETRY + f"id: {mid}:2\n".encode())
     assert other.app[REMOTE].feeds[uuid.UUID(mid)].listeners == 1
     fleet.up.release()
-    tails = [await r.read() for r in resumed]
+    tails = [without_pings(await r.read()) for r in resumed]
     saved = await wait_finished(db, mid)
     expected = RETRY + b"".join(complete_frames(saved, TEXTS)[2:]) + DONE
     assert [b"".join(h) + t for h, t in zip(heads, tails, strict=True)] == [expected, expected]
