@@ -117,9 +117,12 @@ class EventLog:
 
 def metadata_json(*, thread_id: uuid.UUID, user_message_id: uuid.UUID, message_id: uuid.UUID,
                   model: str | None, provider: str | None, category: str | None, auto: bool,
-                  fallback_from: str | None) -> dict[str, Any]:
-    return {"thread_id": thread_id, "user_message_id": user_message_id, "message_id": message_id, "model": model,
+                  fallback_from: str | None, selected: str | None = None) -> dict[str, Any]:
+    data = {"thread_id": thread_id, "user_message_id": user_message_id, "message_id": message_id, "model": model,
             "provider": provider, "category": category, "auto": auto, "fallback_from": fallback_from}
+    if selected is not None:  # how the model was chosen when the client did not name it: "random"
+        data["selected"] = selected
+    return data
 
 
 def usage_json(prompt_tokens: int, completion_tokens: int, estimated: bool) -> dict[str, Any]:

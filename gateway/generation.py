@@ -191,7 +191,7 @@ class Generation:
             model, provider, fallback_from = used.name, used.provider, self.chain.fallback_from
         return metadata_json(thread_id=spec.thread_id, user_message_id=spec.user_message_id,
                              message_id=spec.message_id, model=model, provider=provider, category=spec.category,
-                             auto=spec.auto, fallback_from=fallback_from)
+                             auto=spec.auto, fallback_from=fallback_from, selected=spec.extra_metadata.get("selected"))
 
     async def _finish(self, usage: UsageReport | None, finish_reason: str, error: ProviderError | None) -> None:
         spec, maker = self.spec, self._maker

@@ -27,7 +27,7 @@ def replay_events(message: dict[str, Any], after: int = -1) -> list[Event]:
         thread_id=message["thread_id"], user_message_id=message["reply_to"], message_id=message["id"],
         model=None if anonymous else message["model"], provider=None if anonymous else message["provider"],
         category=meta.get("category"), auto=meta.get("auto", False),
-        fallback_from=None if anonymous else meta.get("fallback_from")))]
+        fallback_from=None if anonymous else meta.get("fallback_from"), selected=meta.get("selected")))]
     content, pos = message["content"], 0
     for length in meta.get("chunks", [len(content)] if content else []):
         events.append(maker.delta(len(events), content[pos:pos + length]))

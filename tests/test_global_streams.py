@@ -246,3 +246,19 @@ async def test_an_arena_turn_takes_a_lease_per_slot(make_client, config_file, up
     assert parse_sse(text)[-1].data == "[DONE]"
     assert await counters(db, user) == {f"u:{user.id}": 0}
     assert orjson.loads(parse_sse(text)[0].data)["slot"] in ("a", "b")
+
+
+async def test_api_me_counts_the_streams_running_on_every_instance(make_client, config_file, upstream, user, db):
+    """/api/me's active_streams is the number the cap holds: a reply running on a counts on b too."""
+    a, b = await app_pair(make_client, config_file, upstream, cap=2)
+    reply, release = held_reply()
+    upstream.queue(reply)
+    assert (await chat(a, user))[0] == 202
+    await wait_for(lambda: _holds_one(db, user))
+    for client in (a, b):
+        me = await (await client.get("/api/me", headers=user.headers)).json()
+        assert me["today"]["active_streams"] == 1
+    release.set()
+    await wait_for(lambda: finished(db, user, 1))
+    me = await (await b.get("/api/me", headers=user.headers)).json()
+    assert me["today"]["active_streams"] == 0

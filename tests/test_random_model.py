@@ -70,8 +70,12 @@ async def test_chat_with_model_random_names_the_drawn_model_and_says_it_was_rand
     models.circuits.failure("demo")  # only "light" can be drawn
     status, events, meta = await chat(client, user)
     assert status == 200
-    assert (meta["model"], meta["provider"], meta["auto"], meta["fallback_from"]) == ("light", "local", False, None)
+    assert (meta["model"], meta["provider"], meta["auto"], meta["fallback_from"], meta["selected"]) == (
+        "light", "local", False, None, "random")
     assert [e.event for e in events][-3:] == ["usage", "done", "message"]
+    # the replay from the row says the same
+    replay = await client.get(f"/api/messages/{meta['message_id']}/stream", headers=user.headers)
+    assert orjson.loads(parse_sse(await replay.read())[0].data) == meta
     row = await db.fetchrow("SELECT status, model, metadata FROM messages WHERE id = $1 AND user_id = $2",
                             uuid.UUID(meta["message_id"]), user.id)
     assert (row["status"], row["model"], row["metadata"]["selected"]) == ("complete", "light", "random")
@@ -80,7 +84,7 @@ async def test_chat_with_model_random_names_the_drawn_model_and_says_it_was_rand
 async def test_chat_with_a_named_model_says_nothing_about_random(make_client, config_file, user, db):
     client = await make_client(GATEWAY_CONFIG=config_file(TWO_WEIGHTED))
     status, _events, meta = await chat(client, user, "heavy")
-    assert status == 200 and meta["model"] == "heavy"
+    assert status == 200 and meta["model"] == "heavy" and "selected" not in meta
     row = await db.fetchrow("SELECT metadata FROM messages WHERE id = $1", uuid.UUID(meta["message_id"]))
     assert "selected" not in row["metadata"]
 
@@ -131,3 +135,15 @@ async def test_a_model_declared_as_random_is_that_model(make_client, config_file
     assert status == 200 and meta["model"] == "random"
     row = await db.fetchrow("SELECT metadata FROM messages WHERE id = $1", uuid.UUID(meta["message_id"]))
     assert "selected" not in row["metadata"]
+
+
+async def test_a_disabled_model_named_by_a_client_is_unknown_and_nothing_is_saved(make_client, config_file, user, db):
+    """`enabled = false` takes a model out of service: named on a chat door it is a 400 like any
+    unknown model on the native route (404 model_not_found on the OpenAI one), and no row is written."""
+    client = await make_client(GATEWAY_CONFIG=config_file(TWO_WEIGHTED))
+    status, _events, body = await chat(client, user, "off")
+    assert status == 400 and "off" in body["error"]["message"]
+    resp = await client.post("/v1/chat/completions", headers=user.headers,
+                             json={"model": "off", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"  # as OpenAI answers
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 0

@@ -83,3 +83,32 @@ async def test_workers_without_redis_warn_at_start(tmp_path, database_url, gatew
     await gw.ready()
     await wait_children(gw.proc.pid, 2)
     assert "--workers 2 without REDIS_URL" in gw.output()
+
+
+async def test_workers_without_database_url_share_one_embedded_postgresql(tmp_path, gateways):
+    """The default install's path: no DATABASE_URL, so the parent starts the embedded PostgreSQL once
+    and both workers use it; the first start's admin key (made once, whichever worker migrates
+    first) serves turns on either; SIGTERM drains the workers and stops the database."""
+    env = gateway_env("", BOOTSTRAP_ADMIN_KEY="true", LOG_LEVEL="INFO", DEMO_DELAY_MS="0")
+    del env["DATABASE_URL"]
+    gw = GatewayProcess(tmp_path / "gw", env, "--workers", "2")
+    gateways.append(gw)
+    await gw.ready(timeout=90)
+    await wait_children(gw.proc.pid, 2)
+    out = gw.output()
+    assert out.count("embedded PostgreSQL running under") == 1
+    assert out.count("gateway on http://127.0.0.1:") == 2
+    keys = [line.strip() for line in out.splitlines() if line.startswith("    gwk_")]
+    assert len(keys) == 1, out  # one admin key for the one database
+    pidfile = tmp_path / "gw" / "data" / "pgdata" / "postmaster.pid"
+    assert pidfile.exists()
+    headers = {"Authorization": f"Bearer {keys[0]}"}
+    async with aiohttp.ClientSession() as session:
+        for i in range(12):  # fresh connections: the kernel spreads them over both workers' sockets
+            async with session.post(gw.url + "/api/chat", headers={**headers, "Connection": "close"},
+                                    json={"content": f"turn {i}"}) as resp:
+                assert resp.status == 202, await resp.text()
+        async with session.get(gw.url + "/api/threads?limit=50", headers=headers) as resp:
+            assert len((await resp.json())["threads"]) == 12
+    assert gw.stop() == 0
+    assert not pidfile.exists()  # the parent stopped the embedded server it started

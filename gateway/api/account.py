@@ -23,6 +23,9 @@ async def me(request: web.Request) -> web.Response:
     used = await usage_store.day_totals(request.app[DB].pool, principal.user_id, today)
     caps = [c for c in (limits.user_daily, limits.key_daily if principal.api_key_id else None) if c]
     remaining = max(0, min(caps) - used["tokens"] - used["reserved"]) if caps else None
+    # with a stream cap, the fleet-wide count the cap holds (policy.py); else this process's
+    streams = (await usage_store.streams_running(request.app[DB].pool, principal.user_id) if limits.max_concurrent
+               else request.app[POLICY].active_streams(principal.user_id))
     return json_response({
         "user": {"id": principal.user_id, "email": principal.email},
         "key": {"id": principal.api_key_id, "scopes": sorted(principal.scopes)} if principal.api_key_id else None,
@@ -30,7 +33,7 @@ async def me(request: web.Request) -> web.Response:
                    "daily_tokens": limits.user_daily, "key_daily_tokens": limits.key_daily,
                    "max_concurrent_streams": limits.max_concurrent, "max_tokens": limits.max_tokens,
                    "models": sorted(limits.models) if limits.models is not None else None},
-        "today": {"day": today, **used, "active_streams": request.app[POLICY].active_streams(principal.user_id)},
+        "today": {"day": today, **used, "active_streams": streams},
         "remaining": {"daily_tokens": remaining},
     })
 

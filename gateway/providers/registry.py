@@ -52,10 +52,11 @@ class ModelRegistry:
         return name in self.models or name == RANDOM
 
     def chat_model(self, name: str) -> bool:
-        """What the chat front doors accept: a configured model that chats (not an embedding model),
-        or `random` (drawn by `draw_one` among those)."""
+        """What the chat front doors accept: a configured, enabled model that chats (not an embedding
+        model), or `random` (drawn by `draw_one` among those). A disabled model is as unknown to a
+        client as to /v1/models: `enabled = false` takes it out of service."""
         model = self.models.get(name)
-        return model.kind == "chat" if model is not None else name == RANDOM
+        return model.enabled and model.kind == "chat" if model is not None else name == RANDOM
 
     def chain(self, name: str) -> list[ModelConfig]:
         """The model, then its fallbacks in order (each once, disabled ones skipped); a model with

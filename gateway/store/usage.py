@@ -147,6 +147,14 @@ async def day_totals(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> DayTo
                      cost_usd=row["cost_usd"])
 
 
+async def streams_running(pool: asyncpg.Pool, user_id: uuid.UUID) -> int:
+    """The user's streams running now on every instance, as the stream cap counts them (stream_counts
+    holds a row only for subjects whose cap is configured)."""
+    streams: int | None = await pool.fetchval("SELECT streams FROM stream_counts WHERE subject = $1",
+                                              f"u:{user_id}")
+    return streams or 0
+
+
 HIDDEN_MODEL = "(anonymous arena reply, vote pending)"
 _REPORT = {
     # the two groupings differ only in their key; both read the usage rows of the range. By
