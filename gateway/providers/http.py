@@ -29,6 +29,7 @@ import asyncio
 import ssl
 import zlib
 from collections.abc import Mapping
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -68,7 +69,7 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = ("_pool", "_loop", "_transport", "_parser", "_chunks", "_buffered", "_paused", "_waiter",
-                 "_error", "_head", "_done", "_got", "_last", "_idle_s", "_timer", "_drain", "_inflate",
+                 "_error", "_head", "_done", "_keep", "_got", "_last", "_idle_s", "_timer", "_drain", "_inflate",
                  "status", "headers")
 
     def __init__(self, pool: Upstream, loop: asyncio.AbstractEventLoop) -> None:
@@ -83,6 +84,7 @@ class Connection(asyncio.Protocol):
         self._error: Exception | None = None
         self._head = False  # the answer's status line and headers are in
         self._done = False  # ... and its body's end
+        self._keep = False  # ... and the connection may carry the next request (read at the end: llhttp forgets)
         self._got = False  # any byte of the answer arrived
         self._last = 0.0  # loop time of the last byte (or of the request)
         self._idle_s = 0.0
@@ -95,8 +97,7 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
 
     def data_received(self, data: bytes) -> None:
         if self._parser is None:  # an idle connection has nothing to say: its framing is lost
@@ -174,7 +175,9 @@ class Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        assert self._parser is not None
         self._done = True
+        self._keep = self._parser.should_keep_alive()
         if self._drain >= 0:
             self._release()
 
@@ -294,13 +297,13 @@ class Connection(asyncio.Protocol):
     def _release(self) -> None:
         parser = self._parser
         self._cancel_timer()
-        if parser is None or self._transport is None or not parser.should_keep_alive() or self._error is not None:
+        if parser is None or self._transport is None or not self._keep or self._error is not None:
             self.close()
             return
         self._parser = None
         self._chunks = []
         self._buffered = 0
-        self._head = self._done = self._got = False
+        self._head = self._done = self._keep = self._got = False
         self._drain = -1
         self._inflate = None
         self.status = 0
