@@ -110,7 +110,7 @@ async def profile(a: argparse.Namespace) -> None:
     print(f"{n} held streams: {sum(groups.values()) / n / 1024:.1f} KB per stream of Python allocations")
     for name, size in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {size / n / 1024:6.1f} KB  {name}")
-    for name in ("gateway (this project)", "aiohttp"):
+    for name in ("gateway (this project)", "aiohttp", "asyncio", "other"):
         print(f"top lines, {name}:")
         for st in [s for s in lines if group_of(s.traceback[0].filename) == name][:a.top]:
             frame = st.traceback[0]

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from .. import tracing
 from ..config import ModelConfig
 from .base import NO_OBSERVER, Batch, ChainObserver, ChatRequest, ProviderError, UpstreamTimeout
+from .deadlines import Timeout
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class Chain:
             batches = 0  # a local count, not an observer call: nothing is reported per chunk
             try:
                 yield first
-                async with asyncio.timeout_at(deadline):
+                async with Timeout(deadline):  # a shared coarse timer: a held stream keeps no timer of its own
                     async for event in events:
                         batches += 1
                         yield event

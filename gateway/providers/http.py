@@ -16,10 +16,11 @@ Failures are the provider errors the chain understands:
     malformed status line, headers or chunks    UpstreamConnectionError
     a compressed body we cannot decode          UpstreamProtocolError
 
-The idle timer is lazy: one timer per waiting read, armed at the last byte's time plus the idle
-timeout and re-armed from there when bytes came meanwhile, so a chunk costs a clock read, not a
-timer. A reused connection the upstream closed before it answered (a stale keep-alive) is
-retried once on a new one: the upstream never saw that request. No proxy: the aiohttp session
+The idle check is lazy and shared: a waiting read puts one entry on the loop's coarse deadline
+slots (providers/deadlines.py) at the last byte's time plus the idle timeout, re-armed from
+there when bytes came meanwhile, so a chunk costs a clock read, not a timer. A reused
+connection the upstream closed before it answered (a stale keep-alive) is retried once on a
+new one: the upstream never saw that request. No proxy: the aiohttp session
 this replaces never read the proxy environment either (trust_env off).
 """
 
@@ -35,6 +36,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from .base import UpstreamConnectionError, UpstreamProtocolError, UpstreamTimeout
+from .deadlines import deadlines
 
 # unread body bytes past which the socket stops being read, until the reader catches up
 HIGH_WATER = 1 << 18
@@ -69,8 +71,8 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = ("_pool", "_loop", "_transport", "_parser", "_chunks", "_buffered", "_paused", "_waiter",
-                 "_error", "_head", "_done", "_keep", "_got", "_last", "_idle_s", "_timer", "_drain", "_inflate",
-                 "status", "headers")
+                 "_error", "_head", "_done", "_keep", "_got", "_last", "_idle_s", "_slots", "_slot", "_timer",
+                 "_drain", "_inflate", "status", "headers")
 
     def __init__(self, pool: Upstream, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
@@ -88,7 +90,9 @@ class Connection(asyncio.Protocol):
         self._got = False  # any byte of the answer arrived
         self._last = 0.0  # loop time of the last byte (or of the request)
         self._idle_s = 0.0
-        self._timer: asyncio.TimerHandle | None = None  # the idle timer, or the keep-alive/drain timer
+        self._slots = deadlines()
+        self._slot = 0  # the idle check's slot while one is armed
+        self._timer: asyncio.TimerHandle | None = None  # the keep-alive or drain timer
         self._drain = -1  # >= 0: the caller is done, the rest of the body (at most this much) is dropped
         self._inflate: zlib._Decompress | None = None
         self.status = 0
@@ -129,6 +133,7 @@ class Connection(asyncio.Protocol):
             self._error = failed("the upstream closed the connection before the answer's end")
         if self._drain >= 0:
             self._cancel_timer()
+        self._cancel_idle()
         self._wake()
 
     def pause_writing(self) -> None:  # requests are small: nothing waits on the write buffer
@@ -187,6 +192,7 @@ class Connection(asyncio.Protocol):
         """Start an answer: write the request and parse what comes back."""
         assert self._transport is not None
         self._cancel_timer()  # the keep-alive timer of an idle connection
+        self._slots = deadlines()  # the running loop's (a pooled connection outlives no loop, but be exact)
         self._parser = httptools.HttpResponseParser(self)
         self._idle_s = idle_s
         self._last = self._loop.time()
@@ -199,6 +205,16 @@ class Connection(asyncio.Protocol):
             if self._done:  # closed before a status line
                 raise failed("the upstream closed the connection without an answer")
             await self._wait()
+
+    async def _wait(self) -> None:
+        # read() has this inline: a held stream waits there, one frame fewer
+        waiter = self._waiter = self._loop.create_future()
+        if not self._slot:
+            self._slot = self._slots.at(self._last + self._idle_s, self, self._idle_check)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     async def read(self) -> bytes:
         """The body's next bytes (everything that arrived since the last read), b"" at its end."""
@@ -220,7 +236,13 @@ class Connection(asyncio.Protocol):
                     if rest:
                         return rest
                 return b""
-            await self._wait()
+            waiter = self._waiter = self._loop.create_future()
+            if not self._slot:
+                self._slot = self._slots.at(self._last + self._idle_s, self, self._idle_check)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
     async def read_at_most(self, limit: int) -> bytes:
         """The body's first `limit` bytes (all of it when shorter)."""
@@ -241,7 +263,7 @@ class Connection(asyncio.Protocol):
         elif self._done:
             self._release()
         else:
-            self._cancel_timer()  # a lazy idle timer still pending
+            self._cancel_idle()  # a lazy idle check still pending
             self._drain = DRAIN_BYTES
             if self._paused:
                 self._paused = False
@@ -250,6 +272,7 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._cancel_timer()
+        self._cancel_idle()
         self._parser = None
         self._pool.forget(self)
         if self._transport is not None:
@@ -258,22 +281,13 @@ class Connection(asyncio.Protocol):
 
     # -- internals -------------------------------------------------------------------------------
 
-    async def _wait(self) -> None:
-        waiter = self._waiter = self._loop.create_future()
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._last + self._idle_s, self._idle_check)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
     def _idle_check(self) -> None:
-        self._timer = None
+        self._slot = 0
         if self._waiter is None or self._waiter.done():
-            return  # not waiting: the next wait arms the timer again
+            return  # not waiting: the next wait arms the check again
         due = self._last + self._idle_s
         if self._loop.time() < due:  # bytes came meanwhile
-            self._timer = self._loop.call_at(due, self._idle_check)
+            self._slot = self._slots.at(due, self, self._idle_check)
             return
         self._error = UpstreamTimeout("idle")
         self.close()
@@ -289,6 +303,11 @@ class Connection(asyncio.Protocol):
             self._error = error
         self.close()
 
+    def _cancel_idle(self) -> None:
+        if self._slot:
+            self._slots.cancel(self._slot, self)
+            self._slot = 0
+
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -297,6 +316,7 @@ class Connection(asyncio.Protocol):
     def _release(self) -> None:
         parser = self._parser
         self._cancel_timer()
+        self._cancel_idle()
         if parser is None or self._transport is None or not self._keep or self._error is not None:
             self.close()
             return
