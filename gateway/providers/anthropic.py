@@ -82,7 +82,13 @@ class AnthropicProvider:
                 finished = True
                 raise error
             decoder = SSEDecoder()
-            while chunk := await conn.read():
+            while True:
+                chunk = conn.take()
+                if chunk is None:
+                    await conn.readable()  # a bare future: a held stream keeps no read frame
+                    continue
+                if not chunk:
+                    break
                 batch: Batch = []
                 for event in decoder.feed(chunk):
                     try:

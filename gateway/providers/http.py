@@ -204,45 +204,43 @@ class Connection(asyncio.Protocol):
                 raise self._error
             if self._done:  # closed before a status line
                 raise failed("the upstream closed the connection without an answer")
-            await self._wait()
+            await self.readable()
 
-    async def _wait(self) -> None:
-        # read() has this inline: a held stream waits there, one frame fewer
+    def take(self) -> bytes | None:
+        """The body bytes that arrived since the last take, b"" at the body's end, or None when
+        nothing has yet (then `await conn.readable()`). Raises the connection's failure."""
+        if self._chunks:
+            chunks = self._chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._chunks = []
+            self._buffered = 0
+            if self._paused and self._transport is not None:
+                self._paused = False
+                self._transport.resume_reading()
+            return data
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            if self._inflate is not None:
+                rest, self._inflate = self._inflate.flush(), None
+                if rest:
+                    return rest
+            return b""
+        return None
+
+    def readable(self) -> asyncio.Future[None]:
+        """A future done once `take()` has something to say (bytes, the end or a failure).
+        Awaited bare, it costs a held stream no coroutine frame; the idle check is armed."""
         waiter = self._waiter = self._loop.create_future()
         if not self._slot:
             self._slot = self._slots.at(self._last + self._idle_s, self, self._idle_check)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        return waiter
 
     async def read(self) -> bytes:
-        """The body's next bytes (everything that arrived since the last read), b"" at its end."""
-        while True:
-            if self._chunks:
-                chunks = self._chunks
-                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self._chunks = []
-                self._buffered = 0
-                if self._paused and self._transport is not None:
-                    self._paused = False
-                    self._transport.resume_reading()
-                return data
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                if self._inflate is not None:
-                    rest, self._inflate = self._inflate.flush(), None
-                    if rest:
-                        return rest
-                return b""
-            waiter = self._waiter = self._loop.create_future()
-            if not self._slot:
-                self._slot = self._slots.at(self._last + self._idle_s, self, self._idle_check)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+        """The body's next bytes, b"" at its end."""
+        while (data := self.take()) is None:
+            await self.readable()
+        return data
 
     async def read_at_most(self, limit: int) -> bytes:
         """The body's first `limit` bytes (all of it when shorter)."""
@@ -321,6 +319,7 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         self._parser = None
+        self._waiter = None
         self._chunks = []
         self._buffered = 0
         self._head = self._done = self._keep = self._got = False
