@@ -34,8 +34,8 @@ NUL = normalise.NUL
 ERROR_BODY_BYTES = 1 << 16  # of a non-2xx body: enough for any error message, bounded against a hostile one
 
 
-def retry_after_seconds(raw: str | None) -> float | None:
-    """A Retry-After header's seconds (None when absent or an HTTP date)."""
+def retry_after_seconds(headers: Any) -> float | None:
+    raw = headers.get("Retry-After")
     try:
         return max(0.0, float(raw)) if raw is not None else None
     except ValueError:
@@ -47,7 +47,7 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
     if resp.status < 300:
         return
     body = await read_at_most(resp, ERROR_BODY_BYTES)
-    raise http_error(resp.status, body, resp.headers.get("Retry-After"))
+    raise http_error(resp.status, body, resp.headers)
 
 
 async def answer_error(conn: Connection) -> UpstreamHTTPError:
@@ -56,10 +56,11 @@ async def answer_error(conn: Connection) -> UpstreamHTTPError:
     body = await conn.read_at_most(ERROR_BODY_BYTES)
     status, retry_after = conn.status, conn.headers.get("retry-after")
     conn.finish()
-    return http_error(status, body, retry_after)
+    return http_error(status, body, {"Retry-After": retry_after})
 
 
-def http_error(status: int, body: bytes, retry_after: str | None) -> UpstreamHTTPError:
+def http_error(status: int, body: bytes, headers: Any) -> UpstreamHTTPError:
+    """A non-2xx answer as an `UpstreamHTTPError`, from its error body and its Retry-After."""
     message = f"upstream answered {status}"
     detail: dict[str, Any] = {}
     try:
@@ -73,7 +74,7 @@ def http_error(status: int, body: bytes, retry_after: str | None) -> UpstreamHTT
     except (orjson.JSONDecodeError, AttributeError):
         pass
     return UpstreamHTTPError(normalise.clean(message[:500]), status=status,
-                             retry_after=retry_after_seconds(retry_after), blames=blames(detail))
+                             retry_after=retry_after_seconds(headers), blames=blames(detail))
 
 
 # What a 4xx error body says is at fault, read from its `param`, `code`, `type` and message:
