@@ -44,8 +44,6 @@ MAX_IDLE = 16  # keep-alive connections kept per origin
 KEEPALIVE_S = 30.0  # an idle connection is closed after this (before the upstream's own timeout, mostly)
 DRAIN_BYTES = 1 << 16  # read after the stream's end marker to reuse the connection; past it, closed
 DRAIN_S = 0.25
-# the response headers anything here reads; the others are not kept
-_KEPT = frozenset({b"retry-after", b"content-encoding", b"content-length", b"transfer-encoding"})
 _INFLATE = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 _tls: ssl.SSLContext | None = None
@@ -66,13 +64,14 @@ def failed(what: str) -> UpstreamConnectionError:
 class Connection(asyncio.Protocol):
     """One connection to an upstream, and the answer being read on it (one at a time).
 
-    `status` and `headers` (only the `_KEPT` ones, lower-cased) are set once `Upstream.post`
-    returns; `read()` gives the body piece by piece, b"" at its end.
+    `status` and `retry_after` (the header's raw value) are set once `Upstream.post` returns
+    (the other headers are not kept: a held stream carries none of them); `take()`/`read()` give
+    the body piece by piece, b"" at its end.
     """
 
     __slots__ = ("_pool", "_loop", "_transport", "_parser", "_chunks", "_buffered", "_paused", "_waiter",
                  "_error", "_head", "_done", "_keep", "_got", "_last", "_idle_s", "_slots", "_slot", "_timer",
-                 "_drain", "_inflate", "status", "headers")
+                 "_drain", "_inflate", "_framed", "_encoding", "status", "retry_after")
 
     def __init__(self, pool: Upstream, loop: asyncio.AbstractEventLoop) -> None:
         self._pool = pool
@@ -95,8 +94,10 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # the keep-alive or drain timer
         self._drain = -1  # >= 0: the caller is done, the rest of the body (at most this much) is dropped
         self._inflate: zlib._Decompress | None = None
+        self._framed = False  # Content-Length or Transfer-Encoding: the body does not end with the connection
+        self._encoding = "identity"
         self.status = 0
-        self.headers: dict[str, str] = {}
+        self.retry_after: str | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -126,8 +127,7 @@ class Connection(asyncio.Protocol):
             self._pool.forget(self)
             self._cancel_timer()
             return
-        if self._head and not self._done and "content-length" not in self.headers \
-                and "transfer-encoding" not in self.headers:
+        if self._head and not self._done and not self._framed:
             self._done = True  # a body without framing ends with the connection
         elif not self._done and self._error is None:
             self._error = failed("the upstream closed the connection before the answer's end")
@@ -146,14 +146,18 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name in _KEPT:
-            self.headers[name.decode("latin-1")] = value.decode("latin-1").strip()
+        if name == b"transfer-encoding" or name == b"content-length":
+            self._framed = True
+        elif name == b"retry-after":
+            self.retry_after = value.decode("latin-1").strip()
+        elif name == b"content-encoding":
+            self._encoding = value.decode("latin-1").strip().lower()
 
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         self.status = self._parser.get_status_code()
         self._head = True
-        encoding = self.headers.get("content-encoding", "identity").lower()
+        encoding = self._encoding
         if encoding in _INFLATE:
             self._inflate = zlib.decompressobj(_INFLATE[encoding])
         elif encoding != "identity":
@@ -325,8 +329,10 @@ class Connection(asyncio.Protocol):
         self._head = self._done = self._keep = self._got = False
         self._drain = -1
         self._inflate = None
+        self._framed = False
+        self._encoding = "identity"
         self.status = 0
-        self.headers = {}
+        self.retry_after = None
         self._pool.keep(self)
 
 

@@ -54,7 +54,7 @@ async def answer_error(conn: Connection) -> UpstreamHTTPError:
     """A non-2xx answer on a lean connection as an `UpstreamHTTPError`: its body (the first
     ERROR_BODY_BYTES) names what is at fault. The connection is handed back (reused when the body ended)."""
     body = await conn.read_at_most(ERROR_BODY_BYTES)
-    status, retry_after = conn.status, conn.headers.get("retry-after")
+    status, retry_after = conn.status, conn.retry_after
     conn.finish()
     return http_error(status, body, {"Retry-After": retry_after})
 
