@@ -78,9 +78,9 @@ class AnthropicProvider:
         finished = False  # the connection went back to the pool: never close it from here
         try:
             if conn.status >= 300:
-                error = await answer_error(conn)
+                refused = await answer_error(conn)
                 finished = True
-                raise error
+                raise refused
             decoder = SSEDecoder()
             while True:
                 chunk = conn.take()
@@ -89,21 +89,17 @@ class AnthropicProvider:
                     continue
                 if not chunk:
                     break
-                batch: Batch = []
-                for event in decoder.feed(chunk):
-                    try:
-                        batch.extend(parse_event(event.event, event.data, state))
-                    except ProviderError:
-                        if batch:  # what arrived before the failure is part of the reply
-                            yield batch
-                        raise
-                    if state.stopped:
-                        conn.finish()  # the body's end is drained off the caller's path
-                        finished = True
-                        yield batch
-                        return
-                if batch:
+                batch, error = read_events(decoder, chunk, state)
+                if state.stopped:
+                    conn.finish()  # the body's end is drained off the caller's path
+                    finished = True
+                if batch:  # what arrived before a failure is part of the reply
                     yield batch
+                if error is not None:
+                    raise error
+                if state.stopped:
+                    return
+                del batch  # between reads a held stream keeps no events (nor the bytes they came from)
             conn.finish()
             finished = True
         finally:
@@ -125,6 +121,19 @@ class _Usage:
         n, bad = normalise.count(value)
         self.suspect |= bad
         return n
+
+
+def read_events(decoder: SSEDecoder, chunk: bytes, state: _Usage) -> tuple[Batch, ProviderError | None]:
+    """The events of one upstream read, up to message_stop: (the batch, the failure that stopped it)."""
+    batch: Batch = []
+    for event in decoder.feed(chunk):
+        try:
+            batch.extend(parse_event(event.event, event.data, state))
+        except ProviderError as e:
+            return batch, e
+        if state.stopped:
+            break
+    return batch, None
 
 
 def parse_event(name: str, data: bytes, state: _Usage) -> list[StreamEvent]:

@@ -171,9 +171,9 @@ class OpenAIProvider:
         finished = False  # the connection went back to the pool: never close it from here
         try:
             if conn.status >= 300:
-                error = await answer_error(conn)
+                refused = await answer_error(conn)
                 finished = True
-                raise error
+                raise refused
             decoder = SSEDecoder()
             while True:
                 chunk = conn.take()
@@ -182,28 +182,36 @@ class OpenAIProvider:
                     continue
                 if not chunk:
                     break
-                batch: Batch = []
-                for event in decoder.feed(chunk):
-                    if event.data == _DONE:
-                        conn.finish()  # the body's end is drained off the caller's path
-                        finished = True
-                        if batch:
-                            yield batch
-                        return
-                    try:
-                        parse_chunk(event.event, event.data, batch)
-                    except ProviderError:
-                        if batch:  # what arrived before the failure is part of the reply
-                            yield batch
-                        raise
-                if batch:
+                batch, done, error = read_batch(decoder, chunk)
+                if done:
+                    conn.finish()  # the body's end is drained off the caller's path
+                    finished = True
+                if batch:  # what arrived before a failure is part of the reply
                     yield batch
+                if error is not None:
+                    raise error
+                if done:
+                    return
+                del batch  # between reads a held stream keeps no events (nor the bytes they came from)
             conn.finish()
             finished = True
         finally:
             if not finished:
                 conn.close()
         raise UpstreamProtocolError("upstream stream ended without [DONE]")
+
+
+def read_batch(decoder: SSEDecoder, chunk: bytes) -> tuple[Batch, bool, ProviderError | None]:
+    """The events of one upstream read: (the batch, whether [DONE] ended it, the failure that stopped it)."""
+    batch: Batch = []
+    for event in decoder.feed(chunk):
+        if event.data == _DONE:
+            return batch, True, None
+        try:
+            parse_chunk(event.event, event.data, batch)
+        except ProviderError as e:
+            return batch, False, e
+    return batch, False, None
 
 
 def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:
