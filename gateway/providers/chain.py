@@ -79,7 +79,7 @@ class Chain:
         budget_end = loop.time() + self.models[0].timeout_s  # bounds waits on Retry-After
         last_error: ProviderError | None = None
         links = list(self.models)
-        retried: set[str] = set()
+        retried: tuple[str, ...] = ()  # links retried after their Retry-After (not a set: 216 B a held stream)
         while links:
             model = links.pop(0)
             key = model.circuit_key
@@ -120,7 +120,7 @@ class Chain:
                     circuits.cool(key, wait if wait is not None else self.registry.deployment_cooldown_s)
                 elif not links and wait is not None and key not in retried and loop.time() + wait < budget_end:
                     # the last link asked us to come back shortly: within the budget, do so once
-                    retried.add(key)
+                    retried += (key,)
                     await asyncio.sleep(wait)
                     links.append(model)
                 continue
