@@ -254,6 +254,18 @@ async def test_an_upstream_talking_on_after_done_loses_its_connection(raw, confi
     assert (server.connections, len(server.requests)) == (2, 3)  # the second connection served two
 
 
+async def test_an_interim_answer_is_skipped_for_the_real_one(raw, config_file):
+    async def serve(reader, writer, n):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" + SSE_HEAD
+                     + chunked(*HELLO) + b"0\r\n\r\n")
+        await writer.drain()
+
+    server = await raw(serve)
+    config, model = provider_and_model(server.url, config_file)
+    assert await stream(OpenAIProvider(config, None), model) == (HELLO_EVENTS, None)  # type: ignore[arg-type]
+
+
 async def test_an_encoding_not_asked_for_is_a_protocol_error(raw, config_file):
     async def serve(reader, writer, n):
         await server.read_request(reader)

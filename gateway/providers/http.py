@@ -154,8 +154,12 @@ class Connection(asyncio.Protocol):
             self._encoding = value.decode("latin-1").strip().lower()
 
     def on_headers_complete(self) -> None:
-        assert self._parser is not None
-        self.status = self._parser.get_status_code()
+        if self._parser is None:  # failed meanwhile
+            return
+        status = self._parser.get_status_code()
+        if status < 200:  # an interim answer (103 Early Hints): the real one follows
+            return
+        self.status = status
         self._head = True
         encoding = self._encoding
         if encoding in _INFLATE:
@@ -184,7 +188,13 @@ class Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def on_message_complete(self) -> None:
-        assert self._parser is not None
+        if self._parser is None:  # failed meanwhile
+            return
+        if not self._head:  # the end of an interim answer: forget its headers
+            self._framed = False
+            self._encoding = "identity"
+            self.retry_after = None
+            return
         self._done = True
         self._keep = self._parser.should_keep_alive()
         if self._drain >= 0:
