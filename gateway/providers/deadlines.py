@@ -66,7 +66,7 @@ class Timeout:
     """`async with Timeout(when):` as `asyncio.timeout_at(when)` (the task is cancelled at `when`
     and the block raises TimeoutError), on a shared slot instead of a timer of its own."""
 
-    __slots__ = ("_when", "_task", "_slots", "_slot", "_expired")
+    __slots__ = ("_when", "_task", "_slots", "_slot", "_expired", "_cancelling")
 
     def __init__(self, when: float) -> None:
         self._when = when
@@ -74,10 +74,12 @@ class Timeout:
         self._slots: Deadlines | None = None
         self._slot = 0
         self._expired = False  # the task was cancelled by this timeout
+        self._cancelling = 0  # the task's pending cancellations when the block began
 
     async def __aenter__(self) -> Timeout:
         self._task = asyncio.current_task()
         assert self._task is not None
+        self._cancelling = self._task.cancelling()
         self._slots = deadlines()
         self._slot = self._slots.at(self._when, self, self._expire)
         return self
@@ -88,7 +90,9 @@ class Timeout:
         task, self._task = self._task, None
         if not self._expired:
             self._slots.cancel(self._slot, self)
-        elif kind is asyncio.CancelledError and task.uncancel() == 0:  # our cancellation, nobody else's
+        # as asyncio.Timeout: our cancellation is taken back whatever ended the block, and becomes a
+        # TimeoutError only when it is what ended it and nobody else cancelled the task meanwhile
+        elif task.uncancel() <= self._cancelling and kind is asyncio.CancelledError:
             raise TimeoutError from error
 
     def _expire(self) -> None:
