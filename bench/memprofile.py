@@ -110,9 +110,9 @@ async def profile(a: argparse.Namespace) -> None:
     print(f"{n} held streams: {sum(groups.values()) / n / 1024:.1f} KB per stream of Python allocations")
     for name, size in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {size / n / 1024:6.1f} KB  {name}")
-    for name in ("gateway (this project)", "aiohttp"):
+    for name in ("gateway (this project)", "aiohttp", "asyncio", "other"):
         print(f"top lines, {name}:")
-        for st in [s for s in lines if group_of(s.traceback[0].filename) == name][:8]:
+        for st in [s for s in lines if group_of(s.traceback[0].filename) == name][:a.top]:
             frame = st.traceback[0]
             where = frame.filename.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
             print(f"  {st.size_diff / n:7.0f} B  {where}:{frame.lineno}")
@@ -124,6 +124,7 @@ def main() -> int:
     p.add_argument("--upstream-port", type=int, default=18400)
     p.add_argument("--gateway-port", type=int, default=18401)
     p.add_argument("--database-url")
+    p.add_argument("--top", type=int, default=8, help="lines shown per group")
     a = p.parse_args()
     try:
         import uvloop

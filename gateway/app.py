@@ -192,6 +192,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
                              last_used.close(settings.shutdown_grace_s))
         await instance.close()
         await leaderboard.close()
+        models.close()  # the idle upstream connections
 
 
 def redis_parts(settings: Settings) -> tuple[RedisLink | None, StreamPublisher | None]:

@@ -26,7 +26,8 @@ from .base import (
     UpstreamProtocolError,
     UpstreamStreamError,
 )
-from .openai import client_timeout, raise_for_status, request_headers, transport_error
+from .http import Upstream
+from .openai import answer_error, request_headers
 from .sse_decoder import SSEDecoder
 
 API_VERSION = "2023-06-01"
@@ -81,32 +82,48 @@ class AnthropicProvider:
         if config.api_key:
             own["x-api-key"] = config.api_key.reveal()
         self._headers = request_headers(config, own)
-        self._session = session
+        # the session is not used for chat: the lean client (providers/http.py) keeps a held stream small
+        self._upstream = Upstream(config.base_url)
+
+    def close(self) -> None:
+        self._upstream.close()
 
     async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         state = _Usage()
+        conn = await self._upstream.post("/messages", upstream_headers(self._headers),
+                                         orjson.dumps(to_anthropic(model, request)),
+                                         connect_timeout_s=model.connect_timeout_s,
+                                         idle_timeout_s=model.idle_timeout_s)
+        finished = False  # the connection went back to the pool: never close it from here
         try:
-            async with self._session.post(self._url, data=orjson.dumps(to_anthropic(model, request)),
-                                          headers=upstream_headers(self._headers),
-                                          timeout=client_timeout(model)) as resp:
-                await raise_for_status(resp)
-                decoder = SSEDecoder()
-                async for chunk in resp.content.iter_any():
-                    batch: Batch = []
-                    for event in decoder.feed(chunk):
-                        try:
-                            batch.extend(parse_event(event.event, event.data, state))
-                        except ProviderError:
-                            if batch:  # what arrived before the failure is part of the reply
-                                yield batch
-                            raise
-                        if state.stopped:
-                            yield batch
-                            return
-                    if batch:
-                        yield batch
-        except (TimeoutError, aiohttp.ClientError) as e:
-            raise transport_error(e) from None
+            if conn.status >= 300:
+                refused = await answer_error(conn)
+                finished = True
+                raise refused
+            decoder = SSEDecoder()
+            while True:
+                chunk = conn.take()
+                if chunk is None:
+                    await conn.readable()  # a bare future: a held stream keeps no read frame
+                    continue
+                if not chunk:
+                    break
+                batch, error = read_events(decoder, chunk, state)
+                if state.stopped:
+                    conn.finish()  # the body's end is drained off the caller's path
+                    finished = True
+                if batch:  # what arrived before a failure is part of the reply
+                    yield batch
+                if error is not None:
+                    raise error
+                if state.stopped:
+                    return
+                del batch  # between reads a held stream keeps no events (nor the bytes they came from)
+            conn.finish()
+            finished = True
+        finally:
+            if not finished:
+                conn.close()
         raise UpstreamProtocolError("upstream stream ended without message_stop")
 
 
@@ -123,6 +140,19 @@ class _Usage:
         n, bad = normalise.count(value)
         self.suspect |= bad
         return n
+
+
+def read_events(decoder: SSEDecoder, chunk: bytes, state: _Usage) -> tuple[Batch, ProviderError | None]:
+    """The events of one upstream read, up to message_stop: (the batch, the failure that stopped it)."""
+    batch: Batch = []
+    for event in decoder.feed(chunk):
+        try:
+            batch.extend(parse_event(event.event, event.data, state))
+        except ProviderError as e:
+            return batch, e
+        if state.stopped:
+            break
+    return batch, None
 
 
 def parse_event(name: str, data: bytes, state: _Usage) -> list[StreamEvent]:

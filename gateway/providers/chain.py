@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from .. import tracing
 from ..config import ModelConfig
 from .base import NO_OBSERVER, Batch, ChainObserver, ChatRequest, ProviderError, UpstreamTimeout
+from .deadlines import Timeout
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class Chain:
         budget_end = loop.time() + self.models[0].timeout_s  # bounds waits on Retry-After
         last_error: ProviderError | None = None
         links = list(self.models)
-        retried: set[str] = set()
+        retried: tuple[str, ...] = ()  # links retried after their Retry-After (not a set: 216 B a held stream)
         while links:
             model = links.pop(0)
             key = model.circuit_key
@@ -119,7 +120,7 @@ class Chain:
                     circuits.cool(key, wait if wait is not None else self.registry.deployment_cooldown_s)
                 elif not links and wait is not None and key not in retried and loop.time() + wait < budget_end:
                     # the last link asked us to come back shortly: within the budget, do so once
-                    retried.add(key)
+                    retried += (key,)
                     await asyncio.sleep(wait)
                     links.append(model)
                 continue
@@ -133,7 +134,7 @@ class Chain:
             batches = 0  # a local count, not an observer call: nothing is reported per chunk
             try:
                 yield first
-                async with asyncio.timeout_at(deadline):
+                async with Timeout(deadline):  # a shared coarse timer: a held stream keeps no timer of its own
                     async for event in events:
                         batches += 1
                         yield event

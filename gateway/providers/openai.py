@@ -26,12 +26,12 @@ from .base import (
     UpstreamStreamError,
     UpstreamTimeout,
 )
+from .http import Connection, Upstream
 from .sse_decoder import SSEDecoder
 
 _DONE = b"[DONE]"
 NUL = normalise.NUL
 ERROR_BODY_BYTES = 1 << 16  # of a non-2xx body: enough for any error message, bounded against a hostile one
-DRAIN_BYTES = 1 << 16  # read after [DONE] to reuse the connection; past it, the connection is closed
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -43,10 +43,25 @@ def retry_after_seconds(headers: Any) -> float | None:
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
+    """A non-2xx answer of aiohttp's client as an `UpstreamHTTPError` (for callers on the app's session)."""
     if resp.status < 300:
         return
     body = await read_at_most(resp, ERROR_BODY_BYTES)
-    message = f"upstream answered {resp.status}"
+    raise http_error(resp.status, body, resp.headers)
+
+
+async def answer_error(conn: Connection) -> UpstreamHTTPError:
+    """A non-2xx answer on a lean connection as an `UpstreamHTTPError`: its body (the first
+    ERROR_BODY_BYTES) names what is at fault. The connection is handed back (reused when the body ended)."""
+    body = await conn.read_at_most(ERROR_BODY_BYTES)
+    status, retry_after = conn.status, conn.retry_after
+    conn.finish()
+    return http_error(status, body, {"Retry-After": retry_after})
+
+
+def http_error(status: int, body: bytes, headers: Any) -> UpstreamHTTPError:
+    """A non-2xx answer as an `UpstreamHTTPError`, from its error body and its Retry-After."""
+    message = f"upstream answered {status}"
     detail: dict[str, Any] = {}
     try:
         error = normalise.loads(body).get("error")  # OpenAI's and Anthropic's error bodies alike
@@ -58,8 +73,8 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
             message += f": {detail['message']}"
     except (orjson.JSONDecodeError, AttributeError):
         pass
-    raise UpstreamHTTPError(normalise.clean(message[:500]), status=resp.status,
-                            retry_after=retry_after_seconds(resp.headers), blames=blames(detail))
+    return UpstreamHTTPError(normalise.clean(message[:500]), status=status,
+                             retry_after=retry_after_seconds(headers), blames=blames(detail))
 
 
 # What a 4xx error body says is at fault, read from its `param`, `code`, `type` and message:
@@ -121,14 +136,17 @@ def request_headers(config: ProviderConfig, own: dict[str, str]) -> dict[str, st
 class OpenAIProvider:
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
         self.name = config.name
-        self._url = config.base_url + "/chat/completions"
         own = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if config.api_key:
             own["Authorization"] = "Bearer " + config.api_key.reveal()
         self._headers = request_headers(config, own)
         self._stream_options = config.send_stream_options
         self._max_completion_tokens = config.send_max_completion_tokens
-        self._session = session
+        # the session is not used for chat: the lean client (providers/http.py) keeps a held stream small
+        self._upstream = Upstream(config.base_url)
+
+    def close(self) -> None:
+        self._upstream.close()
 
     def body(self, model: ModelConfig, request: ChatRequest) -> bytes:
         body: dict[str, Any] = dict(request.extra)
@@ -147,48 +165,53 @@ class OpenAIProvider:
         return orjson.dumps(body)
 
     async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
+        conn = await self._upstream.post("/chat/completions", upstream_headers(self._headers),
+                                         self.body(model, request), connect_timeout_s=model.connect_timeout_s,
+                                         idle_timeout_s=model.idle_timeout_s)
+        finished = False  # the connection went back to the pool: never close it from here
         try:
-            async with self._session.post(self._url, data=self.body(model, request),
-                                          headers=upstream_headers(self._headers),
-                                          timeout=client_timeout(model)) as resp:
-                await raise_for_status(resp)
-                decoder = SSEDecoder()
-                async for chunk in resp.content.iter_any():
-                    batch: Batch = []
-                    for event in decoder.feed(chunk):
-                        if event.data == _DONE:
-                            if batch:
-                                yield batch
-                            await _drain(resp)
-                            return
-                        try:
-                            parse_chunk(event.event, event.data, batch)
-                        except ProviderError:
-                            if batch:  # what arrived before the failure is part of the reply
-                                yield batch
-                            raise
-                    if batch:
-                        yield batch
-        except (TimeoutError, aiohttp.ClientError) as e:
-            raise transport_error(e) from None
+            if conn.status >= 300:
+                refused = await answer_error(conn)
+                finished = True
+                raise refused
+            decoder = SSEDecoder()
+            while True:
+                chunk = conn.take()
+                if chunk is None:
+                    await conn.readable()  # a bare future: a held stream keeps no read frame
+                    continue
+                if not chunk:
+                    break
+                batch, done, error = read_batch(decoder, chunk)
+                if done:
+                    conn.finish()  # the body's end is drained off the caller's path
+                    finished = True
+                if batch:  # what arrived before a failure is part of the reply
+                    yield batch
+                if error is not None:
+                    raise error
+                if done:
+                    return
+                del batch  # between reads a held stream keeps no events (nor the bytes they came from)
+            conn.finish()
+            finished = True
+        finally:
+            if not finished:
+                conn.close()
         raise UpstreamProtocolError("upstream stream ended without [DONE]")
 
 
-async def _drain(resp: aiohttp.ClientResponse) -> None:
-    """Read the body's end after [DONE], so the connection goes back to the pool for reuse."""
-    if resp.content.at_eof():
-        return
-    left = DRAIN_BYTES
-    try:
-        async with asyncio.timeout(0.25):
-            while left > 0:  # read and dropped piece by piece: memory stays at one read
-                chunk = await resp.content.readany()
-                if not chunk:
-                    return
-                left -= len(chunk)
-    except (TimeoutError, aiohttp.ClientError):
-        pass
-    resp.close()  # an upstream that keeps talking after [DONE] loses its connection
+def read_batch(decoder: SSEDecoder, chunk: bytes) -> tuple[Batch, bool, ProviderError | None]:
+    """The events of one upstream read: (the batch, whether [DONE] ended it, the failure that stopped it)."""
+    batch: Batch = []
+    for event in decoder.feed(chunk):
+        if event.data == _DONE:
+            return batch, True, None
+        try:
+            parse_chunk(event.event, event.data, batch)
+        except ProviderError as e:
+            return batch, False, e
+    return batch, False, None
 
 
 def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:

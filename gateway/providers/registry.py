@@ -127,6 +127,12 @@ class ModelRegistry:
     def provider(self, model: ModelConfig) -> Provider:
         return self.providers[model.provider]
 
+    def close(self) -> None:
+        """Close the adapters' idle upstream connections (at shutdown)."""
+        for provider in self.providers.values():
+            if isinstance(provider, OpenAIProvider | AnthropicProvider):
+                provider.close()
+
     async def sync(self, pool: asyncpg.Pool) -> None:
         """Mirror the configured models into the models table, so SQL can see what is enabled."""
         await sync_models(pool, self.models.values())

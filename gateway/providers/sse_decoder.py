@@ -28,6 +28,9 @@ class SSEEvent:
 
 
 class SSEDecoder:
+    # one per held stream: no __dict__
+    __slots__ = ("_max", "_held", "_overflow", "_tail", "_skip_lf", "_started", "_event", "_data")
+
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._max = max_event_bytes
         self._held = 0  # bytes of the data lines of the event being read
