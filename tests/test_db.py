@@ -92,11 +92,11 @@ async def test_concurrent_migrations_apply_each_file_exactly_once(pg_server_url:
             await second.close()
 
 
-async def test_embedded_server_stops_on_close_and_keeps_data_for_the_next_start(tmp_path: Path):
-    settings = Settings.from_env({"GATEWAY_DATA_DIR": str(tmp_path / "data"), "DB_POOL_MIN": "1",
+async def test_embedded_server_stops_on_close_and_keeps_data_for_the_next_start(pg_dir: Path):
+    settings = Settings.from_env({"GATEWAY_DATA_DIR": str(pg_dir / "data"), "DB_POOL_MIN": "1",
                                   "DB_POOL_MAX": "2"})
     assert settings.database_url is None
-    pgdata = tmp_path / "data" / "pgdata"
+    pgdata = pg_dir / "data" / "pgdata"
 
     db = await open_database(settings)
     try:

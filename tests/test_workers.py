@@ -85,13 +85,13 @@ async def test_workers_without_redis_warn_at_start(tmp_path, database_url, gatew
     assert "--workers 2 without REDIS_URL" in gw.output()
 
 
-async def test_workers_without_database_url_share_one_embedded_postgresql(tmp_path, gateways):
+async def test_workers_without_database_url_share_one_embedded_postgresql(pg_dir, gateways):
     """The default install's path: no DATABASE_URL, so the parent starts the embedded PostgreSQL once
     and both workers use it; the first start's admin key (made once, whichever worker migrates
     first) serves turns on either; SIGTERM drains the workers and stops the database."""
     env = gateway_env("", BOOTSTRAP_ADMIN_KEY="true", LOG_LEVEL="INFO", DEMO_DELAY_MS="0")
     del env["DATABASE_URL"]
-    gw = GatewayProcess(tmp_path / "gw", env, "--workers", "2")
+    gw = GatewayProcess(pg_dir / "gw", env, "--workers", "2")
     gateways.append(gw)
     await gw.ready(timeout=90)
     await wait_children(gw.proc.pid, 2)
@@ -100,7 +100,7 @@ async def test_workers_without_database_url_share_one_embedded_postgresql(tmp_pa
     assert out.count("gateway on http://127.0.0.1:") == 2
     keys = [line.strip() for line in out.splitlines() if line.startswith("    gwk_")]
     assert len(keys) == 1, out  # one admin key for the one database
-    pidfile = tmp_path / "gw" / "data" / "pgdata" / "postmaster.pid"
+    pidfile = pg_dir / "gw" / "data" / "pgdata" / "postmaster.pid"
     assert pidfile.exists()
     headers = {"Authorization": f"Bearer {keys[0]}"}
     async with aiohttp.ClientSession() as session:
