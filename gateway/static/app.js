@@ -10,6 +10,8 @@
 (() => {
   const KEY_STORAGE = "gateway.playground.apiKey";
   const LIVE = new Set(["pending", "streaming"]);
+  // a reply that ended without its answer: the gateway regenerates it on request (seed 001's "retry later")
+  const REGENERABLE = new Set(["refused", "failed", "interrupted", "cancelled"]);
   const POLL_MS = 500;
   const LEADERBOARD_TRIES = 20;
 
@@ -484,6 +486,7 @@
       const shown = view.text.textContent;
       if (how !== "done" && message.content.startsWith(shown)) view.append(message.content.slice(shown.length));
       view.setStatus(message.status);
+      if (REGENERABLE.has(message.status) && message.reply_to) offerRegenerate(view, message.reply_to);
       chatStatus.textContent = "";
     } catch (e) {
       chatStatus.textContent = `Could not load the saved reply: ${e.message}`;
@@ -492,6 +495,29 @@
     setBusy(false);
     messageInput.focus();
     loadThreads().catch(() => {});
+  }
+
+  // POST /api/messages/{user message}/regenerate: a new reply to the same message, through the
+  // policy like any turn, followed like a sent one; the ended reply stays in the thread
+  function offerRegenerate(view, userMessageId) {
+    const button = element("button", "secondary", "regenerate", "Regenerate");
+    button.type = "button";
+    button.addEventListener("click", async () => {
+      if (state.chat) return;
+      button.disabled = true;
+      setBusy(true);
+      chatStatus.textContent = "Regenerating…";
+      try {
+        const accepted = await api("POST", `/api/messages/${userMessageId}/regenerate`, {});
+        button.remove();
+        follow(accepted.assistant_message_id, accepted.stream_url);
+      } catch (e) {
+        button.disabled = false;
+        chatStatus.textContent = `Could not regenerate: ${e.message}`;
+        setBusy(false);
+      }
+    });
+    view.li.append(button);
   }
 
   byTestId("chat-form").addEventListener("submit", (e) => {
@@ -598,9 +624,14 @@
     try {
       const comparison = await api("GET", `/api/comparisons/${arena.id}`);
       for (const name of ["a", "b"]) slots[name].setStatus(comparison.slots[name].status);
-      const votable = !["a", "b"].some((n) => LIVE.has(comparison.slots[n].status));
+      const statuses = ["a", "b"].map((n) => comparison.slots[n].status);
+      // a slot the policy refused never ran: nothing to compare, and the gateway refuses the vote
+      const refused = statuses.includes("refused");
+      const votable = !refused && !statuses.some((s) => LIVE.has(s));
       for (const b of voteButtons) b.disabled = !votable;
-      arenaStatus.textContent = votable ? "Which answer is better?" : "A reply is still being generated.";
+      arenaStatus.textContent = votable ? "Which answer is better?"
+        : refused ? "A model was refused by a limit: this comparison cannot be voted on."
+        : "A reply is still being generated.";
     } catch (e) {
       arenaStatus.textContent = `Could not load the comparison: ${e.message}`;
     }
