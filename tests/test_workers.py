@@ -95,9 +95,12 @@ async def test_workers_without_database_url_share_one_embedded_postgresql(pg_dir
     gateways.append(gw)
     await gw.ready(timeout=90)
     await wait_children(gw.proc.pid, 2)
-    out = gw.output()
-    assert out.count("embedded PostgreSQL running under") == 1
+    # ready() saw one worker answer; the other may still be starting
+    async with asyncio.timeout(60):
+        while (out := gw.output()).count("gateway on http://127.0.0.1:") < 2:
+            await asyncio.sleep(0.1)
     assert out.count("gateway on http://127.0.0.1:") == 2
+    assert out.count("embedded PostgreSQL running under") == 1
     keys = [line.strip() for line in out.splitlines() if line.startswith("    gwk_")]
     assert len(keys) == 1, out  # one admin key for the one database
     pidfile = pg_dir / "gw" / "data" / "pgdata" / "postmaster.pid"
