@@ -137,7 +137,7 @@ async def test_a_busy_callers_requests_after_the_first_slice_make_no_admission_c
     for _ in range(3):
         assert await turn(client, user, model) == "ran"
     assert stats.exact == exact  # no gateway_admit_full: served from memory
-    assert stats.from_slice - served == 6  # a window slot and a reservation for each
+    assert stats.from_slice - served == 3  # the window slot and the reservation of each, at once
     await wait_for(lambda: settled(db, user))
     tokens, reserved, _, _ = await day(db, user)
     assert tokens == (warm + 3) * WORST
@@ -187,3 +187,31 @@ async def test_a_dead_instances_slice_is_reclaimed_by_the_sweep(make_client, con
     assert await db.fetchval("SELECT streams FROM stream_counts WHERE subject = $1", f"u:{user.id}") == 0
     await b.app[INSTANCE].sweep()  # a second sweep gives nothing back twice
     assert await day(db, user) == (warm * WORST, 0, warm * float(WORST), 0.0)
+
+
+async def test_a_busy_callers_native_turn_makes_one_statement_the_persist(make_client, config_file, user, db):
+    """Issue 17 item 3: admitted from the slice before the commit, the reply's reservation rides in
+    the persist statement; nothing else is sent to the database before the 202."""
+    client, model = await app(make_client, config_file, 1000 * WORST)
+    await busy(client, user, model)
+    await wait_for(lambda: settled(db, user))
+    await wait_for(lambda: quiet(client))
+    sent: list[str] = []
+    pool = client.app[POLICY]._pool
+    connections = [holder._con for holder in pool._holders if holder._con is not None]
+    def log(record: Any) -> None:
+        sent.append(record.query)
+
+    for conn in connections:
+        conn.add_query_logger(log)
+    resp = await client.post("/api/chat", headers=user.headers,
+                             json={"content": "hello", "max_tokens": 10, "model": model})
+    assert resp.status == 202
+    before_reply = [q for q in sent if "x.status" not in q]  # the reply's own finish may land already
+    for conn in connections:
+        conn.remove_query_logger(log)
+    assert len(before_reply) == 1 and "INSERT INTO messages" in before_reply[0], before_reply
+    await wait_for(lambda: settled(db, user))
+    row = await db.fetchrow("SELECT status, metadata FROM messages WHERE id = $1",
+                            uuid.UUID((await resp.json())["assistant_message_id"]))
+    assert row["status"] == "complete" and "reservation" not in row["metadata"]
