@@ -43,7 +43,7 @@ import asyncpg
 from .auth import Principal
 from .config import LimitsConfig, ModelConfig
 from .errors import Forbidden, TooManyRequests
-from .quota import Ask, QuotaLeases
+from .quota import CALM_S, Ask, QuotaLeases
 from .store import limits as store
 from .store.limits import Limit, LimitReached
 from .vocabulary import PolicyAction
@@ -247,15 +247,24 @@ class Policy:
         try:
             return await admit()
         except LimitReached:
-            if self.quota is None or not await store.open_slices_elsewhere(self._pool, user_id, self.instance_id):
+            if self.quota is None:
                 raise
-        await store.recall_quota(self._pool, user_id)
+            # this process's own slices of the user first (a concurrent request may have leased one)
+            here = await self.quota.recall_here(user_id)
+            elsewhere = await store.open_slices_elsewhere(self._pool, user_id, self.instance_id)
+            if not (here or elsewhere):
+                raise
+        if elsewhere:
+            await self._recall_elsewhere(user_id)
+        return await admit()
+
+    async def _recall_elsewhere(self, user_id: uuid.UUID) -> None:
+        await store.recall_quota(self._pool, user_id, CALM_S)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RECALL_WAIT_S
         # a dead instance's slices stay open until the sweep: then this gives up after the wait
         while loop.time() < deadline and await store.open_slices_elsewhere(self._pool, user_id, self.instance_id):
             await asyncio.sleep(0.005)
-        return await admit()
 
     def reconnected(self) -> None:
         """This instance's liveness connection was lost and taken back: a peer may have taken it for

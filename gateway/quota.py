@@ -294,6 +294,16 @@ class QuotaLeases:
         self._calm[user_id] = self._now() + CALM_S
         self._retire_soon([c for c in self._slices if c[0] == user_id])
 
+    async def recall_here(self, user_id: uuid.UUID) -> bool:
+        """`recall`, done before returning (leases in flight included); whether a slice went back."""
+        self._calm[user_id] = self._now() + CALM_S
+        leasing = [t for c, t in self._leasing.items() if c[0] == user_id]
+        await asyncio.gather(*leasing, return_exceptions=True)  # they give back what they got (calm)
+        callers = [c for c in self._slices if c[0] == user_id]
+        for caller in callers:
+            await self.retire(caller)
+        return bool(callers or leasing)
+
     def retire_all_soon(self) -> None:
         """Stop spending every slice now, give their unused parts back in the background."""
         self._retire_soon(list(self._slices))

@@ -31,6 +31,13 @@ CREATE TABLE quota_leases (
 CREATE INDEX quota_leases_open ON quota_leases (user_id) WHERE open;
 CREATE INDEX quota_leases_instance ON quota_leases (instance_id);
 
+-- A user whose quota was recalled (an exact admission refused while slices held some of it:
+-- gateway/policy.py) gets no slice on any instance until `until`.
+CREATE TABLE quota_recalls (
+    user_id uuid PRIMARY KEY,
+    until   timestamptz NOT NULL
+);
+
 -- A slice that cannot cover one request refuses with this SQLSTATE (nothing taken): the caller
 -- then goes the exact way (gateway_admit_full) for that request.
 --   GW4L0     no slice: some limit has too little left
@@ -67,6 +74,9 @@ BEGIN
     g_tokens := p_want;
     g_cost := p_want_cost;
     g_streams := '{}';
+    IF EXISTS (SELECT 1 FROM quota_recalls r WHERE r.user_id = p_user AND r.until > clock_timestamp()) THEN
+        RAISE EXCEPTION 'no slice' USING ERRCODE = 'GW4L0';
+    END IF;
     -- windows: the fewest slots any of them has left
     IF p_requests IS NOT NULL THEN
         FOR s IN

@@ -307,6 +307,11 @@ async def open_slices_elsewhere(pool: asyncpg.Pool, user_id: uuid.UUID, instance
     return found
 
 
-async def recall_quota(pool: asyncpg.Pool, user_id: uuid.UUID) -> None:
-    """Ask every instance to give back its slices of the user's quota (they LISTEN on the channel)."""
-    await pool.execute("SELECT pg_notify($1, $2)", QUOTA_RECALL_CHANNEL, str(user_id))
+async def recall_quota(pool: asyncpg.Pool, user_id: uuid.UUID, calm_s: float) -> None:
+    """Ask every instance to give back its slices of the user's quota (they LISTEN on the channel); no
+    instance leases the user a slice for `calm_s` (quota_recalls)."""
+    await pool.execute(
+        "WITH r AS (INSERT INTO quota_recalls (user_id, until) "
+        "VALUES ($1, clock_timestamp() + $3 * interval '1 second') "
+        "ON CONFLICT (user_id) DO UPDATE SET until = EXCLUDED.until RETURNING user_id) "
+        "SELECT pg_notify($2, user_id::text) FROM r", user_id, QUOTA_RECALL_CHANNEL, calm_s)
