@@ -158,19 +158,21 @@ class Turns:
     async def begin_chat(self, principal: Principal, turn: TurnInput,
                          started: float | None = None) -> message_store.StoredTurn:
         """Persist, decide, start one reply. `started`: the request's arrival (time.monotonic())."""
-        if turn.client_message_id is not None:
-            # a retry of an accepted turn is answered before any limit: it costs nothing new, and
-            # gets the first request's rows (a refused reply stays refused: never a second decision)
-            existing = await message_store.find_duplicate(self._pool, principal.user_id, turn.client_message_id)
-            if existing is not None:
-                return existing
         messages = await self.conversation(principal, turn)
         choice = self.route(turn.model, turn.content)
         # a busy caller's whole admission comes from its quota slice, in memory, and cannot be
-        # refused: then the reservation rides in the persist statement (no statement after it)
+        # refused: then the reservation rides in the persist statement (no statement after it),
+        # and a retry of an accepted turn is found by that statement (given back: stored.duplicate)
         early = None if self._settings.limits.downgrade_model else self._policy.admit_now(
             principal, choice.model, prompt_tokens(messages), turn.max_tokens)
         if early is None:
+            if turn.client_message_id is not None:
+                # a retry of an accepted turn is answered before any limit: it costs nothing new, and
+                # gets the first request's rows (a refused reply stays refused: never a second decision)
+                existing = await message_store.find_duplicate(self._pool, principal.user_id,
+                                                              turn.client_message_id)
+                if existing is not None:
+                    return existing
             with tracing.span("gateway.rate_limit"):  # the abuse limit: a 429 here has written nothing
                 await self._policy.admit_rate(principal)
         try:

@@ -191,7 +191,8 @@ async def test_a_dead_instances_slice_is_reclaimed_by_the_sweep(make_client, con
 
 async def test_a_busy_callers_native_turn_makes_one_statement_the_persist(make_client, config_file, user, db):
     """Issue 17 item 3: admitted from the slice before the commit, the reply's reservation rides in
-    the persist statement; nothing else is sent to the database before the 202."""
+    the persist statement; nothing else is sent to the database before the 202 (no duplicate
+    lookup, no BEGIN/COMMIT around it, even with a client_message_id)."""
     client, model = await app(make_client, config_file, 1000 * WORST)
     await busy(client, user, model)
     await wait_for(lambda: settled(db, user))
@@ -205,7 +206,7 @@ async def test_a_busy_callers_native_turn_makes_one_statement_the_persist(make_c
     for conn in connections:
         conn.add_query_logger(log)
     resp = await client.post("/api/chat", headers=user.headers,
-                             json={"content": "hello", "max_tokens": 10, "model": model})
+                             json={"content": "hello", "max_tokens": 10, "model": model, "client_message_id": "m-1"})
     assert resp.status == 202
     before_reply = [q for q in sent if "x.status" not in q]  # the reply's own finish may land already
     for conn in connections:
@@ -215,3 +216,26 @@ async def test_a_busy_callers_native_turn_makes_one_statement_the_persist(make_c
     row = await db.fetchrow("SELECT status, metadata FROM messages WHERE id = $1",
                             uuid.UUID((await resp.json())["assistant_message_id"]))
     assert row["status"] == "complete" and "reservation" not in row["metadata"]
+
+
+async def test_a_busy_callers_retry_gets_the_first_rows_and_keeps_nothing(make_client, config_file, user, db):
+    """The duplicate is found by the persist statement: the retry's share goes back into the slice."""
+    client, model = await app(make_client, config_file, 1000 * WORST)
+    warm = await busy(client, user, model)
+    body = {"content": "hello", "max_tokens": 10, "model": model, "client_message_id": "same"}
+    first = await (await client.post("/api/chat", headers=user.headers, json=body)).json()
+    await wait_for(lambda: settled(db, user))
+    await wait_for(lambda: quiet(client))
+    policy = client.app[POLICY]
+    today = datetime.now(UTC).date()
+    served = policy.quota.stats.from_slice
+    again = await client.post("/api/chat", headers=user.headers, json=body)
+    assert again.status == 202
+    assert (await again.json())["assistant_message_id"] == first["assistant_message_id"]
+    assert policy.quota.stats.from_slice == served + 1  # admitted from the slice, then given back
+    await wait_for(lambda: quiet(client))  # (taking from the slice may have renewed it)
+    unused = policy.unused_tokens(user.id, today)
+    # all that is reserved is the slice's unused part: the retry holds nothing, ran nothing
+    assert await day(db, user) == ((warm + 1) * WORST, unused, (warm + 1) * float(WORST), float(unused))
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 2 * (warm + 1)
+    assert await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user.id) == warm + 1
