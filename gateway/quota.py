@@ -175,7 +175,7 @@ class QuotaLeases:
         if slot and s.requests is not None:
             s.requests -= 1
         s.tokens -= tokens
-        s.cost -= cost
+        s.cost = round(s.cost - cost, 8)  # USD to the 1e-8 the columns keep: no float drift
         lease = s.streams.pop() if stream else None
         s.used = self._now()
         self.stats.from_slice += 1
@@ -191,7 +191,7 @@ class QuotaLeases:
         if s is None or s.id != quota_id:
             return False
         s.tokens += tokens
-        s.cost += cost
+        s.cost = round(s.cost + cost, 8)
         if stream is not None:
             s.streams.append(stream)
         return True
@@ -203,10 +203,15 @@ class QuotaLeases:
         if (self._closed or demand is None or demand.interval >= LEASE_WITHIN_S or caller in self._slices
                 or caller in self._leasing or self._calm.get(ask.user_id, 0.0) > self._now()):
             return
-        size = max(MIN_SLICE, min(MAX_SLICE, math.ceil(HORIZON_S / max(demand.interval, 1e-6))))
-        s = Slice(id=uuid.uuid4(), ask=ask, size=size)
+        s = Slice(id=uuid.uuid4(), ask=ask, size=self._size(caller))
         task = asyncio.get_running_loop().create_task(self._first(caller, s), name="quota-lease")
         self._leasing[caller] = task
+
+    def _size(self, caller: Caller) -> int:
+        """The requests a slice of the caller is sized for: about HORIZON_S of its recent rate."""
+        demand = self._demand.get(caller)
+        interval = demand.interval if demand is not None else LEASE_WITHIN_S
+        return max(MIN_SLICE, min(MAX_SLICE, math.ceil(HORIZON_S / max(interval, 1e-6))))
 
     async def _first(self, caller: Caller, s: Slice) -> None:
         try:
@@ -222,6 +227,7 @@ class QuotaLeases:
             self._leasing.pop(caller, None)
 
     async def _renew(self, s: Slice) -> None:
+        s.size = self._size((s.ask.user_id, s.ask.api_key_id))  # the slice follows the caller's rate
         try:
             if not await self._lease(s):
                 s.dry_until = self._now() + DRY_S
@@ -251,7 +257,7 @@ class QuotaLeases:
         if grant.requests is not None:
             s.requests = (s.requests or 0) + grant.requests
         s.tokens += grant.tokens
-        s.cost += grant.cost
+        s.cost = round(s.cost + grant.cost, 8)
         s.streams.extend(grant.streams)
         return True
 
