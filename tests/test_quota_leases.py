@@ -239,3 +239,24 @@ async def test_a_busy_callers_retry_gets_the_first_rows_and_keeps_nothing(make_c
     assert await day(db, user) == ((warm + 1) * WORST, unused, (warm + 1) * float(WORST), float(unused))
     assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 2 * (warm + 1)
     assert await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user.id) == warm + 1
+
+
+async def test_a_small_cap_is_never_stranded_in_another_instances_slice(make_client, config_file, user, db):
+    """B's requests spend the cap down to what A's slice holds; B's next exact admission is refused,
+    recalls A's slice, and runs: the cap is used to the last request, on whichever instance."""
+    path = config_file(TOML.format(name="small", tokens=8 * WORST))
+    a = await make_client(GATEWAY_CONFIG=path, DEMO_CHUNKS="10")
+    b = await make_client(GATEWAY_CONFIG=path, DEMO_CHUNKS="10")
+    warm = await busy(a, user, "small")
+    await wait_for(lambda: quiet(a))
+    held = caller(a, user)
+    assert held is not None and held.tokens >= WORST  # A holds part of the cap, unused
+    ran_on_b = 0
+    while await turn(b, user, "small") == "ran":
+        ran_on_b += 1
+        assert ran_on_b <= 8
+    assert warm + ran_on_b == 8  # every request the cap fits ran: A's slice was recalled, not wasted
+    assert caller(a, user) is None
+    await wait_for(lambda: settled(db, user))
+    assert await day(db, user) == (8 * WORST, 0, 8.0 * WORST, 0.0)
+    assert await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user.id) == 8
