@@ -102,6 +102,7 @@ class LimitsConfig:
     downgrade_model: str | None = None  # used instead once the day's budget is nearly spent
     downgrade_at: float | None = None  # "nearly": this fraction of daily_tokens (0..1)
     daily_cost_usd: float | None = None  # per user per UTC day, at the models' prices
+    quota_leases: bool = True  # busy callers are admitted from slices leased ahead (gateway/quota.py)
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ _PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay
 _MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", "kind", "deployments", *_MODEL_FLOATS)
 _DEPLOYMENT_KEYS = ("provider", "upstream", "weight")
 _LIMIT_KEYS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "downgrade_model",
-               "downgrade_at", "daily_cost_usd")
+               "downgrade_at", "daily_cost_usd", "quota_leases")
 
 
 def _known_keys(where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -474,8 +475,12 @@ def _parse(env: Mapping[str, str]) -> Settings:
         else None
     if daily_cost is not None and not 0 < daily_cost < 1e8:
         raise ConfigError("[limits] daily_cost_usd must be a positive number of dollars below 100000000")
+    leasing = limits_doc.get("quota_leases", True)
+    if not isinstance(leasing, bool):
+        raise ConfigError("[limits] quota_leases must be true or false")
     limits = LimitsConfig(**limit_ints, downgrade_model=downgrade_model,
-                          downgrade_at=downgrade_at if downgrade_model else None, daily_cost_usd=daily_cost)
+                          downgrade_at=downgrade_at if downgrade_model else None, daily_cost_usd=daily_cost,
+                          quota_leases=leasing)
 
     jwt_secret = env.get("JWT_SECRET")
     jwks_url = env.get("JWKS_URL") or None

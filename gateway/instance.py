@@ -3,11 +3,12 @@
 Each instance has an id and holds a session-level advisory lock on it for its whole life, on
 a connection of its own: PostgreSQL releases the lock when the process dies, so "can I take
 that instance's lock?" is an exact liveness test with no heartbeat table. The same connection
-LISTENs for requests addressed to whichever instance runs a generation (cancel), and for API
-key revocations, which every instance drops from its key cache.
+LISTENs for requests addressed to whichever instance runs a generation (cancel), for API key
+revocations, which every instance drops from its key cache, and for quota recalls (a peer needs
+a user's quota that this instance's slices hold: gateway/quota.py).
 
 A periodic sweep marks the live rows of dead instances `interrupted` (crash recovery), gives
-back the stream leases they held (concurrency caps hold across instances), replays the finish
+back the stream leases and the quota slices they held (caps hold across instances), replays the finish
 journal once the database answers, and deletes rate windows past their minute. The sweep loop never dies: whatever a
 round raises (but cancellation) is classified, logged, and the next round comes sooner after
 a transient failure, backing off while it lasts. Neither a sweep nor the journal can keep the
@@ -45,6 +46,7 @@ class Instance:
                  on_cancel: Callable[[uuid.UUID], object], sweep_s: float = 15.0, *,
                  on_key_revoked: Callable[[bytes], None] | None = None,
                  on_reconnect: Callable[[], None] | None = None,
+                 on_quota_recall: Callable[[uuid.UUID], None] | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.id = uuid.uuid4()
         self._clock = clock  # for the rate windows' age
@@ -54,6 +56,7 @@ class Instance:
         self._on_cancel = on_cancel
         self._on_key_revoked = on_key_revoked
         self._on_reconnect = on_reconnect  # notifications sent while we were cut off are lost
+        self._on_quota_recall = on_quota_recall  # a peer needs a user's quota our slices hold (gateway/quota.py)
         self._sweep_s = sweep_s
         self._conn: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -80,6 +83,8 @@ class Instance:
             await conn.add_listener(CANCEL_CHANNEL, self._notified)
             if self._on_key_revoked is not None:
                 await conn.add_listener(KEY_REVOKED_CHANNEL, self._key_revoked)
+            if self._on_quota_recall is not None:
+                await conn.add_listener(limits_sql.QUOTA_RECALL_CHANNEL, self._quota_recalled)
         except BaseException:
             conn.terminate()
             raise
@@ -113,11 +118,19 @@ class Instance:
         except ValueError:
             log.warning("ignored a malformed %s notification", channel)
 
+    def _quota_recalled(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        assert self._on_quota_recall is not None
+        try:
+            self._on_quota_recall(uuid.UUID(payload))
+        except ValueError:
+            log.warning("ignored a malformed %s notification", channel)
+
     async def sweep(self) -> None:
         """Interrupt the live rows and give back the stream leases of instances that are gone; replay
         the journal; delete old rate windows."""
         owners = dict.fromkeys([*await sql.live_owners(self._pool, self.id),
-                                *await limits_sql.lease_owners(self._pool, self.id)])
+                                *await limits_sql.lease_owners(self._pool, self.id),
+                                *await limits_sql.quota_owners(self._pool, self.id)])
         for owner in owners:
             await self._interrupt_if_dead(owner)
         await self._replay()
@@ -140,9 +153,13 @@ class Instance:
                         await record_usage_many(conn, records)
                         await sql.set_estimated_usage(
                             conn, [(r.message_id, r.prompt_tokens, r.completion_tokens) for r in records])
+                    # last: the settlements above took their shares off the slices' rows; the rest goes back
+                    slices = await limits_sql.reclaim_quota(conn, owner)
                 log.warning("instance %s is gone: %d live replies interrupted", owner, len(swept))
                 if leases:
                     log.warning("instance %s is gone: %d stream leases given back", owner, leases)
+                if slices:
+                    log.warning("instance %s is gone: %d quota slices given back", owner, slices)
             finally:
                 await sql.unlock(conn, owner)
 
@@ -183,6 +200,7 @@ def settled_usage(row: Mapping[str, Any]) -> UsageRecord:
     cost = (prompt * float(res.get("input_price_per_mtok") or 0)
             + completion * float(res.get("output_price_per_mtok") or 0)) / 1_000_000
     key = res.get("api_key_id")
+    quota = res.get("quota")
     return UsageRecord(
         message_id=row["id"], user_id=row["user_id"], api_key_id=uuid.UUID(key) if key else None,
         model=res.get("model") or "unknown", provider=res.get("provider") or "unknown", prompt_tokens=prompt,
@@ -190,4 +208,4 @@ def settled_usage(row: Mapping[str, Any]) -> UsageRecord:
         day=date.fromisoformat(res["day"]) if res.get("day") else datetime.now(UTC).date(),
         user_reserved=int(res.get("user_reserved") or 0), key_reserved=int(res.get("key_reserved") or 0),
         user_cost_reserved=float(res.get("user_cost_reserved") or 0),
-        key_cost_reserved=float(res.get("key_cost_reserved") or 0))
+        key_cost_reserved=float(res.get("key_cost_reserved") or 0), quota_id=uuid.UUID(quota) if quota else None)

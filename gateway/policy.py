@@ -18,6 +18,10 @@ write gives it back, and the sweep gives back the leases of an instance that die
 holds across instances. Nearly out of budget (tokens or dollars), a request may be downgraded to
 a cheaper model.
 
+A busy caller is admitted from a quota lease instead (gateway/quota.py): a slice of its quota
+leased ahead by one statement and spent in memory, so its requests make no database call; a
+request the slice cannot cover gives the slice back and takes the exact path above.
+
 A refusal raises (TooManyRequests with a `reason`, or Forbidden). Chat turns split the decision
 (turns.py): `admit_rate`, the abuse limit, runs at the edge before anything is written (its 429
 persists nothing); `admit(..., rate=False)` runs after the user message is committed, and its
@@ -27,10 +31,11 @@ configured, the policy does no I/O at all.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
@@ -41,6 +46,7 @@ import asyncpg
 from .auth import Principal
 from .config import LimitsConfig, ModelConfig
 from .errors import Forbidden, TooManyRequests
+from .quota import CALM_S, Ask, QuotaLeases
 from .store import limits as store
 from .store.limits import Limit, LimitReached
 from .vocabulary import PolicyAction
@@ -49,6 +55,8 @@ log = logging.getLogger(__name__)
 
 # worst case assumed for a reply whose request names no max_tokens and no ceiling applies
 DEFAULT_RESERVE_TOKENS = 1024
+# how long a refused exact admission waits for the slices it recalled from other instances
+RECALL_WAIT_S = 1.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -71,6 +79,7 @@ class Admission:
     user_cost_reserved: float = 0.0  # USD held against the daily cost caps
     key_cost_reserved: float = 0.0
     lease_id: uuid.UUID | None = None  # the stream lease, when a concurrency cap applies
+    quota_id: uuid.UUID | None = None  # the quota slice its reservations came from (gateway/quota.py)
     downgraded_from: str | None = None
     reasons: list[str] = field(default_factory=list)
     on_done: Callable[[], None] | None = field(default=None, repr=False, compare=False)
@@ -85,7 +94,7 @@ class Admission:
         """The usage record's fields that settle what this admission holds (store.usage.UsageRecord)."""
         return {"day": self.day, "user_reserved": self.user_reserved, "key_reserved": self.key_reserved,
                 "user_cost_reserved": self.user_cost_reserved, "key_cost_reserved": self.key_cost_reserved,
-                "lease_id": self.lease_id}
+                "lease_id": self.lease_id, "quota_id": self.quota_id}
 
     @property
     def holds_anything(self) -> bool:
@@ -95,8 +104,11 @@ class Admission:
     def reservation_json(self) -> dict[str, Any]:
         """What the sweep needs to settle the reservations of a reply whose instance died (its lease
         dies with the instance: store.limits.release_instance)."""
-        return {"day": self.day.isoformat(), "user_reserved": self.user_reserved, "key_reserved": self.key_reserved,
+        held = {"day": self.day.isoformat(), "user_reserved": self.user_reserved, "key_reserved": self.key_reserved,
                 "user_cost_reserved": self.user_cost_reserved, "key_cost_reserved": self.key_cost_reserved}
+        if self.quota_id is not None:
+            held["quota"] = str(self.quota_id)
+        return held
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -134,6 +146,7 @@ class _Reservation:
     user_cost: float = 0.0
     key_cost: float = 0.0
     lease: uuid.UUID | None = None
+    quota: uuid.UUID | None = None  # the slice it was served from
     max_tokens: int | None = None  # the completion tokens what remains today allows, when fewer than asked
     reasons: list[str] = field(default_factory=list)
 
@@ -180,6 +193,18 @@ def limits_for(config: LimitsConfig, principal: Principal) -> Limits:
                   key_chain=tuple(c for c in caps if c.limited))
 
 
+def _bounds(limits: Limits, max_tokens: int | None, reasons: list[str]) -> tuple[int | None, int]:
+    """What the upstream is told (the client's max_tokens, or the ceiling when it is lower: said in
+    `reasons`) and the worst case reserved for. The upstream is told a bound only when the policy
+    lowers the client's (or what remains today does, later); the reservation always assumes the
+    worst case the reply may reach."""
+    ceiling = max_tokens
+    if limits.max_tokens is not None and max_tokens is not None and max_tokens > limits.max_tokens:
+        ceiling = limits.max_tokens
+        reasons.append(f"max_tokens clamped to {limits.max_tokens}")
+    return ceiling, ceiling or limits.max_tokens or DEFAULT_RESERVE_TOKENS
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -190,7 +215,8 @@ def _next_midnight(day: date) -> datetime:
 
 class Policy:
     def __init__(self, config: LimitsConfig, pool: asyncpg.Pool, clock: Callable[[], datetime] = utc_now, *,
-                 models: Mapping[str, ModelConfig] | None = None, instance_id: uuid.UUID | None = None) -> None:
+                 models: Mapping[str, ModelConfig] | None = None, instance_id: uuid.UUID | None = None,
+                 leasing: bool | None = None) -> None:
         self._config = config
         self._pool = pool
         self.clock = clock  # injectable: tests pin it to step minutes
@@ -198,10 +224,62 @@ class Policy:
         # the leases this process takes die with it (the sweep gives them back): one id per instance
         self.instance_id = instance_id or uuid.uuid4()
         self._streams: dict[uuid.UUID, int] = {}  # this process's streams, per user (GET /api/me)
+        # busy callers are admitted from slices leased ahead ([limits] quota_leases, on by default)
+        on = config.quota_leases if leasing is None else leasing
+        self.quota: QuotaLeases | None = QuotaLeases(pool, self.instance_id) if on else None
+
+    async def close(self) -> None:
+        """At shutdown, once every reply has settled: the unused slices go back."""
+        if self.quota is not None:
+            await self.quota.close()
 
     def active_streams(self, user_id: uuid.UUID) -> int:
         """The user's streams admitted by this process and not done yet."""
         return self._streams.get(user_id, 0)
+
+    def recalled(self, user_id: uuid.UUID) -> None:
+        """A peer (or this process) needs the user's quota: this process's slices of it go back."""
+        if self.quota is not None:
+            self.quota.recall(user_id)
+
+    async def _exactly(self, user_id: uuid.UUID, admit: Callable[[], Awaitable[store.Grant]]) -> store.Grant:
+        """One exact admission (gateway_admit_full). Refused while another instance's slices hold some
+        of the user's quota, it recalls them (every instance gives the user's slices back and leases
+        none for a while), waits until they are back, and tries once more: a cap refuses only when
+        what is left is really spent, never while it sits unused in a slice."""
+        try:
+            return await admit()
+        except LimitReached:
+            if self.quota is None:
+                raise
+            # this process's own slices of the user first (a concurrent request may have leased one)
+            here = await self.quota.recall_here(user_id)
+            elsewhere = await store.open_slices_elsewhere(self._pool, user_id, self.instance_id)
+            if not (here or elsewhere):
+                raise
+        if elsewhere:
+            await self._recall_elsewhere(user_id)
+        return await admit()
+
+    async def _recall_elsewhere(self, user_id: uuid.UUID) -> None:
+        await store.recall_quota(self._pool, user_id, CALM_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECALL_WAIT_S
+        # a dead instance's slices stay open until the sweep: then this gives up after the wait
+        while loop.time() < deadline and await store.open_slices_elsewhere(self._pool, user_id, self.instance_id):
+            await asyncio.sleep(0.005)
+
+    def reconnected(self) -> None:
+        """This instance's liveness connection was lost and taken back: a peer may have taken it for
+        dead and reclaimed its quota slices, so they are spent no more (what they still hold goes back,
+        which is nothing for a reclaimed one)."""
+        if self.quota is not None:
+            self.quota.retire_all_soon()
+
+    def unused_tokens(self, user_id: uuid.UUID, day: date) -> int:
+        """Tokens this process's slices of the user hold against the user's daily cap and no request
+        has taken yet (GET /api/me does not count them as reserved)."""
+        return self.quota.unused_tokens(user_id, day) if self.quota is not None else 0
 
     async def admit_rate(self, principal: Principal) -> None:
         """The abuse limit alone, for the edge (before anything is written): a slot in this minute's
@@ -213,9 +291,18 @@ class Policy:
             return
         now = self.clock()
         window = now.replace(second=0, microsecond=0)
+        if self.quota is not None:
+            caller = (principal.user_id, principal.api_key_id)
+            self.quota.note(caller)
+            if self.quota.take(caller, limits, now.date(), window, slot=True, tokens=0, cost=0.0,
+                               stream=False) is not None:
+                return
+            await self.quota.retire(caller)
+            self.quota.stats.exact += 1
         try:
-            await store.admit_full(self._pool, user_id=principal.user_id, keys=keys, day=now.date(), window=window,
-                                   user_rpm=limits.user_rpm, want=0, user_cap=None, share=1)
+            await self._exactly(principal.user_id, partial(
+                store.admit_full, self._pool, user_id=principal.user_id, keys=keys, day=now.date(), window=window,
+                user_rpm=limits.user_rpm, want=0, user_cap=None, share=1))
         except LimitReached as e:
             raise self._refusal(e.limit, limits, window, now.date(), now) from None
 
@@ -224,26 +311,27 @@ class Policy:
         """`share`: this request is admitted together with share - 1 others (the arena's slots),
         so a daily reservation takes at most 1/share of what remains. `rate=False`: the request's
         per-minute slots were taken already (`admit_rate`, at the edge)."""
-        limits = limits_for(self._config, principal)
+        full = limits = limits_for(self._config, principal)
         if not rate:
             chain = (replace(k, rpm=None) for k in limits.key_chain)
             limits = replace(limits, user_rpm=None, key_rpm=None, key_chain=tuple(k for k in chain if k.limited))
         now = self.clock()
         day = now.date()
-        action, reasons = PolicyAction.APPROVE, []
+        action, reasons = PolicyAction.APPROVE, list[str]()
         if limits.models is not None and model not in limits.models:
             raise Forbidden(f"this key may not use model {model!r}")
-        # the upstream is told a bound only when the policy lowers the client's (or what remains
-        # today does, below); the reservation always assumes the worst case the reply may reach
-        ceiling = max_tokens
-        if limits.max_tokens is not None and max_tokens is not None and max_tokens > limits.max_tokens:
-            ceiling = limits.max_tokens
+        ceiling, worst = _bounds(limits, max_tokens, reasons)
+        if ceiling != max_tokens:
             action = PolicyAction.DOWNGRADE
-            reasons.append(f"max_tokens clamped to {limits.max_tokens}")
-        worst = ceiling or limits.max_tokens or DEFAULT_RESERVE_TOKENS
         reserved, downgraded_from = _Reservation(), None
         if limits.in_database:
-            reserved = await self._admit_in_database(principal, limits, day, model, worst, prompt_tokens, now, share)
+            sliced = self._from_slice(principal, full, limits, day, model, worst, prompt_tokens, now, share, rate)
+            if sliced is not None:
+                reserved = sliced
+            else:
+                reserved = await self._admit_in_database(principal, limits, day, model, worst, prompt_tokens, now,
+                                                         share)
+                self._consider_slice(principal, full, day, model, worst, prompt_tokens, now, share)
             if reserved.max_tokens is not None:
                 # what remains today bounds the reply: the upstream is told so, and the cap holds
                 ceiling = reserved.max_tokens
@@ -254,12 +342,38 @@ class Policy:
                     and await self._nearly_spent(principal.user_id, day, reserved, limits)):
                 action, downgraded_from, model = PolicyAction.DOWNGRADE, model, downgrade_to
                 reasons.append("daily budget nearly spent")
-        self._streams[principal.user_id] = self.active_streams(principal.user_id) + 1
+        return self._admission(principal.user_id, action, model, ceiling, day, reserved, downgraded_from, reasons)
+
+    def admit_now(self, principal: Principal, model: str, prompt_tokens: int,
+                  max_tokens: int | None) -> Admission | None:
+        """The whole admission (window slot included) when it needs no I/O: the caller's quota slice
+        covers it (gateway/quota.py), so nothing can refuse it. None otherwise, having taken nothing:
+        then `admit_rate`, and `admit(rate=False)` after the commit, as usual. Lets a native turn
+        carry its reservation in its persist statement (turns.py). No downgrade to a cheaper model
+        here: that needs the day's totals, so a turn that may be downgraded takes the usual way."""
+        if self.quota is None:
+            return None
+        limits = limits_for(self._config, principal)
+        if not limits.in_database or (limits.models is not None and model not in limits.models):
+            return None
+        reasons: list[str] = []
+        ceiling, worst = _bounds(limits, max_tokens, reasons)
+        now = self.clock()
+        reserved = self._from_slice(principal, limits, limits, now.date(), model, worst, prompt_tokens, now, 1,
+                                    rate=True, note=False)
+        if reserved is None:
+            return None
+        self.quota.note((principal.user_id, principal.api_key_id))
+        action = PolicyAction.DOWNGRADE if ceiling != max_tokens else PolicyAction.APPROVE
+        return self._admission(principal.user_id, action, model, ceiling, now.date(), reserved, None, reasons)
+
+    def _admission(self, user_id: uuid.UUID, action: PolicyAction, model: str, ceiling: int | None, day: date,
+                   reserved: _Reservation, downgraded_from: str | None, reasons: list[str]) -> Admission:
+        self._streams[user_id] = self.active_streams(user_id) + 1
         return Admission(action=action, model=model, max_tokens=ceiling, day=day, user_reserved=reserved.user,
                          key_reserved=reserved.key, user_cost_reserved=reserved.user_cost,
-                         key_cost_reserved=reserved.key_cost, lease_id=reserved.lease,
-                         downgraded_from=downgraded_from, reasons=reasons,
-                         on_done=partial(self._leave, principal.user_id))
+                         key_cost_reserved=reserved.key_cost, lease_id=reserved.lease, quota_id=reserved.quota,
+                         downgraded_from=downgraded_from, reasons=reasons, on_done=partial(self._leave, user_id))
 
     def _leave(self, user_id: uuid.UUID) -> None:
         n = self._streams.get(user_id, 0) - 1
@@ -267,6 +381,48 @@ class Policy:
             self._streams[user_id] = n
         else:
             self._streams.pop(user_id, None)
+
+    def _wants(self, limits: Limits, model: str, worst: int, prompt_tokens: int) -> tuple[int, float, bool, bool]:
+        """One request's worst case under `limits`: tokens (0 when no token cap applies), USD (0.0 when
+        no cost cap applies or the model is free), and whether token / cost caps hold it."""
+        capped = limits.user_daily is not None or any(k.daily is not None for k in limits.key_chain)
+        want_cost = worst_cost(prompt_tokens, worst, self._models.get(model))
+        cost_held = want_cost > 0 and (limits.user_cost is not None
+                                       or any(k.cost is not None for k in limits.key_chain))
+        return (prompt_tokens + worst if capped else 0), (want_cost if cost_held else 0.0), capped, cost_held
+
+    def _from_slice(self, principal: Principal, full: Limits, limits: Limits, day: date, model: str, worst: int,
+                    prompt_tokens: int, now: datetime, share: int, rate: bool,
+                    note: bool = True) -> _Reservation | None:
+        """The request served from the caller's slice, in memory; None when it cannot be (no slice,
+        too little left in it, an arena share): the exact path then."""
+        if self.quota is None or share != 1:
+            return None
+        caller = (principal.user_id, principal.api_key_id)
+        if rate and note:
+            self.quota.note(caller)
+        tokens, cost, _, _ = self._wants(limits, model, worst, prompt_tokens)
+        streams = limits.user_streams is not None or any(k.streams is not None for k in limits.key_chain)
+        rated = limits.user_rpm is not None or any(k.rpm is not None for k in limits.key_chain)
+        taken = self.quota.take(caller, full, day, now.replace(second=0, microsecond=0), slot=rated, tokens=tokens,
+                                cost=cost, stream=streams)
+        if taken is None:
+            return None
+        s, lease = taken
+        keys_capped = any(k.daily is not None for k in limits.key_chain)
+        keys_cost_capped = any(k.cost is not None for k in limits.key_chain)
+        return _Reservation(user=tokens if limits.user_daily is not None else 0, key=tokens if keys_capped else 0,
+                            user_cost=cost if limits.user_cost is not None else 0.0,
+                            key_cost=cost if keys_cost_capped else 0.0, lease=lease, quota=s.id)
+
+    def _consider_slice(self, principal: Principal, full: Limits, day: date, model: str, worst: int,
+                        prompt_tokens: int, now: datetime, share: int) -> None:
+        """After an exact admission: a busy caller gets a slice, leased in the background."""
+        if self.quota is None or share != 1:
+            return
+        tokens, cost, _, _ = self._wants(full, model, worst, prompt_tokens)
+        self.quota.consider(Ask(user_id=principal.user_id, api_key_id=principal.api_key_id, limits=full, day=day,
+                                window=now.replace(second=0, microsecond=0), tokens=tokens, cost=cost))
 
     async def _admit_in_database(self, principal: Principal, limits: Limits, day: date, model: str, worst: int,
                                  prompt_tokens: int, now: datetime, share: int) -> _Reservation:
@@ -279,12 +435,16 @@ class Policy:
         streams = limits.user_streams is not None or any(k.streams is not None for k in limits.key_chain)
         lease = uuid.uuid4() if streams else None
         window = now.replace(second=0, microsecond=0)
+        if self.quota is not None:
+            # whatever the caller's slice still holds goes back first: the exact path sees all that is left
+            await self.quota.retire((principal.user_id, principal.api_key_id))
+            self.quota.stats.exact += 1
         try:
-            grant = await store.admit_full(
-                self._pool, user_id=principal.user_id, keys=limits.key_chain, day=day, window=window,
-                user_rpm=limits.user_rpm, want=want, user_cap=limits.user_daily, share=share,
+            grant = await self._exactly(principal.user_id, partial(
+                store.admit_full, self._pool, user_id=principal.user_id, keys=limits.key_chain, day=day,
+                window=window, user_rpm=limits.user_rpm, want=want, user_cap=limits.user_daily, share=share,
                 want_cost=want_cost, user_cost_cap=limits.user_cost, lease=lease, instance_id=self.instance_id,
-                user_streams=limits.user_streams)
+                user_streams=limits.user_streams))
         except LimitReached as e:
             raise self._refusal(e.limit, limits, window, day, now) from None
         # every capped key of the chain holds the same reservation: settlement and release find them
@@ -353,10 +513,13 @@ class Policy:
         count and lease and hand its reservations back (the user's, its key's and every capped
         ancestor's). Exactly once: the admission forgets what it gave back."""
         admission.done()
-        await store.release(self._pool, user_id=user_id, api_key_id=api_key_id, day=admission.day,
-                            user_tokens=admission.user_reserved, key_tokens=admission.key_reserved,
-                            user_cost=admission.user_cost_reserved, key_cost=admission.key_cost_reserved,
-                            lease=admission.lease_id)
+        if admission.quota_id is None or self.quota is None or not self.quota.give_back(
+                admission.quota_id, (user_id, api_key_id), max(admission.user_reserved, admission.key_reserved),
+                max(admission.user_cost_reserved, admission.key_cost_reserved), admission.lease_id):
+            await store.release(self._pool, user_id=user_id, api_key_id=api_key_id, day=admission.day,
+                                user_tokens=admission.user_reserved, key_tokens=admission.key_reserved,
+                                user_cost=admission.user_cost_reserved, key_cost=admission.key_cost_reserved,
+                                lease=admission.lease_id, quota=admission.quota_id)
         admission.user_reserved = admission.key_reserved = 0
         admission.user_cost_reserved = admission.key_cost_reserved = 0.0
-        admission.lease_id = None
+        admission.lease_id = admission.quota_id = None

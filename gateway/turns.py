@@ -158,28 +158,43 @@ class Turns:
     async def begin_chat(self, principal: Principal, turn: TurnInput,
                          started: float | None = None) -> message_store.StoredTurn:
         """Persist, decide, start one reply. `started`: the request's arrival (time.monotonic())."""
-        if turn.client_message_id is not None:
-            # a retry of an accepted turn is answered before any limit: it costs nothing new, and
-            # gets the first request's rows (a refused reply stays refused: never a second decision)
-            existing = await message_store.find_duplicate(self._pool, principal.user_id, turn.client_message_id)
-            if existing is not None:
-                return existing
         messages = await self.conversation(principal, turn)
         choice = self.route(turn.model, turn.content)
-        with tracing.span("gateway.rate_limit"):  # the abuse limit: a 429 here has written nothing
-            await self._policy.admit_rate(principal)
-        with tracing.span("gateway.persist"):
-            stored = await self._persist.submit(message_store.TurnRequest(
-                user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
-                thread_id=turn.thread_id, instance_id=self._instance_id, parts=turn.parts,
-                reservation=self.attribution(principal, choice.model, messages)))
-        assert stored is not None
+        # a busy caller's whole admission comes from its quota slice, in memory, and cannot be
+        # refused: then the reservation rides in the persist statement (no statement after it),
+        # and a retry of an accepted turn is found by that statement (given back: stored.duplicate)
+        early = None if self._settings.limits.downgrade_model else self._policy.admit_now(
+            principal, choice.model, prompt_tokens(messages), turn.max_tokens)
+        if early is None:
+            if turn.client_message_id is not None:
+                # a retry of an accepted turn is answered before any limit: it costs nothing new, and
+                # gets the first request's rows (a refused reply stays refused: never a second decision)
+                existing = await message_store.find_duplicate(self._pool, principal.user_id,
+                                                              turn.client_message_id)
+                if existing is not None:
+                    return existing
+            with tracing.span("gateway.rate_limit"):  # the abuse limit: a 429 here has written nothing
+                await self._policy.admit_rate(principal)
+        try:
+            with tracing.span("gateway.persist"):
+                stored = await self._persist.submit(message_store.TurnRequest(
+                    user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
+                    thread_id=turn.thread_id, instance_id=self._instance_id, parts=turn.parts,
+                    reservation=self.attribution(principal, choice.model, messages) if early is None
+                    else self.reservation(principal, early, messages)))
+            assert stored is not None
+        except BaseException:
+            if early is not None:
+                await asyncio.shield(self._policy.release(early, principal.user_id, principal.api_key_id))
+            raise
         if stored.duplicate:  # lost a race with an identical request: that one decides and runs
+            if early is not None:
+                await self._policy.release(early, principal.user_id, principal.api_key_id)
             return stored
         await self._decide_and_start(principal, _Plan(
             thread_id=stored.thread_id, user_message_id=stored.user_message["id"],
             message_id=stored.assistant_message_id, choice=choice, messages=messages, turn=turn,
-            downgrade_to=self._settings.limits.downgrade_model), started)
+            downgrade_to=self._settings.limits.downgrade_model), started, early)
         return stored
 
     async def regenerate(self, principal: Principal, user_message_id: uuid.UUID, model: str | None,
@@ -274,18 +289,20 @@ class Turns:
                 extra={"comparison_id": str(stored.comparison_id)}), started)
         return stored
 
-    async def _decide_and_start(self, principal: Principal, plan: _Plan, started: float | None) -> None:
+    async def _decide_and_start(self, principal: Principal, plan: _Plan, started: float | None,
+                                early: Admission | None = None) -> None:
         """Decide, after the commit: the policy approves (the reply starts), downgrades (it starts
         on less), or stops it (the row is saved `refused`, with the reason and when it clears, and
-        no provider is called). One atomic admission, as strong as before the persist-first order."""
-        admission: Admission | None = None
+        no provider is called). One atomic admission, as strong as before the persist-first order.
+        `early`: admitted already, from the caller's quota slice, its reservation on the row."""
+        admission: Admission | None = early
         refusal: TooManyRequests | Forbidden | None = None
         try:
             with tracing.span("gateway.policy") as decision:
                 try:
-                    admission = await self._policy.admit(principal, plan.choice.model, prompt_tokens(plan.messages),
-                                                         plan.turn.max_tokens, plan.downgrade_to, share=plan.share,
-                                                         rate=False)
+                    admission = early or await self._policy.admit(
+                        principal, plan.choice.model, prompt_tokens(plan.messages), plan.turn.max_tokens,
+                        plan.downgrade_to, share=plan.share, rate=False)
                 except (TooManyRequests, Forbidden) as e:
                     refusal = e
                 action = "refuse" if admission is None else str(admission.action)
@@ -314,7 +331,7 @@ class Turns:
             admission.model,
             ChatRequest(plan.messages, max_tokens=admission.max_tokens, temperature=turn.temperature,
                         top_p=turn.top_p, extra=dict(turn.extra)), started)
-        if admission.holds_anything or admission.model != plan.choice.model:
+        if early is None and (admission.holds_anything or admission.model != plan.choice.model):
             # added while the upstream call starts, not before it: only a live row takes it, so a
             # finish that gets there first is left alone (and has settled the reservation itself)
             try:

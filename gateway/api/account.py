@@ -21,6 +21,8 @@ async def me(request: web.Request) -> web.Response:
     limits = limits_for(request.app[SETTINGS].limits, principal)
     today = utc_now().date()
     used = await usage_store.day_totals(request.app[DB].pool, principal.user_id, today)
+    # the unused part of this instance's quota slices is held ahead, not reserved by a request
+    used["reserved"] = max(0, used["reserved"] - request.app[POLICY].unused_tokens(principal.user_id, today))
     caps = [c for c in (limits.user_daily, limits.key_daily if principal.api_key_id else None) if c]
     remaining = max(0, min(caps) - used["tokens"] - used["reserved"]) if caps else None
     # with a stream cap, the fleet-wide count the cap holds (policy.py); else this process's

@@ -172,10 +172,11 @@ FROM held WHERE d.api_key_id = held.api_key_id AND d.day = $2"""
 
 async def release(pool: asyncpg.Pool, *, user_id: uuid.UUID, api_key_id: uuid.UUID | None, day: date,
                   user_tokens: int, key_tokens: int, user_cost: float = 0.0, key_cost: float = 0.0,
-                  lease: uuid.UUID | None = None) -> None:
+                  lease: uuid.UUID | None = None, quota: uuid.UUID | None = None) -> None:
     """Hand back what a request that never ran holds: its lease (first: admission takes stream
     counters before day rows), then the user's reservations and those of its key and of each
-    ancestor that has a daily cap (all in one transaction, keys before the user, as admitted)."""
+    ancestor that has a daily cap (all in one transaction, keys before the user, as admitted).
+    `quota`: the slice the reservations came from, whose row says what it still holds."""
     keys = (key_tokens or key_cost) and api_key_id is not None
     if not (user_tokens or user_cost or keys or lease):
         return
@@ -188,6 +189,12 @@ async def release(pool: asyncpg.Pool, *, user_id: uuid.UUID, api_key_id: uuid.UU
             await conn.execute("UPDATE daily_usage SET reserved = greatest(reserved - $3, 0), "
                                "cost_reserved = greatest(cost_reserved - $4, 0) "
                                "WHERE user_id = $1 AND day = $2", user_id, day, user_tokens, _usd(user_cost))
+        if quota is not None:
+            await conn.execute(
+                "UPDATE quota_leases SET user_tokens = greatest(user_tokens - $2, 0), "
+                "key_tokens = greatest(key_tokens - $3, 0), user_cost = greatest(user_cost - $4, 0), "
+                "key_cost = greatest(key_cost - $5, 0) WHERE id = $1", quota, user_tokens, key_tokens,
+                _usd(user_cost), _usd(key_cost))
 
 
 async def release_instance(conn: asyncpg.Connection, instance_id: uuid.UUID) -> int:
@@ -228,3 +235,83 @@ async def headroom(pool: asyncpg.Pool, *, subjects: Sequence[str], window: datet
                      FROM unnest($5::uuid[]) WITH ORDINALITY AS k (id, pos) ORDER BY k.pos) AS key_days""",
         list(subjects), window, user_id, day, list(keys))
     return list(row["windows"]), int(row["user_day"]), [int(v) for v in row["key_days"]]
+
+
+# -- quota leases (sql/0013_quota_leases.sql, gateway/quota.py) ---------------------------------------------
+
+
+class NoSlice(Exception):
+    """gateway_lease_quota found too little left under some limit for even one request: nothing taken."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SliceGrant:
+    """What one lease statement granted: window slots (None: no window limit applies), tokens and USD
+    (0: no cap of that kind applies) and stream leases made ahead."""
+
+    requests: int | None
+    tokens: int
+    cost: float
+    streams: list[uuid.UUID]
+
+
+async def lease_quota(pool: asyncpg.Pool, *, lease: uuid.UUID, instance_id: uuid.UUID, user_id: uuid.UUID,
+                      api_key_id: uuid.UUID | None, keys: Sequence[KeyCap], day: date, window: datetime,
+                      user_rpm: int | None, requests: int | None, want: int, least: int, user_cap: int | None,
+                      want_cost: float, least_cost: float, user_cost_cap: float | None, user_streams: int | None,
+                      streams: int) -> SliceGrant:
+    """Take (or add to) the slice `lease` of the caller's quota: one call to gateway_lease_quota."""
+    try:
+        row = await pool.fetchrow(
+            "SELECT g_requests, g_tokens, g_cost::float8 AS g_cost, g_streams FROM gateway_lease_quota("
+            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+            lease, instance_id, user_id, api_key_id, [k.key_id for k in keys], day, window, user_rpm,
+            [k.rpm for k in keys], requests, want, least, user_cap, [k.daily for k in keys], _usd(want_cost),
+            _usd(least_cost), _usd(user_cost_cap), [_usd(k.cost) for k in keys], user_streams,
+            [k.streams for k in keys], streams)
+    except asyncpg.PostgresError as e:
+        if getattr(e, "sqlstate", None) == "GW4L0":
+            raise NoSlice from None
+        raise
+    return SliceGrant(requests=row["g_requests"], tokens=row["g_tokens"], cost=row["g_cost"],
+                      streams=list(row["g_streams"]))
+
+
+async def return_quota(pool: asyncpg.Pool, *, lease: uuid.UUID, tokens: int, cost: float, window: datetime | None,
+                       subjects: Sequence[str], requests: int, streams: Sequence[uuid.UUID]) -> None:
+    """Give back a slice's unused part (gateway_return_quota): tokens and USD off the day rows that hold
+    them, window slots of `window` off `subjects`, the stream leases made ahead."""
+    await pool.execute("SELECT gateway_return_quota($1, $2, $3, $4, $5, $6, $7)", lease, tokens, _usd(cost),
+                       window, list(subjects), requests, list(streams))
+
+
+async def reclaim_quota(conn: asyncpg.Connection, instance_id: uuid.UUID) -> int:
+    """Release everything a dead instance's slices still hold (the sweep); returns how many slices."""
+    n: int = await conn.fetchval("SELECT gateway_reclaim_quota($1)", instance_id)
+    return n
+
+
+async def quota_owners(pool: asyncpg.Pool, exclude: uuid.UUID) -> list[uuid.UUID]:
+    """The instances, other than `exclude`, that hold quota slices."""
+    rows = await pool.fetch("SELECT DISTINCT instance_id FROM quota_leases WHERE instance_id <> $1", exclude)
+    return [row["instance_id"] for row in rows]
+
+
+QUOTA_RECALL_CHANNEL = "gateway_quota_recall"
+
+
+async def open_slices_elsewhere(pool: asyncpg.Pool, user_id: uuid.UUID, instance_id: uuid.UUID) -> bool:
+    """Whether another instance holds a slice of the user's quota it has not given back."""
+    found: bool = await pool.fetchval("SELECT EXISTS (SELECT 1 FROM quota_leases WHERE user_id = $1 AND open "
+                                      "AND instance_id <> $2)", user_id, instance_id)
+    return found
+
+
+async def recall_quota(pool: asyncpg.Pool, user_id: uuid.UUID, calm_s: float) -> None:
+    """Ask every instance to give back its slices of the user's quota (they LISTEN on the channel); no
+    instance leases the user a slice for `calm_s` (quota_recalls)."""
+    await pool.execute(
+        "WITH r AS (INSERT INTO quota_recalls (user_id, until) "
+        "VALUES ($1, clock_timestamp() + $3 * interval '1 second') "
+        "ON CONFLICT (user_id) DO UPDATE SET until = EXCLUDED.until RETURNING user_id) "
+        "SELECT pg_notify($2, user_id::text) FROM r", user_id, QUOTA_RECALL_CHANNEL, calm_s)

@@ -157,17 +157,16 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
             [orjson.dumps(t.parts).decode() if t.parts is not None else None for t in turns]]
     results: dict[int, StoredTurn | Exception] = {}  # by the turn's index
     async with pool.acquire() as conn:
-        if all(t.client_message_id is None for t in turns):
-            # nothing can conflict: the statement is atomic on its own (no BEGIN/COMMIT round trips)
-            rows = await conn.fetch(_TURNS, *args)
-        else:
-            async with conn.transaction():
-                rows = await conn.fetch(_TURNS, *args)
-                made = {r["i"] for r in rows}
-                # a turn that lost to a duplicate leaves the thread it made empty: drop that thread
-                orphans = [thread_ids[i] for i, t in enumerate(turns) if i not in made and t.thread_id is None]
-                if orphans:
-                    await conn.execute("DELETE FROM threads WHERE id = ANY($1::uuid[])", orphans)
+        # the statement is atomic on its own: no BEGIN/COMMIT round trips (issue 17 item 3)
+        rows = await conn.fetch(_TURNS, *args)
+        made = {r["i"] for r in rows}
+        # a turn that lost to a duplicate leaves the thread it made empty: drop that thread (right
+        # after, not atomically: at worst an empty thread is listed for a moment, or stays if the
+        # process dies in between, which is what the rare race of two identical requests costs)
+        orphans = [thread_ids[i] for i, t in enumerate(turns) if i not in made and t.thread_id is None]
+        if orphans:
+            await conn.execute("DELETE FROM threads WHERE id = ANY($1::uuid[]) AND NOT EXISTS "
+                               "(SELECT 1 FROM messages m WHERE m.thread_id = threads.id)", orphans)
         for row in rows:
             turn = dict(row)
             i = turn.pop("i")

@@ -27,7 +27,8 @@ r AS (
            coalesce((held ->> 'user_tokens')::bigint, 0) AS user_reserved,
            coalesce((held ->> 'key_tokens')::bigint, 0) AS key_reserved,
            coalesce((held ->> 'user_cost')::numeric, 0) AS user_cost_reserved,
-           coalesce((held ->> 'key_cost')::numeric, 0) AS key_cost_reserved, lease
+           coalesce((held ->> 'key_cost')::numeric, 0) AS key_cost_reserved, lease,
+           (held ->> 'quota')::uuid AS quota
     FROM unnest(
         $1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::integer[], $7::integer[],
         $8::boolean[], $9::numeric[], $10::date[], $11::jsonb[], $12::uuid[])
@@ -84,6 +85,15 @@ d AS (
         requests = d.requests + EXCLUDED.requests, cost_usd = d.cost_usd + EXCLUDED.cost_usd,
         reserved = greatest(d.reserved - EXCLUDED.reserved, 0),
         cost_reserved = greatest(d.cost_reserved - EXCLUDED.cost_reserved, 0)
+),
+q AS (
+    -- a reply served from a quota lease (sql/0013): its share comes off the lease's row too
+    UPDATE quota_leases l SET user_tokens = greatest(l.user_tokens - x.ut, 0),
+        key_tokens = greatest(l.key_tokens - x.kt, 0), user_cost = greatest(l.user_cost - x.uc, 0),
+        key_cost = greatest(l.key_cost - x.kc, 0)
+    FROM (SELECT quota, sum(user_reserved) AS ut, sum(key_reserved) AS kt, sum(user_cost_reserved) AS uc,
+                 sum(key_cost_reserved) AS kc FROM new WHERE quota IS NOT NULL GROUP BY quota) x
+    WHERE l.id = x.quota
 )"""
 
 _RECORD = "WITH " + USAGE_CTES + "\nSELECT (SELECT count(*) FROM u) AS usage"
@@ -106,13 +116,17 @@ class UsageRecord:
     user_cost_reserved: float = 0.0  # USD, against the daily cost caps, the same way
     key_cost_reserved: float = 0.0
     lease_id: uuid.UUID | None = None  # the admission's stream lease (concurrency caps), given back here
+    quota_id: uuid.UUID | None = None  # the quota lease the reservations came from (policy.QuotaLeases)
 
     def held(self) -> dict[str, Any] | None:
         """What the admission reserved, as the settlement reads it ($11)."""
         if not (self.user_reserved or self.key_reserved or self.user_cost_reserved or self.key_cost_reserved):
             return None
-        return {"user_tokens": self.user_reserved, "key_tokens": self.key_reserved,
-                "user_cost": self.user_cost_reserved, "key_cost": self.key_cost_reserved}
+        held: dict[str, Any] = {"user_tokens": self.user_reserved, "key_tokens": self.key_reserved,
+                                "user_cost": self.user_cost_reserved, "key_cost": self.key_cost_reserved}
+        if self.quota_id is not None:
+            held["quota"] = str(self.quota_id)
+        return held
 
     def params(self) -> tuple[object, ...]:
         # by hand: dataclasses.astuple deep-copies every field, far too slow for a batch
