@@ -69,6 +69,7 @@ async def test_two_workers_share_one_port_a_killed_one_is_restarted_sigterm_drai
         head = await read_until(resp, b"event: metadata")
         gw.proc.send_signal(signal.SIGTERM)
         rest = await read_until(resp, b"data: [DONE]", timeout=30)
+        resp.close()  # not a context manager: released here, or its connection leaks into a later test's GC
         body = head + rest
         assert b"event: done" in body and b'"finish_reason":"stop"' in body
     assert gw.proc.wait(30) == 0
