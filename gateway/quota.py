@@ -99,6 +99,21 @@ class Slice:
     used: float = 0.0  # when a request last took from it (monotonic)
     renewing: asyncio.Task[None] | None = None
     dry_until: float = 0.0
+    seen: store.SliceGrant | None = None  # the last lease statement's grant and the counts it saw
+
+    def taken(self) -> tuple[list[int], int | None, list[int | None]] | None:
+        """What this caller's limits hold now as far as this slice knows, without I/O: the counts
+        its last lease statement saw, less what the slice has not handed out yet (window counts in
+        Ask.subjects order, the user's tokens today, each key's in key_chain order). Stale by the
+        settlements since that lease (at most about HORIZON_S / 2 for a busy caller): advisory
+        numbers, for the rate-limit headers."""
+        seen = self.seen
+        if seen is None:
+            return None
+        unspent = self.requests or 0
+        return ([count - unspent for count in seen.windows],
+                None if seen.user_day is None else seen.user_day - self.tokens,
+                [None if used is None else used - self.tokens for used in seen.key_days])
 
     def low(self) -> bool:
         """Half spent (of whatever it holds): time to renew."""
@@ -259,6 +274,7 @@ class QuotaLeases:
         s.tokens += grant.tokens
         s.cost = round(s.cost + grant.cost, 8)
         s.streams.extend(grant.streams)
+        s.seen = grant
         return True
 
     async def retire(self, caller: Caller) -> None:

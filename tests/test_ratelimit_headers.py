@@ -4,6 +4,7 @@ clock pinned so the resets are exact."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -141,3 +142,68 @@ async def test_only_configured_limits_appear(api_for, make_client: MakeClient, c
     raw = await api_for(client, user.key).chat.completions.with_raw_response.create(
         model="demo", messages=[{"role": "user", "content": "hi"}])
     assert ratelimit(raw.headers) == {}
+
+
+@pytest.mark.parametrize("key_limits", [None, {"requests_per_minute": 500, "daily_tokens": 50000}])
+async def test_a_busy_caller_gets_them_from_its_quota_slice_without_a_read(
+        make_client: MakeClient, config_file: Any, user: User, db: Any, key_limits: dict[str, int] | None):
+    """Issue 17: once a busy caller is admitted from a quota slice, its headers come from what the
+    slice's lease statement saw, less what the slice has not handed out: no statement is sent for
+    them, and (each reply using exactly its reservation: "hello" is 2 tokens, max_tokens 10, 10
+    demo tokens) the numbers are the exact ones."""
+    if key_limits is not None:  # tighter than the user's: the key's windows and day row are reported
+        await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, key_limits)
+    rpm, daily = (1000, 100000) if key_limits is None else (500, 50000)
+    client = await limited(make_client, config_file, "[limits]\nrequests_per_minute = 1000\ndaily_tokens = 100000\n")
+    worst = estimate_tokens("hello") + 10
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "stream": True}
+    headers = {"Authorization": f"Bearer {user.key}"}
+    quota = client.app[POLICY].quota
+
+    async def completion() -> dict[str, str]:
+        resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+        assert resp.status == 200
+        got = ratelimit(resp.headers)
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        return got
+
+    sent = 0
+    while not any(u == user.id for u, _ in quota._slices):
+        await completion()
+        sent += 1
+        assert sent < 10, "no slice leased"
+        await asyncio.sleep(0.01)  # a slice is leased in the background
+    await client.app[USAGE].flush()
+
+    async def quiet() -> bool:
+        return not quota._leasing and all(s.renewing is None for s in quota._slices.values())
+
+    await wait_for(quiet)
+    pool = client.app[POLICY]._pool
+    connections = [holder._con for holder in pool._holders if holder._con is not None]
+    queries: list[str] = []
+
+    def log(record: Any) -> None:
+        queries.append(record.query)
+
+    for conn in connections:
+        conn.add_query_logger(log)
+    try:
+        resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+        assert resp.status == 200
+        before_body = list(queries)
+        got = ratelimit(resp.headers)
+        await resp.read()
+    finally:
+        for conn in connections:
+            conn.remove_query_logger(log)
+    sent += 1
+    assert before_body == []  # no headroom read, no admission call
+    assert got == {"x-ratelimit-limit-requests": str(rpm), "x-ratelimit-remaining-requests": str(rpm - sent),
+                   "x-ratelimit-reset-requests": "45s", "x-ratelimit-limit-tokens": str(daily),
+                   "x-ratelimit-remaining-tokens": str(daily - sent * worst),
+                   "x-ratelimit-reset-tokens": "13h59m45s"}
+    # and they agree with the database's own count once this reply is settled
+    await client.app[USAGE].flush()
+    assert await db.fetchval("SELECT tokens FROM daily_usage WHERE user_id = $1 AND day = $2",
+                             user.id, AT.date()) == sent * worst

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -253,6 +253,12 @@ class SliceGrant:
     tokens: int
     cost: float
     streams: list[uuid.UUID]
+    # what the limits looked at hold right after the grant (the rate-limit headers' numbers): each
+    # window's count (Ask.subjects order), the user's tokens + reserved today (None: no user token
+    # cap), each key's (keys order; None where the key has no token cap)
+    windows: list[int] = field(default_factory=list)
+    user_day: int | None = None
+    key_days: list[int | None] = field(default_factory=list)
 
 
 async def lease_quota(pool: asyncpg.Pool, *, lease: uuid.UUID, instance_id: uuid.UUID, user_id: uuid.UUID,
@@ -263,7 +269,8 @@ async def lease_quota(pool: asyncpg.Pool, *, lease: uuid.UUID, instance_id: uuid
     """Take (or add to) the slice `lease` of the caller's quota: one call to gateway_lease_quota."""
     try:
         row = await pool.fetchrow(
-            "SELECT g_requests, g_tokens, g_cost::float8 AS g_cost, g_streams FROM gateway_lease_quota("
+            "SELECT g_requests, g_tokens, g_cost::float8 AS g_cost, g_streams, g_windows, g_user_day, g_key_days"
+            " FROM gateway_lease_quota("
             "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
             lease, instance_id, user_id, api_key_id, [k.key_id for k in keys], day, window, user_rpm,
             [k.rpm for k in keys], requests, want, least, user_cap, [k.daily for k in keys], _usd(want_cost),
@@ -274,7 +281,8 @@ async def lease_quota(pool: asyncpg.Pool, *, lease: uuid.UUID, instance_id: uuid
             raise NoSlice from None
         raise
     return SliceGrant(requests=row["g_requests"], tokens=row["g_tokens"], cost=row["g_cost"],
-                      streams=list(row["g_streams"]))
+                      streams=list(row["g_streams"]), windows=list(row["g_windows"]), user_day=row["g_user_day"],
+                      key_days=list(row["g_key_days"]))
 
 
 async def return_quota(pool: asyncpg.Pool, *, lease: uuid.UUID, tokens: int, cost: float, window: datetime | None,
