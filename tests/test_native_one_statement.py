@@ -1,0 +1,129 @@
+"""Issue 17 item 3: a native turn in an existing thread makes ONE database statement before the
+upstream request (the persist statement, which reads the thread's history back), and the history
+the upstream gets is exactly the thread's, also after another instance added a turn to it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+import orjson
+from aiohttp.test_utils import TestClient
+
+from gateway.state import POLICY
+
+from .conftest import MakeClient, User, wait_for
+from .fakes import FakeUpstream, Reply, openai_stream
+from .test_quota_leases import caller, quiet, settled
+
+# every limit on, none reached; the fake upstream as an OpenAI-compatible provider
+TOML = """
+[providers.fake]
+kind = "openai"
+base_url = "{base}"
+api_key = "sk-test"
+
+[models.{name}]
+provider = "fake"
+upstream = "up-model"
+input_price_per_mtok = 1
+output_price_per_mtok = 1
+
+[limits]
+requests_per_minute = 100000
+daily_tokens = 100000000
+daily_cost_usd = 100000
+max_concurrent_streams = 1000
+"""
+
+# written by the instance's own background tasks, not by the request: a slice renewal taken from
+# the request's path runs as a task of its own (gateway/quota.py), the writers batch off the path
+BACKGROUND = ("gateway_lease_quota", "gateway_return_quota", "activity", "last_used_at", "gateway_heartbeat")
+
+
+async def post_turn(client: TestClient, user: User, model: str, content: str,
+                    thread_id: str | None = None) -> dict[str, Any]:
+    """A streamed turn, read to its end; its metadata event's data."""
+    body: dict[str, Any] = {"content": content, "model": model, "stream": True}
+    if thread_id is not None:
+        body["thread_id"] = thread_id
+    resp = await client.post("/api/chat", headers=user.headers, json=body)
+    assert resp.status == 200, await resp.text()
+    text = await resp.text()
+    assert text.endswith("data: [DONE]\n\n") and "event: error" not in text, text
+    meta = text.split("event: metadata\ndata: ", 1)[1].split("\n", 1)[0]
+    return dict(orjson.loads(meta))
+
+
+async def make_busy(client: TestClient, user: User, model: str) -> None:
+    """Turns in quick succession (in threads of their own) until the instance holds a slice of the
+    user's quota: the caller is busy, admitted from memory."""
+    for _ in range(8):
+        await post_turn(client, user, model, "warm up")
+        if caller(client, user) is not None:
+            return
+    raise AssertionError("no slice leased")
+
+
+def log_statements(client: TestClient) -> tuple[list[str], Any]:
+    """Every statement the app's pool sends from now on (asyncpg's query logger on each of its
+    connections: the pool is opened at its full size, so no connection is made later)."""
+    sent: list[str] = []
+    pool: asyncpg.Pool = client.app[POLICY]._pool
+    connections = [holder._con for holder in pool._holders if holder._con is not None]
+    assert len(connections) == pool.get_max_size()
+
+    def log(record: Any) -> None:
+        sent.append(record.query)
+
+    for conn in connections:
+        conn.add_query_logger(log)
+
+    def stop() -> None:
+        for conn in connections:
+            conn.remove_query_logger(log)
+
+    return sent, stop
+
+
+async def test_an_existing_thread_turn_of_a_busy_caller_makes_one_statement_before_the_upstream_call(
+        make_client: MakeClient, config_file: Any, upstream: FakeUpstream, user: User, db: asyncpg.Pool) -> None:
+    model = f"one_{uuid.uuid4().hex[:8]}"
+    path = config_file(TOML.format(base=upstream.base_url, name=model))
+    a = await make_client(GATEWAY_CONFIG=path, DB_POOL_MIN="4", DB_POOL_MAX="4")
+    b = await make_client(GATEWAY_CONFIG=path, DB_POOL_MIN="4", DB_POOL_MAX="4")
+    upstream.queue(Reply(openai_stream(["Hel", "lo"])))
+    thread_id = (await post_turn(a, user, model, "first"))["thread_id"]
+    await make_busy(a, user, model)
+    # another instance on the same database adds a turn to the thread: A never saw it
+    upstream.queue(Reply(openai_stream(["B ", "says"])))
+    await post_turn(b, user, model, "from b", thread_id)
+    await wait_for(lambda: settled(db, user))
+    await wait_for(lambda: quiet(a))
+
+    exact = a.app[POLICY].quota.stats.exact
+    sent, stop = log_statements(a)
+    before_upstream: list[str] = []
+    upstream.queue(Reply(openai_stream(["ok"]), on_request=lambda _: before_upstream.extend(sent)))
+    try:
+        meta = await post_turn(a, user, model, "third", thread_id)
+    finally:
+        stop()
+    assert meta["thread_id"] == thread_id
+    on_the_path = [q for q in before_upstream if not any(name in q for name in BACKGROUND)]
+    assert len(on_the_path) == 1, on_the_path
+    assert "INSERT INTO messages" in on_the_path[0] and "json_agg" in on_the_path[0]
+    assert a.app[POLICY].quota.stats.exact == exact  # admitted from memory, before and after the commit
+    assert upstream.requests[-1] == {
+        "model": "up-model", "stream": True, "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Hello"},
+                     {"role": "user", "content": "from b"}, {"role": "assistant", "content": "B says"},
+                     {"role": "user", "content": "third"}]}
+    await wait_for(lambda: settled(db, user))
+    rows = await db.fetch("SELECT role, content, status FROM messages WHERE thread_id = $1 ORDER BY seq",
+                          uuid.UUID(thread_id))
+    assert [tuple(r) for r in rows] == [
+        ("user", "first", "complete"), ("assistant", "Hello", "complete"),
+        ("user", "from b", "complete"), ("assistant", "B says", "complete"),
+        ("user", "third", "complete"), ("assistant", "ok", "complete")]
