@@ -5,6 +5,7 @@ the upstream gets is exactly the thread's, also after another instance added a t
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -13,10 +14,12 @@ from aiohttp.test_utils import TestClient
 
 from gateway.state import POLICY
 from gateway.store.messages import TurnRequest, persist_turns
+from gateway.turns import prompt_tokens
 
 from .conftest import MakeClient, User, wait_for
 from .fakes import FakeUpstream, Reply, openai_stream
-from .test_quota_leases import caller, quiet, settled
+from .test_quota_leases import WORST, busy, caller, day, quiet, settled
+from .test_quota_leases import app as leased_app
 
 # every limit on, none reached; the fake upstream as an OpenAI-compatible provider
 TOML = """
@@ -147,3 +150,35 @@ async def test_the_persist_statement_is_planned_once_per_connection_with_statist
                                 "WHERE statement LIKE '%INSERT INTO threads (id, user_id, title)%' "
                                 "AND statement NOT LIKE '%pg_prepared_statements%'")
     assert plans["custom_plans"] <= 5 and plans["generic_plans"] >= 10, dict(plans)
+
+
+async def test_a_busy_callers_turns_in_a_thread_reserve_the_whole_prompt_and_settle_exactly(
+        make_client: MakeClient, config_file: Any, user: User, db: asyncpg.Pool) -> None:
+    """The admission before the commit counts the new message; the thread's history, read by the
+    commit, is reserved after it from the same slice: nothing is left reserved or counted twice."""
+    client, model = await leased_app(make_client, config_file, 1000 * WORST)
+    await busy(client, user, model)
+    body = {"content": "hello", "max_tokens": 10, "model": model}
+    first = await (await client.post("/api/chat", headers=user.headers, json=body)).json()
+    await wait_for(lambda: settled(db, user))
+    for _ in range(4):
+        resp = await client.post("/api/chat", headers=user.headers, json={**body, "thread_id": first["thread_id"]})
+        assert resp.status == 202
+        await wait_for(lambda: settled(db, user))
+    assert client.app[POLICY].quota.stats.from_slice > 4  # (a slice too small for a longer prompt: exact)
+    await wait_for(lambda: quiet(client))
+    tokens, reserved, cost, cost_reserved = await day(db, user)
+    # each turn's usage counted once (demo: its prompt estimate, history included, + 10 tokens)
+    assert tokens == await db.fetchval("SELECT sum(total_tokens) FROM usage WHERE user_id = $1", user.id)
+    assert cost == await db.fetchval("SELECT sum(cost_usd)::float8 FROM usage WHERE user_id = $1", user.id)
+    rows = await db.fetch("SELECT m.role, m.content, u.prompt_tokens FROM messages m "
+                          "LEFT JOIN usage u ON u.message_id = m.id WHERE m.thread_id = $1 ORDER BY m.seq",
+                          uuid.UUID(first["thread_id"]))
+    # each reply's prompt: the whole conversation before it (the history the commit read back)
+    assert [r["prompt_tokens"] for r in rows if r["role"] == "assistant"] == [
+        prompt_tokens([{"content": r["content"]} for r in rows[:i]]) for i, r in enumerate(rows)
+        if r["role"] == "assistant"]
+    # all that is still reserved is the slice's unused part
+    today = datetime.now(UTC).date()
+    assert reserved == client.app[POLICY].unused_tokens(user.id, today)
+    assert cost_reserved == float(reserved)
