@@ -114,9 +114,10 @@ class Completion:
     admission: Admission
 
 
-# What a reply's row holds when it is decided: the attribution written with it (its prompt whole),
-# the slice an early admission was taken from (for a prompt without the thread's history), or
-# None (the attribution, but for a prompt without the thread's history)
+# What the persist statement noted on a reply's row (for the sweep of a dead instance), as it is
+# decided: "admission", the early admission's reservation, for the whole prompt; "attribution", who
+# and what it is for, for the whole prompt; a slice's id, an early admission's reservation from that
+# slice, but for the prompt without the thread's history; None, the attribution, but for that prompt
 _Noted = Literal["attribution", "admission"] | uuid.UUID | None
 
 
