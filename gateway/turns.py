@@ -24,7 +24,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -114,6 +114,13 @@ class Completion:
     admission: Admission
 
 
+# What the persist statement noted on a reply's row (for the sweep of a dead instance), as it is
+# decided: "admission", the early admission's reservation, for the whole prompt; "attribution", who
+# and what it is for, for the whole prompt; a slice's id, an early admission's reservation from that
+# slice, but for the prompt without the thread's history; None, the attribution, but for that prompt
+_Noted = Literal["attribution", "admission"] | uuid.UUID | None
+
+
 @dataclass(slots=True, kw_only=True)
 class _Plan:
     """One reply to decide and start, once its placeholder row is committed."""
@@ -157,8 +164,12 @@ class Turns:
 
     async def begin_chat(self, principal: Principal, turn: TurnInput,
                          started: float | None = None) -> message_store.StoredTurn:
-        """Persist, decide, start one reply. `started`: the request's arrival (time.monotonic())."""
-        messages = await self.conversation(principal, turn)
+        """Persist, decide, start one reply. `started`: the request's arrival (time.monotonic()).
+
+        The commit is the one round trip before the upstream call (issue 17 item 3): a thread's
+        history comes back from the persist statement itself, so anything decided before it counts
+        the new message alone, and is taken again for the whole prompt after it (see below)."""
+        messages = self.framed(turn, [])
         choice = self.route(turn.model, turn.content)
         # a busy caller's whole admission comes from its quota slice, in memory, and cannot be
         # refused: then the reservation rides in the persist statement (no statement after it),
@@ -191,10 +202,21 @@ class Turns:
             if early is not None:
                 await self._policy.release(early, principal.user_id, principal.api_key_id)
             return stored
+        noted: _Noted = "admission" if early is not None else "attribution"  # what the row holds already
+        if stored.history:
+            messages = self.framed(turn, stored.history)
+            noted = None
+            if early is not None:
+                # the history adds to the prompt the early admission reserved for: the admission is
+                # taken again for the whole prompt after the commit, as on the exact path (`rate=False`:
+                # the window slot stays taken) — from the same slice, in memory, when it covers it
+                noted = early.quota_id
+                await self._policy.release(early, principal.user_id, principal.api_key_id)
+                early = None
         await self._decide_and_start(principal, _Plan(
             thread_id=stored.thread_id, user_message_id=stored.user_message["id"],
             message_id=stored.assistant_message_id, choice=choice, messages=messages, turn=turn,
-            downgrade_to=self._settings.limits.downgrade_model), started, early)
+            downgrade_to=self._settings.limits.downgrade_model), started, early, noted)
         return stored
 
     async def regenerate(self, principal: Principal, user_message_id: uuid.UUID, model: str | None,
@@ -290,11 +312,12 @@ class Turns:
         return stored
 
     async def _decide_and_start(self, principal: Principal, plan: _Plan, started: float | None,
-                                early: Admission | None = None) -> None:
+                                early: Admission | None = None, noted: _Noted = "attribution") -> None:
         """Decide, after the commit: the policy approves (the reply starts), downgrades (it starts
         on less), or stops it (the row is saved `refused`, with the reason and when it clears, and
         no provider is called). One atomic admission, as strong as before the persist-first order.
-        `early`: admitted already, from the caller's quota slice, its reservation on the row."""
+        `early`: admitted already, from the caller's quota slice, its reservation on the row.
+        `noted`: what the row's reservation holds already (see _Noted)."""
         admission: Admission | None = early
         refusal: TooManyRequests | Forbidden | None = None
         try:
@@ -331,7 +354,7 @@ class Turns:
             admission.model,
             ChatRequest(plan.messages, max_tokens=admission.max_tokens, temperature=turn.temperature,
                         top_p=turn.top_p, extra=dict(turn.extra)), started)
-        if early is None and (admission.holds_anything or admission.model != plan.choice.model):
+        if early is None and self._renote(admission, plan, noted):
             # added while the upstream call starts, not before it: only a live row takes it, so a
             # finish that gets there first is left alone (and has settled the reservation itself)
             try:
@@ -341,6 +364,19 @@ class Turns:
                 # only the sweep of a dead instance needs it: the reply runs and settles at its finish
                 log.warning("reply %s: its reservation could not be noted on its row (%s)", plan.message_id,
                             type(e).__name__)
+
+    @staticmethod
+    def _renote(admission: Admission, plan: _Plan, noted: _Noted) -> bool:
+        """Whether the row's reservation must be written again for `admission`: the persist statement
+        wrote the attribution alone (or one for a prompt without the thread's history), and the
+        sweep of a dead instance settles what the row names. A reply admitted from the slice its row
+        names already is left alone: what the row understates stays on the slice's row, which that
+        sweep releases too, so the caps stay exact (only its usage estimate counts less prompt)."""
+        if noted == "attribution":
+            return admission.holds_anything or admission.model != plan.choice.model
+        if isinstance(noted, uuid.UUID):
+            return admission.quota_id != noted or admission.model != plan.choice.model
+        return True
 
     async def _refuse(self, plan: _Plan, e: TooManyRequests | Forbidden) -> None:
         """Save the policy's stop as the reply: status refused, the reason in its metadata and its
@@ -441,12 +477,19 @@ class Turns:
 
     async def conversation(self, principal: Principal, turn: TurnInput) -> list[dict[str, Any]]:
         """What the upstream gets: the thread's history (NotFound if not the caller's), then the new
-        message. Read before the commit: it bounds the prompt the policy reserves for."""
-        messages = [] if turn.thread_id is None else await message_store.thread_history(
+        message. Read before the commit: it bounds the prompt the policy reserves for (the arena)."""
+        history = [] if turn.thread_id is None else await message_store.thread_history(
             self._pool, principal.user_id, turn.thread_id)
+        return self.framed(turn, history)
+
+    @staticmethod
+    def framed(turn: TurnInput, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The turn's system prompt, the thread's history, the turn's context, then its message."""
+        messages: list[dict[str, Any]] = []
         if turn.system is not None:
-            messages.insert(0, {"role": "system", "content": turn.system})
-        messages.extend(turn.context)
+            messages.append({"role": "system", "content": turn.system})
+        messages += history
+        messages += turn.context
         messages.append({"role": "user", "content": turn.content if turn.parts is None else turn.parts})
         return messages
 

@@ -26,6 +26,44 @@ class StoredTurn:
     user_message: dict[str, Any]
     assistant_message_id: uuid.UUID
     duplicate: bool
+    # a new turn in an existing thread: the thread's history before this message (oldest first, as
+    # the upstream gets it), read by the persist statement itself; None otherwise
+    history: list[dict[str, Any]] | None = None
+
+
+HISTORY_LIMIT = 50  # messages of a thread's history sent upstream (the newest)
+
+
+# The conversation as the upstream sees it: complete messages, a reply placed right after the
+# message it answers (`ord`: a regenerated reply is newer than later turns, but belongs to its
+# own), and of a message's complete replies only the newest (the one the thread shows), newest
+# first. `before_seq`/`before_id` bound it for a regenerate: what precedes that user message
+# (which the caller appends). Only the rows from the `limit`-th newest user message on are read
+# (an index range, whatever the thread's length): every reply comes after the message it
+# answers, so none of theirs is missed. The arguments are SQL expressions (parameters, columns).
+def _history_rows(thread: str, limit: str, before_seq: str, before_id: str) -> str:
+    return f"""
+    SELECT m.role, m.content, m.parts, coalesce(p.seq, m.seq) AS ord, m.seq FROM messages m
+    LEFT JOIN messages p ON p.id = m.reply_to
+    WHERE m.thread_id = {thread} AND m.status = 'complete' AND m.slot IS NULL
+      AND m.seq >= coalesce((SELECT u.seq FROM messages u
+                             WHERE u.thread_id = {thread} AND u.role = 'user'
+                               AND ({before_seq} IS NULL OR u.seq <= {before_seq})
+                             ORDER BY u.seq DESC OFFSET {limit} - 1 LIMIT 1), 0)
+      AND ({before_seq} IS NULL OR coalesce(p.seq, m.seq) <= {before_seq})
+      AND ({before_id} IS NULL OR (m.id <> {before_id} AND m.reply_to IS DISTINCT FROM {before_id}))
+      AND NOT (m.role = 'assistant' AND EXISTS (
+          SELECT 1 FROM messages n WHERE n.reply_to = m.reply_to AND n.role = 'assistant' AND n.slot IS NULL
+                                     AND n.status = 'complete' AND n.seq > m.seq))
+    ORDER BY ord DESC, m.seq DESC LIMIT {limit}"""
+
+
+# the history of the caller's thread (NotFound when no row: not the caller's)
+_HISTORY = f"""
+SELECT m.role, m.content, m.parts FROM threads t
+LEFT JOIN LATERAL ({_history_rows("t.id", "$3", "$4::bigint", "$5::uuid")}) m ON true
+WHERE t.id = $1 AND t.user_id = $2
+"""
 
 
 # One statement persists any number of turns (concurrent requests group-commit together): per
@@ -36,11 +74,20 @@ class StoredTurn:
 # the assistant placeholder (status streaming). The unique index on (user_id, client_message_id)
 # makes a retry insert nothing; ids are made up front so each returned row maps back to its turn
 # (`i`) and a thread left empty by a lost race can be removed.
+# A turn in an existing thread also gets the thread's history back (`history`, as thread_history
+# reads it), so that the commit is the turn's one round trip before the upstream call (issue 17
+# item 3). Every part of one statement sees the same snapshot, taken when it starts: the history is
+# what was committed then, by any instance, without this statement's own new message.
+# The turns come as one jsonb array of objects, not as one array per column: unnest() of arrays
+# tells a custom plan their exact length but a generic one only a guess, so once the table has
+# statistics PostgreSQL (15 here) judged the custom plan cheaper and planned the statement afresh
+# on every call (~0.5 ms a turn, before the upstream call); jsonb_to_recordset is estimated alike
+# either way, so the plan is made once per connection and kept.
 _TURNS = f"""
 WITH x AS (
-    SELECT * FROM unnest($1::integer[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::text[], $7::uuid[],
-                         $8::uuid[], $9::uuid[], $10::text[], $11::text[])
-    AS x(i, user_id, content, client_message_id, thread_id, title, instance_id, tid, umid, reservation, parts)
+    SELECT * FROM jsonb_to_recordset($1::jsonb)
+    AS x(i integer, user_id uuid, content text, client_message_id text, thread_id uuid, title text,
+         instance_id uuid, tid uuid, umid uuid, reservation jsonb, parts jsonb)
 ),
 usr AS (INSERT INTO users (id) SELECT DISTINCT user_id FROM x ON CONFLICT (id) DO NOTHING),
 t_new AS (
@@ -55,7 +102,7 @@ t_old AS (
 ok AS (SELECT * FROM x WHERE tid IN (SELECT id FROM t_new UNION ALL SELECT id FROM t_old)),
 u AS (
     INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id, parts)
-    SELECT umid, tid, user_id, 'user', content, 'complete', client_message_id, parts::jsonb FROM ok ORDER BY i
+    SELECT umid, tid, user_id, 'user', content, 'complete', client_message_id, parts FROM ok ORDER BY i
     ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
     RETURNING {MESSAGE_COLUMNS}
 ),
@@ -63,11 +110,17 @@ a AS (
     INSERT INTO messages (thread_id, user_id, role, status, reply_to, instance_id, metadata)
     SELECT ok.tid, ok.user_id, 'assistant', 'streaming', ok.umid, ok.instance_id,
            CASE WHEN ok.reservation IS NULL THEN '{{}}'::jsonb
-                ELSE jsonb_build_object('reservation', ok.reservation::jsonb) END
+                ELSE jsonb_build_object('reservation', ok.reservation) END
     FROM ok JOIN u ON u.id = ok.umid
     RETURNING id, reply_to
 )
-SELECT ok.i, u.*, a.id AS assistant_id FROM ok JOIN u ON u.id = ok.umid JOIN a ON a.reply_to = u.id
+SELECT ok.i, u.*, a.id AS assistant_id,
+       CASE WHEN ok.thread_id IS NOT NULL THEN (
+           SELECT coalesce(json_agg(json_build_object('role', h.role,
+                                                      'content', coalesce(h.parts, to_jsonb(h.content)))
+                                    ORDER BY h.ord, h.seq), '[]')
+           FROM ({_history_rows("ok.tid", str(HISTORY_LIMIT), "NULL::bigint", "NULL::uuid")}) h) END AS history
+FROM ok JOIN u ON u.id = ok.umid JOIN a ON a.reply_to = u.id
 """
 
 
@@ -98,8 +151,9 @@ WHERE u.user_id = $1 AND u.client_message_id = $2
 def _turn(row: Mapping[str, Any], duplicate: bool) -> StoredTurn:
     message = dict(row)
     assistant_id = message.pop("assistant_id")
+    history = message.pop("history", None)  # json text; absent from a duplicate's row
     return StoredTurn(thread_id=message["thread_id"], user_message=message, assistant_message_id=assistant_id,
-                      duplicate=duplicate)
+                      duplicate=duplicate, history=orjson.loads(history) if history is not None else None)
 
 
 async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_id: str) -> StoredTurn | None:
@@ -107,33 +161,8 @@ async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_
     return _turn(row, duplicate=True) if row is not None else None
 
 
-# The conversation as the upstream sees it: complete messages, a reply placed right after the
-# message it answers (`ord`: a regenerated reply is newer than later turns, but belongs to its
-# own), and of a message's complete replies only the newest (the one the thread shows).
-# `$4`/`$5` bound it for a regenerate: what precedes that user message (which the caller appends).
-# Only the rows from the `$3`-th newest user message on are read (an index range, whatever the
-# thread's length): every reply comes after the message it answers, so none of theirs is missed.
-_HISTORY = """
-SELECT m.role, m.content, m.parts FROM threads t
-LEFT JOIN LATERAL (
-    SELECT m.role, m.content, m.parts, coalesce(p.seq, m.seq) AS ord, m.seq FROM messages m
-    LEFT JOIN messages p ON p.id = m.reply_to
-    WHERE m.thread_id = t.id AND m.status = 'complete' AND m.slot IS NULL
-      AND m.seq >= coalesce((SELECT u.seq FROM messages u
-                             WHERE u.thread_id = t.id AND u.role = 'user' AND ($4::bigint IS NULL OR u.seq <= $4)
-                             ORDER BY u.seq DESC OFFSET $3 - 1 LIMIT 1), 0)
-      AND ($4::bigint IS NULL OR coalesce(p.seq, m.seq) <= $4)
-      AND ($5::uuid IS NULL OR (m.id <> $5 AND m.reply_to IS DISTINCT FROM $5))
-      AND NOT (m.role = 'assistant' AND EXISTS (
-          SELECT 1 FROM messages n WHERE n.reply_to = m.reply_to AND n.role = 'assistant' AND n.slot IS NULL
-                                     AND n.status = 'complete' AND n.seq > m.seq))
-    ORDER BY ord DESC, m.seq DESC LIMIT $3
-) m ON true
-WHERE t.id = $1 AND t.user_id = $2
-"""
-
-
-async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID, limit: int = 50,
+async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID,
+                         limit: int = HISTORY_LIMIT,
                          before: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The thread's conversation so far (complete messages, oldest first); NotFound if not the
     user's. `before`: a user message row; only what precedes it (for a regenerate of it)."""
@@ -149,16 +178,14 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
     """Persist the turns in one statement; per turn, its StoredTurn (a duplicate's is the stored one)
     or the error to raise (NotFound, Conflict)."""
     thread_ids = [t.thread_id or uuid.uuid4() for t in turns]
-    args = [list(range(len(turns))), [t.user_id for t in turns], [t.content for t in turns],
-            [t.client_message_id for t in turns], [t.thread_id for t in turns],
-            [thread_title(t.content) if t.thread_id is None else None for t in turns],
-            [t.instance_id for t in turns], thread_ids, [uuid.uuid4() for _ in turns],
-            [orjson.dumps(t.reservation).decode() if t.reservation else None for t in turns],
-            [orjson.dumps(t.parts).decode() if t.parts is not None else None for t in turns]]
+    rows_in = [{"i": i, "user_id": t.user_id, "content": t.content, "client_message_id": t.client_message_id,
+                "thread_id": t.thread_id, "title": thread_title(t.content) if t.thread_id is None else None,
+                "instance_id": t.instance_id, "tid": thread_ids[i], "umid": uuid.uuid4(),
+                "reservation": t.reservation or None, "parts": t.parts} for i, t in enumerate(turns)]
     results: dict[int, StoredTurn | Exception] = {}  # by the turn's index
     async with pool.acquire() as conn:
         # the statement is atomic on its own: no BEGIN/COMMIT round trips (issue 17 item 3)
-        rows = await conn.fetch(_TURNS, *args)
+        rows = await conn.fetch(_TURNS, rows_in)
         made = {r["i"] for r in rows}
         # a turn that lost to a duplicate leaves the thread it made empty: drop that thread (right
         # after, not atomically: at worst an empty thread is listed for a moment, or stays if the
@@ -301,9 +328,10 @@ async def close_unstarted(pool: asyncpg.Pool, message_id: uuid.UUID, *, status: 
 async def hold_reservation(pool: asyncpg.Pool, message_id: uuid.UUID, reservation: dict[str, Any]) -> None:
     """Add what a reply's admission reserved to its row's `reservation` (until the finish write
     removes it), so a reply whose instance died is still settled by the sweep (store/instances.py)."""
+    # the admission named here replaces whatever the row named before (a slice given back: `quota`)
     await pool.execute("""
         UPDATE messages SET metadata = metadata || jsonb_build_object(
-            'reservation', coalesce(metadata -> 'reservation', '{}'::jsonb) || $2::jsonb)
+            'reservation', (coalesce(metadata -> 'reservation', '{}'::jsonb) - 'quota') || $2::jsonb)
         WHERE id = $1 AND status IN ('pending', 'streaming')""", message_id, reservation)
 
 
