@@ -215,7 +215,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             resp = web.StreamResponse(headers=SSE_HEADERS)
             await limits.apply(resp)
             await resp.prepare(request)
-            hold_open(request)
+            hold_open(request, resp)
             reply.started = True
             request[TIMINGS].mark("first_token")  # in hand, and written just below
             enc = ChunkEncoder(f"chatcmpl-{completion.id.hex}", int(time.time()), completion.chain.used.name,
