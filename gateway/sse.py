@@ -29,8 +29,8 @@ import re
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from .api.common import hold_open
 from .errors import BadRequest
+from .held import hold_open
 
 DONE = b"data: [DONE]\n\n"
 

@@ -72,23 +72,6 @@ def check_text(value: str, key: str) -> str:
     return value
 
 
-def hold_open(request: web.Request, response: web.StreamResponse) -> None:
-    """Call once a response that stays open (a stream) is prepared: what it no longer needs is let go
-    for the rest of its life.
-
-    - Its headers went out with prepare(): the copy aiohttp keeps (a multidict, ~1 KB with its
-      strings) is emptied. Nothing reads a response's headers after prepare; the status stays.
-    - The connection's idle timer, armed when it was accepted, cannot fire while a request is being
-      answered: it is cancelled (aiohttp's keep_alive() does that; the response's end arms it again
-      and sets the mode from the response), so a held stream keeps no timer handle (~0.7 KB).
-    """
-    assert response.prepared, "hold_open() after prepare(): the headers must have gone out"
-    response.headers.clear()
-    protocol = request.protocol
-    if protocol is not None:
-        protocol.keep_alive(True)
-
-
 async def stream_reader(request: web.Request, resource_id: uuid.UUID, scope: str) -> Principal:
     """Who may read this stream: the user named by the `?token=` of a stream_url (EventSource cannot
     send headers), as long as the API key that asked for the token still works; or else the

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from ..errors import GatewayError, TooManyRequests, Unauthorized
+from ..held import hold_open
 from ..middleware import error_shape
 from ..providers.base import (
     Batch,
@@ -35,7 +36,7 @@ from ..router import AUTO
 from ..state import MODELS, TIMINGS, TURNS
 from ..turns import estimated_usage
 from .bodies import MAX_TOKENS_LIMIT
-from .common import caller, hold_open, read_json
+from .common import caller, read_json
 from .ratelimits import RateLimitHeaders
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -132,17 +133,25 @@ def parse_request(body: dict[str, Any], known_model: Any) -> tuple[str, ChatRequ
 
 
 class ChunkEncoder:
-    """Pre-encoded `chat.completion.chunk` frames: one orjson call per delta, the rest is bytes."""
+    """Pre-encoded `chat.completion.chunk` frames: one orjson call per delta, the rest is bytes.
 
-    __slots__ = ("head", "tail", "_content_head", "_content_tail")
+    Per stream only the head (id, created, model) is its own; the rest are shared constants (a held
+    stream keeps one prefix, not three)."""
+
+    __slots__ = ("head", "tail", "_content_tail")
+
+    TAIL = b"}\n\n"
+    TAIL_WITH_USAGE = b',"usage":null}\n\n'
+    # a content chunk is the head, then these two around the text's JSON string: the per-token path
+    CONTENT = b'[{"index":0,"delta":{"content":'
+    CONTENT_TAIL = b'},"logprobs":null,"finish_reason":null}]' + TAIL
+    CONTENT_TAIL_WITH_USAGE = b'},"logprobs":null,"finish_reason":null}]' + TAIL_WITH_USAGE
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         self.head = (b'data: {"id":"' + completion_id.encode() + b'","object":"chat.completion.chunk","created":'
                      + str(created).encode() + b',"model":' + orjson.dumps(model) + b',"choices":')
-        self.tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
-        # a content chunk is these two around the text's JSON string: the per-token path
-        self._content_head = self.head + b'[{"index":0,"delta":{"content":'
-        self._content_tail = b'},"logprobs":null,"finish_reason":null}]' + self.tail
+        self.tail = self.TAIL_WITH_USAGE if include_usage else self.TAIL
+        self._content_tail = self.CONTENT_TAIL_WITH_USAGE if include_usage else self.CONTENT_TAIL
 
     def delta(self, delta: bytes, finish_reason: str | None = None) -> bytes:
         reason = orjson.dumps(finish_reason)
@@ -150,7 +159,7 @@ class ChunkEncoder:
                 + b"}]" + self.tail)
 
     def content(self, text: str) -> bytes:
-        return b"%s%s%s" % (self._content_head, orjson.dumps(text), self._content_tail)
+        return b"%s%s%s%s" % (self.head, self.CONTENT, orjson.dumps(text), self._content_tail)
 
     def batch(self, batch: Batch, reply: _Reply, out: list[bytes]) -> str | None:
         """One upstream read's frames, appended to `out`, counted in `reply`; its finish reason, if any."""
