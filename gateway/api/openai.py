@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import orjson
@@ -212,8 +211,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     completion = await turns.begin_completion(principal, model_name, chat, request[TIMINGS].start)
     reply = _Reply()
     limits = RateLimitHeaders(request, principal)
+    events = completion.chain.stream(chat, whole=not stream)
     try:
-        async with aclosing(completion.chain.stream(chat, whole=not stream)) as events:
+        try:  # not `async with aclosing(...)`: a context manager is two more objects a held stream keeps
             if not stream:
                 answer = await _complete(events, completion.chain, chat, completion.id, reply)
                 await limits.apply(answer)
@@ -252,6 +252,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             await resp.write(b"".join(out))
             await resp.write_eof()
             return resp
+        finally:
+            await events.aclose()
     except ProviderError as e:
         if reply.started:
             raise  # a streamed failure was already reported in the stream
@@ -262,13 +264,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 class _Reply:
-    """What went out so far: for the usage record however the request ends. A streamed reply
-    keeps only its length (its text is the client's); a non-streamed one keeps the text."""
+    """What went out so far: for the usage record however the request ends. A reply keeps only its
+    length (a streamed reply's text is the client's; a non-streamed one is collected by _complete)."""
 
-    __slots__ = ("parts", "chars", "usage", "started")
+    __slots__ = ("chars", "usage", "started")
 
     def __init__(self) -> None:
-        self.parts: list[str] = []
         self.chars = 0
         self.usage: UsageReport | None = None
         self.started = False
@@ -277,11 +278,12 @@ class _Reply:
 async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
                     reply: _Reply) -> web.Response:
     finish = "stop"
+    parts: list[str] = []
     calls: list[dict[str, Any]] = []
     async for batch in events:
         for event in batch:
             if type(event) is TextDelta:
-                reply.parts.append(event.text)
+                parts.append(event.text)
                 reply.chars += len(event.text)
             elif type(event) is ToolCallDelta:
                 calls.extend(event.calls)
@@ -291,7 +293,7 @@ async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatReques
                 reply.usage = event
     usage = reply.usage or estimated_usage(chat, reply.chars)
     # `refusal` is always there in OpenAI's answer (and required by its published schema)
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.parts) or None, "refusal": None}
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(parts) or None, "refusal": None}
     if calls:
         message["tool_calls"] = merge_tool_calls(calls)
     body = {"id": f"chatcmpl-{completion_id.hex}", "object": "chat.completion", "created": int(time.time()),

@@ -51,7 +51,7 @@ class Attempt:
         return attempt
 
 
-@dataclass
+@dataclass(slots=True)  # no attribute dict: a held stream keeps its chain
 class Chain:
     registry: ModelRegistry
     models: list[ModelConfig]
