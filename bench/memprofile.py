@@ -4,7 +4,8 @@
 Runs the gateway in this process with tracemalloc on, a slow fake upstream (bench/upstream.py,
 one chunk every 5 s) and a client process that opens --streams streams on
 `/v1/chat/completions` and holds them. Once all are open, prints the Python allocations per
-stream grouped by library (aiohttp, asyncio, the gateway's own code) and the top lines of each.
+stream grouped by library (aiohttp, asyncio, the gateway's own code), the gc-tracked objects a
+stream adds by type (how many coroutine frames, tasks, deques, dicts...) and the top lines of each.
 Loopback only; stops everything it starts.
 
     .venv/bin/python bench/memprofile.py --streams 2000
@@ -53,6 +54,17 @@ CLIENT = textwrap.dedent("""
 """)
 
 
+def object_types() -> dict[str, tuple[int, int]]:
+    """The gc-tracked objects by type: (count, bytes by sys.getsizeof, their own size only)."""
+    found: dict[str, tuple[int, int]] = {}
+    for obj in gc.get_objects():
+        kind = type(obj)
+        name = f"{getattr(kind, '__module__', '?')}.{kind.__qualname__}"
+        count, size = found.get(name, (0, 0))
+        found[name] = (count + 1, size + sys.getsizeof(obj))
+    return found
+
+
 def group_of(filename: str) -> str:
     if "/gateway/" in filename and str(ROOT) in filename:
         return "gateway (this project)"
@@ -84,6 +96,7 @@ async def profile(a: argparse.Namespace) -> None:
         gc.collect()
         tracemalloc.start(1)
         before = tracemalloc.take_snapshot()
+        types_before = object_types()
         client = await asyncio.create_subprocess_exec(
             sys.executable, "-c", CLIENT, f"http://127.0.0.1:{a.gateway_port}/v1/chat/completions", key,
             str(a.streams), stdout=asyncio.subprocess.PIPE)
@@ -92,6 +105,7 @@ async def profile(a: argparse.Namespace) -> None:
         await asyncio.sleep(2)
         gc.collect()
         after = tracemalloc.take_snapshot()
+        types_after = object_types()
     finally:
         if client is not None and client.returncode is None:
             client.kill()
@@ -110,6 +124,12 @@ async def profile(a: argparse.Namespace) -> None:
     print(f"{n} held streams: {sum(groups.values()) / n / 1024:.1f} KB per stream of Python allocations")
     for name, size in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {size / n / 1024:6.1f} KB  {name}")
+    print("gc-tracked objects per stream, by type (count, own bytes): frames are in `coroutine` and "
+          "`async_generator`")
+    grown = [(name, (count - types_before.get(name, (0, 0))[0]) / n, (size - types_before.get(name, (0, 0))[1]) / n)
+             for name, (count, size) in types_after.items()]
+    for name, count, size in sorted(grown, key=lambda row: -row[2])[:a.top]:
+        print(f"  {count:6.2f} {size:7.0f} B  {name}")
     for name in ("gateway (this project)", "aiohttp", "asyncio", "other"):
         print(f"top lines, {name}:")
         for st in [s for s in lines if group_of(s.traceback[0].filename) == name][:a.top]:

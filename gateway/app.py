@@ -45,7 +45,7 @@ from .leaderboard import LeaderboardCache
 from .logs import install_redaction
 from .malformed import install as answer_malformed_requests_in_json
 from .metrics import Metrics, observe, on_prepare
-from .middleware import Cors, add_request_id, errors
+from .middleware import Cors, add_request_id, edge, errors
 from .openapi import get_openapi
 from .policy import Policy
 from .providers.registry import ModelRegistry
@@ -258,9 +258,10 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> web.Applic
     metrics = Metrics()  # this app's own registry
     tracing = tracing or Tracing.from_env(settings.otel)  # None: off, and no middleware at all
     # observe is outermost: it counts the error responses the errors middleware makes, too; the
-    # request's span sits inside it, and sees the status the errors middleware answers with
-    app = web.Application(middlewares=[observe(metrics), *([tracing.middleware()] if tracing else []), errors,
-                                       cors.preflight], client_max_size=settings.max_body_bytes)
+    # request's span sits inside it, and sees the status the errors middleware answers with. Untraced,
+    # the three are one (`edge`): every frame of the chain is held for as long as a stream is open
+    chain = [observe(metrics), tracing.middleware(), errors, cors.preflight] if tracing else [edge(metrics, cors)]
+    app = web.Application(middlewares=chain, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     if tracing is not None:

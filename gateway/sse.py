@@ -30,6 +30,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from .errors import BadRequest
+from .held import hold_open
 
 DONE = b"data: [DONE]\n\n"
 
@@ -82,4 +83,5 @@ async def open_stream(request: web.Request, ping_s: float, retry_ms: int) -> Eve
     resp.headers["Cache-Control"] = "no-cache, no-transform"
     resp.headers["X-Accel-Buffering"] = "no"  # nginx: pass each frame on as it comes (also set by aiohttp-sse)
     await resp.prepare(request)
+    hold_open(request, resp)
     return resp

@@ -26,10 +26,16 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body over {limit} bytes")
-    try:
-        raw = await request.read()  # the app's client_max_size enforces the limit on chunked bodies
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"body over {limit} bytes") from None
+    # read off the payload rather than with request.read(), which keeps the bytes on the request
+    # (and grows its attribute dict) for as long as the request lives: a held stream's whole life
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:  # a chunked body has no Content-Length to refuse it by up front
+            raise PayloadTooLarge(f"body over {limit} bytes")
+        chunks.append(chunk)
+    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

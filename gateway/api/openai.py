@@ -8,17 +8,17 @@ usage so far is recorded (through the batched usage writer, off the request path
 
 from __future__ import annotations
 
-import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from ..errors import GatewayError, TooManyRequests, Unauthorized
+from ..held import hold_open
+from ..middleware import error_shape
 from ..providers.base import (
     Batch,
     ChatRequest,
@@ -132,17 +132,25 @@ def parse_request(body: dict[str, Any], known_model: Any) -> tuple[str, ChatRequ
 
 
 class ChunkEncoder:
-    """Pre-encoded `chat.completion.chunk` frames: one orjson call per delta, the rest is bytes."""
+    """Pre-encoded `chat.completion.chunk` frames: one orjson call per delta, the rest is bytes.
 
-    __slots__ = ("head", "tail", "_content_head", "_content_tail")
+    Per stream only the head (id, created, model) is its own; the rest are shared constants (a held
+    stream keeps one prefix, not three)."""
+
+    __slots__ = ("head", "tail", "_content_tail")
+
+    TAIL = b"}\n\n"
+    TAIL_WITH_USAGE = b',"usage":null}\n\n'
+    # a content chunk is the head, then these two around the text's JSON string: the per-token path
+    CONTENT = b'[{"index":0,"delta":{"content":'
+    CONTENT_TAIL = b'},"logprobs":null,"finish_reason":null}]' + TAIL
+    CONTENT_TAIL_WITH_USAGE = b'},"logprobs":null,"finish_reason":null}]' + TAIL_WITH_USAGE
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         self.head = (b'data: {"id":"' + completion_id.encode() + b'","object":"chat.completion.chunk","created":'
                      + str(created).encode() + b',"model":' + orjson.dumps(model) + b',"choices":')
-        self.tail = b',"usage":null}\n\n' if include_usage else b"}\n\n"
-        # a content chunk is these two around the text's JSON string: the per-token path
-        self._content_head = self.head + b'[{"index":0,"delta":{"content":'
-        self._content_tail = b'},"logprobs":null,"finish_reason":null}]' + self.tail
+        self.tail = self.TAIL_WITH_USAGE if include_usage else self.TAIL
+        self._content_tail = self.CONTENT_TAIL_WITH_USAGE if include_usage else self.CONTENT_TAIL
 
     def delta(self, delta: bytes, finish_reason: str | None = None) -> bytes:
         reason = orjson.dumps(finish_reason)
@@ -150,7 +158,22 @@ class ChunkEncoder:
                 + b"}]" + self.tail)
 
     def content(self, text: str) -> bytes:
-        return b"%s%s%s" % (self._content_head, orjson.dumps(text), self._content_tail)
+        return b"%s%s%s%s" % (self.head, self.CONTENT, orjson.dumps(text), self._content_tail)
+
+    def batch(self, batch: Batch, reply: _Reply, out: list[bytes]) -> str | None:
+        """One upstream read's frames, appended to `out`, counted in `reply`; its finish reason, if any."""
+        finish = None
+        for event in batch:
+            if type(event) is TextDelta:
+                reply.chars += len(event.text)
+                out.append(self.content(event.text))
+            elif type(event) is ToolCallDelta:
+                out.append(self.delta(b'{"tool_calls":' + orjson.dumps(event.calls) + b"}"))
+            elif type(event) is Finish:
+                finish = event.reason
+            elif type(event) is UsageReport:
+                reply.usage = event
+        return finish
 
     def usage(self, usage: UsageReport) -> bytes:
         total = usage.prompt_tokens + usage.completion_tokens
@@ -159,32 +182,28 @@ class ChunkEncoder:
                                                            "total_tokens": total}) + b"}\n\n"
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+def openai_error(e: GatewayError) -> web.Response:
+    """Any gateway error (auth, body, limits) as OpenAI's error body."""
+    if isinstance(e, OpenAIError):
+        return e.response()
+    if isinstance(e, TooManyRequests):
+        resp = OpenAIError(429, e.message, "rate_limit_error", code="rate_limit_exceeded").response()
+        resp.headers.update(e.headers())
+        return resp
+    if isinstance(e, Unauthorized):  # as OpenAI answers a bad key: the SDKs read `code`
+        return OpenAIError(401, e.message, "invalid_request_error", code="invalid_api_key").response()
+    return OpenAIError(e.status, e.message, e.type).response()
 
 
-def openai_errors(handler: Handler) -> Handler:
-    """This front door's errors in OpenAI's shape, whatever raised them (auth, body, limits)."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except OpenAIError as e:
-            return e.response()
-        except TooManyRequests as e:
-            resp = OpenAIError(429, e.message, "rate_limit_error", code="rate_limit_exceeded").response()
-            resp.headers.update(e.headers())
-            return resp
-        except Unauthorized as e:  # as OpenAI answers a bad key: the SDKs read `code`
-            return OpenAIError(401, e.message, "invalid_request_error", code="invalid_api_key").response()
-        except GatewayError as e:
-            return OpenAIError(e.status, e.message, e.type).response()
-
-    return wrapped
+# This front door's errors in OpenAI's shape, whatever raised them: the error middleware answers
+# them with `openai_error` (the handler is marked, not wrapped: a held stream keeps a frame less)
+openai_errors = error_shape(openai_error)
 
 
 @openai_errors
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    # One frame from the request to the last write: a held stream is suspended in every frame of
+    # its handler chain, so the streaming loop is here rather than in a function of its own.
     principal = await caller(request, "chat")
     app = request.app
     model_name, chat, stream, include_usage = parse_request(await read_json(request), app[MODELS].chat_model)
@@ -192,14 +211,49 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     completion = await turns.begin_completion(principal, model_name, chat, request[TIMINGS].start)
     reply = _Reply()
     limits = RateLimitHeaders(request, principal)
+    events = completion.chain.stream(chat, whole=not stream)
     try:
-        async with aclosing(completion.chain.stream(chat, whole=not stream)) as events:
-            if stream:
-                return await _stream(request, events, completion.chain, chat, completion.id, include_usage, reply,
-                                     limits)
-            answer = await _complete(events, completion.chain, chat, completion.id, reply)
-            await limits.apply(answer)
-            return answer
+        try:  # not `async with aclosing(...)`: a context manager is two more objects a held stream keeps
+            if not stream:
+                answer = await _complete(events, completion.chain, chat, completion.id, reply)
+                await limits.apply(answer)
+                return answer
+            # nothing is sent until the chain has committed to a model: until then a failure is a
+            # clean HTTP error and the response's "model" names the model that actually answers
+            batch = await anext(events)
+            resp = web.StreamResponse(headers=SSE_HEADERS)
+            await limits.apply(resp)
+            await resp.prepare(request)
+            hold_open(request, resp)
+            reply.started = True
+            request[TIMINGS].mark("first_token")  # in hand, and written just below
+            enc = ChunkEncoder(f"chatcmpl-{completion.id.hex}", int(time.time()), completion.chain.used.name,
+                               include_usage)
+            out = [enc.delta(b'{"role":"assistant","content":""}')]
+            finish = "stop"
+            try:
+                while True:
+                    finish = enc.batch(batch, reply, out) or finish
+                    del batch  # between reads a held stream keeps no events
+                    if out:  # one write per upstream read
+                        await resp.write(b"".join(out) if len(out) > 1 else out[0])
+                        out.clear()
+                    try:
+                        batch = await anext(events)
+                    except StopAsyncIteration:
+                        break
+                out.append(enc.delta(b"{}", finish))
+                if include_usage:
+                    out.append(enc.usage(reply.usage or estimated_usage(chat, reply.chars)))
+            except ProviderError as e:
+                out.append(b"data: " + orjson.dumps({"error": {"message": e.message, "type": "upstream_error",
+                                                               "param": None, "code": e.kind}}) + b"\n\n")
+            out.append(b"data: [DONE]\n\n")
+            await resp.write(b"".join(out))
+            await resp.write_eof()
+            return resp
+        finally:
+            await events.aclose()
     except ProviderError as e:
         if reply.started:
             raise  # a streamed failure was already reported in the stream
@@ -210,71 +264,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 class _Reply:
-    """What went out so far: for the usage record however the request ends. A streamed reply
-    keeps only its length (its text is the client's); a non-streamed one keeps the text."""
+    """What went out so far: for the usage record however the request ends. A reply keeps only its
+    length (a streamed reply's text is the client's; a non-streamed one is collected by _complete)."""
 
-    __slots__ = ("parts", "chars", "usage", "started")
+    __slots__ = ("chars", "usage", "started")
 
     def __init__(self) -> None:
-        self.parts: list[str] = []
         self.chars = 0
         self.usage: UsageReport | None = None
         self.started = False
 
 
-async def _stream(request: web.Request, events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest,
-                  completion_id: uuid.UUID, include_usage: bool, reply: _Reply,
-                  limits: RateLimitHeaders) -> web.StreamResponse:
-    # nothing is sent until the chain has committed to a model: until then a failure is a clean
-    # HTTP error and the response's "model" names the model that actually answers
-    batch = await anext(events)
-    resp = web.StreamResponse(headers=SSE_HEADERS)
-    await limits.apply(resp)
-    await resp.prepare(request)
-    reply.started = True
-    request[TIMINGS].mark("first_token")  # in hand, and written just below
-    enc = ChunkEncoder(f"chatcmpl-{completion_id.hex}", int(time.time()), chain.used.name, include_usage)
-    out = [enc.delta(b'{"role":"assistant","content":""}')]
-    finish = "stop"
-    try:
-        while True:
-            for event in batch:
-                if type(event) is TextDelta:
-                    reply.chars += len(event.text)
-                    out.append(enc.content(event.text))
-                elif type(event) is ToolCallDelta:
-                    out.append(enc.delta(b'{"tool_calls":' + orjson.dumps(event.calls) + b"}"))
-                elif type(event) is Finish:
-                    finish = event.reason
-                elif type(event) is UsageReport:
-                    reply.usage = event
-            if out:  # one write per upstream read
-                await resp.write(b"".join(out) if len(out) > 1 else out[0])
-                out.clear()
-            try:
-                batch = await anext(events)
-            except StopAsyncIteration:
-                break
-        out.append(enc.delta(b"{}", finish))
-        if include_usage:
-            out.append(enc.usage(reply.usage or estimated_usage(chat, reply.chars)))
-    except ProviderError as e:
-        out.append(b"data: " + orjson.dumps({"error": {"message": e.message, "type": "upstream_error",
-                                                       "param": None, "code": e.kind}}) + b"\n\n")
-    out.append(b"data: [DONE]\n\n")
-    await resp.write(b"".join(out))
-    await resp.write_eof()
-    return resp
-
-
 async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatRequest, completion_id: uuid.UUID,
                     reply: _Reply) -> web.Response:
     finish = "stop"
+    parts: list[str] = []
     calls: list[dict[str, Any]] = []
     async for batch in events:
         for event in batch:
             if type(event) is TextDelta:
-                reply.parts.append(event.text)
+                parts.append(event.text)
                 reply.chars += len(event.text)
             elif type(event) is ToolCallDelta:
                 calls.extend(event.calls)
@@ -284,7 +293,7 @@ async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatReques
                 reply.usage = event
     usage = reply.usage or estimated_usage(chat, reply.chars)
     # `refusal` is always there in OpenAI's answer (and required by its published schema)
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(reply.parts) or None, "refusal": None}
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(parts) or None, "refusal": None}
     if calls:
         message["tool_calls"] = merge_tool_calls(calls)
     body = {"id": f"chatcmpl-{completion_id.hex}", "object": "chat.completion", "created": int(time.time()),

@@ -51,7 +51,7 @@ class Attempt:
         return attempt
 
 
-@dataclass
+@dataclass(slots=True)  # no attribute dict: a held stream keeps its chain
 class Chain:
     registry: ModelRegistry
     models: list[ModelConfig]
@@ -132,12 +132,15 @@ class Chain:
             first_at = time.monotonic()
             observer.attempt_answered(model, first_at - started, self.models[0])
             batches = 0  # a local count, not an observer call: nothing is reported per chunk
+            del links  # committed: no other link is tried
             try:
                 yield first
+                del first  # while a stream waits for its upstream, this frame keeps no batch it passed on
                 async with Timeout(deadline):  # a shared coarse timer: a held stream keeps no timer of its own
                     async for event in events:
                         batches += 1
                         yield event
+                        del event
             except TimeoutError:
                 self._record(model, "upstream_timeout", started)
                 circuits.failure(key)

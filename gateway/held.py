@@ -1,0 +1,56 @@
+"""What a held stream keeps of aiohttp's per-request state (issue 17 item 2).
+
+A relayed stream can stay open for minutes while nothing moves, and thousands are held at once:
+whatever its request, response and connection keep for its whole life is multiplied by them.
+`hold_open(request, response)`, called once a stream's response is prepared, lets go of what
+nothing reads any more:
+
+- the response's headers (a multidict, ~1 KB with its strings): they went out with prepare();
+  only the status is read afterwards (access log, metrics);
+- the connection's idle timer, armed when it was accepted: it cannot fire while a request is
+  being answered, and aiohttp arms it again when the response ends (`keep_alive()`, public);
+- two empty queues with a 0.7 KB first block each (a `deque` always allocates one): the
+  connection's queue of pipelined requests and the request body's buffer, read to its end by
+  then. Each becomes a `_Queue`, a list with the two deque methods aiohttp calls on it. These
+  are aiohttp's private attributes: each is replaced only while it is exactly an empty deque, so
+  an aiohttp that changes them costs memory again, never correctness.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from aiohttp import web
+
+
+class _Queue(list[Any]):
+    """A FIFO as a list: 56 bytes empty where a deque is ~760. The queues it stands in for hold
+    at most a few items (pipelined requests; a body's chunks), so pop(0) costs nothing."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
+
+def _lighter(owner: object, name: str) -> None:
+    queue = getattr(owner, name, None)
+    if type(queue) is deque and not queue:
+        setattr(owner, name, _Queue())
+
+
+def hold_open(request: web.Request, response: web.StreamResponse) -> None:
+    """Call once a response that stays open (a stream) is prepared (see the module docstring)."""
+    assert response.prepared, "hold_open() after prepare(): the headers must have gone out"
+    response.headers.clear()
+    protocol = request.protocol
+    if protocol is not None:
+        protocol.keep_alive(True)  # cancels the idle timer; the response's end sets the mode again
+        _lighter(protocol, "_messages")
+    payload = request.content
+    if payload.at_eof():  # the body was read: nothing is ever added to its buffer again
+        _lighter(payload, "_buffer")
