@@ -102,12 +102,16 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--chunks", type=int, default=64)
     p.add_argument("--settle-s", type=float, default=5, help="wait after the streams are open, before the RSS")
+    p.add_argument("--config-extra", metavar="TOML_FILE",
+                   help="TOML appended to the gateway's config (e.g. bench/limits_on.toml: every limit on)")
     gateway_arguments(p)
     a = p.parse_args()
     fd, extra = tempfile.mkstemp(prefix="gw-hold-", suffix=".toml")
-    os.write(fd, HOLD_CONFIG.format(port=a.hold_port).encode())
+    os.write(fd, HOLD_CONFIG.format(port=a.hold_port).encode()
+             + (b"\n" + Path(a.config_extra).read_bytes() if a.config_extra else b""))
     os.close(fd)
-    bench_defaults(a, concurrency=1, duration=120.0, config_extra=extra)
+    a.config_extra = extra
+    bench_defaults(a, concurrency=1, duration=120.0)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
