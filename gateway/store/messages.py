@@ -92,14 +92,16 @@ WITH x AS (
 usr AS (INSERT INTO users (id) SELECT DISTINCT user_id FROM x ON CONFLICT (id) DO NOTHING),
 t_new AS (
     INSERT INTO threads (id, user_id, title) SELECT tid, user_id, title FROM x WHERE thread_id IS NULL
-    RETURNING id
+    RETURNING id, user_id
 ),
 t_old AS (
     UPDATE threads SET updated_at = clock_timestamp() FROM x
     WHERE threads.id = x.thread_id AND threads.user_id = x.user_id
-    RETURNING threads.id
+    RETURNING threads.id, threads.user_id
 ),
-ok AS (SELECT * FROM x WHERE tid IN (SELECT id FROM t_new UNION ALL SELECT id FROM t_old)),
+-- a turn goes on only in a thread of its own user: another turn of the batch may own the thread
+-- (and so return it from t_old) without this one's user owning it
+ok AS (SELECT * FROM x WHERE (tid, user_id) IN (SELECT id, user_id FROM t_new UNION ALL SELECT id, user_id FROM t_old)),
 u AS (
     INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id, parts)
     SELECT umid, tid, user_id, 'user', content, 'complete', client_message_id, parts FROM ok ORDER BY i
