@@ -54,12 +54,17 @@ def answer_error(request: web.Request, request_id: str, e: Exception) -> web.Str
     if isinstance(e, GatewayError):
         shape: ErrorShape | None = getattr(request.match_info.handler, ERROR_SHAPE, None)
         if shape is not None:
-            return shape(e)
+            answer = shape(e)
+            if isinstance(e, ServiceUnavailable):
+                answer.headers.update(e.headers())
+            return answer
         if isinstance(e, TooManyRequests):
             resp = error_body(e.status, e.type, e.message, request_id, retry_after=e.retry_after,
                               reset_at=e.reset_at)
             resp.headers.update(e.headers())
             return resp
+        if isinstance(e, ServiceUnavailable):
+            return unavailable(e, request_id)
         return error_body(e.status, e.type, e.message, request_id)
     if isinstance(e, web.HTTPException):
         if e.status < 400:
@@ -70,13 +75,21 @@ def answer_error(request: web.Request, request_id: str, e: Exception) -> web.Str
             resp.headers["Allow"] = e.headers["Allow"]
         return resp
     if database_unavailable(e):
-        log.warning("database unavailable during %s %s: %s", request.method, request.path, type(e).__name__)
-        err = ServiceUnavailable("database unavailable")
-        return error_body(err.status, err.type, err.message, request_id)
+        # lost, refused or not allowed to connect (failures.classify): the outage passes, the request
+        # may be retried
+        log.warning("database unavailable during %s %s: %s", request.method, request.path,
+                    type(e).__name__)
+        return unavailable(ServiceUnavailable("database unavailable"), request_id)
     if isinstance(e, ConnectionResetError):
         return None  # the client is gone: nobody to answer
     log.exception("unhandled error in %s %s", request.method, request.path)
     return error_body(500, "internal_error", "internal error", request_id)
+
+
+def unavailable(e: ServiceUnavailable, request_id: str) -> web.Response:
+    resp = error_body(e.status, e.type, e.message, request_id)
+    resp.headers.update(e.headers())
+    return resp
 
 
 def request_id_of(request: web.Request) -> str:
