@@ -4,6 +4,8 @@ log line, and `model: "random"` draws only among the models the caller may use."
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,10 +21,12 @@ from asyncpg.exceptions import _base as asyncpg_base
 from gateway.db import create_pool, migrate
 from gateway.durability import NOT_STORED
 from gateway.failures import Failure, classify, database_unavailable
+from gateway.logs import escape_controls, install_redaction
 from gateway.store.keys import create_user_with_key
 
 from .conftest import MakeClient, User, wait_for, with_database
 from .fakes import parse_sse
+from .fleet import GatewayProcess, gateway_env
 from .test_resume import (
     PROMPT_TOKENS,
     TEXTS,
@@ -235,3 +239,102 @@ def test_asyncpg_losing_track_of_a_terminated_connection_is_transient():
     # arrived while it sat idle (seen with pg_terminate_backend): a new connection starts clean
     error = asyncpg_base.InternalClientError("cannot switch to state 11; another operation (2) is in progress")
     assert classify(error) is Failure.TRANSIENT
+
+
+# -- 9. log forging --------------------------------------------------------------------------------------
+
+FORGED = "2026-12-07 01:00:00,000 INFO aiohttp.access FORGED"
+# (name, request target as sent, extra header lines as sent): each request's X-Request-Id is its name
+FORGERIES = [
+    ("newline-in-query", "/healthz?x=%0A" + FORGED.replace(" ", "%20"), ""),
+    ("cr-and-ansi-in-path", "/healthz%0D%1B[31mred%0A" + FORGED.replace(" ", "%20"), ""),
+    ("cr-ansi-and-separators-in-query", "/healthz?x=%0D%1B[31mred%E2%80%A8%C2%85%1B[0m", ""),
+    # a raw control character in a header: the parser refuses the request, and quotes the header
+    ("ansi-in-user-agent", "/healthz?ua=1", "User-Agent: evil\x1b[31m\r\n"),
+]
+LOGGED = [name for name, _, _ in FORGERIES[:3]]  # the refused one has no request id: its line says `malformed`
+
+
+async def send_raw_request(port: int, target: str, request_id: str, headers: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: gw\r\nX-Request-Id: {request_id}\r\n{headers}"
+                     "Connection: close\r\n\r\n".encode("latin-1"))
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(raw.split(b" ", 2)[1])
+
+
+async def forge(tmp_path: Path, database_url: str, log_format: str) -> tuple[dict[str, int], str]:
+    """Send every forgery to a real `gateway serve`; the statuses, and everything it logged."""
+    gw = GatewayProcess(tmp_path / log_format, gateway_env(database_url, LOG_LEVEL="INFO", LOG_FORMAT=log_format))
+    try:
+        await gw.ready()
+        statuses = {name: await send_raw_request(gw.port, target, name, headers)
+                    for name, target, headers in FORGERIES}
+
+        async def logged() -> bool:
+            output = gw.output()
+            return all(name in output for name in LOGGED) and ("UNKNOWN / 400" in output or '"status":400' in output)
+
+        await wait_for(logged)
+    finally:
+        assert gw.stop() == 0
+    return statuses, (tmp_path / log_format / "gateway.log").read_text()
+
+
+def no_raw_controls(text: str) -> None:
+    lines = text.split("\n")
+    assert not [line for line in lines if not line.isprintable()], "a raw control character reached the log"
+    assert not [line for line in lines if line.startswith(FORGED)], "a request forged a log line"
+
+
+async def test_control_characters_from_a_request_are_escaped_in_the_text_log(tmp_path: Path, database_url: str):
+    statuses, text = await forge(tmp_path, database_url, "text")
+    no_raw_controls(text)
+    assert statuses == {"newline-in-query": 200, "cr-and-ansi-in-path": 404, "cr-ansi-and-separators-in-query": 200,
+                        "ansi-in-user-agent": 400}
+    lines = text.split("\n")
+    escaped = {"newline-in-query": (f"/healthz?x=\\n{FORGED}", 200),
+               "cr-and-ansi-in-path": (f"/healthz\\r\\x1b[31mred\\n{FORGED}", 404),
+               "cr-ansi-and-separators-in-query": ("/healthz?x=\\r\\x1b[31mred\\u2028\\x85\\x1b[0m", 200)}
+    for name, (path, status) in escaped.items():
+        [line] = [line for line in lines if name in line]
+        assert re.fullmatch(rf"\S+ \S+ INFO aiohttp\.access {name} GET {re.escape(path)} {status} \d+\.\dms user=-",
+                            line), line
+    # the refused request: its access line, and the parser's error quoting the header escaped (repr)
+    assert len([line for line in lines if " INFO aiohttp.access " in line and " UNKNOWN / 400 " in line]) == 1
+    assert "    b'User-Agent: evil\\x1b[31m'" in lines
+
+
+async def test_control_characters_from_a_request_are_escaped_in_the_json_log(tmp_path: Path, database_url: str):
+    _, text = await forge(tmp_path, database_url, "json")
+    no_raw_controls(text)
+    lines = [orjson.loads(line) for line in text.splitlines() if line.strip()]  # every line is one object
+    access = {obj["request_id"]: obj for obj in lines if obj["logger"] == "aiohttp.access"}
+    assert access["newline-in-query"]["path"] == f"/healthz?x=\\n{FORGED}"
+    assert access["cr-and-ansi-in-path"]["path"] == f"/healthz\\r\\x1b[31mred\\n{FORGED}"
+    assert access["cr-ansi-and-separators-in-query"]["path"] == "/healthz?x=\\r\\x1b[31mred\\u2028\\x85\\x1b[0m"
+    assert [obj["route"] for obj in access.values() if obj["status"] == 400] == ["malformed"]
+    for obj in access.values():
+        assert obj["path"] in obj["message"]
+
+
+def test_any_record_of_a_gateway_or_aiohttp_logger_reaches_any_handler_on_one_line(caplog: pytest.LogCaptureFixture):
+    # caplog's handler is not ours: the filter on the loggers escapes the message, after the redaction
+    install_redaction()
+    caplog.set_level(logging.DEBUG)
+    logging.getLogger("gateway.durability").warning("model %s unknown", f"x\n{FORGED}\r\x1b[2J")
+    logging.getLogger("aiohttp.server").warning("key %s", "Bearer gwk_" + "k" * 30 + "\n" + FORGED)
+    assert [r.getMessage() for r in caplog.records] == [f"model x\\n{FORGED}\\r\\x1b[2J unknown",
+                                                        "key Bearer [redacted]\\n" + FORGED]
+
+
+def test_escaping_leaves_printable_text_as_it_is_and_escapes_each_control_once():
+    plain = "/api/messages/5d1e/stream?token=[redacted] café \\n"
+    assert escape_controls(plain) is plain
+    assert escape_controls("\x00\t\x7f\x9b\u2029\u202e\u2066") == "\\x00\\t\\x7f\\x9b\\u2029\\u202e\\u2066"
+    assert escape_controls(escape_controls("a\nb")) == "a\\nb"
