@@ -22,11 +22,13 @@ from gateway.db import create_pool, migrate
 from gateway.durability import NOT_STORED
 from gateway.failures import Failure, classify, database_unavailable
 from gateway.logs import escape_controls, install_redaction
-from gateway.store.keys import create_user_with_key
+from gateway.state import MODELS
+from gateway.store.keys import create_user_with_key, issue_key
 
 from .conftest import MakeClient, User, wait_for, with_database
 from .fakes import parse_sse
 from .fleet import GatewayProcess, gateway_env
+from .test_random_model import TWO_WEIGHTED
 from .test_resume import (
     PROMPT_TOKENS,
     TEXTS,
@@ -338,3 +340,67 @@ def test_escaping_leaves_printable_text_as_it_is_and_escapes_each_control_once()
     assert escape_controls(plain) is plain
     assert escape_controls("\x00\t\x7f\x9b\u2029\u202e\u2066") == "\\x00\\t\\x7f\\x9b\\u2029\\u202e\\u2066"
     assert escape_controls(escape_controls("a\nb")) == "a\\nb"
+
+
+# -- 11. model "random" among the models the caller may use -----------------------------------------
+
+async def limit_key(db: asyncpg.Pool, user: User, models: list[str]) -> None:
+    await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, {"models": models})
+
+
+async def random_turn(client: Any, user: User) -> tuple[int, list[Any], dict[str, Any]]:
+    resp = await client.post("/api/chat", json={"content": "Pick one", "model": "random", "stream": True},
+                             headers=user.headers)
+    if resp.status != 200:
+        return resp.status, [], await resp.json()
+    events = parse_sse(await resp.read())
+    return resp.status, events, orjson.loads(events[0].data)
+
+
+async def test_model_random_draws_only_the_models_the_key_may_use(make_client, config_file, user, db):
+    await limit_key(db, user, ["light"])
+    client = await make_client(GATEWAY_CONFIG=config_file(TWO_WEIGHTED))
+    client.app[MODELS].rng.seed(7)  # unrestricted, "heavy" (weight 3) would be drawn most
+    for _ in range(15):
+        status, events, meta = await random_turn(client, user)
+        assert status == 200
+        assert (meta["model"], meta["selected"]) == ("light", "random")
+        assert [e.event for e in events][-3:] == ["usage", "done", "message"]
+    rows = await db.fetch("SELECT status, model FROM messages WHERE user_id = $1 AND role = 'assistant'", user.id)
+    assert [tuple(r) for r in rows] == [("complete", "light")] * 15
+    # the OpenAI door draws the same way
+    resp = await client.post("/v1/chat/completions", headers=user.headers,
+                             json={"model": "random", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 200 and (await resp.json())["model"] == "light"
+
+
+async def test_model_random_draws_within_the_models_every_key_of_the_chain_allows(make_client, config_file, user, db):
+    parent_id = await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", user.id)
+    await limit_key(db, user, ["heavy", "light"])
+    _, key = await issue_key(db, user.id, "child", ["chat"], limits={"models": ["light", "demo"]},
+                             parent_id=parent_id)
+    child = User(user.id, key)
+    client = await make_client(GATEWAY_CONFIG=config_file(TWO_WEIGHTED))
+    client.app[MODELS].rng.seed(11)
+    drawn = {(await random_turn(client, child))[2]["model"] for _ in range(8)}
+    assert drawn == {"light"}
+
+
+async def test_model_random_for_a_key_that_may_use_no_drawable_model_is_a_403_and_saves_nothing(
+        make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file(TWO_WEIGHTED), KEY_CACHE_TTL_S="0")
+    for models in (["off"], ["never"], ["unknown"]):  # disabled, weight 0, not configured
+        await limit_key(db, user, models)
+        status, _events, body = await random_turn(client, user)
+        assert (status, body["error"]["type"]) == (403, "forbidden"), models
+        assert body["error"]["message"] == "model 'random' draws from no model this key may use"
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 0
+
+
+async def test_model_random_when_every_model_the_key_may_use_is_down_is_a_503(make_client, config_file, user, db):
+    await limit_key(db, user, ["light"])
+    client = await make_client(GATEWAY_CONFIG=config_file(TWO_WEIGHTED), CIRCUIT_FAILURES="1")
+    client.app[MODELS].circuits.failure("light")  # "heavy" and "demo" are up, but not this key's
+    status, _events, body = await random_turn(client, user)
+    assert status == 503 and body["error"]["message"] == "no model is available to draw from; retry later"
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 0
