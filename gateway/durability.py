@@ -66,8 +66,8 @@ class FinishWriter:
 
     async def save(self, record: FinishRecord) -> FinishRecord:
         """The one finish write: returns once the reply is saved, journaled or quarantined, with
-        what was kept as the reply's row (`record` itself, or its salvaged `failed` form), so the
-        client is told what was actually stored."""
+        what was kept as the reply's row (`record` itself, or the `failed` form saved in its place:
+        `fallbacks`), so the client is told what was actually stored."""
         try:
             await self._save_or_journal(record)
             return record
