@@ -6,9 +6,13 @@
   with backoff until then); the journal is replayed at start and whenever the database is back;
 - quarantined: the database refused the record for good (a NUL in the text, a count out of
   range). The record is kept as sent in the quarantine, and the message is saved as `failed`
-  with what can be saved (text with NUL replaced, counts clamped) so that it is not left live.
-  If even that is refused, only the quarantine keeps the reply.
-A refused record is never journaled: replaying it could only be refused again.
+  with what can be saved, so that it is not left live and its reservations go back: the record
+  salvaged (text with NUL replaced, counts clamped), else the bare reply (no text, no metadata),
+  else the least (no usage either: an estimated zero, as generation.py saves a broken finish).
+  Each is one finish write, which also releases what the reply's admission reserved. If the
+  database refuses all of them, the row is at least closed (failed).
+A refused record is never journaled: replaying it could only be refused again. A transient
+failure (the connection lost or refused, see failures.py) never quarantines anything.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -25,7 +30,7 @@ import asyncpg
 from .background import GroupCommit
 from .failures import Failure, Quarantine, classify
 from .journal import KIND, FinishJournal
-from .store.messages import FinishRecord, finish_many
+from .store.messages import FinishRecord, close_unstarted, finish_many
 from .vocabulary import MessageStatus
 
 log = logging.getLogger(__name__)
@@ -61,20 +66,43 @@ class FinishWriter:
 
     async def save(self, record: FinishRecord) -> FinishRecord:
         """The one finish write: returns once the reply is saved, journaled or quarantined, with
-        what was kept as the reply's row (`record` itself, or its salvaged `failed` form), so the
-        client is told what was actually stored."""
+        what was kept as the reply's row (`record` itself, or the `failed` form saved in its place:
+        `fallbacks`), so the client is told what was actually stored."""
         try:
             await self._save_or_journal(record)
             return record
         except Refused as e:
-            await self._set_aside(record, e.error)
-            salvaged = salvage(record)
+            return await self._instead(record, e.error, self._save_or_journal)
+
+    async def _instead(self, record: FinishRecord, error: Exception,
+                       write: Callable[[FinishRecord], Awaitable[None]]) -> FinishRecord:
+        """`record` was refused for good: quarantined, and the first of its `fallbacks` that `write`
+        gets saved in its place (returned). A row none of them could close is closed bare."""
+        await self._set_aside(record, error)
+        kept = record
+        for form, kept in zip(FALLBACKS, fallbacks(record), strict=True):
             try:
-                await self._save_or_journal(salvaged)
+                await write(kept)
+                return kept
             except Refused as again:
-                log.error("message %s: its failed row was refused too (%s); only the quarantine keeps the reply",
-                          record.message_id, type(again.error).__name__)
-            return salvaged
+                log.warning("message %s: its %s form was refused too (%s)", record.message_id, form,
+                            type(again.error).__name__)
+        log.error("message %s: every form of it was refused; only the quarantine keeps the reply",
+                  record.message_id)
+        await self._close(record)
+        return kept
+
+    async def _close(self, record: FinishRecord) -> None:
+        """The last resort: the row closed (failed) so that it is not left live, without a usage row
+        (what its admission reserved stays on its day's rows, which the next day leaves behind)."""
+        try:
+            await close_unstarted(self._pool, record.message_id, status=MessageStatus.FAILED,
+                                  model=_text(record.usage.model), error=dict(NOT_STORED),
+                                  metadata={"finish_reason": "error", "quarantined": True, "kept": "closed"})
+        except Exception as e:
+            if classify(e) is Failure.TRANSIENT:
+                raise
+            log.error("message %s: its row could not be closed either (%s)", record.message_id, type(e).__name__)
 
     async def _set_aside(self, record: FinishRecord, error: Exception) -> None:
         try:
@@ -108,22 +136,39 @@ class FinishWriter:
         return await self._journal.replay(self._apply_replayed)
 
     async def _apply_replayed(self, record: FinishRecord) -> None:
-        # a record refused for good is quarantined and salvaged here, as a live one would be; a
-        # transient failure is raised, so replay stops and keeps the line
+        # a record refused for good is quarantined and saved in a lesser form here, as a live one
+        # would be; a transient failure is raised, so replay stops and keeps the line
+        try:
+            await self._write_now(record)
+        except Refused as e:
+            await self._instead(record, e.error, self._write_now)
+
+    async def _write_now(self, record: FinishRecord) -> None:
+        """One finish write, at once: Refused if refused for good; a transient failure is raised."""
         try:
             await finish_many(self._pool, [record])
-            return
         except Exception as e:
             if classify(e) is Failure.TRANSIENT:
                 raise
-            await self._set_aside(record, e)
-        try:
-            await finish_many(self._pool, [salvage(record)])
-        except Exception as again:
-            if classify(again) is Failure.TRANSIENT:
-                raise
-            log.error("message %s: its failed row was refused too (%s); only the quarantine keeps the reply",
-                      record.message_id, type(again).__name__)
+            raise Refused(e) from e
+
+
+FALLBACKS = ("salvaged", "bare", "least")  # the forms `fallbacks` gives, in order (a bare one says so: `kept`)
+
+
+def fallbacks(record: FinishRecord) -> list[FinishRecord]:
+    """What may be saved instead of a refused record, each less than the one before, each failed
+    with NOT_STORED and marked `quarantined`: the record salvaged; the bare reply (no text, no
+    metadata, the salvaged counts); the least (an estimated zero usage, which still hands the
+    reservations back). Each carries the admission's reservations, so its finish releases them."""
+    salvaged = salvage(record)
+    marks = {"finish_reason": "error", "quarantined": True}
+    suspect = {"usage_suspect": True} if salvaged.metadata.get("usage_suspect") else {}
+    bare = replace(salvaged, content="", ttft_ms=None, metadata={**marks, **suspect, "kept": FALLBACKS[1]})
+    least = replace(bare, usage=replace(bare.usage, prompt_tokens=0, completion_tokens=0, cost_usd=0.0,
+                                        estimated=True),
+                    metadata={**marks, "estimated": True, "kept": FALLBACKS[2]})
+    return [salvaged, bare, least]
 
 
 def salvage(record: FinishRecord) -> FinishRecord:

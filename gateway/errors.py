@@ -111,7 +111,16 @@ class PayloadTooLarge(GatewayError):
 
 
 class ServiceUnavailable(GatewayError):
-    """A dependency (the database) is unreachable."""
+    """A dependency (the database) is unreachable, or nothing can serve the request now: answered
+    with Retry-After (seconds), as the outage is expected to pass."""
 
     status = 503
     type = "unavailable"
+    RETRY_AFTER_S = 5
+
+    def __init__(self, message: str, *, retry_after: int = RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}

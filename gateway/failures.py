@@ -5,9 +5,19 @@ on what "the database is away" means:
 
     transient   the same write can succeed later, unchanged: the connection was lost, refused
                 or closed, the server is starting or shutting down, out of connections or
-                resources, a serialization failure or deadlock, a timeout
+                resources, a serialization failure or deadlock, a timeout; and every refusal
+                to open a connection (see below)
     permanent   it never will: the database refused this data (a NUL in text, a number out of
                 range, a broken constraint), or the code is wrong (anything else)
+
+Getting a connection is not writing a record: whatever the server answers a connection attempt
+with says nothing about the data. The database does not allow connections (`ALTER DATABASE ...
+ALLOW_CONNECTIONS false`: 55000), does not exist (dropped or renamed while we run: 3D000), or
+refuses our role or password (28xxx): all transient when met while connecting, so the records
+wait (retried, journaled, replayed) until an operator sets it right. The same SQLSTATEs from a
+statement keep their usual meaning (55000 from a query is a statement the object's state does
+not allow: a bug), so these count only when asyncpg raised them from opening the connection
+(its `connect_utils`, which a pool's acquire goes through too).
 
 A permanent failure of one record is the record's problem, not the queue's: it goes to the
 `Quarantine` (a dead-letter file per kind, with the error), is logged once and counted, and the
@@ -55,6 +65,14 @@ _TRANSIENT_STATES = frozenset({
     "72000",  # snapshot too old
 })
 _PERMANENT_STATES = frozenset({"40002"})  # transaction integrity constraint violation
+# what the server answers a connection attempt with when the database, not the data, is the
+# problem: transient when raised while connecting (see the module's docstring), not otherwise
+_CONNECT_STATES = frozenset({
+    "55000",  # object not in prerequisite state: "database ... is not currently accepting connections"
+    "3D000",  # invalid catalog name: the database does not exist (dropped or renamed)
+})
+_CONNECT_CLASSES = frozenset({"28"})  # invalid authorization specification: role, password, pg_hba
+_CONNECTING = "asyncpg.connect_utils"  # the module asyncpg opens every connection in
 
 # the network, not the data: these errnos come from sockets
 _NETWORK_ERRNOS = frozenset({
@@ -76,12 +94,19 @@ def classify(exc: BaseException) -> Failure:
             return Failure.PERMANENT
         if state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_STATES:
             return Failure.TRANSIENT
+        if (state in _CONNECT_STATES or state[:2] in _CONNECT_CLASSES) and while_connecting(exc):
+            return Failure.TRANSIENT
         return Failure.PERMANENT
     if isinstance(exc, asyncpg.InterfaceError):
         # the rest are about the connection: "pool is closed", "connection is closed", ...
         return Failure.PERMANENT if isinstance(exc, _CLIENT_PERMANENT) else Failure.TRANSIENT
     if isinstance(exc, asyncpg_base.OutdatedSchemaCacheError):
         return Failure.TRANSIENT  # asyncpg resets the cache: the retry is prepared afresh
+    if isinstance(exc, asyncpg_base.InternalClientError):
+        # asyncpg's protocol lost track of the connection's state: in practice a server message on
+        # an idle pooled connection (the FATAL of a terminated session) leaves it "in progress",
+        # and the next query on it raises this. A new connection starts clean
+        return Failure.TRANSIENT
     if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
         return Failure.TRANSIENT
     if isinstance(exc, OSError):
@@ -106,6 +131,12 @@ def from_driver(exc: BaseException) -> bool:
             return True
         cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return False
+
+
+def while_connecting(exc: BaseException) -> bool:
+    """Whether `exc` was raised while asyncpg opened a connection (a pool's acquire included), not
+    by a statement on an open one."""
+    return any(frame.f_globals.get("__name__") == _CONNECTING for frame, _ in traceback.walk_tb(exc.__traceback__))
 
 
 def database_unavailable(exc: BaseException) -> bool:

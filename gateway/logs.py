@@ -66,6 +66,27 @@ def redact(text: str) -> str:
     return _SECRET.sub(_mask, text)
 
 
+# What a client could put in a log line to forge another, or to hide or recolour one: the C0 and C1
+# controls (newline, carriage return, the ESC of ANSI sequences), DEL, the Unicode line and paragraph
+# separators, and the bidirectional overrides and isolates that reorder what a terminal shows.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with each control character as a backslash escape (a newline as `\\n`, ESC as `\\x1b`,
+    U+2028 as `\\u2028`), so that what a client sent stays on its own line and shows as sent; the
+    same object back when there is none. Backslashes are left as they are. The usual text costs one
+    `isprintable` pass (which every character escaped here fails)."""
+    return text if text.isprintable() else _CONTROLS.sub(_escape, text)
+
+
 def _clean(value: Any) -> Any:
     """An `extra` field redacted: a string, or the strings inside a dict, list or tuple (aiohttp's
     access log gives request headers as a dict); anything else as it is."""
@@ -118,6 +139,8 @@ class RedactSecrets(logging.Filter):
                 record.exc_info = None
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
+        if not record.msg.isprintable():  # one record, one line: whatever a request put in the message
+            record.msg = escape_controls(record.msg)
         return True
 
 

@@ -17,6 +17,7 @@ from aiohttp.typedefs import Middleware
 
 from .errors import GatewayError, ServiceUnavailable, TooManyRequests
 from .failures import database_unavailable
+from .logs import escape_controls
 from .metrics import Metrics, Timings, route_of
 from .state import ACCESS_LOGGED, REQUEST_ID, RESPONSE, TIMINGS, TRACE_ID, USER_ID
 
@@ -54,12 +55,17 @@ def answer_error(request: web.Request, request_id: str, e: Exception) -> web.Str
     if isinstance(e, GatewayError):
         shape: ErrorShape | None = getattr(request.match_info.handler, ERROR_SHAPE, None)
         if shape is not None:
-            return shape(e)
+            answer = shape(e)
+            if isinstance(e, ServiceUnavailable):
+                answer.headers.update(e.headers())
+            return answer
         if isinstance(e, TooManyRequests):
             resp = error_body(e.status, e.type, e.message, request_id, retry_after=e.retry_after,
                               reset_at=e.reset_at)
             resp.headers.update(e.headers())
             return resp
+        if isinstance(e, ServiceUnavailable):
+            return unavailable(e, request_id)
         return error_body(e.status, e.type, e.message, request_id)
     if isinstance(e, web.HTTPException):
         if e.status < 400:
@@ -70,13 +76,21 @@ def answer_error(request: web.Request, request_id: str, e: Exception) -> web.Str
             resp.headers["Allow"] = e.headers["Allow"]
         return resp
     if database_unavailable(e):
-        log.warning("database unavailable during %s %s: %s", request.method, request.path, type(e).__name__)
-        err = ServiceUnavailable("database unavailable")
-        return error_body(err.status, err.type, err.message, request_id)
+        # lost, refused or not allowed to connect (failures.classify): the outage passes, the request
+        # may be retried
+        log.warning("database unavailable during %s %s: %s", request.method, escape_controls(request.path),
+                    type(e).__name__)
+        return unavailable(ServiceUnavailable("database unavailable"), request_id)
     if isinstance(e, ConnectionResetError):
         return None  # the client is gone: nobody to answer
-    log.exception("unhandled error in %s %s", request.method, request.path)
+    log.exception("unhandled error in %s %s", request.method, escape_controls(request.path))
     return error_body(500, "internal_error", "internal error", request_id)
+
+
+def unavailable(e: ServiceUnavailable, request_id: str) -> web.Response:
+    resp = error_body(e.status, e.type, e.message, request_id)
+    resp.headers.update(e.headers())
+    return resp
 
 
 def request_id_of(request: web.Request) -> str:
@@ -238,7 +252,8 @@ _REDACT = re.compile(r"((?:token|key|access_token)=)[^&]*", re.I)
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request: id, method, path (secrets in the query redacted), status, total time,
+    """One line per request: id, method, path (secrets in the query redacted, control characters
+    escaped: logs.escape_controls), status, total time,
     where the time went (auth, persist, first_token: ms since arrival), user, and `client_closed`
     when the client left before the response ended (an abandoned stream).
 
@@ -256,6 +271,7 @@ class AccessLogger(AbstractAccessLogger):
         path = request.path
         if request.query_string:
             path += "?" + _REDACT.sub(r"\1[redacted]", request.query_string)
+        path = escape_controls(path)  # decoded: a %0A in it would end the line and forge the next
         timings = request.get(TIMINGS)
         phases = timings.phases if timings is not None else {}
         # our own clock when we can: aiohttp's `time` follows loop.time(), whole milliseconds under uvloop

@@ -2,7 +2,8 @@
 
 For `"model": "auto"` it classifies the prompt by cheap rules (no model call, no database)
 and looks the category up in the `[router]` table, falling back to the default model. For
-`"model": "random"` it takes the model the registry draws by weight (skipping open circuits).
+`"model": "random"` it takes the model the registry draws by weight (skipping open circuits),
+among the models the caller may use (turns.py hands it a draw narrowed to its key's `models`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def classify(prompt: str) -> tuple[str, str]:
 
 def route(requested: str | None, prompt: str, table: dict[str, str], default: str,
           draw: Callable[[], str] | None = None) -> Route:
-    """`draw`: a model drawn at random (the registry's `draw_name`), for `"model": "random"`."""
+    """`draw`: a model drawn at random among those the caller may use (the registry's `draw_name`),
+    for `"model": "random"`."""
     if requested == RANDOM and draw is not None:
         drawn = draw()
         return Route(drawn, None, None, auto=False, selected=RANDOM if drawn != RANDOM else None)

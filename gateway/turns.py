@@ -24,6 +24,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import asyncpg
@@ -36,7 +37,7 @@ from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, TooManyRe
 from .events import Event
 from .fleet.follow import RemoteStreams
 from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd, mask_model_names
-from .policy import Admission, Policy
+from .policy import Admission, Policy, limits_for
 from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, text_of, tokens_for_chars
 from .providers.chain import Chain
 from .providers.registry import ModelRegistry, NotEnoughModels
@@ -170,7 +171,7 @@ class Turns:
         history comes back from the persist statement itself, so anything decided before it counts
         the new message alone, and is taken again for the whole prompt after it (see below)."""
         messages = self.framed(turn, [])
-        choice = self.route(turn.model, turn.content)
+        choice = self.route(turn.model, turn.content, principal)
         # a busy caller's whole admission comes from its quota slice, in memory, and cannot be
         # refused: then the reservation rides in the persist statement (no statement after it),
         # and a retry of an accepted turn is found by that statement (given back: stored.duplicate)
@@ -244,7 +245,7 @@ class Turns:
                                                       before=user_message)
         parts = user_message["parts"]
         messages.append({"role": "user", "content": user_message["content"] if parts is None else parts})
-        choice = self.route(model, user_message["content"])
+        choice = self.route(model, user_message["content"], principal)
         with tracing.span("gateway.rate_limit"):
             await self._policy.admit_rate(principal)
         made = await message_store.insert_regeneration(pool, user_id, user_message, client_request_id,
@@ -420,7 +421,7 @@ class Turns:
                                started: float | None = None) -> Completion:
         """Decide for an OpenAI-route request (no rows: that route is stateless); `finish_completion`
         must follow, however the request ends."""
-        choice = self.route(model, last_user_text(request.messages))
+        choice = self.route(model, last_user_text(request.messages), principal)
         with tracing.span("gateway.policy") as decision:
             admission = await self._policy.admit(principal, choice.model, prompt_tokens(request.messages),
                                                  request.max_tokens, self._settings.limits.downgrade_model)
@@ -471,9 +472,12 @@ class Turns:
                 "input_price_per_mtok": model.input_price_per_mtok if model else 0.0,
                 "output_price_per_mtok": model.output_price_per_mtok if model else 0.0}
 
-    def route(self, requested: str | None, prompt: str) -> Route:
-        """Decide, part one: the router's advice (never touches the database)."""
-        return route(requested, prompt, dict(self._settings.router), self._models.default, self._models.draw_name)
+    def route(self, requested: str | None, prompt: str, principal: Principal | None = None) -> Route:
+        """Decide, part one: the router's advice (never touches the database). `model: random` draws
+        only among the models `principal`'s key (narrowed through its chain) may use."""
+        allowed = limits_for(self._settings.limits, principal).models if requested == RANDOM and principal else None
+        draw = self._models.draw_name if allowed is None else partial(self._models.draw_name, allowed)
+        return route(requested, prompt, dict(self._settings.router), self._models.default, draw)
 
     async def conversation(self, principal: Principal, turn: TurnInput) -> list[dict[str, Any]]:
         """What the upstream gets: the thread's history (NotFound if not the caller's), then the new

@@ -7,13 +7,14 @@ drawn by weight for each request); its fallbacks follow only once every deployme
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 from dataclasses import replace
 
 import aiohttp
 import asyncpg
 
 from ..config import ModelConfig, Settings
-from ..errors import ConfigError, ServiceUnavailable
+from ..errors import ConfigError, Forbidden, ServiceUnavailable
 from ..store.models import sync_models
 from .anthropic import AnthropicProvider
 from .base import Provider
@@ -92,24 +93,34 @@ class ModelRegistry:
         return any(self.circuits.available(deployment_link(model, i).circuit_key)
                    for i in range(len(model.deployments)))
 
-    def _pool(self) -> list[ModelConfig]:
+    def _drawable(self, allowed: Collection[str] | None = None) -> list[ModelConfig]:
+        """The models a draw may give (enabled chat models of weight > 0), among `allowed` if given."""
         return [m for m in self.models.values()
-                if m.enabled and m.kind == "chat" and m.weight > 0 and self.available(m)]
+                if m.enabled and m.kind == "chat" and m.weight > 0 and (allowed is None or m.name in allowed)]
 
-    def draw_one(self, rng: random.Random | None = None) -> ModelConfig:
-        """One enabled model drawn in proportion to its weight, skipping open circuits (`model: random`)."""
-        pool = self._pool()
+    def _pool(self, allowed: Collection[str] | None = None) -> list[ModelConfig]:
+        return [m for m in self._drawable(allowed) if self.available(m)]
+
+    def draw_one(self, rng: random.Random | None = None, allowed: Collection[str] | None = None) -> ModelConfig:
+        """One enabled model drawn in proportion to its weight, skipping open circuits (`model: random`);
+        only among `allowed` when given (the models the caller may use)."""
+        pool = self._pool(allowed)
         if not pool:
             raise NotEnoughModels("no model is available")
         return (rng or self.rng).choices(pool, weights=[m.weight for m in pool])[0]
 
-    def draw_name(self) -> str:
-        """`model: random` resolved: a drawn model's name (or a model declared as "random" itself)."""
+    def draw_name(self, allowed: Collection[str] | None = None) -> str:
+        """`model: random` resolved: a drawn model's name (or a model declared as "random" itself).
+        `allowed`: the models the caller may use (its key's `models`), None for any: the draw is
+        among them only. Forbidden if none of them can ever be drawn; ServiceUnavailable if they
+        can, but every one's circuit is open now."""
         if RANDOM in self.models:
             return RANDOM
         try:
-            return self.draw_one().name
+            return self.draw_one(allowed=allowed).name
         except NotEnoughModels:
+            if allowed is not None and not self._drawable(allowed):
+                raise Forbidden("model 'random' draws from no model this key may use") from None
             raise ServiceUnavailable("no model is available to draw from; retry later") from None
 
     def draw_pair(self, rng: random.Random | None = None) -> tuple[ModelConfig, ModelConfig]:
