@@ -14,11 +14,11 @@ chain reports (first upstream call, first event, a streamed reply) goes to a `Ch
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..config import ModelConfig
+from ..config import ModelConfig, ProviderConfig
 
 if TYPE_CHECKING:
     from ..store.usage import UsageRecord
@@ -123,6 +123,41 @@ class NoObserver:
 
 
 NO_OBSERVER: ChainObserver = NoObserver()
+
+
+REDACTED = "[redacted]"
+MIN_SECRET_CHARS = 8  # shorter header values are names, flags or numbers: scrubbing them would garble text
+
+
+class Secrets:
+    """A provider's configured secrets: its API key and the values of its extra headers.
+
+    An upstream's error body may echo the request's headers (`Bearer sk-...`): every text built
+    from what an upstream sent (an error's message) is scrubbed of them before it is logged,
+    stored or returned, and before it is cut to length (a cut must not keep a secret's start).
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Iterable[str]) -> None:
+        # longest first: a secret inside a longer one goes with it
+        self.values = tuple(sorted({v for v in values if len(v) >= MIN_SECRET_CHARS}, key=len, reverse=True))
+
+    @classmethod
+    def of(cls, config: ProviderConfig) -> Secrets:
+        values = [v.reveal() for v in config.headers.values()]
+        if config.api_key:
+            values.append(config.api_key.reveal())
+        return cls(values)
+
+    def scrub(self, text: str) -> str:
+        for value in self.values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
+
+
+NO_SECRETS = Secrets(())
 
 
 class ProviderError(Exception):

@@ -13,7 +13,8 @@ usage columns are `integer`, and a negative count would lower a user's daily tot
 - a token count is an integer in [0, 2^31): a negative one becomes 0, a bigger one 2^31 - 1, a
   non-integer one 0 (a fractional one is rounded), and the report is flagged `suspect`. The
   usage row's total is an `integer` too: when the sum would not fit, the completion count is
-  cut to what is left after the prompt's.
+  cut to what is left after the prompt's;
+- the text of an error an upstream sent is scrubbed of the provider's secrets (`error_text`).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from typing import Any
 
 import orjson
 
-from .base import UpstreamProtocolError, UsageReport
+from .base import NO_SECRETS, Secrets, UpstreamProtocolError, UsageReport
 
 MAX_COUNT = 2**31 - 1  # PostgreSQL `integer`
 NUL = "\x00"
 REPLACEMENT = "\ufffd"
+ERROR_CHARS = 500  # of an error's text from upstream
 
 
 def loads(data: bytes) -> Any:
@@ -99,3 +101,9 @@ def usage(prompt: object, completion: object) -> UsageReport:
     if prompt_tokens + completion_tokens > MAX_COUNT:
         return UsageReport(prompt_tokens, MAX_COUNT - prompt_tokens, True)
     return UsageReport(prompt_tokens, completion_tokens, bad_prompt or bad_completion)
+
+
+def error_text(text: str, secrets: Secrets = NO_SECRETS) -> str:
+    """An error's text from what an upstream sent: its provider's secrets scrubbed (before the cut,
+    which must not keep a secret's start), at most ERROR_CHARS, NUL replaced."""
+    return clean(secrets.scrub(text)[:ERROR_CHARS])

@@ -1,0 +1,304 @@
+"""What the gateway sends to and takes from upstream providers (issue 22): the bound a cap reserved
+for is sent upstream and held to, the prompt estimate counts everything sent, a provider's secrets
+never come back from its upstream's text, and usage counts out of range are not charged."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.providers import normalise
+from gateway.providers.base import Secrets
+from gateway.providers.openai import http_error
+from gateway.turns import prompt_tokens
+
+from .conftest import User, wait_for
+from .fakes import openai_chunk, parse_sse
+
+KEY = "sk-live-4f9c2a7e1b3d5f6a8c0e"  # the provider's API key
+HEADER = "hdr-secret-9d8c7b6a5f4e"  # the value of its configured extra header
+SECRETS = (KEY, HEADER)
+TOKEN = "abcd"  # one token of the fake upstream's replies, by the gateway's estimate too
+WRITES = 3000  # tokens an upstream writes when nothing bounds it (or when it ignores the bound)
+PER_CHUNK = 100  # tokens a chunk
+
+
+class Upstream:
+    """An OpenAI- and Anthropic-compatible upstream; what it does is named by the model id asked for:
+
+    obeys           writes max_tokens (max_completion_tokens) tokens, else WRITES, and reports them
+    ignores         writes WRITES tokens whatever it was told, and reports them
+    echo_401        answers 401 with an error message that echoes the request's headers
+    echo_midstream  streams "Hel", then an error event that echoes the request's headers
+    usage:P:C       streams "Hel" and reports P prompt and C completion tokens (as JSON values)
+
+    Its prompt count is the gateway's own estimate of what it got: a tokenizer that agrees."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.server: Any = None
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self.openai)
+        self.app.router.add_post("/v1/messages", self.anthropic)
+        self.app.router.add_post("/v1/embeddings", self.embeddings)
+
+    @property
+    def base_url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+    @staticmethod
+    def echo(request: web.Request) -> str:
+        # the extra headers first: the log's own redaction takes an Authorization line to its end
+        return "invalid credentials; you sent " + ", ".join(f"{k}: {v}" for k, v in
+                                                             reversed(request.headers.items()))
+
+    async def openai(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        mode = body["model"]
+        if mode == "echo_401":
+            return web.json_response({"error": {"message": self.echo(request), "type": "invalid_request_error"}},
+                                     status=401)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        pieces = [openai_chunk({"role": "assistant", "content": ""})]
+        if mode == "echo_midstream":
+            pieces += [openai_chunk({"content": "Hel"}),
+                       b"data: " + orjson.dumps({"error": {"message": self.echo(request)}}) + b"\n\n"]
+        elif mode.startswith("usage:"):
+            _, prompt, completion = mode.split(":")
+            pieces += [openai_chunk({"content": "Hel"}), openai_chunk({}, "stop"),
+                       b'data: {"choices":[],"usage":{"prompt_tokens":%s,"completion_tokens":%s}}\n\n'
+                       % (prompt.encode(), completion.encode()), b"data: [DONE]\n\n"]
+        else:
+            bound = body.get("max_tokens") or body.get("max_completion_tokens")
+            n = bound if mode == "obeys" and bound is not None else WRITES
+            pieces += [openai_chunk({"content": TOKEN * min(PER_CHUNK, n - i)}) for i in range(0, n, PER_CHUNK)]
+            pieces += [openai_chunk({}, "length" if bound == n else "stop"),
+                       openai_chunk(usage={"prompt_tokens": prompt_tokens(body["messages"]),
+                                           "completion_tokens": n, "total_tokens": 0}, choices=False),
+                       b"data: [DONE]\n\n"]
+        try:
+            for piece in pieces:
+                await resp.write(piece)
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass  # the gateway hung up: it had what it relays
+        return resp
+
+    async def anthropic(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.bodies.append(body)
+        if body["model"] == "echo_401":
+            return web.json_response({"type": "error", "error": {"type": "authentication_error",
+                                                                 "message": self.echo(request)}}, status=401)
+        n = body["max_tokens"]
+        events = [("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude-x",
+            "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}})]
+        events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": TOKEN * min(PER_CHUNK, n - i)}})
+                   for i in range(0, n, PER_CHUNK)]
+        events += [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                   ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
+                                      "usage": {"output_tokens": n}}),
+                   ("message_stop", {"type": "message_stop"})]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"".join(b"event: %s\ndata: %s\n\n" % (name.encode(), orjson.dumps(data))
+                                  for name, data in events))
+        await resp.write_eof()
+        return resp
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        self.bodies.append(await request.json())
+        return web.json_response({"error": {"message": self.echo(request)}}, status=401)
+
+
+@pytest.fixture
+async def up(aiohttp_server: Any) -> Upstream:
+    fake = Upstream()
+    fake.server = await aiohttp_server(fake.app)
+    return fake
+
+
+def config(url: str) -> str:
+    return f"""
+[providers.up]
+kind = "openai"
+base_url = "{url}"
+api_key = "{KEY}"
+headers = {{ X-Tenant-Token = "{HEADER}", X-Title = "chat" }}
+
+[providers.ant]
+kind = "anthropic"
+base_url = "{url}"
+api_key = "{KEY}"
+headers = {{ X-Tenant-Token = "{HEADER}" }}
+
+[models.obeys]
+provider = "up"
+upstream = "obeys"
+
+[models.ignores]
+provider = "up"
+upstream = "ignores"
+
+[models.echo_401]
+provider = "up"
+upstream = "echo_401"
+
+[models.echo_midstream]
+provider = "up"
+upstream = "echo_midstream"
+
+[models.ant_obeys]
+provider = "ant"
+upstream = "obeys"
+
+[models.ant_echo_401]
+provider = "ant"
+upstream = "echo_401"
+
+[models.embed_echo]
+provider = "up"
+upstream = "echo_401"
+kind = "embedding"
+
+[models.usage_2_62]
+provider = "up"
+upstream = "usage:5:4611686018427387904"
+
+[models.usage_completion_past_bound]
+provider = "up"
+upstream = "usage:5:1000000"
+
+[models.usage_prompt_absurd]
+provider = "up"
+upstream = "usage:1000000000:1"
+
+[models.usage_float]
+provider = "up"
+upstream = "usage:5.5:1"
+
+[models.usage_string]
+provider = "up"
+upstream = "usage:5:\\"1\\""
+
+[models.usage_fine]
+provider = "up"
+upstream = "usage:5:1"
+"""
+
+
+async def capped_key(db: asyncpg.Pool, user: User, daily_tokens: int) -> uuid.UUID:
+    key_id: uuid.UUID = await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", user.id)
+    await db.execute("UPDATE api_keys SET limits = $2 WHERE id = $1", key_id, {"daily_tokens": daily_tokens})
+    return key_id
+
+
+async def gateway(make_client: Any, config_file: Any, up: Upstream) -> TestClient:
+    client: TestClient = await make_client(GATEWAY_CONFIG=config_file(config(up.base_url)))
+    return client
+
+
+async def charged(db: asyncpg.Pool, user: User, key_id: uuid.UUID) -> tuple[int, int, int]:
+    """(the usage rows' total tokens, the key's day: tokens spent, tokens still reserved)."""
+    total = await db.fetchval("SELECT coalesce(sum(total_tokens), 0) FROM usage WHERE user_id = $1", user.id)
+    day = await db.fetchrow("SELECT tokens, reserved FROM key_daily_usage WHERE api_key_id = $1 AND day = $2",
+                            key_id, datetime.now(UTC).date())
+    return total, day["tokens"], day["reserved"]
+
+
+async def settled(db: asyncpg.Pool, user: User) -> bool:
+    return await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1 AND status IN ('pending', 'streaming')",
+                             user.id) == 0
+
+
+async def chat(client: TestClient, user: User, model: str, **body: Any) -> tuple[list[Any], dict[str, Any]]:
+    """A streamed native turn: its events, and its reply's row once saved."""
+    resp = await client.post("/api/chat", headers=user.headers,
+                             json={"content": "hi", "model": model, "stream": True, **body})
+    assert resp.status == 200
+    raw = await resp.read()
+    events = parse_sse(raw)
+    message_id = uuid.UUID(orjson.loads(events[0].data)["message_id"])
+    return events, {"raw": raw, "id": message_id}
+
+
+async def reply_row(db: asyncpg.Pool, message_id: uuid.UUID) -> dict[str, Any]:
+    row = await db.fetchrow("SELECT status, content, error, metadata, prompt_tokens, completion_tokens FROM messages "
+                            "WHERE id = $1", message_id)
+    return dict(row)
+
+
+# -- a provider's secrets never come back from its upstream's text ---------------------------------
+
+def assert_scrubbed(text: str | bytes) -> None:
+    data = text.decode() if isinstance(text, bytes) else text
+    for secret in SECRETS:
+        assert secret not in data
+    assert "[redacted]" in data
+
+
+@pytest.mark.parametrize("model", ["echo_401", "ant_echo_401"])
+async def test_an_upstream_401_echoing_the_request_headers_leaks_no_secret_to_sse_row_or_log(
+        model, make_client, config_file, up, user, db, caplog):
+    caplog.set_level(logging.WARNING, logger="gateway.providers.chain")
+    client = await gateway(make_client, config_file, up)
+    events, reply = await chat(client, user, model)
+    assert events[-2].event == "error"
+    error = orjson.loads(events[-2].data)
+    assert error["type"] == "upstream_http_error"
+    assert error["message"].startswith("upstream answered 401: invalid credentials; you sent ")
+    assert_scrubbed(reply["raw"])
+    await wait_for(lambda: settled(db, user))
+    row = await reply_row(db, reply["id"])
+    assert row["status"] == "failed"
+    assert_scrubbed(orjson.dumps(row["error"]))
+    assert_scrubbed(caplog.text)  # the chain's warning names the failure
+    assert "X-Tenant-Token: [redacted]" in caplog.text
+
+
+async def test_the_v1_error_body_and_a_mid_stream_error_event_leak_no_secret(make_client, config_file, up, user):
+    client = await gateway(make_client, config_file, up)
+    resp = await client.post("/v1/chat/completions", headers=user.headers,
+                             json={"model": "echo_401", "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 502
+    assert_scrubbed(await resp.read())
+    resp = await client.post("/v1/chat/completions", headers=user.headers,
+                             json={"model": "echo_midstream", "stream": True,
+                                   "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 200
+    raw = await resp.read()
+    assert b"upstream error mid-stream: invalid credentials" in raw
+    assert_scrubbed(raw)
+    resp = await client.post("/v1/messages", headers=user.headers,
+                             json={"model": "ant_echo_401", "max_tokens": 10,
+                                   "messages": [{"role": "user", "content": "hi"}]})
+    assert resp.status == 502
+    assert_scrubbed(await resp.read())
+    resp = await client.post("/v1/embeddings", headers=user.headers, json={"model": "embed_echo", "input": "hi"})
+    assert resp.status == 502
+    body = await resp.read()
+    assert KEY not in body.decode() and b"[redacted]" in body
+
+
+def test_a_secret_across_the_error_texts_cut_leaves_no_part_of_it():
+    secrets = Secrets([KEY, HEADER, "short"])
+    assert secrets.values == (KEY, HEADER)  # "short" would garble text, not hide a secret
+    message = "m" * (normalise.ERROR_CHARS - len("upstream answered 401: ") - 10) + KEY
+    body = orjson.dumps({"error": {"message": message}})
+    assert KEY[:10] in http_error(401, body, {}).message  # unscrubbed, the cut keeps the key's start
+    scrubbed = http_error(401, body, {}, secrets).message
+    assert scrubbed.endswith("m[redacted]") and KEY[:4] not in scrubbed
