@@ -16,9 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.providers import normalise
-from gateway.providers.base import Secrets
+from gateway.providers.base import IMAGE_TOKENS, Secrets, prompt_estimate
 from gateway.providers.openai import http_error
-from gateway.turns import prompt_tokens
 
 from .conftest import User, wait_for
 from .fakes import openai_chunk, parse_sse
@@ -83,7 +82,7 @@ class Upstream:
             n = bound if mode == "obeys" and bound is not None else WRITES
             pieces += [openai_chunk({"content": TOKEN * min(PER_CHUNK, n - i)}) for i in range(0, n, PER_CHUNK)]
             pieces += [openai_chunk({}, "length" if bound == n else "stop"),
-                       openai_chunk(usage={"prompt_tokens": prompt_tokens(body["messages"]),
+                       openai_chunk(usage={"prompt_tokens": prompt_estimate(body["messages"], body),
                                            "completion_tokens": n, "total_tokens": 0}, choices=False),
                        b"data: [DONE]\n\n"]
         try:
@@ -240,6 +239,73 @@ async def reply_row(db: asyncpg.Pool, message_id: uuid.UUID) -> dict[str, Any]:
     row = await db.fetchrow("SELECT status, content, error, metadata, prompt_tokens, completion_tokens FROM messages "
                             "WHERE id = $1", message_id)
     return dict(row)
+
+
+# -- the estimate counts everything sent upstream ---------------------------------------------------
+
+BIG_TOOLS = [{"type": "function", "function": {"name": f"tool_{i}", "description": "d" * 900,
+                                               "parameters": {"type": "object", "properties": {}}}}
+             for i in range(230)]
+
+
+def test_the_big_tools_array_is_224_kb():
+    assert 224_000 <= len(orjson.dumps(BIG_TOOLS)) < 234_000
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"model": "obeys", "messages": [{"role": "user", "content": "hi"}], "tools": BIG_TOOLS}),
+    ("/v1/responses", {"model": "obeys", "input": "hi", "store": False, "tools": [
+        {"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+         "parameters": t["function"]["parameters"]} for t in BIG_TOOLS]}),
+    ("/v1/responses", {"model": "obeys", "input": "hi", "tools": [
+        {"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+         "parameters": t["function"]["parameters"]} for t in BIG_TOOLS]}),
+    ("/v1/messages", {"model": "obeys", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
+                      "tools": [{"name": t["function"]["name"], "description": t["function"]["description"],
+                                 "input_schema": t["function"]["parameters"]} for t in BIG_TOOLS]}),
+])
+async def test_a_224_kb_tools_array_with_hi_is_refused_under_a_5000_token_cap_and_never_sent(
+        path, body, make_client, config_file, up, user, db):
+    key_id = await capped_key(db, user, 5000)
+    client = await gateway(make_client, config_file, up)
+    resp = await client.post(path, headers=user.headers, json=body)
+    assert resp.status == 429
+    assert up.bodies == []
+    await client.close()
+    assert await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user.id) == 0
+    day = await db.fetchrow("SELECT tokens, reserved FROM key_daily_usage WHERE api_key_id = $1", key_id)
+    assert day is None or tuple(day) == (0, 0)
+
+
+def test_the_prompt_estimate_counts_system_history_tool_calls_images_tools_and_response_format():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 100_000}}
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    messages = [{"role": "system", "content": "x" * 40},
+                {"role": "user", "content": [{"type": "text", "text": "y" * 8}, image, image]},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "call_1", "content": "z" * 4}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}
+    extra = {"tools": tools, "response_format": fmt, "seed": 1}
+
+    def json4(value: object) -> int:
+        return (len(orjson.dumps(value)) + 3) // 4
+
+    assert prompt_estimate(messages) == 10 + 2 + 2 * IMAGE_TOKENS + json4(calls) + 1 + json4("call_1")
+    assert prompt_estimate(messages, extra) == prompt_estimate(messages) + json4(tools) + json4(fmt)
+    assert IMAGE_TOKENS == 765  # OpenAI's bill for a 1024x1024 image at high detail
+
+
+async def test_count_tokens_counts_the_tools_it_would_send(make_client, config_file, up, user):
+    client = await gateway(make_client, config_file, up)
+    message = {"model": "obeys", "messages": [{"role": "user", "content": "hi"}]}
+    tool = {"name": "lookup", "description": "find a thing", "input_schema": {"type": "object"}}
+    bare = await client.post("/v1/messages/count_tokens", headers=user.headers, json=message)
+    tooled = await client.post("/v1/messages/count_tokens", headers=user.headers, json={**message, "tools": [tool]})
+    sent = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"},
+                                              "description": "find a thing"}}]
+    assert (await bare.json())["input_tokens"] == 1
+    assert (await tooled.json())["input_tokens"] == 1 + (len(orjson.dumps(sent)) + 3) // 4
 
 
 # -- a provider's secrets never come back from its upstream's text ---------------------------------

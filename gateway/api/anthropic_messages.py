@@ -401,7 +401,7 @@ async def _stream(request: web.Request, events: AsyncIterator[Batch], completion
     chat = completion.request
     # the upstream's input count comes at the end (in message_delta); until then, the estimate
     out = [frame("message_start", {"type": "message_start", "message": _message_head(
-        f"msg_{completion.id.hex}", completion.chain.used.name, prompt_tokens(chat.messages))})]
+        f"msg_{completion.id.hex}", completion.chain.used.name, prompt_tokens(chat.messages, chat.extra))})]
     blocks = _Blocks(out)
     try:
         while True:
@@ -467,5 +467,5 @@ async def count_tokens(request: web.Request) -> web.Response:
     """The gateway's own estimate: the number the policy reserves for the same request's prompt."""
     await caller(request, "chat")
     parsed = parse_request(await read_json(request), request.app[MODELS].chat_model, counting=True)
-    return web.Response(body=orjson.dumps({"input_tokens": prompt_tokens(parsed.chat.messages)}),
+    return web.Response(body=orjson.dumps({"input_tokens": prompt_tokens(parsed.chat.messages, parsed.chat.extra)}),
                         content_type="application/json")
