@@ -37,8 +37,9 @@ from .events import Event
 from .fleet.follow import RemoteStreams
 from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd, mask_model_names
 from .policy import Admission, Policy
-from .providers.base import ChainObserver, ChatRequest, UsageReport, prompt_estimate, text_of, tokens_for_chars
+from .providers.base import ChainObserver, ChatRequest, UsageReport, prompt_estimate, text_of
 from .providers.chain import Chain
+from .providers.normalise import charged
 from .providers.registry import ModelRegistry, NotEnoughModels
 from .replay import replay_events
 from .router import RANDOM, Route, route
@@ -441,15 +442,15 @@ class Turns:
         it reached the client."""
         admission, principal = completion.admission, completion.principal
         admission.done()
-        estimated = usage is None
-        if usage is None:
-            if not started and not chars:
-                if not admission.holds_anything:
-                    tracing.end_chat()
-                    return  # nothing reached the client, nothing was reserved: nothing to count
-                usage = UsageReport(0, 0)  # a zero record hands the reservation back
-            else:
-                usage = estimated_usage(completion.request, chars)
+        if usage is None and not started and not chars:
+            if not admission.holds_anything:
+                tracing.end_chat()
+                return  # nothing reached the client, nothing was reserved: nothing to count
+            usage = UsageReport(0, 0, estimated=True)  # a zero record hands the reservation back
+        else:
+            # the upstream's counts when believable, else the estimate
+            usage = charged_usage(completion.request, usage, chars)
+        estimated = usage.estimated
         model = completion.chain.used
         record = UsageRecord(
             message_id=completion.id, user_id=principal.user_id, api_key_id=principal.api_key_id, model=model.name,
@@ -560,9 +561,10 @@ def prompt_tokens(messages: list[dict[str, Any]], extra: dict[str, Any] | None =
     return prompt_estimate(messages, extra)
 
 
-def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:
-    """For upstreams that report no usage (or a reply cut short): counted from the text."""
-    return UsageReport(prompt_tokens(request.messages, request.extra), tokens_for_chars(chars))
+def charged_usage(request: ChatRequest, usage: UsageReport | None, chars: int) -> UsageReport:
+    """What a reply of `chars` characters is charged and reported: the upstream's `usage` when it is
+    believable, else (none came, or a reply cut short) the estimate, flagged (providers.normalise.charged)."""
+    return charged(request, usage, chars)
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:

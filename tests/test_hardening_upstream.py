@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.providers import normalise
-from gateway.providers.base import IMAGE_TOKENS, Secrets, prompt_estimate
+from gateway.providers.base import IMAGE_TOKENS, ChatRequest, Secrets, UsageReport, prompt_estimate
 from gateway.providers.openai import http_error
 
 from .conftest import User, wait_for
@@ -368,3 +368,59 @@ def test_a_secret_across_the_error_texts_cut_leaves_no_part_of_it():
     assert KEY[:10] in http_error(401, body, {}).message  # unscrubbed, the cut keeps the key's start
     scrubbed = http_error(401, body, {}, secrets).message
     assert scrubbed.endswith("m[redacted]") and KEY[:4] not in scrubbed
+
+
+# -- usage counts out of range are not charged -------------------------------------------------------
+
+@pytest.mark.parametrize("model", ["usage_2_62", "usage_completion_past_bound", "usage_prompt_absurd",
+                                   "usage_float", "usage_string"])
+async def test_usage_out_of_range_is_charged_as_the_estimate_and_the_row_says_so(
+        model, make_client, config_file, up, user, db):
+    key_id = await capped_key(db, user, 5000)
+    client = await gateway(make_client, config_file, up)
+    events, reply = await chat(client, user, model, max_tokens=10)
+    assert orjson.loads(events[-3].data) == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
+                                             "estimated": True, "usage_suspect": True}
+    await wait_for(lambda: settled(db, user))
+    row = await reply_row(db, reply["id"])
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (1, 1)
+    assert row["metadata"]["estimated"] is True and row["metadata"]["usage_suspect"] is True
+    usage = await db.fetchrow("SELECT prompt_tokens, completion_tokens, estimated FROM usage WHERE message_id = $1",
+                              reply["id"])
+    assert tuple(usage) == (1, 1, True)
+    assert await charged(db, user, key_id) == (2, 2, 0)
+
+
+async def test_usage_in_range_is_charged_as_reported(make_client, config_file, up, user, db):
+    key_id = await capped_key(db, user, 5000)
+    client = await gateway(make_client, config_file, up)
+    events, _ = await chat(client, user, "usage_fine", max_tokens=10)
+    assert orjson.loads(events[-3].data) == {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    await wait_for(lambda: settled(db, user))
+    assert await charged(db, user, key_id) == (6, 6, 0)
+
+
+async def test_the_openai_route_reports_and_charges_the_estimate_for_absurd_usage(
+        make_client, config_file, up, user, db):
+    client = await gateway(make_client, config_file, up)
+    resp = await client.post("/v1/chat/completions", headers=user.headers,
+                             json={"model": "usage_2_62", "messages": [{"role": "user", "content": "hi"}]})
+    assert (await resp.json())["usage"] == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    await client.close()
+    usage = await db.fetchrow("SELECT prompt_tokens, completion_tokens, estimated FROM usage WHERE user_id = $1",
+                              user.id)
+    assert tuple(usage) == (1, 1, True)
+
+
+def test_what_is_believed_of_an_upstreams_counts():
+    request = ChatRequest([{"role": "user", "content": "hi"}], max_tokens=10)
+    prompt_limit = normalise.PROMPT_SLACK * 1 + normalise.PROMPT_ALLOWANCE
+    assert normalise.charged(request, UsageReport(prompt_limit, 10), 4) == UsageReport(prompt_limit, 10)
+    for reported in (UsageReport(5, 11), UsageReport(prompt_limit + 1, 1), UsageReport(5, 1, suspect=True)):
+        assert normalise.charged(request, reported, 4) == UsageReport(1, 1, suspect=True, estimated=True)
+    # none came: the estimate, its completion at most the bound the upstream was told
+    assert normalise.charged(request, None, 4000) == UsageReport(1, 10, estimated=True)
+    assert normalise.charged(request, None, 0, consumed=False) == UsageReport(0, 0, estimated=True)
+    # no bound: any completion count in range is believed
+    unbounded = ChatRequest([{"role": "user", "content": "hi"}])
+    assert normalise.charged(unbounded, UsageReport(5, 100_000), 4) == UsageReport(5, 100_000)

@@ -58,8 +58,10 @@ class ToolCallDelta:
 class UsageReport:
     prompt_tokens: int
     completion_tokens: int
-    # the upstream's counts were out of range or not integers and had to be clamped
+    # the upstream's counts were out of range or not integers (clamped to fit, or not believed)
     suspect: bool = False
+    # the gateway's estimate, not the upstream's counts (see normalise.charged)
+    estimated: bool = False
 
 
 @dataclass(slots=True)
