@@ -4,6 +4,7 @@ never come back from its upstream's text, and usage counts out of range are not 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -15,8 +16,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.policy import DEFAULT_RESERVE_TOKENS
 from gateway.providers import normalise
 from gateway.providers.base import IMAGE_TOKENS, ChatRequest, Secrets, UsageReport, prompt_estimate
+from gateway.providers.chain import relay_chars
 from gateway.providers.openai import http_error
 
 from .conftest import User, wait_for
@@ -239,6 +242,119 @@ async def reply_row(db: asyncpg.Pool, message_id: uuid.UUID) -> dict[str, Any]:
     row = await db.fetchrow("SELECT status, content, error, metadata, prompt_tokens, completion_tokens FROM messages "
                             "WHERE id = $1", message_id)
     return dict(row)
+
+
+# -- the bound a cap reserved for is sent upstream, and held to ------------------------------------
+
+@pytest.mark.parametrize("model", ["obeys", "ignores"])
+async def test_six_concurrent_requests_without_max_tokens_never_charge_past_a_keys_token_cap(
+        model, make_client, config_file, up, user, db):
+    key_id = await capped_key(db, user, 5000)
+    client = await gateway(make_client, config_file, up)
+
+    async def one() -> tuple[int, dict[str, Any]]:
+        resp = await client.post("/v1/chat/completions", headers=user.headers,
+                                 json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        return resp.status, await resp.json()
+
+    answers = await asyncio.gather(*(one() for _ in range(6)))
+    await client.close()  # drains the batched usage writer and gives the quota slices back
+    served = [body for status, body in answers if status == 200]
+    assert {status for status, _ in answers} <= {200, 429} and len(served) == len(up.bodies) >= 4
+    # every upstream call was told the bound its reservation assumed: the default, or what was left
+    bounds = [body["max_tokens"] for body in up.bodies]
+    assert max(bounds) == DEFAULT_RESERVE_TOKENS and sum(b + 1 for b in bounds) <= 5000
+    total, spent, reserved = await charged(db, user, key_id)
+    assert total == spent <= 5000 and reserved == 0
+    rows = await db.fetch("SELECT prompt_tokens, completion_tokens, estimated FROM usage WHERE user_id = $1 "
+                          "ORDER BY completion_tokens", user.id)
+    # an upstream that ignores its bound is cut at the relay's margin and charged at most the bound
+    assert [tuple(r) for r in rows] == [(1, b, model == "ignores") for b in sorted(bounds)]
+    for body in served:
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "length"
+        bound = body["usage"]["completion_tokens"]
+        relayed = relay_chars(bound) if model == "ignores" else bound * len(TOKEN)
+        assert len(choice["message"]["content"]) == relayed
+
+
+PRICED = """
+[models.priced_{mode}]
+provider = "up"
+upstream = "{mode}"
+input_price_per_mtok = 1000000
+output_price_per_mtok = 1000000
+
+[limits]
+daily_cost_usd = 3000
+"""
+
+
+@pytest.mark.parametrize("mode", ["obeys", "ignores"])
+async def test_six_concurrent_requests_without_max_tokens_never_charge_past_a_daily_cost_cap(
+        mode, make_client, config_file, up, user, db):
+    # $1 a token either way: a request reserves $1 + $1024, so three fit in $3000 and the rest are clamped
+    client = await make_client(GATEWAY_CONFIG=config_file(config(up.base_url) + PRICED.format(mode=mode)))
+
+    async def one() -> int:
+        resp = await client.post("/v1/chat/completions", headers=user.headers,
+                                 json={"model": f"priced_{mode}", "messages": [{"role": "user", "content": "hi"}]})
+        await resp.read()
+        return resp.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(6)))
+    await client.close()
+    assert set(statuses) <= {200, 429} and statuses.count(200) == len(up.bodies) >= 3
+    assert max(body["max_tokens"] for body in up.bodies) == DEFAULT_RESERVE_TOKENS
+    cost = await db.fetchval("SELECT sum(cost_usd)::float8 FROM usage WHERE user_id = $1", user.id)
+    day = await db.fetchrow("SELECT cost_usd::float8 AS spent, cost_reserved::float8 AS held FROM daily_usage "
+                            "WHERE user_id = $1", user.id)
+    assert cost == day["spent"] <= 3000 and day["held"] == 0
+    assert cost == sum(1 + body["max_tokens"] for body in up.bodies)
+
+
+async def test_a_native_reply_from_an_upstream_that_ignores_its_bound_is_cut_and_not_marked_downgraded(
+        make_client, config_file, up, user, db):
+    key_id = await capped_key(db, user, 5000)
+    client = await gateway(make_client, config_file, up)
+    events, reply = await chat(client, user, "ignores")
+    assert up.bodies[0]["max_tokens"] == DEFAULT_RESERVE_TOKENS
+    text = "".join(orjson.loads(e.data)["delta"] for e in events[:-1] if e.event == "message")
+    assert text == (TOKEN * WRITES)[:relay_chars(DEFAULT_RESERVE_TOKENS)]
+    assert [e.event for e in events[-3:-1]] == ["usage", "done"] and events[-1].data == "[DONE]"
+    assert orjson.loads(events[-3].data) == {"prompt_tokens": 1, "completion_tokens": DEFAULT_RESERVE_TOKENS,
+                                             "total_tokens": 1 + DEFAULT_RESERVE_TOKENS, "estimated": True}
+    assert orjson.loads(events[-2].data)["finish_reason"] == "length"
+    await wait_for(lambda: settled(db, user))
+    row = await reply_row(db, reply["id"])
+    assert (row["status"], row["content"]) == ("complete", text)
+    assert row["metadata"]["finish_reason"] == "length" and row["metadata"]["estimated"] is True
+    assert "policy" not in row["metadata"]  # the default bound sent is no downgrade
+    assert await charged(db, user, key_id) == (1 + DEFAULT_RESERVE_TOKENS, 1 + DEFAULT_RESERVE_TOKENS, 0)
+
+
+async def test_a_client_bound_under_the_cap_is_sent_as_is_and_an_uncapped_request_gets_none(
+        make_client, config_file, up, make_user, db):
+    capped, free = await make_user(), await make_user()
+    await capped_key(db, capped, 5000)
+    client = await gateway(make_client, config_file, up)
+    events, _ = await chat(client, capped, "obeys", max_tokens=7)
+    assert orjson.loads(events[-2].data)["finish_reason"] == "length"
+    events, _ = await chat(client, free, "obeys")
+    assert orjson.loads(events[-2].data)["finish_reason"] == "stop"
+    assert [b.get("max_tokens") for b in up.bodies] == [7, None]  # nothing reserved: the upstream ends it
+    text = "".join(orjson.loads(e.data)["delta"] for e in events[:-1] if e.event == "message")
+    assert text == TOKEN * WRITES
+
+
+async def test_an_anthropic_upstream_is_told_the_reserved_bound_not_its_adapters_default(
+        make_client, config_file, up, user, db):
+    await capped_key(db, user, 5000)
+    client = await gateway(make_client, config_file, up)
+    events, _ = await chat(client, user, "ant_obeys")
+    assert up.bodies[0]["max_tokens"] == DEFAULT_RESERVE_TOKENS  # was 4096, past the 1024 reserved
+    assert orjson.loads(events[-3].data) == {"prompt_tokens": 1, "completion_tokens": DEFAULT_RESERVE_TOKENS,
+                                             "total_tokens": 1 + DEFAULT_RESERVE_TOKENS}
 
 
 # -- the estimate counts everything sent upstream ---------------------------------------------------
