@@ -27,8 +27,9 @@ from .config import ModelConfig
 from .durability import FinishWriter
 from .events import Event, EventLog, EventMaker, done_json, metadata_json, usage_json
 from .policy import Admission, utc_now
-from .providers.base import ChainObserver, ChatRequest, Finish, ProviderError, TextDelta, UsageReport, estimate_tokens
+from .providers.base import ChainObserver, ChatRequest, Finish, ProviderError, TextDelta, UsageReport
 from .providers.chain import Chain
+from .providers.normalise import charged
 from .providers.registry import ModelRegistry
 from .store.messages import FinishRecord, checkpoint_many
 from .store.usage import UsageRecord
@@ -199,11 +200,10 @@ class Generation:
         model = self.chain.used
         if not self.events.count:
             self._emit(maker.event(0, "metadata", self.metadata()))
-        estimated = usage is None
-        if usage is None:
-            # no report from upstream: estimate what was consumed (nothing, when no attempt got content)
-            prompt = sum(estimate_tokens(str(m.get("content", ""))) for m in self.request.messages) if content else 0
-            usage = UsageReport(prompt, estimate_tokens(content))
+        # the upstream's counts when believable, else the estimate of what was consumed (nothing,
+        # when no attempt got content or reported usage)
+        usage = charged(self.request, usage, len(content), consumed=bool(content))
+        estimated = usage.estimated
         attempts = [a.as_json() for a in self.chain.attempts]
         error_json: dict[str, Any] | None = None
         if error is not None:
@@ -229,7 +229,7 @@ class Generation:
                       "category": spec.category, "auto": spec.auto,
                       "fallback_from": self.chain.fallback_from, "attempts": attempts,
                       "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
-                      # the upstream's counts were clamped to fit (see providers/normalise.py)
+                      # the upstream's counts were out of range or not believed (see providers/normalise.py)
                       **({"usage_suspect": True} if usage.suspect else {}),
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})

@@ -53,7 +53,8 @@ from .vocabulary import PolicyAction
 
 log = logging.getLogger(__name__)
 
-# worst case assumed for a reply whose request names no max_tokens and no ceiling applies
+# worst case assumed for a reply whose request names no max_tokens and no ceiling applies; under a
+# daily cap it is also the bound the upstream is told (see _bounds)
 DEFAULT_RESERVE_TOKENS = 1024
 # how long a refused exact admission waits for the slices it recalled from other instances
 RECALL_WAIT_S = 1.0
@@ -195,14 +196,19 @@ def limits_for(config: LimitsConfig, principal: Principal) -> Limits:
 
 def _bounds(limits: Limits, max_tokens: int | None, reasons: list[str]) -> tuple[int | None, int]:
     """What the upstream is told (the client's max_tokens, or the ceiling when it is lower: said in
-    `reasons`) and the worst case reserved for. The upstream is told a bound only when the policy
-    lowers the client's (or what remains today does, later); the reservation always assumes the
-    worst case the reply may reach."""
+    `reasons`) and the worst case reserved for. A client that names no bound gets the one the
+    reservation assumes whenever a daily cap (tokens or dollars) applies, else a reply could run past
+    what was reserved; and none otherwise (a ceiling alone clamps only the client's own): nothing is
+    reserved, and the reply is the upstream's to end. What remains today may lower it later."""
     ceiling = max_tokens
     if limits.max_tokens is not None and max_tokens is not None and max_tokens > limits.max_tokens:
         ceiling = limits.max_tokens
         reasons.append(f"max_tokens clamped to {limits.max_tokens}")
-    return ceiling, ceiling or limits.max_tokens or DEFAULT_RESERVE_TOKENS
+    worst = ceiling or limits.max_tokens or DEFAULT_RESERVE_TOKENS
+    if ceiling is None and (limits.user_daily is not None or limits.user_cost is not None
+                            or any(k.daily is not None or k.cost is not None for k in limits.key_chain)):
+        ceiling = worst
+    return ceiling, worst
 
 
 def utc_now() -> datetime:
@@ -321,7 +327,7 @@ class Policy:
         if limits.models is not None and model not in limits.models:
             raise Forbidden(f"this key may not use model {model!r}")
         ceiling, worst = _bounds(limits, max_tokens, reasons)
-        if ceiling != max_tokens:
+        if reasons:  # the client's own bound was lowered (the default one sent in its place is none)
             action = PolicyAction.DOWNGRADE
         reserved, downgraded_from = _Reservation(), None
         if limits.in_database:
@@ -364,7 +370,7 @@ class Policy:
         if reserved is None:
             return None
         self.quota.note((principal.user_id, principal.api_key_id))
-        action = PolicyAction.DOWNGRADE if ceiling != max_tokens else PolicyAction.APPROVE
+        action = PolicyAction.DOWNGRADE if reasons else PolicyAction.APPROVE
         return self._admission(principal.user_id, action, model, ceiling, now.date(), reserved, None, reasons)
 
     def _admission(self, user_id: uuid.UUID, action: PolicyAction, model: str, ceiling: int | None, day: date,

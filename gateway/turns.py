@@ -38,8 +38,9 @@ from .events import Event
 from .fleet.follow import RemoteStreams
 from .generation import Generation, GenerationRegistry, GenerationSpec, cost_usd, mask_model_names
 from .policy import Admission, Policy, limits_for
-from .providers.base import ChainObserver, ChatRequest, UsageReport, estimate_tokens, text_of, tokens_for_chars
+from .providers.base import ChainObserver, ChatRequest, UsageReport, prompt_estimate, text_of
 from .providers.chain import Chain
+from .providers.normalise import charged
 from .providers.registry import ModelRegistry, NotEnoughModels
 from .replay import replay_events
 from .router import RANDOM, Route, route
@@ -176,7 +177,7 @@ class Turns:
         # refused: then the reservation rides in the persist statement (no statement after it),
         # and a retry of an accepted turn is found by that statement (given back: stored.duplicate)
         early = None if self._settings.limits.downgrade_model else self._policy.admit_now(
-            principal, choice.model, prompt_tokens(messages), turn.max_tokens)
+            principal, choice.model, prompt_tokens(messages, turn.extra), turn.max_tokens)
         if early is None:
             if turn.client_message_id is not None:
                 # a retry of an accepted turn is answered before any limit: it costs nothing new, and
@@ -192,8 +193,8 @@ class Turns:
                 stored = await self._persist.submit(message_store.TurnRequest(
                     user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
                     thread_id=turn.thread_id, instance_id=self._instance_id, parts=turn.parts,
-                    reservation=self.attribution(principal, choice.model, messages) if early is None
-                    else self.reservation(principal, early, messages)))
+                    reservation=self.attribution(principal, choice.model, messages, turn.extra) if early is None
+                    else self.reservation(principal, early, messages, turn.extra)))
             assert stored is not None
         except BaseException:
             if early is not None:
@@ -297,7 +298,8 @@ class Turns:
             stored = await arena_store.persist_arena_turn(
                 self._pool, principal.user_id, turn.content, turn.client_message_id, turn.thread_id,
                 self._instance_id, pair[0], pair[1], anonymous,
-                (self.attribution(principal, pair[0], messages), self.attribution(principal, pair[1], messages)))
+                (self.attribution(principal, pair[0], messages, turn.extra),
+                 self.attribution(principal, pair[1], messages, turn.extra)))
         if stored.duplicate:
             return stored
         # both slots count toward the caller's limits: slot a may take at most half of what remains
@@ -325,7 +327,8 @@ class Turns:
             with tracing.span("gateway.policy") as decision:
                 try:
                     admission = early or await self._policy.admit(
-                        principal, plan.choice.model, prompt_tokens(plan.messages), plan.turn.max_tokens,
+                        principal, plan.choice.model, prompt_tokens(plan.messages, plan.turn.extra),
+                        plan.turn.max_tokens,
                         plan.downgrade_to, share=plan.share, rate=False)
                 except (TooManyRequests, Forbidden) as e:
                     refusal = e
@@ -360,7 +363,8 @@ class Turns:
             # finish that gets there first is left alone (and has settled the reservation itself)
             try:
                 await message_store.hold_reservation(self._pool, plan.message_id,
-                                                     self.reservation(principal, admission, plan.messages))
+                                                     self.reservation(principal, admission, plan.messages,
+                                                                      plan.turn.extra))
             except (asyncpg.PostgresError, OSError) as e:
                 # only the sweep of a dead instance needs it: the reply runs and settles at its finish
                 log.warning("reply %s: its reservation could not be noted on its row (%s)", plan.message_id,
@@ -423,7 +427,8 @@ class Turns:
         must follow, however the request ends."""
         choice = self.route(model, last_user_text(request.messages), principal)
         with tracing.span("gateway.policy") as decision:
-            admission = await self._policy.admit(principal, choice.model, prompt_tokens(request.messages),
+            admission = await self._policy.admit(principal, choice.model,
+                                                 prompt_tokens(request.messages, request.extra),
                                                  request.max_tokens, self._settings.limits.downgrade_model)
             decision.set_attribute("gateway.policy.action", str(admission.action))
         request.max_tokens = admission.max_tokens
@@ -438,15 +443,15 @@ class Turns:
         it reached the client."""
         admission, principal = completion.admission, completion.principal
         admission.done()
-        estimated = usage is None
-        if usage is None:
-            if not started and not chars:
-                if not admission.holds_anything:
-                    tracing.end_chat()
-                    return  # nothing reached the client, nothing was reserved: nothing to count
-                usage = UsageReport(0, 0)  # a zero record hands the reservation back
-            else:
-                usage = estimated_usage(completion.request, chars)
+        if usage is None and not started and not chars:
+            if not admission.holds_anything:
+                tracing.end_chat()
+                return  # nothing reached the client, nothing was reserved: nothing to count
+            usage = UsageReport(0, 0, estimated=True)  # a zero record hands the reservation back
+        else:
+            # the upstream's counts when believable, else the estimate
+            usage = charged_usage(completion.request, usage, chars)
+        estimated = usage.estimated
         model = completion.chain.used
         record = UsageRecord(
             message_id=completion.id, user_id=principal.user_id, api_key_id=principal.api_key_id, model=model.name,
@@ -456,18 +461,19 @@ class Turns:
         self._observer.usage(record)
         tracing.end_chat()
 
-    def reservation(self, principal: Principal, admission: Admission,
-                    messages: list[dict[str, Any]]) -> dict[str, Any]:
+    def reservation(self, principal: Principal, admission: Admission, messages: list[dict[str, Any]],
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """What a reply's admission holds, kept on its row until the finish: if its instance dies, the
         sweep settles the reservation to an estimate of what was consumed (store.instances)."""
-        return {**admission.reservation_json(), **self.attribution(principal, admission.model, messages)}
+        return {**admission.reservation_json(), **self.attribution(principal, admission.model, messages, extra)}
 
-    def attribution(self, principal: Principal, model_name: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    def attribution(self, principal: Principal, model_name: str, messages: list[dict[str, Any]],
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Who and what a reply is for, as the sweep estimates a dead instance's reply: written with
         the placeholder row (the persist step), before the policy decides."""
         model = self._models.models.get(model_name)
         return {"api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
-                "prompt_tokens": prompt_tokens(messages), "model": model_name,
+                "prompt_tokens": prompt_tokens(messages, extra), "model": model_name,
                 "provider": model.provider if model else None,
                 "input_price_per_mtok": model.input_price_per_mtok if model else 0.0,
                 "output_price_per_mtok": model.output_price_per_mtok if model else 0.0}
@@ -553,13 +559,16 @@ class Turns:
                                          not_after=principal.expires_at)
 
 
-def prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    return sum(estimate_tokens(text_of(m.get("content"))) for m in messages)
+def prompt_tokens(messages: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> int:
+    """The estimate the policy reserves for: everything sent upstream as the prompt (the messages
+    with their images and tool calls, the tools, the response format: providers.base.prompt_estimate)."""
+    return prompt_estimate(messages, extra)
 
 
-def estimated_usage(request: ChatRequest, chars: int) -> UsageReport:
-    """For upstreams that report no usage (or a reply cut short): counted from the text."""
-    return UsageReport(prompt_tokens(request.messages), tokens_for_chars(chars))
+def charged_usage(request: ChatRequest, usage: UsageReport | None, chars: int) -> UsageReport:
+    """What a reply of `chars` characters is charged and reported: the upstream's `usage` when it is
+    believable, else (none came, or a reply cut short) the estimate, flagged (providers.normalise.charged)."""
+    return charged(request, usage, chars)
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str:

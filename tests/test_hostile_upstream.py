@@ -1,7 +1,7 @@
 """Issue 12: whatever a hostile upstream sends (NUL, text that is not a string, usage of 2^63 or
 below zero, invalid UTF-8, one 10 MB event, empty deltas forever), through the whole app the
-client gets exactly one terminal event, the row is terminal, and usage is counted once, in range
-and flagged when the upstream's counts had to be clamped."""
+client gets exactly one terminal event, the row is terminal, and usage is counted once, in range;
+counts out of range are not believed (issue 22): the estimate is charged, flagged."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ ENDLESS_TIMEOUTS = {"timeout_s": 1.0, "first_token_timeout_s": 0.5, "idle_timeou
 PROTOCOL, TIMEOUT = "upstream_protocol_error", "upstream_timeout"
 REPLACED_UTF8 = "caf\ufffd \ufffd\ufffdok"  # b"caf\xc3 \xff\xfeok" decoded with replacement
 
-# model -> (status, content, error type or None, (prompt, completion) or None when estimated, suspect)
+# model -> (status, content, error type or None, (prompt, completion) or None when estimated, suspect);
+# a suspect report is not believed: the estimate of "hi" and "Hel" is charged instead, flagged estimated
 EXPECTED: dict[str, tuple[str, str, str | None, tuple[int, int] | None, bool]] = {
     "o_nul": ("complete", "Hel\ufffdlo", None, (5, 2), False),
     "o_number": ("failed", "", PROTOCOL, None, False),
@@ -37,11 +38,11 @@ EXPECTED: dict[str, tuple[str, str, str | None, tuple[int, int] | None, bool]] =
     "o_null": ("complete", "Hel", None, (5, 2), False),
     "o_number_after_content": ("failed", "Hel", PROTOCOL, None, False),
     "o_object_after_content": ("failed", "Hel", PROTOCOL, None, False),
-    "o_usage_2_31": ("complete", "Hel", None, (MAX_COUNT, 0), True),
-    "o_usage_2_63": ("complete", "Hel", None, (MAX_COUNT, 0), True),
-    "o_usage_sum_2_31": ("complete", "Hel", None, (2**30, 2**30 - 1), True),
-    "o_usage_negative": ("complete", "Hel", None, (0, 0), True),
-    "o_usage_not_integers": ("complete", "Hel", None, (0, 2), True),
+    "o_usage_2_31": ("complete", "Hel", None, (1, 1), True),
+    "o_usage_2_63": ("complete", "Hel", None, (1, 1), True),
+    "o_usage_sum_2_31": ("complete", "Hel", None, (1, 1), True),
+    "o_usage_negative": ("complete", "Hel", None, (1, 1), True),
+    "o_usage_not_integers": ("complete", "Hel", None, (1, 1), True),
     "o_invalid_utf8": ("complete", REPLACED_UTF8, None, (5, 2), False),
     "o_ten_mb_chunk": ("failed", "", PROTOCOL, None, False),
     "o_ten_mb_after_content": ("failed", "Hel", PROTOCOL, None, False),
@@ -54,8 +55,8 @@ EXPECTED: dict[str, tuple[str, str, str | None, tuple[int, int] | None, bool]] =
     "a_number": ("failed", "", PROTOCOL, None, False),
     "a_object": ("failed", "", PROTOCOL, None, False),
     "a_number_after_content": ("failed", "Hel", PROTOCOL, None, False),
-    "a_usage_2_63": ("complete", "Hel", None, (MAX_COUNT, 0), True),
-    "a_usage_negative": ("complete", "Hel", None, (0, 0), True),
+    "a_usage_2_63": ("complete", "Hel", None, (1, 1), True),
+    "a_usage_negative": ("complete", "Hel", None, (1, 1), True),
     "a_invalid_utf8": ("complete", REPLACED_UTF8, None, (5, 2), False),
     "a_ten_mb_chunk": ("failed", "", PROTOCOL, None, False),
 }
@@ -116,7 +117,9 @@ async def test_hostile_payload_ends_in_one_terminal_event_and_one_usage_row(
         assert names[-3] == "usage"
         assert (usage_event["prompt_tokens"], usage_event["completion_tokens"]) == counts
         assert usage_event.get("usage_suspect", False) is suspect
+        assert usage_event.get("estimated", False) is suspect
     assert metadata.get("usage_suspect", False) is suspect
+    assert metadata["estimated"] is (suspect or counts is None)
     usage = await db.fetch("SELECT prompt_tokens, completion_tokens, total_tokens, estimated FROM usage "
                            "WHERE message_id = $1", message_id)
     assert len(usage) == 1
@@ -124,7 +127,7 @@ async def test_hostile_payload_ends_in_one_terminal_event_and_one_usage_row(
     assert 0 <= prompt < 2**31 and 0 <= completion < 2**31 and total == prompt + completion < 2**31
     assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, completion)
     if counts is not None:
-        assert (prompt, completion, estimated) == (*counts, False)
+        assert (prompt, completion, estimated) == (*counts, suspect)
     else:
         assert estimated is True
     assert hostile.requests == {model[2:]: 1}  # no retry by the adapter; no fallback configured
@@ -215,14 +218,16 @@ def test_sse_decoder_accepts_an_event_at_its_bound():
 
 # -- the OpenAI-compatible route: the same payloads end in a clean answer, usage counted once ----
 
+ESTIMATED = (1, 1)  # "hi" and "Hel"
 ROUTE_EXPECTED: dict[str, tuple[int, str | None, tuple[int, int] | None, int]] = {
     # model: (HTTP status, content or the error code, usage counts (None: estimated), usage rows)
-    # (a reply that failed before any text, with nothing reserved, has nothing to count)
+    # (a reply that failed before any text, with nothing reserved, has nothing to count; counts out of
+    # range are not believed: the estimate is charged, as ESTIMATED)
     "o_nul": (200, "Hel\ufffdlo", (5, 2), 1),
     "o_number": (502, PROTOCOL, None, 0),
     "o_object_after_content": (502, PROTOCOL, None, 1),
-    "o_usage_2_63": (200, "Hel", (MAX_COUNT, 0), 1),
-    "o_usage_negative": (200, "Hel", (0, 0), 1),
+    "o_usage_2_63": (200, "Hel", ESTIMATED, 1),
+    "o_usage_negative": (200, "Hel", ESTIMATED, 1),
     "o_invalid_utf8": (200, REPLACED_UTF8, (5, 2), 1),
     "o_ten_mb_chunk": (502, PROTOCOL, None, 0),
     "o_endless_after_content": (504, TIMEOUT, None, 1),
@@ -251,7 +256,7 @@ async def test_hostile_payload_through_the_openai_route(model, hostile, make_cli
         if counts is None:
             assert estimated is True
         else:
-            assert (prompt, completion, estimated) == (*counts, False)
+            assert (prompt, completion, estimated) == (*counts, counts is ESTIMATED)
 
 
 async def test_a_suspect_usage_is_replayed_as_it_was_streamed(hostile, make_client, config_file, user, db):
@@ -259,8 +264,8 @@ async def test_a_suspect_usage_is_replayed_as_it_was_streamed(hostile, make_clie
     resp = await client.post("/api/chat", headers=user.headers,
                              json={"content": "hi", "model": "o_usage_2_63", "stream": True})
     live = parse_sse(await resp.read())
-    assert orjson.loads(live[-3].data) == {"prompt_tokens": MAX_COUNT, "completion_tokens": 0,
-                                           "total_tokens": MAX_COUNT, "usage_suspect": True}
+    assert orjson.loads(live[-3].data) == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2,
+                                           "estimated": True, "usage_suspect": True}
     message_id = orjson.loads(live[0].data)["message_id"]
     replay = await client.get(f"/api/messages/{message_id}/stream", headers=user.headers)
     assert parse_sse(await replay.read()) == live

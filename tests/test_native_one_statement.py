@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestClient
 
+from gateway.policy import DEFAULT_RESERVE_TOKENS
 from gateway.state import POLICY
 from gateway.store.messages import TurnRequest, persist_turns
 from gateway.turns import prompt_tokens
@@ -119,8 +120,9 @@ async def test_an_existing_thread_turn_of_a_busy_caller_makes_one_statement_befo
     assert len(on_the_path) == 1, on_the_path
     assert "INSERT INTO messages" in on_the_path[0] and "json_agg" in on_the_path[0]
     assert a.app[POLICY].quota.stats.exact == exact  # admitted from memory, before and after the commit
-    assert upstream.requests[-1] == {
+    assert upstream.requests[-1] == {  # a daily cap reserved for the default bound: the upstream is told it
         "model": "up-model", "stream": True, "stream_options": {"include_usage": True},
+        "max_tokens": DEFAULT_RESERVE_TOKENS,
         "messages": [{"role": "user", "content": "first"}, {"role": "assistant", "content": "Hello"},
                      {"role": "user", "content": "from b"}, {"role": "assistant", "content": "B says"},
                      {"role": "user", "content": "third"}]}

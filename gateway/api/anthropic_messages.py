@@ -39,7 +39,7 @@ from ..providers.base import (
 )
 from ..router import AUTO
 from ..state import MODELS, TIMINGS, TURNS
-from ..turns import Completion, estimated_usage, prompt_tokens
+from ..turns import Completion, charged_usage, prompt_tokens
 from .bodies import MAX_TOKENS_LIMIT
 from .common import caller, read_json
 
@@ -401,7 +401,7 @@ async def _stream(request: web.Request, events: AsyncIterator[Batch], completion
     chat = completion.request
     # the upstream's input count comes at the end (in message_delta); until then, the estimate
     out = [frame("message_start", {"type": "message_start", "message": _message_head(
-        f"msg_{completion.id.hex}", completion.chain.used.name, prompt_tokens(chat.messages))})]
+        f"msg_{completion.id.hex}", completion.chain.used.name, prompt_tokens(chat.messages, chat.extra))})]
     blocks = _Blocks(out)
     try:
         while True:
@@ -414,7 +414,7 @@ async def _stream(request: web.Request, events: AsyncIterator[Batch], completion
             except StopAsyncIteration:
                 break
         blocks.close()
-        usage = reply.usage or estimated_usage(chat, reply.chars)
+        usage = charged_usage(chat, reply.usage, reply.chars)
         out.append(frame("message_delta", {"type": "message_delta",
                                            "delta": {"stop_reason": STOP_REASONS.get(reply.finish, "end_turn"),
                                                      "stop_sequence": None},
@@ -431,7 +431,7 @@ async def _stream(request: web.Request, events: AsyncIterator[Batch], completion
 async def _complete(events: AsyncIterator[Batch], completion: Completion, reply: _Reply) -> web.Response:
     async for batch in events:
         _take(batch, reply, None)
-    usage = reply.usage or estimated_usage(completion.request, reply.chars)
+    usage = charged_usage(completion.request, reply.usage, reply.chars)
     content: list[dict[str, Any]] = []
     if reply.text or not reply.calls:
         content.append({"type": "text", "text": "".join(reply.text)})
@@ -467,5 +467,5 @@ async def count_tokens(request: web.Request) -> web.Response:
     """The gateway's own estimate: the number the policy reserves for the same request's prompt."""
     await caller(request, "chat")
     parsed = parse_request(await read_json(request), request.app[MODELS].chat_model, counting=True)
-    return web.Response(body=orjson.dumps({"input_tokens": prompt_tokens(parsed.chat.messages)}),
+    return web.Response(body=orjson.dumps({"input_tokens": prompt_tokens(parsed.chat.messages, parsed.chat.extra)}),
                         content_type="application/json")

@@ -33,7 +33,7 @@ from ..providers.base import (
 from ..providers.chain import Chain
 from ..router import AUTO
 from ..state import MODELS, TIMINGS, TURNS
-from ..turns import estimated_usage
+from ..turns import charged_usage
 from .bodies import MAX_TOKENS_LIMIT
 from .common import caller, read_json
 from .ratelimits import RateLimitHeaders
@@ -244,7 +244,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                         break
                 out.append(enc.delta(b"{}", finish))
                 if include_usage:
-                    out.append(enc.usage(reply.usage or estimated_usage(chat, reply.chars)))
+                    out.append(enc.usage(charged_usage(chat, reply.usage, reply.chars)))
             except ProviderError as e:
                 out.append(b"data: " + orjson.dumps({"error": {"message": e.message, "type": "upstream_error",
                                                                "param": None, "code": e.kind}}) + b"\n\n")
@@ -291,7 +291,7 @@ async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatReques
                 finish = event.reason
             elif type(event) is UsageReport:
                 reply.usage = event
-    usage = reply.usage or estimated_usage(chat, reply.chars)
+    usage = charged_usage(chat, reply.usage, reply.chars)
     # `refusal` is always there in OpenAI's answer (and required by its published schema)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(parts) or None, "refusal": None}
     if calls:

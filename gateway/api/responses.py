@@ -46,7 +46,7 @@ from ..providers.base import Batch, ChatRequest, Finish, ProviderError, TextDelt
 from ..router import AUTO
 from ..state import DB, MODELS, TIMINGS, TURNS
 from ..store import messages as message_store
-from ..turns import Reply, TurnInput, estimated_usage
+from ..turns import Reply, TurnInput, charged_usage
 from ..vocabulary import MessageStatus
 from .bodies import MAX_TOKENS_LIMIT, parse_content
 from .common import caller, json_response, read_json
@@ -536,8 +536,8 @@ def _finished(shape: Shape, reply: _Reply, chat: ChatRequest | None) -> dict[str
     output.extend(shape.function_calls(reply.calls))
     status, incomplete = outcome(reply.finish)
     usage = reply.usage
-    if usage is None and chat is not None:  # the stateless path; a stored reply always reports usage
-        usage = estimated_usage(chat, reply.chars)
+    if chat is not None:  # the stateless path; a stored reply reports what its row was charged
+        usage = charged_usage(chat, usage, reply.chars)
     return shape.body(status, output, usage, incomplete=incomplete)
 
 

@@ -17,10 +17,12 @@ from ..config import ModelConfig, ProviderConfig
 from ..tracing import upstream_headers
 from . import normalise
 from .base import (
+    NO_SECRETS,
     Batch,
     ChatRequest,
     Finish,
     ProviderError,
+    Secrets,
     StreamEvent,
     TextDelta,
     UpstreamProtocolError,
@@ -82,6 +84,7 @@ class AnthropicProvider:
         if config.api_key:
             own["x-api-key"] = config.api_key.reveal()
         self._headers = request_headers(config, own)
+        self._secrets = Secrets.of(config)
         # the session is not used for chat: the lean client (providers/http.py) keeps a held stream small
         self._upstream = Upstream(config.base_url)
 
@@ -97,7 +100,7 @@ class AnthropicProvider:
         finished = False  # the connection went back to the pool: never close it from here
         try:
             if conn.status >= 300:
-                refused = await answer_error(conn)
+                refused = await answer_error(conn, self._secrets)
                 finished = True
                 raise refused
             decoder = SSEDecoder()
@@ -108,7 +111,7 @@ class AnthropicProvider:
                     continue
                 if not chunk:
                     break
-                batch, error = read_events(decoder, chunk, state)
+                batch, error = read_events(decoder, chunk, state, self._secrets)
                 if state.stopped:
                     conn.finish()  # the body's end is drained off the caller's path
                     finished = True
@@ -142,12 +145,13 @@ class _Usage:
         return n
 
 
-def read_events(decoder: SSEDecoder, chunk: bytes, state: _Usage) -> tuple[Batch, ProviderError | None]:
+def read_events(decoder: SSEDecoder, chunk: bytes, state: _Usage,
+                secrets: Secrets = NO_SECRETS) -> tuple[Batch, ProviderError | None]:
     """The events of one upstream read, up to message_stop: (the batch, the failure that stopped it)."""
     batch: Batch = []
     for event in decoder.feed(chunk):
         try:
-            batch.extend(parse_event(event.event, event.data, state))
+            batch.extend(parse_event(event.event, event.data, state, secrets))
         except ProviderError as e:
             return batch, e
         if state.stopped:
@@ -155,9 +159,10 @@ def read_events(decoder: SSEDecoder, chunk: bytes, state: _Usage) -> tuple[Batch
     return batch, None
 
 
-def parse_event(name: str, data: bytes, state: _Usage) -> list[StreamEvent]:
+def parse_event(name: str, data: bytes, state: _Usage, secrets: Secrets = NO_SECRETS) -> list[StreamEvent]:
     """One event into normalised events, checked as `normalise` says (text a string without NUL,
-    counts that fit the usage columns); an event that breaks the format is an `UpstreamProtocolError`."""
+    counts that fit the usage columns, an error's text scrubbed of the provider's `secrets`); an
+    event that breaks the format is an `UpstreamProtocolError`."""
     try:
         obj = normalise.loads(data)
     except orjson.JSONDecodeError:
@@ -191,7 +196,7 @@ def parse_event(name: str, data: bytes, state: _Usage) -> list[StreamEvent]:
     elif kind == "error":
         err = obj.get("error")
         err = err if isinstance(err, dict) else {"message": err}
-        raise UpstreamStreamError(normalise.clean(
-            f"upstream error mid-stream: {err.get('type')}: {err.get('message')}"[:500]))
+        raise UpstreamStreamError(normalise.error_text(
+            f"upstream error mid-stream: {err.get('type')}: {err.get('message')}", secrets))
     # ping, content_block_start/stop and event types added later are tolerated
     return []

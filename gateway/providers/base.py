@@ -14,11 +14,13 @@ chain reports (first upstream call, first event, a streamed reply) goes to a `Ch
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..config import ModelConfig
+import orjson
+
+from ..config import ModelConfig, ProviderConfig
 
 if TYPE_CHECKING:
     from ..store.usage import UsageRecord
@@ -56,8 +58,10 @@ class ToolCallDelta:
 class UsageReport:
     prompt_tokens: int
     completion_tokens: int
-    # the upstream's counts were out of range or not integers and had to be clamped
+    # the upstream's counts were out of range or not integers (clamped to fit, or not believed)
     suspect: bool = False
+    # the gateway's estimate, not the upstream's counts (see normalise.charged)
+    estimated: bool = False
 
 
 @dataclass(slots=True)
@@ -123,6 +127,41 @@ class NoObserver:
 
 
 NO_OBSERVER: ChainObserver = NoObserver()
+
+
+REDACTED = "[redacted]"
+MIN_SECRET_CHARS = 8  # shorter header values are names, flags or numbers: scrubbing them would garble text
+
+
+class Secrets:
+    """A provider's configured secrets: its API key and the values of its extra headers.
+
+    An upstream's error body may echo the request's headers (`Bearer sk-...`): every text built
+    from what an upstream sent (an error's message) is scrubbed of them before it is logged,
+    stored or returned, and before it is cut to length (a cut must not keep a secret's start).
+    """
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Iterable[str]) -> None:
+        # longest first: a secret inside a longer one goes with it
+        self.values = tuple(sorted({v for v in values if len(v) >= MIN_SECRET_CHARS}, key=len, reverse=True))
+
+    @classmethod
+    def of(cls, config: ProviderConfig) -> Secrets:
+        values = [v.reveal() for v in config.headers.values()]
+        if config.api_key:
+            values.append(config.api_key.reveal())
+        return cls(values)
+
+    def scrub(self, text: str) -> str:
+        for value in self.values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
+
+
+NO_SECRETS = Secrets(())
 
 
 class ProviderError(Exception):
@@ -214,5 +253,43 @@ def estimate_tokens(text: str) -> int:
     return tokens_for_chars(len(text))
 
 
+CHARS_PER_TOKEN = 4
+
+
 def tokens_for_chars(chars: int) -> int:
-    return (chars + 3) // 4
+    return (chars + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+# An image, whatever its size: what OpenAI bills a 1024x1024 image at high detail (85 tokens, plus
+# 170 for each of its four 512-pixel tiles). Anthropic's (width x height / 750) is about the same.
+IMAGE_TOKENS = 765
+IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
+# the request fields passed upstream that the model reads as part of its prompt (OpenAI-style)
+PROMPT_FIELDS = ("tools", "functions", "tool_choice", "function_call", "response_format")
+
+
+def prompt_estimate(messages: list[dict[str, Any]], extra: Mapping[str, Any] | None = None) -> int:
+    """The tokens of everything sent upstream as the prompt: every message's text, its other parts
+    (IMAGE_TOKENS an image, any other part by its JSON size) and fields (an assistant's tool_calls,
+    a tool message's id), and the request's tools and response format (by their JSON size)."""
+    tokens = 0
+    for message in messages:
+        content = message.get("content")
+        tokens += estimate_tokens(text_of(content))
+        if content.__class__ is list:
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in IMAGE_PARTS:
+                    tokens += IMAGE_TOKENS
+                elif kind != "text" or not isinstance(part.get("text"), str):  # not counted by text_of
+                    tokens += json_tokens(part)
+        for key, value in message.items():
+            if key != "role" and key != "content" and value is not None:
+                tokens += json_tokens(value)
+    if extra:
+        tokens += sum(json_tokens(extra[k]) for k in PROMPT_FIELDS if k in extra)
+    return tokens
+
+
+def json_tokens(value: object) -> int:
+    return tokens_for_chars(len(orjson.dumps(value, default=str)))

@@ -13,6 +13,11 @@ final (the client already has text). A 429 on the last link is retried once afte
 Retry-After when that fits in the budget. Models whose circuit is open are skipped, and so are
 deployments cooling down after a 429/5xx (their model's other deployments serve meanwhile).
 
+A request with a bound (`max_tokens`, which the policy sets whenever a cap reserves for the reply)
+is relayed up to `relay_chars` of it, by the gateway's estimate: past that the upstream ignored
+its max_tokens, and the reply is cut there and ends with finish reason "length" (what is charged
+for it stops at the bound: normalise.charged).
+
 What happens is reported to the chain's `observer` (a `ChainObserver`: the app's `Metrics`, or
 nothing): the gateway's own time before the first upstream call (measured from `started`, the
 request's arrival on the `time.monotonic()` clock), each answering attempt, each streamed reply.
@@ -28,11 +33,63 @@ from dataclasses import dataclass, field
 
 from .. import tracing
 from ..config import ModelConfig
-from .base import NO_OBSERVER, Batch, ChainObserver, ChatRequest, ProviderError, UpstreamTimeout
+from .base import (
+    CHARS_PER_TOKEN,
+    NO_OBSERVER,
+    Batch,
+    ChainObserver,
+    ChatRequest,
+    Finish,
+    ProviderError,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamTimeout,
+)
 from .deadlines import Timeout
 from .registry import ModelRegistry
 
 log = logging.getLogger(__name__)
+
+# A bounded reply is relayed up to RELAY_SLACK times its bound by the estimate (about four characters
+# a token), plus RELAY_EXTRA_CHARS: a compliant upstream's tokens seldom average more than five
+# characters, so only an upstream that ignores max_tokens is cut, never a compliant one's last words.
+RELAY_SLACK = 2
+RELAY_EXTRA_CHARS = 64
+CUT = -1  # the room left once a reply was cut
+
+
+def relay_chars(max_tokens: int) -> int:
+    """The characters of reply (text and tool calls) relayed for a bound of `max_tokens`."""
+    return RELAY_SLACK * CHARS_PER_TOKEN * max_tokens + RELAY_EXTRA_CHARS
+
+
+def within(batch: Batch, room: int) -> tuple[Batch, int]:
+    """`batch` within `room` characters of reply, and the room left; once they run out, the batch
+    ends with the text that fits and Finish("length"), and the room left is CUT."""
+    for i, event in enumerate(batch):
+        if type(event) is TextDelta:
+            n = len(event.text)
+        elif type(event) is ToolCallDelta:
+            n = sum(len(call_text(call)) for call in event.calls)
+        else:
+            continue
+        if n <= room:
+            room -= n
+            continue
+        kept = batch[:i]
+        if type(event) is TextDelta and room:
+            kept.append(TextDelta(event.text[:room]))
+        kept.append(Finish("length"))
+        return kept, CUT
+    return batch, room
+
+
+def call_text(call: dict[str, object]) -> str:
+    """A tool call fragment's text: its name and arguments."""
+    function = call.get("function")
+    if not isinstance(function, dict):
+        return ""
+    return f"{function.get('name') or ''}{function.get('arguments') or ''}"
 
 
 @dataclass(slots=True)
@@ -133,14 +190,23 @@ class Chain:
             observer.attempt_answered(model, first_at - started, self.models[0])
             batches = 0  # a local count, not an observer call: nothing is reported per chunk
             del links  # committed: no other link is tried
+            # the reply's characters still relayed, when it has a bound
+            room = relay_chars(request.max_tokens) if request.max_tokens is not None else None
             try:
+                if room is not None:
+                    first, room = within(first, room)
                 yield first
                 del first  # while a stream waits for its upstream, this frame keeps no batch it passed on
-                async with Timeout(deadline):  # a shared coarse timer: a held stream keeps no timer of its own
-                    async for event in events:
-                        batches += 1
-                        yield event
-                        del event
+                if room != CUT:
+                    async with Timeout(deadline):  # a shared coarse timer: a held stream keeps no timer of its own
+                        async for event in events:
+                            batches += 1
+                            if room is not None:
+                                event, room = within(event, room)
+                            yield event
+                            del event
+                            if room == CUT:  # the upstream ignored its max_tokens: no more of it
+                                break
             except TimeoutError:
                 self._record(model, "upstream_timeout", started)
                 circuits.failure(key)

@@ -25,7 +25,7 @@ import orjson
 
 from ..config import ModelConfig, ProviderConfig
 from . import normalise
-from .base import UpstreamProtocolError, estimate_tokens
+from .base import Secrets, UpstreamProtocolError, estimate_tokens
 from .openai import raise_for_status, read_at_most, transport_error
 
 DEMO_DIMENSIONS = 16
@@ -103,7 +103,8 @@ async def embed(session: aiohttp.ClientSession, provider: ProviderConfig, model:
     try:
         async with session.post(provider.base_url + "/embeddings", data=orjson.dumps(body), headers=headers,
                                 timeout=timeout) as resp:
-            await raise_for_status(resp)
+            if resp.status >= 300:  # an error body may echo the request's key: scrubbed of it
+                await raise_for_status(resp, Secrets.of(provider))
             raw = await read_at_most(resp, BODY_LIMIT + 1)
     except (TimeoutError, aiohttp.ClientError) as e:
         raise transport_error(e) from None

@@ -13,7 +13,12 @@ usage columns are `integer`, and a negative count would lower a user's daily tot
 - a token count is an integer in [0, 2^31): a negative one becomes 0, a bigger one 2^31 - 1, a
   non-integer one 0 (a fractional one is rounded), and the report is flagged `suspect`. The
   usage row's total is an `integer` too: when the sum would not fit, the completion count is
-  cut to what is left after the prompt's.
+  cut to what is left after the prompt's;
+- what is charged (`charged`): the upstream's counts when they are believable, else the
+  gateway's estimate, flagged `estimated` (and `suspect` when counts came but were not believed).
+  Not believed: a suspect report, a completion above the bound the upstream was told (a compliant
+  upstream never writes more), a prompt far above the estimate (see `believable`);
+- the text of an error an upstream sent is scrubbed of the provider's secrets (`error_text`).
 """
 
 from __future__ import annotations
@@ -23,11 +28,26 @@ from typing import Any
 
 import orjson
 
-from .base import UpstreamProtocolError, UsageReport
+from .base import (
+    NO_SECRETS,
+    ChatRequest,
+    Secrets,
+    UpstreamProtocolError,
+    UsageReport,
+    prompt_estimate,
+    tokens_for_chars,
+)
 
 MAX_COUNT = 2**31 - 1  # PostgreSQL `integer`
 NUL = "\x00"
 REPLACEMENT = "\ufffd"
+ERROR_CHARS = 500  # of an error's text from upstream
+# A prompt count is believed up to this multiple of the estimate, plus PROMPT_ALLOWANCE. Byte-level
+# tokenizers give at most a token a UTF-8 byte, four bytes a character and four characters an
+# estimated token: 16x; the allowance covers what an upstream adds itself (a chat template, its
+# own system prompt, a search plugin's results).
+PROMPT_SLACK = 16
+PROMPT_ALLOWANCE = 16_384
 
 
 def loads(data: bytes) -> Any:
@@ -99,3 +119,35 @@ def usage(prompt: object, completion: object) -> UsageReport:
     if prompt_tokens + completion_tokens > MAX_COUNT:
         return UsageReport(prompt_tokens, MAX_COUNT - prompt_tokens, True)
     return UsageReport(prompt_tokens, completion_tokens, bad_prompt or bad_completion)
+
+
+def believable(usage: UsageReport, request: ChatRequest) -> bool:
+    """Whether an upstream's counts for `request` may be charged: in range (not `suspect`), a
+    completion within the bound the upstream was told (when there was one), a prompt within
+    PROMPT_SLACK times the gateway's estimate plus PROMPT_ALLOWANCE."""
+    if usage.suspect or (request.max_tokens is not None and usage.completion_tokens > request.max_tokens):
+        return False
+    # the estimate is made only for a count past the allowance (most are not)
+    return usage.prompt_tokens <= PROMPT_ALLOWANCE or (
+        usage.prompt_tokens <= PROMPT_SLACK * prompt_estimate(request.messages, request.extra) + PROMPT_ALLOWANCE)
+
+
+def charged(request: ChatRequest, reported: UsageReport | None, chars: int, consumed: bool = True) -> UsageReport:
+    """What a reply is charged: the upstream's `reported` counts when believable, else the estimate
+    (flagged `estimated`, and `suspect` when counts came but were not believed): the prompt of
+    `request` (none when nothing was `consumed`: no attempt got content and none reported usage),
+    and `chars` of reply, at most the bound the upstream was told."""
+    if reported is not None and believable(reported, request):
+        return reported
+    prompt = prompt_estimate(request.messages, request.extra) if consumed or reported is not None else 0
+    completion = tokens_for_chars(chars)
+    if request.max_tokens is not None:
+        # relayed text past the bound (an upstream that ignored it, cut at the chain's margin) is not charged
+        completion = min(completion, request.max_tokens)
+    return UsageReport(prompt, completion, suspect=reported is not None, estimated=True)
+
+
+def error_text(text: str, secrets: Secrets = NO_SECRETS) -> str:
+    """An error's text from what an upstream sent: its provider's secrets scrubbed (before the cut,
+    which must not keep a secret's start), at most ERROR_CHARS, NUL replaced."""
+    return clean(secrets.scrub(text)[:ERROR_CHARS])

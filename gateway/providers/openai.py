@@ -14,10 +14,12 @@ from ..config import ModelConfig, ProviderConfig
 from ..tracing import upstream_headers
 from . import normalise
 from .base import (
+    NO_SECRETS,
     Batch,
     ChatRequest,
     Finish,
     ProviderError,
+    Secrets,
     TextDelta,
     ToolCallDelta,
     UpstreamConnectionError,
@@ -42,25 +44,26 @@ def retry_after_seconds(headers: Any) -> float | None:
         return None  # an HTTP date: too rare upstream to be worth parsing
 
 
-async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
+async def raise_for_status(resp: aiohttp.ClientResponse, secrets: Secrets = NO_SECRETS) -> None:
     """A non-2xx answer of aiohttp's client as an `UpstreamHTTPError` (for callers on the app's session)."""
     if resp.status < 300:
         return
     body = await read_at_most(resp, ERROR_BODY_BYTES)
-    raise http_error(resp.status, body, resp.headers)
+    raise http_error(resp.status, body, resp.headers, secrets)
 
 
-async def answer_error(conn: Connection) -> UpstreamHTTPError:
+async def answer_error(conn: Connection, secrets: Secrets = NO_SECRETS) -> UpstreamHTTPError:
     """A non-2xx answer on a lean connection as an `UpstreamHTTPError`: its body (the first
     ERROR_BODY_BYTES) names what is at fault. The connection is handed back (reused when the body ended)."""
     body = await conn.read_at_most(ERROR_BODY_BYTES)
     status, retry_after = conn.status, conn.retry_after
     conn.finish()
-    return http_error(status, body, {"Retry-After": retry_after})
+    return http_error(status, body, {"Retry-After": retry_after}, secrets)
 
 
-def http_error(status: int, body: bytes, headers: Any) -> UpstreamHTTPError:
-    """A non-2xx answer as an `UpstreamHTTPError`, from its error body and its Retry-After."""
+def http_error(status: int, body: bytes, headers: Any, secrets: Secrets = NO_SECRETS) -> UpstreamHTTPError:
+    """A non-2xx answer as an `UpstreamHTTPError`, from its error body (scrubbed of `secrets`: a
+    body may echo the request's headers) and its Retry-After."""
     message = f"upstream answered {status}"
     detail: dict[str, Any] = {}
     try:
@@ -73,7 +76,7 @@ def http_error(status: int, body: bytes, headers: Any) -> UpstreamHTTPError:
             message += f": {detail['message']}"
     except (orjson.JSONDecodeError, AttributeError):
         pass
-    return UpstreamHTTPError(normalise.clean(message[:500]), status=status,
+    return UpstreamHTTPError(normalise.error_text(message, secrets), status=status,
                              retry_after=retry_after_seconds(headers), blames=blames(detail))
 
 
@@ -140,6 +143,7 @@ class OpenAIProvider:
         if config.api_key:
             own["Authorization"] = "Bearer " + config.api_key.reveal()
         self._headers = request_headers(config, own)
+        self._secrets = Secrets.of(config)
         self._stream_options = config.send_stream_options
         self._max_completion_tokens = config.send_max_completion_tokens
         # the session is not used for chat: the lean client (providers/http.py) keeps a held stream small
@@ -171,7 +175,7 @@ class OpenAIProvider:
         finished = False  # the connection went back to the pool: never close it from here
         try:
             if conn.status >= 300:
-                refused = await answer_error(conn)
+                refused = await answer_error(conn, self._secrets)
                 finished = True
                 raise refused
             decoder = SSEDecoder()
@@ -182,7 +186,7 @@ class OpenAIProvider:
                     continue
                 if not chunk:
                     break
-                batch, done, error = read_batch(decoder, chunk)
+                batch, done, error = read_batch(decoder, chunk, self._secrets)
                 if done:
                     conn.finish()  # the body's end is drained off the caller's path
                     finished = True
@@ -201,24 +205,26 @@ class OpenAIProvider:
         raise UpstreamProtocolError("upstream stream ended without [DONE]")
 
 
-def read_batch(decoder: SSEDecoder, chunk: bytes) -> tuple[Batch, bool, ProviderError | None]:
+def read_batch(decoder: SSEDecoder, chunk: bytes,
+               secrets: Secrets = NO_SECRETS) -> tuple[Batch, bool, ProviderError | None]:
     """The events of one upstream read: (the batch, whether [DONE] ended it, the failure that stopped it)."""
     batch: Batch = []
     for event in decoder.feed(chunk):
         if event.data == _DONE:
             return batch, True, None
         try:
-            parse_chunk(event.event, event.data, batch)
+            parse_chunk(event.event, event.data, batch, secrets)
         except ProviderError as e:
             return batch, False, e
     return batch, False, None
 
 
-def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:
+def parse_chunk(event: str, data: bytes, out: Batch, secrets: Secrets = NO_SECRETS) -> Batch:
     """One `chat.completion.chunk` (or an error event) into normalised events, appended to `out`.
 
     What it appends is checked (see `normalise`): text is a string without NUL, usage counts fit
-    the usage columns; a chunk that breaks the format is an `UpstreamProtocolError`.
+    the usage columns; a chunk that breaks the format is an `UpstreamProtocolError`; an error's
+    text is scrubbed of the provider's `secrets`.
     """
     try:
         obj = normalise.loads(data)
@@ -229,7 +235,7 @@ def parse_chunk(event: str, data: bytes, out: Batch) -> Batch:
     if event == "error" or (isinstance(obj, dict) and obj.get("error")):
         err = (obj.get("error") or obj) if isinstance(obj, dict) else obj
         message = err.get("message") if isinstance(err, dict) else str(err)
-        raise UpstreamStreamError(normalise.clean(f"upstream error mid-stream: {message}"[:500]))
+        raise UpstreamStreamError(normalise.error_text(f"upstream error mid-stream: {message}", secrets))
     if not isinstance(obj, dict):
         raise UpstreamProtocolError("upstream sent a chunk that is not a JSON object")
     choices = obj.get("choices")
