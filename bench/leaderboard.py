@@ -3,7 +3,7 @@
 does a refit (with its bootstrap intervals) take?
 
 Draws --votes battles between models of known strength (P(a beats b) = s_a / (s_a + s_b), a
-share of ties), fits them with gateway.leaderboard, and prints the table and the refit time.
+share of ties), fits them with gateway.service.leaderboard, and prints the table and the refit time.
 
     .venv/bin/python bench/leaderboard.py --votes 5000
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.leaderboard import Battle, leaderboard
+from gateway.service.leaderboard import Battle, leaderboard
 
 STRENGTHS = {"strong-large": 4.0, "strong-small": 2.5, "mid": 1.5, "fast": 1.0, "tiny": 0.5}
 

@@ -48,8 +48,8 @@ def get(d: dict, path: str):
 def hooks_off_ns_per_turn() -> float:
     """The tracing hooks one streamed turn passes with tracing off (auth, policy, persist and finish-write
     spans, the chat span's start and end, an attempt's start and end, the upstream headers), in ns."""
-    from gateway import tracing
     from gateway.config import ModelConfig
+    from gateway.observability import tracing
 
     model = ModelConfig(name="m", provider="p", upstream="u")
     headers = {"Content-Type": "application/json"}

@@ -1,5 +1,5 @@
 """Command line: `python -m gateway [serve]`, `migrate`, `keys create|list|revoke`, `usage`, `leaderboard`
-(the tables: gateway/cli.py)."""
+(the tables: gateway/cli/commands.py)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from . import cli
-from .app import create_app
-from .config import Settings
-from .db import migrate, open_database
-from .errors import ConfigError
-from .logs import configure_logging
-from .middleware import AccessLogger
-from .store.keys import create_user_with_key
-from .workers import run_workers, worker_count
+from gateway.app import create_app
+from gateway.cli import commands as cli
+from gateway.cli.workers import run_workers, worker_count
+from gateway.config import Settings
+from gateway.edge.middleware import AccessLogger
+from gateway.errors import ConfigError
+from gateway.observability.logs import configure_logging
+from gateway.store.db import migrate, open_database
+from gateway.store.keys import create_user_with_key
 
 log = logging.getLogger("gateway")
 
@@ -47,7 +47,7 @@ async def quiet_gc(app: web.Application) -> None:
 
 def serve(settings: Settings, reuse_port: bool = False) -> int:
     """Run until stopped; 0, or 2 when the port cannot be had (one line naming the setting).
-    `reuse_port`: one of `serve --workers N`'s workers (gateway/workers.py), sharing the port."""
+    `reuse_port`: one of `serve --workers N`'s workers (gateway/cli/workers.py), sharing the port."""
     raise_open_file_limit()
     try:
         import uvloop  # optional speed-up: pip install '.[speed]'

@@ -13,43 +13,32 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from .activity_edge import record_activity
-from .api import (
-    account,
-    anthropic_messages,
-    arena,
-    chat,
-    docs,
-    embeddings,
-    keys,
-    openai,
-    ops,
-    playground,
-    responses,
-    threads,
-    ws,
-)
-from .auth import Authenticator
-from .background import BatchWriter
-from .config import Settings
-from .db import migrate, open_database
-from .durability import FinishWriter
-from .errors import ConfigError
-from .failures import Quarantine
-from .fleet.follow import RemoteStreams
-from .generation import GenerationRegistry
-from .instance import Instance
-from .journal import FinishJournal
-from .jwt_auth import JwtVerifier
-from .leaderboard import LeaderboardCache
-from .logs import install_redaction
-from .malformed import install as answer_malformed_requests_in_json
-from .metrics import Metrics, observe, on_prepare
-from .middleware import Cors, add_request_id, edge, errors
-from .openapi import get_openapi
-from .policy import Policy
-from .providers.registry import ModelRegistry
-from .state import (
+from gateway.api.anthropic import messages as anthropic_messages
+from gateway.api.native import account, arena, chat, docs, keys, ops, playground, threads, ws
+from gateway.api.openai import chat_completions as openai
+from gateway.api.openai import embeddings, responses
+from gateway.config import Settings
+from gateway.contract.openapi import get_openapi
+from gateway.edge.activity import record_activity
+from gateway.edge.auth import Authenticator
+from gateway.edge.jwt_auth import JwtVerifier
+from gateway.edge.malformed import install as answer_malformed_requests_in_json
+from gateway.edge.middleware import Cors, add_request_id, edge, errors
+from gateway.edge.stream_tokens import StreamTokens, load_signing_key
+from gateway.errors import ConfigError
+from gateway.fleet.follow import RemoteStreams
+from gateway.fleet.instance import Instance
+from gateway.generation.durability import FinishWriter
+from gateway.generation.journal import FinishJournal
+from gateway.generation.task import GenerationRegistry
+from gateway.observability.logs import install_redaction
+from gateway.observability.metrics import Metrics, observe, on_prepare
+from gateway.observability.tracing import Tracing
+from gateway.policy.admission import Policy
+from gateway.providers.registry import ModelRegistry
+from gateway.service.leaderboard import LeaderboardCache
+from gateway.service.turns import Turns
+from gateway.state import (
     ACTIVITY,
     AUTH,
     DB,
@@ -70,17 +59,17 @@ from .state import (
     TURNS,
     USAGE,
 )
-from .store.activity import ActivityRecord, record_activity_many
-from .store.keys import bootstrap_admin_key, touch_keys
-from .store.leaderboard import battles
-from .store.usage import UsageRecord, record_usage_many
-from .stream_tokens import StreamTokens, load_signing_key
-from .tracing import Tracing
-from .turns import Turns
+from gateway.store.activity import ActivityRecord, record_activity_many
+from gateway.store.background import BatchWriter
+from gateway.store.db import migrate, open_database
+from gateway.store.failures import Quarantine
+from gateway.store.keys import bootstrap_admin_key, touch_keys
+from gateway.store.leaderboard import battles
+from gateway.store.usage import UsageRecord, record_usage_many
 
 if TYPE_CHECKING:
-    from .fleet.link import RedisLink
-    from .fleet.publisher import StreamPublisher
+    from gateway.fleet.link import RedisLink
+    from gateway.fleet.publisher import StreamPublisher
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +196,8 @@ def redis_parts(settings: Settings) -> tuple[RedisLink | None, StreamPublisher |
     if settings.redis_url is None:
         return None, None
     try:
-        from .fleet.link import RedisLink
-        from .fleet.publisher import StreamPublisher
+        from gateway.fleet.link import RedisLink
+        from gateway.fleet.publisher import StreamPublisher
     except ImportError:
         raise ConfigError("REDIS_URL is set but the redis package is missing: pip install 'chat-gateway[fleet]'") \
             from None

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .tracing import exporters_asked
+from gateway.errors import ConfigError
+from gateway.observability.tracing import exporters_asked
 
 DEMO_MODEL = "demo"
 # a second built-in model, only while nothing else is configured: the quickstart's arena needs two
@@ -102,7 +102,7 @@ class LimitsConfig:
     downgrade_model: str | None = None  # used instead once the day's budget is nearly spent
     downgrade_at: float | None = None  # "nearly": this fraction of daily_tokens (0..1)
     daily_cost_usd: float | None = None  # per user per UTC day, at the models' prices
-    quota_leases: bool = True  # busy callers are admitted from slices leased ahead (gateway/quota.py)
+    quota_leases: bool = True  # busy callers are admitted from slices leased ahead (gateway/policy/quota.py)
 
 
 @dataclass(frozen=True)

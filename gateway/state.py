@@ -11,24 +11,24 @@ if TYPE_CHECKING:
     import uuid
     from datetime import datetime
 
-    from .auth import Authenticator, Principal
-    from .background import BatchWriter
-    from .config import Settings
-    from .db import Database
-    from .failures import Quarantine
-    from .fleet.follow import RemoteStreams
-    from .fleet.link import RedisLink
-    from .generation import GenerationRegistry
-    from .instance import Instance
-    from .leaderboard import LeaderboardCache
-    from .metrics import Metrics, Timings
-    from .policy import Policy
-    from .providers.registry import ModelRegistry
-    from .store.activity import ActivityRecord
-    from .store.usage import UsageRecord
-    from .stream_tokens import StreamTokens
-    from .tracing import Tracing
-    from .turns import Turns
+    from gateway.config import Settings
+    from gateway.edge.auth import Authenticator, Principal
+    from gateway.edge.stream_tokens import StreamTokens
+    from gateway.fleet.follow import RemoteStreams
+    from gateway.fleet.instance import Instance
+    from gateway.fleet.link import RedisLink
+    from gateway.generation.task import GenerationRegistry
+    from gateway.observability.metrics import Metrics, Timings
+    from gateway.observability.tracing import Tracing
+    from gateway.policy.admission import Policy
+    from gateway.providers.registry import ModelRegistry
+    from gateway.service.leaderboard import LeaderboardCache
+    from gateway.service.turns import Turns
+    from gateway.store.activity import ActivityRecord
+    from gateway.store.background import BatchWriter
+    from gateway.store.db import Database
+    from gateway.store.failures import Quarantine
+    from gateway.store.usage import UsageRecord
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 DB: web.AppKey[Database] = web.AppKey("db")

@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.db import create_pool, migrate, start_embedded, stop_embedded
+from gateway.store.db import create_pool, migrate, start_embedded, stop_embedded
 from gateway.store.keys import create_user_with_key
 
 from .fakes import FakeUpstream

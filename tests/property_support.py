@@ -53,7 +53,7 @@ def is_reply_to(text: str, marker: str | None) -> bool:
     return echo_pattern(marker, len(text)).startswith(text)
 
 
-# what the policy reserves for a reply whose request names no max_tokens (gateway/policy.py)
+# what the policy reserves for a reply whose request names no max_tokens (gateway/policy/admission.py)
 DEFAULT_RESERVE = 1024
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 from aiohttp.test_utils import TestClient
 
-from gateway.background import BatchWriter
 from gateway.state import ACTIVITY
 from gateway.store.activity import ActivityRecord, record_activity_many
+from gateway.store.background import BatchWriter
 
 from .conftest import MakeClient, User, wait_for
 

@@ -2,7 +2,7 @@
 and the leaderboard.
 
 Expected frames are built here from the protocol (DESIGN.md "SSE protocol", the docstring of
-gateway/api/arena.py), independently of the gateway's encoder: each slot's frames are its
+gateway/api/native/arena.py), independently of the gateway's encoder: each slot's frames are its
 single-chat frames with `"slot"` first in every data object, and every id is
 `<comparison_id>:<last seq of a>:<last seq of b>`. The two slots interleave as they please, so
 the stream is checked per slot, byte for byte, and the ids event by event.
@@ -21,9 +21,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.leaderboard import PSEUDO_WIN, fit, fit_penalised, leaderboard
 from gateway.providers.base import estimate_tokens
 from gateway.providers.demo import demo_reply
+from gateway.service.leaderboard import PSEUDO_WIN, fit, fit_penalised, leaderboard
 
 from .conftest import MakeClient, User, wait_for
 from .fakes import FakeUpstream, Reply, openai_chunk, openai_stream

@@ -123,11 +123,11 @@ async def test_failed_user_upsert_is_logged_and_the_request_still_succeeds(
             WHEN (NEW.id = '{user_id}'::uuid) EXECUTE FUNCTION {function}();""")
     try:
         client = await make_client(**JWT_ENV)
-        with caplog.at_level(logging.WARNING, logger="gateway.auth"):
+        with caplog.at_level(logging.WARNING, logger="gateway.edge.auth"):
             assert await list_threads(client, token_for(user_id)) == (200, EMPTY_PAGE)
             # not marked fresh after a failure: the next request tries again
             assert await list_threads(client, token_for(user_id)) == (200, EMPTY_PAGE)
-        warnings = [r for r in caplog.records if r.name == "gateway.auth" and str(user_id) in r.getMessage()]
+        warnings = [r for r in caplog.records if r.name == "gateway.edge.auth" and str(user_id) in r.getMessage()]
         assert [r.levelno for r in warnings] == [logging.WARNING, logging.WARNING]
         assert "user upsert failed" in warnings[0].getMessage()
         assert await user_row(db, user_id) is None

@@ -20,10 +20,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.background import BatchWriter, GroupCommit
-from gateway.db import create_pool
-from gateway.failures import Failure, Quarantine, classify, database_unavailable
-from gateway.middleware import errors
+from gateway.edge.middleware import errors
+from gateway.store.background import BatchWriter, GroupCommit
+from gateway.store.db import create_pool
+from gateway.store.failures import Failure, Quarantine, classify, database_unavailable
 from gateway.store.usage import UsageRecord, record_usage_many
 
 TODAY = date(2030, 1, 2)  # a day of their own, so the daily totals below are these tests' alone

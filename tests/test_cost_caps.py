@@ -14,12 +14,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.config import ConfigError, Settings
-from gateway.instance import lock_key
-from gateway.journal import record_from_json, record_to_json
+from gateway.fleet.instance import lock_key
+from gateway.generation.journal import record_from_json, record_to_json
+from gateway.service.turns import prompt_tokens
 from gateway.state import INSTANCE
 from gateway.store.messages import FinishRecord
 from gateway.store.usage import UsageRecord
-from gateway.turns import prompt_tokens
 from gateway.vocabulary import MessageStatus
 
 from .conftest import User, wait_for

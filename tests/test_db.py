@@ -13,7 +13,7 @@ import asyncpg
 import psutil
 
 from gateway.config import Settings
-from gateway.db import migrate, open_database, pending_migrations
+from gateway.store.db import migrate, open_database, pending_migrations
 
 from .conftest import with_database
 

@@ -24,9 +24,9 @@ import aiohttp
 import asyncpg
 import pytest
 
-from gateway.db import create_pool, migrate, start_embedded, stop_embedded
-from gateway.journal import record_from_json
+from gateway.generation.journal import record_from_json
 from gateway.providers.demo import demo_reply
+from gateway.store.db import create_pool, migrate, start_embedded, stop_embedded
 from gateway.store.keys import create_user_with_key
 from gateway.store.messages import finish_assistant
 
@@ -200,7 +200,7 @@ async def test_finish_write_outlasts_a_database_restart_and_saves_once(private_p
     mid = (await accept(client, user, "survive this"))["assistant_message_id"]
     listener = (await open_listeners(client, user, mid, 1))[0]
 
-    caplog.set_level(logging.WARNING, logger="gateway.generation")
+    caplog.set_level(logging.WARNING, logger="gateway.generation.task")
 
     async def retrying() -> bool:
         return any(f"finish write for {mid} failed" in r.getMessage() for r in caplog.records)
@@ -282,7 +282,7 @@ async def test_journaled_finish_is_replayed_by_the_next_instance_at_start_exactl
     journaled = await journal_one_reply(private_pg, gated, make_client, tmp_path, sweep_s="1000")
     # the first instance lost its lock with the restart and, sweeping rarely, has not retaken it:
     # the new one takes its row for dead (interrupted, swept), then the replayed finish wins over that
-    caplog.set_level(logging.WARNING, logger="gateway.instance")
+    caplog.set_level(logging.WARNING, logger="gateway.fleet.instance")
     await make_client(DATABASE_URL=private_pg.url, SWEEP_S="1000", GATEWAY_DATA_DIR=str(tmp_path))
     assert any(r.getMessage().endswith("is gone: 1 live replies interrupted") for r in caplog.records)
     # the sweep settled the reply to an estimate (reservation back, counted once); the replayed

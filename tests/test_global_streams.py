@@ -10,7 +10,7 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestClient
 
-from gateway.instance import lock_key
+from gateway.fleet.instance import lock_key
 from gateway.state import INSTANCE
 
 from .conftest import MakeClient, User, wait_for

@@ -18,11 +18,11 @@ import orjson
 import pytest
 from asyncpg.exceptions import _base as asyncpg_base
 
-from gateway.db import create_pool, migrate
-from gateway.durability import NOT_STORED
-from gateway.failures import Failure, classify, database_unavailable
-from gateway.logs import escape_controls, install_redaction
+from gateway.generation.durability import NOT_STORED
+from gateway.observability.logs import escape_controls, install_redaction
 from gateway.state import MODELS
+from gateway.store.db import create_pool, migrate
+from gateway.store.failures import Failure, classify, database_unavailable
 from gateway.store.keys import create_user_with_key, issue_key
 
 from .conftest import MakeClient, User, wait_for, with_database
@@ -329,7 +329,7 @@ def test_any_record_of_a_gateway_or_aiohttp_logger_reaches_any_handler_on_one_li
     # caplog's handler is not ours: the filter on the loggers escapes the message, after the redaction
     install_redaction()
     caplog.set_level(logging.DEBUG)
-    logging.getLogger("gateway.durability").warning("model %s unknown", f"x\n{FORGED}\r\x1b[2J")
+    logging.getLogger("gateway.generation.durability").warning("model %s unknown", f"x\n{FORGED}\r\x1b[2J")
     logging.getLogger("aiohttp.server").warning("key %s", "Bearer gwk_" + "k" * 30 + "\n" + FORGED)
     assert [r.getMessage() for r in caplog.records] == [f"model x\\n{FORGED}\\r\\x1b[2J unknown",
                                                         "key Bearer [redacted]\\n" + FORGED]

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.policy import DEFAULT_RESERVE_TOKENS
+from gateway.policy.admission import DEFAULT_RESERVE_TOKENS
 from gateway.providers import normalise
 from gateway.providers.base import IMAGE_TOKENS, ChatRequest, Secrets, UsageReport, prompt_estimate
 from gateway.providers.chain import relay_chars

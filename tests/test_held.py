@@ -1,4 +1,4 @@
-"""A held stream lets go of what nothing reads any more (gateway/held.py), and its connection
+"""A held stream lets go of what nothing reads any more (gateway/edge/held.py), and its connection
 carries on as before: the stream's bytes are whole, and a request that arrives on the same
 connection while the stream is held (pipelined) is answered after it."""
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from gateway.held import _Queue
+from gateway.edge.held import _Queue
 from gateway.state import RESPONSE
 
 from .conftest import User

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.db import create_pool
+from gateway.store.db import create_pool
 from gateway.store.keys import create_user_with_key
 
 from .fakes import openai_chunk, parse_sse

@@ -13,9 +13,9 @@ import pytest
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.logs import install_redaction
-from gateway.malformed import install as answer_malformed_requests_in_json
-from gateway.middleware import AccessLogger
+from gateway.edge.malformed import install as answer_malformed_requests_in_json
+from gateway.edge.middleware import AccessLogger
+from gateway.observability.logs import install_redaction
 
 from .conftest import User, wait_for
 

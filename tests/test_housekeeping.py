@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.middleware import AccessLogger
+from gateway.edge.middleware import AccessLogger
 from gateway.state import INSTANCE
 
 from .conftest import User, wait_for

@@ -16,10 +16,10 @@ from typing import Any
 import asyncpg
 import orjson
 
-from gateway.durability import NOT_STORED, FinishWriter
-from gateway.failures import Quarantine
-from gateway.journal import FinishJournal, record_to_json
+from gateway.generation.durability import NOT_STORED, FinishWriter
+from gateway.generation.journal import FinishJournal, record_to_json
 from gateway.state import INSTANCE, QUARANTINE
+from gateway.store.failures import Quarantine
 from gateway.store.messages import FinishRecord, TurnRequest, finish_assistant, persist_turns
 from gateway.store.usage import UsageRecord
 
@@ -226,7 +226,7 @@ async def test_the_sweep_loop_survives_an_unexpected_exception(make_client, tmp_
             raise RuntimeError("anything at all")
         await real_sweep()
 
-    caplog.set_level(logging.ERROR, logger="gateway.instance")
+    caplog.set_level(logging.ERROR, logger="gateway.fleet.instance")
     instance.sweep = sweep  # type: ignore[method-assign]
 
     async def three_rounds() -> bool:

@@ -25,8 +25,8 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from jwt.utils import base64url_encode
 
 from gateway.config import Settings
+from gateway.edge.jwt_auth import JwtIdentity, JwtVerifier
 from gateway.errors import ConfigError, Unauthorized
-from gateway.jwt_auth import JwtIdentity, JwtVerifier
 
 from .conftest import wait_for
 
@@ -381,7 +381,7 @@ async def test_failed_refresh_keeps_old_keys(
     await verifier.verify(token)
     jwks.status = 503
     clock.now += 61
-    with caplog.at_level(logging.WARNING, logger="gateway.jwt_auth"):
+    with caplog.at_level(logging.WARNING, logger="gateway.edge.jwt_auth"):
         assert (await verifier.verify(token)).user_id == USER_ID
     assert jwks.hits == 2
     assert "HTTP 503" in caplog.text
@@ -392,7 +392,7 @@ async def test_jwks_server_error_rejects_token(
         caplog: pytest.LogCaptureFixture) -> None:
     jwks.status = 500
     token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "rsa-1"})
-    with (caplog.at_level(logging.WARNING, logger="gateway.jwt_auth"),
+    with (caplog.at_level(logging.WARNING, logger="gateway.edge.jwt_auth"),
           pytest.raises(Unauthorized, match=r"^signing keys unavailable$")):
         await jwks_verifier(jwks, session, clock).verify(token)
     assert jwks.hits == 1

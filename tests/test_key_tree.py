@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.config import LimitsConfig
-from gateway.policy import Policy
+from gateway.policy.admission import Policy
 from gateway.state import AUTH, POLICY
 from gateway.store import limits as store_limits
 from gateway.store.limits import KeyCap, Limit, LimitReached

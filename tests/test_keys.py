@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.instance import lock_key
+from gateway.fleet.instance import lock_key
 from gateway.state import AUTH, INSTANCE, LAST_USED
 
 from .conftest import MakeClient, User, wait_for

@@ -10,8 +10,8 @@ from typing import Any
 
 import asyncpg
 
-from gateway.leaderboard import POINTS, PROVISIONAL_BELOW, Battle, entry_json, leaderboard
 from gateway.providers.demo import demo_reply
+from gateway.service.leaderboard import POINTS, PROVISIONAL_BELOW, Battle, entry_json, leaderboard
 from gateway.store.leaderboard import battles as stored_battles
 
 from .conftest import MakeClient, User, wait_for

@@ -20,9 +20,9 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.edge.middleware import AccessLogger
 from gateway.errors import ConfigError
-from gateway.logs import REDACT, TEXT_FORMAT, JsonFormatter, install_redaction, redact
-from gateway.middleware import AccessLogger
+from gateway.observability.logs import REDACT, TEXT_FORMAT, JsonFormatter, install_redaction, redact
 
 from .conftest import User, wait_for
 from .fakes import FakeUpstream, parse_sse
@@ -257,7 +257,7 @@ def test_a_traceback_without_a_secret_keeps_its_exception():
 
 
 @pytest.mark.parametrize("name", ["aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.client", "gateway",
-                                  "gateway.middleware", "gateway.api.ws", "asyncio"])
+                                  "gateway.edge.middleware", "gateway.api.native.ws", "asyncio"])
 def test_records_of_aiohttp_and_gateway_loggers_reach_any_handler_redacted(name: str,
                                                                             caplog: pytest.LogCaptureFixture):
     # caplog's handler is not ours: the filter on the logger is what cleans the record

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import Metrics
+from gateway.observability.metrics import Metrics
 from gateway.providers.base import ChainObserver, ChatRequest
 from gateway.providers.chain import Chain
 
@@ -274,7 +274,7 @@ async def test_metrics_is_the_chains_observer_and_sees_overhead_first_token_and_
 def test_importing_metrics_loads_no_other_gateway_module():
     """metrics.py imports no app state at module level: no import loop runs through it."""
     root = Path(__file__).resolve().parent.parent
-    code = "import sys, gateway.metrics; print(sorted(m for m in sys.modules if m.startswith('gateway')))"
+    code = "import sys, gateway.observability.metrics; print(sorted(m for m in sys.modules if m.startswith('gateway')))"
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['gateway', 'gateway.metrics']"
+    assert out.stdout.strip() == "['gateway', 'gateway.observability', 'gateway.observability.metrics']"

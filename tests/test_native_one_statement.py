@@ -12,10 +12,10 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestClient
 
-from gateway.policy import DEFAULT_RESERVE_TOKENS
+from gateway.policy.admission import DEFAULT_RESERVE_TOKENS
+from gateway.service.turns import prompt_tokens
 from gateway.state import POLICY
 from gateway.store.messages import TurnRequest, persist_turns
-from gateway.turns import prompt_tokens
 
 from .conftest import MakeClient, User, wait_for
 from .fakes import FakeUpstream, Reply, openai_stream
@@ -43,7 +43,7 @@ max_concurrent_streams = 1000
 """
 
 # written by the instance's own background tasks, not by the request: a slice renewal taken from
-# the request's path runs as a task of its own (gateway/quota.py), the writers batch off the path
+# the request's path runs as a task of its own (gateway/policy/quota.py), the writers batch off the path
 BACKGROUND = ("gateway_lease_quota", "gateway_return_quota", "activity", "last_used_at", "gateway_heartbeat")
 
 

@@ -40,7 +40,7 @@ from schemathesis.specs.openapi.checks import (
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.openapi import openapi_document
+from gateway.contract.openapi import openapi_document
 from gateway.state import MODELS
 
 from .fakes import parse_sse

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import db
+from gateway.store import db
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,8 +6,8 @@ import asyncio
 import functools
 import uuid
 
-from gateway.background import GroupCommit
 from gateway.errors import NotFound
+from gateway.store.background import GroupCommit
 from gateway.store.messages import StoredTurn, TurnRequest, persist_turns
 from gateway.store.threads import create_thread
 

@@ -12,11 +12,11 @@ import asyncpg
 import orjson
 import pytest
 
-from gateway.auth import Principal
 from gateway.config import LimitsConfig
+from gateway.edge.auth import Principal
 from gateway.errors import TooManyRequests
-from gateway.journal import record_from_json
-from gateway.policy import Admission, Policy
+from gateway.generation.journal import record_from_json
+from gateway.policy.admission import Admission, Policy
 from gateway.providers.demo import demo_reply
 from gateway.store import limits as store_limits
 from gateway.store.limits import SQLSTATES, KeyCap, Limit, LimitReached

@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 from aiohttp.test_utils import TestClient
 
-from gateway.quota import LEASE_WITHIN_S
+from gateway.policy.quota import LEASE_WITHIN_S
+from gateway.service.turns import prompt_tokens
 from gateway.state import INSTANCE, POLICY
-from gateway.turns import prompt_tokens
 
 from .conftest import MakeClient, User, wait_for
 from .test_global_streams import dead

@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from gateway.api.ratelimits import duration
+from gateway.api.openai.ratelimits import duration
 from gateway.providers.base import estimate_tokens
 from gateway.state import POLICY, USAGE
 

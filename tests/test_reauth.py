@@ -25,7 +25,7 @@ import orjson
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
 
-from gateway.instance import lock_key
+from gateway.fleet.instance import lock_key
 from gateway.state import INSTANCE
 from gateway.store.keys import create_key, hash_key
 
@@ -42,7 +42,7 @@ Socket = aiohttp.ClientWebSocketResponse
 
 
 def closing_frame(message: str) -> dict[str, Any]:
-    """The last frame of a socket whose credential lapsed (gateway/api/ws.py docstring)."""
+    """The last frame of a socket whose credential lapsed (gateway/api/native/ws.py docstring)."""
     return {"event": "error", "data": {"type": "unauthorized", "message": message}}
 
 

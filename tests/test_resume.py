@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
-from gateway.middleware import AccessLogger
+from gateway.edge.middleware import AccessLogger
 from gateway.providers.base import estimate_tokens
 from gateway.state import DB, GENERATIONS, INSTANCE, STREAM_TOKENS
 from gateway.store import messages as message_store

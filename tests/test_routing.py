@@ -16,7 +16,7 @@ from gateway.providers.base import ChatRequest
 from gateway.providers.chain import Chain
 from gateway.providers.circuit import CircuitBreakers
 from gateway.providers.registry import NotEnoughModels
-from gateway.router import classify, route
+from gateway.service.router import classify, route
 
 from .fakes import Reply, openai_stream, parse_sse
 from .test_providers import ERROR_BODY, PROMPT, chain_toml, collect, http, registry, trail, upstream_b  # noqa: F401

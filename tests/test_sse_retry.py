@@ -96,7 +96,7 @@ async def test_a_finished_native_stream_is_freed_without_the_cyclic_garbage_coll
     pause of the loop. With the collector off, every finished stream's response must be gone."""
     import gc
 
-    from gateway.sse import NativeStream
+    from gateway.edge.sse import NativeStream
 
     client = await make_client()
     gc.collect()

@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.edge.jwt_auth import JwtVerifier
 from gateway.errors import Unauthorized
-from gateway.jwt_auth import JwtVerifier
 
 from .test_jwt import (  # noqa: F401  (fixtures)
     USER_ID,

@@ -12,8 +12,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from gateway.db import migrate
 from gateway.errors import NotFound
+from gateway.store.db import migrate
 from gateway.store.messages import StoredTurn, TurnRequest, persist_turns
 from gateway.store.threads import create_thread
 

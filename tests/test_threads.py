@@ -17,7 +17,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from gateway.api.threads import decode_cursor, encode_cursor
+from gateway.api.native.threads import decode_cursor, encode_cursor
 from gateway.providers.demo import demo_reply
 from gateway.store.messages import MESSAGE_COLUMNS
 

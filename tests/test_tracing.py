@@ -20,12 +20,12 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway import tracing
 from gateway.app import create_app
+from gateway.edge.middleware import AccessLogger
 from gateway.errors import ConfigError
-from gateway.middleware import AccessLogger
+from gateway.observability import tracing
+from gateway.observability.tracing import Tracing
 from gateway.state import TRACING
-from gateway.tracing import Tracing
 
 from .conftest import User, wait_for
 from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
@@ -526,7 +526,7 @@ sys.modules["opentelemetry"] = None  # as if the `otel` extra were not installed
 from aiohttp.test_utils import TestClient, TestServer
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.db import create_pool
+from gateway.store.db import create_pool
 from gateway.errors import ConfigError
 from gateway.store.keys import create_user_with_key
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from gateway.workers import worker_count
+from gateway.cli.workers import worker_count
 
 from .conftest import User
 from .fleet import GatewayProcess, gateway_env, gateways, read_until, redis_url  # noqa: F401  (fixtures)

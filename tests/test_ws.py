@@ -2,7 +2,7 @@
 their SSE ids, concurrent turns, idempotency, refused frames, dropped sockets, resume, cancel,
 heartbeats.
 
-Expected frames come from the protocol (gateway/api/ws.py docstring) and from the SSE stream of
+Expected frames come from the protocol (gateway/api/native/ws.py docstring) and from the SSE stream of
 the same message, never from the gateway's own WS encoder.
 """
 

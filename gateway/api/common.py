@@ -11,10 +11,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .. import tracing
-from ..auth import CredentialWatch, Principal
-from ..errors import BadRequest, InvalidId, PayloadTooLarge, Unauthorized
-from ..state import AUTH, PRINCIPAL, SETTINGS, STREAM_TOKENS, TIMINGS, USER_ID
+from gateway.edge.auth import CredentialWatch, Principal
+from gateway.errors import BadRequest, InvalidId, PayloadTooLarge, Unauthorized
+from gateway.observability import tracing
+from gateway.state import AUTH, PRINCIPAL, SETTINGS, STREAM_TOKENS, TIMINGS, USER_ID
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -11,7 +11,7 @@ Where the events come from, in order of preference:
    instance, and the feed ends it from the row, so a listener never waits on a dead publisher.
 2. The database, while Redis is away (or not configured): the row is polled; once the listener
    has the reply's head, the checkpointed partial content goes out as the deltas it was; when the
-   row has finished, the rest is replayed from it (byte-identical: gateway/replay.py). Redis is
+   row has finished, the rest is replayed from it (byte-identical: gateway/generation/replay.py). Redis is
    tried again on every poll, and the feed goes back to it from where it stands.
 """
 
@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import asyncpg
 
-from ..events import Event, EventMaker
-from ..replay import replay_events
-from ..store import messages as message_store
-from ..vocabulary import LIVE_STATUSES
-from .wire import after_id, event_of, stream_key
+from gateway.fleet.wire import after_id, event_of, stream_key
+from gateway.generation.events import Event, EventMaker
+from gateway.generation.replay import replay_events
+from gateway.store import messages as message_store
+from gateway.vocabulary import LIVE_STATUSES
 
 if TYPE_CHECKING:  # redis is an optional extra: only an instance with REDIS_URL imports it
-    from .link import RedisLink
+    from gateway.fleet.link import RedisLink
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import ResponseError
 
-from .link import REDIS_DOWN, RedisLink
-from .wire import entry, entry_id, stream_key
+from gateway.fleet.link import REDIS_DOWN, RedisLink
+from gateway.fleet.wire import entry, entry_id, stream_key
 
 if TYPE_CHECKING:
-    from ..generation import Generation
+    from gateway.generation.task import Generation
 
 log = logging.getLogger(__name__)
 

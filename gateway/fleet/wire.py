@@ -12,7 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING
 
-from ..events import Event
+from gateway.generation.events import Event
 
 if TYPE_CHECKING:  # redis is an optional extra
     from redis.typing import EncodableT, FieldT

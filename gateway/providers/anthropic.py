@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ..config import ModelConfig, ProviderConfig
-from ..tracing import upstream_headers
-from . import normalise
-from .base import (
+from gateway.config import ModelConfig, ProviderConfig
+from gateway.observability.tracing import upstream_headers
+from gateway.providers import normalise
+from gateway.providers.base import (
     NO_SECRETS,
     Batch,
     ChatRequest,
@@ -28,9 +28,9 @@ from .base import (
     UpstreamProtocolError,
     UpstreamStreamError,
 )
-from .http import Upstream
-from .openai import answer_error, request_headers
-from .sse_decoder import SSEDecoder
+from gateway.providers.http import Upstream
+from gateway.providers.openai import answer_error, request_headers
+from gateway.providers.sse_decoder import SSEDecoder
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096  # required by the API; used when the request names none

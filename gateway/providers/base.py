@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from ..config import ModelConfig, ProviderConfig
+from gateway.config import ModelConfig, ProviderConfig
 
 if TYPE_CHECKING:
-    from ..store.usage import UsageRecord
+    from gateway.store.usage import UsageRecord
 
 
 @dataclass(slots=True)

@@ -31,9 +31,9 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
-from .. import tracing
-from ..config import ModelConfig
-from .base import (
+from gateway.config import ModelConfig
+from gateway.observability import tracing
+from gateway.providers.base import (
     CHARS_PER_TOKEN,
     NO_OBSERVER,
     Batch,
@@ -45,8 +45,8 @@ from .base import (
     ToolCallDelta,
     UpstreamTimeout,
 )
-from .deadlines import Timeout
-from .registry import ModelRegistry
+from gateway.providers.deadlines import Timeout
+from gateway.providers.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 

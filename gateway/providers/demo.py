@@ -10,8 +10,8 @@ import asyncio
 import hashlib
 from collections.abc import AsyncGenerator
 
-from ..config import ModelConfig, ProviderConfig
-from .base import Batch, ChatRequest, Finish, TextDelta, UsageReport, estimate_tokens, text_of
+from gateway.config import ModelConfig, ProviderConfig
+from gateway.providers.base import Batch, ChatRequest, Finish, TextDelta, UsageReport, estimate_tokens, text_of
 
 _WORDS = ("stream", "token", "gateway", "reply", "river", "signal", "packet", "model", "quiet", "bright",
           "steady", "chunk", "answer", "light", "echo", "thread", "message", "swift", "careful", "whole")

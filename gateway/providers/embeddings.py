@@ -23,10 +23,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ..config import ModelConfig, ProviderConfig
-from . import normalise
-from .base import Secrets, UpstreamProtocolError, estimate_tokens
-from .openai import raise_for_status, read_at_most, transport_error
+from gateway.config import ModelConfig, ProviderConfig
+from gateway.providers import normalise
+from gateway.providers.base import Secrets, UpstreamProtocolError, estimate_tokens
+from gateway.providers.openai import raise_for_status, read_at_most, transport_error
 
 DEMO_DIMENSIONS = 16
 DEMO_MAX_DIMENSIONS = 1024  # the demo's vectors cost CPU here: bounded like a real model's size

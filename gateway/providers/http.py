@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from .base import UpstreamConnectionError, UpstreamProtocolError, UpstreamTimeout
-from .deadlines import deadlines
+from gateway.providers.base import UpstreamConnectionError, UpstreamProtocolError, UpstreamTimeout
+from gateway.providers.deadlines import deadlines
 
 # unread body bytes past which the socket stops being read, until the reader catches up
 HIGH_WATER = 1 << 18

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from .base import (
+from gateway.providers.base import (
     NO_SECRETS,
     ChatRequest,
     Secrets,

@@ -10,10 +10,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ..config import ModelConfig, ProviderConfig
-from ..tracing import upstream_headers
-from . import normalise
-from .base import (
+from gateway.config import ModelConfig, ProviderConfig
+from gateway.observability.tracing import upstream_headers
+from gateway.providers import normalise
+from gateway.providers.base import (
     NO_SECRETS,
     Batch,
     ChatRequest,
@@ -28,8 +28,8 @@ from .base import (
     UpstreamStreamError,
     UpstreamTimeout,
 )
-from .http import Connection, Upstream
-from .sse_decoder import SSEDecoder
+from gateway.providers.http import Connection, Upstream
+from gateway.providers.sse_decoder import SSEDecoder
 
 _DONE = b"[DONE]"
 NUL = normalise.NUL

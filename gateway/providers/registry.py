@@ -13,14 +13,14 @@ from dataclasses import replace
 import aiohttp
 import asyncpg
 
-from ..config import ModelConfig, Settings
-from ..errors import ConfigError, Forbidden, ServiceUnavailable
-from ..store.models import sync_models
-from .anthropic import AnthropicProvider
-from .base import Provider
-from .circuit import CircuitBreakers
-from .demo import DemoProvider
-from .openai import OpenAIProvider
+from gateway.config import ModelConfig, Settings
+from gateway.errors import ConfigError, Forbidden, ServiceUnavailable
+from gateway.providers.anthropic import AnthropicProvider
+from gateway.providers.base import Provider
+from gateway.providers.circuit import CircuitBreakers
+from gateway.providers.demo import DemoProvider
+from gateway.providers.openai import OpenAIProvider
+from gateway.store.models import sync_models
 
 
 class NotEnoughModels(Exception):

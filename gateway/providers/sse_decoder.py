@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import UpstreamProtocolError
+from gateway.providers.base import UpstreamProtocolError
 
 _BOM = b"\xef\xbb\xbf"
 # a real chunk is well under a kilobyte; this is the client body limit's default too

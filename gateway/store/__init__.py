@@ -1,0 +1,27 @@
+"""The database: the pool, the migrations, batched writers, and SQL by table family.
+
+    db.py           the pool, the embedded server, the migration runner
+    background.py   batched writes off the request path, and group commit
+    failures.py     transient or permanent: what a failed write means
+    messages.py, threads.py, arena.py, keys.py, limits.py, usage.py, activity.py,
+    instances.py, leaderboard.py, models.py, secrets.py   SQL by table family
+
+Every statement that reads or writes a user's rows checks that user in the same statement.
+"""
+
+__all__ = [
+    "activity",
+    "arena",
+    "background",
+    "db",
+    "failures",
+    "instances",
+    "keys",
+    "leaderboard",
+    "limits",
+    "messages",
+    "models",
+    "secrets",
+    "threads",
+    "usage",
+]

@@ -9,9 +9,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ..errors import Conflict, NotFound
-from ..vocabulary import MessageStatus, Winner
-from .messages import MESSAGE_COLUMNS, thread_title
+from gateway.errors import Conflict, NotFound
+from gateway.store.messages import MESSAGE_COLUMNS, thread_title
+from gateway.vocabulary import MessageStatus, Winner
 
 
 @dataclass(slots=True, kw_only=True)

@@ -1,5 +1,5 @@
 """SQL for instances among their peers: cancel notifications, who owns live rows, and the
-advisory locks that tell a live instance from a dead one (see gateway/instance.py)."""
+advisory locks that tell a live instance from a dead one (see gateway/fleet/instance.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import uuid
 
 import asyncpg
 
-from ..vocabulary import LIVE_STATUSES, MessageStatus
+from gateway.vocabulary import LIVE_STATUSES, MessageStatus
 
 CANCEL_CHANNEL = "gateway_cancel"
 

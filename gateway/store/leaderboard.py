@@ -1,11 +1,11 @@
 """SQL for the leaderboard: the voted battles, with the lengths of the two replies (for the
-length-controlled rating, gateway/leaderboard.py)."""
+length-controlled rating, gateway/service/leaderboard.py)."""
 
 from __future__ import annotations
 
 import asyncpg
 
-from ..leaderboard import Battle
+from gateway.service.leaderboard import Battle
 
 
 async def battles(pool: asyncpg.Pool, include_named: bool) -> list[Battle]:

@@ -224,7 +224,7 @@ async def headroom(pool: asyncpg.Pool, *, subjects: Sequence[str], window: datet
                    day: date, keys: Sequence[uuid.UUID]) -> tuple[list[int], int, list[int]]:
     """What is taken now: requests in each subject's current window ('u:<user>' / 'k:<key>'), the
     user's tokens today (spent + reserved) and each key's. For the rate-limit headers of a request
-    just admitted (api/ratelimits.py); read-only."""
+    just admitted (api/openai/ratelimits.py); read-only."""
     row = await pool.fetchrow("""
         SELECT ARRAY(SELECT coalesce((SELECT w.count FROM rate_windows w
                                       WHERE w.subject = s.subject AND w.window_start = $2), 0)
@@ -237,7 +237,7 @@ async def headroom(pool: asyncpg.Pool, *, subjects: Sequence[str], window: datet
     return list(row["windows"]), int(row["user_day"]), [int(v) for v in row["key_days"]]
 
 
-# -- quota leases (sql/0013_quota_leases.sql, gateway/quota.py) ---------------------------------------------
+# -- quota leases (sql/0013_quota_leases.sql, gateway/policy/quota.py) ---------------------------------------------
 
 
 class NoSlice(Exception):

@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ..errors import Conflict, NotFound
-from ..vocabulary import MessageStatus
-from .usage import USAGE_CTES, UsageRecord, usage_arrays
+from gateway.errors import Conflict, NotFound
+from gateway.store.usage import USAGE_CTES, UsageRecord, usage_arrays
+from gateway.vocabulary import MessageStatus
 
 MESSAGE_COLUMNS = """id, thread_id, role, content, status, reply_to, slot, client_message_id, model, provider,
     prompt_tokens, completion_tokens, ttft_ms, latency_ms, error, metadata, created_at, finished_at, parts"""

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 import asyncpg
 
-from ..config import ModelConfig
+from gateway.config import ModelConfig
 
 
 async def sync_models(pool: asyncpg.Pool, models: Iterable[ModelConfig]) -> None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import asyncpg
 
-from ..errors import NotFound
-from .messages import thread_messages
+from gateway.errors import NotFound
+from gateway.store.messages import thread_messages
 
 THREAD_COLUMNS = "id, title, created_at, updated_at"
 

@@ -1,0 +1,26 @@
+"""The gateway's own HTTP surface under /api (and /, /docs, /healthz, /readyz, /metrics, /ws).
+
+    chat.py        POST /api/chat and the message endpoints (stream, cancel, regenerate)
+    threads.py     threads: create, list, read, delete
+    arena.py       two models side by side, the vote, the leaderboard
+    ws.py          WebSocket chat: the same turns and events as JSON frames
+    keys.py        API keys: create, list, revoke
+    account.py     /api/me and the caller's usage
+    bodies.py      the request bodies shared by chat, arena and WebSocket
+    playground.py  the HTML playground at /
+    docs.py        Swagger UI at /docs
+    ops.py         liveness, readiness, metrics
+"""
+
+__all__ = [
+    "account",
+    "arena",
+    "bodies",
+    "chat",
+    "docs",
+    "keys",
+    "ops",
+    "playground",
+    "threads",
+    "ws",
+]

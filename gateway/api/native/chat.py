@@ -1,0 +1,136 @@
+"""POST /api/chat and the message endpoints: parse, call the turn service, respond.
+
+    POST /api/chat                       a turn: SSE, or 202 with the ids and a stream_url
+    GET  /api/messages/{id}              the message (polling fallback)
+    GET  /api/messages/{id}/stream       its events after Last-Event-ID, live or replayed
+    POST /api/messages/{id}/cancel       stop it; the partial reply is saved as cancelled
+    POST /api/messages/{id}/regenerate   a new reply to a saved user message: SSE or 202, as POST /api/chat
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from aiohttp import web
+
+from gateway.api.common import (
+    caller,
+    json_response,
+    lapse_frame,
+    optional,
+    parse_uuid,
+    read_json,
+    stream_reader,
+    until_lapsed,
+)
+from gateway.api.native.bodies import MAX_CLIENT_MESSAGE_ID, parse_turn, wants_stream
+from gateway.edge.auth import Principal
+from gateway.edge.sse import DONE, open_stream, parse_last_event_id
+from gateway.errors import BadRequest
+from gateway.observability.metrics import Timings
+from gateway.service.router import AUTO
+from gateway.state import AUTH, DB, MODELS, SETTINGS, TIMINGS, TURNS
+from gateway.store import arena as arena_store
+from gateway.store import messages as message_store
+
+
+async def post_chat(request: web.Request) -> web.StreamResponse:
+    principal = await caller(request, "chat")
+    app = request.app
+    turn, stream = parse_turn(await read_json(request), app[MODELS].chat_model)
+    turns = app[TURNS]
+    started = time.monotonic()
+    stored = await asyncio.shield(turns.begin_chat(principal, turn, request[TIMINGS].start))
+    request[TIMINGS].add("persist", started)  # decide + persist: the database work before the reply starts
+    if not wants_stream(request, stream):
+        return json_response({"status": "accepted", "message": stored.user_message, "duplicate": stored.duplicate,
+                              "thread_id": stored.thread_id, "assistant_message_id": stored.assistant_message_id,
+                              "stream_url": turns.stream_url(principal, stored.assistant_message_id)},
+                             status=202)
+    return await stream_message(request, principal, stored.assistant_message_id, after=-1)
+
+
+async def regenerate(request: web.Request) -> web.StreamResponse:
+    """A new reply to the user message `{message_id}` (its last reply must not be live: 409). Body
+    (optional): {model?, client_request_id?, stream?}; a retry of the same client_request_id answers
+    with the reply it made (duplicate: true) and starts nothing."""
+    principal = await caller(request, "chat")
+    app = request.app
+    user_message_id = parse_uuid(request.match_info["message_id"], "message id")
+    body = await read_json(request) if request.can_read_body else {}
+    model = optional(body, "model", str, "a model name")
+    if model is not None and model != AUTO and not app[MODELS].chat_model(model):
+        raise BadRequest(f"unknown model {model!r}")
+    client_request_id = optional(body, "client_request_id", str, "a string")
+    if client_request_id is not None and not 0 < len(client_request_id) <= MAX_CLIENT_MESSAGE_ID:
+        raise BadRequest(f"client_request_id must be 1 to {MAX_CLIENT_MESSAGE_ID} characters")
+    stream = optional(body, "stream", bool, "true or false")
+    turns = app[TURNS]
+    started = time.monotonic()
+    made = await asyncio.shield(turns.regenerate(principal, user_message_id, model, client_request_id,
+                                                 request[TIMINGS].start))
+    request[TIMINGS].add("persist", started)
+    if not wants_stream(request, stream):
+        return json_response({"status": "accepted", "message": made.user_message, "duplicate": made.duplicate,
+                              "thread_id": made.user_message["thread_id"],
+                              "assistant_message_id": made.assistant_message_id,
+                              "stream_url": turns.stream_url(principal, made.assistant_message_id)}, status=202)
+    return await stream_message(request, principal, made.assistant_message_id, after=-1)
+
+
+async def stream_message(request: web.Request, principal: Principal, message_id: uuid.UUID,
+                         after: int) -> web.StreamResponse:
+    """Stream one assistant message's events after seq `after` as SSE: live if it is generating
+    here, replayed from the database if it has finished. If the caller's credential stops working
+    meanwhile (revoked, expired), the stream ends with an `error` event (no id) and `[DONE]`."""
+    settings = request.app[SETTINGS]
+    reply = await request.app[TURNS].reply(principal.user_id, message_id)
+    if not reply.live and after >= 0 and not reply.replayed_after(after):
+        return web.Response(status=204)  # nothing after that id: EventSource stops for good
+    resp = await open_stream(request, settings.sse_ping_s, settings.sse_retry_ms)
+
+    async def relay() -> None:
+        timings: Timings | None = request[TIMINGS] if reply.generation is not None else None
+        async for batch in reply.events(after):
+            await resp.write(batch[0].sse if len(batch) == 1 else b"".join([e.sse for e in batch]))
+            if timings is not None:  # the first write carries the first token
+                timings.mark("first_token")
+                timings = None
+
+    try:
+        with request.app[AUTH].watch(principal) as watch:
+            lapse = await until_lapsed(watch, relay())
+        if lapse is not None:
+            await resp.write(lapse_frame(lapse))
+        await resp.write(DONE)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client left; the generation goes on without it
+    finally:
+        resp.stop_streaming()
+    return resp
+
+
+async def get_message_stream(request: web.Request) -> web.StreamResponse:
+    message_id = parse_uuid(request.match_info["message_id"], "message id")
+    principal = await stream_reader(request, message_id, "chat")
+    raw = request.headers.get("Last-Event-ID") or request.query.get("lastEventId")
+    return await stream_message(request, principal, message_id, parse_last_event_id(raw, str(message_id)))
+
+
+async def cancel_message(request: web.Request) -> web.Response:
+    """Stop but finish: the upstream stops, the partial reply is saved as cancelled with the usage
+    consumed, and every listener gets usage, done (finish_reason "cancelled") and [DONE]."""
+    principal = await caller(request, "chat")
+    message_id = parse_uuid(request.match_info["message_id"], "message id")
+    return json_response(await request.app[TURNS].cancel(principal.user_id, message_id))
+
+
+async def get_message(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    message_id = parse_uuid(request.match_info["message_id"], "message id")
+    pool = request.app[DB].pool
+    message = await message_store.get_message(pool, principal.user_id, message_id)
+    return json_response((await arena_store.masked(pool, [message]))[0])

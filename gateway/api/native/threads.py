@@ -1,0 +1,78 @@
+"""Threads: create, list (latest activity first, keyset pages on (updated_at, id)), read with messages,
+delete."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from gateway.api.common import caller, json_response, optional, parse_uuid, read_json
+from gateway.errors import BadRequest
+from gateway.state import DB
+from gateway.store import arena as arena_store
+from gateway.store import threads as thread_store
+
+PAGE_DEFAULT, PAGE_MAX = 20, 100
+
+
+def encode_cursor(updated_at: datetime, thread_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{updated_at.isoformat()}|{thread_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        stamp, _, thread_id = text.partition("|")
+        updated_at = datetime.fromisoformat(stamp)
+        if updated_at.tzinfo is None:  # never issued by us; asyncpg would guess its zone
+            raise ValueError("cursor timestamp without a zone")
+        # in UTC here, so a forged offset at the edge of the calendar fails now, not in asyncpg
+        return updated_at.astimezone(UTC), uuid.UUID(thread_id)
+    except (ValueError, OverflowError):
+        raise BadRequest("cursor is not valid") from None
+
+
+async def create_thread(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    body = await read_json(request) if request.can_read_body else {}
+    title = optional(body, "title", str, "a string")
+    if title is not None and len(title) > 200:
+        raise BadRequest("title must be at most 200 characters")
+    thread = await thread_store.create_thread(request.app[DB].pool, principal.user_id, title)
+    return json_response(thread, status=201)
+
+
+async def list_threads(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    raw_limit = request.query.get("limit", str(PAGE_DEFAULT))
+    # ASCII digits only and bounded length: int() refuses "²" (which isdigit() allows) and >4300 digits
+    if not (raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= len(str(PAGE_MAX))
+            and 1 <= int(raw_limit) <= PAGE_MAX):
+        raise BadRequest(f"limit must be an integer from 1 to {PAGE_MAX}")
+    limit = int(raw_limit)
+    cursor = request.query.get("cursor")
+    before = decode_cursor(cursor) if cursor else None
+    # one extra row tells whether there is a next page
+    rows = await thread_store.list_threads(request.app[DB].pool, principal.user_id, limit + 1, before)
+    page, more = rows[:limit], len(rows) > limit
+    next_cursor = encode_cursor(page[-1]["updated_at"], page[-1]["id"]) if more else None
+    return json_response({"threads": page, "next_cursor": next_cursor})
+
+
+async def get_thread(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    thread_id = parse_uuid(request.match_info["thread_id"], "thread id")
+    pool = request.app[DB].pool
+    thread = await thread_store.get_thread(pool, principal.user_id, thread_id)
+    thread["messages"] = await arena_store.masked(pool, thread["messages"])
+    return json_response(thread)
+
+
+async def delete_thread(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    thread_id = parse_uuid(request.match_info["thread_id"], "thread id")
+    await thread_store.delete_thread(request.app[DB].pool, principal.user_id, thread_id)
+    return web.Response(status=204)

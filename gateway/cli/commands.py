@@ -1,0 +1,110 @@
+"""The operator's commands beside `serve`: keys list / revoke, usage, leaderboard, printed as tables.
+
+They talk to the database directly (the same one the gateway uses: DATABASE_URL, or the embedded
+server under the data directory), so they work with the gateway stopped, and see every user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from gateway.config import Settings
+from gateway.policy.admission import utc_now
+from gateway.service.leaderboard import PROVISIONAL_BELOW, leaderboard
+from gateway.store import keys as keys_store
+from gateway.store import usage as usage_store
+from gateway.store.db import Database, migrate, open_database
+from gateway.store.leaderboard import battles
+
+T = TypeVar("T")
+
+
+def days(raw: str) -> int:
+    """`--days`: 1 to 366, the range /api/usage allows."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {raw!r}") from None
+    if not 1 <= value <= 366:
+        raise argparse.ArgumentTypeError(f"must be 1 to 366, got {value}")
+    return value
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: a header, a rule, one line per row; numbers right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    numeric = [bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, float):
+        return f"{value:.4f}".rstrip("0").rstrip(".") if value != int(value) or abs(value) < 1 else f"{value:.0f}"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+async def with_database(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    db = await open_database(settings)
+    try:
+        async with db.pool.acquire() as conn:
+            await migrate(conn)
+        return await work(db)
+    finally:
+        await db.close()
+
+
+def run(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    return asyncio.run(with_database(settings, work))
+
+
+async def keys_list(db: Database, user_id: uuid.UUID | None) -> str:
+    rows = await keys_store.list_keys(db.pool, user_id)
+    return table(["id", "prefix", "name", "user", "scopes", "created", "last used", "revoked"],
+                 [[r["id"], r["prefix"], r["name"], r["user_id"], r["scopes"], r["created_at"], r["last_used_at"],
+                   r["revoked_at"]] for r in rows]) + f"\n{len(rows)} key(s)"
+
+
+async def keys_revoke(db: Database, key_id: uuid.UUID) -> tuple[int, str]:
+    """(exit status, message): revokes the key and its descendants, on every instance within a second."""
+    revoked = await keys_store.revoke_key(db.pool, key_id, None)
+    if revoked is None:
+        return 1, f"no key {key_id}"
+    return 0, f"revoked {key_id}" + (f" and {len(revoked) - 1} key(s) issued under it" if len(revoked) > 1 else "")
+
+
+async def usage(db: Database, days: int, by: str, user_id: uuid.UUID | None) -> str:
+    today = utc_now().date()
+    start = today - timedelta(days=days - 1)
+    rows = await usage_store.usage_report(db.pool, user_id, start, today, by)
+    body: list[list[Any]] = [[r[by], r["requests"], r["prompt_tokens"], r["completion_tokens"], r["total_tokens"],
+                              round(r["cost_usd"], 6)] for r in rows]
+    totals = ["total", *(sum(r[i] for r in body) for i in range(1, 5)), round(sum(r[5] for r in body), 6)]
+    return (f"usage {start} .. {today} (UTC), {'every user' if user_id is None else f'user {user_id}'}\n"
+            + table([by, "requests", "prompt", "completion", "total tokens", "cost usd"], [*body, totals]))
+
+
+async def leaderboard_table(db: Database, include_named: bool, rounds: int) -> str:
+    found = await battles(db.pool, include_named)
+    entries = leaderboard(found, rounds)
+    rows = [[i, e.model + (" (provisional)" if e.provisional else ""), e.rating, f"{e.ci_low:.0f} - {e.ci_high:.0f}",
+             e.rating_lc, e.battles, f"{e.win_rate:.0%}"] for i, e in enumerate(entries, 1)]
+    note = (f"{len(found)} battle(s), {'all' if include_named else 'anonymous'} comparisons; 95% intervals; "
+            f"provisional: fewer than {PROVISIONAL_BELOW} battles")
+    return table(["#", "model", "rating", "95% CI", "length-controlled", "battles", "win rate"], rows) + "\n" + note

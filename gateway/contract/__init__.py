@@ -1,0 +1,8 @@
+"""The HTTP contract.
+
+    openapi.py  GET /openapi.json
+"""
+
+__all__ = [
+    "openapi",
+]

@@ -1,0 +1,12 @@
+"""The service layer: a turn from validated input to a running reply, for every front door.
+
+    turns.py        persist, decide, start, find, cancel a reply
+    router.py       which model runs (the router advises; the policy decides)
+    leaderboard.py  arena ratings fitted to the votes
+"""
+
+__all__ = [
+    "leaderboard",
+    "router",
+    "turns",
+]
