@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -32,9 +32,10 @@ from gateway.generation.durability import FinishWriter
 from gateway.generation.journal import FinishJournal
 from gateway.generation.task import GenerationRegistry
 from gateway.observability.logs import install_redaction
-from gateway.observability.metrics import Metrics, observe, on_prepare
+from gateway.observability.metrics import Levels, Metrics, PoolLevels, QueueLevels, observe, on_prepare
 from gateway.observability.tracing import Tracing
 from gateway.policy.admission import Policy
+from gateway.providers.chain import TracingObserver
 from gateway.providers.registry import ModelRegistry
 from gateway.service.leaderboard import LeaderboardCache
 from gateway.service.turns import Turns
@@ -55,6 +56,8 @@ from gateway.state import (
     REMOTE,
     SETTINGS,
     STREAM_TOKENS,
+    TIMINGS,
+    TRACE_ID,
     TRACING,
     TURNS,
     USAGE,
@@ -131,7 +134,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     journal = FinishJournal(settings.data_dir / "journal", quarantine)
     finishes = FinishWriter(pool, journal, quarantine, retry_s=settings.finish_retry_s)
     # what the chains report: the metrics, and with tracing on the spans too
-    observer = app[TRACING].observer(app[METRICS]) if TRACING in app else app[METRICS]
+    observer = TracingObserver(app[METRICS]) if TRACING in app else app[METRICS]
     generations = GenerationRegistry(pool, finishes, models, observer, settings.shutdown_grace_s,
                                      settings.checkpoint_s, settings.checkpoint_chunks)
     app[GENERATIONS] = generations
@@ -249,14 +252,15 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> web.Applic
     # observe is outermost: it counts the error responses the errors middleware makes, too; the
     # request's span sits inside it, and sees the status the errors middleware answers with. Untraced,
     # the three are one (`edge`): every frame of the chain is held for as long as a stream is open
-    chain = [observe(metrics), tracing.middleware(), errors, cors.preflight] if tracing else [edge(metrics, cors)]
+    chain = ([observe(metrics, TIMINGS), tracing.middleware(TRACE_ID), errors, cors.preflight] if tracing
+             else [edge(metrics, cors)])
     app = web.Application(middlewares=chain, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     if tracing is not None:
         app[TRACING] = tracing
         app.cleanup_ctx.append(traces)
-    metrics.watch(app)
+    metrics.watch_levels(levels_of(app))
     app.cleanup_ctx.extend([http_client, database, services])
     if settings.metrics_port is not None:
         app.cleanup_ctx.append(metrics_server)
@@ -264,7 +268,7 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> web.Applic
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(cors.on_prepare)
     app.on_response_prepare.append(record_activity)
-    app.on_response_prepare.append(on_prepare(metrics))
+    app.on_response_prepare.append(on_prepare(metrics, TIMINGS))
 
     app.router.add_routes(routes(settings))
     playground.add_routes(app.router)  # GET / and /static/
@@ -314,3 +318,32 @@ def routes(settings: Settings) -> list[web.RouteDef]:
     if settings.metrics_port is None:  # else /metrics is served on its own listener only
         table.append(web.get("/metrics", ops.metrics))
     return table
+
+
+def levels_of(app: web.Application) -> Callable[[], Levels]:
+    """What the metrics read at every scrape: the app's levels, from its services as they are then
+    (they may start after this is handed over)."""
+
+    def read() -> Levels:
+        levels = Levels()
+        generations = app.get(GENERATIONS)
+        if generations is not None:
+            levels.live_generations = len(generations.live)
+        models = app.get(MODELS)
+        if models is not None:
+            levels.circuits = {name: models.circuits.state(name) for name in models.models}
+        for key in (USAGE, ACTIVITY, LAST_USED):
+            writer = app.get(key)
+            if writer is not None:
+                levels.queues.append(QueueLevels(name=writer.name, depth=writer.depth, dropped=writer.dropped,
+                                                 written=writer.written))
+        quarantine = app.get(QUARANTINE)
+        if quarantine is not None:
+            levels.quarantined = dict(quarantine.counts)
+        db = app.get(DB)
+        if db is not None:
+            pool = db.pool
+            levels.pool = PoolLevels(size=pool.get_size(), idle=pool.get_idle_size(), max=pool.get_max_size())
+        return levels
+
+    return read

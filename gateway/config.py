@@ -7,6 +7,7 @@ start with the name of the offending variable (or TOML key) in the message.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 import tomllib
 from collections.abc import Mapping
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import ConfigError
-from gateway.observability.tracing import exporters_asked
 
 DEMO_MODEL = "demo"
 # a second built-in model, only while nothing else is configured: the quickstart's arena needs two
@@ -554,3 +554,66 @@ def _parse(env: Mapping[str, str]) -> Settings:
         limits=limits,
         otel=otel,
     )
+
+
+# -- the OTEL_* variables (read here so that a bad one fails at start; gateway/observability/tracing.py
+# builds the tracer from them, importing the SDK only then)
+
+OTEL_EXPORTERS = ("otlp", "console", "none")
+OTEL_SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
+                 "parentbased_traceidratio")
+OTEL_INSTALL_HINT = "pip install 'chat-gateway[otel]'"
+
+
+def exporters_asked(env: Mapping[str, str]) -> list[str]:
+    """The exporters the OTEL_* variables in `env` ask for: none means tracing is off. A value the
+    gateway cannot honour (or a missing package) fails here, naming its variable; Settings.from_env
+    calls this, so it fails at start like every other setting."""
+    exporters = [e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()]
+    bad = [e for e in exporters if e not in OTEL_EXPORTERS]
+    if bad:
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: unsupported exporter(s) {bad!r} (use otlp, console or none)")
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not exporters and endpoint:
+        exporters = ["otlp"]  # an endpoint alone means "send them there", as the SDK's default exporter is otlp
+    exporters = [e for e in exporters if e != "none"]
+    if _otel_true(env.get("OTEL_SDK_DISABLED")) or not exporters:
+        return []
+    otel_sampling(env)
+    if not _installed("opentelemetry.sdk.trace"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER: tracing needs the OpenTelemetry SDK ({OTEL_INSTALL_HINT})")
+    if "otlp" in exporters:
+        protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                    or "http/protobuf").strip().lower()
+        if protocol != "http/protobuf":
+            raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is supported, got {protocol!r}")
+        if not _installed("opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+            raise ConfigError(f"OTEL_TRACES_EXPORTER=otlp needs the OTLP exporter ({OTEL_INSTALL_HINT})")
+    return exporters
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing (or blocked)
+        return False
+
+
+def otel_sampling(env: Mapping[str, str]) -> tuple[str, float]:
+    """The sampler OTEL_TRACES_SAMPLER names, and its ratio (OTEL_TRACES_SAMPLER_ARG) when it takes one."""
+    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name not in OTEL_SAMPLERS:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER: unsupported sampler {name!r} (use one of {OTEL_SAMPLERS})")
+    ratio = 1.0
+    if name.endswith("traceidratio"):
+        try:
+            ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: a ratio from 0 to 1, got {env['OTEL_TRACES_SAMPLER_ARG']!r}")
+    return name, ratio
+
+
+def _otel_true(value: str | None) -> bool:
+    return (value or "").strip().lower() == "true"

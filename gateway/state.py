@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from gateway.config import Settings
-    from gateway.edge.auth import Authenticator, Principal
+    from gateway.edge.auth import Authenticator
     from gateway.edge.stream_tokens import StreamTokens
     from gateway.fleet.follow import RemoteStreams
     from gateway.fleet.instance import Instance
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from gateway.store.db import Database
     from gateway.store.failures import Quarantine
     from gateway.store.usage import UsageRecord
+    from gateway.vocabulary import Principal
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 DB: web.AppKey[Database] = web.AppKey("db")

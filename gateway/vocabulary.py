@@ -1,4 +1,5 @@
-"""The gateway's closed sets of values, as types: one definition each, used by code and SQL alike.
+"""The gateway's closed sets of values, as types: one definition each, used by code and SQL alike;
+and `Principal`, who is calling: a value the edge makes and every layer below it reads.
 
 `StrEnum` members are `str`s: they compare equal to the text stored in PostgreSQL and written to
 JSON, so a row's `status` can be checked with `MessageStatus.COMPLETE` and an enum can be passed
@@ -7,7 +8,16 @@ to asyncpg or orjson unchanged.
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import KW_ONLY, dataclass, field
+from datetime import datetime
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from gateway.errors import Forbidden
+
+if TYPE_CHECKING:
+    from gateway.store.keys import Ancestor
 
 
 class MessageStatus(StrEnum):
@@ -50,3 +60,26 @@ class Slot(StrEnum):
 
     A = "a"
     B = "b"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, once authenticated (gateway/edge/auth.py): the user, the key and its scopes and limits."""
+
+    user_id: uuid.UUID
+    email: str | None
+    api_key_id: uuid.UUID | None
+    scopes: frozenset[str]
+    limits: dict[str, Any] | None = None  # the key's own limits, if it carries any
+    # when the credential stops working: a key's expiry (a key cannot mint one that outlives it),
+    # or a JWT's `exp` plus the leeway; an open WebSocket is closed then
+    expires_at: datetime | None = None
+    # the API key's SHA-256, how revocations name it (not a secret, but no use in a log line either)
+    key_hash: bytes | None = field(default=None, repr=False, compare=False)
+    _: KW_ONLY  # fields below by name only
+    # the keys above this one in its tree, parent first: their limits bound it (see api/native/keys.py)
+    ancestors: tuple[Ancestor, ...] = ()
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes and "admin" not in self.scopes:
+            raise Forbidden(f"this credential lacks the {scope!r} scope")

@@ -17,7 +17,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import KW_ONLY, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,35 +25,15 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.edge.jwt_auth import JwtVerifier
-from gateway.errors import CredentialRevoked, Forbidden, Unauthorized
+from gateway.errors import CredentialRevoked, Unauthorized
 from gateway.observability.metrics import Metrics
 from gateway.store import keys as key_store
 from gateway.store.background import BatchWriter
+from gateway.vocabulary import Principal as Principal  # who is calling: a value every layer reads
 
 log = logging.getLogger(__name__)
 
 JWT_SCOPES = frozenset({"chat", "arena"})
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    user_id: uuid.UUID
-    email: str | None
-    api_key_id: uuid.UUID | None
-    scopes: frozenset[str]
-    limits: dict[str, Any] | None = None  # the key's own limits, if it carries any
-    # when the credential stops working: a key's expiry (a key cannot mint one that outlives it),
-    # or a JWT's `exp` plus the leeway; an open WebSocket is closed then
-    expires_at: datetime | None = None
-    # the API key's SHA-256, how revocations name it (not a secret, but no use in a log line either)
-    key_hash: bytes | None = field(default=None, repr=False, compare=False)
-    _: KW_ONLY  # fields below by name only
-    # the keys above this one in its tree, parent first: their limits bound it (see api/native/keys.py)
-    ancestors: tuple[key_store.Ancestor, ...] = ()
-
-    def require(self, scope: str) -> None:
-        if scope not in self.scopes and "admin" not in self.scopes:
-            raise Forbidden(f"this credential lacks the {scope!r} scope")
 
 
 class Authenticator:

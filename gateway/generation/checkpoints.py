@@ -13,14 +13,21 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Protocol
 
 from gateway.store.failures import Failure, classify
 from gateway.store.messages import Checkpoint
 
-if TYPE_CHECKING:
-    from gateway.generation.task import Generation
+
+class Live(Protocol):
+    """A live reply as the checkpointer reads it (the generation task is one)."""
+
+    @property
+    def parts(self) -> Sequence[str]: ...
+
+    @property
+    def finished(self) -> bool: ...
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +35,7 @@ Write = Callable[[list[Checkpoint]], Awaitable[int]]
 
 
 class Checkpointer:
-    def __init__(self, live: Mapping[uuid.UUID, Generation], write: Write, *, interval_s: float = 2.0,
+    def __init__(self, live: Mapping[uuid.UUID, Live], write: Write, *, interval_s: float = 2.0,
                  max_chunks: int = 256) -> None:
         self._live = live
         self._write = write

@@ -10,7 +10,7 @@ from dataclasses import fields
 from typing import Any
 
 from gateway.generation.events import Event, EventMaker, done_json, metadata_json, usage_json
-from gateway.providers.chain import Attempt
+from gateway.providers.base import Attempt
 
 
 def replay_events(message: dict[str, Any], after: int = -1) -> list[Event]:

@@ -82,35 +82,6 @@ class Metrics:
         """Call `read` at every scrape and export what it returns (generations, circuits, queues, pool)."""
         self.registry.register(AppCollector(read))
 
-    def watch(self, app: web.Application) -> None:
-        """Read the app's levels at every scrape, from its services as they are then (they may start
-        after this call)."""
-        from gateway.state import ACTIVITY, DB, GENERATIONS, LAST_USED, MODELS, QUARANTINE, USAGE
-
-        def read() -> Levels:
-            levels = Levels()
-            generations = app.get(GENERATIONS)
-            if generations is not None:
-                levels.live_generations = len(generations.live)
-            models = app.get(MODELS)
-            if models is not None:
-                levels.circuits = {name: models.circuits.state(name) for name in models.models}
-            for key in (USAGE, ACTIVITY, LAST_USED):
-                writer = app.get(key)
-                if writer is not None:
-                    levels.queues.append(QueueLevels(name=writer.name, depth=writer.depth, dropped=writer.dropped,
-                                                     written=writer.written))
-            quarantine = app.get(QUARANTINE)
-            if quarantine is not None:
-                levels.quarantined = dict(quarantine.counts)
-            db = app.get(DB)
-            if db is not None:
-                pool = db.pool
-                levels.pool = PoolLevels(size=pool.get_size(), idle=pool.get_idle_size(), max=pool.get_max_size())
-            return levels
-
-        self.watch_levels(read)
-
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method if method in _METHODS else "OTHER", status)
         series = self._request_series.get(key)
@@ -254,13 +225,13 @@ def route_of(request: web.BaseRequest) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def observe(metrics: Metrics) -> Middleware:
-    """The outermost middleware: starts the request's Timings, counts it and its latency by route."""
-    from gateway.state import TIMINGS
+def observe(metrics: Metrics, key: web.RequestKey[Timings]) -> Middleware:
+    """The outermost middleware: starts the request's Timings (kept under `key`), counts it and its
+    latency by route."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        timings = request[TIMINGS] = Timings()
+        timings = request[key] = Timings()
         status = 500
         try:
             response = await handler(request)
@@ -283,12 +254,13 @@ def observe(metrics: Metrics) -> Middleware:
     return middleware
 
 
-def on_prepare(metrics: Metrics) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """A response-prepare signal: notes the status sent and counts open SSE streams."""
-    from gateway.state import TIMINGS
+def on_prepare(metrics: Metrics, key: web.RequestKey[Timings]) -> Callable[[web.Request, web.StreamResponse],
+                                                                          Awaitable[None]]:
+    """A response-prepare signal: notes the status sent (on the request's Timings under `key`) and
+    counts open SSE streams."""
 
     async def signal(request: web.Request, response: web.StreamResponse) -> None:
-        timings = request.get(TIMINGS)
+        timings = request.get(key)
         if timings is None:
             return
         timings.status = response.status

@@ -30,21 +30,19 @@ own metrics registry.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gateway.errors import ConfigError
+from gateway.config import exporters_asked, otel_sampling
 from gateway.observability.metrics import route_of
-from gateway.state import TRACE_ID
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -52,22 +50,15 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
     from gateway.config import ModelConfig
-    from gateway.providers.base import ChainObserver, ChatRequest
-    from gateway.providers.chain import Chain
-    from gateway.store.usage import UsageRecord
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-EXPORTERS = ("otlp", "console", "none")
-SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
-            "parentbased_traceidratio")
 SERVICE_NAME = "chat-gateway"  # when OTEL_SERVICE_NAME is not set
 CAPTURE_CONTENT = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 # probes and scrapes: a span every few seconds that says nothing
 UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-INSTALL_HINT = "pip install 'chat-gateway[otel]'"
 
 
 class _NoSpan:
@@ -103,6 +94,45 @@ class _Current:
 _CURRENT: ContextVar[_Current | None] = ContextVar("gateway_trace", default=None)
 
 
+# -- what a `chat` span reads of the reply it traces (the provider chain and its request fit these) --
+
+class AttemptView(Protocol):
+    @property
+    def outcome(self) -> str: ...
+
+
+class ChainView(Protocol):
+    """The fallback chain as a `chat` span sees it: the models planned, the one used, the attempts."""
+
+    @property
+    def models(self) -> Sequence[ModelConfig]: ...
+
+    @property
+    def used(self) -> ModelConfig: ...
+
+    @property
+    def attempts(self) -> Sequence[AttemptView]: ...
+
+    @property
+    def fallback_from(self) -> str | None: ...
+
+
+class RequestView(Protocol):
+    """The request's sampling parameters and messages, as a `chat` span notes them."""
+
+    @property
+    def messages(self) -> Sequence[Mapping[str, Any]]: ...
+
+    @property
+    def max_tokens(self) -> int | None: ...
+
+    @property
+    def temperature(self) -> float | None: ...
+
+    @property
+    def top_p(self) -> float | None: ...
+
+
 # -- hooks for the rest of the gateway (each a context-variable read when tracing is off) -------------
 
 def span(name: str) -> _Child | _NoSpan:
@@ -113,7 +143,7 @@ def span(name: str) -> _Child | _NoSpan:
     return _Child(current, name)
 
 
-def start_chat(chain: Chain, request: ChatRequest) -> None:
+def start_chat(chain: ChainView, request: RequestView) -> None:
     """Open the reply's `chat` span (GenAI conventions), current until `end_chat` in the same task."""
     current = _CURRENT.get()
     if current is None:
@@ -160,6 +190,22 @@ def attempt_ended(model: ModelConfig, outcome: str) -> None:
     _end_attempt(current.tracing, attempt, outcome)
 
 
+def first_chunk(seconds: float) -> None:
+    """The open attempt delivered its first event `seconds` after it started."""
+    current = _CURRENT.get()
+    if current is not None and current.attempt is not None:
+        current.attempt.add_event("gen_ai.first_chunk", {"gateway.seconds": round(seconds, 6)})
+
+
+def usage(input_tokens: int, output_tokens: int, *, estimated: bool, cost_usd: float | None) -> None:
+    """The reply's usage, on its `chat` span."""
+    current = _CURRENT.get()
+    if current is not None and current.chat is not None:
+        current.chat.span.set_attributes({
+            "gen_ai.usage.input_tokens": input_tokens, "gen_ai.usage.output_tokens": output_tokens,
+            "gateway.usage.estimated": estimated, "gateway.cost_usd": cost_usd})
+
+
 def upstream_headers(headers: dict[str, str]) -> dict[str, str]:
     """`headers` for an upstream call, with the W3C `traceparent` of the current attempt when traced
     (the same dict, untouched, when not)."""
@@ -174,7 +220,7 @@ def upstream_headers(headers: dict[str, str]) -> dict[str, str]:
 # -- the app's tracing ------------------------------------------------------------------------
 
 class Tracing:
-    """One app's tracer: its own provider and exporter, the request middleware, the observer."""
+    """One app's tracer: its own provider and exporter, and the request middleware."""
 
     def __init__(self, provider: TracerProvider, *, capture_content: bool = False) -> None:
         from opentelemetry.trace import SpanKind, StatusCode, set_span_in_context
@@ -200,7 +246,7 @@ class Tracing:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        sampler_name, ratio = _sampling(env)
+        sampler_name, ratio = otel_sampling(env)
         provider = TracerProvider(
             sampler=_sampler(sampler_name, ratio),
             resource=Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or SERVICE_NAME}))
@@ -219,8 +265,9 @@ class Tracing:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         return cls(provider, capture_content=capture_content)
 
-    def middleware(self) -> Middleware:
-        """A SERVER span per request (probes and scrapes excepted), current while it is handled."""
+    def middleware(self, trace_id: web.RequestKey[str]) -> Middleware:
+        """A SERVER span per request (probes and scrapes excepted), current while it is handled; a
+        sampled one's trace id is set on the request under `trace_id` (for the access line)."""
         tracer, extract, server = self.tracer, self.propagator.extract, self.server
 
         @web.middleware
@@ -233,7 +280,7 @@ class Tracing:
                                                  "url.path": request.path})
             context = root.get_span_context()
             if context.trace_flags.sampled:  # the access line names only a trace that is exported
-                request[TRACE_ID] = format(context.trace_id, "032x")
+                request[trace_id] = format(context.trace_id, "032x")
             token = _CURRENT.set(_Current(self, root))
             status = 500
             try:
@@ -258,41 +305,9 @@ class Tracing:
 
         return middleware
 
-    def observer(self, inner: ChainObserver) -> ChainObserver:
-        """`inner` (the metrics), and the reply's first token and usage on its spans."""
-        return TracingObserver(inner)
-
     async def close(self) -> None:
         """Export what is still queued (the SDK's shutdown blocks: it runs off the event loop)."""
         await asyncio.to_thread(self.provider.shutdown)
-
-
-class TracingObserver:
-    """A `ChainObserver` that reports to `inner` and notes on the current spans what the chain says."""
-
-    def __init__(self, inner: ChainObserver) -> None:
-        self.inner = inner
-
-    def upstream_call(self, overhead_s: float) -> None:
-        self.inner.upstream_call(overhead_s)
-
-    def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
-        self.inner.attempt_answered(model, seconds, planned)
-        current = _CURRENT.get()
-        if current is not None and current.attempt is not None:
-            current.attempt.add_event("gen_ai.first_chunk", {"gateway.seconds": round(seconds, 6)})
-
-    def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:
-        self.inner.reply_streamed(model, batches, seconds)
-
-    def usage(self, record: UsageRecord) -> None:
-        self.inner.usage(record)
-        current = _CURRENT.get()
-        if current is not None and current.chat is not None:
-            current.chat.span.set_attributes({
-                "gen_ai.usage.input_tokens": record.prompt_tokens,
-                "gen_ai.usage.output_tokens": record.completion_tokens,
-                "gateway.usage.estimated": record.estimated, "gateway.cost_usd": record.cost_usd})
 
 
 # -- spans ------------------------------------------------------------------------------------
@@ -324,7 +339,7 @@ class _Chat:
 
     __slots__ = ("span", "parent", "chain", "request", "started")
 
-    def __init__(self, parent: _Current, chain: Chain, request: ChatRequest) -> None:
+    def __init__(self, parent: _Current, chain: ChainView, request: RequestView) -> None:
         planned = chain.models[0]
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "chat", "gen_ai.provider.name": planned.provider,
@@ -385,55 +400,6 @@ def _end_attempt(tracing: Tracing, attempt: Span, outcome: str) -> None:
         attempt.set_attribute("error.type", outcome)
         attempt.set_status(tracing.error, outcome)
     attempt.end()
-
-
-def exporters_asked(env: Mapping[str, str]) -> list[str]:
-    """The exporters the OTEL_* variables in `env` ask for: none means tracing is off. A value the
-    gateway cannot honour (or a missing package) fails here, naming its variable; Settings.from_env
-    calls this, so it fails at start like every other setting."""
-    exporters = [e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()]
-    bad = [e for e in exporters if e not in EXPORTERS]
-    if bad:
-        raise ConfigError(f"OTEL_TRACES_EXPORTER: unsupported exporter(s) {bad!r} (use otlp, console or none)")
-    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    if not exporters and endpoint:
-        exporters = ["otlp"]  # an endpoint alone means "send them there", as the SDK's default exporter is otlp
-    exporters = [e for e in exporters if e != "none"]
-    if _true(env.get("OTEL_SDK_DISABLED")) or not exporters:
-        return []
-    _sampling(env)
-    if not _installed("opentelemetry.sdk.trace"):
-        raise ConfigError(f"OTEL_TRACES_EXPORTER: tracing needs the OpenTelemetry SDK ({INSTALL_HINT})")
-    if "otlp" in exporters:
-        protocol = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-                    or "http/protobuf").strip().lower()
-        if protocol != "http/protobuf":
-            raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: only http/protobuf is supported, got {protocol!r}")
-        if not _installed("opentelemetry.exporter.otlp.proto.http.trace_exporter"):
-            raise ConfigError(f"OTEL_TRACES_EXPORTER=otlp needs the OTLP exporter ({INSTALL_HINT})")
-    return exporters
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # a parent package is missing (or blocked)
-        return False
-
-
-def _sampling(env: Mapping[str, str]) -> tuple[str, float]:
-    name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    if name not in SAMPLERS:
-        raise ConfigError(f"OTEL_TRACES_SAMPLER: unsupported sampler {name!r} (use one of {SAMPLERS})")
-    ratio = 1.0
-    if name.endswith("traceidratio"):
-        try:
-            ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
-        except ValueError:
-            ratio = -1.0
-        if not 0.0 <= ratio <= 1.0:
-            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: a ratio from 0 to 1, got {env['OTEL_TRACES_SAMPLER_ARG']!r}")
-    return name, ratio
 
 
 def _epoch_ns(monotonic_s: float) -> int:

@@ -44,12 +44,11 @@ from typing import Any
 import asyncpg
 
 from gateway.config import LimitsConfig, ModelConfig
-from gateway.edge.auth import Principal
 from gateway.errors import Forbidden, TooManyRequests
 from gateway.policy.quota import CALM_S, Ask, QuotaLeases
 from gateway.store import limits as store
 from gateway.store.limits import Limit, LimitReached
-from gateway.vocabulary import PolicyAction
+from gateway.vocabulary import PolicyAction, Principal
 
 log = logging.getLogger(__name__)
 

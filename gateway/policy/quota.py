@@ -37,14 +37,31 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import asyncpg
 
 from gateway.store import limits as store
 
-if TYPE_CHECKING:
-    from gateway.policy.admission import Limits
+
+class Limits(Protocol):
+    """The caps a slice is bounded by (admission's `Limits` is one): the user's from config, and the
+    key's and its ancestors' counted in the database."""
+
+    @property
+    def user_rpm(self) -> int | None: ...
+
+    @property
+    def user_daily(self) -> int | None: ...
+
+    @property
+    def user_cost(self) -> float | None: ...
+
+    @property
+    def user_streams(self) -> int | None: ...
+
+    @property
+    def key_chain(self) -> tuple[store.KeyCap, ...]: ...
 
 log = logging.getLogger(__name__)
 

@@ -90,6 +90,22 @@ class Provider(Protocol):
     def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]: ...
 
 
+@dataclass(slots=True)
+class Attempt:
+    model: str
+    provider: str
+    outcome: str  # ok | circuit_open | cooldown | cancelled | the ProviderError kind
+    ms: int
+    status: int | None = None  # the upstream's HTTP status, when it answered with an error
+
+    def as_json(self) -> dict[str, object]:
+        attempt: dict[str, object] = {"model": self.model, "provider": self.provider, "outcome": self.outcome,
+                                      "ms": self.ms}
+        if self.status is not None:
+            attempt["status"] = self.status
+        return attempt
+
+
 class ChainObserver(Protocol):
     """What a chain reports while it runs one reply, and the reply's usage once it is settled.
 

@@ -19,8 +19,9 @@ its max_tokens, and the reply is cut there and ends with finish reason "length" 
 for it stops at the bound: normalise.charged).
 
 What happens is reported to the chain's `observer` (a `ChainObserver`: the app's `Metrics`, or
-nothing): the gateway's own time before the first upstream call (measured from `started`, the
-request's arrival on the `time.monotonic()` clock), each answering attempt, each streamed reply.
+nothing, or a `TracingObserver` around the metrics when the app traces): the gateway's own time
+before the first upstream call (measured from `started`, the request's arrival on the
+`time.monotonic()` clock), each answering attempt, each streamed reply.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from gateway.config import ModelConfig
 from gateway.observability import tracing
 from gateway.providers.base import (
     CHARS_PER_TOKEN,
     NO_OBSERVER,
+    Attempt,
     Batch,
     ChainObserver,
     ChatRequest,
@@ -47,6 +50,9 @@ from gateway.providers.base import (
 )
 from gateway.providers.deadlines import Timeout
 from gateway.providers.registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from gateway.store.usage import UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -90,22 +96,6 @@ def call_text(call: dict[str, object]) -> str:
     if not isinstance(function, dict):
         return ""
     return f"{function.get('name') or ''}{function.get('arguments') or ''}"
-
-
-@dataclass(slots=True)
-class Attempt:
-    model: str
-    provider: str
-    outcome: str  # ok | circuit_open | cooldown | cancelled | the ProviderError kind
-    ms: int
-    status: int | None = None  # the upstream's HTTP status, when it answered with an error
-
-    def as_json(self) -> dict[str, object]:
-        attempt: dict[str, object] = {"model": self.model, "provider": self.provider, "outcome": self.outcome,
-                                      "ms": self.ms}
-        if self.status is not None:
-            attempt["status"] = self.status
-        return attempt
 
 
 @dataclass(slots=True)  # no attribute dict: a held stream keeps its chain
@@ -233,3 +223,28 @@ class Chain:
         self._last = model
         self.attempts.append(Attempt(model.name, model.provider, outcome, round((time.monotonic() - started) * 1000),
                                      status))
+
+
+class TracingObserver:
+    """A `ChainObserver` that reports to `inner` (the metrics) and notes on the current spans what the
+    chain says: an attempt's first chunk, the reply's usage (each a no-op for an untraced reply)."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: ChainObserver) -> None:
+        self.inner = inner
+
+    def upstream_call(self, overhead_s: float) -> None:
+        self.inner.upstream_call(overhead_s)
+
+    def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
+        self.inner.attempt_answered(model, seconds, planned)
+        tracing.first_chunk(seconds)
+
+    def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:
+        self.inner.reply_streamed(model, batches, seconds)
+
+    def usage(self, record: UsageRecord) -> None:
+        self.inner.usage(record)
+        tracing.usage(record.prompt_tokens, record.completion_tokens, estimated=record.estimated,
+                      cost_usd=record.cost_usd)

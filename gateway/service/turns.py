@@ -30,7 +30,6 @@ from typing import Any, Literal
 import asyncpg
 
 from gateway.config import Settings
-from gateway.edge.auth import Principal
 from gateway.edge.stream_tokens import StreamTokens
 from gateway.errors import Conflict, Forbidden, NotFound, ServiceUnavailable, TooManyRequests
 from gateway.fleet.follow import RemoteStreams
@@ -48,7 +47,7 @@ from gateway.store import arena as arena_store
 from gateway.store import messages as message_store
 from gateway.store.background import GroupCommit
 from gateway.store.usage import UsageRecord
-from gateway.vocabulary import LIVE_STATUSES, MessageStatus, PolicyAction, Slot
+from gateway.vocabulary import LIVE_STATUSES, MessageStatus, PolicyAction, Principal, Slot
 
 log = logging.getLogger(__name__)
 
