@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from gateway.edge.held import _Queue
+from gateway.compat import _Queue
 from gateway.state import RESPONSE
 
 from .conftest import User

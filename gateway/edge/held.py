@@ -12,35 +12,16 @@ nothing reads any more:
 - two empty queues with a 0.7 KB first block each (a `deque` always allocates one): the
   connection's queue of pipelined requests and the request body's buffer, read to its end by
   then. Each becomes a `_Queue`, a list with the two deque methods aiohttp calls on it. These
-  are aiohttp's private attributes: each is replaced only while it is exactly an empty deque, so
-  an aiohttp that changes them costs memory again, never correctness.
+  are aiohttp's private attributes (gateway/compat.py, where tests/test_compat.py pins them):
+  each is replaced only while it is exactly an empty deque, so an aiohttp that changes them
+  costs memory again, never correctness.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Any
-
 from aiohttp import web
 
-
-class _Queue(list[Any]):
-    """A FIFO as a list: 56 bytes empty where a deque is ~760. The queues it stands in for hold
-    at most a few items (pipelined requests; a body's chunks), so pop(0) costs nothing."""
-
-    __slots__ = ()
-
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-    def appendleft(self, item: Any) -> None:
-        self.insert(0, item)
-
-
-def _lighter(owner: object, name: str) -> None:
-    queue = getattr(owner, name, None)
-    if type(queue) is deque and not queue:
-        setattr(owner, name, _Queue())
+from gateway.compat import lighten_request_queues
 
 
 def hold_open(request: web.Request, response: web.StreamResponse) -> None:
@@ -50,7 +31,4 @@ def hold_open(request: web.Request, response: web.StreamResponse) -> None:
     protocol = request.protocol
     if protocol is not None:
         protocol.keep_alive(True)  # cancels the idle timer; the response's end sets the mode again
-        _lighter(protocol, "_messages")
-    payload = request.content
-    if payload.at_eof():  # the body was read: nothing is ever added to its buffer again
-        _lighter(payload, "_buffer")
+    lighten_request_queues(request)

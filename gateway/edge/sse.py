@@ -30,6 +30,7 @@ import re
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
+from gateway.compat import forget_ping_task, ping_task
 from gateway.edge.held import hold_open
 from gateway.errors import BadRequest
 
@@ -82,14 +83,13 @@ class NativeStream(EventSourceResponse):
         holds the task: a reference cycle per stream, that only the cyclic garbage collector frees,
         ~1,000 streams' worth at a time (7-9 ms pauses of the whole loop, measured at c=1 with
         `gc.callbacks`). Without the response's reference the task is freed as soon as it ends."""
-        task = self._ping_task
+        task = ping_task(self)
         super().stop_streaming()
         if task is not None:
             task.add_done_callback(self._forget_ping)
 
     def _forget_ping(self, task: asyncio.Task[None]) -> None:
-        if self._ping_task is task:
-            self._ping_task = None
+        forget_ping_task(self, task)
 
 
 async def open_stream(request: web.Request, ping_s: float, retry_ms: int) -> EventSourceResponse:

@@ -40,7 +40,15 @@ from typing import Any
 
 import asyncpg
 import orjson
-from asyncpg.exceptions import _base as asyncpg_base
+from asyncpg.exceptions import (
+    ClientConfigurationError,
+    InternalClientError,
+    OutdatedSchemaCacheError,
+    UnsupportedClientFeatureError,
+    UnsupportedServerFeatureError,
+)
+
+from gateway.compat import ASYNCPG_CLIENT_DATA_ERROR, ASYNCPG_CONNECTING_MODULE
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +80,6 @@ _CONNECT_STATES = frozenset({
     "3D000",  # invalid catalog name: the database does not exist (dropped or renamed)
 })
 _CONNECT_CLASSES = frozenset({"28"})  # invalid authorization specification: role, password, pg_hba
-_CONNECTING = "asyncpg.connect_utils"  # the module asyncpg opens every connection in
 
 # the network, not the data: these errnos come from sockets
 _NETWORK_ERRNOS = frozenset({
@@ -82,8 +89,8 @@ _NETWORK_ERRNOS = frozenset({
 })
 
 # asyncpg's client-side errors that a retry cannot fix (a value it cannot encode, a bad setting)
-_CLIENT_PERMANENT = (asyncpg_base.DataError, asyncpg_base.ClientConfigurationError,
-                     asyncpg_base.UnsupportedClientFeatureError, asyncpg_base.UnsupportedServerFeatureError)
+_CLIENT_PERMANENT = (ASYNCPG_CLIENT_DATA_ERROR, ClientConfigurationError, UnsupportedClientFeatureError,
+                     UnsupportedServerFeatureError)
 
 
 def classify(exc: BaseException) -> Failure:
@@ -100,9 +107,9 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, asyncpg.InterfaceError):
         # the rest are about the connection: "pool is closed", "connection is closed", ...
         return Failure.PERMANENT if isinstance(exc, _CLIENT_PERMANENT) else Failure.TRANSIENT
-    if isinstance(exc, asyncpg_base.OutdatedSchemaCacheError):
+    if isinstance(exc, OutdatedSchemaCacheError):
         return Failure.TRANSIENT  # asyncpg resets the cache: the retry is prepared afresh
-    if isinstance(exc, asyncpg_base.InternalClientError):
+    if isinstance(exc, InternalClientError):
         # asyncpg's protocol lost track of the connection's state: in practice a server message on
         # an idle pooled connection (the FATAL of a terminated session) leaves it "in progress",
         # and the next query on it raises this. A new connection starts clean
@@ -124,7 +131,7 @@ def from_driver(exc: BaseException) -> bool:
     # a timeout around a query (asyncio.wait_for) is raised outside asyncpg, from the cancellation
     # that was inside it: follow the chain a few links
     while cause is not None and seen < 4:
-        if isinstance(cause, (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg_base.InternalClientError)):
+        if isinstance(cause, (asyncpg.PostgresError, asyncpg.InterfaceError, InternalClientError)):
             return True
         if any(frame.f_globals.get("__name__", "").startswith("asyncpg")
                for frame, _ in traceback.walk_tb(cause.__traceback__)):
@@ -136,7 +143,8 @@ def from_driver(exc: BaseException) -> bool:
 def while_connecting(exc: BaseException) -> bool:
     """Whether `exc` was raised while asyncpg opened a connection (a pool's acquire included), not
     by a statement on an open one."""
-    return any(frame.f_globals.get("__name__") == _CONNECTING for frame, _ in traceback.walk_tb(exc.__traceback__))
+    return any(frame.f_globals.get("__name__") == ASYNCPG_CONNECTING_MODULE
+               for frame, _ in traceback.walk_tb(exc.__traceback__))
 
 
 def database_unavailable(exc: BaseException) -> bool:
