@@ -39,6 +39,14 @@ class MessageStatus(StrEnum):
 LIVE_STATUSES = frozenset({MessageStatus.PENDING, MessageStatus.STREAMING})
 
 
+class CircuitState(StrEnum):
+    """A model's circuit breaker (gateway/providers/circuit.py), as /metrics labels it."""
+
+    CLOSED = "closed"
+    HALF_OPEN = "half_open"  # open, but the cool-down has passed: one probe may go
+    OPEN = "open"
+
+
 class Winner(StrEnum):
     """An arena vote."""
 

@@ -28,7 +28,7 @@ from gateway.generation.journal import record_from_json
 from gateway.providers.demo import demo_reply
 from gateway.store.db import create_pool, migrate, start_embedded, stop_embedded
 from gateway.store.keys import create_user_with_key
-from gateway.store.messages import finish_assistant
+from gateway.store.messages import finish_many
 
 from .conftest import MakeClient, User, wait_for
 from .fakes import parse_sse
@@ -271,7 +271,7 @@ async def check_replayed_once(pg: PrivatePostgres, journaled: Journaled, data_di
         assert journaled.body == wire(complete_frames(saved, TEXTS))
         assert list((data_dir / "journal").glob("finish-*.jsonl")) == []
         # the same line replayed again changes nothing
-        assert await finish_assistant(pool, record_from_json(journaled.line)) == (0, 0)
+        assert await finish_many(pool, [record_from_json(journaled.line)]) == (0, 0)
         assert await accounting(pool, user) == expected
     finally:
         await pool.close()

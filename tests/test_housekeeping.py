@@ -192,3 +192,67 @@ async def abandon_and_check(client: Any, user: User, caplog: pytest.LogCaptureFi
     done = next(r for r in caplog.records if getattr(r, "request_id", None) == "finished-1")
     assert (done.status, getattr(done, "client_closed", False)) == (200, False)
     assert "client_closed" not in done.getMessage()
+
+
+# -- dead code, circuit states, redaction of late loggers (issue 22 item 6) -------------------------
+
+
+def test_dead_code_and_write_only_counters_are_gone():
+    import dataclasses
+
+    from gateway.fleet import publisher
+    from gateway.policy import quota
+    from gateway.providers import openai as openai_provider
+    from gateway.store import arena, limits, messages
+
+    gone = [(module.__name__, name) for module, name in (
+        (arena, "battles"), (openai_provider, "client_timeout"), (limits, "user_day_committed"),
+        (messages, "finish_assistant")) if hasattr(module, name)]
+    assert gone == []
+    # what admission did, each read by a test that asserts a behaviour with it; nothing only written
+    assert [f.name for f in dataclasses.fields(quota.Stats)] == ["exact", "from_slice", "leases"]
+    assert "flushes" not in publisher.StreamPublisher.__init__.__code__.co_names
+
+
+def test_a_circuit_s_state_is_an_enum_member_through_its_whole_cycle():
+    from gateway.observability import metrics
+    from gateway.providers.circuit import CircuitBreakers
+    from gateway.vocabulary import CircuitState
+
+    now = [0.0]
+    c = CircuitBreakers(failure_threshold=2, cooldown_s=10.0, clock=lambda: now[0])
+    seen = [c.state("m")]
+    c.failure("m")
+    c.failure("m")
+    seen.append(c.state("m"))
+    now[0] = 10.0
+    seen.append(c.state("m"))
+    assert c.allow("m") and not c.allow("m")  # the one probe
+    c.success("m")
+    seen.append(c.state("m"))
+    assert seen == [CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.CLOSED]
+    assert all(type(s) is CircuitState for s in seen)
+    assert tuple(CircuitState) == metrics._CIRCUIT_STATES == ("closed", "half_open", "open")  # the /metrics labels
+
+
+def test_a_logger_made_after_start_up_is_redacted_too():
+    from gateway.observability.logs import REDACTED, install_redaction
+
+    install_redaction()
+    install_redaction()  # idempotent: one filter, one logger class
+    late = logging.getLogger(f"gateway.late_{uuid.uuid4().hex}")  # a module imported after start-up
+    other = logging.getLogger(f"elsewhere_{uuid.uuid4().hex}")  # not ours: left to the root handler
+    got: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record)
+
+    for logger in (late, other):
+        logger.addHandler(Keep())
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        logger.warning("upstream said %s", "Authorization: Bearer gwk_abcdefghijkl")
+    assert [r.getMessage() for r in got] == [f"upstream said Authorization: {REDACTED}",
+                                             "upstream said Authorization: Bearer gwk_abcdefghijkl"]
+    assert len(late.filters) == 1

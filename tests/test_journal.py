@@ -20,7 +20,7 @@ from gateway.generation.durability import NOT_STORED, FinishWriter
 from gateway.generation.journal import FinishJournal, record_to_json
 from gateway.state import INSTANCE, QUARANTINE
 from gateway.store.failures import Quarantine
-from gateway.store.messages import FinishRecord, TurnRequest, finish_assistant, persist_turns
+from gateway.store.messages import FinishRecord, TurnRequest, finish_many, persist_turns
 from gateway.store.usage import UsageRecord
 
 from .conftest import User, wait_for
@@ -193,7 +193,7 @@ async def test_a_transient_failure_stops_replay_and_keeps_the_unsettled_lines(db
     async def database_goes_away(record: FinishRecord) -> None:
         if record.content == "r1":
             raise ConnectionRefusedError(errno.ECONNREFUSED, "database away")
-        await finish_assistant(db, record)
+        await finish_many(db, [record])
         applied.append(record.content)
 
     assert await journal.replay(database_goes_away) == 1
@@ -202,7 +202,7 @@ async def test_a_transient_failure_stops_replay_and_keeps_the_unsettled_lines(db
     assert applied == ["r0"] and quarantine.counts == {}
 
     async def database_back(record: FinishRecord) -> None:
-        await finish_assistant(db, record)
+        await finish_many(db, [record])
         applied.append(record.content)
 
     assert await journal.replay(database_back) == 2

@@ -20,7 +20,7 @@ from gateway.policy.admission import Admission, Policy
 from gateway.providers.demo import demo_reply
 from gateway.store import limits as store_limits
 from gateway.store.limits import SQLSTATES, KeyCap, Limit, LimitReached
-from gateway.store.messages import finish_assistant
+from gateway.store.messages import finish_many
 from gateway.vocabulary import PolicyAction
 
 from .conftest import wait_for
@@ -199,7 +199,7 @@ async def test_replayed_finish_changes_nothing(client, user, db):
                          "status": "complete", "content": "something else", "ttft_ms": 1, "latency_ms": 1,
                          "error": None, "metadata": {}})
     for _ in range(2):
-        assert await finish_assistant(db, record_from_json(line)) == (0, 0)
+        assert await finish_many(db, [record_from_json(line)]) == (0, 0)
     assert await day_row(db, user.id) == before
     saved = await db.fetchrow("SELECT content, prompt_tokens FROM messages WHERE id = $1::uuid", meta["message_id"])
     assert saved["content"] != "something else" and saved["prompt_tokens"] != 99

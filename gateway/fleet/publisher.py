@@ -41,7 +41,6 @@ class StreamPublisher:
         self._published: dict[uuid.UUID, int] = {}  # events in Redis per live reply; absent: ask Redis
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.flushes = 0
 
     def changed(self, generation: Generation) -> None:
         """The hook (per event batch of a generation): O(1), no I/O."""
@@ -93,7 +92,6 @@ class StreamPublisher:
             # nor of any other reply: a Redis that restarted has lost them all; each asks again
             self._published.clear()
             raise
-        self.flushes += 1
         self._link.worked()
 
     async def _publish(self, batch: dict[uuid.UUID, Generation]) -> None:

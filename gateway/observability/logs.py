@@ -7,8 +7,10 @@ JSON lines carry `ts`, `level`, `logger`, `message`, any fields the record was g
 Where redaction sits: a `logging.Filter` runs only for records made by the logger (or reaching the
 handler) it is attached to — a filter on `gateway` does not see `gateway.edge.auth`'s records. So it is
 attached twice over: to each logger that can carry request text (aiohttp's, asyncio's, every
-`gateway.*` one), so that ANY handler — ours, pytest's caplog, an embedding host's — gets the
-record already clean; and to our root handler, which catches every other library's records too.
+`gateway.*` one, also those made after start-up: `install_redaction` sets a logger class that
+attaches it as each is made), so that ANY handler — ours, pytest's caplog, an embedding host's —
+gets the record already clean; and to our root handler, which catches every other library's
+records too.
 """
 
 from __future__ import annotations
@@ -152,10 +154,31 @@ REDACTED_LOGGERS = ("aiohttp.access", "aiohttp.client", "aiohttp.internal", "aio
                     "aiohttp.websocket", "asyncio", "gateway")
 
 
+def _redacted(name: str) -> bool:
+    return name in REDACTED_LOGGERS or name.startswith("gateway.")
+
+
+class _RedactingLoggers:
+    """Marks the logger class `install_redaction` made: a logger of a redacted name gets the filter
+    as it is made, so one made after start-up (a module imported late) is covered too."""
+
+
 def install_redaction() -> None:
-    """Attach the redaction to aiohttp's and asyncio's loggers and to every `gateway.*` logger
-    (each module's, made when it was imported). Idempotent."""
-    ours = [name for name in logging.root.manager.loggerDict if name.startswith("gateway.")]
+    """Attach the redaction to aiohttp's and asyncio's loggers and to every `gateway.*` logger: those
+    that exist now (each module's, made when it was imported) and, through the logger class, every
+    one made later. Idempotent."""
+    manager = logging.root.manager
+    base = manager.loggerClass or logging.getLoggerClass()
+    if not issubclass(base, _RedactingLoggers):
+
+        class RedactingLogger(base, _RedactingLoggers):  # type: ignore[valid-type,misc]
+            def __init__(self, name: str, level: int | str = logging.NOTSET) -> None:
+                super().__init__(name, level)
+                if _redacted(name):
+                    self.addFilter(REDACT)
+
+        manager.setLoggerClass(RedactingLogger)
+    ours = [name for name in manager.loggerDict if name.startswith("gateway.")]
     for name in (*REDACTED_LOGGERS, *ours):
         logging.getLogger(name).addFilter(REDACT)
 

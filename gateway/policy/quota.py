@@ -154,8 +154,7 @@ class Stats:
 
     exact: int = 0
     from_slice: int = 0
-    leases: int = 0
-    returns: int = 0
+    leases: int = 0  # slices leased from the database
 
 
 class QuotaLeases:
@@ -305,7 +304,6 @@ class QuotaLeases:
             await asyncio.gather(s.renewing, return_exceptions=True)  # its grant goes back too
         tokens, cost, requests, streams = s.tokens, s.cost, s.requests or 0, list(s.streams)
         s.tokens, s.cost, s.requests, s.streams = 0, 0.0, 0, []
-        self.stats.returns += 1
         try:
             await store.return_quota(self._pool, lease=s.id, tokens=tokens, cost=cost, window=s.ask.window,
                                      subjects=s.ask.subjects, requests=requests, streams=streams)

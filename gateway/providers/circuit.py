@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.vocabulary import CircuitState
+
 
 @dataclass(slots=True)
 class _State:
@@ -33,21 +35,22 @@ class CircuitBreakers:
         self._states: dict[str, _State] = {}
         self._cool_until: dict[str, float] = {}
 
-    def state(self, model: str) -> str:
-        """closed | open | half_open (open, but the cool-down has passed: a probe may go)."""
+    def state(self, model: str) -> CircuitState:
+        """Closed, open, or half-open (open, but the cool-down has passed: a probe may go)."""
         s = self._states.get(model)
         if s is None or s.opened_at is None:
-            return "closed"
+            return CircuitState.CLOSED
         if self._clock() - s.opened_at >= self.cooldown_s:
-            return "half_open"
-        return "open"
+            return CircuitState.HALF_OPEN
+        return CircuitState.OPEN
 
     def available(self, model: str) -> bool:
         """Whether a request to this model could be let through now (without claiming the probe)."""
         s = self._states.get(model)
         if self.cooling(model):
             return False
-        return self.state(model) == "closed" or (self.state(model) == "half_open" and not (s and s.probing))
+        state = self.state(model)
+        return state is CircuitState.CLOSED or (state is CircuitState.HALF_OPEN and not (s and s.probing))
 
     def cooling(self, model: str) -> bool:
         until = self._cool_until.get(model)
@@ -68,9 +71,9 @@ class CircuitBreakers:
         if self.cooling(model):
             return False
         state = self.state(model)
-        if state == "closed":
+        if state is CircuitState.CLOSED:
             return True
-        if state == "open":
+        if state is CircuitState.OPEN:
             return False
         s = self._states[model]
         if s.probing:

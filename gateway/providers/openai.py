@@ -125,12 +125,6 @@ def transport_error(e: asyncio.TimeoutError | aiohttp.ClientError) -> ProviderEr
     return UpstreamConnectionError(f"upstream connection failed: {type(e).__name__}")
 
 
-def client_timeout(model: ModelConfig) -> aiohttp.ClientTimeout:
-    # sock_read bounds every read, the first one included, so it is the idle timeout between
-    # chunks; the chain bounds the first token and the whole attempt
-    return aiohttp.ClientTimeout(total=None, sock_connect=model.connect_timeout_s, sock_read=model.idle_timeout_s)
-
-
 def request_headers(config: ProviderConfig, own: dict[str, str]) -> dict[str, str]:
     """The adapter's own headers, then the provider's configured ones (which may replace them)."""
     return {**own, **{name: value.reveal() for name, value in config.headers.items()}}

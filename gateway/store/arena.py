@@ -168,19 +168,6 @@ async def vote(pool: asyncpg.Pool, user_id: uuid.UUID, comparison_id: uuid.UUID,
     return row
 
 
-async def battles(pool: asyncpg.Pool, include_named: bool) -> list[tuple[str, str, str]]:
-    """(model of slot a, model of slot b, winner) of every voted comparison, by the models that
-    actually answered (after any fallback); a battle of a model against itself says nothing."""
-    rows = await pool.fetch("""
-        SELECT ma.model AS a, mb.model AS b, c.winner
-        FROM comparisons c
-        JOIN messages ma ON ma.id = c.message_a
-        JOIN messages mb ON mb.id = c.message_b
-        WHERE c.winner IS NOT NULL AND ($1 OR c.anonymous)
-          AND ma.model IS NOT NULL AND mb.model IS NOT NULL AND ma.model <> mb.model""", include_named)
-    return [(r["a"], r["b"], r["winner"]) for r in rows]
-
-
 async def masked(pool: asyncpg.Pool, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The messages, with the anonymous arena replies whose comparison has no vote yet masked:
     nothing in them names the model. Costs a query only when such replies are present."""

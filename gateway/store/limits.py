@@ -141,13 +141,6 @@ async def user_day_committed_both(pool: asyncpg.Pool, user_id: uuid.UUID, day: d
     return (row["tokens"], row["cost"]) if row is not None else (0, 0.0)
 
 
-async def user_day_committed(pool: asyncpg.Pool, user_id: uuid.UUID, day: date) -> int:
-    """The user's tokens for `day`: spent plus reserved by replies still running."""
-    used: int | None = await pool.fetchval(
-        "SELECT tokens + reserved FROM daily_usage WHERE user_id = $1 AND day = $2", user_id, day)
-    return used or 0
-
-
 # The keys that hold a request's key reservation: its key and each ancestor with a daily cap (the
 # same rule as the settlement in store/usage.py). Locked leaf first, then released: the order
 # gateway_admit_chain locks them in, so a release never deadlocks with an admission. $3 is the

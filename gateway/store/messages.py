@@ -275,10 +275,6 @@ async def finish_many(pool: asyncpg.Pool, records: list[FinishRecord]) -> tuple[
     return row["messages"], row["usage"]
 
 
-async def finish_assistant(pool: asyncpg.Pool, record: FinishRecord) -> tuple[int, int]:
-    return await finish_many(pool, [record])
-
-
 async def get_message(pool: asyncpg.Pool, user_id: uuid.UUID, message_id: uuid.UUID) -> dict[str, Any]:
     row = await pool.fetchrow(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = $1 AND user_id = $2",
                               message_id, user_id)
