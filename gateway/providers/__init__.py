@@ -1,11 +1,11 @@
 """The provider adapters: a request in, normalised deltas, usage and typed errors out.
 
-    base.py          the adapters' interface, normalised events, the error tree, estimates
+    base.py          the adapters' interface, normalised events, attempts, the error tree, estimates
     openai.py        OpenAI-compatible chat completions (OpenAI, Groq, vLLM, Ollama, ...)
     anthropic.py     Anthropic Messages
     demo.py          the built-in deterministic demo provider
     embeddings.py    one embeddings call to a model's provider
-    chain.py         the fallback chain: each model in turn until one streams
+    chain.py         the fallback chain: each model in turn until one streams; its tracing observer
     circuit.py       a circuit breaker per model
     registry.py      the configured models and the adapters behind them
     http.py          the lean HTTP/1.1 client of the upstream calls
