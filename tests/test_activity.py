@@ -13,8 +13,7 @@ from aiohttp.test_utils import TestClient
 from gateway.state import ACTIVITY
 from gateway.store.activity import ActivityRecord, record_activity_many
 from gateway.store.background import BatchWriter
-
-from .conftest import MakeClient, User, wait_for
+from tests.support.common import MakeClient, User, wait_for
 
 COLUMNS = "action, method, path, status, ip, request_id, api_key_id"
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from aiohttp import web
 
 from gateway.config import Settings
 from gateway.providers.anthropic import AnthropicProvider
@@ -21,67 +19,8 @@ from gateway.providers.base import (
     UpstreamStreamError,
     UsageReport,
 )
-
-from .fakes import parse_sse, split_every
-
-
-def event(name: str, data: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def anthropic_stream(texts: list[str], input_tokens: int = 25, output_tokens: int = 15,
-                     stop: bool = True) -> bytes:
-    out = [event("message_start", {"type": "message_start", "message": {
-        "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude-x",
-        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
-        event("content_block_start", {"type": "content_block_start", "index": 0,
-                                      "content_block": {"type": "text", "text": ""}}),
-        event("ping", {"type": "ping"})]
-    for text in texts:
-        out.append(event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                 "delta": {"type": "text_delta", "text": text}}))
-    out.append(event("some_future_event", {"type": "some_future_event", "x": 1}))  # must be tolerated
-    out.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
-    out.append(event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
-                                                                          "stop_sequence": None},
-                                       "usage": {"output_tokens": output_tokens - 5}}))
-    # cumulative: a second message_delta replaces the count, it does not add to it
-    out.append(event("message_delta", {"type": "message_delta", "delta": {},
-                                       "usage": {"output_tokens": output_tokens}}))
-    if stop:
-        out.append(event("message_stop", {"type": "message_stop"}))
-    return b"".join(out)
-
-
-class FakeAnthropic:
-    def __init__(self) -> None:
-        self.body = anthropic_stream(["Hello", " world"])
-        self.piece = 0  # 0: one write; n: n-byte writes
-        self.status = 200
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.app = web.Application()
-        self.app.router.add_post("/v1/messages", self.messages)
-
-    async def messages(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(await request.json())
-        self.headers.append(dict(request.headers))
-        if self.status != 200:
-            return web.json_response({"type": "error", "error": {"type": "overloaded_error",
-                                                                 "message": "Overloaded"}}, status=self.status)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for piece in (split_every(self.body, self.piece) if self.piece else [self.body]):
-            await resp.write(piece)
-        await resp.write_eof()
-        return resp
-
-
-@pytest.fixture
-async def anthropic(aiohttp_server: Any) -> tuple[FakeAnthropic, Any]:
-    fake = FakeAnthropic()
-    server = await aiohttp_server(fake.app)
-    return fake, server
+from tests.support.fakes import parse_sse
+from tests.support.providers import anthropic_stream, event
 
 
 async def run(fake_server: Any, config_file: Any, request: ChatRequest) -> list[Any]:

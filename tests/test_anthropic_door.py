@@ -12,9 +12,8 @@ import pytest
 from gateway.providers.base import estimate_tokens
 from gateway.providers.demo import demo_reply
 from gateway.state import USAGE
-
-from .conftest import wait_for
-from .fakes import Reply, openai_chunk, openai_stream, parse_sse
+from tests.support.common import wait_for
+from tests.support.fakes import Reply, openai_chunk, openai_stream, parse_sse
 
 CHUNKS = 4
 PROMPT = "Tell me about rivers"

@@ -10,18 +10,16 @@ from typing import Any
 
 import orjson
 
-from .conftest import User
-from .fakes import FakeUpstream, Reply, openai_stream
-from .test_arena import (  # noqa: F401
+from tests.support.arena import (
     accept_arena,
     fake_pair_client,
     row,
-    split_frames,
     stream_arena,
-    upstream_b,
     vote,
     wait_comparison_finished,
 )
+from tests.support.common import User
+from tests.support.fakes import FakeUpstream, Reply, openai_stream
 
 NAMES = (b"alpha", b"up-alpha", b"pa")  # the failing slot's model, upstream id and provider
 
@@ -79,5 +77,5 @@ async def test_an_anonymous_slot_skipped_by_an_open_circuit_says_so_without_the_
 
 
 def _toml(upstream: FakeUpstream, upstream_b: FakeUpstream) -> str:
-    from .test_arena import two_upstreams_toml
+    from tests.support.arena import two_upstreams_toml
     return two_upstreams_toml(upstream.base_url, upstream_b.base_url)

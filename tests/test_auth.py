@@ -6,44 +6,26 @@ Token verification itself is covered in test_jwt.py; here the app is real and th
 from __future__ import annotations
 
 import logging
-import re
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-import jwt
 import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.config import Settings
+from tests.support.auth import JWT_ENV, KEY, token_for, user_row
+from tests.support.common import MakeClient, User
+from tests.support.database import fresh_database
+from tests.support.fakes import parse_sse
 
-from .conftest import MakeClient, User
-from .fakes import parse_sse
-from .test_db import fresh_database
-
-SECRET = "gateway-test-jwt-secret-with-more-than-32-bytes"
-ISSUER = "https://abcdefgh.supabase.co/auth/v1"
-JWT_ENV = {"JWT_SECRET": SECRET, "JWT_ISSUER": ISSUER}
-KEY = re.compile(r"gwk_[A-Za-z0-9_-]{43}")
 EMPTY_PAGE = {"threads": [], "next_cursor": None}
-
-
-def token_for(user_id: uuid.UUID, email: str = "ada@example.com") -> dict[str, str]:
-    claims = {"sub": str(user_id), "email": email, "aud": "authenticated", "iss": ISSUER,
-              "exp": int(time.time()) + 3600, "role": "authenticated"}
-    return {"Authorization": "Bearer " + jwt.encode(claims, SECRET, algorithm="HS256")}
 
 
 async def list_threads(client: TestClient, headers: dict[str, str]) -> tuple[int, Any]:
     resp = await client.get("/api/threads", headers=headers)
     return resp.status, await resp.json()
-
-
-async def user_row(db: asyncpg.Pool | asyncpg.Connection, user_id: uuid.UUID) -> asyncpg.Record | None:
-    # xmin changes with every write to the row, even one that rewrites identical values
-    return await db.fetchrow("SELECT email, last_seen_at, xmin::text AS xmin FROM users WHERE id = $1", user_id)
 
 
 # -- API keys ---------------------------------------------------------------------------------------

@@ -17,20 +17,9 @@ from pathlib import Path
 
 import aiohttp
 
-from .conftest import User, wait_for
-from .fleet import (  # noqa: F401  (fixtures)
-    GatewayProcess,
-    RedisServer,
-    gateway_env,
-    gateways,
-    private_redis,
-    read_events,
-    redis_url,
-    stepped,
-    without_pings,
-)
-from .test_chat import DONE, RETRY, row, wait_finished
-from .test_resume import complete_frames, stream_path, wire
+from tests.support.chat import DONE, RETRY, complete_frames, row, stream_path, wait_finished, wire
+from tests.support.common import User, wait_for
+from tests.support.fleet import GatewayProcess, RedisServer, gateway_env, read_events, without_pings
 
 TEXTS = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "stream."]
 SWEEP_S = 1.0

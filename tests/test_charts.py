@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 from aiohttp.test_utils import TestClient
 
-from .conftest import MakeClient, User, wait_for
-from .test_arena import accept_arena, demo_models_toml, unique, vote, wait_comparison_finished
-from .test_playground import Tab, browser, gateway, open_playground, tab  # noqa: F401  (fixtures)
+from tests.support.arena import accept_arena, demo_models_toml, unique, vote, wait_comparison_finished
+from tests.support.browser import Tab, gateway, open_playground
+from tests.support.common import MakeClient, User, wait_for
 
 TODAY = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
 # (days ago, model, prompt tokens, completion tokens, cost): five (day, model) bars, four of them with a cost

@@ -17,42 +17,28 @@ from aiohttp.test_utils import TestClient
 
 from gateway.providers.base import estimate_tokens
 from gateway.providers.demo import demo_reply
+from tests.support.chat import (
+    DONE,
+    RETRY,
+    accept_chat,
+    expected_stream,
+    fake_client,
+    first_metadata,
+    frame,
+    metadata,
+    ok_attempt,
+    row,
+    usage_rows,
+    wait_finished,
+)
+from tests.support.common import User
+from tests.support.fakes import Reply, openai_stream, parse_sse
 
-from .conftest import MakeClient, User, wait_for
-from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
-
-RETRY = b"retry: 3000\n"  # rides in the first event's block (issue 15 item 7)
-DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
 DEMO_CHUNKS = 12  # the default demo reply length of the `client` fixture
 
 
 # -- building the expected wire bytes -------------------------------------------------------------
-
-def frame(mid: uuid.UUID | str, seq: int, data: Any, event: str | None = None) -> bytes:
-    head = f"id: {mid}:{seq}\n" + (f"event: {event}\n" if event else "")
-    return head.encode() + b"data: " + orjson.dumps(data) + b"\n\n"
-
-
-def metadata(meta: dict[str, Any], model: str, provider: str, category: str | None = "general",
-             auto: bool = True) -> dict[str, Any]:
-    """The metadata event's data, in wire order, with the ids the stream announced."""
-    return {"thread_id": meta["thread_id"], "user_message_id": meta["user_message_id"],
-            "message_id": meta["message_id"], "model": model, "provider": provider, "category": category,
-            "auto": auto, "fallback_from": None}
-
-
-def expected_stream(meta: dict[str, Any], model: str, provider: str, texts: list[str], prompt_tokens: int,
-                    completion_tokens: int, attempts: list[dict[str, Any]]) -> bytes:
-    """A whole successful stream: retry, metadata, deltas, usage, done, [DONE]."""
-    mid = meta["message_id"]
-    frames = [frame(mid, 0, metadata(meta, model, provider), "metadata")]
-    frames += [frame(mid, i, {"delta": t}) for i, t in enumerate(texts, 1)]
-    n = len(texts) + 1
-    frames.append(frame(mid, n, {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                 "total_tokens": prompt_tokens + completion_tokens}, "usage"))
-    frames.append(frame(mid, n + 1, {"finish_reason": "stop", "message_id": mid, "attempts": attempts}, "done"))
-    return RETRY + b"".join(frames) + DONE
 
 
 def failed_stream(meta: dict[str, Any], model: str, provider: str, texts: list[str],
@@ -64,46 +50,13 @@ def failed_stream(meta: dict[str, Any], model: str, provider: str, texts: list[s
     return RETRY + b"".join(frames) + DONE
 
 
-def first_metadata(body: bytes) -> dict[str, Any]:
-    events = parse_sse(body)
-    assert events[0].event == "metadata", body[:200]
-    return orjson.loads(events[0].data)
-
-
 def split_frames(body: bytes) -> list[bytes]:
     """The body's blocks, each with its blank-line terminator (frames..., [DONE]; the first frame
     starts with the retry line)."""
     return [block + b"\n\n" for block in body.split(b"\n\n") if block]
 
 
-def ok_attempt(row: asyncpg.Record, model: str, provider: str) -> list[dict[str, Any]]:
-    """The done event's attempts: one successful try, with the duration the row saved."""
-    saved = row["metadata"]["attempts"]
-    assert len(saved) == 1 and isinstance(saved[0]["ms"], int) and saved[0]["ms"] >= 0
-    return [{"model": model, "provider": provider, "outcome": "ok", "ms": saved[0]["ms"]}]
-
-
 # -- shared set-up --------------------------------------------------------------------------------
-
-async def fake_client(make_client: MakeClient, upstream: FakeUpstream, **env: str) -> TestClient:
-    """An app whose default model is `fake`, served by the fake OpenAI-compatible upstream."""
-    return await make_client(OPENAI_BASE_URL=upstream.base_url, OPENAI_MODEL="fake", **env)
-
-
-async def row(db: asyncpg.Pool, message_id: uuid.UUID | str) -> asyncpg.Record:
-    return await db.fetchrow("SELECT * FROM messages WHERE id = $1", uuid.UUID(str(message_id)))
-
-
-async def wait_finished(db: asyncpg.Pool, message_id: uuid.UUID | str) -> asyncpg.Record:
-    async def finished() -> bool:
-        return (await row(db, message_id))["status"] not in ("pending", "streaming")
-
-    await wait_for(finished)
-    return await row(db, message_id)
-
-
-async def usage_rows(db: asyncpg.Pool, message_id: uuid.UUID | str) -> list[asyncpg.Record]:
-    return await db.fetch("SELECT * FROM usage WHERE message_id = $1", uuid.UUID(str(message_id)))
 
 
 async def stream_chat(client: TestClient, user: User, **body: Any) -> tuple[bytes, dict[str, Any]]:
@@ -111,12 +64,6 @@ async def stream_chat(client: TestClient, user: User, **body: Any) -> tuple[byte
     assert resp.status == 200, await resp.text()
     raw = await resp.read()
     return raw, first_metadata(raw)
-
-
-async def accept_chat(client: TestClient, user: User, **body: Any) -> dict[str, Any]:
-    resp = await client.post("/api/chat", json=body, headers=user.headers)
-    assert resp.status == 202, await resp.text()
-    return await resp.json()
 
 
 # -- 1. streaming: headers and exact bytes --------------------------------------------------------

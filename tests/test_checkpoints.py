@@ -19,16 +19,10 @@ import asyncpg
 
 from gateway.providers.base import estimate_tokens
 from gateway.providers.demo import demo_reply
-
-from .conftest import MakeClient, User, wait_for
-from .fakes import parse_sse
-from .test_durability import ROOT, free_port, run_cli, wait_healthy
-from .test_resume import (
-    MakeUpstream,
-    gated,  # noqa: F401 (the fixture)
-    gated_client,
-    read_blocks,
-)
+from tests.support.chat import MakeUpstream, gated_client, read_blocks
+from tests.support.common import MakeClient, User, wait_for
+from tests.support.fakes import parse_sse
+from tests.support.processes import ROOT, free_port, run_cli, wait_healthy
 
 
 async def message_row(db: asyncpg.Pool, mid: str | uuid.UUID) -> asyncpg.Record:

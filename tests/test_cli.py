@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 import signal
 import socket
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -18,37 +16,11 @@ import asyncpg
 import orjson
 import pytest
 
-import gateway
-
-from .conftest import MakeClient
-from .fakes import parse_sse
+from tests.support.cli import cli_env, free_port, run_cli, wait_until_healthy
+from tests.support.common import MakeClient
+from tests.support.fakes import parse_sse
 
 KEY_LINE = re.compile(r"gwk_[A-Za-z0-9_-]{43}")
-# the tree under test: a subprocess imports this copy of `gateway`, not whichever checkout an
-# editable install points at (a worktree's tests would otherwise run another tree's code)
-SOURCE_ROOT = Path(gateway.__file__).resolve().parent.parent
-
-
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def cli_env(database_url: str, **overrides: str) -> dict[str, str]:
-    """A clean environment: nothing from the developer's shell leaks into the run."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(SOURCE_ROOT),
-           "DATABASE_URL": database_url, "BOOTSTRAP_ADMIN_KEY": "false", "DEMO_DELAY_MS": "0", "DB_POOL_MIN": "1"}
-    env.update(overrides)
-    return env
-
-
-async def run_cli(cwd: Path, env: dict[str, str], *args: str, timeout: float = 30) -> Run:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", *args, cwd=cwd, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    return Run(await proc.wait(), out.decode(), err.decode())
 
 
 async def create_key_via_cli(tmp_path: Path, database_url: str, name: str = "ci") -> str:
@@ -58,12 +30,6 @@ async def create_key_via_cli(tmp_path: Path, database_url: str, name: str = "ci"
     key, newline = run.stdout[:-1], run.stdout[-1:]
     assert KEY_LINE.fullmatch(key) and newline == "\n", run.stdout
     return key
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_migrate_on_a_migrated_database_applies_nothing(tmp_path: Path, database_url: str):
@@ -130,22 +96,6 @@ async def test_serve_streams_a_chat_and_exits_cleanly_on_sigterm(tmp_path: Path,
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-
-
-async def wait_until_healthy(session: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process,
-                             log_path: Path, timeout: float = 20) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        assert proc.returncode is None, "the server exited before it became healthy:\n" + log_path.read_text()
-        try:
-            async with session.get(url) as resp:
-                if resp.status == 200 and await resp.json() == {"status": "ok"}:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        assert loop.time() < deadline, "the server did not become healthy in time:\n" + log_path.read_text()
-        await asyncio.sleep(0.05)
 
 
 async def test_a_port_in_use_is_one_line_naming_gateway_port_and_exit_2(tmp_path: Path, database_url: str):

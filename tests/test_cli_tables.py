@@ -11,10 +11,9 @@ from typing import Any
 import asyncpg
 
 from gateway.store.keys import create_user_with_key
-
-from .conftest import MakeClient, User, wait_for
-from .test_arena import accept_arena, demo_models_toml, unique, vote, wait_comparison_finished
-from .test_cli import cli_env, run_cli
+from tests.support.arena import accept_arena, demo_models_toml, unique, vote, wait_comparison_finished
+from tests.support.cli import cli_env, run_cli
+from tests.support.common import MakeClient, User, wait_for
 
 
 def when(value: datetime | None) -> str:

@@ -12,10 +12,9 @@ import orjson
 import pytest
 
 from gateway.providers.demo import demo_reply
-
-from .conftest import MakeClient, User, wait_for
-from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
-from .test_anthropic import FakeAnthropic
+from tests.support.common import MakeClient, User, wait_for
+from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.providers import FakeAnthropic
 
 PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
          "AAAABJRU5ErkJggg==")

@@ -21,9 +21,8 @@ from gateway.state import INSTANCE
 from gateway.store.messages import FinishRecord
 from gateway.store.usage import UsageRecord
 from gateway.vocabulary import MessageStatus
-
-from .conftest import User, wait_for
-from .fakes import FakeUpstream, Reply, openai_stream
+from tests.support.common import User, wait_for
+from tests.support.fakes import FakeUpstream, Reply, openai_stream
 
 # $1 per prompt token and $1 per completion token: a demo turn of "hello" (2 prompt tokens,
 # estimated) with max_tokens 10 (DEMO_CHUNKS=10: exactly 10 completion tokens) costs exactly its

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +11,11 @@ import psutil
 
 from gateway.config import Settings
 from gateway.store.db import migrate, open_database, pending_migrations
-
-from .conftest import with_database
+from tests.support.database import fresh_database
 
 # every .sql file in the top-level sql/ is a migration, named in the order it applies
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 ALL_MIGRATIONS = sorted(p.name for p in SQL_DIR.glob("*.sql"))
-
-
-@asynccontextmanager
-async def fresh_database(pg_server_url: str) -> AsyncIterator[str]:
-    """An empty database on the test server (no migrations applied), dropped afterwards."""
-    name = "gw_fresh_" + uuid.uuid4().hex[:12]
-    admin = await asyncpg.connect(pg_server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield with_database(pg_server_url, name)
-        finally:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def schema_snapshot(conn: asyncpg.Connection) -> dict[str, Any]:

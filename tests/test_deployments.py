@@ -19,19 +19,9 @@ from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import ChatRequest
 from gateway.providers.chain import Chain
 from gateway.providers.circuit import CircuitBreakers
-
-from .conftest import FakeClock
-from .fakes import Reply, openai_stream, parse_sse
-from .test_anthropic import anthropic  # noqa: F401  (fixture)
-from .test_providers import (  # noqa: F401  (fixtures)
-    ERROR_BODY,
-    PROMPT,
-    collect,
-    http,
-    openai_provider_toml,
-    registry,
-    upstream_b,
-)
+from tests.support.common import FakeClock
+from tests.support.fakes import Reply, openai_stream, parse_sse
+from tests.support.providers import ERROR_BODY, PROMPT, collect, openai_provider_toml
 
 
 def pool_toml(url_a: str, url_b: str, weights: tuple[float, float] = (3, 1), fallbacks: str = '["backup"]') -> str:
@@ -343,8 +333,6 @@ def test_compat_switches_are_known_keys_and_typed(config_file):
     with pytest.raises(ConfigError, match="did you mean 'send_stream_options'"):
         Settings.from_env({"GATEWAY_CONFIG": config_file(
             '[providers.p]\nbase_url = "http://x/v1"\nsend_stream_option = false\n')})
-
-
 
 
 async def test_provider_headers_reach_an_anthropic_upstream_too(anthropic, config_file):

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp.test_utils import TestClient
 
-from .conftest import MakeClient
-from .test_openapi import documented_operations
-from .test_playground import Tab, browser, tab  # noqa: F401  (fixtures)
+from tests.support.browser import Tab
+from tests.support.common import MakeClient
+from tests.support.contract import documented_operations
 
 REFERENCE = re.compile(r'(?:src|href)="([^"]+)"')
 

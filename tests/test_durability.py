@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import uuid
@@ -29,52 +28,23 @@ from gateway.providers.demo import demo_reply
 from gateway.store.db import create_pool, migrate, start_embedded, stop_embedded
 from gateway.store.keys import create_user_with_key
 from gateway.store.messages import finish_assistant
-
-from .conftest import MakeClient, User, wait_for
-from .fakes import parse_sse
-from .test_resume import (
+from tests.support.chat import (
     PROMPT_TOKENS,
     TEXTS,
     MakeUpstream,
     accept,
     complete_frames,
-    gated,  # noqa: F401 (the fixture)
     gated_client,
     open_listeners,
     read_blocks,
     stopped_frames,
     wire,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-
+from tests.support.common import MakeClient, User, wait_for
+from tests.support.fakes import parse_sse
+from tests.support.processes import ROOT, free_port, run_cli, wait_healthy
 
 # -- graceful shutdown of a real server process --------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def run_cli(env: dict[str, str], *args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", *args, cwd=ROOT, env=env,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
-
-
-async def wait_healthy(session: aiohttp.ClientSession, base: str, proc: asyncio.subprocess.Process) -> None:
-    async def up() -> bool:
-        assert proc.returncode is None, "the server exited at start"
-        try:
-            async with session.get(base + "/healthz") as resp:
-                return resp.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
-    await wait_for(up, timeout=20)
 
 
 async def test_sigterm_interrupts_open_streams_saves_them_and_exits_cleanly(database_url, db, tmp_path):

@@ -18,8 +18,7 @@ from aiohttp import web
 from gateway.providers.base import estimate_tokens
 from gateway.providers.embeddings import DEMO_DIMENSIONS, demo_vector
 from gateway.state import USAGE
-
-from .conftest import MakeClient, User, wait_for
+from tests.support.common import MakeClient, User, wait_for
 
 # vectors of exactly representable float32 values: float and base64 answers agree to the bit
 VECTORS = {"hello": [0.5, -0.25, 3.0, 0.125], "world": [-1.0, 2.5, 0.0, 0.75]}

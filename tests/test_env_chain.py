@@ -12,9 +12,8 @@ import pytest
 
 from gateway.config import BYTEZ_BASE_URL, GROQ_BASE_URL, Settings
 from gateway.errors import ConfigError
-
-from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
-from .test_fallbacks import FALLS_BACK
+from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.providers import FALLS_BACK
 
 GROQ = {"GROQ_API_KEY": "gsk-env", "BYTEZ_API_KEY": "bytez-env"}
 

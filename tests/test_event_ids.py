@@ -10,10 +10,10 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from .conftest import User
-from .test_arena import accept_arena, demo_models_toml, wait_comparison_finished
-from .test_chat import accept_chat, wait_finished
-from .test_ws import receive, send, until_ends
+from tests.support.arena import accept_arena, demo_models_toml, wait_comparison_finished
+from tests.support.chat import accept_chat, wait_finished
+from tests.support.common import User
+from tests.support.ws import receive, send, until_ends
 
 ODD = [
     "{mid}:²",  # str.isdigit() says yes, int() says no

@@ -13,9 +13,8 @@ import pytest
 from gateway.config import ModelConfig
 from gateway.providers.base import ChatRequest, TextDelta, UpstreamHTTPError, UpstreamProtocolError, UpstreamStreamError
 from gateway.state import MODELS
-
-from .fakes import Reply, openai_chunk, openai_stream, parse_sse, split_every
-from .test_providers import closed_port, model_toml, openai_provider_toml
+from tests.support.fakes import Reply, openai_chunk, openai_stream, parse_sse, split_every
+from tests.support.providers import closed_port, model_toml, openai_provider_toml
 
 OK_EVENTS = openai_stream(["Hel", "lo"], prompt_tokens=7)
 

@@ -11,47 +11,11 @@ import pytest
 
 from gateway.providers.base import ChatRequest, TextDelta, UpstreamHTTPError
 from gateway.providers.chain import Chain
-
-from .fakes import Reply, openai_stream, parse_sse
-from .test_providers import (  # noqa: F401  (fixtures)
-    ERROR_BODY,
-    PROMPT,
-    chain_toml,
-    closed_port,
-    collect,
-    http,
-    registry,
-    trail,
-    upstream_b,
-)
+from tests.support.fakes import Reply, openai_stream, parse_sse
+from tests.support.providers import FALLS_BACK, PROMPT, chain_toml, closed_port, collect, error_body, trail
 
 BACKUP = [TextDelta("Back"), TextDelta("up")]
 
-
-def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
-               param: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
-
-
-# status, body: every one of them is the upstream's (or this model's) problem, not the request's
-FALLS_BACK = {
-    "401_expired_key": (401, error_body("Invalid API Key", code="invalid_api_key")),
-    "403_forbidden": (403, error_body("Project does not have access", type_="permission_error")),
-    "404_retired_model": (404, error_body("The model `up-primary` does not exist", code="model_not_found")),
-    "404_without_body": (404, b"not found"),
-    "410_gone": (410, b""),
-    "429_rate_limited": (429, error_body("Rate limit reached", type_="requests", code="rate_limit_exceeded")),
-    "500": (500, ERROR_BODY),
-    "502": (502, b"<html>bad gateway</html>"),
-    "503": (503, ERROR_BODY),
-    "400_decommissioned_model": (400, error_body("The model `up-primary` has been decommissioned",
-                                                 code="model_decommissioned")),
-    "400_context_length": (400, error_body("This model's maximum context length is 8192 tokens",
-                                           code="context_length_exceeded")),
-    "400_unsupported_parameter": (400, error_body("Unsupported parameter: 'tools' is not supported with this model.",
-                                                  param="tools", code="unsupported_parameter")),
-    "422_unknown_field": (422, error_body("Unrecognized request argument supplied: stream_options")),
-}
 
 # the request itself is wrong: every provider would refuse it, so the chain stops at once
 REQUEST_FAULTS = {

@@ -19,21 +19,10 @@ from aiohttp.test_utils import TestClient
 
 from gateway.fleet.wire import stream_key
 from gateway.state import GENERATIONS, REDIS, REMOTE
-
-from .conftest import MakeClient, User, wait_for
-from .fleet import (  # noqa: F401  (fixtures)
-    PING,
-    RedisServer,
-    SteppedUpstream,
-    private_redis,
-    read_events,
-    redis_url,
-    stepped,
-    without_pings,
-)
-from .test_arena import demo_models_toml, unique
-from .test_chat import DONE, RETRY, row, wait_finished
-from .test_resume import accept, complete_frames, read_blocks, stream_path, wire
+from tests.support.arena import demo_models_toml, unique
+from tests.support.chat import DONE, RETRY, accept, complete_frames, read_blocks, row, stream_path, wait_finished, wire
+from tests.support.common import MakeClient, User, wait_for
+from tests.support.fleet import PING, RedisServer, SteppedUpstream, read_events, without_pings
 
 TEXTS = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "stream."]
 

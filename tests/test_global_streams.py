@@ -10,11 +10,10 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestClient
 
-from gateway.fleet.instance import lock_key
 from gateway.state import INSTANCE
-
-from .conftest import MakeClient, User, wait_for
-from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.common import MakeClient, User, wait_for
+from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.quota import dead
 
 CAP_TOML = """
 [providers.up]
@@ -127,15 +126,6 @@ async def test_a_keys_cap_counts_its_streams_on_every_instance(make_client, conf
     e2.set()
     await wait_for(lambda: finished(db, user, 2))
     assert await counters(db, user) == {f"u:{user.id}": 0, f"k:{key_id}": 0}
-
-
-async def dead(db: asyncpg.Pool, client: TestClient) -> None:
-    """Cut the instance's liveness connection: to its peers it is gone (it sweeps too rarely to notice)."""
-    unsigned = lock_key(client.app[INSTANCE].id) & 0xFFFF_FFFF_FFFF_FFFF
-    pid = await db.fetchval("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::oid "
-                            "AND objid = $2::oid AND objsubid = 1 AND granted", unsigned >> 32, unsigned & 0xFFFF_FFFF)
-    assert pid is not None
-    assert await db.fetchval("SELECT pg_terminate_backend($1)", pid)
 
 
 async def test_a_dead_instances_leases_are_reclaimed_by_the_sweep_and_never_given_back_twice(

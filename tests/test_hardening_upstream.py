@@ -21,9 +21,8 @@ from gateway.providers import normalise
 from gateway.providers.base import IMAGE_TOKENS, ChatRequest, Secrets, UsageReport, prompt_estimate
 from gateway.providers.chain import relay_chars
 from gateway.providers.openai import http_error
-
-from .conftest import User, wait_for
-from .fakes import openai_chunk, parse_sse
+from tests.support.common import User, wait_for
+from tests.support.fakes import openai_chunk, parse_sse
 
 KEY = "sk-live-4f9c2a7e1b3d5f6a8c0e"  # the provider's API key
 HEADER = "hdr-secret-9d8c7b6a5f4e"  # the value of its configured extra header

@@ -11,9 +11,8 @@ import orjson
 
 from gateway.edge.held import _Queue
 from gateway.state import RESPONSE
-
-from .conftest import User
-from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.common import User
+from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
 
 
 def dechunk(raw: bytes) -> tuple[bytes, bytes]:

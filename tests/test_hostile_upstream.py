@@ -16,9 +16,8 @@ from gateway.providers.base import Finish, TextDelta, UpstreamProtocolError, Ups
 from gateway.providers.normalise import MAX_COUNT
 from gateway.providers.openai import parse_chunk
 from gateway.providers.sse_decoder import SSEDecoder
-
-from .fakes import parse_sse
-from .hostile import ANTHROPIC, OPENAI, HostileUpstream
+from tests.support.fakes import parse_sse
+from tests.support.hostile import ANTHROPIC, OPENAI, HostileUpstream
 
 # the endless streams: data every 5 ms, so the idle timeout never fires; the attempt's own bounds must
 # (max_stream_s once content has come, timeout_s only before: issue 13 item 5)

@@ -18,9 +18,8 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.edge.middleware import AccessLogger
 from gateway.state import INSTANCE
-
-from .conftest import User, wait_for
-from .fakes import FakeUpstream, Reply, openai_stream
+from tests.support.common import User, wait_for
+from tests.support.fakes import FakeUpstream, Reply, openai_stream
 
 # -- rate windows ---------------------------------------------------------------------------------
 

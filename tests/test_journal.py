@@ -22,9 +22,8 @@ from gateway.state import INSTANCE, QUARANTINE
 from gateway.store.failures import Quarantine
 from gateway.store.messages import FinishRecord, TurnRequest, finish_assistant, persist_turns
 from gateway.store.usage import UsageRecord
-
-from .conftest import User, wait_for
-from .fakes import Reply, openai_stream, parse_sse
+from tests.support.common import User, wait_for
+from tests.support.fakes import Reply, openai_stream, parse_sse
 
 
 async def placeholders(db: asyncpg.Pool, user: User, n: int, instance_id: uuid.UUID | None = None) -> list[uuid.UUID]:

@@ -20,8 +20,7 @@ from gateway.state import AUTH, POLICY
 from gateway.store import limits as store_limits
 from gateway.store.limits import KeyCap, Limit, LimitReached
 from gateway.store.usage import UsageRecord, record_usage_many
-
-from .conftest import MakeClient, User, wait_for
+from tests.support.common import MakeClient, User, wait_for
 
 MakeUser = Callable[..., Awaitable[User]]
 ADMIN = ["chat", "arena", "admin"]

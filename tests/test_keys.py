@@ -16,9 +16,8 @@ from aiohttp.test_utils import TestClient
 
 from gateway.fleet.instance import lock_key
 from gateway.state import AUTH, INSTANCE, LAST_USED
-
-from .conftest import MakeClient, User, wait_for
-from .test_auth import JWT_ENV, KEY, token_for
+from tests.support.auth import JWT_ENV, KEY, token_for
+from tests.support.common import MakeClient, User, wait_for
 
 MakeUser = Callable[..., Awaitable[User]]
 PUBLIC_FIELDS = {"id", "user_id", "parent_id", "name", "prefix", "scopes", "limits", "expires_at", "revoked_at",

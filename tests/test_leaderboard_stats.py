@@ -13,9 +13,8 @@ import asyncpg
 from gateway.providers.demo import demo_reply
 from gateway.service.leaderboard import POINTS, PROVISIONAL_BELOW, Battle, entry_json, leaderboard
 from gateway.store.leaderboard import battles as stored_battles
-
-from .conftest import MakeClient, User, wait_for
-from .test_arena import accept_arena, unique, vote, wait_comparison_finished
+from tests.support.arena import accept_arena, unique, vote, wait_comparison_finished
+from tests.support.common import MakeClient, User, wait_for
 
 
 def simulate(strengths: dict[str, float], count: int, rng: random.Random,

@@ -23,11 +23,10 @@ from gateway.config import Settings
 from gateway.edge.middleware import AccessLogger
 from gateway.errors import ConfigError
 from gateway.observability.logs import REDACT, TEXT_FORMAT, JsonFormatter, install_redaction, redact
-
-from .conftest import User, wait_for
-from .fakes import FakeUpstream, parse_sse
-from .test_cli import cli_env, free_port, wait_until_healthy
-from .test_hostile_requests import hostile_requests, secret_parts, send_raw
+from tests.support.cli import cli_env, free_port, wait_until_healthy
+from tests.support.common import User, wait_for
+from tests.support.fakes import FakeUpstream, parse_sse
+from tests.support.raw_requests import hostile_requests, secret_parts, send_raw
 
 JWT_SECRET = "logs-test-jwt-secret-that-is-32-bytes-or-more"
 UPSTREAM_KEY = "sk-upstream-" + "u" * 32

@@ -20,11 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.observability.metrics import Metrics
 from gateway.providers.base import ChainObserver, ChatRequest
 from gateway.providers.chain import Chain
-
-from .conftest import MakeClient, User, wait_for
-from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
-from .test_cli import free_port
-from .test_providers import collect, http, registry  # noqa: F401
+from tests.support.cli import free_port
+from tests.support.common import MakeClient, User, wait_for
+from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.providers import collect
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 JWT_SECRET = "metrics-test-secret-of-at-least-32-bytes!"

@@ -16,11 +16,10 @@ from gateway.policy.admission import DEFAULT_RESERVE_TOKENS
 from gateway.service.turns import prompt_tokens
 from gateway.state import POLICY
 from gateway.store.messages import TurnRequest, persist_turns
-
-from .conftest import MakeClient, User, wait_for
-from .fakes import FakeUpstream, Reply, openai_stream
-from .test_quota_leases import WORST, busy, caller, day, quiet, settled
-from .test_quota_leases import app as leased_app
+from tests.support.common import MakeClient, User, wait_for
+from tests.support.fakes import FakeUpstream, Reply, openai_stream
+from tests.support.quota import WORST, busy, caller, day, quiet, settled
+from tests.support.quota import app as leased_app
 
 # every limit on, none reached; the fake upstream as an OpenAI-compatible provider
 TOML = """

@@ -16,11 +16,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from gateway.state import GENERATIONS, REMOTE
-
-from .conftest import MakeClient, User
-from .fleet import Nginx, SteppedUpstream, read_events, redis_url, stepped, without_pings  # noqa: F401  (fixtures)
-from .test_chat import DONE, RETRY, wait_finished
-from .test_resume import complete_frames, wire
+from tests.support.chat import DONE, RETRY, complete_frames, wait_finished, wire
+from tests.support.common import MakeClient, User
+from tests.support.fleet import Nginx, SteppedUpstream, read_events, without_pings
 
 TEXTS = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "stream."]
 

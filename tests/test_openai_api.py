@@ -10,9 +10,8 @@ import openai
 import pytest
 
 from gateway.state import USAGE
-
-from .conftest import wait_for
-from .fakes import Reply, openai_chunk, openai_stream
+from tests.support.common import wait_for
+from tests.support.fakes import Reply, openai_chunk, openai_stream
 
 
 @pytest.fixture

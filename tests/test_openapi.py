@@ -42,8 +42,8 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.contract.openapi import openapi_document
 from gateway.state import MODELS
-
-from .fakes import parse_sse
+from tests.support.contract import documented_operations
+from tests.support.fakes import parse_sse
 
 # two models, so that the arena's random draw works; limits on, so that admission runs its SQL
 FUZZ_CONFIG = """
@@ -62,11 +62,6 @@ PUBLIC = {"GET /healthz", "GET /readyz", "GET /openapi.json", "GET /metrics", "G
           "GET /docs", "GET /docs/{filename}"}
 # a hung request fails the fuzz instead of hanging it
 REQUEST_TIMEOUT_S = 10
-
-
-def documented_operations(document: dict[str, Any]) -> set[str]:
-    methods = {"get", "post", "put", "patch", "delete"}
-    return {f"{m.upper()} {path}" for path, item in document["paths"].items() for m in item if m in methods}
 
 
 def nothing_to_negate(document: dict[str, Any]) -> set[str]:

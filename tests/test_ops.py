@@ -9,8 +9,8 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from .conftest import MakeClient, User
-from .fakes import parse_sse
+from tests.support.common import MakeClient, User
+from tests.support.fakes import parse_sse
 
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 APP_ORIGIN = "https://app.example"

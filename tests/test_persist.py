@@ -10,8 +10,7 @@ from gateway.errors import NotFound
 from gateway.store.background import GroupCommit
 from gateway.store.messages import StoredTurn, TurnRequest, persist_turns
 from gateway.store.threads import create_thread
-
-from .conftest import wait_for
+from tests.support.common import wait_for
 
 
 async def thread_count(db, user_id: uuid.UUID) -> int:

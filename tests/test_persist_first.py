@@ -10,48 +10,24 @@ test_fifty_concurrent_requests_never_exceed_a_cap_that_fits_ten.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 import orjson
-from aiohttp.test_utils import TestClient
 
-from .conftest import User, wait_for
-from .test_chat import DONE, RETRY, first_metadata, frame
-
-# each demo turn: prompt "hello" (2 tokens) + max_tokens 10 = a worst case of 12: one fits
-ONE_TURN = "[limits]\ndaily_tokens = 12\n"
-TURN = {"content": "hello", "max_tokens": 10}
-
-
-def tomorrow() -> str:
-    return datetime.combine(datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(), UTC).isoformat()
-
-
-def refused_stream(mid: str, thread_id: str, user_message_id: str, error: dict[str, Any],
-                   model: str = "demo", category: str | None = "general", auto: bool = True) -> bytes:
-    """A refused reply on the wire: retry, metadata (no provider: none was called), the policy's
-    error event, [DONE]."""
-    meta = {"thread_id": thread_id, "user_message_id": user_message_id, "message_id": mid, "model": model,
-            "provider": None, "category": category, "auto": auto, "fallback_from": None}
-    return RETRY + frame(mid, 0, meta, "metadata") + frame(mid, 1, error, "error") + DONE
-
-
-def daily_error() -> dict[str, Any]:
-    return {"type": "policy", "message": "daily token cap reached (user daily tokens)", "retryable": True,
-            "reason": "daily_tokens", "reset_at": tomorrow()}
-
-
-async def spend_the_day(client: TestClient, user: User, db: asyncpg.Pool) -> None:
-    first = await client.post("/api/chat", headers=user.headers, json=TURN)
-    assert first.status == 202
-    await wait_for(lambda: no_live(db, user.id))
-
-
-async def no_live(db: asyncpg.Pool, user_id: uuid.UUID) -> bool:
-    return await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1 "
-                             "AND status IN ('pending', 'streaming')", user_id) == 0
+from tests.support.chat import (
+    DONE,
+    ONE_TURN,
+    RETRY,
+    TURN,
+    daily_error,
+    first_metadata,
+    frame,
+    no_live,
+    refused_stream,
+    spend_the_day,
+    tomorrow,
+)
+from tests.support.common import wait_for
 
 
 async def rows(db: asyncpg.Pool, user_id: uuid.UUID) -> list[tuple[str, str, str]]:

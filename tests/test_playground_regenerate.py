@@ -10,9 +10,9 @@ from typing import Any
 
 import asyncpg
 
-from .conftest import MakeClient, User
-from .fakes import FakeUpstream, Reply, openai_stream
-from .test_playground import ARENA_CONFIG, REPLY, SHOTS, Tab, browser, finished, gateway, open_playground, send, tab  # noqa: F401
+from tests.support.browser import ARENA_CONFIG, REPLY, SHOTS, Tab, finished, gateway, open_playground, send
+from tests.support.common import MakeClient, User
+from tests.support.fakes import FakeUpstream, Reply, openai_stream
 
 FLAKY = """
 [providers.up]

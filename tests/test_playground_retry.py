@@ -20,8 +20,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from .conftest import MakeClient, User
-from .test_playground import REPLY, Tab, browser, finished, gateway, open_playground, tab  # noqa: F401
+from tests.support.browser import REPLY, Tab, finished, gateway, open_playground
+from tests.support.common import MakeClient, User
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "host", "content-length", "upgrade"}
 

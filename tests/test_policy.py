@@ -22,9 +22,8 @@ from gateway.store import limits as store_limits
 from gateway.store.limits import SQLSTATES, KeyCap, Limit, LimitReached
 from gateway.store.messages import finish_assistant
 from gateway.vocabulary import PolicyAction
-
-from .conftest import wait_for
-from .fakes import parse_sse
+from tests.support.common import wait_for
+from tests.support.fakes import parse_sse
 
 # each demo turn below: prompt "hello" (2 tokens, estimated) + max_tokens 10 = a worst case of 12,
 # and the demo reply is exactly 10 chunks = 10 completion tokens: actual use = reservation

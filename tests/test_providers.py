@@ -3,16 +3,11 @@ and the fallback chain, against real local fake upstreams (and through the app w
 
 from __future__ import annotations
 
-import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
-from gateway.config import Settings
 from gateway.providers.base import (
     ChatRequest,
     Finish,
@@ -29,15 +24,22 @@ from gateway.providers.base import (
 from gateway.providers.chain import Chain
 from gateway.providers.registry import ModelRegistry
 from gateway.providers.sse_decoder import SSEDecoder
-
-from .fakes import FakeUpstream, Reply, openai_chunk, openai_stream, parse_sse, split_every
+from tests.support.fakes import FakeUpstream, Reply, openai_chunk, openai_stream, parse_sse, split_every
+from tests.support.providers import (
+    ERROR_BODY,
+    PROMPT,
+    chain_toml,
+    closed_port,
+    collect,
+    model_toml,
+    openai_provider_toml,
+    trail,
+)
 
 BOM = b"\xef\xbb\xbf"
 HELLO = openai_stream(["Hel", "lo"])
 HELLO_EVENTS: list[StreamEvent] = [TextDelta("Hel"), TextDelta("lo"), Finish("stop"), UsageReport(9, 2)]
-ERROR_BODY = b'{"error":{"message":"The server had an error","type":"server_error","param":null,"code":null}}'
 STREAM_ERROR = b'data: {"error":{"message":"Overloaded","type":"overloaded_error","param":null,"code":null}}\n\n'
-PROMPT = [{"role": "user", "content": "Say hello"}]
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -52,80 +54,6 @@ def wire_data(pieces: list[bytes]) -> list[tuple[str, bytes]]:
     """What a decoder must emit for `openai_stream` pieces: each `data: X\\n\\n` as ("message", X)."""
     assert all(p.startswith(b"data: ") and p.endswith(b"\n\n") for p in pieces)
     return [("message", p[len(b"data: "):-2]) for p in pieces]
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound once, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def openai_provider_toml(name: str, base_url: str, key: str | None = None) -> str:
-    key_line = f'api_key = "{key}"\n' if key else ""
-    return f'[providers.{name}]\nkind = "openai"\nbase_url = "{base_url}"\n{key_line}\n'
-
-
-def model_toml(name: str, provider: str, upstream: str, fallbacks: tuple[str, ...] = (), **timeouts: float) -> str:
-    lines = [f"[models.{name}]", f'provider = "{provider}"', f'upstream = "{upstream}"']
-    if fallbacks:
-        lines.append("fallbacks = [" + ", ".join(f'"{f}"' for f in fallbacks) + "]")
-    lines += [f"{k} = {v}" for k, v in timeouts.items()]
-    return "\n".join(lines) + "\n\n"
-
-
-def chain_toml(primary_url: str, backup_url: str | None, **primary_timeouts: float) -> str:
-    """primary (provider a) falls back to backup (provider b), or to the built-in demo model."""
-    text = openai_provider_toml("a", primary_url, "sk-a")
-    if backup_url is None:
-        return text + model_toml("primary", "a", "up-primary", ("demo",), **primary_timeouts)
-    return (text + openai_provider_toml("b", backup_url, "sk-b")
-            + model_toml("primary", "a", "up-primary", ("backup",), **primary_timeouts)
-            + model_toml("backup", "b", "up-backup"))
-
-
-async def collect(stream: AsyncIterator[list[StreamEvent]]) -> tuple[list[StreamEvent], ProviderError | None]:
-    """Every event a stream yields (its batches flattened, none empty), and the ProviderError it
-    ended with (None for a clean end)."""
-    events: list[StreamEvent] = []
-    try:
-        async for batch in stream:
-            assert batch, "a stream never yields an empty batch"
-            events.extend(batch)
-    except ProviderError as e:
-        return events, e
-    return events, None
-
-
-def trail(chain: Chain) -> list[tuple[str, str]]:
-    return [(a.model, a.outcome) for a in chain.attempts]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-@pytest.fixture
-def registry(http: aiohttp.ClientSession, config_file: Callable[[str], str]) -> Callable[..., ModelRegistry]:
-    """A ModelRegistry from TOML text (and env overrides), on a real client session."""
-
-    def make(toml: str = "", **env: str) -> ModelRegistry:
-        env = {"DEMO_DELAY_MS": "0", **env}
-        if toml:
-            env["GATEWAY_CONFIG"] = config_file(toml)
-        return ModelRegistry(Settings.from_env(env), http)
-
-    return make
-
-
-@pytest.fixture
-async def upstream_b(aiohttp_server: Any) -> FakeUpstream:
-    """A second fake upstream, for the fallback link."""
-    fake = FakeUpstream()
-    fake.server = await aiohttp_server(fake.app)
-    return fake
 
 
 async def run_model(registry: ModelRegistry, name: str,

@@ -10,30 +10,8 @@ from collections import Counter
 import orjson
 
 from gateway.state import MODELS
-
-from .fakes import parse_sse
-from .test_providers import http, registry  # noqa: F401  (fixtures)
-
-TWO_WEIGHTED = """
-[providers.local]
-kind = "demo"
-
-[models.heavy]
-provider = "local"
-weight = 3
-
-[models.light]
-provider = "local"
-weight = 1
-
-[models.off]
-provider = "local"
-enabled = false
-
-[models.never]
-provider = "local"
-weight = 0
-"""
+from tests.support.fakes import parse_sse
+from tests.support.providers import TWO_WEIGHTED
 
 
 def test_random_draws_follow_the_weights(registry):

@@ -15,8 +15,7 @@ import pytest
 from gateway.api.openai.ratelimits import duration
 from gateway.providers.base import estimate_tokens
 from gateway.state import POLICY, USAGE
-
-from .conftest import MakeClient, User, wait_for
+from tests.support.common import MakeClient, User, wait_for
 
 LIMITS = "[limits]\nrequests_per_minute = 6\ndaily_tokens = 1000\n"
 AT = datetime.now(UTC).replace(hour=10, minute=0, second=15, microsecond=0)  # 45 s left of the minute

@@ -28,13 +28,20 @@ from aiohttp.test_utils import TestClient
 from gateway.fleet.instance import lock_key
 from gateway.state import INSTANCE
 from gateway.store.keys import create_key, hash_key
-
-from .conftest import MakeClient, User
-from .fakes import FakeUpstream, Reply, openai_stream
-from .test_arena import two_upstreams_toml
-from .test_chat import DONE, RETRY, frame, usage_rows, wait_finished
-from .test_providers import upstream_b  # noqa: F401  (fixture)
-from .test_resume import TEXTS, MakeUpstream, gated, gated_client, stream_path  # noqa: F401  (fixture)
+from tests.support.arena import two_upstreams_toml
+from tests.support.chat import (
+    DONE,
+    RETRY,
+    TEXTS,
+    MakeUpstream,
+    frame,
+    gated_client,
+    stream_path,
+    usage_rows,
+    wait_finished,
+)
+from tests.support.common import MakeClient, User
+from tests.support.fakes import FakeUpstream, Reply, openai_stream
 
 JWT_SECRET = "gateway-reauth-test-jwt-secret-with-more-than-32-bytes"
 JWT_ISSUER = "https://abcdefgh.supabase.co/auth/v1"

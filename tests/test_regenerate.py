@@ -13,11 +13,22 @@ from aiohttp.test_utils import TestClient
 from gateway.providers.base import estimate_tokens
 from gateway.providers.demo import demo_reply
 from gateway.store import messages as message_store
-
-from .conftest import User, wait_for
-from .fakes import FakeUpstream, Reply, openai_stream
-from .test_chat import expected_stream, fake_client, first_metadata, ok_attempt, row, wait_finished
-from .test_persist_first import ONE_TURN, TURN, daily_error, no_live, refused_stream, spend_the_day
+from tests.support.chat import (
+    ONE_TURN,
+    TURN,
+    daily_error,
+    expected_stream,
+    fake_client,
+    first_metadata,
+    no_live,
+    ok_attempt,
+    refused_stream,
+    row,
+    spend_the_day,
+    wait_finished,
+)
+from tests.support.common import User, wait_for
+from tests.support.fakes import FakeUpstream, Reply, openai_stream
 
 
 async def regenerate(client: TestClient, user: User, user_message_id: str, status: int | None = None,

@@ -9,9 +9,8 @@ import openai
 import pytest
 
 from gateway.providers.demo import demo_reply
-
-from .conftest import wait_for
-from .fakes import Reply, openai_chunk, openai_stream
+from tests.support.common import wait_for
+from tests.support.fakes import Reply, openai_chunk, openai_stream
 
 TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
                "response.content_part.added"]

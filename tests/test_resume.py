@@ -12,13 +12,11 @@ import asyncio
 import logging
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app
@@ -26,150 +24,34 @@ from gateway.edge.middleware import AccessLogger
 from gateway.providers.base import estimate_tokens
 from gateway.state import DB, GENERATIONS, INSTANCE, STREAM_TOKENS
 from gateway.store import messages as message_store
-
-from .conftest import FakeClock, MakeClient, User, wait_for
-from .fakes import openai_stream, parse_sse
-from .test_chat import DONE, RETRY, frame, metadata, row, usage_rows, wait_finished
-
-TEXTS = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "stream."]
-PROMPT_TOKENS = 7  # what the fake upstream reports
-
+from tests.support.chat import (
+    DONE,
+    RETRY,
+    TEXTS,
+    accept,
+    complete_frames,
+    frame,
+    gated_client,
+    open_listeners,
+    read_blocks,
+    row,
+    stopped_frames,
+    stream_path,
+    usage_json,
+    usage_rows,
+    wait_finished,
+    wire,
+)
+from tests.support.common import FakeClock, User, wait_for
+from tests.support.fakes import parse_sse
 
 # -- a fake upstream that holds its reply until the test lets it go -------------------------------
-
-class GatedUpstream:
-    """An OpenAI-compatible upstream on loopback: streams `texts` (exact OpenAI wire bytes), holds
-    after `hold_at` of them until `release()`, counts the pieces it got out, and notices when the
-    gateway hangs up on it (its next write fails)."""
-
-    def __init__(self, texts: list[str], hold_at: int | None = None) -> None:
-        self.texts = texts
-        self.pieces = openai_stream(texts, prompt_tokens=PROMPT_TOKENS)
-        # the role chunk comes first: holding "at k" means the role chunk and k texts are out
-        self.hold_before = None if hold_at is None else hold_at + 1
-        self.gate = asyncio.Event()
-        self.requests = 0
-        self.sent = 0
-        self.hung_up = asyncio.Event()
-        self.server: Any = None
-        self.app = web.Application()
-        self.app.router.add_post("/v1/chat/completions", self.chat)
-
-    @property
-    def base_url(self) -> str:
-        return str(self.server.make_url("/v1"))
-
-    def release(self) -> None:
-        self.gate.set()
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        self.requests += 1
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        try:
-            for i, piece in enumerate(self.pieces):
-                if i == self.hold_before:
-                    await self.gate.wait()
-                await resp.write(piece)
-                self.sent += 1
-            await resp.write_eof()
-        except ConnectionResetError:
-            self.hung_up.set()
-        except asyncio.CancelledError:  # the test server cancels the handler of a closed connection
-            self.hung_up.set()
-            raise
-        return resp
-
-
-MakeUpstream = Callable[..., Awaitable[GatedUpstream]]
-
-
-@pytest.fixture
-def gated(aiohttp_server: Any) -> MakeUpstream:
-    async def make(texts: list[str], hold_at: int | None = None) -> GatedUpstream:
-        fake = GatedUpstream(texts, hold_at)
-        fake.server = await aiohttp_server(fake.app)
-        return fake
-
-    return make
-
-
-async def gated_client(make_client: MakeClient, up: GatedUpstream, **env: str) -> TestClient:
-    """An app whose default model `fake` is served by `up`."""
-    return await make_client(OPENAI_BASE_URL=up.base_url, OPENAI_MODEL="fake", **env)
 
 
 # -- building the expected wire bytes -----------------------------------------------------------
 
-def usage_json(prompt: int, completion: int, estimated: bool) -> dict[str, Any]:
-    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
-                             "total_tokens": prompt + completion}
-    if estimated:
-        usage["estimated"] = True
-    return usage
-
-
-def saved_attempts(saved: asyncpg.Record, outcome: str) -> list[dict[str, Any]]:
-    """The done event's attempts, in wire key order, with the one duration the row recorded."""
-    attempts = saved["metadata"]["attempts"]
-    assert [a["outcome"] for a in attempts] == [outcome]
-    return [{"model": a["model"], "provider": a["provider"], "outcome": a["outcome"], "ms": a["ms"]}
-            for a in attempts]
-
-
-def reply_frames(saved: asyncpg.Record, texts: list[str], usage: dict[str, Any], finish_reason: str,
-                 outcome: str) -> list[bytes]:
-    """Every event of a finished reply, index = event seq, built from the protocol."""
-    mid = str(saved["id"])
-    meta = {"thread_id": str(saved["thread_id"]), "user_message_id": str(saved["reply_to"]), "message_id": mid}
-    frames = [frame(mid, 0, metadata(meta, saved["model"], saved["provider"], saved["metadata"]["category"],
-                                     saved["metadata"]["auto"]), "metadata")]
-    frames += [frame(mid, i, {"delta": t}) for i, t in enumerate(texts, 1)]
-    frames.append(frame(mid, len(frames), usage, "usage"))
-    frames.append(frame(mid, len(frames), {"finish_reason": finish_reason, "message_id": mid,
-                                           "attempts": saved_attempts(saved, outcome)}, "done"))
-    return frames
-
-
-def complete_frames(saved: asyncpg.Record, texts: list[str]) -> list[bytes]:
-    """A reply the gated upstream finished: its usage is the upstream's report."""
-    return reply_frames(saved, texts, usage_json(PROMPT_TOKENS, len(texts), False), "stop", "ok")
-
-
-def stopped_frames(saved: asyncpg.Record, prompt: str, texts: list[str], reason: str) -> list[bytes]:
-    """A reply stopped early (cancelled, interrupted): usage estimated from what was consumed."""
-    content = "".join(texts)
-    usage = usage_json(estimate_tokens(prompt) if content else 0, estimate_tokens(content), True)
-    return reply_frames(saved, texts, usage, reason, "cancelled")
-
-
-def wire(frames: list[bytes]) -> bytes:
-    return RETRY + b"".join(frames) + DONE
-
 
 # -- reading streams ----------------------------------------------------------------------------
-
-async def read_blocks(resp: Any, count: int) -> list[bytes]:
-    """The next `count` SSE blocks (each with its blank-line terminator)."""
-    return [await resp.content.readuntil(b"\n\n") for _ in range(count)]
-
-
-async def accept(client: TestClient, user: User, content: str, **body: Any) -> dict[str, Any]:
-    resp = await client.post("/api/chat", json={"content": content, **body}, headers=user.headers)
-    assert resp.status == 202, await resp.text()
-    return await resp.json()
-
-
-def stream_path(mid: uuid.UUID | str) -> str:
-    return f"/api/messages/{mid}/stream"
-
-
-async def open_listeners(client: TestClient, user: User, mid: str, count: int) -> list[Any]:
-    """`count` listeners from the start; each has its headers (so it is attached) when this returns."""
-    resps = await asyncio.gather(*(client.get(stream_path(mid), headers=user.headers) for _ in range(count)))
-    assert [r.status for r in resps] == [200] * count
-    return list(resps)
 
 
 # -- 1. resume after a cut -------------------------------------------------------------------------

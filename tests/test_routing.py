@@ -17,9 +17,8 @@ from gateway.providers.chain import Chain
 from gateway.providers.circuit import CircuitBreakers
 from gateway.providers.registry import NotEnoughModels
 from gateway.service.router import classify, route
-
-from .fakes import Reply, openai_stream, parse_sse
-from .test_providers import ERROR_BODY, PROMPT, chain_toml, collect, http, registry, trail, upstream_b  # noqa: F401
+from tests.support.fakes import Reply, openai_stream, parse_sse
+from tests.support.providers import ERROR_BODY, PROMPT, chain_toml, collect, trail
 
 
 class Clock:

@@ -16,9 +16,9 @@ import httpx
 import orjson
 from httpx_sse import aconnect_sse
 
-from .conftest import MakeClient, User
-from .fakes import Reply, openai_stream
-from .test_arena import demo_models_toml
+from tests.support.arena import demo_models_toml
+from tests.support.common import MakeClient, User
+from tests.support.fakes import Reply, openai_stream
 
 RETRY = b"retry: 3000\n"
 

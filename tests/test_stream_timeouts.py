@@ -8,8 +8,8 @@ import uuid
 
 import orjson
 
-from .fakes import Reply, openai_stream, parse_sse
-from .test_providers import model_toml, openai_provider_toml
+from tests.support.fakes import Reply, openai_stream, parse_sse
+from tests.support.providers import model_toml, openai_provider_toml
 
 TEXTS = [f"t{i} " for i in range(10)]
 

@@ -14,18 +14,7 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.edge.jwt_auth import JwtVerifier
 from gateway.errors import Unauthorized
-
-from .test_jwt import (  # noqa: F401  (fixtures)
-    USER_ID,
-    JwksServer,
-    claims,
-    clock,
-    ec_key,
-    jwks,
-    rsa_key,
-    rsa_key_2,
-    session,
-)
+from tests.support.auth import USER_ID, JwksServer, claims
 
 PROJECT_JWKS = "https://abcdefgh.supabase.co/auth/v1/.well-known/jwks.json"
 PROJECT_ISSUER = "https://abcdefgh.supabase.co/auth/v1"

@@ -16,8 +16,7 @@ from gateway.errors import NotFound
 from gateway.store.db import migrate
 from gateway.store.messages import StoredTurn, TurnRequest, persist_turns
 from gateway.store.threads import create_thread
-
-from .conftest import with_database
+from tests.support.common import with_database
 
 
 async def test_a_strangers_turn_batched_with_the_owners_is_refused(db, make_user):

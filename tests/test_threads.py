@@ -20,9 +20,8 @@ from aiohttp.test_utils import TestClient
 from gateway.api.native.threads import decode_cursor, encode_cursor
 from gateway.providers.demo import demo_reply
 from gateway.store.messages import MESSAGE_COLUMNS
-
-from .conftest import wait_for
-from .fakes import Reply, openai_stream
+from tests.support.common import wait_for
+from tests.support.fakes import Reply, openai_stream
 
 THREAD_KEYS = {"id", "title", "created_at", "updated_at"}
 MESSAGE_KEYS = {c.strip() for c in MESSAGE_COLUMNS.split(",")}

@@ -26,10 +26,9 @@ from gateway.errors import ConfigError
 from gateway.observability import tracing
 from gateway.observability.tracing import Tracing
 from gateway.state import TRACING
-
-from .conftest import User, wait_for
-from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
-from .test_anthropic import FakeAnthropic, anthropic  # noqa: F401 (a fixture)
+from tests.support.common import User, wait_for
+from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.providers import FakeAnthropic
 
 CONFIG = """
 [providers.up]

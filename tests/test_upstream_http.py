@@ -26,8 +26,7 @@ from gateway.providers.base import (
 )
 from gateway.providers.http import Connection, Upstream
 from gateway.providers.openai import OpenAIProvider
-
-from .fakes import openai_stream
+from tests.support.fakes import openai_stream
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"

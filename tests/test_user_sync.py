@@ -8,9 +8,9 @@ import uuid
 
 import asyncpg
 
-from .conftest import MakeClient, wait_for
-from .test_auth import JWT_ENV, token_for, user_row
-from .test_chat import first_metadata, wait_finished
+from tests.support.auth import JWT_ENV, token_for, user_row
+from tests.support.chat import first_metadata, wait_finished
+from tests.support.common import MakeClient, wait_for
 
 
 async def test_a_chat_turn_makes_the_users_row_its_failed_upsert_did_not(make_client: MakeClient,

@@ -10,9 +10,9 @@ import importlib.util
 import aiohttp
 import orjson
 
-from .conftest import User
-from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
-from .fleet import GatewayProcess, gateway_env, gateways  # noqa: F401  (fixture)
+from tests.support.common import User
+from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.fleet import GatewayProcess, gateway_env
 
 CONFIG = """
 [providers.up]

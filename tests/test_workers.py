@@ -11,9 +11,8 @@ from pathlib import Path
 import aiohttp
 
 from gateway.cli.workers import worker_count
-
-from .conftest import User
-from .fleet import GatewayProcess, gateway_env, gateways, read_until, redis_url  # noqa: F401  (fixtures)
+from tests.support.common import User
+from tests.support.fleet import GatewayProcess, gateway_env, read_until
 
 
 def children(pid: int) -> set[int]:

@@ -25,14 +25,13 @@ from aiohttp.test_utils import TestClient
 
 from gateway.providers.demo import demo_reply
 from gateway.state import GENERATIONS
-
-from .conftest import MakeClient, User, wait_for
-from .fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.common import MakeClient, User, wait_for
+from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.ws import Socket, end, receive, receive_raw, send, until_ends
 
 DEMO_CHUNKS = 12  # the `client` fixture's demo reply length
 JWT_SECRET = "gateway-ws-test-jwt-secret-with-more-than-32-bytes"
 JWT_ISSUER = "https://abcdefgh.supabase.co/auth/v1"
-Socket = aiohttp.ClientWebSocketResponse
 
 
 class GatedUpstream(FakeUpstream):
@@ -75,29 +74,6 @@ async def fake_client(make_client: MakeClient, upstream: FakeUpstream, **env: st
     return await make_client(OPENAI_BASE_URL=upstream.base_url, OPENAI_MODEL="fake", **env)
 
 
-async def send(ws: Socket, **frame: Any) -> None:
-    await ws.send_str(orjson.dumps(frame).decode())
-
-
-async def receive_raw(ws: Socket) -> str:
-    msg = await ws.receive(timeout=5)
-    assert msg.type is WSMsgType.TEXT, msg
-    return msg.data
-
-
-async def receive(ws: Socket) -> dict[str, Any]:
-    return orjson.loads(await receive_raw(ws))
-
-
-async def until_ends(ws: Socket, ends: int = 1) -> list[dict[str, Any]]:
-    """Every frame up to and including the `ends`-th end frame."""
-    frames: list[dict[str, Any]] = []
-    while ends:
-        frames.append(await receive(ws))
-        ends -= frames[-1].get("event") == "end"
-    return frames
-
-
 async def until_event(ws: Socket, mid: str, event: str) -> list[dict[str, Any]]:
     frames: list[dict[str, Any]] = []
     while not frames or frames[-1].get("event") != event or frames[-1].get("id", "").rpartition(":")[0] != mid:
@@ -112,10 +88,6 @@ def of_message(frames: list[dict[str, Any]], mid: str) -> list[dict[str, Any]]:
 
 def assert_consecutive(events: list[dict[str, Any]], mid: str) -> None:
     assert [e["id"] for e in events] == [f"{mid}:{i}" for i in range(len(events))]
-
-
-def end(mid: str) -> dict[str, Any]:
-    return {"event": "end", "message_id": mid}
 
 
 async def sse_events(client: TestClient, user: User, mid: str) -> list[dict[str, Any]]:

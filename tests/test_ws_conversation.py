@@ -11,8 +11,8 @@ import asyncpg
 import orjson
 from aiohttp.test_utils import TestClient
 
-from .conftest import MakeClient, User
-from .fakes import FakeUpstream
+from tests.support.common import MakeClient, User
+from tests.support.fakes import FakeUpstream
 
 Socket = aiohttp.ClientWebSocketResponse
 

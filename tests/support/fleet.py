@@ -27,6 +27,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support.common import REPO_ROOT
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -107,7 +109,7 @@ def gateway_env(database_url: str, **env: str) -> dict[str, str]:
     base.update({"DATABASE_URL": database_url, "BOOTSTRAP_ADMIN_KEY": "false", "DEMO_DELAY_MS": "0",
                  "DB_POOL_MIN": "1", "SHUTDOWN_GRACE_S": "2", "LOG_LEVEL": "WARNING",
                  # this tree's gateway package, for the subprocess too
-                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+                 "PYTHONPATH": str(REPO_ROOT)})
     base.update(env)
     return base
 
@@ -230,7 +232,7 @@ class SteppedUpstream:
     def __init__(self, texts: list[str], holds: tuple[int, ...] = ()) -> None:
         from aiohttp import web
 
-        from .fakes import openai_stream
+        from tests.support.fakes import openai_stream
 
         self.texts = texts
         self.pieces = openai_stream(texts, prompt_tokens=7)

@@ -28,8 +28,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 
 from gateway.providers.base import estimate_tokens, text_of
-
-from .fakes import openai_chunk, parse_sse
+from tests.support.fakes import openai_chunk, parse_sse
 
 MARKER = re.compile(r"\[(\w+)\.u(\d)\.((?:op|s)\d+)\]")
 LENGTH = re.compile(r"len=(\d+)")

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .fakes import openai_chunk
+from tests.support.fakes import openai_chunk
 
 TEN_MB = 10 * 1024 * 1024
 DONE = b"data: [DONE]\n\n"
