@@ -24,7 +24,7 @@ from gateway.edge.middleware import AccessLogger
 from gateway.errors import ConfigError
 from gateway.observability.logs import REDACT, TEXT_FORMAT, JsonFormatter, install_redaction, redact
 from tests.support.cli import cli_env, free_port, wait_until_healthy
-from tests.support.common import User, wait_for
+from tests.support.common import REPO_ROOT, User, wait_for
 from tests.support.fakes import FakeUpstream, parse_sse
 from tests.support.raw_requests import hostile_requests, secret_parts, send_raw
 
@@ -112,7 +112,7 @@ async def test_a_real_server_logs_json_lines_without_any_key_token_or_secret(
     log_path = tmp_path / "serve.log"
     env = cli_env(database_url, LOG_FORMAT="json", LOG_LEVEL="DEBUG", JWT_SECRET=JWT_SECRET,
                   OPENAI_API_KEY=UPSTREAM_KEY, OPENAI_BASE_URL=upstream.base_url, OPENAI_MODEL="fake",
-                  SHUTDOWN_GRACE_S="2", PYTHONPATH=str(Path(__file__).resolve().parents[1]))  # this checkout's code
+                  SHUTDOWN_GRACE_S="2", PYTHONPATH=str(REPO_ROOT))  # this checkout's code
     with log_path.open("wb") as log_file:
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", "serve", "--port", str(port),
                                                     cwd=tmp_path, env=env, stdout=log_file, stderr=log_file)

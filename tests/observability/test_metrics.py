@@ -8,7 +8,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import aiohttp
 import jwt
@@ -21,7 +20,7 @@ from gateway.observability.metrics import Metrics
 from gateway.providers.base import ChainObserver, ChatRequest
 from gateway.providers.chain import Chain
 from tests.support.cli import free_port
-from tests.support.common import MakeClient, User, wait_for
+from tests.support.common import REPO_ROOT, MakeClient, User, wait_for
 from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
 from tests.support.providers import collect
 
@@ -272,7 +271,7 @@ async def test_metrics_is_the_chains_observer_and_sees_overhead_first_token_and_
 
 def test_importing_metrics_loads_no_other_gateway_module():
     """metrics.py imports no app state at module level: no import loop runs through it."""
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     code = "import sys, gateway.observability.metrics; print(sorted(m for m in sys.modules if m.startswith('gateway')))"
     env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)

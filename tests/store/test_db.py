@@ -11,10 +11,11 @@ import psutil
 
 from gateway.config import Settings
 from gateway.store.db import migrate, open_database, pending_migrations
+from tests.support.common import REPO_ROOT
 from tests.support.database import fresh_database
 
 # every .sql file in the top-level sql/ is a migration, named in the order it applies
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = REPO_ROOT / "sql"
 ALL_MIGRATIONS = sorted(p.name for p in SQL_DIR.glob("*.sql"))
 
 

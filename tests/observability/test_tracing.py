@@ -26,7 +26,7 @@ from gateway.errors import ConfigError
 from gateway.observability import tracing
 from gateway.observability.tracing import Tracing
 from gateway.state import TRACING
-from tests.support.common import User, wait_for
+from tests.support.common import REPO_ROOT, User, wait_for
 from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
 from tests.support.providers import FakeAnthropic
 
@@ -505,7 +505,7 @@ def test_a_tracing_setting_the_gateway_cannot_honour_fails_naming_its_variable(e
 
 
 def test_serve_with_a_tracing_value_it_cannot_honour_exits_2_naming_the_variable(database_url: str, tmp_path: Path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "DATABASE_URL": database_url,
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DATABASE_URL": database_url,
            "GATEWAY_DATA_DIR": str(tmp_path), "OTEL_TRACES_EXPORTER": "console",
            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "half"}
     out = subprocess.run([sys.executable, "-m", "gateway", "serve"], capture_output=True, text=True, env=env,
@@ -550,7 +550,7 @@ asyncio.run(main())
 
 
 def test_the_gateway_runs_without_the_opentelemetry_packages_and_says_what_to_install_to_trace(database_url: str):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(OFFLINE), database_url], capture_output=True,
                          text=True, env=env, timeout=90)
     assert out.returncode == 0, out.stderr
