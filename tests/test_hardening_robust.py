@@ -30,6 +30,8 @@ from tests.support.fakes import parse_sse
 from tests.support.fleet import GatewayProcess, gateway_env
 from tests.support.providers import TWO_WEIGHTED
 
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
+
 # -- 6. a database that refuses connections -----------------------------------------------------------
 
 

@@ -20,6 +20,8 @@ from tests.support.cli import cli_env, free_port, run_cli, wait_until_healthy
 from tests.support.common import MakeClient
 from tests.support.fakes import parse_sse
 
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
+
 KEY_LINE = re.compile(r"gwk_[A-Za-z0-9_-]{43}")
 
 

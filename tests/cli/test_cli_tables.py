@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from gateway.store.keys import create_user_with_key
 from tests.support.arena import accept_arena, demo_models_toml, unique, vote, wait_comparison_finished
 from tests.support.cli import cli_env, run_cli
 from tests.support.common import MakeClient, User, wait_for
+
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 
 def when(value: datetime | None) -> str:

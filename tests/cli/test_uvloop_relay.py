@@ -9,10 +9,13 @@ import importlib.util
 
 import aiohttp
 import orjson
+import pytest
 
 from tests.support.common import User
 from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
 from tests.support.fleet import GatewayProcess, gateway_env
+
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 CONFIG = """
 [providers.up]

@@ -9,10 +9,13 @@ import signal
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from gateway.cli.workers import worker_count
 from tests.support.common import User
 from tests.support.fleet import GatewayProcess, gateway_env, read_until
+
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 
 def children(pid: int) -> set[int]:

@@ -16,10 +16,13 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.support.chat import DONE, RETRY, complete_frames, row, stream_path, wait_finished, wire
 from tests.support.common import User, wait_for
 from tests.support.fleet import GatewayProcess, RedisServer, gateway_env, read_events, without_pings
+
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 TEXTS = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "stream."]
 SWEEP_S = 1.0

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
@@ -23,6 +24,8 @@ from tests.support.arena import demo_models_toml, unique
 from tests.support.chat import DONE, RETRY, accept, complete_frames, read_blocks, row, stream_path, wait_finished, wire
 from tests.support.common import MakeClient, User, wait_for
 from tests.support.fleet import PING, RedisServer, SteppedUpstream, read_events, without_pings
+
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 TEXTS = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "stream."]
 

@@ -20,6 +20,8 @@ from tests.support.chat import DONE, RETRY, complete_frames, wait_finished, wire
 from tests.support.common import MakeClient, User
 from tests.support.fleet import Nginx, SteppedUpstream, read_events, without_pings
 
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
+
 TEXTS = ["Once ", "upon ", "a ", "time ", "there ", "was ", "a ", "stream."]
 
 

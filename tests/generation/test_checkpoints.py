@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 
 from gateway.providers.base import estimate_tokens
 from gateway.providers.demo import demo_reply
@@ -23,6 +24,8 @@ from tests.support.chat import MakeUpstream, gated_client, read_blocks
 from tests.support.common import MakeClient, User, wait_for
 from tests.support.fakes import parse_sse
 from tests.support.processes import ROOT, free_port, run_cli, wait_healthy
+
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 
 async def message_row(db: asyncpg.Pool, mid: str | uuid.UUID) -> asyncpg.Record:

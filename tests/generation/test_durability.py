@@ -44,6 +44,8 @@ from tests.support.common import MakeClient, User, wait_for
 from tests.support.fakes import parse_sse
 from tests.support.processes import ROOT, free_port, run_cli, wait_healthy
 
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
+
 # -- graceful shutdown of a real server process --------------------------------------------------------
 
 

@@ -28,6 +28,8 @@ from tests.support.common import REPO_ROOT, User, wait_for
 from tests.support.fakes import FakeUpstream, parse_sse
 from tests.support.raw_requests import hostile_requests, secret_parts, send_raw
 
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
+
 JWT_SECRET = "logs-test-jwt-secret-that-is-32-bytes-or-more"
 UPSTREAM_KEY = "sk-upstream-" + "u" * 32
 

@@ -24,6 +24,8 @@ from tests.support.common import REPO_ROOT, MakeClient, User, wait_for
 from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
 from tests.support.providers import collect
 
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 JWT_SECRET = "metrics-test-secret-of-at-least-32-bytes!"
 

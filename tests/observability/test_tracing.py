@@ -30,6 +30,8 @@ from tests.support.common import REPO_ROOT, User, wait_for
 from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
 from tests.support.providers import FakeAnthropic
 
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
+
 CONFIG = """
 [providers.up]
 kind = "openai"

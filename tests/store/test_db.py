@@ -8,11 +8,14 @@ from typing import Any
 
 import asyncpg
 import psutil
+import pytest
 
 from gateway.config import Settings
 from gateway.store.db import migrate, open_database, pending_migrations
 from tests.support.common import REPO_ROOT
 from tests.support.database import fresh_database
+
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 # every .sql file in the top-level sql/ is a migration, named in the order it applies
 SQL_DIR = REPO_ROOT / "sql"

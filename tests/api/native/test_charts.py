@@ -10,11 +10,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.support.arena import accept_arena, demo_models_toml, unique, vote, wait_comparison_finished
 from tests.support.browser import Tab, gateway, open_playground
 from tests.support.common import MakeClient, User, wait_for
+
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 TODAY = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
 # (days ago, model, prompt tokens, completion tokens, cost): five (day, model) bars, four of them with a cost

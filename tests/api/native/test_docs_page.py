@@ -8,11 +8,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.support.browser import Tab
 from tests.support.common import MakeClient
 from tests.support.contract import documented_operations
+
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 REFERENCE = re.compile(r'(?:src|href)="([^"]+)"')
 

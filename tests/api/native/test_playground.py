@@ -31,6 +31,8 @@ from tests.support.browser import (
 )
 from tests.support.common import MakeClient, User
 
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
+
 
 async def wait_for_words(page: Page, count: int) -> str:
     """Wait until the reply being streamed shows at least `count` deltas, and return its text."""

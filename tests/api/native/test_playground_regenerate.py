@@ -9,10 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import pytest
 
 from tests.support.browser import ARENA_CONFIG, REPLY, SHOTS, Tab, finished, gateway, open_playground, send
 from tests.support.common import MakeClient, User
 from tests.support.fakes import FakeUpstream, Reply, openai_stream
+
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 FLAKY = """
 [providers.up]

@@ -23,6 +23,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from tests.support.browser import REPLY, Tab, finished, gateway, open_playground
 from tests.support.common import MakeClient, User
 
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
+
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "host", "content-length", "upgrade"}
 
 
