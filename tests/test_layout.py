@@ -94,7 +94,7 @@ def imported_parts(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "tests"):
             names.add(node.module or "")
-            names.update(f"{node.module or ''}.{a.name}" for a in node.names)  # `from . import test_x`
+            names.update(f"{node.module or ''}.{a.name}" for a in node.names)  # also a module imported from a package
         elif isinstance(node, ast.Import):
             names.update(a.name for a in node.names if a.name.split(".")[0] == "tests")
     return {part for name in names for part in name.split(".")}
