@@ -14,7 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import gateway
+
+pytestmark = pytest.mark.processes  # imports in a fresh interpreter (see pyproject.toml)
 
 ROOT = Path(gateway.__file__).resolve().parent
 HEAVY = ("aiohttp.web", "prometheus_client", "asyncpg")
