@@ -46,7 +46,7 @@ Text = Annotated[str, Meta(min_length=1, extra_json_schema={"pattern": NOT_BLANK
                            description="The user's message: not blank, no NUL")]
 ClientId = Annotated[str, Meta(min_length=1, max_length=MAX_CLIENT_MESSAGE_ID, extra_json_schema={"pattern": NO_NUL})]
 MaxTokens = Annotated[int, Meta(ge=1, le=MAX_TOKENS_LIMIT)]
-ModelName = Annotated[str, Meta(description="A configured model, or auto (the router picks)")]
+ModelName = Annotated[str, Meta(description="Default: auto (the router picks)")]
 
 
 # -- content parts (OpenAI's shape; every door that takes parts checks them here) ---------------
@@ -121,6 +121,23 @@ class Vote(Struct):
     """Unknown fields are ignored."""
 
     winner: Literal["a", "b", "tie", "both_bad"]
+
+
+# -- the schemas ------------------------------------------------------------------------------
+
+BODIES: tuple[type[Struct], ...] = (ChatRequest, ArenaRequest, RegenerateRequest, CreateThread, Vote)
+
+
+def components(models: tuple[str, ...], auto: str) -> dict[str, dict[str, Any]]:
+    """The bodies' JSON schemas (and the structs they refer to) for an app serving `models`: a model
+    field names a configured model (or `auto`), which the handler checks against the configuration."""
+    _, schemas = msgspec.json.schema_components(BODIES, ref_template="#/components/schemas/{name}")
+    for name in ("ChatRequest", "RegenerateRequest"):
+        model = schemas[name]["properties"]["model"]["anyOf"][0]
+        model.pop("type")
+        schemas[name]["properties"]["model"]["anyOf"][0] = {"enum": [auto, *models], **model}
+    schemas["ArenaRequest"]["properties"]["models"]["anyOf"][0]["items"] = {"enum": list(models)}
+    return schemas
 
 
 # -- decoding -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
+from gateway.contract import native
 from gateway.service.router import AUTO
 from gateway.state import MODELS
 from gateway.vocabulary import MessageStatus, Winner
@@ -181,28 +182,6 @@ def json_body(schema: str, required: bool = True) -> dict[str, Any]:
 # -- schemas ---------------------------------------------------------------------------------
 
 def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
-    turn_fields: dict[str, Schema] = {
-        "content": {"type": "string", "minLength": 1, "pattern": NOT_BLANK,
-                    "description": "The user's message: not blank, no NUL"},
-        "thread_id": nullable({**UUID, "description": "Continue this thread (one of the caller's)"}),
-        "client_message_id": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL,
-                                       "description": "Idempotency key: a retry returns the stored turn"}),
-        "stream": nullable({"type": "boolean", "description": "Stream SSE (default: by the Accept header)"}),
-        "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
-        "temperature": nullable({"type": "number"}),
-    }
-    content_parts: Schema = {
-        "type": "array", "minItems": 1, "maxItems": 100,
-        "description": "OpenAI-style content parts, stored and returned as sent (`parts`); the demo model "
-                       "answers about the text parts",
-        "items": {"oneOf": [
-            obj({"type": {"const": "text"}, "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
-                additionalProperties=False),
-            obj({"type": {"const": "image_url"},
-                 "image_url": obj({"url": {"type": "string", "pattern": "^(https?://|data:image/)"},
-                                   "detail": {"enum": ["auto", "low", "high"]}}, ("url",),
-                                  additionalProperties=False)},
-                ("type", "image_url"), additionalProperties=False)]}}
     message_row = obj({
         "id": UUID, "thread_id": UUID, "role": {"enum": ["user", "assistant", "system"]}, "content": STRING,
         "status": {"enum": MESSAGE_STATUSES}, "reply_to": nullable(UUID), "slot": {"enum": ["a", "b", None]},
@@ -256,30 +235,17 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "OpenAIError": obj({"error": obj({
             "message": STRING, "type": STRING, "param": nullable(STRING), "code": nullable(STRING),
         }, ("message", "type", "param", "code"))}, ("error",)),
-        "ChatRequest": obj({**turn_fields, "content": {"anyOf": [turn_fields["content"], content_parts]},
-                            "model": nullable({"enum": [AUTO, *models],
-                                               "description": "Default: auto (the router picks)"})},
-                           ("content",), additionalProperties=True, description="Unknown fields are ignored"),
         "ChatAccepted": obj({
             "status": {"const": "accepted"}, "message": ref("Message"), "duplicate": {"type": "boolean"},
             "thread_id": UUID, "assistant_message_id": UUID,
             "stream_url": {"type": "string", "description": "Follow the reply with EventSource (token included)"},
         }, ("status", "message", "duplicate", "thread_id", "assistant_message_id", "stream_url")),
-        "RegenerateRequest": obj({
-            "model": nullable({"enum": [AUTO, *models],
-                               "description": "Default: what the last reply was asked for (auto if it was routed)"}),
-            "client_request_id": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL,
-                                           "description": "Idempotency key: a retry returns the reply it made"}),
-            "stream": nullable({"type": "boolean", "description": "Stream SSE (default: by the Accept header)"}),
-        }, additionalProperties=True, description="Optional; unknown fields are ignored"),
         "Message": message_row,
         "Thread": thread,
         "ThreadWithMessages": {"allOf": [thread, obj({"messages": {"type": "array", "items": ref("Message")}},
                                                      ("messages",))]},
         "ThreadPage": obj({"threads": {"type": "array", "items": ref("Thread")}, "next_cursor": nullable(STRING)},
                           ("threads", "next_cursor")),
-        "CreateThread": obj({"title": nullable({"type": "string", "maxLength": 200, "pattern": NO_NUL})},
-                            additionalProperties=True),
         "ChatCompletionRequest": obj({
             "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
             "messages": {"type": "array", "minItems": 1, "items": openai_message},
@@ -433,14 +399,6 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "CreatedKey": {"allOf": [key_info, obj({"key": {"type": "string", "description": "Shown this once"}},
                                                ("key",))]},
         "KeyList": obj({"keys": {"type": "array", "items": ref("KeyInfo")}}, ("keys",)),
-        "ArenaRequest": obj({
-            **turn_fields,
-            "models": nullable({"type": "array", "minItems": 2, "maxItems": 2, "uniqueItems": True,
-                                "items": {"enum": list(models)},
-                                "description": "Two configured models (default: drawn at random)"}),
-            "anonymous": nullable({"type": "boolean", "description": "Hide the models until the vote "
-                                                                     "(default true)"}),
-        }, ("content",), additionalProperties=True, description="Unknown fields (and `model`) are ignored"),
         "ArenaAccepted": obj({
             "status": {"const": "accepted"}, "comparison_id": UUID, "message": ref("Message"),
             "duplicate": {"type": "boolean"}, "thread_id": UUID,
@@ -452,7 +410,6 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "winner": {"enum": [*WINNERS, None]}, "voted_at": nullable(TIME), "created_at": TIME,
             "slots": obj({"a": slot, "b": slot}, ("a", "b")),
         }, ("id", "thread_id", "user_message_id", "anonymous", "winner", "voted_at", "created_at", "slots")),
-        "Vote": obj({"winner": {"enum": WINNERS}}, ("winner",), additionalProperties=True),
         "Leaderboard": obj({
             "models": {"type": "array", "items": obj({
                 "model": STRING, "rating": {"type": "number"}, "ci_low": {"type": "number"},
@@ -846,7 +803,7 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
         "security": [{"bearerAuth": []}],
         "paths": _paths(),
         "components": {
-            "schemas": _schemas(models),
+            "schemas": {**_schemas(models), **native.components(models, AUTO)},
             "responses": {**error_responses("Error", "Error"), **error_responses("OpenAIError", "OpenAIError"),
                           **error_responses("AnthropicError", "AnthropicError"),
                           "AnthropicError502": response("The upstream failed before any output",
