@@ -33,14 +33,22 @@ IMAGE_DETAILS = ("auto", "low", "high")
 # -- what the code checks after decoding, as the schema states it ------------------------------
 
 NO_NUL = "^[^\\x00]*$"
-# str.strip() leaves something, and no NUL (PostgreSQL text cannot hold one)
-NOT_BLANK = "^[^\\x00]*[^\\s\\x00][^\\x00]*$"
+# str.strip() leaves something, and no NUL (PostgreSQL text cannot hold one). Python's whitespace
+# spelled out: a regex's \s differs in both directions (\x1c-\x1f and \x85 are not in ECMAScript's,
+# which has \ufeff)
+PY_SPACE = "\\t\\n\\x0b\\x0c\\r\\x1c-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+NOT_BLANK = f"^[^\\x00]*[^{PY_SPACE}\\x00][^\\x00]*$"
 # a data URL's media type and base64 payload (what an Anthropic upstream needs to build its image
 # source), or an http(s) URL of printable ASCII without spaces
 _DATA_URL = "data:image/[a-z0-9.+-]{1,40};base64,[A-Za-z0-9+/]+={0,2}"
 IMAGE_URL = f"^({_DATA_URL}|https?://[\\x21-\\x7e]*)$"
 _IMAGE_URL = re.compile(f"{_DATA_URL}|https?://[\\x21-\\x7e]*", re.ASCII)
 
+# the hyphenated form only (uuid.UUID would also take 32 bare digits, braces or a urn: prefix, which
+# a JSON Schema "uuid" format refuses)
+UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+ThreadId = Annotated[str, Meta(pattern=UUID_PATTERN, extra_json_schema={"format": "uuid"},
+                               description="Continue this thread (one of the caller's)")]
 NoNul = Annotated[str, Meta(extra_json_schema={"pattern": NO_NUL})]
 Text = Annotated[str, Meta(min_length=1, extra_json_schema={"pattern": NOT_BLANK},
                            description="The user's message: not blank, no NUL")]
@@ -66,7 +74,10 @@ class ImagePart(Struct, tag="image_url", tag_field="type", forbid_unknown_fields
 
 
 Part = TextPart | ImagePart
-Parts = Annotated[list[Part], Meta(min_length=1, max_length=MAX_PARTS,
+# something in it: an image, or a text part that is not blank (check_parts)
+_SOMETHING = {"contains": {"anyOf": [{"properties": {"type": {"const": "image_url"}}, "required": ["type"]},
+                                     {"properties": {"text": {"pattern": NOT_BLANK}}, "required": ["text"]}]}}
+Parts = Annotated[list[Part], Meta(min_length=1, max_length=MAX_PARTS, extra_json_schema=_SOMETHING,
                                    description="OpenAI-style content parts, stored and returned as sent "
                                                "(`parts`); the demo model answers about the text parts")]
 
@@ -77,7 +88,7 @@ class ChatRequest(Struct):
     """A chat turn (POST /api/chat, and the WebSocket's chat frames). Unknown fields are ignored."""
 
     content: Text | Parts
-    thread_id: Annotated[uuid.UUID, Meta(description="Continue this thread (one of the caller's)")] | None = None
+    thread_id: ThreadId | None = None
     model: ModelName | None = None
     client_message_id: Annotated[ClientId, Meta(description="Idempotency key: a retry returns the stored turn")] \
         | None = None
@@ -90,7 +101,7 @@ class ArenaRequest(Struct):
     """An arena turn: both slots answer the same text. Unknown fields (and `model`) are ignored."""
 
     content: Text
-    thread_id: uuid.UUID | None = None
+    thread_id: ThreadId | None = None
     client_message_id: ClientId | None = None
     stream: bool | None = None
     max_tokens: MaxTokens | None = None
@@ -219,7 +230,7 @@ def field_message(error: str, body: Any, kind: type[Struct]) -> str:
             return "content must not be empty"
         return "content must be a string or a list of content parts"
     if top == "thread_id":
-        raise InvalidId("thread_id is not a valid UUID" if error.startswith("Invalid UUID")
+        raise InvalidId("thread_id is not a valid UUID" if error.startswith("Expected `str` matching")
                         else "thread_id must be a UUID string")
     return _MESSAGES.get(top, f"{top} is not valid")
 
@@ -239,6 +250,16 @@ _MESSAGES = {
 
 
 # -- what the schema states by pattern, checked as code -------------------------------------------
+
+def thread_id(value: str | None) -> uuid.UUID | None:
+    """A ThreadId's value (its pattern was checked while decoding)."""
+    if value is None:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:  # a trailing newline: re.search's `$` lets it past the pattern
+        raise InvalidId("thread_id is not a valid UUID") from None
+
 
 def check_text(value: str, key: str) -> str:
     # PostgreSQL text cannot hold NUL: refuse it here, before anything is written, not as a 500 later

@@ -19,15 +19,13 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.contract import native
+from gateway.contract.native import NO_NUL, NOT_BLANK
 from gateway.service.router import AUTO
 from gateway.state import MODELS
 from gateway.vocabulary import MessageStatus, Winner
 
 Schema = dict[str, Any]
 
-NO_NUL = "^[^\\x00]*$"
-# str.strip() leaves something, and no NUL (PostgreSQL text cannot hold one)
-NOT_BLANK = "^[^\\x00]*[^\\s\\x00][^\\x00]*$"
 INT32_MAX = 2**31 - 1
 MESSAGE_STATUSES = [str(s) for s in MessageStatus]
 WINNERS = [str(w) for w in Winner]
