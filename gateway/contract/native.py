@@ -44,11 +44,11 @@ _DATA_URL = "data:image/[a-z0-9.+-]{1,40};base64,[A-Za-z0-9+/]+={0,2}"
 IMAGE_URL = f"^({_DATA_URL}|https?://[\\x21-\\x7e]*)$"
 _IMAGE_URL = re.compile(f"{_DATA_URL}|https?://[\\x21-\\x7e]*", re.ASCII)
 
-# the hyphenated form only (uuid.UUID would also take 32 bare digits, braces or a urn: prefix, which
-# a JSON Schema "uuid" format refuses)
-UUID_PATTERN = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-ThreadId = Annotated[str, Meta(pattern=UUID_PATTERN, extra_json_schema={"format": "uuid"},
-                               description="Continue this thread (one of the caller's)")]
+# what msgspec decodes as a UUID: the hyphenated form or 32 bare hex digits (uuid.UUID would also
+# take braces or a urn: prefix; a JSON Schema "uuid" format takes the hyphenated form alone)
+UUID_PATTERN = "^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32})$"
+ThreadId = Annotated[uuid.UUID, Meta(extra_json_schema={"pattern": UUID_PATTERN},
+                                     description="Continue this thread (one of the caller's)")]
 NoNul = Annotated[str, Meta(extra_json_schema={"pattern": NO_NUL})]
 Text = Annotated[str, Meta(min_length=1, extra_json_schema={"pattern": NOT_BLANK},
                            description="The user's message: not blank, no NUL")]
@@ -148,6 +148,8 @@ def components(models: tuple[str, ...], auto: str) -> dict[str, dict[str, Any]]:
         model.pop("type")
         schemas[name]["properties"]["model"]["anyOf"][0] = {"enum": [auto, *models], **model}
     schemas["ArenaRequest"]["properties"]["models"]["anyOf"][0]["items"] = {"enum": list(models)}
+    for name in ("ChatRequest", "ArenaRequest"):  # the pattern says which forms (not the format's one alone)
+        del schemas[name]["properties"]["thread_id"]["anyOf"][0]["format"]
     return schemas
 
 
@@ -230,7 +232,7 @@ def field_message(error: str, body: Any, kind: type[Struct]) -> str:
             return "content must not be empty"
         return "content must be a string or a list of content parts"
     if top == "thread_id":
-        raise InvalidId("thread_id is not a valid UUID" if error.startswith("Expected `str` matching")
+        raise InvalidId("thread_id is not a valid UUID" if error.startswith("Invalid UUID")
                         else "thread_id must be a UUID string")
     return _MESSAGES.get(top, f"{top} is not valid")
 
@@ -250,16 +252,6 @@ _MESSAGES = {
 
 
 # -- what the schema states by pattern, checked as code -------------------------------------------
-
-def thread_id(value: str | None) -> uuid.UUID | None:
-    """A ThreadId's value (its pattern was checked while decoding)."""
-    if value is None:
-        return None
-    try:
-        return uuid.UUID(value)
-    except ValueError:  # a trailing newline: re.search's `$` lets it past the pattern
-        raise InvalidId("thread_id is not a valid UUID") from None
-
 
 def check_text(value: str, key: str) -> str:
     # PostgreSQL text cannot hold NUL: refuse it here, before anything is written, not as a 500 later

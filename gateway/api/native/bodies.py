@@ -16,7 +16,6 @@ from gateway.contract.native import (
     check_text,
     convert,
     decode,
-    thread_id,
 )
 from gateway.errors import BadRequest
 from gateway.service.router import AUTO, RANDOM
@@ -35,7 +34,7 @@ def _turn(body: ChatRequest, known_model: KnownModel) -> tuple[TurnInput, bool |
     if body.client_message_id is not None:
         check_text(body.client_message_id, "client_message_id")
     temperature = body.temperature
-    return TurnInput(content=content, parts=parts, thread_id=thread_id(body.thread_id), model=model,
+    return TurnInput(content=content, parts=parts, thread_id=body.thread_id, model=model,
                      client_message_id=body.client_message_id, max_tokens=body.max_tokens,
                      temperature=float(temperature) if temperature is not None else None), body.stream
 
@@ -67,7 +66,7 @@ def parse_arena(raw: bytes, known_model: KnownModel) -> tuple[TurnInput, bool | 
         if unknown:
             raise BadRequest(f"unknown model {unknown[0]!r}")
     temperature = body.temperature
-    turn = TurnInput(content=body.content, thread_id=thread_id(body.thread_id),
+    turn = TurnInput(content=body.content, thread_id=body.thread_id,
                      client_message_id=body.client_message_id, max_tokens=body.max_tokens,
                      temperature=float(temperature) if temperature is not None else None)
     return turn, body.stream, models, True if body.anonymous is None else body.anonymous
