@@ -17,10 +17,10 @@ import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
-import orjson
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from gateway.errors import BadRequest, InvalidId
+from gateway.contract import decoding
+from gateway.errors import BadRequest, GatewayError, InvalidId
 
 # max_tokens is added to the prompt estimate in bigint SQL (the daily reservation): bounded here,
 # where a larger one is a 400, not an overflow (500) later
@@ -139,62 +139,30 @@ class Vote(Struct):
 BODIES: tuple[type[Struct], ...] = (ChatRequest, ArenaRequest, RegenerateRequest, CreateThread, Vote)
 
 
-def components(models: tuple[str, ...], auto: str) -> dict[str, dict[str, Any]]:
-    """The bodies' JSON schemas (and the structs they refer to) for an app serving `models`: a model
-    field names a configured model (or `auto`), which the handler checks against the configuration."""
-    _, schemas = msgspec.json.schema_components(BODIES, ref_template="#/components/schemas/{name}")
-    for name in ("ChatRequest", "RegenerateRequest"):
-        model = schemas[name]["properties"]["model"]["anyOf"][0]
-        model.pop("type")
-        schemas[name]["properties"]["model"]["anyOf"][0] = {"enum": [auto, *models], **model}
-    schemas["ArenaRequest"]["properties"]["models"]["anyOf"][0]["items"] = {"enum": list(models)}
-    for name in ("ChatRequest", "ArenaRequest"):  # the pattern says which forms (not the format's one alone)
-        del schemas[name]["properties"]["thread_id"]["anyOf"][0]["format"]
-    return schemas
-
-
 # -- decoding -----------------------------------------------------------------------------------
 
 T = TypeVar("T", bound=Struct)
 
-_PATH = re.compile(r"\[(\d+)\]")
-_AT = re.compile(r" - at `\$(.*)`$")
-_MISSING = re.compile(r"^Object missing required field `([^`]*)`")
+_INDEX = re.compile(r"\[(\d+)\]")
 
 
 def decode(raw: bytes, kind: type[T]) -> T:
     """A request body (JSON bytes) as `kind`, or BadRequest naming the field."""
-    try:
-        return msgspec.json.decode(raw, type=kind)
-    except msgspec.ValidationError as e:
-        raise BadRequest(field_message(str(e), _loads(raw), kind)) from None
-    except msgspec.DecodeError:
-        raise BadRequest("body is not valid JSON") from None
+    return decoding.decode(raw, kind, _refusal(kind), BadRequest("body is not valid JSON"))
 
 
 def convert(data: Any, kind: type[T]) -> T:
     """An already decoded JSON object (a WebSocket frame) as `kind`, or BadRequest naming the field."""
-    try:
-        return msgspec.convert(data, type=kind)
-    except msgspec.ValidationError as e:
-        raise BadRequest(field_message(str(e), data, kind)) from None
+    return decoding.convert(data, kind, _refusal(kind))
 
 
-def _loads(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-
-
-def _walk(data: Any, path: str) -> Any:
-    """The value at a msgspec path (`.content[0].text`) of the decoded body, or None."""
-    for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
-        try:
-            data = data[int(index)] if index else data[name]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
+def _refusal(kind: type[Struct]) -> decoding.Refusal:
+    def refuse(field: str, error: str, body: Any) -> GatewayError:
+        if decoding.top_field(field) == "thread_id":
+            return InvalidId("thread_id is not a valid UUID" if error.startswith("Invalid UUID")
+                             else "thread_id must be a UUID string")
+        return BadRequest(field_message(field, error, body, kind))
+    return refuse
 
 
 def _part_message(where: str, part: Any) -> str:
@@ -205,25 +173,19 @@ def _part_message(where: str, part: Any) -> str:
     return f"{where} must be {{\"type\": \"image_url\", \"image_url\": {{\"url\": string, \"detail\"?}}}}"
 
 
-def field_message(error: str, body: Any, kind: type[Struct]) -> str:
-    """The native message for a msgspec ValidationError: which field, and what it must be."""
-    at = _AT.search(error)
-    path = at.group(1) if at else ""
-    missing = _MISSING.match(error)
-    if missing:
-        path = f"{path}.{missing.group(1)}"
-    field = path.lstrip(".")
+def field_message(field: str, error: str, body: Any, kind: type[Struct]) -> str:
+    """The native message for a msgspec ValidationError at `field`: which field, and what it must be."""
     if not field:
         return "body must be a JSON object"
-    top = re.split(r"[.\[]", field, maxsplit=1)[0]
+    top = decoding.top_field(field)
     if top == "content" and field != "content":
-        index = _PATH.match(field[len("content"):])
+        index = _INDEX.match(field[len("content"):])
         where = f"content[{index.group(1)}]" if index else "content"
         if field.endswith(".image_url.detail") and "unknown field" not in error:
             return f"{where}.image_url.detail must be auto, low or high"
-        return _part_message(where, _walk(body, f".{where}"))
+        return _part_message(where, decoding.walk(body, where))
     if top == "content":
-        value = _walk(body, ".content")
+        value = decoding.walk(body, "content")
         if isinstance(value, list):
             if kind is ArenaRequest:  # both slots get the text: parts would be dropped in silence
                 return "content parts are not supported by the arena: send a string"
@@ -231,9 +193,6 @@ def field_message(error: str, body: Any, kind: type[Struct]) -> str:
         if isinstance(value, str):
             return "content must not be empty"
         return "content must be a string or a list of content parts"
-    if top == "thread_id":
-        raise InvalidId("thread_id is not a valid UUID" if error.startswith("Invalid UUID")
-                        else "thread_id must be a UUID string")
     return _MESSAGES.get(top, f"{top} is not valid")
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.contract import native
+from gateway.contract import native, openai
 from gateway.contract.native import NO_NUL, NOT_BLANK
 from gateway.service.router import AUTO
 from gateway.state import MODELS
@@ -216,10 +217,6 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                 "provider": nullable(STRING)}, ("message_id", "status", "model", "provider"))
     usage = obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
                 ("prompt_tokens", "completion_tokens", "total_tokens"))
-    openai_message = obj({
-        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"anyOf": [{"type": "string", "pattern": NO_NUL}, {"type": "array"}, {"type": "null"}]},
-    }, ("role",), additionalProperties=True)
     usage_counts = {"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT,
                     "cost_usd": {"type": "number"}, "requests": INT}
     return {
@@ -244,22 +241,6 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                                                      ("messages",))]},
         "ThreadPage": obj({"threads": {"type": "array", "items": ref("Thread")}, "next_cursor": nullable(STRING)},
                           ("threads", "next_cursor")),
-        "ChatCompletionRequest": obj({
-            "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
-            "messages": {"type": "array", "minItems": 1, "items": openai_message},
-            "stream": {"type": "boolean"},
-            "stream_options": nullable(obj({"include_usage": nullable({"type": "boolean"})},
-                                           additionalProperties=True)),
-            "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
-            "max_completion_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
-            "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
-            "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
-            "stop": {"anyOf": [STRING, {"type": "array", "items": STRING}, {"type": "null"}]},
-            "n": nullable({"type": "integer", "minimum": 1, "maximum": 1}),
-            **{name: {"description": "Passed through to OpenAI-compatible upstreams unchecked"}
-               for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format", "seed", "user",
-                            "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")},
-        }, ("model", "messages"), additionalProperties=True),
         "EmbeddingRequest": obj({
             "model": {"enum": list(models), "description": "A model with kind = \"embedding\" (or one of the "
                                                             "demo provider's)"},
@@ -791,6 +772,29 @@ def _paths() -> dict[str, Any]:
     }
 
 
+# the request bodies defined as structs: their schemas are generated (with the structs they refer to)
+BODIES: tuple[type[msgspec.Struct], ...] = (*native.BODIES, openai.ChatCompletionRequest)
+
+
+def _generated(models: tuple[str, ...]) -> dict[str, Schema]:
+    """The structs' JSON schemas for an app serving `models`: a model field names a configured model
+    (or auto), which the handler checks against the configuration."""
+    _, schemas = msgspec.json.schema_components(BODIES, ref_template="#/components/schemas/{name}")
+
+    def models_enum(schema: Schema, names: list[str]) -> Schema:
+        return {"enum": names, **{k: v for k, v in schema.items() if k not in ("type", "minLength")}}
+
+    for name in ("ChatRequest", "RegenerateRequest"):
+        field = schemas[name]["properties"]["model"]["anyOf"]
+        field[0] = models_enum(field[0], [AUTO, *models])
+    completion = schemas["ChatCompletionRequest"]["properties"]
+    completion["model"] = models_enum(completion["model"], [AUTO, *models])
+    schemas["ArenaRequest"]["properties"]["models"]["anyOf"][0]["items"] = {"enum": list(models)}
+    for name in ("ChatRequest", "ArenaRequest"):  # the pattern says which forms (not the format's one alone)
+        del schemas[name]["properties"]["thread_id"]["anyOf"][0]["format"]
+    return schemas
+
+
 @lru_cache(maxsize=8)
 def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
     """The whole document for an app serving `models` (built once per set; callers must not mutate it)."""
@@ -801,7 +805,7 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
         "security": [{"bearerAuth": []}],
         "paths": _paths(),
         "components": {
-            "schemas": {**_schemas(models), **native.components(models, AUTO)},
+            "schemas": {**_schemas(models), **_generated(models)},
             "responses": {**error_responses("Error", "Error"), **error_responses("OpenAIError", "OpenAIError"),
                           **error_responses("AnthropicError", "AnthropicError"),
                           "AnthropicError502": response("The upstream failed before any output",
