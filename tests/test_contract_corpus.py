@@ -173,13 +173,47 @@ COMPLETIONS = [
     ("n-true", {"model": "demo", "messages": HI, "n": True}),
 ]
 
+
+
+def input_image(url: str) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "see"},
+                                                           {"type": "input_image", "image_url": url}]}
+
+
+RESPONSES = [
+    ("valid", {"model": "demo", "input": "hi", "store": False}),
+    ("valid-image", {"model": "demo", "input": [input_image(PIXEL)], "store": False}),
+    ("valid-image-url", {"model": "demo", "input": [input_image("https://example.com/a.png")], "store": False}),
+    ("image-data-url-not-base64", {"model": "demo", "input": [input_image("data:image/!!")], "store": False}),
+    ("image-url-space", {"model": "demo", "input": [input_image("https://example.com/a b.png")], "store": False}),
+    ("image-url-control", {"model": "demo", "input": [input_image("https://example.com/\x01")], "store": False}),
+    ("input-blank", {"model": "demo", "input": " ", "store": False}),
+    ("input-nul", {"model": "demo", "input": "a\x00b", "store": False}),
+    ("max-output-tokens-overflow", {"model": "demo", "input": "hi", "max_output_tokens": 2**31}),
+]
+
+ANTHROPIC = [
+    ("valid", {"model": "demo", "max_tokens": 5, "messages": HI}),
+    ("valid-system", {"model": "demo", "max_tokens": 5, "system": "be brief", "messages": HI}),
+    ("unknown-fields", {"model": "demo", "max_tokens": 5, "messages": HI, "metadata": {"user_id": "u"}}),
+    ("missing-max-tokens", {"model": "demo", "messages": HI}),
+    ("max-tokens-overflow", {"model": "demo", "max_tokens": 2**31, "messages": HI}),
+    ("messages-empty", {"model": "demo", "max_tokens": 5, "messages": []}),
+    ("role-system", {"model": "demo", "max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]}),
+    ("content-nul", {"model": "demo", "max_tokens": 5, "messages": [{"role": "user", "content": "a\x00b"}]}),
+    ("stream-string", {"model": "demo", "max_tokens": 5, "messages": HI, "stream": "yes"}),
+    ("temperature-high", {"model": "demo", "max_tokens": 5, "messages": HI, "temperature": 1.5}),
+]
+
 CASES = ([("/api/chat", name, body) for name, body in TURN + PARTS + [("chat-model-unknown", {"content": "hi",
                                                                                             "model": "nope"}),
                                                                    ("chat-model-number", {"content": "hi",
                                                                                           "model": 5})]]
          + [("/api/arena", name, body) for name, body in TURN + ARENA]
          + [("/api/threads", name, body) for name, body in THREADS]
-         + [("/v1/chat/completions", name, body) for name, body in COMPLETIONS])
+         + [("/v1/chat/completions", name, body) for name, body in COMPLETIONS]
+         + [("/v1/responses", name, body) for name, body in RESPONSES]
+         + [("/v1/messages", name, body) for name, body in ANTHROPIC])
 
 
 def body_validator(document: dict[str, Any], path: str) -> jsonschema_rs.Validator:
@@ -209,7 +243,7 @@ async def test_the_documents_verdict_is_the_handlers(corpus_client: Any, user: A
     assert (resp.status < 300 or later) == valid, (resp.status, answer)
     if name.startswith(("valid", "parts-valid", "parts-image-alone", "thread-valid")):
         assert valid
-    if path.startswith("/v1/") and resp.status >= 400:  # OpenAI's shape, the field named as OpenAI names it
+    if path == "/v1/chat/completions" and resp.status >= 400:  # OpenAI's shape, the field named as OpenAI names it
         error = orjson.loads(answer)["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
         assert error["param"] == PARAMS.get(name, name.split("-")[0]), error

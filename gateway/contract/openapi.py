@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.contract import native, openai
-from gateway.contract.native import NO_NUL, NOT_BLANK
+from gateway.contract.native import IMAGE_URL, NO_NUL, NOT_BLANK
 from gateway.service.router import AUTO
 from gateway.state import MODELS
 from gateway.vocabulary import MessageStatus, Winner
@@ -300,7 +300,7 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                                  "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
                                 additionalProperties=True),
                             obj({"type": {"const": "input_image"},
-                                 "image_url": {"type": "string", "pattern": "^(https?://|data:image/)"},
+                                 "image_url": {"type": "string", "pattern": IMAGE_URL},
                                  "detail": nullable({"enum": ["auto", "low", "high"]})}, ("type", "image_url"),
                                 additionalProperties=True)]}}]},
                 }, ("role", "content"), additionalProperties=True),
