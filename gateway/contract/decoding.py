@@ -20,11 +20,20 @@ Refusal = Callable[[str, str, Any], GatewayError]
 
 _AT = re.compile(r" - at `\$(.*)`$")
 _MISSING = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]*)`")
+# 19 digits in a row: perhaps an integer beyond 64 bits, which msgspec would decode into a field
+# typed Any (a message passed upstream) as an int that orjson cannot encode (a 500)
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
 
 def decode(raw: bytes, kind: type[T], refuse: Refusal, not_json: GatewayError) -> T:
     """A request body (JSON bytes) as `kind`, or the door's error naming the field."""
+    if _LONG_DIGITS.search(raw) is not None:  # read by orjson, which makes such an integer a float
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise not_json from None
+        return convert(data, kind, refuse)
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as e:
