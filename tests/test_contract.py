@@ -21,6 +21,12 @@ async def test_an_integer_beyond_64_bits_is_read_as_a_float_not_a_500(client: An
     raw = b'{"model": "demo", "messages": [{"role": "user", "content": "hi", "x": %d}]}' % 2**70
     resp = await client.post("/v1/chat/completions", data=raw, headers=user.headers)
     assert resp.status == 200, await resp.text()
+    for raw in (b'{"model": "demo", "messages": [{"role": "user", "x": %d}, {"role": "user", "content": "hi"}]}'
+                % 2**64, b'{"model": "demo", "messages": %s, "seed": %d}' % (orjson.dumps(HI), -(2**63) - 1),
+                b'{"model": "demo", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", '
+                b'"n": [%d]}]}]}' % 2**100):
+        resp = await client.post("/v1/chat/completions", data=raw, headers=user.headers)
+        assert resp.status == 200, await resp.text()
     raw = b'{"model": "demo", "messages": %s, "max_tokens": %d}' % (orjson.dumps(HI), -2**70)
     resp = await client.post("/v1/chat/completions", data=raw, headers=user.headers)
     assert resp.status == 400

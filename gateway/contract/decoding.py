@@ -20,27 +20,18 @@ Refusal = Callable[[str, str, Any], GatewayError]
 
 _AT = re.compile(r" - at `\$(.*)`$")
 _MISSING = re.compile(r"^Object (?:missing required|contains unknown) field `([^`]*)`")
-# 19 digits in a row: perhaps an integer beyond 64 bits, which msgspec would decode into a field
-# typed Any (a message passed upstream) as an int that orjson cannot encode (a 500)
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 
 
-def decode(raw: bytes, kind: type[T], refuse: Refusal, not_json: GatewayError) -> T:
+def decode(raw: bytes, kind: type[T], refuse: Refusal, not_json: Callable[[], GatewayError]) -> T:
     """A request body (JSON bytes) as `kind`, or the door's error naming the field."""
-    if _LONG_DIGITS.search(raw) is not None:  # read by orjson, which makes such an integer a float
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise not_json from None
-        return convert(data, kind, refuse)
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as e:
         message = str(e)
         raise refuse(field_path(message), message, _loads(raw)) from None
     except msgspec.DecodeError:
-        raise not_json from None
+        raise not_json() from None
 
 
 def convert(data: Any, kind: type[T], refuse: Refusal) -> T:
@@ -50,6 +41,26 @@ def convert(data: Any, kind: type[T], refuse: Refusal) -> T:
     except msgspec.ValidationError as e:
         message = str(e)
         raise refuse(field_path(message), message, data) from None
+
+
+def reread(raw: bytes, kind: type[T], refuse: Refusal) -> T:
+    """The body as orjson reads it (an integer beyond 64 bits becomes a float), then as `kind`: for a
+    body whose untyped values (passed on as sent) hold an integer orjson cannot encode."""
+    return convert(orjson.loads(raw), kind, refuse)
+
+
+def wide_int(value: Any) -> bool:
+    """Whether JSON `value` holds an integer beyond 64 bits (msgspec decodes one, orjson cannot encode it)."""
+    kind = type(value)
+    if kind is str or value is None or kind is bool or kind is float:
+        return False
+    if kind is int:
+        return not -(2**63) <= value < 2**64
+    if kind is dict:
+        return any(wide_int(v) for v in value.values())
+    if kind is list:
+        return any(wide_int(v) for v in value)
+    return False
 
 
 def field_path(error: str) -> str:

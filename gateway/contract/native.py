@@ -148,12 +148,16 @@ _INDEX = re.compile(r"\[(\d+)\]")
 
 def decode(raw: bytes, kind: type[T]) -> T:
     """A request body (JSON bytes) as `kind`, or BadRequest naming the field."""
-    return decoding.decode(raw, kind, _refusal(kind), BadRequest("body is not valid JSON"))
+    return decoding.decode(raw, kind, _REFUSALS.get(kind) or _refusal(kind), _not_json)
 
 
 def convert(data: Any, kind: type[T]) -> T:
     """An already decoded JSON object (a WebSocket frame) as `kind`, or BadRequest naming the field."""
-    return decoding.convert(data, kind, _refusal(kind))
+    return decoding.convert(data, kind, _REFUSALS.get(kind) or _refusal(kind))
+
+
+def _not_json() -> GatewayError:
+    return BadRequest("body is not valid JSON")
 
 
 def _refusal(kind: type[Struct]) -> decoding.Refusal:
@@ -162,7 +166,11 @@ def _refusal(kind: type[Struct]) -> decoding.Refusal:
             return InvalidId("thread_id is not a valid UUID" if error.startswith("Invalid UUID")
                              else "thread_id must be a UUID string")
         return BadRequest(field_message(field, error, body, kind))
+    _REFUSALS[kind] = refuse
     return refuse
+
+
+_REFUSALS: dict[type[Struct], decoding.Refusal] = {}
 
 
 def _part_message(where: str, part: Any) -> str:

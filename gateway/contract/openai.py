@@ -9,6 +9,7 @@ OpenAI does (`messages[0]`, `stream_options`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Annotated, Any, Literal, TypeVar
 
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -61,20 +62,32 @@ class ChatCompletionRequest(Struct):
 
 PASS_THROUGH = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "seed", "user",
                 "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")
+_PASSED = attrgetter(*PASS_THROUGH)
 
 
-def check_messages(messages: list[dict[str, Any]], error: Callable[[str, str], GatewayError]) -> None:
-    """What the schema says of each message, checked as code (`error(message, param)`)."""
+def check_messages(messages: list[dict[str, Any]], error: Callable[[str, str], GatewayError]) -> bool:
+    """What the schema says of each message, checked as code (`error(message, param)`). True when a
+    message holds an integer beyond 64 bits (decoding.wide_int: to be read again as orjson reads it)."""
+    wide = False
     for i, message in enumerate(messages):
         # a str first: a list or object role is unhashable, so the lookup alone would raise (a 500)
         role = message.get("role")
-        if not isinstance(role, str) or role not in ROLES:
+        if type(role) is not str or role not in ROLES:
             raise error(f"messages[{i}] must be an object with a valid 'role'", f"messages[{i}]")
         content = message.get("content")
-        if not (content is None or isinstance(content, (str, list))):
+        if type(content) is str:
+            if "\x00" in content:
+                raise error(f"messages[{i}].content must not contain NUL", f"messages[{i}]")
+        elif not (content is None or type(content) is list):
             raise error(f"messages[{i}].content must be a string or an array", f"messages[{i}]")
-        if isinstance(content, str) and "\x00" in content:
-            raise error(f"messages[{i}].content must not contain NUL", f"messages[{i}]")
+        if not wide and (len(message) > 2 or type(content) is not str):  # else: a role and a string
+            wide = decoding.wide_int(message)
+    return wide
+
+
+def pass_through(body: ChatCompletionRequest) -> dict[str, Any]:
+    """The fields passed on to OpenAI-compatible upstreams, as sent."""
+    return {k: v for k, v in zip(PASS_THROUGH, _PASSED(body), strict=True) if v is not UNSET}
 
 
 _MESSAGES = {

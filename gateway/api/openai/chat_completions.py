@@ -15,12 +15,11 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from msgspec import UNSET
 
 from gateway.api.common import caller, read_body
 from gateway.api.openai.ratelimits import RateLimitHeaders
 from gateway.contract import decoding
-from gateway.contract.openai import PASS_THROUGH, ChatCompletionRequest, check_messages, refusal
+from gateway.contract.openai import ChatCompletionRequest, check_messages, pass_through, refusal
 from gateway.edge.held import hold_open
 from gateway.edge.middleware import error_shape
 from gateway.errors import GatewayError, TooManyRequests, Unauthorized
@@ -77,15 +76,18 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | 
 
 def parse_request(raw: bytes, known_model: Any) -> tuple[str, ChatRequest, bool, bool]:
     """(model, request, stream, include_usage), or an OpenAIError naming the bad parameter."""
-    body = decoding.decode(raw, ChatCompletionRequest, _refuse, OpenAIError(400, "body is not valid JSON"))
+    body = decoding.decode(raw, ChatCompletionRequest, _refuse, _not_json)
     model = body.model
     if model != AUTO and not known_model(model):
         raise OpenAIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-    check_messages(body.messages, _invalid)
+    extra = pass_through(body)
+    if check_messages(body.messages, _invalid) or (extra and decoding.wide_int(extra)):
+        # an integer orjson cannot encode on its way upstream: read as before (orjson makes it a float)
+        body = decoding.reread(raw, ChatCompletionRequest, _refuse)
+        extra = pass_through(body)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     # both are checked (while decoding), whichever is used: an invalid one is never silently ignored
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    extra = {k: v for k in PASS_THROUGH if (v := getattr(body, k)) is not UNSET}
     request = ChatRequest(body.messages, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           stop=body.stop, extra=extra,
                           max_tokens_key="max_completion_tokens" if body.max_completion_tokens is not None
@@ -95,6 +97,10 @@ def parse_request(raw: bytes, known_model: Any) -> tuple[str, ChatRequest, bool,
 
 def _invalid(message: str, param: str | None) -> OpenAIError:
     return OpenAIError(400, message, param=param)
+
+
+def _not_json() -> OpenAIError:
+    return OpenAIError(400, "body is not valid JSON")
 
 
 _refuse = refusal(_invalid)
