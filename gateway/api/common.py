@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.contract.native import check_text
 from gateway.edge.auth import CredentialWatch, Principal
 from gateway.errors import BadRequest, InvalidId, PayloadTooLarge, Unauthorized
 from gateway.observability import tracing
@@ -23,6 +24,18 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
+    raw = await read_body(request)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The body's bytes, refused past the configured limit (decode them with gateway.contract)."""
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"body over {limit} bytes")
@@ -35,14 +48,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         if size > limit:  # a chunked body has no Content-Length to refuse it by up front
             raise PayloadTooLarge(f"body over {limit} bytes")
         chunks.append(chunk)
-    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    return body
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_uuid(raw: Any, what: str) -> uuid.UUID:
@@ -62,13 +68,6 @@ def optional(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what
         raise BadRequest(f"{key} must be {what}")
     if isinstance(value, str):
         check_text(value, key)
-    return value
-
-
-def check_text(value: str, key: str) -> str:
-    # PostgreSQL text cannot hold NUL: refuse it here, before anything is written, not as a 500 later
-    if "\x00" in value:
-        raise BadRequest(f"{key} must not contain NUL characters")
     return value
 
 

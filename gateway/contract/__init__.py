@@ -1,8 +1,15 @@
-"""The HTTP contract.
+"""The HTTP contract: request bodies as typed structs (decoded by the handlers, and the schemas of
+GET /openapi.json), and the document.
 
-    openapi.py  GET /openapi.json
+    decoding.py  a body through a struct; msgspec's error as the field it is about, for each door's shape
+    native.py    the native API's bodies (chat turn, arena, regenerate, thread, vote) and content parts
+    openai.py    POST /v1/chat/completions' body
+    openapi.py   GET /openapi.json
 """
 
 __all__ = [
+    "decoding",
+    "native",
+    "openai",
     "openapi",
 ]

@@ -14,19 +14,19 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import web
 
 from gateway import __version__
+from gateway.contract import native, openai
+from gateway.contract.native import IMAGE_URL, NO_NUL, NOT_BLANK
 from gateway.service.router import AUTO
 from gateway.state import MODELS
 from gateway.vocabulary import MessageStatus, Winner
 
 Schema = dict[str, Any]
 
-NO_NUL = "^[^\\x00]*$"
-# str.strip() leaves something, and no NUL (PostgreSQL text cannot hold one)
-NOT_BLANK = "^[^\\x00]*[^\\s\\x00][^\\x00]*$"
 INT32_MAX = 2**31 - 1
 MESSAGE_STATUSES = [str(s) for s in MessageStatus]
 WINNERS = [str(w) for w in Winner]
@@ -181,28 +181,6 @@ def json_body(schema: str, required: bool = True) -> dict[str, Any]:
 # -- schemas ---------------------------------------------------------------------------------
 
 def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
-    turn_fields: dict[str, Schema] = {
-        "content": {"type": "string", "minLength": 1, "pattern": NOT_BLANK,
-                    "description": "The user's message: not blank, no NUL"},
-        "thread_id": nullable({**UUID, "description": "Continue this thread (one of the caller's)"}),
-        "client_message_id": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL,
-                                       "description": "Idempotency key: a retry returns the stored turn"}),
-        "stream": nullable({"type": "boolean", "description": "Stream SSE (default: by the Accept header)"}),
-        "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
-        "temperature": nullable({"type": "number"}),
-    }
-    content_parts: Schema = {
-        "type": "array", "minItems": 1, "maxItems": 100,
-        "description": "OpenAI-style content parts, stored and returned as sent (`parts`); the demo model "
-                       "answers about the text parts",
-        "items": {"oneOf": [
-            obj({"type": {"const": "text"}, "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
-                additionalProperties=False),
-            obj({"type": {"const": "image_url"},
-                 "image_url": obj({"url": {"type": "string", "pattern": "^(https?://|data:image/)"},
-                                   "detail": {"enum": ["auto", "low", "high"]}}, ("url",),
-                                  additionalProperties=False)},
-                ("type", "image_url"), additionalProperties=False)]}}
     message_row = obj({
         "id": UUID, "thread_id": UUID, "role": {"enum": ["user", "assistant", "system"]}, "content": STRING,
         "status": {"enum": MESSAGE_STATUSES}, "reply_to": nullable(UUID), "slot": {"enum": ["a", "b", None]},
@@ -239,10 +217,6 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                 "provider": nullable(STRING)}, ("message_id", "status", "model", "provider"))
     usage = obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
                 ("prompt_tokens", "completion_tokens", "total_tokens"))
-    openai_message = obj({
-        "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-        "content": {"anyOf": [{"type": "string", "pattern": NO_NUL}, {"type": "array"}, {"type": "null"}]},
-    }, ("role",), additionalProperties=True)
     usage_counts = {"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT,
                     "cost_usd": {"type": "number"}, "requests": INT}
     return {
@@ -256,46 +230,17 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "OpenAIError": obj({"error": obj({
             "message": STRING, "type": STRING, "param": nullable(STRING), "code": nullable(STRING),
         }, ("message", "type", "param", "code"))}, ("error",)),
-        "ChatRequest": obj({**turn_fields, "content": {"anyOf": [turn_fields["content"], content_parts]},
-                            "model": nullable({"enum": [AUTO, *models],
-                                               "description": "Default: auto (the router picks)"})},
-                           ("content",), additionalProperties=True, description="Unknown fields are ignored"),
         "ChatAccepted": obj({
             "status": {"const": "accepted"}, "message": ref("Message"), "duplicate": {"type": "boolean"},
             "thread_id": UUID, "assistant_message_id": UUID,
             "stream_url": {"type": "string", "description": "Follow the reply with EventSource (token included)"},
         }, ("status", "message", "duplicate", "thread_id", "assistant_message_id", "stream_url")),
-        "RegenerateRequest": obj({
-            "model": nullable({"enum": [AUTO, *models],
-                               "description": "Default: what the last reply was asked for (auto if it was routed)"}),
-            "client_request_id": nullable({"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL,
-                                           "description": "Idempotency key: a retry returns the reply it made"}),
-            "stream": nullable({"type": "boolean", "description": "Stream SSE (default: by the Accept header)"}),
-        }, additionalProperties=True, description="Optional; unknown fields are ignored"),
         "Message": message_row,
         "Thread": thread,
         "ThreadWithMessages": {"allOf": [thread, obj({"messages": {"type": "array", "items": ref("Message")}},
                                                      ("messages",))]},
         "ThreadPage": obj({"threads": {"type": "array", "items": ref("Thread")}, "next_cursor": nullable(STRING)},
                           ("threads", "next_cursor")),
-        "CreateThread": obj({"title": nullable({"type": "string", "maxLength": 200, "pattern": NO_NUL})},
-                            additionalProperties=True),
-        "ChatCompletionRequest": obj({
-            "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
-            "messages": {"type": "array", "minItems": 1, "items": openai_message},
-            "stream": {"type": "boolean"},
-            "stream_options": nullable(obj({"include_usage": nullable({"type": "boolean"})},
-                                           additionalProperties=True)),
-            "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
-            "max_completion_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
-            "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
-            "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
-            "stop": {"anyOf": [STRING, {"type": "array", "items": STRING}, {"type": "null"}]},
-            "n": nullable({"type": "integer", "minimum": 1, "maximum": 1}),
-            **{name: {"description": "Passed through to OpenAI-compatible upstreams unchecked"}
-               for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format", "seed", "user",
-                            "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")},
-        }, ("model", "messages"), additionalProperties=True),
         "EmbeddingRequest": obj({
             "model": {"enum": list(models), "description": "A model with kind = \"embedding\" (or one of the "
                                                             "demo provider's)"},
@@ -355,7 +300,7 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                                  "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
                                 additionalProperties=True),
                             obj({"type": {"const": "input_image"},
-                                 "image_url": {"type": "string", "pattern": "^(https?://|data:image/)"},
+                                 "image_url": {"type": "string", "pattern": IMAGE_URL},
                                  "detail": nullable({"enum": ["auto", "low", "high"]})}, ("type", "image_url"),
                                 additionalProperties=True)]}}]},
                 }, ("role", "content"), additionalProperties=True),
@@ -433,14 +378,6 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "CreatedKey": {"allOf": [key_info, obj({"key": {"type": "string", "description": "Shown this once"}},
                                                ("key",))]},
         "KeyList": obj({"keys": {"type": "array", "items": ref("KeyInfo")}}, ("keys",)),
-        "ArenaRequest": obj({
-            **turn_fields,
-            "models": nullable({"type": "array", "minItems": 2, "maxItems": 2, "uniqueItems": True,
-                                "items": {"enum": list(models)},
-                                "description": "Two configured models (default: drawn at random)"}),
-            "anonymous": nullable({"type": "boolean", "description": "Hide the models until the vote "
-                                                                     "(default true)"}),
-        }, ("content",), additionalProperties=True, description="Unknown fields (and `model`) are ignored"),
         "ArenaAccepted": obj({
             "status": {"const": "accepted"}, "comparison_id": UUID, "message": ref("Message"),
             "duplicate": {"type": "boolean"}, "thread_id": UUID,
@@ -452,7 +389,6 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "winner": {"enum": [*WINNERS, None]}, "voted_at": nullable(TIME), "created_at": TIME,
             "slots": obj({"a": slot, "b": slot}, ("a", "b")),
         }, ("id", "thread_id", "user_message_id", "anonymous", "winner", "voted_at", "created_at", "slots")),
-        "Vote": obj({"winner": {"enum": WINNERS}}, ("winner",), additionalProperties=True),
         "Leaderboard": obj({
             "models": {"type": "array", "items": obj({
                 "model": STRING, "rating": {"type": "number"}, "ci_low": {"type": "number"},
@@ -836,6 +772,29 @@ def _paths() -> dict[str, Any]:
     }
 
 
+# the request bodies defined as structs: their schemas are generated (with the structs they refer to)
+BODIES: tuple[type[msgspec.Struct], ...] = (*native.BODIES, openai.ChatCompletionRequest)
+
+
+def _generated(models: tuple[str, ...]) -> dict[str, Schema]:
+    """The structs' JSON schemas for an app serving `models`: a model field names a configured model
+    (or auto), which the handler checks against the configuration."""
+    _, schemas = msgspec.json.schema_components(BODIES, ref_template="#/components/schemas/{name}")
+
+    def models_enum(schema: Schema, names: list[str]) -> Schema:
+        return {"enum": names, **{k: v for k, v in schema.items() if k not in ("type", "minLength")}}
+
+    for name in ("ChatRequest", "RegenerateRequest"):
+        field = schemas[name]["properties"]["model"]["anyOf"]
+        field[0] = models_enum(field[0], [AUTO, *models])
+    completion = schemas["ChatCompletionRequest"]["properties"]
+    completion["model"] = models_enum(completion["model"], [AUTO, *models])
+    schemas["ArenaRequest"]["properties"]["models"]["anyOf"][0]["items"] = {"enum": list(models)}
+    for name in ("ChatRequest", "ArenaRequest"):  # the pattern says which forms (not the format's one alone)
+        del schemas[name]["properties"]["thread_id"]["anyOf"][0]["format"]
+    return schemas
+
+
 @lru_cache(maxsize=8)
 def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
     """The whole document for an app serving `models` (built once per set; callers must not mutate it)."""
@@ -846,7 +805,7 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
         "security": [{"bearerAuth": []}],
         "paths": _paths(),
         "components": {
-            "schemas": _schemas(models),
+            "schemas": {**_schemas(models), **_generated(models)},
             "responses": {**error_responses("Error", "Error"), **error_responses("OpenAIError", "OpenAIError"),
                           **error_responses("AnthropicError", "AnthropicError"),
                           "AnthropicError502": response("The upstream failed before any output",

@@ -21,8 +21,9 @@ import uuid
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from gateway.api.common import caller, json_response, lapse_frame, parse_uuid, read_json, stream_reader, until_lapsed
+from gateway.api.common import caller, json_response, lapse_frame, parse_uuid, read_body, stream_reader, until_lapsed
 from gateway.api.native.bodies import parse_arena, wants_stream
+from gateway.contract.native import Vote, decode
 from gateway.edge.auth import Principal
 from gateway.edge.sse import DONE, open_stream, parse_seq
 from gateway.errors import BadRequest
@@ -35,7 +36,7 @@ from gateway.vocabulary import LIVE_STATUSES, Slot, Winner
 async def post_arena(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "arena")
     app = request.app
-    turn, stream, models, anonymous = parse_arena(await read_json(request), app[MODELS].chat_model)
+    turn, stream, models, anonymous = parse_arena(await read_body(request), app[MODELS].chat_model)
     turns = app[TURNS]
     started = time.monotonic()
     stored = await asyncio.shield(turns.begin_arena(principal, turn, models, anonymous, request[TIMINGS].start))
@@ -155,10 +156,7 @@ async def get_comparison(request: web.Request) -> web.Response:
 async def post_vote(request: web.Request) -> web.Response:
     principal = await caller(request, "arena")
     comparison_id = parse_uuid(request.match_info["comparison_id"], "comparison id")
-    raw = (await read_json(request)).get("winner")
-    if not isinstance(raw, str) or raw not in Winner.__members__.values():
-        raise BadRequest("winner must be one of a, b, tie, both_bad")
-    winner = Winner(raw)
+    winner = Winner(decode(await read_body(request), Vote).winner)
     row = await arena_store.vote(request.app[DB].pool, principal.user_id, comparison_id, winner)
     request.app[LEADERBOARD].votes_changed()
     return json_response(arena_store.comparison_json(row))

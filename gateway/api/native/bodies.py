@@ -1,4 +1,5 @@
-"""Request bodies shared by several front doors (chat, arena, WebSocket): validated before anything is written."""
+"""Request bodies shared by several front doors (chat, arena, WebSocket): decoded through the
+contract's structs (gateway/contract/native.py) and validated before anything is written."""
 
 from __future__ import annotations
 
@@ -7,54 +8,68 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.common import optional, parse_uuid
-from gateway.api.content import MAX_TOKENS_LIMIT, parse_content
+from gateway.contract.native import (
+    MAX_CLIENT_MESSAGE_ID,
+    ArenaRequest,
+    ChatRequest,
+    check_content,
+    check_text,
+    convert,
+    decode,
+)
 from gateway.errors import BadRequest
 from gateway.service.router import AUTO, RANDOM
 from gateway.service.turns import TurnInput
 
-MAX_CLIENT_MESSAGE_ID = 200
+__all__ = ["MAX_CLIENT_MESSAGE_ID", "parse_arena", "parse_turn", "turn_from_frame", "wants_stream"]
+
 KnownModel = Callable[[str], bool]
 
-def parse_turn(body: dict[str, Any], known_model: KnownModel) -> tuple[TurnInput, bool | None]:
-    """A chat turn's fields and its `stream` flag (None: not given)."""
-    content, parts = parse_content(body.get("content"))
-    thread_id = body.get("thread_id")
-    model = optional(body, "model", str, "a model name")
+
+def _turn(body: ChatRequest, known_model: KnownModel) -> tuple[TurnInput, bool | None]:
+    content, parts = check_content(body.content)
+    model = body.model
     if model is not None and model != AUTO and not known_model(model):
         raise BadRequest(f"unknown model {model!r}")
-    client_message_id = optional(body, "client_message_id", str, "a string")
-    if client_message_id is not None and not 0 < len(client_message_id) <= MAX_CLIENT_MESSAGE_ID:
-        raise BadRequest(f"client_message_id must be 1 to {MAX_CLIENT_MESSAGE_ID} characters")
-    max_tokens = optional(body, "max_tokens", int, "a positive integer")
-    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise BadRequest(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}")
-    temperature = optional(body, "temperature", (int, float), "a number")
-    stream = optional(body, "stream", bool, "true or false")
-    return TurnInput(content=content, parts=parts,
-                     thread_id=parse_uuid(thread_id, "thread_id") if thread_id is not None else None,
-                     model=model, client_message_id=client_message_id, max_tokens=max_tokens,
-                     temperature=float(temperature) if temperature is not None else None), stream
+    if body.client_message_id is not None:
+        check_text(body.client_message_id, "client_message_id")
+    temperature = body.temperature
+    return TurnInput(content=content, parts=parts, thread_id=body.thread_id, model=model,
+                     client_message_id=body.client_message_id, max_tokens=body.max_tokens,
+                     temperature=float(temperature) if temperature is not None else None), body.stream
 
 
-def parse_arena(body: dict[str, Any], known_model: KnownModel) -> tuple[TurnInput, bool | None, list[str] | None,
-                                                                       bool]:
+def parse_turn(raw: bytes, known_model: KnownModel) -> tuple[TurnInput, bool | None]:
+    """A chat turn's fields and its `stream` flag (None: not given), from the body's bytes."""
+    return _turn(decode(raw, ChatRequest), known_model)
+
+
+def turn_from_frame(frame: dict[str, Any], known_model: KnownModel) -> TurnInput:
+    """A chat turn from a WebSocket frame (already decoded JSON)."""
+    return _turn(convert(frame, ChatRequest), known_model)[0]
+
+
+def parse_arena(raw: bytes, known_model: KnownModel) -> tuple[TurnInput, bool | None, list[str] | None, bool]:
     """An arena turn: the chat fields, `models` (two different known names, or None: drawn) and
     `anonymous` (default true)."""
-    if isinstance(body.get("content"), list):  # both slots get the text: parts would be dropped in silence
-        raise BadRequest("content parts are not supported by the arena: send a string")
-    turn, stream = parse_turn({k: v for k, v in body.items() if k not in ("models", "anonymous", "model")},
-                              known_model)
-    models = body.get("models")
+    body = decode(raw, ArenaRequest)
+    if not body.content.strip():
+        raise BadRequest("content must not be empty")
+    check_text(body.content, "content")
+    if body.client_message_id is not None:
+        check_text(body.client_message_id, "client_message_id")
+    models = body.models
     if models is not None:
-        if (not isinstance(models, list) or len(models) != 2 or not all(isinstance(m, str) for m in models)
-                or models[0] == models[1]):
+        if models[0] == models[1]:
             raise BadRequest("models must be two different model names")
         unknown = [m for m in models if m == RANDOM or not known_model(m)]  # omit `models` to draw
         if unknown:
             raise BadRequest(f"unknown model {unknown[0]!r}")
-    anonymous = optional(body, "anonymous", bool, "true or false")
-    return turn, stream, models, True if anonymous is None else anonymous
+    temperature = body.temperature
+    turn = TurnInput(content=body.content, thread_id=body.thread_id,
+                     client_message_id=body.client_message_id, max_tokens=body.max_tokens,
+                     temperature=float(temperature) if temperature is not None else None)
+    return turn, body.stream, models, True if body.anonymous is None else body.anonymous
 
 
 def wants_stream(request: web.Request, stream: bool | None) -> bool:

@@ -19,13 +19,13 @@ from gateway.api.common import (
     caller,
     json_response,
     lapse_frame,
-    optional,
     parse_uuid,
-    read_json,
+    read_body,
     stream_reader,
     until_lapsed,
 )
-from gateway.api.native.bodies import MAX_CLIENT_MESSAGE_ID, parse_turn, wants_stream
+from gateway.api.native.bodies import parse_turn, wants_stream
+from gateway.contract.native import RegenerateRequest, check_text, decode
 from gateway.edge.auth import Principal
 from gateway.edge.sse import DONE, open_stream, parse_last_event_id
 from gateway.errors import BadRequest
@@ -39,7 +39,7 @@ from gateway.store import messages as message_store
 async def post_chat(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
-    turn, stream = parse_turn(await read_json(request), app[MODELS].chat_model)
+    turn, stream = parse_turn(await read_body(request), app[MODELS].chat_model)
     turns = app[TURNS]
     started = time.monotonic()
     stored = await asyncio.shield(turns.begin_chat(principal, turn, request[TIMINGS].start))
@@ -59,14 +59,12 @@ async def regenerate(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
     user_message_id = parse_uuid(request.match_info["message_id"], "message id")
-    body = await read_json(request) if request.can_read_body else {}
-    model = optional(body, "model", str, "a model name")
+    body = decode(await read_body(request), RegenerateRequest) if request.can_read_body else RegenerateRequest()
+    model, client_request_id, stream = body.model, body.client_request_id, body.stream
     if model is not None and model != AUTO and not app[MODELS].chat_model(model):
         raise BadRequest(f"unknown model {model!r}")
-    client_request_id = optional(body, "client_request_id", str, "a string")
-    if client_request_id is not None and not 0 < len(client_request_id) <= MAX_CLIENT_MESSAGE_ID:
-        raise BadRequest(f"client_request_id must be 1 to {MAX_CLIENT_MESSAGE_ID} characters")
-    stream = optional(body, "stream", bool, "true or false")
+    if client_request_id is not None:
+        check_text(client_request_id, "client_request_id")
     turns = app[TURNS]
     started = time.monotonic()
     made = await asyncio.shield(turns.regenerate(principal, user_message_id, model, client_request_id,

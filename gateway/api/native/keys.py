@@ -29,7 +29,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.common import caller, check_text, json_response, optional, parse_uuid, read_json
+from gateway.api.common import caller, json_response, optional, parse_uuid, read_json
+from gateway.contract.native import check_text
 from gateway.edge.auth import Principal
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.state import AUTH, DB

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from gateway.api.common import caller, json_response, optional, parse_uuid, read_json
+from gateway.api.common import caller, json_response, parse_uuid, read_body
+from gateway.contract.native import CreateThread, check_text, decode
 from gateway.errors import BadRequest
 from gateway.state import DB
 from gateway.store import arena as arena_store
@@ -37,10 +38,8 @@ def decode_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
 
 async def create_thread(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
-    body = await read_json(request) if request.can_read_body else {}
-    title = optional(body, "title", str, "a string")
-    if title is not None and len(title) > 200:
-        raise BadRequest("title must be at most 200 characters")
+    body = decode(await read_body(request), CreateThread) if request.can_read_body else CreateThread()
+    title = body.title if body.title is None else check_text(body.title, "title")
     thread = await thread_store.create_thread(request.app[DB].pool, principal.user_id, title)
     return json_response(thread, status=201)
 

@@ -59,7 +59,7 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from gateway.api.common import caller, parse_uuid
-from gateway.api.native.bodies import parse_turn
+from gateway.api.native.bodies import turn_from_frame
 from gateway.edge.auth import CredentialWatch, Principal
 from gateway.edge.sse import parse_last_event_id
 from gateway.errors import BadRequest, CredentialRevoked, GatewayError, ServiceUnavailable, Unauthorized
@@ -184,7 +184,7 @@ class Session:
             work: Coroutine[Any, Any, None]
             if kind == "chat":
                 # validated here, before anything is written
-                work = self.turn(parse_turn(frame, self.request.app[MODELS].chat_model)[0])
+                work = self.turn(turn_from_frame(frame, self.request.app[MODELS].chat_model))
             elif kind in ("resume", "cancel"):
                 message_id = parse_uuid(frame.get("message_id"), "message_id")
                 if kind == "resume":

@@ -16,9 +16,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.common import caller, read_json
-from gateway.api.content import MAX_TOKENS_LIMIT
+from gateway.api.common import caller, read_body
 from gateway.api.openai.ratelimits import RateLimitHeaders
+from gateway.contract import decoding
+from gateway.contract.openai import ChatCompletionRequest, check_messages, pass_through, refusal
 from gateway.edge.held import hold_open
 from gateway.edge.middleware import error_shape
 from gateway.errors import GatewayError, TooManyRequests, Unauthorized
@@ -38,10 +39,6 @@ from gateway.service.router import AUTO
 from gateway.service.turns import charged_usage
 from gateway.state import MODELS, TIMINGS, TURNS
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
-# request fields passed through untouched to OpenAI-compatible upstreams
-PASS_THROUGH = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format", "seed", "user",
-                          "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs"})
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
                "X-Accel-Buffering": "no"}
 
@@ -77,58 +74,36 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | 
     return value
 
 
-def parse_request(body: dict[str, Any], known_model: Any) -> tuple[str, ChatRequest, bool, bool]:
+def parse_request(raw: bytes, known_model: Any) -> tuple[str, ChatRequest, bool, bool]:
     """(model, request, stream, include_usage), or an OpenAIError naming the bad parameter."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise OpenAIError(400, "'model' is required and must be a string", param="model")
+    body = decoding.decode(raw, ChatCompletionRequest, _refuse, _not_json)
+    model = body.model
     if model != AUTO and not known_model(model):
         raise OpenAIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise OpenAIError(400, "'messages' must be a non-empty array", param="messages")
-    for i, message in enumerate(messages):
-        # a str first: a list or object role is unhashable, so the set lookup alone would raise (a 500)
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or message["role"] not in ROLES:
-            raise OpenAIError(400, f"messages[{i}] must be an object with a valid 'role'", param=f"messages[{i}]")
-        content = message.get("content")
-        if not (content is None or isinstance(content, (str, list))):
-            raise OpenAIError(400, f"messages[{i}].content must be a string or an array", param=f"messages[{i}]")
-        if isinstance(content, str) and "\x00" in content:
-            raise OpenAIError(400, f"messages[{i}].content must not contain NUL", param=f"messages[{i}]")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise OpenAIError(400, "'stream' must be a boolean", param="stream")
-    options = body.get("stream_options")
-    if options is None:
-        options = {}
-    elif not isinstance(options, dict):  # false, 0 or "" included: they are not "no options"
-        raise OpenAIError(400, "'stream_options' must be an object", param="stream_options")
-    include_usage = options.get("include_usage")
-    if include_usage is not None and not isinstance(include_usage, bool):
-        raise OpenAIError(400, "'stream_options.include_usage' must be a boolean", param="stream_options")
-    # both are checked, whichever is used: an invalid one is never silently ignored
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or not 1 <= value <= MAX_TOKENS_LIMIT):
-            raise OpenAIError(400, f"'{name}' must be an integer from 1 to {MAX_TOKENS_LIMIT}", param=name)
-    max_tokens = body.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = body.get("max_tokens")
-    stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and
-                                                           all(isinstance(s, str) for s in stop))):
-        raise OpenAIError(400, "'stop' must be a string or an array of strings", param="stop")
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):  # true == 1 in Python, not in JSON
-        raise OpenAIError(400, "only n = 1 is supported", param="n")
-    request = ChatRequest(messages, max_tokens=max_tokens, temperature=_number(body, "temperature", 0, 2),
-                          top_p=_number(body, "top_p", 0, 1), stop=stop,
-                          extra={k: v for k, v in body.items() if k in PASS_THROUGH},
-                          max_tokens_key="max_completion_tokens" if body.get("max_completion_tokens") is not None
+    extra = pass_through(body)
+    if check_messages(body.messages, _invalid) or (extra and decoding.wide_int(extra)):
+        # an integer orjson cannot encode on its way upstream: read as before (orjson makes it a float)
+        body = decoding.reread(raw, ChatCompletionRequest, _refuse)
+        extra = pass_through(body)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    # both are checked (while decoding), whichever is used: an invalid one is never silently ignored
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    request = ChatRequest(body.messages, max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                          stop=body.stop, extra=extra,
+                          max_tokens_key="max_completion_tokens" if body.max_completion_tokens is not None
                           else "max_tokens")
-    return model, request, stream, bool(include_usage)
+    return model, request, body.stream, bool(include_usage)
+
+
+def _invalid(message: str, param: str | None) -> OpenAIError:
+    return OpenAIError(400, message, param=param)
+
+
+def _not_json() -> OpenAIError:
+    return OpenAIError(400, "body is not valid JSON")
+
+
+_refuse = refusal(_invalid)
 
 
 class ChunkEncoder:
@@ -206,7 +181,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # its handler chain, so the streaming loop is here rather than in a function of its own.
     principal = await caller(request, "chat")
     app = request.app
-    model_name, chat, stream, include_usage = parse_request(await read_json(request), app[MODELS].chat_model)
+    model_name, chat, stream, include_usage = parse_request(await read_body(request), app[MODELS].chat_model)
     turns = app[TURNS]
     completion = await turns.begin_completion(principal, model_name, chat, request[TIMINGS].start)
     reply = _Reply()

@@ -1,0 +1,260 @@
+"""A corpus of request bodies, each judged twice: by GET /openapi.json's schema for its route, and by the
+running app's handler. The verdicts must agree: a body the document calls valid is not refused as
+malformed (it may still fail later: an unknown thread is a 404), and a body the document calls invalid
+is refused with a 400.
+
+The corpus: valid bodies, wrong types, a thread id that is not a UUID, image URLs that are not ones
+(`data:image/!!`, a space, control characters), NUL and other control characters in text, unknown
+fields, values past their bounds, missing required fields.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import jsonschema_rs
+import orjson
+import pytest
+
+PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJ"
+         "RU5ErkJggg==")
+CONFIG = """
+[models.echo]
+provider = "demo"
+"""
+UNKNOWN_THREAD = str(uuid.UUID(int=7))
+
+
+def image(url: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url, **extra}}
+
+
+def text(value: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": "text", "text": value, **extra}
+
+
+# the turn fields POST /api/chat and POST /api/arena share: (name, body)
+TURN = [
+    ("valid", {"content": "hi"}),
+    ("valid-nulls", {"content": "hi", "thread_id": None, "model": None, "client_message_id": None, "stream": None,
+                     "max_tokens": None, "temperature": None}),
+    ("valid-all", {"content": "hi", "client_message_id": "x" * 200, "max_tokens": 2**31 - 1, "temperature": 1,
+                   "stream": False}),
+    ("valid-control-characters", {"content": "a\x01b\x7f\x1bc"}),
+    ("valid-unknown-thread", {"content": "hi", "thread_id": UNKNOWN_THREAD}),
+    ("valid-uppercase-thread", {"content": "hi", "thread_id": UNKNOWN_THREAD.upper()}),
+    ("unknown-field", {"content": "hi", "colour": "blue"}),
+    ("missing-content", {}),
+    ("content-null", {"content": None}),
+    ("content-number", {"content": 5}),
+    ("content-object", {"content": {"type": "text", "text": "hi"}}),
+    ("content-empty", {"content": ""}),
+    ("content-blank", {"content": " \n\t"}),
+    ("content-blank-file-separator", {"content": "\x1c\x1f"}),  # Python's whitespace, not a regex's \s
+    ("content-blank-nel", {"content": "\x85"}),
+    ("content-bom", {"content": "\ufeff"}),  # a regex's \s, not Python's whitespace: not blank
+    ("content-nul", {"content": "a\x00b"}),
+    ("thread-number", {"content": "hi", "thread_id": 7}),
+    ("thread-not-uuid", {"content": "hi", "thread_id": "not-a-uuid"}),
+    ("thread-bare-hex", {"content": "hi", "thread_id": uuid.UUID(int=7).hex}),
+    ("thread-braces", {"content": "hi", "thread_id": "{%s}" % UNKNOWN_THREAD}),
+    ("thread-newline", {"content": "hi", "thread_id": UNKNOWN_THREAD + "\n"}),
+    ("stream-string", {"content": "hi", "stream": "yes"}),
+    ("stream-number", {"content": "hi", "stream": 1}),
+    ("max-tokens-zero", {"content": "hi", "max_tokens": 0}),
+    ("max-tokens-string", {"content": "hi", "max_tokens": "5"}),
+    ("max-tokens-true", {"content": "hi", "max_tokens": True}),
+    ("max-tokens-fraction", {"content": "hi", "max_tokens": 1.5}),
+    ("max-tokens-int32-overflow", {"content": "hi", "max_tokens": 2**31}),
+    ("max-tokens-int64-overflow", {"content": "hi", "max_tokens": 2**63}),
+    ("temperature-string", {"content": "hi", "temperature": "hot"}),
+    ("temperature-true", {"content": "hi", "temperature": True}),
+    ("client-id-empty", {"content": "hi", "client_message_id": ""}),
+    ("client-id-too-long", {"content": "hi", "client_message_id": "x" * 201}),
+    ("client-id-number", {"content": "hi", "client_message_id": 7}),
+    ("client-id-nul", {"content": "hi", "client_message_id": "a\x00b"}),
+]
+
+# content parts (POST /api/chat only: the arena takes a string)
+PARTS = [
+    ("parts-valid", {"content": [text("look"), image("https://example.com/a.png", detail="low"), image(PIXEL)]}),
+    ("parts-image-alone", {"content": [image(PIXEL)]}),
+    ("parts-control-characters", {"content": [text("a\x01b")]}),
+    ("parts-empty", {"content": []}),
+    ("parts-too-many", {"content": [text("hi")] * 101}),
+    ("parts-a-string", {"content": ["hi"]}),
+    ("parts-blank", {"content": [text(" ")]}),
+    ("parts-unknown-type", {"content": [{"type": "audio", "audio": "x"}]}),
+    ("parts-missing-type", {"content": [{"text": "hi"}]}),
+    ("parts-missing-text", {"content": [{"type": "text"}]}),
+    ("parts-text-number", {"content": [text(5)]}),
+    ("parts-text-nul", {"content": [text("a\x00b")]}),
+    ("parts-text-unknown-field", {"content": [text("hi", extra=1)]}),
+    ("parts-image-a-string", {"content": [{"type": "image_url", "image_url": "https://example.com/a.png"}]}),
+    ("parts-image-missing-url", {"content": [{"type": "image_url", "image_url": {}}]}),
+    ("parts-image-unknown-field", {"content": [image(PIXEL, size=3)]}),
+    ("parts-image-detail", {"content": [image(PIXEL, detail="ultra")]}),
+    ("parts-data-url-not-base64", {"content": [image("data:image/!!")]}),
+    ("parts-data-url-bad-payload", {"content": [image("data:image/png;base64,!!")]}),
+    ("parts-data-url-text", {"content": [image("data:text/plain;base64,aGk=")]}),
+    ("parts-url-space", {"content": [image("https://example.com/a b.png")]}),
+    ("parts-url-tab", {"content": [image("https://example.com/a\tb.png")]}),
+    ("parts-url-del", {"content": [image("https://example.com/a\x7fb.png")]}),
+    ("parts-url-newline-at-end", {"content": [image("https://example.com/a.png\n")]}),
+    ("parts-url-non-ascii", {"content": [image("https://example.com/é.png")]}),
+    ("parts-url-nul", {"content": [image("https://example.com/\x00.png")]}),
+    ("parts-url-ftp", {"content": [image("ftp://example.com/a.png")]}),
+]
+
+ARENA = [
+    ("arena-models", {"content": "hi", "models": ["demo", "echo"], "anonymous": False}),
+    ("arena-model-ignored", {"content": "hi", "model": 5}),
+    ("arena-parts", {"content": [text("hi")]}),
+    ("arena-same-models", {"content": "hi", "models": ["demo", "demo"]}),
+    ("arena-one-model", {"content": "hi", "models": ["demo"]}),
+    ("arena-unknown-model", {"content": "hi", "models": ["demo", "nope"]}),
+    ("arena-models-numbers", {"content": "hi", "models": [1, 2]}),
+    ("arena-anonymous-string", {"content": "hi", "anonymous": "no"}),
+]
+
+THREADS = [
+    ("thread-valid", {"title": "t"}),
+    ("thread-empty", {}),
+    ("thread-null-title", {"title": None}),
+    ("thread-unknown-field", {"title": "t", "colour": "blue"}),
+    ("thread-control-characters", {"title": "a\x01b"}),
+    ("thread-title-number", {"title": 5}),
+    ("thread-title-too-long", {"title": "x" * 201}),
+    ("thread-title-longest", {"title": "x" * 200}),
+    ("thread-title-nul", {"title": "a\x00b"}),
+]
+
+HI = [{"role": "user", "content": "hi"}]
+COMPLETIONS = [
+    ("valid", {"model": "demo", "messages": HI}),
+    ("valid-auto", {"model": "auto", "messages": HI, "stream": True, "stream_options": {"include_usage": True}}),
+    ("valid-all", {"model": "demo", "messages": [{"role": "system", "content": "be brief"}, *HI], "max_tokens": 5,
+                   "max_completion_tokens": 2**31 - 1, "temperature": 1, "top_p": 0.5, "stop": ["x"], "n": 1,
+                   "seed": 3, "user": "u"}),
+    ("valid-nulls", {"model": "demo", "messages": HI, "max_tokens": None, "temperature": None, "stop": None,
+                     "n": None, "stream_options": None}),
+    ("valid-control-characters", {"model": "demo", "messages": [{"role": "user", "content": "a\x01\x1bb"}]}),
+    ("valid-parts", {"model": "demo", "messages": [{"role": "user", "content": [text("hi")]}]}),
+    ("unknown-fields", {"model": "demo", "messages": HI, "metadata": {"a": 1}, "store": False}),
+    ("unknown-message-fields", {"model": "demo", "messages": [{"role": "user", "content": "hi", "name": "n"}]}),
+    ("unknown-model", {"model": "nope", "messages": HI}),
+    ("missing-model", {"messages": HI}),
+    ("model-number", {"model": 5, "messages": HI}),
+    ("model-empty", {"model": "", "messages": HI}),
+    ("missing-messages", {"model": "demo"}),
+    ("messages-empty", {"model": "demo", "messages": []}),
+    ("messages-object", {"model": "demo", "messages": {"role": "user"}}),
+    ("message-a-string", {"model": "demo", "messages": ["hi"]}),
+    ("message-role-unknown", {"model": "demo", "messages": [{"role": "wizard", "content": "hi"}]}),
+    ("message-role-list", {"model": "demo", "messages": [{"role": ["user"], "content": "hi"}]}),
+    ("message-role-missing", {"model": "demo", "messages": [{"content": "hi"}]}),
+    ("message-content-number", {"model": "demo", "messages": [{"role": "user", "content": 5}]}),
+    ("message-content-nul", {"model": "demo", "messages": [{"role": "user", "content": "a\x00b"}]}),
+    ("stream-null", {"model": "demo", "messages": HI, "stream": None}),
+    ("stream-string", {"model": "demo", "messages": HI, "stream": "yes"}),
+    ("stream-options-false", {"model": "demo", "messages": HI, "stream_options": False}),
+    ("include-usage-string", {"model": "demo", "messages": HI, "stream_options": {"include_usage": "yes"}}),
+    ("max-tokens-zero", {"model": "demo", "messages": HI, "max_tokens": 0}),
+    ("max-tokens-overflow", {"model": "demo", "messages": HI, "max_tokens": 2**63}),
+    ("max-completion-tokens-string", {"model": "demo", "messages": HI, "max_completion_tokens": "5"}),
+    ("temperature-high", {"model": "demo", "messages": HI, "temperature": 2.5}),
+    ("temperature-true", {"model": "demo", "messages": HI, "temperature": True}),
+    ("top-p-high", {"model": "demo", "messages": HI, "top_p": 2}),
+    ("stop-number", {"model": "demo", "messages": HI, "stop": 5}),
+    ("stop-numbers", {"model": "demo", "messages": HI, "stop": [5]}),
+    ("n-two", {"model": "demo", "messages": HI, "n": 2}),
+    ("n-true", {"model": "demo", "messages": HI, "n": True}),
+]
+
+
+
+def input_image(url: str) -> dict[str, Any]:
+    return {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "see"},
+                                                           {"type": "input_image", "image_url": url}]}
+
+
+RESPONSES = [
+    ("valid", {"model": "demo", "input": "hi", "store": False}),
+    ("valid-image", {"model": "demo", "input": [input_image(PIXEL)], "store": False}),
+    ("valid-image-url", {"model": "demo", "input": [input_image("https://example.com/a.png")], "store": False}),
+    ("image-data-url-not-base64", {"model": "demo", "input": [input_image("data:image/!!")], "store": False}),
+    ("image-url-space", {"model": "demo", "input": [input_image("https://example.com/a b.png")], "store": False}),
+    ("image-url-control", {"model": "demo", "input": [input_image("https://example.com/\x01")], "store": False}),
+    ("input-blank", {"model": "demo", "input": " ", "store": False}),
+    ("input-nul", {"model": "demo", "input": "a\x00b", "store": False}),
+    ("max-output-tokens-overflow", {"model": "demo", "input": "hi", "max_output_tokens": 2**31}),
+]
+
+ANTHROPIC = [
+    ("valid", {"model": "demo", "max_tokens": 5, "messages": HI}),
+    ("valid-system", {"model": "demo", "max_tokens": 5, "system": "be brief", "messages": HI}),
+    ("unknown-fields", {"model": "demo", "max_tokens": 5, "messages": HI, "metadata": {"user_id": "u"}}),
+    ("missing-max-tokens", {"model": "demo", "messages": HI}),
+    ("max-tokens-overflow", {"model": "demo", "max_tokens": 2**31, "messages": HI}),
+    ("messages-empty", {"model": "demo", "max_tokens": 5, "messages": []}),
+    ("role-system", {"model": "demo", "max_tokens": 5, "messages": [{"role": "system", "content": "hi"}]}),
+    ("content-nul", {"model": "demo", "max_tokens": 5, "messages": [{"role": "user", "content": "a\x00b"}]}),
+    ("stream-string", {"model": "demo", "max_tokens": 5, "messages": HI, "stream": "yes"}),
+    ("temperature-high", {"model": "demo", "max_tokens": 5, "messages": HI, "temperature": 1.5}),
+]
+
+CASES = ([("/api/chat", name, body) for name, body in TURN + PARTS + [("chat-model-unknown", {"content": "hi",
+                                                                                            "model": "nope"}),
+                                                                   ("chat-model-number", {"content": "hi",
+                                                                                          "model": 5})]]
+         + [("/api/arena", name, body) for name, body in TURN + ARENA]
+         + [("/api/threads", name, body) for name, body in THREADS]
+         + [("/v1/chat/completions", name, body) for name, body in COMPLETIONS]
+         + [("/v1/responses", name, body) for name, body in RESPONSES]
+         + [("/v1/messages", name, body) for name, body in ANTHROPIC])
+
+
+def body_validator(document: dict[str, Any], path: str) -> jsonschema_rs.Validator:
+    """The document's schema for `path`'s JSON request body (found through the path, not by name)."""
+    schema = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return jsonschema_rs.Draft202012Validator({**schema, "components": document["components"]},
+                                              validate_formats=True)
+
+
+@pytest.fixture
+async def corpus_client(make_client: Any, config_file: Callable[[str], str]) -> Any:
+    return await make_client(GATEWAY_CONFIG=config_file(CONFIG), DEMO_CHUNKS="2")
+
+
+@pytest.mark.parametrize(("path", "name", "body"), CASES, ids=[f"{p}:{n}" for p, n, _ in CASES])
+async def test_the_documents_verdict_is_the_handlers(corpus_client: Any, user: Any, path: str, name: str,
+                                                     body: dict[str, Any]) -> None:
+    document = orjson.loads(await (await corpus_client.get("/openapi.json")).read())
+    valid = body_validator(document, path).is_valid(body)
+    resp = await corpus_client.post(path, data=orjson.dumps(body),
+                                    headers={**user.headers, "Content-Type": "application/json"})
+    answer = await resp.read()
+    assert resp.status != 500, answer
+    # what the document cannot know: whether the thread exists (an unknown model is in the document:
+    # OpenAI answers it with a 404)
+    later = resp.status == 404 and b"model_not_found" not in answer
+    assert (resp.status < 300 or later) == valid, (resp.status, answer)
+    if name.startswith(("valid", "parts-valid", "parts-image-alone", "thread-valid")):
+        assert valid
+    if path == "/v1/chat/completions" and resp.status >= 400:  # OpenAI's shape, the field named as OpenAI names it
+        error = orjson.loads(answer)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert error["param"] == PARAMS.get(name, name.split("-")[0]), error
+
+
+# where `param` is not the first word of the case's name
+PARAMS = {"unknown-model": "model", "message-a-string": "messages[0]", "message-role-unknown": "messages[0]",
+          "message-role-list": "messages[0]", "message-role-missing": "messages[0]",
+          "message-content-number": "messages[0]", "message-content-nul": "messages[0]",
+          "max-tokens-zero": "max_tokens", "max-tokens-overflow": "max_tokens",
+          "max-completion-tokens-string": "max_completion_tokens", "stream-options-false": "stream_options",
+          "include-usage-string": "stream_options", "top-p-high": "top_p", "n-two": "n", "n-true": "n",
+          "messages-empty": "messages", "messages-object": "messages", "missing-model": "model",
+          "missing-messages": "messages"}
