@@ -396,3 +396,31 @@ async def test_model_random_when_every_model_the_key_may_use_is_down_is_a_503(ma
     status, _events, body = await random_turn(client, user)
     assert status == 503 and body["error"]["message"] == "no model is available to draw from; retry later"
     assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 0
+
+
+THREE_WEIGHTED = TWO_WEIGHTED + """
+[models.medium]
+provider = "local"
+weight = 2
+"""
+
+
+async def test_the_arenas_default_pair_is_drawn_among_the_models_the_key_may_use(make_client, config_file, user,
+                                                                                   make_user, db):
+    await limit_key(db, user, ["light", "medium"])
+    client = await make_client(GATEWAY_CONFIG=config_file(THREE_WEIGHTED))
+    client.app[MODELS].rng.seed(3)
+    for i in range(8):  # unrestricted, "heavy" (weight 3) would be in most pairs
+        resp = await client.post("/api/arena", headers=user.headers,
+                                 json={"content": f"compare {i}", "stream": False})
+        assert resp.status == 202, await resp.text()
+    rows = await db.fetch("SELECT model_a, model_b FROM comparisons WHERE user_id = $1", user.id)
+    assert len(rows) == 8
+    assert all(sorted((r["model_a"], r["model_b"])) == ["light", "medium"] for r in rows)
+    # a key that may use only one drawable model cannot be paired: a 403, nothing saved
+    other = await make_user()
+    await limit_key(db, other, ["light", "off", "never"])
+    resp = await client.post("/api/arena", headers=other.headers, json={"content": "one more", "stream": False})
+    assert resp.status == 403, await resp.text()
+    assert (await resp.json())["error"]["message"] == "the arena's pairing needs two models this key may use"
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", other.id) == 0

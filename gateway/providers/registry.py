@@ -123,11 +123,15 @@ class ModelRegistry:
                 raise Forbidden("model 'random' draws from no model this key may use") from None
             raise ServiceUnavailable("no model is available to draw from; retry later") from None
 
-    def draw_pair(self, rng: random.Random | None = None) -> tuple[ModelConfig, ModelConfig]:
+    def draw_pair(self, rng: random.Random | None = None,
+                  allowed: Collection[str] | None = None) -> tuple[ModelConfig, ModelConfig]:
         """Two distinct enabled models, drawn at random in proportion to their weights, skipping
-        models whose circuit is open (the arena's default pairing)."""
+        models whose circuit is open (the arena's default pairing); only among `allowed` when given
+        (the models the caller may use): Forbidden if fewer than two of them can ever be drawn."""
         choices = rng.choices if rng is not None else random.choices
-        pool = self._pool()
+        pool = self._pool(allowed)
+        if allowed is not None and len(self._drawable(allowed)) < 2:
+            raise Forbidden("the arena's pairing needs two models this key may use")
         if len(pool) < 2:
             raise NotEnoughModels(f"need two available models, have {len(pool)}")
         first = choices(pool, weights=[m.weight for m in pool])[0]

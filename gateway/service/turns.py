@@ -286,7 +286,8 @@ class Turns:
         messages = await self.conversation(principal, turn)
         if requested is None:
             try:
-                pair = [m.name for m in self._models.draw_pair()]
+                allowed = limits_for(self._settings.limits, principal).models
+                pair = [m.name for m in self._models.draw_pair(allowed=allowed)]
             except NotEnoughModels as e:
                 raise ServiceUnavailable(f"the arena needs two available models: {e}") from None
         else:
