@@ -20,7 +20,7 @@ from asyncpg.exceptions import _base as asyncpg_base
 
 from gateway.generation.durability import NOT_STORED
 from gateway.observability.logs import escape_controls, install_redaction
-from gateway.state import MODELS
+from gateway.state import MODELS, USAGE
 from gateway.store.db import create_pool, migrate
 from gateway.store.failures import Failure, classify, database_unavailable
 from gateway.store.keys import create_user_with_key, issue_key
@@ -192,6 +192,35 @@ async def test_a_reply_refused_for_good_is_closed_and_its_reservations_released_
     [line] = (tmp_path / "quarantine" / "finish.jsonl").read_bytes().splitlines()
     entry = orjson.loads(line)
     assert (entry["record"]["content"], entry["record"]["status"]) == ("".join(POISON), "complete")
+
+
+async def test_a_v1_usage_record_refused_for_good_still_settles_what_its_request_holds(
+        refusing_db: RefusingDatabase, gated: Any, make_client: MakeClient, config_file: Any, tmp_path: Path):
+    # the OpenAI door's usage goes through a batch writer: a record the database refuses for good is
+    # quarantined, and the least form (no tokens, estimated) is written in its place, which settles
+    # the reservations its request holds
+    user, key_id = await capped_user(refusing_db.url)
+    pool = await create_pool(refusing_db.url, min_size=1, max_size=2)
+    try:
+        await pool.execute("ALTER TABLE usage ADD CONSTRAINT few CHECK (completion_tokens < 3)")
+        up = await gated(POISON)
+        client = await gated_client(make_client, up, DATABASE_URL=refusing_db.url,
+                                    GATEWAY_CONFIG=config_file(LIMITED), GATEWAY_DATA_DIR=str(tmp_path))
+        resp = await client.post("/v1/chat/completions", headers=user.headers,
+                                 json={"model": "fake", "stream": True,
+                                       "messages": [{"role": "user", "content": "take it"}]})
+        assert resp.status == 200
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        await client.app[USAGE].flush()
+        rows = await pool.fetch("SELECT prompt_tokens, completion_tokens, estimated FROM usage WHERE user_id = $1",
+                                user.id)
+        assert [tuple(r) for r in rows] == [(0, 0, True)]
+        assert await day_rows(pool, user, key_id) == [(0, 1, 0), (0, 1, 0)]
+    finally:
+        await pool.close()
+    [line] = (tmp_path / "quarantine" / "usage.jsonl").read_bytes().splitlines()
+    entry = orjson.loads(line)
+    assert (entry["record"]["completion_tokens"], entry["record"]["estimated"]) == (len(POISON), False)
 
 
 @pytest.mark.parametrize("how", ["database does not allow connections", "database does not exist", "no such role"])

@@ -31,7 +31,8 @@ R = TypeVar("R")
 class BatchWriter(Generic[T]):
     def __init__(self, name: str, flush: Callable[[list[T]], Awaitable[object]], *, max_batch: int = 500,
                  interval_s: float = 0.05, max_queue: int = 100_000, max_backoff_s: float = 5.0,
-                 quarantine: Quarantine | None = None, to_json: Callable[[T], dict[str, Any]] | None = None) -> None:
+                 quarantine: Quarantine | None = None, to_json: Callable[[T], dict[str, Any]] | None = None,
+                 lesser: Callable[[T], T | None] | None = None) -> None:
         self.name = name
         self._write = flush
         self._max_batch = max_batch
@@ -39,6 +40,10 @@ class BatchWriter(Generic[T]):
         self._max_queue = max_queue
         self._max_backoff = max_backoff_s
         self._quarantine = quarantine
+        # what must still be written of an item the database refused for good (e.g. a usage record
+        # settles the reservations its request holds): a smaller form, tried in its place once the
+        # item is quarantined; None when there is nothing smaller
+        self._lesser = lesser
         self._to_json = to_json
         self._items: list[T] = []
         self._wakeup = asyncio.Event()
@@ -134,6 +139,11 @@ class BatchWriter(Generic[T]):
                 raise
             if len(chunk) == 1:
                 await self._set_aside(chunk[0], e)
+                smaller = self._lesser(chunk[0]) if self._lesser is not None else None
+                if smaller is not None:  # it takes the refused item's place at the head of the queue
+                    self._items[0] = smaller
+                    await self._write_or_split([smaller])
+                    return
                 self._settle(1, written=False)
                 return
             middle = len(chunk) // 2

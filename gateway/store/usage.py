@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any, TypedDict
 
@@ -117,6 +117,14 @@ class UsageRecord:
     key_cost_reserved: float = 0.0
     lease_id: uuid.UUID | None = None  # the admission's stream lease (concurrency caps), given back here
     quota_id: uuid.UUID | None = None  # the quota lease the reservations came from (policy.QuotaLeases)
+
+    def least(self) -> UsageRecord | None:
+        """The least that can be written in a record's place when the database refuses it for good:
+        no tokens, no cost, flagged estimated, still settling what its admission holds. None for a
+        record that is that already."""
+        if self.estimated and not (self.prompt_tokens or self.completion_tokens or self.cost_usd):
+            return None
+        return replace(self, prompt_tokens=0, completion_tokens=0, cost_usd=0.0, estimated=True)
 
     def held(self) -> dict[str, Any] | None:
         """What the admission reserved, as the settlement reads it ($11)."""
