@@ -2,7 +2,8 @@
 
 Same auth and policy as chat (the input's estimated tokens are reserved against the daily caps,
 the request takes a slot in the per-minute windows), stateless like /v1/chat/completions, and
-its usage is recorded exactly once through the batched usage writer, settling the reservation:
+its usage is recorded exactly once through the batched usage writer, settling the whole admission
+(token and cost reservations, the stream lease, the quota slice's share), as a chat reply's does:
 
     the upstream answered       its reported prompt tokens (or the estimate, flagged)
     the upstream refused        nothing counted; the reservation is handed back
@@ -125,11 +126,12 @@ async def create_embeddings(request: web.Request) -> web.Response:
     finally:
         limits.close()
         admission.done()
+        # the whole admission settles here: its token and cost reservations, its stream lease, and the
+        # share of the quota slice it came from (a record that named fewer would strand the rest)
         record = UsageRecord(
             message_id=uuid.uuid4(), user_id=principal.user_id, api_key_id=principal.api_key_id, model=model.name,
             provider=model.provider, prompt_tokens=usage.prompt_tokens, completion_tokens=0, estimated=estimated,
-            cost_usd=cost_usd(model, usage), day=admission.day, user_reserved=admission.user_reserved,
-            key_reserved=admission.key_reserved)
-        if usage.prompt_tokens or admission.user_reserved or admission.key_reserved:
+            cost_usd=cost_usd(model, usage), **admission.held())
+        if usage.prompt_tokens or admission.holds_anything:
             app[USAGE].add(record)  # exactly once: this is the only place it is queued
             app[METRICS].usage(record)
