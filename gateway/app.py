@@ -149,19 +149,21 @@ async def services(app: web.Application) -> AsyncIterator[None]:
                         on_key_revoked=auth.forget_key, on_reconnect=lambda: reconnected(),
                         on_quota_recall=lambda user_id: app[POLICY].recalled(user_id))
     app[INSTANCE] = instance
-    # the policy's stream leases carry this instance's id: they die with it (the sweep)
-    app[POLICY] = Policy(settings.limits, pool, models=models.models, instance_id=instance.id)
-
-    def reconnected() -> None:  # cut off from the database: peers may have reclaimed our quota slices
-        auth.forget_all_keys()
-        app[POLICY].reconnected()
-
     # small, frequent usage batches: a flush's database work shares the machine with the hot path, so
     # many short ones keep the latency tail low (measured: p99 first token 2.2 ms at 50 ms, 1.1-1.6 at 10)
     usage: BatchWriter[UsageRecord] = BatchWriter("usage", lambda batch: record_usage_many(pool, batch),
                                                   interval_s=0.01, max_batch=200, quarantine=quarantine,
                                                   to_json=asdict, lesser=UsageRecord.least)
     app[USAGE] = usage
+    # the policy's stream leases carry this instance's id: they die with it (the sweep); before a cap
+    # refuses or clamps a request, the usage records queued here are written (they release reservations)
+    app[POLICY] = Policy(settings.limits, pool, models=models.models, instance_id=instance.id,
+                         settlements=usage)
+
+    def reconnected() -> None:  # cut off from the database: peers may have reclaimed our quota slices
+        auth.forget_all_keys()
+        app[POLICY].reconnected()
+
     app[TURNS] = Turns(pool=pool, settings=settings, models=models, policy=app[POLICY], generations=generations,
                        stream_tokens=stream_tokens, instance_id=instance.id, record_usage=usage.add,
                        observer=observer, notify_cancel=instance.notify_cancel, remote=remote)

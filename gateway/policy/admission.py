@@ -22,6 +22,15 @@ A busy caller is admitted from a quota lease instead (gateway/policy/quota.py): 
 leased ahead by one statement and spent in memory, so its requests make no database call; a
 request the slice cannot cover gives the slice back and takes the exact path above.
 
+A cap refuses or clamps a request only when what is left is really spent: before the exact path
+refuses, or grants less than the request's worst case (which would clamp its max_tokens), it
+brings back what holds the caller's budget without spending it (`_recall`): the usage records
+this process has queued (finished requests whose reservations the batched writer has not
+released yet), this process's slices of the user and other instances' (each gives the user's
+slices back and leases none for a while). Then it asks once more, or reserves the rest it fell
+short of. So back-to-back requests never meet a 429 while budget remains, and never a 200 after
+one without new budget.
+
 A refusal raises (TooManyRequests with a `reason`, or Forbidden). Chat turns split the decision
 (turns.py): `admit_rate`, the abuse limit, runs at the edge before anything is written (its 429
 persists nothing); `admit(..., rate=False)` runs after the user message is committed, and its
@@ -39,7 +48,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -55,8 +64,21 @@ log = logging.getLogger(__name__)
 # worst case assumed for a reply whose request names no max_tokens and no ceiling applies; under a
 # daily cap it is also the bound the upstream is told (see _bounds)
 DEFAULT_RESERVE_TOKENS = 1024
-# how long a refused exact admission waits for the slices it recalled from other instances
+# how long a refused exact admission waits for the slices it recalled from other instances, and for
+# this process's queued usage records to be written
 RECALL_WAIT_S = 1.0
+
+
+class Settlements(Protocol):
+    """What releases finished requests' reservations off the request path: the batched usage writer
+    (background.BatchWriter). `written` counts the records written so far, `depth` those queued."""
+
+    written: int
+
+    @property
+    def depth(self) -> int: ...
+
+    async def flush(self) -> None: ...
 
 
 @dataclass(slots=True, kw_only=True)
@@ -221,9 +243,12 @@ def _next_midnight(day: date) -> datetime:
 class Policy:
     def __init__(self, config: LimitsConfig, pool: asyncpg.Pool, clock: Callable[[], datetime] = utc_now, *,
                  models: Mapping[str, ModelConfig] | None = None, instance_id: uuid.UUID | None = None,
-                 leasing: bool | None = None) -> None:
+                 leasing: bool | None = None, settlements: Settlements | None = None) -> None:
         self._config = config
         self._pool = pool
+        # the usage records this process has queued release what finished requests reserved: a cap
+        # about to refuse or clamp has them written first
+        self._settlements = settlements
         self.clock = clock  # injectable: tests pin it to step minutes
         self._models = models if models is not None else {}  # their prices bound the cost reservations
         # the leases this process takes die with it (the sweep gives them back): one id per instance
@@ -248,23 +273,65 @@ class Policy:
             self.quota.recall(user_id)
 
     async def _exactly(self, user_id: uuid.UUID, admit: Callable[[], Awaitable[store.Grant]]) -> store.Grant:
-        """One exact admission (gateway_admit_full). Refused while another instance's slices hold some
-        of the user's quota, it recalls them (every instance gives the user's slices back and leases
-        none for a while), waits until they are back, and tries once more: a cap refuses only when
-        what is left is really spent, never while it sits unused in a slice."""
+        """One exact admission (gateway_admit_full). Refused while some of the user's quota is held
+        and not spent (`_recall`), it brings that back and tries once more: a cap refuses only when
+        what is left is really spent, never while it sits unused in a slice or in a finished
+        request's reservation not yet released."""
+        written = self._written()
         try:
             return await admit()
-        except LimitReached:
-            if self.quota is None:
+        except LimitReached as e:
+            # the usage records release reservations and stream leases, never window slots
+            if not await self._recall(user_id, None if e.limit.per_minute else written):
                 raise
-            # this process's own slices of the user first (a concurrent request may have leased one)
-            here = await self.quota.recall_here(user_id)
-            elsewhere = await store.open_slices_elsewhere(self._pool, user_id, self.instance_id)
-            if not (here or elsewhere):
-                raise
-        if elsewhere:
-            await self._recall_elsewhere(user_id)
         return await admit()
+
+    def _written(self) -> int:
+        return self._settlements.written if self._settlements is not None else 0
+
+    async def _recall(self, user_id: uuid.UUID, written: int | None) -> bool:
+        """Bring back what holds the user's quota without spending it: the usage records this process
+        has queued (unless `written` is None; else the count of records written when the admission
+        that fell short began), this process's slices of the user (leases in flight included), then
+        other instances' (they give the user's slices back, and no instance leases the user one for
+        CALM_S). Whether anything may have come back since that admission began."""
+        back = False
+        if written is not None and self._settlements is not None:
+            try:
+                if self._settlements.depth:
+                    await asyncio.wait_for(self._settlements.flush(), RECALL_WAIT_S)
+            except TimeoutError:
+                back = True  # still being written: some of it may be released by now
+            except RuntimeError:  # the writer has stopped (shutdown): nothing more will be written
+                pass
+            # a record written since the admission began (even just before this) may have released some
+            back = back or self._settlements.written != written
+        if self.quota is None:
+            return back
+        if self.quota.holds(user_id):
+            back = await self.quota.recall_here(user_id) or back
+        if await store.open_slices_elsewhere(self._pool, user_id, self.instance_id):
+            await self._recall_elsewhere(user_id)
+            back = True
+        return back
+
+    async def _top_up(self, user_id: uuid.UUID, limits: Limits, day: date, window: datetime, share: int,
+                      grant: store.Grant, want: int, want_cost: float, *, tokens: bool, cost: bool) -> store.Grant:
+        """A grant short of the worst case (`tokens`, `cost`: of which kind), after a recall: reserve
+        what it fell short of, as far as what is left allows, on the same caps (no window slot, no
+        stream lease: the first grant took them). The grant unchanged when nothing more is left."""
+        keys = tuple(replace(k, rpm=None, streams=None, daily=k.daily if tokens else None,
+                             cost=k.cost if cost else None) for k in limits.key_chain)
+        try:
+            more = await store.admit_full(
+                self._pool, user_id=user_id, keys=keys, day=day, window=window, user_rpm=None,
+                want=want - grant.tokens if tokens else 0, user_cap=limits.user_daily if tokens else None,
+                share=share, want_cost=round(want_cost - grant.cost, 8) if cost else 0.0,
+                user_cost_cap=limits.user_cost if cost else None)
+        except LimitReached:
+            return grant
+        return store.Grant(tokens=grant.tokens + more.tokens if tokens else grant.tokens,
+                           cost=round(grant.cost + more.cost, 8) if cost else grant.cost, lease=grant.lease)
 
     async def _recall_elsewhere(self, user_id: uuid.UUID) -> None:
         await store.recall_quota(self._pool, user_id, CALM_S)
@@ -285,6 +352,10 @@ class Policy:
         """Tokens this process's slices of the user hold against the user's daily cap and no request
         has taken yet (GET /api/me does not count them as reserved)."""
         return self.quota.unused_tokens(user_id, day) if self.quota is not None else 0
+
+    def unused_key_tokens(self, key_id: uuid.UUID, day: date) -> int:
+        """The same against a key's daily cap (the slices of callers whose key chain holds the key)."""
+        return self.quota.unused_key_tokens(key_id, day) if self.quota is not None else 0
 
     async def admit_rate(self, principal: Principal) -> None:
         """The abuse limit alone, for the edge (before anything is written): a slot in this minute's
@@ -444,6 +515,7 @@ class Policy:
             # whatever the caller's slice still holds goes back first: the exact path sees all that is left
             await self.quota.retire((principal.user_id, principal.api_key_id))
             self.quota.stats.exact += 1
+        written = self._written()
         try:
             grant = await self._exactly(principal.user_id, partial(
                 store.admit_full, self._pool, user_id=principal.user_id, keys=limits.key_chain, day=day,
@@ -452,8 +524,13 @@ class Policy:
                 user_streams=limits.user_streams))
         except LimitReached as e:
             raise self._refusal(e.limit, limits, window, day, now) from None
-        # every capped key of the chain holds the same reservation: settlement and release find them
         cost_held = want_cost > 0 and (limits.user_cost is not None or keys_cost_capped)
+        short, short_cost = capped and grant.tokens < want, cost_held and grant.cost < want_cost
+        if (short or short_cost) and await self._recall(principal.user_id, written):
+            # what is left would clamp the reply: only after what was held unspent came back
+            grant = await self._top_up(principal.user_id, limits, day, window, share, grant, want, want_cost,
+                                       tokens=short, cost=short_cost)
+        # every capped key of the chain holds the same reservation: settlement and release find them
         reserved = _Reservation(user=grant.tokens if capped and limits.user_daily is not None else 0,
                                 key=grant.tokens if keys_capped else 0,
                                 user_cost=grant.cost if cost_held and limits.user_cost is not None else 0.0,

@@ -15,9 +15,13 @@ finish settles it as before and takes it off the slice's row.
 - A request the slice cannot serve (spent, a new minute, a new day, changed limits) first gives
   the unused part back, then takes the exact path: a cap is never overshot, and the last of a
   small cap is never stranded in a slice. A slice takes at most half of what a cap has left, so
-  a second instance still finds some.
+  a second instance still finds some; an exact admission that would be refused or clamped while
+  any instance's slices hold some of the user's quota recalls them first (gateway/policy.py).
 - Unused slices go back after IDLE_S without a request, and at shutdown (`close`). When the
   instance dies, the sweep releases what its slices' rows still hold (gateway/fleet/instance.py).
+- Every release of a slice's tokens or dollars from the day rows takes the same off its row, at
+  most what the row holds, under the row's lock (sql/0016_slice_release.sql): a slice never
+  releases more than it reserved, whoever releases it and however often.
 
 Stream caps are leased the same way: a slice holds `streams` leases made ahead (counted in
 stream_counts with this instance's id); each request takes one, and its finish gives it back
@@ -180,6 +184,17 @@ class QuotaLeases:
     def unused_tokens(self, user_id: uuid.UUID, day: date) -> int:
         return sum(s.tokens for (user, _), s in self._slices.items()
                    if user == user_id and s.ask.day == day and s.ask.limits.user_daily is not None)
+
+    def unused_key_tokens(self, key_id: uuid.UUID, day: date) -> int:
+        """What the slices hold on a key's day row and have not handed out: a slice's tokens are
+        reserved on every key of its caller's chain that has a token cap."""
+        return sum(s.tokens for s in self._slices.values()
+                   if s.ask.day == day and any(k.key_id == key_id and k.daily is not None
+                                               for k in s.ask.limits.key_chain))
+
+    def holds(self, user_id: uuid.UUID) -> bool:
+        """Whether this instance holds a slice of the user's quota, or is leasing one."""
+        return any(c[0] == user_id for c in self._slices) or any(c[0] == user_id for c in self._leasing)
 
     def note(self, caller: Caller) -> None:
         """One request of the caller arrived (once per request)."""

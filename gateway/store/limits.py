@@ -141,6 +141,14 @@ async def user_day_committed_both(pool: asyncpg.Pool, user_id: uuid.UUID, day: d
     return (row["tokens"], row["cost"]) if row is not None else (0, 0.0)
 
 
+async def key_days_committed(pool: asyncpg.Pool, keys: Sequence[uuid.UUID], day: date) -> list[int]:
+    """Each key's tokens for `day` (its subtree's), spent plus reserved, in `keys` order."""
+    rows = await pool.fetch(
+        "SELECT coalesce(d.tokens + d.reserved, 0) AS used FROM unnest($1::uuid[]) WITH ORDINALITY AS k (id, pos) "
+        "LEFT JOIN key_daily_usage d ON d.api_key_id = k.id AND d.day = $2 ORDER BY k.pos", list(keys), day)
+    return [row["used"] for row in rows]
+
+
 # The keys that hold a request's key reservation: its key and each ancestor with a daily cap (the
 # same rule as the settlement in store/usage.py). Locked leaf first, then released: the order
 # gateway_admit_chain locks them in, so a release never deadlocks with an admission. $3 is the
@@ -169,25 +177,26 @@ async def release(pool: asyncpg.Pool, *, user_id: uuid.UUID, api_key_id: uuid.UU
     """Hand back what a request that never ran holds: its lease (first: admission takes stream
     counters before day rows), then the user's reservations and those of its key and of each
     ancestor that has a daily cap (all in one transaction, keys before the user, as admitted).
-    `quota`: the slice the reservations came from, whose row says what it still holds."""
-    keys = (key_tokens or key_cost) and api_key_id is not None
-    if not (user_tokens or user_cost or keys or lease):
+    `quota`: the slice the reservations came from, whose row says what it still holds: that row is
+    locked first and only what it still holds is released (taken off it), never more
+    (gateway_take_from_slice, sql/0016_slice_release.sql)."""
+    if not (user_tokens or user_cost or key_tokens or key_cost or lease):
         return
+    user_usd, key_usd = _usd(user_cost), _usd(key_cost)
     async with pool.acquire() as conn, conn.transaction():
+        if quota is not None and (user_tokens or user_cost or key_tokens or key_cost):
+            row = await conn.fetchrow("SELECT * FROM gateway_take_from_slice($1, $2, $3, $4, $5)", quota,
+                                      user_tokens, key_tokens, user_usd, key_usd)
+            user_tokens, key_tokens, user_usd, key_usd = (
+                row["user_tokens"], row["key_tokens"], row["user_cost"], row["key_cost"])
         if lease is not None:
             await conn.execute("SELECT gateway_release_leases($1)", [lease])
-        if keys:
-            await conn.execute(_RELEASE_KEYS, api_key_id, day, key_tokens, _usd(key_cost))
-        if user_tokens or user_cost:
+        if (key_tokens or key_usd) and api_key_id is not None:
+            await conn.execute(_RELEASE_KEYS, api_key_id, day, key_tokens, key_usd)
+        if user_tokens or user_usd:
             await conn.execute("UPDATE daily_usage SET reserved = greatest(reserved - $3, 0), "
                                "cost_reserved = greatest(cost_reserved - $4, 0) "
-                               "WHERE user_id = $1 AND day = $2", user_id, day, user_tokens, _usd(user_cost))
-        if quota is not None:
-            await conn.execute(
-                "UPDATE quota_leases SET user_tokens = greatest(user_tokens - $2, 0), "
-                "key_tokens = greatest(key_tokens - $3, 0), user_cost = greatest(user_cost - $4, 0), "
-                "key_cost = greatest(key_cost - $5, 0) WHERE id = $1", quota, user_tokens, key_tokens,
-                _usd(user_cost), _usd(key_cost))
+                               "WHERE user_id = $1 AND day = $2", user_id, day, user_tokens, user_usd)
 
 
 async def release_instance(conn: asyncpg.Connection, instance_id: uuid.UUID) -> int:

@@ -18,8 +18,12 @@ import asyncpg
 # each reply's reservation: the worst case reserved at admission (tokens and cost) is released and
 # the real usage counted instead, on the admission day, and the reply's stream lease is given back.
 # Set-based, so a batch costs the database one statement and one upsert per (user, day) and per
-# (key, day). Rows are locked in admission's order (stream counters, then keys leaf first, then
-# users), so a settlement and an admission never deadlock.
+# (key, day). Rows are locked in admission's order (the quota slices' rows first, then stream
+# counters, then keys leaf first, then users: sql/0016_slice_release.sql), so a settlement never
+# deadlocks with an admission, a lease or a slice's return. A reply served from a quota slice
+# releases its share from the day rows only as far as the slice's row still holds it (and takes
+# the same off that row): what the row no longer holds was released already (the sweep reclaimed
+# the slice), and a slice never releases more than it reserved.
 USAGE_CTES = """
 r AS (
     SELECT DISTINCT ON (message_id) message_id, user_id, api_key_id, model, provider, prompt_tokens,
@@ -43,10 +47,41 @@ u AS (
     ON CONFLICT (message_id) DO NOTHING
     RETURNING message_id
 ),
--- the replies' stream leases, given back first: their counters are locked before any day row, in
+-- the quota slices the replies' shares came from: their rows are locked before anything else
+s AS (
+    SELECT sl.id, sl.user_tokens, sl.key_tokens, sl.user_cost, sl.key_cost FROM quota_leases sl
+    WHERE sl.id IN (SELECT quota FROM r WHERE quota IS NOT NULL) ORDER BY sl.id FOR UPDATE
+),
+-- the replies' stream leases, given back next: their counters are locked before any day row, in
 -- admission's order (sql/0010). A lease already given back (a replayed record) gives nothing.
-l AS (SELECT gateway_release_leases(array_agg(lease)) AS released FROM r WHERE lease IS NOT NULL),
-new AS (SELECT r.* FROM r JOIN u USING (message_id) WHERE (SELECT count(*) FROM l) >= 0),
+l AS (SELECT gateway_release_leases(array_agg(lease)) AS released FROM r
+      WHERE lease IS NOT NULL AND (SELECT count(*) FROM s) >= 0),
+n AS (
+    SELECT r.*, s.user_tokens AS slice_ut, s.key_tokens AS slice_kt, s.user_cost AS slice_uc,
+           s.key_cost AS slice_kc,
+           -- what the slice's earlier replies in this batch take before this one
+           (sum(r.user_reserved) OVER w)::bigint - r.user_reserved AS ut_before,
+           (sum(r.key_reserved) OVER w)::bigint - r.key_reserved AS kt_before,
+           sum(r.user_cost_reserved) OVER w - r.user_cost_reserved AS uc_before,
+           sum(r.key_cost_reserved) OVER w - r.key_cost_reserved AS kc_before
+    FROM r JOIN u USING (message_id) LEFT JOIN s ON s.id = r.quota
+    WHERE (SELECT count(*) FROM l) >= 0
+    WINDOW w AS (PARTITION BY r.quota ORDER BY r.message_id)
+),
+new AS (
+    -- a share served from a slice: at most what the slice's row still holds (none when it is gone)
+    SELECT message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens, estimated, cost_usd,
+           day, lease, quota,
+           CASE WHEN quota IS NULL THEN user_reserved
+                ELSE LEAST(user_reserved, greatest(slice_ut - ut_before, 0)) END AS user_reserved,
+           CASE WHEN quota IS NULL THEN key_reserved
+                ELSE LEAST(key_reserved, greatest(slice_kt - kt_before, 0)) END AS key_reserved,
+           CASE WHEN quota IS NULL THEN user_cost_reserved
+                ELSE LEAST(user_cost_reserved, greatest(slice_uc - uc_before, 0)) END AS user_cost_reserved,
+           CASE WHEN quota IS NULL THEN key_cost_reserved
+                ELSE LEAST(key_cost_reserved, greatest(slice_kc - kc_before, 0)) END AS key_cost_reserved
+    FROM n
+),
 chain AS (
     -- each new row once per key of its chain (its key, then the ancestors); only keys with a daily
     -- cap reserved at admission (gateway_admit_chain), so only theirs is released. `depth` orders
@@ -87,13 +122,13 @@ d AS (
         cost_reserved = greatest(d.cost_reserved - EXCLUDED.cost_reserved, 0)
 ),
 q AS (
-    -- a reply served from a quota lease (sql/0013): its share comes off the lease's row too
-    UPDATE quota_leases l SET user_tokens = greatest(l.user_tokens - x.ut, 0),
-        key_tokens = greatest(l.key_tokens - x.kt, 0), user_cost = greatest(l.user_cost - x.uc, 0),
-        key_cost = greatest(l.key_cost - x.kc, 0)
+    -- a reply served from a quota lease (sql/0013): what it released comes off the lease's row too
+    UPDATE quota_leases ql SET user_tokens = greatest(ql.user_tokens - x.ut, 0),
+        key_tokens = greatest(ql.key_tokens - x.kt, 0), user_cost = greatest(ql.user_cost - x.uc, 0),
+        key_cost = greatest(ql.key_cost - x.kc, 0)
     FROM (SELECT quota, sum(user_reserved) AS ut, sum(key_reserved) AS kt, sum(user_cost_reserved) AS uc,
                  sum(key_cost_reserved) AS kc FROM new WHERE quota IS NOT NULL GROUP BY quota) x
-    WHERE l.id = x.quota
+    WHERE ql.id = x.quota
 )"""
 
 _RECORD = "WITH " + USAGE_CTES + "\nSELECT (SELECT count(*) FROM u) AS usage"

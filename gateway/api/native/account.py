@@ -10,6 +10,7 @@ from gateway.api.common import caller, json_response
 from gateway.errors import BadRequest
 from gateway.policy.admission import limits_for, utc_now
 from gateway.state import DB, POLICY, SETTINGS
+from gateway.store import limits as limits_store
 from gateway.store import usage as usage_store
 
 MAX_RANGE_DAYS = 366
@@ -19,15 +20,23 @@ GROUPINGS = ("day", "model", "day,model")  # day,model: a row per model and day 
 async def me(request: web.Request) -> web.Response:
     principal = await caller(request)
     limits = limits_for(request.app[SETTINGS].limits, principal)
+    policy, pool = request.app[POLICY], request.app[DB].pool
     today = utc_now().date()
-    used = await usage_store.day_totals(request.app[DB].pool, principal.user_id, today)
+    used = await usage_store.day_totals(pool, principal.user_id, today)
     # the unused part of this instance's quota slices is held ahead, not reserved by a request
-    used["reserved"] = max(0, used["reserved"] - request.app[POLICY].unused_tokens(principal.user_id, today))
-    caps = [c for c in (limits.user_daily, limits.key_daily if principal.api_key_id else None) if c]
-    remaining = max(0, min(caps) - used["tokens"] - used["reserved"]) if caps else None
+    used["reserved"] = max(0, used["reserved"] - policy.unused_tokens(principal.user_id, today))
+    # what the caller may still spend today: the tightest of its caps, each against its own day row
+    # (the user's; the key's and each capped ancestor's count their subtree's use, not the user's)
+    left = [limits.user_daily - used["tokens"] - used["reserved"]] if limits.user_daily is not None else []
+    capped = [k for k in limits.key_chain if k.daily is not None]
+    if capped:
+        held = await limits_store.key_days_committed(pool, [k.key_id for k in capped], today)
+        left += [k.daily - n + policy.unused_key_tokens(k.key_id, today)
+                 for k, n in zip(capped, held, strict=True) if k.daily is not None]
+    remaining = max(0, min(left)) if left else None
     # with a stream cap, the fleet-wide count the cap holds (policy.py); else this process's
-    streams = (await usage_store.streams_running(request.app[DB].pool, principal.user_id) if limits.max_concurrent
-               else request.app[POLICY].active_streams(principal.user_id))
+    streams = (await usage_store.streams_running(pool, principal.user_id) if limits.max_concurrent
+               else policy.active_streams(principal.user_id))
     return json_response({
         "user": {"id": principal.user_id, "email": principal.email},
         "key": {"id": principal.api_key_id, "scopes": sorted(principal.scopes)} if principal.api_key_id else None,

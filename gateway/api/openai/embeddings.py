@@ -2,7 +2,8 @@
 
 Same auth and policy as chat (the input's estimated tokens are reserved against the daily caps,
 the request takes a slot in the per-minute windows), stateless like /v1/chat/completions, and
-its usage is recorded exactly once through the batched usage writer, settling the reservation:
+its usage is recorded exactly once through the batched usage writer, settling the whole admission
+(token and cost reservations, the stream lease, the quota slice's share), as a chat reply's does:
 
     the upstream answered       its reported prompt tokens (or the estimate, flagged)
     the upstream refused        nothing counted; the reservation is handed back
@@ -27,6 +28,7 @@ from gateway.api.openai.chat_completions import OpenAIError, openai_errors, prov
 from gateway.api.openai.ratelimits import RateLimitHeaders
 from gateway.config import ModelConfig
 from gateway.generation.task import cost_usd
+from gateway.policy.admission import Admission
 from gateway.providers.base import ProviderError, UsageReport
 from gateway.providers.embeddings import DEMO_MAX_DIMENSIONS, Embeddings, EmbeddingsRequest, embed, input_tokens
 from gateway.state import HTTP, METRICS, MODELS, POLICY, SETTINGS, USAGE
@@ -100,8 +102,30 @@ async def create_embeddings(request: web.Request) -> web.Response:
     demo = {name for name, p in settings.providers.items() if p.kind == "demo"}
     model, embeddings = parse_request(await read_json(request), app[MODELS].models, demo)
     estimate = input_tokens(embeddings)
-    # max_tokens 1: an embedding has no reply, so the reservation is the input's estimate (+1)
-    admission = await app[POLICY].admit(principal, model.name, estimate, 1)
+
+    def settle(admission: Admission, usage: UsageReport, estimated: bool) -> None:
+        """The whole admission settles here, once: its token and cost reservations, its stream lease,
+        and the share of the quota slice it came from (a record that named fewer would strand the rest)."""
+        admission.done()
+        record = UsageRecord(
+            message_id=uuid.uuid4(), user_id=principal.user_id, api_key_id=principal.api_key_id, model=model.name,
+            provider=model.provider, prompt_tokens=usage.prompt_tokens, completion_tokens=0, estimated=estimated,
+            cost_usd=cost_usd(model, usage), **admission.held())
+        if usage.prompt_tokens or admission.holds_anything:
+            app[USAGE].add(record)
+            app[METRICS].usage(record)
+
+    # max_tokens 1: an embedding has no reply, so the reservation is the input's estimate (+1). The
+    # admission is shielded: a client gone while it is decided (its handler cancelled) must not strand
+    # what the database granted; it is settled, counting nothing, once decided
+    admitting = asyncio.ensure_future(app[POLICY].admit(principal, model.name, estimate, 1))
+    try:
+        admission = await asyncio.shield(admitting)
+    except asyncio.CancelledError:
+        admitting.add_done_callback(
+            lambda t: None if t.cancelled() or t.exception() is not None else settle(t.result(), UsageReport(0, 0),
+                                                                                     False))
+        raise
     limits = RateLimitHeaders(request, principal)
     result: Embeddings | None = None
     usage, estimated = UsageReport(0, 0), False  # a refusal upstream counts nothing
@@ -124,12 +148,4 @@ async def create_embeddings(request: web.Request) -> web.Response:
         raise
     finally:
         limits.close()
-        admission.done()
-        record = UsageRecord(
-            message_id=uuid.uuid4(), user_id=principal.user_id, api_key_id=principal.api_key_id, model=model.name,
-            provider=model.provider, prompt_tokens=usage.prompt_tokens, completion_tokens=0, estimated=estimated,
-            cost_usd=cost_usd(model, usage), day=admission.day, user_reserved=admission.user_reserved,
-            key_reserved=admission.key_reserved)
-        if usage.prompt_tokens or admission.user_reserved or admission.key_reserved:
-            app[USAGE].add(record)  # exactly once: this is the only place it is queued
-            app[METRICS].usage(record)
+        settle(admission, usage, estimated)  # exactly once: the only other call is for an admission never returned
