@@ -62,8 +62,9 @@ async def test_a_failed_reply_is_regenerated_from_the_page_and_both_replies_are_
 async def test_an_arena_turn_with_a_refused_slot_says_why_and_offers_no_vote(
         make_client: MakeClient, make_settings: Callable[..., Any], config_file: Callable[[str], str],
         user: User, db: asyncpg.Pool, tab: Tab) -> None:
-    # the key may use alpha only: of any two models drawn, at least one is refused after the commit
-    await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, {"models": ["alpha"]})
+    # the key may run one stream at a time: of the two slots, the second is refused after the commit
+    # (a key that may use too few models for a pair is refused before anything is written instead)
+    await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, {"max_concurrent_streams": 1})
     client = await gateway(make_client, make_settings, GATEWAY_CONFIG=config_file(ARENA_CONFIG),
                            DEMO_DELAY_MS="20", DEMO_CHUNKS="4", LEADERBOARD_BOOTSTRAP_ROUNDS="10")
     page = tab.page
