@@ -1,4 +1,4 @@
-"""What the fleet costs (issue 14): two instances on one PostgreSQL and one Redis, measured.
+"""What the fleet costs: two instances on one PostgreSQL and one Redis, measured.
 
     listeners  a reply generating on instance A, one listener on A and one on B (through Redis):
                the time-to-first-token and per-chunk latency B's listener adds over A's, p50/p99

@@ -90,7 +90,7 @@ class ModelConfig:
     def circuit_key(self) -> str:
         """The circuit breaker's name: the model's, or one per deployment."""
         return self.name if self.deployment is None else f"{self.name}#{self.deployment}"
-    kind: str = "chat"  # "chat" | "embedding" (served by POST /v1/embeddings only; issue 15 item 3)
+    kind: str = "chat"  # "chat" | "embedding" (served by POST /v1/embeddings only)
 
 
 @dataclass(frozen=True)
@@ -339,7 +339,7 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
 # -- providers from the environment alone, and what the file adds to providers ---------------------
 
 GROQ_BASE_URL = "https://api.groq.com/openai/v1"
-GROQ_FALLBACK_MODEL = "llama-3.3-70b-versatile"  # seed 000's second link
+GROQ_FALLBACK_MODEL = "llama-3.3-70b-versatile"  # the default chain's second link
 BYTEZ_BASE_URL = "https://api.bytez.com/models/v2/openai/v1"  # Bytez's OpenAI-compatible API
 BYTEZ_MODEL = "Qwen/Qwen3-4B"
 ENV_HEADER_PREFIX = "env:"  # a header value "env:NAME" is read from the environment variable NAME
@@ -348,7 +348,7 @@ ENV_HEADER_PREFIX = "env:"  # a header value "env:NAME" is read from the environ
 def _env_providers(env: Mapping[str, str], providers: dict[str, ProviderConfig],
                    models: dict[str, ModelConfig]) -> list[str]:
     """Each provider key in the environment registers a provider and its model(s). Returns the
-    default chain they make, in seed 000's order: GROQ_MODEL, GROQ_FALLBACK_MODEL, then Bytez,
+    default chain they make, in this order: GROQ_MODEL, GROQ_FALLBACK_MODEL, then Bytez,
     OpenAI, Anthropic (each falls back to the ones after it; FALLBACK_MODELS overrides)."""
     chain: list[str] = []
 

@@ -119,7 +119,7 @@ def test_groq_api_key_registers_groq():
     groq = s.providers["groq"]
     assert (groq.kind, groq.base_url) == ("openai", "https://api.groq.com/openai/v1")
     assert groq.api_key is not None and groq.api_key.reveal() == "gsk-env"
-    # GROQ_MODEL falls back to GROQ_FALLBACK_MODEL (seed 000's chain; tests/test_env_chain.py)
+    # GROQ_MODEL falls back to GROQ_FALLBACK_MODEL (the default chain; tests/test_env_chain.py)
     assert s.models["llama-3.3-70b"] == ModelConfig("llama-3.3-70b", "groq", "llama-3.3-70b",
                                                     ("llama-3.3-70b-versatile",))
 

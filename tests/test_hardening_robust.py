@@ -1,4 +1,4 @@
-"""Hardening (issue 22): a database that refuses connections loses no reply, a request cannot forge a
+"""Hardening: a database that refuses connections loses no reply, a request cannot forge a
 log line, and `model: "random"` draws only among the models the caller may use."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The property behind issue 12: whatever an upstream sends, the client gets exactly one terminal
+"""The property: whatever an upstream sends, the client gets exactly one terminal
 event, the row ends terminal, the usage is counted exactly once and lies in [0, 2^31), and the
 next start of the gateway succeeds.
 

@@ -1,4 +1,4 @@
-"""What a held stream keeps of aiohttp's per-request state (issue 17 item 2).
+"""What a held stream keeps of aiohttp's per-request state.
 
 A relayed stream can stay open for minutes while nothing moves, and thousands are held at once:
 whatever its request, response and connection keep for its whole life is multiplied by them.

@@ -1,4 +1,4 @@
-"""Quota leases: admission at memory speed for busy callers, the caps still exact (issue 17 item 1).
+"""Quota leases: admission at memory speed for busy callers, the caps still exact.
 
 As Google's Doorman or Envoy's global rate limit with local token buckets: an instance leases a
 slice of a caller's (user and key) remaining quota from PostgreSQL in one atomic statement

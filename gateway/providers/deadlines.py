@@ -1,4 +1,4 @@
-"""Coarse deadlines for many held streams on few timers (issue 17 items 2 and 4).
+"""Coarse deadlines for many held streams on few timers.
 
 A held stream used to carry two timers of its own: the upstream read's idle timeout and the
 chain's `max_stream_s` (`asyncio.timeout_at`). Under uvloop a timer handle costs ~550 B and the

@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 client for the adapters' upstream calls (issue 17 item 2).
+"""A lean HTTP/1.1 client for the adapters' upstream calls.
 
 One `asyncio.Protocol` per connection, httptools' parser (llhttp, in C) for the status line, the
 headers and the chunked framing, and a small pool of keep-alive connections per upstream origin.

@@ -167,7 +167,7 @@ class Turns:
                          started: float | None = None) -> message_store.StoredTurn:
         """Persist, decide, start one reply. `started`: the request's arrival (time.monotonic()).
 
-        The commit is the one round trip before the upstream call (issue 17 item 3): a thread's
+        The commit is the one round trip before the upstream call: a thread's
         history comes back from the persist statement itself, so anything decided before it counts
         the new message alone, and is taken again for the whole prompt after it (see below)."""
         messages = self.framed(turn, [])

@@ -10,7 +10,7 @@
 (() => {
   const KEY_STORAGE = "gateway.playground.apiKey";
   const LIVE = new Set(["pending", "streaming"]);
-  // a reply that ended without its answer: the gateway regenerates it on request (seed 001's "retry later")
+  // a reply that ended without its answer: the gateway regenerates it on request
   const REGENERABLE = new Set(["refused", "failed", "interrupted", "cancelled"]);
   const POLL_MS = 500;
   const LEADERBOARD_TRIES = 20;
@@ -372,7 +372,7 @@
     messageInput.readOnly = busy;
   }
 
-  // The error queue (seed 004): a send that fails for a reason that may pass (no connection, a
+  // The error queue: a send that fails for a reason that may pass (no connection, a
   // 5xx, 408, 429) is tried again after 1 s, 2 s and 4 s with the same client_message_id, so the
   // gateway stores it once whatever happened to the earlier attempts (a retry of a send that did
   // arrive is answered as a duplicate, with the same reply). After the last try the message stays

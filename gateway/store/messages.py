@@ -75,8 +75,8 @@ WHERE t.id = $1 AND t.user_id = $2
 # makes a retry insert nothing; ids are made up front so each returned row maps back to its turn
 # (`i`) and a thread left empty by a lost race can be removed.
 # A turn in an existing thread also gets the thread's history back (`history`, as thread_history
-# reads it), so that the commit is the turn's one round trip before the upstream call (issue 17
-# item 3). Every part of one statement sees the same snapshot, taken when it starts: the history is
+# reads it), so that the commit is the turn's one round trip before the upstream call. Every
+# part of one statement sees the same snapshot, taken when it starts: the history is
 # what was committed then, by any instance, without this statement's own new message.
 # The turns come as one jsonb array of objects, not as one array per column: unnest() of arrays
 # tells a custom plan their exact length but a generic one only a guess, so once the table has
@@ -186,7 +186,7 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
                 "reservation": t.reservation or None, "parts": t.parts} for i, t in enumerate(turns)]
     results: dict[int, StoredTurn | Exception] = {}  # by the turn's index
     async with pool.acquire() as conn:
-        # the statement is atomic on its own: no BEGIN/COMMIT round trips (issue 17 item 3)
+        # the statement is atomic on its own: no BEGIN/COMMIT round trips
         rows = await conn.fetch(_TURNS, rows_in)
         made = {r["i"] for r in rows}
         # a turn that lost to a duplicate leaves the thread it made empty: drop that thread (right

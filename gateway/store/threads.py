@@ -1,7 +1,7 @@
 """SQL for threads: create, keyset-paginated list (latest activity first), read with messages, delete.
 
 A thread's `updated_at` moves when a message is saved in it and when one of its replies ends
-(sql/0011_thread_activity.sql): the list shows the conversations in use first, as seed 003 asks.
+(sql/0011_thread_activity.sql): the list shows the conversations in use first.
 """
 
 from __future__ import annotations

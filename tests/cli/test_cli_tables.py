@@ -1,4 +1,4 @@
-"""`python -m gateway keys list | keys revoke ID | usage | leaderboard` (issue 16 item 5): real
+"""`python -m gateway keys list | keys revoke ID | usage | leaderboard`: real
 subprocesses against the test database, printing plain tables."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`python -m gateway serve --workers N` (issue 14 item 3 and the worker half of item 5): N processes
+"""`python -m gateway serve --workers N`: N processes
 on one port, each its own instance; a killed worker is restarted; SIGTERM drains them all."""
 
 from __future__ import annotations

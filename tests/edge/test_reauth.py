@@ -1,4 +1,4 @@
-"""Open connections live only as long as the credential that opened them (issue 12, items 3, 10).
+"""Open connections live only as long as the credential that opened them.
 
 A WebSocket checks its credential on every frame and is watched in between: a revoked key
 closes it with 4003, an expired JWT with 4001, each after a final error frame, and a frame sent

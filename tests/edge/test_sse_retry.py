@@ -1,4 +1,4 @@
-"""The SSE `retry:` field rides in the first event's block (issue 15 item 7).
+"""The SSE `retry:` field rides in the first event's block.
 
 A block of its own (`retry: 3000\\n\\n`) dispatches nothing in a browser, but httpx-sse and the
 SDKs built on it deliver it as an empty message event before the metadata. These tests read the

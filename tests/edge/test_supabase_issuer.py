@@ -1,4 +1,4 @@
-"""The Supabase issuer is checked by default (issue 13 item 8): with JWKS_URL a Supabase project's
+"""The Supabase issuer is checked by default: with JWKS_URL a Supabase project's
 JWKS URL, tokens must carry `iss = https://<ref>.supabase.co/auth/v1` unless JWT_ISSUER says
 otherwise (another issuer, or `*` for none). The keys are served by a real local JWKS server."""
 

@@ -1,4 +1,4 @@
-"""User sync is non-fatal for chat (issue 13 item 7): a JWT user whose users row is missing (its
+"""User sync is non-fatal for chat: a JWT user whose users row is missing (its
 upsert failed, or the row went away while the instance's cache still calls it fresh) keeps their
 message: the turn's own statement makes the row."""
 

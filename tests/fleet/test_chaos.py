@@ -1,4 +1,4 @@
-"""Chaos (issue 14 item 5): instances as real processes, killed and cut off mid-reply.
+"""Chaos: instances as real processes, killed and cut off mid-reply.
 
 - SIGKILL the instance generating a reply while a client follows it from the other: the client
   gets the reply's end within the sweep interval (SWEEP_S=1 here), and the row ends `interrupted`

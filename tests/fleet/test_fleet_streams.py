@@ -1,4 +1,4 @@
-"""Live streams across instances: two apps on one database and one Redis (issue 14 item 1).
+"""Live streams across instances: two apps on one database and one Redis.
 
 A reply generating on instance A is followed from instance B live — B's listeners get each event
 while A is still generating, byte for byte what A's own listeners get — through one reader task

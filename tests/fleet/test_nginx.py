@@ -1,5 +1,5 @@
 """A real reverse proxy: Debian's nginx, round-robin in front of two instances on one database and
-one Redis (issue 14 item 4). SSE passes through unbuffered (the gateway sends X-Accel-Buffering:
+one Redis. SSE passes through unbuffered (the gateway sends X-Accel-Buffering:
 no; nginx keeps its default `proxy_buffering on`), an EventSource reconnect that lands on the
 other instance resumes live and byte-identical, and WebSockets upgrade."""
 

@@ -1,4 +1,4 @@
-"""Checkpoints of live replies and what a crash leaves (issue 12, items 6 and 7).
+"""Checkpoints of live replies and what a crash leaves.
 
 A live reply's partial content is saved every CHECKPOINT_S; after kill -9 the sweep of the next
 instance marks the reply interrupted with that content, and a client resuming from whatever id it

@@ -1,4 +1,4 @@
-"""Keys form trees (issue 12 item 5): a key made by another key is its child; the family shares the
+"""Keys form trees: a key made by another key is its child; the family shares the
 ancestors' limits (never multiplies them), even under concurrency; revoking a key revokes its
 descendants on every instance; only admin keys manage keys, and any key may see and revoke itself."""
 

@@ -1,4 +1,4 @@
-"""Quota leases (issue 17 item 1): a busy caller is admitted from a slice of its quota leased ahead
+"""Quota leases: a busy caller is admitted from a slice of its quota leased ahead
 and spent in memory (no database call per request); the caps stay exact across instances, an idle
 caller leases nothing, unused slices go back at shutdown or, when their instance died, by the sweep."""
 
@@ -124,7 +124,7 @@ async def test_a_dead_instances_slice_is_reclaimed_by_the_sweep(make_client, con
 
 
 async def test_a_busy_callers_native_turn_makes_one_statement_the_persist(make_client, config_file, user, db):
-    """Issue 17 item 3: admitted from the slice before the commit, the reply's reservation rides in
+    """Admitted from the slice before the commit, the reply's reservation rides in
     the persist statement; nothing else is sent to the database before the 202 (no duplicate
     lookup, no BEGIN/COMMIT around it, even with a client_message_id)."""
     client, model = await app(make_client, config_file, 1000 * WORST)

@@ -1,5 +1,5 @@
 """The shared coarse deadlines (gateway/providers/deadlines.py): a stream's idle check and its
-max_stream_s bound without a timer each (issue 17 items 2 and 4)."""
+max_stream_s bound without a timer each."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Several deployments behind one model name, per-provider headers and compatibility switches
-(issue 15 item 5), and `max_completion_tokens` passed through (issue 13 item 13, in part): two
+and `max_completion_tokens` passed through: two
 real fake upstreams behind one model, a recording upstream for what is sent."""
 
 from __future__ import annotations

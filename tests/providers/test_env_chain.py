@@ -1,4 +1,4 @@
-"""Chains without a config file (issue 13 item 4): seed 000's chain, GROQ_MODEL → Groq's
+"""Chains without a config file: the default chain, GROQ_MODEL → Groq's
 llama-3.3-70b-versatile → Bytez → nothing, from three environment variables; FALLBACK_MODELS
 overrides the order. Base URLs are overridable so local fake upstreams stand in for Groq and Bytez."""
 

@@ -1,4 +1,4 @@
-"""Fallback on every failure before the first content byte (issue 13 item 3): an expired key, a
+"""Fallback on every failure before the first content byte: an expired key, a
 retired model, an overloaded upstream all reach the backup; only a request every provider would
 refuse ends the chain. Real local fake upstreams answer each status."""
 

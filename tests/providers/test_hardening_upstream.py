@@ -1,4 +1,4 @@
-"""What the gateway sends to and takes from upstream providers (issue 22): the bound a cap reserved
+"""What the gateway sends to and takes from upstream providers: the bound a cap reserved
 for is sent upstream and held to, the prompt estimate counts everything sent, a provider's secrets
 never come back from its upstream's text, and usage counts out of range are not charged."""
 

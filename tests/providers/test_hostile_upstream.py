@@ -1,7 +1,7 @@
-"""Issue 12: whatever a hostile upstream sends (NUL, text that is not a string, usage of 2^63 or
+"""Whatever a hostile upstream sends (NUL, text that is not a string, usage of 2^63 or
 below zero, invalid UTF-8, one 10 MB event, empty deltas forever), through the whole app the
 client gets exactly one terminal event, the row is terminal, and usage is counted once, in range;
-counts out of range are not believed (issue 22): the estimate is charged, flagged."""
+counts out of range are not believed: the estimate is charged, flagged."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tests.support.fakes import parse_sse
 from tests.support.hostile import ANTHROPIC, OPENAI, HostileUpstream
 
 # the endless streams: data every 5 ms, so the idle timeout never fires; the attempt's own bounds must
-# (max_stream_s once content has come, timeout_s only before: issue 13 item 5)
+# (max_stream_s once content has come, timeout_s only before)
 ENDLESS_TIMEOUTS = {"timeout_s": 1.0, "first_token_timeout_s": 0.5, "idle_timeout_s": 0.3, "max_stream_s": 1.0}
 
 PROTOCOL, TIMEOUT = "upstream_protocol_error", "upstream_timeout"

@@ -1,4 +1,4 @@
-"""A healthy stream is never cut by the whole-request timeout (issue 13 item 5): `timeout_s` bounds
+"""A healthy stream is never cut by the whole-request timeout: `timeout_s` bounds
 the wait for the first content byte (and a non-streaming call); after it, the idle timeout between
 chunks and `max_stream_s` bound the reply. Small values stand in for 45 s and 600 s."""
 

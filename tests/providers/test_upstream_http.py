@@ -1,4 +1,4 @@
-"""The adapters' lean HTTP client (gateway/providers/http.py, issue 17 item 2) against raw local
+"""The adapters' lean HTTP client (gateway/providers/http.py) against raw local
 TCP servers that write exactly the bytes each case needs: keep-alive reuse, a stale pooled
 connection, truncation mid-chunk, malformed chunks, the idle timeout, error bodies (gzip,
 Retry-After), bodies framed by the connection's end, and what follows [DONE]."""

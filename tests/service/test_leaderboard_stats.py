@@ -1,4 +1,4 @@
-"""Honest leaderboard statistics (issue 16 item 3): a weak prior, so few votes claim little;
+"""Honest leaderboard statistics: a weak prior, so few votes claim little;
 intervals that cover the truth at their stated rate; a length-controlled rating beside the raw one."""
 
 from __future__ import annotations

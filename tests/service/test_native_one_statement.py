@@ -1,4 +1,4 @@
-"""Issue 17 item 3: a native turn in an existing thread makes ONE database statement before the
+"""A native turn in an existing thread makes ONE database statement before the
 upstream request (the persist statement, which reads the thread's history back), and the history
 the upstream gets is exactly the thread's, also after another instance added a turn to it."""
 

@@ -1,4 +1,4 @@
-"""Persist first, then decide (issue 13 item 1): a policy stop keeps the user's message and saves a
+"""Persist first, then decide: a policy stop keeps the user's message and saves a
 `refused` reply; only the abuse limits (requests per minute, body size, malformed input) answer
 before anything is written.
 

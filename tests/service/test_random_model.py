@@ -1,4 +1,4 @@
-"""`model: "random"` for single chat (issue 13 item 6): one model drawn by the configured weights,
+"""`model: "random"` for single chat: one model drawn by the configured weights,
 skipping open circuits, like the arena's draw; the saved metadata names it and says how it was chosen."""
 
 from __future__ import annotations

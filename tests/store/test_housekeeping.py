@@ -1,4 +1,4 @@
-"""Housekeeping (issue 13 item 13): old rate windows are swept; a thread's updated_at follows its
+"""Housekeeping: old rate windows are swept; a thread's updated_at follows its
 replies and the list orders by it; `[limits] max_tokens` reaches the upstream only when it clamps;
 an abandoned stream still gets its access-log line."""
 
@@ -193,7 +193,7 @@ async def abandon_and_check(client: Any, user: User, caplog: pytest.LogCaptureFi
     assert "client_closed" not in done.getMessage()
 
 
-# -- dead code, circuit states, redaction of late loggers (issue 22 item 6) -------------------------
+# -- dead code, circuit states, redaction of late loggers -------------------------
 
 
 def test_dead_code_and_write_only_counters_are_gone():

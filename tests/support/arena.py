@@ -13,7 +13,7 @@ from tests.support.common import MakeClient, User, wait_for
 from tests.support.fakes import FakeUpstream
 from tests.support.providers import model_toml, openai_provider_toml
 
-RETRY = b"retry: 3000\n"  # rides in the first event's block (issue 15 item 7)
+RETRY = b"retry: 3000\n"  # rides in the first event's block
 
 
 DONE = b"data: [DONE]\n\n"

@@ -18,7 +18,7 @@ from gateway.providers.base import estimate_tokens
 from tests.support.common import MakeClient, User, wait_for
 from tests.support.fakes import FakeUpstream, openai_stream, parse_sse
 
-RETRY = b"retry: 3000\n"  # rides in the first event's block (issue 15 item 7)
+RETRY = b"retry: 3000\n"  # rides in the first event's block
 
 
 DONE = b"data: [DONE]\n\n"

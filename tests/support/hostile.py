@@ -1,5 +1,5 @@
 """A hostile upstream: a real aiohttp server on loopback that speaks the providers' wire formats
-exactly, with values no well-behaved upstream sends (issue 12).
+exactly, with values no well-behaved upstream sends.
 
 Each request is answered with the payload named by the model it asks for (the gateway sends a
 model's `upstream` id), so one server and one config serve every case: a model `h_nul` with

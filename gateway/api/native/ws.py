@@ -125,7 +125,7 @@ class Session:
         self._tasks: set[asyncio.Task[None]] = set()
         self._expelled = False  # the credential lapsed: the socket is closing
         # the socket's conversation: the thread of its first turn, which turns without a thread_id
-        # continue (one session per connection, seed 002); pending while that turn is on its way
+        # continue (one session per connection); pending while that turn is on its way
         self._thread: asyncio.Future[uuid.UUID | None] | None = None
 
     async def run(self) -> None:

@@ -1,4 +1,4 @@
-"""OpenAI's rate-limit headers on a successful answer of the OpenAI-style routes (issue 15 item 4).
+"""OpenAI's rate-limit headers on a successful answer of the OpenAI-style routes.
 
     x-ratelimit-limit-requests       the tightest requests-per-minute limit that applies
     x-ratelimit-remaining-requests   what is left of it in the current minute
@@ -10,7 +10,7 @@
 Only the limits configured for the caller appear (the user's from [limits], its key's and every
 ancestor key's); with none, no header and no I/O. A busy caller, admitted from a quota slice
 (gateway/policy/quota.py), gets them from what the slice's last lease statement saw, less what the slice
-has not handed out: no I/O (issue 17). Otherwise they are read right after the admission took
+has not handed out: no I/O. Otherwise they are read right after the admission took
 this request's slot and reservation, while the upstream works (the read runs alongside it), so
 they cost the answer no time. Like OpenAI's they are advisory under concurrency (a slice's numbers
 lag the settlements since its last lease by about a second at most).

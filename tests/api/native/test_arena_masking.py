@@ -1,5 +1,5 @@
 """An anonymous arena slot names its model nowhere before the vote, not even in an error text
-(issue 12, item 9): the SSE error event, the replay and the stored row carry a masked message; the
+the SSE error event, the replay and the stored row carry a masked message; the
 real one is kept in the metadata and shown once the comparison has its vote."""
 
 from __future__ import annotations

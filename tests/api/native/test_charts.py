@@ -1,4 +1,4 @@
-"""The playground's charts (issue 16 item 2), drawn as SVG by the page itself: usage per day stacked
+"""The playground's charts, drawn as SVG by the page itself: usage per day stacked
 by model, today's budget as a gauge, the leaderboard's ratings with their interval whiskers and the
 win-rate matrix. A real headless Chromium counts what it drew for seeded data; screenshots go to
 /tmp/charts-*.png."""

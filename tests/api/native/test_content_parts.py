@@ -1,4 +1,4 @@
-"""Content parts in the native API (issue 15 item 6): `content` in POST /api/chat may be a list of
+"""Content parts in the native API: `content` in POST /api/chat may be a list of
 OpenAI-style parts (text, image_url), stored as jsonb and returned exactly as sent (`parts`, with
 `content` holding their text), sent to OpenAI-compatible upstreams as they are and translated into
 Anthropic's content blocks."""

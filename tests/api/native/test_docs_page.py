@@ -1,4 +1,4 @@
-"""GET /docs (issue 16 item 4): Swagger UI for /openapi.json from a wheel's bundled files, with
+"""GET /docs: Swagger UI for /openapi.json from a wheel's bundled files, with
 nothing loaded from another host; rendered by a real headless Chromium."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Odd Last-Event-ID values (issue 12, item 8): a malformed or foreign id is a 400 on SSE and an error
+"""Odd Last-Event-ID values: a malformed or foreign id is a 400 on SSE and an error
 frame on the WebSocket — never a 500, never a dead socket — and a valid one still resumes exactly."""
 
 from __future__ import annotations

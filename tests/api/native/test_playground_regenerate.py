@@ -1,4 +1,4 @@
-"""The playground and the reply lifecycle (issue 13 items 1 and 2), in headless Chromium: a reply
+"""The playground and the reply lifecycle, in headless Chromium: a reply
 that ended without its answer offers "Regenerate", which asks the gateway for a new reply to the same
 message and follows it like a sent one; an arena turn with a slot the policy refused cannot be voted
 on, and the page says why instead of offering buttons the gateway would refuse."""

@@ -1,4 +1,4 @@
-"""The playground's error queue (issue 13 item 11, seed 004): a failed send is tried again three
+"""The playground's error queue: a failed send is tried again three
 times, after 1 s, 2 s and 4 s, with the same client_message_id, showing "retrying…", and never
 makes a second message. The failures are real: a reverse proxy in front of the gateway answers
 503 (as a load balancer with no healthy backend does), or forwards the send and then drops the

@@ -1,4 +1,4 @@
-"""POST /api/messages/{user_message_id}/regenerate (issue 13 item 2): a new reply to a saved user
+"""POST /api/messages/{user_message_id}/regenerate: a new reply to a saved user
 message, decided by the policy and streamed exactly like POST /api/chat; every reply is kept."""
 
 from __future__ import annotations

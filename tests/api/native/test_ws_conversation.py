@@ -1,4 +1,4 @@
-"""One conversation per WebSocket (seed 002): turns without a thread_id continue the socket's first
+"""One conversation per WebSocket: turns without a thread_id continue the socket's first
 thread; a turn may name another; a new socket starts a new conversation."""
 
 from __future__ import annotations

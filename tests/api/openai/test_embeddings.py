@@ -1,4 +1,4 @@
-"""POST /v1/embeddings (issue 15 item 3), driven by the official `openai` SDK's `embeddings.create`
+"""POST /v1/embeddings, driven by the official `openai` SDK's `embeddings.create`
 against a real local fake upstream that answers in OpenAI's exact embeddings format."""
 
 from __future__ import annotations

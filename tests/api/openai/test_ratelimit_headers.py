@@ -1,4 +1,4 @@
-"""OpenAI's `x-ratelimit-*` headers on successful answers of the OpenAI-style routes (issue 15 item 4),
+"""OpenAI's `x-ratelimit-*` headers on successful answers of the OpenAI-style routes,
 read with the official SDK's `with_raw_response` after N requests under known limits, the policy's
 clock pinned so the resets are exact."""
 
@@ -146,7 +146,7 @@ async def test_only_configured_limits_appear(api_for, make_client: MakeClient, c
 @pytest.mark.parametrize("key_limits", [None, {"requests_per_minute": 500, "daily_tokens": 50000}])
 async def test_a_busy_caller_gets_them_from_its_quota_slice_without_a_read(
         make_client: MakeClient, config_file: Any, user: User, db: Any, key_limits: dict[str, int] | None):
-    """Issue 17: once a busy caller is admitted from a quota slice, its headers come from what the
+    """Once a busy caller is admitted from a quota slice, its headers come from what the
     slice's lease statement saw, less what the slice has not handed out: no statement is sent for
     them, and (each reply using exactly its reservation: "hello" is 2 tokens, max_tokens 10, 10
     demo tokens) the numbers are the exact ones."""

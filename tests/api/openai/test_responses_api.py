@@ -300,7 +300,7 @@ async def test_errors_in_openai_shape_write_nothing(sdk, fake_client, upstream, 
     assert upstream.requests == []
 
 
-# -- issue 15 item 1's leftovers: replayed events, input items, tool-loop items -------------------
+# -- replayed events, input items, tool-loop items -------------------
 
 async def test_retrieve_with_stream_replays_the_semantic_events_of_a_stored_response(sdk, fake_client, upstream,
                                                                                      user):
