@@ -17,6 +17,10 @@ from gateway.errors import BadRequest, InvalidId, PayloadTooLarge, Unauthorized
 from gateway.observability import tracing
 from gateway.state import AUTH, PRINCIPAL, SETTINGS, STREAM_TOKENS, TIMINGS, USER_ID
 
+# the headers of a vendor-style SSE answer (the OpenAI and Anthropic doors): no caching, no proxy buffering
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
+               "X-Accel-Buffering": "no"}
+
 
 def json_response(data: Any, status: int = 200) -> web.Response:
     # orjson writes UUIDs and datetimes natively

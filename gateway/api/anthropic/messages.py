@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.common import caller, read_json
+from gateway.api.common import SSE_HEADERS, caller, read_json
 from gateway.api.content import MAX_TOKENS_LIMIT
 from gateway.errors import GatewayError, TooManyRequests
 from gateway.providers.base import (
@@ -43,8 +43,6 @@ from gateway.service.router import AUTO
 from gateway.service.turns import Completion, charged_usage, prompt_tokens
 from gateway.state import MODELS, TIMINGS, TURNS
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
-               "X-Accel-Buffering": "no"}
 # Anthropic's error types by HTTP status (https://docs.anthropic.com/en/api/errors)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "invalid_request_error", 413: "request_too_large",

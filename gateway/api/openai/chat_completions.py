@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.common import caller, read_body
+from gateway.api.common import SSE_HEADERS, caller, read_body
 from gateway.api.openai.ratelimits import RateLimitHeaders
 from gateway.contract import decoding
 from gateway.contract.openai import ChatCompletionRequest, check_messages, pass_through, refusal
@@ -38,9 +38,6 @@ from gateway.providers.chain import Chain
 from gateway.service.router import AUTO
 from gateway.service.turns import charged_usage
 from gateway.state import MODELS, TIMINGS, TURNS
-
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
-               "X-Accel-Buffering": "no"}
 
 
 class OpenAIError(GatewayError):
@@ -65,7 +62,7 @@ def provider_error(e: ProviderError) -> OpenAIError:
     return OpenAIError(502, e.message, "upstream_error", code=e.kind)
 
 
-def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | None:
+def number_in(body: dict[str, Any], key: str, low: float, high: float) -> float | None:
     value = body.get(key)
     if value is None:
         return None

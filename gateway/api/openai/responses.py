@@ -39,13 +39,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.common import caller, json_response, read_json
+from gateway.api.common import SSE_HEADERS, caller, json_response, read_json
 from gateway.api.content import MAX_TOKENS_LIMIT, parse_content
 from gateway.api.openai.chat_completions import (
-    SSE_HEADERS,
     OpenAIError,
-    _number,
     merge_tool_calls,
+    number_in,
     openai_errors,
     provider_error,
 )
@@ -244,7 +243,7 @@ def parse_request(body: dict[str, Any], known_model: Callable[[str], bool]) -> R
     extra = parse_tools(body.get("tools"), body.get("tool_choice"))
     _flag(body, "parallel_tool_calls", True)
     extra.update({k: body[k] for k in PASS_THROUGH if body.get(k) is not None})
-    temperature, top_p = _number(body, "temperature", 0, 2), _number(body, "top_p", 0, 1)
+    temperature, top_p = number_in(body, "temperature", 0, 2), number_in(body, "top_p", 0, 1)
     echo = {"instructions": instructions, "max_output_tokens": max_output_tokens, "metadata": metadata or {},
             "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": previous,
             "store": store, "temperature": temperature, "tool_choice": body.get("tool_choice", "auto"),
