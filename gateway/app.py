@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from gateway.api.aisdk import chat as ai_sdk
 from gateway.api.anthropic import messages as anthropic_messages
 from gateway.api.native import account, arena, chat, docs, keys, ops, playground, threads, ws
 from gateway.api.openai import chat_completions as openai
@@ -298,6 +299,10 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/v1/responses/{response_id}", responses.get_response),
         web.delete("/v1/responses/{response_id}", responses.delete_response),
         web.get("/v1/responses/{response_id}/input_items", responses.list_input_items),
+        web.post("/api/ai-sdk/chat", ai_sdk.post_chat),
+        web.get("/api/ai-sdk/chat/{chat_id}/stream", ai_sdk.get_chat_stream),
+        web.get("/api/ai-sdk/chat/{chat_id}/messages", ai_sdk.get_chat_messages),
+        web.post("/api/ai-sdk/chat/{chat_id}/stop", ai_sdk.stop_chat),
         web.post("/v1/messages", anthropic_messages.create_message),
         web.post("/v1/messages/count_tokens", anthropic_messages.count_tokens),
         web.get("/ws", ws.websocket),

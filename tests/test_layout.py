@@ -12,7 +12,7 @@ import pytest
 import gateway
 
 ROOT = Path(gateway.__file__).resolve().parent
-DOORS = ("native", "openai", "anthropic")
+DOORS = ("native", "openai", "anthropic", "aisdk")
 
 
 def packages() -> list[Path]:

@@ -3,6 +3,7 @@
     db.py           the pool, the embedded server, the migration runner
     background.py   batched writes off the request path, and group commit
     failures.py     transient or permanent: what a failed write means
+    chats.py        app chat ids (the AI SDK door's `id`): one thread of their user each
     messages.py, threads.py, arena.py, keys.py, limits.py, usage.py, activity.py,
     instances.py, leaderboard.py, models.py, secrets.py   SQL by table family
 
@@ -13,6 +14,7 @@ __all__ = [
     "activity",
     "arena",
     "background",
+    "chats",
     "db",
     "failures",
     "instances",

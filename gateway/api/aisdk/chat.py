@@ -1,0 +1,119 @@
+"""The AI SDK's chat routes: what `DefaultChatTransport` calls, served by the native turn lifecycle.
+
+    POST /api/ai-sdk/chat                 a turn (or a regenerate): the UI message stream
+    GET  /api/ai-sdk/chat/{id}/stream     the chat's generating reply from its start, live; 204: none
+    GET  /api/ai-sdk/chat/{id}/messages   the chat as UIMessage[]
+    POST /api/ai-sdk/chat/{id}/stop       stop the generating reply (saved cancelled, usage counted once)
+
+The chat id names one thread of the caller (made by its first turn). A turn is begun exactly as
+POST /api/chat begins one (gateway/service/turns.py): persisted first, then the policy (a refusal
+is saved and streamed as an `error` chunk), fallbacks, caps, usage once. The last user message's
+id is the idempotency key: a retry of it streams the reply it made, never a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from aiohttp import web
+
+from gateway.api.aisdk.bodies import check_chat_id, parse_chat
+from gateway.api.aisdk.history import ui_messages
+from gateway.api.aisdk.stream import HEADERS, UIMessageStream, lapse_chunk
+from gateway.api.common import caller, json_response, read_json, until_lapsed
+from gateway.contract.native import MAX_CLIENT_MESSAGE_ID
+from gateway.edge.auth import Principal
+from gateway.edge.held import hold_open
+from gateway.edge.sse import DONE, NativeStream
+from gateway.errors import Conflict
+from gateway.service.turns import TurnInput
+from gateway.state import AUTH, DB, MODELS, SETTINGS, TIMINGS, TURNS
+from gateway.store import chats
+from gateway.store.messages import thread_title
+
+
+async def post_chat(request: web.Request) -> web.StreamResponse:
+    principal = await caller(request, "chat")
+    app = request.app
+    turn = parse_chat(await read_json(request), app[MODELS].chat_model)
+    pool, turns = app[DB].pool, app[TURNS]
+    target = await chats.turn_target(pool, principal.user_id, turn.chat_id, turn.message_id)
+    if target.message_id is not None and target.message_thread_id != target.thread_id:
+        raise Conflict("the last message's id is a message of another chat")
+    started = request[TIMINGS].start
+    if turn.regenerate and target.message_id is not None:
+        # a retry of this regenerate (the same reply replaced) streams the reply it made
+        request_id = turn.regenerated_id if turn.regenerated_id and \
+            len(turn.regenerated_id) <= MAX_CLIENT_MESSAGE_ID else None
+        made = await asyncio.shield(turns.regenerate(principal, target.message_id, turn.model, request_id, started))
+        message_id = made.assistant_message_id
+    else:
+        thread_id = target.thread_id or await chats.open_chat(pool, principal.user_id, turn.chat_id,
+                                                              thread_title(turn.content))
+        stored = await asyncio.shield(turns.begin_chat(principal, TurnInput(
+            content=turn.content, parts=turn.parts, thread_id=thread_id, model=turn.model,
+            client_message_id=turn.message_id), started))
+        message_id = stored.assistant_message_id
+    return await stream_reply(request, principal, message_id)
+
+
+async def get_chat_stream(request: web.Request) -> web.StreamResponse:
+    """What `reconnectToStream` asks: the chat's generating reply, replayed from its start and then
+    followed live (from whichever instance generates it); 204 when none is generating."""
+    principal = await caller(request, "chat")
+    chat_id = check_chat_id(request.match_info["chat_id"], "chat id")
+    message_id = await chats.active_reply(request.app[DB].pool, principal.user_id, chat_id)
+    if message_id is None:
+        return web.Response(status=204)
+    return await stream_reply(request, principal, message_id)
+
+
+async def get_chat_messages(request: web.Request) -> web.Response:
+    principal = await caller(request, "chat")
+    chat_id = check_chat_id(request.match_info["chat_id"], "chat id")
+    return json_response(ui_messages(await chats.chat_messages(request.app[DB].pool, principal.user_id, chat_id)))
+
+
+async def stop_chat(request: web.Request) -> web.Response:
+    """Cancel the chat's generating reply wherever it runs; answers once it is saved, with its id and
+    status (204 when nothing is generating)."""
+    principal = await caller(request, "chat")
+    chat_id = check_chat_id(request.match_info["chat_id"], "chat id")
+    message_id = await chats.active_reply(request.app[DB].pool, principal.user_id, chat_id)
+    if message_id is None:
+        return web.Response(status=204)
+    saved = await request.app[TURNS].cancel(principal.user_id, message_id)
+    return json_response({"id": chat_id, "messageId": saved["id"], "status": saved["status"]})
+
+
+async def stream_reply(request: web.Request, principal: Principal, message_id: uuid.UUID) -> web.StreamResponse:
+    """One reply, all of it, as the UI message stream: live here, followed from another instance, or
+    replayed from its row. If the caller's credential stops working meanwhile, an `error` chunk ends it."""
+    settings = request.app[SETTINGS]
+    reply = await request.app[TURNS].reply(principal.user_id, message_id)
+    resp = NativeStream(settings.sse_retry_ms, settings.sse_ping_s)
+    resp.headers.update(HEADERS)
+    resp.headers["Cache-Control"] = "no-cache, no-transform"
+    await resp.prepare(request)
+    hold_open(request, resp)
+    chunks = UIMessageStream()
+
+    async def relay() -> None:
+        async for batch in reply.events(-1):
+            data = chunks.frames(batch)
+            if data:  # a usage event alone says nothing yet: it rides in `finish`
+                await resp.write(data)
+
+    try:
+        with request.app[AUTH].watch(principal) as watch:
+            lapse = await until_lapsed(watch, relay())
+        if lapse is not None:
+            await resp.write(lapse_chunk(lapse.message))
+        await resp.write(DONE)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client left; the generation goes on without it
+    finally:
+        resp.stop_streaming()
+    return resp
