@@ -68,7 +68,8 @@ async def run(command: dict[str, Any]) -> dict[str, Any]:
     return await (await start(command)).result()
 
 
-def send(client: TestClient, user: User, chat_id: str, messages: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+def send(client: TestClient, user: User, chat_id: str, messages: list[dict[str, Any]],
+         **options: Any) -> dict[str, Any]:
     """A `sendMessages` command for `client`'s gateway."""
     return {"do": "send", "api": str(client.make_url(API)), "headers": user.headers, "chatId": chat_id,
             "messages": messages, **options}
