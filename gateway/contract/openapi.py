@@ -772,6 +772,48 @@ def _paths() -> dict[str, Any]:
     }
 
 
+# -- the AI SDK door (gateway/api/aisdk/, docs/ai-sdk.md): its own block, kept apart from the paths above
+
+AI_SDK_STREAM = ("The AI SDK's UI message stream (header `x-vercel-ai-ui-message-stream: v1`): `data:` lines of "
+                 "`start`, `text-start`, `text-delta`, `text-end`, `finish` (or `error`; `abort` when stopped), "
+                 "then `data: [DONE]`")
+
+
+def _ai_sdk_paths() -> dict[str, Any]:
+    chat_id = {"name": "chat_id", "in": "path", "required": True,
+               "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+               "description": "The app's chat id (one thread of the caller)"}
+    stream = {"text/event-stream": {"schema": STRING}}
+    ui_message = {"type": "object", "required": ["id", "role", "parts"],
+                  "properties": {"id": STRING, "role": {"enum": ["system", "user", "assistant"]},
+                                 "parts": {"type": "array", "items": {"type": "object"}}, "metadata": {}}}
+    return {
+        "/api/ai-sdk/chat": {"post": op(
+            "A chat turn as the AI SDK's DefaultChatTransport sends it; the reply as its UI message stream",
+            "ai-sdk", {"200": response(AI_SDK_STREAM, stream), **errors(400, 401, 403, 404, 409, 413, 429, 503)},
+            requestBody={"required": True, "content": json_content(obj(
+                {"id": {"type": "string", "minLength": 1, "maxLength": 200},
+                 "messages": {"type": "array", "minItems": 1, "items": ui_message},
+                 "trigger": {"enum": ["submit-message", "regenerate-message"]},
+                 "messageId": STRING, "model": STRING}, ("id", "messages")))},
+            description="The last message is the turn (the user's); its id is the idempotency key. "
+                        "`regenerate-message` replaces the reply to it.")},
+        "/api/ai-sdk/chat/{chat_id}/stream": {"get": op(
+            "The chat's generating reply from its start, followed live (reconnectToStream)", "ai-sdk",
+            {"200": response(AI_SDK_STREAM, stream), **ok(204, "Nothing is generating"),
+             **errors(400, 401, 403, 503)}, parameters=[chat_id])},
+        "/api/ai-sdk/chat/{chat_id}/messages": {"get": op(
+            "The chat as UIMessage[]", "ai-sdk",
+            {**ok(200, "The chat's messages", {"type": "array", "items": ui_message}),
+             **errors(400, 401, 403, 503)}, parameters=[chat_id])},
+        "/api/ai-sdk/chat/{chat_id}/stop": {"post": op(
+            "Stop the chat's generating reply (saved cancelled, its usage counted once)", "ai-sdk",
+            {**ok(200, "The stopped reply", obj({"id": STRING, "messageId": UUID, "status": STRING},
+                                                 ("id", "messageId", "status"))),
+             **ok(204, "Nothing is generating"), **errors(400, 401, 403, 404, 503)}, parameters=[chat_id])},
+    }
+
+
 # the request bodies defined as structs: their schemas are generated (with the structs they refer to)
 BODIES: tuple[type[msgspec.Struct], ...] = (*native.BODIES, openai.ChatCompletionRequest)
 
@@ -803,7 +845,7 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
         "info": {"title": "Chat gateway", "version": __version__,
                  "description": "A streaming chat gateway: SSE chat over LLM providers, every message persisted."},
         "security": [{"bearerAuth": []}],
-        "paths": _paths(),
+        "paths": {**_paths(), **_ai_sdk_paths()},
         "components": {
             "schemas": {**_schemas(models), **_generated(models)},
             "responses": {**error_responses("Error", "Error"), **error_responses("OpenAIError", "OpenAIError"),

@@ -53,7 +53,7 @@ class NodeRun:
         return line
 
 
-async def start(command: dict[str, Any]) -> NodeRun:
+async def start_node(command: dict[str, Any]) -> NodeRun:
     node = shutil.which("node")
     if node is None:
         raise AssertionError("node is missing: the AI SDK tests run the ai package in Node")
@@ -64,8 +64,8 @@ async def start(command: dict[str, Any]) -> NodeRun:
     return NodeRun(proc)
 
 
-async def run(command: dict[str, Any]) -> dict[str, Any]:
-    return await (await start(command)).result()
+async def run_node(command: dict[str, Any]) -> dict[str, Any]:
+    return await (await start_node(command)).result()
 
 
 def send(client: TestClient, user: User, chat_id: str, messages: list[dict[str, Any]],

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from gateway.state import GENERATIONS
-from tests.support.ai_sdk import reconnect, run, send, start, user_message, validate
+from tests.support.ai_sdk import reconnect, run_node, send, start_node, user_message, validate
 from tests.support.chat import (
     ONE_TURN,
     PROMPT_TOKENS,
@@ -62,7 +62,7 @@ async def chat_thread(db: asyncpg.Pool, user_id: uuid.UUID, chat_id: str) -> uui
 async def test_send_messages_streams_the_reply_and_a_retry_of_its_message_id_streams_the_same_one(
         make_client, upstream, user, db):
     client = await fake_client(make_client, upstream)
-    result = await run(send(client, user, "chat-1", [user_message("u1", "Hi")]))
+    result = await run_node(send(client, user, "chat-1", [user_message("u1", "Hi")]))
     thread_id = await chat_thread(db, user.id, "chat-1")
     mid = result["chunks"][0]["messageId"]
     saved = await row(db, mid)
@@ -72,13 +72,13 @@ async def test_send_messages_streams_the_reply_and_a_retry_of_its_message_id_str
     assert result["message"] == message(mid, str(thread_id), "Hello", usage(9, 2))
     assert result["errors"] == []
     # the same message again (a client retry): the same reply, replayed; nothing new generates or is stored
-    again = await run(send(client, user, "chat-1", [user_message("u1", "Hi")]))
+    again = await run_node(send(client, user, "chat-1", [user_message("u1", "Hi")]))
     assert again["chunks"] == result["chunks"]
     assert len(upstream.requests) == 1
     assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 2
     assert len(await usage_rows(db, mid)) == 1
     # the next turn goes on in the same thread, with the conversation so far upstream
-    second = await run(send(client, user, "chat-1", [user_message("u1", "Hi"), result["message"],
+    second = await run_node(send(client, user, "chat-1", [user_message("u1", "Hi"), result["message"],
                                                      user_message("u2", "More")]))
     assert second["message"]["metadata"]["threadId"] == str(thread_id)
     assert upstream.requests[1]["messages"] == [{"role": "user", "content": "Hi"},
@@ -115,13 +115,13 @@ async def test_a_client_that_aborts_after_the_first_delta_reconnects_and_gets_th
         make_client, gated, user, db):
     up = await gated(TEXTS, hold_at=2)
     client = await gated_client(make_client, up)
-    left = await run(send(client, user, "resume", [user_message("r1", "tell me")], abortAfterFirstDelta=True))
+    left = await run_node(send(client, user, "resume", [user_message("r1", "tell me")], abortAfterFirstDelta=True))
     assert left["aborted"] is True
     mid = left["chunks"][0]["messageId"]
     assert [c["type"] for c in left["chunks"][:3]] == ["start", "text-start", "text-delta"]
     assert left["chunks"][2]["delta"] == "Once "
     assert (await row(db, mid))["status"] == "streaming"  # the reply goes on without the client
-    back = await start(reconnect(client, user, "resume"))
+    back = await start_node(reconnect(client, user, "resume"))
     await back.until("connected")
     up.release()
     result = await back.result()
@@ -131,7 +131,7 @@ async def test_a_client_that_aborts_after_the_first_delta_reconnects_and_gets_th
     assert result["chunks"] == chunks(mid, thread_id, TEXTS, whole)
     assert result["message"] == message(mid, thread_id, "".join(TEXTS), whole)
     # once it has finished there is nothing to resume
-    assert (await run(reconnect(client, user, "resume"))) == {"event": "result", "none": True}
+    assert (await run_node(reconnect(client, user, "resume"))) == {"event": "result", "none": True}
     resp = await client.get("/api/ai-sdk/chat/resume/stream", headers=user.headers)
     assert (resp.status, await resp.read()) == (204, b"")
     assert len(await usage_rows(db, mid)) == 1
@@ -139,19 +139,19 @@ async def test_a_client_that_aborts_after_the_first_delta_reconnects_and_gets_th
 
 async def test_history_validates_as_ui_messages_and_a_regenerate_replaces_the_reply(make_client, upstream, user, db):
     client = await fake_client(make_client, upstream)
-    first = await run(send(client, user, "history", [user_message("h1", "Hi")]))
+    first = await run_node(send(client, user, "history", [user_message("h1", "Hi")]))
     old = first["message"]
     # what useChat sends for regenerate(): the messages without the reply, and the reply's id
-    regenerated = await run(send(client, user, "history", [user_message("h1", "Hi")],
+    regenerated = await run_node(send(client, user, "history", [user_message("h1", "Hi")],
                                  trigger="regenerate-message", messageId=old["id"]))
     new = regenerated["message"]
     assert new["id"] != old["id"] and new["parts"] == old["parts"]
     assert len(upstream.requests) == 2
     # a retry of that regenerate streams the reply it made
-    again = await run(send(client, user, "history", [user_message("h1", "Hi")],
+    again = await run_node(send(client, user, "history", [user_message("h1", "Hi")],
                            trigger="regenerate-message", messageId=old["id"]))
     assert again["message"] == new and len(upstream.requests) == 2
-    result = await run(validate(client, user, "history"))
+    result = await run_node(validate(client, user, "history"))
     assert result["status"] == 200
     assert result["messages"] == [user_message("h1", "Hi"), new]
     # both replies are kept (the native thread shows them), the newest is the chat's
@@ -163,7 +163,7 @@ async def test_history_validates_as_ui_messages_and_a_regenerate_replaces_the_re
 async def test_stop_saves_the_reply_cancelled_with_its_usage_counted_once(make_client, gated, user, db):
     up = await gated(TEXTS, hold_at=2)
     client = await gated_client(make_client, up)
-    running = await start(send(client, user, "stop-me", [user_message("s1", "tell me")]))
+    running = await start_node(send(client, user, "stop-me", [user_message("s1", "tell me")]))
     while (await running.until("chunk"))["chunk"]["type"] != "text-delta":
         pass
     resp = await client.post("/api/ai-sdk/chat/stop-me/stop", headers=user.headers)
@@ -185,13 +185,13 @@ async def test_stop_saves_the_reply_cancelled_with_its_usage_counted_once(make_c
         (saved["prompt_tokens"], saved["completion_tokens"])]
     # nothing generates any more: a second stop and a reconnect find nothing
     assert (await client.post("/api/ai-sdk/chat/stop-me/stop", headers=user.headers)).status == 204
-    assert (await run(reconnect(client, user, "stop-me"))) == {"event": "result", "none": True}
+    assert (await run_node(reconnect(client, user, "stop-me"))) == {"event": "result", "none": True}
 
 
 async def test_a_refusal_is_an_error_chunk_and_a_saved_refused_row(make_client, config_file, user, db):
     client = await make_client(GATEWAY_CONFIG=config_file(ONE_TURN), DEMO_CHUNKS="10")
     await spend_the_day(client, user, db)
-    result = await run(send(client, user, "capped", [user_message("c1", "hello")]))
+    result = await run_node(send(client, user, "capped", [user_message("c1", "hello")]))
     mid = result["chunks"][0]["messageId"]
     saved = await row(db, mid)
     assert saved["status"] == "refused"
@@ -201,7 +201,7 @@ async def test_a_refusal_is_an_error_chunk_and_a_saved_refused_row(make_client, 
             "auto": True}},
         {"type": "error", "errorText": "daily token cap reached (user daily tokens)"}]
     assert result["errors"] == ["daily token cap reached (user daily tokens)"]
-    history = await run(validate(client, user, "capped"))
+    history = await run_node(validate(client, user, "capped"))
     assert history["messages"][1] == {"id": mid, "role": "assistant", "parts": [], "metadata": {
         "threadId": str(saved["thread_id"]), "model": "demo", "provider": None, "category": "general",
         "auto": True, "status": "refused",
@@ -214,9 +214,9 @@ async def test_a_reply_generating_on_one_instance_resumes_from_another_through_r
     up = await stepped(TEXTS, holds=(4,))
     env = {"OPENAI_BASE_URL": up.base_url, "OPENAI_MODEL": "fake", "SWEEP_S": "1000", "REDIS_URL": redis_url}
     a, b = await make_client(**env), await make_client(**env)
-    left = await run(send(a, user, "fleet", [user_message("f1", "tell me")], abortAfterFirstDelta=True))
+    left = await run_node(send(a, user, "fleet", [user_message("f1", "tell me")], abortAfterFirstDelta=True))
     mid = left["chunks"][0]["messageId"]
-    back = await start(reconnect(b, user, "fleet"))
+    back = await start_node(reconnect(b, user, "fleet"))
     await back.until("connected")
     assert b.app[GENERATIONS].get(uuid.UUID(mid)) is None  # generating on A, followed from B
     assert a.app[GENERATIONS].get(uuid.UUID(mid)) is not None
@@ -225,4 +225,4 @@ async def test_a_reply_generating_on_one_instance_resumes_from_another_through_r
     saved = await wait_finished(db, mid)
     whole = usage(PROMPT_TOKENS, saved["completion_tokens"])
     assert result["chunks"] == chunks(mid, str(saved["thread_id"]), TEXTS, whole)
-    assert (await run(reconnect(b, user, "fleet"))) == {"event": "result", "none": True}
+    assert (await run_node(reconnect(b, user, "fleet"))) == {"event": "result", "none": True}
