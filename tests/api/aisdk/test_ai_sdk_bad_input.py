@@ -3,11 +3,13 @@ id is the caller's own: another user's chat of the same id is not theirs to read
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
 
 from tests.support.ai_sdk import API, user_message
+from tests.support.auth import JWT_ENV, token_for
 from tests.support.chat import fake_client
 
 HI = user_message("u1", "Hi")
@@ -94,6 +96,17 @@ async def test_without_a_credential_it_is_a_401(make_client, upstream):
     client = await fake_client(make_client, upstream)
     resp = await client.post(API, json={"id": "c", "messages": [HI]})
     assert resp.status == 401
+
+
+async def test_a_jwt_user_chats_and_reads_the_chat_back(make_client, upstream, db):
+    client = await fake_client(make_client, upstream, **JWT_ENV)
+    user_id = uuid.uuid4()
+    resp = await client.post(API, headers=token_for(user_id), json={"id": "signed", "messages": [HI]})
+    assert resp.status == 200
+    assert (await resp.read()).endswith(b'"status":"complete"}}\n\ndata: [DONE]\n\n')
+    history = await (await client.get(f"{API}/signed/messages", headers=token_for(user_id))).json()
+    assert [(m["role"], m["parts"][0]["text"]) for m in history] == [("user", "Hi"), ("assistant", "Hello")]
+    assert await db.fetchval("SELECT count(*) FROM threads WHERE user_id = $1 AND chat_id = 'signed'", user_id) == 1
 
 
 async def test_a_browser_app_on_an_allowed_origin_gets_cors(make_client, upstream, user):
