@@ -37,19 +37,28 @@ async def turn_target(pool: asyncpg.Pool, user_id: uuid.UUID, chat_id: str,
     return ChatTurnTarget(row["thread_id"], row["message_id"], row["message_thread_id"])
 
 
-async def open_chat(pool: asyncpg.Pool, user_id: uuid.UUID, chat_id: str, title: str) -> uuid.UUID:
-    """The caller's thread named `chat_id`, made (titled `title`) if it is missing. Two first
-    turns of one chat at once make one thread: the unique index lets one insert through, and the
-    other reads it on its next try (its statement's snapshot predates that insert's commit)."""
+async def open_chat(pool: asyncpg.Pool, user_id: uuid.UUID, chat_id: str, title: str) -> tuple[uuid.UUID, bool]:
+    """The caller's thread named `chat_id`, made (titled `title`) if it is missing, and whether this
+    call made it. Two first turns of one chat at once make one thread: the unique index lets one
+    insert through, and the other reads it on its next try (its statement's snapshot predates
+    that insert's commit)."""
     while True:
-        thread_id = await pool.fetchval("""
+        row = await pool.fetchrow("""
             WITH usr AS (INSERT INTO users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING),
             made AS (INSERT INTO threads (user_id, title, chat_id) VALUES ($1, $3, $2)
                      ON CONFLICT (user_id, chat_id) WHERE chat_id IS NOT NULL DO NOTHING RETURNING id)
-            SELECT id FROM made UNION ALL SELECT id FROM threads WHERE user_id = $1 AND chat_id = $2
+            SELECT id, true AS made FROM made
+            UNION ALL SELECT id, false FROM threads WHERE user_id = $1 AND chat_id = $2
             LIMIT 1""", user_id, chat_id, title)
-        if thread_id is not None:
-            return thread_id  # type: ignore[no-any-return]
+        if row is not None:
+            return row["id"], row["made"]
+
+
+async def drop_empty_chat(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID) -> None:
+    """Remove a chat's thread made for a turn that then stored nothing (refused before its commit: a
+    per-minute limit), unless something was stored in it meanwhile."""
+    await pool.execute("DELETE FROM threads t WHERE t.id = $1 AND t.user_id = $2 AND NOT EXISTS "
+                       "(SELECT 1 FROM messages m WHERE m.thread_id = t.id)", thread_id, user_id)
 
 
 async def chat_thread(pool: asyncpg.Pool, user_id: uuid.UUID, chat_id: str) -> uuid.UUID | None:

@@ -26,7 +26,7 @@ from gateway.contract.native import MAX_CLIENT_MESSAGE_ID
 from gateway.edge.auth import Principal
 from gateway.edge.held import hold_open
 from gateway.edge.sse import DONE, NativeStream
-from gateway.errors import Conflict
+from gateway.errors import Conflict, GatewayError
 from gateway.service.turns import TurnInput
 from gateway.state import AUTH, DB, MODELS, SETTINGS, TIMINGS, TURNS
 from gateway.store import chats
@@ -49,11 +49,17 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
         made = await asyncio.shield(turns.regenerate(principal, target.message_id, turn.model, request_id, started))
         message_id = made.assistant_message_id
     else:
-        thread_id = target.thread_id or await chats.open_chat(pool, principal.user_id, turn.chat_id,
-                                                              thread_title(turn.content))
-        stored = await asyncio.shield(turns.begin_chat(principal, TurnInput(
-            content=turn.content, parts=turn.parts, thread_id=thread_id, model=turn.model,
-            client_message_id=turn.message_id), started))
+        thread_id, opened = target.thread_id, False
+        if thread_id is None:
+            thread_id, opened = await chats.open_chat(pool, principal.user_id, turn.chat_id, thread_title(turn.content))
+        try:
+            stored = await asyncio.shield(turns.begin_chat(principal, TurnInput(
+                content=turn.content, parts=turn.parts, thread_id=thread_id, model=turn.model,
+                client_message_id=turn.message_id), started))
+        except GatewayError:
+            if opened:  # a turn refused before its commit leaves no chat behind
+                await chats.drop_empty_chat(pool, principal.user_id, thread_id)
+            raise
         message_id = stored.assistant_message_id
     return await stream_reply(request, principal, message_id)
 

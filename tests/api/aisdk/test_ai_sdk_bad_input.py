@@ -92,6 +92,18 @@ async def test_a_message_id_of_another_chat_is_a_409_and_writes_nothing(make_cli
     assert await rows_of(db, user.id) == before
 
 
+async def test_a_turn_over_the_per_minute_limit_is_a_429_and_leaves_no_chat(make_client, config_file, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file("[limits]\nrequests_per_minute = 1\n"))
+    resp = await client.post(API, headers=user.headers, json={"id": "first", "messages": [HI]})
+    assert resp.status == 200
+    await resp.read()
+    before = await rows_of(db, user.id)
+    resp = await client.post(API, headers=user.headers, json={"id": "second", "messages": [user_message("u2", "Hi")]})
+    assert resp.status == 429
+    assert await rows_of(db, user.id) == before
+    assert await db.fetchval("SELECT count(*) FROM threads WHERE user_id = $1 AND chat_id = 'second'", user.id) == 0
+
+
 async def test_without_a_credential_it_is_a_401(make_client, upstream):
     client = await fake_client(make_client, upstream)
     resp = await client.post(API, json={"id": "c", "messages": [HI]})
