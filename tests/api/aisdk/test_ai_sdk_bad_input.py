@@ -121,6 +121,16 @@ async def test_a_jwt_user_chats_and_reads_the_chat_back(make_client, upstream, d
     assert await db.fetchval("SELECT count(*) FROM threads WHERE user_id = $1 AND chat_id = 'signed'", user_id) == 1
 
 
+async def test_a_chat_id_with_slashes_and_spaces_is_found_through_its_encoded_path(make_client, upstream, user):
+    client = await fake_client(make_client, upstream)
+    resp = await client.post(API, headers=user.headers, json={"id": "team/a b?", "messages": [HI]})
+    await resp.read()
+    # as reconnectToStream and an app build the path: encodeURIComponent(id)
+    url = client.make_url("/").with_path(f"{API}/team%2Fa%20b%3F/messages", encoded=True)
+    history = await (await client.session.get(url, headers=user.headers)).json()
+    assert [m["role"] for m in history] == ["user", "assistant"]
+
+
 async def test_a_browser_app_on_an_allowed_origin_gets_cors(make_client, upstream, user):
     client = await fake_client(make_client, upstream, CORS_ORIGINS="https://app.example")
     pre = await client.options(API, headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
