@@ -780,9 +780,8 @@ AI_SDK_STREAM = ("The AI SDK's UI message stream (header `x-vercel-ai-ui-message
 
 
 def _ai_sdk_paths() -> dict[str, Any]:
-    chat_id = {"name": "chat_id", "in": "path", "required": True,
-               "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-               "description": "The app's chat id (one thread of the caller)"}
+    chat_id = {"name": "chat_id", "in": "path", "required": True, "schema": STRING,
+               "description": "The app's chat id, up to 200 characters (one thread of the caller)"}
     stream = {"text/event-stream": {"schema": STRING}}
     ui_message = {"type": "object", "required": ["id", "role", "parts"],
                   "properties": {"id": STRING, "role": {"enum": ["system", "user", "assistant"]},
@@ -801,11 +800,11 @@ def _ai_sdk_paths() -> dict[str, Any]:
         "/api/ai-sdk/chat/{chat_id}/stream": {"get": op(
             "The chat's generating reply from its start, followed live (reconnectToStream)", "ai-sdk",
             {"200": response(AI_SDK_STREAM, stream), **ok(204, "Nothing is generating"),
-             **errors(400, 401, 403, 503)}, parameters=[chat_id])},
+             **errors(400, 401, 403, 404, 503)}, parameters=[chat_id])},
         "/api/ai-sdk/chat/{chat_id}/messages": {"get": op(
             "The chat as UIMessage[]", "ai-sdk",
             {**ok(200, "The chat's messages", {"type": "array", "items": ui_message}),
-             **errors(400, 401, 403, 503)}, parameters=[chat_id])},
+             **errors(400, 401, 403, 404, 503)}, parameters=[chat_id])},
         "/api/ai-sdk/chat/{chat_id}/stop": {"post": op(
             "Stop the chat's generating reply (saved cancelled, its usage counted once)", "ai-sdk",
             {**ok(200, "The stopped reply", obj({"id": STRING, "messageId": UUID, "status": STRING},

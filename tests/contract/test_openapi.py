@@ -173,6 +173,7 @@ class FuzzReport:
     comparisons: set[uuid.UUID] = field(default_factory=set)
     keys: set[uuid.UUID] = field(default_factory=set)
     responses: set[uuid.UUID] = field(default_factory=set)  # stored responses' assistant message ids
+    ai_sdk_replies: set[uuid.UUID] = field(default_factory=set)  # the AI SDK door's assistant message ids
     anonymous_accepted: list[str] = field(default_factory=list)
     unsatisfiable: set[str] = field(default_factory=set)
     document: dict[str, Any] = field(default_factory=dict)  # as served
@@ -188,6 +189,10 @@ class FuzzReport:
                 body = response.json()
             if body["store"]:
                 self.responses.add(uuid.UUID(hex=body["id"].removeprefix("resp_")))
+        elif label == "POST /api/ai-sdk/chat":
+            for line in response.content.splitlines():
+                if line.startswith(b'data: {"type":"start"'):
+                    self.ai_sdk_replies.add(uuid.UUID(orjson.loads(line[6:])["messageId"]))
         elif label == "POST /api/keys":
             self.keys.add(uuid.UUID(response.json()["id"]))
         elif label in ("POST /api/chat", "POST /api/arena"):
@@ -300,9 +305,10 @@ async def test_fuzzed_requests_get_documented_answers_and_refused_ones_write_not
     # still serving
     async with aiohttp.ClientSession() as http, http.get(server.make_url("/healthz")) as resp:
         assert resp.status == 200
-    # a stored response is a turn: its assistant message, the user message it answers, their thread
+    # a stored response (and an AI SDK turn) is a turn: its assistant message, the user message it
+    # answers, their thread
     for row in await db.fetch("SELECT id, reply_to, thread_id FROM messages WHERE id = ANY($1::uuid[])",
-                              list(report.responses)):
+                              list(report.responses | report.ai_sdk_replies)):
         report.messages.update({row["id"], row["reply_to"]})
         report.threads.add(row["thread_id"])
     # exactly the rows accepted requests reported: a refused request wrote none
