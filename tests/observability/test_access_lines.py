@@ -124,7 +124,7 @@ async def test_a_secret_in_a_client_chosen_request_id_is_redacted_on_the_direct_
 
 
 async def test_lines_wait_at_most_a_tenth_of_a_second_or_until_another_record(own_handler: None):
-    handler, stream = gateway_handler("text")
+    _, stream = gateway_handler("text")
     logger = AccessLogger(ACCESS, "")
     for n in range(3):
         logger.log(await request_for("/api/messages/1/stream", f"line-{n}"), web.StreamResponse(status=200), 0.01)
@@ -137,7 +137,7 @@ async def test_lines_wait_at_most_a_tenth_of_a_second_or_until_another_record(ow
 
 
 async def test_lines_are_written_once_64_kib_wait(own_handler: None):
-    handler, stream = gateway_handler("text")
+    _, stream = gateway_handler("text")
     logger = AccessLogger(ACCESS, "")
     n = 0
     while not stream.getvalue():
