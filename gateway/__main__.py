@@ -23,7 +23,7 @@ from gateway.config import Settings
 from gateway.edge.middleware import AccessLogger
 from gateway.errors import ConfigError
 from gateway.observability.logs import configure_logging
-from gateway.store.db import migrate, open_database
+from gateway.store.db import DatabaseUnreachable, migrate, open_database
 from gateway.store.keys import create_user_with_key
 
 log = logging.getLogger("gateway")
@@ -97,7 +97,22 @@ async def create_key(settings: Settings, name: str, scopes: list[str], user_id: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway", description="streaming chat gateway")
+    try:
+        return command(argv)
+    except DatabaseUnreachable as e:
+        # one line an operator can act on, instead of a traceback through the pool and the event loop
+        print(f"DATABASE_URL: {e.reason}", file=sys.stderr)
+        return 2
+
+
+def prog_name() -> str:
+    """`chat-gateway` when run as the installed script, `python -m gateway` otherwise."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m gateway" if name in ("", "__main__.py", "-c", "-m") else name
+
+
+def command(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog=prog_name(), description="streaming chat gateway")
     sub = parser.add_subparsers(dest="command")
     serve_p = sub.add_parser("serve", help="run the gateway (the default)")
     serve_p.add_argument("--host")

@@ -15,6 +15,7 @@ lands on another worker waits for the reply to finish (with pings), then replays
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -22,11 +23,11 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 
 from gateway.config import Settings
-from gateway.store.db import start_embedded, stop_embedded
+from gateway.store.db import open_database, start_embedded, stop_embedded
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,9 @@ def run_workers(settings: Settings, count: int) -> int:
     if settings.redis_url is None:
         log.warning("--workers %d without REDIS_URL: a reply is followed live only on the worker generating "
                     "it; a reconnect landing on another worker waits for the end, then replays", count)
+    if settings.database_url is not None:
+        # one refusal here (DatabaseUnreachable, one line) rather than one per worker, each restarted
+        asyncio.run(_reach_database(settings))
     env = dict(os.environ)
     embedded = None
     if settings.database_url is None:
@@ -148,3 +152,8 @@ def run_workers(settings: Settings, count: int) -> int:
     finally:
         if embedded is not None:
             stop_embedded(embedded)
+
+
+async def _reach_database(settings: Settings) -> None:
+    db = await open_database(replace(settings, db_pool_min=1))
+    await db.close()
