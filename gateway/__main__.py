@@ -12,6 +12,7 @@ import os
 import resource
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from aiohttp import web
@@ -22,7 +23,9 @@ from gateway.cli.workers import run_workers, worker_count
 from gateway.config import Settings
 from gateway.edge.middleware import AccessLogger
 from gateway.errors import ConfigError
+from gateway.observability.combined import Siblings
 from gateway.observability.logs import configure_logging
+from gateway.state import METRICS
 from gateway.store.db import DatabaseUnreachable, migrate, open_database
 from gateway.store.keys import create_user_with_key
 
@@ -57,6 +60,15 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = create_app(settings)
     app.on_startup.append(quiet_gc)
+    siblings = Siblings.from_env(os.environ) if reuse_port else None
+    if siblings is not None:
+        app[METRICS].siblings = siblings
+
+        async def share_metrics(app: web.Application) -> AsyncIterator[None]:
+            async with siblings.serving(app[METRICS].registry):
+                yield
+
+        app.cleanup_ctx.append(share_metrics)
 
     def bound(_: str) -> None:  # run_app calls this once the socket is listening, not before
         log.info("gateway on http://%s:%d (default model %s)", settings.host, settings.port,

@@ -224,7 +224,9 @@ async def metrics_server(app: web.Application) -> AsyncIterator[None]:
     runner = web.AppRunner(side, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()
+        # every worker of `serve --workers N` listens too; whichever is asked answers for all
+        await web.TCPSite(runner, settings.metrics_host, settings.metrics_port,
+                          reuse_port=app[METRICS].siblings is not None or None).start()
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
         yield
     finally:

@@ -7,7 +7,7 @@ import hmac
 
 import asyncpg
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.api.common import json_response
 from gateway.errors import Unauthorized
@@ -46,5 +46,5 @@ async def metrics(request: web.Request) -> web.Response:
         # constant time: the comparison must not tell how much of a guess was right
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
             raise Unauthorized("metrics need Authorization: Bearer <METRICS_TOKEN>")
-    body = generate_latest(request.app[METRICS].registry)
+    body = await request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
