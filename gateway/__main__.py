@@ -142,7 +142,7 @@ def command(argv: list[str] | None) -> int:
     list_p = keys_sub.add_parser("list", help="every key (never the secret), newest first")
     list_p.add_argument("--user-id", type=uuid.UUID, help="only this user's keys")
     revoke_p = keys_sub.add_parser("revoke", help="revoke a key and the keys issued under it")
-    revoke_p.add_argument("key_id", type=uuid.UUID, metavar="ID")
+    revoke_p.add_argument("key", metavar="KEY", help="the key's id, prefix (gwk_...) or name, as `keys list` shows")
     usage_p = sub.add_parser("usage", help="tokens, cost and requests per day (or model), every user")
     usage_p.add_argument("--days", type=cli.days, default=7, metavar="N", help="1-366 (7)")
     usage_p.add_argument("--by", choices=["day", "model"], default="day")
@@ -179,7 +179,7 @@ def command(argv: list[str] | None) -> int:
     elif args.command == "keys" and args.keys_command == "list":
         print(cli.run(settings, lambda db: cli.keys_list(db, args.user_id)))
     elif args.command == "keys" and args.keys_command == "revoke":
-        status, message = cli.run(settings, lambda db: cli.keys_revoke(db, args.key_id))
+        status, message = cli.run(settings, lambda db: cli.keys_revoke(db, args.key))
         print(message, file=sys.stderr if status else sys.stdout)
         return status
     elif args.command == "keys":
