@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import CannotListen, create_app
 from gateway.cli import commands as cli
 from gateway.cli.workers import run_workers, worker_count
 from gateway.config import Settings
@@ -79,6 +79,9 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
                     shutdown_timeout=settings.shutdown_grace_s + 5, print=bound, backlog=4096,
                     # a client that leaves cancels its handler (the tests' server does the same)
                     handler_cancellation=True, reuse_port=reuse_port or None)
+    except CannotListen as e:
+        print(e, file=sys.stderr)
+        return 2
     except OSError as e:
         if e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise

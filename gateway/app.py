@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -212,6 +213,10 @@ def redis_parts(settings: Settings) -> tuple[RedisLink | None, StreamPublisher |
     return link, StreamPublisher(link, settings.redis_stream_ttl_s)
 
 
+class CannotListen(Exception):
+    """A listener of the app's own cannot have its port: the message names the setting."""
+
+
 async def metrics_server(app: web.Application) -> AsyncIterator[None]:
     """With METRICS_PORT: /metrics on a listener of its own (bound to METRICS_HOST, loopback by
     default), so the public port never serves it. A tiny app sharing the main app's registry."""
@@ -225,8 +230,13 @@ async def metrics_server(app: web.Application) -> AsyncIterator[None]:
     await runner.setup()
     try:
         # every worker of `serve --workers N` listens too; whichever is asked answers for all
-        await web.TCPSite(runner, settings.metrics_host, settings.metrics_port,
-                          reuse_port=app[METRICS].siblings is not None or None).start()
+        site = web.TCPSite(runner, settings.metrics_host, settings.metrics_port,
+                           reuse_port=app[METRICS].siblings is not None or None)
+        try:
+            await site.start()
+        except OSError as e:
+            raise CannotListen(f"METRICS_PORT: cannot listen on {settings.metrics_host}:{settings.metrics_port}: "
+                               f"{os.strerror(e.errno) if e.errno else e}") from e
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
         yield
     finally:

@@ -141,12 +141,12 @@ class Supervisor:
 
 def run_workers(settings: Settings, count: int) -> int:
     """Start `count` workers on settings' port; returns when they have all stopped."""
-    if settings.redis_url is None:
-        log.warning("--workers %d without REDIS_URL: a reply is followed live only on the worker generating "
-                    "it; a reconnect landing on another worker waits for the end, then replays", count)
     if settings.database_url is not None:
         # one refusal here (DatabaseUnreachable, one line) rather than one per worker, each restarted
         asyncio.run(_reach_database(settings))
+    if settings.redis_url is None:
+        log.warning("--workers %d without REDIS_URL: a reply is followed live only on the worker generating "
+                    "it; a reconnect landing on another worker waits for the end, then replays", count)
     # each worker's metrics on a socket here, so that any worker can answer a scrape for all
     sockets = Path(tempfile.mkdtemp(prefix="gateway-workers-"))
     env = {**os.environ, **workers_dir_env(sockets)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -30,13 +31,13 @@ def bad_urls(pg_server_url: str) -> list[tuple[str, str]]:
 async def test_an_unusable_database_url_is_one_line_and_exit_code_2(
         tmp_path: Path, pg_server_url: str, command: tuple[str, ...]):
     for url, line in bad_urls(pg_server_url):
-        run = await run_cli(tmp_path, cli_env(url, LOG_LEVEL="WARNING"), *command)
+        run = await run_cli(tmp_path, cli_env(url), *command)
         assert (run.returncode, run.stdout, run.stderr) == (2, "", line), url
 
 
 async def test_serve_with_workers_refuses_an_unusable_database_url_once(tmp_path: Path):
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    run = await run_cli(tmp_path, cli_env(url, LOG_LEVEL="ERROR"), "serve", "--port", "0", "--workers", "2")
+    run = await run_cli(tmp_path, cli_env(url), "serve", "--port", "0", "--workers", "2")
     assert (run.returncode, run.stdout, run.stderr) == (2, "", "DATABASE_URL: connection refused\n")
 
 
@@ -44,3 +45,14 @@ async def test_a_database_password_is_never_printed(tmp_path: Path):
     url = f"postgresql://postgres:s3cret-pw@127.0.0.1:{free_port()}/postgres"
     run = await run_cli(tmp_path, cli_env(url), "migrate")
     assert (run.returncode, run.stderr) == (2, "DATABASE_URL: connection refused\n")
+
+
+async def test_a_taken_metrics_port_is_named_as_metrics_port(tmp_path: Path, database_url: str):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = await run_cli(tmp_path, cli_env(database_url, METRICS_PORT=str(port), LOG_LEVEL="WARNING"),
+                            "serve", "--port", "0")
+    assert (run.returncode, run.stdout, run.stderr) == (
+        2, "", f"METRICS_PORT: cannot listen on 127.0.0.1:{port}: Address already in use\n")
