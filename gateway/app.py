@@ -290,7 +290,7 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> web.Applic
 
 
 def routes(settings: Settings) -> list[web.RouteDef]:
-    """The HTTP surface (the README's table, in code; /openapi.json is checked against it)."""
+    """The HTTP surface (docs/api.md's tables, in code; /openapi.json is checked against it)."""
     table = [
         web.post("/api/chat", chat.post_chat),
         web.get("/api/messages/{message_id}", chat.get_message),
