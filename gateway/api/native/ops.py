@@ -7,12 +7,12 @@ import hmac
 
 import asyncpg
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.api.common import json_response
 from gateway.errors import Unauthorized
 from gateway.state import DB, METRICS, REDIS, SETTINGS
-from gateway.store.db import pending_migrations
+from gateway.store.db import pending_migrations, why_unreachable
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -27,7 +27,8 @@ async def readyz(request: web.Request) -> web.Response:
             async with request.app[DB].pool.acquire() as conn:
                 pending = await pending_migrations(conn)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as e:
-        return json_response({"status": "unavailable", "database": type(e).__name__}, status=503)
+        return json_response({"status": "unavailable", "database": why_unreachable(e) or type(e).__name__},
+                             status=503)
     if pending:
         return json_response({"status": "unavailable", "pending_migrations": pending}, status=503)
     body = {"status": "ok"}
@@ -45,5 +46,5 @@ async def metrics(request: web.Request) -> web.Response:
         # constant time: the comparison must not tell how much of a guess was right
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.reveal().encode()):
             raise Unauthorized("metrics need Authorization: Bearer <METRICS_TOKEN>")
-    body = generate_latest(request.app[METRICS].registry)
+    body = await request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
