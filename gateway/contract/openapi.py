@@ -1,16 +1,19 @@
 """GET /openapi.json: the HTTP surface as an OpenAPI 3.1 document, built once as plain data.
 
+Its paths are the app's route table, each route's operation as its handler declares it
+(gateway.contract.operations); its schemas are generated from the structs the operations name.
 The configured model names are part of it (the `model` enums), so it is built per set of models.
 
 The schemas state what the handlers enforce, no more and no less: a request the document calls
 valid passes the handler's own checks (apart from what needs the database or the configuration:
 a thread that exists, a model that is configured, an expiry in the future), and one it calls
-invalid is refused with a 4xx. tests/test_openapi.py fuzzes the running app against this
-document and fails on a route that is missing from it.
+invalid is refused with a 4xx. tests/contract/test_openapi.py fuzzes the running app against this
+document.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -19,8 +22,17 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.contract import native, openai
 from gateway.contract.native import IMAGE_URL, NO_NUL, NOT_BLANK
+from gateway.contract.operations import (
+    PUBLIC,
+    Handler,
+    json_content,
+    operation,
+    operation_of,
+    path_string,
+    ref,
+    response,
+)
 from gateway.service.router import AUTO
 from gateway.state import MODELS
 from gateway.vocabulary import MessageStatus, Winner
@@ -30,10 +42,6 @@ Schema = dict[str, Any]
 INT32_MAX = 2**31 - 1
 MESSAGE_STATUSES = [str(s) for s in MessageStatus]
 WINNERS = [str(w) for w in Winner]
-
-
-def ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def nullable(schema: Schema) -> Schema:
@@ -59,18 +67,6 @@ STRING: Schema = {"type": "string"}
 
 
 # -- responses -------------------------------------------------------------------------------
-
-def json_content(schema: Schema) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
-
-
-
-
-def sse_content(event: str) -> dict[str, Any]:
-    # OpenAPI 3.1 has no itemSchema (3.2): for text/event-stream the schema describes each event,
-    # as {id?, event, data, retry?}, and contentSchema the JSON inside `data`
-    return {"text/event-stream": {"schema": ref(event)}}
-
 
 def json_text(schema: Schema) -> Schema:
     """A string holding JSON that matches `schema` (an SSE event's data)."""
@@ -108,7 +104,6 @@ def sse_events(slot: bool) -> Schema:
                                      (*tagged, "type", "message", "retryable")))),
         obj({"event": {"const": "message"}, "data": {"const": "[DONE]"}}, ("event", "data")),
     ]}
-REQUEST_ID_HEADER = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
 
 # the native error bodies (middleware.errors), by status
 ERRORS = {
@@ -123,59 +118,12 @@ ERRORS = {
 }
 
 
-def response(description: str, content: dict[str, Any] | None = None,
-             headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"description": description, "headers": {**REQUEST_ID_HEADER, **(headers or {})}}
-    if content is not None:
-        out["content"] = content
-    return out
-
-
 def error_responses(prefix: str, schema: str) -> dict[str, Any]:
     out = {}
     for status, description in ERRORS.items():
         headers = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}} if status == 429 else None
         out[f"{prefix}{status}"] = response(description, json_content(ref(schema)), headers)
     return out
-
-
-def errors(*statuses: int, openai: bool = False) -> dict[str, Any]:
-    prefix = "OpenAIError" if openai else "Error"
-    return {str(s): {"$ref": f"#/components/responses/{prefix}{s}"} for s in statuses}
-
-
-def anthropic_errors(*statuses: int) -> dict[str, Any]:
-    """The Anthropic front door's errors; a database outage still answers the native 503."""
-    out = {str(s): {"$ref": f"#/components/responses/AnthropicError{s}"} for s in statuses}
-    return {**out, "503": {"$ref": "#/components/responses/Error503"}}
-
-
-def ok(status: int, description: str, schema: Schema | str | None = None) -> dict[str, Any]:
-    if schema is None:
-        return {str(status): response(description)}
-    return {str(status): response(description, json_content(ref(schema) if isinstance(schema, str) else schema))}
-
-
-# -- parameters ------------------------------------------------------------------------------
-
-def path_id(name: str, what: str) -> Schema:
-    return {"name": name, "in": "path", "required": True, "description": f"The {what}'s id",
-            "schema": UUID}
-
-
-def query(name: str, schema: Schema, description: str) -> Schema:
-    return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
-
-
-RESUME_PARAMETERS = [
-    {"name": "Last-Event-ID", "in": "header", "required": False, "schema": STRING,
-     "description": "Resume after this event id (a foreign or malformed id replays from the start)"},
-    query("lastEventId", STRING, "Last-Event-ID for clients that cannot send headers"),
-]
-
-
-def json_body(schema: str, required: bool = True) -> dict[str, Any]:
-    return {"required": required, "content": json_content(ref(schema))}
 
 
 # -- schemas ---------------------------------------------------------------------------------
@@ -509,303 +457,102 @@ def _anthropic_schemas(models: tuple[str, ...]) -> dict[str, Schema]:
     }
 
 
-# -- operations ------------------------------------------------------------------------------
+# -- paths, from the route table ----------------------------------------------------------------
 
-def op(summary: str, tag: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"summary": summary, "tags": [tag], "responses": responses, **extra}
-
-
-STREAM_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"streamToken": []}]
-ANTHROPIC_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"anthropicApiKey": []}]
-PUBLIC: list[Any] = []
-
-SSE_DESCRIPTION = ("Server-Sent Events: `metadata` (its block opens with the `retry:` line), deltas "
-                   "(`data: {\"delta\": ...}`), `usage`, "
-                   "`done` (or `error`) events with ids `<message_id>:<seq>`, and a final `data: [DONE]`")
+Route = tuple[str, str, Handler]  # method, path, handler
 
 
-def _paths() -> dict[str, Any]:
-    turn_errors = errors(400, 401, 403, 404, 409, 413, 429, 503)
-    message_id = path_id("message_id", "assistant message")
-    comparison_id = path_id("comparison_id", "comparison")
-    thread_id = path_id("thread_id", "thread")
-    response_id = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"},
-                   "description": "The response's id (resp_<hex>)"}
-    create_thread = op("Create a thread", "threads", {**ok(201, "The new thread", "Thread"),
-                                                      **errors(400, 401, 403, 413, 503)},
-                       requestBody=json_body("CreateThread", required=False))
-    return {
-        "/api/chat": {"post": op(
-            "Send a user message; the reply streams (SSE) or runs on in the background", "chat",
-            {"200": response(SSE_DESCRIPTION, sse_content("MessageEvent")),
-             **ok(202, "Accepted: the user message is stored and the reply is generating", "ChatAccepted"),
-             **turn_errors},
-            requestBody=json_body("ChatRequest"),
-            description="Streams when `stream` is true, or when it is absent and `Accept` includes "
-                        "`text/event-stream`. A malformed request or a per-minute limit (429) stores nothing; "
-                        "once the message is stored, a policy stop (daily cap, a model the key may not use, "
-                        "too many concurrent streams) is the reply: status `refused`, an `error` event of "
-                        "type `policy` with `reason` and `reset_at`.")},
-        "/api/messages/{message_id}/regenerate": {"post": op(
-            "A new reply to a saved user message (its last one refused, failed, interrupted, cancelled, "
-            "or complete: every reply is kept)", "chat",
-            {"200": response(SSE_DESCRIPTION, sse_content("MessageEvent")),
-             **ok(202, "Accepted: the new reply is generating (or was refused)", "ChatAccepted"),
-             **turn_errors},
-            parameters=[path_id("message_id", "user message")], requestBody=json_body("RegenerateRequest",
-                                                                                      required=False),
-            description="Runs like POST /api/chat on the thread up to that message (the policy decides, the "
-                        "reply streams and resumes alike). 409 while its last reply is still generating, "
-                        "or for an arena turn.")},
-        "/api/messages/{message_id}": {"get": op(
-            "A message's status and content (the polling fallback)", "chat",
-            {**ok(200, "The message", "Message"), **errors(400, 401, 403, 404, 503)},
-            parameters=[path_id("message_id", "message")])},
-        "/api/messages/{message_id}/stream": {"get": op(
-            "Follow an assistant message's events (EventSource-compatible)", "chat",
-            {"200": response(SSE_DESCRIPTION, sse_content("MessageEvent")),
-             **ok(204, "Nothing after Last-Event-ID: the message has finished"),
-             **errors(400, 401, 403, 404, 503)},
-            parameters=[message_id, *RESUME_PARAMETERS], security=STREAM_SECURITY,
-            description="Replays the events after Last-Event-ID and follows the generation live. "
-                        "Authenticated by the bearer header or by the `token` of `stream_url`.")},
-        "/api/messages/{message_id}/cancel": {"post": op(
-            "Stop a reply; the partial content is saved as cancelled", "chat",
-            {**ok(200, "The saved assistant message", "Message"), **errors(400, 401, 403, 404, 503)},
-            parameters=[message_id])},
-        "/api/threads": {
-            "post": create_thread,
-            "get": op("The caller's threads, newest first (keyset pages)", "threads",
-                      {**ok(200, "A page of threads", "ThreadPage"), **errors(400, 401, 403, 503)},
-                      parameters=[query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
-                                        "Page size"),
-                                  query("cursor", STRING, "`next_cursor` of the previous page")]),
-        },
-        "/api/threads/{thread_id}": {
-            "get": op("A thread with its messages", "threads",
-                      {**ok(200, "The thread", "ThreadWithMessages"), **errors(400, 401, 403, 404, 503)},
-                      parameters=[thread_id]),
-            "delete": op("Delete a thread and its messages (usage is kept)", "threads",
-                         {**ok(204, "Deleted"), **errors(400, 401, 403, 404, 503)}, parameters=[thread_id]),
-        },
-        "/v1/chat/sessions": {"post": {**create_thread, "summary": "Create a thread (alias of POST /api/threads)"}},
-        "/v1/chat/completions": {"post": op(
-            "OpenAI-compatible chat completion (stream and non-stream)", "openai",
-            {"200": response("The completion; `chat.completion.chunk` events when `stream` is true",
-                             {**json_content(ref("ChatCompletion")), **sse_content("ChatCompletionEvent")}),
-             **errors(400, 401, 403, 404, 413, 429, openai=True),
-             "502": {"$ref": "#/components/responses/OpenAIError502"},
-             "503": {"$ref": "#/components/responses/Error503"},
-             "504": {"$ref": "#/components/responses/OpenAIError504"}},
-            requestBody=json_body("ChatCompletionRequest"),
-            description="Stateless like OpenAI's endpoint: no thread or message rows; usage is recorded. "
-                        "Errors are in OpenAI's shape (a database outage answers the native 503).")},
-        "/v1/embeddings": {"post": op(
-            "OpenAI-compatible embeddings, passed through to the model's provider", "openai",
-            {**ok(200, "One vector per input, in order", "EmbeddingList"),
-             **errors(400, 401, 403, 404, 413, 429, openai=True),
-             "502": {"$ref": "#/components/responses/OpenAIError502"},
-             "503": {"$ref": "#/components/responses/Error503"},
-             "504": {"$ref": "#/components/responses/OpenAIError504"}},
-            requestBody=json_body("EmbeddingRequest"),
-            description="Stateless; the input's tokens count against the daily caps and are recorded once. "
-                        "With limits configured, a success carries OpenAI's `x-ratelimit-*` headers.")},
-        "/v1/models": {"get": op(
-            "The enabled models, OpenAI-style", "openai",
-            {**ok(200, "The models", "ModelList"), **errors(401, openai=True),
-             "503": {"$ref": "#/components/responses/Error503"}})},
-        "/v1/models/{model}": {"get": op(
-            "One enabled model, OpenAI-style", "openai",
-            {**ok(200, "The model", "Model"), **errors(401, 404, openai=True),
-             "503": {"$ref": "#/components/responses/Error503"}},
-            parameters=[{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}])},
-        "/v1/responses": {"post": op(
-            "OpenAI Responses API: create a response (stream and non-stream)", "openai",
-            {"200": response("The response; its semantic events when `stream` is true",
-                             {**json_content(ref("Response")), **sse_content("ResponseEvent")}),
-             **errors(400, 401, 403, 404, 413, 429, openai=True),
-             "502": {"$ref": "#/components/responses/OpenAIError502"},
-             "503": {"$ref": "#/components/responses/Error503"},
-             "504": {"$ref": "#/components/responses/OpenAIError504"}},
-            requestBody=json_body("ResponseRequest"),
-            description="With store: true (the default) the turn is persisted in a thread like POST /api/chat's; "
-                        "previous_response_id continues it. With store: false it is stateless like "
-                        "/v1/chat/completions. Errors are in OpenAI's shape.")},
-        "/v1/responses/{response_id}": {
-            "get": op("A stored response, rebuilt from its reply; with stream=true its semantic events",
-                      "openai",
-                      {"200": response("The response; with `stream=true` its semantic events, replayed (or "
-                                       "followed live) after `starting_after`",
-                                       {**json_content(ref("Response")), **sse_content("ResponseEvent")}),
-                       **errors(400, 401, 403, 404, openai=True),
-                       "503": {"$ref": "#/components/responses/Error503"}},
-                      parameters=[response_id,
-                                  query("stream", {"enum": ["true", "false", "1", "0"]}, "Stream the events"),
-                                  query("starting_after", {"type": "integer", "minimum": -1,
-                                                           "maximum": INT32_MAX},
-                                        "Resume after this sequence_number")]),
-            "delete": op("Delete a stored response's turn (and its thread when nothing else is left; usage is "
-                         "kept)", "openai",
-                         {**ok(200, "Deleted", "ResponseDeleted"), **errors(401, 403, 404, openai=True),
-                          "503": {"$ref": "#/components/responses/Error503"}},
-                         parameters=[response_id]),
-        },
-        "/v1/responses/{response_id}/input_items": {"get": op(
-            "A stored response's input items (its user message; other items were for the turn only)", "openai",
-            {**ok(200, "A cursor page of input items", "ResponseItemList"), **errors(400, 401, 403, 404, openai=True),
-             "503": {"$ref": "#/components/responses/Error503"}},
-            parameters=[response_id,
-                        query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "Page size"),
-                        query("order", {"enum": ["asc", "desc"], "default": "desc"}, "Order"),
-                        query("after", STRING, "List the items after this item id")])},
-        "/v1/messages": {"post": op(
-            "Anthropic Messages API (stream and non-stream)", "anthropic",
-            {"200": response("The message; Anthropic's stream events when `stream` is true: `message_start`, "
-                             "`content_block_start`, `ping`, `content_block_delta`..., `content_block_stop`, "
-                             "`message_delta` (stop reason, usage), `message_stop`; or an `error` event",
-                             {**json_content(ref("AnthropicMessage")), **sse_content("AnthropicStreamEvent")}),
-             **anthropic_errors(400, 401, 403, 404, 413, 429, 502, 504, 529)},
-            requestBody=json_body("AnthropicMessagesRequest"), security=ANTHROPIC_SECURITY,
-            description="Stateless: no thread or message rows; usage is recorded once. The key goes in "
-                        "`x-api-key` or `Authorization: Bearer`; `anthropic-version` is accepted, whatever "
-                        "its value. Any configured model answers (OpenAI-compatible ones are translated). "
-                        "Errors are in Anthropic's shape (a database outage answers the native 503).")},
-        "/v1/messages/count_tokens": {"post": op(
-            "The gateway's estimate of a Messages request's input tokens (what the policy reserves)", "anthropic",
-            {**ok(200, "The estimate", "AnthropicTokenCount"), **anthropic_errors(400, 401, 403, 404, 413)},
-            requestBody=json_body("AnthropicCountTokensRequest"), security=ANTHROPIC_SECURITY)},
-        "/ws": {"get": op(
-            "WebSocket chat: the same turns and events as POST /api/chat, as JSON text frames", "chat",
-            {"101": response("Switching Protocols: the socket is open"), **errors(400, 401, 403, 503)},
-            security=[{"bearerAuth": []}, {"queryToken": []}],
-            description="Client frames: `{\"type\": \"chat\", ...}` (the fields of POST /api/chat), "
-                        "`{\"type\": \"resume\", \"message_id\", \"last_event_id\"?}`, "
-                        "`{\"type\": \"cancel\", \"message_id\"}`. A request that is not a WebSocket upgrade "
-                        "answers 400 after authentication.")},
-        "/api/keys": {
-            "post": op("Create an API key (shown once)", "keys",
-                       {**ok(201, "The key, with its secret", "CreatedKey"), **errors(400, 401, 403, 413, 503)},
-                       requestBody=json_body("CreateKey"),
-                       description="With an API key, needs the `admin` scope; the new key is the caller's "
-                                   "child: its scopes, limits and expiry are within the caller's (403 otherwise), "
-                                   "its usage counts against the caller's and every ancestor's limits, and "
-                                   "revoking the caller revokes it. A signed-in user (JWT) creates keys of "
-                                   "their own, with no parent."),
-            "get": op("The caller's keys (admin: `all=true` for everybody's; a key without admin: itself "
-                      "alone)", "keys",
-                      {**ok(200, "The keys, newest first", "KeyList"), **errors(400, 401, 403, 503)},
-                      parameters=[query("all", {"enum": ["true", "false"], "default": "false"},
-                                        "Every user's keys (admin only)")]),
-        },
-        "/api/keys/{key_id}": {"delete": op(
-            "Revoke a key and all its descendants (every instance stops accepting them within a second)", "keys",
-            {**ok(204, "Revoked (also when it already was)"), **errors(400, 401, 403, 404, 503)},
-            description="An API key without `admin` may revoke only itself (403 for any other id).",
-            parameters=[path_id("key_id", "key")])},
-        "/api/arena": {"post": op(
-            "Dual chat: two models answer the same message side by side", "arena",
-            {"200": response(SSE_DESCRIPTION + "; every data object carries `slot` a or b, ids are "
-                             "`<comparison_id>:<seq a>:<seq b>`", sse_content("ArenaEvent")),
-             **ok(202, "Accepted: both replies are generating", "ArenaAccepted"), **turn_errors},
-            requestBody=json_body("ArenaRequest"),
-            description="503 when fewer than two models are available for a random draw.")},
-        "/api/comparisons/{comparison_id}": {"get": op(
-            "A comparison (models named once voted, or when not anonymous)", "arena",
-            {**ok(200, "The comparison", "Comparison"), **errors(400, 401, 403, 404, 503)},
-            parameters=[comparison_id])},
-        "/api/comparisons/{comparison_id}/stream": {"get": op(
-            "Follow both slots of a comparison", "arena",
-            {"200": response("Both slots' events (see POST /api/arena)", sse_content("ArenaEvent")),
-             **ok(204, "Nothing after Last-Event-ID in either slot"), **errors(400, 401, 403, 404, 503)},
-            parameters=[comparison_id, *RESUME_PARAMETERS], security=STREAM_SECURITY)},
-        "/api/comparisons/{comparison_id}/vote": {"post": op(
-            "Vote once, after both replies finished", "arena",
-            {**ok(200, "The comparison with its vote", "Comparison"),
-             **errors(400, 401, 403, 404, 409, 413, 503)},
-            parameters=[comparison_id], requestBody=json_body("Vote"),
-            description="The same vote again is a no-op; a different one, or one before both finished, is 409.")},
-        "/api/leaderboard": {"get": op(
-            "Bradley-Terry ratings from the votes (weak prior; raw and length-controlled), with 95% intervals",
-            "arena",
-            {**ok(200, "The ratings, best first", "Leaderboard"), **errors(400, 401, 503)},
-            parameters=[query("include_named", {"type": "string", "default": "false",
-                                                "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0)$"},
-                              "Count votes on comparisons that were not anonymous")])},
-        "/api/me": {"get": op(
-            "The caller: user, key, limits in force, today's usage", "account",
-            {**ok(200, "The caller", "Me"), **errors(401, 503)})},
-        "/api/usage": {"get": op(
-            "Tokens, cost and requests per day or per model (UTC days)", "account",
-            {**ok(200, "The report", "UsageReport"), **errors(400, 401, 503)},
-            parameters=[query("from", DATE, "First day (default: 29 days before `to`)"),
-                        query("to", DATE, "Last day (default: today); the range spans at most 366 days"),
-                        query("group_by", {"enum": ["day", "model", "day,model"], "default": "day"},
-                              "Grouping (day,model: a row per model and day)")])},
-        "/healthz": {"get": op("Liveness", "ops", ok(200, "The process answers", "Status"), security=PUBLIC)},
-        "/readyz": {"get": op(
-            "Readiness: the database answers and every migration is applied", "ops",
-            {**ok(200, "Ready", "Status"), "503": response("Not ready", json_content(ref("Status")))},
-            security=PUBLIC)},
-        "/metrics": {"get": op(
-            "Prometheus metrics (text exposition format)", "ops",
-            {"200": response("The metrics", {"text/plain": {"schema": STRING}}), **errors(401)},
-            security=[{}, {"metricsToken": []}],
-            description="Open unless METRICS_TOKEN is set; absent from the public port when METRICS_PORT "
-                        "serves it on a listener of its own.")},
-        "/": {"get": op("The playground page (plain HTML and JS)", "ops",
-                        {"200": response("The page", {"text/html": {"schema": STRING}})}, security=PUBLIC)},
-        "/static/{filename}": {"get": op(
-            "The playground's assets", "ops",
-            {"200": response("The file", {"*/*": {"schema": {}}}), **errors(404)},
-            parameters=[{"name": "filename", "in": "path", "required": True, "schema": STRING}],
-            security=PUBLIC)},
-        "/openapi.json": {"get": op(
-            "This document", "ops", {"200": response("OpenAPI 3.1", json_content({"type": "object"}))},
-            security=PUBLIC)},
-        "/docs": {"get": op("Interactive API docs for this document (Swagger UI, served locally)", "ops",
-                            {"200": response("The page", {"text/html": {"schema": STRING}})}, security=PUBLIC)},
-        "/docs/{filename}": {"get": op(
-            "The docs page's assets (Swagger UI's bundled script and stylesheet)", "ops",
-            {"200": response("The file", {"*/*": {"schema": {}}}), **errors(404)},
-            parameters=[{"name": "filename", "in": "path", "required": True, "schema": STRING}],
-            security=PUBLIC)},
-    }
+def route_table(router: web.UrlDispatcher) -> tuple[Route, ...]:
+    """The app's routes as the document lists them (aiohttp's automatic HEAD of a GET is not one)."""
+    return tuple((route.method, route.resource.canonical, route.handler) for route in router.routes()
+                 if route.method != "HEAD" and route.resource is not None)
 
 
-# the request bodies defined as structs: their schemas are generated (with the structs they refer to)
-BODIES: tuple[type[msgspec.Struct], ...] = (*native.BODIES, openai.ChatCompletionRequest)
+def _paths(table: tuple[Route, ...], structs: dict[str, type[msgspec.Struct]]) -> dict[str, Any]:
+    """Each route's operation, as its handler declares it (gateway.contract.operations)."""
+    paths: dict[str, dict[str, Any]] = {}
+    first: dict[Handler, str] = {}  # a handler served at a second path is an alias of the first
+    for method, path, handler in table:
+        declared = operation_of(handler)
+        if declared is None:
+            raise LookupError(f"{method} {path}: {handler.__module__}.{handler.__qualname__} declares no "
+                              "operation (gateway.contract.operations)")
+        summary = declared.summary
+        if handler in first:
+            summary = f"{summary} (alias of {first[handler]})"
+        else:
+            first[handler] = f"{method} {path}"
+        item: dict[str, Any] = {"summary": summary, "tags": [declared.tag], "responses": declared.responses}
+        if declared.description is not None:
+            item["description"] = declared.description
+        parameters = list(declared.parameters)
+        named = {p["name"] for p in parameters if p["in"] == "path"}
+        parameters += [path_string(name) for name in _PATH_PARAMETER.findall(path) if name not in named]
+        if parameters:
+            item["parameters"] = parameters
+        if declared.body is not None:
+            item["requestBody"] = {"required": declared.body_required, "content": json_content(declared.body)}
+        if declared.security is not None:
+            item["security"] = declared.security
+        paths.setdefault(path, {})[method.lower()] = _resolved(item, structs)
+    return paths
 
 
-def _generated(models: tuple[str, ...]) -> dict[str, Schema]:
+_PATH_PARAMETER = re.compile(r"\{([^}:]+)")
+
+
+def _resolved(value: Any, structs: dict[str, type[msgspec.Struct]]) -> Any:
+    """`value` as JSON: a struct becomes a reference to its generated schema (and is collected)."""
+    if isinstance(value, type) and issubclass(value, msgspec.Struct):
+        known = structs.setdefault(value.__name__, value)
+        if known is not value:
+            raise ValueError(f"two structs named {value.__name__}: {known!r}, {value!r}")
+        return ref(value.__name__)
+    if isinstance(value, dict):
+        return {k: _resolved(v, structs) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_resolved(v, structs) for v in value]
+    return value
+
+
+def _generated(structs: dict[str, type[msgspec.Struct]], models: tuple[str, ...]) -> dict[str, Schema]:
     """The structs' JSON schemas for an app serving `models`: a model field names a configured model
     (or auto), which the handler checks against the configuration."""
-    _, schemas = msgspec.json.schema_components(BODIES, ref_template="#/components/schemas/{name}")
+    _, schemas = msgspec.json.schema_components(tuple(structs.values()),
+                                                ref_template="#/components/schemas/{name}")
 
     def models_enum(schema: Schema, names: list[str]) -> Schema:
         return {"enum": names, **{k: v for k, v in schema.items() if k not in ("type", "minLength")}}
 
     for name in ("ChatRequest", "RegenerateRequest"):
-        field = schemas[name]["properties"]["model"]["anyOf"]
-        field[0] = models_enum(field[0], [AUTO, *models])
-    completion = schemas["ChatCompletionRequest"]["properties"]
-    completion["model"] = models_enum(completion["model"], [AUTO, *models])
-    schemas["ArenaRequest"]["properties"]["models"]["anyOf"][0]["items"] = {"enum": list(models)}
+        if name in schemas:
+            field = schemas[name]["properties"]["model"]["anyOf"]
+            field[0] = models_enum(field[0], [AUTO, *models])
+    if "ChatCompletionRequest" in schemas:
+        completion = schemas["ChatCompletionRequest"]["properties"]
+        completion["model"] = models_enum(completion["model"], [AUTO, *models])
+    if "ArenaRequest" in schemas:
+        schemas["ArenaRequest"]["properties"]["models"]["anyOf"][0]["items"] = {"enum": list(models)}
     for name in ("ChatRequest", "ArenaRequest"):  # the pattern says which forms (not the format's one alone)
-        del schemas[name]["properties"]["thread_id"]["anyOf"][0]["format"]
+        if name in schemas:
+            del schemas[name]["properties"]["thread_id"]["anyOf"][0]["format"]
     return schemas
 
 
 @lru_cache(maxsize=8)
-def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
-    """The whole document for an app serving `models` (built once per set; callers must not mutate it)."""
+def openapi_document(models: tuple[str, ...], table: tuple[Route, ...]) -> dict[str, Any]:
+    """The whole document for an app serving `models` on the routes of `table` (built once per pair;
+    callers must not mutate it)."""
+    structs: dict[str, type[msgspec.Struct]] = {}
+    paths = _paths(table, structs)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Chat gateway", "version": __version__,
                  "description": "A streaming chat gateway: SSE chat over LLM providers, every message persisted."},
         "security": [{"bearerAuth": []}],
-        "paths": _paths(),
+        "paths": paths,
         "components": {
-            "schemas": {**_schemas(models), **_generated(models)},
+            "schemas": {**_schemas(models), **_generated(structs, models)},
             "responses": {**error_responses("Error", "Error"), **error_responses("OpenAIError", "OpenAIError"),
                           **error_responses("AnthropicError", "AnthropicError"),
                           "AnthropicError502": response("The upstream failed before any output",
@@ -843,10 +590,13 @@ def openapi_document(models: tuple[str, ...]) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=8)
-def _encoded(models: tuple[str, ...]) -> bytes:
-    return orjson.dumps(openapi_document(models))
+def _encoded(models: tuple[str, ...], table: tuple[Route, ...]) -> bytes:
+    return orjson.dumps(openapi_document(models, table))
 
 
+@operation("This document", "ops", {"200": response("OpenAPI 3.1", json_content({"type": "object"}))},
+           security=PUBLIC)
 async def get_openapi(request: web.Request) -> web.Response:
     """Served without auth: the document describes the API, it grants nothing."""
-    return web.Response(body=_encoded(tuple(request.app[MODELS].models)), content_type="application/json")
+    return web.Response(body=_encoded(tuple(request.app[MODELS].models), route_table(request.app.router)),
+                        content_type="application/json")

@@ -31,6 +31,7 @@ from aiohttp import web
 
 from gateway.api.common import caller, json_response, optional, parse_uuid, read_json
 from gateway.contract.native import check_text
+from gateway.contract.operations import errors, ok, operation, path_id, query, ref
 from gateway.edge.auth import Principal
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.state import AUTH, DB
@@ -152,6 +153,15 @@ def require_admin_key(principal: Principal, action: str) -> None:
         raise Forbidden(f"{action} needs the admin scope")
 
 
+@operation("Create an API key (shown once)", "keys",
+           {**ok(201, "The key, with its secret", "CreatedKey"), **errors(400, 401, 403, 413, 503)},
+           body=ref("CreateKey"),
+           description="With an API key, needs the `admin` scope; the new key is the caller's "
+                       "child: its scopes, limits and expiry are within the caller's (403 otherwise), "
+                       "its usage counts against the caller's and every ancestor's limits, and "
+                       "revoking the caller revokes it. A signed-in user (JWT) creates keys of "
+                       "their own, with no parent.")
+
 async def create_key(request: web.Request) -> web.Response:
     principal = await caller(request)
     require_admin_key(principal, "creating keys")
@@ -180,6 +190,10 @@ async def create_key(request: web.Request) -> web.Response:
     return json_response(row, status=201)
 
 
+@operation("The caller's keys (admin: `all=true` for everybody's; a key without admin: itself alone)", "keys",
+           {**ok(200, "The keys, newest first", "KeyList"), **errors(400, 401, 403, 503)},
+           parameters=[query("all", {"enum": ["true", "false"], "default": "false"}, "Every user's keys (admin only)")])
+
 async def list_keys(request: web.Request) -> web.Response:
     principal = await caller(request)
     every = request.query.get("all", "false")
@@ -192,6 +206,11 @@ async def list_keys(request: web.Request) -> web.Response:
     rows = await key_store.list_keys(request.app[DB].pool, None if every == "true" else principal.user_id, only)
     return json_response({"keys": rows})
 
+
+@operation("Revoke a key and all its descendants (every instance stops accepting them within a second)", "keys",
+           {**ok(204, "Revoked (also when it already was)"), **errors(400, 401, 403, 404, 503)},
+           description="An API key without `admin` may revoke only itself (403 for any other id).",
+           parameters=[path_id("key_id", "key")])
 
 async def revoke_key(request: web.Request) -> web.Response:
     principal = await caller(request)
