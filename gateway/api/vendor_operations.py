@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from gateway.api.anthropic import messages
 from gateway.api.openai import chat_completions, responses
-from gateway.contract.openai import ChatCompletionRequest
+from gateway.contract.openai import ChatCompletion, ChatCompletionRequest, Model, ModelList
 from gateway.contract.operations import (
     ANTHROPIC_SECURITY,
     Operation,
@@ -34,17 +34,17 @@ def describe_vendor_handlers() -> None:
     describe(chat_completions.chat_completions, Operation(
         "OpenAI-compatible chat completion (stream and non-stream)", "openai",
         {"200": response("The completion; `chat.completion.chunk` events when `stream` is true",
-                         {**json_content(ref("ChatCompletion")), **sse_content("ChatCompletionEvent")}),
+                         {**json_content(ChatCompletion), **sse_content("ChatCompletionEvent")}),
          **openai_error_answers(400, 401, 403, 404, 413, 429)},
         body=ChatCompletionRequest,
         description="Stateless like OpenAI's endpoint: no thread or message rows; usage is recorded. "
                     "Errors are in OpenAI's shape (a database outage answers the native 503)."))
     describe(chat_completions.list_models, Operation(
         "The enabled models, OpenAI-style", "openai",
-        {**ok(200, "The models", "ModelList"), **errors(401, openai=True), **DB_DOWN}))
+        {**ok(200, "The models", ModelList), **errors(401, openai=True), **DB_DOWN}))
     describe(chat_completions.get_model, Operation(
         "One enabled model, OpenAI-style", "openai",
-        {**ok(200, "The model", "Model"), **errors(401, 404, openai=True), **DB_DOWN},
+        {**ok(200, "The model", Model), **errors(401, 404, openai=True), **DB_DOWN},
         parameters=[path_string("model")]))
     describe(responses.create_response, Operation(
         "OpenAI Responses API: create a response (stream and non-stream)", "openai",

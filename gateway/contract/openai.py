@@ -118,3 +118,80 @@ def refusal(error: Callable[[str, str | None], E]) -> decoding.Refusal:
             return error("'stream_options.include_usage' must be a boolean", "stream_options")
         return error(_MESSAGES.get(top, f"'{top}' is not valid"), top or None)
     return refuse
+
+
+# -- answers: the OpenAI door's response bodies, as the handlers write them (GET /openapi.json's schemas) ---
+
+class OpenAIErrorDetail(Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(Struct):
+    """OpenAI's error body (the OpenAI door's 4xx and upstream failures)."""
+
+    error: OpenAIErrorDetail
+
+
+class CompletionUsage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Struct, kw_only=True):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: None
+    tool_calls: list[dict[str, Any]] | UnsetType = UNSET
+
+
+class Choice(Struct, kw_only=True):
+    index: int
+    message: AssistantMessage
+    logprobs: UnsetType | None = UNSET
+    finish_reason: str
+
+
+class ChatCompletion(Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: CompletionUsage
+
+
+class Model(Struct, kw_only=True):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Struct):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Embedding(Struct, kw_only=True):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | Annotated[str, Meta(description="base64 of little-endian float32")]
+
+
+class EmbeddingUsage(Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+ANSWERS: tuple[type[Struct], ...] = (OpenAIError, ChatCompletion, Model, ModelList, EmbeddingList)

@@ -22,9 +22,11 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
+from gateway.contract import openai, replies
 from gateway.contract.native import IMAGE_URL, NO_NUL, NOT_BLANK
 from gateway.contract.operations import (
     PUBLIC,
+    Body,
     Handler,
     json_content,
     operation,
@@ -68,42 +70,21 @@ STRING: Schema = {"type": "string"}
 
 # -- responses -------------------------------------------------------------------------------
 
-def json_text(schema: Schema) -> Schema:
+def json_text(schema: Body) -> Schema:
     """A string holding JSON that matches `schema` (an SSE event's data)."""
     return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
 
 
-def sse_events(slot: bool) -> Schema:
-    """The native events (sse.py) of one message, or of an arena comparison when `slot`."""
-    tag: dict[str, Schema] = {"slot": {"enum": ["a", "b"]}} if slot else {}
-    tagged = ("slot",) if slot else ()
+def sse_events(events: dict[str, type[msgspec.Struct]], slot: bool) -> Schema:
+    """The native events (edge/sse.py) of one message, or of an arena comparison when `slot`: each
+    event's data is its struct's JSON."""
     event_id = {"type": "string", "pattern": "^[0-9a-f-]{36}(:(-1|[0-9]+)){2}$" if slot else "^[0-9a-f-]{36}:[0-9]+$"}
-
-    def event(name: str, data: Schema) -> Schema:
-        return obj({"event": {"const": name}, "id": event_id, "data": data}, ("event", "id", "data"))
-
     return {"anyOf": [
-        event("metadata", json_text(obj({
-            **tag, "thread_id": UUID, "user_message_id": UUID, "message_id": UUID, "model": nullable(STRING),
-            "provider": nullable(STRING), "category": nullable(STRING), "auto": {"type": "boolean"},
-            "fallback_from": nullable(STRING),
-        }, (*tagged, "thread_id", "user_message_id", "message_id", "model", "provider", "category", "auto",
-            "fallback_from")))),
-        event("message", json_text(obj({**tag, "delta": STRING}, (*tagged, "delta")))),
-        event("usage", json_text(obj({**tag, "prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT,
-                                      "estimated": {"type": "boolean"},
-                                      # the upstream's counts were out of range and clamped
-                                      "usage_suspect": {"type": "boolean"}},
-                                     (*tagged, "prompt_tokens", "completion_tokens", "total_tokens")))),
-        event("done", json_text(obj({**tag, "finish_reason": STRING, "message_id": UUID,
-                                     "attempts": {"type": "array", "items": {"type": "object"}}},
-                                    (*tagged, "finish_reason", "message_id")))),
-        event("error", json_text(obj({**tag, "type": STRING, "message": STRING, "retryable": {"type": "boolean"},
-                                      # a policy stop (type "policy"): which limit, and when it clears
-                                      "reason": STRING, "reset_at": nullable(TIME)},
-                                     (*tagged, "type", "message", "retryable")))),
+        *(obj({"event": {"const": name}, "id": event_id, "data": json_text(data)}, ("event", "id", "data"))
+          for name, data in events.items()),
         obj({"event": {"const": "message"}, "data": {"const": "[DONE]"}}, ("event", "data")),
     ]}
+
 
 # the native error bodies (middleware.errors), by status
 ERRORS = {
@@ -118,32 +99,17 @@ ERRORS = {
 }
 
 
-def error_responses(prefix: str, schema: str) -> dict[str, Any]:
+def error_responses(prefix: str, schema: Body) -> dict[str, Any]:
     out = {}
     for status, description in ERRORS.items():
         headers = {"Retry-After": {"$ref": "#/components/headers/Retry-After"}} if status == 429 else None
-        out[f"{prefix}{status}"] = response(description, json_content(ref(schema)), headers)
+        out[f"{prefix}{status}"] = response(description, json_content(schema), headers)
     return out
 
 
 # -- schemas ---------------------------------------------------------------------------------
 
 def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
-    message_row = obj({
-        "id": UUID, "thread_id": UUID, "role": {"enum": ["user", "assistant", "system"]}, "content": STRING,
-        "status": {"enum": MESSAGE_STATUSES}, "reply_to": nullable(UUID), "slot": {"enum": ["a", "b", None]},
-        "client_message_id": nullable(STRING), "model": nullable(STRING), "provider": nullable(STRING),
-        "prompt_tokens": nullable(INT), "completion_tokens": nullable(INT), "ttft_ms": nullable(INT),
-        "latency_ms": nullable(INT), "error": nullable({"type": "object"}), "metadata": {"type": "object"},
-        "created_at": TIME, "finished_at": nullable(TIME),
-        "parts": nullable({"type": "array", "items": {"type": "object"},
-                           "description": "A user message's content parts exactly as sent (content holds their "
-                                          "text); null for a plain-text message"}),
-    }, ("id", "thread_id", "role", "content", "status", "reply_to", "slot", "client_message_id", "model",
-        "provider", "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms", "error", "metadata",
-        "created_at", "finished_at"))
-    thread = obj({"id": UUID, "title": nullable(STRING), "created_at": TIME, "updated_at": TIME},
-                 ("id", "title", "created_at", "updated_at"))
     key_limits = obj({
         **{name: nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX})
            for name in ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")},
@@ -151,44 +117,7 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "models": nullable({"type": "array", "minItems": 1, "maxItems": 100,
                             "items": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL}}),
     }, additionalProperties=False)
-    key_info = obj({
-        "id": UUID, "user_id": UUID,
-        "parent_id": nullable({**UUID, "description": "The key that created it (null: made by the CLI, the "
-                                                      "bootstrap or a signed-in user); revoked with it"}),
-        "name": STRING, "prefix": STRING,
-        "scopes": {"type": "array", "items": {"enum": ["chat", "arena", "admin"]}},
-        "limits": nullable({"type": "object"}), "expires_at": nullable(TIME), "revoked_at": nullable(TIME),
-        "last_used_at": nullable(TIME), "created_at": TIME,
-    }, ("id", "user_id", "name", "prefix", "scopes", "limits", "expires_at", "revoked_at", "last_used_at",
-        "created_at"))
-    slot = obj({"message_id": UUID, "status": {"enum": MESSAGE_STATUSES}, "model": nullable(STRING),
-                "provider": nullable(STRING)}, ("message_id", "status", "model", "provider"))
-    usage = obj({"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT},
-                ("prompt_tokens", "completion_tokens", "total_tokens"))
-    usage_counts = {"prompt_tokens": INT, "completion_tokens": INT, "total_tokens": INT,
-                    "cost_usd": {"type": "number"}, "requests": INT}
     return {
-        "Error": obj({"error": obj({
-            "type": {"type": "string", "description": "invalid_request, unauthorized, forbidden, not_found, "
-                                                      "conflict, rate_limited, payload_too_large, unavailable, ..."},
-            "message": STRING, "request_id": STRING,
-            "retry_after": {"type": "integer", "description": "429 only: seconds to wait"},
-            "reset_at": {**nullable(TIME), "description": "429 only: when the limit resets"},
-        }, ("type", "message", "request_id"))}, ("error",)),
-        "OpenAIError": obj({"error": obj({
-            "message": STRING, "type": STRING, "param": nullable(STRING), "code": nullable(STRING),
-        }, ("message", "type", "param", "code"))}, ("error",)),
-        "ChatAccepted": obj({
-            "status": {"const": "accepted"}, "message": ref("Message"), "duplicate": {"type": "boolean"},
-            "thread_id": UUID, "assistant_message_id": UUID,
-            "stream_url": {"type": "string", "description": "Follow the reply with EventSource (token included)"},
-        }, ("status", "message", "duplicate", "thread_id", "assistant_message_id", "stream_url")),
-        "Message": message_row,
-        "Thread": thread,
-        "ThreadWithMessages": {"allOf": [thread, obj({"messages": {"type": "array", "items": ref("Message")}},
-                                                     ("messages",))]},
-        "ThreadPage": obj({"threads": {"type": "array", "items": ref("Thread")}, "next_cursor": nullable(STRING)},
-                          ("threads", "next_cursor")),
         "EmbeddingRequest": obj({
             "model": {"enum": list(models), "description": "A model with kind = \"embedding\" (or one of the "
                                                             "demo provider's)"},
@@ -203,36 +132,15 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "encoding_format": nullable({"enum": ["float", "base64"]}),
             "user": nullable(STRING),
         }, ("model", "input"), additionalProperties=True),
-        "EmbeddingList": obj({
-            "object": {"const": "list"}, "model": STRING,
-            "data": {"type": "array", "items": obj({
-                "object": {"const": "embedding"}, "index": INT,
-                "embedding": {"anyOf": [{"type": "array", "items": {"type": "number"}},
-                                        {"type": "string", "description": "base64 of little-endian float32"}]},
-            }, ("object", "index", "embedding"))},
-            "usage": obj({"prompt_tokens": INT, "total_tokens": INT}, ("prompt_tokens", "total_tokens")),
-        }, ("object", "data", "model", "usage")),
-        "ChatCompletion": obj({
-            "id": STRING, "object": {"const": "chat.completion"}, "created": INT, "model": STRING,
-            "choices": {"type": "array", "items": obj({
-                "index": INT,
-                "message": obj({"role": {"const": "assistant"}, "content": nullable(STRING),
-                                "refusal": {"type": "null"},
-                                "tool_calls": {"type": "array", "items": {"type": "object"}}},
-                               ("role", "content", "refusal")),
-                "logprobs": {"type": "null"}, "finish_reason": STRING,
-            }, ("index", "message", "finish_reason"))},
-            "usage": usage,
-        }, ("id", "object", "created", "model", "choices", "usage")),
         "ChatCompletionEvent": obj({"event": {"const": "message"}, "data": {"anyOf": [
             json_text(obj({
                 "id": STRING, "object": {"const": "chat.completion.chunk"}, "created": INT, "model": STRING,
                 "choices": {"type": "array", "items": obj({
                     "index": INT, "delta": {"type": "object"}, "logprobs": {"type": "null"},
                     "finish_reason": nullable(STRING)}, ("index", "delta", "finish_reason"))},
-                "usage": nullable(usage),
+                "usage": {"anyOf": [openai.CompletionUsage, {"type": "null"}]},
             }, ("id", "object", "created", "model", "choices"))),
-            json_text(ref("OpenAIError")),  # the upstream failed mid-stream
+            json_text(openai.OpenAIError),  # the upstream failed mid-stream
             {"const": "[DONE]"},
         ]}}, ("event", "data")),
         "ResponseRequest": obj({
@@ -308,12 +216,8 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "ResponseDeleted": obj({"id": STRING, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
                                ("id", "object", "deleted")),
         **_anthropic_schemas(models),
-        "MessageEvent": sse_events(slot=False),
-        "ArenaEvent": sse_events(slot=True),
-        "Model": obj({"id": STRING, "object": {"const": "model"}, "created": INT, "owned_by": STRING},
-                     ("id", "object", "created", "owned_by")),
-        "ModelList": obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Model")}},
-                         ("object", "data")),
+        "MessageEvent": sse_events(replies.MESSAGE_EVENTS, slot=False),
+        "ArenaEvent": sse_events(replies.ARENA_EVENTS, slot=True),
         "CreateKey": obj({
             "name": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": NOT_BLANK},
             "scopes": nullable({"type": "array", "minItems": 1, "items": {"enum": ["chat", "arena", "admin"]},
@@ -322,63 +226,6 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "limits": nullable(key_limits),
             "user_id": nullable({**UUID, "description": "Admin only: the key's owner (created if new)"}),
         }, ("name",), additionalProperties=True),
-        "KeyInfo": key_info,
-        "CreatedKey": {"allOf": [key_info, obj({"key": {"type": "string", "description": "Shown this once"}},
-                                               ("key",))]},
-        "KeyList": obj({"keys": {"type": "array", "items": ref("KeyInfo")}}, ("keys",)),
-        "ArenaAccepted": obj({
-            "status": {"const": "accepted"}, "comparison_id": UUID, "message": ref("Message"),
-            "duplicate": {"type": "boolean"}, "thread_id": UUID,
-            "assistant_message_ids": obj({"a": UUID, "b": UUID}, ("a", "b")), "stream_url": STRING,
-        }, ("status", "comparison_id", "message", "duplicate", "thread_id", "assistant_message_ids",
-            "stream_url")),
-        "Comparison": obj({
-            "id": UUID, "thread_id": UUID, "user_message_id": UUID, "anonymous": {"type": "boolean"},
-            "winner": {"enum": [*WINNERS, None]}, "voted_at": nullable(TIME), "created_at": TIME,
-            "slots": obj({"a": slot, "b": slot}, ("a", "b")),
-        }, ("id", "thread_id", "user_message_id", "anonymous", "winner", "voted_at", "created_at", "slots")),
-        "Leaderboard": obj({
-            "models": {"type": "array", "items": obj({
-                "model": STRING, "rating": {"type": "number"}, "ci_low": {"type": "number"},
-                "ci_high": {"type": "number"}, "battles": INT, "wins": {"type": "number"},
-                "win_rate": {"type": "number"},
-                "provisional": {"type": "boolean", "description": "Fewer battles than `provisional_below`"},
-                "rating_lc": {"type": "number", "description": "Length-controlled rating"},
-                "lc_ci_low": {"type": "number"}, "lc_ci_high": {"type": "number"},
-            }, ("model", "rating", "ci_low", "ci_high", "battles", "wins", "win_rate", "provisional", "rating_lc",
-                "lc_ci_low", "lc_ci_high"))},
-            "pairs": {"type": "array", "items": obj({
-                "a": STRING, "b": STRING, "battles": INT,
-                "a_wins": {"type": "number", "description": "Wins of `a` over `b`, ties counting half"},
-            }, ("a", "b", "battles", "a_wins"))},
-            "length_effect": {"type": "number", "description": "Rating points a reply gains against one half "
-                                                               "its length"},
-            "provisional_below": INT,
-            "battles": INT, "anonymous_only": {"type": "boolean"}, "fit_ms": {"type": "number"},
-        }, ("models", "pairs", "length_effect", "provisional_below", "battles", "anonymous_only", "fit_ms")),
-        "Me": obj({
-            "user": obj({"id": UUID, "email": nullable(STRING)}, ("id", "email")),
-            "key": nullable(obj({"id": UUID, "scopes": {"type": "array", "items": STRING}}, ("id", "scopes"))),
-            "limits": obj({
-                **{name: nullable(INT) for name in ("requests_per_minute", "key_requests_per_minute",
-                                                    "daily_tokens", "key_daily_tokens", "max_concurrent_streams",
-                                                    "max_tokens")},
-                "models": nullable({"type": "array", "items": STRING}),
-            }),
-            "today": obj({"day": DATE, "tokens": INT, "reserved": INT, "requests": INT,
-                          "cost_usd": {"type": "number"}, "active_streams": INT},
-                         ("day", "tokens", "reserved", "requests", "cost_usd", "active_streams")),
-            "remaining": obj({"daily_tokens": nullable(INT)}, ("daily_tokens",)),
-        }, ("user", "key", "limits", "today", "remaining")),
-        "UsageReport": obj({
-            "from": DATE, "to": DATE, "group_by": {"enum": ["day", "model", "day,model"]},
-            "rows": {"type": "array", "items": obj({"day": DATE, "model": STRING, **usage_counts},
-                                                   tuple(usage_counts))},
-            "totals": obj(usage_counts, tuple(usage_counts)),
-        }, ("from", "to", "group_by", "rows", "totals")),
-        "Status": obj({"status": {"enum": ["ok", "unavailable"]}, "database": STRING,
-                       "pending_migrations": {"type": "array", "items": STRING},
-                       "redis": {"enum": ["ok", "degraded"]}}, ("status",)),  # with REDIS_URL only
     }
 
 
@@ -543,8 +390,20 @@ def _generated(structs: dict[str, type[msgspec.Struct]], models: tuple[str, ...]
 def openapi_document(models: tuple[str, ...], table: tuple[Route, ...]) -> dict[str, Any]:
     """The whole document for an app serving `models` on the routes of `table` (built once per pair;
     callers must not mutate it)."""
-    structs: dict[str, type[msgspec.Struct]] = {}
+    structs: dict[str, type[msgspec.Struct]] = {s.__name__: s for s in (*replies.REPLIES, *openai.ANSWERS)}
     paths = _paths(table, structs)
+    written = _resolved(_schemas(models), structs)
+    responses = _resolved({
+        **error_responses("Error", replies.Error), **error_responses("OpenAIError", openai.OpenAIError),
+        **error_responses("AnthropicError", ref("AnthropicError")),
+        "AnthropicError502": response("The upstream failed before any output", json_content(ref("AnthropicError"))),
+        "AnthropicError504": response("The upstream timed out before any output",
+                                      json_content(ref("AnthropicError"))),
+        "AnthropicError529": response("The upstream is overloaded (its 529, passed on)",
+                                      json_content(ref("AnthropicError"))),
+        "OpenAIError502": response("The upstream failed before any output", json_content(openai.OpenAIError)),
+        "OpenAIError504": response("The upstream timed out before any output", json_content(openai.OpenAIError)),
+    }, structs)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Chat gateway", "version": __version__,
@@ -552,19 +411,8 @@ def openapi_document(models: tuple[str, ...], table: tuple[Route, ...]) -> dict[
         "security": [{"bearerAuth": []}],
         "paths": paths,
         "components": {
-            "schemas": {**_schemas(models), **_generated(structs, models)},
-            "responses": {**error_responses("Error", "Error"), **error_responses("OpenAIError", "OpenAIError"),
-                          **error_responses("AnthropicError", "AnthropicError"),
-                          "AnthropicError502": response("The upstream failed before any output",
-                                                        json_content(ref("AnthropicError"))),
-                          "AnthropicError504": response("The upstream timed out before any output",
-                                                        json_content(ref("AnthropicError"))),
-                          "AnthropicError529": response("The upstream is overloaded (its 529, passed on)",
-                                                        json_content(ref("AnthropicError"))),
-                          "OpenAIError502": response("The upstream failed before any output",
-                                                     json_content(ref("OpenAIError"))),
-                          "OpenAIError504": response("The upstream timed out before any output",
-                                                     json_content(ref("OpenAIError")))},
+            "schemas": {**written, **_generated(structs, models)},
+            "responses": responses,
             "headers": {
                 "X-Request-Id": {"description": "The request's id (echoed when the client sent a safe one)",
                                  "required": True, "schema": STRING},

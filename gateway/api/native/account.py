@@ -8,6 +8,7 @@ from aiohttp import web
 
 from gateway.api.common import caller, json_response
 from gateway.contract.operations import errors, ok, operation, query
+from gateway.contract.replies import Me, UsageReport
 from gateway.errors import BadRequest
 from gateway.policy.admission import limits_for, utc_now
 from gateway.state import DB, POLICY, SETTINGS
@@ -19,7 +20,7 @@ GROUPINGS = ("day", "model", "day,model")  # day,model: a row per model and day 
 
 
 @operation("The caller: user, key, limits in force, today's usage", "account",
-           {**ok(200, "The caller", "Me"), **errors(401, 503)})
+           {**ok(200, "The caller", Me), **errors(401, 503)})
 
 async def me(request: web.Request) -> web.Response:
     principal = await caller(request)
@@ -63,7 +64,7 @@ def _day(raw: str | None, name: str, default: date) -> date:
 
 
 @operation("Tokens, cost and requests per day or per model (UTC days)", "account",
-           {**ok(200, "The report", "UsageReport"), **errors(400, 401, 503)},
+           {**ok(200, "The report", UsageReport), **errors(400, 401, 503)},
            parameters=[query("from", {"type": "string", "format": "date"}, "First day (default: 29 days before `to`)"),
                        query("to", {"type": "string", "format": "date"},
                              "Last day (default: today); the range spans at most 366 days"),

@@ -36,6 +36,7 @@ from gateway.contract.operations import (
     response,
     sse_content,
 )
+from gateway.contract.replies import ArenaAccepted, Comparison, Leaderboard
 from gateway.edge.auth import Principal
 from gateway.edge.sse import DONE, open_stream, parse_seq
 from gateway.errors import BadRequest
@@ -48,7 +49,7 @@ from gateway.vocabulary import LIVE_STATUSES, Slot, Winner
 @operation("Dual chat: two models answer the same message side by side", "arena",
            {"200": response(SSE_DESCRIPTION + "; every data object carries `slot` a or b, ids are "
                             "`<comparison_id>:<seq a>:<seq b>`", sse_content("ArenaEvent")),
-            **ok(202, "Accepted: both replies are generating", "ArenaAccepted"),
+            **ok(202, "Accepted: both replies are generating", ArenaAccepted),
             **errors(400, 401, 403, 404, 409, 413, 429, 503)},
            body=ArenaRequest, description="503 when fewer than two models are available for a random draw.")
 
@@ -171,7 +172,7 @@ async def get_comparison_stream(request: web.Request) -> web.StreamResponse:
 
 
 @operation("A comparison (models named once voted, or when not anonymous)", "arena",
-           {**ok(200, "The comparison", "Comparison"), **errors(400, 401, 403, 404, 503)},
+           {**ok(200, "The comparison", Comparison), **errors(400, 401, 403, 404, 503)},
            parameters=[path_id("comparison_id", "comparison")])
 
 async def get_comparison(request: web.Request) -> web.Response:
@@ -182,7 +183,7 @@ async def get_comparison(request: web.Request) -> web.Response:
 
 
 @operation("Vote once, after both replies finished", "arena",
-           {**ok(200, "The comparison with its vote", "Comparison"), **errors(400, 401, 403, 404, 409, 413, 503)},
+           {**ok(200, "The comparison with its vote", Comparison), **errors(400, 401, 403, 404, 409, 413, 503)},
            parameters=[path_id("comparison_id", "comparison")], body=Vote,
            description="The same vote again is a no-op; a different one, or one before both finished, is 409.")
 
@@ -196,7 +197,7 @@ async def post_vote(request: web.Request) -> web.Response:
 
 
 @operation("Bradley-Terry ratings from the votes (weak prior; raw and length-controlled), with 95% intervals",
-           "arena", {**ok(200, "The ratings, best first", "Leaderboard"), **errors(400, 401, 503)},
+           "arena", {**ok(200, "The ratings, best first", Leaderboard), **errors(400, 401, 503)},
            parameters=[query("include_named", {"type": "string", "default": "false",
                                                "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0)$"},
                              "Count votes on comparisons that were not anonymous")])

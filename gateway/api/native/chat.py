@@ -37,6 +37,7 @@ from gateway.contract.operations import (
     response,
     sse_content,
 )
+from gateway.contract.replies import ChatAccepted, Message
 from gateway.edge.auth import Principal
 from gateway.edge.sse import DONE, open_stream, parse_last_event_id
 from gateway.errors import BadRequest
@@ -49,7 +50,7 @@ from gateway.store import messages as message_store
 
 @operation("Send a user message; the reply streams (SSE) or runs on in the background", "chat",
            {"200": response(SSE_DESCRIPTION, sse_content("MessageEvent")),
-            **ok(202, "Accepted: the user message is stored and the reply is generating", "ChatAccepted"),
+            **ok(202, "Accepted: the user message is stored and the reply is generating", ChatAccepted),
             **errors(400, 401, 403, 404, 409, 413, 429, 503)},
            body=ChatRequest,
            description="Streams when `stream` is true, or when it is absent and `Accept` includes "
@@ -77,7 +78,7 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
 @operation("A new reply to a saved user message (its last one refused, failed, interrupted, cancelled, "
            "or complete: every reply is kept)", "chat",
            {"200": response(SSE_DESCRIPTION, sse_content("MessageEvent")),
-            **ok(202, "Accepted: the new reply is generating (or was refused)", "ChatAccepted"),
+            **ok(202, "Accepted: the new reply is generating (or was refused)", ChatAccepted),
             **errors(400, 401, 403, 404, 409, 413, 429, 503)},
            parameters=[path_id("message_id", "user message")], body=RegenerateRequest, body_required=False,
            description="Runs like POST /api/chat on the thread up to that message (the policy decides, the "
@@ -159,7 +160,7 @@ async def get_message_stream(request: web.Request) -> web.StreamResponse:
 
 
 @operation("Stop a reply; the partial content is saved as cancelled", "chat",
-           {**ok(200, "The saved assistant message", "Message"), **errors(400, 401, 403, 404, 503)},
+           {**ok(200, "The saved assistant message", Message), **errors(400, 401, 403, 404, 503)},
            parameters=[path_id("message_id", "assistant message")])
 
 async def cancel_message(request: web.Request) -> web.Response:
@@ -171,7 +172,7 @@ async def cancel_message(request: web.Request) -> web.Response:
 
 
 @operation("A message's status and content (the polling fallback)", "chat",
-           {**ok(200, "The message", "Message"), **errors(400, 401, 403, 404, 503)},
+           {**ok(200, "The message", Message), **errors(400, 401, 403, 404, 503)},
            parameters=[path_id("message_id", "message")])
 
 async def get_message(request: web.Request) -> web.Response:

@@ -32,6 +32,7 @@ from aiohttp import web
 from gateway.api.common import caller, json_response, optional, parse_uuid, read_json
 from gateway.contract.native import check_text
 from gateway.contract.operations import errors, ok, operation, path_id, query, ref
+from gateway.contract.replies import CreatedKey, KeyList
 from gateway.edge.auth import Principal
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.state import AUTH, DB
@@ -154,7 +155,7 @@ def require_admin_key(principal: Principal, action: str) -> None:
 
 
 @operation("Create an API key (shown once)", "keys",
-           {**ok(201, "The key, with its secret", "CreatedKey"), **errors(400, 401, 403, 413, 503)},
+           {**ok(201, "The key, with its secret", CreatedKey), **errors(400, 401, 403, 413, 503)},
            body=ref("CreateKey"),
            description="With an API key, needs the `admin` scope; the new key is the caller's "
                        "child: its scopes, limits and expiry are within the caller's (403 otherwise), "
@@ -191,7 +192,7 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 @operation("The caller's keys (admin: `all=true` for everybody's; a key without admin: itself alone)", "keys",
-           {**ok(200, "The keys, newest first", "KeyList"), **errors(400, 401, 403, 503)},
+           {**ok(200, "The keys, newest first", KeyList), **errors(400, 401, 403, 503)},
            parameters=[query("all", {"enum": ["true", "false"], "default": "false"}, "Every user's keys (admin only)")])
 
 async def list_keys(request: web.Request) -> web.Response:

@@ -10,20 +10,21 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.common import json_response
-from gateway.contract.operations import PUBLIC, errors, json_content, ok, operation, ref, response
+from gateway.contract.operations import PUBLIC, errors, json_content, ok, operation, response
+from gateway.contract.replies import Status
 from gateway.errors import Unauthorized
 from gateway.state import DB, METRICS, REDIS, SETTINGS
 from gateway.store.db import pending_migrations
 
 
-@operation("Liveness", "ops", ok(200, "The process answers", "Status"), security=PUBLIC)
+@operation("Liveness", "ops", ok(200, "The process answers", Status), security=PUBLIC)
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
 @operation("Readiness: the database answers and every migration is applied", "ops",
-           {**ok(200, "Ready", "Status"), "503": response("Not ready", json_content(ref("Status")))}, security=PUBLIC)
+           {**ok(200, "Ready", Status), "503": response("Not ready", json_content(Status))}, security=PUBLIC)
 
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the database answers and every migration is applied. Redis (with REDIS_URL) is

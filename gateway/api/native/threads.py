@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.api.common import caller, json_response, parse_uuid, read_body
 from gateway.contract.native import CreateThread, check_text, decode
 from gateway.contract.operations import errors, ok, operation, path_id, query
+from gateway.contract.replies import Thread, ThreadPage, ThreadWithMessages
 from gateway.errors import BadRequest
 from gateway.state import DB
 from gateway.store import arena as arena_store
@@ -37,7 +38,7 @@ def decode_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
         raise BadRequest("cursor is not valid") from None
 
 
-@operation("Create a thread", "threads", {**ok(201, "The new thread", "Thread"), **errors(400, 401, 403, 413, 503)},
+@operation("Create a thread", "threads", {**ok(201, "The new thread", Thread), **errors(400, 401, 403, 413, 503)},
            body=CreateThread, body_required=False)
 
 async def create_thread(request: web.Request) -> web.Response:
@@ -49,7 +50,7 @@ async def create_thread(request: web.Request) -> web.Response:
 
 
 @operation("The caller's threads, newest first (keyset pages)", "threads",
-           {**ok(200, "A page of threads", "ThreadPage"), **errors(400, 401, 403, 503)},
+           {**ok(200, "A page of threads", ThreadPage), **errors(400, 401, 403, 503)},
            parameters=[query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "Page size"),
                        query("cursor", {"type": "string"}, "`next_cursor` of the previous page")])
 
@@ -71,7 +72,7 @@ async def list_threads(request: web.Request) -> web.Response:
 
 
 @operation("A thread with its messages", "threads",
-           {**ok(200, "The thread", "ThreadWithMessages"), **errors(400, 401, 403, 404, 503)},
+           {**ok(200, "The thread", ThreadWithMessages), **errors(400, 401, 403, 404, 503)},
            parameters=[path_id("thread_id", "thread")])
 
 async def get_thread(request: web.Request) -> web.Response:

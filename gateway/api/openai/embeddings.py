@@ -27,6 +27,7 @@ from gateway.api.common import caller, read_json
 from gateway.api.openai.chat_completions import OpenAIError, openai_errors, provider_error
 from gateway.api.openai.ratelimits import RateLimitHeaders
 from gateway.config import ModelConfig
+from gateway.contract.openai import EmbeddingList
 from gateway.contract.operations import ok, openai_error_answers, operation, ref
 from gateway.generation.task import cost_usd
 from gateway.policy.admission import Admission
@@ -96,7 +97,7 @@ def parse_request(body: dict[str, Any], models: dict[str, ModelConfig], demo_pro
 
 
 @operation("OpenAI-compatible embeddings, passed through to the model's provider", "openai",
-           {**ok(200, "One vector per input, in order", "EmbeddingList"),
+           {**ok(200, "One vector per input, in order", EmbeddingList),
             **openai_error_answers(400, 401, 403, 404, 413, 429)},
            body=ref("EmbeddingRequest"),
            description="Stateless; the input's tokens count against the daily caps and are recorded once. "
