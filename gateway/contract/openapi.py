@@ -23,7 +23,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.contract import openai, replies
-from gateway.contract.native import IMAGE_URL, NO_NUL, NOT_BLANK
+from gateway.contract.native import IMAGE_URL, NO_NUL, NOT_BLANK, UUID_PATTERN
 from gateway.contract.operations import (
     PUBLIC,
     Body,
@@ -37,13 +37,10 @@ from gateway.contract.operations import (
 )
 from gateway.service.router import AUTO
 from gateway.state import MODELS
-from gateway.vocabulary import MessageStatus, Winner
 
 Schema = dict[str, Any]
 
 INT32_MAX = 2**31 - 1
-MESSAGE_STATUSES = [str(s) for s in MessageStatus]
-WINNERS = [str(w) for w in Winner]
 
 
 def nullable(schema: Schema) -> Schema:
@@ -61,9 +58,6 @@ def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), **extra: 
     return schema
 
 
-UUID: Schema = {"type": "string", "format": "uuid"}
-TIME: Schema = {"type": "string", "format": "date-time"}
-DATE: Schema = {"type": "string", "format": "date"}
 INT: Schema = {"type": "integer"}
 STRING: Schema = {"type": "string"}
 
@@ -110,36 +104,9 @@ def error_responses(prefix: str, schema: Body) -> dict[str, Any]:
 # -- schemas ---------------------------------------------------------------------------------
 
 def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
-    key_limits = obj({
-        **{name: nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX})
-           for name in ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")},
-        "daily_cost_usd": nullable({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100000000}),
-        "models": nullable({"type": "array", "minItems": 1, "maxItems": 100,
-                            "items": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL}}),
-    }, additionalProperties=False)
     return {
-        "EmbeddingRequest": obj({
-            "model": {"enum": list(models), "description": "A model with kind = \"embedding\" (or one of the "
-                                                            "demo provider's)"},
-            "input": {"anyOf": [
-                {"type": "string", "minLength": 1, "pattern": NO_NUL},
-                {"type": "array", "minItems": 1, "maxItems": 2048,
-                 "items": {"type": "string", "minLength": 1, "pattern": NO_NUL}},
-                {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
-                {"type": "array", "minItems": 1, "maxItems": 2048,
-                 "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]},
-            "dimensions": nullable({"type": "integer", "minimum": 1, "maximum": 65536}),
-            "encoding_format": nullable({"enum": ["float", "base64"]}),
-            "user": nullable(STRING),
-        }, ("model", "input"), additionalProperties=True),
         "ChatCompletionEvent": obj({"event": {"const": "message"}, "data": {"anyOf": [
-            json_text(obj({
-                "id": STRING, "object": {"const": "chat.completion.chunk"}, "created": INT, "model": STRING,
-                "choices": {"type": "array", "items": obj({
-                    "index": INT, "delta": {"type": "object"}, "logprobs": {"type": "null"},
-                    "finish_reason": nullable(STRING)}, ("index", "delta", "finish_reason"))},
-                "usage": {"anyOf": [openai.CompletionUsage, {"type": "null"}]},
-            }, ("id", "object", "created", "model", "choices"))),
+            json_text(openai.ChatCompletionChunk),
             json_text(openai.OpenAIError),  # the upstream failed mid-stream
             {"const": "[DONE]"},
         ]}}, ("event", "data")),
@@ -218,14 +185,6 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         **_anthropic_schemas(models),
         "MessageEvent": sse_events(replies.MESSAGE_EVENTS, slot=False),
         "ArenaEvent": sse_events(replies.ARENA_EVENTS, slot=True),
-        "CreateKey": obj({
-            "name": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": NOT_BLANK},
-            "scopes": nullable({"type": "array", "minItems": 1, "items": {"enum": ["chat", "arena", "admin"]},
-                                "description": "Default: chat and arena (within the creating key's own)"}),
-            "expires_at": nullable({**TIME, "description": "In the future, with a timezone"}),
-            "limits": nullable(key_limits),
-            "user_id": nullable({**UUID, "description": "Admin only: the key's owner (created if new)"}),
-        }, ("name",), additionalProperties=True),
     }
 
 
@@ -378,11 +337,17 @@ def _generated(structs: dict[str, type[msgspec.Struct]], models: tuple[str, ...]
     if "ChatCompletionRequest" in schemas:
         completion = schemas["ChatCompletionRequest"]["properties"]
         completion["model"] = models_enum(completion["model"], [AUTO, *models])
+    if "EmbeddingRequest" in schemas:  # no auto: an embedding model is named
+        embedding = schemas["EmbeddingRequest"]["properties"]
+        embedding["model"] = models_enum(embedding["model"], list(models))
     if "ArenaRequest" in schemas:
         schemas["ArenaRequest"]["properties"]["models"]["anyOf"][0]["items"] = {"enum": list(models)}
-    for name in ("ChatRequest", "ArenaRequest"):  # the pattern says which forms (not the format's one alone)
-        if name in schemas:
-            del schemas[name]["properties"]["thread_id"]["anyOf"][0]["format"]
+    for schema in schemas.values():
+        for field in schema.get("properties", {}).values():
+            for option in field.get("anyOf", [field]):
+                # a UUID the pattern describes: the forms msgspec decodes (not the format's one alone)
+                if option.get("pattern") == UUID_PATTERN:
+                    option.pop("format", None)
     return schemas
 
 

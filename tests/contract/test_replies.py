@@ -170,6 +170,15 @@ async def test_openai_answers_validate_against_the_generated_schemas(corpus_clie
     completion = await c.check(await client.post("/v1/chat/completions", json={"model": "demo", "messages": HI},
                                                  headers=h), "/v1/chat/completions", "post")
     assert completion["object"] == "chat.completion"
+    resp = await client.post("/v1/chat/completions", headers=h, json={
+        "model": "demo", "messages": HI, "stream": True, "stream_options": {"include_usage": True}})
+    events = parse_sse(await resp.read())
+    stream_schema = c.validator(c.schema("/v1/chat/completions", "post", 200, "text/event-stream"))
+    chunk = c.validator({"$ref": "#/components/schemas/ChatCompletionChunk"})
+    for event in events:
+        assert stream_schema.is_valid({"event": event.event or "message", "data": event.data}), event
+        assert event.data == "[DONE]" or chunk.is_valid(orjson.loads(event.data)), event.data
+    assert [e.data for e in events][-1] == "[DONE]" and len(events) >= 4
     await c.check(await client.post("/v1/chat/completions", json={"model": "demo", "messages": [], "n": 2},
                                     headers=h), "/v1/chat/completions", "post")  # 400, OpenAI's shape
     await c.check(await client.post("/v1/chat/completions", json={"model": "nope", "messages": HI}, headers=h),
