@@ -104,6 +104,9 @@ def error_responses(prefix: str, schema: Body) -> dict[str, Any]:
 # -- schemas ---------------------------------------------------------------------------------
 
 def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
+    """The schemas no struct generates: the SSE events' envelopes (OpenAPI 3.1 describes a stream by
+    its events: event, id, and data holding a struct's JSON), and the bodies of the Responses and
+    Anthropic doors, which do not decode through structs yet (their handlers' checks, stated here)."""
     return {
         "ChatCompletionEvent": obj({"event": {"const": "message"}, "data": {"anyOf": [
             json_text(openai.ChatCompletionChunk),

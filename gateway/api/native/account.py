@@ -21,7 +21,6 @@ GROUPINGS = ("day", "model", "day,model")  # day,model: a row per model and day 
 
 @operation("The caller: user, key, limits in force, today's usage", "account",
            {**ok(200, "The caller", Me), **errors(401, 503)})
-
 async def me(request: web.Request) -> web.Response:
     principal = await caller(request)
     limits = limits_for(request.app[SETTINGS].limits, principal)
@@ -70,7 +69,6 @@ def _day(raw: str | None, name: str, default: date) -> date:
                              "Last day (default: today); the range spans at most 366 days"),
                        query("group_by", {"enum": ["day", "model", "day,model"], "default": "day"},
                              "Grouping (day,model: a row per model and day)")])
-
 async def usage(request: web.Request) -> web.Response:
     principal = await caller(request)
     today = utc_now().date()

@@ -52,7 +52,6 @@ from gateway.vocabulary import LIVE_STATUSES, Slot, Winner
             **ok(202, "Accepted: both replies are generating", ArenaAccepted),
             **errors(400, 401, 403, 404, 409, 413, 429, 503)},
            body=ArenaRequest, description="503 when fewer than two models are available for a random draw.")
-
 async def post_arena(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "arena")
     app = request.app
@@ -163,7 +162,6 @@ def comparison_frame(comparison: bytes, position: dict[str, int], event: Event) 
            {"200": response("Both slots' events (see POST /api/arena)", sse_content("ArenaEvent")),
             **ok(204, "Nothing after Last-Event-ID in either slot"), **errors(400, 401, 403, 404, 503)},
            parameters=[path_id("comparison_id", "comparison"), *RESUME_PARAMETERS], security=STREAM_SECURITY)
-
 async def get_comparison_stream(request: web.Request) -> web.StreamResponse:
     comparison_id = parse_uuid(request.match_info["comparison_id"], "comparison id")
     principal = await stream_reader(request, comparison_id, "arena")
@@ -174,7 +172,6 @@ async def get_comparison_stream(request: web.Request) -> web.StreamResponse:
 @operation("A comparison (models named once voted, or when not anonymous)", "arena",
            {**ok(200, "The comparison", Comparison), **errors(400, 401, 403, 404, 503)},
            parameters=[path_id("comparison_id", "comparison")])
-
 async def get_comparison(request: web.Request) -> web.Response:
     principal = await caller(request, "arena")
     comparison_id = parse_uuid(request.match_info["comparison_id"], "comparison id")
@@ -186,7 +183,6 @@ async def get_comparison(request: web.Request) -> web.Response:
            {**ok(200, "The comparison with its vote", Comparison), **errors(400, 401, 403, 404, 409, 413, 503)},
            parameters=[path_id("comparison_id", "comparison")], body=Vote,
            description="The same vote again is a no-op; a different one, or one before both finished, is 409.")
-
 async def post_vote(request: web.Request) -> web.Response:
     principal = await caller(request, "arena")
     comparison_id = parse_uuid(request.match_info["comparison_id"], "comparison id")
@@ -201,7 +197,6 @@ async def post_vote(request: web.Request) -> web.Response:
            parameters=[query("include_named", {"type": "string", "default": "false",
                                                "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0)$"},
                              "Count votes on comparisons that were not anonymous")])
-
 async def get_leaderboard(request: web.Request) -> web.Response:
     await caller(request)
     raw = request.query.get("include_named", "false").lower()

@@ -58,7 +58,6 @@ from gateway.store import messages as message_store
                        "once the message is stored, a policy stop (daily cap, a model the key may not use, "
                        "too many concurrent streams) is the reply: status `refused`, an `error` event of "
                        "type `policy` with `reason` and `reset_at`.")
-
 async def post_chat(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
@@ -84,7 +83,6 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
            description="Runs like POST /api/chat on the thread up to that message (the policy decides, the "
                        "reply streams and resumes alike). 409 while its last reply is still generating, "
                        "or for an arena turn.")
-
 async def regenerate(request: web.Request) -> web.StreamResponse:
     """A new reply to the user message `{message_id}` (its last reply must not be live: 409). Body
     (optional): {model?, client_request_id?, stream?}; a retry of the same client_request_id answers
@@ -151,7 +149,6 @@ async def stream_message(request: web.Request, principal: Principal, message_id:
            parameters=[path_id("message_id", "assistant message"), *RESUME_PARAMETERS], security=STREAM_SECURITY,
            description="Replays the events after Last-Event-ID and follows the generation live. "
                        "Authenticated by the bearer header or by the `token` of `stream_url`.")
-
 async def get_message_stream(request: web.Request) -> web.StreamResponse:
     message_id = parse_uuid(request.match_info["message_id"], "message id")
     principal = await stream_reader(request, message_id, "chat")
@@ -162,7 +159,6 @@ async def get_message_stream(request: web.Request) -> web.StreamResponse:
 @operation("Stop a reply; the partial content is saved as cancelled", "chat",
            {**ok(200, "The saved assistant message", Message), **errors(400, 401, 403, 404, 503)},
            parameters=[path_id("message_id", "assistant message")])
-
 async def cancel_message(request: web.Request) -> web.Response:
     """Stop but finish: the upstream stops, the partial reply is saved as cancelled with the usage
     consumed, and every listener gets usage, done (finish_reason "cancelled") and [DONE]."""
@@ -174,7 +170,6 @@ async def cancel_message(request: web.Request) -> web.Response:
 @operation("A message's status and content (the polling fallback)", "chat",
            {**ok(200, "The message", Message), **errors(400, 401, 403, 404, 503)},
            parameters=[path_id("message_id", "message")])
-
 async def get_message(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     message_id = parse_uuid(request.match_info["message_id"], "message id")

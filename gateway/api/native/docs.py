@@ -68,7 +68,6 @@ HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"
 
 @operation("Interactive API docs for this document (Swagger UI, served locally)", "ops",
            {"200": response("The page", {"text/html": {"schema": {"type": "string"}}})}, security=PUBLIC)
-
 async def page(request: web.Request) -> web.Response:
     return web.Response(body=PAGE, content_type="text/html", charset="utf-8",
                         headers={**HEADERS, "Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
@@ -77,7 +76,6 @@ async def page(request: web.Request) -> web.Response:
 @operation("The docs page's assets (Swagger UI's bundled script and stylesheet)", "ops",
            {"200": response("The file", {"*/*": {"schema": {}}}), **errors(404)},
            parameters=[path_string("filename")], security=PUBLIC)
-
 async def asset(request: web.Request) -> web.StreamResponse:
     name = request.match_info["filename"]
     if name == "init.js":

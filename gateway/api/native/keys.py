@@ -115,7 +115,6 @@ def require_admin_key(principal: Principal, action: str) -> None:
                        "its usage counts against the caller's and every ancestor's limits, and "
                        "revoking the caller revokes it. A signed-in user (JWT) creates keys of "
                        "their own, with no parent.")
-
 async def create_key(request: web.Request) -> web.Response:
     principal = await caller(request)
     require_admin_key(principal, "creating keys")
@@ -147,7 +146,6 @@ async def create_key(request: web.Request) -> web.Response:
 @operation("The caller's keys (admin: `all=true` for everybody's; a key without admin: itself alone)", "keys",
            {**ok(200, "The keys, newest first", KeyList), **errors(400, 401, 403, 503)},
            parameters=[query("all", {"enum": ["true", "false"], "default": "false"}, "Every user's keys (admin only)")])
-
 async def list_keys(request: web.Request) -> web.Response:
     principal = await caller(request)
     every = request.query.get("all", "false")
@@ -165,7 +163,6 @@ async def list_keys(request: web.Request) -> web.Response:
            {**ok(204, "Revoked (also when it already was)"), **errors(400, 401, 403, 404, 503)},
            description="An API key without `admin` may revoke only itself (403 for any other id).",
            parameters=[path_id("key_id", "key")])
-
 async def revoke_key(request: web.Request) -> web.Response:
     principal = await caller(request)
     key_id = parse_uuid(request.match_info["key_id"], "key id")

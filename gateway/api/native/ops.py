@@ -18,14 +18,12 @@ from gateway.store.db import pending_migrations
 
 
 @operation("Liveness", "ops", ok(200, "The process answers", Status), security=PUBLIC)
-
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
 @operation("Readiness: the database answers and every migration is applied", "ops",
            {**ok(200, "Ready", Status), "503": response("Not ready", json_content(Status))}, security=PUBLIC)
-
 async def readyz(request: web.Request) -> web.Response:
     """Ready when the database answers and every migration is applied. Redis (with REDIS_URL) is
     reported, never required: without it replies from other instances follow the database, slower."""
@@ -49,7 +47,6 @@ async def readyz(request: web.Request) -> web.Response:
            security=[{}, {"metricsToken": []}],
            description="Open unless METRICS_TOKEN is set; absent from the public port when METRICS_PORT "
                        "serves it on a listener of its own.")
-
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format; with METRICS_TOKEN set, only for `Authorization: Bearer <that token>`."""
     token = request.app[SETTINGS].metrics_token

@@ -40,7 +40,6 @@ def decode_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
 
 @operation("Create a thread", "threads", {**ok(201, "The new thread", Thread), **errors(400, 401, 403, 413, 503)},
            body=CreateThread, body_required=False)
-
 async def create_thread(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     body = decode(await read_body(request), CreateThread) if request.can_read_body else CreateThread()
@@ -53,7 +52,6 @@ async def create_thread(request: web.Request) -> web.Response:
            {**ok(200, "A page of threads", ThreadPage), **errors(400, 401, 403, 503)},
            parameters=[query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "Page size"),
                        query("cursor", {"type": "string"}, "`next_cursor` of the previous page")])
-
 async def list_threads(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     raw_limit = request.query.get("limit", str(PAGE_DEFAULT))
@@ -74,7 +72,6 @@ async def list_threads(request: web.Request) -> web.Response:
 @operation("A thread with its messages", "threads",
            {**ok(200, "The thread", ThreadWithMessages), **errors(400, 401, 403, 404, 503)},
            parameters=[path_id("thread_id", "thread")])
-
 async def get_thread(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     thread_id = parse_uuid(request.match_info["thread_id"], "thread id")
@@ -86,7 +83,6 @@ async def get_thread(request: web.Request) -> web.Response:
 
 @operation("Delete a thread and its messages (usage is kept)", "threads",
            {**ok(204, "Deleted"), **errors(400, 401, 403, 404, 503)}, parameters=[path_id("thread_id", "thread")])
-
 async def delete_thread(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     thread_id = parse_uuid(request.match_info["thread_id"], "thread id")

@@ -87,7 +87,6 @@ CLOSE_UNAUTHORIZED = 4001  # expired, or no longer valid
                        "`{\"type\": \"resume\", \"message_id\", \"last_event_id\"?}`, "
                        "`{\"type\": \"cancel\", \"message_id\"}`. A request that is not a WebSocket upgrade "
                        "answers 400 after authentication.")
-
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     principal = await authenticate(request)
     settings = request.app[SETTINGS]
