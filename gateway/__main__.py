@@ -12,18 +12,21 @@ import os
 import resource
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import CannotListen, create_app
 from gateway.cli import commands as cli
 from gateway.cli.workers import run_workers, worker_count
 from gateway.config import Settings
 from gateway.edge.middleware import AccessLogger
 from gateway.errors import ConfigError
+from gateway.observability.combined import Siblings
 from gateway.observability.logs import configure_logging
-from gateway.store.db import migrate, open_database
+from gateway.state import METRICS
+from gateway.store.db import DatabaseUnreachable, migrate, open_database
 from gateway.store.keys import create_user_with_key
 
 log = logging.getLogger("gateway")
@@ -57,6 +60,15 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = create_app(settings)
     app.on_startup.append(quiet_gc)
+    siblings = Siblings.from_env(os.environ) if reuse_port else None
+    if siblings is not None:
+        app[METRICS].siblings = siblings
+
+        async def share_metrics(app: web.Application) -> AsyncIterator[None]:
+            async with siblings.serving(app[METRICS].registry):
+                yield
+
+        app.cleanup_ctx.append(share_metrics)
 
     def bound(_: str) -> None:  # run_app calls this once the socket is listening, not before
         log.info("gateway on http://%s:%d (default model %s)", settings.host, settings.port,
@@ -67,6 +79,9 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
                     shutdown_timeout=settings.shutdown_grace_s + 5, print=bound, backlog=4096,
                     # a client that leaves cancels its handler (the tests' server does the same)
                     handler_cancellation=True, reuse_port=reuse_port or None)
+    except CannotListen as e:
+        print(e, file=sys.stderr)
+        return 2
     except OSError as e:
         if e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise
@@ -97,7 +112,22 @@ async def create_key(settings: Settings, name: str, scopes: list[str], user_id: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway", description="streaming chat gateway")
+    try:
+        return command(argv)
+    except DatabaseUnreachable as e:
+        # one line an operator can act on, instead of a traceback through the pool and the event loop
+        print(f"DATABASE_URL: {e.reason}", file=sys.stderr)
+        return 2
+
+
+def prog_name() -> str:
+    """`chat-gateway` when run as the installed script, `python -m gateway` otherwise."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m gateway" if name in ("", "__main__.py", "-c", "-m") else name
+
+
+def command(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog=prog_name(), description="streaming chat gateway")
     sub = parser.add_subparsers(dest="command")
     serve_p = sub.add_parser("serve", help="run the gateway (the default)")
     serve_p.add_argument("--host")
@@ -115,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     list_p = keys_sub.add_parser("list", help="every key (never the secret), newest first")
     list_p.add_argument("--user-id", type=uuid.UUID, help="only this user's keys")
     revoke_p = keys_sub.add_parser("revoke", help="revoke a key and the keys issued under it")
-    revoke_p.add_argument("key_id", type=uuid.UUID, metavar="ID")
+    revoke_p.add_argument("key", metavar="KEY", help="the key's id, prefix (gwk_...) or name, as `keys list` shows")
     usage_p = sub.add_parser("usage", help="tokens, cost and requests per day (or model), every user")
     usage_p.add_argument("--days", type=cli.days, default=7, metavar="N", help="1-366 (7)")
     usage_p.add_argument("--by", choices=["day", "model"], default="day")
@@ -152,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "keys" and args.keys_command == "list":
         print(cli.run(settings, lambda db: cli.keys_list(db, args.user_id)))
     elif args.command == "keys" and args.keys_command == "revoke":
-        status, message = cli.run(settings, lambda db: cli.keys_revoke(db, args.key_id))
+        status, message = cli.run(settings, lambda db: cli.keys_revoke(db, args.key))
         print(message, file=sys.stderr if status else sys.stdout)
         return status
     elif args.command == "keys":

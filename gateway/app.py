@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from gateway.api.anthropic import messages as anthropic_messages
 from gateway.api.native import account, arena, chat, docs, keys, ops, playground, threads, ws
 from gateway.api.openai import chat_completions as openai
 from gateway.api.openai import embeddings, responses
+from gateway.api.vendor_operations import describe_vendor_handlers
 from gateway.config import Settings
 from gateway.contract.openapi import get_openapi
 from gateway.edge.activity import record_activity
@@ -213,6 +215,10 @@ def redis_parts(settings: Settings) -> tuple[RedisLink | None, StreamPublisher |
     return link, StreamPublisher(link, settings.redis_stream_ttl_s)
 
 
+class CannotListen(Exception):
+    """A listener of the app's own cannot have its port: the message names the setting."""
+
+
 async def metrics_server(app: web.Application) -> AsyncIterator[None]:
     """With METRICS_PORT: /metrics on a listener of its own (bound to METRICS_HOST, loopback by
     default), so the public port never serves it. A tiny app sharing the main app's registry."""
@@ -225,7 +231,14 @@ async def metrics_server(app: web.Application) -> AsyncIterator[None]:
     runner = web.AppRunner(side, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, settings.metrics_host, settings.metrics_port).start()
+        # every worker of `serve --workers N` listens too; whichever is asked answers for all
+        site = web.TCPSite(runner, settings.metrics_host, settings.metrics_port,
+                           reuse_port=app[METRICS].siblings is not None or None)
+        try:
+            await site.start()
+        except OSError as e:
+            raise CannotListen(f"METRICS_PORT: cannot listen on {settings.metrics_host}:{settings.metrics_port}: "
+                               f"{os.strerror(e.errno) if e.errno else e}") from e
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
         yield
     finally:
@@ -279,7 +292,9 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> web.Applic
 
 
 def routes(settings: Settings) -> list[web.RouteDef]:
-    """The HTTP surface (the README's table, in code; /openapi.json is checked against it)."""
+    """The HTTP surface (docs/api.md's tables, in code): /openapi.json's paths are built from it, each
+    handler's operation as it declares it (gateway.contract.operations)."""
+    describe_vendor_handlers()
     table = [
         web.post("/api/chat", chat.post_chat),
         web.get("/api/messages/{message_id}", chat.get_message),

@@ -81,12 +81,25 @@ async def keys_list(db: Database, user_id: uuid.UUID | None) -> str:
                    r["revoked_at"]] for r in rows]) + f"\n{len(rows)} key(s)"
 
 
-async def keys_revoke(db: Database, key_id: uuid.UUID) -> tuple[int, str]:
-    """(exit status, message): revokes the key and its descendants, on every instance within a second."""
-    revoked = await keys_store.revoke_key(db.pool, key_id, None)
+async def keys_revoke(db: Database, ref: str) -> tuple[int, str]:
+    """(exit status, message): revokes the key whose id, prefix or name is `ref`, and the keys issued
+    under it, on every instance within a second. A name several keys share picks the one not yet
+    revoked; when that is still more than one, nothing is revoked and they are listed."""
+    found = await keys_store.find_keys(db.pool, ref)
+    if len(found) > 1:
+        found = [r for r in found if r["revoked_at"] is None] or found
+    if not found:
+        return 1, f"no key with the id, prefix or name {ref!r}"
+    if len(found) > 1:
+        return 1, (f"{len(found)} keys match {ref!r}; revoke one by its id:\n"
+                   + table(["id", "prefix", "name", "user", "created"],
+                           [[r["id"], r["prefix"], r["name"], r["user_id"], r["created_at"]] for r in found]))
+    key = found[0]
+    revoked = await keys_store.revoke_key(db.pool, key["id"], None)
     if revoked is None:
-        return 1, f"no key {key_id}"
-    return 0, f"revoked {key_id}" + (f" and {len(revoked) - 1} key(s) issued under it" if len(revoked) > 1 else "")
+        return 1, f"no key {key['id']}"
+    return 0, (f"revoked {key['id']}"
+               + (f" and {len(revoked) - 1} key(s) issued under it" if len(revoked) > 1 else ""))
 
 
 async def usage(db: Database, days: int, by: str, user_id: uuid.UUID | None) -> str:

@@ -8,6 +8,10 @@ workers connect to it by URL), restarts a worker that exits unasked (a crash, th
 SIGKILL), and on SIGTERM or SIGINT passes the signal on and waits: every worker drains as a
 single process does (running replies get the grace period, then are saved as interrupted).
 
+A scrape of /metrics (on the public port, or on METRICS_PORT, which every worker listens on too)
+answers for all the workers: each serves its own series on a Unix socket in a folder made for
+this run, and the worker asked adds its siblings' series to its own (observability/combined.py).
+
 Workers share live streams the way instances on different machines do: through Redis. Without
 REDIS_URL a reply is followed live only by clients of the worker generating it; a reconnect that
 lands on another worker waits for the reply to finish (with pings), then replays it.
@@ -15,18 +19,23 @@ lands on another worker waits for the reply to finish (with pings), then replays
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import FrameType
 
 from gateway.config import Settings
-from gateway.store.db import start_embedded, stop_embedded
+from gateway.observability.combined import workers_dir_env
+from gateway.store.db import open_database, start_embedded, stop_embedded
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +141,15 @@ class Supervisor:
 
 def run_workers(settings: Settings, count: int) -> int:
     """Start `count` workers on settings' port; returns when they have all stopped."""
+    if settings.database_url is not None:
+        # one refusal here (DatabaseUnreachable, one line) rather than one per worker, each restarted
+        asyncio.run(_reach_database(settings))
     if settings.redis_url is None:
         log.warning("--workers %d without REDIS_URL: a reply is followed live only on the worker generating "
                     "it; a reconnect landing on another worker waits for the end, then replays", count)
-    env = dict(os.environ)
+    # each worker's metrics on a socket here, so that any worker can answer a scrape for all
+    sockets = Path(tempfile.mkdtemp(prefix="gateway-workers-"))
+    env = {**os.environ, **workers_dir_env(sockets)}
     embedded = None
     if settings.database_url is None:
         with warnings.catch_warnings():
@@ -148,3 +162,9 @@ def run_workers(settings: Settings, count: int) -> int:
     finally:
         if embedded is not None:
             stop_embedded(embedded)
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+async def _reach_database(settings: Settings) -> None:
+    db = await open_database(replace(settings, db_pool_min=1))
+    await db.close()

@@ -1,10 +1,13 @@
-"""The HTTP contract: request bodies as typed structs (decoded by the handlers, and the schemas of
-GET /openapi.json), and the document.
+"""The HTTP contract: request and response bodies as typed structs (the request bodies decoded by the
+handlers through them; GET /openapi.json's schemas generated from both), each handler's operation,
+and the document built from the route table.
 
     decoding.py  a body through a struct; msgspec's error as the field it is about, for each door's shape
     native.py    the native API's bodies (chat turn, arena, regenerate, thread, vote) and content parts
-    openai.py    POST /v1/chat/completions' body
-    openapi.py   GET /openapi.json
+    openai.py    POST /v1/chat/completions' body; the OpenAI door's answers (completion, models, embeddings, error)
+    operations.py  each handler's operation (summary, tag, body, parameters, answers, auth), declared by the handler
+    openapi.py   GET /openapi.json: its paths built from the route table and the operations
+    replies.py   the native API's answers (message, thread, comparison, keys, me, usage, error, SSE event data)
 """
 
 __all__ = [
@@ -12,4 +15,6 @@ __all__ = [
     "native",
     "openai",
     "openapi",
+    "operations",
+    "replies",
 ]

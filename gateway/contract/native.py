@@ -134,9 +134,97 @@ class Vote(Struct):
     winner: Literal["a", "b", "tie", "both_bad"]
 
 
+# -- POST /api/keys ---------------------------------------------------------------------------
+
+SCOPES = ("chat", "arena", "admin")
+KEY_NAME_MAX = 100
+# integers the policy passes to SQL as `integer`
+LIMIT_INTS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")
+LIMIT_MAX = 2**31 - 1
+# dollars per UTC day, kept in numeric(16, 8) columns (sql/0010)
+LIMIT_USD = ("daily_cost_usd",)
+USD_MAX = 100_000_000
+MODELS_MAX = 100
+LIMIT_NAMES = (*LIMIT_INTS, *LIMIT_USD, "models")
+
+Limit = Annotated[int, Meta(ge=1, le=LIMIT_MAX)]
+# an int stays an int (it is stored as sent)
+Dollars = Annotated[int, Meta(gt=0, lt=USD_MAX)] | Annotated[float, Meta(gt=0, lt=USD_MAX)]
+UserId = Annotated[uuid.UUID, Meta(extra_json_schema={"pattern": UUID_PATTERN},
+                                   description="Admin only: the key's owner (created if new)")]
+
+
+class KeyLimits(Struct, forbid_unknown_fields=True):
+    """A new key's own limits (each within the creating key's and its ancestors')."""
+
+    requests_per_minute: Limit | None = None
+    daily_tokens: Limit | None = None
+    max_concurrent_streams: Limit | None = None
+    max_tokens: Limit | None = None
+    daily_cost_usd: Dollars | None = None
+    models: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200, extra_json_schema={"pattern": NO_NUL})]],
+                      Meta(min_length=1, max_length=MODELS_MAX)] | None = None
+
+
+class CreateKey(Struct):
+    """Unknown fields are ignored."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=KEY_NAME_MAX, extra_json_schema={"pattern": NOT_BLANK})]
+    scopes: Annotated[list[Literal["chat", "arena", "admin"]],
+                      Meta(min_length=1, description="Default: chat and arena (within the creating key's own)")] \
+        | None = None
+    # checked as code (datetime.fromisoformat, a timezone, in the future)
+    expires_at: Annotated[str, Meta(extra_json_schema={"format": "date-time"},
+                                    description="In the future, with a timezone")] | None = None
+    limits: KeyLimits | None = None
+    user_id: UserId | None = None
+
+
+def _key_message(field: str, error: str, body: Any) -> GatewayError:
+    top = decoding.top_field(field)
+    value = decoding.walk(body, top) if top else None
+    if top == "name":
+        if value is None or isinstance(value, str):
+            return BadRequest(f"name is required: 1 to {KEY_NAME_MAX} characters")
+        return BadRequest("name must be a string")
+    if top == "scopes":
+        if isinstance(value, list) and value and all(isinstance(s, str) for s in value):
+            return BadRequest(f"unknown scopes {sorted(set(value) - set(SCOPES))}: allowed are {list(SCOPES)}")
+        return BadRequest(f"scopes must be a non-empty list drawn from {list(SCOPES)}")
+    if top == "expires_at":
+        return BadRequest("expires_at must be an ISO-8601 string with a timezone")
+    if top == "user_id":
+        return InvalidId("user_id is not a valid UUID" if isinstance(value, str) else "user_id must be a UUID string")
+    if top == "limits":
+        if not isinstance(value, dict):
+            return BadRequest("limits must be an object")
+        if "unknown field" in error:
+            unknown = sorted(set(value) - set(LIMIT_NAMES))
+            return BadRequest(f"unknown limits {unknown}: allowed are {list(LIMIT_NAMES)}")
+        name = field.removeprefix("limits.").split("[", 1)[0]
+        if name in LIMIT_USD:
+            return BadRequest(f"limits.{name} must be a number of dollars above 0 and below {USD_MAX}")
+        if name == "models":
+            return BadRequest(f"limits.models must be a list of 1 to {MODELS_MAX} model names")
+        return BadRequest(f"limits.{name} must be an integer from 1 to {LIMIT_MAX}")
+    return BadRequest("body must be a JSON object" if not field else f"{top} is not valid")
+
+
+def key_limits(limits: KeyLimits | None) -> dict[str, Any] | None:
+    """A decoded `limits` as stored: the limits that are set (models once each, no NUL), or None."""
+    if limits is None:
+        return None
+    out = {name: value for name in (*LIMIT_INTS, *LIMIT_USD) if (value := getattr(limits, name)) is not None}
+    if limits.models is not None:
+        for model in limits.models:
+            check_text(model, "limits.models")
+        out["models"] = list(dict.fromkeys(limits.models))
+    return out or None
+
+
 # -- the schemas ------------------------------------------------------------------------------
 
-BODIES: tuple[type[Struct], ...] = (ChatRequest, ArenaRequest, RegenerateRequest, CreateThread, Vote)
+BODIES: tuple[type[Struct], ...] = (ChatRequest, ArenaRequest, RegenerateRequest, CreateThread, Vote, CreateKey)
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -170,7 +258,7 @@ def _refusal(kind: type[Struct]) -> decoding.Refusal:
     return refuse
 
 
-_REFUSALS: dict[type[Struct], decoding.Refusal] = {}
+_REFUSALS: dict[type[Struct], decoding.Refusal] = {CreateKey: _key_message}
 
 
 def _part_message(where: str, part: Any) -> str:

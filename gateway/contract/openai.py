@@ -16,7 +16,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway.contract import decoding
 from gateway.contract.native import MAX_TOKENS_LIMIT, NO_NUL
-from gateway.errors import GatewayError
+from gateway.errors import BadRequest, GatewayError
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -117,4 +117,146 @@ def refusal(error: Callable[[str, str | None], E]) -> decoding.Refusal:
         if field.startswith("stream_options.include_usage"):
             return error("'stream_options.include_usage' must be a boolean", "stream_options")
         return error(_MESSAGES.get(top, f"'{top}' is not valid"), top or None)
+    return refuse
+
+
+# -- answers: the OpenAI door's response bodies, as the handlers write them (GET /openapi.json's schemas) ---
+
+class OpenAIErrorDetail(Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(Struct):
+    """OpenAI's error body (the OpenAI door's 4xx and upstream failures)."""
+
+    error: OpenAIErrorDetail
+
+
+class CompletionUsage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(Struct, kw_only=True):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: None
+    tool_calls: list[dict[str, Any]] | UnsetType = UNSET
+
+
+class Choice(Struct, kw_only=True):
+    index: int
+    message: AssistantMessage
+    logprobs: UnsetType | None = UNSET
+    finish_reason: str
+
+
+class ChatCompletion(Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: CompletionUsage
+
+
+class Model(Struct, kw_only=True):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(Struct):
+    object: Literal["list"]
+    data: list[Model]
+
+
+class Embedding(Struct, kw_only=True):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | Annotated[str, Meta(description="base64 of little-endian float32")]
+
+
+class EmbeddingUsage(Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ChunkChoice(Struct, kw_only=True):
+    index: int
+    delta: dict[str, Any]
+    logprobs: UnsetType | None = UNSET
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    """A streamed `chat.completion.chunk` (an SSE event's data)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | UnsetType | None = UNSET
+
+
+ANSWERS: tuple[type[Struct], ...] = (OpenAIError, ChatCompletion, ChatCompletionChunk, Model, ModelList,
+                                     EmbeddingList)
+
+
+# -- POST /v1/embeddings ------------------------------------------------------------------------
+
+MAX_INPUTS = 2048  # OpenAI's limit on items per request
+MAX_DIMENSIONS = 1 << 16
+TOKEN_MAX = 2**64 - 1  # a token id JSON tools (orjson) still read as an integer
+_TOKENS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": TOKEN_MAX}}
+_TEXT = {"type": "string", "minLength": 1, "pattern": NO_NUL}
+# a string, an array of strings, an array of token ids, or an array of such arrays: one type as msgspec
+# sees it (its unions take one array type), checked as code (api/openai/embeddings.py) as stated here
+EMBEDDING_INPUT = {"anyOf": [_TEXT, {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": _TEXT},
+                             _TOKENS, {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": _TOKENS}]}
+
+
+class EmbeddingRequest(Struct):
+    """Unknown fields are ignored."""
+
+    model: Annotated[str, Meta(min_length=1, description="A model with kind = \"embedding\" (or one of the demo "
+                                                         "provider's)")]
+    input: Annotated[Any, Meta(extra_json_schema=EMBEDDING_INPUT)]
+    dimensions: Annotated[int, Meta(ge=1, le=MAX_DIMENSIONS)] | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+    user: str | None = None
+
+
+EMBEDDING_INPUT_MESSAGE = (f"'input' must be a non-empty string, an array of 1 to {MAX_INPUTS} non-empty strings, "
+                           "or token arrays")
+_EMBEDDING_MESSAGES = {
+    "model": "'model' is required and must be a string",
+    "input": EMBEDDING_INPUT_MESSAGE,
+    "dimensions": f"'dimensions' must be an integer from 1 to {MAX_DIMENSIONS}",
+    "encoding_format": "'encoding_format' must be float or base64",
+    "user": "'user' must be a string",
+}
+
+
+def embedding_refusal(error: Callable[[str, str | None], E]) -> decoding.Refusal:
+    """msgspec's complaint about an embeddings body as OpenAI's message and `param`; a body that is not
+    an object answers as any gateway error does (in OpenAI's shape, without a param)."""
+    def refuse(field: str, message: str, body: Any) -> GatewayError:
+        top = decoding.top_field(field)
+        if not top:
+            return BadRequest("body must be a JSON object")
+        return error(_EMBEDDING_MESSAGES.get(top, f"'{top}' is not valid"), top)
     return refuse

@@ -16,7 +16,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Middleware
 
 from gateway.errors import GatewayError, ServiceUnavailable, TooManyRequests
-from gateway.observability.logs import escape_controls
+from gateway.observability.logs import direct_handler, escape_controls, has_secret, redact
 from gateway.observability.metrics import Metrics, Timings, route_of
 from gateway.state import ACCESS_LOGGED, REQUEST_ID, RESPONSE, TIMINGS, TRACE_ID, USER_ID
 from gateway.store.failures import database_unavailable
@@ -278,16 +278,31 @@ class AccessLogger(AbstractAccessLogger):
         ms = round((monotonic() - timings.start if timings is not None else time) * 1000, 2)
         request_id, user_id = request.get(REQUEST_ID, "-"), request.get(USER_ID)
         closed = client_gone(request)
-        fields = {"request_id": request_id, "method": request.method, "path": path, "route": route_of(request),
-                  "status": response.status, "user_id": user_id, "ms": ms, "client_closed": closed}
-        fields.update((f"{phase}_ms", value) for phase, value in phases.items())
-        breakdown = "".join(f" {phase}={value:.1f}ms" for phase, value in phases.items())
         trace_id = request.get(TRACE_ID)
-        if trace_id is not None:  # traced (tracing.py): the line leads to the trace
-            fields["trace_id"] = trace_id
-        self.logger.info("%s %s %s %d %.1fms%s user=%s%s%s", request_id, request.method, path, response.status, ms,
-                         breakdown, user_id or "-", " client_closed" if closed else "",
-                         "" if trace_id is None else " trace=" + trace_id, extra=fields)
+        method, status = request.method, response.status
+        breakdown = "".join(f" {phase}={value:.1f}ms" for phase, value in phases.items())
+        message = (f"{request_id} {method} {path} {status} {ms:.1f}ms{breakdown} user={user_id or '-'}"
+                   f"{' client_closed' if closed else ''}{'' if trace_id is None else ' trace=' + trace_id}")
+        handler = direct_handler(self.logger)
+        fields: dict[str, Any] | None = None
+        if handler is None or handler.json:
+            fields = {"request_id": request_id, "method": method, "path": path, "route": route_of(request),
+                      "status": status, "user_id": user_id, "ms": ms, "client_closed": closed}
+            fields.update((f"{phase}_ms", value) for phase, value in phases.items())
+            if trace_id is not None:  # traced (tracing.py): the line leads to the trace
+                fields["trace_id"] = trace_id
+        if handler is None:  # through logging: the redaction filter runs on the record
+            self.logger.info("%s", message, extra=fields)
+            return
+        # what the redaction filter would do: request id, method and path are what a client sent (the
+        # path's query already has its `token=`/`key=` values masked); the rest is ours
+        if has_secret(message):
+            message = redact(message)
+            if fields is not None:
+                fields = {name: redact(value) if type(value) is str else value for name, value in fields.items()}
+        if not message.isprintable():
+            message = escape_controls(message)
+        handler.write_line(self.logger.name, message, fields)
 
 
 # aiohttp's access logger is the server's; the middleware's own copy writes to the same logger

@@ -3,9 +3,11 @@
     metrics.py   Prometheus metrics and each request's timing breakdown
     tracing.py   OpenTelemetry spans, switched on by the OTEL_* variables
     logs.py      text or JSON log lines, redacted and escaped
+    combined.py  serve --workers N: a scrape of any worker sums every worker's metrics
 """
 
 __all__ = [
+    "combined",
     "logs",
     "metrics",
     "tracing",

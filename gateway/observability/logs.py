@@ -15,8 +15,10 @@ records too.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from datetime import UTC, datetime
 from itertools import islice
 from types import NoneType
@@ -61,6 +63,11 @@ _SECRET = re.compile("|".join([
 def _mask(match: re.Match[str]) -> str:
     secret = match.lastindex  # the branch's group; a JWT's branch has none: all of it goes
     return (match.string[match.start():match.start(secret)] if secret else "") + REDACTED
+
+
+def has_secret(text: str) -> bool:
+    """Whether `redact` would change `text` (one scan, no copy)."""
+    return _SECRET.search(text) is not None
 
 
 def redact(text: str) -> str:
@@ -204,13 +211,102 @@ class JsonFormatter(logging.Formatter):
             return orjson.dumps({k: v if isinstance(v, str) else repr(v) for k, v in out.items()}).decode()
 
 
+# Access lines wait in memory until this much is waiting, or this long after the first: one write
+# for many lines instead of one per request
+LINES_BUFFERED_BYTES = 64 * 1024
+LINES_BUFFERED_S = 0.1
+
+
+class GatewayHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root handler `configure_logging` installs: records as any StreamHandler writes them, plus
+    `write_line` for lines the access logger formats itself (`direct_handler`), which are buffered:
+    written when 64 KiB wait, at the latest 100 ms after the first, before any ordinary record (so
+    the stream keeps the order lines were made in), and at exit (logging's shutdown flushes every
+    handler: SIGTERM's graceful stop loses none)."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__()
+        self.json = fmt == "json"
+        self.setFormatter(JsonFormatter() if self.json else logging.Formatter(TEXT_FORMAT))
+        self.addFilter(REDACT)
+        self._lines: list[str] = []
+        self._size = 0
+        self._second = -1  # the second `_asctime` was formatted for
+        self._asctime = ""
+
+    def write_line(self, logger: str, message: str, fields: dict[str, Any] | None) -> None:
+        """One INFO line of `logger`'s, formatted as this handler's formatter would format the record
+        (`fields`: its `extra`, needed for JSON only). The caller has made it safe to print."""
+        now = time.time()
+        if self.json:
+            out = {"ts": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"), "level": "INFO",
+                   "logger": logger, "message": message}
+            if fields:
+                out.update(fields)
+            line = orjson.dumps(out, default=repr).decode() + "\n"
+        else:
+            second = int(now)
+            if second != self._second:  # logging.Formatter.formatTime, once a second
+                self._second, self._asctime = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            line = f"{self._asctime},{int((now - second) * 1000):03d} INFO {logger} {message}\n"
+        lines = self._lines
+        lines.append(line)
+        self._size += len(line)
+        if self._size >= LINES_BUFFERED_BYTES:
+            self.write_lines()
+        elif len(lines) == 1:
+            try:
+                asyncio.get_running_loop().call_later(LINES_BUFFERED_S, self.write_lines)
+            except RuntimeError:  # no event loop to wake us: now
+                self.write_lines()
+
+    def write_lines(self) -> None:
+        """Write what is buffered (a no-op when nothing is)."""
+        if not self._lines:
+            return
+        with self.lock:  # type: ignore[union-attr]
+            text = "".join(self._lines)
+            self._lines.clear()
+            self._size = 0
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # a closed or broken stderr: logging's own handlers drop lines too
+                pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.write_lines()
+        super().emit(record)
+
+    def flush(self) -> None:
+        self.write_lines()
+        super().flush()
+
+
+def direct_handler(logger: logging.Logger) -> GatewayHandler | None:
+    """The handler an INFO line of `logger`'s may be handed to directly (`write_line`), skipping the
+    record, its filters and its formatter: when the gateway's own root handler would be the only
+    one to print it. Anything else listening (a test's caplog, an embedding host's handler, a level
+    or filter set on the way) gets the ordinary record instead."""
+    handler = _OWN_HANDLER
+    if (handler is None or logging.root.handlers != [handler] or logger.handlers or not logger.propagate
+            or handler.level > logging.INFO or not logger.isEnabledFor(logging.INFO) or len(logger.filters) > 1):
+        return None
+    return handler
+
+
+_OWN_HANDLER: GatewayHandler | None = None
+
+
 def configure_logging(level: str, fmt: str = "text") -> None:
     """The root handler on stderr, in the chosen format, redacting every record that reaches it;
     warnings go through logging too. Like basicConfig, it leaves a root logger that already has
     handlers alone (an embedding host's)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    handler.addFilter(REDACT)
+    global _OWN_HANDLER
+    handler = GatewayHandler(fmt)
+    had_handlers = bool(logging.root.handlers)
     logging.basicConfig(level=level, handlers=[handler])
+    if not had_handlers:
+        _OWN_HANDLER = handler
     logging.captureWarnings(True)
     install_redaction()

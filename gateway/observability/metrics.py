@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
+    from gateway.observability.combined import Siblings
     from gateway.store.usage import UsageRecord
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -78,6 +79,14 @@ class Metrics:
         self.active_streams = Gauge("gateway_active_streams", "Open SSE responses", registry=r)
         # label lookups are cached: one dict hit per request instead of prometheus-client's validation
         self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # under `serve --workers N`: the other workers, whose series every scrape adds in (combined.py)
+        self.siblings: Siblings | None = None
+
+    async def exposition(self) -> bytes:
+        """The Prometheus text of a scrape: this app's series, or every worker's summed."""
+        if self.siblings is None:
+            return generate_latest(self.registry)
+        return await self.siblings.exposition(self.registry)
 
     def watch_levels(self, read: Callable[[], Levels]) -> None:
         """Call `read` at every scrape and export what it returns (generations, circuits, queues, pool)."""

@@ -828,9 +828,12 @@
     const byDay = new Map(days.map((d) => [d, []]));
     for (const r of models.rows) if (byDay.has(r.day)) byDay.get(r.day).push(r);
     const totals = days.map((d) => byDay.get(d).reduce((s, r) => s + value(r), 0));
-    if (!totals.some((t) => t > 0)) return emptyChart(box, "No usage in this range.");
+    if (!models.rows.some((r) => byDay.has(r.day))) return emptyChart(box, "No usage in this range.");
+    if (!totals.some((t) => t > 0)) return emptyChart(box, `Nothing to draw: every day's total is ${format(0)}.`);
     const width = 720, height = 230, left = 58, right = 10, top = 10, bottom = 28;
-    const axis = ticks(0, Math.max(...totals), 4);
+    const peak = Math.max(...totals), axis = ticks(0, peak, 4);
+    // the axis ends at a tick at or above the tallest bar (ticks() stops at the last one inside)
+    if (axis[axis.length - 1] < peak) axis.push(Number((2 * axis[axis.length - 1] - axis[axis.length - 2]).toPrecision(12)));
     const max = axis[axis.length - 1];
     const y = (v) => top + (1 - v / max) * (height - top - bottom);
     const slot = (width - left - right) / days.length;

@@ -8,7 +8,10 @@ reuses the data.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
+import socket
 import uuid
 from dataclasses import dataclass
 from importlib.resources import files
@@ -84,6 +87,38 @@ async def create_pool(url: str, min_size: int = 2, max_size: int = 20) -> asyncp
                                      reset=_keep_session, command_timeout=30)
 
 
+class DatabaseUnreachable(Exception):
+    """DATABASE_URL's server cannot be used: `reason` says why, in words (never the URL, which may
+    hold a password)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def why_unreachable(error: BaseException) -> str | None:
+    """A connection failure in words ("connection refused", "database \"x\" does not exist"), or None
+    when `error` is not one (a bug, which keeps its traceback)."""
+    if isinstance(error, asyncpg.ClientConfigurationError):
+        # asyncpg's own words name the scheme it got and never echo the rest of the URL
+        return str(error).removeprefix("invalid DSN: ")
+    if isinstance(error, asyncpg.PostgresError):  # the server answered and refused: a missing database or role
+        return str(error)
+    if isinstance(error, socket.gaierror):
+        return f"unknown host ({error.strerror})"
+    if isinstance(error, TimeoutError):
+        return "no answer (timed out)"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, FileNotFoundError):  # a Unix socket path with no server behind it
+        return "no server at that socket path"
+    if isinstance(error, OSError):
+        if error.errno is not None and error.errno in errno.errorcode:
+            return os.strerror(error.errno).lower()
+        return str(error) or type(error).__name__
+    return str(error) if isinstance(error, asyncpg.InterfaceError) else None
+
+
 async def open_database(settings: Settings) -> Database:
     embedded: PostgresServer | None = None
     if settings.database_url is not None:
@@ -94,10 +129,13 @@ async def open_database(settings: Settings) -> Database:
         log.info("embedded PostgreSQL running under %s", settings.data_dir.resolve() / "pgdata")
     try:
         pool = await create_pool(url, settings.db_pool_min, settings.db_pool_max)
-    except BaseException:
+    except BaseException as e:
         if embedded is not None:
             await asyncio.to_thread(stop_embedded, embedded)
-        raise
+        reason = why_unreachable(e) if isinstance(e, Exception) else None
+        if reason is None:
+            raise
+        raise DatabaseUnreachable(reason) from e
     return Database(pool, url, embedded)
 
 

@@ -110,6 +110,19 @@ async def list_keys(pool: asyncpg.Pool, user_id: uuid.UUID | None,
     return [dict(r) for r in rows]
 
 
+async def find_keys(pool: asyncpg.Pool, ref: str) -> list[dict[str, Any]]:
+    """Every user's keys whose id, display prefix or name is `ref`, newest first (the operator's
+    command line: it sees every user)."""
+    try:
+        key_id: uuid.UUID | None = uuid.UUID(ref)
+    except ValueError:
+        key_id = None
+    rows = await pool.fetch(
+        f"SELECT {_PUBLIC} FROM api_keys WHERE id = $1 OR prefix = $2 OR name = $2 ORDER BY created_at DESC, id DESC",
+        key_id, ref)
+    return [dict(r) for r in rows]
+
+
 async def revoke_key(pool: asyncpg.Pool, key_id: uuid.UUID, user_id: uuid.UUID | None) -> list[bytes] | None:
     """Revoke a key of `user_id` (None: anybody's) and all its descendants (whoever owns them);
     the hashes of every key revoked, or None when there is no such key.

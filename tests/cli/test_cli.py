@@ -112,3 +112,14 @@ async def test_a_port_in_use_is_one_line_naming_gateway_port_and_exit_2(tmp_path
     assert lines[-1] == f"GATEWAY_PORT: cannot listen on 127.0.0.1:{port}: Address already in use", run.stderr
     assert "Traceback" not in run.stderr
     assert not any("gateway on http" in line for line in lines)  # said only once the socket is bound
+
+
+async def test_the_installed_script_names_itself_in_its_help(tmp_path: Path):
+    script = Path(sys.executable).parent / "chat-gateway"  # the console script pip installs beside python
+    proc = await asyncio.create_subprocess_exec(script, "--help", cwd=tmp_path, env=cli_env(""),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert (proc.returncode, err) == (0, b"")
+    assert out.decode().startswith("usage: chat-gateway [-h]"), out
+    run = await run_cli(tmp_path, cli_env(""), "--help")
+    assert run.stdout.startswith("usage: python -m gateway [-h]"), run.stdout

@@ -1,4 +1,4 @@
-"""`python -m gateway keys list | keys revoke ID | usage | leaderboard`: real
+"""`python -m gateway keys list | keys revoke KEY | usage | leaderboard`: real
 subprocesses against the test database, printing plain tables."""
 
 from __future__ import annotations
@@ -62,9 +62,38 @@ async def test_keys_revoke_stops_the_key_and_an_unknown_id_is_exit_1(tmp_path: P
     await wait_for(refused)
     nobody = uuid.uuid4()
     run = await run_cli(tmp_path, cli_env(database_url), "keys", "revoke", str(nobody))
-    assert (run.returncode, run.stdout, run.stderr) == (1, "", f"no key {nobody}\n")
-    run = await run_cli(tmp_path, cli_env(database_url), "keys", "revoke", "not-a-uuid")
-    assert run.returncode == 2 and "invalid UUID value: 'not-a-uuid'" in run.stderr
+    assert (run.returncode, run.stdout, run.stderr) == (1, "", f"no key with the id, prefix or name '{nobody}'\n")
+
+
+async def test_keys_revoke_takes_a_prefix_or_a_name_and_refuses_a_name_several_keys_share(
+        tmp_path: Path, database_url: str, db: asyncpg.Pool) -> None:
+    by_prefix_id, by_prefix = await create_user_with_key(db, "ci-prefix", ["chat"])
+    run = await run_cli(tmp_path, cli_env(database_url), "keys", "revoke", by_prefix[:12])
+    assert (run.returncode, run.stdout, run.stderr) == (0, f"revoked {by_prefix_id}\n", "")
+
+    named_id, _ = await create_user_with_key(db, "ci-one-name", ["chat"])
+    run = await run_cli(tmp_path, cli_env(database_url), "keys", "revoke", "ci-one-name")
+    assert (run.returncode, run.stdout, run.stderr) == (0, f"revoked {named_id}\n", "")
+
+    first_id, _ = await create_user_with_key(db, "ci-shared", ["chat"])
+    second_id, _ = await create_user_with_key(db, "ci-shared", ["chat"])
+    run = await run_cli(tmp_path, cli_env(database_url), "keys", "revoke", "ci-shared")
+    rows = await db.fetch("SELECT id, prefix, user_id, created_at FROM api_keys WHERE name = 'ci-shared' "
+                          "ORDER BY created_at DESC, id DESC")
+    assert [r["id"] for r in rows] == [second_id, first_id]
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr.splitlines() == [
+        "2 keys match 'ci-shared'; revoke one by its id:",
+        f"{'id':<36}  {'prefix':<12}  name       {'user':<36}  created",
+        "  ".join("-" * w for w in (36, 12, 9, 36, 16)),
+        *(f"{r['id']}  {r['prefix']}  ci-shared  {r['user_id']}  {when(r['created_at'])}" for r in rows)]
+    assert await db.fetchval("SELECT count(*) FROM api_keys WHERE name = 'ci-shared' AND revoked_at IS NOT NULL") == 0
+
+    # once one of them is revoked (by id), the name picks the other
+    run = await run_cli(tmp_path, cli_env(database_url), "keys", "revoke", str(first_id))
+    assert run.returncode == 0
+    run = await run_cli(tmp_path, cli_env(database_url), "keys", "revoke", "ci-shared")
+    assert (run.returncode, run.stdout, run.stderr) == (0, f"revoked {second_id}\n", "")
 
 
 async def test_usage_prints_tokens_and_requests_per_day_and_per_model(

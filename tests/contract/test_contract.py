@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from gateway.contract import native, openai
-from gateway.contract.openapi import openapi_document
+from gateway.contract.openapi import openapi_document, route_table
+from gateway.state import MODELS
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -77,7 +78,9 @@ async def test_the_documents_request_schemas_are_the_structs(client: Any) -> Non
     # everything else is the struct's
     for name in ("ChatRequest", "ArenaRequest", "RegenerateRequest", "ChatCompletionRequest"):
         assert set(schemas[name]["properties"]) == set(generated[name]["properties"]), name
-    assert openapi_document(("demo",)) is openapi_document(("demo",))  # built once per set of models
+    table = route_table(client.server.app.router)
+    assert openapi_document(("demo",), table) is openapi_document(("demo",), table)  # built once per pair
+    assert tuple(client.server.app[MODELS].models) == ("demo", "demo-alt")
     paths = document["paths"]
     for path, name in (("/api/chat", "ChatRequest"), ("/api/arena", "ArenaRequest"),
                        ("/api/threads", "CreateThread"), ("/v1/chat/completions", "ChatCompletionRequest")):

@@ -205,6 +205,92 @@ ANTHROPIC = [
     ("temperature-high", {"model": "demo", "max_tokens": 5, "messages": HI, "temperature": 1.5}),
 ]
 
+KEYS = [
+    ("valid", {"name": "k"}),
+    ("valid-all", {"name": "k", "scopes": ["chat", "chat"], "expires_at": "2999-01-01T00:00:00+00:00",
+                   "limits": {"requests_per_minute": 5, "daily_tokens": 10, "max_concurrent_streams": 1,
+                              "max_tokens": 2**31 - 1, "daily_cost_usd": 1.5, "models": ["demo", "demo"]}}),
+    ("valid-nulls", {"name": "k", "scopes": None, "expires_at": None, "limits": None, "user_id": None}),
+    ("valid-limit-nulls", {"name": "k", "limits": {"daily_tokens": None, "models": None}}),
+    ("valid-limits-empty", {"name": "k", "limits": {}}),
+    ("valid-cost-integer", {"name": "k", "limits": {"daily_cost_usd": 12}}),
+    ("valid-unknown-field", {"name": "k", "colour": "blue"}),
+    ("valid-control-characters", {"name": "a\x01b"}),
+    ("valid-longest-name", {"name": "x" * 100}),
+    ("valid-user-id", {"name": "k", "user_id": str(uuid.UUID(int=9))}),
+    ("valid-user-id-bare-hex", {"name": "k", "user_id": uuid.UUID(int=10).hex}),
+    ("name-missing", {}),
+    ("name-null", {"name": None}),
+    ("name-number", {"name": 7}),
+    ("name-empty", {"name": ""}),
+    ("name-blank", {"name": " \t"}),
+    ("name-too-long", {"name": "x" * 101}),
+    ("name-nul", {"name": "a\x00b"}),
+    ("scopes-empty", {"name": "k", "scopes": []}),
+    ("scopes-string", {"name": "k", "scopes": "chat"}),
+    ("scopes-unknown", {"name": "k", "scopes": ["chat", "root"]}),
+    ("scopes-numbers", {"name": "k", "scopes": [1]}),
+    ("expires-no-timezone", {"name": "k", "expires_at": "2999-01-01T00:00:00"}),
+    ("expires-words", {"name": "k", "expires_at": "tomorrow"}),
+    ("expires-number", {"name": "k", "expires_at": 4102444800}),
+    ("limits-list", {"name": "k", "limits": []}),
+    ("limits-unknown-field", {"name": "k", "limits": {"burst": 3}}),
+    ("limits-rpm-zero", {"name": "k", "limits": {"requests_per_minute": 0}}),
+    ("limits-rpm-int32-overflow", {"name": "k", "limits": {"requests_per_minute": 2**31}}),
+    ("limits-tokens-true", {"name": "k", "limits": {"daily_tokens": True}}),
+    ("limits-max-tokens-fraction", {"name": "k", "limits": {"max_tokens": 1.5}}),
+    ("limits-streams-string", {"name": "k", "limits": {"max_concurrent_streams": "2"}}),
+    ("limits-cost-zero", {"name": "k", "limits": {"daily_cost_usd": 0}}),
+    ("limits-cost-huge", {"name": "k", "limits": {"daily_cost_usd": 1e9}}),
+    ("limits-cost-string", {"name": "k", "limits": {"daily_cost_usd": "12"}}),
+    ("limits-models-string", {"name": "k", "limits": {"models": "demo"}}),
+    ("limits-models-numbers", {"name": "k", "limits": {"models": [1]}}),
+    ("limits-models-empty", {"name": "k", "limits": {"models": []}}),
+    ("limits-models-empty-name", {"name": "k", "limits": {"models": [""]}}),
+    ("limits-models-nul", {"name": "k", "limits": {"models": ["a\x00b"]}}),
+    ("limits-models-too-many", {"name": "k", "limits": {"models": ["demo"] * 101}}),
+    ("user-id-not-uuid", {"name": "k", "user_id": "not-a-uuid"}),
+    ("user-id-braces", {"name": "k", "user_id": "{%s}" % uuid.UUID(int=9)}),
+    ("user-id-number", {"name": "k", "user_id": 9}),
+]
+
+EMBEDDINGS = [
+    ("valid", {"model": "demo", "input": "hi"}),
+    ("valid-strings", {"model": "demo", "input": ["a", "b"]}),
+    ("valid-tokens", {"model": "demo", "input": [1, 2, 3]}),
+    ("valid-largest-token", {"model": "demo", "input": [2**64 - 1]}),
+    ("valid-token-arrays", {"model": "demo", "input": [[1], [2, 3]]}),
+    ("valid-all", {"model": "demo", "input": "hi", "dimensions": 8, "encoding_format": "base64", "user": "u"}),
+    ("valid-nulls", {"model": "demo", "input": "hi", "dimensions": None, "encoding_format": None, "user": None}),
+    ("valid-unknown-fields", {"model": "demo", "input": "hi", "colour": "blue"}),
+    ("valid-control-characters", {"model": "demo", "input": "a\x01\x1bb"}),
+    ("missing-model", {"input": "hi"}),
+    ("model-number", {"model": 5, "input": "hi"}),
+    ("model-empty", {"model": "", "input": "hi"}),
+    ("unknown-model", {"model": "nope", "input": "hi"}),
+    ("missing-input", {"model": "demo"}),
+    ("input-empty", {"model": "demo", "input": ""}),
+    ("input-nul", {"model": "demo", "input": "a\x00b"}),
+    ("input-number", {"model": "demo", "input": 5}),
+    ("input-object", {"model": "demo", "input": {"text": "hi"}}),
+    ("input-empty-list", {"model": "demo", "input": []}),
+    ("input-mixed", {"model": "demo", "input": ["a", 1]}),
+    ("input-empty-string-item", {"model": "demo", "input": [""]}),
+    ("input-nul-item", {"model": "demo", "input": ["a\x00b"]}),
+    ("input-too-many", {"model": "demo", "input": ["a"] * 2049}),
+    ("input-negative-token", {"model": "demo", "input": [-1]}),
+    ("input-token-true", {"model": "demo", "input": [True]}),
+    ("input-token-fraction", {"model": "demo", "input": [1.5]}),
+    ("input-empty-token-array", {"model": "demo", "input": [[]]}),
+    ("dimensions-zero", {"model": "demo", "input": "hi", "dimensions": 0}),
+    ("dimensions-string", {"model": "demo", "input": "hi", "dimensions": "8"}),
+    ("dimensions-true", {"model": "demo", "input": "hi", "dimensions": True}),
+    ("dimensions-too-many", {"model": "demo", "input": "hi", "dimensions": 65537}),
+    ("encoding-format-hex", {"model": "demo", "input": "hi", "encoding_format": "hex"}),
+    ("encoding-format-number", {"model": "demo", "input": "hi", "encoding_format": 5}),
+    ("user-number", {"model": "demo", "input": "hi", "user": 5}),
+]
+
 CASES = ([("/api/chat", name, body) for name, body in TURN + PARTS + [("chat-model-unknown", {"content": "hi",
                                                                                             "model": "nope"}),
                                                                    ("chat-model-number", {"content": "hi",
@@ -213,7 +299,9 @@ CASES = ([("/api/chat", name, body) for name, body in TURN + PARTS + [("chat-mod
          + [("/api/threads", name, body) for name, body in THREADS]
          + [("/v1/chat/completions", name, body) for name, body in COMPLETIONS]
          + [("/v1/responses", name, body) for name, body in RESPONSES]
-         + [("/v1/messages", name, body) for name, body in ANTHROPIC])
+         + [("/v1/messages", name, body) for name, body in ANTHROPIC]
+         + [("/api/keys", name, body) for name, body in KEYS]
+         + [("/v1/embeddings", name, body) for name, body in EMBEDDINGS])
 
 
 def body_validator(document: dict[str, Any], path: str) -> jsonschema_rs.Validator:
@@ -229,8 +317,9 @@ async def corpus_client(make_client: Any, config_file: Callable[[str], str]) -> 
 
 
 @pytest.mark.parametrize(("path", "name", "body"), CASES, ids=[f"{p}:{n}" for p, n, _ in CASES])
-async def test_the_documents_verdict_is_the_handlers(corpus_client: Any, user: Any, path: str, name: str,
+async def test_the_documents_verdict_is_the_handlers(corpus_client: Any, make_user: Any, path: str, name: str,
                                                      body: dict[str, Any]) -> None:
+    user = await make_user(("chat", "arena", "admin"))  # admin: POST /api/keys
     document = orjson.loads(await (await corpus_client.get("/openapi.json")).read())
     valid = body_validator(document, path).is_valid(body)
     resp = await corpus_client.post(path, data=orjson.dumps(body),
@@ -247,6 +336,14 @@ async def test_the_documents_verdict_is_the_handlers(corpus_client: Any, user: A
         error = orjson.loads(answer)["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
         assert error["param"] == PARAMS.get(name, name.split("-")[0]), error
+    if path == "/v1/embeddings" and resp.status >= 400:  # OpenAI's shape, `param` the body's field
+        error = orjson.loads(answer)["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert error["param"] == EMBEDDING_PARAMS.get(name, name.split("-")[0]), error
+    if path == "/api/keys" and resp.status >= 400:  # the native shape, the message naming the field
+        error = orjson.loads(answer)["error"]
+        assert error["type"] == "invalid_request" and error["message"].split(" ")[0].split(".")[0] in (
+            KEY_FIELDS.get(name, name.split("-")[0]), "unknown"), error
 
 
 # where `param` is not the first word of the case's name
@@ -258,3 +355,8 @@ PARAMS = {"unknown-model": "model", "message-a-string": "messages[0]", "message-
           "include-usage-string": "stream_options", "top-p-high": "top_p", "n-two": "n", "n-true": "n",
           "messages-empty": "messages", "messages-object": "messages", "missing-model": "model",
           "missing-messages": "messages"}
+
+EMBEDDING_PARAMS = {"missing-model": "model", "unknown-model": "model", "missing-input": "input",
+                    "encoding-format-hex": "encoding_format", "encoding-format-number": "encoding_format"}
+KEY_FIELDS = {"user-id-not-uuid": "user_id", "user-id-braces": "user_id", "user-id-number": "user_id",
+              "expires-no-timezone": "expires_at", "expires-words": "expires_at", "expires-number": "expires_at"}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
@@ -173,3 +175,33 @@ async def test_listed_origin_beside_wildcard_keeps_its_credentials(make_client: 
     assert other.headers["Access-Control-Allow-Origin"] == "*"
     assert "Access-Control-Allow-Credentials" not in other.headers
     assert orjson.loads(await other.read()) == {"threads": [], "next_cursor": None}
+
+
+async def test_readyz_says_in_words_why_the_database_is_unavailable(make_client: MakeClient, database_url: str):
+    # the gateway reaches the test database through a relay, which then stops: connections refused
+    target = urlsplit(database_url)
+    relays: list[asyncio.StreamWriter] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(target.hostname, target.port or 5432)
+        relays.extend((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await make_client(DATABASE_URL=urlunsplit(target._replace(netloc=f"{target.username}@127.0.0.1:{port}")))
+    assert (await client.get("/readyz")).status == 200
+
+    server.close()
+    await server.wait_closed()
+    for writer in relays:
+        writer.close()
+    await asyncio.sleep(0.1)  # the pool sees its connections close
+    resp = await client.get("/readyz")
+    assert (resp.status, await resp.json()) == (503, {"status": "unavailable", "database": "connection refused"})

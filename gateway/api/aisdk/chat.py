@@ -23,6 +23,7 @@ from gateway.api.aisdk.history import ui_messages
 from gateway.api.aisdk.stream import HEADERS, UIMessageStream, lapse_chunk
 from gateway.api.common import caller, json_response, read_json, until_lapsed
 from gateway.contract.native import MAX_CLIENT_MESSAGE_ID
+from gateway.contract.operations import Schema, errors, ok, operation, path_string, response
 from gateway.edge.auth import Principal
 from gateway.edge.held import hold_open
 from gateway.edge.sse import DONE, NativeStream
@@ -32,7 +33,29 @@ from gateway.state import AUTH, DB, MODELS, SETTINGS, TIMINGS, TURNS
 from gateway.store import chats
 from gateway.store.messages import thread_title
 
+# what GET /openapi.json says of these routes (gateway/contract/operations.py)
+STREAM_ANSWER = response(
+    "The AI SDK's UI message stream (header `x-vercel-ai-ui-message-stream: v1`): `data:` lines of `start`, "
+    "`text-start`, `text-delta`, `text-end`, `finish` (or `error`; `abort` when stopped), then `data: [DONE]`",
+    {"text/event-stream": {"schema": {"type": "string"}}})
+UI_MESSAGE: Schema = {"type": "object", "required": ["id", "role", "parts"],
+                      "properties": {"id": {"type": "string"}, "role": {"enum": ["system", "user", "assistant"]},
+                                     "parts": {"type": "array", "items": {"type": "object"}}, "metadata": {}}}
+CHAT_BODY: Schema = {"type": "object", "required": ["id", "messages"], "properties": {
+    "id": {"type": "string", "minLength": 1, "maxLength": 200},
+    "messages": {"type": "array", "minItems": 1, "items": UI_MESSAGE},
+    "trigger": {"enum": ["submit-message", "regenerate-message"]},
+    "messageId": {"type": "string"}, "model": {"type": "string"}}}
+STOPPED: Schema = {"type": "object", "required": ["id", "messageId", "status"], "properties": {
+    "id": {"type": "string"}, "messageId": {"type": "string", "format": "uuid"}, "status": {"type": "string"}}}
+# the chat id's limit is said in words: a bounded string made the fuzzer's path generation crawl
+CHAT_ID = path_string("chat_id", "The app's chat id, up to 200 characters (one thread of the caller)")
 
+
+@operation("A chat turn as the AI SDK's DefaultChatTransport sends it; the reply as its UI message stream",
+           "ai-sdk", {"200": STREAM_ANSWER, **errors(400, 401, 403, 404, 409, 413, 429, 503)}, body=CHAT_BODY,
+           description="The last message is the turn (the user's); its id is the idempotency key. "
+                       "`regenerate-message` replaces the reply to it.")
 async def post_chat(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
@@ -64,6 +87,9 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
     return await stream_reply(request, principal, message_id)
 
 
+@operation("The chat's generating reply from its start, followed live (reconnectToStream)", "ai-sdk",
+           {"200": STREAM_ANSWER, **ok(204, "Nothing is generating"), **errors(400, 401, 403, 404, 503)},
+           parameters=[CHAT_ID])
 async def get_chat_stream(request: web.Request) -> web.StreamResponse:
     """What `reconnectToStream` asks: the chat's generating reply, replayed from its start and then
     followed live (from whichever instance generates it); 204 when none is generating."""
@@ -75,12 +101,18 @@ async def get_chat_stream(request: web.Request) -> web.StreamResponse:
     return await stream_reply(request, principal, message_id)
 
 
+@operation("The chat as UIMessage[]", "ai-sdk",
+           {**ok(200, "The chat's messages", {"type": "array", "items": UI_MESSAGE}),
+            **errors(400, 401, 403, 404, 503)}, parameters=[CHAT_ID])
 async def get_chat_messages(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     chat_id = check_chat_id(request.match_info["chat_id"], "chat id")
     return json_response(ui_messages(await chats.chat_messages(request.app[DB].pool, principal.user_id, chat_id)))
 
 
+@operation("Stop the chat's generating reply (saved cancelled, its usage counted once)", "ai-sdk",
+           {**ok(200, "The stopped reply", STOPPED), **ok(204, "Nothing is generating"),
+            **errors(400, 401, 403, 404, 503)}, parameters=[CHAT_ID])
 async def stop_chat(request: web.Request) -> web.Response:
     """Cancel the chat's generating reply wherever it runs; answers once it is saved, with its id and
     status (204 when nothing is generating)."""

@@ -7,6 +7,8 @@ from datetime import date
 from aiohttp import web
 
 from gateway.api.common import caller, json_response
+from gateway.contract.operations import errors, ok, operation, query
+from gateway.contract.replies import Me, UsageReport
 from gateway.errors import BadRequest
 from gateway.policy.admission import limits_for, utc_now
 from gateway.state import DB, POLICY, SETTINGS
@@ -17,6 +19,8 @@ MAX_RANGE_DAYS = 366
 GROUPINGS = ("day", "model", "day,model")  # day,model: a row per model and day (the playground's chart)
 
 
+@operation("The caller: user, key, limits in force, today's usage", "account",
+           {**ok(200, "The caller", Me), **errors(401, 503)})
 async def me(request: web.Request) -> web.Response:
     principal = await caller(request)
     limits = limits_for(request.app[SETTINGS].limits, principal)
@@ -58,6 +62,13 @@ def _day(raw: str | None, name: str, default: date) -> date:
         raise BadRequest(f"{name} must be a date (YYYY-MM-DD)") from None
 
 
+@operation("Tokens, cost and requests per day or per model (UTC days)", "account",
+           {**ok(200, "The report", UsageReport), **errors(400, 401, 503)},
+           parameters=[query("from", {"type": "string", "format": "date"}, "First day (default: 29 days before `to`)"),
+                       query("to", {"type": "string", "format": "date"},
+                             "Last day (default: today); the range spans at most 366 days"),
+                       query("group_by", {"enum": ["day", "model", "day,model"], "default": "day"},
+                             "Grouping (day,model: a row per model and day)")])
 async def usage(request: web.Request) -> web.Response:
     principal = await caller(request)
     today = utc_now().date()

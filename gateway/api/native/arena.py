@@ -23,7 +23,20 @@ from aiohttp_sse import EventSourceResponse
 
 from gateway.api.common import caller, json_response, lapse_frame, parse_uuid, read_body, stream_reader, until_lapsed
 from gateway.api.native.bodies import parse_arena, wants_stream
-from gateway.contract.native import Vote, decode
+from gateway.contract.native import ArenaRequest, Vote, decode
+from gateway.contract.operations import (
+    RESUME_PARAMETERS,
+    SSE_DESCRIPTION,
+    STREAM_SECURITY,
+    errors,
+    ok,
+    operation,
+    path_id,
+    query,
+    response,
+    sse_content,
+)
+from gateway.contract.replies import ArenaAccepted, Comparison, Leaderboard
 from gateway.edge.auth import Principal
 from gateway.edge.sse import DONE, open_stream, parse_seq
 from gateway.errors import BadRequest
@@ -33,6 +46,12 @@ from gateway.store import arena as arena_store
 from gateway.vocabulary import LIVE_STATUSES, Slot, Winner
 
 
+@operation("Dual chat: two models answer the same message side by side", "arena",
+           {"200": response(SSE_DESCRIPTION + "; every data object carries `slot` a or b, ids are "
+                            "`<comparison_id>:<seq a>:<seq b>`", sse_content("ArenaEvent")),
+            **ok(202, "Accepted: both replies are generating", ArenaAccepted),
+            **errors(400, 401, 403, 404, 409, 413, 429, 503)},
+           body=ArenaRequest, description="503 when fewer than two models are available for a random draw.")
 async def post_arena(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "arena")
     app = request.app
@@ -139,6 +158,10 @@ def comparison_frame(comparison: bytes, position: dict[str, int], event: Event) 
                                                        event.name.encode(), event.data)
 
 
+@operation("Follow both slots of a comparison", "arena",
+           {"200": response("Both slots' events (see POST /api/arena)", sse_content("ArenaEvent")),
+            **ok(204, "Nothing after Last-Event-ID in either slot"), **errors(400, 401, 403, 404, 503)},
+           parameters=[path_id("comparison_id", "comparison"), *RESUME_PARAMETERS], security=STREAM_SECURITY)
 async def get_comparison_stream(request: web.Request) -> web.StreamResponse:
     comparison_id = parse_uuid(request.match_info["comparison_id"], "comparison id")
     principal = await stream_reader(request, comparison_id, "arena")
@@ -146,6 +169,9 @@ async def get_comparison_stream(request: web.Request) -> web.StreamResponse:
     return await stream_comparison(request, principal, comparison_id, parse_arena_event_id(raw, comparison_id))
 
 
+@operation("A comparison (models named once voted, or when not anonymous)", "arena",
+           {**ok(200, "The comparison", Comparison), **errors(400, 401, 403, 404, 503)},
+           parameters=[path_id("comparison_id", "comparison")])
 async def get_comparison(request: web.Request) -> web.Response:
     principal = await caller(request, "arena")
     comparison_id = parse_uuid(request.match_info["comparison_id"], "comparison id")
@@ -153,6 +179,10 @@ async def get_comparison(request: web.Request) -> web.Response:
     return json_response(arena_store.comparison_json(row))
 
 
+@operation("Vote once, after both replies finished", "arena",
+           {**ok(200, "The comparison with its vote", Comparison), **errors(400, 401, 403, 404, 409, 413, 503)},
+           parameters=[path_id("comparison_id", "comparison")], body=Vote,
+           description="The same vote again is a no-op; a different one, or one before both finished, is 409.")
 async def post_vote(request: web.Request) -> web.Response:
     principal = await caller(request, "arena")
     comparison_id = parse_uuid(request.match_info["comparison_id"], "comparison id")
@@ -162,6 +192,11 @@ async def post_vote(request: web.Request) -> web.Response:
     return json_response(arena_store.comparison_json(row))
 
 
+@operation("Bradley-Terry ratings from the votes (weak prior; raw and length-controlled), with 95% intervals",
+           "arena", {**ok(200, "The ratings, best first", Leaderboard), **errors(400, 401, 503)},
+           parameters=[query("include_named", {"type": "string", "default": "false",
+                                               "pattern": "^([Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0)$"},
+                             "Count votes on comparisons that were not anonymous")])
 async def get_leaderboard(request: web.Request) -> web.Response:
     await caller(request)
     raw = request.query.get("include_named", "false").lower()

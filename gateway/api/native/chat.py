@@ -25,7 +25,19 @@ from gateway.api.common import (
     until_lapsed,
 )
 from gateway.api.native.bodies import parse_turn, wants_stream
-from gateway.contract.native import RegenerateRequest, check_text, decode
+from gateway.contract.native import ChatRequest, RegenerateRequest, check_text, decode
+from gateway.contract.operations import (
+    RESUME_PARAMETERS,
+    SSE_DESCRIPTION,
+    STREAM_SECURITY,
+    errors,
+    ok,
+    operation,
+    path_id,
+    response,
+    sse_content,
+)
+from gateway.contract.replies import ChatAccepted, Message
 from gateway.edge.auth import Principal
 from gateway.edge.sse import DONE, open_stream, parse_last_event_id
 from gateway.errors import BadRequest
@@ -36,6 +48,16 @@ from gateway.store import arena as arena_store
 from gateway.store import messages as message_store
 
 
+@operation("Send a user message; the reply streams (SSE) or runs on in the background", "chat",
+           {"200": response(SSE_DESCRIPTION, sse_content("MessageEvent")),
+            **ok(202, "Accepted: the user message is stored and the reply is generating", ChatAccepted),
+            **errors(400, 401, 403, 404, 409, 413, 429, 503)},
+           body=ChatRequest,
+           description="Streams when `stream` is true, or when it is absent and `Accept` includes "
+                       "`text/event-stream`. A malformed request or a per-minute limit (429) stores nothing; "
+                       "once the message is stored, a policy stop (daily cap, a model the key may not use, "
+                       "too many concurrent streams) is the reply: status `refused`, an `error` event of "
+                       "type `policy` with `reason` and `reset_at`.")
 async def post_chat(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
@@ -52,6 +74,15 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
     return await stream_message(request, principal, stored.assistant_message_id, after=-1)
 
 
+@operation("A new reply to a saved user message (its last one refused, failed, interrupted, cancelled, "
+           "or complete: every reply is kept)", "chat",
+           {"200": response(SSE_DESCRIPTION, sse_content("MessageEvent")),
+            **ok(202, "Accepted: the new reply is generating (or was refused)", ChatAccepted),
+            **errors(400, 401, 403, 404, 409, 413, 429, 503)},
+           parameters=[path_id("message_id", "user message")], body=RegenerateRequest, body_required=False,
+           description="Runs like POST /api/chat on the thread up to that message (the policy decides, the "
+                       "reply streams and resumes alike). 409 while its last reply is still generating, "
+                       "or for an arena turn.")
 async def regenerate(request: web.Request) -> web.StreamResponse:
     """A new reply to the user message `{message_id}` (its last reply must not be live: 409). Body
     (optional): {model?, client_request_id?, stream?}; a retry of the same client_request_id answers
@@ -111,6 +142,13 @@ async def stream_message(request: web.Request, principal: Principal, message_id:
     return resp
 
 
+@operation("Follow an assistant message's events (EventSource-compatible)", "chat",
+           {"200": response(SSE_DESCRIPTION, sse_content("MessageEvent")),
+            **ok(204, "Nothing after Last-Event-ID: the message has finished"),
+            **errors(400, 401, 403, 404, 503)},
+           parameters=[path_id("message_id", "assistant message"), *RESUME_PARAMETERS], security=STREAM_SECURITY,
+           description="Replays the events after Last-Event-ID and follows the generation live. "
+                       "Authenticated by the bearer header or by the `token` of `stream_url`.")
 async def get_message_stream(request: web.Request) -> web.StreamResponse:
     message_id = parse_uuid(request.match_info["message_id"], "message id")
     principal = await stream_reader(request, message_id, "chat")
@@ -118,6 +156,9 @@ async def get_message_stream(request: web.Request) -> web.StreamResponse:
     return await stream_message(request, principal, message_id, parse_last_event_id(raw, str(message_id)))
 
 
+@operation("Stop a reply; the partial content is saved as cancelled", "chat",
+           {**ok(200, "The saved assistant message", Message), **errors(400, 401, 403, 404, 503)},
+           parameters=[path_id("message_id", "assistant message")])
 async def cancel_message(request: web.Request) -> web.Response:
     """Stop but finish: the upstream stops, the partial reply is saved as cancelled with the usage
     consumed, and every listener gets usage, done (finish_reason "cancelled") and [DONE]."""
@@ -126,6 +167,9 @@ async def cancel_message(request: web.Request) -> web.Response:
     return json_response(await request.app[TURNS].cancel(principal.user_id, message_id))
 
 
+@operation("A message's status and content (the polling fallback)", "chat",
+           {**ok(200, "The message", Message), **errors(400, 401, 403, 404, 503)},
+           parameters=[path_id("message_id", "message")])
 async def get_message(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     message_id = parse_uuid(request.match_info["message_id"], "message id")

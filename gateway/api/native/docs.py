@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.contract.operations import PUBLIC, errors, operation, path_string, response
 from gateway.errors import NotFound
 
 
@@ -65,11 +66,16 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
 HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
+@operation("Interactive API docs for this document (Swagger UI, served locally)", "ops",
+           {"200": response("The page", {"text/html": {"schema": {"type": "string"}}})}, security=PUBLIC)
 async def page(request: web.Request) -> web.Response:
     return web.Response(body=PAGE, content_type="text/html", charset="utf-8",
                         headers={**HEADERS, "Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
 
 
+@operation("The docs page's assets (Swagger UI's bundled script and stylesheet)", "ops",
+           {"200": response("The file", {"*/*": {"schema": {}}}), **errors(404)},
+           parameters=[path_string("filename")], security=PUBLIC)
 async def asset(request: web.Request) -> web.StreamResponse:
     name = request.match_info["filename"]
     if name == "init.js":

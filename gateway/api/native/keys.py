@@ -23,40 +23,30 @@ ancestors:
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from gateway.api.common import caller, json_response, optional, parse_uuid, read_json
-from gateway.contract.native import check_text
+from gateway.api.common import caller, json_response, parse_uuid, read_body
+from gateway.contract.native import (
+    KEY_NAME_MAX,
+    LIMIT_INTS,
+    LIMIT_USD,
+    SCOPES,
+    CreateKey,
+    check_text,
+    decode,
+    key_limits,
+)
+from gateway.contract.operations import errors, ok, operation, path_id, query
+from gateway.contract.replies import CreatedKey, KeyList
 from gateway.edge.auth import Principal
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.state import AUTH, DB
 from gateway.store import keys as key_store
 
-SCOPES = ("chat", "arena", "admin")
 DEFAULT_SCOPES = ("chat", "arena")
-NAME_MAX = 100
-# integers the policy passes to SQL as `integer`
-LIMIT_INTS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")
-LIMIT_MAX = 2**31 - 1
-# dollars per UTC day, kept in numeric(16, 8) columns (sql/0010)
-LIMIT_USD = ("daily_cost_usd",)
-USD_MAX = 1e8
-MODELS_MAX = 100
-
-
-def parse_scopes(raw: Any) -> list[str] | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, list) or not raw or not all(isinstance(s, str) for s in raw):
-        raise BadRequest(f"scopes must be a non-empty list drawn from {list(SCOPES)}")
-    unknown = sorted(set(raw) - set(SCOPES))
-    if unknown:
-        raise BadRequest(f"unknown scopes {unknown}: allowed are {list(SCOPES)}")
-    return [s for s in SCOPES if s in raw]  # canonical order, no duplicates
 
 
 def parse_expiry(raw: Any) -> datetime | None:
@@ -74,41 +64,6 @@ def parse_expiry(raw: Any) -> datetime | None:
     if when <= datetime.now(UTC):
         raise BadRequest("expires_at must be in the future")
     return when
-
-
-def parse_limits(raw: Any) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict):
-        raise BadRequest("limits must be an object")
-    unknown = sorted(set(raw) - {*LIMIT_INTS, *LIMIT_USD, "models"})
-    if unknown:
-        raise BadRequest(f"unknown limits {unknown}: allowed are {[*LIMIT_INTS, *LIMIT_USD, 'models']}")
-    limits: dict[str, Any] = {}
-    for name in LIMIT_INTS:
-        value = raw.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= LIMIT_MAX:
-            raise BadRequest(f"limits.{name} must be an integer from 1 to {LIMIT_MAX}")
-        limits[name] = value
-    for name in LIMIT_USD:
-        usd = raw.get(name)
-        if usd is None:
-            continue
-        if (not isinstance(usd, (int, float)) or isinstance(usd, bool) or not math.isfinite(usd)
-                or not 0 < usd < USD_MAX):
-            raise BadRequest(f"limits.{name} must be a number of dollars above 0 and below {USD_MAX:.0f}")
-        limits[name] = usd
-    models = raw.get("models")
-    if models is not None:
-        if (not isinstance(models, list) or not models or len(models) > MODELS_MAX
-                or not all(isinstance(m, str) and m and len(m) <= 200 for m in models)):
-            raise BadRequest(f"limits.models must be a list of 1 to {MODELS_MAX} model names")
-        for m in models:
-            check_text(m, "limits.models")
-        limits["models"] = list(dict.fromkeys(models))
-    return limits or None
 
 
 def within_ceiling(principal: Principal, scopes: list[str] | None, limits: dict[str, Any] | None,
@@ -152,19 +107,27 @@ def require_admin_key(principal: Principal, action: str) -> None:
         raise Forbidden(f"{action} needs the admin scope")
 
 
+@operation("Create an API key (shown once)", "keys",
+           {**ok(201, "The key, with its secret", CreatedKey), **errors(400, 401, 403, 413, 503)},
+           body=CreateKey,
+           description="With an API key, needs the `admin` scope; the new key is the caller's "
+                       "child: its scopes, limits and expiry are within the caller's (403 otherwise), "
+                       "its usage counts against the caller's and every ancestor's limits, and "
+                       "revoking the caller revokes it. A signed-in user (JWT) creates keys of "
+                       "their own, with no parent.")
 async def create_key(request: web.Request) -> web.Response:
     principal = await caller(request)
     require_admin_key(principal, "creating keys")
-    body = await read_json(request)
-    name = optional(body, "name", str, "a string")
-    if not name or not name.strip() or len(name) > NAME_MAX:
-        raise BadRequest(f"name is required: 1 to {NAME_MAX} characters")
-    scopes = parse_scopes(body.get("scopes"))
-    expires_at = parse_expiry(body.get("expires_at"))
-    limits = parse_limits(body.get("limits"))
+    body = decode(await read_body(request), CreateKey)
+    name = check_text(body.name, "name")
+    if not name.strip():
+        raise BadRequest(f"name is required: 1 to {KEY_NAME_MAX} characters")
+    scopes: list[str] | None = None if body.scopes is None else [s for s in SCOPES if s in body.scopes]
+    expires_at = parse_expiry(body.expires_at)
+    limits = key_limits(body.limits)
     owner = principal.user_id
-    if body.get("user_id") is not None:
-        owner = parse_uuid(body["user_id"], "user_id")
+    if body.user_id is not None:
+        owner = body.user_id
         if owner != principal.user_id and "admin" not in principal.scopes:
             raise Forbidden("only an admin may create a key for another user")
     scopes, limits, expires_at = within_ceiling(principal, scopes, limits, expires_at)
@@ -180,6 +143,9 @@ async def create_key(request: web.Request) -> web.Response:
     return json_response(row, status=201)
 
 
+@operation("The caller's keys (admin: `all=true` for everybody's; a key without admin: itself alone)", "keys",
+           {**ok(200, "The keys, newest first", KeyList), **errors(400, 401, 403, 503)},
+           parameters=[query("all", {"enum": ["true", "false"], "default": "false"}, "Every user's keys (admin only)")])
 async def list_keys(request: web.Request) -> web.Response:
     principal = await caller(request)
     every = request.query.get("all", "false")
@@ -193,6 +159,10 @@ async def list_keys(request: web.Request) -> web.Response:
     return json_response({"keys": rows})
 
 
+@operation("Revoke a key and all its descendants (every instance stops accepting them within a second)", "keys",
+           {**ok(204, "Revoked (also when it already was)"), **errors(400, 401, 403, 404, 503)},
+           description="An API key without `admin` may revoke only itself (403 for any other id).",
+           parameters=[path_id("key_id", "key")])
 async def revoke_key(request: web.Request) -> web.Response:
     principal = await caller(request)
     key_id = parse_uuid(request.match_info["key_id"], "key id")

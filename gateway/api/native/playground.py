@@ -10,6 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from gateway.contract.operations import PUBLIC, errors, operation, path_string, response
 from gateway.errors import NotFound
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
@@ -18,6 +19,8 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'")
 
 
+@operation("The playground page (plain HTML and JS)", "ops",
+           {"200": response("The page", {"text/html": {"schema": {"type": "string"}}})}, security=PUBLIC)
 async def index(request: web.Request) -> web.FileResponse:
     resp = web.FileResponse(STATIC_DIR / "index.html", headers={
         "Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
@@ -29,6 +32,8 @@ async def index(request: web.Request) -> web.FileResponse:
 ASSETS = frozenset(p.name for p in STATIC_DIR.iterdir() if p.is_file())
 
 
+@operation("The playground's assets", "ops", {"200": response("The file", {"*/*": {"schema": {}}}), **errors(404)},
+           parameters=[path_string("filename")], security=PUBLIC)
 async def asset(request: web.Request) -> web.FileResponse:
     name = request.match_info["filename"]
     if name not in ASSETS:

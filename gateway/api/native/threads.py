@@ -11,6 +11,8 @@ from aiohttp import web
 
 from gateway.api.common import caller, json_response, parse_uuid, read_body
 from gateway.contract.native import CreateThread, check_text, decode
+from gateway.contract.operations import errors, ok, operation, path_id, query
+from gateway.contract.replies import Thread, ThreadPage, ThreadWithMessages
 from gateway.errors import BadRequest
 from gateway.state import DB
 from gateway.store import arena as arena_store
@@ -36,6 +38,8 @@ def decode_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
         raise BadRequest("cursor is not valid") from None
 
 
+@operation("Create a thread", "threads", {**ok(201, "The new thread", Thread), **errors(400, 401, 403, 413, 503)},
+           body=CreateThread, body_required=False)
 async def create_thread(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     body = decode(await read_body(request), CreateThread) if request.can_read_body else CreateThread()
@@ -44,6 +48,10 @@ async def create_thread(request: web.Request) -> web.Response:
     return json_response(thread, status=201)
 
 
+@operation("The caller's threads, newest first (keyset pages)", "threads",
+           {**ok(200, "A page of threads", ThreadPage), **errors(400, 401, 403, 503)},
+           parameters=[query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "Page size"),
+                       query("cursor", {"type": "string"}, "`next_cursor` of the previous page")])
 async def list_threads(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     raw_limit = request.query.get("limit", str(PAGE_DEFAULT))
@@ -61,6 +69,9 @@ async def list_threads(request: web.Request) -> web.Response:
     return json_response({"threads": page, "next_cursor": next_cursor})
 
 
+@operation("A thread with its messages", "threads",
+           {**ok(200, "The thread", ThreadWithMessages), **errors(400, 401, 403, 404, 503)},
+           parameters=[path_id("thread_id", "thread")])
 async def get_thread(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     thread_id = parse_uuid(request.match_info["thread_id"], "thread id")
@@ -70,6 +81,8 @@ async def get_thread(request: web.Request) -> web.Response:
     return json_response(thread)
 
 
+@operation("Delete a thread and its messages (usage is kept)", "threads",
+           {**ok(204, "Deleted"), **errors(400, 401, 403, 404, 503)}, parameters=[path_id("thread_id", "thread")])
 async def delete_thread(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     thread_id = parse_uuid(request.match_info["thread_id"], "thread id")

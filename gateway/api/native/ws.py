@@ -60,6 +60,7 @@ from aiohttp import WSMsgType, web
 
 from gateway.api.common import caller, parse_uuid
 from gateway.api.native.bodies import turn_from_frame
+from gateway.contract.operations import errors, operation, response
 from gateway.edge.auth import CredentialWatch, Principal
 from gateway.edge.sse import parse_last_event_id
 from gateway.errors import BadRequest, CredentialRevoked, GatewayError, ServiceUnavailable, Unauthorized
@@ -79,6 +80,13 @@ CLOSE_REVOKED = 4003
 CLOSE_UNAUTHORIZED = 4001  # expired, or no longer valid
 
 
+@operation("WebSocket chat: the same turns and events as POST /api/chat, as JSON text frames", "chat",
+           {"101": response("Switching Protocols: the socket is open"), **errors(400, 401, 403, 503)},
+           security=[{"bearerAuth": []}, {"queryToken": []}],
+           description="Client frames: `{\"type\": \"chat\", ...}` (the fields of POST /api/chat), "
+                       "`{\"type\": \"resume\", \"message_id\", \"last_event_id\"?}`, "
+                       "`{\"type\": \"cancel\", \"message_id\"}`. A request that is not a WebSocket upgrade "
+                       "answers 400 after authentication.")
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     principal = await authenticate(request)
     settings = request.app[SETTINGS]

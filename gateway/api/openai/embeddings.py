@@ -23,20 +23,27 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.common import caller, read_json
+from gateway.api.common import caller, read_body
 from gateway.api.openai.chat_completions import OpenAIError, openai_errors, provider_error
 from gateway.api.openai.ratelimits import RateLimitHeaders
 from gateway.config import ModelConfig
+from gateway.contract import decoding
+from gateway.contract.openai import (
+    EMBEDDING_INPUT_MESSAGE,
+    MAX_INPUTS,
+    TOKEN_MAX,
+    EmbeddingList,
+    EmbeddingRequest,
+    embedding_refusal,
+)
+from gateway.contract.operations import ok, openai_error_answers, operation
+from gateway.errors import BadRequest, GatewayError
 from gateway.generation.task import cost_usd
 from gateway.policy.admission import Admission
 from gateway.providers.base import ProviderError, UsageReport
 from gateway.providers.embeddings import DEMO_MAX_DIMENSIONS, Embeddings, EmbeddingsRequest, embed, input_tokens
 from gateway.state import HTTP, METRICS, MODELS, POLICY, SETTINGS, USAGE
 from gateway.store.usage import UsageRecord
-
-MAX_INPUTS = 2048  # OpenAI's limit on items per request
-MAX_DIMENSIONS = 1 << 16
-ENCODINGS = ("float", "base64")
 
 
 def _input(raw: Any) -> tuple[list[str] | list[list[int]], bool]:
@@ -45,7 +52,7 @@ def _input(raw: Any) -> tuple[list[str] | list[list[int]], bool]:
 
     def tokens(value: Any) -> bool:
         return (isinstance(value, list) and bool(value)
-                and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
+                and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= TOKEN_MAX for t in value))
 
     def text(value: Any) -> bool:
         return isinstance(value, str) and bool(value) and "\x00" not in value
@@ -59,48 +66,54 @@ def _input(raw: Any) -> tuple[list[str] | list[list[int]], bool]:
             return list(raw), False
         if all(tokens(item) for item in raw):
             return list(raw), False
-    raise OpenAIError(400, "'input' must be a non-empty string, an array of 1 to 2048 non-empty strings, or "
-                           "token arrays", param="input")
+    raise OpenAIError(400, EMBEDDING_INPUT_MESSAGE, param="input")
 
 
-def parse_request(body: dict[str, Any], models: dict[str, ModelConfig], demo_providers: set[str]
+def _invalid(message: str, param: str | None) -> OpenAIError:
+    return OpenAIError(400, message, param=param)
+
+
+_refuse = embedding_refusal(_invalid)
+
+
+def _not_json() -> GatewayError:
+    return BadRequest("body is not valid JSON")
+
+
+def parse_request(raw: bytes, models: dict[str, ModelConfig], demo_providers: set[str]
                   ) -> tuple[ModelConfig, EmbeddingsRequest]:
-    name = body.get("model")
-    if not isinstance(name, str) or not name:
-        raise OpenAIError(400, "'model' is required and must be a string", param="model")
+    """The body, decoded through EmbeddingRequest (OpenAI's error and `param` for a refused field), and
+    what the struct cannot say: the model is configured for embeddings, the input's shape."""
+    body = decoding.decode(raw, EmbeddingRequest, _refuse, _not_json)
+    name = body.model
     model = models.get(name)
     if model is None or not model.enabled:
         raise OpenAIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
     if model.kind != "embedding" and model.provider not in demo_providers:
         raise OpenAIError(400, f"The model '{name}' is not an embedding model", param="model",
                           code="model_not_supported")
-    inputs, single = _input(body.get("input"))
-    dimensions = body.get("dimensions")
-    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)
-                                   or not 1 <= dimensions <= MAX_DIMENSIONS):
-        raise OpenAIError(400, f"'dimensions' must be an integer from 1 to {MAX_DIMENSIONS}", param="dimensions")
+    inputs, single = _input(body.input)
+    dimensions = body.dimensions
     if dimensions is not None and model.provider in demo_providers and dimensions > DEMO_MAX_DIMENSIONS:
         raise OpenAIError(400, f"the demo model's vectors have at most {DEMO_MAX_DIMENSIONS} dimensions",
                           param="dimensions")
-    encoding = body.get("encoding_format", "float")
-    if encoding is None:
-        encoding = "float"
-    if not isinstance(encoding, str) or encoding not in ENCODINGS:
-        raise OpenAIError(400, "'encoding_format' must be float or base64", param="encoding_format")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise OpenAIError(400, "'user' must be a string", param="user")
-    return model, EmbeddingsRequest(inputs=inputs, single=single, dimensions=dimensions, encoding_format=encoding,
-                                    user=user)
+    return model, EmbeddingsRequest(inputs=inputs, single=single, dimensions=dimensions,
+                                    encoding_format=body.encoding_format or "float", user=body.user)
 
 
+@operation("OpenAI-compatible embeddings, passed through to the model's provider", "openai",
+           {**ok(200, "One vector per input, in order", EmbeddingList),
+            **openai_error_answers(400, 401, 403, 404, 413, 429)},
+           body=EmbeddingRequest,
+           description="Stateless; the input's tokens count against the daily caps and are recorded once. "
+                       "With limits configured, a success carries OpenAI's `x-ratelimit-*` headers.")
 @openai_errors
 async def create_embeddings(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     app = request.app
     settings = app[SETTINGS]
     demo = {name for name, p in settings.providers.items() if p.kind == "demo"}
-    model, embeddings = parse_request(await read_json(request), app[MODELS].models, demo)
+    model, embeddings = parse_request(await read_body(request), app[MODELS].models, demo)
     estimate = input_tokens(embeddings)
 
     def settle(admission: Admission, usage: UsageReport, estimated: bool) -> None:

@@ -144,3 +144,27 @@ async def test_arena_tab_draws_ratings_with_whiskers_and_the_win_rate_matrix(
     assert await cell(x, z) == (None, None)  # never met
     await page.locator(".leaderboard").screenshot(path="/tmp/charts-arena.png")
     assert tab.errors == []
+
+
+async def test_usage_axis_reaches_above_the_tallest_day_and_free_usage_is_not_no_usage(
+        make_client: MakeClient, make_settings: Any, user: User, db: asyncpg.Pool, tab: Tab) -> None:
+    # 465 tokens, all of them free: the round ticks below it are 0, 200, 400; the axis must go on to 600
+    await db.execute("""
+        INSERT INTO usage (message_id, user_id, model, provider, prompt_tokens, completion_tokens, total_tokens,
+                           cost_usd, created_at)
+        VALUES ($1, $2, 'demo', 'demo', 400, 65, 465, 0, $3)""", uuid.uuid4(), user.id, TODAY)
+    client = await gateway(make_client, make_settings)
+    page = tab.page
+    await open_playground(page, str(client.make_url("/")), user)
+    await page.get_by_role("tab", name="Usage").click()
+    await page.locator("#panel-usage[data-loaded]").wait_for(state="attached")
+
+    chart = page.get_by_test_id("tokens-chart")
+    labels = [await t.text_content() for t in await chart.locator("svg > text").all()]
+    assert [t for t in labels if t and "-" not in t] == ["0", "200", "400", "600"]  # the rest are days (MM-DD)
+    bar = await chart.get_by_test_id("usage-bar").bounding_box()
+    top_line = await chart.locator("line.grid").last.bounding_box()
+    assert bar and top_line and bar["y"] > top_line["y"]  # the bar ends below the top of the axis
+    cost = page.get_by_test_id("cost-chart")
+    assert await cost.text_content() == "Nothing to draw: every day's total is $0."
+    assert tab.errors == []
