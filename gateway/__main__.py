@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import create_app, reload_on_sighup
 from gateway.cli import commands as cli
 from gateway.cli.workers import run_workers, worker_count
 from gateway.config import Settings
@@ -56,6 +56,7 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
     else:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = create_app(settings)
+    app.cleanup_ctx.append(reload_on_sighup)  # SIGHUP reads the configuration file again
     app.on_startup.append(quiet_gc)
 
     def bound(_: str) -> None:  # run_app calls this once the socket is listening, not before
