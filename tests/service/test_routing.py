@@ -143,7 +143,7 @@ async def test_a_chain_reports_to_the_observer_it_is_given_once_per_reply_never_
     assert len(batches) > 1
     (name, overhead), *rest = mine.calls
     assert name == "upstream_call" and 0.5 <= overhead < 5  # from `started`, once, before the first attempt
-    assert rest == [("attempt_ended", "primary", "upstream_error"), ("attempt_answered", "backup", "primary"),
+    assert rest == [("attempt_ended", "primary", "upstream_http_error"), ("attempt_answered", "backup", "primary"),
                     ("attempt_ended", "backup", "ok"), ("reply_streamed", "backup", len(batches) - 1)]
 
 
