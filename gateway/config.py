@@ -611,7 +611,8 @@ def _line_of(text: str, table: str, name: str | None, key: str | None) -> int | 
         for i in range(start + 1, len(lines)):
             if re.match(r"^\s*\[", lines[i]) and not lines[i].lstrip().startswith("[[" + table):
                 break
-            if re.match(r"^\s*\"?" + re.escape(key) + r"\"?\s*=", lines[i]):
+            # a prefix: a message may name the key in the singular ("fallback 'x'" for `fallbacks`)
+            if re.match(r"^\s*\"?" + re.escape(key) + r"\w*\"?\s*=", lines[i]):
                 return i + 1
     return start + 1
 
