@@ -769,6 +769,21 @@ def _paths() -> dict[str, Any]:
             {"200": response("The file", {"*/*": {"schema": {}}}), **errors(404)},
             parameters=[{"name": "filename", "in": "path", "required": True, "schema": STRING}],
             security=PUBLIC)},
+        # -- the operator's API (gateway/api/native/admin.py): minimal entries, the admin scope --
+        "/api/admin/models": {"get": op(
+            "Every model: provider, enabled, circuit, and this instance's last five minutes", "admin",
+            {**ok(200, "The models", {"type": "object"}), **errors(401, 403)})},
+        "/api/admin/audit": {"get": op(
+            "The audit trail (keys created, revoked or changed; configuration reloads), newest first", "admin",
+            {**ok(200, "A page of entries and the next page's cursor", {"type": "object"}), **errors(400, 401, 403)},
+            parameters=[query("limit", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+                              "Entries per page"),
+                        query("cursor", STRING, "The previous page's next_cursor")])},
+        "/api/admin/reload": {"post": op(
+            "Read the configuration file again; new turns use it, streaming replies keep theirs", "admin",
+            {**ok(200, "What changed", {"type": "object"}), **errors(401, 403),
+             "422": response("The file does not validate (file, line and key named); nothing changed",
+                             json_content(ref("Error")))})},
     }
 
 
