@@ -84,8 +84,8 @@ async def test_the_admin_tab_shows_model_health_creates_and_revokes_a_key_and_re
     new_key = page.get_by_test_id("admin-new-key").filter(has_text="New key for ci-bot")
     await new_key.wait_for()
     shown = await new_key.text_content() or ""
-    created = await db.fetchrow("SELECT id, prefix, limits, scopes FROM api_keys WHERE user_id = $1 AND name = 'ci-bot'",
-                                admin.id)
+    created = await db.fetchrow(
+        "SELECT id, prefix, limits, scopes FROM api_keys WHERE user_id = $1 AND name = 'ci-bot'", admin.id)
     assert shown.startswith(f"New key for ci-bot (shown once, copy it now): {created['prefix']}")
     assert (created["limits"], created["scopes"]) == ({"daily_tokens": 5000, "requests_per_minute": 30},
                                                       ["chat", "arena"])
