@@ -17,17 +17,31 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from gateway.config import ModelConfig
-    from gateway.providers.base import ChainObserver
     from gateway.store.usage import UsageRecord
 
 WINDOW_S = 300.0
 MAX_EVENTS = 10_000  # per model and kind: a busy model's window is a sample of its last 10,000
 NOT_REQUESTS = frozenset({"cancelled", "circuit_open", "cooldown"})
 T = TypeVar("T")
+
+
+class Reported(Protocol):
+    """What this wraps: a `ChainObserver` (providers/base.py; named here by shape, as observability
+    imports nothing above it)."""
+
+    def upstream_call(self, overhead_s: float) -> None: ...
+
+    def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None: ...
+
+    def attempt_ended(self, model: ModelConfig, outcome: str) -> None: ...
+
+    def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None: ...
+
+    def usage(self, record: UsageRecord) -> None: ...
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -41,7 +55,7 @@ def percentile(values: list[float], p: float) -> float | None:
 class ModelHealth:
     """A `ChainObserver` passing everything to `inner`, keeping each model's last five minutes."""
 
-    def __init__(self, inner: ChainObserver, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, inner: Reported, clock: Callable[[], float] = time.monotonic,
                  window_s: float = WINDOW_S) -> None:
         self.inner = inner
         self.window_s = window_s
