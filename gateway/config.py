@@ -631,12 +631,6 @@ class Changes:
     default_model: str | None = None  # the new default, when it changed
     restart_required: tuple[str, ...] = ()  # settings that differ but are read only at start
 
-    @property
-    def any(self) -> bool:
-        return any((self.models_added, self.models_removed, self.models_changed, self.providers_added,
-                    self.providers_removed, self.providers_changed, self.router_changed,
-                    self.default_model is not None))
-
 
 def changes(old: Settings, new: Settings) -> Changes:
     def diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
