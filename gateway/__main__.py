@@ -136,9 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command in (None, "serve"):
         if getattr(args, "host", None):
-            settings = replace(settings, host=args.host)
+            # into the environment a reload parses again too: the flag stays what it was, not a change
+            settings = replace(settings, host=args.host, env={**settings.env, "GATEWAY_HOST": args.host})
         if getattr(args, "port", None) is not None:
-            settings = replace(settings, port=args.port)
+            settings = replace(settings, port=args.port, env={**settings.env, "GATEWAY_PORT": str(args.port)})
         try:
             workers = worker_count(getattr(args, "workers", "1"))
         except ValueError as e:

@@ -66,6 +66,8 @@ async def test_sighup_reloads_a_single_gateway_a_stream_in_flight_finishes_and_a
         await wait_for(refused)
         assert await model_ids(session, gw, user) == ["alpha", "demo", "gamma"]  # the running file is kept
     assert gw.proc.poll() is None
+    applied = [line for line in gw.output().splitlines() if "configuration reloaded" in line]
+    assert len(applied) == 1 and applied[0].endswith(f"configuration reloaded from {config}: models added gamma")
     refusals = [line for line in gw.output().splitlines() if "configuration not reloaded" in line]
     assert len(refusals) == 1
     assert refusals[0].endswith(f"configuration not reloaded, the running one is kept: GATEWAY_CONFIG: {config} "
