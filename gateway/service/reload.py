@@ -48,6 +48,10 @@ class Reloader:
             path = self.settings.env.get("GATEWAY_CONFIG", "")
             try:
                 new = reparse(self.settings)
+                downgrade = self.settings.limits.downgrade_model  # limits are read at start only
+                if downgrade is not None and downgrade not in new.models:
+                    raise ConfigError(f"GATEWAY_CONFIG: {path}: [limits] downgrade_model {downgrade!r} is running and "
+                                      "this file removes it: restart to change [limits]")
             except ConfigError as e:
                 log.error("configuration not reloaded, the running one is kept: %s", e.message)
                 self._record(via, path, 422, user_id, api_key_id, request_id, ip)
