@@ -174,8 +174,8 @@ async def test_reload_and_the_admin_api_refuse_a_key_without_the_admin_scope(cli
 async def test_a_reload_may_not_remove_the_model_the_running_limits_downgrade_to(
         make_client: MakeClient, tmp_path: Path, admin: User) -> None:
     config = tmp_path / "gateway.toml"
-    running = '[models.alpha]\nprovider = "demo"\n\n[models.cheap]\nprovider = "demo"\n\n[limits]\ndaily_tokens = 1000\n'
-    config.write_text(running + 'downgrade_model = "cheap"\n')
+    config.write_text('[models.alpha]\nprovider = "demo"\n\n[models.cheap]\nprovider = "demo"\n\n'
+                      '[limits]\ndaily_tokens = 1000\ndowngrade_model = "cheap"\n')
     client = await make_client(GATEWAY_CONFIG=str(config))
     config.write_text('[models.alpha]\nprovider = "demo"\n')
     refused = await client.post("/api/admin/reload", headers=admin.headers)
