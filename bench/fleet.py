@@ -131,7 +131,7 @@ class Bench:
         config.write_text(CONFIG.format(port=upstream_port))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "GROQ_", "ANTHROPIC_"))}
         env.update(DATABASE_URL=self.database_url, GATEWAY_CONFIG=str(config), DEFAULT_MODEL="bench-model",
-                   REDIS_URL=self.redis_url, LOG_LEVEL="WARNING", BOOTSTRAP_ADMIN_KEY="false",
+                   REDIS_URL=self.redis_url, BOOTSTRAP_ADMIN_KEY="false",
                    SHUTDOWN_GRACE_S="2", PYTHONPATH=str(ROOT), **extra)
         return env
 

@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from load import TICK, proc_tree  # noqa: E402
-from run import PY, Bench, Stop, log, port_free, wait_up  # noqa: E402
+from run import PY, Bench, Stop, config_extra_argument, log, port_free, wait_up  # noqa: E402
 
 
 class Gateway(Bench):
@@ -64,7 +64,7 @@ def _pin(cpus: set[int]) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compare", required=True, help="the harness's compare.py")
-    p.add_argument("--config-extra", help="TOML appended to the gateway's config")
+    config_extra_argument(p)
     p.add_argument("--upstream-port", type=int, default=18000)
     p.add_argument("--gateway-port", type=int, default=18080)
     p.add_argument("--gateway-env", action="append", default=[], metavar="KEY=VALUE")

@@ -31,7 +31,20 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import PY, Bench, Stop, added, bench_defaults, gateway_arguments, log, pinned, spread, stop_proc, wait_up  # noqa: E402
+from run import (  # noqa: E402
+    PY,
+    Bench,
+    Stop,
+    added,
+    bench_defaults,
+    config_extra_argument,
+    gateway_arguments,
+    log,
+    pinned,
+    spread,
+    stop_proc,
+    wait_up,
+)
 
 HOLD_CONFIG = """\
 [providers.hold]
@@ -102,8 +115,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--chunks", type=int, default=64)
     p.add_argument("--settle-s", type=float, default=5, help="wait after the streams are open, before the RSS")
-    p.add_argument("--config-extra", metavar="TOML_FILE",
-                   help="TOML appended to the gateway's config (e.g. bench/limits_on.toml: every limit on)")
+    config_extra_argument(p)
     gateway_arguments(p)
     a = p.parse_args()
     fd, extra = tempfile.mkstemp(prefix="gw-hold-", suffix=".toml")

@@ -171,10 +171,10 @@ class Bench:
         a = self.a
         env = {k: v for k, v in os.environ.items() if k not in GATEWAY_ENV}
         config = self.tmp / "gateway.toml"
-        extra = Path(a.config_extra).read_text() if getattr(a, "config_extra", None) else ""
+        extra = Path(a.config_extra).read_text() if getattr(a, "config_extra", "") else ""
         config.write_text(CONFIG.format(port=a.upstream_port) + "\n" + extra)
         env.update(GATEWAY_CONFIG=str(config), DEFAULT_MODEL="bench-model", GATEWAY_HOST="127.0.0.1",
-                   GATEWAY_PORT=str(a.gateway_port), GATEWAY_DATA_DIR=str(self.data_dir), LOG_LEVEL="WARNING",
+                   GATEWAY_PORT=str(a.gateway_port), GATEWAY_DATA_DIR=str(self.data_dir),
                    BOOTSTRAP_ADMIN_KEY="false", SHUTDOWN_GRACE_S="2")
         if a.database_url:
             env["DATABASE_URL"] = a.database_url
@@ -342,6 +342,18 @@ def added(pairs: list[tuple[dict, dict]], path: str) -> list:
     return [get(g, path) - get(d, path) for d, g in pairs if None not in (get(g, path), get(d, path))]
 
 
+# As a user runs it unless told otherwise: every limit on (none ever reached) and the default log
+# level (INFO: one access line per request). `--config-extra ''` measures without limits,
+# `--gateway-env LOG_LEVEL=WARNING` without the access log.
+LIMITS_ON = str(Path(__file__).resolve().parent / "limits_on.toml")
+
+
+def config_extra_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config-extra", metavar="TOML_FILE", default=LIMITS_ON,
+                   help="appended to the gateway's config (default: bench/limits_on.toml, every limit on; "
+                        "'' for none)")
+
+
 def gateway_arguments(p: argparse.ArgumentParser) -> None:
     """The options that say how Bench starts the upstream and the gateway (shared by the other
     bench scripts, which also set the few run.py-only ones Bench reads: see bench_defaults)."""
@@ -377,8 +389,7 @@ def main() -> int:
     p.add_argument("--first-delay-ms", type=float, default=0, help="upstream pause before its first event")
     p.add_argument("--chunk-delay-ms", type=float, default=0, help="upstream pause between content chunks")
     gateway_arguments(p)
-    p.add_argument("--config-extra", metavar="TOML_FILE",
-                   help="appended to the gateway's config, e.g. a [limits] table to measure the policy step")
+    config_extra_argument(p)
     p.add_argument("--pin", dest="pin", action="store_true", default=None)
     p.add_argument("--keep", action="store_true", help="keep the temp dir (config, gateway.log, data)")
     p.add_argument("--json-out", help="write every raw load.py result here")

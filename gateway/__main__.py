@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from gateway.app import CannotListen, create_app
+from gateway.app import CannotListen, create_app, reload_on_sighup
 from gateway.cli import commands as cli
 from gateway.cli.workers import run_workers, worker_count
 from gateway.config import Settings
@@ -59,6 +59,7 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
     else:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = create_app(settings)
+    app.cleanup_ctx.append(reload_on_sighup)  # SIGHUP reads the configuration file again
     app.on_startup.append(quiet_gc)
     siblings = Siblings.from_env(os.environ) if reuse_port else None
     if siblings is not None:
@@ -165,9 +166,10 @@ def command(argv: list[str] | None) -> int:
 
     if args.command in (None, "serve"):
         if getattr(args, "host", None):
-            settings = replace(settings, host=args.host)
+            # into the environment a reload parses again too: the flag stays what it was, not a change
+            settings = replace(settings, host=args.host, env={**settings.env, "GATEWAY_HOST": args.host})
         if getattr(args, "port", None) is not None:
-            settings = replace(settings, port=args.port)
+            settings = replace(settings, port=args.port, env={**settings.env, "GATEWAY_PORT": str(args.port)})
         try:
             workers = worker_count(getattr(args, "workers", "1"))
         except ValueError as e:

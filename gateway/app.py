@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -16,7 +18,7 @@ from aiohttp import web
 
 from gateway.api.aisdk import chat as ai_sdk
 from gateway.api.anthropic import messages as anthropic_messages
-from gateway.api.native import account, arena, chat, docs, keys, ops, playground, threads, ws
+from gateway.api.native import account, admin, arena, chat, docs, keys, ops, playground, threads, ws
 from gateway.api.openai import chat_completions as openai
 from gateway.api.openai import embeddings, responses
 from gateway.api.vendor_operations import describe_vendor_handlers
@@ -34,6 +36,7 @@ from gateway.fleet.instance import Instance
 from gateway.generation.durability import FinishWriter
 from gateway.generation.journal import FinishJournal
 from gateway.generation.task import GenerationRegistry
+from gateway.observability.health import ModelHealth
 from gateway.observability.logs import install_redaction
 from gateway.observability.metrics import Levels, Metrics, PoolLevels, QueueLevels, observe, on_prepare
 from gateway.observability.tracing import Tracing
@@ -41,12 +44,14 @@ from gateway.policy.admission import Policy
 from gateway.providers.chain import TracingObserver
 from gateway.providers.registry import ModelRegistry
 from gateway.service.leaderboard import LeaderboardCache
+from gateway.service.reload import Reloader
 from gateway.service.turns import Turns
 from gateway.state import (
     ACTIVITY,
     AUTH,
     DB,
     GENERATIONS,
+    HEALTH,
     HTTP,
     INSTANCE,
     LAST_USED,
@@ -56,6 +61,7 @@ from gateway.state import (
     POLICY,
     QUARANTINE,
     REDIS,
+    RELOADER,
     REMOTE,
     SETTINGS,
     STREAM_TOKENS,
@@ -136,8 +142,9 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[STREAM_TOKENS] = stream_tokens
     journal = FinishJournal(settings.data_dir / "journal", quarantine)
     finishes = FinishWriter(pool, journal, quarantine, retry_s=settings.finish_retry_s)
-    # what the chains report: the metrics, and with tracing on the spans too
-    observer = TracingObserver(app[METRICS]) if TRACING in app else app[METRICS]
+    # what the chains report: the metrics, and with tracing on the spans too; each model's recent health
+    observer = ModelHealth(TracingObserver(app[METRICS]) if TRACING in app else app[METRICS])
+    app[HEALTH] = observer
     generations = GenerationRegistry(pool, finishes, models, observer, settings.shutdown_grace_s,
                                      settings.checkpoint_s, settings.checkpoint_chunks)
     app[GENERATIONS] = generations
@@ -170,6 +177,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     app[TURNS] = Turns(pool=pool, settings=settings, models=models, policy=app[POLICY], generations=generations,
                        stream_tokens=stream_tokens, instance_id=instance.id, record_usage=usage.add,
                        observer=observer, notify_cancel=instance.notify_cancel, remote=remote)
+    app[RELOADER] = Reloader(settings, models, pool, activity)
     leaderboard = LeaderboardCache(lambda include_named: battles(pool, include_named),
                                    rounds=settings.leaderboard_bootstrap_rounds)
     app[LEADERBOARD] = leaderboard
@@ -243,6 +251,34 @@ async def metrics_server(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await runner.cleanup()
+
+
+async def reload_on_sighup(app: web.Application) -> AsyncIterator[None]:
+    """`serve`'s (appended after `services`): SIGHUP reads the configuration file again. A file that does
+    not validate is one log line and changes nothing; replies already streaming are never touched."""
+    loop = asyncio.get_running_loop()
+    asked = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, asked.set)
+
+    async def listen() -> None:
+        while True:
+            await asked.wait()
+            asked.clear()
+            try:
+                await app[RELOADER].reload(via="SIGHUP")
+            except ConfigError:
+                pass  # the reloader logged it, on one line
+            except Exception:  # the database, while the new models were mirrored: the next SIGHUP tries again
+                log.exception("configuration reload failed")
+
+    task = asyncio.create_task(listen())
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def traces(app: web.Application) -> AsyncIterator[None]:
@@ -331,6 +367,9 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/api/leaderboard", arena.get_leaderboard),
         web.get("/api/me", account.me),
         web.get("/api/usage", account.usage),
+        web.get("/api/admin/models", admin.models),
+        web.get("/api/admin/audit", admin.audit),
+        web.post("/api/admin/reload", admin.reload),
         web.get("/healthz", ops.healthz),
         web.get("/readyz", ops.readyz),
         web.get("/openapi.json", get_openapi),

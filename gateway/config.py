@@ -11,7 +11,7 @@ import importlib.util
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,9 @@ class Settings:
     limits: LimitsConfig = LimitsConfig()
     # the OTEL_* variables (tracing.py reads them; exporter headers are left to the SDK: they may hold keys)
     otel: Mapping[str, str] = field(default_factory=dict)
+    # the environment these settings were parsed from: a reload (SIGHUP, POST /api/admin/reload) parses
+    # it again with the file as it is then. It may hold secrets: never printed, never compared
+    env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def jwt_enabled(self) -> bool:
@@ -553,7 +556,100 @@ def _parse(env: Mapping[str, str]) -> Settings:
         router=router,
         limits=limits,
         otel=otel,
+        env=dict(env),
     )
+
+
+# -- reloading the file while serving ------------------------------------------------------------------
+
+# what a reload applies to new turns; every other setting differing in the file waits for a restart
+RELOADABLE = ("providers", "models", "router", "default_model")
+_WHERE = re.compile(r"\[(server|providers|models|router|limits)(?:\.([^\]\s]+))?\]\s*(?:deployments\[\d+\]\s*)?"
+                    r"(?:headers\.)?([A-Za-z_][A-Za-z0-9_]*)?")
+_DECODE_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+def reparse(current: Settings) -> Settings:
+    """The settings parsed again from `current`'s environment and the file GATEWAY_CONFIG names, as it
+    is now. A ConfigError's message is one line that names the file, the line and the key."""
+    try:
+        return Settings.from_env(current.env)
+    except ConfigError as e:
+        path = current.env.get("GATEWAY_CONFIG")
+        raise ConfigError(located(path, e.message) if path else e.message) from None
+
+
+def located(path: str, message: str) -> str:
+    """`message` on one line, prefixed with the file and the line it is about (when it can be found)."""
+    message = " ".join(message.split())
+    line = None
+    decoded = _DECODE_LINE.search(message)
+    if decoded:
+        line = int(decoded.group(1))
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        found = _WHERE.search(message)
+        if found and text:
+            line = _line_of(text, found.group(1), found.group(2), found.group(3))
+    if message.startswith("GATEWAY_CONFIG: "):
+        message = message[len("GATEWAY_CONFIG: "):]
+    return f"GATEWAY_CONFIG: {path}" + (f" line {line}" if line else "") + f": {message}"
+
+
+def _line_of(text: str, table: str, name: str | None, key: str | None) -> int | None:
+    """The 1-based line of `key` inside the table `[table.name]`, else the table's header line."""
+    header = re.compile(r"^\s*\[+\s*" + re.escape(table) + (r"\s*\.\s*\"?" + re.escape(name) + r"\"?" if name else "")
+                        + r"\s*\]")
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if header.match(line)), None)
+    if start is None:
+        return None
+    if key:
+        for i in range(start + 1, len(lines)):
+            if re.match(r"^\s*\[", lines[i]) and not lines[i].lstrip().startswith("[[" + table):
+                break
+            # a prefix: a message may name the key in the singular ("fallback 'x'" for `fallbacks`)
+            if re.match(r"^\s*\"?" + re.escape(key) + r"\w*\"?\s*=", lines[i]):
+                return i + 1
+    return start + 1
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a reload changed: names added, removed and changed, and what waits for a restart."""
+
+    models_added: tuple[str, ...] = ()
+    models_removed: tuple[str, ...] = ()
+    models_changed: tuple[str, ...] = ()
+    providers_added: tuple[str, ...] = ()
+    providers_removed: tuple[str, ...] = ()
+    providers_changed: tuple[str, ...] = ()
+    router_changed: bool = False
+    default_model: str | None = None  # the new default, when it changed
+    restart_required: tuple[str, ...] = ()  # settings that differ but are read only at start
+
+
+def changes(old: Settings, new: Settings) -> Changes:
+    def diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[tuple[str, ...], ...]:
+        return (tuple(sorted(set(b) - set(a))), tuple(sorted(set(a) - set(b))),
+                tuple(sorted(k for k in set(a) & set(b) if a[k] != b[k])))
+
+    m_added, m_removed, m_changed = diff(old.models, new.models)
+    p_added, p_removed, p_changed = diff(old.providers, new.providers)
+    waiting = tuple(f.name for f in fields(Settings)
+                    if f.compare and f.name not in RELOADABLE and getattr(old, f.name) != getattr(new, f.name))
+    return Changes(m_added, m_removed, m_changed, p_added, p_removed, p_changed,
+                   dict(old.router) != dict(new.router),
+                   new.default_model if new.default_model != old.default_model else None, waiting)
+
+
+def applied(old: Settings, new: Settings) -> Settings:
+    """`old` with what a reload applies taken from `new`; the rest stays as it started."""
+    return replace(old, providers=new.providers, models=new.models, router=new.router,
+                   default_model=new.default_model, env=new.env)
 
 
 # -- the OTEL_* variables (read here so that a bad one fails at start; gateway/observability/tracing.py

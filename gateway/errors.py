@@ -2,6 +2,7 @@
 
     GatewayError
     ├── ConfigError            bad settings; raised at start, never over HTTP
+    ├── ConfigRejected         422: a configuration file reloaded over HTTP does not validate
     ├── BadRequest             400: malformed JSON, wrong types, empty content
     │   └── InvalidId          400: a path or body id that is not a UUID
     ├── Unauthorized           401: missing, bad, expired or revoked credential
@@ -36,6 +37,13 @@ class GatewayError(Exception):
 class ConfigError(GatewayError):
     """A setting is missing or malformed; the message names the variable."""
 
+    type = "config_error"
+
+
+class ConfigRejected(GatewayError):
+    """POST /api/admin/reload: the file does not validate (the message names file, line, key); nothing changed."""
+
+    status = 422
     type = "config_error"
 
 

@@ -18,11 +18,13 @@ if TYPE_CHECKING:
     from gateway.fleet.instance import Instance
     from gateway.fleet.link import RedisLink
     from gateway.generation.task import GenerationRegistry
+    from gateway.observability.health import ModelHealth
     from gateway.observability.metrics import Metrics, Timings
     from gateway.observability.tracing import Tracing
     from gateway.policy.admission import Policy
     from gateway.providers.registry import ModelRegistry
     from gateway.service.leaderboard import LeaderboardCache
+    from gateway.service.reload import Reloader
     from gateway.service.turns import Turns
     from gateway.store.activity import ActivityRecord
     from gateway.store.background import BatchWriter
@@ -50,6 +52,8 @@ REMOTE: web.AppKey[RemoteStreams] = web.AppKey("remote")  # replies generating o
 REDIS: web.AppKey[RedisLink | None] = web.AppKey("redis")  # with REDIS_URL (gateway/fleet)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")  # this app's Prometheus registry (never the global one)
 TRACING: web.AppKey[Tracing] = web.AppKey("tracing")  # set only when OTEL_* asks for traces
+HEALTH: web.AppKey[ModelHealth] = web.AppKey("health")  # each model's last five minutes, on this instance
+RELOADER: web.AppKey[Reloader] = web.AppKey("reloader")  # the configuration running now, and its reload
 
 # per request
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)

@@ -6,7 +6,8 @@ new connections over the workers, and a worker that dies takes only its own conn
 The parent serves nothing. It starts the embedded PostgreSQL once when DATABASE_URL is unset (the
 workers connect to it by URL), restarts a worker that exits unasked (a crash, the OOM killer, a
 SIGKILL), and on SIGTERM or SIGINT passes the signal on and waits: every worker drains as a
-single process does (running replies get the grace period, then are saved as interrupted).
+single process does (running replies get the grace period, then are saved as interrupted). SIGHUP is
+passed on to every worker: each reads the configuration file again (gateway/service/reload.py).
 
 A scrape of /metrics (on the public port, or on METRICS_PORT, which every worker listens on too)
 answers for all the workers: each serves its own series on a Unix socket in a folder made for
@@ -88,9 +89,16 @@ class Supervisor:
             if worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM)
 
+    def _reload(self, signum: int, frame: FrameType | None) -> None:
+        live = [w for w in self.workers if w.proc.poll() is None]
+        log.info("SIGHUP: passed to %d workers (each reloads the configuration file)", len(live))
+        for worker in live:
+            worker.proc.send_signal(signal.SIGHUP)
+
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._signalled)
+        signal.signal(signal.SIGHUP, self._reload)
         self.workers = [Worker(i, self._spawn(i)) for i in range(self._count)]
         log.info("supervising %d workers on http://%s:%d (pids %s)", self._count, self._settings.host,
                  self._settings.port, ", ".join(str(w.proc.pid) for w in self.workers))

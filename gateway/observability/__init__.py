@@ -4,10 +4,12 @@
     tracing.py   OpenTelemetry spans, switched on by the OTEL_* variables
     logs.py      text or JSON log lines, redacted and escaped
     combined.py  serve --workers N: a scrape of any worker sums every worker's metrics
+    health.py    each model's last five minutes (requests, errors, first token, fallbacks)
 """
 
 __all__ = [
     "combined",
+    "health",
     "logs",
     "metrics",
     "tracing",

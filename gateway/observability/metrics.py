@@ -113,6 +113,9 @@ class Metrics:
         if model is not planned:
             self.fallbacks.labels(planned.name, model.name).inc()
 
+    def attempt_ended(self, model: ModelConfig, outcome: str) -> None:
+        """A link ended (its outcome is counted per reply by the log and the traces, not here)."""
+
     def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:
         """A reply's batches after its first: `batches` of them over `seconds`; observes the mean gap."""
         if batches:

@@ -119,6 +119,10 @@ class ChainObserver(Protocol):
     def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
         """An attempt delivered its first event `seconds` after it started; `planned` is the chain's first model."""
 
+    def attempt_ended(self, model: ModelConfig, outcome: str) -> None:
+        """A link of the chain ended: `ok`, a provider error's kind, `cancelled`, or skipped (`circuit_open`,
+        `cooldown`)."""
+
     def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:
         """The reply's batches after its first: `batches` of them over `seconds`."""
 
@@ -133,6 +137,9 @@ class NoObserver:
         pass
 
     def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
+        pass
+
+    def attempt_ended(self, model: ModelConfig, outcome: str) -> None:
         pass
 
     def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:

@@ -220,6 +220,7 @@ class Chain:
 
     def _record(self, model: ModelConfig, outcome: str, started: float, status: int | None = None) -> None:
         tracing.attempt_ended(model, outcome)
+        self.observer.attempt_ended(model, outcome)
         self._last = model
         self.attempts.append(Attempt(model.name, model.provider, outcome, round((time.monotonic() - started) * 1000),
                                      status))
@@ -240,6 +241,9 @@ class TracingObserver:
     def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
         self.inner.attempt_answered(model, seconds, planned)
         tracing.first_chunk(seconds)
+
+    def attempt_ended(self, model: ModelConfig, outcome: str) -> None:
+        self.inner.attempt_ended(model, outcome)
 
     def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:
         self.inner.reply_streamed(model, batches, seconds)

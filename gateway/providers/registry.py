@@ -13,7 +13,7 @@ from dataclasses import replace
 import aiohttp
 import asyncpg
 
-from gateway.config import ModelConfig, Settings
+from gateway.config import ModelConfig, ProviderConfig, Settings
 from gateway.errors import ConfigError, Forbidden, ServiceUnavailable
 from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import Provider
@@ -32,21 +32,44 @@ RANDOM = "random"  # the model name that asks for one drawn by weight (router.RA
 
 class ModelRegistry:
     def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+        self._session = session
         self.models: dict[str, ModelConfig] = dict(settings.models)
         self.default = settings.default_model
+        self.router: dict[str, str] = dict(settings.router)
         self.circuits = CircuitBreakers(settings.circuit_failures, settings.circuit_cooldown_s)
         self.deployment_cooldown_s = settings.deployment_cooldown_s
         self.rng = random.Random()  # deployment order and random draws; tests may seed it
-        self.providers: dict[str, Provider] = {}
-        for name, config in settings.providers.items():
-            if config.kind == "demo":
-                self.providers[name] = DemoProvider(config)
-            elif config.kind == "openai":
-                self.providers[name] = OpenAIProvider(config, session)
-            elif config.kind == "anthropic":
-                self.providers[name] = AnthropicProvider(config, session)
-            else:
-                raise ConfigError(f"[providers.{name}] kind {config.kind!r} has no adapter")
+        self.configs: dict[str, ProviderConfig] = dict(settings.providers)
+        self.providers: dict[str, Provider] = {name: self._adapter(config) for name, config in self.configs.items()}
+        # the adapters a reload replaced or removed: a chain planned before it may still fall back to them
+        self._retired: dict[str, Provider] = {}
+
+    def _adapter(self, config: ProviderConfig) -> Provider:
+        if config.kind == "demo":
+            return DemoProvider(config)
+        if config.kind == "openai":
+            return OpenAIProvider(config, self._session)
+        if config.kind == "anthropic":
+            return AnthropicProvider(config, self._session)
+        raise ConfigError(f"[providers.{config.name}] kind {config.kind!r} has no adapter")
+
+    def reload(self, settings: Settings) -> None:
+        """Take `settings`' models, providers, router and default model for every turn planned from now
+        on. A reply already running keeps the links and the adapter it holds; the dicts are updated in
+        place, so whoever holds them (the policy's prices) sees the new ones. An unchanged provider keeps
+        its adapter (and its idle connections); circuits are kept by name."""
+        adapters = {name: (self.providers[name] if self.configs.get(name) == config else self._adapter(config))
+                    for name, config in settings.providers.items()}
+        self._retired = {name: p for name, p in self.providers.items() if adapters.get(name) is not p}
+        self.providers.clear()
+        self.providers.update(adapters)
+        self.configs.clear()
+        self.configs.update(settings.providers)
+        self.models.clear()
+        self.models.update(settings.models)
+        self.router.clear()
+        self.router.update(settings.router)
+        self.default = settings.default_model
 
     def __contains__(self, name: str) -> bool:
         """A model a request may name: a declared one, or `random` (drawn by `draw_one`)."""
@@ -140,11 +163,13 @@ class ModelRegistry:
         return first, second
 
     def provider(self, model: ModelConfig) -> Provider:
-        return self.providers[model.provider]
+        found = self.providers.get(model.provider)
+        # a link planned before a reload removed its provider: the adapter it was planned with
+        return found if found is not None else self._retired[model.provider]
 
     def close(self) -> None:
         """Close the adapters' idle upstream connections (at shutdown)."""
-        for provider in self.providers.values():
+        for provider in (*self.providers.values(), *self._retired.values()):
             if isinstance(provider, OpenAIProvider | AnthropicProvider):
                 provider.close()
 

@@ -483,7 +483,7 @@ class Turns:
         only among the models `principal`'s key (narrowed through its chain) may use."""
         allowed = limits_for(self._settings.limits, principal).models if requested == RANDOM and principal else None
         draw = self._models.draw_name if allowed is None else partial(self._models.draw_name, allowed)
-        return route(requested, prompt, dict(self._settings.router), self._models.default, draw)
+        return route(requested, prompt, self._models.router, self._models.default, draw)
 
     async def conversation(self, principal: Principal, turn: TurnInput) -> list[dict[str, Any]]:
         """What the upstream gets: the thread's history (NotFound if not the caller's), then the new

@@ -198,7 +198,8 @@
 
   // ---------------------------------------------------------------- tabs
 
-  const tabs = [byTestId("tab-chat"), byTestId("tab-arena"), byTestId("tab-usage")];
+  // Chat, Arena, Usage, then any tab a further script fills in (admin.js: Admin)
+  const tabs = Array.from(document.querySelectorAll('.tabs [role="tab"]'));
 
   function selectTab(tab) {
     for (const t of tabs) {

@@ -1,4 +1,5 @@
-"""SQL for the activity log: rows arrive in batches from a background writer."""
+"""SQL for the activity log: rows arrive in batches from a background writer; the audit trail is read
+back from it in keyset pages (sql/0019_audit_trail.sql)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import asyncpg
 
 class ActivityRecord(NamedTuple):
     at: datetime
-    user_id: uuid.UUID
+    user_id: uuid.UUID | None  # None: the gateway itself (a reload sent by a signal)
     api_key_id: uuid.UUID | None
     action: str
     method: str
@@ -31,3 +32,23 @@ SELECT * FROM unnest($1::timestamptz[], $2::uuid[], $3::uuid[], $4::text[], $5::
 async def record_activity_many(pool: asyncpg.Pool, records: list[ActivityRecord]) -> None:
     """A whole batch in one statement: one array per column."""
     await pool.execute(_INSERT, *zip(*records, strict=True))
+
+
+# the rows of the audit trail; the same predicate as the partial index activity_log_audit, so it is used
+_AUDITED = "method <> 'GET' AND (action LIKE 'keys.%' OR action LIKE 'config.%' OR action LIKE 'account.%')"
+
+_AUDIT_PAGE = f"""
+SELECT a.id, a.at, a.user_id, a.api_key_id, k.name AS key_name, k.prefix AS key_prefix, a.action, a.method,
+       a.path, a.status, a.request_id
+FROM activity_log a
+LEFT JOIN api_keys k ON k.id = a.api_key_id
+WHERE {_AUDITED} AND a.id < $1
+ORDER BY a.id DESC
+LIMIT $2
+"""
+
+
+async def audit_page(pool: asyncpg.Pool, before: int | None, limit: int) -> list[asyncpg.Record]:
+    """The audit trail, newest first: at most `limit` rows older than the row `before` (a page's
+    cursor, the last id of the previous page). Every user's rows: the caller is an admin."""
+    return list(await pool.fetch(_AUDIT_PAGE, before if before is not None else 2**63 - 1, limit))

@@ -121,6 +121,9 @@ class Recorder:
     def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
         self.calls.append(("attempt_answered", model.name, planned.name))
 
+    def attempt_ended(self, model: ModelConfig, outcome: str) -> None:
+        self.calls.append(("attempt_ended", model.name, outcome))
+
     def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:
         self.calls.append(("reply_streamed", model.name, batches))
 
@@ -140,7 +143,8 @@ async def test_a_chain_reports_to_the_observer_it_is_given_once_per_reply_never_
     assert len(batches) > 1
     (name, overhead), *rest = mine.calls
     assert name == "upstream_call" and 0.5 <= overhead < 5  # from `started`, once, before the first attempt
-    assert rest == [("attempt_answered", "backup", "primary"), ("reply_streamed", "backup", len(batches) - 1)]
+    assert rest == [("attempt_ended", "primary", "upstream_http_error"), ("attempt_answered", "backup", "primary"),
+                    ("attempt_ended", "backup", "ok"), ("reply_streamed", "backup", len(batches) - 1)]
 
 
 # -- router --------------------------------------------------------------------------------------

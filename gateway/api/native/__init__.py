@@ -6,6 +6,7 @@
     ws.py          WebSocket chat: the same turns and events as JSON frames
     keys.py        API keys: create, list, revoke
     account.py     /api/me and the caller's usage
+    admin.py       the operator's API: model health, the audit trail, configuration reload
     bodies.py      the request bodies shared by chat, arena and WebSocket
     playground.py  the HTML playground at /
     docs.py        Swagger UI at /docs
@@ -14,6 +15,7 @@
 
 __all__ = [
     "account",
+    "admin",
     "arena",
     "bodies",
     "chat",

@@ -42,7 +42,7 @@ from gateway.generation.task import cost_usd
 from gateway.policy.admission import Admission
 from gateway.providers.base import ProviderError, UsageReport
 from gateway.providers.embeddings import DEMO_MAX_DIMENSIONS, Embeddings, EmbeddingsRequest, embed, input_tokens
-from gateway.state import HTTP, METRICS, MODELS, POLICY, SETTINGS, USAGE
+from gateway.state import HTTP, METRICS, MODELS, POLICY, USAGE
 from gateway.store.usage import UsageRecord
 
 
@@ -111,8 +111,8 @@ def parse_request(raw: bytes, models: dict[str, ModelConfig], demo_providers: se
 async def create_embeddings(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
     app = request.app
-    settings = app[SETTINGS]
-    demo = {name for name, p in settings.providers.items() if p.kind == "demo"}
+    providers = app[MODELS].configs  # as the last reload left them
+    demo = {name for name, p in providers.items() if p.kind == "demo"}
     model, embeddings = parse_request(await read_body(request), app[MODELS].models, demo)
     estimate = input_tokens(embeddings)
 
@@ -143,7 +143,7 @@ async def create_embeddings(request: web.Request) -> web.Response:
     result: Embeddings | None = None
     usage, estimated = UsageReport(0, 0), False  # a refusal upstream counts nothing
     try:
-        result = await embed(app[HTTP], settings.providers[model.provider], model, embeddings)
+        result = await embed(app[HTTP], providers[model.provider], model, embeddings)
         usage, estimated = UsageReport(result.prompt_tokens, 0), result.estimated
         answer = web.Response(body=orjson.dumps({
             "object": "list",
