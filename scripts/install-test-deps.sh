@@ -30,9 +30,15 @@ missing() {
     echo "${out[@]:-}"
 }
 
+node_packages() {
+    # the AI SDK client test's npm packages, exactly as tests/node/package-lock.json pins them
+    (cd "$(dirname "$0")/../tests/node" && npm ci --no-audit --no-fund --loglevel=error)
+}
+
 absent=$(missing)
 if [ -z "$absent" ]; then
     echo "test dependencies: all present (chromium, redis-server, nginx, pgbouncer, node)"
+    node_packages
     exit 0
 fi
 packages=""
@@ -59,3 +65,4 @@ if [ -n "$absent" ]; then
     exit 1
 fi
 echo "test dependencies: all present (chromium, redis-server, nginx, pgbouncer, node)"
+node_packages
