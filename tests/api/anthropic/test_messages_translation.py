@@ -235,3 +235,13 @@ async def test_a_text_only_turn_is_sent_and_answered_as_before(both, anthropic, 
     assert answer["usage"] == {"input_tokens": 25, "output_tokens": 15}
     assert fake.requests[0] == {"model": "claude-up", "max_tokens": 100, "stream": True,
                                 "messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize("system", [[{"text": "no type"}], [{"type": "image", "source": {"type": "url",
+                                                                                         "url": "https://x/y.png"}}]])
+async def test_system_blocks_must_be_text_blocks_naming_their_type(both, user, system):
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        resp = await both.post(path, headers={"x-api-key": user.key}, json={
+            "model": "claude", "max_tokens": 10, "system": system, "messages": [{"role": "user", "content": "x"}]})
+        assert resp.status == 400
+        assert (await resp.json())["error"]["message"].startswith("system.0")
