@@ -11,7 +11,9 @@ a parameter) except a request the client got wrong, which every provider would r
 (`base.request_at_fault`): that ends the chain. After the first content byte the failure is
 final (the client already has text). A 429 on the last link is retried once after its
 Retry-After when that fits in the budget. Models whose circuit is open are skipped, and so are
-deployments cooling down after a 429/5xx (their model's other deployments serve meanwhile).
+deployments cooling down after a 429/5xx (their model's other deployments serve meanwhile), and
+links whose upstream cannot express the turn (`base.Unsupported`: never sent; when no link can,
+that is the chain's failure, which the doors answer as a 400 naming the feature and the model).
 
 A request with a bound (`max_tokens`, which the policy sets whenever a cap reserves for the reply)
 is relayed up to `relay_chars` of it, by the gateway's estimate: past that the upstream ignored
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from gateway.config import ModelConfig
 from gateway.observability import tracing
+from gateway.providers import turn
 from gateway.providers.base import (
     CHARS_PER_TOKEN,
     NO_OBSERVER,
@@ -46,6 +49,7 @@ from gateway.providers.base import (
     ProviderError,
     TextDelta,
     ToolCallDelta,
+    Unsupported,
     UpstreamTimeout,
 )
 from gateway.providers.deadlines import Timeout
@@ -98,6 +102,22 @@ def call_text(call: dict[str, object]) -> str:
     return f"{function.get('name') or ''}{function.get('arguments') or ''}"
 
 
+def refused_by_chain(registry: ModelRegistry, name: str, request: ChatRequest) -> Unsupported | None:
+    """The refusal of a turn no link of model `name`'s chain can express (the first link's, naming
+    its feature and model), or None when a link can: the doors answer it before anything is
+    reserved or written."""
+    if not turn.features(request):
+        return None
+    first: Unsupported | None = None
+    for model in registry.chain(name):
+        check = getattr(registry.provider(model), "unsupported", None)
+        feature = check(model, request) if check is not None else None
+        if feature is None:
+            return None
+        first = first or Unsupported(feature, model.name)
+    return first
+
+
 @dataclass(slots=True)  # no attribute dict: a held stream keeps its chain
 class Chain:
     registry: ModelRegistry
@@ -130,11 +150,17 @@ class Chain:
         while links:
             model = links.pop(0)
             key = model.circuit_key
+            provider = self.registry.provider(model)
+            check = getattr(provider, "unsupported", None)  # base.Translating
+            feature = check(model, request) if check is not None else None
+            if feature is not None:  # never sent: another link may take it
+                self._record(model, Unsupported.kind, time.monotonic())
+                last_error = Unsupported(feature, model.name)
+                continue
             if not circuits.allow(key):
                 self._record(model, "cooldown" if circuits.cooling(key) else "circuit_open", time.monotonic())
                 last_error = last_error or ProviderError(f"model {model.name} is unavailable (circuit open)")
                 continue
-            provider = self.registry.provider(model)
             if not self.attempts and self.started is not None:
                 observer.upstream_call(time.monotonic() - self.started)
             started = time.monotonic()
