@@ -79,7 +79,7 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
 async def run_migrations(settings: Settings) -> list[str]:
     db = await open_database(settings)
     try:
-        async with db.pool.acquire() as conn:
+        async with db.session() as conn:  # the migration lock is a session lock
             return await migrate(conn)
     finally:
         await db.close()
@@ -88,7 +88,7 @@ async def run_migrations(settings: Settings) -> list[str]:
 async def create_key(settings: Settings, name: str, scopes: list[str], user_id: uuid.UUID | None) -> str:
     db = await open_database(settings)
     try:
-        async with db.pool.acquire() as conn:
+        async with db.session() as conn:  # the migration lock is a session lock
             await migrate(conn)
         _, key = await create_user_with_key(db.pool, name, scopes, user_id)
         return key

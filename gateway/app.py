@@ -90,7 +90,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
     db = await open_database(settings)
     app[DB] = db
     try:
-        async with db.pool.acquire() as conn:
+        async with db.session() as conn:  # the migration lock is a session lock
             await migrate(conn)
         if settings.bootstrap_admin_key and not settings.jwt_enabled:
             key = await bootstrap_admin_key(db.pool)
@@ -145,7 +145,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         generations.publisher = publisher.changed
     remote = RemoteStreams(pool, link)
     app[REMOTE] = remote
-    instance = Instance(db.url, pool, finishes.replay_journal, generations.cancel, settings.sweep_s,
+    instance = Instance(db.session_url, pool, finishes.replay_journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=lambda: reconnected(),
                         on_quota_recall=lambda user_id: app[POLICY].recalled(user_id))
     app[INSTANCE] = instance

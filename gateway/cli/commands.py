@@ -63,7 +63,7 @@ def _cell(value: object) -> str:
 async def with_database(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
     db = await open_database(settings)
     try:
-        async with db.pool.acquire() as conn:
+        async with db.session() as conn:  # the migration lock is a session lock
             await migrate(conn)
         return await work(db)
     finally:
