@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     list_p.add_argument("--user-id", type=uuid.UUID, help="only this user's keys")
     revoke_p = keys_sub.add_parser("revoke", help="revoke a key and the keys issued under it")
     revoke_p.add_argument("key_id", type=uuid.UUID, metavar="ID")
+    users_p = sub.add_parser("users", help="manage users")
+    users_sub = users_p.add_subparsers(dest="users_command", required=True)
+    erase_p = users_sub.add_parser("erase", help="delete every row and reply stream that names the user; "
+                                                 "their usage stays as totals naming nobody")
+    erase_p.add_argument("user_id", type=uuid.UUID, metavar="USER_ID")
     usage_p = sub.add_parser("usage", help="tokens, cost and requests per day (or model), every user")
     usage_p.add_argument("--days", type=cli.days, default=7, metavar="N", help="1-366 (7)")
     usage_p.add_argument("--by", choices=["day", "model"], default="day")
@@ -158,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "keys":
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
         print(asyncio.run(create_key(settings, args.name, scopes, args.user_id)))
+    elif args.command == "users":
+        status, message = cli.run(settings, lambda db: cli.users_erase(db, settings, args.user_id))
+        print(message, file=sys.stderr if status else sys.stdout)
+        return status
     elif args.command == "usage":
         print(cli.run(settings, lambda db: cli.usage(db, args.days, args.by, args.user_id)))
     elif args.command == "leaderboard":

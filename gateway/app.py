@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.api.anthropic import messages as anthropic_messages
-from gateway.api.native import account, arena, chat, docs, keys, ops, playground, threads, ws
+from gateway.api.native import account, arena, chat, docs, erasure, keys, ops, playground, threads, ws
 from gateway.api.openai import chat_completions as openai
 from gateway.api.openai import embeddings, responses
 from gateway.config import Settings
@@ -311,6 +311,7 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/api/leaderboard", arena.get_leaderboard),
         web.get("/api/me", account.me),
         web.get("/api/usage", account.usage),
+        web.delete("/api/admin/users/{user_id}", erasure.erase_user),
         web.get("/healthz", ops.healthz),
         web.get("/readyz", ops.readyz),
         web.get("/openapi.json", get_openapi),

@@ -741,6 +741,18 @@ def _paths() -> dict[str, Any]:
                         query("to", DATE, "Last day (default: today); the range spans at most 366 days"),
                         query("group_by", {"enum": ["day", "model", "day,model"], "default": "day"},
                               "Grouping (day,model: a row per model and day)")])},
+        # -- erasing a user (gateway/api/native/erasure.py): a minimal entry, kept apart ----------------
+        "/api/admin/users/{user_id}": {"delete": op(
+            "Erase a user: every row that names them and their reply streams (admin)", "account",
+            {**ok(200, "What was removed", obj({"user_id": UUID, "erased": {"type": "object"},
+                                                "keys_revoked": {"type": "integer"},
+                                                "redis_streams": nullable({"type": "integer"})},
+                                               ("user_id", "erased", "keys_revoked", "redis_streams"))),
+             **errors(400, 401, 403, 404, 503)},
+            description="Their usage stays only as totals naming nobody; their keys answer 401 on every "
+                        "instance within a second. An admin cannot erase their own user here.",
+            parameters=[path_id("user_id", "user")])},
+        # -- end of the erasure entry ---------------------------------------------------------------
         "/healthz": {"get": op("Liveness", "ops", ok(200, "The process answers", "Status"), security=PUBLIC)},
         "/readyz": {"get": op(
             "Readiness: the database answers and every migration is applied", "ops",

@@ -5,6 +5,7 @@
     failures.py     transient or permanent: what a failed write means
     messages.py, threads.py, arena.py, keys.py, limits.py, usage.py, activity.py,
     instances.py, leaderboard.py, models.py, secrets.py   SQL by table family
+    erasure.py      every row that names a user, deleted in one transaction
 
 Every statement that reads or writes a user's rows checks that user in the same statement.
 """
@@ -14,6 +15,7 @@ __all__ = [
     "arena",
     "background",
     "db",
+    "erasure",
     "failures",
     "instances",
     "keys",

@@ -6,6 +6,7 @@
     ws.py          WebSocket chat: the same turns and events as JSON frames
     keys.py        API keys: create, list, revoke
     account.py     /api/me and the caller's usage
+    erasure.py     DELETE /api/admin/users/{id}: erase a user and everything that names them
     bodies.py      the request bodies shared by chat, arena and WebSocket
     playground.py  the HTML playground at /
     docs.py        Swagger UI at /docs
@@ -18,6 +19,7 @@ __all__ = [
     "bodies",
     "chat",
     "docs",
+    "erasure",
     "keys",
     "ops",
     "playground",
