@@ -8,6 +8,7 @@ and an audit entry records the erasure without content.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import asyncpg
@@ -16,8 +17,9 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from gateway.fleet.wire import stream_key
-from gateway.state import ACTIVITY
+from gateway.state import ACTIVITY, GENERATIONS, USAGE
 from tests.support.arena import demo_models_toml, unique
+from tests.support.chat import accept
 from tests.support.cli import cli_env, run_cli
 from tests.support.common import MakeClient, User, wait_for
 from tests.support.erasure import populate, report, rows_naming, second_key
@@ -135,3 +137,27 @@ async def test_the_command_line_erases_a_user_and_writes_the_audit_entry(
 
     again = await run_cli(tmp_path, cli_env(database_url), "users", "erase", str(victim.id))
     assert (again.returncode, again.stderr.strip()) == (1, f"no user {victim.id}")
+
+
+async def test_a_live_reply_on_another_instance_is_cancelled_and_erased_with_its_user(
+        make_client: MakeClient, make_user, stepped, db: asyncpg.Pool):
+    up = await stepped(["never ", "finished"], holds=(2,))  # the role chunk and one text, then it holds
+    env = {"OPENAI_BASE_URL": up.base_url, "OPENAI_MODEL": "fake", "SWEEP_S": "1000"}
+    a, b = await make_client(**env), await make_client(**env)
+    admin: User = await make_user(scopes=("chat", "admin"))
+    victim: User = await make_user()
+    mid = (await accept(b, victim, "cut me off"))["assistant_message_id"]
+
+    async def streaming() -> bool:
+        return await db.fetchval("SELECT status FROM messages WHERE id = $1", uuid.UUID(mid)) == "streaming"
+
+    await wait_for(streaming)
+    resp = await a.delete(f"/api/admin/users/{victim.id}", headers=admin.headers)
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert (body["erased"]["messages"], body["erased"]["threads"], body["keys_revoked"]) == (2, 1, 1)
+    assert b.app[GENERATIONS].get(uuid.UUID(mid)) is None  # cancelled on B, not left generating
+    up.release()
+    await b.app[USAGE].flush()
+    await asyncio.sleep(0.2)
+    assert await rows_naming(db, victim.id) == {}
