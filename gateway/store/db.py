@@ -104,7 +104,8 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Released connections skip asyncpg's reset query (a round trip on every release): nothing
     here leaves session state behind — no SET, LISTEN only on dedicated connections, and every
-    advisory lock taken on a pooled connection is released in a `finally`."""
+    advisory lock taken on a pooled connection is a transaction lock (which is also what lets the
+    pool sit behind a transaction pooler)."""
 
 
 async def create_pool(url: str, min_size: int = 2, max_size: int = 20, *, pooler: bool = False) -> asyncpg.Pool:

@@ -1,7 +1,8 @@
 """Behind PgBouncer in transaction pooling: `DATABASE_URL` names the pooler, `DATABASE_DIRECT_URL`
 the server. Two instances share four server connections through the pooler; their turns run with
 no error, revocation and cancel still cross instances (LISTEN rides the direct connection), the
-quota slices stay exact, and a fresh database is migrated through the direct URL."""
+quota slices stay exact, a dead instance's reply is swept through the pooler, and a fresh database
+is migrated through the direct URL."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from aiohttp.test_utils import TestClient
 
 from gateway.state import DB, INSTANCE, POLICY
 from gateway.store.db import Database
-from tests.support.chat import accept, stream_path, wait_finished
+from tests.support.chat import accept, row, stream_path, wait_finished
 from tests.support.common import MakeClient, User, wait_for
 from tests.support.database import fresh_database
 from tests.support.fleet import SteppedUpstream, read_events
 from tests.support.pgbouncer import PgBouncer
-from tests.support.quota import TOML, WORST, busy, caller, day, settled, turn
+from tests.support.quota import TOML, WORST, busy, caller, day, dead, settled, turn
 
 pytestmark = pytest.mark.processes  # starts pgbouncer
 
@@ -124,3 +125,23 @@ async def test_a_fresh_database_behind_the_pooler_is_migrated_through_the_direct
             await conn.close()
         assert applied > 0
         await client.close()
+
+
+async def test_a_dead_instances_reply_is_swept_through_the_pooler(
+        pgbouncer: PgBouncer, make_client: MakeClient, stepped, user: User, db: asyncpg.Pool, database_url: str):
+    up: SteppedUpstream = await stepped(TEXTS, holds=(3,))
+    env = {**pooled(pgbouncer, database_url), "OPENAI_BASE_URL": up.base_url, "OPENAI_MODEL": "fake",
+           "CHECKPOINT_S": "0.05"}
+    a, b = await make_client(**env), await make_client(**env)
+    mid = (await accept(a, user, "then a dies"))["assistant_message_id"]
+
+    async def checkpointed() -> bool:
+        return (await row(db, mid))["content"] == "".join(TEXTS[:2])
+
+    await wait_for(checkpointed)
+    await dead(db, a)  # its lock's direct connection cut: to b it is gone
+    await b.app[INSTANCE].sweep()  # the dead owner's lock for one transaction, through PgBouncer
+    swept = await row(db, mid)
+    assert (swept["status"], swept["content"]) == ("interrupted", "".join(TEXTS[:2]))
+    assert await db.fetchval("SELECT estimated FROM usage WHERE message_id = $1", uuid.UUID(mid)) is True
+    up.release()
