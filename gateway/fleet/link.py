@@ -87,7 +87,11 @@ class RedisLink:
     async def ping(self) -> bool:
         try:
             async with asyncio.timeout(1):
-                await (await self.ready()).ping()
+                client = await self.ready()
+                if self.cluster:  # every master: a cluster with one away cannot serve its slots
+                    await client.ping(target_nodes=RedisCluster.PRIMARIES)
+                else:
+                    await client.ping()
         except REDIS_DOWN as e:
             self.failed(e)
             return False

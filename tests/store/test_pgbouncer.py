@@ -1,5 +1,5 @@
 """Behind PgBouncer in transaction pooling: `DATABASE_URL` names the pooler, `DATABASE_DIRECT_URL`
-the server. Two instances share four server connections through the pooler; their turns run with
+the server. Two instances share ten server connections through the pooler; their turns run with
 no error, revocation and cancel still cross instances (LISTEN rides the direct connection), the
 quota slices stay exact, a dead instance's reply is swept through the pooler, and a fresh database
 is migrated through the direct URL."""
@@ -90,8 +90,15 @@ async def test_a_cancel_on_one_pooled_instance_stops_the_reply_on_the_other_with
     mid = (await accept(a, user, "stop it"))["assistant_message_id"]
     on_a = await a.get(stream_path(mid), headers=user.headers)
     await read_events(on_a, 3)  # retry + metadata, 2 deltas: A is generating
-    async with asyncio.timeout(1.0):
-        resp = await b.post(f"/api/messages/{mid}/cancel", headers=user.headers)
+    # B asks (NOTIFY through the pooler), A hears it on its direct connection and stops the reply
+    asked = asyncio.ensure_future(b.post(f"/api/messages/{mid}/cancel", headers=user.headers))
+
+    async def cancelled() -> bool:
+        return (await row(db, mid))["status"] == "cancelled"
+
+    await wait_for(cancelled, timeout=1.0)
+    async with asyncio.timeout(10):  # B answers once it has seen the finish (it follows the row)
+        resp = await asked
         answer = await resp.json()
     assert (resp.status, answer["status"], answer["content"]) == (200, "cancelled", "".join(TEXTS[:2]))
     up.release()
@@ -140,7 +147,12 @@ async def test_a_dead_instances_reply_is_swept_through_the_pooler(
 
     await wait_for(checkpointed)
     await dead(db, a)  # its lock's direct connection cut: to b it is gone
-    await b.app[INSTANCE].sweep()  # the dead owner's lock for one transaction, through PgBouncer
+
+    async def swept_by_b() -> bool:  # the terminated backend lets go of a's lock a moment later
+        await b.app[INSTANCE].sweep()  # the dead owner's lock for one transaction, through PgBouncer
+        return (await row(db, mid))["status"] != "streaming"
+
+    await wait_for(swept_by_b)
     swept = await row(db, mid)
     assert (swept["status"], swept["content"]) == ("interrupted", "".join(TEXTS[:2]))
     assert await db.fetchval("SELECT estimated FROM usage WHERE message_id = $1", uuid.UUID(mid)) is True

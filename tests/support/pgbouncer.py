@@ -2,9 +2,10 @@
 
 `PgBouncer(tmp, server_url)` writes its ini and user list under `tmp`, starts it in the foreground
 on a free port and waits until it listens; `url(database)` is the pooled URL of one database,
-`stop()` ends it. Few server connections per database (`pool_size`), so that the clients' transactions
-really do share server sessions. As root it runs as `nobody` (it refuses to run as root). Never
-skipped: without the binary this fails, and says how to install it.
+`stop()` ends it. Few server connections per database (`pool_size`, opened ahead), fewer than two
+instances' pools ask for, so that the clients' transactions really do share server sessions. As
+root it runs as `nobody` (it refuses to run as root). Never skipped: without the binary this
+fails, and says how to install it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ auth_type = trust
 auth_file = {users}
 pool_mode = transaction
 default_pool_size = {pool_size}
+min_pool_size = {pool_size}
 max_client_conn = 1000
 server_reset_query =
 ignore_startup_parameters = extra_float_digits
@@ -41,7 +43,7 @@ ignore_startup_parameters = extra_float_digits
 
 
 class PgBouncer:
-    def __init__(self, tmp: Path, server_url: str, pool_size: int = 4) -> None:
+    def __init__(self, tmp: Path, server_url: str, pool_size: int = 10) -> None:
         binary = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
         if not Path(binary).exists():
             raise AssertionError("pgbouncer is missing: apt-get install pgbouncer (.ci/run does)")
