@@ -95,7 +95,7 @@ def serve(settings: Settings, reuse_port: bool = False) -> int:
 async def run_migrations(settings: Settings) -> list[str]:
     db = await open_database(settings)
     try:
-        async with db.pool.acquire() as conn:
+        async with db.session() as conn:  # the migration lock is a session lock
             return await migrate(conn)
     finally:
         await db.close()
@@ -104,7 +104,7 @@ async def run_migrations(settings: Settings) -> list[str]:
 async def create_key(settings: Settings, name: str, scopes: list[str], user_id: uuid.UUID | None) -> str:
     db = await open_database(settings)
     try:
-        async with db.pool.acquire() as conn:
+        async with db.session() as conn:  # the migration lock is a session lock
             await migrate(conn)
         _, key = await create_user_with_key(db.pool, name, scopes, user_id)
         return key
@@ -147,6 +147,11 @@ def command(argv: list[str] | None) -> int:
     list_p.add_argument("--user-id", type=uuid.UUID, help="only this user's keys")
     revoke_p = keys_sub.add_parser("revoke", help="revoke a key and the keys issued under it")
     revoke_p.add_argument("key", metavar="KEY", help="the key's id, prefix (gwk_...) or name, as `keys list` shows")
+    users_p = sub.add_parser("users", help="manage users")
+    users_sub = users_p.add_subparsers(dest="users_command", required=True)
+    erase_p = users_sub.add_parser("erase", help="delete every row and reply stream that names the user; "
+                                                 "their usage stays as totals naming nobody")
+    erase_p.add_argument("user_id", type=uuid.UUID, metavar="USER_ID")
     usage_p = sub.add_parser("usage", help="tokens, cost and requests per day (or model), every user")
     usage_p.add_argument("--days", type=cli.days, default=7, metavar="N", help="1-366 (7)")
     usage_p.add_argument("--by", choices=["day", "model"], default="day")
@@ -190,6 +195,10 @@ def command(argv: list[str] | None) -> int:
     elif args.command == "keys":
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
         print(asyncio.run(create_key(settings, args.name, scopes, args.user_id)))
+    elif args.command == "users":
+        status, message = cli.run(settings, lambda db: cli.users_erase(db, settings, args.user_id))
+        print(message, file=sys.stderr if status else sys.stdout)
+        return status
     elif args.command == "usage":
         print(cli.run(settings, lambda db: cli.usage(db, args.days, args.by, args.user_id)))
     elif args.command == "leaderboard":

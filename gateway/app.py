@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway.api.aisdk import chat as ai_sdk
 from gateway.api.anthropic import messages as anthropic_messages
-from gateway.api.native import account, admin, arena, chat, docs, keys, ops, playground, threads, ws
+from gateway.api.native import account, admin, arena, chat, docs, erasure, keys, ops, playground, threads, ws
 from gateway.api.openai import chat_completions as openai
 from gateway.api.openai import embeddings, responses
 from gateway.api.vendor_operations import describe_vendor_handlers
@@ -99,7 +99,7 @@ async def database(app: web.Application) -> AsyncIterator[None]:
     db = await open_database(settings)
     app[DB] = db
     try:
-        async with db.pool.acquire() as conn:
+        async with db.session() as conn:  # the migration lock is a session lock
             await migrate(conn)
         if settings.bootstrap_admin_key and not settings.jwt_enabled:
             key = await bootstrap_admin_key(db.pool)
@@ -155,7 +155,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         generations.publisher = publisher.changed
     remote = RemoteStreams(pool, link)
     app[REMOTE] = remote
-    instance = Instance(db.url, pool, finishes.replay_journal, generations.cancel, settings.sweep_s,
+    instance = Instance(db.session_url, pool, finishes.replay_journal, generations.cancel, settings.sweep_s,
                         on_key_revoked=auth.forget_key, on_reconnect=lambda: reconnected(),
                         on_quota_recall=lambda user_id: app[POLICY].recalled(user_id))
     app[INSTANCE] = instance
@@ -370,6 +370,7 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/api/admin/models", admin.models),
         web.get("/api/admin/audit", admin.audit),
         web.post("/api/admin/reload", admin.reload),
+        web.delete("/api/admin/users/{user_id}", erasure.erase_user),
         web.get("/healthz", ops.healthz),
         web.get("/readyz", ops.readyz),
         web.get("/openapi.json", get_openapi),

@@ -128,6 +128,10 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     database_url: Secret | None = None
+    # with DATABASE_URL pointing at a pooler (PgBouncer, transaction pooling): the server itself, for
+    # what needs one session (LISTEN, the instance lock, migrations); the pooled connections then
+    # keep no prepared statements on the server
+    database_direct_url: Secret | None = None
     data_dir: Path = Path(".gateway")
     db_pool_min: int = 2
     db_pool_max: int = 20
@@ -522,6 +526,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
     port_name = next((n for n in ("GATEWAY_PORT", "PORT") if env.get(n)), "[server] port")
     port_raw = env.get(port_name) if port_name != "[server] port" else server.get("port", 8080)
     database_url = env.get("DATABASE_URL")
+    database_direct_url = env.get("DATABASE_DIRECT_URL")
+    if database_direct_url and not database_url:
+        raise ConfigError("DATABASE_DIRECT_URL is set but DATABASE_URL is not: set both (the pooler and the server)")
     log_format = env.get("LOG_FORMAT", "text").strip().lower()
     if log_format not in ("text", "json"):
         raise ConfigError(f"LOG_FORMAT must be text or json, got {env['LOG_FORMAT']!r}")
@@ -535,6 +542,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         host=env.get("GATEWAY_HOST") or str(server.get("host", "127.0.0.1")),
         port=_int(port_name, port_raw, minimum=0),
         database_url=Secret(database_url) if database_url else None,
+        database_direct_url=Secret(database_direct_url) if database_direct_url else None,
         data_dir=Path(env.get("GATEWAY_DATA_DIR", ".gateway")),
         db_pool_min=_int("DB_POOL_MIN", env.get("DB_POOL_MIN", 2), minimum=0),
         db_pool_max=_int("DB_POOL_MAX", env.get("DB_POOL_MAX", 20), minimum=1),

@@ -215,3 +215,14 @@ def test_secrets_never_print_their_value():
 def test_an_unknown_key_stops_the_start_naming_its_path_and_the_nearest_valid_name(
         config_file: ConfigFile, toml: str, expected: str):
     assert config_error({"GATEWAY_CONFIG": config_file(toml)}) == expected
+
+
+def test_a_direct_database_url_is_read_beside_the_pooled_one_and_needs_it():
+    s = Settings.from_env({"DATABASE_URL": "postgresql://app:pool-pass-41@pgbouncer:6432/app",
+                           "DATABASE_DIRECT_URL": "postgresql://app:direct-pass-17@db:5432/app"})
+    assert s.database_direct_url is not None
+    assert s.database_direct_url.reveal() == "postgresql://app:direct-pass-17@db:5432/app"
+    assert "direct-pass-17" not in repr(s)
+    assert Settings.from_env({"DATABASE_URL": "postgresql://db/app"}).database_direct_url is None
+    assert config_error({"DATABASE_DIRECT_URL": "postgresql://db/app"}) == (
+        "DATABASE_DIRECT_URL is set but DATABASE_URL is not: set both (the pooler and the server)")

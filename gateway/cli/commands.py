@@ -1,4 +1,4 @@
-"""The operator's commands beside `serve`: keys list / revoke, usage, leaderboard, printed as tables.
+"""The operator's commands beside `serve`: keys list / revoke, users erase, usage, leaderboard, printed as tables.
 
 They talk to the database directly (the same one the gateway uses: DATABASE_URL, or the embedded
 server under the data directory), so they work with the gateway stopped, and see every user.
@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 
 from gateway.config import Settings
 from gateway.policy.admission import utc_now
+from gateway.service import erasure
 from gateway.service.leaderboard import PROVISIONAL_BELOW, leaderboard
 from gateway.store import keys as keys_store
 from gateway.store import usage as usage_store
 from gateway.store.db import Database, migrate, open_database
+from gateway.store.erasure import AuditEntry
 from gateway.store.leaderboard import battles
 
 T = TypeVar("T")
@@ -63,7 +65,7 @@ def _cell(value: object) -> str:
 async def with_database(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
     db = await open_database(settings)
     try:
-        async with db.pool.acquire() as conn:
+        async with db.session() as conn:  # the migration lock is a session lock
             await migrate(conn)
         return await work(db)
     finally:
@@ -100,6 +102,29 @@ async def keys_revoke(db: Database, ref: str) -> tuple[int, str]:
         return 1, f"no key {key['id']}"
     return 0, (f"revoked {key['id']}"
                + (f" and {len(revoked) - 1} key(s) issued under it" if len(revoked) > 1 else ""))
+
+
+async def users_erase(db: Database, settings: Settings, user_id: uuid.UUID) -> tuple[int, str]:
+    """(exit status, message): erases the user (gateway/service/erasure.py); with REDIS_URL, their
+    reply streams too. The audit entry's actor is the nil UUID: the operator, not a user."""
+    link = None
+    if settings.redis_url is not None:
+        from gateway.fleet.link import RedisLink
+
+        link = RedisLink(settings.redis_url.reveal())
+    audit = AuditEntry(at=utc_now(), actor=uuid.UUID(int=0), api_key_id=None, method="CLI",
+                       path=f"users erase {user_id}")
+    try:
+        done = await erasure.erase_user(db.pool, user_id, link=link, audit=audit)
+    finally:
+        if link is not None:
+            await link.close()
+    if done is None:
+        return 1, f"no user {user_id}"
+    counts = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in done.erased.as_dict().items())
+    streams = "redis unavailable: streams expire by themselves" if done.redis_streams is None else (
+        f"{done.redis_streams} redis streams")
+    return 0, f"erased user {user_id}: {counts}; {done.keys_revoked} keys revoked; {streams}"
 
 
 async def usage(db: Database, days: int, by: str, user_id: uuid.UUID | None) -> str:

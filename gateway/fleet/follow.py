@@ -124,8 +124,8 @@ class Feed:
 
     async def _read(self, link: RedisLink, key: str, block_ms: int | None) -> Entries:
         """The stream's entries after the feed's position (RESP2: [[key, entries]], or none)."""
-        got = await link.client.xread({key: after_id(len(self.events) - 1)}, count=1000, block=block_ms)
-        return cast(Entries, got[0][1]) if got else []  # type: ignore[index]
+        got = await (await link.ready()).xread({key: after_id(len(self.events) - 1)}, count=1000, block=block_ms)
+        return cast(Entries, got[0][1]) if got else []
 
     def _take(self, entries: Entries) -> bool:
         """Append entries that continue the feed; False when they do not."""

@@ -140,28 +140,25 @@ class Instance:
         """A dead instance's live replies: interrupted with their last checkpoint, and their usage
         settled to an estimate (flagged) — which also hands back what their admission reserved —
         in one transaction, exactly once (the usage row's key)."""
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # the owner's lock for this transaction only: a session lock would need one server session
             if not await sql.try_lock(conn, owner):
                 return  # alive: it holds its own lock
-            try:
-                async with conn.transaction():
-                    # leases first: their counters are locked before any day row, as admission does
-                    leases = await limits_sql.release_instance(conn, owner)
-                    swept = await sql.interrupt_dead(conn, owner)
-                    records = [settled_usage(row) for row in swept]
-                    if records:
-                        await record_usage_many(conn, records)
-                        await sql.set_estimated_usage(
-                            conn, [(r.message_id, r.prompt_tokens, r.completion_tokens) for r in records])
-                    # last: the settlements above took their shares off the slices' rows; the rest goes back
-                    slices = await limits_sql.reclaim_quota(conn, owner)
-                log.warning("instance %s is gone: %d live replies interrupted", owner, len(swept))
-                if leases:
-                    log.warning("instance %s is gone: %d stream leases given back", owner, leases)
-                if slices:
-                    log.warning("instance %s is gone: %d quota slices given back", owner, slices)
-            finally:
-                await sql.unlock(conn, owner)
+            # leases first: their counters are locked before any day row, as admission does
+            leases = await limits_sql.release_instance(conn, owner)
+            swept = await sql.interrupt_dead(conn, owner)
+            records = [settled_usage(row) for row in swept]
+            if records:
+                await record_usage_many(conn, records)
+                await sql.set_estimated_usage(
+                    conn, [(r.message_id, r.prompt_tokens, r.completion_tokens) for r in records])
+            # last: the settlements above took their shares off the slices' rows; the rest goes back
+            slices = await limits_sql.reclaim_quota(conn, owner)
+        log.warning("instance %s is gone: %d live replies interrupted", owner, len(swept))
+        if leases:
+            log.warning("instance %s is gone: %d stream leases given back", owner, leases)
+        if slices:
+            log.warning("instance %s is gone: %d quota slices given back", owner, slices)
 
     async def _round(self, *, reconnect: bool = True) -> Failure | None:
         """One sweep (after making sure our lock is held): None, or how it failed (logged)."""

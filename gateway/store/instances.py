@@ -67,12 +67,9 @@ async def hold_lock(conn: asyncpg.Connection, instance_id: uuid.UUID) -> None:
 
 
 async def try_lock(conn: asyncpg.Connection, instance_id: uuid.UUID) -> bool:
-    """Take the instance's lock if nobody holds it: true means its owner is gone."""
-    return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(instance_id)))
-
-
-async def unlock(conn: asyncpg.Connection, instance_id: uuid.UUID) -> None:
-    await conn.execute("SELECT pg_advisory_unlock($1)", lock_key(instance_id))
+    """Inside a transaction: take the instance's lock until it ends, if nobody holds it — true means
+    its owner is gone. A transaction lock, so a pooler in transaction pooling may carry it."""
+    return bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock_key(instance_id)))
 
 
 async def ping(conn: asyncpg.Connection) -> None:

@@ -250,9 +250,17 @@ async def usage_report(pool: asyncpg.Pool, user_id: uuid.UUID | None, start: dat
                sum(u.input_tokens)::bigint AS input_tokens, sum(u.cached_tokens)::bigint AS cached_tokens,
                sum(u.cache_write_tokens)::bigint AS cache_write_tokens,
                sum(u.reasoning_tokens)::bigint AS reasoning_tokens,
-               sum(u.cost_usd)::float8 AS cost_usd, count(*) AS requests
-        FROM usage u
-        WHERE ($1::uuid IS NULL OR u.user_id = $1) AND u.created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
-          AND u.created_at < ($3::date + 1)::timestamp AT TIME ZONE 'UTC'
+               sum(u.cost_usd)::float8 AS cost_usd, sum(u.requests)::bigint AS requests
+        FROM (SELECT message_id, created_at, model, prompt_tokens, completion_tokens, total_tokens, input_tokens,
+                     cached_tokens, cache_write_tokens, reasoning_tokens, cost_usd, 1 AS requests
+              FROM usage
+              WHERE ($1::uuid IS NULL OR user_id = $1) AND created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
+                AND created_at < ($3::date + 1)::timestamp AT TIME ZONE 'UTC'
+              UNION ALL  -- everybody's report: erased users' usage, as totals naming nobody
+              SELECT NULL, day::timestamp AT TIME ZONE 'UTC', model, prompt_tokens, completion_tokens, total_tokens,
+                     prompt_tokens - cached_tokens - cache_write_tokens, cached_tokens, cache_write_tokens,
+                     reasoning_tokens, cost_usd, requests
+              FROM erased_usage
+              WHERE $1::uuid IS NULL AND day BETWEEN $2 AND $3) u
         GROUP BY {order} ORDER BY {order}""", user_id, start, end)
     return [dict(r) for r in rows]

@@ -7,6 +7,7 @@
     keys.py        API keys: create, list, revoke
     account.py     /api/me and the caller's usage
     admin.py       the operator's API: model health, the audit trail, configuration reload
+    erasure.py     DELETE /api/admin/users/{id}: erase a user and everything that names them
     bodies.py      the request bodies shared by chat, arena and WebSocket
     playground.py  the HTML playground at /
     docs.py        Swagger UI at /docs
@@ -20,6 +21,7 @@ __all__ = [
     "bodies",
     "chat",
     "docs",
+    "erasure",
     "keys",
     "ops",
     "playground",
