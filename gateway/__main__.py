@@ -1,4 +1,4 @@
-"""Command line: `python -m gateway [serve]`, `migrate`, `keys create|list|revoke`, `usage`, `leaderboard`
+"""Command line: `python -m gateway [serve]`, `migrate`, `keys create|list|revoke`, `usage [export]`, `leaderboard`
 (the tables: gateway/cli/commands.py)."""
 
 from __future__ import annotations
@@ -118,8 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     revoke_p.add_argument("key_id", type=uuid.UUID, metavar="ID")
     usage_p = sub.add_parser("usage", help="tokens, cost and requests per day (or model), every user")
     usage_p.add_argument("--days", type=cli.days, default=7, metavar="N", help="1-366 (7)")
-    usage_p.add_argument("--by", choices=["day", "model"], default="day")
+    usage_p.add_argument("--by", choices=["day", "model", "key"], default="day")
     usage_p.add_argument("--user-id", type=uuid.UUID, help="only this user")
+    usage_sub = usage_p.add_subparsers(dest="usage_command")
+    export_p = usage_sub.add_parser("export", help="every reply's usage, one line each, to stdout")
+    export_p.add_argument("--from", dest="start", type=cli.day, metavar="YYYY-MM-DD", 
+                          help="first UTC day (30 days ago)")
+    export_p.add_argument("--to", dest="end", type=cli.day, metavar="YYYY-MM-DD", help="last UTC day (today)")
+    export_p.add_argument("--format", choices=["csv", "ndjson"], default="csv")
+    export_p.add_argument("--user-id", dest="export_user", type=uuid.UUID, help="only this user (every user)")
     board_p = sub.add_parser("leaderboard", help="arena ratings with 95%% intervals")
     board_p.add_argument("--include-named", action="store_true", help="count non-anonymous comparisons too")
     board_p.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (200)")
@@ -158,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "keys":
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
         print(asyncio.run(create_key(settings, args.name, scopes, args.user_id)))
+    elif args.command == "usage" and args.usage_command == "export":
+        status, message = cli.run(settings, lambda db: cli.usage_export(db, args.start, args.end, args.format,
+                                                                        args.export_user, sys.stdout.buffer))
+        if message:
+            print(message, file=sys.stderr)
+        return status
     elif args.command == "usage":
         print(cli.run(settings, lambda db: cli.usage(db, args.days, args.by, args.user_id)))
     elif args.command == "leaderboard":

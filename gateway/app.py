@@ -311,6 +311,7 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/api/leaderboard", arena.get_leaderboard),
         web.get("/api/me", account.me),
         web.get("/api/usage", account.usage),
+        web.get("/api/usage/export", account.usage_export),
         web.get("/healthz", ops.healthz),
         web.get("/readyz", ops.readyz),
         web.get("/openapi.json", get_openapi),

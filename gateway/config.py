@@ -103,6 +103,11 @@ class LimitsConfig:
     downgrade_at: float | None = None  # "nearly": this fraction of daily_tokens (0..1)
     daily_cost_usd: float | None = None  # per user per UTC day, at the models' prices
     quota_leases: bool = True  # busy callers are admitted from slices leased ahead (gateway/policy/quota.py)
+    # budgets per user by UTC calendar month and for the user's whole life (tokens, USD)
+    monthly_tokens: int | None = None
+    monthly_cost_usd: float | None = None
+    total_tokens: int | None = None
+    total_cost_usd: float | None = None
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,8 @@ _PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay
 _MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", "kind", "deployments", *_MODEL_FLOATS)
 _DEPLOYMENT_KEYS = ("provider", "upstream", "weight")
 _LIMIT_KEYS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "downgrade_model",
-               "downgrade_at", "daily_cost_usd", "quota_leases")
+               "downgrade_at", "daily_cost_usd", "quota_leases", "monthly_tokens", "monthly_cost_usd",
+               "total_tokens", "total_cost_usd")
 
 
 def _known_keys(where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -464,7 +470,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
     _known_keys("[limits] ", limits_doc, _LIMIT_KEYS)
     limit_ints: dict[str, Any] = {k: _int(f"[limits] {k}", limits_doc[k], minimum=1)
                                   for k in ("requests_per_minute", "daily_tokens", "max_concurrent_streams",
-                                            "max_tokens") if k in limits_doc}
+                                            "max_tokens", "monthly_tokens", "total_tokens") if k in limits_doc}
     downgrade_model = limits_doc.get("downgrade_model")
     if downgrade_model is not None and downgrade_model not in models:
         raise ConfigError(f"[limits] downgrade_model {downgrade_model!r} is not a declared model")
@@ -475,12 +481,19 @@ def _parse(env: Mapping[str, str]) -> Settings:
         else None
     if daily_cost is not None and not 0 < daily_cost < 1e8:
         raise ConfigError("[limits] daily_cost_usd must be a positive number of dollars below 100000000")
+    budgets_usd: dict[str, Any] = {}
+    for name in ("monthly_cost_usd", "total_cost_usd"):
+        if name in limits_doc:
+            usd = _float(f"[limits] {name}", limits_doc[name])
+            if not 0 < usd < 1e8:
+                raise ConfigError(f"[limits] {name} must be a positive number of dollars below 100000000")
+            budgets_usd[name] = usd
     leasing = limits_doc.get("quota_leases", True)
     if not isinstance(leasing, bool):
         raise ConfigError("[limits] quota_leases must be true or false")
     limits = LimitsConfig(**limit_ints, downgrade_model=downgrade_model,
                           downgrade_at=downgrade_at if downgrade_model else None, daily_cost_usd=daily_cost,
-                          quota_leases=leasing)
+                          quota_leases=leasing, **budgets_usd)
 
     jwt_secret = env.get("JWT_SECRET")
     jwks_url = env.get("JWKS_URL") or None

@@ -37,11 +37,11 @@ async def test_keys_list_prints_a_users_keys_newest_first_and_never_a_secret(tmp
     scopes_w = len("chat,arena")
     expected = [
         f"{'id':<36}  {'prefix':<12}  {'name':<{name_w}}  {'user':<36}  {'scopes':<{scopes_w}}  {'created':<16}  "
-        "last used  revoked",
-        "  ".join("-" * w for w in (36, 12, name_w, 36, scopes_w, 16, 9, 7)),
+        "last used  revoked  today      month      total",
+        "  ".join("-" * w for w in (36, 12, name_w, 36, scopes_w, 16, 9, 7, 9, 9, 9)),
         *(f"{r['id']}  {r['prefix']:<12}  {r['name']:<{name_w}}  {user_id}  {','.join(r['scopes']):<{scopes_w}}  "
-          f"{when(r['created_at'])}  -          -" for r in rows),
-        "2 key(s)"]
+          f"{when(r['created_at'])}  -          -        0 / $0.00  0 / $0.00  0 / $0.00" for r in rows),
+        "2 key(s); spend in tokens / USD, a key's including its descendants'"]
     assert run.stdout.splitlines() == expected
     assert first not in run.stdout and second not in run.stdout  # the prefix only, never the key
 

@@ -13,7 +13,8 @@ ancestors:
 - its scopes are within its parent's (403 otherwise), its expiry is no later (it defaults to the
   parent's), and each limit the parent has is a ceiling for the child's (403 when asked for more);
 - its usage counts against its own limits and every ancestor's, in the same atomic admission: a
-  parent's daily tokens, daily cost (`daily_cost_usd`), requests per minute and concurrent streams
+  parent's daily tokens, daily cost (`daily_cost_usd`), month and lifetime budgets (`monthly_tokens`,
+  `monthly_cost_usd`, `total_tokens`, `total_cost_usd`), requests per minute and concurrent streams
   are shared by its whole subtree, never multiplied
   (a limit the child does not set is bounded by the ancestor's, so it is not copied onto the child);
   its `max_tokens` and `models` are bounded by every ancestor's too;
@@ -35,17 +36,20 @@ from gateway.edge.auth import Principal
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from gateway.state import AUTH, DB
 from gateway.store import keys as key_store
+from gateway.store import usage as usage_store
 
 SCOPES = ("chat", "arena", "admin")
 DEFAULT_SCOPES = ("chat", "arena")
 NAME_MAX = 100
 # integers the policy passes to SQL as `integer`
-LIMIT_INTS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")
+LIMIT_INTS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "monthly_tokens",
+              "total_tokens")
 LIMIT_MAX = 2**31 - 1
 # dollars per UTC day, kept in numeric(16, 8) columns (sql/0010)
-LIMIT_USD = ("daily_cost_usd",)
+LIMIT_USD = ("daily_cost_usd", "monthly_cost_usd", "total_cost_usd")
 USD_MAX = 1e8
 MODELS_MAX = 100
+_NO_SPEND = {period: {"tokens": 0, "cost_usd": 0.0} for period in ("today", "month", "total")}
 
 
 def parse_scopes(raw: Any) -> list[str] | None:
@@ -189,7 +193,12 @@ async def list_keys(request: web.Request) -> web.Response:
         raise Forbidden("only an admin may list every key")
     # a key without admin sees itself alone: not its user's other keys
     only = principal.api_key_id if principal.api_key_id is not None and "admin" not in principal.scopes else None
-    rows = await key_store.list_keys(request.app[DB].pool, None if every == "true" else principal.user_id, only)
+    pool, owner = request.app[DB].pool, None if every == "true" else principal.user_id
+    rows = await key_store.list_keys(pool, owner, only)
+    # each key's spend today, this month and in its life (its subtree's, as its limits count it)
+    spend = await usage_store.key_spend(pool, [r["id"] for r in rows], owner, datetime.now(UTC).date())
+    for row in rows:
+        row["spend"] = spend.get(row["id"], _NO_SPEND)
     return json_response({"keys": rows})
 
 
