@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     usage_p.add_argument("--user-id", type=uuid.UUID, help="only this user")
     usage_sub = usage_p.add_subparsers(dest="usage_command")
     export_p = usage_sub.add_parser("export", help="every reply's usage, one line each, to stdout")
-    export_p.add_argument("--from", dest="start", type=cli.day, metavar="YYYY-MM-DD", 
+    export_p.add_argument("--from", dest="start", type=cli.day, metavar="YYYY-MM-DD",
                           help="first UTC day (30 days ago)")
     export_p.add_argument("--to", dest="end", type=cli.day, metavar="YYYY-MM-DD", help="last UTC day (today)")
     export_p.add_argument("--format", choices=["csv", "ndjson"], default="csv")

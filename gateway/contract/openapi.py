@@ -200,6 +200,11 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         **{name: nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX})
            for name in ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")},
         "daily_cost_usd": nullable({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100000000}),
+        # budgets by UTC month and for life (docs/budgets.md)
+        **{name: nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX})
+           for name in ("monthly_tokens", "total_tokens")},
+        **{name: nullable({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100000000})
+           for name in ("monthly_cost_usd", "total_cost_usd")},
         "models": nullable({"type": "array", "minItems": 1, "maxItems": 100,
                             "items": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NO_NUL}}),
     }, additionalProperties=False)
@@ -211,6 +216,9 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         "scopes": {"type": "array", "items": {"enum": ["chat", "arena", "admin"]}},
         "limits": nullable({"type": "object"}), "expires_at": nullable(TIME), "revoked_at": nullable(TIME),
         "last_used_at": nullable(TIME), "created_at": TIME,
+        # what the key (with its descendants) has spent: GET /api/keys (docs/budgets.md)
+        "spend": obj({period: obj({"tokens": INT, "cost_usd": {"type": "number"}}, ("tokens", "cost_usd"))
+                      for period in ("today", "month", "total")}, ("today", "month", "total")),
     }, ("id", "user_id", "name", "prefix", "scopes", "limits", "expires_at", "revoked_at", "last_used_at",
         "created_at"))
     slot = obj({"message_id": UUID, "status": {"enum": MESSAGE_STATUSES}, "model": nullable(STRING),
@@ -423,8 +431,9 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
             "remaining": obj({"daily_tokens": nullable(INT)}, ("daily_tokens",)),
         }, ("user", "key", "limits", "today", "remaining")),
         "UsageReport": obj({
-            "from": DATE, "to": DATE, "group_by": {"enum": ["day", "model", "day,model"]},
-            "rows": {"type": "array", "items": obj({"day": DATE, "model": STRING, **usage_counts},
+            "from": DATE, "to": DATE, "group_by": {"enum": ["day", "model", "day,model", "key", "day,key"]},
+            "rows": {"type": "array", "items": obj({"day": DATE, "model": STRING, "key": nullable(UUID),
+                                                    **usage_counts},
                                                    tuple(usage_counts))},
             "totals": obj(usage_counts, tuple(usage_counts)),
         }, ("from", "to", "group_by", "rows", "totals")),
@@ -739,8 +748,19 @@ def _paths() -> dict[str, Any]:
             {**ok(200, "The report", "UsageReport"), **errors(400, 401, 503)},
             parameters=[query("from", DATE, "First day (default: 29 days before `to`)"),
                         query("to", DATE, "Last day (default: today); the range spans at most 366 days"),
-                        query("group_by", {"enum": ["day", "model", "day,model"], "default": "day"},
-                              "Grouping (day,model: a row per model and day)")])},
+                        query("group_by", {"enum": ["day", "model", "day,model", "key", "day,key"],
+                                           "default": "day"},
+                              "Grouping (day,model: a row per model and day; key, day,key: per API key)")])},
+        # -- budgets and spend: the usage export (added with the month and lifetime budgets) --------------
+        "/api/usage/export": {"get": op(
+            "Every reply's usage, one line each (CSV or NDJSON), streamed; admin: every user's", "account",
+            {"200": response("The lines, oldest first", {"text/csv": {"schema": STRING},
+                                                          "application/x-ndjson": {"schema": STRING}}),
+             **errors(400, 401, 503)},
+            parameters=[query("from", DATE, "First UTC day (default: 29 days before `to`)"),
+                        query("to", DATE, "Last UTC day (default: today)"),
+                        query("format", {"enum": ["csv", "ndjson"], "default": "csv"}, "Line format")])},
+        # -- end of the budgets block ------------------------------------------------------------------------
         "/healthz": {"get": op("Liveness", "ops", ok(200, "The process answers", "Status"), security=PUBLIC)},
         "/readyz": {"get": op(
             "Readiness: the database answers and every migration is applied", "ops",
