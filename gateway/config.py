@@ -6,10 +6,12 @@ start with the name of the offending variable (or TOML key) in the message.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import importlib.util
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -110,6 +112,20 @@ class LimitsConfig:
     total_cost_usd: float | None = None
 
 
+# -- webhooks ([[webhooks]]: docs/webhooks.md) ---------------------------------------------------
+WEBHOOK_EVENTS = ("budget.threshold", "budget.exhausted", "key.created", "key.revoked")
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """One endpoint: where events go, the secret that signs them (Standard Webhooks), which events."""
+
+    url: str
+    secret: Secret  # "whsec_" + base64 of the signing key
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    thresholds: tuple[float, ...] = (0.8,)  # budget.threshold fires as use passes each fraction
+
+
 @dataclass(frozen=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -160,6 +176,12 @@ class Settings:
     default_model: str = DEMO_MODEL
     router: Mapping[str, str] = field(default_factory=dict)
     limits: LimitsConfig = LimitsConfig()
+    # webhooks: the endpoints, how often the outbox is read, the first retry's delay (doubling up to
+    # an hour) and how long an event is retried before it is dead-lettered
+    webhooks: tuple[WebhookConfig, ...] = ()
+    webhook_poll_s: float = 1.0
+    webhook_retry_s: float = 5.0
+    webhook_give_up_s: float = 86400.0
     # the OTEL_* variables (tracing.py reads them; exporter headers are left to the SDK: they may hold keys)
     otel: Mapping[str, str] = field(default_factory=dict)
 
@@ -239,7 +261,8 @@ _MODEL_FLOATS = ("timeout_s", "connect_timeout_s", "first_token_timeout_s", "idl
 
 # Every key the file may hold, by table: a misspelt key (`fallback =`, `first_token_timout_s`, `[model.x]`)
 # would otherwise be ignored in silence and the gateway run with a default nobody chose.
-_TOP_KEYS = ("server", "providers", "models", "router", "limits")
+_TOP_KEYS = ("server", "providers", "models", "router", "limits", "webhooks")
+_WEBHOOK_KEYS = ("url", "secret", "events", "thresholds")
 _SERVER_KEYS = ("host", "port")
 _PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay_ms", "headers",
                   "send_stream_options", "send_max_completion_tokens")
@@ -248,6 +271,45 @@ _DEPLOYMENT_KEYS = ("provider", "upstream", "weight")
 _LIMIT_KEYS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "downgrade_model",
                "downgrade_at", "daily_cost_usd", "quota_leases", "monthly_tokens", "monthly_cost_usd",
                "total_tokens", "total_cost_usd")
+
+
+def _webhooks(raw: Any) -> tuple[WebhookConfig, ...]:
+    """[[webhooks]] entries: an http(s) url, a whsec_ secret, known event names, thresholds in (0, 1)."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError("GATEWAY_CONFIG: webhooks must be an array of tables ([[webhooks]])")
+    found: list[WebhookConfig] = []
+    for i, table in enumerate(raw):
+        where = f"[[webhooks]] #{i + 1}"
+        _known_keys(f"{where} ", table, _WEBHOOK_KEYS)
+        url = table.get("url")
+        parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"{where} url must be an http:// or https:// URL, got {url!r}")
+        if any(w.url == url for w in found):
+            raise ConfigError(f"{where} url {url!r} is configured twice")
+        secret = table.get("secret")
+        try:
+            ok = isinstance(secret, str) and secret.startswith("whsec_") and len(
+                base64.b64decode(secret.removeprefix("whsec_"), validate=True)) >= 24
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{where} secret must be whsec_ followed by the base64 of at least 24 bytes")
+        events = table.get("events", list(WEBHOOK_EVENTS))
+        if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
+            raise ConfigError(f"{where} events must be a non-empty list drawn from {list(WEBHOOK_EVENTS)}")
+        unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
+        if unknown:
+            raise ConfigError(f"{where} events: unknown {unknown}: allowed are {list(WEBHOOK_EVENTS)}")
+        thresholds = table.get("thresholds", [0.8])
+        if (not isinstance(thresholds, list) or not thresholds
+                or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1 for t in thresholds)):
+            raise ConfigError(f"{where} thresholds must be a non-empty list of fractions between 0 and 1, "
+                              f"got {thresholds!r}")
+        found.append(WebhookConfig(url=url, secret=Secret(secret),
+                                   events=tuple(e for e in WEBHOOK_EVENTS if e in events),
+                                   thresholds=tuple(sorted({float(t) for t in thresholds}))))
+    return tuple(found)
 
 
 def _known_keys(where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -495,6 +557,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
                           downgrade_at=downgrade_at if downgrade_model else None, daily_cost_usd=daily_cost,
                           quota_leases=leasing, **budgets_usd)
 
+    webhooks = _webhooks(doc.get("webhooks", []))
+
     jwt_secret = env.get("JWT_SECRET")
     jwks_url = env.get("JWKS_URL") or None
     if "JWT_ALGORITHMS" in env:
@@ -565,6 +629,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
         default_model=default_model,
         router=router,
         limits=limits,
+        webhooks=webhooks,
+        webhook_poll_s=_float("WEBHOOK_POLL_S", env.get("WEBHOOK_POLL_S", 1), minimum=0.01),
+        webhook_retry_s=_float("WEBHOOK_RETRY_S", env.get("WEBHOOK_RETRY_S", 5), minimum=0.01),
+        webhook_give_up_s=_float("WEBHOOK_GIVE_UP_S", env.get("WEBHOOK_GIVE_UP_S", 86400), minimum=0.01),
         otel=otel,
     )
 

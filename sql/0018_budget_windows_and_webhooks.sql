@@ -143,3 +143,29 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Webhooks: a durable outbox (gateway/webhooks/). One row per event and endpoint; a background
+-- worker on every instance claims due rows (FOR UPDATE SKIP LOCKED, then a claim that outlives the
+-- claiming transaction: `claimed_until`), so one instance at a time delivers a row, and a row
+-- whose instance died mid-delivery is taken up again once its claim runs out. Delivered at least
+-- once: `delivered_at` on a 2xx answer; otherwise retried with backoff (`next_attempt_at`) until
+-- the endpoint's retry period has passed, then dead-lettered (`dead_at`), kept for people to see.
+-- `dedupe` makes an event happen once per endpoint across the fleet (a budget threshold crossed
+-- this month, a key created): the unique index refuses its second insert.
+CREATE TABLE webhook_outbox (
+    id              text PRIMARY KEY,              -- the webhook-id header: msg_<uuid hex>
+    endpoint        text NOT NULL,                 -- the configured url it goes to
+    event           text NOT NULL,
+    payload         jsonb NOT NULL,                -- {"type", "timestamp", "data"}
+    dedupe          text NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    attempts        integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    claimed_until   timestamptz,
+    last_error      text,
+    delivered_at    timestamptz,
+    dead_at         timestamptz
+);
+CREATE UNIQUE INDEX webhook_outbox_once ON webhook_outbox (endpoint, dedupe);
+CREATE INDEX webhook_outbox_due ON webhook_outbox (next_attempt_at)
+    WHERE delivered_at IS NULL AND dead_at IS NULL;

@@ -1,4 +1,5 @@
-"""The operator's commands beside `serve`: keys list / revoke, usage, leaderboard, printed as tables.
+"""The operator's commands beside `serve`: keys list / revoke, usage (and its export), webhooks,
+leaderboard, printed as tables.
 
 They talk to the database directly (the same one the gateway uses: DATABASE_URL, or the embedded
 server under the data directory), so they work with the gateway stopped, and see every user.
@@ -21,6 +22,7 @@ from gateway.store import keys as keys_store
 from gateway.store import usage as usage_store
 from gateway.store.db import Database, migrate, open_database
 from gateway.store.leaderboard import battles
+from gateway.webhooks import outbox
 
 T = TypeVar("T")
 
@@ -134,6 +136,20 @@ async def usage_export(db: Database, start: date | None, end: date | None, fmt: 
         out.write(usage_store.export_lines([], fmt, header=True))
     out.flush()
     return 0, ""
+
+
+async def webhooks_list(db: Database, dead_only: bool) -> str:
+    """The newest webhook deliveries (dead letters only with `dead_only`)."""
+    rows = await outbox.listing(db.pool, dead_only=dead_only)
+    return table(["id", "event", "endpoint", "status", "attempts", "created", "last error"],
+                 [[r["id"], r["event"], r["endpoint"], r["status"], r["attempts"], r["created_at"], r["last_error"]]
+                  for r in rows]) + f"\n{len(rows)} {'dead letter(s)' if dead_only else 'delivery(ies)'}"
+
+
+async def webhooks_redeliver(db: Database, msg_id: str) -> tuple[int, str]:
+    if await outbox.redeliver(db.pool, msg_id):
+        return 0, f"{msg_id} will be delivered again"
+    return 1, f"no dead letter {msg_id}"
 
 
 async def leaderboard_table(db: Database, include_named: bool, rounds: int) -> str:

@@ -34,9 +34,10 @@ from gateway.api.common import caller, json_response, optional, parse_uuid, read
 from gateway.contract.native import check_text
 from gateway.edge.auth import Principal
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from gateway.state import AUTH, DB
+from gateway.state import AUTH, DB, SETTINGS
 from gateway.store import keys as key_store
 from gateway.store import usage as usage_store
+from gateway.webhooks import outbox
 
 SCOPES = ("chat", "arena", "admin")
 DEFAULT_SCOPES = ("chat", "arena")
@@ -178,6 +179,11 @@ async def create_key(request: web.Request) -> web.Response:
                 await key_store.upsert_user(conn, owner, None)  # an admin provisioning a new user, as the CLI does
             # made by a key: that key's child, in its tree for good
             row, key = await key_store.issue_key(conn, owner, name, scopes, expires_at, limits, principal.api_key_id)
+            # queued with the key, in its transaction: delivered later by the webhook worker
+            await outbox.enqueue(conn, request.app[SETTINGS].webhooks, [outbox.Event("key.created", {
+                "key_id": str(row["id"]), "user_id": str(owner), "name": name, "prefix": row["prefix"],
+                "scopes": row["scopes"], "parent_id": str(principal.api_key_id) if principal.api_key_id else None},
+                f"key.created:{row['id']}")])
     except key_store.ParentRevoked:
         raise Unauthorized("API key revoked") from None  # revoked since it authenticated
     row["key"] = key  # the only time it is shown
@@ -213,4 +219,6 @@ async def revoke_key(request: web.Request) -> web.Response:
         raise NotFound("key not found")  # somebody else's is not found either
     for key_hash in hashes:  # the key and its descendants: here at once; the other instances hear NOTIFYs
         request.app[AUTH].forget_key(key_hash)
+    await outbox.enqueue(request.app[DB].pool, request.app[SETTINGS].webhooks, [outbox.Event(
+        "key.revoked", {"key_id": str(key_id), "descendants_revoked": len(hashes) - 1}, f"key.revoked:{key_id}")])
     return web.Response(status=204)

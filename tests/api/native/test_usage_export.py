@@ -52,7 +52,7 @@ async def test_a_user_exports_their_own_usage_as_csv_and_an_admin_everybodys_as_
     lines = (await resp.text()).splitlines()
     assert lines == [HEADER, *(f"{m},{(START + timedelta(days=n)).isoformat()},{alice.id},{alice_key},demo,demo,"
                                "7,5,12,false,0.25" for m, n in zip(mine[:2], (0, 1), strict=True))]
-    assert list(csv.DictReader(io.StringIO("\n".join(lines))))[0]["message_id"] == str(mine[0])
+    assert next(iter(csv.DictReader(io.StringIO("\n".join(lines)))))["message_id"] == str(mine[0])
 
     resp = await client.get("/api/usage/export?from=2003-03-03&to=2003-03-09&format=ndjson", headers=admin.headers)
     assert resp.status == 200 and resp.headers["Content-Type"] == "application/x-ndjson"
