@@ -273,6 +273,9 @@ def _next_midnight(day: date) -> datetime:
     return datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
 
 
+_WINDOW_WORDS = {"daily": "daily", "monthly": "monthly", "total": "lifetime"}
+
+
 def next_month(day: date) -> datetime:
     """When the UTC month of `day` ends: a monthly budget's reset."""
     first = date(day.year + 1, 1, 1) if day.month == 12 else date(day.year, day.month + 1, 1)
@@ -598,13 +601,29 @@ class Policy:
                 await store.release(self._pool, user_id=principal.user_id, api_key_id=principal.api_key_id,
                                     day=day, user_tokens=reserved.user, key_tokens=reserved.key,
                                     user_cost=reserved.user_cost, key_cost=reserved.key_cost, lease=reserved.lease)
-                reset = _next_midnight(day)
                 what = "token" if capped and grant.tokens <= prompt_tokens else "cost"
-                raise TooManyRequests(f"daily {what} cap reached (too little left for this prompt)",
-                                      retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
-                                      reason=f"daily_{what}s" if what == "token" else "daily_cost")
+                span = self._window_of(limits, tokens=what == "token")
+                reset = (_next_midnight(day) if span == "daily" else next_month(day) if span == "monthly"
+                         else None)
+                retry = int((reset - now).total_seconds()) + 1 if reset is not None else LIFETIME_RETRY_S
+                raise TooManyRequests(f"{_WINDOW_WORDS[span]} {what} {'cap' if span == 'daily' else 'budget'} "
+                                      "reached (too little left for this prompt)", retry_after=retry, reset_at=reset,
+                                      reason=f"{span}_{'tokens' if what == 'token' else 'cost'}")
             reserved.max_tokens = room
         return reserved
+
+    @staticmethod
+    def _window_of(limits: Limits, *, tokens: bool) -> str:
+        """The shortest window with a cap of the kind that left too little: "daily", "monthly" or
+        "total" (the grant does not say which cap it was; the shortest is the likeliest)."""
+        budgets = [b for b in (limits.user_budgets, *(k.budgets for k in limits.key_chain)) if b is not None]
+        if tokens:
+            daily = limits.user_daily is not None or any(k.daily is not None for k in limits.key_chain)
+            monthly = any(b.monthly is not None for b in budgets)
+        else:
+            daily = limits.user_cost is not None or any(k.cost is not None for k in limits.key_chain)
+            monthly = any(b.monthly_cost is not None for b in budgets)
+        return "daily" if daily else "monthly" if monthly else "total"
 
     @staticmethod
     def _refusal(limit: Limit, limits: Limits, window: datetime, day: date, now: datetime) -> TooManyRequests:

@@ -151,3 +151,16 @@ async def test_a_bad_budget_in_a_keys_limits_is_a_400_naming_it_and_makes_no_key
         assert resp.status == 400
         assert field in (await resp.json())["error"]["message"]
     assert await db.fetchval("SELECT count(*) FROM api_keys WHERE user_id = $1", admin.id) == 1
+
+
+async def test_a_prompt_larger_than_what_a_lifetime_budget_has_left_is_refused_naming_it(
+        make_client: MakeClient, config_file: Any, user: User, db: asyncpg.Pool) -> None:
+    path = config_file(PRICED.format(name="y_unused", limits="total_tokens = 13"))
+    client = await make_client(GATEWAY_CONFIG=path, DEMO_CHUNKS="10")
+    first, second = [await turn(client, user) for _ in range(2)]  # 12 of 13 spent: 1 left, the prompt is 2
+    assert not first[1].get("refused")
+    error = second[1]["error"]
+    assert (error["reason"], error["message"], error.get("reset_at")) == (
+        "total_tokens", "lifetime token budget reached (too little left for this prompt)", None)
+    await wait_for(lambda: settled(db, user))
+    assert await budget_row(db, f"u:{user.id}", "total") == (12, 0, 0.0, 0.0)
