@@ -18,7 +18,8 @@ from aiohttp.test_utils import TestClient
 from gateway.config import ConfigError, Settings
 from gateway.policy.admission import next_month
 from gateway.service.turns import prompt_tokens
-from gateway.store.limits import month_of
+from gateway.store import limits as store
+from gateway.store.limits import SQLSTATES, Budgets, KeyCap, Limit, LimitReached, month_of
 from gateway.vocabulary import MessageStatus
 from tests.support.common import MakeClient, User, wait_for
 
@@ -164,3 +165,46 @@ async def test_a_prompt_larger_than_what_a_lifetime_budget_has_left_is_refused_n
         "total_tokens", "lifetime token budget reached (too little left for this prompt)", None)
     await wait_for(lambda: settled(db, user))
     assert await budget_row(db, f"u:{user.id}", "total") == (12, 0, 0.0, 0.0)
+
+
+# (limit, its SQLSTATE, the user's budgets, the key's): a request of 5 tokens / $5 fits once, the
+# same again is refused by that budget alone
+BUDGET_CALLS = [
+    (Limit.USER_MONTHLY_TOKENS, "GW4M1", Budgets(monthly=5), None),
+    (Limit.KEY_MONTHLY_TOKENS, "GW4M2", None, Budgets(monthly=5)),
+    (Limit.USER_MONTHLY_COST, "GW4N1", Budgets(monthly_cost=5.0), None),
+    (Limit.KEY_MONTHLY_COST, "GW4N2", None, Budgets(monthly_cost=5.0)),
+    (Limit.USER_TOTAL_TOKENS, "GW4T1", Budgets(total=5), None),
+    (Limit.KEY_TOTAL_TOKENS, "GW4T2", None, Budgets(total=5)),
+    (Limit.USER_TOTAL_COST, "GW4U1", Budgets(total_cost=5.0), None),
+    (Limit.KEY_TOTAL_COST, "GW4U2", None, Budgets(total_cost=5.0)),
+]
+
+
+@pytest.mark.parametrize("limit, sqlstate, user_budgets, key_budgets", BUDGET_CALLS,
+                         ids=[c[0].value for c in BUDGET_CALLS])
+async def test_each_budget_refuses_with_its_own_sqlstate_and_changes_nothing(
+        db: asyncpg.Pool, limit: Limit, sqlstate: str, user_budgets: Budgets | None,
+        key_budgets: Budgets | None) -> None:
+    user_id, key_id = uuid.uuid4(), uuid.uuid4()
+    day, window = date(2031, 5, 6), datetime(2031, 5, 6, 7, 8, tzinfo=UTC)
+    keys = [KeyCap(key_id=key_id, rpm=None, daily=None, budgets=key_budgets)]
+
+    def admit() -> Any:
+        return store.admit_full(db, user_id=user_id, keys=keys, day=day, window=window, user_rpm=None, want=5,
+                                user_cap=None, share=1, want_cost=5.0, user_budgets=user_budgets)
+
+    grant = await admit()
+    assert (grant.tokens, grant.cost) == (5, 5.0)
+    before = [tuple(r) for r in await db.fetch(
+        "SELECT subject, period, reserved, cost_reserved::float8 FROM budget_usage WHERE subject = ANY($1::text[]) "
+        "ORDER BY 1, 2", [f"u:{user_id}", f"k:{key_id}"])]
+    subject = f"u:{user_id}" if user_budgets is not None else f"k:{key_id}"
+    period = "2031-05" if limit.window == "monthly" else "total"
+    assert before == [(subject, period, 0, 5.0) if limit.cost else (subject, period, 5, 0.0)]  # the capped row alone
+    with pytest.raises(LimitReached) as refused:
+        await admit()
+    assert refused.value.limit is limit and SQLSTATES[sqlstate] is limit
+    assert [tuple(r) for r in await db.fetch(
+        "SELECT subject, period, reserved, cost_reserved::float8 FROM budget_usage WHERE subject = ANY($1::text[]) "
+        "ORDER BY 1, 2", [f"u:{user_id}", f"k:{key_id}"])] == before
