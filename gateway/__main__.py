@@ -1,5 +1,5 @@
-"""Command line: `python -m gateway [serve]`, `migrate`, `keys create|list|revoke`, `usage`, `leaderboard`
-(the tables: gateway/cli/commands.py)."""
+"""Command line: `python -m gateway [serve]`, `migrate`, `keys create|list|revoke`, `usage [export]`,
+`webhooks [redeliver ID]`, `leaderboard` (the tables: gateway/cli/commands.py)."""
 
 from __future__ import annotations
 
@@ -154,8 +154,20 @@ def command(argv: list[str] | None) -> int:
     erase_p.add_argument("user_id", type=uuid.UUID, metavar="USER_ID")
     usage_p = sub.add_parser("usage", help="tokens, cost and requests per day (or model), every user")
     usage_p.add_argument("--days", type=cli.days, default=7, metavar="N", help="1-366 (7)")
-    usage_p.add_argument("--by", choices=["day", "model"], default="day")
+    usage_p.add_argument("--by", choices=["day", "model", "key"], default="day")
     usage_p.add_argument("--user-id", type=uuid.UUID, help="only this user")
+    usage_sub = usage_p.add_subparsers(dest="usage_command")
+    export_p = usage_sub.add_parser("export", help="every reply's usage, one line each, to stdout")
+    export_p.add_argument("--from", dest="start", type=cli.day, metavar="YYYY-MM-DD",
+                          help="first UTC day (30 days ago)")
+    export_p.add_argument("--to", dest="end", type=cli.day, metavar="YYYY-MM-DD", help="last UTC day (today)")
+    export_p.add_argument("--format", choices=["csv", "ndjson"], default="csv")
+    export_p.add_argument("--user-id", dest="export_user", type=uuid.UUID, help="only this user (every user)")
+    hooks_p = sub.add_parser("webhooks", help="the newest webhook deliveries (--dead: the dead letters)")
+    hooks_p.add_argument("--dead", action="store_true", help="only events given up on")
+    hooks_sub = hooks_p.add_subparsers(dest="webhooks_command")
+    again_p = hooks_sub.add_parser("redeliver", help="try a dead letter again, for a new retry period")
+    again_p.add_argument("msg_id", metavar="ID")
     board_p = sub.add_parser("leaderboard", help="arena ratings with 95%% intervals")
     board_p.add_argument("--include-named", action="store_true", help="count non-anonymous comparisons too")
     board_p.add_argument("--rounds", type=int, default=200, help="bootstrap rounds (200)")
@@ -199,8 +211,20 @@ def command(argv: list[str] | None) -> int:
         status, message = cli.run(settings, lambda db: cli.users_erase(db, settings, args.user_id))
         print(message, file=sys.stderr if status else sys.stdout)
         return status
+    elif args.command == "usage" and args.usage_command == "export":
+        status, message = cli.run(settings, lambda db: cli.usage_export(db, args.start, args.end, args.format,
+                                                                        args.export_user, sys.stdout.buffer))
+        if message:
+            print(message, file=sys.stderr)
+        return status
     elif args.command == "usage":
         print(cli.run(settings, lambda db: cli.usage(db, args.days, args.by, args.user_id)))
+    elif args.command == "webhooks" and args.webhooks_command == "redeliver":
+        status, message = cli.run(settings, lambda db: cli.webhooks_redeliver(db, args.msg_id))
+        print(message, file=sys.stderr if status else sys.stdout)
+        return status
+    elif args.command == "webhooks":
+        print(cli.run(settings, lambda db: cli.webhooks_list(db, args.dead)))
     elif args.command == "leaderboard":
         print(cli.run(settings, lambda db: cli.leaderboard_table(db, args.include_named, args.rounds)))
     return 0

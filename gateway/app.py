@@ -78,6 +78,7 @@ from gateway.store.failures import Quarantine
 from gateway.store.keys import bootstrap_admin_key, touch_keys
 from gateway.store.leaderboard import battles
 from gateway.store.usage import UsageRecord, record_usage_many
+from gateway.webhooks.worker import WebhookWorker
 
 if TYPE_CHECKING:
     from gateway.fleet.link import RedisLink
@@ -188,6 +189,10 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         publisher.start()
     last_used.start()
     activity.start()
+    # [[webhooks]]: the outbox is delivered by a background worker on every instance (none configured: idle)
+    webhooks = WebhookWorker(pool, settings.webhooks, settings.limits, poll_s=settings.webhook_poll_s,
+                             retry_s=settings.webhook_retry_s, give_up_s=settings.webhook_give_up_s)
+    webhooks.start()
     try:
         yield
     finally:
@@ -204,6 +209,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         await app[POLICY].close()  # the unused quota slices go back, once every usage record is written
         await instance.close()
         await leaderboard.close()
+        await webhooks.close()
         models.close()  # the idle upstream connections
 
 
@@ -367,6 +373,7 @@ def routes(settings: Settings) -> list[web.RouteDef]:
         web.get("/api/leaderboard", arena.get_leaderboard),
         web.get("/api/me", account.me),
         web.get("/api/usage", account.usage),
+        web.get("/api/usage/export", account.usage_export),
         web.get("/api/admin/models", admin.models),
         web.get("/api/admin/audit", admin.audit),
         web.post("/api/admin/reload", admin.reload),

@@ -6,10 +6,12 @@ start with the name of the offending variable (or TOML key) in the message.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import importlib.util
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -121,6 +123,25 @@ class LimitsConfig:
     downgrade_at: float | None = None  # "nearly": this fraction of daily_tokens (0..1)
     daily_cost_usd: float | None = None  # per user per UTC day, at the models' prices
     quota_leases: bool = True  # busy callers are admitted from slices leased ahead (gateway/policy/quota.py)
+    # budgets per user by UTC calendar month and for the user's whole life (tokens, USD)
+    monthly_tokens: int | None = None
+    monthly_cost_usd: float | None = None
+    total_tokens: int | None = None
+    total_cost_usd: float | None = None
+
+
+# -- webhooks ([[webhooks]]: docs/webhooks.md) ---------------------------------------------------
+WEBHOOK_EVENTS = ("budget.threshold", "budget.exhausted", "key.created", "key.revoked")
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """One endpoint: where events go, the secret that signs them (Standard Webhooks), which events."""
+
+    url: str
+    secret: Secret  # "whsec_" + base64 of the signing key
+    events: tuple[str, ...] = WEBHOOK_EVENTS
+    thresholds: tuple[float, ...] = (0.8,)  # budget.threshold fires as use passes each fraction
 
 
 @dataclass(frozen=True)
@@ -177,6 +198,12 @@ class Settings:
     default_model: str = DEMO_MODEL
     router: Mapping[str, str] = field(default_factory=dict)
     limits: LimitsConfig = LimitsConfig()
+    # webhooks: the endpoints, how often the outbox is read, the first retry's delay (doubling up to
+    # an hour) and how long an event is retried before it is dead-lettered
+    webhooks: tuple[WebhookConfig, ...] = ()
+    webhook_poll_s: float = 1.0
+    webhook_retry_s: float = 5.0
+    webhook_give_up_s: float = 86400.0
     # the OTEL_* variables (tracing.py reads them; exporter headers are left to the SDK: they may hold keys)
     otel: Mapping[str, str] = field(default_factory=dict)
     # the environment these settings were parsed from: a reload (SIGHUP, POST /api/admin/reload) parses
@@ -260,14 +287,55 @@ _MODEL_FLOATS = ("timeout_s", "connect_timeout_s", "first_token_timeout_s", "idl
 
 # Every key the file may hold, by table: a misspelt key (`fallback =`, `first_token_timout_s`, `[model.x]`)
 # would otherwise be ignored in silence and the gateway run with a default nobody chose.
-_TOP_KEYS = ("server", "providers", "models", "router", "limits")
+_TOP_KEYS = ("server", "providers", "models", "router", "limits", "webhooks")
+_WEBHOOK_KEYS = ("url", "secret", "events", "thresholds")
 _SERVER_KEYS = ("host", "port")
 _PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay_ms", "headers",
                   "send_stream_options", "send_max_completion_tokens")
 _MODEL_KEYS = ("provider", "upstream", "fallbacks", "enabled", "kind", "deployments", *_MODEL_FLOATS)
 _DEPLOYMENT_KEYS = ("provider", "upstream", "weight")
 _LIMIT_KEYS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "downgrade_model",
-               "downgrade_at", "daily_cost_usd", "quota_leases")
+               "downgrade_at", "daily_cost_usd", "quota_leases", "monthly_tokens", "monthly_cost_usd",
+               "total_tokens", "total_cost_usd")
+
+
+def _webhooks(raw: Any) -> tuple[WebhookConfig, ...]:
+    """[[webhooks]] entries: an http(s) url, a whsec_ secret, known event names, thresholds in (0, 1)."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError("GATEWAY_CONFIG: webhooks must be an array of tables ([[webhooks]])")
+    found: list[WebhookConfig] = []
+    for i, table in enumerate(raw):
+        where = f"[[webhooks]] #{i + 1}"
+        _known_keys(f"{where} ", table, _WEBHOOK_KEYS)
+        url = table.get("url")
+        parsed = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ConfigError(f"{where} url must be an http:// or https:// URL, got {url!r}")
+        if any(w.url == url for w in found):
+            raise ConfigError(f"{where} url {url!r} is configured twice")
+        secret = table.get("secret")
+        try:
+            ok = isinstance(secret, str) and secret.startswith("whsec_") and len(
+                base64.b64decode(secret.removeprefix("whsec_"), validate=True)) >= 24
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{where} secret must be whsec_ followed by the base64 of at least 24 bytes")
+        events = table.get("events", list(WEBHOOK_EVENTS))
+        if not isinstance(events, list) or not events or not all(isinstance(e, str) for e in events):
+            raise ConfigError(f"{where} events must be a non-empty list drawn from {list(WEBHOOK_EVENTS)}")
+        unknown = sorted(set(events) - set(WEBHOOK_EVENTS))
+        if unknown:
+            raise ConfigError(f"{where} events: unknown {unknown}: allowed are {list(WEBHOOK_EVENTS)}")
+        thresholds = table.get("thresholds", [0.8])
+        if (not isinstance(thresholds, list) or not thresholds
+                or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1 for t in thresholds)):
+            raise ConfigError(f"{where} thresholds must be a non-empty list of fractions between 0 and 1, "
+                              f"got {thresholds!r}")
+        found.append(WebhookConfig(url=url, secret=Secret(secret),
+                                   events=tuple(e for e in WEBHOOK_EVENTS if e in events),
+                                   thresholds=tuple(sorted({float(t) for t in thresholds}))))
+    return tuple(found)
 
 
 def _known_keys(where: str, table: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -490,7 +558,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
     _known_keys("[limits] ", limits_doc, _LIMIT_KEYS)
     limit_ints: dict[str, Any] = {k: _int(f"[limits] {k}", limits_doc[k], minimum=1)
                                   for k in ("requests_per_minute", "daily_tokens", "max_concurrent_streams",
-                                            "max_tokens") if k in limits_doc}
+                                            "max_tokens", "monthly_tokens", "total_tokens") if k in limits_doc}
     downgrade_model = limits_doc.get("downgrade_model")
     if downgrade_model is not None and downgrade_model not in models:
         raise ConfigError(f"[limits] downgrade_model {downgrade_model!r} is not a declared model")
@@ -501,12 +569,21 @@ def _parse(env: Mapping[str, str]) -> Settings:
         else None
     if daily_cost is not None and not 0 < daily_cost < 1e8:
         raise ConfigError("[limits] daily_cost_usd must be a positive number of dollars below 100000000")
+    budgets_usd: dict[str, Any] = {}
+    for name in ("monthly_cost_usd", "total_cost_usd"):
+        if name in limits_doc:
+            usd = _float(f"[limits] {name}", limits_doc[name])
+            if not 0 < usd < 1e8:
+                raise ConfigError(f"[limits] {name} must be a positive number of dollars below 100000000")
+            budgets_usd[name] = usd
     leasing = limits_doc.get("quota_leases", True)
     if not isinstance(leasing, bool):
         raise ConfigError("[limits] quota_leases must be true or false")
     limits = LimitsConfig(**limit_ints, downgrade_model=downgrade_model,
                           downgrade_at=downgrade_at if downgrade_model else None, daily_cost_usd=daily_cost,
-                          quota_leases=leasing)
+                          quota_leases=leasing, **budgets_usd)
+
+    webhooks = _webhooks(doc.get("webhooks", []))
 
     jwt_secret = env.get("JWT_SECRET")
     jwks_url = env.get("JWKS_URL") or None
@@ -582,6 +659,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
         default_model=default_model,
         router=router,
         limits=limits,
+        webhooks=webhooks,
+        webhook_poll_s=_float("WEBHOOK_POLL_S", env.get("WEBHOOK_POLL_S", 1), minimum=0.01),
+        webhook_retry_s=_float("WEBHOOK_RETRY_S", env.get("WEBHOOK_RETRY_S", 5), minimum=0.01),
+        webhook_give_up_s=_float("WEBHOOK_GIVE_UP_S", env.get("WEBHOOK_GIVE_UP_S", 86400), minimum=0.01),
         otel=otel,
         env=dict(env),
     )

@@ -210,7 +210,7 @@ def test_secrets_never_print_their_value():
     ('[limits]\ndaily_token = 5\n', "GATEWAY_CONFIG: [limits] daily_token: unknown key (did you mean 'daily_tokens'?)"),
     ('[limits]\nzzz = 5\n', "GATEWAY_CONFIG: [limits] zzz: unknown key (valid: requests_per_minute, daily_tokens, "
                             "max_concurrent_streams, max_tokens, downgrade_model, downgrade_at, daily_cost_usd, "
-                            "quota_leases)"),
+                            "quota_leases, monthly_tokens, monthly_cost_usd, total_tokens, total_cost_usd)"),
 ])
 def test_an_unknown_key_stops_the_start_naming_its_path_and_the_nearest_valid_name(
         config_file: ConfigFile, toml: str, expected: str):

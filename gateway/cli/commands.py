@@ -1,4 +1,5 @@
-"""The operator's commands beside `serve`: keys list / revoke, users erase, usage, leaderboard, printed as tables.
+"""The operator's commands beside `serve`: keys list / revoke, users erase, usage (and its export),
+webhooks, leaderboard, printed as tables.
 
 They talk to the database directly (the same one the gateway uses: DATABASE_URL, or the embedded
 server under the data directory), so they work with the gateway stopped, and see every user.
@@ -10,8 +11,9 @@ import argparse
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from contextlib import aclosing
+from datetime import date, datetime, timedelta
+from typing import Any, BinaryIO, TypeVar
 
 from gateway.config import Settings
 from gateway.policy.admission import utc_now
@@ -22,6 +24,7 @@ from gateway.store import usage as usage_store
 from gateway.store.db import Database, migrate, open_database
 from gateway.store.erasure import AuditEntry
 from gateway.store.leaderboard import battles
+from gateway.webhooks import outbox
 
 T = TypeVar("T")
 
@@ -78,9 +81,17 @@ def run(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
 
 async def keys_list(db: Database, user_id: uuid.UUID | None) -> str:
     rows = await keys_store.list_keys(db.pool, user_id)
-    return table(["id", "prefix", "name", "user", "scopes", "created", "last used", "revoked"],
+    spend = await usage_store.key_spend(db.pool, [r["id"] for r in rows], user_id, utc_now().date())
+
+    def spent(key_id: uuid.UUID, period: str) -> str:
+        got = spend.get(key_id, {}).get(period, {"tokens": 0, "cost_usd": 0.0})
+        return f"{got['tokens']} / ${got['cost_usd']:.2f}"
+
+    return table(["id", "prefix", "name", "user", "scopes", "created", "last used", "revoked", "today", "month",
+                  "total"],
                  [[r["id"], r["prefix"], r["name"], r["user_id"], r["scopes"], r["created_at"], r["last_used_at"],
-                   r["revoked_at"]] for r in rows]) + f"\n{len(rows)} key(s)"
+                   r["revoked_at"], spent(r["id"], "today"), spent(r["id"], "month"), spent(r["id"], "total")]
+                  for r in rows]) + f"\n{len(rows)} key(s); spend in tokens / USD, a key's including its descendants'"
 
 
 async def keys_revoke(db: Database, ref: str) -> tuple[int, str]:
@@ -136,6 +147,47 @@ async def usage(db: Database, days: int, by: str, user_id: uuid.UUID | None) -> 
     totals = ["total", *(sum(r[i] for r in body) for i in range(1, 5)), round(sum(r[5] for r in body), 6)]
     return (f"usage {start} .. {today} (UTC), {'every user' if user_id is None else f'user {user_id}'}\n"
             + table([by, "requests", "prompt", "completion", "total tokens", "cost usd"], [*body, totals]))
+
+
+def day(raw: str) -> date:
+    """`--from` / `--to`: a UTC day, YYYY-MM-DD."""
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {raw!r}") from None
+
+
+async def usage_export(db: Database, start: date | None, end: date | None, fmt: str, user_id: uuid.UUID | None,
+                       out: BinaryIO) -> tuple[int, str]:
+    """Every reply's usage in [start, end] (default: the last 30 days) written to `out` as CSV or
+    NDJSON, one line per reply; (exit status, a message for stderr when it fails)."""
+    end = end or utc_now().date()
+    start = start or end - timedelta(days=29)
+    if start > end:
+        return 2, "--from must not be after --to"
+    first = True
+    async with aclosing(usage_store.export_usage(db.pool, user_id, start, end, hide_pending=False)) as batches:
+        async for batch in batches:
+            out.write(usage_store.export_lines([dict(r) for r in batch], fmt, header=first))
+            first = False
+    if first:
+        out.write(usage_store.export_lines([], fmt, header=True))
+    out.flush()
+    return 0, ""
+
+
+async def webhooks_list(db: Database, dead_only: bool) -> str:
+    """The newest webhook deliveries (dead letters only with `dead_only`)."""
+    rows = await outbox.listing(db.pool, dead_only=dead_only)
+    return table(["id", "event", "endpoint", "status", "attempts", "created", "last error"],
+                 [[r["id"], r["event"], r["endpoint"], r["status"], r["attempts"], r["created_at"], r["last_error"]]
+                  for r in rows]) + f"\n{len(rows)} {'dead letter(s)' if dead_only else 'delivery(ies)'}"
+
+
+async def webhooks_redeliver(db: Database, msg_id: str) -> tuple[int, str]:
+    if await outbox.redeliver(db.pool, msg_id):
+        return 0, f"{msg_id} will be delivered again"
+    return 1, f"no dead letter {msg_id}"
 
 
 async def leaderboard_table(db: Database, include_named: bool, rounds: int) -> str:

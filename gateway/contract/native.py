@@ -139,10 +139,11 @@ class Vote(Struct):
 SCOPES = ("chat", "arena", "admin")
 KEY_NAME_MAX = 100
 # integers the policy passes to SQL as `integer`
-LIMIT_INTS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens")
+LIMIT_INTS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "monthly_tokens",
+              "total_tokens")
 LIMIT_MAX = 2**31 - 1
-# dollars per UTC day, kept in numeric(16, 8) columns (sql/0010)
-LIMIT_USD = ("daily_cost_usd",)
+# dollars per UTC day, month or lifetime, kept in numeric(16, 8) columns (sql/0010, sql/0018)
+LIMIT_USD = ("daily_cost_usd", "monthly_cost_usd", "total_cost_usd")
 USD_MAX = 100_000_000
 MODELS_MAX = 100
 LIMIT_NAMES = (*LIMIT_INTS, *LIMIT_USD, "models")
@@ -162,6 +163,10 @@ class KeyLimits(Struct, forbid_unknown_fields=True):
     max_concurrent_streams: Limit | None = None
     max_tokens: Limit | None = None
     daily_cost_usd: Dollars | None = None
+    monthly_tokens: Limit | None = None
+    total_tokens: Limit | None = None
+    monthly_cost_usd: Dollars | None = None
+    total_cost_usd: Dollars | None = None
     models: Annotated[list[Annotated[str, Meta(min_length=1, max_length=200, extra_json_schema={"pattern": NO_NUL})]],
                       Meta(min_length=1, max_length=MODELS_MAX)] | None = None
 

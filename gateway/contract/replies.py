@@ -233,6 +233,17 @@ class Leaderboard(Struct, kw_only=True):
 
 # -- keys -----------------------------------------------------------------------------------
 
+class Spent(Struct, kw_only=True):
+    tokens: int
+    cost_usd: float
+
+
+class KeySpend(Struct, kw_only=True):
+    today: Spent
+    month: Spent
+    total: Spent
+
+
 class KeyInfo(Struct, kw_only=True):
     id: uuid.UUID
     user_id: uuid.UUID
@@ -247,6 +258,8 @@ class KeyInfo(Struct, kw_only=True):
     revoked_at: Time | None
     last_used_at: Time | None
     created_at: Time
+    # what the key (with its descendants) has spent: GET /api/keys (docs/budgets.md)
+    spend: KeySpend | UnsetType = UNSET
 
 
 class CreatedKey(KeyInfo, kw_only=True):
@@ -301,8 +314,12 @@ class Me(Struct):
 
 
 class UsageCounts(Struct, kw_only=True):
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: Annotated[int, Meta(description="Every prompt token: input + cached + cache write")]
+    input_tokens: Annotated[int, Meta(description="Prompt tokens read neither from nor into a cache")]
+    cached_tokens: int
+    cache_write_tokens: int
+    completion_tokens: Annotated[int, Meta(description="Output tokens, reasoning included")]
+    reasoning_tokens: int
     total_tokens: int
     cost_usd: float
     requests: int
@@ -311,12 +328,14 @@ class UsageCounts(Struct, kw_only=True):
 class UsageRow(UsageCounts, kw_only=True):
     day: date | UnsetType = UNSET
     model: str | UnsetType = UNSET
+    key: Annotated[uuid.UUID | None,
+                   Meta(description="The reply's API key (null: a signed-in user's)")] | UnsetType = UNSET
 
 
 class UsageReport(Struct, kw_only=True):
     from_: date = field(name="from")
     to: date
-    group_by: Literal["day", "model", "day,model"]
+    group_by: Literal["day", "model", "day,model", "key", "day,key"]
     rows: list[UsageRow]
     totals: UsageCounts
 

@@ -4,7 +4,10 @@ Checks, in order: models allowed for the key (403), the max_tokens ceiling (down
 then one database call (`gateway_admit_full`, see sql/0010_cost_caps_and_stream_leases.sql, after
 sql/0003_policy.sql, sql/0007_admit_codes.sql and sql/0008_key_tree.sql; its SQL is in
 store/limits.py) for requests per minute, concurrent streams and the daily token and cost caps,
-per user and per key; its refusal names the limit that fired. A key's limits are those of the key
+per user and per key; its refusal names the limit that fired. Budgets by UTC month and for life
+(`monthly_tokens`, `monthly_cost_usd`, `total_tokens`, `total_cost_usd`) ride in the same call
+(`gateway_admit_budget`, sql/0018_budget_windows_and_webhooks.sql), reserving the same amounts;
+a caller under one always takes that exact path (no quota slice). A key's limits are those of the key
 and of every ancestor in its tree (api/native/keys.py): a child's request takes a slot in each
 ancestor's window and stream count and reserves against each ancestor's daily caps, so a
 parent's budget is shared by its subtree.
@@ -67,6 +70,8 @@ DEFAULT_RESERVE_TOKENS = 1024
 # how long a refused exact admission waits for the slices it recalled from other instances, and for
 # this process's queued usage records to be written
 RECALL_WAIT_S = 1.0
+# a lifetime budget never resets: the Retry-After its refusal carries (a day) only paces retries
+LIFETIME_RETRY_S = 86400
 
 
 class Settlements(Protocol):
@@ -150,12 +155,34 @@ class Limits:
     user_streams: int | None = None  # the user's concurrent-stream cap (the keys' are in key_chain)
     # the key, then each ancestor, that has a limit counted in the database
     key_chain: tuple[store.KeyCap, ...] = ()
+    user_budgets: store.Budgets | None = None  # the user's month and lifetime budgets
 
     @property
     def in_database(self) -> bool:
         """Whether admission needs the database at all."""
         return bool(self.user_rpm is not None or self.user_daily is not None or self.user_cost is not None
-                    or self.user_streams is not None or self.key_chain)
+                    or self.user_streams is not None or self.key_chain or self.user_budgets is not None)
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a month or lifetime budget applies: such callers take the exact path (no slice)."""
+        return self.user_budgets is not None or any(k.budgets is not None for k in self.key_chain)
+
+    @property
+    def user_token_capped(self) -> bool:
+        return self.user_daily is not None or (self.user_budgets is not None and self.user_budgets.tokens)
+
+    @property
+    def user_cost_capped(self) -> bool:
+        return self.user_cost is not None or (self.user_budgets is not None and self.user_budgets.costs)
+
+    @property
+    def keys_token_capped(self) -> bool:
+        return any(k.daily is not None or (k.budgets is not None and k.budgets.tokens) for k in self.key_chain)
+
+    @property
+    def keys_cost_capped(self) -> bool:
+        return any(k.cost is not None or (k.budgets is not None and k.budgets.costs) for k in self.key_chain)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -206,14 +233,20 @@ def limits_for(config: LimitsConfig, principal: Principal) -> Limits:
             models = frozenset(k["models"]) if models is None else models & frozenset(k["models"])
     caps = (store.KeyCap(key_id=i, rpm=_int_or_none(k.get("requests_per_minute")),
                          daily=_int_or_none(k.get("daily_tokens")), cost=_usd_or_none(k.get("daily_cost_usd")),
-                         streams=_int_or_none(k.get("max_concurrent_streams"))) for i, k in chain)
+                         streams=_int_or_none(k.get("max_concurrent_streams")),
+                         budgets=store.Budgets.of(_int_or_none(k.get("monthly_tokens")),
+                                                  _usd_or_none(k.get("monthly_cost_usd")),
+                                                  _int_or_none(k.get("total_tokens")),
+                                                  _usd_or_none(k.get("total_cost_usd")))) for i, k in chain)
     return Limits(user_rpm=config.requests_per_minute, key_rpm=_int_or_none(key.get("requests_per_minute")),
                   user_daily=config.daily_tokens, key_daily=_int_or_none(key.get("daily_tokens")),
                   max_concurrent=min(concurrency) if concurrency else None,
                   max_tokens=min(ceilings) if ceilings else None, models=models,
                   user_cost=config.daily_cost_usd, key_cost=_usd_or_none(key.get("daily_cost_usd")),
                   user_streams=config.max_concurrent_streams,
-                  key_chain=tuple(c for c in caps if c.limited))
+                  key_chain=tuple(c for c in caps if c.limited),
+                  user_budgets=store.Budgets.of(config.monthly_tokens, config.monthly_cost_usd, config.total_tokens,
+                                                config.total_cost_usd))
 
 
 def _bounds(limits: Limits, max_tokens: int | None, reasons: list[str]) -> tuple[int | None, int]:
@@ -227,8 +260,8 @@ def _bounds(limits: Limits, max_tokens: int | None, reasons: list[str]) -> tuple
         ceiling = limits.max_tokens
         reasons.append(f"max_tokens clamped to {limits.max_tokens}")
     worst = ceiling or limits.max_tokens or DEFAULT_RESERVE_TOKENS
-    if ceiling is None and (limits.user_daily is not None or limits.user_cost is not None
-                            or any(k.daily is not None or k.cost is not None for k in limits.key_chain)):
+    if ceiling is None and (limits.user_token_capped or limits.user_cost_capped or limits.keys_token_capped
+                            or limits.keys_cost_capped):
         ceiling = worst
     return ceiling, worst
 
@@ -239,6 +272,15 @@ def utc_now() -> datetime:
 
 def _next_midnight(day: date) -> datetime:
     return datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
+
+
+_WINDOW_WORDS = {"daily": "daily", "monthly": "monthly", "total": "lifetime"}
+
+
+def next_month(day: date) -> datetime:
+    """When the UTC month of `day` ends: a monthly budget's reset."""
+    first = date(day.year + 1, 1, 1) if day.month == 12 else date(day.year, day.month + 1, 1)
+    return datetime.combine(first, datetime.min.time(), UTC)
 
 
 class Policy:
@@ -322,13 +364,16 @@ class Policy:
         what it fell short of, as far as what is left allows, on the same caps (no window slot, no
         stream lease: the first grant took them). The grant unchanged when nothing more is left."""
         keys = tuple(replace(k, rpm=None, streams=None, daily=k.daily if tokens else None,
-                             cost=k.cost if cost else None) for k in limits.key_chain)
+                             cost=k.cost if cost else None,
+                             budgets=k.budgets.only(tokens=tokens, cost=cost) if k.budgets else None)
+                     for k in limits.key_chain)
+        user_budgets = limits.user_budgets.only(tokens=tokens, cost=cost) if limits.user_budgets else None
         try:
             more = await store.admit_full(
                 self._pool, user_id=user_id, keys=keys, day=day, window=window, user_rpm=None,
                 want=want - grant.tokens if tokens else 0, user_cap=limits.user_daily if tokens else None,
                 share=share, want_cost=round(want_cost - grant.cost, 8) if cost else 0.0,
-                user_cost_cap=limits.user_cost if cost else None)
+                user_cost_cap=limits.user_cost if cost else None, user_budgets=user_budgets)
         except LimitReached:
             return grant
         return store.Grant(tokens=grant.tokens + more.tokens if tokens else grant.tokens,
@@ -363,7 +408,8 @@ class Policy:
         window of the user and of each key of its chain that has one; TooManyRequests (nothing
         taken) when one is full. An `admit(..., rate=False)` for the same request then skips them."""
         limits = limits_for(self._config, principal)
-        keys = tuple(replace(k, daily=None, cost=None, streams=None) for k in limits.key_chain if k.rpm is not None)
+        keys = tuple(replace(k, daily=None, cost=None, streams=None, budgets=None)
+                     for k in limits.key_chain if k.rpm is not None)
         if limits.user_rpm is None and not keys:
             return
         now = self.clock()
@@ -431,7 +477,8 @@ class Policy:
         if self.quota is None:
             return None
         limits = limits_for(self._config, principal)
-        if not limits.in_database or (limits.models is not None and model not in limits.models):
+        if (not limits.in_database or limits.budgeted
+                or (limits.models is not None and model not in limits.models)):
             return None
         reasons: list[str] = []
         ceiling, worst = _bounds(limits, max_tokens, reasons)
@@ -473,8 +520,8 @@ class Policy:
                     note: bool = True) -> _Reservation | None:
         """The request served from the caller's slice, in memory; None when it cannot be (no slice,
         too little left in it, an arena share): the exact path then."""
-        if self.quota is None or share != 1:
-            return None
+        if self.quota is None or share != 1 or limits.budgeted:
+            return None  # month and lifetime budgets are taken on the exact path only
         caller = (principal.user_id, principal.api_key_id)
         if rate and note:
             self.quota.note(caller)
@@ -495,7 +542,7 @@ class Policy:
     def _consider_slice(self, principal: Principal, full: Limits, day: date, model: str, worst: int,
                         prompt_tokens: int, now: datetime, share: int) -> None:
         """After an exact admission: a busy caller gets a slice, leased in the background."""
-        if self.quota is None or share != 1:
+        if self.quota is None or share != 1 or full.budgeted:
             return
         tokens, cost, _, _ = self._wants(full, model, worst, prompt_tokens)
         self.quota.consider(Ask(user_id=principal.user_id, api_key_id=principal.api_key_id, limits=full, day=day,
@@ -503,9 +550,9 @@ class Policy:
 
     async def _admit_in_database(self, principal: Principal, limits: Limits, day: date, model: str, worst: int,
                                  prompt_tokens: int, now: datetime, share: int) -> _Reservation:
-        keys_capped = any(k.daily is not None for k in limits.key_chain)
-        capped = limits.user_daily is not None or keys_capped
-        keys_cost_capped = any(k.cost is not None for k in limits.key_chain)
+        keys_capped = limits.keys_token_capped
+        capped = limits.user_token_capped or keys_capped
+        keys_cost_capped = limits.keys_cost_capped
         priced = self._models.get(model)
         want = prompt_tokens + worst
         want_cost = worst_cost(prompt_tokens, worst, priced)
@@ -522,19 +569,19 @@ class Policy:
                 store.admit_full, self._pool, user_id=principal.user_id, keys=limits.key_chain, day=day,
                 window=window, user_rpm=limits.user_rpm, want=want, user_cap=limits.user_daily, share=share,
                 want_cost=want_cost, user_cost_cap=limits.user_cost, lease=lease, instance_id=self.instance_id,
-                user_streams=limits.user_streams))
+                user_streams=limits.user_streams, user_budgets=limits.user_budgets))
         except LimitReached as e:
             raise self._refusal(e.limit, limits, window, day, now) from None
-        cost_held = want_cost > 0 and (limits.user_cost is not None or keys_cost_capped)
+        cost_held = want_cost > 0 and (limits.user_cost_capped or keys_cost_capped)
         short, short_cost = capped and grant.tokens < want, cost_held and grant.cost < want_cost
         if (short or short_cost) and await self._recall(principal.user_id, written):
             # what is left would clamp the reply: only after what was held unspent came back
             grant = await self._top_up(principal.user_id, limits, day, window, share, grant, want, want_cost,
                                        tokens=short, cost=short_cost)
         # every capped key of the chain holds the same reservation: settlement and release find them
-        reserved = _Reservation(user=grant.tokens if capped and limits.user_daily is not None else 0,
+        reserved = _Reservation(user=grant.tokens if capped and limits.user_token_capped else 0,
                                 key=grant.tokens if keys_capped else 0,
-                                user_cost=grant.cost if cost_held and limits.user_cost is not None else 0.0,
+                                user_cost=grant.cost if cost_held and limits.user_cost_capped else 0.0,
                                 key_cost=grant.cost if cost_held and keys_cost_capped else 0.0,
                                 lease=grant.lease)
         room = worst  # the completion tokens the grants leave room for
@@ -555,13 +602,29 @@ class Policy:
                 await store.release(self._pool, user_id=principal.user_id, api_key_id=principal.api_key_id,
                                     day=day, user_tokens=reserved.user, key_tokens=reserved.key,
                                     user_cost=reserved.user_cost, key_cost=reserved.key_cost, lease=reserved.lease)
-                reset = _next_midnight(day)
                 what = "token" if capped and grant.tokens <= prompt_tokens else "cost"
-                raise TooManyRequests(f"daily {what} cap reached (too little left for this prompt)",
-                                      retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
-                                      reason=f"daily_{what}s" if what == "token" else "daily_cost")
+                span = self._window_of(limits, tokens=what == "token")
+                reset = (_next_midnight(day) if span == "daily" else next_month(day) if span == "monthly"
+                         else None)
+                retry = int((reset - now).total_seconds()) + 1 if reset is not None else LIFETIME_RETRY_S
+                raise TooManyRequests(f"{_WINDOW_WORDS[span]} {what} {'cap' if span == 'daily' else 'budget'} "
+                                      "reached (too little left for this prompt)", retry_after=retry, reset_at=reset,
+                                      reason=f"{span}_{'tokens' if what == 'token' else 'cost'}")
             reserved.max_tokens = room
         return reserved
+
+    @staticmethod
+    def _window_of(limits: Limits, *, tokens: bool) -> str:
+        """The shortest window with a cap of the kind that left too little: "daily", "monthly" or
+        "total" (the grant does not say which cap it was; the shortest is the likeliest)."""
+        budgets = [b for b in (limits.user_budgets, *(k.budgets for k in limits.key_chain)) if b is not None]
+        if tokens:
+            daily = limits.user_daily is not None or any(k.daily is not None for k in limits.key_chain)
+            monthly = any(b.monthly is not None for b in budgets)
+        else:
+            daily = limits.user_cost is not None or any(k.cost is not None for k in limits.key_chain)
+            monthly = any(b.monthly_cost is not None for b in budgets)
+        return "daily" if daily else "monthly" if monthly else "total"
 
     @staticmethod
     def _refusal(limit: Limit, limits: Limits, window: datetime, day: date, now: datetime) -> TooManyRequests:
@@ -575,8 +638,17 @@ class Policy:
                 k.streams for k in limits.key_chain if k.streams is not None)
             return TooManyRequests(f"at most {cap} concurrent streams ({name})", retry_after=1,
                                    reason="concurrent_streams")
-        reset = _next_midnight(day)
         what = "cost" if limit.cost else "token"
+        if limit.window == "monthly":
+            reset = next_month(day)
+            return TooManyRequests(f"monthly {what} budget reached ({name})",
+                                   retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
+                                   reason="monthly_cost" if limit.cost else "monthly_tokens")
+        if limit.window == "total":
+            # a lifetime budget never resets: only a larger budget admits more
+            return TooManyRequests(f"lifetime {what} budget reached ({name})", retry_after=LIFETIME_RETRY_S,
+                                   reason="total_cost" if limit.cost else "total_tokens")
+        reset = _next_midnight(day)
         return TooManyRequests(f"daily {what} cap reached ({name})",
                                retry_after=int((reset - now).total_seconds()) + 1, reset_at=reset,
                                reason="daily_cost" if limit.cost else "daily_tokens")

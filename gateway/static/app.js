@@ -865,10 +865,13 @@
   function drawGauge(box, me) {
     const caps = [me.limits.daily_tokens, me.key ? me.limits.key_daily_tokens : null].filter((c) => c != null);
     if (!caps.length) return emptyChart(box, "No daily token cap: nothing to run out of.");
-    const cap = Math.min(...caps), remaining = me.remaining.daily_tokens;
+    meter(box, Math.min(...caps), me.remaining.daily_tokens, "Today's token budget");
+  }
+
+  function meter(box, cap, remaining, title) {
     const fraction = Math.max(0, Math.min(1, remaining / cap));
     const width = 240, height = 150, cx = 120, cy = 120, r = 90;
-    const svg = chartSvg(box, width, height, `Today's token budget: ${remaining} of ${cap} left`);
+    const svg = chartSvg(box, width, height, `${title}: ${remaining} of ${cap} left`);
     svg.dataset.testid = "gauge";
     svg.dataset.remaining = remaining;
     svg.dataset.cap = cap;
@@ -882,6 +885,25 @@
     svgEl("text", { x: cx, y: cy + 16, "text-anchor": "middle" }, svg, `${compact(remaining)} of ${compact(cap)} tokens left`);
   }
 
+  // the key in use: its monthly token budget as a gauge; each key the caller sees, with its spend
+  function drawKeySpend(keys, me) {
+    const own = keys.find((k) => me.key && k.id === me.key.id);
+    const cap = own && own.limits ? own.limits.monthly_tokens : null;
+    const box = byTestId("month-gauge");
+    if (cap == null) emptyChart(box, "No monthly token budget on this key.");
+    else meter(box, cap, Math.max(0, cap - own.spend.month.tokens), "This month's token budget");
+    const list = byTestId("key-spend");
+    list.replaceChildren();
+    for (const k of keys) {
+      const li = element("li", null, "key-spend-row");
+      li.dataset.key = k.id;
+      const { today, month, total } = k.spend;
+      li.textContent = `${k.name} (${k.prefix}) · today ${compact(today.tokens)} tokens ${dollars(today.cost_usd)}`
+        + ` · month ${compact(month.tokens)} ${dollars(month.cost_usd)} · total ${compact(total.tokens)} ${dollars(total.cost_usd)}`;
+      list.append(li);
+    }
+  }
+
   const usageRange = byTestId("usage-range");
   const usageLegend = byTestId("usage-legend");
 
@@ -891,10 +913,12 @@
     const start = new Date(`${to}T00:00:00Z`);
     start.setUTCDate(start.getUTCDate() - (USAGE_DAYS - 1));
     const from = isoDay(start);
-    const [report, me] = await Promise.all([
+    const [report, me, keys] = await Promise.all([
       api("GET", `/api/usage?group_by=${encodeURIComponent("day,model")}&from=${from}&to=${to}`),
       api("GET", "/api/me"),
+      api("GET", "/api/keys"),
     ]);
+    drawKeySpend(keys.keys, me);
     const totals = new Map();
     for (const r of report.rows) totals.set(r.model, (totals.get(r.model) || 0) + r.total_tokens);
     const order = [...totals.keys()].sort((a, b) => totals.get(b) - totals.get(a) || (a < b ? -1 : 1));

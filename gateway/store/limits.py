@@ -33,6 +33,14 @@ class Limit(StrEnum):
     KEY_DAILY_COST = "key_daily_cost"
     USER_CONCURRENT_STREAMS = "user_concurrent_streams"
     KEY_CONCURRENT_STREAMS = "key_concurrent_streams"
+    USER_MONTHLY_TOKENS = "user_monthly_tokens"
+    KEY_MONTHLY_TOKENS = "key_monthly_tokens"
+    USER_MONTHLY_COST = "user_monthly_cost"
+    KEY_MONTHLY_COST = "key_monthly_cost"
+    USER_TOTAL_TOKENS = "user_total_tokens"
+    KEY_TOTAL_TOKENS = "key_total_tokens"
+    USER_TOTAL_COST = "user_total_cost"
+    KEY_TOTAL_COST = "key_total_cost"
 
     @property
     def per_minute(self) -> bool:
@@ -40,7 +48,15 @@ class Limit(StrEnum):
 
     @property
     def cost(self) -> bool:
-        return self in (Limit.USER_DAILY_COST, Limit.KEY_DAILY_COST)
+        return self.value.endswith("_cost")
+
+    @property
+    def window(self) -> str:
+        """The budget window it counts in: "daily", "monthly" or "total" (a rate or stream limit: "")."""
+        for window in ("daily", "monthly", "total"):
+            if f"_{window}_" in self.value:
+                return window
+        return ""
 
     @property
     def concurrent(self) -> bool:
@@ -58,6 +74,15 @@ SQLSTATES: dict[str, Limit] = {
     "GW4C2": Limit.KEY_DAILY_COST,
     "GW4S1": Limit.USER_CONCURRENT_STREAMS,
     "GW4S2": Limit.KEY_CONCURRENT_STREAMS,
+    # budgets by month and for life (sql/0018_budget_windows_and_webhooks.sql)
+    "GW4M1": Limit.USER_MONTHLY_TOKENS,
+    "GW4M2": Limit.KEY_MONTHLY_TOKENS,
+    "GW4N1": Limit.USER_MONTHLY_COST,
+    "GW4N2": Limit.KEY_MONTHLY_COST,
+    "GW4T1": Limit.USER_TOTAL_TOKENS,
+    "GW4T2": Limit.KEY_TOTAL_TOKENS,
+    "GW4U1": Limit.USER_TOTAL_COST,
+    "GW4U2": Limit.KEY_TOTAL_COST,
 }
 
 
@@ -78,10 +103,43 @@ class KeyCap:
     daily: int | None  # tokens per UTC day (None: no cap)
     cost: float | None = None  # USD per UTC day (None: no cap)
     streams: int | None = None  # concurrent streams of the key and its descendants (None: no cap)
+    budgets: Budgets | None = None  # its month and lifetime budgets
 
     @property
     def limited(self) -> bool:
-        return self.rpm is not None or self.daily is not None or self.cost is not None or self.streams is not None
+        return (self.rpm is not None or self.daily is not None or self.cost is not None or self.streams is not None
+                or self.budgets is not None)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Budgets:
+    """A user's or a key's budgets by UTC month and for life (None: no such budget)."""
+
+    monthly: int | None = None  # tokens
+    monthly_cost: float | None = None  # USD
+    total: int | None = None
+    total_cost: float | None = None
+
+    @staticmethod
+    def of(monthly: int | None, monthly_cost: float | None, total: int | None,
+           total_cost: float | None) -> Budgets | None:
+        """The budgets, or None when there is none."""
+        if monthly is None and monthly_cost is None and total is None and total_cost is None:
+            return None
+        return Budgets(monthly=monthly, monthly_cost=monthly_cost, total=total, total_cost=total_cost)
+
+    @property
+    def tokens(self) -> bool:
+        return self.monthly is not None or self.total is not None
+
+    @property
+    def costs(self) -> bool:
+        return self.monthly_cost is not None or self.total_cost is not None
+
+    def only(self, *, tokens: bool, cost: bool) -> Budgets | None:
+        """These budgets restricted to a kind (a top-up reserves only the kind it fell short of)."""
+        return Budgets.of(self.monthly if tokens else None, self.monthly_cost if cost else None,
+                          self.total if tokens else None, self.total_cost if cost else None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +162,11 @@ async def admit(pool: asyncpg.Pool, *, user_id: uuid.UUID, keys: Sequence[KeyCap
     return grant.tokens
 
 
+def month_of(day: date) -> str:
+    """The budget period of a day's UTC month ('YYYY-MM', as budget_usage.period)."""
+    return f"{day.year:04d}-{day.month:02d}"
+
+
 def _usd(value: float | None) -> Decimal | None:
     # exact for the database: the float's shortest repr, which is what a JSON settlement carries back
     return None if value is None else Decimal(repr(value))
@@ -112,18 +175,31 @@ def _usd(value: float | None) -> Decimal | None:
 async def admit_full(pool: asyncpg.Pool, *, user_id: uuid.UUID, keys: Sequence[KeyCap], day: date,
                      window: datetime, user_rpm: int | None, want: int, user_cap: int | None, share: int,
                      want_cost: float = 0.0, user_cost_cap: float | None = None, lease: uuid.UUID | None = None,
-                     instance_id: uuid.UUID | None = None, user_streams: int | None = None) -> Grant:
+                     instance_id: uuid.UUID | None = None, user_streams: int | None = None,
+                     user_budgets: Budgets | None = None) -> Grant:
     """`admit`, plus daily cost caps (reserving up to `want_cost` USD against the user's and each
     key's cap; a free request, want_cost 0, is never refused by them) and concurrency caps (one
     stream counted against the user's and each key's cap, held by the lease `lease` on
-    `instance_id` until released). One call to gateway_admit_full (sql/0010): all or nothing."""
+    `instance_id` until released). One call to gateway_admit_full (sql/0010): all or nothing.
+    With month or lifetime budgets (`user_budgets`, a key's `budgets`) the one call is
+    gateway_admit_budget (sql/0018) instead, which reserves the same amounts on those too."""
+    args: list[object] = [
+        user_id, [k.key_id for k in keys], day, window, user_rpm, [k.rpm for k in keys], want, user_cap,
+        [k.daily for k in keys], share, _usd(want_cost), _usd(user_cost_cap), [_usd(k.cost) for k in keys],
+        lease, instance_id, user_streams, [k.streams for k in keys]]
+    if user_budgets is None and all(k.budgets is None for k in keys):
+        sql = ("SELECT granted, granted_cost::float8 AS cost FROM gateway_admit_full("
+               "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)")
+    else:
+        none = Budgets()
+        u = user_budgets or none
+        kb = [k.budgets or none for k in keys]
+        args += [month_of(day), u.monthly, u.total, _usd(u.monthly_cost), _usd(u.total_cost), [b.monthly for b in kb],
+                 [b.total for b in kb], [_usd(b.monthly_cost) for b in kb], [_usd(b.total_cost) for b in kb]]
+        sql = ("SELECT granted, granted_cost::float8 AS cost FROM gateway_admit_budget("
+               + ", ".join(f"${i}" for i in range(1, 27)) + ")")
     try:
-        row = await pool.fetchrow(
-            "SELECT granted, granted_cost::float8 AS cost FROM gateway_admit_full("
-            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)", user_id,
-            [k.key_id for k in keys], day, window, user_rpm, [k.rpm for k in keys], want, user_cap,
-            [k.daily for k in keys], share, _usd(want_cost), _usd(user_cost_cap), [_usd(k.cost) for k in keys],
-            lease, instance_id, user_streams, [k.streams for k in keys])
+        row = await pool.fetchrow(sql, *args)
     except asyncpg.PostgresError as e:
         limit = SQLSTATES.get(getattr(e, "sqlstate", None) or "")
         if limit is None:
@@ -171,6 +247,35 @@ UPDATE key_daily_usage d SET reserved = CASE WHEN held.tokens THEN greatest(d.re
 FROM held WHERE d.api_key_id = held.api_key_id AND d.day = $2"""
 
 
+# The month and lifetime rows that hold a request's reservation (sql/0018): those of its key and
+# each ancestor whose limits name that budget (the same rule as the settlement), then the user's
+# (a user row without a budget holds no reservation, so taking off it, floored at 0, changes
+# nothing). Locked in admission's order: keys leaf first, month before total, the user last.
+_RELEASE_BUDGETS = """
+WITH chain AS (
+    SELECT c.id, c.pos FROM api_keys k, unnest(k.id || k.ancestors) WITH ORDINALITY AS c (id, pos)
+    WHERE k.id = $2
+),
+wanted AS (
+    SELECT 'k:' || chain.id AS subject, p.period, chain.pos AS ord, p.w,
+           CASE WHEN m.limits ->> p.tkey IS NOT NULL THEN $4::bigint ELSE 0 END AS t,
+           CASE WHEN m.limits ->> p.ckey IS NOT NULL THEN $5::numeric ELSE 0 END AS c
+    FROM chain JOIN api_keys m ON m.id = chain.id
+    CROSS JOIN (VALUES ($3::text, 'monthly_tokens', 'monthly_cost_usd', 0),
+                       ('total', 'total_tokens', 'total_cost_usd', 1)) AS p (period, tkey, ckey, w)
+    UNION ALL
+    SELECT 'u:' || $1::uuid, p.period, 2147483647, p.w, $6::bigint, $7::numeric
+    FROM (VALUES ($3::text, 0), ('total', 1)) AS p (period, w)
+),
+locked AS (
+    SELECT b.subject, b.period FROM budget_usage b JOIN wanted x USING (subject, period)
+    WHERE x.t > 0 OR x.c > 0 ORDER BY x.ord, x.w FOR UPDATE OF b
+)
+UPDATE budget_usage b SET reserved = greatest(b.reserved - x.t, 0), cost_reserved = greatest(b.cost_reserved - x.c, 0)
+FROM wanted x WHERE b.subject = x.subject AND b.period = x.period AND (x.t > 0 OR x.c > 0)
+  AND (SELECT count(*) FROM locked) >= 0"""
+
+
 async def release(pool: asyncpg.Pool, *, user_id: uuid.UUID, api_key_id: uuid.UUID | None, day: date,
                   user_tokens: int, key_tokens: int, user_cost: float = 0.0, key_cost: float = 0.0,
                   lease: uuid.UUID | None = None, quota: uuid.UUID | None = None) -> None:
@@ -197,6 +302,9 @@ async def release(pool: asyncpg.Pool, *, user_id: uuid.UUID, api_key_id: uuid.UU
             await conn.execute("UPDATE daily_usage SET reserved = greatest(reserved - $3, 0), "
                                "cost_reserved = greatest(cost_reserved - $4, 0) "
                                "WHERE user_id = $1 AND day = $2", user_id, day, user_tokens, user_usd)
+        if user_tokens or user_usd or key_tokens or key_usd:
+            await conn.execute(_RELEASE_BUDGETS, user_id, api_key_id, month_of(day), key_tokens, key_usd or 0,
+                               user_tokens, user_usd or 0)
 
 
 async def release_instance(conn: asyncpg.Connection, instance_id: uuid.UUID) -> int:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import uuid
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
-from datetime import date
+from datetime import date, datetime
 from typing import Any, TypedDict
 
 import asyncpg
+import orjson
 
 # CTEs shared by every writer of usage: parameters $1..$15 are one array per column of
 # UsageRecord.params() (a single finish passes arrays of one): its fields, except that what the
@@ -93,7 +97,8 @@ chain AS (
            CASE WHEN m.limits ->> 'daily_tokens' IS NOT NULL THEN new.key_reserved ELSE 0 END AS reserved,
            CASE WHEN m.limits ->> 'daily_cost_usd' IS NOT NULL THEN new.key_cost_reserved ELSE 0 END
                AS cost_reserved,
-           cardinality(h.ids) - c.pos AS depth
+           cardinality(h.ids) - c.pos AS depth, new.key_reserved AS held_tokens,
+           new.key_cost_reserved AS held_cost, m.limits
     FROM new
     CROSS JOIN LATERAL (SELECT new.api_key_id || coalesce(
         (SELECT a.ancestors FROM api_keys a WHERE a.id = new.api_key_id), '{}'::uuid[]) AS ids) h
@@ -123,6 +128,30 @@ d AS (
         requests = d.requests + EXCLUDED.requests, cost_usd = d.cost_usd + EXCLUDED.cost_usd,
         reserved = greatest(d.reserved - EXCLUDED.reserved, 0),
         cost_reserved = greatest(d.cost_reserved - EXCLUDED.cost_reserved, 0)
+    RETURNING 1
+),
+b AS (
+    -- the month and lifetime rows (sql/0018), after the day rows: each key of the chain (leaf first,
+    -- its month before its total) releases what it held where its limits name that budget; then
+    -- the user's (a user row without a budget holds nothing, and the release is floored at 0)
+    INSERT INTO budget_usage AS b (subject, period, tokens, requests, cost_usd, reserved, cost_reserved)
+    SELECT subject, period, sum(tokens), count(*), sum(cost_usd), sum(reserved), sum(cost_reserved) FROM (
+        SELECT 'k:' || chain.key_id AS subject, p.period, chain.tokens, chain.cost_usd, chain.depth AS ord, p.w,
+               CASE WHEN chain.limits ->> p.tkey IS NOT NULL THEN chain.held_tokens ELSE 0 END AS reserved,
+               CASE WHEN chain.limits ->> p.ckey IS NOT NULL THEN chain.held_cost ELSE 0 END AS cost_reserved
+        FROM chain CROSS JOIN LATERAL (
+            VALUES (to_char(chain.day, 'YYYY-MM'), 'monthly_tokens', 'monthly_cost_usd', 0),
+                   ('total', 'total_tokens', 'total_cost_usd', 1)) AS p (period, tkey, ckey, w)
+        UNION ALL
+        SELECT 'u:' || new.user_id, p.period, new.prompt_tokens + new.completion_tokens, new.cost_usd, -1, p.w,
+               new.user_reserved, new.user_cost_reserved
+        FROM new CROSS JOIN LATERAL (VALUES (to_char(new.day, 'YYYY-MM'), 0), ('total', 1)) AS p (period, w)
+    ) x WHERE (SELECT count(*) FROM d) >= 0
+    GROUP BY subject, period ORDER BY max(ord) DESC, subject, max(w)
+    ON CONFLICT (subject, period) DO UPDATE SET tokens = b.tokens + EXCLUDED.tokens,
+        requests = b.requests + EXCLUDED.requests, cost_usd = b.cost_usd + EXCLUDED.cost_usd,
+        reserved = greatest(b.reserved - EXCLUDED.reserved, 0),
+        cost_reserved = greatest(b.cost_reserved - EXCLUDED.cost_reserved, 0)
 ),
 q AS (
     -- a reply served from a quota lease (sql/0013): what it released comes off the lease's row too
@@ -225,6 +254,7 @@ _REPORT = {
     # the two groupings differ only in their key; both read the usage rows of the range. By
     # model, a reply of an anonymous comparison not yet voted on must not give its model away.
     "day": "(u.created_at AT TIME ZONE 'UTC')::date",
+    "key": "u.api_key_id",  # the reply's own key (null: a signed-in user's, without a key)
     "model": f"""CASE WHEN EXISTS (SELECT 1 FROM comparisons c WHERE c.anonymous AND c.winner IS NULL
                                    AND c.message_a = u.message_id)
                    OR EXISTS (SELECT 1 FROM comparisons c WHERE c.anonymous AND c.winner IS NULL
@@ -235,7 +265,8 @@ _REPORT = {
 
 async def usage_report(pool: asyncpg.Pool, user_id: uuid.UUID | None, start: date, end: date,
                        group_by: str) -> list[dict[str, Any]]:
-    """Tokens, cost and requests per day, per model, or per day and model ("day,model") over
+    """Tokens, cost and requests per day, per model, per key, or per day and model or key ("day,model",
+    "day,key") over
     [start, end] (UTC days) of one user (None: everybody, for the operator's CLI); each row's key
     columns are named by `group_by`, the others are prompt_tokens (split into input_tokens,
     cached_tokens and cache_write_tokens), completion_tokens (of which reasoning_tokens),
@@ -251,16 +282,86 @@ async def usage_report(pool: asyncpg.Pool, user_id: uuid.UUID | None, start: dat
                sum(u.cache_write_tokens)::bigint AS cache_write_tokens,
                sum(u.reasoning_tokens)::bigint AS reasoning_tokens,
                sum(u.cost_usd)::float8 AS cost_usd, sum(u.requests)::bigint AS requests
-        FROM (SELECT message_id, created_at, model, prompt_tokens, completion_tokens, total_tokens, input_tokens,
-                     cached_tokens, cache_write_tokens, reasoning_tokens, cost_usd, 1 AS requests
+        FROM (SELECT message_id, created_at, api_key_id, model, prompt_tokens, completion_tokens, total_tokens,
+                     input_tokens, cached_tokens, cache_write_tokens, reasoning_tokens, cost_usd, 1 AS requests
               FROM usage
               WHERE ($1::uuid IS NULL OR user_id = $1) AND created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
                 AND created_at < ($3::date + 1)::timestamp AT TIME ZONE 'UTC'
               UNION ALL  -- everybody's report: erased users' usage, as totals naming nobody
-              SELECT NULL, day::timestamp AT TIME ZONE 'UTC', model, prompt_tokens, completion_tokens, total_tokens,
-                     prompt_tokens - cached_tokens - cache_write_tokens, cached_tokens, cache_write_tokens,
-                     reasoning_tokens, cost_usd, requests
+              SELECT NULL, day::timestamp AT TIME ZONE 'UTC', NULL, model, prompt_tokens, completion_tokens,
+                     total_tokens, prompt_tokens - cached_tokens - cache_write_tokens, cached_tokens,
+                     cache_write_tokens, reasoning_tokens, cost_usd, requests
               FROM erased_usage
               WHERE $1::uuid IS NULL AND day BETWEEN $2 AND $3) u
         GROUP BY {order} ORDER BY {order}""", user_id, start, end)
     return [dict(r) for r in rows]
+
+
+async def key_spend(pool: asyncpg.Pool, key_ids: list[uuid.UUID], user_id: uuid.UUID | None,
+                    day: date) -> dict[uuid.UUID, dict[str, dict[str, Any]]]:
+    """What each key (of `user_id`; None: anybody's, for the operator) has spent: on `day`, in its
+    UTC month and in its whole life, in tokens and USD. A key's totals include its descendants'
+    (sql/0008_key_tree.sql); what replies still running hold is not counted."""
+    rows = await pool.fetch("""
+        SELECT k.id, coalesce(d.tokens, 0) AS day_tokens, coalesce(d.cost_usd, 0)::float8 AS day_cost,
+               coalesce(m.tokens, 0) AS month_tokens, coalesce(m.cost_usd, 0)::float8 AS month_cost,
+               coalesce(t.tokens, 0) AS total_tokens, coalesce(t.cost_usd, 0)::float8 AS total_cost
+        FROM api_keys k
+        LEFT JOIN key_daily_usage d ON d.api_key_id = k.id AND d.day = $3
+        LEFT JOIN budget_usage m ON m.subject = 'k:' || k.id AND m.period = $4
+        LEFT JOIN budget_usage t ON t.subject = 'k:' || k.id AND t.period = 'total'
+        WHERE k.id = ANY($1::uuid[]) AND ($2::uuid IS NULL OR k.user_id = $2)""",
+        key_ids, user_id, day, f"{day.year:04d}-{day.month:02d}")
+    return {r["id"]: {"today": {"tokens": r["day_tokens"], "cost_usd": r["day_cost"]},
+                      "month": {"tokens": r["month_tokens"], "cost_usd": r["month_cost"]},
+                      "total": {"tokens": r["total_tokens"], "cost_usd": r["total_cost"]}} for r in rows}
+
+
+# one line per reply, in this order (GET /api/usage/export, `python -m gateway usage export`)
+EXPORT_COLUMNS = ("message_id", "created_at", "user_id", "api_key_id", "model", "provider", "prompt_tokens",
+                  "input_tokens", "cached_tokens", "cache_write_tokens", "completion_tokens", "reasoning_tokens",
+                  "total_tokens", "estimated", "cost_usd")
+EXPORT_BATCH = 500
+
+
+async def export_usage(pool: asyncpg.Pool, user_id: uuid.UUID | None, start: date, end: date, *,
+                       hide_pending: bool) -> AsyncGenerator[list[asyncpg.Record], None]:
+    """The usage rows of [start, end] (UTC days) of one user (None: everybody), oldest first, in
+    batches read from a cursor, so an export of any size holds one batch in memory. `hide_pending`:
+    a reply of an anonymous comparison not yet voted on does not give its model away (as
+    usage_report by model). Close the iterator (contextlib.aclosing) to end early."""
+    model = _REPORT["model"] if hide_pending else "u.model"
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        cursor = await conn.cursor(f"""
+            SELECT u.message_id, u.created_at, u.user_id, u.api_key_id, {model} AS model, u.provider,
+                   u.prompt_tokens, u.input_tokens, u.cached_tokens, u.cache_write_tokens, u.completion_tokens,
+                   u.reasoning_tokens, u.total_tokens, u.estimated, u.cost_usd::float8 AS cost_usd
+            FROM usage u
+            WHERE ($1::uuid IS NULL OR u.user_id = $1) AND u.created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'
+              AND u.created_at < ($3::date + 1)::timestamp AT TIME ZONE 'UTC'
+            ORDER BY u.created_at, u.message_id""", user_id, start, end)
+        while rows := await cursor.fetch(EXPORT_BATCH):
+            yield rows
+
+
+def _csv_cell(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def export_lines(rows: list[dict[str, object]], fmt: str, *, header: bool = False) -> bytes:
+    """Usage rows as CSV (with the header line first when `header`) or as one JSON object per line."""
+    if fmt == "ndjson":
+        return b"".join(orjson.dumps(row) + b"\n" for row in rows)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    if header:
+        writer.writerow(EXPORT_COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_cell(row[c]) for c in EXPORT_COLUMNS])
+    return out.getvalue().encode()

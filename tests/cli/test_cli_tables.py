@@ -37,11 +37,11 @@ async def test_keys_list_prints_a_users_keys_newest_first_and_never_a_secret(tmp
     scopes_w = len("chat,arena")
     expected = [
         f"{'id':<36}  {'prefix':<12}  {'name':<{name_w}}  {'user':<36}  {'scopes':<{scopes_w}}  {'created':<16}  "
-        "last used  revoked",
-        "  ".join("-" * w for w in (36, 12, name_w, 36, scopes_w, 16, 9, 7)),
+        "last used  revoked  today      month      total",
+        "  ".join("-" * w for w in (36, 12, name_w, 36, scopes_w, 16, 9, 7, 9, 9, 9)),
         *(f"{r['id']}  {r['prefix']:<12}  {r['name']:<{name_w}}  {user_id}  {','.join(r['scopes']):<{scopes_w}}  "
-          f"{when(r['created_at'])}  -          -" for r in rows),
-        "2 key(s)"]
+          f"{when(r['created_at'])}  -          -        0 / $0.00  0 / $0.00  0 / $0.00" for r in rows),
+        "2 key(s); spend in tokens / USD, a key's including its descendants'"]
     assert run.stdout.splitlines() == expected
     assert first not in run.stdout and second not in run.stdout  # the prefix only, never the key
 
@@ -162,3 +162,30 @@ async def test_leaderboard_prints_ratings_intervals_and_provisional_models(
                                 "AND a.model <> b.model")
     assert lines[-1] == (f"{battles} battle(s), anonymous comparisons; 95% intervals; provisional: fewer than 20 "
                          "battles")
+
+
+async def test_usage_by_key_and_keys_list_show_spend_per_key(tmp_path: Path, database_url: str, db: asyncpg.Pool,
+                                                             make_client: MakeClient, config_file: Any,
+                                                             user: User) -> None:
+    name = unique("cli_priced")
+    client = await make_client(DEMO_CHUNKS="10", GATEWAY_CONFIG=config_file(
+        f'[models.{name}]\nprovider = "demo"\ninput_price_per_mtok = 1000000\noutput_price_per_mtok = 1000000\n'))
+    for _ in range(2):  # "hello": 2 prompt tokens + 10 completion tokens, $12 a turn
+        resp = await client.post("/api/chat", headers=user.headers,
+                                 json={"content": "hello", "max_tokens": 10, "model": name})
+        assert resp.status == 202
+
+    async def counted() -> bool:
+        return await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user.id) == 2
+
+    await wait_for(counted)
+    key_id = await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", user.id)
+    run = await run_cli(tmp_path, cli_env(database_url), "usage", "--by", "key", "--days", "1", "--user-id",
+                        str(user.id))
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[1].split() == ["key", "requests", "prompt", "completion", "total", "tokens", "cost", "usd"]
+    assert lines[3].split() == [str(key_id), "2", "4", "20", "24", "24"]
+    run = await run_cli(tmp_path, cli_env(database_url), "keys", "list", "--user-id", str(user.id))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[2].endswith("24 / $24.00  24 / $24.00  24 / $24.00")

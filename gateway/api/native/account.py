@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from datetime import date
 
 from aiohttp import web
 
 from gateway.api.common import caller, json_response
-from gateway.contract.operations import errors, ok, operation, query
+from gateway.contract.operations import errors, ok, operation, query, response
 from gateway.contract.replies import Me, UsageReport
 from gateway.errors import BadRequest
 from gateway.policy.admission import limits_for, utc_now
@@ -16,7 +17,8 @@ from gateway.store import limits as limits_store
 from gateway.store import usage as usage_store
 
 MAX_RANGE_DAYS = 366
-GROUPINGS = ("day", "model", "day,model")  # day,model: a row per model and day (the playground's chart)
+# day,model: a row per model and day (the playground's chart); key, day,key: per API key (its own use)
+GROUPINGS = ("day", "model", "day,model", "key", "day,key")
 
 
 @operation("The caller: user, key, limits in force, today's usage", "account",
@@ -62,13 +64,13 @@ def _day(raw: str | None, name: str, default: date) -> date:
         raise BadRequest(f"{name} must be a date (YYYY-MM-DD)") from None
 
 
-@operation("Tokens, cost and requests per day or per model (UTC days)", "account",
+@operation("Tokens by kind, cost and requests per day, model or API key (UTC days)", "account",
            {**ok(200, "The report", UsageReport), **errors(400, 401, 503)},
            parameters=[query("from", {"type": "string", "format": "date"}, "First day (default: 29 days before `to`)"),
                        query("to", {"type": "string", "format": "date"},
                              "Last day (default: today); the range spans at most 366 days"),
-                       query("group_by", {"enum": ["day", "model", "day,model"], "default": "day"},
-                             "Grouping (day,model: a row per model and day)")])
+                       query("group_by", {"enum": ["day", "model", "day,model", "key", "day,key"], "default": "day"},
+                             "Grouping (day,model: a row per model and day; key, day,key: per API key)")])
 async def usage(request: web.Request) -> web.Response:
     principal = await caller(request)
     today = utc_now().date()
@@ -81,10 +83,50 @@ async def usage(request: web.Request) -> web.Response:
         raise BadRequest(f"the range may span at most {MAX_RANGE_DAYS} days")
     group_by = request.query.get("group_by", "day")
     if group_by not in GROUPINGS:
-        raise BadRequest("group_by must be day, model or day,model")
+        raise BadRequest("group_by must be day, model, key, day,model or day,key")
     rows = await usage_store.usage_report(request.app[DB].pool, principal.user_id, start, to, group_by)
     totals = {k: sum(r[k] for r in rows) for k in ("prompt_tokens", "completion_tokens", "total_tokens",
                                                    "input_tokens", "cached_tokens", "cache_write_tokens",
                                                    "reasoning_tokens", "requests")}
     totals["cost_usd"] = round(sum(r["cost_usd"] for r in rows), 8)
     return json_response({"from": start, "to": to, "group_by": group_by, "rows": rows, "totals": totals})
+
+
+EXPORT_FORMATS = {"csv": "text/csv; charset=utf-8", "ndjson": "application/x-ndjson"}
+
+
+@operation("Every reply's usage, one line each (CSV or NDJSON), streamed; admin: every user's", "account",
+           {"200": response("The lines, oldest first", {"text/csv": {"schema": {"type": "string"}},
+                                                         "application/x-ndjson": {"schema": {"type": "string"}}}),
+            **errors(400, 401, 503)},
+           parameters=[query("from", {"type": "string", "format": "date"},
+                             "First UTC day (default: 29 days before `to`)"),
+                       query("to", {"type": "string", "format": "date"}, "Last UTC day (default: today)"),
+                       query("format", {"enum": ["csv", "ndjson"], "default": "csv"}, "Line format")])
+async def usage_export(request: web.Request) -> web.StreamResponse:
+    """GET /api/usage/export?from=&to=&format=csv|ndjson: one line per reply, streamed. A key with
+    the admin scope exports every user's usage; anyone else their own."""
+    principal = await caller(request)
+    today = utc_now().date()
+    to = _day(request.query.get("to"), "to", today)
+    start = _day(request.query.get("from"), "from", date.fromordinal(max(1, to.toordinal() - 29)))
+    if start > to:
+        raise BadRequest("from must not be after to")
+    fmt = request.query.get("format", "csv")
+    if fmt not in EXPORT_FORMATS:
+        raise BadRequest("format must be csv or ndjson")
+    admin = "admin" in principal.scopes
+    response = web.StreamResponse(headers={
+        "Content-Type": EXPORT_FORMATS[fmt],
+        "Content-Disposition": f'attachment; filename="usage-{start}-{to}.{fmt}"'})
+    await response.prepare(request)
+    first = True
+    async with aclosing(usage_store.export_usage(request.app[DB].pool, None if admin else principal.user_id, start,
+                                                 to, hide_pending=not admin)) as batches:
+        async for batch in batches:
+            await response.write(usage_store.export_lines([dict(r) for r in batch], fmt, header=first))
+            first = False
+    if first and fmt == "csv":
+        await response.write(usage_store.export_lines([], fmt, header=True))
+    await response.write_eof()
+    return response

@@ -13,7 +13,8 @@ ancestors:
 - its scopes are within its parent's (403 otherwise), its expiry is no later (it defaults to the
   parent's), and each limit the parent has is a ceiling for the child's (403 when asked for more);
 - its usage counts against its own limits and every ancestor's, in the same atomic admission: a
-  parent's daily tokens, daily cost (`daily_cost_usd`), requests per minute and concurrent streams
+  parent's daily tokens, daily cost (`daily_cost_usd`), month and lifetime budgets (`monthly_tokens`,
+  `monthly_cost_usd`, `total_tokens`, `total_cost_usd`), requests per minute and concurrent streams
   are shared by its whole subtree, never multiplied
   (a limit the child does not set is bounded by the ancestor's, so it is not copied onto the child);
   its `max_tokens` and `models` are bounded by every ancestor's too;
@@ -43,10 +44,13 @@ from gateway.contract.operations import errors, ok, operation, path_id, query
 from gateway.contract.replies import CreatedKey, KeyList
 from gateway.edge.auth import Principal
 from gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from gateway.state import AUTH, DB
+from gateway.state import AUTH, DB, SETTINGS
 from gateway.store import keys as key_store
+from gateway.store import usage as usage_store
+from gateway.webhooks import outbox
 
 DEFAULT_SCOPES = ("chat", "arena")
+_NO_SPEND = {period: {"tokens": 0, "cost_usd": 0.0} for period in ("today", "month", "total")}
 
 
 def parse_expiry(raw: Any) -> datetime | None:
@@ -137,6 +141,11 @@ async def create_key(request: web.Request) -> web.Response:
                 await key_store.upsert_user(conn, owner, None)  # an admin provisioning a new user, as the CLI does
             # made by a key: that key's child, in its tree for good
             row, key = await key_store.issue_key(conn, owner, name, scopes, expires_at, limits, principal.api_key_id)
+            # queued with the key, in its transaction: delivered later by the webhook worker
+            await outbox.enqueue(conn, request.app[SETTINGS].webhooks, [outbox.Event("key.created", {
+                "key_id": str(row["id"]), "user_id": str(owner), "name": name, "prefix": row["prefix"],
+                "scopes": row["scopes"], "parent_id": str(principal.api_key_id) if principal.api_key_id else None},
+                f"key.created:{row['id']}")])
     except key_store.ParentRevoked:
         raise Unauthorized("API key revoked") from None  # revoked since it authenticated
     row["key"] = key  # the only time it is shown
@@ -155,7 +164,12 @@ async def list_keys(request: web.Request) -> web.Response:
         raise Forbidden("only an admin may list every key")
     # a key without admin sees itself alone: not its user's other keys
     only = principal.api_key_id if principal.api_key_id is not None and "admin" not in principal.scopes else None
-    rows = await key_store.list_keys(request.app[DB].pool, None if every == "true" else principal.user_id, only)
+    pool, owner = request.app[DB].pool, None if every == "true" else principal.user_id
+    rows = await key_store.list_keys(pool, owner, only)
+    # each key's spend today, this month and in its life (its subtree's, as its limits count it)
+    spend = await usage_store.key_spend(pool, [r["id"] for r in rows], owner, datetime.now(UTC).date())
+    for row in rows:
+        row["spend"] = spend.get(row["id"], _NO_SPEND)
     return json_response({"keys": rows})
 
 
@@ -174,4 +188,6 @@ async def revoke_key(request: web.Request) -> web.Response:
         raise NotFound("key not found")  # somebody else's is not found either
     for key_hash in hashes:  # the key and its descendants: here at once; the other instances hear NOTIFYs
         request.app[AUTH].forget_key(key_hash)
+    await outbox.enqueue(request.app[DB].pool, request.app[SETTINGS].webhooks, [outbox.Event(
+        "key.revoked", {"key_id": str(key_id), "descendants_revoked": len(hashes) - 1}, f"key.revoked:{key_id}")])
     return web.Response(status=204)

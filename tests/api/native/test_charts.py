@@ -49,7 +49,8 @@ async def test_usage_by_day_and_model_is_a_row_per_pair(client: TestClient, user
     assert body["group_by"] == "day,model" and body["totals"]["total_tokens"] == 210
     assert round(body["totals"]["cost_usd"], 8) == 0.0018
     bad = await client.get("/api/usage?group_by=model,day", headers=user.headers)
-    assert bad.status == 400 and (await bad.json())["error"]["message"] == "group_by must be day, model or day,model"
+    assert bad.status == 400
+    assert (await bad.json())["error"]["message"] == "group_by must be day, model, key, day,model or day,key"
 
 
 async def test_usage_tab_draws_stacked_bars_per_day_and_model_and_the_budget_gauge(

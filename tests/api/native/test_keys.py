@@ -22,6 +22,7 @@ from tests.support.common import MakeClient, User, wait_for
 MakeUser = Callable[..., Awaitable[User]]
 PUBLIC_FIELDS = {"id", "user_id", "parent_id", "name", "prefix", "scopes", "limits", "expires_at", "revoked_at",
                  "last_used_at", "created_at"}
+LISTED_FIELDS = PUBLIC_FIELDS | {"spend"}  # a listed key carries its spend (docs/budgets.md)
 ADMIN = ("chat", "arena", "admin")
 
 
@@ -77,7 +78,7 @@ async def test_created_key_is_shown_once_stored_hashed_and_works(client: TestCli
     assert await status_with(client, key) == 200
     # the listing never shows it again
     listed = {k["id"]: k for k in await listing(client, admin.headers)}
-    assert set(listed[body["id"]]) == PUBLIC_FIELDS
+    assert set(listed[body["id"]]) == LISTED_FIELDS
 
 
 @pytest.mark.parametrize("body", [
@@ -225,7 +226,7 @@ async def test_listing_shows_own_keys_newest_first_without_secrets(client: TestC
     assert [k["id"] for k in keys] == [third["id"], second["id"], str(first_id)]
     assert [k["name"] for k in keys] == ["third", "second", "test"]
     for k in keys:
-        assert set(k) == PUBLIC_FIELDS
+        assert set(k) == LISTED_FIELDS
         assert k["user_id"] == str(admin.id) and k["revoked_at"] is None
     assert keys[0]["prefix"] == third["key"][:12]
 
