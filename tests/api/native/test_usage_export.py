@@ -35,8 +35,9 @@ async def seed(db: asyncpg.Pool, user: User, days: list[int], cost: float = 0.25
         ids.append(message_id)
         await db.execute("""
             INSERT INTO usage (message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens,
-                               total_tokens, estimated, cost_usd, created_at)
-            VALUES ($1, $2, $3, 'demo', 'demo', 7, 5, 12, false, $4, $5)""", message_id, user.id, key, cost,
+                               total_tokens, cached_tokens, cache_write_tokens, reasoning_tokens, estimated, cost_usd,
+                               created_at)
+            VALUES ($1, $2, $3, 'demo', 'demo', 7, 5, 12, 2, 1, 3, false, $4, $5)""", message_id, user.id, key, cost,
                          START + timedelta(days=n))
     return ids
 
@@ -51,7 +52,7 @@ async def test_a_user_exports_their_own_usage_as_csv_and_an_admin_everybodys_as_
     assert resp.status == 200 and resp.headers["Content-Type"] == "text/csv; charset=utf-8"
     lines = (await resp.text()).splitlines()
     assert lines == [HEADER, *(f"{m},{(START + timedelta(days=n)).isoformat()},{alice.id},{alice_key},demo,demo,"
-                               "7,5,12,false,0.25" for m, n in zip(mine[:2], (0, 1), strict=True))]
+                               "7,4,2,1,5,3,12,false,0.25" for m, n in zip(mine[:2], (0, 1), strict=True))]
     assert next(iter(csv.DictReader(io.StringIO("\n".join(lines)))))["message_id"] == str(mine[0])
 
     resp = await client.get("/api/usage/export?from=2003-03-03&to=2003-03-09&format=ndjson", headers=admin.headers)
