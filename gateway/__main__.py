@@ -27,7 +27,6 @@ from gateway.observability.combined import Siblings
 from gateway.observability.logs import configure_logging
 from gateway.state import METRICS
 from gateway.store.db import DatabaseUnreachable, migrate, open_database
-from gateway.store.keys import create_user_with_key
 
 log = logging.getLogger("gateway")
 
@@ -106,8 +105,7 @@ async def create_key(settings: Settings, name: str, scopes: list[str], user_id: 
     try:
         async with db.session() as conn:  # the migration lock is a session lock
             await migrate(conn)
-        _, key = await create_user_with_key(db.pool, name, scopes, user_id)
-        return key
+        return await cli.keys_create(db, settings.webhooks, name, scopes, user_id)
     finally:
         await db.close()
 
@@ -201,7 +199,7 @@ def command(argv: list[str] | None) -> int:
     elif args.command == "keys" and args.keys_command == "list":
         print(cli.run(settings, lambda db: cli.keys_list(db, args.user_id)))
     elif args.command == "keys" and args.keys_command == "revoke":
-        status, message = cli.run(settings, lambda db: cli.keys_revoke(db, args.key))
+        status, message = cli.run(settings, lambda db: cli.keys_revoke(db, args.key, settings.webhooks))
         print(message, file=sys.stderr if status else sys.stdout)
         return status
     elif args.command == "keys":

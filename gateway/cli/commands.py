@@ -15,7 +15,7 @@ from contextlib import aclosing
 from datetime import date, datetime, timedelta
 from typing import Any, BinaryIO, TypeVar
 
-from gateway.config import Settings
+from gateway.config import Settings, WebhookConfig
 from gateway.policy.admission import utc_now
 from gateway.service import erasure
 from gateway.service.leaderboard import PROVISIONAL_BELOW, leaderboard
@@ -94,10 +94,23 @@ async def keys_list(db: Database, user_id: uuid.UUID | None) -> str:
                   for r in rows]) + f"\n{len(rows)} key(s); spend in tokens / USD, a key's including its descendants'"
 
 
-async def keys_revoke(db: Database, ref: str) -> tuple[int, str]:
+async def keys_create(db: Database, webhooks: Sequence[WebhookConfig], name: str, scopes: list[str],
+                      user_id: uuid.UUID | None) -> str:
+    """A new root key (of a new user unless `user_id`); the plaintext key. `key.created` is queued
+    for the endpoints subscribed to it in the same transaction."""
+    async with db.pool.acquire() as conn, conn.transaction():
+        owner = user_id or uuid.uuid4()
+        await keys_store.upsert_user(conn, owner, None)
+        row, key = await keys_store.issue_key(conn, owner, name, scopes)
+        await outbox.enqueue(conn, webhooks, [outbox.key_created(row, None)])
+    return key
+
+
+async def keys_revoke(db: Database, ref: str, webhooks: Sequence[WebhookConfig] = ()) -> tuple[int, str]:
     """(exit status, message): revokes the key whose id, prefix or name is `ref`, and the keys issued
-    under it, on every instance within a second. A name several keys share picks the one not yet
-    revoked; when that is still more than one, nothing is revoked and they are listed."""
+    under it, on every instance within a second (`key.revoked` queued in the same transaction for
+    the endpoints subscribed to it). A name several keys share picks the one not yet revoked; when
+    that is still more than one, nothing is revoked and they are listed."""
     found = await keys_store.find_keys(db.pool, ref)
     if len(found) > 1:
         found = [r for r in found if r["revoked_at"] is None] or found
@@ -108,7 +121,9 @@ async def keys_revoke(db: Database, ref: str) -> tuple[int, str]:
                    + table(["id", "prefix", "name", "user", "created"],
                            [[r["id"], r["prefix"], r["name"], r["user_id"], r["created_at"]] for r in found]))
     key = found[0]
-    revoked = await keys_store.revoke_key(db.pool, key["id"], None)
+    revoked = await keys_store.revoke_key(
+        db.pool, key["id"], None,
+        lambda conn, hashes: outbox.enqueue(conn, webhooks, [outbox.key_revoked(key["id"], len(hashes))]))
     if revoked is None:
         return 1, f"no key {key['id']}"
     return 0, (f"revoked {key['id']}"

@@ -305,12 +305,37 @@ class Remaining(Struct):
     daily_tokens: int | None
 
 
+class MeBudget(Struct, kw_only=True):
+    """One month or lifetime budget in force for the caller (docs/budgets.md)."""
+
+    subject: Annotated[Literal["user", "key"], Meta(description="The user's, from [limits]; or a key's of the "
+                                                                 "caller's chain (its use counts its subtree's)")]
+    key_id: uuid.UUID | None
+    window: Literal["monthly_tokens", "monthly_cost_usd", "total_tokens", "total_cost_usd"]
+    period: Annotated[str, Meta(description="The UTC month, YYYY-MM, or `total` (for life)")]
+    limit: float
+    used: Annotated[float, Meta(description="Settled use")]
+    reserved: Annotated[float, Meta(description="Held by replies still running")]
+    remaining: Annotated[float, Meta(description="limit - used - reserved, at least 0")]
+
+
+class BudgetRemaining(Struct, kw_only=True):
+    """What the caller may still spend in each window: the least any budget in force leaves (null: none)."""
+
+    monthly_tokens: int | None
+    monthly_cost_usd: float | None
+    total_tokens: int | None
+    total_cost_usd: float | None
+
+
 class Me(Struct):
     user: MeUser
     key: MeKey | None
     limits: MeLimits
     today: Today
     remaining: Remaining
+    budgets: list[MeBudget]
+    budget_remaining: BudgetRemaining
 
 
 class UsageCounts(Struct, kw_only=True):

@@ -102,6 +102,13 @@
     return Object.entries(limits).map(([k, v]) => `${k} ${Array.isArray(v) ? v.join(",") : v}`).join("; ");
   }
 
+  // a key's spend (GET /api/keys rows' `spend`: its descendants' included), tokens and dollars
+  function spendText(spend) {
+    if (!spend) return null;
+    const one = (s) => `${s.tokens} tokens $${Number(s.cost_usd.toFixed(4))}`;
+    return `${one(spend.today)} · ${one(spend.month)} · ${one(spend.total)}`;
+  }
+
   async function loadKeys() {
     const body = await api("GET", "/api/keys?all=true");
     const rows = byTestId("admin-keys").tBodies[0];
@@ -130,7 +137,8 @@
         action.append(revoke);
       }
       tr.append(cell(k.name), cell(k.prefix), cell(k.scopes.join(", ")), cell(limitsText(k.limits)),
-        cell(when(k.created_at)), cell(when(k.last_used_at)), cell(k.revoked_at ? "revoked" : "active"), action);
+        cell(when(k.created_at)), cell(when(k.last_used_at)), cell(k.revoked_at ? "revoked" : "active"),
+        cell(spendText(k.spend)), action);
       rows.append(tr);
     }
   }

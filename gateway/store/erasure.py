@@ -4,7 +4,10 @@ stays only as totals naming nobody (`erased_usage`, sql/0020_erasure.sql and 002
 Rows that name a user: the user, their API keys (and the keys issued under them, whoever owns
 those: a key never outlives its ancestors), threads, messages, comparisons and votes, usage
 rows and daily totals, the keys' daily totals, rate windows, stream counters and leases of the
-user and the keys (subjects `u:<user>`, `k:<key>`), quota slices and recalls, and the activity log.
+user and the keys (subjects `u:<user>`, `k:<key>`), their month and lifetime budget rows (the
+same subjects), quota slices and recalls, the activity log, and the webhook outbox's events whose
+payload names the user or one of the keys (pending ones are not delivered; delivered and dead
+ones leave the history).
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ class Erased:
     comparisons: int = 0
     usage: int = 0
     activity: int = 0
-    other: int = 0  # daily totals, rate windows, stream counters and leases, quota slices and recalls
+    other: int = 0  # daily and budget totals, rate windows, stream counters and leases, quota slices and recalls,
+    # webhook events naming them
 
     def __add__(self, more: Erased) -> Erased:
         mine, theirs = asdict(self), asdict(more)
@@ -117,7 +121,11 @@ async def erase(conn: asyncpg.Connection, user_id: uuid.UUID, audit: AuditEntry 
                  # holds that user's counters, given back when its stream ends
                  + await count("DELETE FROM stream_leases WHERE subjects <@ $1::text[]", subjects)
                  + await count("DELETE FROM quota_leases WHERE user_id = $1", user_id)
-                 + await count("DELETE FROM quota_recalls WHERE user_id = $1", user_id))
+                 + await count("DELETE FROM quota_recalls WHERE user_id = $1", user_id)
+                 + await count("DELETE FROM budget_usage WHERE subject = ANY($1::text[])", subjects)
+                 # an event names them anywhere in its payload (user_id, key_id, parent_id, ...)
+                 + await count("DELETE FROM webhook_outbox WHERE payload::text LIKE ANY($1::text[])",
+                               [f"%{i}%" for i in (user_id, *key_ids)]))
         activity = await count("DELETE FROM activity_log WHERE user_id = $1", user_id)
         # children before parents: the cascades would take them, but then uncounted
         comparisons = await count("DELETE FROM comparisons WHERE user_id = $1", user_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -123,9 +124,13 @@ async def find_keys(pool: asyncpg.Pool, ref: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-async def revoke_key(pool: asyncpg.Pool, key_id: uuid.UUID, user_id: uuid.UUID | None) -> list[bytes] | None:
+async def revoke_key(pool: asyncpg.Pool, key_id: uuid.UUID, user_id: uuid.UUID | None,
+                     then: Callable[[asyncpg.Connection, list[bytes]], Awaitable[object]] | None = None,
+                     ) -> list[bytes] | None:
     """Revoke a key of `user_id` (None: anybody's) and all its descendants (whoever owns them);
-    the hashes of every key revoked, or None when there is no such key.
+    the hashes of every key revoked, or None when there is no such key. `then` runs in the
+    revocation's transaction with the hashes (the key.revoked webhook event is queued there, so
+    it is written if and only if the revocation commits).
 
     Idempotent: a second revocation keeps the first time. The key is locked first, so a child
     being created under it (see _ISSUE) is either refused or committed and revoked here. The
@@ -143,7 +148,10 @@ async def revoke_key(pool: asyncpg.Pool, key_id: uuid.UUID, user_id: uuid.UUID |
                 UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
                 WHERE id = $1 OR ancestors @> ARRAY[$1::uuid] RETURNING key_hash)
             SELECT key_hash, pg_notify($2, encode(key_hash, 'hex')) FROM revoked""", key_id, REVOKED_CHANNEL)
-    return [r["key_hash"] for r in rows]
+        hashes = [r["key_hash"] for r in rows]
+        if then is not None:
+            await then(conn, hashes)
+    return hashes
 
 
 async def touch_keys(pool: asyncpg.Pool, used: list[tuple[uuid.UUID, datetime]]) -> None:

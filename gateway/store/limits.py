@@ -162,6 +162,16 @@ async def admit(pool: asyncpg.Pool, *, user_id: uuid.UUID, keys: Sequence[KeyCap
     return grant.tokens
 
 
+async def budget_use(pool: asyncpg.Pool, subjects: Sequence[str],
+                     month: str) -> dict[tuple[str, str], tuple[int, int, float, float]]:
+    """The month and lifetime rows of `subjects` ('u:<user>', 'k:<key>'): (subject, period) ->
+    (tokens, reserved, cost_usd, cost_reserved); a row not there yet has nothing spent."""
+    rows = await pool.fetch("SELECT subject, period, tokens, reserved, cost_usd::float8 AS cost, "
+                            "cost_reserved::float8 AS cost_reserved FROM budget_usage "
+                            "WHERE subject = ANY($1::text[]) AND period IN ($2, 'total')", list(subjects), month)
+    return {(r["subject"], r["period"]): (r["tokens"], r["reserved"], r["cost"], r["cost_reserved"]) for r in rows}
+
+
 def month_of(day: date) -> str:
     """The budget period of a day's UTC month ('YYYY-MM', as budget_usage.period)."""
     return f"{day.year:04d}-{day.month:02d}"

@@ -151,7 +151,9 @@ b AS (
     ON CONFLICT (subject, period) DO UPDATE SET tokens = b.tokens + EXCLUDED.tokens,
         requests = b.requests + EXCLUDED.requests, cost_usd = b.cost_usd + EXCLUDED.cost_usd,
         reserved = greatest(b.reserved - EXCLUDED.reserved, 0),
-        cost_reserved = greatest(b.cost_reserved - EXCLUDED.cost_reserved, 0)
+        cost_reserved = greatest(b.cost_reserved - EXCLUDED.cost_reserved, 0),
+        -- the lifetime row says when its subject last spent (sql/0023: the webhook worker's scan)
+        settled_at = CASE WHEN b.period = 'total' THEN now() ELSE b.settled_at END
 ),
 q AS (
     -- a reply served from a quota lease (sql/0013): what it released comes off the lease's row too

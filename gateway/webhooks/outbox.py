@@ -10,7 +10,7 @@ period is over.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +27,18 @@ class Event:
     type: str
     data: dict[str, Any]
     dedupe: str
+
+
+def key_created(row: Mapping[str, Any], parent_id: uuid.UUID | None) -> Event:
+    """`key.created` for a key's public row (sql: api_keys), made by the key `parent_id` if any."""
+    return Event("key.created", {
+        "key_id": str(row["id"]), "user_id": str(row["user_id"]), "name": row["name"], "prefix": row["prefix"],
+        "scopes": list(row["scopes"]), "parent_id": str(parent_id) if parent_id else None}, f"key.created:{row['id']}")
+
+
+def key_revoked(key_id: uuid.UUID, revoked: int) -> Event:
+    """`key.revoked` for a key whose revocation took `revoked` keys (it and its descendants)."""
+    return Event("key.revoked", {"key_id": str(key_id), "descendants_revoked": revoked - 1}, f"key.revoked:{key_id}")
 
 
 def payload(event: Event, at: datetime) -> dict[str, Any]:

@@ -43,23 +43,35 @@ async def populate(chat_on: TestClient, arena_on: TestClient, user: User, db: as
     return replies
 
 
-async def rows_naming(db: asyncpg.Pool, user_id: uuid.UUID) -> dict[str, int]:
-    """Rows still naming the user: in every table with a user_id column (found in the catalogue,
-    so a table added later is covered), the users row, and the counters keyed by subject."""
-    tables = [r["table_name"] for r in await db.fetch(
-        "SELECT table_name FROM information_schema.columns WHERE table_schema = 'public' AND column_name = 'user_id' "
-        "ORDER BY 1")]
-    assert {"threads", "messages", "api_keys", "comparisons", "usage", "daily_usage", "activity_log"} <= set(tables)
+async def key_ids(db: asyncpg.Pool, user: User) -> list[uuid.UUID]:
+    """The user's keys and every key issued under one of them (what an erasure takes with them)."""
+    return [r["id"] for r in await db.fetch(
+        "SELECT id FROM api_keys WHERE user_id = $1 OR ancestors && ARRAY(SELECT id FROM api_keys WHERE user_id = $1)",
+        user.id)]
+
+
+async def rows_naming(db: asyncpg.Pool, user_id: uuid.UUID, keys: list[uuid.UUID] | None = None) -> dict[str, int]:
+    """Rows still naming the user or one of `keys`: in every table, a row any of whose text, jsonb,
+    uuid or array columns holds one of the ids anywhere in it (`u:<id>` subjects, webhook payloads;
+    the columns found in the catalogue, so a table added later is covered). The erasure's own audit
+    entry, whose path names the erased id by design, is not counted."""
+    columns = await db.fetch("""
+        SELECT table_name, array_agg(column_name::text ORDER BY ordinal_position) AS names
+        FROM information_schema.columns c
+        WHERE table_schema = 'public' AND (data_type IN ('text', 'character varying', 'jsonb', 'json', 'uuid', 'ARRAY'))
+          AND EXISTS (SELECT 1 FROM information_schema.tables t WHERE t.table_schema = 'public'
+                      AND t.table_name = c.table_name AND t.table_type = 'BASE TABLE')
+        GROUP BY table_name ORDER BY table_name""")
+    tables = {r["table_name"]: r["names"] for r in columns}
+    assert {"threads", "messages", "api_keys", "comparisons", "usage", "daily_usage", "activity_log",
+            "budget_usage", "webhook_outbox", "rate_windows", "stream_counts"} <= set(tables)
+    patterns = [f"%{i}%" for i in (user_id, *(keys or []))]
+    audit = [f"/api/admin/users/{user_id}", f"users erase {user_id}"]
     found = {}
-    for table in tables:
-        n = await db.fetchval(f'SELECT count(*) FROM "{table}" WHERE user_id = $1', user_id)
-        if n:
-            found[table] = n
-    subject = f"u:{user_id}"
-    for table, where in (("users", "id = $1::uuid"), ("rate_windows", "subject = $1::text"),
-                         ("stream_counts", "subject = $1::text"), ("stream_leases", "$1::text = ANY(subjects)")):
-        n = await db.fetchval(f"SELECT count(*) FROM {table} WHERE {where}",
-                              user_id if table == "users" else subject)
+    for table, names in tables.items():
+        named = " OR ".join(f'"{n}"::text LIKE ANY($1::text[])' for n in names)
+        mine = "coalesce(path <> ALL($2::text[]), true)" if table == "activity_log" else "$2::text[] IS NOT NULL"
+        n = await db.fetchval(f'SELECT count(*) FROM "{table}" WHERE ({named}) AND {mine}', patterns, audit)
         if n:
             found[table] = n
     return found

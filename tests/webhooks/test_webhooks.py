@@ -100,6 +100,49 @@ async def test_key_events_are_signed_and_delivered_once_across_two_instances(
                                                                ("key.revoked", 1, True, False, None)]
 
 
+async def queued_with_the_key(db: asyncpg.Pool, url: str, event: str, key_id: str) -> list[tuple[str, bool]]:
+    """The endpoint's `event` rows for the key, each with whether the transaction that wrote it is
+    the one that last wrote the key's row (xmin: the writing transaction's id)."""
+    rows = await db.fetch("""
+        SELECT o.payload, o.xmin::text = k.xmin::text AS same FROM webhook_outbox o
+        JOIN api_keys k ON k.id = (o.payload -> 'data' ->> 'key_id')::uuid
+        WHERE o.endpoint = $1 AND o.event = $2 AND k.id = $3::uuid""", url, event, key_id)
+    return [(r["payload"]["data"]["key_id"], r["same"]) for r in rows]
+
+
+async def test_key_events_are_queued_in_the_transaction_that_changes_the_key_by_the_api_and_the_command_line(
+        make_client: MakeClient, config_file: Any, make_user: Any, database_url: str, db: asyncpg.Pool,
+        tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:9/hook/{uuid.uuid4().hex}"  # nobody answers: the rows stay as queued
+    path = config_file(hooks_toml(url, ["key.created", "key.revoked"]))
+    env = cli_env(database_url, GATEWAY_CONFIG=path)
+
+    made = await run_cli(tmp_path, env, "keys", "create", "--name", "by-cli", "--scopes", "chat")
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip().splitlines()[-1]
+    row = await db.fetchrow("SELECT id, user_id, prefix FROM api_keys WHERE prefix = $1", key[:12])
+    key_id = str(row["id"])
+    assert await queued_with_the_key(db, url, "key.created", key_id) == [(key_id, True)]
+    payload = await db.fetchval("SELECT payload FROM webhook_outbox WHERE endpoint = $1", url)
+    assert payload["data"] == {"key_id": key_id, "user_id": str(row["user_id"]), "name": "by-cli",
+                               "prefix": row["prefix"], "scopes": ["chat"], "parent_id": None}
+    revoked = await run_cli(tmp_path, env, "keys", "revoke", key_id)
+    assert (revoked.returncode, revoked.stdout.strip()) == (0, f"revoked {key_id}")
+    assert await queued_with_the_key(db, url, "key.revoked", key_id) == [(key_id, True)]
+
+    # through the API: the worker reads the outbox once at start, then not for a long while
+    client = await make_client(GATEWAY_CONFIG=path, WEBHOOK_POLL_S="1000")
+    admin = await make_user(("chat", "arena", "admin"))
+    made_api = await client.post("/api/keys", headers=admin.headers, json={"name": "by-api", "scopes": ["chat"]})
+    assert made_api.status == 201
+    api_id = (await made_api.json())["id"]
+    assert (await client.delete(f"/api/keys/{api_id}", headers=admin.headers)).status == 204
+    assert await queued_with_the_key(db, url, "key.revoked", api_id) == [(api_id, True)]
+    # a second revocation changes nothing and queues nothing
+    assert (await client.delete(f"/api/keys/{api_id}", headers=admin.headers)).status == 204
+    assert await db.fetchval("SELECT count(*) FROM webhook_outbox WHERE endpoint = $1", url) == 4
+
+
 async def _count(r: Receiver, n: int) -> bool:
     return len(r.delivered()) >= n
 

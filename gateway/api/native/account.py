@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import uuid
 from contextlib import aclosing
 from datetime import date
+from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from gateway.api.common import caller, json_response
 from gateway.contract.operations import errors, ok, operation, query, response
 from gateway.contract.replies import Me, UsageReport
 from gateway.errors import BadRequest
-from gateway.policy.admission import limits_for, utc_now
+from gateway.policy.admission import Limits, limits_for, utc_now
 from gateway.state import DB, POLICY, SETTINGS
 from gateway.store import limits as limits_store
 from gateway.store import usage as usage_store
+from gateway.store.limits import Budgets, month_of
 
 MAX_RANGE_DAYS = 366
 # day,model: a row per model and day (the playground's chart); key, day,key: per API key (its own use)
@@ -43,6 +47,7 @@ async def me(request: web.Request) -> web.Response:
     # with a stream cap, the fleet-wide count the cap holds (policy.py); else this process's
     streams = (await usage_store.streams_running(pool, principal.user_id) if limits.max_concurrent
                else policy.active_streams(principal.user_id))
+    budgets = await _budgets(pool, principal.user_id, limits, month_of(today))
     return json_response({
         "user": {"id": principal.user_id, "email": principal.email},
         "key": {"id": principal.api_key_id, "scopes": sorted(principal.scopes)} if principal.api_key_id else None,
@@ -52,7 +57,47 @@ async def me(request: web.Request) -> web.Response:
                    "models": sorted(limits.models) if limits.models is not None else None},
         "today": {"day": today, **used, "active_streams": streams},
         "remaining": {"daily_tokens": remaining},
+        "budgets": budgets,
+        "budget_remaining": {window: _least([b["remaining"] for b in budgets if b["window"] == window], window)
+                             for window in _WINDOWS},
     })
+
+
+# a budget window: (its name, Budgets' attribute, whether it counts dollars, its period: month or life)
+_WINDOWS = {"monthly_tokens": ("monthly", False, True), "monthly_cost_usd": ("monthly_cost", True, True),
+            "total_tokens": ("total", False, False), "total_cost_usd": ("total_cost", True, False)}
+
+
+def _least(left: list[float], window: str) -> float | int | None:
+    if not left:
+        return None
+    return round(min(left), 8) if _WINDOWS[window][1] else int(min(left))
+
+
+async def _budgets(pool: asyncpg.Pool, user_id: uuid.UUID, limits: Limits, month: str) -> list[dict[str, Any]]:
+    """The month and lifetime budgets in force (the user's, then each key's of the caller's chain,
+    leaf first), each with what it has used, what running replies hold and what is left."""
+    owners: list[tuple[str, uuid.UUID | None, Budgets]] = []
+    if limits.user_budgets is not None:
+        owners.append((f"u:{user_id}", None, limits.user_budgets))
+    owners += [(f"k:{k.key_id}", k.key_id, k.budgets) for k in limits.key_chain if k.budgets is not None]
+    if not owners:
+        return []
+    use = await limits_store.budget_use(pool, [subject for subject, _, _ in owners], month)
+    found = []
+    for subject, key_id, budgets in owners:
+        for window, (attribute, dollars, monthly) in _WINDOWS.items():
+            cap = getattr(budgets, attribute)
+            if cap is None:
+                continue
+            period = month if monthly else "total"
+            tokens, reserved, cost, cost_reserved = use.get((subject, period), (0, 0, 0.0, 0.0))
+            used, held = (round(cost, 8), round(cost_reserved, 8)) if dollars else (tokens, reserved)
+            left = max(0, cap - used - held)
+            found.append({"subject": "key" if key_id else "user", "key_id": key_id, "window": window,
+                          "period": period, "limit": cap, "used": used, "reserved": held,
+                          "remaining": round(left, 8) if dollars else left})
+    return found
 
 
 def _day(raw: str | None, name: str, default: date) -> date:

@@ -142,10 +142,7 @@ async def create_key(request: web.Request) -> web.Response:
             # made by a key: that key's child, in its tree for good
             row, key = await key_store.issue_key(conn, owner, name, scopes, expires_at, limits, principal.api_key_id)
             # queued with the key, in its transaction: delivered later by the webhook worker
-            await outbox.enqueue(conn, request.app[SETTINGS].webhooks, [outbox.Event("key.created", {
-                "key_id": str(row["id"]), "user_id": str(owner), "name": name, "prefix": row["prefix"],
-                "scopes": row["scopes"], "parent_id": str(principal.api_key_id) if principal.api_key_id else None},
-                f"key.created:{row['id']}")])
+            await outbox.enqueue(conn, request.app[SETTINGS].webhooks, [outbox.key_created(row, principal.api_key_id)])
     except key_store.ParentRevoked:
         raise Unauthorized("API key revoked") from None  # revoked since it authenticated
     row["key"] = key  # the only time it is shown
@@ -183,11 +180,13 @@ async def revoke_key(request: web.Request) -> web.Response:
     if key_id != principal.api_key_id:
         require_admin_key(principal, "revoking another key")
     owner = None if "admin" in principal.scopes else principal.user_id
-    hashes = await key_store.revoke_key(request.app[DB].pool, key_id, owner)
+    webhooks = request.app[SETTINGS].webhooks
+    # key.revoked is queued in the revocation's transaction: written if and only if it commits
+    hashes = await key_store.revoke_key(
+        request.app[DB].pool, key_id, owner,
+        lambda conn, hashes: outbox.enqueue(conn, webhooks, [outbox.key_revoked(key_id, len(hashes))]))
     if hashes is None:
         raise NotFound("key not found")  # somebody else's is not found either
     for key_hash in hashes:  # the key and its descendants: here at once; the other instances hear NOTIFYs
         request.app[AUTH].forget_key(key_hash)
-    await outbox.enqueue(request.app[DB].pool, request.app[SETTINGS].webhooks, [outbox.Event(
-        "key.revoked", {"key_id": str(key_id), "descendants_revoked": len(hashes) - 1}, f"key.revoked:{key_id}")])
     return web.Response(status=204)

@@ -14,7 +14,7 @@ from playwright.async_api import Page
 
 from tests.support.browser import Tab, gateway, open_playground
 from tests.support.chat import first_metadata
-from tests.support.common import MakeClient, User
+from tests.support.common import MakeClient, User, wait_for
 from tests.support.fakes import FakeUpstream, Reply
 
 pytestmark = pytest.mark.processes  # starts processes of its own (see pyproject.toml)
@@ -66,6 +66,14 @@ async def test_the_admin_tab_shows_model_health_creates_and_revokes_a_key_and_re
     # one turn: alpha's provider fails, beta answers in its place
     resp = await client.post("/api/chat", json={"stream": True, "content": "hello"}, headers=user.headers)
     assert first_metadata(await resp.read())["fallback_from"] == "alpha"
+    user_key = await db.fetchval("SELECT id FROM api_keys WHERE user_id = $1", user.id)
+
+    async def spent() -> int:  # the turn's tokens, once its usage is settled
+        return int(await db.fetchval("SELECT coalesce(sum(tokens), 0) FROM budget_usage WHERE subject = $1 "
+                                     "AND period = 'total'", f"k:{user_key}"))
+
+    await wait_for(spent)
+    turn_tokens = await spent()
 
     page = tab.page
     await open_playground(page, str(client.make_url("/")), admin)
@@ -93,7 +101,10 @@ async def test_the_admin_tab_shows_model_health_creates_and_revokes_a_key_and_re
     await page.locator(f'[data-testid="admin-keys"] {key_row}').wait_for()
     texts = await row_texts(page, "admin-keys", key_row)
     assert texts[:4] == ["ci-bot", created["prefix"], "chat, arena", "daily_tokens 5000; requests_per_minute 30"]
-    assert texts[6] == "active"
+    assert texts[6:8] == ["active", "0 tokens $0 · 0 tokens $0 · 0 tokens $0"]
+    # the user's key spent the turn (today, this month, in total; the demo model is free)
+    user_row = await row_texts(page, "admin-keys", f'tr[data-key-id="{user_key}"]')
+    assert user_row[7] == " · ".join([f"{turn_tokens} tokens $0"] * 3)
     await page.get_by_role("button", name="Revoke ci-bot").click()
     await page.locator(f'[data-testid="admin-keys"] {key_row}.revoked').wait_for()
     assert await db.fetchval("SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = $1", created["id"]) is True

@@ -1,6 +1,7 @@
 """Erasing a user: `DELETE /api/admin/users/{id}` and `python -m gateway users erase USER_ID`.
 
-Afterwards no table with a user_id column holds the id (nor the counters keyed by `u:<id>`), the
+Afterwards no column of any table holds the user's id or one of their keys' ids (user_id columns,
+the counters and budgets keyed by `u:<id>` and `k:<id>`, webhook events' payloads), the
 user's keys answer 401 on every instance within a second, their reply streams are gone from
 Redis, the operator's usage report still adds up (the user's usage kept as totals naming nobody),
 and an audit entry records the erasure without content.
@@ -22,7 +23,7 @@ from tests.support.arena import demo_models_toml, unique
 from tests.support.chat import accept
 from tests.support.cli import cli_env, run_cli
 from tests.support.common import MakeClient, User, wait_for
-from tests.support.erasure import populate, report, rows_naming, second_key
+from tests.support.erasure import key_ids, populate, report, rows_naming, second_key
 
 pytestmark = pytest.mark.processes  # the command line runs as a subprocess; Redis as a server
 
@@ -42,8 +43,12 @@ async def status_with(client: TestClient, key: str) -> int:
 async def test_an_admin_erases_a_user_everywhere_and_the_usage_report_still_adds_up(
         make_client: MakeClient, make_user, config_file, redis_url: str, db: asyncpg.Pool):
     x, y = unique("erase_x"), unique("erase_y")
-    env = {"GATEWAY_CONFIG": config_file(demo_models_toml(x, y)), "REDIS_URL": redis_url, "DEMO_CHUNKS": "4",
-           "KEY_CACHE_TTL_S": "3600", "SWEEP_S": "1000"}
+    # key events queued for an endpoint that never answers: they stay in the outbox, naming the user
+    hook = unique("http://127.0.0.1:9/erasure-hook/")
+    hooks = (f'[[webhooks]]\nurl = "{hook}"\nsecret = "whsec_{"A" * 43}="\n'
+             'events = ["key.created", "key.revoked"]\n')
+    env = {"GATEWAY_CONFIG": config_file(demo_models_toml(x, y) + hooks), "REDIS_URL": redis_url,
+           "DEMO_CHUNKS": "4", "KEY_CACHE_TTL_S": "3600", "SWEEP_S": "1000", "WEBHOOK_POLL_S": "1000"}
     a, b = await make_client(**env), await make_client(**env)
     admin: User = await make_user(scopes=("chat", "admin"))
     victim: User = await make_user()
@@ -51,6 +56,13 @@ async def test_an_admin_erases_a_user_everywhere_and_the_usage_report_still_adds
     bystander: User = await make_user()
     replies = await populate(a, b, victim, db, (x, y))
     await populate(b, a, bystander, db, (x, y))
+    made = await a.post("/api/keys", json={"name": "given", "user_id": str(victim.id)}, headers=admin.headers)
+    assert made.status == 201, await made.text()
+    victim_keys = await key_ids(db, victim)
+    assert len(victim_keys) == 3
+    named = await rows_naming(db, victim.id, victim_keys)
+    # the month and lifetime budget rows of the user and of each key that spent, the key.created event
+    assert (named["budget_usage"], named["webhook_outbox"]) == (4, 1)
     for client in (a, b):
         assert [await status_with(client, k) for k in (victim.key, other_key)] == [200, 200]  # cached
     for client in (a, b):
@@ -68,11 +80,11 @@ async def test_an_admin_erases_a_user_everywhere_and_the_usage_report_still_adds
     body = await resp.json()
     activity = body["erased"].pop("activity")
     assert activity >= 4  # the victim's requests: two turns, the arena stream, the vote, the key checks
-    assert body == {"user_id": str(victim.id), "keys_revoked": 2, "redis_streams": 3,
-                    "erased": {"users": 1, "api_keys": 2, "threads": 2, "messages": 5, "comparisons": 1,
+    assert body == {"user_id": str(victim.id), "keys_revoked": 3, "redis_streams": 3,
+                    "erased": {"users": 1, "api_keys": 3, "threads": 2, "messages": 5, "comparisons": 1,
                                "usage": 3, "other": body["erased"]["other"]}}
 
-    assert await rows_naming(db, victim.id) == {}
+    assert await rows_naming(db, victim.id, victim_keys) == {}
     assert await rows_naming(db, bystander.id) == bystander_rows  # nobody else's rows touched
     assert await redis.exists(*(stream_key(m) for m in replies)) == 0
     await redis.aclose()
