@@ -6,7 +6,9 @@ Creates the database `retention_bench` on that server, applies the migrations, s
 messages (a user message and its reply, five times) spread over 400 days of activity across 10,000
 users, then times (p50/p99 over --samples runs each): the persist statement of a new turn in an
 existing thread, the history read, the first page of the thread list, and retention's batch delete
-of threads untouched for 365 days. The database is dropped at the end (--keep leaves it).
+of threads untouched for 365 days; with --partitions, the month-partitioned alternative (a fifth
+of the messages copied into monthly partitions: a read by thread on both tables, one month
+dropped). The database is dropped at the end (--keep leaves it, and a later run reuses it).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.store import messages, retention, threads
-from gateway.store.db import migrate
+from gateway.store.db import create_pool, migrate
 
 DB = "retention_bench"
 USERS = 10_000
@@ -103,6 +105,52 @@ async def measure(pool: asyncpg.Pool, n_threads: int, samples: int, batch: int, 
     print(f"pruned {rows} threads ({rows * PER_THREAD} messages)")
 
 
+# the alternative: messages partitioned by month of created_at, a month dropped at a time. A fifth
+# of the threads (all their messages) is copied into such a table, one partition a month
+_PARTITIONED = """
+CREATE TABLE messages_p (LIKE messages INCLUDING DEFAULTS) PARTITION BY RANGE (created_at);
+DO $$
+DECLARE m date := date_trunc('month', now() - interval '420 days');
+BEGIN
+    WHILE m <= now() + interval '31 days' LOOP
+        EXECUTE format('CREATE TABLE %I PARTITION OF messages_p FOR VALUES FROM (%L) TO (%L)',
+                       'messages_p_' || to_char(m, 'YYYY_MM'), m, m + interval '1 month');
+        m := m + interval '1 month';
+    END LOOP;
+END $$;
+INSERT INTO messages_p SELECT * FROM messages WHERE abs(hashtext(thread_id::text)) % 5 = 0;
+CREATE INDEX ON messages_p (thread_id, seq);
+ANALYZE messages_p;
+"""
+
+_PROBE = "SELECT id, role, content FROM {table} WHERE thread_id = $1 ORDER BY seq DESC LIMIT 50"
+
+
+async def partitions(pool: asyncpg.Pool, samples: int) -> None:
+    t0 = time.perf_counter()
+    await pool.execute(_PARTITIONED)
+    rows = await pool.fetchval("SELECT count(*) FROM messages_p")
+    parts = await pool.fetchval("SELECT count(*) FROM pg_inherits WHERE inhparent = 'messages_p'::regclass")
+    print(f"partitioned copy: {rows} messages in {parts} monthly partitions, built in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    threads_p = [r[0] for r in await pool.fetch(
+        "SELECT DISTINCT thread_id FROM messages_p WHERE created_at > now() - interval '300 days' LIMIT $1", samples)]
+    for table in ("messages", "messages_p"):
+        took = []
+        for thread in threads_p:
+            t0 = time.perf_counter()
+            await pool.fetch(_PROBE.format(table=table), thread)
+            took.append((time.perf_counter() - t0) * 1000)
+        report(f"thread read on {table}", took)
+    oldest = await pool.fetchval("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                                 "WHERE i.inhparent = 'messages_p'::regclass ORDER BY c.relname LIMIT 1 OFFSET 1")
+    size = await pool.fetchval(f"SELECT count(*) FROM {oldest}")
+    t0 = time.perf_counter()
+    await pool.execute(f"ALTER TABLE messages_p DETACH PARTITION {oldest}; DROP TABLE {oldest}")
+    report(f"drop a month ({size} messages)", [(time.perf_counter() - t0) * 1000])
+    await pool.execute("DROP TABLE messages_p")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/postgres")
@@ -110,6 +158,7 @@ async def main() -> None:
     parser.add_argument("--samples", type=int, default=300)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--partitions", action="store_true", help="also time the month-partitioned alternative")
     parser.add_argument("--keep", action="store_true", help="keep the database (and reuse it when present)")
     args = parser.parse_args()
     n_threads = args.messages // PER_THREAD
@@ -128,8 +177,10 @@ async def main() -> None:
         size = await conn.fetchval("SELECT pg_size_pretty(pg_total_relation_size('messages'))")
         print(f"messages: {await conn.fetchval('SELECT count(*) FROM messages')} rows, {size}", flush=True)
         await conn.close()
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        pool = await create_pool(url, min_size=1, max_size=2)
         await measure(pool, n_threads, args.samples, args.batch, args.batches)
+        if args.partitions:
+            await partitions(pool, args.samples)
         await pool.close()
     finally:
         if not args.keep:
