@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -272,6 +273,7 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
         stop_proc(slow)
         redis.terminate()
         redis.wait(10)
+        shutil.rmtree(redis_dir, ignore_errors=True)
         os.unlink(extra)
 
 
