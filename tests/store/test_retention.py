@@ -4,6 +4,7 @@ rows stay; a bad setting is a configuration error naming it."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -14,6 +15,7 @@ from gateway.config import ConfigError, Settings
 from gateway.state import PRUNER
 from gateway.store.retention import RETENTION_LOCK, Pruner, prune_batch
 from tests.support.common import User, wait_for
+from tests.support.fakes import Reply, openai_stream
 
 
 async def chat(client: Any, user: User, content: str) -> dict[str, Any]:
@@ -119,3 +121,33 @@ def test_a_bad_threads_days_is_a_configuration_error_naming_it(config_file, valu
 def test_an_unknown_retention_key_is_named(config_file):
     with pytest.raises(ConfigError, match=r"\[retention\] thread_days: unknown key \(did you mean 'threads_days'\?\)"):
         Settings.from_env({"GATEWAY_CONFIG": config_file("[retention]\nthread_days = 90\n")})
+
+
+async def test_a_thread_whose_reply_is_generating_stays_until_it_ends(make_client, config_file, upstream, user, db):
+    client = await make_client(OPENAI_BASE_URL=upstream.base_url, OPENAI_MODEL="fake",
+                               GATEWAY_CONFIG=config_file("[retention]\nthreads_days = 7\ninterval_s = 3600\n"))
+    release = asyncio.Event()
+    upstream.queue(Reply(openai_stream(["Hel", "lo"]), hold_at=1, release=release))
+    resp = await client.post("/api/chat", headers=user.headers, json={"content": "a long one"})
+    assert resp.status == 202
+    turn = await resp.json()
+    thread, reply = uuid.UUID(turn["thread_id"]), uuid.UUID(turn["assistant_message_id"])
+
+    async def streaming() -> bool:
+        return await db.fetchval("SELECT status FROM messages WHERE id = $1", reply) == "streaming"
+
+    await wait_for(streaming)
+    await db.execute("UPDATE threads SET updated_at = now() - interval '8 days' WHERE id = $1", thread)
+    await client.app[PRUNER].prune()
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE thread_id = $1", thread) == 2
+    release.set()
+
+    async def complete() -> bool:
+        return await db.fetchval("SELECT status FROM messages WHERE id = $1", reply) == "complete"
+
+    await wait_for(complete)
+    await client.app[PRUNER].prune()  # its end touched the thread: not old any more
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE thread_id = $1", thread) == 2
+    await db.execute("UPDATE threads SET updated_at = now() - interval '8 days' WHERE id = $1", thread)
+    await client.app[PRUNER].prune()
+    assert await db.fetchval("SELECT count(*) FROM threads WHERE id = $1", thread) == 0
