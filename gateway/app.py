@@ -59,6 +59,7 @@ from gateway.state import (
     METRICS,
     MODELS,
     POLICY,
+    PRUNER,
     QUARANTINE,
     REDIS,
     RELOADER,
@@ -77,6 +78,7 @@ from gateway.store.db import migrate, open_database
 from gateway.store.failures import Quarantine
 from gateway.store.keys import bootstrap_admin_key, touch_keys
 from gateway.store.leaderboard import battles
+from gateway.store.retention import Pruner
 from gateway.store.usage import UsageRecord, record_usage_many
 from gateway.webhooks.worker import WebhookWorker
 
@@ -193,6 +195,11 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     webhooks = WebhookWorker(pool, settings.webhooks, settings.limits, poll_s=settings.webhook_poll_s,
                              retry_s=settings.webhook_retry_s, give_up_s=settings.webhook_give_up_s)
     webhooks.start()
+    # [retention] threads_days: every instance runs the task, one at a time prunes (unset: idle)
+    pruner = Pruner(pool, settings.retention.threads_days, batch=settings.retention.batch,
+                    interval_s=settings.retention.interval_s)
+    app[PRUNER] = pruner
+    pruner.start()
     try:
         yield
     finally:
@@ -210,6 +217,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         await instance.close()
         await leaderboard.close()
         await webhooks.close()
+        await pruner.close()
         models.close()  # the idle upstream connections
 
 

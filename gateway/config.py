@@ -130,6 +130,16 @@ class LimitsConfig:
     total_cost_usd: float | None = None
 
 
+@dataclass(frozen=True)
+class RetentionConfig:
+    """[retention] (docs/retention.md): threads untouched for `threads_days` are deleted with their
+    messages, `batch` threads per statement, a round every `interval_s`; None: kept for ever."""
+
+    threads_days: int | None = None
+    batch: int = 500
+    interval_s: float = 60.0
+
+
 # -- webhooks ([[webhooks]]: docs/webhooks.md) ---------------------------------------------------
 WEBHOOK_EVENTS = ("budget.threshold", "budget.exhausted", "key.created", "key.revoked")
 
@@ -198,6 +208,7 @@ class Settings:
     default_model: str = DEMO_MODEL
     router: Mapping[str, str] = field(default_factory=dict)
     limits: LimitsConfig = LimitsConfig()
+    retention: RetentionConfig = RetentionConfig()
     # webhooks: the endpoints, how often the outbox is read, the first retry's delay (doubling up to
     # an hour) and how long an event is retried before it is dead-lettered
     webhooks: tuple[WebhookConfig, ...] = ()
@@ -287,7 +298,8 @@ _MODEL_FLOATS = ("timeout_s", "connect_timeout_s", "first_token_timeout_s", "idl
 
 # Every key the file may hold, by table: a misspelt key (`fallback =`, `first_token_timout_s`, `[model.x]`)
 # would otherwise be ignored in silence and the gateway run with a default nobody chose.
-_TOP_KEYS = ("server", "providers", "models", "router", "limits", "webhooks")
+_TOP_KEYS = ("server", "providers", "models", "router", "limits", "webhooks", "retention")
+_RETENTION_KEYS = ("threads_days", "batch", "interval_s")
 _WEBHOOK_KEYS = ("url", "secret", "events", "thresholds")
 _SERVER_KEYS = ("host", "port")
 _PROVIDER_KEYS = ("kind", "base_url", "api_key", "api_key_env", "chunks", "delay_ms", "headers",
@@ -297,6 +309,25 @@ _DEPLOYMENT_KEYS = ("provider", "upstream", "weight")
 _LIMIT_KEYS = ("requests_per_minute", "daily_tokens", "max_concurrent_streams", "max_tokens", "downgrade_model",
                "downgrade_at", "daily_cost_usd", "quota_leases", "monthly_tokens", "monthly_cost_usd",
                "total_tokens", "total_cost_usd")
+
+
+def _retention(raw: Any) -> RetentionConfig:
+    """[retention]: threads_days a whole number of days from 1 (absent: off), batch from 1 to 10000,
+    interval_s above 0."""
+    if not isinstance(raw, dict):
+        raise ConfigError("GATEWAY_CONFIG: retention must be a table ([retention])")
+    _known_keys("[retention] ", raw, _RETENTION_KEYS)
+
+    def whole(name: str, low: int, high: int) -> int:
+        value = raw[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"[retention] {name} must be a whole number from {low} to {high}, got {value!r}")
+        return value
+
+    days = whole("threads_days", 1, 36500) if "threads_days" in raw else None
+    batch = whole("batch", 1, 10000) if "batch" in raw else 500
+    interval = _float("[retention] interval_s", raw.get("interval_s", 60.0), minimum=0.01)
+    return RetentionConfig(threads_days=days, batch=batch, interval_s=interval)
 
 
 def _webhooks(raw: Any) -> tuple[WebhookConfig, ...]:
@@ -584,6 +615,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
                           quota_leases=leasing, **budgets_usd)
 
     webhooks = _webhooks(doc.get("webhooks", []))
+    retention = _retention(doc.get("retention", {}))
 
     jwt_secret = env.get("JWT_SECRET")
     jwks_url = env.get("JWKS_URL") or None
@@ -660,6 +692,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         router=router,
         limits=limits,
         webhooks=webhooks,
+        retention=retention,
         webhook_poll_s=_float("WEBHOOK_POLL_S", env.get("WEBHOOK_POLL_S", 1), minimum=0.01),
         webhook_retry_s=_float("WEBHOOK_RETRY_S", env.get("WEBHOOK_RETRY_S", 5), minimum=0.01),
         webhook_give_up_s=_float("WEBHOOK_GIVE_UP_S", env.get("WEBHOOK_GIVE_UP_S", 86400), minimum=0.01),

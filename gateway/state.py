@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from gateway.store.background import BatchWriter
     from gateway.store.db import Database
     from gateway.store.failures import Quarantine
+    from gateway.store.retention import Pruner
     from gateway.store.usage import UsageRecord
     from gateway.vocabulary import Principal
 
@@ -47,6 +48,7 @@ TURNS: web.AppKey[Turns] = web.AppKey("turns")  # the service layer: begins turn
 USAGE: web.AppKey[BatchWriter[UsageRecord]] = web.AppKey("usage")  # batched usage rows (OpenAI route)
 ACTIVITY: web.AppKey[BatchWriter[ActivityRecord]] = web.AppKey("activity")  # who did what, batched
 LAST_USED: web.AppKey[BatchWriter[tuple[uuid.UUID, datetime]]] = web.AppKey("last_used")  # api_keys.last_used_at
+PRUNER: web.AppKey[Pruner] = web.AppKey("pruner")  # [retention]: old threads deleted in the background
 QUARANTINE: web.AppKey[Quarantine] = web.AppKey("quarantine")  # records refused for good, on disk
 REMOTE: web.AppKey[RemoteStreams] = web.AppKey("remote")  # replies generating on other instances, followed
 REDIS: web.AppKey[RedisLink | None] = web.AppKey("redis")  # with REDIS_URL (gateway/fleet)

@@ -7,6 +7,7 @@
     messages.py, threads.py, arena.py, keys.py, limits.py, usage.py, activity.py,
     instances.py, leaderboard.py, models.py, secrets.py   SQL by table family
     erasure.py      every row that names a user, deleted in one transaction
+    retention.py    threads untouched too long, deleted in batches by a background task
 
 Every statement that reads or writes a user's rows checks that user in the same statement.
 """
@@ -25,6 +26,7 @@ __all__ = [
     "limits",
     "messages",
     "models",
+    "retention",
     "secrets",
     "threads",
     "usage",
