@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from gateway.api.anthropic import messages
 from gateway.api.openai import chat_completions, responses
+from gateway.contract.anthropic import AnthropicMessage, AnthropicTokenCount, CountTokensRequest, MessagesRequest
 from gateway.contract.openai import ChatCompletion, ChatCompletionRequest, Model, ModelList
 from gateway.contract.operations import (
     ANTHROPIC_SECURITY,
@@ -81,14 +82,14 @@ def describe_vendor_handlers() -> None:
         {"200": response("The message; Anthropic's stream events when `stream` is true: `message_start`, "
                          "`content_block_start`, `ping`, `content_block_delta`..., `content_block_stop`, "
                          "`message_delta` (stop reason, usage), `message_stop`; or an `error` event",
-                         {**json_content(ref("AnthropicMessage")), **sse_content("AnthropicStreamEvent")}),
+                         {**json_content(AnthropicMessage), **sse_content("AnthropicStreamEvent")}),
          **anthropic_error_answers(400, 401, 403, 404, 413, 429, 502, 504, 529)},
-        body=ref("AnthropicMessagesRequest"), security=ANTHROPIC_SECURITY,
+        body=MessagesRequest, security=ANTHROPIC_SECURITY,
         description="Stateless: no thread or message rows; usage is recorded once. The key goes in "
                     "`x-api-key` or `Authorization: Bearer`; `anthropic-version` is accepted, whatever "
                     "its value. Any configured model answers (OpenAI-compatible ones are translated). "
                     "Errors are in Anthropic's shape (a database outage answers the native 503)."))
     describe(messages.count_tokens, Operation(
         "The gateway's estimate of a Messages request's input tokens (what the policy reserves)", "anthropic",
-        {**ok(200, "The estimate", "AnthropicTokenCount"), **anthropic_error_answers(400, 401, 403, 404, 413)},
-        body=ref("AnthropicCountTokensRequest"), security=ANTHROPIC_SECURITY))
+        {**ok(200, "The estimate", AnthropicTokenCount), **anthropic_error_answers(400, 401, 403, 404, 413)},
+        body=CountTokensRequest, security=ANTHROPIC_SECURITY))

@@ -2,7 +2,7 @@
 handlers through them; GET /openapi.json's schemas generated from both), each handler's operation,
 and the document built from the route table.
 
-    anthropic.py POST /v1/messages' and /v1/messages/count_tokens' bodies
+    anthropic.py POST /v1/messages' and /v1/messages/count_tokens' bodies; the door's answers (message, count, error)
     decoding.py  a body through a struct; msgspec's error as the field it is about, for each door's shape
     native.py    the native API's bodies (chat turn, arena, regenerate, thread, vote) and content parts
     openai.py    POST /v1/chat/completions' body; the OpenAI door's answers (completion, models, embeddings, error)

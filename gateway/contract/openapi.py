@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.contract import openai, replies
+from gateway.contract import anthropic, openai, replies
 from gateway.contract.native import IMAGE_URL, NO_NUL, NOT_BLANK, UUID_PATTERN
 from gateway.contract.operations import (
     PUBLIC,
@@ -185,84 +185,31 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
         }, ("object", "data", "first_id", "last_id", "has_more")),
         "ResponseDeleted": obj({"id": STRING, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
                                ("id", "object", "deleted")),
-        **_anthropic_schemas(models),
+        **_anthropic_schemas(),
         "MessageEvent": sse_events(replies.MESSAGE_EVENTS, slot=False),
         "ArenaEvent": sse_events(replies.ARENA_EVENTS, slot=True),
     }
 
 
-def _anthropic_schemas(models: tuple[str, ...]) -> dict[str, Schema]:
-    """The Anthropic Messages front door (api/anthropic/messages.py): what its parser enforces."""
-    text = {"type": "string", "pattern": NO_NUL}
-    text_block = obj({"type": {"const": "text"}, "text": text}, ("type", "text"), additionalProperties=True)
-    texts = {"anyOf": [text, {"type": "array", "items": text_block}]}
-    tool_use = obj({"type": {"const": "tool_use"}, "id": text, "name": text, "input": {"type": "object"}},
-                   ("type", "id", "name", "input"), additionalProperties=True)
-    tool_result = obj({"type": {"const": "tool_result"}, "tool_use_id": text, "content": texts},
-                      ("type", "tool_use_id"), additionalProperties=True)
-
-    def message(role: str, block: Schema) -> Schema:
-        return obj({"role": {"const": role}, "content": {"anyOf": [text, {"type": "array", "items": {
-            "anyOf": [text_block, block]}}]}}, ("role", "content"), additionalProperties=True)
-
-    parallel = {"disable_parallel_tool_use": nullable({"type": "boolean"})}
-    prompt: dict[str, Schema] = {
-        "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
-        "messages": {"type": "array", "minItems": 1,
-                     "items": {"anyOf": [message("user", tool_result), message("assistant", tool_use)]}},
-        "system": {"anyOf": [*texts["anyOf"], {"type": "null"}], "description": "Text blocks are joined by a "
-                                                                                 "blank line"},
-        "tools": {**nullable({"type": "array", "items": obj({
-            "name": text, "description": nullable(text), "input_schema": {"type": "object"},
-        }, ("name", "input_schema"), additionalProperties=True)}),
-            "description": "Passed to OpenAI-compatible upstreams as functions; other upstreams answer in text"},
-        "tool_choice": {"anyOf": [
-            obj({"type": {"enum": ["auto", "any", "none"]}, **parallel}, ("type",), additionalProperties=True),
-            obj({"type": {"const": "tool"}, "name": text, **parallel}, ("type", "name"), additionalProperties=True),
-            {"type": "null"},
-        ]},
-    }
-    unit = nullable({"type": "number", "minimum": 0, "maximum": 1})
+def _anthropic_schemas() -> dict[str, Schema]:
+    """The Anthropic door's stream events (its bodies and answers are structs: contract/anthropic.py)."""
     usage = obj({"input_tokens": INT, "output_tokens": INT}, ("output_tokens",))
+    events: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("message_start", {"message": {"type": "object"}}),
+        ("content_block_start", {"index": INT, "content_block": {"type": "object"}}),
+        ("ping", {}),
+        ("content_block_delta", {"index": INT, "delta": {"type": "object"}}),
+        ("content_block_stop", {"index": INT}),
+        ("message_delta", {"delta": {"type": "object"}, "usage": usage}),
+        ("message_stop", {}),
+        ("error", {"error": anthropic.AnthropicErrorDetail}),
+    )
     return {
-        "AnthropicError": obj({"type": {"const": "error"}, "error": obj({"type": STRING, "message": STRING},
-                                                                         ("type", "message"))}, ("type", "error")),
-        "AnthropicMessagesRequest": obj({
-            **prompt,
-            "max_tokens": {"type": "integer", "minimum": 1, "maximum": INT32_MAX},
-            "stream": nullable({"type": "boolean"}),
-            "temperature": unit, "top_p": unit,
-            "stop_sequences": nullable({"type": "array", "items": STRING}),
-        }, ("model", "max_tokens", "messages"), additionalProperties=True,
-            description="Unknown fields (metadata, top_k, ...) are ignored"),
-        "AnthropicCountTokensRequest": obj(prompt, ("model", "messages"), additionalProperties=True,
-                                           description="Other fields (max_tokens, ...) are ignored"),
-        "AnthropicMessage": obj({
-            "id": {"type": "string", "pattern": "^msg_"}, "type": {"const": "message"},
-            "role": {"const": "assistant"}, "model": STRING,
-            "content": {"type": "array", "items": {"anyOf": [
-                obj({"type": {"const": "text"}, "text": STRING}, ("type", "text")),
-                obj({"type": {"const": "tool_use"}, "id": STRING, "name": STRING, "input": {"type": "object"}},
-                    ("type", "id", "name", "input"))]}},
-            "stop_reason": {"enum": ["end_turn", "max_tokens", "tool_use", "refusal"]},
-            "stop_sequence": {"type": "null"},
-            "usage": obj({"input_tokens": INT, "output_tokens": INT}, ("input_tokens", "output_tokens")),
-        }, ("id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage")),
-        "AnthropicTokenCount": obj({"input_tokens": INT}, ("input_tokens",)),
         "AnthropicStreamEvent": {"anyOf": [
             obj({"event": {"const": name}, "data": json_text(obj({"type": {"const": name}, **data}, ("type",
                                                                                                      *data)))},
                 ("event", "data"))
-            for name, data in (
-                ("message_start", {"message": {"type": "object"}}),
-                ("content_block_start", {"index": INT, "content_block": {"type": "object"}}),
-                ("ping", {}),
-                ("content_block_delta", {"index": INT, "delta": {"type": "object"}}),
-                ("content_block_stop", {"index": INT}),
-                ("message_delta", {"delta": {"type": "object"}, "usage": usage}),
-                ("message_stop", {}),
-                ("error", {"error": obj({"type": STRING, "message": STRING}, ("type", "message"))}),
-            )]},
+            for name, data in events]},
     }
 
 
@@ -340,6 +287,13 @@ def _generated(structs: dict[str, type[msgspec.Struct]], models: tuple[str, ...]
     if "ChatCompletionRequest" in schemas:
         completion = schemas["ChatCompletionRequest"]["properties"]
         completion["model"] = models_enum(completion["model"], [AUTO, *models])
+    for name in ("MessagesRequest", "CountTokensRequest"):
+        if name in schemas:
+            fields = schemas[name]["properties"]
+            fields["model"] = models_enum(fields["model"], [AUTO, *models])
+    if "MessagesRequest" in schemas:  # 0, its default, stands for "not given": refused as required
+        schemas["MessagesRequest"]["properties"]["max_tokens"].pop("default")
+        schemas["MessagesRequest"]["required"].append("max_tokens")
     if "EmbeddingRequest" in schemas:  # no auto: an embedding model is named
         embedding = schemas["EmbeddingRequest"]["properties"]
         embedding["model"] = models_enum(embedding["model"], list(models))
@@ -358,17 +312,18 @@ def _generated(structs: dict[str, type[msgspec.Struct]], models: tuple[str, ...]
 def openapi_document(models: tuple[str, ...], table: tuple[Route, ...]) -> dict[str, Any]:
     """The whole document for an app serving `models` on the routes of `table` (built once per pair;
     callers must not mutate it)."""
-    structs: dict[str, type[msgspec.Struct]] = {s.__name__: s for s in (*replies.REPLIES, *openai.ANSWERS)}
+    structs: dict[str, type[msgspec.Struct]] = {s.__name__: s for s in (*replies.REPLIES, *openai.ANSWERS,
+                                                                        *anthropic.ANSWERS)}
     paths = _paths(table, structs)
     written = _resolved(_schemas(models), structs)
     responses = _resolved({
         **error_responses("Error", replies.Error), **error_responses("OpenAIError", openai.OpenAIError),
-        **error_responses("AnthropicError", ref("AnthropicError")),
-        "AnthropicError502": response("The upstream failed before any output", json_content(ref("AnthropicError"))),
+        **error_responses("AnthropicError", anthropic.AnthropicError),
+        "AnthropicError502": response("The upstream failed before any output", json_content(anthropic.AnthropicError)),
         "AnthropicError504": response("The upstream timed out before any output",
-                                      json_content(ref("AnthropicError"))),
+                                      json_content(anthropic.AnthropicError)),
         "AnthropicError529": response("The upstream is overloaded (its 529, passed on)",
-                                      json_content(ref("AnthropicError"))),
+                                      json_content(anthropic.AnthropicError)),
         "OpenAIError502": response("The upstream failed before any output", json_content(openai.OpenAIError)),
         "OpenAIError504": response("The upstream timed out before any output", json_content(openai.OpenAIError)),
     }, structs)
