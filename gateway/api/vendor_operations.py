@@ -20,10 +20,10 @@ from gateway.contract.operations import (
     openai_error_answers,
     path_string,
     query,
-    ref,
     response,
     sse_content,
 )
+from gateway.contract.responses import CreateResponse, Response, ResponseDeleted, ResponseItemList
 
 INT32_MAX = 2**31 - 1
 RESPONSE_ID = path_string("response_id", "The response's id (resp_<hex>)")
@@ -50,9 +50,9 @@ def describe_vendor_handlers() -> None:
     describe(responses.create_response, Operation(
         "OpenAI Responses API: create a response (stream and non-stream)", "openai",
         {"200": response("The response; its semantic events when `stream` is true",
-                         {**json_content(ref("Response")), **sse_content("ResponseEvent")}),
+                         {**json_content(Response), **sse_content("ResponseEvent")}),
          **openai_error_answers(400, 401, 403, 404, 413, 429)},
-        body=ref("ResponseRequest"),
+        body=CreateResponse,
         description="With store: true (the default) the turn is persisted in a thread like POST /api/chat's; "
                     "previous_response_id continues it. With store: false it is stateless like "
                     "/v1/chat/completions. Errors are in OpenAI's shape."))
@@ -60,18 +60,18 @@ def describe_vendor_handlers() -> None:
         "A stored response, rebuilt from its reply; with stream=true its semantic events", "openai",
         {"200": response("The response; with `stream=true` its semantic events, replayed (or followed live) "
                          "after `starting_after`",
-                         {**json_content(ref("Response")), **sse_content("ResponseEvent")}),
+                         {**json_content(Response), **sse_content("ResponseEvent")}),
          **errors(400, 401, 403, 404, openai=True), **DB_DOWN},
         parameters=[RESPONSE_ID, query("stream", {"enum": ["true", "false", "1", "0"]}, "Stream the events"),
                     query("starting_after", {"type": "integer", "minimum": -1, "maximum": INT32_MAX},
                           "Resume after this sequence_number")]))
     describe(responses.delete_response, Operation(
         "Delete a stored response's turn (and its thread when nothing else is left; usage is kept)", "openai",
-        {**ok(200, "Deleted", "ResponseDeleted"), **errors(401, 403, 404, openai=True), **DB_DOWN},
+        {**ok(200, "Deleted", ResponseDeleted), **errors(401, 403, 404, openai=True), **DB_DOWN},
         parameters=[RESPONSE_ID]))
     describe(responses.list_input_items, Operation(
         "A stored response's input items (its user message; other items were for the turn only)", "openai",
-        {**ok(200, "A cursor page of input items", "ResponseItemList"), **errors(400, 401, 403, 404, openai=True),
+        {**ok(200, "A cursor page of input items", ResponseItemList), **errors(400, 401, 403, 404, openai=True),
          **DB_DOWN},
         parameters=[RESPONSE_ID,
                     query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "Page size"),

@@ -9,7 +9,7 @@ and the document built from the route table.
     operations.py  each handler's operation (summary, tag, body, parameters, answers, auth), declared by the handler
     openapi.py   GET /openapi.json: its paths built from the route table and the operations
     replies.py   the native API's answers (message, thread, comparison, keys, me, usage, error, SSE event data)
-    responses.py POST /v1/responses' body
+    responses.py POST /v1/responses' body (its items and tools as schemas); the response object, item page, deletion
 """
 
 __all__ = [

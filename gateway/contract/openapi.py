@@ -23,7 +23,8 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.contract import anthropic, openai, replies
-from gateway.contract.native import IMAGE_URL, NO_NUL, NOT_BLANK, UUID_PATTERN
+from gateway.contract import responses as responses_door
+from gateway.contract.native import UUID_PATTERN
 from gateway.contract.operations import (
     PUBLIC,
     Body,
@@ -103,98 +104,11 @@ def error_responses(prefix: str, schema: Body) -> dict[str, Any]:
 
 # -- schemas ---------------------------------------------------------------------------------
 
-def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
+def _schemas() -> dict[str, Schema]:
     """The schemas no struct generates: the SSE events' envelopes (OpenAPI 3.1 describes a stream by
-    its events: event, id, and data holding a struct's JSON), and the bodies of the Responses and
-    Anthropic doors, which do not decode through structs yet (their handlers' checks, stated here)."""
-    return {
-        "ChatCompletionEvent": obj({"event": {"const": "message"}, "data": {"anyOf": [
-            json_text(openai.ChatCompletionChunk),
-            json_text(openai.OpenAIError),  # the upstream failed mid-stream
-            {"const": "[DONE]"},
-        ]}}, ("event", "data")),
-        "ResponseRequest": obj({
-            "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
-            "input": {"anyOf": [
-                {"type": "string", "minLength": 1, "pattern": NOT_BLANK, "description": "One user message"},
-                {"type": "array", "minItems": 1, "items": {"anyOf": [obj({
-                    "type": {"const": "message"},
-                    "role": {"enum": ["user", "assistant", "system", "developer"]},
-                    "content": {"anyOf": [{"type": "string", "pattern": NO_NUL}, {
-                        "type": "array", "minItems": 1, "items": {"anyOf": [
-                            obj({"type": {"enum": ["input_text", "output_text"]},
-                                 "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
-                                additionalProperties=True),
-                            obj({"type": {"const": "input_image"},
-                                 "image_url": {"type": "string", "pattern": IMAGE_URL},
-                                 "detail": nullable({"enum": ["auto", "low", "high"]})}, ("type", "image_url"),
-                                additionalProperties=True)]}}]},
-                }, ("role", "content"), additionalProperties=True),
-                    obj({"type": {"const": "function_call"}, "call_id": {"type": "string", "pattern": NO_NUL},
-                         "name": {"type": "string", "pattern": NO_NUL},
-                         "arguments": {"type": "string", "pattern": NO_NUL}},
-                        ("type", "call_id", "name", "arguments"), additionalProperties=True),
-                    obj({"type": {"const": "function_call_output"}, "call_id": {"type": "string", "pattern": NO_NUL},
-                         "output": {"type": "string", "pattern": NO_NUL}},
-                        ("type", "call_id", "output"), additionalProperties=True)]},
-                 "description": "Message items and the tool loop's function_call / function_call_output items; "
-                                "with store: true the last must be a user message (it is stored; the others are "
-                                "sent for this turn only)"}]},
-            "instructions": nullable({"type": "string", "pattern": NO_NUL,
-                                      "description": "A system message for this turn only (never stored)"}),
-            "max_output_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
-            "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
-            "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
-            "stream": nullable({"type": "boolean"}),
-            "store": nullable({"type": "boolean", "description": "Default true: the turn is kept in a thread"}),
-            "previous_response_id": nullable({"type": "string", "pattern": NO_NUL,
-                                              "description": "Continue that stored response's thread"}),
-            "tools": nullable({"type": "array", "items": obj({"type": {"const": "function"}, "name": STRING},
-                                                             ("type", "name"), additionalProperties=True),
-                               "description": "Function tools, translated and passed through"}),
-            "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]},
-                                      obj({"type": {"const": "function"}, "name": STRING}, ("type", "name"),
-                                          additionalProperties=True), {"type": "null"}]},
-            "parallel_tool_calls": nullable({"type": "boolean"}),
-            "metadata": nullable({"type": "object", "description": "Echoed in the response, not stored"}),
-            "user": {"description": "Passed through to OpenAI-compatible upstreams unchecked"},
-        }, ("model", "input"), additionalProperties=True),
-        "Response": obj({
-            "id": {"type": "string", "description": "resp_<hex>: a stored response's id is its assistant "
-                                                   "message's"},
-            "object": {"const": "response"}, "created_at": INT,
-            "status": {"enum": ["completed", "failed", "in_progress", "cancelled", "incomplete"]},
-            "model": STRING, "output": {"type": "array", "items": {"type": "object"}},
-            "output_text": {"type": "string", "description": "The output's text, joined (as the SDKs compute it)"},
-            "usage": nullable(obj({"input_tokens": INT, "output_tokens": INT, "total_tokens": INT},
-                                  ("input_tokens", "output_tokens", "total_tokens"), additionalProperties=True)),
-            "error": nullable(obj({"code": STRING, "message": STRING}, ("code", "message"))),
-            "previous_response_id": nullable(STRING), "store": {"type": "boolean"},
-        }, ("id", "object", "created_at", "status", "model", "output", "usage", "error"),
-            additionalProperties=True),
-        "ResponseEvent": obj({"event": STRING, "data": json_text(obj(
-            {"type": STRING, "sequence_number": INT}, ("type", "sequence_number"), additionalProperties=True))},
-            ("event", "data"), description="response.created, response.in_progress, response.output_item.added, "
-                                           "response.content_part.added, response.output_text.delta..., "
-                                           "response.output_text.done, response.content_part.done, "
-                                           "response.output_item.done, response.completed (or "
-                                           "response.incomplete; response.failed after a failure)"),
-        "ResponseItemList": obj({
-            "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}},
-            "first_id": nullable(STRING), "last_id": nullable(STRING), "has_more": {"type": "boolean"},
-        }, ("object", "data", "first_id", "last_id", "has_more")),
-        "ResponseDeleted": obj({"id": STRING, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
-                               ("id", "object", "deleted")),
-        **_anthropic_schemas(),
-        "MessageEvent": sse_events(replies.MESSAGE_EVENTS, slot=False),
-        "ArenaEvent": sse_events(replies.ARENA_EVENTS, slot=True),
-    }
-
-
-def _anthropic_schemas() -> dict[str, Schema]:
-    """The Anthropic door's stream events (its bodies and answers are structs: contract/anthropic.py)."""
+    its events: event, id, and data holding a struct's JSON)."""
     usage = obj({"input_tokens": INT, "output_tokens": INT}, ("output_tokens",))
-    events: tuple[tuple[str, dict[str, Any]], ...] = (
+    anthropic_events: tuple[tuple[str, dict[str, Any]], ...] = (
         ("message_start", {"message": {"type": "object"}}),
         ("content_block_start", {"index": INT, "content_block": {"type": "object"}}),
         ("ping", {}),
@@ -205,11 +119,24 @@ def _anthropic_schemas() -> dict[str, Schema]:
         ("error", {"error": anthropic.AnthropicErrorDetail}),
     )
     return {
+        "ChatCompletionEvent": obj({"event": {"const": "message"}, "data": {"anyOf": [
+            json_text(openai.ChatCompletionChunk),
+            json_text(openai.OpenAIError),  # the upstream failed mid-stream
+            {"const": "[DONE]"},
+        ]}}, ("event", "data")),
+        "ResponseEvent": obj({"event": STRING, "data": json_text(obj(
+            {"type": STRING, "sequence_number": INT}, ("type", "sequence_number"), additionalProperties=True))},
+            ("event", "data"), description="response.created, response.in_progress, response.output_item.added, "
+                                           "response.content_part.added, response.output_text.delta..., "
+                                           "response.output_text.done, response.content_part.done, "
+                                           "response.output_item.done, response.completed (or "
+                                           "response.incomplete; response.failed after a failure)"),
         "AnthropicStreamEvent": {"anyOf": [
-            obj({"event": {"const": name}, "data": json_text(obj({"type": {"const": name}, **data}, ("type",
-                                                                                                     *data)))},
-                ("event", "data"))
-            for name, data in events]},
+            obj({"event": {"const": name}, "data": json_text(obj({"type": {"const": name}, **data},
+                                                                 ("type", *data)))}, ("event", "data"))
+            for name, data in anthropic_events]},
+        "MessageEvent": sse_events(replies.MESSAGE_EVENTS, slot=False),
+        "ArenaEvent": sse_events(replies.ARENA_EVENTS, slot=True),
     }
 
 
@@ -287,7 +214,7 @@ def _generated(structs: dict[str, type[msgspec.Struct]], models: tuple[str, ...]
     if "ChatCompletionRequest" in schemas:
         completion = schemas["ChatCompletionRequest"]["properties"]
         completion["model"] = models_enum(completion["model"], [AUTO, *models])
-    for name in ("MessagesRequest", "CountTokensRequest"):
+    for name in ("CreateResponse", "MessagesRequest", "CountTokensRequest"):
         if name in schemas:
             fields = schemas[name]["properties"]
             fields["model"] = models_enum(fields["model"], [AUTO, *models])
@@ -312,10 +239,10 @@ def _generated(structs: dict[str, type[msgspec.Struct]], models: tuple[str, ...]
 def openapi_document(models: tuple[str, ...], table: tuple[Route, ...]) -> dict[str, Any]:
     """The whole document for an app serving `models` on the routes of `table` (built once per pair;
     callers must not mutate it)."""
-    structs: dict[str, type[msgspec.Struct]] = {s.__name__: s for s in (*replies.REPLIES, *openai.ANSWERS,
-                                                                        *anthropic.ANSWERS)}
+    structs: dict[str, type[msgspec.Struct]] = {s.__name__: s for s in (
+        *replies.REPLIES, *openai.ANSWERS, *responses_door.ANSWERS, *responses_door.DOCUMENTED, *anthropic.ANSWERS)}
     paths = _paths(table, structs)
-    written = _resolved(_schemas(models), structs)
+    written = _resolved(_schemas(), structs)
     responses = _resolved({
         **error_responses("Error", replies.Error), **error_responses("OpenAIError", openai.OpenAIError),
         **error_responses("AnthropicError", anthropic.AnthropicError),
