@@ -31,6 +31,15 @@ from gateway.api.common import SSE_HEADERS, caller, read_body
 from gateway.api.content import MAX_TOKENS_LIMIT
 from gateway.contract import anthropic as contract
 from gateway.contract import decoding
+from gateway.contract.operations import (
+    ANTHROPIC_SECURITY,
+    anthropic_error_answers,
+    json_content,
+    ok,
+    operation,
+    response,
+    sse_content,
+)
 from gateway.errors import GatewayError, TooManyRequests
 from gateway.providers import turn
 from gateway.providers.base import (
@@ -377,6 +386,17 @@ def _usage(usage: UsageReport) -> dict[str, int]:
     return body
 
 
+@operation("Anthropic Messages API (stream and non-stream)", "anthropic",
+           {"200": response("The message; Anthropic's stream events when `stream` is true: `message_start`, "
+                            "`content_block_start`, `ping`, `content_block_delta`..., `content_block_stop`, "
+                            "`message_delta` (stop reason, usage), `message_stop`; or an `error` event",
+                            {**json_content(contract.AnthropicMessage), **sse_content("AnthropicStreamEvent")}),
+            **anthropic_error_answers(400, 401, 403, 404, 413, 429, 502, 504, 529)},
+           body=contract.MessagesRequest, security=ANTHROPIC_SECURITY,
+           description="Stateless: no thread or message rows; usage is recorded once. The key goes in "
+                       "`x-api-key` or `Authorization: Bearer`; `anthropic-version` is accepted, whatever "
+                       "its value. Any configured model answers (OpenAI-compatible ones are translated). "
+                       "Errors are in Anthropic's shape (a database outage answers the native 503).")
 @anthropic_errors
 async def create_message(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
@@ -498,6 +518,10 @@ def tool_use_blocks(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return blocks
 
 
+@operation("The gateway's estimate of a Messages request's input tokens (what the policy reserves)", "anthropic",
+           {**ok(200, "The estimate", contract.AnthropicTokenCount),
+            **anthropic_error_answers(400, 401, 403, 404, 413)},
+           body=contract.CountTokensRequest, security=ANTHROPIC_SECURITY)
 @anthropic_errors
 async def count_tokens(request: web.Request) -> web.Response:
     """The gateway's own estimate: the number the policy reserves for the same request's prompt."""
