@@ -72,7 +72,8 @@ class MessageParam(Struct):
 
 class Tool(Struct):
     name: Name
-    input_schema: dict[str, Any]
+    # a JSON Schema object whose type, when given, is "object": checked with the translated turn
+    input_schema: Annotated[dict[str, Any], Meta(extra_json_schema={"properties": {"type": {"const": "object"}}})]
     description: Str | None = None
     cache_control: CacheControl | None = None
     type: Literal["custom"] | None = None

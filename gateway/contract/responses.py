@@ -62,10 +62,16 @@ class FunctionCallOutput(Struct, tag="function_call_output", tag_field="type"):
     output: Text
 
 
-class FunctionTool(Struct, tag="function", tag_field="type"):
-    """Translated and passed through (description, parameters, strict)."""
+# a JSON Schema object whose type, when given, is "object" (what the upstreams take as a tool's parameters)
+ToolParameters = Annotated[dict[str, Any], Meta(extra_json_schema={"properties": {"type": {"const": "object"}}})]
 
-    name: str
+
+class FunctionTool(Struct, tag="function", tag_field="type"):
+    """Translated and passed through (its other fields too: strict, ...)."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    description: str | None = None
+    parameters: ToolParameters | None = None
 
 
 class ToolChoiceFunction(Struct, tag="function", tag_field="type"):
