@@ -41,16 +41,6 @@ from gateway.state import MODELS
 
 Schema = dict[str, Any]
 
-INT32_MAX = 2**31 - 1
-
-
-def nullable(schema: Schema) -> Schema:
-    """`schema` or JSON null (handlers treat an explicit null like an absent field)."""
-    if "type" in schema and "enum" not in schema:
-        kind = schema["type"]
-        return {**schema, "type": [*(kind if isinstance(kind, list) else [kind]), "null"]}
-    return {"anyOf": [schema, {"type": "null"}]}
-
 
 def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), **extra: Any) -> Schema:
     schema: Schema = {"type": "object", "properties": properties, **extra}
