@@ -141,7 +141,7 @@ class MessagesRequest(CountTokensRequest):
 
 # -- answers (the door writes its JSON itself; these state its shape for GET /openapi.json) --------
 
-class Usage(Struct, omit_defaults=True):
+class AnthropicUsage(Struct, omit_defaults=True):
     input_tokens: int
     output_tokens: int
     # with prompt caching: the prompt tokens written to / read from the cache (not in input_tokens)
@@ -159,7 +159,7 @@ class AnthropicMessage(Struct, kw_only=True):
     content: list[ThinkingBlock | RedactedThinkingBlock | TextBlock | ToolUseBlock]
     stop_reason: Literal["end_turn", "max_tokens", "tool_use", "refusal"]
     stop_sequence: None
-    usage: Usage
+    usage: AnthropicUsage
 
 
 class AnthropicTokenCount(Struct):

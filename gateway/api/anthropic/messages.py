@@ -18,6 +18,7 @@ after the first byte is an `error` event in Anthropic's shape, and the stream en
 from __future__ import annotations
 
 import functools
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -211,6 +212,27 @@ def _tools(body: contract.CountTokensRequest) -> dict[str, Any]:
     return extra
 
 
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")  # what an integer beyond 64 bits needs
+
+
+def _passed_on(body: contract.CountTokensRequest) -> list[Any]:
+    """The body's untyped values (passed on as sent): tool inputs and schemas, cache_control."""
+    values: list[Any] = []
+    for tool in body.tools or ():
+        values += (tool.input_schema, tool.cache_control)
+    blocks: list[Any] = list(body.system) if isinstance(body.system, list) else []
+    for message in body.messages:
+        if isinstance(message.content, list):
+            blocks += message.content
+    for block in blocks:
+        values.append(getattr(block, "cache_control", None))
+        if isinstance(block, contract.ToolUseBlock):
+            values.append(block.input)
+        elif isinstance(block, contract.ToolResultBlock) and isinstance(block.content, list):
+            values += (part.cache_control for part in block.content)
+    return values
+
+
 @dataclass(slots=True, kw_only=True)
 class MessagesRequest:
     """A validated Messages request, translated."""
@@ -226,8 +248,12 @@ def parse_request(raw: bytes, known_model: Callable[[str], bool], counting: bool
     """The request, or an AnthropicError naming what is wrong (or the feature no model of the
     chain can take: `refused`). `counting`: for count_tokens, which takes no max_tokens, stream or
     sampling parameters."""
-    body = decoding.decode(raw, contract.CountTokensRequest if counting else contract.MessagesRequest,
-                           _refuse, _not_json)
+    kind = contract.CountTokensRequest if counting else contract.MessagesRequest
+    body = decoding.decode(raw, kind, _refuse, _not_json)
+    if _LONG_NUMBER.search(raw) and decoding.wide_int(_passed_on(body)):
+        # an integer beyond 64 bits in what is passed on as sent: read again as orjson reads it (a float),
+        # so that it can be encoded
+        body = decoding.reread(raw, kind, _refuse)
     model = body.model
     if model != AUTO and not known_model(model):
         raise AnthropicError(404, f"model: {model}")
