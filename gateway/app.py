@@ -21,7 +21,6 @@ from gateway.api.anthropic import messages as anthropic_messages
 from gateway.api.native import account, admin, arena, chat, docs, erasure, keys, ops, playground, threads, ws
 from gateway.api.openai import chat_completions as openai
 from gateway.api.openai import embeddings, responses
-from gateway.api.vendor_operations import describe_vendor_handlers
 from gateway.config import Settings
 from gateway.contract.openapi import get_openapi
 from gateway.edge.activity import record_activity
@@ -344,7 +343,6 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> web.Applic
 def routes(settings: Settings) -> list[web.RouteDef]:
     """The HTTP surface (docs/api.md's tables, in code): /openapi.json's paths are built from it, each
     handler's operation as it declares it (gateway.contract.operations)."""
-    describe_vendor_handlers()
     table = [
         web.post("/api/chat", chat.post_chat),
         web.get("/api/messages/{message_id}", chat.get_message),

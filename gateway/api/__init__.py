@@ -6,7 +6,6 @@
     aisdk/      /api/ai-sdk/chat: the Vercel AI SDK's UI message stream (useChat)
     common.py   what every handler shares: JSON in and out, ids, the caller
     content.py  message content every door accepts (text, image parts), the token bound
-    vendor_operations.py  the document's operations of the vendor handlers that do not declare their own
 
 A handler parses, calls the service layer, and responds; no door imports another.
 """
@@ -18,5 +17,4 @@ __all__ = [
     "content",
     "native",
     "openai",
-    "vendor_operations",
 ]

@@ -72,7 +72,8 @@ class MessageParam(Struct):
 
 class Tool(Struct):
     name: Name
-    input_schema: dict[str, Any]
+    # a JSON Schema object whose type, when given, is "object": checked with the translated turn
+    input_schema: Annotated[dict[str, Any], Meta(extra_json_schema={"properties": {"type": {"const": "object"}}})]
     description: Str | None = None
     cache_control: CacheControl | None = None
     type: Literal["custom"] | None = None
@@ -136,6 +137,48 @@ class MessagesRequest(CountTokensRequest):
     top_p: Unit | None = None
     metadata: Metadata | None = None
 
+
+
+# -- answers (the door writes its JSON itself; these state its shape for GET /openapi.json) --------
+
+class AnthropicUsage(Struct, omit_defaults=True):
+    input_tokens: int
+    output_tokens: int
+    # with prompt caching: the prompt tokens written to / read from the cache (not in input_tokens)
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+class AnthropicMessage(Struct, kw_only=True):
+    """POST /v1/messages' answer when `stream` is not true."""
+
+    id: Annotated[str, Meta(pattern="^msg_")]
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[ThinkingBlock | RedactedThinkingBlock | TextBlock | ToolUseBlock]
+    stop_reason: Literal["end_turn", "max_tokens", "tool_use", "refusal"]
+    stop_sequence: None
+    usage: AnthropicUsage
+
+
+class AnthropicTokenCount(Struct):
+    input_tokens: int
+
+
+class AnthropicErrorDetail(Struct):
+    type: str
+    message: str
+
+
+class AnthropicError(Struct):
+    """Anthropic's error body: the door's 4xx and upstream failures."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+ANSWERS: tuple[type[Struct], ...] = (AnthropicMessage, AnthropicTokenCount, AnthropicError)
 
 def refusal(error: type[GatewayError] | Any) -> decoding.Refusal:
     """msgspec's complaint as Anthropic words it: `messages.0.content.1.source: ...` (`error(message)`)."""

@@ -22,8 +22,9 @@ import orjson
 from aiohttp import web
 
 from gateway import __version__
-from gateway.contract import openai, replies
-from gateway.contract.native import IMAGE_URL, NO_NUL, NOT_BLANK, UUID_PATTERN
+from gateway.contract import anthropic, openai, replies
+from gateway.contract import responses as responses_door
+from gateway.contract.native import UUID_PATTERN
 from gateway.contract.operations import (
     PUBLIC,
     Body,
@@ -39,16 +40,6 @@ from gateway.service.router import AUTO
 from gateway.state import MODELS
 
 Schema = dict[str, Any]
-
-INT32_MAX = 2**31 - 1
-
-
-def nullable(schema: Schema) -> Schema:
-    """`schema` or JSON null (handlers treat an explicit null like an absent field)."""
-    if "type" in schema and "enum" not in schema:
-        kind = schema["type"]
-        return {**schema, "type": [*(kind if isinstance(kind, list) else [kind]), "null"]}
-    return {"anyOf": [schema, {"type": "null"}]}
 
 
 def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), **extra: Any) -> Schema:
@@ -103,75 +94,26 @@ def error_responses(prefix: str, schema: Body) -> dict[str, Any]:
 
 # -- schemas ---------------------------------------------------------------------------------
 
-def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
+def _schemas() -> dict[str, Schema]:
     """The schemas no struct generates: the SSE events' envelopes (OpenAPI 3.1 describes a stream by
-    its events: event, id, and data holding a struct's JSON), and the bodies of the Responses and
-    Anthropic doors, which do not decode through structs yet (their handlers' checks, stated here)."""
+    its events: event, id, and data holding a struct's JSON)."""
+    usage = obj({"input_tokens": INT, "output_tokens": INT}, ("output_tokens",))
+    anthropic_events: tuple[tuple[str, dict[str, Any]], ...] = (
+        ("message_start", {"message": {"type": "object"}}),
+        ("content_block_start", {"index": INT, "content_block": {"type": "object"}}),
+        ("ping", {}),
+        ("content_block_delta", {"index": INT, "delta": {"type": "object"}}),
+        ("content_block_stop", {"index": INT}),
+        ("message_delta", {"delta": {"type": "object"}, "usage": usage}),
+        ("message_stop", {}),
+        ("error", {"error": anthropic.AnthropicErrorDetail}),
+    )
     return {
         "ChatCompletionEvent": obj({"event": {"const": "message"}, "data": {"anyOf": [
             json_text(openai.ChatCompletionChunk),
             json_text(openai.OpenAIError),  # the upstream failed mid-stream
             {"const": "[DONE]"},
         ]}}, ("event", "data")),
-        "ResponseRequest": obj({
-            "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
-            "input": {"anyOf": [
-                {"type": "string", "minLength": 1, "pattern": NOT_BLANK, "description": "One user message"},
-                {"type": "array", "minItems": 1, "items": {"anyOf": [obj({
-                    "type": {"const": "message"},
-                    "role": {"enum": ["user", "assistant", "system", "developer"]},
-                    "content": {"anyOf": [{"type": "string", "pattern": NO_NUL}, {
-                        "type": "array", "minItems": 1, "items": {"anyOf": [
-                            obj({"type": {"enum": ["input_text", "output_text"]},
-                                 "text": {"type": "string", "pattern": NO_NUL}}, ("type", "text"),
-                                additionalProperties=True),
-                            obj({"type": {"const": "input_image"},
-                                 "image_url": {"type": "string", "pattern": IMAGE_URL},
-                                 "detail": nullable({"enum": ["auto", "low", "high"]})}, ("type", "image_url"),
-                                additionalProperties=True)]}}]},
-                }, ("role", "content"), additionalProperties=True),
-                    obj({"type": {"const": "function_call"}, "call_id": {"type": "string", "pattern": NO_NUL},
-                         "name": {"type": "string", "pattern": NO_NUL},
-                         "arguments": {"type": "string", "pattern": NO_NUL}},
-                        ("type", "call_id", "name", "arguments"), additionalProperties=True),
-                    obj({"type": {"const": "function_call_output"}, "call_id": {"type": "string", "pattern": NO_NUL},
-                         "output": {"type": "string", "pattern": NO_NUL}},
-                        ("type", "call_id", "output"), additionalProperties=True)]},
-                 "description": "Message items and the tool loop's function_call / function_call_output items; "
-                                "with store: true the last must be a user message (it is stored; the others are "
-                                "sent for this turn only)"}]},
-            "instructions": nullable({"type": "string", "pattern": NO_NUL,
-                                      "description": "A system message for this turn only (never stored)"}),
-            "max_output_tokens": nullable({"type": "integer", "minimum": 1, "maximum": INT32_MAX}),
-            "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
-            "top_p": nullable({"type": "number", "minimum": 0, "maximum": 1}),
-            "stream": nullable({"type": "boolean"}),
-            "store": nullable({"type": "boolean", "description": "Default true: the turn is kept in a thread"}),
-            "previous_response_id": nullable({"type": "string", "pattern": NO_NUL,
-                                              "description": "Continue that stored response's thread"}),
-            "tools": nullable({"type": "array", "items": obj({"type": {"const": "function"}, "name": STRING},
-                                                             ("type", "name"), additionalProperties=True),
-                               "description": "Function tools, translated and passed through"}),
-            "tool_choice": {"anyOf": [{"enum": ["auto", "none", "required"]},
-                                      obj({"type": {"const": "function"}, "name": STRING}, ("type", "name"),
-                                          additionalProperties=True), {"type": "null"}]},
-            "parallel_tool_calls": nullable({"type": "boolean"}),
-            "metadata": nullable({"type": "object", "description": "Echoed in the response, not stored"}),
-            "user": {"description": "Passed through to OpenAI-compatible upstreams unchecked"},
-        }, ("model", "input"), additionalProperties=True),
-        "Response": obj({
-            "id": {"type": "string", "description": "resp_<hex>: a stored response's id is its assistant "
-                                                   "message's"},
-            "object": {"const": "response"}, "created_at": INT,
-            "status": {"enum": ["completed", "failed", "in_progress", "cancelled", "incomplete"]},
-            "model": STRING, "output": {"type": "array", "items": {"type": "object"}},
-            "output_text": {"type": "string", "description": "The output's text, joined (as the SDKs compute it)"},
-            "usage": nullable(obj({"input_tokens": INT, "output_tokens": INT, "total_tokens": INT},
-                                  ("input_tokens", "output_tokens", "total_tokens"), additionalProperties=True)),
-            "error": nullable(obj({"code": STRING, "message": STRING}, ("code", "message"))),
-            "previous_response_id": nullable(STRING), "store": {"type": "boolean"},
-        }, ("id", "object", "created_at", "status", "model", "output", "usage", "error"),
-            additionalProperties=True),
         "ResponseEvent": obj({"event": STRING, "data": json_text(obj(
             {"type": STRING, "sequence_number": INT}, ("type", "sequence_number"), additionalProperties=True))},
             ("event", "data"), description="response.created, response.in_progress, response.output_item.added, "
@@ -179,90 +121,12 @@ def _schemas(models: tuple[str, ...]) -> dict[str, Schema]:
                                            "response.output_text.done, response.content_part.done, "
                                            "response.output_item.done, response.completed (or "
                                            "response.incomplete; response.failed after a failure)"),
-        "ResponseItemList": obj({
-            "object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}},
-            "first_id": nullable(STRING), "last_id": nullable(STRING), "has_more": {"type": "boolean"},
-        }, ("object", "data", "first_id", "last_id", "has_more")),
-        "ResponseDeleted": obj({"id": STRING, "object": {"const": "response.deleted"}, "deleted": {"const": True}},
-                               ("id", "object", "deleted")),
-        **_anthropic_schemas(models),
+        "AnthropicStreamEvent": {"anyOf": [
+            obj({"event": {"const": name}, "data": json_text(obj({"type": {"const": name}, **data},
+                                                                 ("type", *data)))}, ("event", "data"))
+            for name, data in anthropic_events]},
         "MessageEvent": sse_events(replies.MESSAGE_EVENTS, slot=False),
         "ArenaEvent": sse_events(replies.ARENA_EVENTS, slot=True),
-    }
-
-
-def _anthropic_schemas(models: tuple[str, ...]) -> dict[str, Schema]:
-    """The Anthropic Messages front door (api/anthropic/messages.py): what its parser enforces."""
-    text = {"type": "string", "pattern": NO_NUL}
-    text_block = obj({"type": {"const": "text"}, "text": text}, ("type", "text"), additionalProperties=True)
-    texts = {"anyOf": [text, {"type": "array", "items": text_block}]}
-    tool_use = obj({"type": {"const": "tool_use"}, "id": text, "name": text, "input": {"type": "object"}},
-                   ("type", "id", "name", "input"), additionalProperties=True)
-    tool_result = obj({"type": {"const": "tool_result"}, "tool_use_id": text, "content": texts},
-                      ("type", "tool_use_id"), additionalProperties=True)
-
-    def message(role: str, block: Schema) -> Schema:
-        return obj({"role": {"const": role}, "content": {"anyOf": [text, {"type": "array", "items": {
-            "anyOf": [text_block, block]}}]}}, ("role", "content"), additionalProperties=True)
-
-    parallel = {"disable_parallel_tool_use": nullable({"type": "boolean"})}
-    prompt: dict[str, Schema] = {
-        "model": {"enum": [AUTO, *models], "description": "A configured model, or auto (the router picks)"},
-        "messages": {"type": "array", "minItems": 1,
-                     "items": {"anyOf": [message("user", tool_result), message("assistant", tool_use)]}},
-        "system": {"anyOf": [*texts["anyOf"], {"type": "null"}], "description": "Text blocks are joined by a "
-                                                                                 "blank line"},
-        "tools": {**nullable({"type": "array", "items": obj({
-            "name": text, "description": nullable(text), "input_schema": {"type": "object"},
-        }, ("name", "input_schema"), additionalProperties=True)}),
-            "description": "Passed to OpenAI-compatible upstreams as functions; other upstreams answer in text"},
-        "tool_choice": {"anyOf": [
-            obj({"type": {"enum": ["auto", "any", "none"]}, **parallel}, ("type",), additionalProperties=True),
-            obj({"type": {"const": "tool"}, "name": text, **parallel}, ("type", "name"), additionalProperties=True),
-            {"type": "null"},
-        ]},
-    }
-    unit = nullable({"type": "number", "minimum": 0, "maximum": 1})
-    usage = obj({"input_tokens": INT, "output_tokens": INT}, ("output_tokens",))
-    return {
-        "AnthropicError": obj({"type": {"const": "error"}, "error": obj({"type": STRING, "message": STRING},
-                                                                         ("type", "message"))}, ("type", "error")),
-        "AnthropicMessagesRequest": obj({
-            **prompt,
-            "max_tokens": {"type": "integer", "minimum": 1, "maximum": INT32_MAX},
-            "stream": nullable({"type": "boolean"}),
-            "temperature": unit, "top_p": unit,
-            "stop_sequences": nullable({"type": "array", "items": STRING}),
-        }, ("model", "max_tokens", "messages"), additionalProperties=True,
-            description="Unknown fields (metadata, top_k, ...) are ignored"),
-        "AnthropicCountTokensRequest": obj(prompt, ("model", "messages"), additionalProperties=True,
-                                           description="Other fields (max_tokens, ...) are ignored"),
-        "AnthropicMessage": obj({
-            "id": {"type": "string", "pattern": "^msg_"}, "type": {"const": "message"},
-            "role": {"const": "assistant"}, "model": STRING,
-            "content": {"type": "array", "items": {"anyOf": [
-                obj({"type": {"const": "text"}, "text": STRING}, ("type", "text")),
-                obj({"type": {"const": "tool_use"}, "id": STRING, "name": STRING, "input": {"type": "object"}},
-                    ("type", "id", "name", "input"))]}},
-            "stop_reason": {"enum": ["end_turn", "max_tokens", "tool_use", "refusal"]},
-            "stop_sequence": {"type": "null"},
-            "usage": obj({"input_tokens": INT, "output_tokens": INT}, ("input_tokens", "output_tokens")),
-        }, ("id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage")),
-        "AnthropicTokenCount": obj({"input_tokens": INT}, ("input_tokens",)),
-        "AnthropicStreamEvent": {"anyOf": [
-            obj({"event": {"const": name}, "data": json_text(obj({"type": {"const": name}, **data}, ("type",
-                                                                                                     *data)))},
-                ("event", "data"))
-            for name, data in (
-                ("message_start", {"message": {"type": "object"}}),
-                ("content_block_start", {"index": INT, "content_block": {"type": "object"}}),
-                ("ping", {}),
-                ("content_block_delta", {"index": INT, "delta": {"type": "object"}}),
-                ("content_block_stop", {"index": INT}),
-                ("message_delta", {"delta": {"type": "object"}, "usage": usage}),
-                ("message_stop", {}),
-                ("error", {"error": obj({"type": STRING, "message": STRING}, ("type", "message"))}),
-            )]},
     }
 
 
@@ -340,6 +204,13 @@ def _generated(structs: dict[str, type[msgspec.Struct]], models: tuple[str, ...]
     if "ChatCompletionRequest" in schemas:
         completion = schemas["ChatCompletionRequest"]["properties"]
         completion["model"] = models_enum(completion["model"], [AUTO, *models])
+    for name in ("CreateResponse", "MessagesRequest", "CountTokensRequest"):
+        if name in schemas:
+            fields = schemas[name]["properties"]
+            fields["model"] = models_enum(fields["model"], [AUTO, *models])
+    if "MessagesRequest" in schemas:  # 0, its default, stands for "not given": refused as required
+        schemas["MessagesRequest"]["properties"]["max_tokens"].pop("default")
+        schemas["MessagesRequest"]["required"].append("max_tokens")
     if "EmbeddingRequest" in schemas:  # no auto: an embedding model is named
         embedding = schemas["EmbeddingRequest"]["properties"]
         embedding["model"] = models_enum(embedding["model"], list(models))
@@ -358,17 +229,18 @@ def _generated(structs: dict[str, type[msgspec.Struct]], models: tuple[str, ...]
 def openapi_document(models: tuple[str, ...], table: tuple[Route, ...]) -> dict[str, Any]:
     """The whole document for an app serving `models` on the routes of `table` (built once per pair;
     callers must not mutate it)."""
-    structs: dict[str, type[msgspec.Struct]] = {s.__name__: s for s in (*replies.REPLIES, *openai.ANSWERS)}
+    structs: dict[str, type[msgspec.Struct]] = {s.__name__: s for s in (
+        *replies.REPLIES, *openai.ANSWERS, *responses_door.ANSWERS, *responses_door.DOCUMENTED, *anthropic.ANSWERS)}
     paths = _paths(table, structs)
-    written = _resolved(_schemas(models), structs)
+    written = _resolved(_schemas(), structs)
     responses = _resolved({
         **error_responses("Error", replies.Error), **error_responses("OpenAIError", openai.OpenAIError),
-        **error_responses("AnthropicError", ref("AnthropicError")),
-        "AnthropicError502": response("The upstream failed before any output", json_content(ref("AnthropicError"))),
+        **error_responses("AnthropicError", anthropic.AnthropicError),
+        "AnthropicError502": response("The upstream failed before any output", json_content(anthropic.AnthropicError)),
         "AnthropicError504": response("The upstream timed out before any output",
-                                      json_content(ref("AnthropicError"))),
+                                      json_content(anthropic.AnthropicError)),
         "AnthropicError529": response("The upstream is overloaded (its 529, passed on)",
-                                      json_content(ref("AnthropicError"))),
+                                      json_content(anthropic.AnthropicError)),
         "OpenAIError502": response("The upstream failed before any output", json_content(openai.OpenAIError)),
         "OpenAIError504": response("The upstream timed out before any output", json_content(openai.OpenAIError)),
     }, structs)

@@ -1,12 +1,12 @@
 """Each handler's operation: what GET /openapi.json says of it (summary, tag, request body, parameters,
-answers, auth), declared next to the handler with `@operation(...)` (or handed over with `describe`).
+answers, auth), declared next to the handler with `@operation(...)`.
 
 The document's paths are built from the app's route table: every route's handler is looked up here,
 so a route without an operation fails the document (and its test), and no path is listed by hand.
 
 A schema anywhere in an operation (a request body, an answer's content) is a msgspec Struct (its
 schema is generated into the document's components, with the structs it refers to) or a ready
-JSON schema (a `ref(...)` to a component, or inline): a door hands over whichever it has.
+JSON schema (a `ref(...)` to a component, or inline: an SSE event's envelope).
 """
 
 from __future__ import annotations
@@ -47,11 +47,6 @@ def operation(summary: str, tag: str, responses: Mapping[str, Any], **extra: Any
         OPERATIONS.setdefault(handler, declared)
         return handler
     return mark
-
-
-def describe(handler: Handler, declared: Operation) -> None:
-    """Hand over the operation of a handler whose module does not declare it itself."""
-    OPERATIONS.setdefault(handler, declared)
 
 
 def operation_of(handler: Handler) -> Operation | None:

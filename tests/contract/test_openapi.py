@@ -189,7 +189,8 @@ class FuzzReport:
         if label in ("POST /api/threads", "POST /v1/chat/sessions"):
             self.threads.add(uuid.UUID(response.json()["id"]))
         elif label == "POST /v1/responses":
-            if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            # schemathesis's headers are lists under lower-case names: a stream is told by its first line
+            if response.content.startswith(b"event: "):
                 body = orjson.loads(parse_sse(response.content)[0].data)["response"]
             else:
                 body = response.json()

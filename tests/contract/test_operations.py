@@ -12,7 +12,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.contract.openapi import openapi_document, route_table
-from gateway.contract.operations import Operation, describe, ok, operation, operation_of
+from gateway.contract.operations import ok, operation, operation_of
 from tests.support.contract import documented_operations
 
 
@@ -51,12 +51,12 @@ def test_an_operation_generates_its_path_from_what_the_handler_hands_over(
     async def probe(request: web.Request) -> web.Response:
         return web.Response()
 
+    # a ready schema instead of a struct
+    @operation("Handed over", "ops", ok(200, "Done"), body={"type": "object"})
     async def handed_over(request: web.Request) -> web.Response:
         return web.Response()
 
-    # a door that has no struct yet hands over a ready schema; its own declaration is not replaced
-    describe(handed_over, Operation("Handed over", "ops", ok(200, "Done"), body={"type": "object"}))
-    describe(probe, Operation("Replaced?", "ops", ok(200, "No")))
+    operation("Replaced?", "ops", ok(200, "No"))(probe)  # a handler's first declaration stands
     app = create_app(make_settings())
     app.router.add_post("/probe/{probe_id}", probe)
     app.router.add_post("/handed", handed_over)

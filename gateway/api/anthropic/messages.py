@@ -18,6 +18,7 @@ after the first byte is an `error` event in Anthropic's shape, and the stream en
 from __future__ import annotations
 
 import functools
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -31,6 +32,15 @@ from gateway.api.common import SSE_HEADERS, caller, read_body
 from gateway.api.content import MAX_TOKENS_LIMIT
 from gateway.contract import anthropic as contract
 from gateway.contract import decoding
+from gateway.contract.operations import (
+    ANTHROPIC_SECURITY,
+    anthropic_error_answers,
+    json_content,
+    ok,
+    operation,
+    response,
+    sse_content,
+)
 from gateway.errors import GatewayError, TooManyRequests
 from gateway.providers import turn
 from gateway.providers.base import (
@@ -202,6 +212,27 @@ def _tools(body: contract.CountTokensRequest) -> dict[str, Any]:
     return extra
 
 
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")  # what an integer beyond 64 bits needs
+
+
+def _passed_on(body: contract.CountTokensRequest) -> list[Any]:
+    """The body's untyped values (passed on as sent): tool inputs and schemas, cache_control."""
+    values: list[Any] = []
+    for tool in body.tools or ():
+        values += (tool.input_schema, tool.cache_control)
+    blocks: list[Any] = list(body.system) if isinstance(body.system, list) else []
+    for message in body.messages:
+        if isinstance(message.content, list):
+            blocks += message.content
+    for block in blocks:
+        values.append(getattr(block, "cache_control", None))
+        if isinstance(block, contract.ToolUseBlock):
+            values.append(block.input)
+        elif isinstance(block, contract.ToolResultBlock) and isinstance(block.content, list):
+            values += (part.cache_control for part in block.content)
+    return values
+
+
 @dataclass(slots=True, kw_only=True)
 class MessagesRequest:
     """A validated Messages request, translated."""
@@ -217,8 +248,12 @@ def parse_request(raw: bytes, known_model: Callable[[str], bool], counting: bool
     """The request, or an AnthropicError naming what is wrong (or the feature no model of the
     chain can take: `refused`). `counting`: for count_tokens, which takes no max_tokens, stream or
     sampling parameters."""
-    body = decoding.decode(raw, contract.CountTokensRequest if counting else contract.MessagesRequest,
-                           _refuse, _not_json)
+    kind = contract.CountTokensRequest if counting else contract.MessagesRequest
+    body = decoding.decode(raw, kind, _refuse, _not_json)
+    if _LONG_NUMBER.search(raw) and decoding.wide_int(_passed_on(body)):
+        # an integer beyond 64 bits in what is passed on as sent: read again as orjson reads it (a float),
+        # so that it can be encoded
+        body = decoding.reread(raw, kind, _refuse)
     model = body.model
     if model != AUTO and not known_model(model):
         raise AnthropicError(404, f"model: {model}")
@@ -377,6 +412,17 @@ def _usage(usage: UsageReport) -> dict[str, int]:
     return body
 
 
+@operation("Anthropic Messages API (stream and non-stream)", "anthropic",
+           {"200": response("The message; Anthropic's stream events when `stream` is true: `message_start`, "
+                            "`content_block_start`, `ping`, `content_block_delta`..., `content_block_stop`, "
+                            "`message_delta` (stop reason, usage), `message_stop`; or an `error` event",
+                            {**json_content(contract.AnthropicMessage), **sse_content("AnthropicStreamEvent")}),
+            **anthropic_error_answers(400, 401, 403, 404, 413, 429, 502, 504, 529)},
+           body=contract.MessagesRequest, security=ANTHROPIC_SECURITY,
+           description="Stateless: no thread or message rows; usage is recorded once. The key goes in "
+                       "`x-api-key` or `Authorization: Bearer`; `anthropic-version` is accepted, whatever "
+                       "its value. Any configured model answers (OpenAI-compatible ones are translated). "
+                       "Errors are in Anthropic's shape (a database outage answers the native 503).")
 @anthropic_errors
 async def create_message(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
@@ -498,6 +544,10 @@ def tool_use_blocks(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return blocks
 
 
+@operation("The gateway's estimate of a Messages request's input tokens (what the policy reserves)", "anthropic",
+           {**ok(200, "The estimate", contract.AnthropicTokenCount),
+            **anthropic_error_answers(400, 401, 403, 404, 413)},
+           body=contract.CountTokensRequest, security=ANTHROPIC_SECURITY)
 @anthropic_errors
 async def count_tokens(request: web.Request) -> web.Response:
     """The gateway's own estimate: the number the policy reserves for the same request's prompt."""

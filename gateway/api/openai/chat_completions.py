@@ -20,7 +20,25 @@ from aiohttp import web
 from gateway.api.common import SSE_HEADERS, caller, read_body
 from gateway.api.openai.ratelimits import RateLimitHeaders
 from gateway.contract import decoding
-from gateway.contract.openai import ChatCompletionRequest, check_messages, pass_through, refusal
+from gateway.contract.openai import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Model,
+    ModelList,
+    check_messages,
+    pass_through,
+    refusal,
+)
+from gateway.contract.operations import (
+    errors,
+    json_content,
+    ok,
+    openai_error_answers,
+    operation,
+    path_string,
+    response,
+    sse_content,
+)
 from gateway.edge.held import hold_open
 from gateway.edge.middleware import error_shape
 from gateway.errors import GatewayError, TooManyRequests, Unauthorized
@@ -201,6 +219,13 @@ def openai_error(e: GatewayError) -> web.Response:
 openai_errors = error_shape(openai_error)
 
 
+@operation("OpenAI-compatible chat completion (stream and non-stream)", "openai",
+           {"200": response("The completion; `chat.completion.chunk` events when `stream` is true",
+                            {**json_content(ChatCompletion), **sse_content("ChatCompletionEvent")}),
+            **openai_error_answers(400, 401, 403, 404, 413, 429)},
+           body=ChatCompletionRequest,
+           description="Stateless like OpenAI's endpoint: no thread or message rows; usage is recorded. "
+                       "Errors are in OpenAI's shape (a database outage answers the native 503).")
 @openai_errors
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     # One frame from the request to the last write: a held stream is suspended in every frame of
@@ -324,6 +349,8 @@ def merge_tool_calls(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [calls[i] for i in sorted(calls)]
 
 
+@operation("The enabled models, OpenAI-style", "openai",
+           {**ok(200, "The models", ModelList), **errors(401, openai=True), **errors(503)})
 @openai_errors
 async def list_models(request: web.Request) -> web.Response:
     await caller(request)
@@ -332,6 +359,9 @@ async def list_models(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 
+@operation("One enabled model, OpenAI-style", "openai",
+           {**ok(200, "The model", Model), **errors(401, 404, openai=True), **errors(503)},
+           parameters=[path_string("model")])
 @openai_errors
 async def get_model(request: web.Request) -> web.Response:
     """`GET /v1/models/{model}`: one enabled model, as in the list; else OpenAI's 404."""

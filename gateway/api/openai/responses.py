@@ -50,6 +50,17 @@ from gateway.api.openai.chat_completions import (
 from gateway.api.openai.ratelimits import RateLimitHeaders
 from gateway.contract import decoding
 from gateway.contract import responses as contract
+from gateway.contract.operations import (
+    errors,
+    json_content,
+    ok,
+    openai_error_answers,
+    operation,
+    path_string,
+    query,
+    response,
+    sse_content,
+)
 from gateway.edge.auth import Principal
 from gateway.errors import BadRequest, NotFound
 from gateway.generation.events import DELTA
@@ -374,6 +385,18 @@ def failure(e: ProviderError) -> dict[str, Any]:
 
 # -- handlers ----------------------------------------------------------------------------------
 
+STARTING_AFTER_MAX = 2**31 - 1
+RESPONSE_ID = path_string("response_id", "The response's id (resp_<hex>)")
+RESPONSE_ANSWER = {**json_content(contract.Response), **sse_content("ResponseEvent")}
+
+
+@operation("OpenAI Responses API: create a response (stream and non-stream)", "openai",
+           {"200": response("The response; its semantic events when `stream` is true", RESPONSE_ANSWER),
+            **openai_error_answers(400, 401, 403, 404, 413, 429)},
+           body=contract.CreateResponse,
+           description="With store: true (the default) the turn is persisted in a thread like POST /api/chat's; "
+                       "previous_response_id continues it. With store: false it is stateless like "
+                       "/v1/chat/completions. Errors are in OpenAI's shape.")
 @openai_errors
 async def create_response(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
@@ -721,6 +744,13 @@ def _query_int(request: web.Request, name: str, low: int, high: int, default: in
     return int(raw)
 
 
+@operation("A stored response, rebuilt from its reply; with stream=true its semantic events", "openai",
+           {"200": response("The response; with `stream=true` its semantic events, replayed (or followed live) "
+                            "after `starting_after`", RESPONSE_ANSWER),
+            **errors(400, 401, 403, 404, openai=True), **errors(503)},
+           parameters=[RESPONSE_ID, query("stream", {"enum": ["true", "false", "1", "0"]}, "Stream the events"),
+                       query("starting_after", {"type": "integer", "minimum": -1, "maximum": STARTING_AFTER_MAX},
+                             "Resume after this sequence_number")])
 @openai_errors
 async def get_response(request: web.Request) -> web.StreamResponse:
     """A stored response; with `?stream=true` its semantic events, replayed from the stored reply (or
@@ -728,7 +758,7 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     raw = request.match_info["response_id"]
     stream = _query_flag(request, "stream")
-    after = _query_int(request, "starting_after", -1, 2**31 - 1, -1)
+    after = _query_int(request, "starting_after", -1, STARTING_AFTER_MAX, -1)
     message_id = parse_response_id(raw)
     row = await _reply_row(request, principal, message_id, raw)
     if not stream:
@@ -770,6 +800,13 @@ def input_item(message: dict[str, Any]) -> dict[str, Any]:
             "content": content}
 
 
+@operation("A stored response's input items (its user message; other items were for the turn only)", "openai",
+           {**ok(200, "A cursor page of input items", contract.ResponseItemList),
+            **errors(400, 401, 403, 404, openai=True), **errors(503)},
+           parameters=[RESPONSE_ID,
+                       query("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}, "Page size"),
+                       query("order", {"enum": ["asc", "desc"], "default": "desc"}, "Order"),
+                       query("after", {"type": "string"}, "List the items after this item id")])
 @openai_errors
 async def list_input_items(request: web.Request) -> web.Response:
     """`GET /v1/responses/{id}/input_items`: what the response answered, as OpenAI's cursor page
@@ -795,6 +832,9 @@ async def list_input_items(request: web.Request) -> web.Response:
                           "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
 
+@operation("Delete a stored response's turn (and its thread when nothing else is left; usage is kept)", "openai",
+           {**ok(200, "Deleted", contract.ResponseDeleted), **errors(401, 403, 404, openai=True), **errors(503)},
+           parameters=[RESPONSE_ID])
 @openai_errors
 async def delete_response(request: web.Request) -> web.Response:
     principal = await caller(request, "chat")
