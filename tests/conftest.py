@@ -31,7 +31,7 @@ from tests.support.fakes import FakeUpstream  # noqa: E402
 
 # fixtures several test modules request by name live beside their helpers in tests/support/
 pytest_plugins = ["tests.support.auth", "tests.support.browser", "tests.support.chat", "tests.support.fleet",
-                  "tests.support.providers"]
+                  "tests.support.providers", "tests.support.gemini"]
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
     base.py          the adapters' interface, normalised events, attempts, the error tree, estimates
     openai.py        OpenAI-compatible chat completions (OpenAI, Groq, vLLM, Ollama, ...)
     anthropic.py     Anthropic Messages
+    gemini.py        Google's Gemini API (streamGenerateContent)
     demo.py          the built-in deterministic demo provider
     embeddings.py    one embeddings call to a model's provider
     chain.py         the fallback chain: each model in turn until one streams; its tracing observer
@@ -24,6 +25,7 @@ __all__ = [
     "deadlines",
     "demo",
     "embeddings",
+    "gemini",
     "http",
     "normalise",
     "openai",

@@ -19,6 +19,7 @@ from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import Provider
 from gateway.providers.circuit import CircuitBreakers
 from gateway.providers.demo import DemoProvider
+from gateway.providers.gemini import GeminiProvider
 from gateway.providers.openai import OpenAIProvider
 from gateway.store.models import sync_models
 
@@ -45,6 +46,8 @@ class ModelRegistry:
                 self.providers[name] = OpenAIProvider(config, session)
             elif config.kind == "anthropic":
                 self.providers[name] = AnthropicProvider(config, session)
+            elif config.kind == "gemini":
+                self.providers[name] = GeminiProvider(config, session)
             else:
                 raise ConfigError(f"[providers.{name}] kind {config.kind!r} has no adapter")
 
@@ -145,7 +148,7 @@ class ModelRegistry:
     def close(self) -> None:
         """Close the adapters' idle upstream connections (at shutdown)."""
         for provider in self.providers.values():
-            if isinstance(provider, OpenAIProvider | AnthropicProvider):
+            if isinstance(provider, OpenAIProvider | AnthropicProvider | GeminiProvider):
                 provider.close()
 
     async def sync(self, pool: asyncpg.Pool) -> None:
