@@ -1,6 +1,7 @@
 """The provider adapters: a request in, normalised deltas, usage and typed errors out.
 
     base.py          the adapters' interface, normalised events, attempts, the error tree, estimates
+    turn.py          the canonical turn every door parses into and every adapter renders from
     openai.py        OpenAI-compatible chat completions (OpenAI, Groq, vLLM, Ollama, ...)
     anthropic.py     Anthropic Messages
     gemini.py        Google's Gemini API (streamGenerateContent)
@@ -31,4 +32,5 @@ __all__ = [
     "openai",
     "registry",
     "sse_decoder",
+    "turn",
 ]

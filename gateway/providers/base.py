@@ -1,6 +1,7 @@
 """What every provider adapter speaks: a request in, normalised stream events out, typed errors.
 
-Adapters turn a wire format into `TextDelta`, `UsageReport` and `Finish` events. They never
+Adapters render the canonical turn (providers/turn.py) into a wire format and turn what comes
+back into `TextDelta`, `ToolCallDelta`, `ReasoningDelta`, `UsageReport` and `Finish` events. They never
 retry and never touch the database: the chain decides what happens after a failure. What the
 chain reports (first upstream call, first event, a streamed reply) goes to a `ChainObserver`.
 
@@ -9,7 +10,7 @@ chain reports (first upstream call, first event, a streamed reply) goes to a `Ch
     ├── UpstreamTimeout           connect, first token, idle or max_stream
     ├── UpstreamConnectionError   refused, reset, DNS
     ├── UpstreamProtocolError     malformed JSON, stream ended without its terminal marker
-    └── UpstreamStreamError       the upstream reported an error mid-stream
+    ├── UpstreamStreamError       the upstream reported an error mid-stream
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ class ChatRequest:
     # the field the client named the limit with: OpenAI's newer `max_completion_tokens` is sent as
     # such to OpenAI-compatible upstreams (unless their provider says it only knows `max_tokens`)
     max_tokens_key: str = "max_tokens"
+    # extended thinking asked for, in Anthropic's shape ({"type": "enabled", "budget_tokens": n});
+    # an OpenAI-style `reasoning_effort` travels in `extra` (see providers/turn.py)
+    thinking: dict[str, Any] | None = None
+    # what the request uses beyond plain text (turn.features), worked out once, when first asked
+    features: frozenset[str] | None = None
 
 
 @dataclass(slots=True)
@@ -55,13 +61,34 @@ class ToolCallDelta:
 
 
 @dataclass(slots=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning (`text`), or the signature that closes a reasoning block
+    (Anthropic's `signature_delta`: `text` empty, `signature` set)."""
+
+    text: str
+    signature: str | None = None
+
+
+@dataclass(slots=True)
 class UsageReport:
+    """A reply's counts. `prompt_tokens` is every prompt token the upstream processed (OpenAI's
+    meaning): `cached_tokens` (read from a prompt cache) and `cache_write_tokens` (written to one)
+    are parts of it, the rest is uncached input. `reasoning_tokens` are part of `completion_tokens`."""
+
     prompt_tokens: int
     completion_tokens: int
     # the upstream's counts were out of range or not integers (clamped to fit, or not believed)
     suspect: bool = False
     # the gateway's estimate, not the upstream's counts (see normalise.charged)
     estimated: bool = False
+    cached_tokens: int = field(default=0, kw_only=True)
+    cache_write_tokens: int = field(default=0, kw_only=True)
+    reasoning_tokens: int = field(default=0, kw_only=True)
+
+    @property
+    def input_tokens(self) -> int:
+        """The prompt tokens neither read from nor written to a cache."""
+        return self.prompt_tokens - self.cached_tokens - self.cache_write_tokens
 
 
 @dataclass(slots=True)
@@ -69,7 +96,7 @@ class Finish:
     reason: str  # stop | length | tool_calls | content_filter | ...
 
 
-StreamEvent = TextDelta | ToolCallDelta | UsageReport | Finish
+StreamEvent = TextDelta | ToolCallDelta | ReasoningDelta | UsageReport | Finish
 
 
 Batch = list[StreamEvent]
@@ -88,6 +115,14 @@ class Provider(Protocol):
     name: str
 
     def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]: ...
+
+
+class Translating(Protocol):
+    """An adapter that says, before any call, what of a request its wire format cannot express
+    (the adapters of real upstreams; the demo provider takes anything and answers with text)."""
+
+    def unsupported(self, model: ModelConfig, request: ChatRequest) -> str | None:
+        """The feature of `request` (see providers/turn.py) this upstream cannot take, or None."""
 
 
 @dataclass(slots=True)
@@ -252,6 +287,19 @@ class UpstreamStreamError(ProviderError):
     """The upstream reported an error inside an open stream."""
 
     kind = "upstream_stream_error"
+
+
+class Unsupported(ProviderError):
+    """The request uses a feature this model's upstream cannot express: never sent. Another link
+    of the chain may take it; the doors answer the last one's as a 400 naming feature and model."""
+
+    kind = "unsupported_feature"
+    model_fault = False
+
+    def __init__(self, feature: str, model: str) -> None:
+        super().__init__(f"model '{model}' cannot take {feature}", status=400)
+        self.feature = feature
+        self.model = model
 
 
 def text_of(content: object) -> str:

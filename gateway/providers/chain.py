@@ -11,7 +11,9 @@ a parameter) except a request the client got wrong, which every provider would r
 (`base.request_at_fault`): that ends the chain. After the first content byte the failure is
 final (the client already has text). A 429 on the last link is retried once after its
 Retry-After when that fits in the budget. Models whose circuit is open are skipped, and so are
-deployments cooling down after a 429/5xx (their model's other deployments serve meanwhile).
+deployments cooling down after a 429/5xx (their model's other deployments serve meanwhile), and
+links whose upstream cannot express the turn (`base.Unsupported`: never sent; when no link can,
+that is the chain's failure, which the doors answer as a 400 naming the feature and the model).
 
 A request with a bound (`max_tokens`, which the policy sets whenever a cap reserves for the reply)
 is relayed up to `relay_chars` of it, by the gateway's estimate: past that the upstream ignored
@@ -46,6 +48,7 @@ from gateway.providers.base import (
     ProviderError,
     TextDelta,
     ToolCallDelta,
+    Unsupported,
     UpstreamTimeout,
 )
 from gateway.providers.deadlines import Timeout
@@ -130,11 +133,17 @@ class Chain:
         while links:
             model = links.pop(0)
             key = model.circuit_key
+            provider = self.registry.provider(model)
+            check = getattr(provider, "unsupported", None)  # base.Translating
+            feature = check(model, request) if check is not None else None
+            if feature is not None:  # never sent: another link may take it
+                self._record(model, Unsupported.kind, time.monotonic())
+                last_error = Unsupported(feature, model.name)
+                continue
             if not circuits.allow(key):
                 self._record(model, "cooldown" if circuits.cooling(key) else "circuit_open", time.monotonic())
                 last_error = last_error or ProviderError(f"model {model.name} is unavailable (circuit open)")
                 continue
-            provider = self.registry.provider(model)
             if not self.attempts and self.started is not None:
                 observer.upstream_call(time.monotonic() - self.started)
             started = time.monotonic()

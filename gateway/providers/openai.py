@@ -12,13 +12,14 @@ import orjson
 
 from gateway.config import ModelConfig, ProviderConfig
 from gateway.observability.tracing import upstream_headers
-from gateway.providers import normalise
+from gateway.providers import normalise, turn
 from gateway.providers.base import (
     NO_SECRETS,
     Batch,
     ChatRequest,
     Finish,
     ProviderError,
+    ReasoningDelta,
     Secrets,
     TextDelta,
     ToolCallDelta,
@@ -27,6 +28,7 @@ from gateway.providers.base import (
     UpstreamProtocolError,
     UpstreamStreamError,
     UpstreamTimeout,
+    UsageReport,
 )
 from gateway.providers.http import Connection, Upstream
 from gateway.providers.sse_decoder import SSEDecoder
@@ -146,9 +148,18 @@ class OpenAIProvider:
     def close(self) -> None:
         self._upstream.close()
 
+    def unsupported(self, model: ModelConfig, request: ChatRequest) -> str | None:
+        return None  # the canonical turn is OpenAI's shape: what it adds is rendered (see `messages_of`)
+
     def body(self, model: ModelConfig, request: ChatRequest) -> bytes:
         body: dict[str, Any] = dict(request.extra)
-        body.update(model=model.upstream, messages=request.messages, stream=True)
+        found = turn.features(request)
+        messages = messages_of(request.messages) if found & RENDERED else request.messages
+        body.update(model=model.upstream, messages=messages, stream=True)
+        if turn.CACHE_CONTROL in found and "tools" in body:
+            body["tools"] = [{k: v for k, v in tool.items() if k != "cache_control"} for tool in body["tools"]]
+        if request.thinking is not None and "reasoning_effort" not in body:
+            body["reasoning_effort"] = reasoning_effort(request.thinking)
         if self._stream_options:  # usage always, so it is never guessed (where the server allows)
             body["stream_options"] = {"include_usage": True}
         if request.max_tokens is not None:
@@ -197,6 +208,34 @@ class OpenAIProvider:
             if not finished:
                 conn.close()
         raise UpstreamProtocolError("upstream stream ended without [DONE]")
+
+
+# what the canonical turn adds to OpenAI's shape, rendered away for an OpenAI-compatible upstream
+RENDERED = frozenset({turn.REASONING, turn.CACHE_CONTROL})
+
+
+def messages_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages without what OpenAI's chat completions has no field for: an assistant's earlier
+    reasoning (OpenAI's API does not take it back; its text was the model's, not the conversation's)
+    and cache breakpoints (OpenAI-compatible upstreams cache prompts by their own rules)."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if content.__class__ is list:
+            parts = [{k: v for k, v in part.items() if k != "cache_control"} if isinstance(part, dict) else part
+                     for part in content
+                     if not (isinstance(part, dict) and part.get("type") in ("reasoning", "redacted_reasoning"))]
+            message = {**message, "content": parts if parts or message.get("role") != "assistant" else None}
+        out.append(message)
+    return out
+
+
+def reasoning_effort(thinking: dict[str, Any]) -> str:
+    """Anthropic's thinking budget as OpenAI's reasoning effort."""
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int) or budget <= 2048:
+        return "low"
+    return "medium" if budget <= 8192 else "high"
 
 
 def read_batch(decoder: SSEDecoder, chunk: bytes,
@@ -248,9 +287,13 @@ def parse_chunk(event: str, data: bytes, out: Batch, secrets: Secrets = NO_SECRE
                 text = normalise.text(text, "`delta.content`")
             if text:
                 out.append(TextDelta(text))
-            calls = delta.get("tool_calls")
-            if calls:
-                out.append(ToolCallDelta(tool_calls(calls)))
+            if len(delta) > 1 or not text:  # more than the text: tool calls, reasoning, a role
+                calls = delta.get("tool_calls")
+                if calls:
+                    out.append(ToolCallDelta(tool_calls(calls)))
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    out.append(ReasoningDelta(normalise.text(reasoning, "`delta.reasoning_content`")))
             reason = choice.get("finish_reason")
             if reason is not None:
                 reason = normalise.label(reason, "`finish_reason`")
@@ -259,8 +302,30 @@ def parse_chunk(event: str, data: bytes, out: Batch, secrets: Secrets = NO_SECRE
     usage = obj.get("usage")
     if usage:
         usage = normalise.obj(usage, "`usage`")
-        out.append(normalise.usage(usage.get("prompt_tokens"), usage.get("completion_tokens")))
+        out.append(usage_report(usage))
     return out
+
+
+def usage_report(usage: dict[str, Any]) -> UsageReport:
+    """OpenAI's `usage`, with its details: cached prompt tokens, cache writes (where an upstream
+    reports them) and reasoning tokens, each a part of its total."""
+    report = normalise.usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    prompt = usage.get("prompt_tokens_details")
+    completion = usage.get("completion_tokens_details")
+    if prompt.__class__ is dict or completion.__class__ is dict:
+        cached, write, reasoning = 0, 0, 0
+        if prompt.__class__ is dict:
+            cached, bad_cached = normalise.count(prompt.get("cached_tokens") or 0)
+            write, bad_write = normalise.count(prompt.get("cache_write_tokens") or 0)
+            report.suspect |= bad_cached or bad_write
+        if completion.__class__ is dict:
+            reasoning, bad = normalise.count(completion.get("reasoning_tokens") or 0)
+            report.suspect |= bad
+        if cached + write > report.prompt_tokens or reasoning > report.completion_tokens:
+            report.suspect = True  # parts larger than their whole: not believed
+        elif not report.suspect:
+            report.cached_tokens, report.cache_write_tokens, report.reasoning_tokens = cached, write, reasoning
+    return report
 
 
 def tool_calls(calls: object) -> list[dict[str, Any]]:
