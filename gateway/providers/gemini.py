@@ -1,22 +1,22 @@
-"""Google's Gemini API (`POST /models/{model}:streamGenerateContent?alt=sse`), normalised to deltas + usage.
+"""Google's Gemini API (`POST /models/{model}:streamGenerateContent?alt=sse`): the canonical turn
+(providers/turn.py) rendered as a `GenerateContentRequest`, and its stream normalised to deltas + usage.
 
 Differences from OpenAI that matter here: the roles are `user` and `model`, the system prompt is
 `systemInstruction`, sampling parameters sit in `generationConfig`, and the key goes in
-`x-goog-api-key`. Tools are `functionDeclarations`; a call comes whole in one `functionCall` part
-and carries no id, so the adapter gives it one (`call_` and 24 hex digits) and, on the way back,
-finds a tool result's function by the id of the assistant's call it answers (`functionResponse`
-is named by the function, not by a call). Every event is a whole `GenerateContentResponse` whose
-`usageMetadata` is cumulative (it replaces, never adds); there is no end marker: the event that
-carries `finishReason` (or a prompt's `blockReason`) is the last one, and a stream that ends
-before it is truncated.
+`x-goog-api-key`. Images go inline (`inlineData`); Gemini fetches none by URL. Tools are
+`functionDeclarations` (the client's JSON Schema as `parametersJsonSchema`); a call comes whole in
+one `functionCall` part, mostly without an id, so the adapter gives it one (`call_` and 24 hex
+digits) and, on the way back, finds a tool result's function by the id of the assistant's call it
+answers (a `functionResponse` is named by the function, not by a call). Thinking comes as parts
+marked `thought` (when `thinkingConfig.includeThoughts` asks for them) and a `thoughtSignature` on
+a part, which must go back on the same kind of part: on the first function call of the turn, else
+on the thought.
 
-Usage: `promptTokenCount` includes the cached tokens (`cachedContentTokenCount`); the reply's
-tokens are `candidatesTokenCount` plus the model's thinking (`thoughtsTokenCount`), which is
-billed as output. Thought parts (`thought: true`) are not reply text.
-
-What Gemini cannot take is refused before any call (`unsupported` says it without calling): an
-image by URL (Gemini takes images inline, as base64), tools other than functions, `logit_bias`,
-`logprobs`, a tool result for a call no assistant message made.
+Every event is a whole `GenerateContentResponse` whose `usageMetadata` is cumulative (it replaces,
+never adds). There is no end marker: the event that carries `finishReason` (or a prompt's
+`blockReason`) is the last one, and a stream that ends before it is truncated. `promptTokenCount`
+includes the cached tokens (`cachedContentTokenCount`); the reply's tokens are
+`candidatesTokenCount` plus the model's thinking (`thoughtsTokenCount`), billed as output.
 """
 
 from __future__ import annotations
@@ -31,17 +31,19 @@ import orjson
 
 from gateway.config import ModelConfig, ProviderConfig
 from gateway.observability.tracing import upstream_headers
-from gateway.providers import normalise
+from gateway.providers import normalise, turn
 from gateway.providers.base import (
     NO_SECRETS,
     Batch,
     ChatRequest,
     Finish,
     ProviderError,
+    ReasoningDelta,
     Secrets,
     StreamEvent,
     TextDelta,
     ToolCallDelta,
+    Unsupported,
     UpstreamProtocolError,
     UpstreamStreamError,
 )
@@ -56,35 +58,40 @@ FINISH_REASONS = {
     "IMAGE_SAFETY": "content_filter", "LANGUAGE": "content_filter",
 }
 TOOL_CHOICES = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
+# the image types Gemini reads inline
+IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
+# what Gemini's API has no field for: a turn using one is refused, never sent without it. Gemini
+# fetches no image by URL (it takes them inline, as base64).
+NOT_EXPRESSIBLE = (turn.IMAGE_URLS, "logit_bias", "logprobs", "top_logprobs", "functions", "function_call")
 # OpenAI's sampling fields Gemini has under another name in generationConfig
 GENERATION_FIELDS = {"seed": "seed", "presence_penalty": "presencePenalty", "frequency_penalty": "frequencyPenalty"}
-# fields with no Gemini equivalent that change nothing the client reads back: not sent
-IGNORED_FIELDS = frozenset({"user", "parallel_tool_calls"})
-
-
-class GeminiRefusal(ProviderError):
-    """The request holds something Gemini cannot express; the message names it and the model.
-    Raised before any upstream call; another link of the chain (another kind) may take it."""
-
-    kind = "unsupported_by_upstream"
-    model_fault = False  # the request's content, not the model's health
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, status=400)
+# OpenAI's reasoning effort as a thinking budget (the budgets Google's OpenAI compatibility uses)
+THINKING_BUDGETS = {"minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
 
 
 def unsupported(model: ModelConfig, request: ChatRequest) -> str | None:
-    """What of `request` model `model` (on a Gemini provider) cannot take, as the client's error
-    message, or None when it can take all of it."""
-    try:
-        to_gemini(model, request)
-    except GeminiRefusal as e:
-        return e.message
+    """The first feature of the turn Gemini's API cannot express (turn.features), or None."""
+    found = turn.features(request)
+    if not found:
+        return None
+    for name in NOT_EXPRESSIBLE:
+        if name in found:
+            return name
+    choice = request.extra.get("tool_choice")
+    if choice is not None and tool_config_of(choice) is None:
+        return f"tool_choice {orjson.dumps(choice).decode()}"
+    for message in request.messages:
+        content = message.get("content")
+        for part in content if content.__class__ is list else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "image_url":
+                continue
+            if message.get("role") == "tool":
+                return "images in tool results"
+            parsed = turn.data_url(part["image_url"]["url"])
+            if parsed is not None and parsed[0] not in IMAGE_TYPES:
+                return f"images of type {parsed[0]}"
     return None
-
-
-def refuse(model: ModelConfig, what: str) -> GeminiRefusal:
-    return GeminiRefusal(f"model '{model.name}' (a Gemini upstream) cannot take {what}")
 
 
 def call_id() -> str:
@@ -92,52 +99,72 @@ def call_id() -> str:
     return "call_" + random_ids.token_hex(12)
 
 
-def parts_of(model: ModelConfig, content: Any) -> list[dict[str, Any]]:
-    """OpenAI-style content as Gemini parts: a string or text parts as text, an image's data URL
-    as `inlineData`. An image by URL, or a part of another kind, is refused."""
-    if content is None:
-        return []
+def text_parts(content: Any) -> list[dict[str, Any]]:
+    """A string, or the text parts of a list, as Gemini text parts (cache_control has no place there:
+    Gemini caches prompt prefixes by itself)."""
     if isinstance(content, str):
         return [{"text": content}] if content else []
+    return [{"text": p["text"]} for p in content or () if isinstance(p, dict) and p.get("type") == "text"]
+
+
+def user_parts(content: Any) -> list[dict[str, Any]]:
+    """A user's canonical content as Gemini parts: text as text, a base64 image as `inlineData`."""
     if not isinstance(content, list):
-        raise refuse(model, f"message content of type {type(content).__name__}")
+        return text_parts(content)
     parts: list[dict[str, Any]] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind == "text":
             parts.append({"text": part["text"]})
         elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else None
-            if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
-                raise refuse(model, "an image by URL (send it inline as a base64 data URL)")
-            media_type, _, data = url[len("data:"):].partition(";base64,")
-            parts.append({"inlineData": {"mimeType": media_type, "data": data}})
-        else:
-            raise refuse(model, f"a content part of type {kind!r}")
+            parsed = turn.data_url(part["image_url"]["url"])
+            if parsed is None:  # `unsupported` refuses a turn with an image by URL before it gets here
+                raise Unsupported(turn.IMAGE_URLS, "")
+            parts.append({"inlineData": {"mimeType": parsed[0], "data": parsed[1]}})
     return parts
 
 
-def arguments_of(model: ModelConfig, call: Any) -> tuple[str, dict[str, Any]]:
-    """An assistant's OpenAI-style tool call as (function name, arguments object)."""
-    function = call.get("function") if isinstance(call, dict) else None
-    name = function.get("name") if isinstance(function, dict) else None
-    if not isinstance(name, str) or not name:
-        raise refuse(model, "a tool call without a function name")
-    raw = function.get("arguments") if isinstance(function, dict) else None
-    try:
-        args = orjson.loads(raw) if isinstance(raw, str) and raw else {}
-    except orjson.JSONDecodeError:
-        args = None
-    if not isinstance(args, dict):
-        raise refuse(model, f"tool call arguments of {name!r} that are not a JSON object")
-    return name, args
+def assistant_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """An assistant's canonical message as Gemini parts: reasoning as thought parts, text as text,
+    tool calls as `functionCall` parts. A reasoning signature goes back where Gemini put it: on
+    the message's first function call when it made one, else on the thought part."""
+    content = message.get("content")
+    parts: list[dict[str, Any]] = []
+    signature: str | None = None
+    for part in content if isinstance(content, list) else ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append({"text": part["text"]})
+        elif kind == "reasoning":
+            thought: dict[str, Any] = {"text": part.get("text") or "", "thought": True}
+            if part.get("signature") and signature is None:
+                signature = part["signature"]
+                if not message.get("tool_calls"):
+                    thought["thoughtSignature"] = signature
+            if thought["text"] or "thoughtSignature" in thought:
+                parts.append(thought)
+        # redacted reasoning is Anthropic's sealed thinking: nothing Gemini could read
+    if isinstance(content, str) and content:
+        parts.append({"text": content})
+    for i, call in enumerate(message.get("tool_calls") or ()):
+        function = call["function"]
+        try:
+            args = orjson.loads(function.get("arguments") or "{}")
+        except orjson.JSONDecodeError:
+            args = None
+        if not isinstance(args, dict):  # Gemini's args are an object; anything else is kept as text
+            args = {"arguments": function.get("arguments")}
+        rendered: dict[str, Any] = {"functionCall": {"name": function["name"], "args": args}}
+        if i == 0 and signature is not None:
+            rendered["thoughtSignature"] = signature
+        parts.append(rendered)
+    return parts
 
 
 def result_of(content: Any) -> dict[str, Any]:
     """A tool message's content as a `functionResponse.response` (an object): a JSON object as
     itself, anything else under `output` (the key Gemini's documentation names)."""
-    text = content if isinstance(content, str) else "".join(p["text"] for p in parts_text(content))
+    text = content if isinstance(content, str) else "".join(p["text"] for p in text_parts(content))
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -145,18 +172,12 @@ def result_of(content: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"output": value}
 
 
-def parts_text(content: Any) -> list[dict[str, Any]]:
-    return [p for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)] \
-        if isinstance(content, list) else []
-
-
-def contents_of(model: ModelConfig, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
-                                                                               list[dict[str, Any]]]:
-    """OpenAI-style messages as (Gemini `contents`, the system instruction's parts). Consecutive
+def contents_of(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Canonical messages as (Gemini `contents`, the system instruction's parts). Consecutive
     messages of one role become one content (Gemini wants the results of parallel calls together)."""
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
-    names: dict[str, str] = {}  # call id -> function name, from the assistant turns seen so far
+    names: dict[str, str] = {}  # call id -> function name, from the assistant turns so far
 
     def add(role: str, parts: list[dict[str, Any]]) -> None:
         if not parts:
@@ -169,57 +190,49 @@ def contents_of(model: ModelConfig, messages: list[dict[str, Any]]) -> tuple[lis
     for message in messages:
         role = message.get("role")
         content = message.get("content")
-        if role in ("system", "developer"):
-            system.extend(parts_of(model, content if isinstance(content, str) else parts_text(content)))
-        elif role == "user":
-            add("user", parts_of(model, content))
+        if role == "user":
+            add("user", user_parts(content))
         elif role == "assistant":
-            parts = parts_of(model, content if isinstance(content, str) or content is None else parts_text(content))
             for call in message.get("tool_calls") or ():
-                name, args = arguments_of(model, call)
-                if isinstance(call.get("id"), str):
-                    names[call["id"]] = name
-                parts.append({"functionCall": {"name": name, "args": args}})
-            add("model", parts)
+                names[call["id"]] = call["function"]["name"]
+            add("model", assistant_parts(message))
         elif role == "tool":
-            call = message.get("tool_call_id")
-            if call not in names:
-                raise GeminiRefusal(f"a tool result answers call {call!r}, which no assistant message made")
-            add("user", [{"functionResponse": {"name": names[call], "response": result_of(content)}}])
-        else:
-            raise refuse(model, f"a message of role {role!r}")
+            # turn.check refused a result whose call no earlier assistant message made
+            name = names[message["tool_call_id"]]
+            add("user", [{"functionResponse": {"name": name, "response": result_of(content)}}])
+        elif role in ("system", "developer"):
+            system.extend(text_parts(content))
     return contents, system
 
 
-def tools_of(model: ModelConfig, tools: Any) -> list[dict[str, Any]]:
+def tools_of(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     declarations: list[dict[str, Any]] = []
-    for tool in tools if isinstance(tools, list) else ():
-        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise refuse(model, f"a tool of type {kind!r} (only functions)")
+    for tool in tools:
+        function = tool["function"]
         declaration: dict[str, Any] = {"name": function["name"]}
-        if isinstance(function.get("description"), str):
+        if function.get("description") is not None:
             declaration["description"] = function["description"]
         if function.get("parameters"):
             # JSON Schema as the client wrote it: `parameters` would take only Gemini's OpenAPI subset
             declaration["parametersJsonSchema"] = function["parameters"]
         declarations.append(declaration)
-    return [{"functionDeclarations": declarations}] if declarations else []
+    return [{"functionDeclarations": declarations}]
 
 
-def tool_config_of(model: ModelConfig, choice: Any) -> dict[str, Any]:
-    if isinstance(choice, str) and choice in TOOL_CHOICES:
-        return {"functionCallingConfig": {"mode": TOOL_CHOICES[choice]}}
+def tool_config_of(choice: Any) -> dict[str, Any] | None:
+    """OpenAI's tool_choice as Gemini's `toolConfig` (None for a choice that is neither)."""
+    if isinstance(choice, str):
+        mode = TOOL_CHOICES.get(choice)
+        return {"functionCallingConfig": {"mode": mode}} if mode else None
     function = choice.get("function") if isinstance(choice, dict) else None
     if isinstance(function, dict) and isinstance(function.get("name"), str):
         return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [function["name"]]}}
-    raise refuse(model, f"tool_choice {orjson.dumps(choice).decode()}")
+    return None
 
 
 def to_gemini(model: ModelConfig, request: ChatRequest) -> dict[str, Any]:
-    """The request as a `GenerateContentRequest`; a `GeminiRefusal` for what Gemini cannot express."""
-    contents, system = contents_of(model, request.messages)
+    """The canonical turn as a `GenerateContentRequest` (`unsupported` said it can be one)."""
+    contents, system = contents_of(request.messages)
     body: dict[str, Any] = {"contents": contents}
     if system:
         body["systemInstruction"] = {"parts": system}
@@ -232,32 +245,29 @@ def to_gemini(model: ModelConfig, request: ChatRequest) -> dict[str, Any]:
         generation["topP"] = request.top_p
     if request.stop is not None:
         generation["stopSequences"] = [request.stop] if isinstance(request.stop, str) else list(request.stop)
+    found = turn.features(request)
     extra = request.extra
-    for key, value in extra.items():
-        if value is None or key in IGNORED_FIELDS:
-            continue
-        if key == "tools":
-            tools = tools_of(model, value)
-            if tools:
-                body["tools"] = tools
-        elif key == "tool_choice":
-            body["toolConfig"] = tool_config_of(model, value)
-        elif key == "response_format":
-            kind = value.get("type") if isinstance(value, dict) else None
-            if kind == "json_object":
-                generation["responseMimeType"] = "application/json"
-            elif kind == "json_schema" and isinstance(value.get("json_schema"), dict):
-                generation["responseMimeType"] = "application/json"
-                if "schema" in value["json_schema"]:
-                    generation["responseJsonSchema"] = value["json_schema"]["schema"]
-            elif kind != "text":
-                raise refuse(model, f"response_format of type {kind!r}")
-        elif key in GENERATION_FIELDS:
-            generation[GENERATION_FIELDS[key]] = value
-        elif key in ("logprobs", "top_logprobs") and not value:
-            continue
-        else:
-            raise refuse(model, f"'{key}'")
+    if found:
+        if turn.TOOLS in found:
+            body["tools"] = tools_of(extra["tools"])
+        choice = tool_config_of(extra.get("tool_choice"))
+        if choice is not None:
+            body["toolConfig"] = choice
+        response_format = extra.get("response_format")
+        if turn.JSON_OUTPUT in found and isinstance(response_format, dict):
+            generation["responseMimeType"] = "application/json"
+            schema = response_format.get("json_schema")
+            if isinstance(schema, dict) and "schema" in schema:
+                generation["responseJsonSchema"] = schema["schema"]
+        for key, name in GENERATION_FIELDS.items():
+            if key in found:
+                generation[name] = extra[key]
+        budget = request.thinking.get("budget_tokens") if request.thinking is not None else None
+        if budget is None and "reasoning_effort" in found:
+            budget = THINKING_BUDGETS.get(extra["reasoning_effort"])
+        if budget is not None:
+            generation["thinkingConfig"] = {"thinkingBudget": budget, "includeThoughts": True}
+        # parallel_tool_calls: Gemini decides by itself; `user`: Gemini has no field for it
     if generation:
         body["generationConfig"] = generation
     return body
@@ -276,6 +286,9 @@ class GeminiProvider:
 
     def close(self) -> None:
         self._upstream.close()
+
+    def unsupported(self, model: ModelConfig, request: ChatRequest) -> str | None:
+        return unsupported(model, request)
 
     @staticmethod
     def path(model: ModelConfig) -> str:
@@ -383,29 +396,39 @@ def parse_event(data: bytes, state: _Reply, secrets: Secrets = NO_SECRETS) -> li
         if candidates.__class__ is not list:
             raise UpstreamProtocolError("upstream sent `candidates` that is not a list")
         candidate = normalise.obj(candidates[0], "a candidate")  # one candidate is asked for
-        content = normalise.obj(candidate.get("content"), "`content`")
-        parts = content.get("parts") or []
+        parts = normalise.obj(candidate.get("content"), "`content`").get("parts") or []
         if parts.__class__ is not list:
             raise UpstreamProtocolError("upstream sent `parts` that is not a list")
-        calls: list[dict[str, Any]] = []
         for part in parts:
             part = normalise.obj(part, "a part")
+            signature = part.get("thoughtSignature")
             if "functionCall" in part:
+                if signature:  # the thinking behind the call: closes a reasoning block before it
+                    out.append(ReasoningDelta("", normalise.text(signature, "a `thoughtSignature`")))
                 call = normalise.obj(part["functionCall"], "`functionCall`")
                 name = normalise.text(call.get("name"), "a function call's name")
                 args = normalise.obj(call.get("args"), "a function call's `args`")
                 given = call.get("id")
-                calls.append({"index": state.calls, "id": given if isinstance(given, str) and given else call_id(),
-                              "type": "function", "function": {"name": name, "arguments": orjson.dumps(args).decode()}})
+                fragment = turn.call_fragment(state.calls, given if isinstance(given, str) and given else call_id(),
+                                              name, orjson.dumps(args).decode())
                 state.calls += 1
-            elif part.get("thought") is True:
-                continue  # the model's thinking: counted in thoughtsTokenCount, not reply text
-            else:
-                text = normalise.text(part.get("text"), "a part's `text`")
+                last = out[-1] if out else None
+                if isinstance(last, ToolCallDelta):  # the calls of one event go together
+                    last.calls.append(fragment)
+                else:
+                    out.append(ToolCallDelta([fragment]))
+                continue
+            text = normalise.text(part.get("text"), "a part's `text`")
+            if part.get("thought") is True:
                 if text:
-                    out.append(TextDelta(text))
-        if calls:
-            out.append(ToolCallDelta(calls))
+                    out.append(ReasoningDelta(text))
+                if signature:
+                    out.append(ReasoningDelta("", normalise.text(signature, "a `thoughtSignature`")))
+                continue
+            if signature:
+                out.append(ReasoningDelta("", normalise.text(signature, "a `thoughtSignature`")))
+            if text:
+                out.append(TextDelta(text))
         reason = normalise.label(candidate.get("finishReason"), "`finishReason`")
     feedback = obj.get("promptFeedback")
     # a blocked prompt: no candidate at all, only the reason it was blocked
@@ -419,6 +442,9 @@ def parse_event(data: bytes, state: _Reply, secrets: Secrets = NO_SECRETS) -> li
         out.append(Finish(finish))
         report = normalise.usage(state.prompt, state.output)  # the sum must fit too
         report.suspect |= state.suspect
+        if not report.suspect:
+            report.cached_tokens = min(state.cached, report.prompt_tokens)
+            report.reasoning_tokens = min(state.thoughts, report.completion_tokens)
         out.append(report)
         state.stopped = True
     return out

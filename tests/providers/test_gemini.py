@@ -13,8 +13,10 @@ from gateway.config import GEMINI_BASE_URL, ConfigError, Settings
 from gateway.providers.base import (
     ChatRequest,
     Finish,
+    ReasoningDelta,
     TextDelta,
     ToolCallDelta,
+    Unsupported,
     UpstreamConnectionError,
     UpstreamHTTPError,
     UpstreamProtocolError,
@@ -22,7 +24,7 @@ from gateway.providers.base import (
     UsageReport,
 )
 from gateway.providers.chain import Chain
-from gateway.providers.gemini import GeminiProvider, GeminiRefusal, unsupported
+from gateway.providers.gemini import GeminiProvider, unsupported
 from tests.support.fakes import FakeUpstream, Reply, openai_stream
 from tests.support.gemini import FakeGemini, GeminiReply, error_body, response, sse, text_stream, usage
 from tests.support.providers import collect, trail
@@ -79,14 +81,35 @@ async def test_gemini_events_split_at_every_byte(gemini, config_file):
     assert events == [TextDelta("Hello"), TextDelta(" world"), Finish("stop"), UsageReport(12, 2)]
 
 
-async def test_cached_and_thinking_tokens_are_read_and_thoughts_are_not_reply_text(gemini, config_file):
+async def test_cached_and_thinking_tokens_are_read_and_thoughts_stream_as_reasoning(gemini, config_file):
     gemini.queue(GeminiReply(sse(
         response([{"text": "Weighing it up", "thought": True}], usage=usage(prompt=170, cached=150, thoughts=30)),
-        response([{"text": "Yes."}], "STOP", usage(prompt=170, output=2, cached=150, thoughts=30)))))
-    events, error = await run(gemini, config_file, ChatRequest(HI))
+        response([{"text": "Yes.", "thoughtSignature": "c2lnbmF0dXJl"}], "STOP",
+                 usage(prompt=170, output=2, cached=150, thoughts=30)))))
+    events, error = await run(gemini, config_file, ChatRequest(HI, thinking={"type": "enabled",
+                                                                             "budget_tokens": 2048}))
     assert error is None
     # the prompt count includes the cached tokens; thinking is billed as output
-    assert events == [TextDelta("Yes."), Finish("stop"), UsageReport(170, 32)]
+    assert events == [ReasoningDelta("Weighing it up"), ReasoningDelta("", "c2lnbmF0dXJl"), TextDelta("Yes."),
+                      Finish("stop"), UsageReport(170, 32, cached_tokens=150, reasoning_tokens=30)]
+    assert gemini.requests[0]["generationConfig"] == {"thinkingConfig": {"thinkingBudget": 2048,
+                                                                         "includeThoughts": True}}
+    assert gemini.seen[0].problems == []
+
+
+@pytest.mark.parametrize(("effort", "budget"), [("low", 1024), ("medium", 8192), ("high", 24576)])
+async def test_reasoning_effort_is_a_thinking_budget(gemini, config_file, effort, budget):
+    await run(gemini, config_file, ChatRequest(HI, extra={"reasoning_effort": effort}))
+    assert gemini.requests[0]["generationConfig"] == {"thinkingConfig": {"thinkingBudget": budget,
+                                                                         "includeThoughts": True}}
+
+
+async def test_suspect_counts_keep_no_cache_or_reasoning_split(gemini, config_file):
+    gemini.queue(GeminiReply(sse(response([{"text": "x"}], "STOP", {
+        "promptTokenCount": -4, "candidatesTokenCount": 1, "cachedContentTokenCount": 3, "thoughtsTokenCount": 1,
+        "totalTokenCount": 1}))))
+    events, _ = await run(gemini, config_file, ChatRequest(HI))
+    assert events[-1] == UsageReport(0, 2, suspect=True)
 
 
 @pytest.mark.parametrize(("reason", "finish"), [
@@ -156,7 +179,8 @@ WEATHER = {"type": "function", "function": {
 async def test_tools_calls_and_results_are_rendered_as_gemini_parts(gemini, config_file):
     messages = [
         {"role": "user", "content": "Weather in Paris and Rome?"},
-        {"role": "assistant", "content": None, "tool_calls": [
+        {"role": "assistant", "content": [
+            {"type": "reasoning", "text": "Two cities: two calls.", "signature": "c2ln"}], "tool_calls": [
             {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
             {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]},
         {"role": "tool", "tool_call_id": "call_a", "content": '{"temp_c":18}'},
@@ -170,7 +194,10 @@ async def test_tools_calls_and_results_are_rendered_as_gemini_parts(gemini, conf
     assert gemini.requests[0] == {
         "contents": [
             {"role": "user", "parts": [{"text": "Weather in Paris and Rome?"}]},
-            {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+            # the signature goes back on the turn's first call, where Gemini put it
+            {"role": "model", "parts": [{"text": "Two cities: two calls.", "thought": True},
+                                        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+                                         "thoughtSignature": "c2ln"},
                                         {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}}]},
             # the results of parallel calls go back together, named by their function
             {"role": "user", "parts": [
@@ -196,13 +223,14 @@ async def test_tool_choice_is_a_function_calling_mode(gemini, config_file, choic
 async def test_function_calls_stream_as_tool_call_deltas_with_ids_made_here(gemini, config_file):
     gemini.queue(GeminiReply(sse(
         response([{"text": "Checking."}]),
-        response([{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}},
+        response([{"functionCall": {"name": "get_weather", "args": {"city": "Paris"}}, "thoughtSignature": "c2ln"},
                   {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}}], "STOP",
                  usage(prompt=30, output=20)))))
     events, error = await run(gemini, config_file, ChatRequest(HI, extra={"tools": [WEATHER]}))
     assert error is None
-    assert events[0] == TextDelta("Checking.") and events[2:] == [Finish("tool_calls"), UsageReport(30, 20)]
-    calls = events[1]
+    assert events[:2] == [TextDelta("Checking."), ReasoningDelta("", "c2ln")]
+    assert events[3:] == [Finish("tool_calls"), UsageReport(30, 20)]
+    calls = events[2]
     assert isinstance(calls, ToolCallDelta)
     ids = [c.pop("id") for c in calls.calls]
     assert all(CALL_ID.fullmatch(i) for i in ids) and ids[0] != ids[1]
@@ -246,27 +274,37 @@ def model(config_file: Any) -> Any:
     return settings.models["gem"]
 
 
-@pytest.mark.parametrize(("request_", "message"), [
+@pytest.mark.parametrize(("request_", "feature"), [
     (ChatRequest([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]}]),
-     "model 'gem' (a Gemini upstream) cannot take an image by URL (send it inline as a base64 data URL)"),
-    (ChatRequest(HI, extra={"logit_bias": {"50256": -100}}),
-     "model 'gem' (a Gemini upstream) cannot take 'logit_bias'"),
-    (ChatRequest(HI, extra={"tools": [{"type": "web_search"}]}),
-     "model 'gem' (a Gemini upstream) cannot take a tool of type 'web_search' (only functions)"),
-    (ChatRequest([*HI, {"role": "tool", "tool_call_id": "call_zz", "content": "1"}]),
-     "a tool result answers call 'call_zz', which no assistant message made"),
+     "images by URL"),
+    (ChatRequest([{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": f"data:image/gif;base64,{PIXEL}"}}]}]), "images of type image/gif"),
+    (ChatRequest(HI, extra={"logit_bias": {"50256": -100}}), "logit_bias"),
+    (ChatRequest(HI, extra={"logprobs": True}), "logprobs"),
     (ChatRequest([*HI, {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "[1]"}}]}]),
-     "model 'gem' (a Gemini upstream) cannot take tool call arguments of 'f' that are not a JSON object"),
+        {"id": "c1", "type": "function", "function": {"name": "shot", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": [
+                      {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PIXEL}"}}]}]),
+     "images in tool results"),
 ])
-def test_what_gemini_cannot_take_is_named_before_any_call(config_file, request_, message):
-    assert unsupported(model(config_file), request_) == message
+def test_what_gemini_cannot_take_is_named_before_any_call(config_file, request_, feature):
+    assert unsupported(model(config_file), request_) == feature
 
 
-async def test_a_refused_request_never_reaches_the_upstream(gemini, config_file):
-    events, error = await run(gemini, config_file, ChatRequest(HI, extra={"logit_bias": {"1": 1}}))
-    assert events == [] and isinstance(error, GeminiRefusal)
-    assert (error.status, error.retryable, error.model_fault) == (400, True, False)
+def test_a_text_turn_and_everything_gemini_expresses_pass(config_file):
+    assert unsupported(model(config_file), ChatRequest(HI)) is None
+    assert unsupported(model(config_file), ChatRequest(HI, extra={
+        "tools": [WEATHER], "tool_choice": "auto", "seed": 1, "user": "u", "parallel_tool_calls": True,
+        "response_format": {"type": "json_object"}, "reasoning_effort": "low"})) is None
+
+
+async def test_a_turn_gemini_cannot_take_is_never_sent_and_fails_as_a_400_naming_it(gemini, registry):
+    models = registry(toml(gemini))
+    chain = Chain(models, models.chain("gem"))
+    events, error = await collect(chain.stream(ChatRequest(HI, extra={"logit_bias": {"1": 1}})))
+    assert events == [] and isinstance(error, Unsupported)
+    assert (error.status, error.message) == (400, "model 'gem' cannot take logit_bias")
+    assert trail(chain) == [("gem", "unsupported_feature")]
     assert gemini.seen == []
 
 
@@ -332,7 +370,7 @@ async def test_what_gemini_cannot_take_goes_to_the_next_kind_without_blaming_gem
     chain = Chain(models, models.chain("gem"))
     events, error = await collect(chain.stream(ChatRequest(image)))
     assert error is None and events[0] == TextDelta("Seen")
-    assert trail(chain) == [("gem", "unsupported_by_upstream"), ("oai", "ok")]
+    assert trail(chain) == [("gem", "unsupported_feature"), ("oai", "ok")]
     assert gemini.seen == [] and models.circuits.available("gem")
 
 
