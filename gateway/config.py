@@ -83,11 +83,29 @@ class ModelConfig:
     weight: float = 1.0
     input_price_per_mtok: float = 0.0
     output_price_per_mtok: float = 0.0
+    # prompt tokens read from / written to a prompt cache; None: priced as input
+    cached_input_price_per_mtok: float | None = None
+    cache_write_price_per_mtok: float | None = None
     enabled: bool = True
     # several deployments behind this one name (`provider`/`upstream` are the first one's); a chain
     # link made from one of them carries its index in `deployment`
     deployments: tuple[Deployment, ...] = ()
     deployment: int | None = None
+
+    @property
+    def cached_price(self) -> float:
+        return self.input_price_per_mtok if self.cached_input_price_per_mtok is None \
+            else self.cached_input_price_per_mtok
+
+    @property
+    def cache_write_price(self) -> float:
+        return self.input_price_per_mtok if self.cache_write_price_per_mtok is None \
+            else self.cache_write_price_per_mtok
+
+    @property
+    def highest_input_price(self) -> float:
+        """The dearest a prompt token can be (a reservation's worst case): uncached, cached or a cache write."""
+        return max(self.input_price_per_mtok, self.cached_price, self.cache_write_price)
 
     @property
     def circuit_key(self) -> str:
@@ -233,7 +251,8 @@ def _load_toml(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 _MODEL_FLOATS = ("timeout_s", "connect_timeout_s", "first_token_timeout_s", "idle_timeout_s", "max_stream_s",
-                 "weight", "input_price_per_mtok", "output_price_per_mtok")
+                 "weight", "input_price_per_mtok", "output_price_per_mtok", "cached_input_price_per_mtok",
+                 "cache_write_price_per_mtok")
 
 # Every key the file may hold, by table: a misspelt key (`fallback =`, `first_token_timout_s`, `[model.x]`)
 # would otherwise be ignored in silence and the gateway run with a default nobody chose.

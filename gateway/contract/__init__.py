@@ -1,6 +1,7 @@
 """The HTTP contract: request bodies as typed structs (decoded by the handlers, and the schemas of
 GET /openapi.json), and the document.
 
+    anthropic.py POST /v1/messages' and /v1/messages/count_tokens' bodies
     decoding.py  a body through a struct; msgspec's error as the field it is about, for each door's shape
     native.py    the native API's bodies (chat turn, arena, regenerate, thread, vote) and content parts
     openai.py    POST /v1/chat/completions' body
@@ -8,6 +9,7 @@ GET /openapi.json), and the document.
 """
 
 __all__ = [
+    "anthropic",
     "decoding",
     "native",
     "openai",

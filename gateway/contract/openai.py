@@ -58,10 +58,11 @@ class ChatCompletionRequest(Struct):
     logit_bias: PassThrough | UnsetType = UNSET
     logprobs: PassThrough | UnsetType = UNSET
     top_logprobs: PassThrough | UnsetType = UNSET
+    reasoning_effort: PassThrough | UnsetType = UNSET
 
 
 PASS_THROUGH = ("tools", "tool_choice", "parallel_tool_calls", "response_format", "seed", "user",
-                "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs")
+                "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "reasoning_effort")
 _PASSED = attrgetter(*PASS_THROUGH)
 
 

@@ -222,6 +222,8 @@ class Generation:
                 message_id=spec.message_id, user_id=spec.user_id, api_key_id=spec.api_key_id, model=model.name,
                 provider=model.provider, prompt_tokens=usage.prompt_tokens,
                 completion_tokens=usage.completion_tokens, estimated=estimated, cost_usd=cost_usd(model, usage),
+                cached_tokens=usage.cached_tokens, cache_write_tokens=usage.cache_write_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
                 **(admission.held() if admission else {"day": utc_today()})),
             status=self.status, content=content, ttft_ms=self._ttft_ms,
             latency_ms=round((time.monotonic() - self._started) * 1000), error=error_json,
@@ -266,7 +268,10 @@ def utc_today() -> date:
 
 
 def cost_usd(model: ModelConfig, usage: UsageReport) -> float:
-    return (usage.prompt_tokens * model.input_price_per_mtok
+    """The reply's price: uncached input, cached input and cache writes each at their price (a cache
+    price not configured is the input price), output (reasoning included) at the output price."""
+    return (usage.input_tokens * model.input_price_per_mtok + usage.cached_tokens * model.cached_price
+            + usage.cache_write_tokens * model.cache_write_price
             + usage.completion_tokens * model.output_price_per_mtok) / 1_000_000
 
 

@@ -187,7 +187,8 @@ def worst_cost(prompt_tokens: int, completion_tokens: int, model: ModelConfig | 
     (numeric(16, 8)): a reservation never falls short of the real cost."""
     if model is None:
         return 0.0
-    usd = (prompt_tokens * model.input_price_per_mtok + completion_tokens * model.output_price_per_mtok) / 1e6
+    # a prompt token at its dearest: uncached, cached or written to the cache, whichever costs most
+    usd = (prompt_tokens * model.highest_input_price + completion_tokens * model.output_price_per_mtok) / 1e6
     return math.ceil(usd * 1e8 - 1e-6) / 1e8 if usd > 0 else 0.0
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from gateway.config import ModelConfig
 from gateway.observability import tracing
+from gateway.providers import turn
 from gateway.providers.base import (
     CHARS_PER_TOKEN,
     NO_OBSERVER,
@@ -99,6 +100,22 @@ def call_text(call: dict[str, object]) -> str:
     if not isinstance(function, dict):
         return ""
     return f"{function.get('name') or ''}{function.get('arguments') or ''}"
+
+
+def refused_by_chain(registry: ModelRegistry, name: str, request: ChatRequest) -> Unsupported | None:
+    """The refusal of a turn no link of model `name`'s chain can express (the first link's, naming
+    its feature and model), or None when a link can: the doors answer it before anything is
+    reserved or written."""
+    if not turn.features(request):
+        return None
+    first: Unsupported | None = None
+    for model in registry.chain(name):
+        check = getattr(registry.provider(model), "unsupported", None)
+        feature = check(model, request) if check is not None else None
+        if feature is None:
+            return None
+        first = first or Unsupported(feature, model.name)
+    return first
 
 
 @dataclass(slots=True)  # no attribute dict: a held stream keeps its chain

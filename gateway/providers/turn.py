@@ -138,7 +138,7 @@ def features(request: ChatRequest) -> frozenset[str]:
         content = message.get("content")
         if len(message) == 2 and content.__class__ is str:
             continue  # the common case: a role and a string
-        if message.get("tool_calls"):
+        if message.get("tool_calls") is not None:
             names.add(TOOL_CALLS)
         if message.get("role") == "tool":
             names.add(TOOL_RESULTS)
@@ -147,11 +147,12 @@ def features(request: ChatRequest) -> frozenset[str]:
                 _part_features(part, names)
     extra = request.extra
     if extra:
-        if extra.get("tools"):
-            names.add(TOOLS)
-        for tool in extra.get("tools") or ():
-            if isinstance(tool, dict) and "cache_control" in tool:
-                names.add(CACHE_CONTROL)
+        tools = extra.get("tools")
+        if tools:
+            names.add(TOOLS)  # whatever it holds: `check` refuses what is not a list of tools
+            for tool in tools if tools.__class__ is list else ():
+                if isinstance(tool, dict) and "cache_control" in tool:
+                    names.add(CACHE_CONTROL)
         for key in FIELDS:
             value = extra.get(key)
             if value is None or value is False or (key == "response_format" and _text_format(value)):
@@ -230,7 +231,10 @@ def check_tools(tools: Any) -> None:
 def check_messages(messages: list[dict[str, Any]]) -> None:
     calls: set[str] = set()
     for i, message in enumerate(messages):
-        for j, call in enumerate(message.get("tool_calls") or ()):
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None and tool_calls.__class__ is not list:
+            raise TurnError(f"messages[{i}].tool_calls must be an array", f"messages[{i}].tool_calls")
+        for j, call in enumerate(tool_calls or ()):
             at = f"messages[{i}].tool_calls[{j}]"
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not call["id"]:

@@ -456,7 +456,8 @@ class Turns:
         record = UsageRecord(
             message_id=completion.id, user_id=principal.user_id, api_key_id=principal.api_key_id, model=model.name,
             provider=model.provider, prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            estimated=estimated, cost_usd=cost_usd(model, usage), **admission.held())
+            estimated=estimated, cost_usd=cost_usd(model, usage), cached_tokens=usage.cached_tokens,
+            cache_write_tokens=usage.cache_write_tokens, reasoning_tokens=usage.reasoning_tokens, **admission.held())
         self._record_usage(record)
         self._observer.usage(record)
         tracing.end_chat()

@@ -245,8 +245,8 @@ class FinishRecord:
 # changes nothing the second time.
 _FINISH = """
 WITH x AS (
-    SELECT * FROM unnest($1::uuid[], $4::text[], $5::text[], $6::integer[], $7::integer[], $13::text[],
-                         $14::text[], $15::integer[], $16::integer[], $17::jsonb[], $18::jsonb[])
+    SELECT * FROM unnest($1::uuid[], $4::text[], $5::text[], $6::integer[], $7::integer[], $16::text[],
+                         $17::text[], $18::integer[], $19::integer[], $20::jsonb[], $21::jsonb[])
     AS x(id, model, provider, prompt_tokens, completion_tokens, status, content, ttft_ms, latency_ms, error,
          metadata)
 ),

@@ -9,9 +9,10 @@ from typing import Any, TypedDict
 
 import asyncpg
 
-# CTEs shared by every writer of usage: parameters $1..$12 are one array per column of
+# CTEs shared by every writer of usage: parameters $1..$15 are one array per column of
 # UsageRecord.params() (a single finish passes arrays of one): its fields, except that what the
-# admission reserved travels as one JSON object ($11, `held`) and its stream lease as $12. A usage
+# admission reserved travels as one JSON object ($11, `held`) and its stream lease as $12; the
+# prompt's cached and cache-write parts and the reasoning part of the completion are $13..$15. A usage
 # row is inserted only if absent, and the daily totals (per user, and per key for the reply's key
 # and each of its ancestors: a key's totals include its descendants', see sql/0008_key_tree.sql)
 # move only by the rows that were new: replaying records changes nothing. The same step settles
@@ -32,18 +33,20 @@ r AS (
            coalesce((held ->> 'key_tokens')::bigint, 0) AS key_reserved,
            coalesce((held ->> 'user_cost')::numeric, 0) AS user_cost_reserved,
            coalesce((held ->> 'key_cost')::numeric, 0) AS key_cost_reserved, lease,
-           (held ->> 'quota')::uuid AS quota
+           (held ->> 'quota')::uuid AS quota, cached_tokens, cache_write_tokens, reasoning_tokens
     FROM unnest(
         $1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::integer[], $7::integer[],
-        $8::boolean[], $9::numeric[], $10::date[], $11::jsonb[], $12::uuid[])
+        $8::boolean[], $9::numeric[], $10::date[], $11::jsonb[], $12::uuid[], $13::integer[], $14::integer[],
+        $15::integer[])
     AS r(message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens, estimated,
-         cost_usd, day, held, lease)
+         cost_usd, day, held, lease, cached_tokens, cache_write_tokens, reasoning_tokens)
 ),
 u AS (
     INSERT INTO usage (message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens,
-                       total_tokens, estimated, cost_usd)
+                       total_tokens, estimated, cost_usd, cached_tokens, cache_write_tokens, reasoning_tokens)
     SELECT message_id, user_id, api_key_id, model, provider, prompt_tokens, completion_tokens,
-           prompt_tokens + completion_tokens, estimated, cost_usd FROM r
+           prompt_tokens + completion_tokens, estimated, cost_usd, cached_tokens, cache_write_tokens,
+           reasoning_tokens FROM r
     ON CONFLICT (message_id) DO NOTHING
     RETURNING message_id
 ),
@@ -152,6 +155,9 @@ class UsageRecord:
     key_cost_reserved: float = 0.0
     lease_id: uuid.UUID | None = None  # the admission's stream lease (concurrency caps), given back here
     quota_id: uuid.UUID | None = None  # the quota lease the reservations came from (policy.QuotaLeases)
+    cached_tokens: int = 0  # of prompt_tokens: read from a prompt cache
+    cache_write_tokens: int = 0  # of prompt_tokens: written to a prompt cache
+    reasoning_tokens: int = 0  # of completion_tokens
 
     def least(self) -> UsageRecord | None:
         """The least that can be written in a record's place when the database refuses it for good:
@@ -159,7 +165,8 @@ class UsageRecord:
         record that is that already."""
         if self.estimated and not (self.prompt_tokens or self.completion_tokens or self.cost_usd):
             return None
-        return replace(self, prompt_tokens=0, completion_tokens=0, cost_usd=0.0, estimated=True)
+        return replace(self, prompt_tokens=0, completion_tokens=0, cost_usd=0.0, estimated=True, cached_tokens=0,
+                       cache_write_tokens=0, reasoning_tokens=0)
 
     def held(self) -> dict[str, Any] | None:
         """What the admission reserved, as the settlement reads it ($11)."""
@@ -174,7 +181,8 @@ class UsageRecord:
     def params(self) -> tuple[object, ...]:
         # by hand: dataclasses.astuple deep-copies every field, far too slow for a batch
         return (self.message_id, self.user_id, self.api_key_id, self.model, self.provider, self.prompt_tokens,
-                self.completion_tokens, self.estimated, self.cost_usd, self.day, self.held(), self.lease_id)
+                self.completion_tokens, self.estimated, self.cost_usd, self.day, self.held(), self.lease_id,
+                self.cached_tokens, self.cache_write_tokens, self.reasoning_tokens)
 
 
 def usage_arrays(records: list[UsageRecord]) -> list[list[object]]:
@@ -229,8 +237,9 @@ async def usage_report(pool: asyncpg.Pool, user_id: uuid.UUID | None, start: dat
                        group_by: str) -> list[dict[str, Any]]:
     """Tokens, cost and requests per day, per model, or per day and model ("day,model") over
     [start, end] (UTC days) of one user (None: everybody, for the operator's CLI); each row's key
-    columns are named by `group_by`, the others are prompt_tokens, completion_tokens, total_tokens,
-    cost_usd (float) and requests (int)."""
+    columns are named by `group_by`, the others are prompt_tokens (split into input_tokens,
+    cached_tokens and cache_write_tokens), completion_tokens (of which reasoning_tokens),
+    total_tokens, cost_usd (float) and requests (int)."""
     names = group_by.split(",")
     # fixed expressions and names, never caller text
     keys = ", ".join(f"{_REPORT[name]} AS {name}" for name in names)
@@ -238,6 +247,9 @@ async def usage_report(pool: asyncpg.Pool, user_id: uuid.UUID | None, start: dat
     rows = await pool.fetch(f"""
         SELECT {keys}, sum(u.prompt_tokens)::bigint AS prompt_tokens,
                sum(u.completion_tokens)::bigint AS completion_tokens, sum(u.total_tokens)::bigint AS total_tokens,
+               sum(u.input_tokens)::bigint AS input_tokens, sum(u.cached_tokens)::bigint AS cached_tokens,
+               sum(u.cache_write_tokens)::bigint AS cache_write_tokens,
+               sum(u.reasoning_tokens)::bigint AS reasoning_tokens,
                sum(u.cost_usd)::float8 AS cost_usd, count(*) AS requests
         FROM usage u
         WHERE ($1::uuid IS NULL OR u.user_id = $1) AND u.created_at >= ($2::date)::timestamp AT TIME ZONE 'UTC'

@@ -25,7 +25,7 @@ from gateway.providers.base import (
 from gateway.providers.chain import Chain
 from gateway.providers.openai import OpenAIProvider
 from tests.support.fakes import FakeUpstream, Reply, openai_chunk
-from tests.support.providers import collect, event, trail
+from tests.support.providers import anthropic_tool_stream, collect, trail
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -81,47 +81,6 @@ async def run_openai(upstream: FakeUpstream, config_file: Any, request: ChatRequ
             return [e async for batch in provider.stream(settings.models["m"], request) for e in batch]
         finally:
             provider.close()
-
-
-def anthropic_tool_stream() -> bytes:
-    """Thinking with its signature, text, then two parallel tool_use blocks whose input arrives in
-    pieces; stop_reason tool_use; usage with cache reads and writes."""
-    return b"".join([
-        event("message_start", {"type": "message_start", "message": {
-            "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "up-model",
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 20, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 50,
-                      "output_tokens": 1}}}),
-        event("content_block_start", {"type": "content_block_start", "index": 0,
-                                      "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
-        event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                      "delta": {"type": "thinking_delta", "thinking": "Rome is south."}}),
-        event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                      "delta": {"type": "signature_delta", "signature": "EqQBsig"}}),
-        event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        event("content_block_start", {"type": "content_block_start", "index": 1,
-                                      "content_block": {"type": "text", "text": ""}}),
-        event("content_block_delta", {"type": "content_block_delta", "index": 1,
-                                      "delta": {"type": "text_delta", "text": "Checking again."}}),
-        event("content_block_stop", {"type": "content_block_stop", "index": 1}),
-        event("content_block_start", {"type": "content_block_start", "index": 2, "content_block": {
-            "type": "tool_use", "id": "toolu_1", "name": "weather", "input": {}}}),
-        event("content_block_delta", {"type": "content_block_delta", "index": 2,
-                                      "delta": {"type": "input_json_delta", "partial_json": ""}}),
-        event("content_block_delta", {"type": "content_block_delta", "index": 2,
-                                      "delta": {"type": "input_json_delta", "partial_json": '{"city": "Pa'}}),
-        event("content_block_delta", {"type": "content_block_delta", "index": 2,
-                                      "delta": {"type": "input_json_delta", "partial_json": 'ris"}'}}),
-        event("content_block_stop", {"type": "content_block_stop", "index": 2}),
-        event("content_block_start", {"type": "content_block_start", "index": 3, "content_block": {
-            "type": "tool_use", "id": "toolu_2", "name": "weather", "input": {}}}),
-        event("content_block_delta", {"type": "content_block_delta", "index": 3,
-                                      "delta": {"type": "input_json_delta", "partial_json": '{"city": "Rome"}'}}),
-        event("content_block_stop", {"type": "content_block_stop", "index": 3}),
-        event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
-                                "usage": {"output_tokens": 40}}),
-        event("message_stop", {"type": "message_stop"}),
-    ])
 
 
 WEATHER_CALL = {"type": "function", "function": {"name": "weather", "arguments": ""}}

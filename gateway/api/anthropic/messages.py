@@ -3,9 +3,11 @@
 Any Anthropic SDK works by changing `base_url` (the key goes in `x-api-key` or a bearer header;
 `anthropic-version` is accepted, whatever its value). Stateless like the OpenAI route: the same
 auth, router, policy and chain, no thread or message rows, and exactly one usage record per
-request (`Turns.begin_completion` / `finish_completion`). The request is translated to the
-provider-neutral (OpenAI-style) `ChatRequest`, so any upstream answers it: tools reach the
-OpenAI-compatible ones (translated both ways), the others answer with text.
+request (`Turns.begin_completion` / `finish_completion`). The body is decoded by the structs of
+gateway/contract/anthropic.py and translated to the canonical turn (providers/turn.py), so any
+upstream answers it: tools, tool results, images, thinking with its signature and cache
+breakpoints reach each upstream as it expresses them, and what one cannot express is a 400
+naming the feature and the model, before anything is reserved or written.
 
 A stream is Anthropic's exact event sequence: `message_start`, then per content block
 `content_block_start` / `content_block_delta`... / `content_block_stop` (a `ping` after the first
@@ -25,20 +27,26 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.common import SSE_HEADERS, caller, read_json
+from gateway.api.common import SSE_HEADERS, caller, read_body
 from gateway.api.content import MAX_TOKENS_LIMIT
+from gateway.contract import anthropic as contract
+from gateway.contract import decoding
 from gateway.errors import GatewayError, TooManyRequests
+from gateway.providers import turn
 from gateway.providers.base import (
     Batch,
     ChatRequest,
     Finish,
     ProviderError,
+    ReasoningDelta,
     TextDelta,
     ToolCallDelta,
+    Unsupported,
     UpstreamHTTPError,
     UpstreamTimeout,
     UsageReport,
 )
+from gateway.providers.chain import refused_by_chain
 from gateway.service.router import AUTO
 from gateway.service.turns import Completion, charged_usage, prompt_tokens
 from gateway.state import MODELS, TIMINGS, TURNS
@@ -49,7 +57,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
 # the chain's normalised finish reasons as Anthropic's stop reasons
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
-TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+TOOL_CHOICES = {"ToolChoiceAuto": "auto", "ToolChoiceAny": "required", "ToolChoiceNone": "none"}
 
 
 class AnthropicError(GatewayError):
@@ -69,6 +77,8 @@ class AnthropicError(GatewayError):
 
 def provider_error(e: ProviderError) -> AnthropicError:
     """An upstream failure before any output, as the HTTP status a proxy should give."""
+    if isinstance(e, Unsupported):
+        return AnthropicError(400, e.message)
     if isinstance(e, UpstreamHTTPError) and e.status in (429, 529):
         return AnthropicError(e.status, e.message)
     if isinstance(e, UpstreamTimeout):
@@ -104,112 +114,90 @@ def bad(message: str) -> AnthropicError:
     return AnthropicError(400, message)
 
 
-def _text(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise bad(f"{where} must be a string")
-    if "\x00" in value:
-        raise bad(f"{where} must not contain NUL")
-    return value
+_refuse = contract.refusal(bad)
 
 
-def _texts(content: Any, where: str) -> str:
-    """A string, or an array of text blocks, as one string (blocks joined by a blank line)."""
+def _not_json() -> AnthropicError:
+    return bad("body is not valid JSON")
+
+
+def _cache(part: dict[str, Any], cache_control: dict[str, Any] | None) -> dict[str, Any]:
+    if cache_control is not None:
+        part["cache_control"] = cache_control
+    return part
+
+
+def _part(block: contract.TextBlock | contract.ImageBlock) -> dict[str, Any]:
+    """A text or image block as a canonical content part."""
+    if isinstance(block, contract.TextBlock):
+        return _cache({"type": "text", "text": block.text}, block.cache_control)
+    source = block.source
+    url = source.url if isinstance(source, contract.URLSource) else f"data:{source.media_type};base64,{source.data}"
+    return _cache({"type": "image_url", "image_url": {"url": url}}, block.cache_control)
+
+
+def _content(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """Text parts without cache breakpoints as one string (joined by a blank line), else the parts."""
+    if all(p["type"] == "text" and "cache_control" not in p for p in parts):
+        return "\n\n".join(p["text"] for p in parts)
+    return parts
+
+
+def _message(message: contract.MessageParam, i: int) -> list[dict[str, Any]]:
+    """One Anthropic message as canonical messages: tool_use blocks become the assistant's
+    tool_calls, thinking blocks its reasoning parts, tool_result blocks `tool` messages (ahead of
+    the rest of the user's turn)."""
+    role, content = message.role, message.content
     if isinstance(content, str):
-        return _text(content, where)
-    if not isinstance(content, list):
-        raise bad(f"{where} must be a string or an array of text blocks")
-    parts = []
-    for i, block in enumerate(content):
-        if not isinstance(block, dict) or block.get("type") != "text":
-            raise bad(f"{where}[{i}] must be a text block")
-        parts.append(_text(block.get("text"), f"{where}[{i}].text"))
-    return "\n\n".join(parts)
-
-
-def _message(message: Any, i: int) -> list[dict[str, Any]]:
-    """One Anthropic message as OpenAI-style messages: tool_use blocks become the assistant's
-    tool_calls, tool_result blocks `tool` messages (ahead of the rest of the user's turn)."""
-    where = f"messages.{i}"
-    if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-        raise bad(f"{where} must be an object with role 'user' or 'assistant'")
-    role, content = message["role"], message.get("content")
-    if isinstance(content, str):
-        return [{"role": role, "content": _text(content, f"{where}.content")}]
-    if not isinstance(content, list):
-        raise bad(f"{where}.content must be a string or an array of content blocks")
-    texts: list[str] = []
+        return [{"role": role, "content": content}]
+    parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     for j, block in enumerate(content):
-        at = f"{where}.content.{j}"
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            texts.append(_text(block.get("text"), f"{at}.text"))
-        elif kind == "tool_use" and role == "assistant":
-            if not isinstance(block.get("input"), dict):
-                raise bad(f"{at}.input must be an object")
-            calls.append({"id": _text(block.get("id"), f"{at}.id"), "type": "function",
-                          "function": {"name": _text(block.get("name"), f"{at}.name"),
-                                       "arguments": orjson.dumps(block["input"]).decode()}})
-        elif kind == "tool_result" and role == "user":
-            result = block.get("content", "")
-            results.append({"role": "tool", "tool_call_id": _text(block.get("tool_use_id"), f"{at}.tool_use_id"),
-                            "content": _texts(result, f"{at}.content")})
+        at = f"messages.{i}.content.{j}"
+        if isinstance(block, (contract.TextBlock, contract.ImageBlock)):
+            parts.append(_part(block))
+        elif isinstance(block, contract.ToolUseBlock) and role == "assistant":
+            calls.append({"id": block.id, "type": "function",
+                          "function": {"name": block.name, "arguments": orjson.dumps(block.input).decode()}})
+        elif isinstance(block, contract.ThinkingBlock) and role == "assistant":
+            parts.append({"type": "reasoning", "text": block.thinking, "signature": block.signature})
+        elif isinstance(block, contract.RedactedThinkingBlock) and role == "assistant":
+            parts.append({"type": "redacted_reasoning", "data": block.data})
+        elif isinstance(block, contract.ToolResultBlock) and role == "user":
+            result = block.content
+            results.append({"role": "tool", "tool_call_id": block.tool_use_id,
+                            "content": result if isinstance(result, str) else _content([_part(b) for b in result])})
         else:
-            raise bad(f"{at}: only text blocks (and tool_use from the assistant, tool_result from the user) "
-                      "are supported")
-    text = "\n\n".join(texts)
+            raise bad(f"{at}: a {role} message cannot hold a {type(block).__name__} block")
     if role == "assistant":
-        out: dict[str, Any] = {"role": "assistant", "content": text if texts or not calls else None}
+        out: dict[str, Any] = {"role": "assistant", "content": _content(parts) if parts or not calls else None}
         if calls:
             out["tool_calls"] = calls
         return [out]
-    return results + ([{"role": "user", "content": text}] if texts or not results else [])
+    return results + ([{"role": "user", "content": _content(parts)}] if parts or not results else [])
 
 
-def _tools(body: dict[str, Any]) -> dict[str, Any]:
-    """`tools` and `tool_choice` in OpenAI's shape, for the upstreams that take them."""
+def _tools(body: contract.CountTokensRequest) -> dict[str, Any]:
+    """`tools` and `tool_choice` in the canonical (OpenAI) shape."""
     extra: dict[str, Any] = {}
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise bad("tools must be an array")
+    if body.tools:
         converted = []
-        for i, tool in enumerate(tools):
-            if not isinstance(tool, dict) or not isinstance(tool.get("input_schema"), dict):
-                raise bad(f"tools.{i} must be an object with a name and an input_schema object")
-            function: dict[str, Any] = {"name": _text(tool.get("name"), f"tools.{i}.name"),
-                                        "parameters": tool["input_schema"]}
-            if tool.get("description") is not None:
-                function["description"] = _text(tool["description"], f"tools.{i}.description")
-            converted.append({"type": "function", "function": function})
-        if converted:
-            extra["tools"] = converted
-    choice = body.get("tool_choice")
+        for tool in body.tools:
+            function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
+            if tool.description is not None:
+                function["description"] = tool.description
+            converted.append(_cache({"type": "function", "function": function}, tool.cache_control))
+        extra["tools"] = converted
+    choice = body.tool_choice
     if choice is not None:
-        kind = choice.get("type") if isinstance(choice, dict) else None
-        if kind == "tool":
-            extra["tool_choice"] = {"type": "function", "function": {"name": _text(choice.get("name"),
-                                                                                   "tool_choice.name")}}
-        elif isinstance(kind, str) and kind in TOOL_CHOICES:
-            extra["tool_choice"] = TOOL_CHOICES[kind]
+        if isinstance(choice, contract.ToolChoiceTool):
+            extra["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
         else:
-            raise bad("tool_choice.type must be one of auto, any, tool, none")
-        parallel = choice.get("disable_parallel_tool_use")
-        if parallel is not None and not isinstance(parallel, bool):
-            raise bad("tool_choice.disable_parallel_tool_use must be a boolean")
-        if parallel and "tools" in extra:
+            extra["tool_choice"] = TOOL_CHOICES[type(choice).__name__]
+        if not isinstance(choice, contract.ToolChoiceNone) and choice.disable_parallel_tool_use and "tools" in extra:
             extra["parallel_tool_calls"] = False
     return extra
-
-
-def _number(body: dict[str, Any], key: str) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise bad(f"{key} must be a number from 0 to 1")
-    return value
 
 
 @dataclass(slots=True, kw_only=True)
@@ -221,40 +209,43 @@ class MessagesRequest:
     stream: bool
 
 
-def parse_request(body: dict[str, Any], known_model: Callable[[str], bool],
-                  counting: bool = False) -> MessagesRequest:
-    """The request, or an AnthropicError naming what is wrong. `counting`: for count_tokens, which
-    takes no max_tokens, stream or sampling parameters."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad("model: field required (a string)")
+def parse_request(raw: bytes, known_model: Callable[[str], bool], counting: bool = False,
+                  refused: Callable[[str, ChatRequest], Unsupported | None] = lambda model, request: None
+                  ) -> MessagesRequest:
+    """The request, or an AnthropicError naming what is wrong (or the feature no model of the
+    chain can take: `refused`). `counting`: for count_tokens, which takes no max_tokens, stream or
+    sampling parameters."""
+    body = decoding.decode(raw, contract.CountTokensRequest if counting else contract.MessagesRequest,
+                           _refuse, _not_json)
+    model = body.model
     if model != AUTO and not known_model(model):
         raise AnthropicError(404, f"model: {model}")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad("messages: a non-empty array is required")
     chat_messages: list[dict[str, Any]] = []
-    system = body.get("system")
+    system = body.system
     if system is not None:
-        chat_messages.append({"role": "system", "content": _texts(system, "system")})
-    for i, message in enumerate(messages):
+        chat_messages.append({"role": "system", "content": system if isinstance(system, str)
+                              else _content([_part(b) for b in system])})
+    for i, message in enumerate(body.messages):
         chat_messages.extend(_message(message, i))
     chat = ChatRequest(chat_messages, extra=_tools(body))
-    if counting:
-        return MessagesRequest(model=model, chat=chat, stream=False)
-    max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
-        raise bad(f"max_tokens: an integer from 1 to {MAX_TOKENS_LIMIT} is required")
-    stop = body.get("stop_sequences")
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise bad("stop_sequences must be an array of strings")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad("stream must be a boolean")
-    chat.max_tokens, chat.temperature, chat.top_p = max_tokens, _number(body, "temperature"), _number(body, "top_p")
-    chat.stop = stop or None
+    if isinstance(body.thinking, contract.ThinkingEnabled):
+        chat.thinking = {"type": "enabled", "budget_tokens": body.thinking.budget_tokens}
+    if isinstance(body, contract.MessagesRequest):
+        if not body.max_tokens:
+            raise bad(f"max_tokens: an integer from 1 to {MAX_TOKENS_LIMIT} is required")
+        chat.max_tokens, chat.temperature, chat.top_p = body.max_tokens, body.temperature, body.top_p
+        chat.stop = body.stop_sequences or None
+        if body.metadata is not None and body.metadata.user_id is not None:
+            chat.extra["user"] = body.metadata.user_id
+    try:
+        turn.check(chat)
+    except turn.TurnError as e:
+        raise bad(f"{e.param}: {e.message}") from None
+    if not counting and model != AUTO:
+        refusal = refused(model, chat)
+        if refusal is not None:
+            raise provider_error(refusal)
+    stream = isinstance(body, contract.MessagesRequest) and bool(body.stream)
     return MessagesRequest(model=model, chat=chat, stream=stream)
 
 
@@ -272,7 +263,7 @@ class _Reply:
     """What went out so far, for the usage record however the request ends, and the content
     blocks (a stream writes them as it goes; a complete reply keeps them to send at the end)."""
 
-    __slots__ = ("chars", "usage", "started", "finish", "text", "calls")
+    __slots__ = ("chars", "usage", "started", "finish", "text", "calls", "thinking")
 
     def __init__(self) -> None:
         self.chars = 0
@@ -281,6 +272,15 @@ class _Reply:
         self.finish = "stop"
         self.text: list[str] = []
         self.calls: list[dict[str, Any]] = []
+        self.thinking: list[dict[str, Any]] = []  # whole thinking blocks, their signatures included
+
+    def reasoning(self, event: ReasoningDelta) -> None:
+        if not self.thinking or self.thinking[-1]["signature"]:
+            self.thinking.append({"type": "thinking", "thinking": "", "signature": ""})
+        block = self.thinking[-1]
+        block["thinking"] += event.text
+        if event.signature:
+            block["signature"] = event.signature
 
 
 class _Blocks:
@@ -292,7 +292,7 @@ class _Blocks:
     def __init__(self, out: list[bytes]) -> None:
         self.out = out
         self.index = -1  # the open block's index
-        self.kind: str | None = None  # "text" | "tool_use" | None (no block open)
+        self.kind: str | None = None  # "text" | "thinking" | "tool_use" | None (no block open)
         self.tool: int | None = None  # the open tool_use block's OpenAI index
         self._text_head = b""
 
@@ -311,6 +311,19 @@ class _Blocks:
             self._text_head = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
                                b'"delta":{"type":"text_delta","text":' % self.index)
         self.out.append(b"%s%s}}\n\n" % (self._text_head, orjson.dumps(text)))
+
+    def reasoning(self, event: ReasoningDelta) -> None:
+        """Thinking text, or the signature that closes the thinking block."""
+        if self.kind != "thinking":
+            self._start({"type": "thinking", "thinking": "", "signature": ""}, "thinking")
+        if event.text:
+            self.out.append(frame("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                          "delta": {"type": "thinking_delta", "thinking": event.text}}))
+        if event.signature:
+            self.out.append(frame("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                                          "delta": {"type": "signature_delta",
+                                                                    "signature": event.signature}}))
+            self.stop()
 
     def tool_call(self, fragment: dict[str, Any]) -> None:
         index = fragment.get("index", 0)
@@ -343,14 +356,22 @@ def _message_head(message_id: str, model: str, input_tokens: int) -> dict[str, A
 
 
 def _usage(usage: UsageReport) -> dict[str, int]:
-    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}
+    """Anthropic's usage: input_tokens leaves out the prompt tokens read from or written to a cache
+    (reported beside it when there were any)."""
+    body = {"input_tokens": usage.input_tokens, "output_tokens": usage.completion_tokens}
+    if usage.cached_tokens or usage.cache_write_tokens:
+        body["cache_creation_input_tokens"] = usage.cache_write_tokens
+        body["cache_read_input_tokens"] = usage.cached_tokens
+    return body
 
 
 @anthropic_errors
 async def create_message(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
-    parsed = parse_request(await read_json(request), app[MODELS].chat_model)
+    models = app[MODELS]
+    parsed = parse_request(await read_body(request), models.chat_model,
+                           refused=functools.partial(refused_by_chain, models))
     turns = app[TURNS]
     completion = await turns.begin_completion(principal, parsed.model, parsed.chat, request[TIMINGS].start)
     reply = _Reply()
@@ -381,6 +402,11 @@ def _take(batch: Batch, reply: _Reply, blocks: _Blocks | None) -> None:
                     reply.calls.append(fragment)
                 else:
                     blocks.tool_call(fragment)
+        elif isinstance(event, ReasoningDelta):
+            if blocks is None:
+                reply.reasoning(event)
+            else:
+                blocks.reasoning(event)
         elif isinstance(event, Finish):
             reply.finish = event.reason
         elif isinstance(event, UsageReport):
@@ -430,7 +456,7 @@ async def _complete(events: AsyncIterator[Batch], completion: Completion, reply:
     async for batch in events:
         _take(batch, reply, None)
     usage = charged_usage(completion.request, reply.usage, reply.chars)
-    content: list[dict[str, Any]] = []
+    content: list[dict[str, Any]] = list(reply.thinking)
     if reply.text or not reply.calls:
         content.append({"type": "text", "text": "".join(reply.text)})
     content.extend(tool_use_blocks(reply.calls))
@@ -464,6 +490,6 @@ def tool_use_blocks(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def count_tokens(request: web.Request) -> web.Response:
     """The gateway's own estimate: the number the policy reserves for the same request's prompt."""
     await caller(request, "chat")
-    parsed = parse_request(await read_json(request), request.app[MODELS].chat_model, counting=True)
+    parsed = parse_request(await read_body(request), request.app[MODELS].chat_model, counting=True)
     return web.Response(body=orjson.dumps({"input_tokens": prompt_tokens(parsed.chat.messages, parsed.chat.extra)}),
                         content_type="application/json")

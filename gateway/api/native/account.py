@@ -73,6 +73,7 @@ async def usage(request: web.Request) -> web.Response:
         raise BadRequest("group_by must be day, model or day,model")
     rows = await usage_store.usage_report(request.app[DB].pool, principal.user_id, start, to, group_by)
     totals = {k: sum(r[k] for r in rows) for k in ("prompt_tokens", "completion_tokens", "total_tokens",
-                                                   "requests")}
+                                                   "input_tokens", "cached_tokens", "cache_write_tokens",
+                                                   "reasoning_tokens", "requests")}
     totals["cost_usd"] = round(sum(r["cost_usd"] for r in rows), 8)
     return json_response({"from": start, "to": to, "group_by": group_by, "rows": rows, "totals": totals})

@@ -8,9 +8,10 @@ usage so far is recorded (through the batched usage writer, off the request path
 
 from __future__ import annotations
 
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -23,18 +24,21 @@ from gateway.contract.openai import ChatCompletionRequest, check_messages, pass_
 from gateway.edge.held import hold_open
 from gateway.edge.middleware import error_shape
 from gateway.errors import GatewayError, TooManyRequests, Unauthorized
+from gateway.providers import turn
 from gateway.providers.base import (
     Batch,
     ChatRequest,
     Finish,
     ProviderError,
+    ReasoningDelta,
     TextDelta,
     ToolCallDelta,
+    Unsupported,
     UpstreamHTTPError,
     UpstreamTimeout,
     UsageReport,
 )
-from gateway.providers.chain import Chain
+from gateway.providers.chain import Chain, refused_by_chain
 from gateway.service.router import AUTO
 from gateway.service.turns import charged_usage
 from gateway.state import MODELS, TIMINGS, TURNS
@@ -55,6 +59,8 @@ class OpenAIError(GatewayError):
 
 def provider_error(e: ProviderError) -> OpenAIError:
     """An upstream failure before any output, as the HTTP status a proxy should give."""
+    if isinstance(e, Unsupported):
+        return OpenAIError(400, e.message, param=e.feature, code="unsupported_feature")
     if isinstance(e, UpstreamHTTPError) and e.status == 429:
         return OpenAIError(429, e.message, "rate_limit_error", code="rate_limit_exceeded")
     if isinstance(e, UpstreamTimeout):
@@ -71,8 +77,10 @@ def number_in(body: dict[str, Any], key: str, low: float, high: float) -> float 
     return value
 
 
-def parse_request(raw: bytes, known_model: Any) -> tuple[str, ChatRequest, bool, bool]:
-    """(model, request, stream, include_usage), or an OpenAIError naming the bad parameter."""
+def parse_request(raw: bytes, known_model: Any, refusal_of: Callable[[str, ChatRequest], Unsupported | None]
+                  = lambda model, request: None) -> tuple[str, ChatRequest, bool, bool]:
+    """(model, request, stream, include_usage), or an OpenAIError naming the bad parameter (or the
+    feature no model of the chain can take: `refusal_of`, ModelRegistry.refusal)."""
     body = decoding.decode(raw, ChatCompletionRequest, _refuse, _not_json)
     model = body.model
     if model != AUTO and not known_model(model):
@@ -89,6 +97,14 @@ def parse_request(raw: bytes, known_model: Any) -> tuple[str, ChatRequest, bool,
                           stop=body.stop, extra=extra,
                           max_tokens_key="max_completion_tokens" if body.max_completion_tokens is not None
                           else "max_tokens")
+    try:
+        turn.check(request)
+    except turn.TurnError as e:
+        raise OpenAIError(400, e.message, param=e.param) from None
+    if model != AUTO:
+        refused = refusal_of(model, request)
+        if refused is not None:
+            raise provider_error(refused)
     return model, request, body.stream, bool(include_usage)
 
 
@@ -141,6 +157,9 @@ class ChunkEncoder:
                 out.append(self.content(event.text))
             elif type(event) is ToolCallDelta:
                 out.append(self.delta(b'{"tool_calls":' + orjson.dumps(event.calls) + b"}"))
+            elif type(event) is ReasoningDelta:
+                if event.text:  # a signature has no field here
+                    out.append(self.delta(b'{"reasoning_content":' + orjson.dumps(event.text) + b"}"))
             elif type(event) is Finish:
                 finish = event.reason
             elif type(event) is UsageReport:
@@ -148,10 +167,20 @@ class ChunkEncoder:
         return finish
 
     def usage(self, usage: UsageReport) -> bytes:
-        total = usage.prompt_tokens + usage.completion_tokens
-        return self.head + b'[],"usage":' + orjson.dumps({"prompt_tokens": usage.prompt_tokens,
-                                                           "completion_tokens": usage.completion_tokens,
-                                                           "total_tokens": total}) + b"}\n\n"
+        return self.head + b'[],"usage":' + orjson.dumps(usage_json(usage)) + b"}\n\n"
+
+
+def usage_json(usage: UsageReport) -> dict[str, Any]:
+    """OpenAI's `usage`: prompt_tokens counts every prompt token (uncached, read from the cache and
+    written to it); the details are there when a cache or reasoning was involved."""
+    body: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+    if usage.cached_tokens or usage.cache_write_tokens:
+        body["prompt_tokens_details"] = {"cached_tokens": usage.cached_tokens,
+                                         "cache_write_tokens": usage.cache_write_tokens}
+    if usage.reasoning_tokens:
+        body["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return body
 
 
 def openai_error(e: GatewayError) -> web.Response:
@@ -178,7 +207,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # its handler chain, so the streaming loop is here rather than in a function of its own.
     principal = await caller(request, "chat")
     app = request.app
-    model_name, chat, stream, include_usage = parse_request(await read_body(request), app[MODELS].chat_model)
+    models = app[MODELS]
+    model_name, chat, stream, include_usage = parse_request(await read_body(request), models.chat_model,
+                                                            functools.partial(refused_by_chain, models))
     turns = app[TURNS]
     completion = await turns.begin_completion(principal, model_name, chat, request[TIMINGS].start)
     reply = _Reply()
@@ -251,6 +282,7 @@ async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatReques
                     reply: _Reply) -> web.Response:
     finish = "stop"
     parts: list[str] = []
+    reasoning: list[str] = []
     calls: list[dict[str, Any]] = []
     async for batch in events:
         for event in batch:
@@ -259,6 +291,8 @@ async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatReques
                 reply.chars += len(event.text)
             elif type(event) is ToolCallDelta:
                 calls.extend(event.calls)
+            elif type(event) is ReasoningDelta:
+                reasoning.append(event.text)
             elif type(event) is Finish:
                 finish = event.reason
             elif type(event) is UsageReport:
@@ -266,13 +300,14 @@ async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatReques
     usage = charged_usage(chat, reply.usage, reply.chars)
     # `refusal` is always there in OpenAI's answer (and required by its published schema)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(parts) or None, "refusal": None}
+    if reasoning:
+        message["reasoning_content"] = "".join(reasoning)
     if calls:
         message["tool_calls"] = merge_tool_calls(calls)
     body = {"id": f"chatcmpl-{completion_id.hex}", "object": "chat.completion", "created": int(time.time()),
             "model": chain.used.name,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                      "total_tokens": usage.prompt_tokens + usage.completion_tokens}}
+            "usage": usage_json(usage)}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

@@ -52,16 +52,19 @@ from gateway.api.openai.ratelimits import RateLimitHeaders
 from gateway.edge.auth import Principal
 from gateway.errors import BadRequest, NotFound
 from gateway.generation.events import DELTA
+from gateway.providers import turn as canonical
 from gateway.providers.base import (
     Batch,
     ChatRequest,
     Finish,
     ProviderError,
+    ReasoningDelta,
     TextDelta,
     ToolCallDelta,
     UsageReport,
     text_of,
 )
+from gateway.providers.chain import refused_by_chain
 from gateway.service.router import AUTO
 from gateway.service.turns import Reply, TurnInput, charged_usage
 from gateway.state import DB, MODELS, TIMINGS, TURNS
@@ -302,15 +305,23 @@ class Shape:
             "temperature": echo.get("temperature"), "text": {"format": {"type": "text"}},
             "tool_choice": echo.get("tool_choice", "auto"), "tools": echo.get("tools", []),
             "top_p": echo.get("top_p"), "truncation": "disabled",
-            "usage": usage_json(usage) if usage is not None else None, "user": echo.get("user"),
+            "usage": usage_json(usage) if usage is not None else None,
             # not in OpenAI's wire object (its SDKs compute it): here for clients without an SDK
             "output_text": "".join(part["text"] for item in output if item["type"] == "message"
                                    for part in item["content"] if part["type"] == "output_text"),
-        }
+        } | ({"user": echo["user"]} if echo.get("user") is not None else {})  # a string when given, else absent
 
     def message(self, text: str | None, status: str) -> dict[str, Any]:
         content = [] if text is None else [text_part(text)]
         return {"id": self.message_id, "type": "message", "status": status, "role": "assistant", "content": content}
+
+    def reasoning(self, blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The model's reasoning as reasoning items: its text as reasoning_text content, the
+        signature an upstream closed it with (Anthropic's) as `encrypted_content`."""
+        return [{"id": f"rs_{self.id.hex}_{i}", "type": "reasoning", "summary": [],
+                 "content": [{"type": "reasoning_text", "text": block["text"]}],
+                 "encrypted_content": block["signature"] or None, "status": "completed"}
+                for i, block in enumerate(blocks)]
 
     def function_calls(self, fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"id": f"fc_{self.id.hex}_{i}", "type": "function_call", "status": "completed",
@@ -324,8 +335,13 @@ def text_part(text: str) -> dict[str, Any]:
 
 
 def usage_json(usage: UsageReport) -> dict[str, Any]:
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+    """The Responses API's usage: input_tokens counts every prompt token, of which the details name
+    those read from and written to a prompt cache; output_tokens includes the reasoning tokens."""
+    return {"input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens,
+                                     "cache_write_tokens": usage.cache_write_tokens},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
             "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
@@ -350,7 +366,17 @@ def failure(e: ProviderError) -> dict[str, Any]:
 async def create_response(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
-    req = parse_request(await read_json(request), app[MODELS].chat_model)
+    models = app[MODELS]
+    req = parse_request(await read_json(request), models.chat_model)
+    check = ChatRequest(req.messages, extra=req.extra)
+    try:
+        canonical.check(check)
+    except canonical.TurnError as e:
+        raise OpenAIError(400, e.message, param=e.param) from None
+    if req.model != AUTO:  # before anything is reserved or written (a stored turn writes its rows first)
+        refused = refused_by_chain(models, req.model, check)
+        if refused is not None:
+            raise provider_error(refused)
     thread_id = None
     if req.previous_response_id is not None:
         message_id = parse_response_id(req.previous_response_id, "previous_response_id")
@@ -470,12 +496,13 @@ class _ReplyEvents:
 class _Reply:
     """What came back so far (text, tool calls, usage, finish), and whether any of it went out."""
 
-    __slots__ = ("parts", "chars", "calls", "usage", "finish", "started")
+    __slots__ = ("parts", "chars", "calls", "usage", "finish", "started", "reasoning")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.chars = 0
         self.calls: list[dict[str, Any]] = []
+        self.reasoning: list[dict[str, Any]] = []  # {"text", "signature"} per reasoning block
         self.usage: UsageReport | None = None
         self.finish = "stop"
         self.started = False
@@ -487,6 +514,12 @@ class _Reply:
             self.chars += len(event.text)
         elif kind is ToolCallDelta:
             self.calls.extend(event.calls)
+        elif kind is ReasoningDelta:
+            if not self.reasoning or self.reasoning[-1]["signature"]:
+                self.reasoning.append({"text": "", "signature": ""})
+            self.reasoning[-1]["text"] += event.text
+            if event.signature:
+                self.reasoning[-1]["signature"] = event.signature
         elif kind is UsageReport:
             self.usage = event
         elif kind is Finish:
@@ -549,6 +582,8 @@ def _finished(shape: Shape, reply: _Reply, chat: ChatRequest | None) -> dict[str
     if text or not reply.calls:
         output.append(shape.message(text, "completed"))
     output.extend(shape.function_calls(reply.calls))
+    # after the message, which a stream opens at output_index 0 with its first text
+    output.extend(shape.reasoning(reply.reasoning))
     status, incomplete = outcome(reply.finish)
     usage = reply.usage
     if chat is not None:  # the stateless path; a stored reply reports what its row was charged
@@ -608,6 +643,8 @@ class _Frames:
                 where = {"item_id": shape.message_id, "output_index": index, "content_index": 0}
                 frames += [self.event("response.output_text.done", {**where, "text": text, "logprobs": []}),
                            self.event("response.content_part.done", {**where, "part": text_part(text)})]
+            elif item["type"] == "reasoning":
+                frames.append(self.event("response.output_item.added", {"output_index": index, "item": item}))
             else:
                 frames += [self.event("response.output_item.added", {"output_index": index,
                                                                      "item": {**item, "arguments": "",
