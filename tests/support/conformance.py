@@ -30,7 +30,8 @@ from pydantic import TypeAdapter
 from tests.support.fakes import FakeUpstream, Reply, openai_chunk, parse_sse, split_every
 from tests.support.gemini import FakeGemini, GeminiReply, response, sse, usage
 
-DOORS = ("chat.completions", "responses", "messages", "api/chat")
+# "responses" as clients mostly call it (stored: `store` defaults to true), "responses, store: false" stateless
+DOORS = ("chat.completions", "responses", "responses, store: false", "messages", "api/chat")
 PROVIDERS = ("openai", "anthropic", "gemini")
 FEATURES = ("text", "image", "image by URL", "tools", "reasoning", "cache usage")
 MODELS = {"openai": "m-openai", "anthropic": "m-anthropic", "gemini": "m-gemini"}
@@ -412,14 +413,13 @@ def responses_input(feature: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": "Say hello"}]
 
 
-async def via_responses(client: TestClient, key: str, model: str, feature: str) -> Outcome:
+async def via_responses(client: TestClient, key: str, model: str, feature: str, store: bool = True) -> Outcome:
     api = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0)
     out = Outcome()
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {} if store else {"store": False}
     if feature == "tools":
         kwargs["tools"] = [{"type": "function", "name": "get_weather", "description": "The weather in a city",
                             "parameters": WEATHER_SCHEMA, "strict": False}]
-        kwargs["store"] = False  # the round trip's input ends with the tool's output, not a user message
     if feature == "reasoning":
         kwargs["reasoning"] = {"effort": "low"}
     try:
@@ -428,12 +428,13 @@ async def via_responses(client: TestClient, key: str, model: str, feature: str) 
         async for ev in stream:
             if ev.type == "response.output_text.delta":
                 out.text += ev.delta
-            elif ev.type in ("response.reasoning_text.delta", "response.reasoning_summary_text.delta"):
-                out.reasoning += ev.delta
-            elif ev.type == "response.output_item.done" and ev.item.type == "function_call":
-                out.calls.append((ev.item.name, json.loads(ev.item.arguments)))
             elif ev.type in ("response.completed", "response.incomplete", "response.failed"):
                 done = ev.response
+                for item in done.output:  # the reply's items, as the client keeps them
+                    if item.type == "function_call":
+                        out.calls.append((item.name, json.loads(item.arguments)))
+                    elif item.type == "reasoning":
+                        out.reasoning += "".join(c.text for c in item.content or ())
                 if done.error is not None:
                     out.status, out.error = 0, done.error.message
                 out.finish = ("tool_calls" if any(i.type == "function_call" for i in done.output)
@@ -535,5 +536,9 @@ async def via_native_chat(client: TestClient, key: str, model: str, feature: str
     return out
 
 
-DRIVERS = {"chat.completions": via_chat_completions, "responses": via_responses, "messages": via_messages,
-           "api/chat": via_native_chat}
+async def via_stateless_responses(client: TestClient, key: str, model: str, feature: str) -> Outcome:
+    return await via_responses(client, key, model, feature, store=False)
+
+
+DRIVERS = {"chat.completions": via_chat_completions, "responses": via_responses,
+           "responses, store: false": via_stateless_responses, "messages": via_messages, "api/chat": via_native_chat}
