@@ -65,6 +65,10 @@ IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", 
 NOT_EXPRESSIBLE = (turn.IMAGE_URLS, "logit_bias", "logprobs", "top_logprobs", "functions", "function_call")
 # OpenAI's sampling fields Gemini has under another name in generationConfig
 GENERATION_FIELDS = {"seed": "seed", "presence_penalty": "presencePenalty", "frequency_penalty": "frequencyPenalty"}
+# What a function call made elsewhere (or whose signature the client's door had no place for)
+# carries instead of a signature: the value Google documents for calls it did not sign. Gemini 3
+# refuses a turn's calls without one.
+SKIP_SIGNATURE = "skip_thought_signature_validator"
 # OpenAI's reasoning effort as a thinking budget (the budgets Google's OpenAI compatibility uses)
 THINKING_BUDGETS = {"minimal": 1024, "low": 1024, "medium": 8192, "high": 24576}
 
@@ -127,7 +131,8 @@ def user_parts(content: Any) -> list[dict[str, Any]]:
 def assistant_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     """An assistant's canonical message as Gemini parts: reasoning as thought parts, text as text,
     tool calls as `functionCall` parts. A reasoning signature goes back where Gemini put it: on
-    the message's first function call when it made one, else on the thought part."""
+    the message's first function call when it made one (SKIP_SIGNATURE when the turn kept none),
+    else on the thought part."""
     content = message.get("content")
     parts: list[dict[str, Any]] = []
     signature: str | None = None
@@ -155,8 +160,8 @@ def assistant_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(args, dict):  # Gemini's args are an object; anything else is kept as text
             args = {"arguments": function.get("arguments")}
         rendered: dict[str, Any] = {"functionCall": {"name": function["name"], "args": args}}
-        if i == 0 and signature is not None:
-            rendered["thoughtSignature"] = signature
+        if i == 0:
+            rendered["thoughtSignature"] = signature or SKIP_SIGNATURE
         parts.append(rendered)
     return parts
 

@@ -210,6 +210,22 @@ async def test_tools_calls_and_results_are_rendered_as_gemini_parts(gemini, conf
     }
 
 
+async def test_a_call_whose_signature_was_not_kept_carries_the_value_google_documents_for_it(gemini, config_file):
+    # a call made by another model, or through a door with no place for Gemini's signature
+    messages = [*HI, {"role": "assistant", "content": "Looking.", "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]},
+                {"role": "tool", "tool_call_id": "call_a", "content": "-2C"},
+                {"role": "tool", "tool_call_id": "call_b", "content": "19C"}]
+    await run(gemini, config_file, ChatRequest(messages, extra={"tools": [WEATHER]}))
+    assert gemini.requests[0]["contents"][1] == {"role": "model", "parts": [
+        {"text": "Looking."},
+        {"functionCall": {"name": "get_weather", "args": {"city": "Oslo"}},
+         "thoughtSignature": "skip_thought_signature_validator"},  # the first call of a turn only
+        {"functionCall": {"name": "get_weather", "args": {"city": "Rome"}}}]}
+    assert gemini.seen[0].problems == []
+
+
 @pytest.mark.parametrize(("choice", "config"), [
     ("auto", {"mode": "AUTO"}), ("none", {"mode": "NONE"}),
     ({"type": "function", "function": {"name": "get_weather"}}, {"mode": "ANY",
