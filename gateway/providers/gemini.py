@@ -121,10 +121,9 @@ def user_parts(content: Any) -> list[dict[str, Any]]:
         if kind == "text":
             parts.append({"text": part["text"]})
         elif kind == "image_url":
-            parsed = turn.data_url(part["image_url"]["url"])
-            if parsed is None:  # `unsupported` refuses a turn with an image by URL before it gets here
-                raise Unsupported(turn.IMAGE_URLS, "")
-            parts.append({"inlineData": {"mimeType": parsed[0], "data": parsed[1]}})
+            parsed = turn.data_url(part["image_url"]["url"])  # an image by URL was refused (`unsupported`)
+            if parsed is not None:
+                parts.append({"inlineData": {"mimeType": parsed[0], "data": parsed[1]}})
     return parts
 
 
@@ -236,7 +235,11 @@ def tool_config_of(choice: Any) -> dict[str, Any] | None:
 
 
 def to_gemini(model: ModelConfig, request: ChatRequest) -> dict[str, Any]:
-    """The canonical turn as a `GenerateContentRequest` (`unsupported` said it can be one)."""
+    """The canonical turn as a `GenerateContentRequest`; `Unsupported` when it cannot be one (the
+    chain asks `unsupported` first and never gets here with such a turn)."""
+    feature = unsupported(model, request)
+    if feature is not None:
+        raise Unsupported(feature, model.name)
     contents, system = contents_of(request.messages)
     body: dict[str, Any] = {"contents": contents}
     if system:
