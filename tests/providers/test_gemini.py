@@ -410,3 +410,29 @@ async def test_gemini_cut_after_content_ends_the_reply_without_a_fallback(gemini
     assert events == [TextDelta("One")] and isinstance(error, UpstreamConnectionError)
     assert upstream.requests == []
 
+
+
+# -- what a hostile or broken upstream sends -------------------------------------------------------
+
+@pytest.mark.parametrize(("event", "message"), [
+    (b'data: {"candidates": [{"content": {"parts": [{"text": 7}]}}]}\r\n\r\n',
+     "upstream sent a part's `text` that is not a string (int)"),
+    (b'data: {"candidates": {"x": 1}}\r\n\r\n', "upstream sent `candidates` that is not a list"),
+    (b'data: {"candidates": [{"content": {"parts": "text"}}]}\r\n\r\n', "upstream sent `parts` that is not a list"),
+    (b'data: {"usageMetadata": [1]}\r\n\r\n', "upstream sent `usageMetadata` that is not a JSON object (list)"),
+    (b"data: {not json\r\n\r\n", "upstream sent an event that is not JSON"),
+    (b'data: {"candidates": [{"content": {"parts": [{"functionCall": {"name": "f", "args": "x"}}]}}]}\r\n\r\n',
+     "upstream sent a function call's `args` that is not a JSON object (str)"),
+])
+async def test_an_event_that_breaks_the_format_is_a_protocol_error(gemini, config_file, event, message):
+    gemini.queue(GeminiReply(event))
+    events, error = await run(gemini, config_file, ChatRequest(HI))
+    assert events == [] and isinstance(error, UpstreamProtocolError) and error.message == message
+
+
+async def test_nul_is_replaced_and_counts_out_of_range_are_clamped_and_flagged(gemini, config_file):
+    gemini.queue(GeminiReply(sse(response([{"text": "a\x00b"}], "STOP", {
+        "promptTokenCount": 2**40, "candidatesTokenCount": 3, "totalTokenCount": 3}))))
+    events, error = await run(gemini, config_file, ChatRequest(HI))
+    assert error is None
+    assert events == [TextDelta("a\ufffdb"), Finish("stop"), UsageReport(2**31 - 1, 0, suspect=True)]
