@@ -6,6 +6,7 @@ GET /openapi.json), and the document.
     native.py    the native API's bodies (chat turn, arena, regenerate, thread, vote) and content parts
     openai.py    POST /v1/chat/completions' body
     openapi.py   GET /openapi.json
+    responses.py POST /v1/responses' body
 """
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "native",
     "openai",
     "openapi",
+    "responses",
 ]

@@ -118,7 +118,9 @@ class CountTokensRequest(Struct):
 
     model: Annotated[str, Meta(min_length=1)]
     messages: Annotated[list[MessageParam], Meta(min_length=1)]
-    system: Str | list[TextBlock] | None = None
+    # a union, so that each block must name its type (msgspec takes a lone tagged struct without it);
+    # the door refuses an image here
+    system: Str | list[TextBlock | ImageBlock] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingEnabled | ThinkingDisabled | None = None

@@ -223,6 +223,9 @@ def parse_request(raw: bytes, known_model: Callable[[str], bool], counting: bool
     chat_messages: list[dict[str, Any]] = []
     system = body.system
     if system is not None:
+        for i, block in enumerate(system if isinstance(system, list) else ()):
+            if not isinstance(block, contract.TextBlock):
+                raise bad(f"system.{i}: only text blocks are allowed in the system prompt")
         chat_messages.append({"role": "system", "content": system if isinstance(system, str)
                               else _content([_part(b) for b in system])})
     for i, message in enumerate(body.messages):

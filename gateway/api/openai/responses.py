@@ -39,16 +39,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.common import SSE_HEADERS, caller, json_response, read_json
-from gateway.api.content import MAX_TOKENS_LIMIT, parse_content
+from gateway.api.common import SSE_HEADERS, caller, json_response, read_body
+from gateway.api.content import parse_content
 from gateway.api.openai.chat_completions import (
     OpenAIError,
     merge_tool_calls,
-    number_in,
     openai_errors,
     provider_error,
 )
 from gateway.api.openai.ratelimits import RateLimitHeaders
+from gateway.contract import decoding
+from gateway.contract import responses as contract
 from gateway.edge.auth import Principal
 from gateway.errors import BadRequest, NotFound
 from gateway.generation.events import DELTA
@@ -74,8 +75,6 @@ from gateway.vocabulary import MessageStatus
 ID_PREFIX = "resp_"
 MESSAGE_ROLES = frozenset({"user", "assistant", "system", "developer"})
 TEXT_PARTS = frozenset({"input_text", "output_text"})
-# chat-completions request fields the Responses API spells the same way
-PASS_THROUGH = frozenset({"parallel_tool_calls", "user"})
 
 
 @dataclass(slots=True, kw_only=True)
@@ -84,6 +83,7 @@ class ResponsesRequest:
 
     model: str
     messages: list[dict[str, Any]]
+    origins: list[int]  # the input item each message came from
     instructions: str | None
     max_output_tokens: int | None
     temperature: float | None
@@ -143,14 +143,17 @@ def _function_call(item: dict[str, Any], param: str) -> dict[str, Any]:
             "function": {"name": item["name"], "arguments": item["arguments"]}}
 
 
-def parse_input(raw: Any) -> list[dict[str, Any]]:
+def parse_input(raw: Any, origins: list[int] | None = None) -> list[dict[str, Any]]:
     """`input` (a string, or items) as chat messages; `developer` becomes `system`, which every
     upstream understands. Besides messages, the tool loop's items are taken: `function_call`
     (consecutive ones are one assistant message with several tool calls) and
-    `function_call_output` (a `tool` message). Any other item type is a 400 that names it."""
+    `function_call_output` (a `tool` message). Any other item type is a 400 that names it.
+    `origins` (when given) gets the input index each message came from."""
+    origins = [] if origins is None else origins
     if isinstance(raw, str):
         if not raw.strip():
             raise OpenAIError(400, "'input' must not be empty", param="input")
+        origins.append(0)
         return [{"role": "user", "content": _text(raw, "input")}]
     if not isinstance(raw, list) or not raw:
         raise OpenAIError(400, "'input' must be a string or a non-empty array of items", param="input")
@@ -165,8 +168,10 @@ def parse_input(raw: Any) -> list[dict[str, Any]]:
                 last["tool_calls"].append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                origins.append(i)
             continue
         if kind == "function_call_output":
+            origins.append(i)
             messages.append({"role": "tool", "tool_call_id": _text(item.get("call_id"), f"{param}.call_id"),
                              "content": _text(item.get("output"), f"{param}.output")})
             continue
@@ -179,6 +184,7 @@ def parse_input(raw: Any) -> list[dict[str, Any]]:
             raise OpenAIError(400, f"'{param}' must be a message item with role user, assistant, system or "
                                    "developer", param=param)
         role = "system" if item["role"] == "developer" else item["role"]
+        origins.append(i)
         messages.append({"role": role, "content": _content(item.get("content"), f"{param}.content")})
     return messages
 
@@ -208,52 +214,58 @@ def parse_tools(tools: Any, choice: Any) -> dict[str, Any]:
     return extra
 
 
-def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise OpenAIError(400, f"'{key}' must be a boolean", param=key)
-    return value
+_refuse = contract.refusal(lambda message, param: OpenAIError(400, message, param=param))
 
 
-def parse_request(body: dict[str, Any], known_model: Callable[[str], bool]) -> ResponsesRequest:
+def _not_json() -> OpenAIError:
+    return OpenAIError(400, "body is not valid JSON")
+
+
+def parse_request(raw: bytes, known_model: Callable[[str], bool]) -> ResponsesRequest:
     """Everything checked before anything is read or written; an OpenAIError names the bad parameter."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise OpenAIError(400, "'model' is required and must be a string", param="model")
+    body = decoding.decode(raw, contract.CreateResponse, _refuse, _not_json)
+    model = body.model
     if model != AUTO and not known_model(model):
         raise OpenAIError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
-    messages = parse_input(body.get("input"))
-    instructions = body.get("instructions")
+    origins: list[int] = []
+    messages = parse_input(body.input, origins)
+    instructions = body.instructions
     if instructions is not None:
         _text(instructions, "instructions")
-    max_output_tokens = body.get("max_output_tokens")
-    if max_output_tokens is not None and (isinstance(max_output_tokens, bool) or not isinstance(max_output_tokens, int)
-                                          or not 1 <= max_output_tokens <= MAX_TOKENS_LIMIT):
-        raise OpenAIError(400, f"'max_output_tokens' must be an integer from 1 to {MAX_TOKENS_LIMIT}",
-                          param="max_output_tokens")
-    stream, store = _flag(body, "stream", False), _flag(body, "store", True)
+    max_output_tokens = body.max_output_tokens
+    stream, store = bool(body.stream), body.store is not False
     if store and messages[-1]["role"] != "user":
         # a stored turn is a user message and its reply
         raise OpenAIError(400, "with store: true the last input item must be a user message", param="input")
-    previous = body.get("previous_response_id")
+    previous = body.previous_response_id
     if previous is not None:
         _text(previous, "previous_response_id")
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise OpenAIError(400, "'metadata' must be an object", param="metadata")
-    extra = parse_tools(body.get("tools"), body.get("tool_choice"))
-    _flag(body, "parallel_tool_calls", True)
-    extra.update({k: body[k] for k in PASS_THROUGH if body.get(k) is not None})
-    temperature, top_p = number_in(body, "temperature", 0, 2), number_in(body, "top_p", 0, 1)
+    metadata = body.metadata
+    extra = parse_tools(body.tools, body.tool_choice)
+    if body.parallel_tool_calls is not None:
+        extra["parallel_tool_calls"] = body.parallel_tool_calls
+    if body.user is not None:
+        extra["user"] = _text(body.user, "user")
+    if body.reasoning is not None and body.reasoning.effort is not None:
+        extra["reasoning_effort"] = body.reasoning.effort
+    temperature, top_p = body.temperature, body.top_p
     echo = {"instructions": instructions, "max_output_tokens": max_output_tokens, "metadata": metadata or {},
-            "parallel_tool_calls": body.get("parallel_tool_calls", True), "previous_response_id": previous,
-            "store": store, "temperature": temperature, "tool_choice": body.get("tool_choice", "auto"),
-            "tools": body.get("tools") or [], "top_p": top_p, "user": body.get("user")}
-    return ResponsesRequest(model=model, messages=messages, instructions=instructions,
+            "parallel_tool_calls": True if body.parallel_tool_calls is None else body.parallel_tool_calls,
+            "previous_response_id": previous, "store": store, "temperature": temperature,
+            "tool_choice": "auto" if body.tool_choice is None else body.tool_choice,
+            "tools": body.tools or [], "top_p": top_p, "user": body.user}
+    return ResponsesRequest(model=model, messages=messages, origins=origins, instructions=instructions,
                             max_output_tokens=max_output_tokens, temperature=temperature, top_p=top_p, extra=extra,
                             stream=stream, store=store, previous_response_id=previous, echo=echo)
+
+
+def input_error(e: canonical.TurnError, origins: list[int]) -> OpenAIError:
+    """A malformed turn's error, its `messages[i]` named as the input item it came from."""
+    found = re.match(r"messages\[(\d+)\]", e.param)
+    if found is None:
+        return OpenAIError(400, e.message, param=e.param)
+    where = f"input[{origins[int(found.group(1))]}]"
+    return OpenAIError(400, e.message.replace(found.group(0), where), param=e.param.replace(found.group(0), where))
 
 
 def parse_response_id(raw: str, param: str | None = None) -> uuid.UUID:
@@ -367,12 +379,12 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     principal = await caller(request, "chat")
     app = request.app
     models = app[MODELS]
-    req = parse_request(await read_json(request), models.chat_model)
+    req = parse_request(await read_body(request), models.chat_model)
     check = ChatRequest(req.messages, extra=req.extra)
     try:
         canonical.check(check)
     except canonical.TurnError as e:
-        raise OpenAIError(400, e.message, param=e.param) from None
+        raise input_error(e, req.origins) from None
     if req.model != AUTO:  # before anything is reserved or written (a stored turn writes its rows first)
         refused = refused_by_chain(models, req.model, check)
         if refused is not None:
