@@ -436,3 +436,22 @@ async def test_nul_is_replaced_and_counts_out_of_range_are_clamped_and_flagged(g
     events, error = await run(gemini, config_file, ChatRequest(HI))
     assert error is None
     assert events == [TextDelta("a\ufffdb"), Finish("stop"), UsageReport(2**31 - 1, 0, suspect=True)]
+
+
+async def test_tool_use_prompt_tokens_count_as_prompt(gemini, config_file):
+    gemini.queue(GeminiReply(sse(response([{"text": "ok"}], "STOP", {
+        "promptTokenCount": 40, "toolUsePromptTokenCount": 25, "candidatesTokenCount": 1, "totalTokenCount": 66}))))
+    events, _ = await run(gemini, config_file, ChatRequest(HI))
+    assert events[-1] == UsageReport(65, 1)
+
+
+async def test_cache_breakpoints_are_not_sent_gemini_caches_by_itself(gemini, config_file):
+    system = [{"type": "text", "text": "Long rules.", "cache_control": {"type": "ephemeral"}}]
+    user = [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]
+    tool = {**WEATHER, "cache_control": {"type": "ephemeral"}}
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    await run(gemini, config_file, ChatRequest(messages, extra={"tools": [tool]}))
+    body = gemini.requests[0]
+    assert (body["systemInstruction"], body["contents"]) == ({"parts": [{"text": "Long rules."}]},
+                                                             [{"role": "user", "parts": [{"text": "Hi"}]}])
+    assert "cache_control" not in str(body) and gemini.seen[0].problems == []
