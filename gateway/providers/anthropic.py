@@ -126,6 +126,8 @@ def tool_result_block(message: dict[str, Any]) -> dict[str, Any]:
     content = message.get("content")
     block: dict[str, Any] = {"type": "tool_result", "tool_use_id": message["tool_call_id"],
                              "content": content_blocks(content) if content is not None else ""}
+    if message.get("is_error") is True:
+        block["is_error"] = True
     return block
 
 
@@ -388,6 +390,8 @@ def parse_event(name: str, data: bytes, state: _Usage, secrets: Secrets = NO_SEC
             call = turn.call_fragment(index, normalise.text(block.get("id"), "a tool_use block's id"),
                                       normalise.text(block.get("name"), "a tool_use block's name"))
             return [ToolCallDelta([call])]
+        if block.get("type") == "redacted_thinking":
+            return [ReasoningDelta("", redacted=normalise.text(block.get("data"), "a redacted_thinking block's data"))]
     elif kind == "message_start":
         usage = normalise.obj(normalise.obj(obj.get("message"), "`message`").get("usage"), "`usage`")
         state.counts(usage)

@@ -63,10 +63,12 @@ class ToolCallDelta:
 @dataclass(slots=True)
 class ReasoningDelta:
     """A piece of the model's reasoning (`text`), or the signature that closes a reasoning block
-    (Anthropic's `signature_delta`: `text` empty, `signature` set)."""
+    (Anthropic's `signature_delta`: `text` empty, `signature` set), or a whole block of reasoning
+    the upstream keeps to itself (Anthropic's `redacted_thinking`: its opaque `redacted` data)."""
 
     text: str
     signature: str | None = None
+    redacted: str | None = None
 
 
 @dataclass(slots=True)

@@ -211,15 +211,18 @@ class OpenAIProvider:
 
 
 # what the canonical turn adds to OpenAI's shape, rendered away for an OpenAI-compatible upstream
-RENDERED = frozenset({turn.REASONING, turn.CACHE_CONTROL})
+RENDERED = frozenset({turn.REASONING, turn.CACHE_CONTROL, turn.TOOL_ERRORS})
 
 
 def messages_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The messages without what OpenAI's chat completions has no field for: an assistant's earlier
     reasoning (OpenAI's API does not take it back; its text was the model's, not the conversation's)
-    and cache breakpoints (OpenAI-compatible upstreams cache prompts by their own rules)."""
+    and cache breakpoints (OpenAI-compatible upstreams cache prompts by their own rules), and the
+    error mark of a tool result (its content says what went wrong)."""
     out = []
     for message in messages:
+        if "is_error" in message:
+            message = {k: v for k, v in message.items() if k != "is_error"}
         content = message.get("content")
         if content.__class__ is list:
             parts = [{k: v for k, v in part.items() if k != "cache_control"} if isinstance(part, dict) else part

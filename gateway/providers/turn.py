@@ -13,7 +13,8 @@ OpenAI-compatible upstream takes a text-only turn exactly as it came: nothing is
     redacted part    {"type": "redacted_reasoning", "data": str}                    (assistant only)
     assistant calls  "tool_calls": [{"id": str, "type": "function",
                                       "function": {"name": str, "arguments": JSON text}}]
-    tool result      {"role": "tool", "tool_call_id": str, "content": str | [text or image parts]}
+    tool result      {"role": "tool", "tool_call_id": str, "content": str | [text or image parts],
+                      "is_error"?: true}
 
     extra["tools"]            [{"type": "function", "function": {"name", "description"?, "parameters"?,
                                "strict"?}, "cache_control"?: {...}}]
@@ -93,6 +94,7 @@ class Message(TypedDict):
     tool_calls: NotRequired[list[ToolCall]]
     tool_call_id: NotRequired[str]
     name: NotRequired[str]
+    is_error: NotRequired[bool]
 
 
 class FunctionDefinition(TypedDict):
@@ -113,6 +115,7 @@ class Tool(TypedDict):
 TOOLS = "tools"
 TOOL_CALLS = "tool calls"
 TOOL_RESULTS = "tool results"
+TOOL_ERRORS = "tool results marked as errors"
 IMAGE_URLS = "images by URL"
 IMAGE_DATA = "base64 images"
 REASONING = "reasoning blocks"
@@ -142,6 +145,8 @@ def features(request: ChatRequest) -> frozenset[str]:
             names.add(TOOL_CALLS)
         if message.get("role") == "tool":
             names.add(TOOL_RESULTS)
+            if message.get("is_error") is True:
+                names.add(TOOL_ERRORS)
         if content.__class__ is list:
             for part in content:
                 _part_features(part, names)

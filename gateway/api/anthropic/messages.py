@@ -168,6 +168,8 @@ def _message(message: contract.MessageParam, i: int) -> list[dict[str, Any]]:
             result = block.content
             results.append({"role": "tool", "tool_call_id": block.tool_use_id,
                             "content": result if isinstance(result, str) else _content([_part(b) for b in result])})
+            if block.is_error:
+                results[-1]["is_error"] = True
         else:
             raise bad(f"{at}: a {role} message cannot hold a {type(block).__name__} block")
     if role == "assistant":
@@ -278,7 +280,10 @@ class _Reply:
         self.thinking: list[dict[str, Any]] = []  # whole thinking blocks, their signatures included
 
     def reasoning(self, event: ReasoningDelta) -> None:
-        if not self.thinking or self.thinking[-1]["signature"]:
+        if event.redacted is not None:
+            self.thinking.append({"type": "redacted_thinking", "data": event.redacted})
+            return
+        if not self.thinking or self.thinking[-1].get("signature", True):
             self.thinking.append({"type": "thinking", "thinking": "", "signature": ""})
         block = self.thinking[-1]
         block["thinking"] += event.text
@@ -316,7 +321,11 @@ class _Blocks:
         self.out.append(b"%s%s}}\n\n" % (self._text_head, orjson.dumps(text)))
 
     def reasoning(self, event: ReasoningDelta) -> None:
-        """Thinking text, or the signature that closes the thinking block."""
+        """Thinking text, or the signature that closes the thinking block, or a redacted block."""
+        if event.redacted is not None:
+            self._start({"type": "redacted_thinking", "data": event.redacted}, "redacted_thinking")
+            self.stop()
+            return
         if self.kind != "thinking":
             self._start({"type": "thinking", "thinking": "", "signature": ""}, "thinking")
         if event.text:

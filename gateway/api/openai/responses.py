@@ -527,6 +527,8 @@ class _Reply:
         elif kind is ToolCallDelta:
             self.calls.extend(event.calls)
         elif kind is ReasoningDelta:
+            if event.redacted is not None:
+                return  # nothing to show; it goes back to the upstream only through /v1/messages
             if not self.reasoning or self.reasoning[-1]["signature"]:
                 self.reasoning.append({"text": "", "signature": ""})
             self.reasoning[-1]["text"] += event.text

@@ -17,7 +17,7 @@ from pydantic import TypeAdapter
 
 from gateway.state import USAGE
 from tests.support.fakes import Reply, openai_chunk, parse_sse
-from tests.support.providers import anthropic_stream, anthropic_tool_stream
+from tests.support.providers import anthropic_stream, anthropic_tool_stream, event
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -97,9 +97,9 @@ async def test_anthropic_upstream_gets_the_turn_as_sent_and_the_stream_parses_st
     resp = await both.post("/v1/messages", json=body, headers={"x-api-key": user.key})
     assert resp.status == 200
     events = [orjson.loads(e.data) for e in parse_sse(await resp.read())]
-    for event in events:
-        if event["type"] != "ping":  # Anthropic's keep-alive has no SDK type
-            STREAM_EVENT.validate_python(event, strict=True)
+    for e in events:
+        if e["type"] != "ping":  # Anthropic's keep-alive has no SDK type
+            STREAM_EVENT.validate_python(e, strict=True)
     assert fake.requests == [{
         "model": "claude-up", "max_tokens": 2048, "stream": True, "system": SYSTEM,
         "messages": CONVERSATION,
@@ -245,3 +245,61 @@ async def test_system_blocks_must_be_text_blocks_naming_their_type(both, user, s
             "model": "claude", "max_tokens": 10, "system": system, "messages": [{"role": "user", "content": "x"}]})
         assert resp.status == 400
         assert (await resp.json())["error"]["message"].startswith("system.0")
+
+
+def redacted_stream() -> bytes:
+    return b"".join([
+        event("message_start", {"type": "message_start", "message": {
+            "id": "msg_1", "type": "message", "role": "assistant", "content": [], "model": "claude-up",
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 1}}}),
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "redacted_thinking", "data": "EmwKAhgBEgy"}}),
+        event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        event("content_block_start", {"type": "content_block_start", "index": 1,
+                                      "content_block": {"type": "text", "text": ""}}),
+        event("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                      "delta": {"type": "text_delta", "text": "Done."}}),
+        event("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                "usage": {"output_tokens": 3}}),
+        event("message_stop", {"type": "message_stop"}),
+    ])
+
+
+async def test_redacted_thinking_and_tool_errors_pass_through_an_anthropic_upstream(both, anthropic, user):
+    fake, _ = anthropic
+    fake.body = redacted_stream()
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": [
+                    {"type": "redacted_thinking", "data": "EmwKprev"},
+                    {"type": "tool_use", "id": "toolu_a", "name": "weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_a",
+                                              "content": "no such city", "is_error": True}]}]
+    resp = await both.post("/v1/messages", headers={"x-api-key": user.key}, json={
+        "model": "claude", "max_tokens": 100, "tools": TOOLS, "messages": messages})
+    answer = await resp.json()
+    Message.model_validate(answer, strict=True)
+    assert answer["content"] == [{"type": "redacted_thinking", "data": "EmwKAhgBEgy"},
+                                 {"type": "text", "text": "Done."}]
+    assert fake.requests[0]["messages"] == messages
+
+    resp = await both.post("/v1/messages", headers={"x-api-key": user.key}, json={
+        "model": "claude", "max_tokens": 100, "stream": True, "tools": TOOLS, "messages": messages})
+    events = [orjson.loads(e.data) for e in parse_sse(await resp.read())]
+    for e in events:
+        if e["type"] != "ping":
+            STREAM_EVENT.validate_python(e, strict=True)
+    assert [e["content_block"] for e in events if e["type"] == "content_block_start"] == [
+        {"type": "redacted_thinking", "data": "EmwKAhgBEgy"}, {"type": "text", "text": ""}]
+
+
+async def test_a_tool_error_mark_is_left_off_an_openai_upstreams_wire(both, upstream, user):
+    upstream.queue(Reply([openai_chunk({"content": "Sorry."}), openai_chunk({}, "stop"), b"data: [DONE]\n\n"]))
+    resp = await both.post("/v1/messages", headers={"x-api-key": user.key}, json={
+        "model": "gpt", "max_tokens": 100, "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "weather", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "boom",
+                                          "is_error": True}]}]})
+    assert resp.status == 200
+    assert upstream.requests[0]["messages"][-1] == {"role": "tool", "tool_call_id": "t1", "content": "boom"}
