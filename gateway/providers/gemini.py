@@ -165,14 +165,18 @@ def assistant_parts(message: dict[str, Any]) -> list[dict[str, Any]]:
     return parts
 
 
-def result_of(content: Any) -> dict[str, Any]:
+def result_of(message: dict[str, Any]) -> dict[str, Any]:
     """A tool message's content as a `functionResponse.response` (an object): a JSON object as
-    itself, anything else under `output` (the key Gemini's documentation names)."""
+    itself, anything else under `output`; a result marked as an error under `error` (the keys
+    Gemini's documentation names)."""
+    content = message.get("content")
     text = content if isinstance(content, str) else "".join(p["text"] for p in text_parts(content))
     try:
-        value = orjson.loads(text)
+        value: Any = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return {"output": text}
+        value = text
+    if message.get("is_error") is True:
+        return {"error": value}
     return value if isinstance(value, dict) else {"output": value}
 
 
@@ -203,7 +207,7 @@ def contents_of(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
         elif role == "tool":
             # turn.check refused a result whose call no earlier assistant message made
             name = names[message["tool_call_id"]]
-            add("user", [{"functionResponse": {"name": name, "response": result_of(content)}}])
+            add("user", [{"functionResponse": {"name": name, "response": result_of(message)}}])
         elif role in ("system", "developer"):
             system.extend(text_parts(content))
     return contents, system

@@ -185,6 +185,10 @@ async def test_tools_calls_and_results_are_rendered_as_gemini_parts(gemini, conf
             {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]},
         {"role": "tool", "tool_call_id": "call_a", "content": '{"temp_c":18}'},
         {"role": "tool", "tool_call_id": "call_b", "content": "sunny"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_c", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city":"Nowhere"}'}}]},
+        {"role": "tool", "tool_call_id": "call_c", "content": "no such city", "is_error": True},
     ]
     request = ChatRequest(messages, extra={"tools": [WEATHER], "tool_choice": "required",
                                            "parallel_tool_calls": True, "user": "u-1"})
@@ -203,6 +207,11 @@ async def test_tools_calls_and_results_are_rendered_as_gemini_parts(gemini, conf
             {"role": "user", "parts": [
                 {"functionResponse": {"name": "get_weather", "response": {"temp_c": 18}}},
                 {"functionResponse": {"name": "get_weather", "response": {"output": "sunny"}}}]},
+            {"role": "model", "parts": [{"functionCall": {"name": "get_weather", "args": {"city": "Nowhere"}},
+                                         "thoughtSignature": "skip_thought_signature_validator"}]},
+            # a result marked as an error goes back under `error`
+            {"role": "user", "parts": [
+                {"functionResponse": {"name": "get_weather", "response": {"error": "no such city"}}}]},
         ],
         "tools": [{"functionDeclarations": [{"name": "get_weather", "description": "The weather in a city",
                                              "parametersJsonSchema": WEATHER["function"]["parameters"]}]}],
