@@ -40,10 +40,13 @@ class Secret(str):
         return str.__str__(self)
 
 
+PROVIDER_KINDS = ("openai", "anthropic", "gemini", "demo")
+
+
 @dataclass(frozen=True)
 class ProviderConfig:
     name: str
-    kind: str  # "openai" | "anthropic" | "demo"
+    kind: str  # "openai" | "anthropic" | "gemini" | "demo"
     base_url: str = ""
     api_key: Secret | None = None
     # demo provider: chunks per reply and the pause between them
@@ -396,8 +399,8 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
             raise ConfigError(f"{where} must be a table")
         _known_keys(f"{where} ", table, _PROVIDER_KEYS)
         kind = table.get("kind", "openai")
-        if kind not in ("openai", "anthropic", "demo"):
-            raise ConfigError(f"{where} kind must be openai, anthropic or demo, got {kind!r}")
+        if kind not in PROVIDER_KINDS:
+            raise ConfigError(f"{where} kind must be openai, anthropic, gemini or demo, got {kind!r}")
         key = table.get("api_key")
         if key is None and table.get("api_key_env"):
             key = env.get(table["api_key_env"])
@@ -434,7 +437,7 @@ def _providers_and_models(env: Mapping[str, str], doc: Mapping[str, Any]
         kind = table.get("kind", "chat")
         if kind not in ("chat", "embedding"):
             raise ConfigError(f"{where} kind must be chat or embedding, got {kind!r}")
-        if kind == "embedding" and (providers[provider].kind == "anthropic" or fallbacks or deployments):
+        if kind == "embedding" and (providers[provider].kind in ("anthropic", "gemini") or fallbacks or deployments):
             # another model's vectors live in another space: an embedding model never falls back
             raise ConfigError(f"{where} an embedding model needs an openai or demo provider, no fallbacks"
                               " and no deployments")
@@ -467,6 +470,8 @@ GROQ_BASE_URL = "https://api.groq.com/openai/v1"
 GROQ_FALLBACK_MODEL = "llama-3.3-70b-versatile"  # the default chain's second link
 BYTEZ_BASE_URL = "https://api.bytez.com/models/v2/openai/v1"  # Bytez's OpenAI-compatible API
 BYTEZ_MODEL = "Qwen/Qwen3-4B"
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"  # Google AI's Gemini API
+GEMINI_MODEL = "gemini-2.5-flash"
 ENV_HEADER_PREFIX = "env:"  # a header value "env:NAME" is read from the environment variable NAME
 
 
@@ -474,7 +479,7 @@ def _env_providers(env: Mapping[str, str], providers: dict[str, ProviderConfig],
                    models: dict[str, ModelConfig]) -> list[str]:
     """Each provider key in the environment registers a provider and its model(s). Returns the
     default chain they make, in this order: GROQ_MODEL, GROQ_FALLBACK_MODEL, then Bytez,
-    OpenAI, Anthropic (each falls back to the ones after it; FALLBACK_MODELS overrides)."""
+    OpenAI, Anthropic, Gemini (each falls back to the ones after it; FALLBACK_MODELS overrides)."""
     chain: list[str] = []
 
     def add(provider: ProviderConfig, model: str) -> None:
@@ -502,6 +507,10 @@ def _env_providers(env: Mapping[str, str], providers: dict[str, ProviderConfig],
         base_url = (env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com/v1").rstrip("/")
         add(ProviderConfig("anthropic", "anthropic", base_url, Secret(env["ANTHROPIC_API_KEY"])),
             env.get("ANTHROPIC_MODEL") or "claude-3-5-haiku-latest")
+    if env.get("GEMINI_API_KEY"):
+        base_url = (env.get("GEMINI_BASE_URL") or GEMINI_BASE_URL).rstrip("/")
+        add(ProviderConfig("gemini", "gemini", base_url, Secret(env["GEMINI_API_KEY"])),
+            env.get("GEMINI_MODEL") or GEMINI_MODEL)
     return chain
 
 

@@ -31,7 +31,8 @@ from tests.support.fakes import FakeUpstream  # noqa: E402
 
 # fixtures several test modules request by name live beside their helpers in tests/support/
 pytest_plugins = ["tests.support.auth", "tests.support.browser", "tests.support.chat", "tests.support.fleet",
-                  "tests.support.pgbouncer", "tests.support.providers", "tests.support.redis_cluster"]
+                  "tests.support.gemini", "tests.support.pgbouncer", "tests.support.providers",
+                  "tests.support.redis_cluster"]
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@
     turn.py          the canonical turn every door parses into and every adapter renders from
     openai.py        OpenAI-compatible chat completions (OpenAI, Groq, vLLM, Ollama, ...)
     anthropic.py     Anthropic Messages
+    gemini.py        Google's Gemini API (streamGenerateContent)
     demo.py          the built-in deterministic demo provider
     embeddings.py    one embeddings call to a model's provider
     chain.py         the fallback chain: each model in turn until one streams; its tracing observer
@@ -25,6 +26,7 @@ __all__ = [
     "deadlines",
     "demo",
     "embeddings",
+    "gemini",
     "http",
     "normalise",
     "openai",

@@ -19,6 +19,7 @@ from gateway.providers.anthropic import AnthropicProvider
 from gateway.providers.base import Provider
 from gateway.providers.circuit import CircuitBreakers
 from gateway.providers.demo import DemoProvider
+from gateway.providers.gemini import GeminiProvider
 from gateway.providers.openai import OpenAIProvider
 from gateway.store.models import sync_models
 
@@ -51,6 +52,8 @@ class ModelRegistry:
             return OpenAIProvider(config, self._session)
         if config.kind == "anthropic":
             return AnthropicProvider(config, self._session)
+        if config.kind == "gemini":
+            return GeminiProvider(config, self._session)
         raise ConfigError(f"[providers.{config.name}] kind {config.kind!r} has no adapter")
 
     def reload(self, settings: Settings) -> None:
@@ -170,7 +173,7 @@ class ModelRegistry:
     def close(self) -> None:
         """Close the adapters' idle upstream connections (at shutdown)."""
         for provider in (*self.providers.values(), *self._retired.values()):
-            if isinstance(provider, OpenAIProvider | AnthropicProvider):
+            if isinstance(provider, OpenAIProvider | AnthropicProvider | GeminiProvider):
                 provider.close()
 
     async def sync(self, pool: asyncpg.Pool) -> None:
