@@ -108,7 +108,10 @@ async def test_the_scan_of_recent_settlements_is_an_index_scan_among_ten_thousan
             reads = [(n["Node Type"], n.get("Index Name"), n["Actual Rows"]) for n in nodes
                      if n.get("Relation Name") == "budget_usage" or n.get("Index Name") == "budget_usage_settled"]
             assert recent >= 20
-            bitmap = [("Bitmap Heap Scan", None, recent), ("Bitmap Index Scan", "budget_usage_settled", recent)]
-            assert reads in ([("Index Scan", "budget_usage_settled", recent)], bitmap)
+            if reads[0][0] == "Index Scan":
+                assert reads == [("Index Scan", "budget_usage_settled", recent)]
+            else:  # a bitmap's index part also counts row versions other tests' updates left for vacuum
+                assert [r[:2] for r in reads] == [("Bitmap Heap Scan", None), ("Bitmap Index Scan", "budget_usage_settled")]
+                assert reads[0][2] == recent and reads[1][2] >= recent
         finally:
             await tx.rollback()

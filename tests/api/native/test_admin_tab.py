@@ -109,6 +109,12 @@ async def test_the_admin_tab_shows_model_health_creates_and_revokes_a_key_and_re
     await page.locator(f'[data-testid="admin-keys"] {key_row}.revoked').wait_for()
     assert await db.fetchval("SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = $1", created["id"]) is True
 
+    async def revocation_logged() -> bool:  # the activity writer's batch is in (the trail lists rows as written)
+        return bool(await db.fetchval("SELECT count(*) FROM activity_log WHERE method = 'DELETE' AND path = $1",
+                                      f"/api/keys/{created['id']}"))
+
+    await wait_for(revocation_logged)
+
     await page.get_by_test_id("admin-reload").click()
     reload_status = page.get_by_test_id("admin-reload-status").filter(has_text="Reloaded.")
     await reload_status.wait_for()
