@@ -181,6 +181,10 @@ class QuotaLeases:
     def held(self, caller: Caller) -> Slice | None:
         return self._slices.get(caller)
 
+    def leasing(self, caller: Caller) -> asyncio.Task[None] | None:
+        """The caller's first lease, while its statement is in flight (its slice not held yet)."""
+        return self._leasing.get(caller)
+
     def unused_tokens(self, user_id: uuid.UUID, day: date) -> int:
         return sum(s.tokens for (user, _), s in self._slices.items()
                    if user == user_id and s.ask.day == day and s.ask.limits.user_daily is not None)

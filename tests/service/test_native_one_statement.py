@@ -20,6 +20,7 @@ from tests.support.common import MakeClient, User, wait_for
 from tests.support.fakes import FakeUpstream, Reply, openai_stream
 from tests.support.quota import WORST, busy, caller, day, quiet, settled
 from tests.support.quota import app as leased_app
+from tests.support.statements import gateways_own, log_statements
 
 # every limit on, none reached; the fake upstream as an OpenAI-compatible provider
 TOML = """
@@ -70,27 +71,6 @@ async def make_busy(client: TestClient, user: User, model: str) -> None:
     raise AssertionError("no slice leased")
 
 
-def log_statements(client: TestClient) -> tuple[list[str], Any]:
-    """Every statement the app's pool sends from now on (asyncpg's query logger on each of its
-    connections: the pool is opened at its full size, so no connection is made later)."""
-    sent: list[str] = []
-    pool: asyncpg.Pool = client.app[POLICY]._pool
-    connections = [holder._con for holder in pool._holders if holder._con is not None]
-    assert len(connections) == pool.get_max_size()
-
-    def log(record: Any) -> None:
-        sent.append(record.query)
-
-    for conn in connections:
-        conn.add_query_logger(log)
-
-    def stop() -> None:
-        for conn in connections:
-            conn.remove_query_logger(log)
-
-    return sent, stop
-
-
 async def test_an_existing_thread_turn_of_a_busy_caller_makes_one_statement_before_the_upstream_call(
         make_client: MakeClient, config_file: Any, upstream: FakeUpstream, user: User, db: asyncpg.Pool) -> None:
     model = f"one_{uuid.uuid4().hex[:8]}"
@@ -115,7 +95,9 @@ async def test_an_existing_thread_turn_of_a_busy_caller_makes_one_statement_befo
     finally:
         stop()
     assert meta["thread_id"] == thread_id
-    on_the_path = [q for q in before_upstream if not any(name in q for name in BACKGROUND)]
+    # the gateway's own statements (not asyncpg's type lookups, nor the JIT setting it switches off
+    # around them), less its background tasks'
+    on_the_path = [q for q in gateways_own(before_upstream) if not any(name in q for name in BACKGROUND)]
     assert len(on_the_path) == 1, on_the_path
     assert "INSERT INTO messages" in on_the_path[0] and "json_agg" in on_the_path[0]
     assert a.app[POLICY].quota.stats.exact == exact  # admitted from memory, before and after the commit

@@ -12,8 +12,9 @@ ancestor key's); with none, no header and no I/O. A busy caller, admitted from a
 (gateway/policy/quota.py), gets them from what the slice's last lease statement saw, less what the slice
 has not handed out: no I/O. Otherwise they are read right after the admission took
 this request's slot and reservation, while the upstream works (the read runs alongside it), so
-they cost the answer no time. Like OpenAI's they are advisory under concurrency (a slice's numbers
-lag the settlements since its last lease by about a second at most).
+they cost the answer no time; when that admission started a lease of a slice for the caller, the
+lease is waited for instead and its slice answers (a read could count what the slice holds
+unused). Like OpenAI's they are advisory under concurrency (a slice's numbers lag the settlements since its last lease by about a second at most).
 """
 
 from __future__ import annotations
@@ -105,6 +106,22 @@ async def _read(request: web.Request, principal: Principal, limits: Limits, now:
     return _compose(limits, now, windows, user_day, [by_key.get(cap.key_id) for cap in limits.key_chain])
 
 
+async def _after_lease(request: web.Request, principal: Principal, limits: Limits, now: datetime) -> dict[str, str]:
+    """The headers of a request admitted exactly. A slice of the caller's quota leased right after
+    that admission (quota.py `consider`) holds window slots and tokens the caller has not used: a
+    read that ran after its lease statement would count them as taken, one that ran before would
+    not. So a lease in flight is waited for, and its slice (whose counts include this request's
+    admission) answers; otherwise the database is read."""
+    quota = request.app[POLICY].quota
+    leasing = quota.leasing((principal.user_id, principal.api_key_id)) if quota is not None else None
+    if leasing is not None:
+        await asyncio.shield(leasing)  # the lease is the instance's, not this request's to cancel
+        known = _from_slice(request, principal, limits, now)
+        if known is not None:
+            return known
+    return await _read(request, principal, limits, now)
+
+
 class RateLimitHeaders:
     """The headers of one admitted request, read in the background from the moment it was admitted.
 
@@ -124,7 +141,7 @@ class RateLimitHeaders:
         if known is not None:
             self._known = known
         else:
-            self._task = asyncio.create_task(_read(request, principal, limits, now))
+            self._task = asyncio.create_task(_after_lease(request, principal, limits, now))
 
     async def get(self) -> dict[str, str]:
         if self._task is None:
