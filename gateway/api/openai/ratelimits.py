@@ -14,7 +14,8 @@ has not handed out: no I/O. Otherwise they are read right after the admission to
 this request's slot and reservation, while the upstream works (the read runs alongside it), so
 they cost the answer no time; when that admission started a lease of a slice for the caller, the
 lease is waited for instead and its slice answers (a read could count what the slice holds
-unused). Like OpenAI's they are advisory under concurrency (a slice's numbers lag the settlements since its last lease by about a second at most).
+unused). Like OpenAI's they are advisory under concurrency (a slice's numbers lag the settlements
+since its last lease by about a second at most).
 """
 
 from __future__ import annotations
