@@ -200,3 +200,26 @@ async def test_a_busy_caller_gets_them_from_its_quota_slice_without_a_read(
     await client.app[USAGE].flush()
     assert await db.fetchval("SELECT tokens FROM daily_usage WHERE user_id = $1 AND day = $2",
                              user.id, AT.date()) == sent * worst
+
+
+async def test_the_request_whose_admission_leases_a_slice_reports_only_what_the_caller_took(
+        make_client: MakeClient, config_file: Any, user: User):
+    """A busy caller's exact admission leases a slice of its quota in the background: that request's
+    headers count the requests and tokens the caller took (each reply uses exactly its reservation),
+    not the slots and tokens the new slice holds unused, whether the lease lands before or after."""
+    client = await limited(make_client, config_file, "[limits]\nrequests_per_minute = 1000\ndaily_tokens = 100000\n")
+    quota = client.app[POLICY].quota
+    worst = estimate_tokens("hello") + 10
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "stream": True}
+    for sent in range(1, 10):
+        resp = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {user.key}"})
+        assert resp.status == 200
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        assert ratelimit(resp.headers) == {
+            "x-ratelimit-limit-requests": "1000", "x-ratelimit-remaining-requests": str(1000 - sent),
+            "x-ratelimit-reset-requests": "45s", "x-ratelimit-limit-tokens": "100000",
+            "x-ratelimit-remaining-tokens": str(100000 - sent * worst), "x-ratelimit-reset-tokens": "13h59m45s"}
+        if any(u == user.id for u, _ in quota._slices):  # this request's admission leased it
+            assert quota.stats.from_slice == 0
+            return
+    raise AssertionError("no slice leased")
