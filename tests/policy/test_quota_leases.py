@@ -15,7 +15,7 @@ from gateway.service.turns import prompt_tokens
 from gateway.state import INSTANCE, POLICY
 from tests.support.common import wait_for
 from tests.support.quota import TOML, WORST, app, busy, caller, day, dead, quiet, settled, turn
-from tests.support.statements import gateways_own, log_statements
+from tests.support.statements import log_statements, on_the_path
 
 assert prompt_tokens([{"role": "user", "content": "hello"}]) + 10 == WORST
 
@@ -139,9 +139,8 @@ async def test_a_busy_callers_native_turn_makes_one_statement_the_persist(make_c
         assert resp.status == 202
     finally:
         stop()
-    # the gateway's own statements (not asyncpg's type lookups, nor the JIT setting it switches off
-    # around them), less the reply's finish (which may land already)
-    before_reply = [q for q in gateways_own(sent) if "x.status" not in q]
+    # the request's statements, less the reply's finish (which may land already)
+    before_reply = [q for q in on_the_path(sent) if "x.status" not in q]
     assert len(before_reply) == 1 and "INSERT INTO messages" in before_reply[0], before_reply
     await wait_for(lambda: settled(db, user))
     row = await db.fetchrow("SELECT status, metadata FROM messages WHERE id = $1",

@@ -15,7 +15,7 @@ from gateway.api.openai.ratelimits import duration
 from gateway.providers.base import estimate_tokens
 from gateway.state import POLICY, USAGE
 from tests.support.common import MakeClient, User, wait_for
-from tests.support.statements import gateways_own, log_statements
+from tests.support.statements import log_statements, on_the_path
 
 LIMITS = "[limits]\nrequests_per_minute = 6\ndaily_tokens = 1000\n"
 AT = datetime.now(UTC).replace(hour=10, minute=0, second=15, microsecond=0)  # 45 s left of the minute
@@ -185,7 +185,7 @@ async def test_a_busy_caller_gets_them_from_its_quota_slice_without_a_read(
     try:
         resp = await client.post("/v1/chat/completions", json=body, headers=headers)
         assert resp.status == 200
-        before_body = gateways_own(sent_statements)  # asyncpg's own type lookups left out
+        before_body = on_the_path(sent_statements)
         got = ratelimit(resp.headers)
         await resp.read()
     finally:
