@@ -48,6 +48,7 @@ import logging
 import math
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
@@ -321,13 +322,14 @@ class Policy:
         what is left is really spent, never while it sits unused in a slice or in a finished
         request's reservation not yet released."""
         written = self._written()
-        try:
+        with self.quota.exact(user_id) if self.quota is not None else nullcontext():
+            try:
+                return await admit()
+            except LimitReached as e:
+                # the usage records release reservations and stream leases, never window slots
+                if not await self._recall(user_id, None if e.limit.per_minute else written):
+                    raise
             return await admit()
-        except LimitReached as e:
-            # the usage records release reservations and stream leases, never window slots
-            if not await self._recall(user_id, None if e.limit.per_minute else written):
-                raise
-        return await admit()
 
     def _written(self) -> int:
         return self._settlements.written if self._settlements is not None else 0

@@ -38,7 +38,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Protocol
@@ -131,10 +132,17 @@ class Slice:
         seen = self.seen
         if seen is None:
             return None
+        return self.less_unspent(seen.windows, seen.user_day, seen.key_days)
+
+    def less_unspent(self, windows: list[int], user_day: int | None,
+                     key_days: list[int | None]) -> tuple[list[int], int | None, list[int | None]]:
+        """Counts of the caller's limits that include this slice's grants (its window slots in
+        Ask.subjects order, its tokens on the user's and each capped key's day row), less what the
+        slice has not handed out: what the caller took."""
         unspent = self.requests or 0
-        return ([count - unspent for count in seen.windows],
-                None if seen.user_day is None else seen.user_day - self.tokens,
-                [None if used is None else used - self.tokens for used in seen.key_days])
+        return ([count - unspent for count in windows],
+                None if user_day is None else user_day - self.tokens,
+                [None if used is None else used - self.tokens for used in key_days])
 
     def low(self) -> bool:
         """Half spent (of whatever it holds): time to renew."""
@@ -175,11 +183,32 @@ class QuotaLeases:
         self._reaper: asyncio.Task[None] | None = None
         self._returning: set[asyncio.Task[None]] = set()
         self._calm: dict[uuid.UUID, float] = {}  # users recalled: no slice until then (monotonic)
+        # exact admissions in flight, by user; callers whose first lease ran alongside one (the counts
+        # it saw may miss that admission)
+        self._exact: dict[uuid.UUID, int] = {}
+        self._overlapped: set[Caller] = set()
         self._closed = False
         self.stats = Stats()
 
     def held(self, caller: Caller) -> Slice | None:
         return self._slices.get(caller)
+
+    def leasing(self, caller: Caller) -> asyncio.Task[None] | None:
+        """The caller's first lease, while its statement is in flight (its slice not held yet)."""
+        return self._leasing.get(caller)
+
+    @contextmanager
+    def exact(self, user_id: uuid.UUID) -> Iterator[None]:
+        """Around an exact admission of the user: a first lease of the user's that runs alongside
+        it may or may not see it, so that slice reports no counts (`Slice.taken`) until renewed."""
+        self._overlapped.update(c for c in self._leasing if c[0] == user_id)
+        self._exact[user_id] = self._exact.get(user_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._exact.pop(user_id) - 1
+            if left:
+                self._exact[user_id] = left
 
     def unused_tokens(self, user_id: uuid.UUID, day: date) -> int:
         return sum(s.tokens for (user, _), s in self._slices.items()
@@ -260,9 +289,13 @@ class QuotaLeases:
         return max(MIN_SLICE, min(MAX_SLICE, math.ceil(HORIZON_S / max(interval, 1e-6))))
 
     async def _first(self, caller: Caller, s: Slice) -> None:
+        if self._exact.get(caller[0]):
+            self._overlapped.add(caller)
         try:
             if (await self._lease(s) and not self._closed and caller not in self._slices
                     and self._calm.get(caller[0], 0.0) <= self._now()):
+                if caller in self._overlapped:
+                    s.seen = None  # the counts it saw may miss an admission: none reported until a renewal
                 s.used = self._now()
                 self._slices[caller] = s
                 if self._reaper is None:
@@ -271,6 +304,7 @@ class QuotaLeases:
                 await self._give_back(s)  # closing meanwhile
         finally:
             self._leasing.pop(caller, None)
+            self._overlapped.discard(caller)
 
     async def _renew(self, s: Slice) -> None:
         s.size = self._size((s.ask.user_id, s.ask.api_key_id))  # the slice follows the caller's rate

@@ -146,6 +146,25 @@ async def test_an_idle_socket_closes_within_a_second_of_a_revocation_on_another_
         await expect_expulsion(ws, "API key revoked", 4003, timeout=1.0)
 
 
+async def test_an_idle_socket_of_a_revoked_key_waits_for_the_clients_close_frame(
+        make_client: MakeClient, user: User, db: asyncpg.Pool):
+    """The close handshake completes with 4003 however late the client answers the close frame
+    (a client under load): the server does not drop the connection right after sending its own."""
+    a = await make_client(KEY_CACHE_TTL_S="3600")
+    b = await make_client(KEY_CACHE_TTL_S="3600")
+    async with a.ws_connect("/ws", headers=user.headers, autoclose=False) as ws:
+        await one_turn(ws, "then idle")
+        await revoke(b, user, db)
+        last = await ws.receive(timeout=5)
+        assert last.type is WSMsgType.TEXT and orjson.loads(last.data) == closing_frame("API key revoked")
+        closed = await ws.receive(timeout=5)
+        assert (closed.type, closed.data, closed.extra) == (WSMsgType.CLOSE, 4003, "API key revoked")
+        await asyncio.sleep(0.5)  # the client answers late: the connection is still there to answer on
+        await ws.close()
+        assert ws.exception() is None
+        assert ws.close_code == 4003
+
+
 async def test_a_revocation_missed_while_the_listener_was_down_closes_the_socket_on_reconnect(
         make_client: MakeClient, user: User, db: asyncpg.Pool):
     client = await make_client(KEY_CACHE_TTL_S="3600", SWEEP_S="0.05")

@@ -7,16 +7,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
-from asyncpg import introspection
 
 from gateway.policy.quota import LEASE_WITHIN_S
 from gateway.service.turns import prompt_tokens
 from gateway.state import INSTANCE, POLICY
 from tests.support.common import wait_for
 from tests.support.quota import TOML, WORST, app, busy, caller, day, dead, quiet, settled, turn
+from tests.support.statements import log_statements, on_the_path
 
 assert prompt_tokens([{"role": "user", "content": "hello"}]) + 10 == WORST
 
@@ -124,39 +123,24 @@ async def test_a_dead_instances_slice_is_reclaimed_by_the_sweep(make_client, con
     assert await day(db, user) == (warm * WORST, 0, warm * float(WORST), 0.0)
 
 
-ASYNCPG_LOOKUPS = frozenset({introspection.INTRO_LOOKUP_TYPES, introspection.INTRO_LOOKUP_TYPES_13,
-                             introspection.TYPE_BY_NAME})
-
-
-def asyncpgs_own(query: str) -> bool:
-    """A statement asyncpg sends by itself, to learn a type's codec (and the JIT setting around it)."""
-    return query in ASYNCPG_LOOKUPS or "set_config('jit'" in query
-
-
 async def test_a_busy_callers_native_turn_makes_one_statement_the_persist(make_client, config_file, user, db):
     """Admitted from the slice before the commit, the reply's reservation rides in
     the persist statement; nothing else is sent to the database before the 202 (no duplicate
     lookup, no BEGIN/COMMIT around it, even with a client_message_id)."""
-    client, model = await app(make_client, config_file, 1000 * WORST)
+    # the pool open at its full size: every connection's statements are logged
+    client, model = await app(make_client, config_file, 1000 * WORST, DB_POOL_MIN="4", DB_POOL_MAX="4")
     await busy(client, user, model)
     await wait_for(lambda: settled(db, user))
     await wait_for(lambda: quiet(client))
-    sent: list[str] = []
-    pool = client.app[POLICY]._pool
-    connections = [holder._con for holder in pool._holders if holder._con is not None]
-    def log(record: Any) -> None:
-        sent.append(record.query)
-
-    for conn in connections:
-        conn.add_query_logger(log)
-    resp = await client.post("/api/chat", headers=user.headers,
-                             json={"content": "hello", "max_tokens": 10, "model": model, "client_message_id": "m-1"})
-    assert resp.status == 202
-    # the gateway's own statements: not the reply's finish (which may land already), nor asyncpg's
-    # own type lookups, nor the JIT setting it switches off around them when PostgreSQL has JIT on
-    before_reply = [q for q in sent if "x.status" not in q and not asyncpgs_own(q)]
-    for conn in connections:
-        conn.remove_query_logger(log)
+    sent, stop = log_statements(client)
+    try:
+        resp = await client.post("/api/chat", headers=user.headers, json={
+            "content": "hello", "max_tokens": 10, "model": model, "client_message_id": "m-1"})
+        assert resp.status == 202
+    finally:
+        stop()
+    # the request's statements, less the reply's finish (which may land already)
+    before_reply = [q for q in on_the_path(sent) if "x.status" not in q]
     assert len(before_reply) == 1 and "INSERT INTO messages" in before_reply[0], before_reply
     await wait_for(lambda: settled(db, user))
     row = await db.fetchrow("SELECT status, metadata FROM messages WHERE id = $1",

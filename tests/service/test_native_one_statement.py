@@ -20,6 +20,7 @@ from tests.support.common import MakeClient, User, wait_for
 from tests.support.fakes import FakeUpstream, Reply, openai_stream
 from tests.support.quota import WORST, busy, caller, day, quiet, settled
 from tests.support.quota import app as leased_app
+from tests.support.statements import log_statements, on_the_path
 
 # every limit on, none reached; the fake upstream as an OpenAI-compatible provider
 TOML = """
@@ -40,11 +41,6 @@ daily_tokens = 100000000
 daily_cost_usd = 100000
 max_concurrent_streams = 1000
 """
-
-# written by the instance's own background tasks, not by the request: a slice renewal taken from
-# the request's path runs as a task of its own (gateway/policy/quota.py), the writers batch off the path
-BACKGROUND = ("gateway_lease_quota", "gateway_return_quota", "activity", "last_used_at", "gateway_heartbeat")
-
 
 async def post_turn(client: TestClient, user: User, model: str, content: str,
                     thread_id: str | None = None) -> dict[str, Any]:
@@ -68,27 +64,6 @@ async def make_busy(client: TestClient, user: User, model: str) -> None:
         if caller(client, user) is not None:
             return
     raise AssertionError("no slice leased")
-
-
-def log_statements(client: TestClient) -> tuple[list[str], Any]:
-    """Every statement the app's pool sends from now on (asyncpg's query logger on each of its
-    connections: the pool is opened at its full size, so no connection is made later)."""
-    sent: list[str] = []
-    pool: asyncpg.Pool = client.app[POLICY]._pool
-    connections = [holder._con for holder in pool._holders if holder._con is not None]
-    assert len(connections) == pool.get_max_size()
-
-    def log(record: Any) -> None:
-        sent.append(record.query)
-
-    for conn in connections:
-        conn.add_query_logger(log)
-
-    def stop() -> None:
-        for conn in connections:
-            conn.remove_query_logger(log)
-
-    return sent, stop
 
 
 async def test_an_existing_thread_turn_of_a_busy_caller_makes_one_statement_before_the_upstream_call(
@@ -115,9 +90,9 @@ async def test_an_existing_thread_turn_of_a_busy_caller_makes_one_statement_befo
     finally:
         stop()
     assert meta["thread_id"] == thread_id
-    on_the_path = [q for q in before_upstream if not any(name in q for name in BACKGROUND)]
-    assert len(on_the_path) == 1, on_the_path
-    assert "INSERT INTO messages" in on_the_path[0] and "json_agg" in on_the_path[0]
+    made = on_the_path(before_upstream)
+    assert len(made) == 1, made
+    assert "INSERT INTO messages" in made[0] and "json_agg" in made[0]
     assert a.app[POLICY].quota.stats.exact == exact  # admitted from memory, before and after the commit
     assert upstream.requests[-1] == {  # a daily cap reserved for the default bound: the upstream is told it
         "model": "up-model", "stream": True, "stream_options": {"include_usage": True},

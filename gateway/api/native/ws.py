@@ -137,22 +137,34 @@ class Session:
         self._thread: asyncio.Future[uuid.UUID | None] | None = None
 
     async def run(self) -> None:
-        watcher = asyncio.get_running_loop().create_task(self.expel_when_lapsed())
+        loop = asyncio.get_running_loop()
+        reader = loop.create_task(self.read())
+        watcher = loop.create_task(self._watch.lapsed())
         try:
-            async for msg in self.ws:
-                if msg.type is WSMsgType.TEXT:
-                    await self.dispatch(msg.data)
-                elif msg.type is WSMsgType.BINARY and not self._expelled:
-                    await self.error(BadRequest("frames must be JSON text"), {})
+            await asyncio.wait((reader, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if watcher.done() and watcher.exception() is None and not self._expelled:
+                # the credential lapsed between frames: the reader stops before the socket closes,
+                # so the close waits for the client's close frame (closed while another task waits
+                # in receive(), aiohttp drops the connection right after sending its close frame,
+                # and a client that answers it finds the connection gone: 1006, not our code)
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+                await self.expel(watcher.result())
+            else:  # the client closed, or a frame found the credential lapsed (dispatch expels)
+                await reader
         finally:
-            if not self._expelled:
-                watcher.cancel()  # an expulsion under way finishes its close handshake
+            reader.cancel()
+            watcher.cancel()
             for task in self._tasks:
                 task.cancel()
-            await asyncio.gather(watcher, *self._tasks, return_exceptions=True)
+            await asyncio.gather(reader, watcher, *self._tasks, return_exceptions=True)
 
-    async def expel_when_lapsed(self) -> None:
-        await self.expel(await self._watch.lapsed())
+    async def read(self) -> None:
+        async for msg in self.ws:
+            if msg.type is WSMsgType.TEXT:
+                await self.dispatch(msg.data)
+            elif msg.type is WSMsgType.BINARY and not self._expelled:
+                await self.error(BadRequest("frames must be JSON text"), {})
 
     async def expel(self, e: Unauthorized) -> None:
         """The credential stopped working: stop relaying, say why, close the socket."""

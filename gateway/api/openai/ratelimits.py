@@ -12,8 +12,10 @@ ancestor key's); with none, no header and no I/O. A busy caller, admitted from a
 (gateway/policy/quota.py), gets them from what the slice's last lease statement saw, less what the slice
 has not handed out: no I/O. Otherwise they are read right after the admission took
 this request's slot and reservation, while the upstream works (the read runs alongside it), so
-they cost the answer no time. Like OpenAI's they are advisory under concurrency (a slice's numbers
-lag the settlements since its last lease by about a second at most).
+they cost the answer no time; a lease of the caller's slice in flight (one that admission may have
+started) is waited for, and what the instance's slice holds unused is taken off what is read.
+Like OpenAI's they are advisory under concurrency (a slice's numbers lag the settlements since its
+last lease by about a second at most).
 """
 
 from __future__ import annotations
@@ -94,6 +96,21 @@ def _from_slice(request: web.Request, principal: Principal, limits: Limits, now:
 
 
 async def _read(request: web.Request, principal: Principal, limits: Limits, now: datetime) -> dict[str, str]:
+    """The headers of a request admitted exactly, read from the database. The caller's quota slice,
+    when this instance holds one, has its grants in what is read but has not handed all of them out:
+    what it still holds is not the caller's. So a lease of it in flight (one this request's
+    admission started: quota.py `consider`) or a renewal is waited for first, and what the slice
+    holds is taken off what is read."""
+    quota = request.app[POLICY].quota
+    caller = (principal.user_id, principal.api_key_id)
+    if quota is not None:
+        leasing = quota.leasing(caller)
+        if leasing is not None:
+            await asyncio.shield(leasing)  # the lease is the instance's, not this request's to cancel
+        held = quota.held(caller)
+        if held is not None and held.renewing is not None:
+            await asyncio.shield(held.renewing)
+    s = quota.held(caller) if quota is not None else None
     window = now.replace(second=0, microsecond=0)
     subjects = ([f"u:{principal.user_id}"] if limits.user_rpm is not None else []) + [
         f"k:{cap.key_id}" for cap in limits.key_chain if cap.rpm is not None]
@@ -102,7 +119,13 @@ async def _read(request: web.Request, principal: Principal, limits: Limits, now:
         request.app[DB].pool, subjects=subjects, window=window, user_id=principal.user_id, day=now.date(),
         keys=daily_keys)
     by_key = dict(zip(daily_keys, days, strict=True))
-    return _compose(limits, now, windows, user_day, [by_key.get(cap.key_id) for cap in limits.key_chain])
+    key_days: list[int | None] = [by_key.get(cap.key_id) for cap in limits.key_chain]
+    if (s is not None and quota is not None and quota.held(caller) is s and s.renewing is None
+            and s.ask.limits == limits and s.ask.day == now.date() and s.ask.window == window):
+        windows, held_day, key_days = s.less_unspent(windows, user_day if limits.user_daily is not None else None,
+                                                     key_days)
+        user_day = held_day or 0
+    return _compose(limits, now, windows, user_day, key_days)
 
 
 class RateLimitHeaders:

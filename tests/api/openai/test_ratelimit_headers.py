@@ -4,7 +4,6 @@ clock pinned so the resets are exact."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +15,7 @@ from gateway.api.openai.ratelimits import duration
 from gateway.providers.base import estimate_tokens
 from gateway.state import POLICY, USAGE
 from tests.support.common import MakeClient, User, wait_for
+from tests.support.statements import log_statements, on_the_path
 
 LIMITS = "[limits]\nrequests_per_minute = 6\ndaily_tokens = 1000\n"
 AT = datetime.now(UTC).replace(hour=10, minute=0, second=15, microsecond=0)  # 45 s left of the minute
@@ -35,8 +35,8 @@ async def api_for():
         await api.close()
 
 
-async def limited(make_client: MakeClient, config_file: Any, limits: str = LIMITS) -> Any:
-    client = await make_client(GATEWAY_CONFIG=config_file(limits), DEMO_CHUNKS="12")
+async def limited(make_client: MakeClient, config_file: Any, limits: str = LIMITS, **env: str) -> Any:
+    client = await make_client(GATEWAY_CONFIG=config_file(limits), DEMO_CHUNKS="12", **env)
     client.app[POLICY].clock = lambda: AT
     return client
 
@@ -153,7 +153,9 @@ async def test_a_busy_caller_gets_them_from_its_quota_slice_without_a_read(
     if key_limits is not None:  # tighter than the user's: the key's windows and day row are reported
         await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, key_limits)
     rpm, daily = (1000, 100000) if key_limits is None else (500, 50000)
-    client = await limited(make_client, config_file, "[limits]\nrequests_per_minute = 1000\ndaily_tokens = 100000\n")
+    # the pool open at its full size: every connection's statements are logged
+    client = await limited(make_client, config_file, "[limits]\nrequests_per_minute = 1000\ndaily_tokens = 100000\n",
+                           DB_POOL_MIN="4", DB_POOL_MAX="4")
     worst = estimate_tokens("hello") + 10
     body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "stream": True}
     headers = {"Authorization": f"Bearer {user.key}"}
@@ -166,36 +168,28 @@ async def test_a_busy_caller_gets_them_from_its_quota_slice_without_a_read(
         assert (await resp.read()).endswith(b"data: [DONE]\n\n")
         return got
 
+    async def quiet() -> bool:
+        return not quota._leasing and all(s.renewing is None for s in quota._slices.values())
+
     sent = 0
     while not any(u == user.id for u, _ in quota._slices):
         await completion()
         sent += 1
         assert sent < 10, "no slice leased"
-        await asyncio.sleep(0.01)  # a slice is leased in the background
+        # a slice is leased in the background: the next request waits for it, so none is admitted
+        # exactly while the lease statement runs (the slice's counts would not include it)
+        await wait_for(quiet)
     await client.app[USAGE].flush()
-
-    async def quiet() -> bool:
-        return not quota._leasing and all(s.renewing is None for s in quota._slices.values())
-
     await wait_for(quiet)
-    pool = client.app[POLICY]._pool
-    connections = [holder._con for holder in pool._holders if holder._con is not None]
-    queries: list[str] = []
-
-    def log(record: Any) -> None:
-        queries.append(record.query)
-
-    for conn in connections:
-        conn.add_query_logger(log)
+    sent_statements, stop = log_statements(client)
     try:
         resp = await client.post("/v1/chat/completions", json=body, headers=headers)
         assert resp.status == 200
-        before_body = list(queries)
+        before_body = on_the_path(sent_statements)
         got = ratelimit(resp.headers)
         await resp.read()
     finally:
-        for conn in connections:
-            conn.remove_query_logger(log)
+        stop()
     sent += 1
     assert before_body == []  # no headroom read, no admission call
     assert got == {"x-ratelimit-limit-requests": str(rpm), "x-ratelimit-remaining-requests": str(rpm - sent),
@@ -206,3 +200,26 @@ async def test_a_busy_caller_gets_them_from_its_quota_slice_without_a_read(
     await client.app[USAGE].flush()
     assert await db.fetchval("SELECT tokens FROM daily_usage WHERE user_id = $1 AND day = $2",
                              user.id, AT.date()) == sent * worst
+
+
+async def test_the_request_whose_admission_leases_a_slice_reports_only_what_the_caller_took(
+        make_client: MakeClient, config_file: Any, user: User):
+    """A busy caller's exact admission leases a slice of its quota in the background: that request's
+    headers count the requests and tokens the caller took (each reply uses exactly its reservation),
+    not the slots and tokens the new slice holds unused, whether the lease lands before or after."""
+    client = await limited(make_client, config_file, "[limits]\nrequests_per_minute = 1000\ndaily_tokens = 100000\n")
+    quota = client.app[POLICY].quota
+    worst = estimate_tokens("hello") + 10
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "stream": True}
+    for sent in range(1, 10):
+        resp = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {user.key}"})
+        assert resp.status == 200
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+        assert ratelimit(resp.headers) == {
+            "x-ratelimit-limit-requests": "1000", "x-ratelimit-remaining-requests": str(1000 - sent),
+            "x-ratelimit-reset-requests": "45s", "x-ratelimit-limit-tokens": "100000",
+            "x-ratelimit-remaining-tokens": str(100000 - sent * worst), "x-ratelimit-reset-tokens": "13h59m45s"}
+        if any(u == user.id for u, _ in quota._slices):  # this request's admission leased it
+            assert quota.stats.from_slice == 0
+            return
+    raise AssertionError("no slice leased")
