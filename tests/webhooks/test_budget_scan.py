@@ -111,7 +111,8 @@ async def test_the_scan_of_recent_settlements_is_an_index_scan_among_ten_thousan
             if reads[0][0] == "Index Scan":
                 assert reads == [("Index Scan", "budget_usage_settled", recent)]
             else:  # a bitmap's index part also counts row versions other tests' updates left for vacuum
-                assert [r[:2] for r in reads] == [("Bitmap Heap Scan", None), ("Bitmap Index Scan", "budget_usage_settled")]
+                assert [r[:2] for r in reads] == [("Bitmap Heap Scan", None),
+                                                  ("Bitmap Index Scan", "budget_usage_settled")]
                 assert reads[0][2] == recent and reads[1][2] >= recent
         finally:
             await tx.rollback()
