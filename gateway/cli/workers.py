@@ -77,9 +77,12 @@ class Supervisor:
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         s = self._settings
+        # a SIGHUP passed on while a worker is still starting (before its app handles it) is ignored,
+        # not fatal: the worker reads the file as it starts anyway
         return subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--worker", "--host", s.host, "--port", str(s.port)],
-            env={**self._env, "GATEWAY_WORKER": str(index)})
+            env={**self._env, "GATEWAY_WORKER": str(index)},
+            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
 
     def _signalled(self, signum: int, frame: FrameType | None) -> None:
         if not self._stopping:

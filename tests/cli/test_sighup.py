@@ -27,6 +27,13 @@ async def model_ids(session: aiohttp.ClientSession, gw: GatewayProcess, user: Us
         return sorted(m["id"] for m in (await resp.json())["data"])
 
 
+def listeners(port: int) -> int:
+    """Sockets listening on 127.0.0.1:`port` (each worker has its own, SO_REUSEPORT): a worker listens
+    once its app has started, SIGHUP handler included."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[1] == f"0100007F:{port:04X}" and row.split()[3] == "0A")
+
+
 async def reload_rows(db: asyncpg.Pool, path: Path) -> list[tuple[str, int]]:
     rows = await db.fetch("SELECT method, status FROM activity_log WHERE action = 'config.reloaded' AND path = $1 "
                           "ORDER BY id", str(path))
@@ -83,6 +90,11 @@ async def test_sighup_to_the_parent_of_two_workers_reloads_both_and_kills_neithe
     gw = GatewayProcess(tmp_path / "gw", gateway_env(database_url, GATEWAY_CONFIG=str(config)), "--workers", "2")
     gateways.append(gw)
     await gw.ready()
+
+    async def both_listening() -> bool:  # ready answers as soon as one of the two does
+        return listeners(gw.port) == 2
+
+    await wait_for(both_listening, timeout=30)
     workers = set(Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split())
     async with aiohttp.ClientSession() as session:
         config.write_text(AFTER)
