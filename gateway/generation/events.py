@@ -125,9 +125,16 @@ def metadata_json(*, thread_id: uuid.UUID, user_message_id: uuid.UUID, message_i
     return data
 
 
-def usage_json(prompt_tokens: int, completion_tokens: int, estimated: bool) -> dict[str, Any]:
+def usage_json(prompt_tokens: int, completion_tokens: int, estimated: bool, cached_tokens: int = 0,
+               cache_write_tokens: int = 0) -> dict[str, Any]:
+    """The usage event's data: the prompt's parts read from and written to a prompt cache (both
+    counted in prompt_tokens) only when there are any."""
     data: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                             "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        data["cached_tokens"] = cached_tokens
+    if cache_write_tokens:
+        data["cache_write_tokens"] = cache_write_tokens
     if estimated:
         data["estimated"] = True
     return data

@@ -39,7 +39,8 @@ def replay_events(message: dict[str, Any], after: int = -1) -> list[Event]:
         events.append(maker.event(seq, "error", _in_order(message["error"], _ERROR_KEYS)))
     else:
         usage = usage_json(message["prompt_tokens"] or 0, message["completion_tokens"] or 0,
-                           bool(meta.get("estimated")))
+                           bool(meta.get("estimated")), meta.get("cached_tokens", 0),
+                           meta.get("cache_write_tokens", 0))
         if meta.get("usage_suspect"):
             usage["usage_suspect"] = True  # as the live usage event had it (generation.py)
         events.append(maker.event(seq, "usage", usage))

@@ -233,6 +233,9 @@ class Generation:
                       "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
                       # the upstream's counts were out of range or not believed (see providers/normalise.py)
                       **({"usage_suspect": True} if usage.suspect else {}),
+                      # the prompt's cached parts, for a replay's usage event and a stored response
+                      **({"cached_tokens": usage.cached_tokens} if usage.cached_tokens else {}),
+                      **({"cache_write_tokens": usage.cache_write_tokens} if usage.cache_write_tokens else {}),
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})
         self.chain.observer.usage(record.usage)
@@ -244,7 +247,8 @@ class Generation:
         if error_json is not None:
             self._emit(maker.event(seq, "error", error_json))
         else:
-            usage_data = usage_json(usage.prompt_tokens, usage.completion_tokens, estimated)
+            usage_data = usage_json(usage.prompt_tokens, usage.completion_tokens, estimated, usage.cached_tokens,
+                                    usage.cache_write_tokens)
             if usage.suspect:
                 usage_data["usage_suspect"] = True
             self._emit(maker.event(seq, "usage", usage_data))

@@ -517,7 +517,9 @@ class _ReplyEvents:
                 if event.name == "metadata":
                     self.model = data["model"] or ""
                 elif event.name == "usage":
-                    batch.append(UsageReport(data["prompt_tokens"], data["completion_tokens"]))
+                    batch.append(UsageReport(data["prompt_tokens"], data["completion_tokens"],
+                                             cached_tokens=data.get("cached_tokens", 0),
+                                             cache_write_tokens=data.get("cache_write_tokens", 0)))
                 elif event.name == "done":
                     batch.append(Finish(data["finish_reason"]))
                 elif event.name == "error":
@@ -715,7 +717,10 @@ def stored_body(row: dict[str, Any]) -> dict[str, Any]:
     output = [shape.message(row["content"], item_status)] if row["content"] or status == "completed" else []
     usage = None
     if row["prompt_tokens"] is not None:
-        usage = UsageReport(row["prompt_tokens"], row["completion_tokens"] or 0)
+        meta = row["metadata"]
+        usage = UsageReport(row["prompt_tokens"], row["completion_tokens"] or 0,
+                            cached_tokens=meta.get("cached_tokens", 0),
+                            cache_write_tokens=meta.get("cache_write_tokens", 0))
     error = None
     if row["error"] is not None:
         error = {"code": "server_error", "message": str(row["error"].get("message", ""))}
