@@ -96,9 +96,6 @@ for _provider in PROVIDERS:
     TODAY["api/chat", _provider, "reasoning"] = Expect(
         Outcome(text="Hello", finish="stop", prompt_tokens=9, cached_tokens=0), NOTHING,
         "the native stream has no reasoning events: the reasoning is dropped")
-TODAY["api/chat", "gemini", "image by URL"] = Expect(
-    refused(NO_URLS, 0), None, f"never sent and refused with “{NO_URLS}”, but in an error event of a 200 stream, "
-    "not a 400")
 
 
 def expect(door: str, provider: str, feature: str) -> Expect:
