@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from gateway.generation.events import EventMaker, usage_json
+from gateway.generation.events import EventLog, EventMaker, reasoning_json, usage_json
 from gateway.generation.replay import replay_events
 
 MESSAGE = uuid.UUID("4d460000-0000-4000-8000-000000000001")
@@ -32,3 +32,21 @@ def test_the_cached_parts_follow_the_totals_live_and_replayed():
     assert replayed[2].sse == live.sse
     only_read = replay_events(stored({"cached_tokens": 150}))[2]
     assert only_read.data == b'{"prompt_tokens":170,"completion_tokens":2,"total_tokens":172,"cached_tokens":150}'
+
+
+def test_a_log_re_makes_old_deltas_around_the_reasoning_events_it_keeps():
+    maker, parts = EventMaker(MESSAGE), []
+    log = EventLog(maker, parts)
+    made = [maker.event(0, "metadata", {"model": "m"})]
+    log.append(made[0])
+    for i in range(300):  # far more than the recent window holds
+        if i in (0, 1, 150):
+            event = maker.event(log.count, "reasoning", reasoning_json(f"thought {i}", "sig" if i == 1 else None))
+            log.append_side(event)
+        else:
+            parts.append(f"chunk {i} ")
+            event = maker.delta(log.count, parts[-1])
+            log.append(event)
+        made.append(event)
+    assert [e.sse for e in log.between(0, log.count)] == [e.sse for e in made]
+    assert made[2].data == b'{"delta":"thought 1","signature":"sig"}'
