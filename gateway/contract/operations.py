@@ -135,5 +135,6 @@ ANTHROPIC_SECURITY: tuple[dict[str, list[str]], ...] = ({"bearerAuth": []}, {"an
 PUBLIC: tuple[dict[str, list[str]], ...] = ()
 
 SSE_DESCRIPTION = ("Server-Sent Events: `metadata` (its block opens with the `retry:` line), deltas "
-                   "(`data: {\"delta\": ...}`), `usage`, "
+                   "(`data: {\"delta\": ...}`) and `reasoning` events when the upstream streams its "
+                   "reasoning, `usage`, "
                    "`done` (or `error`) events with ids `<message_id>:<seq>`, and a final `data: [DONE]`")

@@ -116,6 +116,16 @@ class UsageEvent(Struct, kw_only=True):
     estimated: bool | UnsetType = UNSET
     # the upstream's counts were out of range and clamped
     usage_suspect: bool | UnsetType = UNSET
+    # the parts of prompt_tokens read from and written to a prompt cache (only when not zero)
+    cached_tokens: int | UnsetType = UNSET
+    cache_write_tokens: int | UnsetType = UNSET
+
+
+class ReasoningEvent(Struct, kw_only=True):
+    """A piece of the model's reasoning; `signature` closes its block when the upstream gives one."""
+
+    delta: str
+    signature: str | UnsetType = UNSET
 
 
 class Done(Struct, kw_only=True):
@@ -145,6 +155,10 @@ class ArenaUsage(UsageEvent, kw_only=True):
     slot: Slot
 
 
+class ArenaReasoning(ReasoningEvent, kw_only=True):
+    slot: Slot
+
+
 class ArenaDone(Done, kw_only=True):
     slot: Slot
 
@@ -154,10 +168,11 @@ class ArenaError(ErrorEvent, kw_only=True):
 
 
 # event name -> its data, for one message and for an arena comparison
-MESSAGE_EVENTS: dict[str, type[Struct]] = {"metadata": ChatMetadata, "message": Delta, "usage": UsageEvent,
-                                           "done": Done, "error": ErrorEvent}
-ARENA_EVENTS: dict[str, type[Struct]] = {"metadata": ArenaMetadata, "message": ArenaDelta, "usage": ArenaUsage,
-                                         "done": ArenaDone, "error": ArenaError}
+MESSAGE_EVENTS: dict[str, type[Struct]] = {"metadata": ChatMetadata, "message": Delta, "reasoning": ReasoningEvent,
+                                           "usage": UsageEvent, "done": Done, "error": ErrorEvent}
+ARENA_EVENTS: dict[str, type[Struct]] = {"metadata": ArenaMetadata, "message": ArenaDelta,
+                                         "reasoning": ArenaReasoning, "usage": ArenaUsage, "done": ArenaDone,
+                                         "error": ArenaError}
 
 
 # -- arena ----------------------------------------------------------------------------------

@@ -7,11 +7,14 @@ once too, on first use, so any number of listeners write the same bytes.
 
     seq 0        metadata   model, provider, thread and message ids
     seq 1..n     delta      (no event name on the wire) {"delta": "..."}
+                 reasoning  among the deltas, when the upstream streams its reasoning:
+                            {"delta": "...", "signature": "..." when it gives one}
     seq n+1      usage      then done; or error instead of both
 """
 
 from __future__ import annotations
 
+import bisect
 import uuid
 from collections import deque
 from typing import Any
@@ -90,6 +93,10 @@ class EventLog:
         self._parts = parts
         self._recent: deque[Event] = deque(maxlen=self.RECENT)
         self._metadata: Event | None = None
+        # the reasoning events among the deltas, kept whole (a reply without reasoning has none):
+        # their seqs, ascending, and the events by seq
+        self._side_seqs: list[int] = []
+        self._side: dict[int, Event] = {}
         self.count = 0  # events so far; the next one gets this seq
 
     def append(self, event: Event) -> None:
@@ -97,6 +104,13 @@ class EventLog:
             self._metadata = event
         self._recent.append(event)
         self.count += 1
+
+    def append_side(self, event: Event) -> None:
+        """An event among the deltas that is not one (reasoning): kept whole, since the text chunks
+        cannot re-make it."""
+        self._side_seqs.append(event.seq)
+        self._side[event.seq] = event
+        self.append(event)
 
     def between(self, start: int, end: int) -> list[Event]:
         """Events with seq in [start, end)."""
@@ -110,7 +124,12 @@ class EventLog:
         # usage/done/error events are always the newest
         if seq == 0 and self._metadata is not None:
             return self._metadata
-        return self._maker.delta(seq, self._parts[seq - 1])
+        if not self._side_seqs:
+            return self._maker.delta(seq, self._parts[seq - 1])
+        side = self._side.get(seq)
+        if side is not None:
+            return side
+        return self._maker.delta(seq, self._parts[seq - 1 - bisect.bisect_left(self._side_seqs, seq)])
 
 
 # -- the data of each event, live or replayed: one builder each so both are byte-identical -----
@@ -125,12 +144,25 @@ def metadata_json(*, thread_id: uuid.UUID, user_message_id: uuid.UUID, message_i
     return data
 
 
-def usage_json(prompt_tokens: int, completion_tokens: int, estimated: bool) -> dict[str, Any]:
+def usage_json(prompt_tokens: int, completion_tokens: int, estimated: bool, cached_tokens: int = 0,
+               cache_write_tokens: int = 0) -> dict[str, Any]:
+    """The usage event's data: the prompt's parts read from and written to a prompt cache (both
+    counted in prompt_tokens) only when there are any."""
     data: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                             "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens:
+        data["cached_tokens"] = cached_tokens
+    if cache_write_tokens:
+        data["cache_write_tokens"] = cache_write_tokens
     if estimated:
         data["estimated"] = True
     return data
+
+
+def reasoning_json(text: str, signature: str | None) -> dict[str, Any]:
+    """A reasoning event's data: a piece of the model's reasoning, and the signature that closes
+    its block when the upstream gives one."""
+    return {"delta": text, "signature": signature} if signature else {"delta": text}
 
 
 def done_json(finish_reason: str, message_id: uuid.UUID, attempts: list[dict[str, Any]],

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from gateway.generation.events import Event, EventMaker, done_json, metadata_json, usage_json
+from gateway.generation.events import Event, EventMaker, done_json, metadata_json, reasoning_json, usage_json
 from gateway.providers.base import Attempt
 
 
@@ -29,9 +29,17 @@ def replay_events(message: dict[str, Any], after: int = -1) -> list[Event]:
         category=meta.get("category"), auto=meta.get("auto", False),
         fallback_from=None if anonymous else meta.get("fallback_from"), selected=meta.get("selected")))]
     content, pos = message["content"], 0
+    reasoning = iter(meta.get("reasoning", ()))  # [seq, text(, signature)], among the deltas
+    side = next(reasoning, None)
     for length in meta.get("chunks", [len(content)] if content else []):
+        while side is not None and side[0] == len(events):
+            events.append(maker.event(side[0], "reasoning", reasoning_json(side[1], (side[2:] or [None])[0])))
+            side = next(reasoning, None)
         events.append(maker.delta(len(events), content[pos:pos + length]))
         pos += length
+    while side is not None:  # reasoning after the last delta
+        events.append(maker.event(len(events), "reasoning", reasoning_json(side[1], (side[2:] or [None])[0])))
+        side = next(reasoning, None)
     seq = len(events)
     if meta.get("swept"):
         seq = max(seq, after + 1)
@@ -39,7 +47,8 @@ def replay_events(message: dict[str, Any], after: int = -1) -> list[Event]:
         events.append(maker.event(seq, "error", _in_order(message["error"], _ERROR_KEYS)))
     else:
         usage = usage_json(message["prompt_tokens"] or 0, message["completion_tokens"] or 0,
-                           bool(meta.get("estimated")))
+                           bool(meta.get("estimated")), meta.get("cached_tokens", 0),
+                           meta.get("cache_write_tokens", 0))
         if meta.get("usage_suspect"):
             usage["usage_suspect"] = True  # as the live usage event had it (generation.py)
         events.append(maker.event(seq, "usage", usage))

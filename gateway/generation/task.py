@@ -24,10 +24,26 @@ import asyncpg
 from gateway.config import ModelConfig
 from gateway.generation.checkpoints import Checkpointer
 from gateway.generation.durability import FinishWriter
-from gateway.generation.events import Event, EventLog, EventMaker, done_json, metadata_json, usage_json
+from gateway.generation.events import (
+    Event,
+    EventLog,
+    EventMaker,
+    done_json,
+    metadata_json,
+    reasoning_json,
+    usage_json,
+)
 from gateway.observability import tracing
 from gateway.policy.admission import Admission, utc_now
-from gateway.providers.base import ChainObserver, ChatRequest, Finish, ProviderError, TextDelta, UsageReport
+from gateway.providers.base import (
+    ChainObserver,
+    ChatRequest,
+    Finish,
+    ProviderError,
+    ReasoningDelta,
+    TextDelta,
+    UsageReport,
+)
 from gateway.providers.chain import Chain
 from gateway.providers.normalise import charged
 from gateway.providers.registry import ModelRegistry
@@ -68,6 +84,9 @@ class Generation:
         self.parts: list[str] = []  # the reply's text chunks: delta seq k is parts[k - 1]
         self._maker = EventMaker(spec.message_id, spec.slot)
         self.events = EventLog(self._maker, self.parts)
+        # the reasoning events, [seq, text] or [seq, text, signature]: saved in the reply's metadata
+        # (not its content) so a replay gives them back where they were
+        self.reasoning: list[list[Any]] = []
         self.finished = False
         self.status = MessageStatus.STREAMING
         self.task: asyncio.Task[None] | None = None
@@ -133,6 +152,8 @@ class Generation:
                         usage = event
                     elif type(event) is Finish:
                         finish_reason = event.reason
+                    elif type(event) is ReasoningDelta:
+                        self._reasoning(event)
                 self._wake()  # listeners wake once per upstream read, not once per event
                 if checkpoints is not None and len(parts) - checkpoints.saved(message_id) >= checkpoints.max_chunks:
                     checkpoints.nudge()
@@ -169,6 +190,18 @@ class Generation:
             if self.spec.admission is not None:
                 self.spec.admission.done()
             tracing.end_chat(self.status, finish_reason, self._ttft_ms, self.parts, error.kind if error else None)
+
+    def _reasoning(self, event: ReasoningDelta) -> None:
+        """A reasoning event among the deltas (a redacted block has nothing to show: not sent)."""
+        if event.redacted is not None or not (event.text or event.signature):
+            return
+        events = self.events
+        if not events.count:
+            self._ttft_ms = round((time.monotonic() - self._started) * 1000)
+            events.append(self._maker.event(0, "metadata", self.metadata()))
+        seq = events.count
+        events.append_side(self._maker.event(seq, "reasoning", reasoning_json(event.text, event.signature)))
+        self.reasoning.append([seq, event.text, event.signature] if event.signature else [seq, event.text])
 
     def _failed_record(self, error_json: dict[str, Any]) -> FinishRecord:
         """The least that can be saved of a reply whose finish broke: no content, an estimated zero
@@ -233,6 +266,10 @@ class Generation:
                       "finish_reason": finish_reason if error is None else "error", "estimated": estimated,
                       # the upstream's counts were out of range or not believed (see providers/normalise.py)
                       **({"usage_suspect": True} if usage.suspect else {}),
+                      # the prompt's cached parts, for a replay's usage event and a stored response
+                      **({"cached_tokens": usage.cached_tokens} if usage.cached_tokens else {}),
+                      **({"cache_write_tokens": usage.cache_write_tokens} if usage.cache_write_tokens else {}),
+                      **({"reasoning": self.reasoning} if self.reasoning else {}),
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})
         self.chain.observer.usage(record.usage)
@@ -244,7 +281,8 @@ class Generation:
         if error_json is not None:
             self._emit(maker.event(seq, "error", error_json))
         else:
-            usage_data = usage_json(usage.prompt_tokens, usage.completion_tokens, estimated)
+            usage_data = usage_json(usage.prompt_tokens, usage.completion_tokens, estimated, usage.cached_tokens,
+                                    usage.cache_write_tokens)
             if usage.suspect:
                 usage_data["usage_suspect"] = True
             self._emit(maker.event(seq, "usage", usage_data))

@@ -31,7 +31,7 @@ import asyncpg
 
 from gateway.config import Settings
 from gateway.edge.stream_tokens import StreamTokens
-from gateway.errors import Conflict, Forbidden, NotFound, ServiceUnavailable, TooManyRequests
+from gateway.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, TooManyRequests
 from gateway.fleet.follow import RemoteStreams
 from gateway.generation.events import Event
 from gateway.generation.replay import replay_events
@@ -39,7 +39,7 @@ from gateway.generation.task import Generation, GenerationRegistry, GenerationSp
 from gateway.observability import tracing
 from gateway.policy.admission import Admission, Policy, limits_for
 from gateway.providers.base import ChainObserver, ChatRequest, UsageReport, prompt_estimate, text_of
-from gateway.providers.chain import Chain
+from gateway.providers.chain import Chain, refused_by_chain
 from gateway.providers.normalise import charged
 from gateway.providers.registry import ModelRegistry, NotEnoughModels
 from gateway.service.router import RANDOM, Route, route
@@ -172,6 +172,10 @@ class Turns:
         the new message alone, and is taken again for the whole prompt after it (see below)."""
         messages = self.framed(turn, [])
         choice = self.route(turn.model, turn.content, principal)
+        if turn.parts is not None or turn.extra:  # a text-only turn needs no look at its chain
+            refused = refused_by_chain(self._models, choice.model, ChatRequest(messages, extra=turn.extra))
+            if refused is not None:  # no link can express it: a 400 before anything is written
+                raise BadRequest(refused.message)
         # a busy caller's whole admission comes from its quota slice, in memory, and cannot be
         # refused: then the reservation rides in the persist statement (no statement after it),
         # and a retry of an accepted turn is found by that statement (given back: stored.duplicate)

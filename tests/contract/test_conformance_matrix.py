@@ -90,20 +90,6 @@ for _provider in PROVIDERS:
     TODAY["responses", _provider, "tools"] = Expect(
         refused("with store: true the last input item must be a user message"), None,
         "a stored response takes no input that ends with a tool's output: a tool round trip needs store: false")
-    TODAY["responses", _provider, "reasoning"] = Expect(
-        Outcome(text="Hello", finish="stop", prompt_tokens=9, cached_tokens=0), frozenset({"thinking"}),
-        "asked of the upstream, but a stored response is built from the native events, which carry no reasoning")
-    TODAY["api/chat", _provider, "reasoning"] = Expect(
-        Outcome(text="Hello", finish="stop", prompt_tokens=9, cached_tokens=0), NOTHING,
-        "the native stream has no reasoning events: the reasoning is dropped")
-    for _door in ("responses", "api/chat"):
-        TODAY[_door, _provider, "cache usage"] = Expect(
-            Outcome(text="Hello world", finish="stop", prompt_tokens=PROMPT_TOKENS, cached_tokens=0), NOTHING,
-            "the native usage event (which a stored response is built from too) has the prompt's total, "
-            "not its cached part")
-TODAY["api/chat", "gemini", "image by URL"] = Expect(
-    refused(NO_URLS, 0), None, f"never sent and refused with “{NO_URLS}”, but in an error event of a 200 stream, "
-    "not a 400")
 
 
 def expect(door: str, provider: str, feature: str) -> Expect:

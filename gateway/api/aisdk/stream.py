@@ -71,6 +71,8 @@ class UIMessageStream:
                 self._open = True
                 head = chunk({"type": "text-start", "id": self._text_id})
             return head + chunk({"type": "text-delta", "id": self._text_id, "delta": delta})
+        if name == "reasoning":  # not relayed: this stream carries the reply's text
+            return b""
         data = orjson.loads(event.data)
         if name == "metadata":
             self._text_id = data["message_id"]

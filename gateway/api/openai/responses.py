@@ -31,7 +31,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -516,8 +516,12 @@ class _ReplyEvents:
                 data = orjson.loads(event.data)
                 if event.name == "metadata":
                     self.model = data["model"] or ""
+                elif event.name == "reasoning":
+                    batch.append(ReasoningDelta(data["delta"], data.get("signature")))
                 elif event.name == "usage":
-                    batch.append(UsageReport(data["prompt_tokens"], data["completion_tokens"]))
+                    batch.append(UsageReport(data["prompt_tokens"], data["completion_tokens"],
+                                             cached_tokens=data.get("cached_tokens", 0),
+                                             cache_write_tokens=data.get("cache_write_tokens", 0)))
                 elif event.name == "done":
                     batch.append(Finish(data["finish_reason"]))
                 elif event.name == "error":
@@ -713,9 +717,13 @@ def stored_body(row: dict[str, Any]) -> dict[str, Any]:
         status, incomplete = outcome(row["metadata"].get("finish_reason", "stop"))
     item_status = {"completed": "completed", "in_progress": "in_progress"}.get(status, "incomplete")
     output = [shape.message(row["content"], item_status)] if row["content"] or status == "completed" else []
+    output.extend(shape.reasoning(reasoning_blocks(row["metadata"].get("reasoning", ()))))
     usage = None
     if row["prompt_tokens"] is not None:
-        usage = UsageReport(row["prompt_tokens"], row["completion_tokens"] or 0)
+        meta = row["metadata"]
+        usage = UsageReport(row["prompt_tokens"], row["completion_tokens"] or 0,
+                            cached_tokens=meta.get("cached_tokens", 0),
+                            cache_write_tokens=meta.get("cache_write_tokens", 0))
     error = None
     if row["error"] is not None:
         error = {"code": "server_error", "message": str(row["error"].get("message", ""))}
@@ -723,6 +731,19 @@ def stored_body(row: dict[str, Any]) -> dict[str, Any]:
     if row["finished_at"] is not None and status == "completed":
         body["completed_at"] = int(row["finished_at"].timestamp())
     return body
+
+
+def reasoning_blocks(events: Iterable[list[Any]]) -> list[dict[str, str]]:
+    """A stored reply's reasoning events ([seq, text] or [seq, text, signature]) as blocks of
+    {"text", "signature"}, a signature closing its block."""
+    blocks: list[dict[str, str]] = []
+    for event in events:
+        if not blocks or blocks[-1]["signature"]:
+            blocks.append({"text": "", "signature": ""})
+        blocks[-1]["text"] += event[1]
+        if len(event) > 2:
+            blocks[-1]["signature"] = event[2]
+    return blocks
 
 
 _QUERY_INT = re.compile(r"-?(0|[1-9][0-9]{0,9})", re.ASCII)

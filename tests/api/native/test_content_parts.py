@@ -14,6 +14,7 @@ import pytest
 from gateway.providers.demo import demo_reply
 from tests.support.common import MakeClient, User, wait_for
 from tests.support.fakes import FakeUpstream, Reply, openai_stream, parse_sse
+from tests.support.gemini import FakeGemini
 from tests.support.providers import FakeAnthropic
 
 PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9aw"
@@ -137,6 +138,34 @@ async def test_bad_parts_are_a_400_and_persist_nothing(make_client: MakeClient, 
     error = (await resp.json())["error"]
     assert error["type"] == "invalid_request" and words in error["message"], error
     assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 0
+
+
+async def test_parts_no_model_of_the_chain_can_take_are_a_400_naming_it_and_persist_nothing(
+        make_client: MakeClient, config_file: Any, aiohttp_server: Any, user: User, db: Any):
+    fake = FakeGemini()
+    fake.server = await aiohttp_server(fake.app)
+    client = await make_client(GATEWAY_CONFIG=config_file(f"""
+[providers.google]
+kind = "gemini"
+base_url = "{fake.base_url}"
+api_key = "gm-test-0123456789"
+
+[models.gem]
+provider = "google"
+upstream = "gemini-up"
+"""))
+    for stream in (True, False):
+        resp = await client.post("/api/chat", headers=user.headers,
+                                 json={"content": PARTS, "model": "gem", "stream": stream})
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+        assert (error["type"], error["message"]) == ("invalid_request", "model 'gem' cannot take images by URL")
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id) == 0
+    assert await db.fetchval("SELECT count(*) FROM threads WHERE user_id = $1", user.id) == 0
+    assert fake.requests == []
+    resp = await client.post("/api/chat", headers=user.headers,  # an inline image it takes
+                             json={"content": PARTS[:3], "model": "gem", "stream": False})
+    assert resp.status == 202
 
 
 async def test_the_arena_refuses_parts_rather_than_drop_the_images(make_client: MakeClient, user: User, db: Any):
