@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import orjson
 import pytest
@@ -182,8 +182,13 @@ async def test_readyz_says_in_words_why_the_database_is_unavailable(make_client:
     target = urlsplit(database_url)
     relays: list[asyncio.StreamWriter] = []
 
+    socket_dir = parse_qs(target.query).get("host", [""])[0]  # the embedded server: a Unix socket only
+
     async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(target.hostname, target.port or 5432)
+        if socket_dir.startswith("/"):
+            up_reader, up_writer = await asyncio.open_unix_connection(f"{socket_dir}/.s.PGSQL.{target.port or 5432}")
+        else:
+            up_reader, up_writer = await asyncio.open_connection(target.hostname, target.port or 5432)
         relays.extend((writer, up_writer))
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -195,7 +200,8 @@ async def test_readyz_says_in_words_why_the_database_is_unavailable(make_client:
 
     server = await asyncio.start_server(relay, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = await make_client(DATABASE_URL=urlunsplit(target._replace(netloc=f"{target.username}@127.0.0.1:{port}")))
+    client = await make_client(DATABASE_URL=urlunsplit(target._replace(netloc=f"{target.username}@127.0.0.1:{port}",
+                                                                       query="")))
     assert (await client.get("/readyz")).status == 200
 
     server.close()

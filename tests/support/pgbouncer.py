@@ -11,13 +11,14 @@ fails, and says how to install it.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -56,12 +57,17 @@ class PgBouncer:
         users.write_text(f'"{user}" ""\n')
         ini = tmp / "pgbouncer.ini"
         password = f" password={server.password}" if server.password else ""
-        ini.write_text(INI.format(host=server.hostname or "127.0.0.1", port=server.port or 5432, password=password,
+        # the embedded server listens on a Unix socket only (`?host=/its/socket/dir`), in a directory
+        # only its own system user may enter: pgbouncer then runs as that user instead of `nobody`
+        socket_dir = parse_qs(server.query).get("host", [""])[0]
+        host = socket_dir if socket_dir.startswith("/") else server.hostname or "127.0.0.1"
+        ini.write_text(INI.format(host=host, port=server.port or 5432, password=password,
                                   listen=self.port, users=users, pool_size=pool_size))
-        # `nobody` reads both files after dropping root
+        # that user reads both files after dropping root
         for path in (tmp, users, ini):
             path.chmod(0o755 if path.is_dir() else 0o644)
-        as_root = ["-u", "nobody"] if os.geteuid() == 0 else []
+        runs_as = pwd.getpwuid(Path(socket_dir).stat().st_uid).pw_name if socket_dir.startswith("/") else "nobody"
+        as_root = ["-u", runs_as] if os.geteuid() == 0 else []
         self.log = tmp / "pgbouncer.log"
         self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([binary, *as_root, str(ini)], stdout=self._log, stderr=subprocess.STDOUT)
