@@ -11,7 +11,7 @@ What it cannot express at all (`response_format`, logprobs, seeds, penalties) is
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -35,8 +35,8 @@ from gateway.providers.base import (
     UpstreamStreamError,
     UsageReport,
 )
-from gateway.providers.http import Upstream
-from gateway.providers.openai import answer_error, request_headers
+from gateway.providers.http import Connection, Upstream
+from gateway.providers.openai import relay, request_headers
 from gateway.providers.sse_decoder import SSEDecoder
 
 API_VERSION = "2023-06-01"
@@ -254,43 +254,19 @@ class AnthropicProvider:
     def unsupported(self, model: ModelConfig, request: ChatRequest) -> str | None:
         return unsupported(model, request)
 
-    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
-        state = _Usage()
-        conn = await self._upstream.post("/messages", upstream_headers(self._headers),
-                                         orjson.dumps(to_anthropic(model, request)),
-                                         connect_timeout_s=model.connect_timeout_s,
-                                         idle_timeout_s=model.idle_timeout_s)
-        finished = False  # the connection went back to the pool: never close it from here
-        try:
-            if conn.status >= 300:
-                refused = await answer_error(conn, self._secrets)
-                finished = True
-                raise refused
-            decoder = SSEDecoder()
-            while True:
-                chunk = conn.take()
-                if chunk is None:
-                    await conn.readable()  # a bare future: a held stream keeps no read frame
-                    continue
-                if not chunk:
-                    break
-                batch, error = read_events(decoder, chunk, state, self._secrets)
-                if state.stopped:
-                    conn.finish()  # the body's end is drained off the caller's path
-                    finished = True
-                if batch:  # what arrived before a failure is part of the reply
-                    yield batch
-                if error is not None:
-                    raise error
-                if state.stopped:
-                    return
-                del batch  # between reads a held stream keeps no events (nor the bytes they came from)
-            conn.finish()
-            finished = True
-        finally:
-            if not finished:
-                conn.close()
-        raise UpstreamProtocolError("upstream stream ended without message_stop")
+    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
+        state, secrets = _Usage(), self._secrets
+
+        def post() -> Awaitable[Connection]:
+            return self._upstream.post("/messages", upstream_headers(self._headers),
+                                       orjson.dumps(to_anthropic(model, request)),
+                                       connect_timeout_s=model.connect_timeout_s, idle_timeout_s=model.idle_timeout_s)
+
+        def read(decoder: SSEDecoder, chunk: bytes) -> tuple[Batch, bool, ProviderError | None]:
+            batch, error = read_events(decoder, chunk, state, secrets)
+            return batch, state.stopped, error
+
+        return relay(post, read, secrets, "upstream stream ended without message_stop")
 
 
 class _Usage:

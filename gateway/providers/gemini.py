@@ -22,7 +22,7 @@ includes the cached tokens (`cachedContentTokenCount`); the reply's tokens are
 from __future__ import annotations
 
 import secrets as random_ids
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any
 from urllib.parse import quote
 
@@ -47,8 +47,8 @@ from gateway.providers.base import (
     UpstreamProtocolError,
     UpstreamStreamError,
 )
-from gateway.providers.http import Upstream
-from gateway.providers.openai import answer_error, request_headers
+from gateway.providers.http import Connection, Upstream
+from gateway.providers.openai import relay, request_headers
 from gateway.providers.sse_decoder import SSEDecoder
 
 # finishReason as OpenAI's finish_reason; a reason not named here is passed on lower-cased
@@ -307,43 +307,19 @@ class GeminiProvider:
         name = model.upstream.removeprefix("models/")
         return f"/models/{quote(name, safe='-._~')}:streamGenerateContent?alt=sse"
 
-    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
-        body = orjson.dumps(to_gemini(model, request))
-        state = _Reply()
-        conn = await self._upstream.post(self.path(model), upstream_headers(self._headers), body,
-                                         connect_timeout_s=model.connect_timeout_s,
-                                         idle_timeout_s=model.idle_timeout_s)
-        finished = False  # the connection went back to the pool: never close it from here
-        try:
-            if conn.status >= 300:
-                refused = await answer_error(conn, self._secrets)
-                finished = True
-                raise refused
-            decoder = SSEDecoder()
-            while True:
-                chunk = conn.take()
-                if chunk is None:
-                    await conn.readable()  # a bare future: a held stream keeps no read frame
-                    continue
-                if not chunk:
-                    break
-                batch, error = read_events(decoder, chunk, state, self._secrets)
-                if state.stopped:
-                    conn.finish()  # the body's end is drained off the caller's path
-                    finished = True
-                if batch:  # what arrived before a failure is part of the reply
-                    yield batch
-                if error is not None:
-                    raise error
-                if state.stopped:
-                    return
-                del batch  # between reads a held stream keeps no events (nor the bytes they came from)
-            conn.finish()
-            finished = True
-        finally:
-            if not finished:
-                conn.close()
-        raise UpstreamProtocolError("upstream stream ended without a finishReason")
+    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
+        state, secrets = _Reply(), self._secrets
+
+        def post() -> Awaitable[Connection]:
+            return self._upstream.post(self.path(model), upstream_headers(self._headers),
+                                       orjson.dumps(to_gemini(model, request)),
+                                       connect_timeout_s=model.connect_timeout_s, idle_timeout_s=model.idle_timeout_s)
+
+        def read(decoder: SSEDecoder, chunk: bytes) -> tuple[Batch, bool, ProviderError | None]:
+            batch, error = read_events(decoder, chunk, state, secrets)
+            return batch, state.stopped, error
+
+        return relay(post, read, secrets, "upstream stream ended without a finishReason")
 
 
 class _Reply:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -173,41 +173,59 @@ class OpenAIProvider:
                 body[key] = value
         return orjson.dumps(body)
 
-    async def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
-        conn = await self._upstream.post("/chat/completions", upstream_headers(self._headers),
-                                         self.body(model, request), connect_timeout_s=model.connect_timeout_s,
-                                         idle_timeout_s=model.idle_timeout_s)
-        finished = False  # the connection went back to the pool: never close it from here
-        try:
-            if conn.status >= 300:
-                refused = await answer_error(conn, self._secrets)
-                finished = True
-                raise refused
-            decoder = SSEDecoder()
-            while True:
-                chunk = conn.take()
-                if chunk is None:
-                    await conn.readable()  # a bare future: a held stream keeps no read frame
-                    continue
-                if not chunk:
-                    break
-                batch, done, error = read_batch(decoder, chunk, self._secrets)
-                if done:
-                    conn.finish()  # the body's end is drained off the caller's path
-                    finished = True
-                if batch:  # what arrived before a failure is part of the reply
-                    yield batch
-                if error is not None:
-                    raise error
-                if done:
-                    return
-                del batch  # between reads a held stream keeps no events (nor the bytes they came from)
-            conn.finish()
+    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
+        secrets = self._secrets
+
+        def post() -> Awaitable[Connection]:
+            return self._upstream.post("/chat/completions", upstream_headers(self._headers), self.body(model, request),
+                                       connect_timeout_s=model.connect_timeout_s, idle_timeout_s=model.idle_timeout_s)
+
+        return relay(post, lambda decoder, chunk: read_batch(decoder, chunk, secrets), secrets,
+                     "upstream stream ended without [DONE]")
+
+
+# one upstream read through an adapter's parser: (its events, whether the reply ended, the failure that stopped it)
+ReadEvents = Callable[[SSEDecoder, bytes], tuple[Batch, bool, ProviderError | None]]
+
+
+async def relay(post: Callable[[], Awaitable[Connection]], read: ReadEvents, secrets: Secrets,
+                unfinished: str) -> AsyncGenerator[Batch, None]:
+    """One streamed upstream reply as batches of events, for every SSE adapter (OpenAI-compatible,
+    Anthropic, Gemini): `post` sends the request when the reply is first read, `read` parses each
+    upstream read; an error status is the upstream's error (its text scrubbed of `secrets`), a body
+    that ends before `read` says the reply did is `unfinished`."""
+    conn = await post()
+    finished = False  # the connection went back to the pool: never close it from here
+    try:
+        if conn.status >= 300:
+            refused = await answer_error(conn, secrets)
             finished = True
-        finally:
-            if not finished:
-                conn.close()
-        raise UpstreamProtocolError("upstream stream ended without [DONE]")
+            raise refused
+        decoder = SSEDecoder()
+        while True:
+            chunk = conn.take()
+            if chunk is None:
+                await conn.readable()  # a bare future: a held stream keeps no read frame
+                continue
+            if not chunk:
+                break
+            batch, done, error = read(decoder, chunk)
+            if done:
+                conn.finish()  # the body's end is drained off the caller's path
+                finished = True
+            if batch:  # what arrived before a failure is part of the reply
+                yield batch
+            if error is not None:
+                raise error
+            if done:
+                return
+            del batch  # between reads a held stream keeps no events (nor the bytes they came from)
+        conn.finish()
+        finished = True
+    finally:
+        if not finished:
+            conn.close()
+    raise UpstreamProtocolError(unfinished)
 
 
 # what the canonical turn adds to OpenAI's shape, rendered away for an OpenAI-compatible upstream
