@@ -1,37 +1,15 @@
 // The playground's Admin tab, for an admin key: model health (GET /api/admin/models), the
 // configuration reload (POST /api/admin/reload), API keys (create with limits, revoke: /api/keys)
-// and the audit trail (GET /api/admin/audit, in pages). Plain JavaScript; the page's key is the
-// one app.js keeps in localStorage. Everything shown is set as text, never as HTML.
+// and the audit trail (GET /api/admin/audit, in pages). Plain JavaScript; HTTP goes through app.js's
+// helper, with the page's key. Everything shown is set as text, never as HTML.
 "use strict";
 
 (() => {
-  const KEY_STORAGE = "gateway.playground.apiKey"; // app.js's
   const AUDIT_PAGE = 20;
   const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
 
-  async function api(method, path, body) {
-    const headers = { Authorization: `Bearer ${localStorage.getItem(KEY_STORAGE) || ""}` };
-    const init = { method, headers };
-    if (body !== undefined) {
-      headers["Content-Type"] = "application/json";
-      init.body = JSON.stringify(body);
-    }
-    const resp = await fetch(path, init);
-    const text = await resp.text();
-    let data = null;
-    try {
-      data = text ? JSON.parse(text) : null;
-    } catch (_) {
-      data = null;
-    }
-    if (!resp.ok) {
-      const error = (data && data.error) || {};
-      const e = new Error(error.message || `${resp.status} ${resp.statusText}`);
-      e.status = resp.status;
-      throw e;
-    }
-    return data;
-  }
+  // app.js's helper (the page's key; an error carries the answer's status and message)
+  const api = (method, path, body) => window.playground.api(method, path, body);
 
   function cell(text, className) {
     const td = document.createElement("td");

@@ -998,8 +998,10 @@
 
   // ---------------------------------------------------------------- start
 
-  // for trying the resume out by hand (and for tests): drop the live stream and resume it
+  // for trying the resume out by hand (and for tests): drop the live stream and resume it; and the
+  // HTTP helper the Admin tab (admin.js) calls with the page's key
   window.playground = {
+    api,
     dropStream() {
       const current = state.chat || state.arena;
       return current && current.follower ? current.follower.reconnect() : false;
