@@ -106,36 +106,48 @@ chain AS (
     LEFT JOIN api_keys m ON m.id = c.key_id
     WHERE new.api_key_id IS NOT NULL
 ),
+kx AS (
+    SELECT key_id, day, sum(tokens) AS tokens, count(*) AS requests, sum(cost_usd) AS cost_usd,
+           sum(reserved) AS reserved, sum(cost_reserved) AS cost_reserved, max(depth) AS depth
+    FROM chain GROUP BY key_id, day
+),
 k AS (
-    -- `reserved` carries the amount to release; a reservation always made its day's row first,
-    -- so a row created here has nothing reserved (the amount is 0)
-    INSERT INTO key_daily_usage AS k (api_key_id, day, tokens, requests, cost_usd, reserved, cost_reserved)
-    SELECT key_id, day, sum(tokens), count(*), sum(cost_usd), sum(reserved), sum(cost_reserved)
-    FROM chain GROUP BY key_id, day ORDER BY max(depth) DESC, key_id
+    -- `reserved` is the amount to release, taken off a row that exists; a row made here held
+    -- nothing (its key had no cap when admitted), so it starts at 0 (the column's default)
+    INSERT INTO key_daily_usage AS k (api_key_id, day, tokens, requests, cost_usd)
+    SELECT key_id, day, tokens, requests, cost_usd FROM kx ORDER BY depth DESC, key_id
     ON CONFLICT (api_key_id, day) DO UPDATE SET tokens = k.tokens + EXCLUDED.tokens,
         requests = k.requests + EXCLUDED.requests, cost_usd = k.cost_usd + EXCLUDED.cost_usd,
-        reserved = greatest(k.reserved - EXCLUDED.reserved, 0),
-        cost_reserved = greatest(k.cost_reserved - EXCLUDED.cost_reserved, 0)
+        reserved = greatest(k.reserved - (SELECT kx.reserved FROM kx
+                                          WHERE kx.key_id = EXCLUDED.api_key_id AND kx.day = EXCLUDED.day), 0),
+        cost_reserved = greatest(k.cost_reserved - (SELECT kx.cost_reserved FROM kx
+                                                    WHERE kx.key_id = EXCLUDED.api_key_id AND kx.day = EXCLUDED.day), 0)
     RETURNING 1
+),
+dx AS (
+    SELECT user_id, day, sum(prompt_tokens + completion_tokens) AS tokens, count(*) AS requests,
+           sum(cost_usd) AS cost_usd, sum(user_reserved) AS reserved, sum(user_cost_reserved) AS cost_reserved
+    FROM new GROUP BY user_id, day
 ),
 d AS (
-    -- the same for users; it reads k, so k (and its locks) come first
-    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd, reserved, cost_reserved)
-    SELECT user_id, day, sum(prompt_tokens + completion_tokens), count(*), sum(cost_usd), sum(user_reserved),
-           sum(user_cost_reserved)
-    FROM new WHERE (SELECT count(*) FROM k) >= 0 GROUP BY user_id, day
+    -- the same for users (a user without a daily cap has no day row until the first settlement,
+    -- which holds nothing); it reads k, so k (and its locks) come first
+    INSERT INTO daily_usage AS d (user_id, day, tokens, requests, cost_usd)
+    SELECT user_id, day, tokens, requests, cost_usd FROM dx WHERE (SELECT count(*) FROM k) >= 0
     ON CONFLICT (user_id, day) DO UPDATE SET tokens = d.tokens + EXCLUDED.tokens,
         requests = d.requests + EXCLUDED.requests, cost_usd = d.cost_usd + EXCLUDED.cost_usd,
-        reserved = greatest(d.reserved - EXCLUDED.reserved, 0),
-        cost_reserved = greatest(d.cost_reserved - EXCLUDED.cost_reserved, 0)
+        reserved = greatest(d.reserved - (SELECT dx.reserved FROM dx
+                                          WHERE dx.user_id = EXCLUDED.user_id AND dx.day = EXCLUDED.day), 0),
+        cost_reserved = greatest(d.cost_reserved - (SELECT dx.cost_reserved FROM dx
+                                                    WHERE dx.user_id = EXCLUDED.user_id AND dx.day = EXCLUDED.day), 0)
     RETURNING 1
 ),
-b AS (
+bx AS (
     -- the month and lifetime rows (sql/0018), after the day rows: each key of the chain (leaf first,
     -- its month before its total) releases what it held where its limits name that budget; then
     -- the user's (a user row without a budget holds nothing, and the release is floored at 0)
-    INSERT INTO budget_usage AS b (subject, period, tokens, requests, cost_usd, reserved, cost_reserved)
-    SELECT subject, period, sum(tokens), count(*), sum(cost_usd), sum(reserved), sum(cost_reserved) FROM (
+    SELECT subject, period, sum(tokens) AS tokens, count(*) AS requests, sum(cost_usd) AS cost_usd,
+           sum(reserved) AS reserved, sum(cost_reserved) AS cost_reserved, max(ord) AS ord, max(w) AS w FROM (
         SELECT 'k:' || chain.key_id AS subject, p.period, chain.tokens, chain.cost_usd, chain.depth AS ord, p.w,
                CASE WHEN chain.limits ->> p.tkey IS NOT NULL THEN chain.held_tokens ELSE 0 END AS reserved,
                CASE WHEN chain.limits ->> p.ckey IS NOT NULL THEN chain.held_cost ELSE 0 END AS cost_reserved
@@ -146,12 +158,20 @@ b AS (
         SELECT 'u:' || new.user_id, p.period, new.prompt_tokens + new.completion_tokens, new.cost_usd, -1, p.w,
                new.user_reserved, new.user_cost_reserved
         FROM new CROSS JOIN LATERAL (VALUES (to_char(new.day, 'YYYY-MM'), 0), ('total', 1)) AS p (period, w)
-    ) x WHERE (SELECT count(*) FROM d) >= 0
-    GROUP BY subject, period ORDER BY max(ord) DESC, subject, max(w)
+    ) x GROUP BY subject, period
+),
+b AS (
+    -- a row made here held nothing (admission makes the rows of the budgets it reserves on), so it
+    -- starts at 0; an existing row gives back what the replies held on it
+    INSERT INTO budget_usage AS b (subject, period, tokens, requests, cost_usd)
+    SELECT subject, period, tokens, requests, cost_usd FROM bx WHERE (SELECT count(*) FROM d) >= 0
+    ORDER BY ord DESC, subject, w
     ON CONFLICT (subject, period) DO UPDATE SET tokens = b.tokens + EXCLUDED.tokens,
         requests = b.requests + EXCLUDED.requests, cost_usd = b.cost_usd + EXCLUDED.cost_usd,
-        reserved = greatest(b.reserved - EXCLUDED.reserved, 0),
-        cost_reserved = greatest(b.cost_reserved - EXCLUDED.cost_reserved, 0),
+        reserved = greatest(b.reserved - (SELECT bx.reserved FROM bx
+                                          WHERE bx.subject = EXCLUDED.subject AND bx.period = EXCLUDED.period), 0),
+        cost_reserved = greatest(b.cost_reserved - (
+            SELECT bx.cost_reserved FROM bx WHERE bx.subject = EXCLUDED.subject AND bx.period = EXCLUDED.period), 0),
         -- the lifetime row says when its subject last spent (sql/0023: the webhook worker's scan)
         settled_at = CASE WHEN b.period = 'total' THEN now() ELSE b.settled_at END
 ),

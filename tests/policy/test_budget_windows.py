@@ -88,6 +88,21 @@ async def test_fifty_racers_on_two_instances_never_exceed_a_monthly_cap_that_fit
                              user.id) == 40
 
 
+async def test_a_row_first_made_by_a_settlement_holds_nothing_reserved(
+        make_client: MakeClient, config_file: Any, user: User, db: asyncpg.Pool) -> None:
+    # a monthly budget only: admission reserves on the month row and makes no lifetime or day row,
+    # so the settlement makes those, and what it hands back was never held there
+    path = config_file(PRICED.format(name="x_unused", limits="monthly_tokens = 1000"))
+    client = await make_client(GATEWAY_CONFIG=path, DEMO_CHUNKS="10")
+    status, _ = await turn(client, user)
+    assert status == 202
+    await wait_for(lambda: settled(db, user))
+    assert await budget_row(db, f"u:{user.id}", this_month()) == (12, 0, 0.0, 0.0)
+    assert await budget_row(db, f"u:{user.id}", "total") == (12, 0, 0.0, 0.0)
+    day = await db.fetchrow("SELECT tokens, reserved FROM daily_usage WHERE user_id = $1", user.id)
+    assert (day["tokens"], day["reserved"]) == (12, 0)
+
+
 async def test_a_parent_keys_lifetime_cost_budget_is_shared_by_its_child_and_never_resets(
         make_client: MakeClient, config_file: Any, make_user: Any, db: asyncpg.Pool) -> None:
     user = await make_user(("chat", "arena", "admin"))
