@@ -56,13 +56,20 @@ def caller(client: TestClient, user: User) -> Any:
 
 
 async def busy(client: TestClient, user: User, model: str, limit: int = 8) -> int:
-    """Requests in quick succession until this instance holds a slice of the user's quota; how many."""
+    """Requests in quick succession until this instance holds a slice of the user's quota; how many.
+    A lease in flight is waited for (it runs in the background: under load it can outlast a turn)."""
+    quota = client.app[POLICY].quota
     for n in range(1, limit + 1):
         assert await turn(client, user, model) == "ran"
+        leasing = [task for (u, _), task in quota._leasing.items() if u == user.id]
+        if leasing:
+            async with asyncio.timeout(10):
+                await asyncio.gather(*leasing, return_exceptions=True)
         if caller(client, user) is not None:
             return n
-        await asyncio.sleep(0.01)  # a slice is leased in the background
-    raise AssertionError("no slice leased")
+    demand = {c[0] == user.id: round(d.interval, 3) for c, d in quota._demand.items()}.get(True)
+    raise AssertionError(f"no slice leased: {quota.stats.leases} lease statements, the caller's interval "
+                         f"{demand} s, calm until {quota._calm.get(user.id)} (now {quota._now()})")
 
 
 async def quiet(client: TestClient) -> bool:
