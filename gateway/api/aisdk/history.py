@@ -3,7 +3,8 @@
 A user message keeps the id the app gave it (its client_message_id); a reply's id is its row's,
 the `messageId` its stream's `start` chunk announced. Of a message's replies only the newest is
 shown (a regenerate replaces the one before, as useChat does). A reply's metadata is what its
-stream's `start` and `finish` chunks carried, merged, plus its error when it has one.
+stream's `start` and `finish` chunks carried, merged, plus its error when it has one. A reply's
+reasoning parts (one per block its stream showed, a signature closing a block) come before its text.
 """
 
 from __future__ import annotations
@@ -61,6 +62,25 @@ def assistant_message(row: dict[str, Any]) -> dict[str, Any]:
         STATUSES.get(meta.get("finish_reason", "stop"), "complete")
     if row["error"] is not None:
         metadata["error"] = {"type": row["error"].get("type"), "message": row["error"].get("message")}
-    parts = [{"type": "text", "text": row["content"], "state": "streaming" if live else "done"}] \
-        if row["content"] else []
+    parts = reasoning_parts(str(row["id"]), meta.get("reasoning", ()), live)
+    if row["content"]:
+        parts.append({"type": "text", "text": row["content"], "state": "streaming" if live else "done"})
     return {"id": str(row["id"]), "role": "assistant", "parts": parts, "metadata": metadata}
+
+
+def reasoning_parts(mid: str, pieces: Any, live: bool) -> list[dict[str, Any]]:
+    """The reasoning a reply's metadata keeps ([seq, text(, signature)] per event) as the parts its
+    stream made: consecutive pieces are one part until a signature closes it."""
+    parts: list[dict[str, Any]] = []
+    part: dict[str, Any] | None = None
+    for piece in pieces:
+        if part is None:
+            part = {"type": "reasoning", "id": f"{mid}:r{len(parts)}", "text": "", "state": "done"}
+            parts.append(part)
+        part["text"] += piece[1]
+        if len(piece) > 2 and piece[2]:
+            part["providerMetadata"] = {"gateway": {"signature": piece[2]}}
+            part = None
+    if live and part is not None:
+        part["state"] = "streaming"
+    return parts

@@ -8,8 +8,15 @@
     data: [DONE]
 
 A failed or refused reply ends with `{"type":"error","errorText":...}` instead of `finish`; a
-stopped one with `{"type":"abort","reason":"cancelled"}` then `finish` (its usage). Replies carry
-text only: the native turn stores and streams text (no reasoning or tool parts to translate).
+stopped one with `{"type":"abort","reason":"cancelled"}` then `finish` (its usage).
+
+The model's reasoning, when its upstream streams it (native `reasoning` events among the deltas),
+is a reasoning part: `reasoning-start` / `reasoning-delta` / `reasoning-end`, with the id
+`<reply id>:r<n>`, n its place among the message's parts from 0. A text part and a reasoning part
+are never open at once: one ends before the other starts. A text part is `<reply id>:t<n>`, except
+one in the first place, which keeps the reply's id (so a reply without reasoning reads as before).
+A signature closes its reasoning part, carried as `providerMetadata: {"gateway": {"signature": ...}}`
+on `reasoning-end`.
 """
 
 from __future__ import annotations
@@ -52,11 +59,14 @@ def usage_metadata(prompt_tokens: int, completion_tokens: int, estimated: bool) 
 class UIMessageStream:
     """Turns one reply's native events, in order, into UI message stream chunks."""
 
-    __slots__ = ("_text_id", "_open", "_usage")
+    __slots__ = ("_mid", "_text_id", "_open", "_reasoning_id", "_parts", "_usage")
 
     def __init__(self) -> None:
+        self._mid = ""
         self._text_id = ""
-        self._open = False
+        self._open = False  # a text part is open
+        self._reasoning_id: str | None = None  # the open reasoning part's
+        self._parts = 0  # text and reasoning parts started so far
         self._usage: dict[str, Any] | None = None
 
     def frames(self, events: list[Event]) -> bytes:
@@ -68,20 +78,23 @@ class UIMessageStream:
             delta = orjson.loads(event.data)["delta"]
             head = b""
             if not self._open:
+                head = self._close_reasoning()
                 self._open = True
-                head = chunk({"type": "text-start", "id": self._text_id})
+                self._text_id = self._mid if self._parts == 0 else f"{self._mid}:t{self._parts}"
+                self._parts += 1
+                head += chunk({"type": "text-start", "id": self._text_id})
             return head + chunk({"type": "text-delta", "id": self._text_id, "delta": delta})
-        if name == "reasoning":  # not relayed: this stream carries the reply's text
-            return b""
         data = orjson.loads(event.data)
+        if name == "reasoning":
+            return self._reasoning(data["delta"], data.get("signature"))
         if name == "metadata":
-            self._text_id = data["message_id"]
+            self._mid = self._text_id = data["message_id"]
             return chunk({"type": "start", "messageId": data["message_id"], "messageMetadata": start_metadata(data)})
         if name == "usage":
             self._usage = usage_metadata(data["prompt_tokens"], data["completion_tokens"],
                                          bool(data.get("estimated")))
             return b""
-        out = self._close_text()
+        out = self._close_text() + self._close_reasoning()
         if name == "error":
             return out + chunk({"type": "error", "errorText": data["message"]})
         if name == "done":
@@ -95,11 +108,33 @@ class UIMessageStream:
                                 "messageMetadata": metadata})
         return out
 
+    def _reasoning(self, delta: str, signature: str | None) -> bytes:
+        out = b""
+        if self._reasoning_id is None:
+            out = self._close_text()
+            self._reasoning_id = f"{self._mid}:r{self._parts}"
+            self._parts += 1
+            out += chunk({"type": "reasoning-start", "id": self._reasoning_id})
+        if delta:
+            out += chunk({"type": "reasoning-delta", "id": self._reasoning_id, "delta": delta})
+        if signature:
+            out += self._close_reasoning(signature)
+        return out
+
     def _close_text(self) -> bytes:
         if not self._open:
             return b""
         self._open = False
         return chunk({"type": "text-end", "id": self._text_id})
+
+    def _close_reasoning(self, signature: str | None = None) -> bytes:
+        if self._reasoning_id is None:
+            return b""
+        end: dict[str, Any] = {"type": "reasoning-end", "id": self._reasoning_id}
+        if signature:
+            end["providerMetadata"] = {"gateway": {"signature": signature}}
+        self._reasoning_id = None
+        return chunk(end)
 
 
 def lapse_chunk(message: str) -> bytes:

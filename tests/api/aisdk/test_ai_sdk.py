@@ -22,6 +22,9 @@ from tests.support.chat import (
     usage_rows,
     wait_finished,
 )
+from tests.support.conformance import MODELS, SIGNATURE, THOUGHT, FakeMessages, Upstreams
+from tests.support.fakes import FakeUpstream
+from tests.support.gemini import FakeGemini
 
 pytestmark = pytest.mark.processes  # runs Node (see pyproject.toml)
 
@@ -226,3 +229,40 @@ async def test_a_reply_generating_on_one_instance_resumes_from_another_through_r
     whole = usage(PROMPT_TOKENS, saved["completion_tokens"])
     assert result["chunks"] == chunks(mid, str(saved["thread_id"]), TEXTS, whole)
     assert (await run_node(reconnect(b, user, "fleet"))) == {"event": "result", "none": True}
+
+
+@pytest.fixture
+async def upstreams(aiohttp_server: Any) -> Upstreams:
+    made = Upstreams(FakeUpstream(), FakeMessages(), FakeGemini())
+    for fake in (made.openai, made.anthropic, made.gemini):
+        fake.server = await aiohttp_server(fake.app)
+    return made
+
+
+async def test_reasoning_is_a_reasoning_part_before_the_text_live_and_in_the_history(
+        make_client, config_file, upstreams: Upstreams, user, db):
+    client = await make_client(GATEWAY_CONFIG=config_file(upstreams.toml()))
+    upstreams.script("anthropic", "reasoning")  # a thinking block with its signature, then "Hello"
+    result = await run_node(send(client, user, "thinking", [user_message("t1", "Hi")],
+                                 body={"model": MODELS["anthropic"]}))
+    assert result["errors"] == []
+    mid = result["chunks"][0]["messageId"]
+    thread_id = str(await chat_thread(db, user.id, "thinking"))
+    assert result["chunks"][1:] == [
+        {"type": "reasoning-start", "id": f"{mid}:r0"},
+        {"type": "reasoning-delta", "id": f"{mid}:r0", "delta": THOUGHT},
+        {"type": "reasoning-end", "id": f"{mid}:r0", "providerMetadata": {"gateway": {"signature": SIGNATURE}}},
+        {"type": "text-start", "id": f"{mid}:t1"},
+        {"type": "text-delta", "id": f"{mid}:t1", "delta": "Hello"},
+        {"type": "text-end", "id": f"{mid}:t1"},
+        {"type": "finish", "finishReason": "stop", "messageMetadata": {"usage": usage(9, 5), "status": "complete"}}]
+    reasoning = {"type": "reasoning", "id": f"{mid}:r0", "text": THOUGHT, "state": "done",
+                 "providerMetadata": {"gateway": {"signature": SIGNATURE}}}
+    expected = message(mid, thread_id, "Hello", usage(9, 5), model=MODELS["anthropic"], provider="claude")
+    expected["metadata"].update(category=None, auto=False)  # a model named: not routed
+    expected["parts"] = [reasoning, {"type": "text", "text": "Hello", "state": "done"}]
+    assert result["message"] == expected
+    assert (await row(db, mid))["content"] == "Hello"  # the reasoning is not the reply's text
+    history = await run_node(validate(client, user, "thinking"))
+    assert history["status"] == 200
+    assert history["messages"] == [user_message("t1", "Hi"), expected]
