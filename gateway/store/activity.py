@@ -1,10 +1,10 @@
 """SQL for the activity log: rows arrive in batches from a background writer; the audit trail is read
-back from it in keyset pages (sql/0019_audit_trail.sql)."""
+back from it in keyset pages on (at, id) (sql/0019_audit_trail.sql, sql/0026_audit_order.sql)."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 import asyncpg
@@ -34,21 +34,25 @@ async def record_activity_many(pool: asyncpg.Pool, records: list[ActivityRecord]
     await pool.execute(_INSERT, *zip(*records, strict=True))
 
 
-# the rows of the audit trail; the same predicate as the partial index activity_log_audit, so it is used
+# the rows of the audit trail; the same predicate as the partial index activity_log_audit_at, so it is used
 _AUDITED = "method <> 'GET' AND (action LIKE 'keys.%' OR action LIKE 'config.%' OR action LIKE 'account.%')"
+
+# after every row: the first page's bound (timestamptz 'infinity' as asyncpg encodes it)
+_END_OF_TIME = datetime.max.replace(tzinfo=UTC)
 
 _AUDIT_PAGE = f"""
 SELECT a.id, a.at, a.user_id, a.api_key_id, k.name AS key_name, k.prefix AS key_prefix, a.action, a.method,
        a.path, a.status, a.request_id
 FROM activity_log a
 LEFT JOIN api_keys k ON k.id = a.api_key_id
-WHERE {_AUDITED} AND a.id < $1
-ORDER BY a.id DESC
-LIMIT $2
+WHERE {_AUDITED} AND (a.at, a.id) < ($1, $2)
+ORDER BY a.at DESC, a.id DESC
+LIMIT $3
 """
 
 
-async def audit_page(pool: asyncpg.Pool, before: int | None, limit: int) -> list[asyncpg.Record]:
-    """The audit trail, newest first: at most `limit` rows older than the row `before` (a page's
-    cursor, the last id of the previous page). Every user's rows: the caller is an admin."""
-    return list(await pool.fetch(_AUDIT_PAGE, before if before is not None else 2**63 - 1, limit))
+async def audit_page(pool: asyncpg.Pool, before: tuple[datetime, int] | None, limit: int) -> list[asyncpg.Record]:
+    """The audit trail, newest first: at most `limit` rows older than `before` (a page's cursor: the
+    (at, id) of the previous page's last row). Every user's rows: the caller is an admin."""
+    at, row_id = before if before is not None else (_END_OF_TIME, 0)
+    return list(await pool.fetch(_AUDIT_PAGE, at, row_id, limit))

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api.common import caller, json_response
+from gateway.api.native.threads import decode_cursor, encode_cursor
 from gateway.contract.operations import errors, json_content, ok, operation, query, ref, response
 from gateway.errors import BadRequest, ConfigError, ConfigRejected
 from gateway.observability.health import WINDOW_S
@@ -70,11 +71,18 @@ async def audit(request: web.Request) -> web.Response:
     await caller(request, "admin")
     limit = _number(request.query.get("limit", str(PAGE_DEFAULT)), "limit", 1, PAGE_MAX)
     cursor = request.query.get("cursor")
-    before = _number(cursor, "cursor", 1, 2**63 - 1) if cursor is not None else None
+    before = decode_cursor(cursor, _row_id) if cursor is not None else None
     rows = await audit_page(request.app[DB].pool, before, limit + 1)  # one more: is there a next page
     page, more = rows[:limit], len(rows) > limit
     return json_response({"entries": [_entry(r) for r in page],
-                          "next_cursor": str(page[-1]["id"]) if more else None})
+                          "next_cursor": encode_cursor(page[-1]["at"], page[-1]["id"]) if more else None})
+
+
+def _row_id(text: str) -> int:
+    # an activity_log id: ASCII digits, within bigint (int() would also take "1_0" or " 10 ")
+    if not (text.isascii() and text.isdigit() and len(text) <= 19 and int(text) < 2**63):
+        raise ValueError("cursor id")
+    return int(text)
 
 
 def _entry(row: Any) -> dict[str, Any]:

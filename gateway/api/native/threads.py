@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -19,21 +21,24 @@ from gateway.store import arena as arena_store
 from gateway.store import threads as thread_store
 
 PAGE_DEFAULT, PAGE_MAX = 20, 100
+T = TypeVar("T")
 
 
-def encode_cursor(updated_at: datetime, thread_id: uuid.UUID) -> str:
-    return base64.urlsafe_b64encode(f"{updated_at.isoformat()}|{thread_id}".encode()).decode().rstrip("=")
+def encode_cursor(at: datetime, key: object) -> str:
+    """A keyset page's cursor: the (time, key) of the previous page's last row, opaque to clients."""
+    return base64.urlsafe_b64encode(f"{at.isoformat()}|{key}".encode()).decode().rstrip("=")
 
 
-def decode_cursor(raw: str) -> tuple[datetime, uuid.UUID]:
+def decode_cursor(raw: str, key: Callable[[str], T]) -> tuple[datetime, T]:
+    """`encode_cursor`'s (time, key), the key read by `key` (which raises ValueError on a bad one)."""
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-        stamp, _, thread_id = text.partition("|")
-        updated_at = datetime.fromisoformat(stamp)
-        if updated_at.tzinfo is None:  # never issued by us; asyncpg would guess its zone
+        stamp, _, rest = text.partition("|")
+        at = datetime.fromisoformat(stamp)
+        if at.tzinfo is None:  # never issued by us; asyncpg would guess its zone
             raise ValueError("cursor timestamp without a zone")
         # in UTC here, so a forged offset at the edge of the calendar fails now, not in asyncpg
-        return updated_at.astimezone(UTC), uuid.UUID(thread_id)
+        return at.astimezone(UTC), key(rest)
     except (ValueError, OverflowError):
         raise BadRequest("cursor is not valid") from None
 
@@ -61,7 +66,7 @@ async def list_threads(request: web.Request) -> web.Response:
         raise BadRequest(f"limit must be an integer from 1 to {PAGE_MAX}")
     limit = int(raw_limit)
     cursor = request.query.get("cursor")
-    before = decode_cursor(cursor) if cursor else None
+    before = decode_cursor(cursor, uuid.UUID) if cursor else None
     # one extra row tells whether there is a next page
     rows = await thread_store.list_threads(request.app[DB].pool, principal.user_id, limit + 1, before)
     page, more = rows[:limit], len(rows) > limit

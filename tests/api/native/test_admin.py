@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from gateway.api.native.threads import encode_cursor
 from gateway.state import INSTANCE
 from tests.support.chat import first_metadata
 from tests.support.common import MakeClient, User, wait_for
@@ -100,13 +102,13 @@ async def test_the_audit_trail_reads_keys_created_and_revoked_and_reloads_back_i
              "key_prefix": admin_key["prefix"]}
     first = await audit(client, admin, "?limit=2")
     rows = await db.fetch("SELECT id, at FROM activity_log WHERE request_id = ANY($1::text[]) AND action <> "
-                          "'admin.reload' ORDER BY id DESC", request_ids)
+                          "'admin.reload' ORDER BY at DESC, id DESC", request_ids)
     ids = [str(r["id"]) for r in rows]
     assert [(e["id"], e["kind"], e["action"], e["method"], e["path"], e["status"], e["actor"])
             for e in first["entries"]] == [
         (ids[0], "config reloaded", "config.reloaded", "POST", "", 200, actor),
         (ids[1], "key revoked", "keys.revoke_key", "DELETE", f"/api/keys/{key['id']}", 204, actor)]
-    assert first["next_cursor"] == ids[1]
+    assert first["next_cursor"] == encode_cursor(rows[1]["at"], rows[1]["id"])
     assert [e["at"] for e in first["entries"]] == [r["at"].isoformat() for r in rows[:2]]
     second = await audit(client, admin, f"?limit=1&cursor={first['next_cursor']}")
     assert [(e["id"], e["kind"], e["path"], e["status"], e["request_id"]) for e in second["entries"]] == [
@@ -116,9 +118,30 @@ async def test_the_audit_trail_reads_keys_created_and_revoked_and_reloads_back_i
                                          "request_id"}
 
 
+async def test_the_audit_trail_is_in_time_order_when_rows_were_written_out_of_it(
+        make_client: MakeClient, admin: User, db: asyncpg.Pool) -> None:
+    # the activity log's batches and a reload's own row are two writers: a row can get a higher id
+    # than a younger one. Three audited rows, written (id order) 2nd, 3rd, 1st in time.
+    client = await make_client()
+    base = datetime(2001, 2, 3, tzinfo=UTC)  # older than anything else in the log: read from a cursor just after
+    ats = [base + timedelta(milliseconds=ms) for ms in (2, 3, 1)]
+    ids = [await db.fetchval("INSERT INTO activity_log (at, user_id, action, method, path, status) "
+                             "VALUES ($1, $2, 'keys.create_key', 'POST', $3, 201) RETURNING id",
+                             at, admin.id, f"/order/{i}") for i, at in enumerate(ats)]
+    first = await audit(client, admin, f"?limit=2&cursor={encode_cursor(base + timedelta(seconds=1), 0)}")
+    assert [e["path"] for e in first["entries"]] == ["/order/1", "/order/0"]
+    assert first["next_cursor"] == encode_cursor(ats[0], ids[0])
+    second = await audit(client, admin, f"?limit=2&cursor={first['next_cursor']}")
+    assert ([e["path"] for e in second["entries"]], second["next_cursor"]) == (["/order/2"], None)
+
+
 async def test_audit_pages_refuse_a_bad_limit_or_cursor_naming_it(client, admin: User) -> None:
-    for query, name, high in (("?limit=0", "limit", 200), ("?limit=201", "limit", 200),
-                              ("?cursor=x", "cursor", 2**63 - 1), (f"?cursor={uuid.uuid4()}", "cursor", 2**63 - 1)):
+    now = datetime.now(UTC)
+    bad_cursors = ["x", str(uuid.uuid4()), encode_cursor(now, uuid.uuid4()), encode_cursor(now, "1_0"),
+                   encode_cursor(now, 2**63), encode_cursor(now.replace(tzinfo=None), 5)]
+    for query, message in (("?limit=0", "limit must be an integer from 1 to 200"),
+                           ("?limit=201", "limit must be an integer from 1 to 200"),
+                           *((f"?cursor={c}", "cursor is not valid") for c in bad_cursors)):
         resp = await client.get("/api/admin/audit" + query, headers=admin.headers)
         assert resp.status == 400
-        assert (await resp.json())["error"]["message"] == f"{name} must be an integer from 1 to {high}"
+        assert (await resp.json())["error"]["message"] == message

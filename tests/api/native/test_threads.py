@@ -310,4 +310,4 @@ async def test_non_uuid_thread_id_is_a_400(client, user, db, method: str, thread
 
 def test_cursor_round_trips_through_its_encoding():
     stamp, thread_id = datetime.fromisoformat("2025-03-04T05:06:07.123456+00:00"), uuid.uuid4()
-    assert decode_cursor(encode_cursor(stamp, thread_id)) == (stamp, thread_id)
+    assert decode_cursor(encode_cursor(stamp, thread_id), uuid.UUID) == (stamp, thread_id)
