@@ -412,11 +412,14 @@ async def insert_regeneration(pool: asyncpg.Pool, user_id: uuid.UUID, user_messa
 
 # A live reply's partial content, so a crash loses at most the last checkpoint's window. Only rows
 # still streaming are touched: a finish (or a sweep) that got there first wins. `checkpoint_seq` is
-# the seq of the last delta saved; the chunk boundaries keep a replay's ids equal to the live ones.
+# the seq of the last event saved; the chunk boundaries and the reasoning events' seqs (as the
+# finish saves them) keep a replay's ids equal to the live ones. A reply without reasoning gets no
+# `reasoning` key (its NULL is stripped).
 _CHECKPOINT = """
 UPDATE messages m SET content = x.content,
-    metadata = m.metadata || jsonb_build_object('chunks', x.chunks::jsonb, 'checkpoint_seq', x.seq)
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::integer[]) AS x(id, content, chunks, seq)
+    metadata = m.metadata || jsonb_strip_nulls(jsonb_build_object(
+        'chunks', x.chunks::jsonb, 'checkpoint_seq', x.seq, 'reasoning', x.reasoning::jsonb))
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::text[]) AS x(id, content, chunks, seq, reasoning)
 WHERE m.id = x.id AND m.status = 'streaming'
 """
 
@@ -426,13 +429,15 @@ class Checkpoint:
     message_id: uuid.UUID
     content: str
     chunks: list[int]
-    seq: int
+    seq: int  # the seq of the last event saved: a delta (one per chunk) or a reasoning event
+    reasoning: list[list[Any]]  # the reasoning events so far, [seq, text(, signature)]
 
 
 async def checkpoint_many(pool: asyncpg.Pool, checkpoints: list[Checkpoint]) -> int:
     """Save live replies' partial content in one statement; returns how many rows were updated."""
-    # chunk lists go as JSON text: a list of lists would be taken for a two-dimensional array
+    # chunk and reasoning lists go as JSON text: a list of lists would be taken for a two-dimensional array
     status = await pool.execute(_CHECKPOINT, [c.message_id for c in checkpoints], [c.content for c in checkpoints],
                                 [orjson.dumps(c.chunks).decode() for c in checkpoints],
-                                [c.seq for c in checkpoints])
+                                [c.seq for c in checkpoints],
+                                [orjson.dumps(c.reasoning).decode() if c.reasoning else None for c in checkpoints])
     return int(status.rpartition(" ")[2])
