@@ -65,6 +65,13 @@ LEFT JOIN LATERAL ({_history_rows("t.id", "$3", "$4::bigint", "$5::uuid")}) m ON
 WHERE t.id = $1 AND t.user_id = $2
 """
 
+# the messages of that history with content parts (the rest is text, which every upstream takes)
+_HISTORY_PARTS = f"""
+SELECT m.role, m.parts FROM threads t
+LEFT JOIN LATERAL ({_history_rows("t.id", "$3", "NULL::bigint", "NULL::uuid")}) m ON m.parts IS NOT NULL
+WHERE t.id = $1 AND t.user_id = $2
+"""
+
 
 # One statement persists any number of turns (concurrent requests group-commit together): per
 # turn, the user's row when it is missing (a JWT user whose upsert at sign-in failed still keeps
@@ -174,6 +181,17 @@ async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid
         raise NotFound("thread not found")
     return [{"role": r["role"], "content": r["content"] if r["parts"] is None else r["parts"]}
             for r in reversed(rows) if r["role"] is not None]
+
+
+async def history_parts(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID,
+                        limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
+    """The messages of the thread's conversation (as `thread_history` reads it) that have content
+    parts, oldest first, as the upstream gets them; NotFound if not the user's thread. A thread of
+    text alone answers one row of nulls: nothing comes back to look at."""
+    rows = await pool.fetch(_HISTORY_PARTS, thread_id, user_id, limit)
+    if not rows:
+        raise NotFound("thread not found")
+    return [{"role": r["role"], "content": r["parts"]} for r in reversed(rows) if r["role"] is not None]
 
 
 async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[StoredTurn | Exception]:
