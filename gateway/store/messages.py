@@ -272,7 +272,10 @@ m AS (
     UPDATE messages SET status = x.status, content = x.content, model = x.model, provider = x.provider,
         prompt_tokens = x.prompt_tokens, completion_tokens = x.completion_tokens, ttft_ms = x.ttft_ms,
         latency_ms = x.latency_ms, error = x.error,
-        metadata = (messages.metadata - 'swept' - 'checkpoint_seq' - 'reservation' - 'estimated') || x.metadata,
+        -- a finish states its own text's chunks and reasoning (a form saved without its text has
+        -- neither): a checkpoint's must not outlive it, or a replay makes events of text not kept
+        metadata = (messages.metadata - 'swept' - 'checkpoint_seq' - 'chunks' - 'reasoning' - 'reservation'
+                    - 'estimated') || x.metadata,
         finished_at = clock_timestamp()
     FROM x
     WHERE messages.id = x.id

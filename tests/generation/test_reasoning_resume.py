@@ -11,6 +11,7 @@ each test compares exact SSE bytes against what the live listeners got.
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,22 @@ import orjson
 import pytest
 
 from gateway.fleet.follow import checkpointed_events
+from gateway.generation.durability import fallbacks
 from gateway.generation.replay import replay_events
 from gateway.generation.task import Generation
 from gateway.state import GENERATIONS
+from gateway.store import messages as message_store
+from gateway.store.messages import (
+    Checkpoint,
+    FinishRecord,
+    StoredTurn,
+    TurnRequest,
+    checkpoint_many,
+    finish_many,
+    persist_turns,
+)
+from gateway.store.usage import UsageRecord
+from gateway.vocabulary import MessageStatus
 from tests.support.chat import DONE, RETRY, frame, row, stream_path, usage_json, wait_finished
 from tests.support.common import MakeClient, User, wait_for
 from tests.support.fakes import openai_reasoning_stream, parse_sse
@@ -198,6 +212,33 @@ async def test_reasoning_reply_has_the_same_events_live_from_checkpoints_and_rep
             resumed = await client.get(stream_path(mid), headers={**user.headers, "Last-Event-ID": f"{mid}:{k}"})
             assert await resumed.read() == RETRY + b"".join(whole[k + 1:]) + DONE, k
     assert orjson.loads(parse_sse(whole[1])[0].data) == {"delta": script[0][1]}
+
+
+# -- 3. a finish that keeps no text leaves no checkpointed events behind ------------------------------
+
+async def test_a_finish_saved_without_its_text_drops_the_checkpoints_chunks_and_reasoning(
+        user: User, db: asyncpg.Pool) -> None:
+    # a live reply, checkpointed with a reasoning event and two chunks
+    [stored] = await persist_turns(db, [TurnRequest(user_id=user.id, content="hi", client_message_id=None,
+                                                    thread_id=None, instance_id=uuid.uuid4())])
+    assert isinstance(stored, StoredTurn)
+    mid = stored.assistant_message_id
+    assert await checkpoint_many(db, [Checkpoint(message_id=mid, content="Hello", chunks=[3, 2], seq=3,
+                                                 reasoning=[[1, "Hm. "]])]) == 1
+    # its finish, refused for good (a NUL), is saved as the bare reply: no text, no chunks, no reasoning
+    record = FinishRecord(
+        usage=UsageRecord(message_id=mid, user_id=user.id, api_key_id=None, model="m", provider="p",
+                          prompt_tokens=1, completion_tokens=2, estimated=False, cost_usd=0.0,
+                          day=datetime.now(UTC).date()),
+        status=MessageStatus.COMPLETE, content="Hel\x00lo", ttft_ms=1, latency_ms=2, error=None,
+        metadata={"chunks": [4, 2], "reasoning": [[1, "Hm. "]], "finish_reason": "stop"})
+    bare = fallbacks(record)[1]
+    assert bare.content == "" and "chunks" not in bare.metadata
+    assert await finish_many(db, [bare]) == (1, 1)
+    saved = await message_store.get_message(db, user.id, mid)
+    assert saved["content"] == "" and not {"chunks", "reasoning", "checkpoint_seq"} & saved["metadata"].keys()
+    # its replay: the head and the error, not deltas of a text the row no longer holds
+    assert [(e.seq, e.name) for e in replay_events(saved)] == [(0, "metadata"), (1, "error")]
 
 
 async def first_batch(generation: Generation, after: int) -> list[bytes]:
