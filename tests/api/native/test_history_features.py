@@ -90,11 +90,17 @@ async def test_a_thread_with_an_image_by_url_continued_on_gemini_is_a_400_and_wr
     assert await counts(db, user) == before  # nothing written, not even the thread's touch
     assert gemini.requests == [] and len(openai.requests) == 1
 
-    # the same message in a thread without the image is Gemini's to answer
+    # the same message in a thread without the image is Gemini's to answer, and so is its next one
     resp = await client.post("/api/chat", headers=user.headers, json={"content": "And now?", "model": "m-gemini"})
     assert resp.status == 202
+    text_thread = (await resp.json())["thread_id"]
     await settled(db, user)
-    assert len(gemini.requests) == 1
+    resp = await client.post("/api/chat", headers=user.headers,
+                             json={"content": "More?", "thread_id": text_thread, "model": "m-gemini"})
+    assert resp.status == 202
+    await settled(db, user)
+    assert len(gemini.requests) == 2
+    assert [c["role"] for c in gemini.requests[-1]["contents"]] == ["user", "model", "user"]
 
 
 async def test_a_fallback_chain_skips_gemini_for_the_history_and_runs_the_turn_on_the_next_link(
