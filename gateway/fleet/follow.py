@@ -10,9 +10,10 @@ Where the events come from, in order of preference:
    row is looked at: a reply whose instance died is swept to `interrupted` by a surviving
    instance, and the feed ends it from the row, so a listener never waits on a dead publisher.
 2. The database, while Redis is away (or not configured): the row is polled; once the listener
-   has the reply's head, the checkpointed partial content goes out as the deltas it was; when the
-   row has finished, the rest is replayed from it (byte-identical: gateway/generation/replay.py). Redis is
-   tried again on every poll, and the feed goes back to it from where it stands.
+   has the reply's head, the checkpointed partial content goes out as the events it was (deltas,
+   and the reasoning among them, with their live seqs); when the row has finished, the rest is
+   replayed from it (byte-identical: gateway/generation/replay.py). Redis is tried again on every
+   poll, and the feed goes back to it from where it stands.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import asyncpg
 
 from gateway.fleet.wire import after_id, event_of, stream_key
 from gateway.generation.events import Event, EventMaker
-from gateway.generation.replay import replay_events
+from gateway.generation.replay import body_events, replay_events
 from gateway.store import messages as message_store
 from gateway.vocabulary import LIVE_STATUSES
 
@@ -145,26 +146,22 @@ class Feed:
             self._end(row)
             return
         if self.events:  # the head (seq 0) went out: checkpointed chunks are the deltas that follow it
-            self._extend(checkpointed_deltas(row, len(self.events)))
+            self._extend(checkpointed_events(row, len(self.events)))
         await asyncio.sleep(self._poll_s)
 
     async def _row(self) -> dict[str, Any]:
         return await message_store.get_message(self._pool, self._user_id, self.message_id)
 
 
-def checkpointed_deltas(row: dict[str, Any], start: int) -> list[Event]:
-    """The deltas with seq >= `start` in a live row's last checkpoint (delta seq k is chunk k)."""
-    chunks: list[int] = row["metadata"].get("chunks") or []
-    if len(chunks) < start:
+def checkpointed_events(row: dict[str, Any], start: int) -> list[Event]:
+    """The events with seq >= `start` in a live row's last checkpoint: its deltas, and the reasoning
+    events among them, numbered as the live stream numbered them."""
+    meta = row["metadata"]
+    chunks: list[int] = meta.get("chunks") or []
+    reasoning: list[list[Any]] = meta.get("reasoning") or []
+    if len(chunks) + len(reasoning) < start:
         return []
-    maker = EventMaker(row["id"], row["slot"])
-    content, pos = row["content"] or "", sum(chunks[:start - 1])
-    out = []
-    for seq in range(start, len(chunks) + 1):
-        length = chunks[seq - 1]
-        out.append(maker.delta(seq, content[pos:pos + length]))
-        pos += length
-    return out
+    return body_events(EventMaker(row["id"], row["slot"]), row["content"] or "", chunks, reasoning, start - 1)
 
 
 class RemoteStreams:

@@ -1,5 +1,7 @@
 """Checkpoints of live replies: their partial content saved every few seconds, so a crash (kill -9,
-a lost machine) loses at most that window of a reply, never all of it.
+a lost machine) loses at most that window of a reply, never all of it. A checkpoint holds what a
+replay needs to number the events as the live stream did: the text's chunk boundaries and the
+reasoning events' seqs (gateway/generation/replay.py).
 
 One task per app writes every live reply that grew since its last checkpoint in one statement,
 every `interval_s`, or sooner when a reply has `max_chunks` unsaved chunks. The generations pay
@@ -14,7 +16,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from gateway.store.failures import Failure, classify
 from gateway.store.messages import Checkpoint
@@ -27,7 +29,16 @@ class Live(Protocol):
     def parts(self) -> Sequence[str]: ...
 
     @property
+    def reasoning(self) -> Sequence[list[Any]]: ...
+
+    @property
     def finished(self) -> bool: ...
+
+
+def progress(generation: Live) -> int:
+    """The seq of a live reply's newest event between its metadata and its closing events: one per
+    text chunk, one per reasoning event (the reasoning takes seqs among the deltas)."""
+    return len(generation.parts) + len(generation.reasoning)
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +52,13 @@ class Checkpointer:
         self._write = write
         self.interval_s = interval_s
         self.max_chunks = max_chunks
-        self._saved: dict[uuid.UUID, int] = {}  # chunks saved per live reply
+        self._saved: dict[uuid.UUID, int] = {}  # the progress saved per live reply (see `progress`)
         self._nudged = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.written = 0
 
     def nudge(self) -> None:
-        """A reply has max_chunks unsaved: checkpoint now rather than at the next tick."""
+        """A reply has max_chunks unsaved events: checkpoint now rather than at the next tick."""
         self._nudged.set()
 
     def saved(self, message_id: uuid.UUID) -> int:
@@ -76,12 +87,14 @@ class Checkpointer:
         """Write every live reply that grew since its last checkpoint; returns how many were written."""
         batch: list[Checkpoint] = []
         for message_id, generation in self._live.items():
-            parts = generation.parts
-            n = len(parts)
-            if n > self._saved.get(message_id, 0) and not generation.finished:
-                # taken without an await in between: each snapshot is one consistent point of its reply
-                batch.append(Checkpoint(message_id=message_id, content="".join(parts[:n]),
-                                        chunks=[len(p) for p in parts[:n]], seq=n))
+            seq = progress(generation)
+            if seq > self._saved.get(message_id, 0) and not generation.finished:
+                # taken without an await in between: each snapshot is one consistent point of its reply,
+                # its reasoning events' seqs included (without them a replay would renumber the deltas)
+                parts = generation.parts
+                batch.append(Checkpoint(message_id=message_id, content="".join(parts),
+                                        chunks=[len(p) for p in parts], seq=seq,
+                                        reasoning=list(generation.reasoning)))
         for gone in [m for m in self._saved if m not in self._live]:
             del self._saved[gone]
         if not batch:

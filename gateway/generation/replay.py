@@ -1,11 +1,14 @@
-"""A finished reply's events, rebuilt from its stored row with the seqs the live stream gave them.
+"""A reply's events, rebuilt from its stored row with the seqs the live stream gave them.
 
 The finish write stores what this needs: the content, the chunk boundaries (`metadata.chunks`),
-the usage, the error, the attempt trail. A replay is byte-identical to what live listeners got.
+the reasoning events with their seqs (`metadata.reasoning`), the usage, the error, the attempt
+trail. A replay is byte-identical to what live listeners got. A live reply's checkpoint stores the
+same content, chunks and reasoning, so its events so far are rebuilt the same way (`body_events`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -13,10 +16,34 @@ from gateway.generation.events import Event, EventMaker, done_json, metadata_jso
 from gateway.providers.base import Attempt
 
 
+def body_events(maker: EventMaker, content: str, chunks: Sequence[int], reasoning: Sequence[Sequence[Any]],
+                after: int = -1) -> list[Event]:
+    """The events between a reply's metadata (seq 0) and its closing ones, with seq > `after`: one
+    delta per chunk of `content`, and the reasoning events ([seq, text(, signature)], ascending)
+    at their seqs among them. Seqs 1 .. len(chunks) + len(reasoning), so the closing events follow."""
+    out: list[Event] = []
+    seq, pos = 1, 0
+    sides = iter(reasoning)
+    side = next(sides, None)
+    for length in chunks:
+        while side is not None and side[0] == seq:
+            if seq > after:
+                out.append(maker.event(seq, "reasoning", reasoning_json(side[1], (side[2:] or [None])[0])))
+            seq, side = seq + 1, next(sides, None)
+        if seq > after:
+            out.append(maker.delta(seq, content[pos:pos + length]))
+        seq, pos = seq + 1, pos + length
+    while side is not None:  # reasoning after the last delta
+        if seq > after:
+            out.append(maker.event(seq, "reasoning", reasoning_json(side[1], (side[2:] or [None])[0])))
+        seq, side = seq + 1, next(sides, None)
+    return out
+
+
 def replay_events(message: dict[str, Any], after: int = -1) -> list[Event]:
     """The reply's events with seq > `after`.
 
-    A reply swept after its instance died has only its last checkpoint's deltas, while a client
+    A reply swept after its instance died has only its last checkpoint's events, while a client
     may have seen more of it live: its closing events are numbered after the client's position,
     so a resume from any id the client holds gets the outcome (never a 204 that hides it).
     """
@@ -28,19 +55,11 @@ def replay_events(message: dict[str, Any], after: int = -1) -> list[Event]:
         model=None if anonymous else message["model"], provider=None if anonymous else message["provider"],
         category=meta.get("category"), auto=meta.get("auto", False),
         fallback_from=None if anonymous else meta.get("fallback_from"), selected=meta.get("selected")))]
-    content, pos = message["content"], 0
-    reasoning = iter(meta.get("reasoning", ()))  # [seq, text(, signature)], among the deltas
-    side = next(reasoning, None)
-    for length in meta.get("chunks", [len(content)] if content else []):
-        while side is not None and side[0] == len(events):
-            events.append(maker.event(side[0], "reasoning", reasoning_json(side[1], (side[2:] or [None])[0])))
-            side = next(reasoning, None)
-        events.append(maker.delta(len(events), content[pos:pos + length]))
-        pos += length
-    while side is not None:  # reasoning after the last delta
-        events.append(maker.event(len(events), "reasoning", reasoning_json(side[1], (side[2:] or [None])[0])))
-        side = next(reasoning, None)
-    seq = len(events)
+    content = message["content"]
+    chunks = meta.get("chunks", [len(content)] if content else [])
+    reasoning = meta.get("reasoning", ())
+    events += body_events(maker, content, chunks, reasoning, after)
+    seq = 1 + len(chunks) + len(reasoning)
     if meta.get("swept"):
         seq = max(seq, after + 1)
     if message["error"] is not None:

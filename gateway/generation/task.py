@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from gateway.config import ModelConfig
-from gateway.generation.checkpoints import Checkpointer
+from gateway.generation.checkpoints import Checkpointer, progress
 from gateway.generation.durability import FinishWriter
 from gateway.generation.events import (
     Event,
@@ -81,7 +81,7 @@ class Generation:
         self.request = request
         self._save = save
         self._checkpoints = checkpoints
-        self.parts: list[str] = []  # the reply's text chunks: delta seq k is parts[k - 1]
+        self.parts: list[str] = []  # the reply's text chunks, in order (the deltas' seqs skip the reasoning's)
         self._maker = EventMaker(spec.message_id, spec.slot)
         self.events = EventLog(self._maker, self.parts)
         # the reasoning events, [seq, text] or [seq, text, signature]: saved in the reply's metadata
@@ -155,7 +155,8 @@ class Generation:
                     elif type(event) is ReasoningDelta:
                         self._reasoning(event)
                 self._wake()  # listeners wake once per upstream read, not once per event
-                if checkpoints is not None and len(parts) - checkpoints.saved(message_id) >= checkpoints.max_chunks:
+                if (checkpoints is not None
+                        and progress(self) - checkpoints.saved(message_id) >= checkpoints.max_chunks):
                     checkpoints.nudge()
             self.status = MessageStatus.COMPLETE
         except ProviderError as e:

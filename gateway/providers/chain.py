@@ -14,6 +14,9 @@ Retry-After when that fits in the budget. Models whose circuit is open are skipp
 deployments cooling down after a 429/5xx (their model's other deployments serve meanwhile), and
 links whose upstream cannot express the turn (`base.Unsupported`: never sent; when no link can,
 that is the chain's failure, which the doors answer as a 400 naming the feature and the model).
+The doors ask first (`refused_by_chain`), for the whole prompt: a thread's history included, which
+they read for it only when the chain could refuse some of what a history holds
+(`history_may_be_refused`).
 
 A request with a bound (`max_tokens`, which the policy sets whenever a cap reserves for the reply)
 is relayed up to `relay_chars` of it, by the gateway's estimate: past that the upstream ignored
@@ -33,7 +36,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import ModelConfig
 from gateway.observability import tracing
@@ -116,6 +119,21 @@ def refused_by_chain(registry: ModelRegistry, name: str, request: ChatRequest) -
             return None
         first = first or Unsupported(feature, model.name)
     return first
+
+
+# Content parts as a thread's stored messages can hold them (the doors store text and images, by
+# URL or inline, of any image type): what a turn continuing a thread may carry besides its own message
+_STORED_PARTS: list[dict[str, Any]] = [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "https://history.invalid/image"}},
+    {"type": "image_url", "image_url": {"url": "data:image/x-any;base64,AA=="}}]}]
+
+
+def history_may_be_refused(registry: ModelRegistry, name: str, request: ChatRequest) -> bool:
+    """Whether model `name`'s chain could refuse `request` (a new turn) for what a thread's history
+    holds before it: False when a link takes the turn after any content parts a history can hold (an
+    OpenAI-compatible link takes every turn as it comes), so a door need not read the history to know."""
+    probe = ChatRequest([*_STORED_PARTS, *request.messages], extra=request.extra, thinking=request.thinking)
+    return refused_by_chain(registry, name, probe) is not None
 
 
 @dataclass(slots=True)  # no attribute dict: a held stream keeps its chain

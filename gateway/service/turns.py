@@ -39,7 +39,7 @@ from gateway.generation.task import Generation, GenerationRegistry, GenerationSp
 from gateway.observability import tracing
 from gateway.policy.admission import Admission, Policy, limits_for
 from gateway.providers.base import ChainObserver, ChatRequest, UsageReport, prompt_estimate, text_of
-from gateway.providers.chain import Chain, refused_by_chain
+from gateway.providers.chain import Chain, history_may_be_refused, refused_by_chain
 from gateway.providers.normalise import charged
 from gateway.providers.registry import ModelRegistry, NotEnoughModels
 from gateway.service.router import RANDOM, Route, route
@@ -169,12 +169,29 @@ class Turns:
 
         The commit is the one round trip before the upstream call: a thread's
         history comes back from the persist statement itself, so anything decided before it counts
-        the new message alone, and is taken again for the whole prompt after it (see below)."""
+        the new message alone, and is taken again for the whole prompt after it (see below). The one
+        exception: a chain that could refuse what a history holds (no OpenAI-compatible link) gets the
+        history's messages with content parts read first, so that a turn it cannot express is a 400
+        with nothing written, whichever of its messages holds the feature."""
         messages = self.framed(turn, [])
         choice = self.route(turn.model, turn.content, principal)
-        if turn.parts is not None or turn.extra:  # a text-only turn needs no look at its chain
-            refused = refused_by_chain(self._models, choice.model, ChatRequest(messages, extra=turn.extra))
+        # the thread's earlier messages go upstream too: the few with content parts are read before
+        # the commit, only when the chain could refuse such parts (a chain with an OpenAI-compatible
+        # link takes any history: no read, the commit stays the one round trip)
+        earlier: list[dict[str, Any]] = []
+        if turn.thread_id is not None and history_may_be_refused(
+                self._models, choice.model, ChatRequest(messages, extra=turn.extra)):
+            earlier = await message_store.history_parts(self._pool, principal.user_id, turn.thread_id)
+        if earlier or turn.parts is not None or turn.extra:  # a text-only turn needs no look at its chain
+            refused = refused_by_chain(self._models, choice.model,
+                                       ChatRequest(self.framed(turn, earlier), extra=turn.extra))
             if refused is not None:  # no link can express it: a 400 before anything is written
+                if turn.client_message_id is not None:
+                    # unless it retries a turn accepted before its thread changed: that turn's rows
+                    existing = await message_store.find_duplicate(self._pool, principal.user_id,
+                                                                  turn.client_message_id)
+                    if existing is not None:
+                        return existing
                 raise BadRequest(refused.message)
         # a busy caller's whole admission comes from its quota slice, in memory, and cannot be
         # refused: then the reservation rides in the persist statement (no statement after it),
@@ -250,6 +267,9 @@ class Turns:
         parts = user_message["parts"]
         messages.append({"role": "user", "content": user_message["content"] if parts is None else parts})
         choice = self.route(model, user_message["content"], principal)
+        refused = refused_by_chain(self._models, choice.model, ChatRequest(messages))  # the history read above
+        if refused is not None:  # a 400 before anything is written, as for a new turn
+            raise BadRequest(refused.message)
         with tracing.span("gateway.rate_limit"):
             await self._policy.admit_rate(principal)
         made = await message_store.insert_regeneration(pool, user_id, user_message, client_request_id,

@@ -65,6 +65,13 @@ LEFT JOIN LATERAL ({_history_rows("t.id", "$3", "$4::bigint", "$5::uuid")}) m ON
 WHERE t.id = $1 AND t.user_id = $2
 """
 
+# the messages of that history with content parts (the rest is text, which every upstream takes)
+_HISTORY_PARTS = f"""
+SELECT m.role, m.parts FROM threads t
+LEFT JOIN LATERAL ({_history_rows("t.id", "$3", "NULL::bigint", "NULL::uuid")}) m ON m.parts IS NOT NULL
+WHERE t.id = $1 AND t.user_id = $2
+"""
+
 
 # One statement persists any number of turns (concurrent requests group-commit together): per
 # turn, the user's row when it is missing (a JWT user whose upsert at sign-in failed still keeps
@@ -176,6 +183,17 @@ async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid
             for r in reversed(rows) if r["role"] is not None]
 
 
+async def history_parts(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID,
+                        limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
+    """The messages of the thread's conversation (as `thread_history` reads it) that have content
+    parts, oldest first, as the upstream gets them; NotFound if not the user's thread. A thread of
+    text alone answers one row of nulls: nothing comes back to look at."""
+    rows = await pool.fetch(_HISTORY_PARTS, thread_id, user_id, limit)
+    if not rows:
+        raise NotFound("thread not found")
+    return [{"role": r["role"], "content": r["parts"]} for r in reversed(rows) if r["role"] is not None]
+
+
 async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[StoredTurn | Exception]:
     """Persist the turns in one statement; per turn, its StoredTurn (a duplicate's is the stored one)
     or the error to raise (NotFound, Conflict)."""
@@ -254,7 +272,10 @@ m AS (
     UPDATE messages SET status = x.status, content = x.content, model = x.model, provider = x.provider,
         prompt_tokens = x.prompt_tokens, completion_tokens = x.completion_tokens, ttft_ms = x.ttft_ms,
         latency_ms = x.latency_ms, error = x.error,
-        metadata = (messages.metadata - 'swept' - 'checkpoint_seq' - 'reservation' - 'estimated') || x.metadata,
+        -- a finish states its own text's chunks and reasoning (a form saved without its text has
+        -- neither): a checkpoint's must not outlive it, or a replay makes events of text not kept
+        metadata = (messages.metadata - 'swept' - 'checkpoint_seq' - 'chunks' - 'reasoning' - 'reservation'
+                    - 'estimated') || x.metadata,
         finished_at = clock_timestamp()
     FROM x
     WHERE messages.id = x.id
@@ -412,11 +433,14 @@ async def insert_regeneration(pool: asyncpg.Pool, user_id: uuid.UUID, user_messa
 
 # A live reply's partial content, so a crash loses at most the last checkpoint's window. Only rows
 # still streaming are touched: a finish (or a sweep) that got there first wins. `checkpoint_seq` is
-# the seq of the last delta saved; the chunk boundaries keep a replay's ids equal to the live ones.
+# the seq of the last event saved; the chunk boundaries and the reasoning events' seqs (as the
+# finish saves them) keep a replay's ids equal to the live ones. A reply without reasoning gets no
+# `reasoning` key (its NULL is stripped).
 _CHECKPOINT = """
 UPDATE messages m SET content = x.content,
-    metadata = m.metadata || jsonb_build_object('chunks', x.chunks::jsonb, 'checkpoint_seq', x.seq)
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::integer[]) AS x(id, content, chunks, seq)
+    metadata = m.metadata || jsonb_strip_nulls(jsonb_build_object(
+        'chunks', x.chunks::jsonb, 'checkpoint_seq', x.seq, 'reasoning', x.reasoning::jsonb))
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::text[]) AS x(id, content, chunks, seq, reasoning)
 WHERE m.id = x.id AND m.status = 'streaming'
 """
 
@@ -426,13 +450,15 @@ class Checkpoint:
     message_id: uuid.UUID
     content: str
     chunks: list[int]
-    seq: int
+    seq: int  # the seq of the last event saved: a delta (one per chunk) or a reasoning event
+    reasoning: list[list[Any]]  # the reasoning events so far, [seq, text(, signature)]
 
 
 async def checkpoint_many(pool: asyncpg.Pool, checkpoints: list[Checkpoint]) -> int:
     """Save live replies' partial content in one statement; returns how many rows were updated."""
-    # chunk lists go as JSON text: a list of lists would be taken for a two-dimensional array
+    # chunk and reasoning lists go as JSON text: a list of lists would be taken for a two-dimensional array
     status = await pool.execute(_CHECKPOINT, [c.message_id for c in checkpoints], [c.content for c in checkpoints],
                                 [orjson.dumps(c.chunks).decode() for c in checkpoints],
-                                [c.seq for c in checkpoints])
+                                [c.seq for c in checkpoints],
+                                [orjson.dumps(c.reasoning).decode() if c.reasoning else None for c in checkpoints])
     return int(status.rpartition(" ")[2])

@@ -45,6 +45,21 @@ def openai_stream(texts: list[str], prompt_tokens: int = 9, completion_tokens: i
     return events
 
 
+def openai_reasoning_stream(script: list[tuple[str, str]], prompt_tokens: int = 7) -> list[bytes]:
+    """An OpenAI-compatible stream with the model's reasoning among its text, as DeepSeek, vLLM and
+    Groq send it: role chunk, then one chunk per `(kind, text)` of `script` (`"reasoning"`: a
+    `delta.reasoning_content`, `"content"`: a `delta.content`), finish chunk, usage chunk, [DONE].
+    Piece k + 1 is script item k."""
+    events = [openai_chunk({"role": "assistant", "content": ""})]
+    events += [openai_chunk({"reasoning_content": t} if kind == "reasoning" else {"content": t})
+               for kind, t in script]
+    events.append(openai_chunk({}, "stop"))
+    events.append(openai_chunk(usage={"prompt_tokens": prompt_tokens, "completion_tokens": len(script),
+                                      "total_tokens": prompt_tokens + len(script)}, choices=False))
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
 def split_every(data: bytes, size: int = 1) -> list[bytes]:
     return [data[i:i + size] for i in range(0, len(data), size)]
 

@@ -227,15 +227,16 @@ def parse_events(raw: bytes) -> list[dict[str, Any]]:
 
 class SteppedUpstream:
     """An OpenAI-compatible upstream on loopback that streams `texts` and waits, before the piece
-    numbered k (the role chunk is piece 0, text i is piece i + 1), until the test calls `step(k)`."""
+    numbered k (the role chunk is piece 0, text i is piece i + 1), until the test calls `step(k)`.
+    `pieces`: a stream of the test's own instead (e.g. fakes.openai_reasoning_stream)."""
 
-    def __init__(self, texts: list[str], holds: tuple[int, ...] = ()) -> None:
+    def __init__(self, texts: list[str], holds: tuple[int, ...] = (), pieces: list[bytes] | None = None) -> None:
         from aiohttp import web
 
         from tests.support.fakes import openai_stream
 
         self.texts = texts
-        self.pieces = openai_stream(texts, prompt_tokens=7)
+        self.pieces = openai_stream(texts, prompt_tokens=7) if pieces is None else pieces
         self.gates = {k: asyncio.Event() for k in holds}
         self.requests = 0
         self.server: Any = None
@@ -270,8 +271,9 @@ class SteppedUpstream:
 
 @pytest.fixture
 def stepped(aiohttp_server: Any) -> Any:
-    async def make(texts: list[str], holds: tuple[int, ...] = ()) -> SteppedUpstream:
-        fake = SteppedUpstream(texts, holds)
+    async def make(texts: list[str], holds: tuple[int, ...] = (),
+                   pieces: list[bytes] | None = None) -> SteppedUpstream:
+        fake = SteppedUpstream(texts, holds, pieces)
         fake.server = await aiohttp_server(fake.app)
         return fake
 
