@@ -54,6 +54,17 @@ class Gateway(Bench):
         wait_up(self.gateway, f"http://127.0.0.1:{a.gateway_port}/readyz", 120, "gateway", logfile)
         from run import postmaster_pid
         self.db_pid = postmaster_pid(self.data_dir)
+        log(what_runs(self.gateway.pid))
+
+
+def what_runs(pid: int) -> str:
+    """Which code the gateway process runs and on which loop, from /proc: its `gateway` package is
+    this checkout's (run from its root with `-m`), and uvloop's extension is loaded or not."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    cwd = Path(f"/proc/{pid}/cwd").resolve()
+    uvloop = "uvloop" in maps
+    return (f"gateway code: {cwd}/gateway" + ("" if cwd == HERE.parent else f" (not this checkout, {HERE.parent})")
+            + f", uvloop {'loaded' if uvloop else 'NOT loaded (pip install uvloop for the figures users get)'}")
 
 
 def _pin(cpus: set[int]) -> None:

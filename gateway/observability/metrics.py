@@ -79,6 +79,8 @@ class Metrics:
         self.active_streams = Gauge("gateway_active_streams", "Open SSE responses", registry=r)
         # label lookups are cached: one dict hit per request instead of prometheus-client's validation
         self._request_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # and so are the per-model series of the chain's reports (a few per reply, each once per model)
+        self._model_series: dict[tuple[Any, tuple[str, ...]], Any] = {}
         # under `serve --workers N`: the other workers, whose series every scrape adds in (combined.py)
         self.siblings: Siblings | None = None
 
@@ -109,7 +111,7 @@ class Metrics:
 
     def attempt_answered(self, model: ModelConfig, seconds: float, planned: ModelConfig) -> None:
         """An attempt delivered its first event `seconds` after it started; `planned` is the chain's first model."""
-        self.first_token.labels(model.name, model.provider).observe(seconds)
+        self._series(self.first_token, model.name, model.provider).observe(seconds)
         if model is not planned:
             self.fallbacks.labels(planned.name, model.name).inc()
 
@@ -119,13 +121,21 @@ class Metrics:
     def reply_streamed(self, model: ModelConfig, batches: int, seconds: float) -> None:
         """A reply's batches after its first: `batches` of them over `seconds`; observes the mean gap."""
         if batches:
-            self.chunk_gap.labels(model.name, model.provider).observe(seconds / batches)
+            self._series(self.chunk_gap, model.name, model.provider).observe(seconds / batches)
 
     def usage(self, record: UsageRecord) -> None:
         """A finished reply's tokens and cost."""
-        self.tokens.labels(record.model, "prompt").inc(max(0, record.prompt_tokens))
-        self.tokens.labels(record.model, "completion").inc(max(0, record.completion_tokens))
-        self.cost.labels(record.model).inc(max(0.0, record.cost_usd))
+        self._series(self.tokens, record.model, "prompt").inc(max(0, record.prompt_tokens))
+        self._series(self.tokens, record.model, "completion").inc(max(0, record.completion_tokens))
+        self._series(self.cost, record.model).inc(max(0.0, record.cost_usd))
+
+    def _series(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: later calls are one dict hit (prometheus-client
+        keeps every labelled series for good too, so this holds nothing it would not)."""
+        series = self._model_series.get((metric, labels))
+        if series is None:
+            series = self._model_series[(metric, labels)] = metric.labels(*labels)
+        return series
 
     def cache(self, name: str) -> tuple[Counter, Counter]:
         """The (hit, miss) counters of one cache, resolved once by its owner."""

@@ -250,6 +250,34 @@ def limits_for(config: LimitsConfig, principal: Principal) -> Limits:
                                                 config.total_cost_usd))
 
 
+class LimitsCache:
+    """`limits_for`, once per configuration and key: a cached key's Principal (edge/auth.py) carries
+    the same limits dict and ancestors tuple on every request, so its Limits are computed once, not
+    twice per request (the admission and the OpenAI route's rate-limit headers) for every request.
+    Entries are checked by identity, so a key read again (its limits changed) computes afresh."""
+
+    MAX_ENTRIES = 4096  # keys in use at once; past it the cache starts over
+
+    __slots__ = ("_known",)
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[int, int, int, uuid.UUID | None],
+                          tuple[LimitsConfig, dict[str, Any] | None, tuple[Any, ...], Limits]] = {}
+
+    def get(self, config: LimitsConfig, principal: Principal) -> Limits:
+        own, ancestors = principal.limits, principal.ancestors
+        key = (id(config), id(own), id(ancestors), principal.api_key_id)
+        hit = self._known.get(key)
+        # the objects themselves are kept in the entry, so an id seen here cannot be a reused one
+        if hit is not None and hit[0] is config and hit[1] is own and hit[2] is ancestors:
+            return hit[3]
+        limits = limits_for(config, principal)
+        if len(self._known) >= self.MAX_ENTRIES:
+            self._known.clear()
+        self._known[key] = (config, own, ancestors, limits)
+        return limits
+
+
 def _bounds(limits: Limits, max_tokens: int | None, reasons: list[str]) -> tuple[int | None, int]:
     """What the upstream is told (the client's max_tokens, or the ceiling when it is lower: said in
     `reasons`) and the worst case reserved for. A client that names no bound gets the one the
@@ -289,6 +317,7 @@ class Policy:
                  models: Mapping[str, ModelConfig] | None = None, instance_id: uuid.UUID | None = None,
                  leasing: bool | None = None, settlements: Settlements | None = None) -> None:
         self._config = config
+        self.limits = LimitsCache()  # the OpenAI route's rate-limit headers read it too
         self._pool = pool
         # the usage records this process has queued release what finished requests reserved: a cap
         # about to refuse or clamp has them written first
@@ -409,7 +438,7 @@ class Policy:
         """The abuse limit alone, for the edge (before anything is written): a slot in this minute's
         window of the user and of each key of its chain that has one; TooManyRequests (nothing
         taken) when one is full. An `admit(..., rate=False)` for the same request then skips them."""
-        limits = limits_for(self._config, principal)
+        limits = self.limits.get(self._config, principal)
         keys = tuple(replace(k, daily=None, cost=None, streams=None, budgets=None)
                      for k in limits.key_chain if k.rpm is not None)
         if limits.user_rpm is None and not keys:
@@ -436,7 +465,7 @@ class Policy:
         """`share`: this request is admitted together with share - 1 others (the arena's slots),
         so a daily reservation takes at most 1/share of what remains. `rate=False`: the request's
         per-minute slots were taken already (`admit_rate`, at the edge)."""
-        full = limits = limits_for(self._config, principal)
+        full = limits = self.limits.get(self._config, principal)
         if not rate:
             chain = (replace(k, rpm=None) for k in limits.key_chain)
             limits = replace(limits, user_rpm=None, key_rpm=None, key_chain=tuple(k for k in chain if k.limited))
@@ -478,7 +507,7 @@ class Policy:
         here: that needs the day's totals, so a turn that may be downgraded takes the usual way."""
         if self.quota is None:
             return None
-        limits = limits_for(self._config, principal)
+        limits = self.limits.get(self._config, principal)
         if (not limits.in_database or limits.budgeted
                 or (limits.models is not None and model not in limits.models)):
             return None

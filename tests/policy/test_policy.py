@@ -410,3 +410,25 @@ async def test_the_rate_limit_may_be_taken_at_the_edge_and_the_rest_after(db, ma
         await policy.admit_rate(principal)
     assert await db.fetchval(windows, f"k:{key_id}") == 2  # the refused call took nothing
     await policy.release(admission, user.id, key_id)
+
+
+def test_limits_cache_computes_a_keys_limits_once_and_afresh_when_its_limits_are_read_again():
+    from gateway.policy.admission import LimitsCache, limits_for
+
+    config = LimitsConfig(requests_per_minute=60, daily_tokens=1000)
+    key_id, user_id = uuid.uuid4(), uuid.uuid4()
+    own = {"requests_per_minute": 5, "daily_tokens": 50}
+    principal = Principal(user_id=user_id, email=None, api_key_id=key_id, scopes=frozenset({"chat"}), limits=own)
+    cache = LimitsCache()
+    first = cache.get(config, principal)
+    assert first == limits_for(config, principal) and first.key_rpm == 5 and first.key_daily == 50
+    # the next request of the same cached key: a new Principal around the same record's objects
+    again = Principal(user_id=user_id, email=None, api_key_id=key_id, scopes=frozenset({"chat"}), limits=own)
+    assert cache.get(config, again) is first
+    # the key read again after its limits changed: a new dict, so new limits
+    changed = Principal(user_id=user_id, email=None, api_key_id=key_id, scopes=frozenset({"chat"}),
+                        limits={"requests_per_minute": 7})
+    assert cache.get(config, changed).key_rpm == 7 and cache.get(config, changed).key_daily is None
+    # another configuration (a reload) is another entry
+    assert cache.get(LimitsConfig(daily_tokens=5), principal).user_daily == 5
+    assert cache.get(config, principal) is first

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from aiohttp import web
 
 from gateway.edge.auth import Principal
-from gateway.policy.admission import Limits, limits_for
+from gateway.policy.admission import Limits
 from gateway.state import DB, POLICY, SETTINGS
 from gateway.store import limits as store
 
@@ -137,7 +137,7 @@ class RateLimitHeaders:
     __slots__ = ("_task", "_known")
 
     def __init__(self, request: web.Request, principal: Principal) -> None:
-        limits = limits_for(request.app[SETTINGS].limits, principal)
+        limits = request.app[POLICY].limits.get(request.app[SETTINGS].limits, principal)
         self._task: asyncio.Task[dict[str, str]] | None = None
         self._known: dict[str, str] = {}
         if not _limited(limits):
