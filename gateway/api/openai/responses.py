@@ -481,7 +481,7 @@ async def _stored(request: web.Request, principal: Principal, req: ResponsesRequ
                   thread_id: uuid.UUID | None) -> web.StreamResponse:
     turns = request.app[TURNS]
     prompt = req.messages[req.prompt_at:]
-    if len(prompt) == 1:  # a user message, stored as POST /api/chat stores one
+    if len(prompt) == 1 and prompt[0]["role"] == "user":  # stored as POST /api/chat stores one
         content = prompt[0]["content"]
         text, parts, whole = text_of(content), content if isinstance(content, list) else None, None
     else:  # a tool round: its messages are kept with the text of its user messages
