@@ -184,6 +184,13 @@ async def test_a_stored_tool_round_trip_reaches_each_provider_in_its_shape(
     assert second["output_text"] == "Sunny, 18C."
     assert (await retrieved(gateway, user, second["id"]))["output"] == second["output"]
     assert (await retrieved(gateway, user, first["id"]))["output"] == first["output"]
+    replay = await gateway.get(f"/v1/responses/{first['id']}", params={"stream": "true"}, headers=user.headers)
+    events = [orjson.loads(e.data) for e in parse_sse(await replay.read())]
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    assert events[-1]["response"]["output"] == first["output"]
 
     received = upstreams.received(provider)
     assert len(received) == 2
