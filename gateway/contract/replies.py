@@ -132,6 +132,10 @@ class Done(Struct, kw_only=True):
     finish_reason: str
     message_id: uuid.UUID
     attempts: list[dict[str, Any]] | UnsetType = UNSET
+    tool_calls: Annotated[list[dict[str, Any]],
+                          Meta(description="The reply's whole tool calls ({id, type, function: {name, arguments}}), "
+                                           "when it made any (only a request that declared tools can)")] | UnsetType = (
+        UNSET)
 
 
 class ErrorEvent(Struct, kw_only=True):

@@ -82,8 +82,9 @@ DOCUMENTED: tuple[type[Struct], ...] = (InputMessage, FunctionCall, FunctionCall
                                         ToolChoiceFunction)
 _ITEMS = {"type": "array", "minItems": 1, "items": {"anyOf": [ref(s.__name__) for s in DOCUMENTED[:3]]},
           "description": "Message items and the tool loop's function_call / function_call_output items; with "
-                         "store: true the last must be a user message (it is stored; the others are sent for "
-                         "this turn only)"}
+                         "store: true the last must be a user message or a function_call_output (the prompt "
+                         "stored: that user message with the tools' outputs right before it, or the tool round "
+                         "the input ends with; the others are sent for this turn only)"}
 Checked = Annotated[str, Meta(extra_json_schema={"pattern": NO_NUL})]  # NUL refused by the door
 
 

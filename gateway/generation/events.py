@@ -10,6 +10,8 @@ once too, on first use, so any number of listeners write the same bytes.
                  reasoning  among the deltas, when the upstream streams its reasoning:
                             {"delta": "...", "signature": "..." when it gives one}
     seq n+1      usage      then done; or error instead of both
+    seq n+2      done       {"finish_reason", "message_id", "attempts"}, and "tool_calls" (whole calls, in
+                            the canonical turn's shape) when the reply called tools
 """
 
 from __future__ import annotations
@@ -166,8 +168,11 @@ def reasoning_json(text: str, signature: str | None) -> dict[str, Any]:
 
 
 def done_json(finish_reason: str, message_id: uuid.UUID, attempts: list[dict[str, Any]],
-              anonymous: bool) -> dict[str, Any]:
+              anonymous: bool, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     # the attempt trail names models: an anonymous arena slot keeps them for the vote to reveal
-    if anonymous:
-        return {"finish_reason": finish_reason, "message_id": message_id}
-    return {"finish_reason": finish_reason, "message_id": message_id, "attempts": attempts}
+    data: dict[str, Any] = {"finish_reason": finish_reason, "message_id": message_id}
+    if not anonymous:
+        data["attempts"] = attempts
+    if tool_calls:  # the reply's calls, whole: a client (the Responses door) sends their results back
+        data["tool_calls"] = tool_calls
+    return data

@@ -2,8 +2,9 @@
 
 The finish write stores what this needs: the content, the chunk boundaries (`metadata.chunks`),
 the reasoning events with their seqs (`metadata.reasoning`), the usage, the error, the attempt
-trail. A replay is byte-identical to what live listeners got. A live reply's checkpoint stores the
-same content, chunks and reasoning, so its events so far are rebuilt the same way (`body_events`).
+trail, the tool calls (`metadata.tool_calls`). A replay is byte-identical to what live listeners got.
+A live reply's checkpoint stores the same content, chunks and reasoning, so its events so far are
+rebuilt the same way (`body_events`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def replay_events(message: dict[str, Any], after: int = -1) -> list[Event]:
         events.append(maker.event(seq, "usage", usage))
         events.append(maker.event(seq + 1, "done", done_json(
             meta.get("finish_reason", "stop"), message["id"],
-            [_in_order(a, _ATTEMPT_KEYS) for a in meta.get("attempts", [])], anonymous)))
+            [_in_order(a, _ATTEMPT_KEYS) for a in meta.get("attempts", [])], anonymous,
+            [_call_in_order(c) for c in meta.get("tool_calls", ())])))
     return [e for e in events if e.seq > after]
 
 
@@ -83,5 +85,13 @@ _ATTEMPT_KEYS = tuple(f.name for f in fields(Attempt))
 _ERROR_KEYS = ("type", "message", "retryable")
 
 
+_CALL_KEYS = ("id", "type", "function")
+_FUNCTION_KEYS = ("name", "arguments")
+
+
 def _in_order(obj: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return {**{k: obj[k] for k in keys if k in obj}, **obj}
+
+
+def _call_in_order(call: dict[str, Any]) -> dict[str, Any]:
+    return {**_in_order(call, _CALL_KEYS), "function": _in_order(call["function"], _FUNCTION_KEYS)}

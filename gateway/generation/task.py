@@ -42,11 +42,13 @@ from gateway.providers.base import (
     ProviderError,
     ReasoningDelta,
     TextDelta,
+    ToolCallDelta,
     UsageReport,
 )
 from gateway.providers.chain import Chain
 from gateway.providers.normalise import charged
 from gateway.providers.registry import ModelRegistry
+from gateway.providers.turn import merge_calls
 from gateway.store.messages import FinishRecord, checkpoint_many
 from gateway.store.usage import UsageRecord
 from gateway.vocabulary import MessageStatus
@@ -87,6 +89,8 @@ class Generation:
         # the reasoning events, [seq, text] or [seq, text, signature]: saved in the reply's metadata
         # (not its content) so a replay gives them back where they were
         self.reasoning: list[list[Any]] = []
+        # the upstream's tool-call fragments: whole calls are saved in the reply's metadata (`tool_calls`)
+        self.calls: list[dict[str, Any]] = []
         self.finished = False
         self.status = MessageStatus.STREAMING
         self.task: asyncio.Task[None] | None = None
@@ -154,6 +158,8 @@ class Generation:
                         finish_reason = event.reason
                     elif type(event) is ReasoningDelta:
                         self._reasoning(event)
+                    elif type(event) is ToolCallDelta:
+                        self.calls.extend(event.calls)
                 self._wake()  # listeners wake once per upstream read, not once per event
                 if (checkpoints is not None
                         and progress(self) - checkpoints.saved(message_id) >= checkpoints.max_chunks):
@@ -204,6 +210,17 @@ class Generation:
         events.append_side(self._maker.event(seq, "reasoning", reasoning_json(event.text, event.signature)))
         self.reasoning.append([seq, event.text, event.signature] if event.signature else [seq, event.text])
 
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The reply's whole tool calls (canonical shape), when it completed: a cut reply's arguments
+        may be half a JSON text, and nobody can answer a call that was never finished. A call the
+        upstream gave no id gets `call_<message hex>_<index>` (what the Responses door names it)."""
+        if self.status is not MessageStatus.COMPLETE or not self.calls:
+            return []
+        calls = merge_calls(self.calls)
+        for i, call in enumerate(calls):
+            call["id"] = call["id"] or f"call_{self.spec.message_id.hex}_{i}"
+        return calls
+
     def _failed_record(self, error_json: dict[str, Any]) -> FinishRecord:
         """The least that can be saved of a reply whose finish broke: no content, an estimated zero
         usage (which hands its reservation back), the error."""
@@ -234,9 +251,11 @@ class Generation:
         model = self.chain.used
         if not self.events.count:
             self._emit(maker.event(0, "metadata", self.metadata()))
+        calls = self.tool_calls()
         # the upstream's counts when believable, else the estimate of what was consumed (nothing,
         # when no attempt got content or reported usage)
-        usage = charged(self.request, usage, len(content), consumed=bool(content))
+        chars = len(content) + sum(len(c["function"]["arguments"]) for c in calls)
+        usage = charged(self.request, usage, chars, consumed=bool(content or calls))
         estimated = usage.estimated
         attempts = [a.as_json() for a in self.chain.attempts]
         error_json: dict[str, Any] | None = None
@@ -271,6 +290,7 @@ class Generation:
                       **({"cached_tokens": usage.cached_tokens} if usage.cached_tokens else {}),
                       **({"cache_write_tokens": usage.cache_write_tokens} if usage.cache_write_tokens else {}),
                       **({"reasoning": self.reasoning} if self.reasoning else {}),
+                      **({"tool_calls": calls} if calls else {}),
                       # chunk boundaries let a resume after the finish replay exactly the missing deltas
                       "chunks": [len(p) for p in self.parts]})
         self.chain.observer.usage(record.usage)
@@ -288,7 +308,7 @@ class Generation:
                 usage_data["usage_suspect"] = True
             self._emit(maker.event(seq, "usage", usage_data))
             self._emit(maker.event(seq + 1, "done", done_json(finish_reason, spec.message_id, attempts,
-                                                              spec.anonymous)))
+                                                              spec.anonymous, calls)))
 
 
 HIDDEN_MODEL = "(hidden)"

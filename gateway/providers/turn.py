@@ -33,11 +33,14 @@ reasoning tokens) and `Finish` (stop | length | tool_calls | content_filter).
 `features` names what a turn uses beyond plain text; an adapter's `unsupported` names the first of
 them its upstream cannot express, and the chain answers that as `base.Unsupported` (a 400 naming the
 feature and the model) instead of sending it. `check` refuses a malformed turn, whatever the upstream.
+`merge_calls` makes whole tool calls of the streamed fragments; `closed_rounds` keeps of a stored
+thread's history only the tool rounds that were finished (each call answered, each result answering).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any, Literal, NotRequired, TypedDict
 
 from gateway.providers.base import ChatRequest
@@ -198,10 +201,11 @@ class TurnError(Exception):
         self.param = param
 
 
-def check(request: ChatRequest) -> None:
+def check(request: ChatRequest, calls: Iterable[str] = ()) -> None:
     """What no upstream would take, refused before anything is decided or written: a tool without
     a name or with a schema that is not an object, an assistant tool call that is not one, a tool
-    result for a call id no earlier assistant message made, an image that is neither an http(s)
+    result for a call id no earlier assistant message made (nor `calls`: the ids of the calls made
+    before these messages, by a stored reply they continue), an image that is neither an http(s)
     URL nor base64 data."""
     found = features(request)
     if not found:
@@ -209,7 +213,7 @@ def check(request: ChatRequest) -> None:
     if TOOLS in found:
         check_tools(request.extra["tools"])
     if found & {TOOL_CALLS, TOOL_RESULTS, IMAGE_URLS, IMAGE_DATA}:
-        check_messages(request.messages)
+        check_messages(request.messages, calls)
 
 
 def check_tools(tools: Any) -> None:
@@ -233,8 +237,8 @@ def check_tools(tools: Any) -> None:
             raise TurnError(f"{at}.function.description must be a string", f"{at}.function.description")
 
 
-def check_messages(messages: list[dict[str, Any]]) -> None:
-    calls: set[str] = set()
+def check_messages(messages: list[dict[str, Any]], made: Iterable[str] = ()) -> None:
+    calls: set[str] = set(made)
     for i, message in enumerate(messages):
         tool_calls = message.get("tool_calls")
         if tool_calls is not None and tool_calls.__class__ is not list:
@@ -286,3 +290,57 @@ def call_fragment(index: int, call_id: str | None = None, name: str | None = Non
     if call_id is None:
         return {"index": index, "function": {"arguments": arguments}}
     return {"index": index, "id": call_id, "type": "function", "function": {"name": name or "", "arguments": arguments}}
+
+
+def merge_calls(fragments: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Streamed tool-call fragments (by index, arguments in pieces) into whole tool calls (an id the
+    upstream gave none stays None)."""
+    calls: dict[int, dict[str, Any]] = {}
+    for fragment in fragments:
+        call = calls.setdefault(fragment.get("index", 0), {"id": None, "type": "function",
+                                                           "function": {"name": "", "arguments": ""}})
+        call["id"] = fragment.get("id") or call["id"]
+        function = fragment.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
+
+
+def closed_rounds(history: list[dict[str, Any]], following: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stored thread's `history` with only the tool rounds that were finished: of an assistant's
+    tool calls, those answered by the tool results right after it (in the history, or first thing in
+    `following`, the turn's own messages); of tool results, those answering a call kept before them.
+    An assistant message left with neither text nor calls goes too. A thread holds unfinished rounds
+    when the conversation went on in words after a reply's calls (POST /api/chat) or a call's turn
+    was deleted; no upstream takes a call without its result, or a result without its call. A
+    history without tool calls or results is returned as it is."""
+    for message in history:
+        if message.get("tool_calls") or message.get("role") == "tool":
+            break
+    else:
+        return history
+    seq = history + following
+    kept: list[dict[str, Any]] = []
+    open_calls: set[str] = set()
+    for i, message in enumerate(history):
+        if message.get("role") == "tool":
+            if message.get("tool_call_id") in open_calls:
+                kept.append(message)
+            continue
+        open_calls = set()
+        calls = message.get("tool_calls")
+        if calls:
+            answered = set()
+            for later in seq[i + 1:]:
+                if later.get("role") != "tool":
+                    break
+                answered.add(later.get("tool_call_id"))
+            made = [call for call in calls if call.get("id") in answered]
+            if len(made) != len(calls):
+                message = {k: v for k, v in message.items() if k != "tool_calls"} | (
+                    {"tool_calls": made} if made else {})
+                if not made and not message.get("content"):
+                    continue
+            open_calls = {call["id"] for call in made}
+        kept.append(message)
+    return kept

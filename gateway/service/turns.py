@@ -42,6 +42,7 @@ from gateway.providers.base import ChainObserver, ChatRequest, UsageReport, prom
 from gateway.providers.chain import Chain, history_may_be_refused, refused_by_chain
 from gateway.providers.normalise import charged
 from gateway.providers.registry import ModelRegistry, NotEnoughModels
+from gateway.providers.turn import closed_rounds
 from gateway.service.router import RANDOM, Route, route
 from gateway.store import arena as arena_store
 from gateway.store import messages as message_store
@@ -71,6 +72,10 @@ class TurnInput:
     extra: dict[str, Any] = field(default_factory=dict)
     # OpenAI-style content parts (text, image_url) as sent: stored, and sent upstream instead of `content`
     parts: list[dict[str, Any]] | None = None
+    # a prompt that is more than one user message (the Responses API's tool round: the tools' results,
+    # the calls they answer when sent too, the user's words): its canonical messages, stored with the
+    # user message and sent upstream instead of it (`content` is the text of its user messages)
+    prompt: list[dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -182,7 +187,7 @@ class Turns:
         if turn.thread_id is not None and history_may_be_refused(
                 self._models, choice.model, ChatRequest(messages, extra=turn.extra)):
             earlier = await message_store.history_parts(self._pool, principal.user_id, turn.thread_id)
-        if earlier or turn.parts is not None or turn.extra:  # a text-only turn needs no look at its chain
+        if earlier or turn.parts is not None or turn.extra or turn.prompt is not None:  # text only: no chain look
             refused = refused_by_chain(self._models, choice.model,
                                        ChatRequest(self.framed(turn, earlier), extra=turn.extra))
             if refused is not None:  # no link can express it: a 400 before anything is written
@@ -212,7 +217,7 @@ class Turns:
             with tracing.span("gateway.persist"):
                 stored = await self._persist.submit(message_store.TurnRequest(
                     user_id=principal.user_id, content=turn.content, client_message_id=turn.client_message_id,
-                    thread_id=turn.thread_id, instance_id=self._instance_id, parts=turn.parts,
+                    thread_id=turn.thread_id, instance_id=self._instance_id, parts=turn.parts, messages=turn.prompt,
                     reservation=self.attribution(principal, choice.model, messages, turn.extra) if early is None
                     else self.reservation(principal, early, messages, turn.extra)))
             assert stored is not None
@@ -262,10 +267,9 @@ class Turns:
             raise
         if model is None:
             model = self._asked_for(last)
-        messages = await message_store.thread_history(pool, user_id, user_message["thread_id"],
-                                                      before=user_message)
-        parts = user_message["parts"]
-        messages.append({"role": "user", "content": user_message["content"] if parts is None else parts})
+        history = await message_store.thread_history(pool, user_id, user_message["thread_id"], before=user_message)
+        prompt = message_store.prompt_of(user_message)
+        messages = closed_rounds(history, prompt) + prompt
         choice = self.route(model, user_message["content"], principal)
         refused = refused_by_chain(self._models, choice.model, ChatRequest(messages))  # the history read above
         if refused is not None:  # a 400 before anything is written, as for a new turn
@@ -519,13 +523,18 @@ class Turns:
 
     @staticmethod
     def framed(turn: TurnInput, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The turn's system prompt, the thread's history, the turn's context, then its message."""
+        """The turn's system prompt, the thread's history (its finished tool rounds), the turn's
+        context, then its message (or its prompt's messages)."""
         messages: list[dict[str, Any]] = []
         if turn.system is not None:
             messages.append({"role": "system", "content": turn.system})
-        messages += history
+        prompt = turn.prompt
+        if prompt is None:
+            prompt = [{"role": "user", "content": turn.content if turn.parts is None else turn.parts}]
+        if history:
+            messages += closed_rounds(history, turn.context + prompt)
         messages += turn.context
-        messages.append({"role": "user", "content": turn.content if turn.parts is None else turn.parts})
+        messages += prompt
         return messages
 
     # -- find, follow, cancel -------------------------------------------------------------------

@@ -264,10 +264,10 @@
     messagesEl.replaceChildren();
     for (const m of thread.messages) {
       if (m.role === "user") {
-        addUserMessage(m.content);
+        addUserMessage(withToolRound(m.content, toolOutputs(m)));
       } else if (m.role === "assistant") {
         const view = addAssistantMessage(m.id);
-        view.text.textContent = m.content;
+        view.text.textContent = withToolRound(m.content, toolCalls(m));
         view.setMeta({ model: m.model, provider: m.provider, category: (m.metadata || {}).category,
                        fallback_from: (m.metadata || {}).fallback_from });
         view.setStatus(m.status);
@@ -277,6 +277,21 @@
       b.toggleAttribute("aria-current", b.dataset.threadId === threadId);
     }
     scrollToEnd();
+  }
+
+  // A thread continued through /v1/responses may hold tool rounds: a reply's calls
+  // (metadata.tool_calls) and the tools' outputs sent back (the user message's metadata.messages).
+  function toolCalls(m) {
+    return ((m.metadata || {}).tool_calls || []).map((c) => `→ ${c.function.name}(${c.function.arguments})`);
+  }
+
+  function toolOutputs(m) {
+    return ((m.metadata || {}).messages || []).filter((r) => r.role === "tool")
+      .map((r) => `← ${r.tool_call_id}: ${typeof r.content === "string" ? r.content : "(parts)"}`);
+  }
+
+  function withToolRound(content, lines) {
+    return [content, ...lines].filter(Boolean).join("\n");
   }
 
   byTestId("new-thread").addEventListener("click", () => {

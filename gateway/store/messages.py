@@ -43,7 +43,8 @@ HISTORY_LIMIT = 50  # messages of a thread's history sent upstream (the newest)
 # answers, so none of theirs is missed. The arguments are SQL expressions (parameters, columns).
 def _history_rows(thread: str, limit: str, before_seq: str, before_id: str) -> str:
     return f"""
-    SELECT m.role, m.content, m.parts, coalesce(p.seq, m.seq) AS ord, m.seq FROM messages m
+    SELECT m.role, m.content, m.parts, m.metadata -> 'messages' AS messages, m.metadata -> 'tool_calls' AS tool_calls,
+           coalesce(p.seq, m.seq) AS ord, m.seq FROM messages m
     LEFT JOIN messages p ON p.id = m.reply_to
     WHERE m.thread_id = {thread} AND m.status = 'complete' AND m.slot IS NULL
       AND m.seq >= coalesce((SELECT u.seq FROM messages u
@@ -60,7 +61,7 @@ def _history_rows(thread: str, limit: str, before_seq: str, before_id: str) -> s
 
 # the history of the caller's thread (NotFound when no row: not the caller's)
 _HISTORY = f"""
-SELECT m.role, m.content, m.parts FROM threads t
+SELECT m.role, m.content, m.parts, m.messages, m.tool_calls FROM threads t
 LEFT JOIN LATERAL ({_history_rows("t.id", "$3", "$4::bigint", "$5::uuid")}) m ON true
 WHERE t.id = $1 AND t.user_id = $2
 """
@@ -94,7 +95,7 @@ _TURNS = f"""
 WITH x AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb)
     AS x(i integer, user_id uuid, content text, client_message_id text, thread_id uuid, title text,
-         instance_id uuid, tid uuid, umid uuid, reservation jsonb, parts jsonb)
+         instance_id uuid, tid uuid, umid uuid, reservation jsonb, parts jsonb, messages jsonb)
 ),
 usr AS (INSERT INTO users (id) SELECT DISTINCT user_id FROM x ON CONFLICT (id) DO NOTHING),
 t_new AS (
@@ -110,8 +111,10 @@ t_old AS (
 -- (and so return it from t_old) without this one's user owning it
 ok AS (SELECT * FROM x WHERE (tid, user_id) IN (SELECT id, user_id FROM t_new UNION ALL SELECT id, user_id FROM t_old)),
 u AS (
-    INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id, parts)
-    SELECT umid, tid, user_id, 'user', content, 'complete', client_message_id, parts FROM ok ORDER BY i
+    INSERT INTO messages (id, thread_id, user_id, role, content, status, client_message_id, parts, metadata)
+    SELECT umid, tid, user_id, 'user', content, 'complete', client_message_id, parts,
+           CASE WHEN messages IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('messages', messages) END
+    FROM ok ORDER BY i
     ON CONFLICT (user_id, client_message_id) WHERE client_message_id IS NOT NULL DO NOTHING
     RETURNING {MESSAGE_COLUMNS}
 ),
@@ -125,9 +128,12 @@ a AS (
 )
 SELECT ok.i, u.*, a.id AS assistant_id,
        CASE WHEN ok.thread_id IS NOT NULL THEN (
-           SELECT coalesce(json_agg(json_build_object('role', h.role,
-                                                      'content', coalesce(h.parts, to_jsonb(h.content)))
-                                    ORDER BY h.ord, h.seq), '[]')
+           SELECT coalesce(json_agg(CASE WHEN h.messages IS NULL AND h.tool_calls IS NULL
+                                         THEN json_build_object('role', h.role,
+                                                                'content', coalesce(h.parts, to_jsonb(h.content)))
+                                         ELSE json_build_object('role', h.role, 'content', h.content,
+                                                                'messages', h.messages, 'tool_calls', h.tool_calls)
+                                    END ORDER BY h.ord, h.seq), '[]')
            FROM ({_history_rows("ok.tid", str(HISTORY_LIMIT), "NULL::bigint", "NULL::uuid")}) h) END AS history
 FROM ok JOIN u ON u.id = ok.umid JOIN a ON a.reply_to = u.id
 """
@@ -145,6 +151,10 @@ class TurnRequest:
     # it; the admission's reservations are added once decided (hold_reservation)
     reservation: dict[str, Any] | None = None
     parts: list[dict[str, Any]] | None = None  # content parts as sent (content: their text)
+    # a prompt that is more than one user message (a tool round: the tools' results, the calls they
+    # answer when the caller sent those too, the user's words): its canonical messages, kept in the
+    # row's metadata (`messages`); content is the text of its user messages
+    messages: list[dict[str, Any]] | None = None
 
 
 # a retry answers with the turn's first reply, as the first request did (regenerated ones follow it)
@@ -162,7 +172,35 @@ def _turn(row: Mapping[str, Any], duplicate: bool) -> StoredTurn:
     assistant_id = message.pop("assistant_id")
     history = message.pop("history", None)  # json text; absent from a duplicate's row
     return StoredTurn(thread_id=message["thread_id"], user_message=message, assistant_message_id=assistant_id,
-                      duplicate=duplicate, history=orjson.loads(history) if history is not None else None)
+                      duplicate=duplicate, history=conversation(orjson.loads(history)) if history is not None else None)
+
+
+def conversation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History rows as the canonical turn's messages: a row is its message ({"role", "content"}),
+    except a prompt stored with its canonical messages (a tool round: `messages`), which is those,
+    and a reply that called tools (`tool_calls`), which carries them (its content None when it said
+    nothing)."""
+    if all(len(row) == 2 for row in rows):
+        return rows  # the common case: no tool rounds
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        if len(row) == 2:
+            out.append(row)
+        elif row.get("messages") is not None:
+            out.extend(row["messages"])
+        elif row.get("tool_calls") is not None:
+            out.append({"role": row["role"], "content": row["content"] or None, "tool_calls": row["tool_calls"]})
+        else:
+            out.append({"role": row["role"], "content": row["content"]})
+    return out
+
+
+def prompt_of(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stored user message as the canonical messages it stands for (see TurnRequest.messages)."""
+    stored = (message.get("metadata") or {}).get("messages")
+    if stored is not None:
+        return list(stored)
+    return [{"role": "user", "content": message["content"] if message["parts"] is None else message["parts"]}]
 
 
 async def find_duplicate(pool: asyncpg.Pool, user_id: uuid.UUID, client_message_id: str) -> StoredTurn | None:
@@ -179,8 +217,14 @@ async def thread_history(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid
                             before["id"] if before else None)
     if not rows:
         raise NotFound("thread not found")
-    return [{"role": r["role"], "content": r["content"] if r["parts"] is None else r["parts"]}
-            for r in reversed(rows) if r["role"] is not None]
+    return conversation([_history_row(r) for r in reversed(rows) if r["role"] is not None])
+
+
+def _history_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    content = row["content"] if row["parts"] is None else row["parts"]
+    if row["messages"] is None and row["tool_calls"] is None:
+        return {"role": row["role"], "content": content}
+    return {"role": row["role"], "content": content, "messages": row["messages"], "tool_calls": row["tool_calls"]}
 
 
 async def history_parts(pool: asyncpg.Pool, user_id: uuid.UUID, thread_id: uuid.UUID,
@@ -201,7 +245,8 @@ async def persist_turns(pool: asyncpg.Pool, turns: list[TurnRequest]) -> list[St
     rows_in = [{"i": i, "user_id": t.user_id, "content": t.content, "client_message_id": t.client_message_id,
                 "thread_id": t.thread_id, "title": thread_title(t.content) if t.thread_id is None else None,
                 "instance_id": t.instance_id, "tid": thread_ids[i], "umid": uuid.uuid4(),
-                "reservation": t.reservation or None, "parts": t.parts} for i, t in enumerate(turns)]
+                "reservation": t.reservation or None, "parts": t.parts, "messages": t.messages}
+               for i, t in enumerate(turns)]
     results: dict[int, StoredTurn | Exception] = {}  # by the turn's index
     async with pool.acquire() as conn:
         # the statement is atomic on its own: no BEGIN/COMMIT round trips

@@ -302,3 +302,38 @@ def test_a_text_only_turn_has_no_features():
                           extra={"response_format": {"type": "text"}, "parallel_tool_calls": False})
     assert turn.features(request) == frozenset()
     assert request.features is turn.NONE
+
+
+# -- a stored thread's tool rounds --------------------------------------------------------------
+
+def _call(call_id: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+def _result(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "ok"}
+
+
+def test_closed_rounds_keeps_a_history_without_tool_rounds_as_it_is():
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert turn.closed_rounds(history, [{"role": "user", "content": "c"}]) is history
+
+
+def test_closed_rounds_keeps_calls_answered_in_the_history_or_by_the_turn():
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [_call("1")]},
+               _result("1"), {"role": "assistant", "content": None, "tool_calls": [_call("2")]}]
+    assert turn.closed_rounds(history, [_result("2")]) == history
+
+
+def test_closed_rounds_drops_unanswered_calls_and_results_without_their_call():
+    history = [_result("0"),  # its call's turn was deleted
+               {"role": "assistant", "content": "x"},
+               {"role": "user", "content": "a"},
+               {"role": "assistant", "content": "Let me look.", "tool_calls": [_call("1"), _call("2")]},
+               _result("2"),
+               {"role": "user", "content": "b"},
+               {"role": "assistant", "content": None, "tool_calls": [_call("3")]}]
+    assert turn.closed_rounds(history, [{"role": "user", "content": "never mind"}]) == [
+        {"role": "assistant", "content": "x"}, {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [_call("2")]}, _result("2"),
+        {"role": "user", "content": "b"}]

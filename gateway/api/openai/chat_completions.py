@@ -328,25 +328,12 @@ async def _complete(events: AsyncIterator[Batch], chain: Chain, chat: ChatReques
     if reasoning:
         message["reasoning_content"] = "".join(reasoning)
     if calls:
-        message["tool_calls"] = merge_tool_calls(calls)
+        message["tool_calls"] = turn.merge_calls(calls)
     body = {"id": f"chatcmpl-{completion_id.hex}", "object": "chat.completion", "created": int(time.time()),
             "model": chain.used.name,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": usage_json(usage)}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
-
-
-def merge_tool_calls(fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Streamed tool-call fragments (by index, arguments in pieces) into whole tool calls."""
-    calls: dict[int, dict[str, Any]] = {}
-    for fragment in fragments:
-        call = calls.setdefault(fragment.get("index", 0), {"id": None, "type": "function",
-                                                           "function": {"name": "", "arguments": ""}})
-        call["id"] = fragment.get("id") or call["id"]
-        function = fragment.get("function") or {}
-        call["function"]["name"] += function.get("name") or ""
-        call["function"]["arguments"] += function.get("arguments") or ""
-    return [calls[i] for i in sorted(calls)]
 
 
 @operation("The enabled models, OpenAI-style", "openai",

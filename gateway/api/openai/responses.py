@@ -7,9 +7,12 @@ Same auth, router, policy, chain and exactly-once accounting as the other front 
 State maps onto threads:
 
     store: true (default)   the turn is persisted in a thread exactly as POST /api/chat persists
-                            one: the user message is the last input message; `instructions` and
-                            the earlier input items go to the upstream for this turn only
-    previous_response_id    continues that response's thread (the caller's own, else 404)
+                            one: its prompt is the last input message (a user message), or the
+                            tool round the input ends with (see `stored_prompt`); `instructions`
+                            and the earlier input items go to the upstream for this turn only
+    previous_response_id    continues that response's thread (the caller's own, else 404); when that
+                            reply called tools, the input answers each call (function_call_output),
+                            and answers no call that is neither that reply's nor an earlier item's
     GET  /v1/responses/{id} the reply, rebuilt from its row (request parameters are not stored:
                             `instructions`, `tools`, sampling come back as their defaults)
     DELETE                  the turn (its user message and the reply) and the thread too when
@@ -18,8 +21,10 @@ State maps onto threads:
 
 A stored response's id is its assistant message's: `resp_<uuid hex>`, its message item
 `msg_<uuid hex>`. Function tools are translated to chat-completions tools and passed through;
-the upstream's tool calls come back as `function_call` items on the stateless path (`store:
-false`) only, since a stored turn's reply is text.
+the upstream's tool calls come back as `function_call` items (`fc_<uuid hex>_<index>`). A stored
+reply keeps its calls (the reply's `metadata.tool_calls`) and a stored tool round its canonical
+messages (the user message's `metadata.messages`): the thread's history gives them back to the
+next turn, which each provider adapter renders in its own shape.
 
 A failure before any output is an HTTP error in OpenAI's shape (nothing was streamed yet);
 after it, a stream ends with `response.failed` carrying the response and its `error`.
@@ -43,7 +48,6 @@ from gateway.api.common import SSE_HEADERS, caller, json_response, read_body
 from gateway.api.content import parse_content
 from gateway.api.openai.chat_completions import (
     OpenAIError,
-    merge_tool_calls,
     openai_errors,
     provider_error,
 )
@@ -102,6 +106,8 @@ class ResponsesRequest:
     extra: dict[str, Any]  # for the upstream: translated tools, tool_choice, ...
     stream: bool
     store: bool
+    # with store: the index of the first message of the stored prompt (the ones before are context)
+    prompt_at: int
     previous_response_id: str | None
     # what the response object repeats of the request
     echo: dict[str, Any] = field(default_factory=dict)
@@ -245,9 +251,7 @@ def parse_request(raw: bytes, known_model: Callable[[str], bool]) -> ResponsesRe
         _text(instructions, "instructions")
     max_output_tokens = body.max_output_tokens
     stream, store = bool(body.stream), body.store is not False
-    if store and messages[-1]["role"] != "user":
-        # a stored turn is a user message and its reply
-        raise OpenAIError(400, "with store: true the last input item must be a user message", param="input")
+    prompt_at = stored_prompt(messages) if store else len(messages)
     previous = body.previous_response_id
     if previous is not None:
         _text(previous, "previous_response_id")
@@ -267,7 +271,40 @@ def parse_request(raw: bytes, known_model: Callable[[str], bool]) -> ResponsesRe
             "tools": body.tools or [], "top_p": top_p, "user": body.user}
     return ResponsesRequest(model=model, messages=messages, origins=origins, instructions=instructions,
                             max_output_tokens=max_output_tokens, temperature=temperature, top_p=top_p, extra=extra,
-                            stream=stream, store=store, previous_response_id=previous, echo=echo)
+                            stream=stream, store=store, prompt_at=prompt_at, previous_response_id=previous,
+                            echo=echo)
+
+
+def stored_prompt(messages: list[dict[str, Any]]) -> int:
+    """Where the prompt a stored turn keeps begins: a stored turn is a prompt and its reply. The
+    prompt is the input's last user message, with the tools' results (function_call_output items)
+    right before it; or, when the input ends with tools' results, those, and the function_call
+    items they answer and the user message before those when the input holds them too (a tool
+    round sent whole). The items before the prompt go to the upstream for this turn only."""
+    end = start = len(messages)
+    if messages[-1]["role"] == "user":
+        start -= 1
+    results = start
+    while start > 0 and messages[start - 1]["role"] == "tool":
+        start -= 1
+    if start == end:
+        raise OpenAIError(400, "with store: true the last input item must be a user message or a "
+                               "function_call_output", param="input")
+    if start < results and start > 0 and messages[start - 1].get("tool_calls"):
+        start -= 1
+        if start > 0 and messages[start - 1]["role"] == "user":
+            start -= 1
+    return start
+
+
+def unanswered(calls: list[dict[str, Any]], messages: list[dict[str, Any]]) -> OpenAIError | None:
+    """The previous response's tool calls must each get their result: a thread never holds a call
+    without it (no upstream would take the next turn). OpenAI's own words."""
+    answered = {m.get("tool_call_id") for m in messages if m["role"] == "tool"}
+    for call in calls:
+        if call["id"] not in answered:
+            return OpenAIError(400, f"No tool output found for function call {call['id']}.", param="input")
+    return None
 
 
 def input_error(e: canonical.TurnError, origins: list[int]) -> OpenAIError:
@@ -346,11 +383,13 @@ class Shape:
                  "encrypted_content": block["signature"] or None, "status": "completed"}
                 for i, block in enumerate(blocks)]
 
-    def function_calls(self, fragments: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def function_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Whole tool calls (canonical) as function_call items; a call without an id gets the one a
+        stored reply saves it with (generation/task.py)."""
         return [{"id": f"fc_{self.id.hex}_{i}", "type": "function_call", "status": "completed",
                  "call_id": call["id"] or f"call_{self.id.hex}_{i}", "name": call["function"]["name"],
                  "arguments": call["function"]["arguments"]}
-                for i, call in enumerate(merge_tool_calls(fragments))]
+                for i, call in enumerate(calls)]
 
 
 def text_part(text: str) -> dict[str, Any]:
@@ -403,20 +442,25 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     app = request.app
     models = app[MODELS]
     req = parse_request(await read_body(request), models.chat_model)
-    check = ChatRequest(req.messages, extra=req.extra)
-    try:
-        canonical.check(check)
-    except canonical.TurnError as e:
-        raise input_error(e, req.origins) from None
-    if req.model != AUTO:  # before anything is reserved or written (a stored turn writes its rows first)
-        refused = refused_by_chain(models, req.model, check)
-        if refused is not None:
-            raise provider_error(refused)
     thread_id = None
+    calls: list[dict[str, Any]] = []  # the previous reply's tool calls, which this input answers
     if req.previous_response_id is not None:
         message_id = parse_response_id(req.previous_response_id, "previous_response_id")
         row = await _reply_row(request, principal, message_id, req.previous_response_id, "previous_response_id")
         thread_id = row["thread_id"]
+        calls = row["metadata"].get("tool_calls") or []
+    check = ChatRequest(req.messages, extra=req.extra)
+    try:
+        canonical.check(check, [call["id"] for call in calls])
+    except canonical.TurnError as e:
+        raise input_error(e, req.origins) from None
+    missing = unanswered(calls, req.messages)
+    if missing is not None:
+        raise missing
+    if req.model != AUTO:  # before anything is reserved or written (a stored turn writes its rows first)
+        refused = refused_by_chain(models, req.model, check)
+        if refused is not None:
+            raise provider_error(refused)
     if req.store:
         return await _stored(request, principal, req, thread_id)
     return await _stateless(request, principal, req, thread_id)
@@ -436,11 +480,16 @@ async def _reply_row(request: web.Request, principal: Principal, message_id: uui
 async def _stored(request: web.Request, principal: Principal, req: ResponsesRequest,
                   thread_id: uuid.UUID | None) -> web.StreamResponse:
     turns = request.app[TURNS]
-    content = req.messages[-1]["content"]
-    turn = TurnInput(content=text_of(content), parts=content if isinstance(content, list) else None,
-                     thread_id=thread_id, model=req.model,
+    prompt = req.messages[req.prompt_at:]
+    if len(prompt) == 1 and prompt[0]["role"] == "user":  # stored as POST /api/chat stores one
+        content = prompt[0]["content"]
+        text, parts, whole = text_of(content), content if isinstance(content, list) else None, None
+    else:  # a tool round: its messages are kept with the text of its user messages
+        text = "\n\n".join(text_of(m["content"]) for m in prompt if m["role"] == "user")
+        parts, whole = None, prompt
+    turn = TurnInput(content=text, parts=parts, prompt=whole, thread_id=thread_id, model=req.model,
                      max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
-                     system=req.instructions, context=req.messages[:-1], extra=req.extra)
+                     system=req.instructions, context=req.messages[:req.prompt_at], extra=req.extra)
     # shielded: once the user message is committed its generation must start, client gone or not
     stored = await asyncio.shield(turns.begin_chat(principal, turn, request[TIMINGS].start))
     reply = await turns.reply(principal.user_id, stored.assistant_message_id)
@@ -460,9 +509,9 @@ async def _stored(request: web.Request, principal: Principal, req: ResponsesRequ
 async def _stateless(request: web.Request, principal: Principal, req: ResponsesRequest,
                      thread_id: uuid.UUID | None) -> web.StreamResponse:
     turns = request.app[TURNS]
+    # the history (if any) and this input, no stored turn
     messages = await turns.conversation(principal, TurnInput(content="", thread_id=thread_id,
-                                                             system=req.instructions))
-    messages = messages[:-1] + req.messages  # the history (if any) and this input, no stored turn
+                                                             system=req.instructions, prompt=req.messages))
     chat = ChatRequest(messages, max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
                        extra=req.extra)
     completion = await turns.begin_completion(principal, req.model, chat, request[TIMINGS].start)
@@ -523,6 +572,9 @@ class _ReplyEvents:
                                              cached_tokens=data.get("cached_tokens", 0),
                                              cache_write_tokens=data.get("cache_write_tokens", 0)))
                 elif event.name == "done":
+                    calls = data.get("tool_calls")
+                    if calls:
+                        batch.append(ToolCallDelta([{"index": i, **call} for i, call in enumerate(calls)]))
                     batch.append(Finish(data["finish_reason"]))
                 elif event.name == "error":
                     if batch:
@@ -622,7 +674,7 @@ def _finished(shape: Shape, reply: _Reply, chat: ChatRequest | None) -> dict[str
     text = "".join(reply.parts)
     if text or not reply.calls:
         output.append(shape.message(text, "completed"))
-    output.extend(shape.function_calls(reply.calls))
+    output.extend(shape.function_calls(canonical.merge_calls(reply.calls)))
     # after the message, which a stream opens at output_index 0 with its first text
     output.extend(shape.reasoning(reply.reasoning))
     status, incomplete = outcome(reply.finish)
@@ -716,7 +768,11 @@ def stored_body(row: dict[str, Any]) -> dict[str, Any]:
     if row["status"] == MessageStatus.COMPLETE:
         status, incomplete = outcome(row["metadata"].get("finish_reason", "stop"))
     item_status = {"completed": "completed", "in_progress": "in_progress"}.get(status, "incomplete")
-    output = [shape.message(row["content"], item_status)] if row["content"] or status == "completed" else []
+    calls = row["metadata"].get("tool_calls") or []
+    # as the reply was answered (_finished): a message when it said something, or called nothing
+    output = ([shape.message(row["content"], item_status)]
+              if row["content"] or (status == "completed" and not calls) else [])
+    output.extend(shape.function_calls(calls))
     output.extend(shape.reasoning(reasoning_blocks(row["metadata"].get("reasoning", ()))))
     usage = None
     if row["prompt_tokens"] is not None:
@@ -809,19 +865,38 @@ async def _failed_stream(request: web.Request, shape: Shape, body: dict[str, Any
     return resp
 
 
-def input_item(message: dict[str, Any]) -> dict[str, Any]:
-    """A stored user message as the input item it was (`msg_<hex>` of the user message's id); content
-    parts sent to POST /api/chat become input_text and input_image parts."""
-    content = [{"type": "input_text", "text": message["content"]}]
-    if message.get("parts") is not None:
-        content = [{"type": "input_text", "text": p["text"]} if p["type"] == "text" else
-                   {"type": "input_image", "image_url": p["image_url"]["url"],
-                    "detail": p["image_url"].get("detail", "auto")} for p in message["parts"]]
-    return {"id": "msg_" + message["id"].hex, "type": "message", "role": "user", "status": "completed",
-            "content": content}
+def input_items(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A stored user message as the input items it was: a message (`msg_<hex>` of the user message's
+    id; content parts sent to POST /api/chat become input_text and input_image parts), or a stored
+    tool round's items, named by their place in it (`msg_`, `fc_`, `fco_<hex>_<index>`)."""
+    hexid = message["id"].hex
+    stored = (message["metadata"] or {}).get("messages")
+    if stored is None:
+        return [_message_item("msg_" + hexid, message["content"] if message["parts"] is None else message["parts"])]
+    items: list[dict[str, Any]] = []
+    for i, m in enumerate(stored):
+        if m["role"] == "tool":
+            items.append({"id": f"fco_{hexid}_{i}", "type": "function_call_output", "status": "completed",
+                          "call_id": m["tool_call_id"], "output": text_of(m["content"])})
+        elif m.get("tool_calls"):
+            items.extend({"id": f"fc_{hexid}_{i}_{j}", "type": "function_call", "status": "completed",
+                          "call_id": call["id"], "name": call["function"]["name"],
+                          "arguments": call["function"]["arguments"]} for j, call in enumerate(m["tool_calls"]))
+        else:
+            items.append(_message_item(f"msg_{hexid}_{i}", m["content"]))
+    return items
 
 
-@operation("A stored response's input items (its user message; other items were for the turn only)", "openai",
+def _message_item(item_id: str, content: str | list[dict[str, Any]]) -> dict[str, Any]:
+    parts = [{"type": "input_text", "text": content}] if isinstance(content, str) else [
+        {"type": "input_text", "text": p["text"]} if p["type"] == "text" else
+        {"type": "input_image", "image_url": p["image_url"]["url"], "detail": p["image_url"].get("detail", "auto")}
+        for p in content]
+    return {"id": item_id, "type": "message", "role": "user", "status": "completed", "content": parts}
+
+
+@operation("A stored response's input items (its user message, or its tool round; other items were for the turn "
+           "only)", "openai",
            {**ok(200, "A cursor page of input items", contract.ResponseItemList),
             **errors(400, 401, 403, 404, openai=True), **errors(503)},
            parameters=[RESPONSE_ID,
@@ -832,7 +907,8 @@ def input_item(message: dict[str, Any]) -> dict[str, Any]:
 async def list_input_items(request: web.Request) -> web.Response:
     """`GET /v1/responses/{id}/input_items`: what the response answered, as OpenAI's cursor page
     (`limit` 1..100, default 20; `order` desc by default, as OpenAI; `after` an item id). A stored
-    turn keeps its user message: the other input items and `instructions` were for that turn only."""
+    turn keeps its prompt (its user message, or its tool round): the other input items and
+    `instructions` were for that turn only."""
     principal = await caller(request, "chat")
     raw = request.match_info["response_id"]
     limit = _query_int(request, "limit", 1, 100, 20)
@@ -841,7 +917,7 @@ async def list_input_items(request: web.Request) -> web.Response:
         raise OpenAIError(400, "'order' must be asc or desc", param="order")
     row = await _reply_row(request, principal, parse_response_id(raw), raw)
     user_message = await message_store.get_message(request.app[DB].pool, principal.user_id, row["reply_to"])
-    items = [input_item(user_message)]
+    items = input_items(user_message)
     if order == "desc":
         items.reverse()
     after = request.query.get("after")
