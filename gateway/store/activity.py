@@ -1,5 +1,5 @@
 """SQL for the activity log: rows arrive in batches from a background writer; the audit trail is read
-back from it in keyset pages on (at, id) (sql/0019_audit_trail.sql, sql/0026_audit_order.sql)."""
+back from it in keyset pages on (at, id) (sql/0019_audit_trail.sql, sql/0025_audit_order.sql)."""
 
 from __future__ import annotations
 
