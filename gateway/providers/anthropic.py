@@ -221,6 +221,13 @@ def to_anthropic(model: ModelConfig, request: ChatRequest) -> dict[str, Any]:
     extra = request.extra
     if turn.TOOLS in found:
         body["tools"] = tools_of(extra["tools"])
+    elif turn.TOOL_CALLS in found:
+        # a history with tool calls but a turn that declares no tools (a native turn continuing a
+        # thread with a tool round): Anthropic refuses tool_use blocks without tools, so the tools
+        # the history called are declared, and the model may not call them (nothing here runs them)
+        called = dict.fromkeys(call["function"]["name"] for m in request.messages for call in m.get("tool_calls") or ())
+        body["tools"] = [{"name": name, "input_schema": {"type": "object"}} for name in called]
+        body["tool_choice"] = {"type": "none"}
     choice = extra.get("tool_choice")
     if choice is not None:
         body["tool_choice"] = dict(TOOL_CHOICES[choice]) if isinstance(choice, str) and choice in TOOL_CHOICES \

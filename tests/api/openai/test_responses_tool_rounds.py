@@ -304,9 +304,9 @@ async def test_a_tool_round_sent_whole_is_stored_whole_and_listed_as_its_input_i
         *round_, {"role": "assistant", "content": "Sunny, 18C."}, {"role": "user", "content": "Thanks!"}]
 
 
-async def native_turn(gateway, user, thread_id: str, content: str) -> list[Any]:
+async def native_turn(gateway, user, thread_id: str, content: str, provider: str = "openai") -> list[Any]:
     resp = await gateway.post("/api/chat", headers=user.headers,
-                              json={"thread_id": thread_id, "content": content, "model": MODELS["openai"],
+                              json={"thread_id": thread_id, "content": content, "model": MODELS[provider],
                                     "stream": True})
     assert resp.status == 200
     return [e for e in parse_sse(await resp.read()) if e.event == "done"]
@@ -347,6 +347,30 @@ async def test_the_native_door_continues_a_thread_with_its_finished_tool_rounds_
     shown = [(m["role"], m["content"]) for m in (await resp.json())["messages"]]
     assert shown == [("user", QUESTION), ("assistant", ""), ("user", ""), ("assistant", "Sunny, 18C."),
                      ("user", "And tomorrow?"), ("assistant", "Cooler.")]
+
+
+async def test_a_native_turn_on_a_tool_thread_declares_the_called_tools_to_anthropic_and_forbids_calls(
+        upstreams, gateway, api, user, db):
+    # Anthropic refuses tool_use blocks in a request that declares no tools; a native turn has no
+    # tools to declare, so the adapter declares those the history called, with tool_choice none
+    script_call(upstreams, "anthropic")
+    first = await create(api, False, model=MODELS["anthropic"], input=QUESTION, tools=[TOOL])
+    script_text(upstreams, "anthropic")
+    await create(api, False, model=MODELS["anthropic"], previous_response_id=first["id"], tools=[TOOL],
+                 input=[{"type": "function_call_output", "call_id": "toolu_up", "output": OUTPUT}])
+    thread_id = str(await db.fetchval("SELECT thread_id FROM messages WHERE id = $1", message_id(first["id"])))
+    upstreams.anthropic.replies.append(anthropic_reply([anthropic_text(0, "Cooler.")]))
+    done = await native_turn(gateway, user, thread_id, "And tomorrow?", provider="anthropic")
+    assert orjson.loads(done[0].data)["finish_reason"] == "stop"
+    sent = upstreams.anthropic.requests[-1]
+    assert (sent["tools"], sent["tool_choice"]) == ([{"name": "get_weather", "input_schema": {"type": "object"}}],
+                                                    {"type": "none"})
+    assert sent["messages"] == [
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_up", "name": "get_weather",
+                                           "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_up", "content": OUTPUT}]},
+        {"role": "assistant", "content": "Sunny, 18C."}, {"role": "user", "content": "And tomorrow?"}]
 
 
 async def test_regenerating_a_stored_tool_round_sends_the_round_again(upstreams, gateway, api, user, db):
