@@ -119,13 +119,13 @@ class ModelRegistry:
         return any(self.circuits.available(deployment_link(model, i).circuit_key)
                    for i in range(len(model.deployments)))
 
-    def _drawable(self, allowed: Collection[str] | None = None) -> list[ModelConfig]:
+    def drawable(self, allowed: Collection[str] | None = None) -> list[ModelConfig]:
         """The models a draw may give (enabled chat models of weight > 0), among `allowed` if given."""
         return [m for m in self.models.values()
                 if m.enabled and m.kind == "chat" and m.weight > 0 and (allowed is None or m.name in allowed)]
 
     def _pool(self, allowed: Collection[str] | None = None) -> list[ModelConfig]:
-        return [m for m in self._drawable(allowed) if self.available(m)]
+        return [m for m in self.drawable(allowed) if self.available(m)]
 
     def draw_one(self, rng: random.Random | None = None, allowed: Collection[str] | None = None) -> ModelConfig:
         """One enabled model drawn in proportion to its weight, skipping open circuits (`model: random`);
@@ -145,7 +145,7 @@ class ModelRegistry:
         try:
             return self.draw_one(allowed=allowed).name
         except NotEnoughModels:
-            if allowed is not None and not self._drawable(allowed):
+            if allowed is not None and not self.drawable(allowed):
                 raise Forbidden("model 'random' draws from no model this key may use") from None
             raise ServiceUnavailable("no model is available to draw from; retry later") from None
 
@@ -156,7 +156,7 @@ class ModelRegistry:
         (the models the caller may use): Forbidden if fewer than two of them can ever be drawn."""
         choices = rng.choices if rng is not None else random.choices
         pool = self._pool(allowed)
-        if allowed is not None and len(self._drawable(allowed)) < 2:
+        if allowed is not None and len(self.drawable(allowed)) < 2:
             raise Forbidden("the arena's pairing needs two models this key may use")
         if len(pool) < 2:
             raise NotEnoughModels(f"need two available models, have {len(pool)}")

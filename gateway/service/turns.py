@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
@@ -43,6 +43,7 @@ from gateway.providers.chain import Chain, history_may_be_refused, refused_by_ch
 from gateway.providers.normalise import charged
 from gateway.providers.registry import ModelRegistry, NotEnoughModels
 from gateway.providers.turn import closed_rounds
+from gateway.providers.turn import features as turn_features
 from gateway.service.router import RANDOM, Route, route
 from gateway.store import arena as arena_store
 from gateway.store import messages as message_store
@@ -312,14 +313,19 @@ class Turns:
             if existing is not None:
                 return existing
         messages = await self.conversation(principal, turn)
+        request = ChatRequest(messages, extra=turn.extra)
         if requested is None:
             try:
-                allowed = limits_for(self._settings.limits, principal).models
+                allowed = self._capable(request, limits_for(self._settings.limits, principal).models)
                 pair = [m.name for m in self._models.draw_pair(allowed=allowed)]
             except NotEnoughModels as e:
                 raise ServiceUnavailable(f"the arena needs two available models: {e}") from None
         else:
             pair = requested
+            for model in pair:  # as a chat turn: a slot no link of its chain can express is a 400
+                refused = refused_by_chain(self._models, model, request)
+                if refused is not None:
+                    raise BadRequest(refused.message)
         with tracing.span("gateway.rate_limit"):  # one request, one slot in the window
             await self._policy.admit_rate(principal)
         with tracing.span("gateway.persist"):
@@ -341,6 +347,21 @@ class Turns:
                 share=shares_left, slot=slot, anonymous=anonymous,
                 extra={"comparison_id": str(stored.comparison_id)}), started)
         return stored
+
+    def _capable(self, request: ChatRequest, allowed: Collection[str] | None) -> Collection[str] | None:
+        """The models an arena pair may be drawn from for `request` (the whole conversation): among
+        `allowed`, those whose chain can express it, when it uses anything beyond text. A 400 naming
+        what cannot be expressed when fewer than two can."""
+        if not turn_features(request):
+            return allowed
+        names = [name for name in self._models.models if allowed is None or name in allowed]
+        capable = [name for name in names if refused_by_chain(self._models, name, request) is None]
+        if len(self._models.drawable(capable)) < 2:
+            refusals = (refused_by_chain(self._models, name, request) for name in names)
+            refused = next((r for r in refusals if r is not None), None)
+            why = f": {refused.message}" if refused is not None else ""
+            raise BadRequest(f"the arena's pairing needs two models that can take this turn{why}")
+        return capable
 
     async def _decide_and_start(self, principal: Principal, plan: _Plan, started: float | None,
                                 early: Admission | None = None, noted: _Noted = "attribution") -> None:

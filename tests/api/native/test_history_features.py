@@ -145,3 +145,54 @@ async def test_a_regenerate_on_gemini_of_a_turn_after_an_image_by_url_is_a_400_a
     assert await counts(db, user) == before
     assert gemini.requests == []
     assert openai.requests[-1]["messages"][0]["content"] == FIRST  # the turn before it went there, image and all
+
+
+async def arena(client: Any, user: User, thread_id: str, models: list[str] | None = None) -> Any:
+    body: dict[str, Any] = {"content": "And now?", "thread_id": thread_id}
+    if models is not None:
+        body["models"] = models
+    return await client.post("/api/arena", headers=user.headers, json=body)
+
+
+async def test_an_arena_on_an_image_thread_refuses_a_slot_that_cannot_take_it_and_draws_among_those_that_can(
+        make_client: MakeClient, config_file: Any, aiohttp_server: Any, user: User, db: asyncpg.Pool) -> None:
+    openai, gemini = FakeUpstream(), FakeGemini()
+    for fake in (openai, gemini):
+        fake.server = await aiohttp_server(fake.app)
+    client = await make_client(GATEWAY_CONFIG=config_file(config(openai, gemini)))
+    thread_id = await image_thread(client, db, user)
+    before = await counts(db, user)
+    resp = await arena(client, user, thread_id, ["m-openai", "m-gemini"])  # asked for: a 400, as a chat turn
+    assert resp.status == 400
+    assert (await resp.json())["error"]["message"] == "model 'm-gemini' cannot take images by URL"
+    assert await counts(db, user) == before
+    # drawn: only models whose chain can take the thread (m-gemini-first falls back to m-openai; the
+    # built-in demo model takes anything), never m-gemini
+    for _ in range(6):
+        resp = await arena(client, user, thread_id)
+        assert resp.status == 202, await resp.text()
+        await settled(db, user)
+    pairs = await db.fetch("SELECT model_a, model_b FROM comparisons c JOIN messages m ON m.id = c.message_a "
+                           "WHERE m.user_id = $1", user.id)
+    assert len(pairs) == 6
+    assert {r["model_a"] for r in pairs} | {r["model_b"] for r in pairs} <= {"m-openai", "m-gemini-first", "demo"}
+    assert gemini.requests == []
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1 AND role = 'assistant' "
+                             "AND status <> 'complete'", user.id) == 0
+
+
+async def test_an_arena_draw_with_fewer_than_two_models_that_can_take_the_thread_is_a_400_naming_why(
+        make_client: MakeClient, config_file: Any, aiohttp_server: Any, user: User, db: asyncpg.Pool) -> None:
+    openai, gemini = FakeUpstream(), FakeGemini()
+    for fake in (openai, gemini):
+        fake.server = await aiohttp_server(fake.app)
+    only_one = config(openai, gemini).split("[models.m-gemini-first]")[0] + '[models.demo]\nprovider = "demo"\n' \
+        'enabled = false\n'  # m-openai alone can take the thread
+    client = await make_client(GATEWAY_CONFIG=config_file(only_one))
+    thread_id = await image_thread(client, db, user)
+    before = await counts(db, user)
+    resp = await arena(client, user, thread_id)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["message"] == (
+        "the arena's pairing needs two models that can take this turn: model 'm-gemini' cannot take images by URL")
+    assert await counts(db, user) == before and gemini.requests == []
