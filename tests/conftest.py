@@ -30,8 +30,8 @@ from tests.support.common import MakeClient, User, private_dir, with_database  #
 from tests.support.fakes import FakeUpstream  # noqa: E402
 
 # fixtures several test modules request by name live beside their helpers in tests/support/
-pytest_plugins = ["tests.support.auth", "tests.support.browser", "tests.support.chat", "tests.support.fleet",
-                  "tests.support.gemini", "tests.support.pgbouncer", "tests.support.providers",
+pytest_plugins = ["tests.support.auth", "tests.support.browser", "tests.support.chat", "tests.support.conformance",
+                  "tests.support.fleet", "tests.support.gemini", "tests.support.pgbouncer", "tests.support.providers",
                   "tests.support.redis_cluster"]
 
 

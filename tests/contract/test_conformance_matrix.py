@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -30,13 +29,9 @@ from tests.support.conformance import (
     PROVIDERS,
     SIGNATURE,
     THOUGHT,
-    FakeMessages,
     Outcome,
-    Upstreams,
     arrived,
 )
-from tests.support.fakes import FakeUpstream
-from tests.support.gemini import FakeGemini
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
 
@@ -89,14 +84,6 @@ TODAY: dict[tuple[str, str, str], Expect] = {}
 
 def expect(door: str, provider: str, feature: str) -> Expect:
     return TODAY.get((door, provider, feature)) or target(door, provider, feature)
-
-
-@pytest.fixture
-async def upstreams(aiohttp_server: Any) -> Upstreams:
-    made = Upstreams(FakeUpstream(), FakeMessages(), FakeGemini())
-    for fake in (made.openai, made.anthropic, made.gemini):
-        fake.server = await aiohttp_server(fake.app)
-    return made
 
 
 @pytest.mark.parametrize("feature", FEATURES)

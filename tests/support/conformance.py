@@ -21,6 +21,7 @@ import anthropic
 import jsonschema_rs
 import openai
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from anthropic.types.message_create_params import MessageCreateParamsStreaming
@@ -543,3 +544,12 @@ async def via_stateless_responses(client: TestClient, key: str, model: str, feat
 
 DRIVERS = {"chat.completions": via_chat_completions, "responses": via_responses,
            "responses, store: false": via_stateless_responses, "messages": via_messages, "api/chat": via_native_chat}
+
+
+@pytest.fixture
+async def upstreams(aiohttp_server: Any) -> Upstreams:
+    """The three local upstreams, serving (a fixture: tests request it by name)."""
+    made = Upstreams(FakeUpstream(), FakeMessages(), FakeGemini())
+    for fake in (made.openai, made.anthropic, made.gemini):
+        fake.server = await aiohttp_server(fake.app)
+    return made

@@ -22,9 +22,7 @@ from tests.support.chat import (
     usage_rows,
     wait_finished,
 )
-from tests.support.conformance import MODELS, SIGNATURE, THOUGHT, FakeMessages, Upstreams
-from tests.support.fakes import FakeUpstream
-from tests.support.gemini import FakeGemini
+from tests.support.conformance import MODELS, SIGNATURE, THOUGHT, Upstreams
 
 pytestmark = pytest.mark.processes  # runs Node (see pyproject.toml)
 
@@ -229,14 +227,6 @@ async def test_a_reply_generating_on_one_instance_resumes_from_another_through_r
     whole = usage(PROMPT_TOKENS, saved["completion_tokens"])
     assert result["chunks"] == chunks(mid, str(saved["thread_id"]), TEXTS, whole)
     assert (await run_node(reconnect(b, user, "fleet"))) == {"event": "result", "none": True}
-
-
-@pytest.fixture
-async def upstreams(aiohttp_server: Any) -> Upstreams:
-    made = Upstreams(FakeUpstream(), FakeMessages(), FakeGemini())
-    for fake in (made.openai, made.anthropic, made.gemini):
-        fake.server = await aiohttp_server(fake.app)
-    return made
 
 
 async def test_reasoning_is_a_reasoning_part_before_the_text_live_and_in_the_history(

@@ -45,6 +45,14 @@ fallbacks = ["m-openai"]
 """
 
 
+async def served(aiohttp_server: Any) -> tuple[FakeUpstream, FakeGemini]:
+    """The two local upstreams, serving."""
+    openai, gemini = FakeUpstream(), FakeGemini()
+    for fake in (openai, gemini):
+        fake.server = await aiohttp_server(fake.app)
+    return openai, gemini
+
+
 async def counts(db: asyncpg.Pool, user: User) -> tuple[int, int, int, Any]:
     """Rows a turn writes: messages, usage, threads, and the thread's last touch."""
     return (await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1", user.id),
@@ -72,9 +80,7 @@ async def image_thread(client: Any, db: asyncpg.Pool, user: User) -> str:
 
 async def test_a_thread_with_an_image_by_url_continued_on_gemini_is_a_400_and_writes_nothing(
         make_client: MakeClient, config_file: Any, aiohttp_server: Any, user: User, db: asyncpg.Pool) -> None:
-    openai, gemini = FakeUpstream(), FakeGemini()
-    for fake in (openai, gemini):
-        fake.server = await aiohttp_server(fake.app)
+    openai, gemini = await served(aiohttp_server)
     client = await make_client(GATEWAY_CONFIG=config_file(config(openai, gemini)))
     thread_id = await image_thread(client, db, user)
     before = await counts(db, user)
@@ -105,9 +111,7 @@ async def test_a_thread_with_an_image_by_url_continued_on_gemini_is_a_400_and_wr
 
 async def test_a_fallback_chain_skips_gemini_for_the_history_and_runs_the_turn_on_the_next_link(
         make_client: MakeClient, config_file: Any, aiohttp_server: Any, user: User, db: asyncpg.Pool) -> None:
-    openai, gemini = FakeUpstream(), FakeGemini()
-    for fake in (openai, gemini):
-        fake.server = await aiohttp_server(fake.app)
+    openai, gemini = await served(aiohttp_server)
     client = await make_client(GATEWAY_CONFIG=config_file(config(openai, gemini)))
     thread_id = await image_thread(client, db, user)
     resp = await client.post("/api/chat", headers=user.headers,
@@ -127,9 +131,7 @@ async def test_a_fallback_chain_skips_gemini_for_the_history_and_runs_the_turn_o
 
 async def test_a_regenerate_on_gemini_of_a_turn_after_an_image_by_url_is_a_400_and_writes_nothing(
         make_client: MakeClient, config_file: Any, aiohttp_server: Any, user: User, db: asyncpg.Pool) -> None:
-    openai, gemini = FakeUpstream(), FakeGemini()
-    for fake in (openai, gemini):
-        fake.server = await aiohttp_server(fake.app)
+    openai, gemini = await served(aiohttp_server)
     client = await make_client(GATEWAY_CONFIG=config_file(config(openai, gemini)))
     thread_id = await image_thread(client, db, user)
     resp = await client.post("/api/chat", headers=user.headers,
@@ -156,9 +158,7 @@ async def arena(client: Any, user: User, thread_id: str, models: list[str] | Non
 
 async def test_an_arena_on_an_image_thread_refuses_a_slot_that_cannot_take_it_and_draws_among_those_that_can(
         make_client: MakeClient, config_file: Any, aiohttp_server: Any, user: User, db: asyncpg.Pool) -> None:
-    openai, gemini = FakeUpstream(), FakeGemini()
-    for fake in (openai, gemini):
-        fake.server = await aiohttp_server(fake.app)
+    openai, gemini = await served(aiohttp_server)
     client = await make_client(GATEWAY_CONFIG=config_file(config(openai, gemini)))
     thread_id = await image_thread(client, db, user)
     before = await counts(db, user)
@@ -183,9 +183,7 @@ async def test_an_arena_on_an_image_thread_refuses_a_slot_that_cannot_take_it_an
 
 async def test_an_arena_draw_with_fewer_than_two_models_that_can_take_the_thread_is_a_400_naming_why(
         make_client: MakeClient, config_file: Any, aiohttp_server: Any, user: User, db: asyncpg.Pool) -> None:
-    openai, gemini = FakeUpstream(), FakeGemini()
-    for fake in (openai, gemini):
-        fake.server = await aiohttp_server(fake.app)
+    openai, gemini = await served(aiohttp_server)
     only_one = config(openai, gemini).split("[models.m-gemini-first]")[0] + '[models.demo]\nprovider = "demo"\n' \
         'enabled = false\n'  # m-openai alone can take the thread
     client = await make_client(GATEWAY_CONFIG=config_file(only_one))

@@ -6,20 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-import pytest
 
 from tests.support.common import MakeClient, User, wait_for
-from tests.support.conformance import MODELS, SIGNATURE, THOUGHT, FakeMessages, Upstreams
-from tests.support.fakes import FakeUpstream, parse_sse
-from tests.support.gemini import FakeGemini
-
-
-@pytest.fixture
-async def upstreams(aiohttp_server: Any) -> Upstreams:
-    made = Upstreams(FakeUpstream(), FakeMessages(), FakeGemini())
-    for fake in (made.openai, made.anthropic, made.gemini):
-        fake.server = await aiohttp_server(fake.app)
-    return made
+from tests.support.conformance import MODELS, SIGNATURE, THOUGHT, Upstreams
+from tests.support.fakes import parse_sse
 
 
 async def test_reasoning_streams_as_its_own_events_and_replays_byte_identical(

@@ -19,14 +19,13 @@ from openai.types.responses import Response
 from tests.support.conformance import (
     MODELS,
     WEATHER_SCHEMA,
-    FakeMessages,
     Upstreams,
     anthropic_block,
     anthropic_reply,
     anthropic_text,
 )
-from tests.support.fakes import FakeUpstream, Reply, openai_chunk, openai_stream, parse_sse
-from tests.support.gemini import FakeGemini, GeminiReply, response, sse, usage
+from tests.support.fakes import Reply, openai_chunk, openai_stream, parse_sse
+from tests.support.gemini import GeminiReply, response, sse, usage
 
 TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city",
         "parameters": WEATHER_SCHEMA, "strict": False}
@@ -98,14 +97,6 @@ def second_request(provider: str, call_id: str) -> dict[str, Any]:
                                                                           "response": {"output": OUTPUT}}}]}],
             "tools": [{"functionDeclarations": [{"name": "get_weather", "description": "The weather in a city",
                                                  "parametersJsonSchema": WEATHER_SCHEMA}]}]}
-
-
-@pytest.fixture
-async def upstreams(aiohttp_server: Any) -> Upstreams:
-    made = Upstreams(FakeUpstream(), FakeMessages(), FakeGemini())
-    for fake in (made.openai, made.anthropic, made.gemini):
-        fake.server = await aiohttp_server(fake.app)
-    return made
 
 
 @pytest.fixture
