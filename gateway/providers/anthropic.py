@@ -11,14 +11,13 @@ What it cannot express at all (`response_format`, logprobs, seeds, penalties) is
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
 import orjson
 
 from gateway.config import ModelConfig, ProviderConfig
-from gateway.observability.tracing import upstream_headers
 from gateway.providers import normalise, turn
 from gateway.providers.base import (
     NO_SECRETS,
@@ -35,8 +34,7 @@ from gateway.providers.base import (
     UpstreamStreamError,
     UsageReport,
 )
-from gateway.providers.http import Connection, Upstream
-from gateway.providers.openai import relay, request_headers
+from gateway.providers.openai import SSEAdapter
 from gateway.providers.sse_decoder import SSEDecoder
 
 API_VERSION = "2023-06-01"
@@ -243,20 +241,9 @@ def to_anthropic(model: ModelConfig, request: ChatRequest) -> dict[str, Any]:
     return body
 
 
-class AnthropicProvider:
+class AnthropicProvider(SSEAdapter):
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
-        self.name = config.name
-        self._url = config.base_url + "/messages"
-        own = {"Content-Type": "application/json", "Accept": "text/event-stream", "anthropic-version": API_VERSION}
-        if config.api_key:
-            own["x-api-key"] = config.api_key.reveal()
-        self._headers = request_headers(config, own)
-        self._secrets = Secrets.of(config)
-        # the session is not used for chat: the lean client (providers/http.py) keeps a held stream small
-        self._upstream = Upstream(config.base_url)
-
-    def close(self) -> None:
-        self._upstream.close()
+        super().__init__(config, "x-api-key", own={"anthropic-version": API_VERSION})
 
     def unsupported(self, model: ModelConfig, request: ChatRequest) -> str | None:
         return unsupported(model, request)
@@ -264,16 +251,12 @@ class AnthropicProvider:
     def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         state, secrets = _Usage(), self._secrets
 
-        def post() -> Awaitable[Connection]:
-            return self._upstream.post("/messages", upstream_headers(self._headers),
-                                       orjson.dumps(to_anthropic(model, request)),
-                                       connect_timeout_s=model.connect_timeout_s, idle_timeout_s=model.idle_timeout_s)
-
         def read(decoder: SSEDecoder, chunk: bytes) -> tuple[Batch, bool, ProviderError | None]:
             batch, error = read_events(decoder, chunk, state, secrets)
             return batch, state.stopped, error
 
-        return relay(post, read, secrets, "upstream stream ended without message_stop")
+        return self._relay(model, "/messages", lambda: orjson.dumps(to_anthropic(model, request)), read,
+                           "upstream stream ended without message_stop")
 
 
 class _Usage:

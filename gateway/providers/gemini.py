@@ -22,7 +22,7 @@ includes the cached tokens (`cachedContentTokenCount`); the reply's tokens are
 from __future__ import annotations
 
 import secrets as random_ids
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator
 from typing import Any
 from urllib.parse import quote
 
@@ -30,7 +30,6 @@ import aiohttp
 import orjson
 
 from gateway.config import ModelConfig, ProviderConfig
-from gateway.observability.tracing import upstream_headers
 from gateway.providers import normalise, turn
 from gateway.providers.base import (
     NO_SECRETS,
@@ -47,8 +46,7 @@ from gateway.providers.base import (
     UpstreamProtocolError,
     UpstreamStreamError,
 )
-from gateway.providers.http import Connection, Upstream
-from gateway.providers.openai import relay, request_headers
+from gateway.providers.openai import SSEAdapter
 from gateway.providers.sse_decoder import SSEDecoder
 
 # finishReason as OpenAI's finish_reason; a reason not named here is passed on lower-cased
@@ -285,19 +283,9 @@ def to_gemini(model: ModelConfig, request: ChatRequest) -> dict[str, Any]:
     return body
 
 
-class GeminiProvider:
+class GeminiProvider(SSEAdapter):
     def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
-        self.name = config.name
-        own = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        if config.api_key:
-            own["x-goog-api-key"] = config.api_key.reveal()
-        self._headers = request_headers(config, own)
-        self._secrets = Secrets.of(config)
-        # the session is not used for chat: the lean client (providers/http.py) keeps a held stream small
-        self._upstream = Upstream(config.base_url)
-
-    def close(self) -> None:
-        self._upstream.close()
+        super().__init__(config, "x-goog-api-key")
 
     def unsupported(self, model: ModelConfig, request: ChatRequest) -> str | None:
         return unsupported(model, request)
@@ -310,16 +298,12 @@ class GeminiProvider:
     def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         state, secrets = _Reply(), self._secrets
 
-        def post() -> Awaitable[Connection]:
-            return self._upstream.post(self.path(model), upstream_headers(self._headers),
-                                       orjson.dumps(to_gemini(model, request)),
-                                       connect_timeout_s=model.connect_timeout_s, idle_timeout_s=model.idle_timeout_s)
-
         def read(decoder: SSEDecoder, chunk: bytes) -> tuple[Batch, bool, ProviderError | None]:
             batch, error = read_events(decoder, chunk, state, secrets)
             return batch, state.stopped, error
 
-        return relay(post, read, secrets, "upstream stream ended without a finishReason")
+        return self._relay(model, self.path(model), lambda: orjson.dumps(to_gemini(model, request)), read,
+                           "upstream stream ended without a finishReason")
 
 
 class _Reply:

@@ -132,21 +132,43 @@ def request_headers(config: ProviderConfig, own: dict[str, str]) -> dict[str, st
     return {**own, **{name: value.reveal() for name, value in config.headers.items()}}
 
 
-class OpenAIProvider:
-    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+class SSEAdapter:
+    """What every adapter on the lean client shares (OpenAI-compatible, Anthropic, Gemini): its
+    request headers (`own`, then the key in `key_header` as `key_prefix` + key, then the configured
+    ones), the provider's secrets to scrub from upstream text, its pool of upstream connections,
+    and the streaming of one reply through `relay` (`_relay`)."""
+
+    def __init__(self, config: ProviderConfig, key_header: str, key_prefix: str = "",
+                 own: dict[str, str] | None = None) -> None:
         self.name = config.name
-        own = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **(own or {})}
         if config.api_key:
-            own["Authorization"] = "Bearer " + config.api_key.reveal()
-        self._headers = request_headers(config, own)
+            headers[key_header] = key_prefix + config.api_key.reveal()
+        self._headers = request_headers(config, headers)
         self._secrets = Secrets.of(config)
-        self._stream_options = config.send_stream_options
-        self._max_completion_tokens = config.send_max_completion_tokens
-        # the session is not used for chat: the lean client (providers/http.py) keeps a held stream small
+        # the aiohttp session is not used for chat: the lean client (providers/http.py) keeps a held stream small
         self._upstream = Upstream(config.base_url)
 
     def close(self) -> None:
         self._upstream.close()
+
+    def _relay(self, model: ModelConfig, path: str, body: Callable[[], bytes], read: ReadEvents,
+               unfinished: str) -> AsyncGenerator[Batch, None]:
+        """One reply: `body()` posted to `path` when the reply is first read, each upstream read
+        parsed by `read`; `unfinished` is the error of a body that ends before `read` says it did."""
+
+        def post() -> Awaitable[Connection]:
+            return self._upstream.post(path, upstream_headers(self._headers), body(),
+                                       connect_timeout_s=model.connect_timeout_s, idle_timeout_s=model.idle_timeout_s)
+
+        return relay(post, read, self._secrets, unfinished)
+
+
+class OpenAIProvider(SSEAdapter):
+    def __init__(self, config: ProviderConfig, session: aiohttp.ClientSession) -> None:
+        super().__init__(config, "Authorization", "Bearer ")
+        self._stream_options = config.send_stream_options
+        self._max_completion_tokens = config.send_max_completion_tokens
 
     def unsupported(self, model: ModelConfig, request: ChatRequest) -> str | None:
         return None  # the canonical turn is OpenAI's shape: what it adds is rendered (see `messages_of`)
@@ -175,13 +197,9 @@ class OpenAIProvider:
 
     def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
         secrets = self._secrets
-
-        def post() -> Awaitable[Connection]:
-            return self._upstream.post("/chat/completions", upstream_headers(self._headers), self.body(model, request),
-                                       connect_timeout_s=model.connect_timeout_s, idle_timeout_s=model.idle_timeout_s)
-
-        return relay(post, lambda decoder, chunk: read_batch(decoder, chunk, secrets), secrets,
-                     "upstream stream ended without [DONE]")
+        return self._relay(model, "/chat/completions", lambda: self.body(model, request),
+                           lambda decoder, chunk: read_batch(decoder, chunk, secrets),
+                           "upstream stream ended without [DONE]")
 
 
 # one upstream read through an adapter's parser: (its events, whether the reply ended, the failure that stopped it)

@@ -20,7 +20,7 @@ from gateway.providers.base import Provider
 from gateway.providers.circuit import CircuitBreakers
 from gateway.providers.demo import DemoProvider
 from gateway.providers.gemini import GeminiProvider
-from gateway.providers.openai import OpenAIProvider
+from gateway.providers.openai import OpenAIProvider, SSEAdapter
 from gateway.store.models import sync_models
 
 
@@ -173,7 +173,7 @@ class ModelRegistry:
     def close(self) -> None:
         """Close the adapters' idle upstream connections (at shutdown)."""
         for provider in (*self.providers.values(), *self._retired.values()):
-            if isinstance(provider, OpenAIProvider | AnthropicProvider | GeminiProvider):
+            if isinstance(provider, SSEAdapter):
                 provider.close()
 
     async def sync(self, pool: asyncpg.Pool) -> None:
