@@ -100,6 +100,17 @@ async def _budgets(pool: asyncpg.Pool, user_id: uuid.UUID, limits: Limits, month
     return found
 
 
+def _days(request: web.Request) -> tuple[date, date]:
+    """The `from` and `to` UTC days of a usage query: `to` today and `from` 29 days before unless
+    given; `from` after `to` is a 400."""
+    to = _day(request.query.get("to"), "to", utc_now().date())
+    # by ordinal: 29 days before 0001-01-05 is before the calendar (OverflowError, a 500)
+    start = _day(request.query.get("from"), "from", date.fromordinal(max(1, to.toordinal() - 29)))
+    if start > to:
+        raise BadRequest("from must not be after to")
+    return start, to
+
+
 def _day(raw: str | None, name: str, default: date) -> date:
     if raw is None:
         return default
@@ -118,12 +129,7 @@ def _day(raw: str | None, name: str, default: date) -> date:
                              "Grouping (day,model: a row per model and day; key, day,key: per API key)")])
 async def usage(request: web.Request) -> web.Response:
     principal = await caller(request)
-    today = utc_now().date()
-    to = _day(request.query.get("to"), "to", today)
-    # by ordinal: 29 days before 0001-01-05 is before the calendar (OverflowError, a 500)
-    start = _day(request.query.get("from"), "from", date.fromordinal(max(1, to.toordinal() - 29)))
-    if start > to:
-        raise BadRequest("from must not be after to")
+    start, to = _days(request)
     if (to - start).days >= MAX_RANGE_DAYS:
         raise BadRequest(f"the range may span at most {MAX_RANGE_DAYS} days")
     group_by = request.query.get("group_by", "day")
@@ -152,11 +158,7 @@ async def usage_export(request: web.Request) -> web.StreamResponse:
     """GET /api/usage/export?from=&to=&format=csv|ndjson: one line per reply, streamed. A key with
     the admin scope exports every user's usage; anyone else their own."""
     principal = await caller(request)
-    today = utc_now().date()
-    to = _day(request.query.get("to"), "to", today)
-    start = _day(request.query.get("from"), "from", date.fromordinal(max(1, to.toordinal() - 29)))
-    if start > to:
-        raise BadRequest("from must not be after to")
+    start, to = _days(request)
     fmt = request.query.get("format", "csv")
     if fmt not in EXPORT_FORMATS:
         raise BadRequest("format must be csv or ndjson")
