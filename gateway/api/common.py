@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
 from gateway.contract.native import check_text
 from gateway.edge.auth import CredentialWatch, Principal
+from gateway.edge.sse import DONE
 from gateway.errors import BadRequest, InvalidId, PayloadTooLarge, Unauthorized
 from gateway.observability import tracing
 from gateway.state import AUTH, PRINCIPAL, SETTINGS, STREAM_TOKENS, TIMINGS, USER_ID
@@ -119,6 +121,26 @@ async def until_lapsed(watch: CredentialWatch, relay: Coroutine[Any, Any, None])
     finally:
         watch.unguard()
     return None
+
+
+async def relay_to_end(request: web.Request, resp: EventSourceResponse, principal: Principal,
+                       relay: Coroutine[Any, Any, None],
+                       lapsed: Callable[[Unauthorized], bytes]) -> EventSourceResponse:
+    """The end every door's held reply stream shares: run `relay` (writing the reply's events into
+    the prepared `resp`) until it ends or the caller's credential lapses (`lapsed(why)` is then
+    written), then `[DONE]`. A client that left ends it quietly: the generation goes on without it."""
+    try:
+        with request.app[AUTH].watch(principal) as watch:
+            lapse = await until_lapsed(watch, relay)
+        if lapse is not None:
+            await resp.write(lapsed(lapse))
+        await resp.write(DONE)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client left; the generation goes on without it
+    finally:
+        resp.stop_streaming()
+    return resp
 
 
 def lapse_frame(e: Unauthorized) -> bytes:

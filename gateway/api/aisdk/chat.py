@@ -21,15 +21,15 @@ from aiohttp import web
 from gateway.api.aisdk.bodies import check_chat_id, parse_chat
 from gateway.api.aisdk.history import ui_messages
 from gateway.api.aisdk.stream import HEADERS, UIMessageStream, lapse_chunk
-from gateway.api.common import caller, json_response, read_json, until_lapsed
+from gateway.api.common import caller, json_response, read_json, relay_to_end
 from gateway.contract.native import MAX_CLIENT_MESSAGE_ID
 from gateway.contract.operations import Schema, errors, ok, operation, path_string, response
 from gateway.edge.auth import Principal
 from gateway.edge.held import hold_open
-from gateway.edge.sse import DONE, NativeStream
+from gateway.edge.sse import NativeStream
 from gateway.errors import Conflict, GatewayError
 from gateway.service.turns import TurnInput
-from gateway.state import AUTH, DB, MODELS, SETTINGS, TIMINGS, TURNS
+from gateway.state import DB, MODELS, SETTINGS, TIMINGS, TURNS
 from gateway.store import chats
 from gateway.store.messages import thread_title
 
@@ -143,15 +143,4 @@ async def stream_reply(request: web.Request, principal: Principal, message_id: u
             if data:  # a usage event alone says nothing yet: it rides in `finish`
                 await resp.write(data)
 
-    try:
-        with request.app[AUTH].watch(principal) as watch:
-            lapse = await until_lapsed(watch, relay())
-        if lapse is not None:
-            await resp.write(lapse_chunk(lapse.message))
-        await resp.write(DONE)
-        await resp.write_eof()
-    except ConnectionResetError:
-        pass  # the client left; the generation goes on without it
-    finally:
-        resp.stop_streaming()
-    return resp
+    return await relay_to_end(request, resp, principal, relay(), lambda lapse: lapse_chunk(lapse.message))

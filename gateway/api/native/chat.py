@@ -21,8 +21,8 @@ from gateway.api.common import (
     lapse_frame,
     parse_uuid,
     read_body,
+    relay_to_end,
     stream_reader,
-    until_lapsed,
 )
 from gateway.api.native.bodies import parse_turn, wants_stream
 from gateway.contract.native import ChatRequest, RegenerateRequest, check_text, decode
@@ -39,11 +39,11 @@ from gateway.contract.operations import (
 )
 from gateway.contract.replies import ChatAccepted, Message
 from gateway.edge.auth import Principal
-from gateway.edge.sse import DONE, open_stream, parse_last_event_id
+from gateway.edge.sse import open_stream, parse_last_event_id
 from gateway.errors import BadRequest
 from gateway.observability.metrics import Timings
 from gateway.service.router import AUTO
-from gateway.state import AUTH, DB, MODELS, SETTINGS, TIMINGS, TURNS
+from gateway.state import DB, MODELS, SETTINGS, TIMINGS, TURNS
 from gateway.store import arena as arena_store
 from gateway.store import messages as message_store
 
@@ -128,18 +128,7 @@ async def stream_message(request: web.Request, principal: Principal, message_id:
                 timings.mark("first_token")
                 timings = None
 
-    try:
-        with request.app[AUTH].watch(principal) as watch:
-            lapse = await until_lapsed(watch, relay())
-        if lapse is not None:
-            await resp.write(lapse_frame(lapse))
-        await resp.write(DONE)
-        await resp.write_eof()
-    except ConnectionResetError:
-        pass  # the client left; the generation goes on without it
-    finally:
-        resp.stop_streaming()
-    return resp
+    return await relay_to_end(request, resp, principal, relay(), lapse_frame)
 
 
 @operation("Follow an assistant message's events (EventSource-compatible)", "chat",
