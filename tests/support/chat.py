@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -261,3 +262,17 @@ async def spend_the_day(client: TestClient, user: User, db: asyncpg.Pool) -> Non
 async def no_live(db: asyncpg.Pool, user_id: uuid.UUID) -> bool:
     return await db.fetchval("SELECT count(*) FROM messages WHERE user_id = $1 "
                              "AND status IN ('pending', 'streaming')", user_id) == 0
+
+
+@pytest.fixture
+async def openai_sdk() -> AsyncIterator[Callable[[TestClient, str], openai.AsyncOpenAI]]:
+    """The official OpenAI SDK pointed at a test app's /v1 with a key (no retries); closed after."""
+    made: list[openai.AsyncOpenAI] = []
+
+    def make(client: TestClient, key: str) -> openai.AsyncOpenAI:
+        made.append(openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0))
+        return made[-1]
+
+    yield make
+    for api in made:
+        await api.close()

@@ -9,7 +9,6 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
-import openai
 import pytest
 
 from gateway.state import USAGE
@@ -19,19 +18,6 @@ from tests.support.providers import anthropic_stream, anthropic_tool_stream
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Current weather", "parameters": WEATHER}}]
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
-
-
-@pytest.fixture
-async def sdk():
-    made: list[openai.AsyncOpenAI] = []
-
-    def make(client: Any, key: str) -> openai.AsyncOpenAI:
-        made.append(openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0))
-        return made[-1]
-
-    yield make
-    for api in made:
-        await api.close()
 
 
 @pytest.fixture
@@ -74,10 +60,10 @@ async def usage_rows(client: Any, db: Any, user_id: uuid.UUID) -> list[dict[str,
     return [dict(r) for r in rows]
 
 
-async def test_streamed_tools_reasoning_and_cache_usage_from_anthropic(sdk, both, anthropic, user, db):
+async def test_streamed_tools_reasoning_and_cache_usage_from_anthropic(openai_sdk, both, anthropic, user, db):
     fake, _ = anthropic
     fake.body = anthropic_tool_stream()
-    stream = await sdk(both, user.key).chat.completions.create(
+    stream = await openai_sdk(both, user.key).chat.completions.create(
         model="claude", messages=[{"role": "user", "content": "Weather in Paris and Rome?"}], tools=TOOLS,
         tool_choice="auto", stream=True, stream_options={"include_usage": True}, max_tokens=300)
     deltas, finish, usage = [], None, None
@@ -113,10 +99,10 @@ async def test_streamed_tools_reasoning_and_cache_usage_from_anthropic(sdk, both
 
 
 async def test_whole_answer_merges_parallel_calls_and_a_cache_price_not_set_is_the_input_price(
-        sdk, both, anthropic, user, db):
+        openai_sdk, both, anthropic, user, db):
     fake, _ = anthropic
     fake.body = anthropic_tool_stream()
-    answer = await sdk(both, user.key).chat.completions.create(
+    answer = await openai_sdk(both, user.key).chat.completions.create(
         model="claude-plain", messages=[{"role": "user", "content": "Weather in Paris and Rome?"}], tools=TOOLS)
     message = answer.choices[0].message
     assert answer.choices[0].finish_reason == "tool_calls"
@@ -129,10 +115,10 @@ async def test_whole_answer_merges_parallel_calls_and_a_cache_price_not_set_is_t
     assert [r["cost_usd"] for r in await usage_rows(both, db, user.id)] == [Decimal("0.00111000")]
 
 
-async def test_tool_result_round_trip_reaches_anthropic_as_blocks(sdk, both, anthropic, user):
+async def test_tool_result_round_trip_reaches_anthropic_as_blocks(openai_sdk, both, anthropic, user):
     fake, _ = anthropic
     fake.body = anthropic_stream(["Rome is warmer."])
-    answer = await sdk(both, user.key).chat.completions.create(model="claude", tools=TOOLS, messages=[
+    answer = await openai_sdk(both, user.key).chat.completions.create(model="claude", tools=TOOLS, messages=[
         {"role": "user", "content": [{"type": "text", "text": "Weather in Paris and Rome?"},
                                      {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}]},
         {"role": "assistant", "content": None, "tool_calls": [
@@ -152,7 +138,7 @@ async def test_tool_result_round_trip_reaches_anthropic_as_blocks(sdk, both, ant
                                      {"type": "tool_result", "tool_use_id": "toolu_2", "content": "24C"}]}]
 
 
-async def test_reasoning_and_usage_details_from_an_openai_compatible_upstream(sdk, both, upstream, user, db):
+async def test_reasoning_and_usage_details_from_an_openai_compatible_upstream(openai_sdk, both, upstream, user, db):
     upstream.queue(Reply([
         openai_chunk({"role": "assistant", "content": "", "reasoning_content": "Hm."}),
         openai_chunk({"content": "Yes."}),
@@ -161,7 +147,7 @@ async def test_reasoning_and_usage_details_from_an_openai_compatible_upstream(sd
                             "prompt_tokens_details": {"cached_tokens": 32},
                             "completion_tokens_details": {"reasoning_tokens": 7}}, choices=False),
         b"data: [DONE]\n\n"]))
-    answer = await sdk(both, user.key).chat.completions.create(
+    answer = await openai_sdk(both, user.key).chat.completions.create(
         model="gpt", messages=[{"role": "user", "content": "Sure?"}], response_format={"type": "json_object"},
         reasoning_effort="low")
     assert answer.choices[0].message.content == "Yes."

@@ -94,19 +94,6 @@ async def fake(aiohttp_server: Any) -> FakeEmbeddings:
     return fake
 
 
-@pytest.fixture
-async def sdk():
-    made: list[openai.AsyncOpenAI] = []
-
-    def make(client: Any, key: str) -> openai.AsyncOpenAI:
-        made.append(openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0))
-        return made[-1]
-
-    yield make
-    for api in made:
-        await api.close()
-
-
 async def gateway(make_client: MakeClient, config_file: Any, fake: FakeEmbeddings, limits: str = "") -> Any:
     return await make_client(GATEWAY_CONFIG=config_file(CONFIG.format(url=fake.base_url, limits=limits)))
 
@@ -124,9 +111,10 @@ async def day_row(db: Any, user_id: uuid.UUID) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-async def test_sdk_float_embeddings_pass_through_and_are_counted_once(sdk, make_client, config_file, fake, user, db):
+async def test_sdk_float_embeddings_pass_through_and_are_counted_once(openai_sdk, make_client, config_file, fake, user,
+                                                                     db):
     client = await gateway(make_client, config_file, fake)
-    answer = await sdk(client, user.key).embeddings.create(model="embed", input=["hello", "world"],
+    answer = await openai_sdk(client, user.key).embeddings.create(model="embed", input=["hello", "world"],
                                                            encoding_format="float", dimensions=3)
     assert [d.embedding for d in answer.data] == [VECTORS["hello"][:3], VECTORS["world"][:3]]
     assert [d.index for d in answer.data] == [0, 1] and answer.model == "embed"
@@ -141,10 +129,10 @@ async def test_sdk_float_embeddings_pass_through_and_are_counted_once(sdk, make_
     assert float(rows[0]["cost_usd"]) == 6 * 20 / 1_000_000
 
 
-async def test_sdk_default_base64_is_decoded_to_the_same_floats(sdk, make_client, config_file, fake, user):
+async def test_sdk_default_base64_is_decoded_to_the_same_floats(openai_sdk, make_client, config_file, fake, user):
     client = await gateway(make_client, config_file, fake)
     # the SDK asks for base64 when the caller names no encoding, and decodes it itself
-    answer = await sdk(client, user.key).embeddings.create(model="embed", input="hello")
+    answer = await openai_sdk(client, user.key).embeddings.create(model="embed", input="hello")
     assert answer.data[0].embedding == VECTORS["hello"]
     assert fake.requests[0] == {"model": "text-embedding-3-small", "input": "hello", "encoding_format": "base64"}
 
@@ -241,9 +229,9 @@ async def test_an_upstream_failure_is_a_502_and_hands_the_reservation_back(make_
     assert (await day_row(db, user.id))["tokens"] == 0 and (await day_row(db, user.id))["reserved"] == 0
 
 
-async def test_the_demo_model_embeds_deterministically_out_of_the_box(sdk, make_client: MakeClient, user: User):
+async def test_the_demo_model_embeds_deterministically_out_of_the_box(openai_sdk, make_client: MakeClient, user: User):
     client = await make_client()
-    api = sdk(client, user.key)
+    api = openai_sdk(client, user.key)
     first = await api.embeddings.create(model="demo", input=["hello", "world"], encoding_format="float")
     again = await api.embeddings.create(model="demo", input="hello")  # base64, decoded by the SDK
     assert [d.embedding for d in first.data] == [demo_vector("demo", "hello", DEMO_DIMENSIONS),

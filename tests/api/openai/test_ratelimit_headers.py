@@ -22,19 +22,6 @@ AT = datetime.now(UTC).replace(hour=10, minute=0, second=15, microsecond=0)  # 4
 HI = estimate_tokens("hi")
 
 
-@pytest.fixture
-async def api_for():
-    made: list[openai.AsyncOpenAI] = []
-
-    def make(client: Any, key: str) -> openai.AsyncOpenAI:
-        made.append(openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0))
-        return made[-1]
-
-    yield make
-    for api in made:
-        await api.close()
-
-
 async def limited(make_client: MakeClient, config_file: Any, limits: str = LIMITS, **env: str) -> Any:
     client = await make_client(GATEWAY_CONFIG=config_file(limits), DEMO_CHUNKS="12", **env)
     client.app[POLICY].clock = lambda: AT
@@ -70,9 +57,9 @@ def test_resets_are_written_as_openai_writes_them():
 
 
 async def test_every_openai_route_answers_with_what_is_left_after_each_request(
-        api_for, make_client: MakeClient, config_file: Any, user: User, db: Any):
+        openai_sdk, make_client: MakeClient, config_file: Any, user: User, db: Any):
     client = await limited(make_client, config_file)
-    api = api_for(client, user.key)
+    api = openai_sdk(client, user.key)
     hi = [{"role": "user", "content": "hi"}]
     used = 0  # tokens settled so far: each reply below is max 5 demo tokens on a "hi" prompt
 
@@ -118,27 +105,27 @@ async def test_every_openai_route_answers_with_what_is_left_after_each_request(
     assert info.value.response.headers["Retry-After"] == "46"
 
 
-async def test_the_tightest_limit_is_the_one_reported(api_for, make_client: MakeClient, config_file: Any,
+async def test_the_tightest_limit_is_the_one_reported(openai_sdk, make_client: MakeClient, config_file: Any,
                                                       user: User, db: Any):
     # the key's own limits are tighter than the user's: they are what the client must pace by
     await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id,
                      {"requests_per_minute": 3, "daily_tokens": 500})
     client = await limited(make_client, config_file)
-    api = api_for(client, user.key)
+    api = openai_sdk(client, user.key)
     raw = await api.chat.completions.with_raw_response.create(
         model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
     assert ratelimit(raw.headers) == {**expected(2, 500 - (HI + 5), limit_requests=3),
                                       "x-ratelimit-limit-tokens": "500"}
 
 
-async def test_only_configured_limits_appear(api_for, make_client: MakeClient, config_file: Any, user: User):
+async def test_only_configured_limits_appear(openai_sdk, make_client: MakeClient, config_file: Any, user: User):
     client = await limited(make_client, config_file, "[limits]\nrequests_per_minute = 6\n")
-    raw = await api_for(client, user.key).embeddings.with_raw_response.create(model="demo", input="hi")
+    raw = await openai_sdk(client, user.key).embeddings.with_raw_response.create(model="demo", input="hi")
     assert ratelimit(raw.headers) == {"x-ratelimit-limit-requests": "6", "x-ratelimit-remaining-requests": "5",
                                       "x-ratelimit-reset-requests": "45s"}
 
     client = await make_client()  # no limits: no headers (and no read)
-    raw = await api_for(client, user.key).chat.completions.with_raw_response.create(
+    raw = await openai_sdk(client, user.key).chat.completions.with_raw_response.create(
         model="demo", messages=[{"role": "user", "content": "hi"}])
     assert ratelimit(raw.headers) == {}
 

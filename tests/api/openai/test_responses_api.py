@@ -19,19 +19,6 @@ CLOSING_EVENTS = ["response.output_text.done", "response.content_part.done", "re
 
 
 @pytest.fixture
-async def sdk():
-    made: list[openai.AsyncOpenAI] = []
-
-    def make(client, key: str) -> openai.AsyncOpenAI:
-        made.append(openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0))
-        return made[-1]
-
-    yield make
-    for api in made:
-        await api.close()
-
-
-@pytest.fixture
 async def fake_client(make_client, upstream):
     return await make_client(OPENAI_BASE_URL=upstream.base_url, OPENAI_API_KEY="sk-up", OPENAI_MODEL="fake")
 
@@ -51,9 +38,9 @@ def message_id_of(response_id: str) -> uuid.UUID:
     return uuid.UUID(hex=response_id[5:])
 
 
-async def test_create_non_streaming_stores_the_turn_once(sdk, fake_client, upstream, user, db):
+async def test_create_non_streaming_stores_the_turn_once(openai_sdk, fake_client, upstream, user, db):
     upstream.queue(Reply(openai_stream(["Hel", "lo", "!"], prompt_tokens=7)))
-    response = await sdk(fake_client, user.key).responses.create(
+    response = await openai_sdk(fake_client, user.key).responses.create(
         model="fake", input="hi", instructions="Be brief.", max_output_tokens=50, temperature=0.5, top_p=0.9)
     assert response.object == "response"
     assert response.status == "completed"
@@ -77,9 +64,9 @@ async def test_create_non_streaming_stores_the_turn_once(sdk, fake_client, upstr
     assert found["usage"] == [{"message_id": message_id_of(response.id), "prompt_tokens": 7, "completion_tokens": 3}]
 
 
-async def test_create_stream_sends_the_semantic_events_in_order(sdk, fake_client, upstream, user, db):
+async def test_create_stream_sends_the_semantic_events_in_order(openai_sdk, fake_client, upstream, user, db):
     upstream.queue(Reply(openai_stream(["Hel", "lo", "!"], prompt_tokens=7)))
-    stream = await sdk(fake_client, user.key).responses.create(model="fake", input="hi", stream=True)
+    stream = await openai_sdk(fake_client, user.key).responses.create(model="fake", input="hi", stream=True)
     events = [event async for event in stream]
     assert [e.type for e in events] == TEXT_EVENTS + ["response.output_text.delta"] * 3 + CLOSING_EVENTS
     assert [e.sequence_number for e in events] == list(range(len(events)))
@@ -105,8 +92,8 @@ async def _usage_count(db, user_id: uuid.UUID, n: int) -> bool:
     return await db.fetchval("SELECT count(*) FROM usage WHERE user_id = $1", user_id) == n
 
 
-async def test_stream_helper_against_the_demo_model(sdk, client, user):
-    api = sdk(client, user.key)
+async def test_stream_helper_against_the_demo_model(openai_sdk, client, user):
+    api = openai_sdk(client, user.key)
     texts = []
     async with api.responses.stream(model="demo", input="tell me a story") as stream:
         async for event in stream:
@@ -124,9 +111,9 @@ async def test_stream_helper_against_the_demo_model(sdk, client, user):
     assert (again.usage.input_tokens, again.usage.output_tokens) == (final.usage.input_tokens, 12)
 
 
-async def test_retrieve_returns_the_stored_response(sdk, fake_client, upstream, user):
+async def test_retrieve_returns_the_stored_response(openai_sdk, fake_client, upstream, user):
     upstream.queue(Reply(openai_stream(["Hi", " there"], prompt_tokens=4)))
-    api = sdk(fake_client, user.key)
+    api = openai_sdk(fake_client, user.key)
     created = await api.responses.create(model="fake", input="hi")
     got = await api.responses.retrieve(created.id)
     assert got.id == created.id
@@ -137,9 +124,9 @@ async def test_retrieve_returns_the_stored_response(sdk, fake_client, upstream, 
     assert (got.usage.input_tokens, got.usage.output_tokens, got.usage.total_tokens) == (4, 2, 6)
 
 
-async def test_previous_response_id_continues_the_thread(sdk, fake_client, upstream, user, db):
+async def test_previous_response_id_continues_the_thread(openai_sdk, fake_client, upstream, user, db):
     upstream.queue(Reply(openai_stream(["Hello!"])), Reply(openai_stream(["Fine."])))
-    api = sdk(fake_client, user.key)
+    api = openai_sdk(fake_client, user.key)
     first = await api.responses.create(model="fake", input="hi")
     second = await api.responses.create(model="fake", input=[{"role": "user", "content": "how are you?"}],
                                         previous_response_id=first.id, instructions="Be kind.")
@@ -155,9 +142,10 @@ async def test_previous_response_id_continues_the_thread(sdk, fake_client, upstr
         ("user", "hi"), ("assistant", "Hello!"), ("user", "how are you?"), ("assistant", "Fine.")]
 
 
-async def test_input_items_are_sent_for_this_turn_and_only_the_last_is_stored(sdk, fake_client, upstream, user, db):
+async def test_input_items_are_sent_for_this_turn_and_only_the_last_is_stored(openai_sdk, fake_client, upstream, user,
+                                                                               db):
     upstream.queue(Reply(openai_stream(["4"])))
-    await sdk(fake_client, user.key).responses.create(model="fake", input=[
+    await openai_sdk(fake_client, user.key).responses.create(model="fake", input=[
         {"role": "developer", "content": "Answer with a number."},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "2+2?"}]},
         {"role": "assistant", "content": [{"type": "output_text", "text": "4"}]},
@@ -170,23 +158,23 @@ async def test_input_items_are_sent_for_this_turn_and_only_the_last_is_stored(sd
         ("user", "and 2+2?"), ("assistant", "4")]
 
 
-async def test_previous_response_of_another_user_is_not_found(sdk, fake_client, upstream, user, make_user, db):
-    first = await sdk(fake_client, user.key).responses.create(model="fake", input="hi")
+async def test_previous_response_of_another_user_is_not_found(openai_sdk, fake_client, upstream, user, make_user, db):
+    first = await openai_sdk(fake_client, user.key).responses.create(model="fake", input="hi")
     other = await make_user()
     with pytest.raises(openai.NotFoundError) as caught:
-        await sdk(fake_client, other.key).responses.create(model="fake", input="again",
+        await openai_sdk(fake_client, other.key).responses.create(model="fake", input="again",
                                                             previous_response_id=first.id)
     assert caught.value.body["code"] == "previous_response_not_found"
     assert caught.value.body["param"] == "previous_response_id"
     with pytest.raises(openai.NotFoundError):
-        await sdk(fake_client, other.key).responses.retrieve(first.id)
+        await openai_sdk(fake_client, other.key).responses.retrieve(first.id)
     assert await rows(db, other.id) == {"threads": [], "messages": [], "usage": []}
     assert len(upstream.requests) == 1
 
 
-async def test_store_false_writes_no_thread_rows(sdk, fake_client, upstream, user, db):
+async def test_store_false_writes_no_thread_rows(openai_sdk, fake_client, upstream, user, db):
     upstream.queue(Reply(openai_stream(["Hel", "lo"], prompt_tokens=5)), Reply(openai_stream(["Yo"])))
-    api = sdk(fake_client, user.key)
+    api = openai_sdk(fake_client, user.key)
     response = await api.responses.create(model="fake", input="hi", store=False, instructions="Short.")
     assert response.output_text == "Hello"
     assert response.store is False
@@ -207,7 +195,7 @@ async def test_store_false_writes_no_thread_rows(sdk, fake_client, upstream, use
         await api.responses.retrieve(response.id)
 
 
-async def test_store_false_passes_tools_and_returns_function_calls(sdk, fake_client, upstream, user):
+async def test_store_false_passes_tools_and_returns_function_calls(openai_sdk, fake_client, upstream, user):
     pieces = [openai_chunk({"role": "assistant", "content": None}),
               openai_chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
                                             "function": {"name": "weather", "arguments": ""}}]}),
@@ -216,7 +204,7 @@ async def test_store_false_passes_tools_and_returns_function_calls(sdk, fake_cli
     upstream.queue(Reply(pieces))
     tool = {"type": "function", "name": "weather", "description": "The weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
-    response = await sdk(fake_client, user.key).responses.create(
+    response = await openai_sdk(fake_client, user.key).responses.create(
         model="fake", input="weather in Oslo?", store=False, tools=[tool],
         tool_choice={"type": "function", "name": "weather"})
     sent = upstream.requests[0]
@@ -227,9 +215,9 @@ async def test_store_false_passes_tools_and_returns_function_calls(sdk, fake_cli
         ("function_call", "call_1", "weather", "{\"city\":\"Oslo\"}")]
 
 
-async def test_delete_removes_the_turn_and_then_the_empty_thread(sdk, fake_client, upstream, user, db):
+async def test_delete_removes_the_turn_and_then_the_empty_thread(openai_sdk, fake_client, upstream, user, db):
     upstream.queue(Reply(openai_stream(["A"])), Reply(openai_stream(["B"])))
-    api = sdk(fake_client, user.key)
+    api = openai_sdk(fake_client, user.key)
     first = await api.responses.create(model="fake", input="one")
     second = await api.responses.create(model="fake", input="two", previous_response_id=first.id)
     assert await api.responses.delete(second.id) is None
@@ -248,34 +236,34 @@ async def test_delete_removes_the_turn_and_then_the_empty_thread(sdk, fake_clien
     assert len(found["usage"]) == 2  # accounting outlives content
 
 
-async def test_a_failure_mid_stream_ends_with_response_failed(sdk, fake_client, upstream, user, db):
+async def test_a_failure_mid_stream_ends_with_response_failed(openai_sdk, fake_client, upstream, user, db):
     # content, then the upstream stream ends without its terminal marker
     upstream.queue(Reply(openai_stream(["Hel"], done=False, usage=False)[:2]))
-    stream = await sdk(fake_client, user.key).responses.create(model="fake", input="hi", stream=True)
+    stream = await openai_sdk(fake_client, user.key).responses.create(model="fake", input="hi", stream=True)
     events = [e async for e in stream]
     assert [e.type for e in events] == [*TEXT_EVENTS, "response.output_text.delta", "response.failed"]
     failed = events[-1].response
     assert failed.status == "failed"
     assert failed.error.code == "server_error"
     assert failed.output[0].content[0].text == "Hel"
-    got = await sdk(fake_client, user.key).responses.retrieve(failed.id)
+    got = await openai_sdk(fake_client, user.key).responses.retrieve(failed.id)
     assert (got.status, got.error.code) == ("failed", "server_error")
 
 
-async def test_a_failure_before_any_output_is_an_http_error(sdk, fake_client, upstream, user):
+async def test_a_failure_before_any_output_is_an_http_error(openai_sdk, fake_client, upstream, user):
     upstream.queue(Reply(status=500, body=b'{"error":{"message":"boom"}}'))
     with pytest.raises(openai.APIStatusError) as caught:
-        await sdk(fake_client, user.key).responses.create(model="fake", input="hi", stream=True)
+        await openai_sdk(fake_client, user.key).responses.create(model="fake", input="hi", stream=True)
     assert caught.value.status_code == 502
     assert caught.value.body["type"] == "upstream_error"
 
 
-async def test_errors_in_openai_shape_write_nothing(sdk, fake_client, upstream, user, db):
+async def test_errors_in_openai_shape_write_nothing(openai_sdk, fake_client, upstream, user, db):
     with pytest.raises(openai.AuthenticationError) as caught:
-        await sdk(fake_client, "gw-not-a-key").responses.create(model="fake", input="hi")
+        await openai_sdk(fake_client, "gw-not-a-key").responses.create(model="fake", input="hi")
     assert caught.value.status_code == 401
     assert set(caught.value.body) == {"message", "type", "param", "code"}
-    api = sdk(fake_client, user.key)
+    api = openai_sdk(fake_client, user.key)
     with pytest.raises(openai.NotFoundError) as caught:
         await api.responses.create(model="nope", input="hi")
     assert (caught.value.body["code"], caught.value.body["param"]) == ("model_not_found", "model")
@@ -302,10 +290,10 @@ async def test_errors_in_openai_shape_write_nothing(sdk, fake_client, upstream, 
 
 # -- replayed events, input items, tool-loop items -------------------
 
-async def test_retrieve_with_stream_replays_the_semantic_events_of_a_stored_response(sdk, fake_client, upstream,
+async def test_retrieve_with_stream_replays_the_semantic_events_of_a_stored_response(openai_sdk, fake_client, upstream,
                                                                                      user):
     upstream.queue(Reply(openai_stream(["Hel", "lo", "!"], prompt_tokens=7)))
-    api = sdk(fake_client, user.key)
+    api = openai_sdk(fake_client, user.key)
     live = [e async for e in await api.responses.create(model="fake", input="hi", stream=True)]
     response_id = live[0].response.id
     replayed = [e async for e in await api.responses.retrieve(response_id, stream=True)]
@@ -326,10 +314,10 @@ async def test_retrieve_with_stream_replays_the_semantic_events_of_a_stored_resp
     assert resp.status == 400 and (await resp.json())["error"]["param"] == "stream"
 
 
-async def test_retrieve_with_stream_of_a_failed_response_is_created_then_failed(sdk, fake_client, upstream, user,
+async def test_retrieve_with_stream_of_a_failed_response_is_created_then_failed(openai_sdk, fake_client, upstream, user,
                                                                                 db):
     upstream.queue(Reply(status=400, body=b'{"error":{"message":"no such thing"}}'))
-    api = sdk(fake_client, user.key)
+    api = openai_sdk(fake_client, user.key)
     with pytest.raises(openai.APIStatusError):
         await api.responses.create(model="fake", input="hi")
     message_id = await db.fetchval("SELECT id FROM messages WHERE user_id = $1 AND role = 'assistant'", user.id)
@@ -338,8 +326,8 @@ async def test_retrieve_with_stream_of_a_failed_response_is_created_then_failed(
     assert events[-1].response.status == "failed" and events[-1].response.error.code == "server_error"
 
 
-async def test_input_items_list_the_stored_user_message(sdk, fake_client, upstream, user):
-    api = sdk(fake_client, user.key)
+async def test_input_items_list_the_stored_user_message(openai_sdk, fake_client, upstream, user):
+    api = openai_sdk(fake_client, user.key)
     created = await api.responses.create(model="fake", input=[
         {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi there"}])
     page = await api.responses.input_items.list(created.id)
@@ -360,9 +348,9 @@ async def test_input_items_list_the_stored_user_message(sdk, fake_client, upstre
         await api.responses.input_items.list("resp_" + uuid.uuid4().hex)
 
 
-async def test_function_call_items_are_the_tool_loop_context(sdk, fake_client, upstream, user):
+async def test_function_call_items_are_the_tool_loop_context(openai_sdk, fake_client, upstream, user):
     upstream.queue(Reply(openai_stream(["Sunny."])))
-    response = await sdk(fake_client, user.key).responses.create(model="fake", store=False, input=[
+    response = await openai_sdk(fake_client, user.key).responses.create(model="fake", store=False, input=[
         {"role": "user", "content": "weather in Oslo and Bergen?"},
         {"type": "function_call", "call_id": "call_1", "name": "weather", "arguments": "{\"city\":\"Oslo\"}"},
         {"type": "function_call", "call_id": "call_2", "name": "weather", "arguments": "{\"city\":\"Bergen\"}"},
@@ -395,10 +383,10 @@ async def test_other_input_items_are_refused_by_name(fake_client, upstream, user
     assert upstream.requests == []
 
 
-async def test_retrieve_with_stream_follows_a_response_still_generating(sdk, fake_client, upstream, user, db):
+async def test_retrieve_with_stream_follows_a_response_still_generating(openai_sdk, fake_client, upstream, user, db):
     release = asyncio.Event()  # the upstream holds after "Hel" until both listeners are attached
     upstream.queue(Reply(openai_stream(["Hel", "lo", "!"], prompt_tokens=7), hold_at=2, release=release))
-    api = sdk(fake_client, user.key)
+    api = openai_sdk(fake_client, user.key)
     live = await api.responses.create(model="fake", input="hi", stream=True)
     first = [await anext(live) for _ in range(5)]  # created, in_progress, item added, part added, "Hel"
     assert first[-1].delta == "Hel"
@@ -417,9 +405,9 @@ async def test_retrieve_with_stream_follows_a_response_still_generating(sdk, fak
 PIXEL = "data:image/png;base64,iVBORw0KGgo="
 
 
-async def test_input_image_parts_reach_the_upstream_and_are_stored(sdk, fake_client, upstream, user, db):
+async def test_input_image_parts_reach_the_upstream_and_are_stored(openai_sdk, fake_client, upstream, user, db):
     upstream.queue(Reply(openai_stream(["A pixel."])))
-    api = sdk(fake_client, user.key)
+    api = openai_sdk(fake_client, user.key)
     response = await api.responses.create(model="fake", input=[{"role": "user", "content": [
         {"type": "input_text", "text": "what is this?"},
         {"type": "input_image", "image_url": PIXEL, "detail": "low"}]}])

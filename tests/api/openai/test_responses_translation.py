@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import openai
 import orjson
 import pytest
 from openai.types.responses import Response
@@ -34,19 +33,6 @@ base_url = "{server.make_url('/v1')}"
 provider = "claude"
 upstream = "claude-up"
 """))
-
-
-@pytest.fixture
-async def sdk():
-    made: list[openai.AsyncOpenAI] = []
-
-    def make(client: Any, key: str) -> openai.AsyncOpenAI:
-        made.append(openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=key, max_retries=0))
-        return made[-1]
-
-    yield make
-    for api in made:
-        await api.close()
 
 
 def check_usage(usage: dict[str, Any]) -> None:
@@ -93,10 +79,10 @@ async def test_tools_reasoning_and_cache_usage_through_anthropic(claude, anthrop
                                              "WHERE user_id = $1", user.id)] == [(170, 100, 50)]
 
 
-async def test_streamed_response_carries_the_reasoning_item_and_a_user_when_given(sdk, claude, anthropic, user):
+async def test_streamed_response_carries_the_reasoning_item_and_a_user_when_given(openai_sdk, claude, anthropic, user):
     fake, _ = anthropic
     fake.body = anthropic_tool_stream()
-    stream = await sdk(claude, user.key).responses.create(model="claude", store=False, tools=TOOLS, stream=True,
+    stream = await openai_sdk(claude, user.key).responses.create(model="claude", store=False, tools=TOOLS, stream=True,
                                                           input="Weather?", user="u-7")
     events = [e async for e in stream]
     done = [e.item.type for e in events if e.type == "response.output_item.done"]
