@@ -40,6 +40,7 @@ def progress(generation: Live) -> int:
     text chunk, one per reasoning event (the reasoning takes seqs among the deltas)."""
     return len(generation.parts) + len(generation.reasoning)
 
+
 log = logging.getLogger(__name__)
 
 Write = Callable[[list[Checkpoint]], Awaitable[int]]
