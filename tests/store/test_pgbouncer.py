@@ -93,6 +93,10 @@ async def test_a_cancel_on_one_pooled_instance_stops_the_reply_on_the_other_with
     up: SteppedUpstream = await stepped(TEXTS, holds=(3,))
     env = {**pooled(pgbouncer, database_url), "OPENAI_BASE_URL": up.base_url, "OPENAI_MODEL": "fake"}
     a, b = await make_client(**env), await make_client(**env)
+    # B has served the caller before (its key cached, its pooled connections open), as in the
+    # revocation test: what is timed is the cancel crossing instances, not B's first request
+    warm = await b.get("/api/threads", headers=user.headers)
+    assert warm.status == 200, await warm.text()
     mid = (await accept(a, user, "stop it"))["assistant_message_id"]
     on_a = await a.get(stream_path(mid), headers=user.headers)
     await read_events(on_a, 3)  # retry + metadata, 2 deltas: A is generating
