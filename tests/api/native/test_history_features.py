@@ -78,6 +78,17 @@ async def image_thread(client: Any, db: asyncpg.Pool, user: User) -> str:
     return thread_id
 
 
+NO_IMAGE_URLS = "model 'm-gemini' cannot take images by URL"
+
+
+async def refused(resp: Any, message: str, db: asyncpg.Pool, user: User, before: Any) -> None:
+    """A 400 invalid_request saying `message`, and nothing written (the user's row counts as `before`)."""
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert (error["type"], error["message"]) == ("invalid_request", message)
+    assert await counts(db, user) == before  # nothing written, not even the thread's touch
+
+
 async def test_a_thread_with_an_image_by_url_continued_on_gemini_is_a_400_and_writes_nothing(
         make_client: MakeClient, config_file: Any, aiohttp_server: Any, user: User, db: asyncpg.Pool) -> None:
     openai, gemini = await served(aiohttp_server)
@@ -90,10 +101,7 @@ async def test_a_thread_with_an_image_by_url_continued_on_gemini_is_a_400_and_wr
     for body in ({"stream": True}, {"stream": False}, {"client_message_id": "again-1"}):
         resp = await client.post("/api/chat", headers=user.headers,
                                  json={"content": "And now?", "thread_id": thread_id, "model": "m-gemini", **body})
-        assert resp.status == 400
-        error = (await resp.json())["error"]
-        assert (error["type"], error["message"]) == ("invalid_request", "model 'm-gemini' cannot take images by URL")
-    assert await counts(db, user) == before  # nothing written, not even the thread's touch
+        await refused(resp, NO_IMAGE_URLS, db, user, before)
     assert gemini.requests == [] and len(openai.requests) == 1
 
     # the same message in a thread without the image is Gemini's to answer, and so is its next one
@@ -141,10 +149,7 @@ async def test_a_regenerate_on_gemini_of_a_turn_after_an_image_by_url_is_a_400_a
     before = await counts(db, user)
     resp = await client.post(f"/api/messages/{user_message_id}/regenerate", headers=user.headers,
                              json={"model": "m-gemini"})
-    assert resp.status == 400
-    error = (await resp.json())["error"]
-    assert (error["type"], error["message"]) == ("invalid_request", "model 'm-gemini' cannot take images by URL")
-    assert await counts(db, user) == before
+    await refused(resp, NO_IMAGE_URLS, db, user, before)
     assert gemini.requests == []
     assert openai.requests[-1]["messages"][0]["content"] == FIRST  # the turn before it went there, image and all
 
@@ -163,9 +168,7 @@ async def test_an_arena_on_an_image_thread_refuses_a_slot_that_cannot_take_it_an
     thread_id = await image_thread(client, db, user)
     before = await counts(db, user)
     resp = await arena(client, user, thread_id, ["m-openai", "m-gemini"])  # asked for: a 400, as a chat turn
-    assert resp.status == 400
-    assert (await resp.json())["error"]["message"] == "model 'm-gemini' cannot take images by URL"
-    assert await counts(db, user) == before
+    await refused(resp, NO_IMAGE_URLS, db, user, before)
     # drawn: only models whose chain can take the thread (m-gemini-first falls back to m-openai; the
     # built-in demo model takes anything), never m-gemini
     for _ in range(6):
@@ -190,7 +193,6 @@ async def test_an_arena_draw_with_fewer_than_two_models_that_can_take_the_thread
     thread_id = await image_thread(client, db, user)
     before = await counts(db, user)
     resp = await arena(client, user, thread_id)
-    assert resp.status == 400
-    assert (await resp.json())["error"]["message"] == (
-        "the arena's pairing needs two models that can take this turn: model 'm-gemini' cannot take images by URL")
-    assert await counts(db, user) == before and gemini.requests == []
+    await refused(resp, f"the arena's pairing needs two models that can take this turn: {NO_IMAGE_URLS}", db, user,
+                  before)
+    assert gemini.requests == []
