@@ -186,12 +186,10 @@ def conversation(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         if len(row) == 2:
             out.append(row)
-        elif row.get("messages") is not None:
+        elif row["messages"] is not None:
             out.extend(row["messages"])
-        elif row.get("tool_calls") is not None:
+        else:  # a row has the two more keys only when one of them holds something
             out.append({"role": row["role"], "content": row["content"] or None, "tool_calls": row["tool_calls"]})
-        else:
-            out.append({"role": row["role"], "content": row["content"]})
     return out
 
 
