@@ -98,16 +98,22 @@ class RawProxy(asyncio.Protocol):
         self.body = []
 
     async def serve(self) -> None:
-        while True:
-            raw = await self.queue.get()
-            conn = await post(self.upstream, raw)
-            assert self.transport is not None
-            head = HEAD
-            while data := await conn.read():
-                self.transport.write(head + b"%x\r\n%s\r\n" % (len(data), data))
-                head = b""
-            conn.finish()
-            self.transport.write(head + b"0\r\n\r\n")
+        try:
+            while True:
+                raw = await self.queue.get()
+                conn = await post(self.upstream, raw)
+                assert self.transport is not None
+                head = HEAD
+                while data := await conn.read():
+                    self.transport.write(head + b"%x\r\n%s\r\n" % (len(data), data))
+                    head = b""
+                conn.finish()
+                self.transport.write(head + b"0\r\n\r\n")
+        except Exception:
+            # an upstream failure: the client sees its connection close (a failed request), not a hang
+            if self.transport is not None:
+                self.transport.close()
+            raise
 
 
 async def serve(kind: str, port: int, upstream_url: str) -> None:
