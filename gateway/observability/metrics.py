@@ -277,6 +277,13 @@ def observe(metrics: Metrics, key: web.RequestKey[Timings]) -> Middleware:
     return middleware
 
 
+def is_event_stream(response: web.StreamResponse) -> bool:
+    """Whether the response is SSE, read off its header: `response.content_type` would parse it and
+    keep a dict of its parameters (~0.5 KB) on the response for as long as the stream is held."""
+    mime = response.headers.get("Content-Type", "").partition(";")[0]
+    return mime.strip().lower() == "text/event-stream"
+
+
 def on_prepare(metrics: Metrics, key: web.RequestKey[Timings]) -> Callable[[web.Request, web.StreamResponse],
                                                                           Awaitable[None]]:
     """A response-prepare signal: notes the status sent (on the request's Timings under `key`) and
@@ -287,7 +294,7 @@ def on_prepare(metrics: Metrics, key: web.RequestKey[Timings]) -> Callable[[web.
         if timings is None:
             return
         timings.status = response.status
-        if timings.open and not timings.stream and response.content_type == "text/event-stream":
+        if timings.open and not timings.stream and is_event_stream(response):
             timings.stream = True
             metrics.active_streams.inc()
 
