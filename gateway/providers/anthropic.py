@@ -248,15 +248,17 @@ class AnthropicProvider(SSEAdapter):
     def unsupported(self, model: ModelConfig, request: ChatRequest) -> str | None:
         return unsupported(model, request)
 
-    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
-        state, secrets = _Usage(), self._secrets
+    def body(self, model: ModelConfig, request: ChatRequest) -> bytes:
+        return orjson.dumps(to_anthropic(model, request))
 
-        def read(decoder: SSEDecoder, chunk: bytes) -> tuple[Batch, bool, ProviderError | None]:
+    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
+        state = _Usage()
+
+        def read(decoder: SSEDecoder, chunk: bytes, secrets: Secrets) -> tuple[Batch, bool, ProviderError | None]:
             batch, error = read_events(decoder, chunk, state, secrets)
             return batch, state.stopped, error
 
-        return self._relay(model, "/messages", lambda: orjson.dumps(to_anthropic(model, request)), read,
-                           "upstream stream ended without message_stop")
+        return self.relay(model, request, "/messages", read, "upstream stream ended without message_stop")
 
 
 class _Usage:

@@ -295,15 +295,17 @@ class GeminiProvider(SSEAdapter):
         name = model.upstream.removeprefix("models/")
         return f"/models/{quote(name, safe='-._~')}:streamGenerateContent?alt=sse"
 
-    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
-        state, secrets = _Reply(), self._secrets
+    def body(self, model: ModelConfig, request: ChatRequest) -> bytes:
+        return orjson.dumps(to_gemini(model, request))
 
-        def read(decoder: SSEDecoder, chunk: bytes) -> tuple[Batch, bool, ProviderError | None]:
+    def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
+        state = _Reply()
+
+        def read(decoder: SSEDecoder, chunk: bytes, secrets: Secrets) -> tuple[Batch, bool, ProviderError | None]:
             batch, error = read_events(decoder, chunk, state, secrets)
             return batch, state.stopped, error
 
-        return self._relay(model, self.path(model), lambda: orjson.dumps(to_gemini(model, request)), read,
-                           "upstream stream ended without a finishReason")
+        return self.relay(model, request, self.path(model), read, "upstream stream ended without a finishReason")
 
 
 class _Reply:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import aiohttp
@@ -136,7 +136,7 @@ class SSEAdapter:
     """What every adapter on the lean client shares (OpenAI-compatible, Anthropic, Gemini): its
     request headers (`own`, then the key in `key_header` as `key_prefix` + key, then the configured
     ones), the provider's secrets to scrub from upstream text, its pool of upstream connections,
-    and the streaming of one reply through `relay` (`_relay`)."""
+    and the streaming of one reply (`relay`, posting what the adapter's `body` makes)."""
 
     def __init__(self, config: ProviderConfig, key_header: str, key_prefix: str = "",
                  own: dict[str, str] | None = None) -> None:
@@ -152,16 +152,52 @@ class SSEAdapter:
     def close(self) -> None:
         self._upstream.close()
 
-    def _relay(self, model: ModelConfig, path: str, body: Callable[[], bytes], read: ReadEvents,
-               unfinished: str) -> AsyncGenerator[Batch, None]:
-        """One reply: `body()` posted to `path` when the reply is first read, each upstream read
-        parsed by `read`; `unfinished` is the error of a body that ends before `read` says it did."""
+    def body(self, model: ModelConfig, request: ChatRequest) -> bytes:
+        """The upstream request's body for `request` to `model`."""
+        raise NotImplementedError
 
-        def post() -> Awaitable[Connection]:
-            return self._upstream.post(path, upstream_headers(self._headers), body(),
-                                       connect_timeout_s=model.connect_timeout_s, idle_timeout_s=model.idle_timeout_s)
-
-        return relay(post, read, self._secrets, unfinished)
+    async def relay(self, model: ModelConfig, request: ChatRequest, path: str, read: ReadEvents,
+                    unfinished: str) -> AsyncGenerator[Batch, None]:
+        """One streamed upstream reply as batches of events: `body(model, request)` posted to `path`
+        when the reply is first read, each upstream read parsed by `read`; an error status is the
+        upstream's error (its text scrubbed of the provider's secrets), a body that ends before `read`
+        says the reply did is `unfinished`. A method with plain arguments, not closures: a held
+        stream keeps this generator for its whole life, and each closure would be a few hundred bytes."""
+        secrets = self._secrets
+        conn = await self._upstream.post(path, upstream_headers(self._headers), self.body(model, request),
+                                         connect_timeout_s=model.connect_timeout_s,
+                                         idle_timeout_s=model.idle_timeout_s)
+        finished = False  # the connection went back to the pool: never close it from here
+        try:
+            if conn.status >= 300:
+                refused = await answer_error(conn, secrets)
+                finished = True
+                raise refused
+            decoder = SSEDecoder()
+            while True:
+                chunk = conn.take()
+                if chunk is None:
+                    await conn.readable()  # a bare future: a held stream keeps no read frame
+                    continue
+                if not chunk:
+                    break
+                batch, done, error = read(decoder, chunk, secrets)
+                if done:
+                    conn.finish()  # the body's end is drained off the caller's path
+                    finished = True
+                if batch:  # what arrived before a failure is part of the reply
+                    yield batch
+                if error is not None:
+                    raise error
+                if done:
+                    return
+                del batch  # between reads a held stream keeps no events (nor the bytes they came from)
+            conn.finish()
+            finished = True
+        finally:
+            if not finished:
+                conn.close()
+        raise UpstreamProtocolError(unfinished)
 
 
 class OpenAIProvider(SSEAdapter):
@@ -196,54 +232,12 @@ class OpenAIProvider(SSEAdapter):
         return orjson.dumps(body)
 
     def stream(self, model: ModelConfig, request: ChatRequest) -> AsyncGenerator[Batch, None]:
-        secrets = self._secrets
-        return self._relay(model, "/chat/completions", lambda: self.body(model, request),
-                           lambda decoder, chunk: read_batch(decoder, chunk, secrets),
-                           "upstream stream ended without [DONE]")
+        return self.relay(model, request, "/chat/completions", read_batch, "upstream stream ended without [DONE]")
 
 
-# one upstream read through an adapter's parser: (its events, whether the reply ended, the failure that stopped it)
-ReadEvents = Callable[[SSEDecoder, bytes], tuple[Batch, bool, ProviderError | None]]
-
-
-async def relay(post: Callable[[], Awaitable[Connection]], read: ReadEvents, secrets: Secrets,
-                unfinished: str) -> AsyncGenerator[Batch, None]:
-    """One streamed upstream reply as batches of events, for every SSE adapter (OpenAI-compatible,
-    Anthropic, Gemini): `post` sends the request when the reply is first read, `read` parses each
-    upstream read; an error status is the upstream's error (its text scrubbed of `secrets`), a body
-    that ends before `read` says the reply did is `unfinished`."""
-    conn = await post()
-    finished = False  # the connection went back to the pool: never close it from here
-    try:
-        if conn.status >= 300:
-            refused = await answer_error(conn, secrets)
-            finished = True
-            raise refused
-        decoder = SSEDecoder()
-        while True:
-            chunk = conn.take()
-            if chunk is None:
-                await conn.readable()  # a bare future: a held stream keeps no read frame
-                continue
-            if not chunk:
-                break
-            batch, done, error = read(decoder, chunk)
-            if done:
-                conn.finish()  # the body's end is drained off the caller's path
-                finished = True
-            if batch:  # what arrived before a failure is part of the reply
-                yield batch
-            if error is not None:
-                raise error
-            if done:
-                return
-            del batch  # between reads a held stream keeps no events (nor the bytes they came from)
-        conn.finish()
-        finished = True
-    finally:
-        if not finished:
-            conn.close()
-    raise UpstreamProtocolError(unfinished)
+# one upstream read through an adapter's parser, with the provider's secrets to scrub from its text:
+# (its events, whether the reply ended, the failure that stopped it)
+ReadEvents = Callable[[SSEDecoder, bytes, Secrets], tuple[Batch, bool, ProviderError | None]]
 
 
 # what the canonical turn adds to OpenAI's shape, rendered away for an OpenAI-compatible upstream
