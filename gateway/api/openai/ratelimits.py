@@ -128,6 +128,9 @@ async def _read(request: web.Request, principal: Principal, limits: Limits, now:
     return _compose(limits, now, windows, user_day, key_days)
 
 
+_NONE: dict[str, str] = {}  # never written to: what an applied RateLimitHeaders keeps
+
+
 class RateLimitHeaders:
     """The headers of one admitted request, read in the background from the moment it was admitted.
 
@@ -159,7 +162,11 @@ class RateLimitHeaders:
             return {}
 
     async def apply(self, response: web.StreamResponse) -> None:
+        """Put the headers on `response`, then let go of them and of the task that read them: a
+        held stream keeps this object to its end, for `close()`."""
         response.headers.update(await self.get())
+        self.close()
+        self._known = _NONE
 
     def close(self) -> None:
         task, self._task = self._task, None
