@@ -26,6 +26,7 @@ from gateway.contract.openapi import get_openapi
 from gateway.edge.activity import record_activity
 from gateway.edge.auth import Authenticator
 from gateway.edge.jwt_auth import JwtVerifier
+from gateway.edge.lean import serve_lean
 from gateway.edge.malformed import install as answer_malformed_requests_in_json
 from gateway.edge.middleware import Cors, add_request_id, edge, errors
 from gateway.edge.stream_tokens import StreamTokens, load_signing_key
@@ -334,6 +335,7 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> web.Applic
     app.on_shutdown.append(finish_generations)
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(cors.on_prepare)
+    serve_lean(app)  # its connections start on the lean path (edge/lean.py)
     app.on_response_prepare.append(record_activity)
     app.on_response_prepare.append(on_prepare(metrics, TIMINGS))
 

@@ -6,7 +6,10 @@ the gateway relies on internals, pyproject.toml bounds the library to the major 
 were checked on.
 
     aiohttp       `RequestHandler._messages` and `StreamReader._buffer` (held streams' empty queues);
-                  `RequestHandler.handle_error` (the answer to a malformed request)
+                  `RequestHandler.handle_error` (the answer to a malformed request);
+                  `Application._make_handler`, `_handle` and `_client_max_size`, `Server._kwargs`
+                  and `_loop`, `Request._match_info`, `_cancel` and `_task` (the lean connection:
+                  gateway/edge/lean.py)
     aiohttp-sse   `EventSourceResponse._ping_task` (the keep-alive task a stopped stream lets go of)
     asyncpg       `asyncpg.exceptions._base.DataError` (the client-side error for a value it cannot
                   encode, not the SQLSTATE 22 class of the same name); `asyncpg.connect_utils`,
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -73,6 +76,68 @@ def replace_handle_error(replacement: HandleError) -> None:
     """Make `replacement` the `RequestHandler.handle_error` of every aiohttp server of this process
     (aiohttp has no hook for it: `web.Server` builds its RequestHandler itself)."""
     RequestHandler.handle_error = replacement  # type: ignore[method-assign]
+
+
+# -- aiohttp: the lean connection (gateway/edge/lean.py) ------------------------------------------
+
+def wrap_make_handler(app: web.Application, wrap: Callable[[web.Server], web.Server]) -> None:
+    """Every low-level server made for `app` (by any runner: run_app's, a test's) passes through
+    `wrap` (aiohttp has no hook for the server's protocol: `Server.__call__` builds it)."""
+    make = app._make_handler
+
+    def make_handler(**kwargs: Any) -> web.Server:
+        return wrap(make(**kwargs))
+
+    app._make_handler = make_handler  # type: ignore[method-assign]
+
+
+def server_kwargs(server: web.Server) -> dict[str, Any]:
+    """The keyword arguments `server` gives each aiohttp RequestHandler it makes."""
+    kwargs: dict[str, Any] = server._kwargs
+    return kwargs
+
+
+def client_max_size(app: web.Application) -> int:
+    """The largest request body `app`'s requests may read."""
+    size: int = app._client_max_size
+    return size
+
+
+def match_info(route: web.AbstractRoute, app: web.Application) -> web.UrlMappingMatchInfo:
+    """A frozen match of `route` (a static one: no path parameters) in `app`, as its router makes."""
+    info = web.UrlMappingMatchInfo({}, route)
+    info.add_app(app)
+    info.freeze()
+    return info
+
+
+def set_match_info(request: web.Request, info: web.UrlMappingMatchInfo) -> None:
+    """What `Application._handle` sets once its router has matched the request."""
+    request._match_info = info
+
+
+def server_loop(server: web.Server) -> asyncio.AbstractEventLoop:
+    """The loop `server` was made on."""
+    loop: asyncio.AbstractEventLoop = server._loop
+    return loop
+
+
+def cancel_request(request: web.BaseRequest, exc: BaseException) -> None:
+    """What aiohttp's handler does to a request whose connection is lost: its body and its
+    disconnection waiters fail with `exc`."""
+    request._cancel(exc)
+
+
+def forget_task(request: web.BaseRequest) -> None:
+    """What aiohttp's handler does once a request is answered: the request no longer refers to its
+    task (a reference cycle through a traceback otherwise)."""
+    request._task = None  # type: ignore[assignment]
+
+
+def app_handle(app: web.Application) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The app's request handling from routing on: the router, then the middleware chain."""
+    handle: Callable[[web.Request], Awaitable[web.StreamResponse]] = app._handle
+    return handle
 
 
 # -- aiohttp-sse: the keep-alive task --------------------------------------------------------------

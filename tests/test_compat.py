@@ -89,6 +89,35 @@ def test_aiohttp_builds_its_parse_error_answer_in_handle_error_with_the_signatur
     assert handle_error is compat.AIOHTTP_HANDLE_ERROR or handle_error.__module__ == "gateway.edge.malformed"
 
 
+# -- aiohttp: the lean connection ---------------------------------------------------------------------
+
+async def test_aiohttp_has_the_internals_the_lean_connection_uses(aiohttp_client, aiohttp_server):
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application(client_max_size=4321)
+    app.router.add_post("/hello", hello)
+    made: list[web.Server] = []
+    compat.wrap_make_handler(app, lambda server: made.append(server) or server)
+    client = await aiohttp_client(await aiohttp_server(app, keepalive_timeout=7))
+    assert made == [client.server.runner.server]  # every runner makes its server through it
+    server = made[0]
+    assert compat.server_kwargs(server)["keepalive_timeout"] == 7
+    assert compat.server_loop(server) is asyncio.get_running_loop()
+    assert compat.client_max_size(app) == 4321
+    assert compat.app_handle(app) == app._handle
+
+    [route] = [r for r in app.router.routes() if r.method == "POST"]
+    info = compat.match_info(route, app)
+    assert (info.handler, info.route, info.apps, info.current_app, dict(info)) == (hello, route, (app,), app, {})
+    # what the router sets on a request once matched, and what a connection's loss calls
+    assert "request._match_info = match_info" in inspect.getsource(web.Application._handle)
+    assert "._cancel(" in inspect.getsource(web_protocol.RequestHandler.connection_lost)
+    assert "request._task = None" in inspect.getsource(web_protocol.RequestHandler.start)
+    assert list(inspect.signature(web.BaseRequest._cancel).parameters) == ["self", "exc"]
+    assert (await client.post("/hello")).status == 200
+
+
 # -- aiohttp-sse: the keep-alive task -----------------------------------------------------------------
 
 async def test_aiohttp_sse_keeps_its_keep_alive_task_where_compat_reads_and_forgets_it(aiohttp_client):
@@ -146,7 +175,9 @@ async def test_asyncpg_opens_its_connections_in_the_module_compat_names():
 
 PRIVATE_USES = re.compile(r"\._messages\b|\._buffer\b|[\"']_messages[\"']|[\"']_buffer[\"']|\._ping_task\b"
                           r"|exceptions\._base|exceptions import _base"
-                          r"|\.handle_error\s*=|[\"']asyncpg\.connect_utils")
+                          r"|\.handle_error\s*=|[\"']asyncpg\.connect_utils"
+                          r"|\._make_handler\b|\._client_max_size\b|\._kwargs\b|\._match_info\s*=|\._cancel\("
+                          r"|request\._task\b")
 
 
 def test_only_compat_touches_a_library_s_internals():

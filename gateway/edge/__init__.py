@@ -1,5 +1,6 @@
 """The edge: what every request passes before a handler, and how bytes leave.
 
+    lean.py           the connection: the static routes served without aiohttp's handler
     middleware.py     request ids, errors as JSON, CORS, the access log
     auth.py           who is calling: API keys and JWTs, behind in-process caches
     jwt_auth.py       verifying Supabase-style access tokens (HS* or a JWKS)
@@ -17,6 +18,7 @@ __all__ = [
     "auth",
     "held",
     "jwt_auth",
+    "lean",
     "malformed",
     "middleware",
     "sse",
