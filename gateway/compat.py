@@ -9,7 +9,8 @@ were checked on.
                   `RequestHandler.handle_error` (the answer to a malformed request);
                   `Application._make_handler`, `_handle` and `_client_max_size`, `Server._kwargs`
                   and `_loop`, `Request._match_info`, `_cancel` and `_task` (the lean connection:
-                  gateway/edge/lean.py)
+                  gateway/edge/lean.py); `StreamResponse._send_headers_immediately` (a stream's
+                  head sent with its first write)
     aiohttp-sse   `EventSourceResponse._ping_task` (the keep-alive task a stopped stream lets go of)
     asyncpg       `asyncpg.exceptions._base.DataError` (the client-side error for a value it cannot
                   encode, not the SQLSTATE 22 class of the same name); `asyncpg.connect_utils`,
@@ -138,6 +139,18 @@ def app_handle(app: web.Application) -> Callable[[web.Request], Awaitable[web.St
     """The app's request handling from routing on: the router, then the middleware chain."""
     handle: Callable[[web.Request], Awaitable[web.StreamResponse]] = app._handle
     return handle
+
+
+# -- aiohttp: a stream's head with its first write ----------------------------------------------------
+
+class HeadWithFirstWrite(web.StreamResponse):
+    """A StreamResponse whose head goes out with its first write, as `web.Response` sends its head
+    with its body: one socket write where StreamResponse makes two (`_send_headers_immediately`).
+    For a stream whose first write follows its prepare at once (the doors' SSE answers: they prepare
+    once the first events are in hand). The bytes on the wire are the same; `write_eof` sends a
+    head nothing was written after."""
+
+    _send_headers_immediately = False
 
 
 # -- aiohttp-sse: the keep-alive task --------------------------------------------------------------

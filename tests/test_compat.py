@@ -118,6 +118,35 @@ async def test_aiohttp_has_the_internals_the_lean_connection_uses(aiohttp_client
     assert (await client.post("/hello")).status == 200
 
 
+# -- aiohttp: a stream's head with its first write -----------------------------------------------------
+
+async def test_a_head_with_first_write_stream_sends_nothing_until_its_first_write_then_both_in_one(aiohttp_server):
+    assert "if self._send_headers_immediately:" in inspect.getsource(web.StreamResponse._write_headers)
+    assert web.StreamResponse._send_headers_immediately and not compat.HeadWithFirstWrite._send_headers_immediately
+    written = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        resp = compat.HeadWithFirstWrite(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.sleep(0.3)
+        written.set()
+        await resp.write(b"data: 1\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/s", stream)
+    server = await aiohttp_server(app)
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = await asyncio.wait_for(reader.read(65536), 5)
+        assert written.is_set()  # nothing arrived before the first write
+        assert first.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\n\r\n9\r\ndata: 1\n\n\r\n" in first
+    finally:
+        writer.close()
+
+
 # -- aiohttp-sse: the keep-alive task -----------------------------------------------------------------
 
 async def test_aiohttp_sse_keeps_its_keep_alive_task_where_compat_reads_and_forgets_it(aiohttp_client):
@@ -177,7 +206,7 @@ PRIVATE_USES = re.compile(r"\._messages\b|\._buffer\b|[\"']_messages[\"']|[\"']_
                           r"|exceptions\._base|exceptions import _base"
                           r"|\.handle_error\s*=|[\"']asyncpg\.connect_utils"
                           r"|\._make_handler\b|\._client_max_size\b|\._kwargs\b|\._match_info\s*=|\._cancel\("
-                          r"|request\._task\b")
+                          r"|request\._task\b|_send_headers_immediately")
 
 
 def test_only_compat_touches_a_library_s_internals():

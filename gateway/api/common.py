@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
+from gateway.compat import HeadWithFirstWrite
 from gateway.contract.native import check_text
 from gateway.edge.auth import CredentialWatch, Principal
 from gateway.edge.sse import DONE
@@ -22,6 +23,12 @@ from gateway.state import AUTH, PRINCIPAL, SETTINGS, STREAM_TOKENS, TIMINGS, USE
 # the headers of a vendor-style SSE answer (the OpenAI and Anthropic doors): no caching, no proxy buffering
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
                "X-Accel-Buffering": "no"}
+
+
+def sse_stream() -> web.StreamResponse:
+    """A vendor-style SSE answer, to prepare only once its first events are in hand: its head goes
+    out with the first write (one socket write less before the first token: compat.HeadWithFirstWrite)."""
+    return HeadWithFirstWrite(headers=SSE_HEADERS)
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.common import SSE_HEADERS, caller, read_body
+from gateway.api.common import caller, read_body, sse_stream
 from gateway.api.content import MAX_TOKENS_LIMIT
 from gateway.contract import anthropic as contract
 from gateway.contract import decoding
@@ -476,7 +476,7 @@ async def _stream(request: web.Request, events: AsyncIterator[Batch], completion
     # nothing is sent until the chain has committed to a model: until then a failure is a clean
     # HTTP error, and message_start names the model that actually answers
     batch = await anext(events)
-    resp = web.StreamResponse(headers=SSE_HEADERS)
+    resp = sse_stream()
     await resp.prepare(request)
     reply.started = True
     request[TIMINGS].mark("first_token")

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.common import SSE_HEADERS, caller, read_body
+from gateway.api.common import caller, read_body, sse_stream
 from gateway.api.openai.ratelimits import RateLimitHeaders
 from gateway.contract import decoding
 from gateway.contract.openai import (
@@ -249,7 +249,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             # nothing is sent until the chain has committed to a model: until then a failure is a
             # clean HTTP error and the response's "model" names the model that actually answers
             batch = await anext(events)
-            resp = web.StreamResponse(headers=SSE_HEADERS)
+            resp = sse_stream()
             await limits.apply(resp)
             await resp.prepare(request)
             hold_open(request, resp)

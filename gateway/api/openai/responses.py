@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.common import SSE_HEADERS, caller, json_response, read_body
+from gateway.api.common import caller, json_response, read_body, sse_stream
 from gateway.api.content import parse_content
 from gateway.api.openai.chat_completions import (
     OpenAIError,
@@ -635,7 +635,7 @@ async def _respond(request: web.Request, shape: Shape, events: AsyncIterator[Bat
         if limits is not None:
             await limits.apply(answer)
         return answer
-    resp = web.StreamResponse(headers=SSE_HEADERS)
+    resp = sse_stream()
     if limits is not None:
         await limits.apply(resp)
     await resp.prepare(request)
@@ -858,7 +858,7 @@ async def _failed_stream(request: web.Request, shape: Shape, body: dict[str, Any
     out = _Frames(shape, after)
     frames = [out.lifecycle("response.created", "in_progress"), out.lifecycle("response.in_progress", "in_progress"),
               out.event("response.failed", {"response": body})]
-    resp = web.StreamResponse(headers=SSE_HEADERS)
+    resp = sse_stream()
     await resp.prepare(request)
     await resp.write(b"".join(frames))
     await resp.write_eof()
