@@ -5,6 +5,8 @@ read so far, and a connection keeps alive, pipelines, closes and times out as un
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -66,6 +68,15 @@ class Conn:
 
     def close(self) -> None:
         self.writer.close()
+
+
+@contextlib.asynccontextmanager
+async def connected(to: TestClient | BaseTestServer) -> AsyncIterator[Conn]:
+    conn = await Conn.open(to)
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 def without_date(response: bytes) -> bytes:
@@ -133,39 +144,29 @@ async def test_what_the_lean_path_serves_is_byte_for_byte_what_aiohttp_sends(cli
 ], ids=["chunked", "upgrade", "expect", "http10", "query", "head", "parameter", "malformed", "two-lengths"])
 async def test_a_request_the_lean_path_does_not_serve_is_aiohttps_with_its_bytes(
         client: TestClient, request_bytes: bytes, status: bytes):
-    conn = await Conn.open(client)
-    try:
+    async with connected(client) as conn:
         await conn.send(request_bytes)
         answer = await conn.response(head_only=request_bytes.startswith(b"HEAD "))
         assert answer.split(b" ")[1] == status
         # aiohttp's, or closed by it (HTTP/1.0, a malformed request)
         assert [type(p) for p in conn.protocols()] in ([RequestHandler], [])
-    finally:
-        conn.close()
 
 
 async def test_a_head_past_the_limit_and_a_body_past_the_limit_are_aiohttps_answers(make_client: Any, user: User):
     client = await make_client(MAX_BODY_BYTES="2000")
-    conn = await Conn.open(client)
-    try:
+    async with connected(client) as conn:
         await conn.send(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Long: " + b"a" * (2 * MAX_HEAD) + b"\r\n\r\n")
         answer = await conn.response()
         assert answer.split(b" ")[1] in (b"400", b"431") and b'"error"' in answer
-    finally:
-        conn.close()
-    conn = await Conn.open(client)
-    try:
+    async with connected(client) as conn:
         await conn.send(post(b"/v1/chat/completions", b"x" * 2001, b"Authorization: Bearer " + user.key.encode()))
         answer = await conn.response()
         assert answer.startswith(b"HTTP/1.1 413 ") and b'"type":"payload_too_large"' in answer
         assert type(conn.protocol()) is RequestHandler
-    finally:
-        conn.close()
 
 
 async def test_a_request_sent_a_byte_at_a_time_is_served_on_the_lean_path(client: TestClient):
-    conn = await Conn.open(client)
-    try:
+    async with connected(client) as conn:
         request = post(b"/v1/chat/completions", b'{"model": "x", "messages": []}')
         for i in range(len(request)):
             await conn.send(request[i:i + 1])
@@ -173,13 +174,10 @@ async def test_a_request_sent_a_byte_at_a_time_is_served_on_the_lean_path(client
         answer = await conn.response()
         assert answer.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
         assert type(conn.protocol()) is LeanConnection
-    finally:
-        conn.close()
 
 
 async def test_pipelined_requests_are_answered_in_order_and_a_later_one_can_be_handed_over(client: TestClient):
-    conn = await Conn.open(client)
-    try:
+    async with connected(client) as conn:
         await conn.send(HEALTH + post(b"/v1/chat/completions", b"{}") + HEALTH + HAND_OVER + HEALTH)
         answers = [await conn.response() for _ in range(5)]
         assert [a.split(b"\r\n", 1)[0] for a in answers] == [
@@ -187,19 +185,14 @@ async def test_pipelined_requests_are_answered_in_order_and_a_later_one_can_be_h
             b"HTTP/1.1 200 OK"]
         assert all(a.endswith(b'{"status":"ok"}') for i, a in enumerate(answers) if i != 1)
         assert type(conn.protocol()) is RequestHandler  # from the fourth request on
-    finally:
-        conn.close()
 
 
 async def test_connection_close_is_answered_and_honoured(client: TestClient):
-    conn = await Conn.open(client)
-    try:
+    async with connected(client) as conn:
         await conn.send(b"GET /healthz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
         answer = await conn.response()
         assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close\r\n" in answer
         assert await conn.closed()
-    finally:
-        conn.close()
 
 
 async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(aiohttp_server: Any,
@@ -225,8 +218,7 @@ async def test_a_connection_stops_reading_while_pipelined_requests_pile_up_behin
     release = asyncio.Event()
     upstream.queue(Reply(openai_stream(["Hel", "lo"]), hold_at=2, release=release))
     stream = orjson.dumps({"model": "fake", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
-    conn = await Conn.open(client)
-    try:
+    async with connected(client) as conn:
         await conn.send(post(b"/v1/chat/completions", stream, b"Authorization: Bearer " + user.key.encode()))
         head = await asyncio.wait_for(conn.reader.readuntil(b'"Hel"'), 10)  # held: the upstream waits
         protocol = conn.protocol()
@@ -243,5 +235,3 @@ async def test_a_connection_stops_reading_while_pipelined_requests_pile_up_behin
         assert (head + rest).endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
         assert (await conn.response()).startswith(b"HTTP/1.1 401 Unauthorized\r\n")
         assert type(protocol) is LeanConnection and not protocol._reading_held and not protocol._received
-    finally:
-        conn.close()
