@@ -22,7 +22,7 @@ from gateway.store import limits as store_limits
 from gateway.store.limits import SQLSTATES, KeyCap, Limit, LimitReached
 from gateway.store.messages import finish_many
 from gateway.vocabulary import PolicyAction
-from tests.support.common import wait_for
+from tests.support.common import clear_of_a_minute_s_end, wait_for
 from tests.support.fakes import parse_sse
 
 # each demo turn below: prompt "hello" (2 tokens, estimated) + max_tokens 10 = a worst case of 12,
@@ -101,6 +101,7 @@ async def test_a_cap_refusal_keeps_the_message_and_saves_a_refused_reply_with_it
 
 async def test_requests_per_minute_per_user(make_client, config_file, user, db):
     client = await make_client(GATEWAY_CONFIG=config_file("[limits]\nrequests_per_minute = 2\n"))
+    await clear_of_a_minute_s_end()
     codes = [(await client.post("/api/threads", headers=user.headers)).status for _ in range(1)]
     chats = [await client.post("/api/chat", headers=user.headers, json={"content": "hi"}) for _ in range(3)]
     assert codes == [201] and [c.status for c in chats] == [202, 202, 429]
@@ -160,6 +161,7 @@ async def test_models_allowed_per_key(client, make_user, db):
 async def test_key_requests_per_minute(client, make_user, db):
     user = await make_user()
     await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, {"requests_per_minute": 1})
+    await clear_of_a_minute_s_end()
     assert (await client.post("/api/chat", headers=user.headers, json={"content": "a"})).status == 202
     assert (await client.post("/api/chat", headers=user.headers, json={"content": "b"})).status == 429
 
@@ -335,6 +337,7 @@ async def test_each_limit_reports_its_own_reason_and_reset(make_client, config_f
     if key_limits:
         await db.execute("UPDATE api_keys SET limits = $2 WHERE user_id = $1", user.id, key_limits)
     body = {"content": "hello", "max_tokens": 10}
+    await clear_of_a_minute_s_end()
     answers = [await client.post("/api/chat", headers=user.headers, json=body) for _ in range(3)]
     if "per minute" in message:
         assert [a.status for a in answers] == [202, 202, 429]

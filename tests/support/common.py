@@ -7,6 +7,7 @@ import asyncio
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -49,6 +50,16 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 10
         if loop.time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def clear_of_a_minute_s_end(margin_s: float = 3.0) -> None:
+    """Wait, when the wall clock is within `margin_s` of the next minute, until that minute starts: the
+    per-minute limits count calendar minutes, and requests a test expects in one window must not
+    straddle two."""
+    now = datetime.now(UTC)
+    left = 60 - now.second - now.microsecond / 1e6
+    if left < margin_s:
+        await asyncio.sleep(left + 0.05)
 
 
 class FakeClock:
