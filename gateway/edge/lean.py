@@ -237,6 +237,7 @@ class LeanConnection(BaseProtocol):
             if self._waiting is None:
                 self._hand_over()
                 return
+            self._cancel_idle_timer()  # a request is under way: a slow body is not an idle connection
         route, message, head, length = self._waiting
         if len(buffer) < head + length:
             return
@@ -244,7 +245,6 @@ class LeanConnection(BaseProtocol):
         body = bytes(buffer[head:head + length])
         # what follows (pipelined), in a buffer of its own size: a held stream keeps no request's bytes
         self._received = buffer[head + length:]
-        self._cancel_idle_timer()
         if message.should_close:
             self._closing = True
         self._task_handler = self._loop.create_task(self._serve(route, message, body))
@@ -323,12 +323,8 @@ class LeanConnection(BaseProtocol):
         try:
             try:
                 response = await route.handle(request)
-            except web.HTTPException as e:  # the middleware answers these; aiohttp would send it as is
+            except web.HTTPException as e:  # what the middleware passes on (a redirect): sent as aiohttp sends it
                 response = e
-            except Exception:
-                log.exception("unhandled error in %s %s", message.method, message.path)
-                response = web.Response(status=500, text="500: Internal Server Error")
-                self._closing = True
             finally:
                 self._current_request = None
             try:
@@ -340,7 +336,7 @@ class LeanConnection(BaseProtocol):
                 access_logger.log(request, response, loop.time() - start)
         except asyncio.CancelledError:
             closed = True  # the client left (handler cancellation) or the server is shutting down
-        except Exception:  # as aiohttp's handler: logged, and the connection closed
+        except Exception:  # the middleware answers a handler's errors: this is a failure to answer at all
             log.exception("unhandled error answering %s %s", message.method, message.path)
             closed = True
         finally:
