@@ -11,12 +11,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import BaseTestServer, TestClient
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.edge.lean import MAX_HEAD, MAX_PENDING, LeanConnection
+from gateway.edge.lean import MAX_HEAD, MAX_PENDING, LeanConnection, serve_lean
 from tests.support.common import User
 from tests.support.fakes import FakeUpstream, Reply, openai_stream
 
@@ -148,6 +149,8 @@ async def test_a_request_the_lean_path_does_not_serve_is_aiohttps_with_its_bytes
         await conn.send(request_bytes)
         answer = await conn.response(head_only=request_bytes.startswith(b"HEAD "))
         assert answer.split(b" ")[1] == status
+        if b" HTTP/1.0\r\n" in request_bytes:  # answered in its own version: the lean path only speaks 1.1
+            assert answer.startswith(b"HTTP/1.0 200 OK\r\n")
         # aiohttp's, or closed by it (HTTP/1.0, a malformed request)
         assert [type(p) for p in conn.protocols()] in ([RequestHandler], [])
 
@@ -210,6 +213,73 @@ async def test_an_idle_connection_is_closed_after_the_keep_alive_timeout(aiohttp
     finally:
         silent.close()
         used.close()
+
+
+async def test_a_body_slower_than_the_keep_alive_timeout_is_still_read_and_answered(aiohttp_server: Any,
+                                                                                    make_settings: Any):
+    server = await aiohttp_server(create_app(make_settings()), keepalive_timeout=0.3)
+    request = post(b"/v1/chat/completions", b'{"model": "x", "messages": []}')
+    head, body = request.split(b"\r\n\r\n", 1)
+    async with connected(server) as conn:
+        await conn.send(head + b"\r\n\r\n")
+        await asyncio.sleep(0.6)  # twice the idle timeout: a request under way is not an idle connection
+        await conn.send(body)
+        assert (await conn.response()).startswith(b"HTTP/1.1 401 Unauthorized\r\n")
+        assert type(conn.protocol()) is LeanConnection
+
+
+async def test_shutdown_closes_an_idle_connection_at_once_and_cancels_a_held_stream_after_its_grace(
+        make_client: Any, upstream: FakeUpstream, user: User):
+    client = await make_client(OPENAI_BASE_URL=upstream.base_url, OPENAI_API_KEY="sk-up", OPENAI_MODEL="fake")
+    release = asyncio.Event()
+    upstream.queue(Reply(openai_stream(["Hel", "lo"]), hold_at=2, release=release))
+    stream = orjson.dumps({"model": "fake", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    async with connected(client) as held, connected(client) as idle:
+        await held.send(post(b"/v1/chat/completions", stream, b"Authorization: Bearer " + user.key.encode()))
+        await asyncio.wait_for(held.reader.readuntil(b'"Hel"'), 10)
+        await idle.send(HEALTH)
+        assert (await idle.response()).startswith(b"HTTP/1.1 200 OK\r\n")
+        protocols = held.protocols()
+        assert [type(p) for p in protocols] == [LeanConnection, LeanConnection]
+        server = client.server.runner.server  # type: ignore[union-attr]
+
+        server.pre_shutdown()  # what a runner's cleanup does first: no request after the current one
+        assert await idle.closed()
+        assert [p._task_handler is not None for p in held.protocols()] == [True]  # the stream goes on
+
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await server.shutdown(0.3)  # its grace: then the stream is cancelled and its socket closed
+        assert 0.25 < loop.time() - started < 5
+        rest = await asyncio.wait_for(held.reader.read(), 10)
+        assert b"[DONE]" not in rest
+        assert all(p.transport is None for p in protocols)
+    release.set()
+
+
+async def test_a_redirect_a_handler_raises_is_sent_as_aiohttp_sends_it():
+    async def go(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/elsewhere")
+
+    @web.middleware
+    async def passing(request: web.Request, handler: Any) -> web.StreamResponse:
+        return await handler(request)
+
+    app = web.Application(middlewares=[passing])
+    app.router.add_get("/go", go)
+    serve_lean(app)
+    answers = []
+    async with TestServer(app) as server:
+        for first in (b"", HAND_OVER.replace(b"/healthz", b"/go")):
+            async with connected(server) as conn:
+                if first:  # aiohttp's own handler from here on
+                    await conn.send(first)
+                    await conn.response()
+                await conn.send(b"GET /go HTTP/1.1\r\nHost: gw\r\n\r\n")
+                answers.append(without_date(await conn.response()))
+                assert type(conn.protocol()) is (RequestHandler if first else LeanConnection)
+    assert answers[0] == answers[1] and answers[0].startswith(b"HTTP/1.1 302 Found\r\n")
+    assert b"\r\nLocation: /elsewhere\r\n" in answers[0]
 
 
 async def test_a_connection_stops_reading_while_pipelined_requests_pile_up_behind_a_held_stream(
